@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is not pinned here on purpose: a CPU machine installs `torch==2.13.0` first (see README), and an
+# unpinned `torch` in install_requires would then be satisfied instead of pulling gigabytes of CUDA wheels.
+setup(
+    name="lit-aligner",
+    version="0.1.0",
+    description="Align LLaMA-family models with the global-token Aligner: N learnable prefix tokens shared by every layer.",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lit_aligner", "lit_aligner.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.2",
+        "lightning-fabric>=2.2",
+        "sentencepiece",
+        "safetensors",
+        "tyro",
+        "numpy",
+        "tokenizers",
+        "gguf>=0.10",
+        "jinja2",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40", "protobuf"],
+        "plot": ["matplotlib"],
+    },
+)

@@ -1,0 +1,151 @@
+"""Model configs: one dataclass, one registry of named LLaMA-family shapes, and readers for the config files
+that checkpoints carry (ours, Hugging Face `config.json`, Meta `params.json`)."""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 4096  # longest sequence the model was trained for (RoPE cache length)
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_query_groups: Optional[int] = None  # key/value heads (GQA); None means n_head (plain multi-head)
+    n_embd: int = 4096
+    intermediate_size: int = 11008
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # output projection shares the token embedding matrix
+    head_size: Optional[int] = None  # None means n_embd // n_head
+
+    def __post_init__(self):
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.head_size is None:
+            self.head_size = self.n_embd // self.n_head
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in name_to_config:
+            close = [n for n in name_to_config if name.lower() in n.lower()]
+            hint = f" Did you mean {close}?" if close else f" Known: {sorted(name_to_config)}"
+            raise ValueError(f"Unknown model config {name!r}.{hint}")
+        return cls(**{**name_to_config[name], **overrides})
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Config":
+        """Reads our `config.json`, a Hugging Face `config.json` or a Meta `params.json`, whichever `path` is."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file. Convert the model first (see howto/convert.md).")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from None
+        if d.get("format") == "lit-aligner":
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in known})
+        if "architectures" in d or "model_type" in d or "num_hidden_layers" in d:
+            return cls.from_hf_config(d)
+        if "dim" in d and "n_layers" in d:
+            return cls.from_meta_params(d)
+        raise ValueError(f"{path}: not a lit-aligner, Hugging Face or Meta model config.")
+
+    @classmethod
+    def from_hf_config(cls, d: Dict[str, Any], name: str = "") -> "Config":
+        if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) not in ("default", None):
+            raise ValueError(f"RoPE scaling {d['rope_scaling']} is not supported")
+        if d.get("sliding_window") and d.get("use_sliding_window", True) and d["sliding_window"] < d.get("max_position_embeddings", 0):
+            # Mistral v0.1: we attend to the whole context instead; exact up to the window length.
+            pass
+        return cls(
+            name=name or d.get("_name_or_path", ""),
+            block_size=d.get("max_position_embeddings", 4096),
+            vocab_size=d["vocab_size"],
+            n_layer=d["num_hidden_layers"],
+            n_head=d["num_attention_heads"],
+            n_query_groups=d.get("num_key_value_heads") or d["num_attention_heads"],
+            n_embd=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            rope_base=float(d.get("rope_theta", 10000.0)),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            head_size=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+        )
+
+    @classmethod
+    def from_meta_params(cls, d: Dict[str, Any], name: str = "", vocab_size: Optional[int] = None) -> "Config":
+        dim, n_head = d["dim"], d["n_heads"]
+        # Meta's FFN width: 2/3 * 4 * dim, times an optional multiplier, rounded up to `multiple_of`.
+        hidden = int(2 * 4 * dim / 3)
+        if d.get("ffn_dim_multiplier") is not None:
+            hidden = int(d["ffn_dim_multiplier"] * hidden)
+        multiple_of = d.get("multiple_of", 256)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        vocab = d.get("vocab_size", -1)
+        if vocab is None or vocab < 0:
+            vocab = vocab_size or 32000
+        return cls(
+            name=name,
+            block_size=d.get("max_seq_len", 4096 if d.get("n_kv_heads") or d.get("norm_eps", 1e-6) == 1e-5 else 2048),
+            vocab_size=vocab,
+            n_layer=d["n_layers"],
+            n_head=n_head,
+            n_query_groups=d.get("n_kv_heads") or n_head,
+            n_embd=dim,
+            intermediate_size=hidden,
+            rope_base=float(d.get("rope_theta", 10000.0)),
+            norm_eps=d.get("norm_eps", 1e-6),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": "lit-aligner", **asdict(self)}
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# One registry for every family. Shapes are those of the published checkpoints.
+_llama1 = dict(vocab_size=32000, block_size=2048, norm_eps=1e-6)
+_llama2 = dict(vocab_size=32000, block_size=4096, norm_eps=1e-5)
+_smollm2 = dict(vocab_size=49152, block_size=8192, norm_eps=1e-5, tie_embeddings=True)
+configs = [
+    dict(name="llama-7b", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, **_llama1),
+    dict(name="llama-13b", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, **_llama1),
+    dict(name="llama-30b", n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920, **_llama1),
+    dict(name="llama-65b", n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, **_llama1),
+    dict(name="Llama-2-7b-hf", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, **_llama2),
+    dict(name="Llama-2-13b-hf", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, **_llama2),
+    dict(name="Llama-2-70b-hf", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672, **_llama2),
+    dict(name="TinyLlama-1.1B", n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632,
+         vocab_size=32000, block_size=2048, norm_eps=1e-5),
+    dict(name="SmolLM2-135M", n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536,
+         rope_base=100000.0, **_smollm2),
+    dict(name="SmolLM2-360M", n_layer=32, n_head=15, n_query_groups=5, n_embd=960, intermediate_size=2560,
+         rope_base=100000.0, **_smollm2),
+    dict(name="SmolLM2-1.7B", n_layer=24, n_head=32, n_query_groups=32, n_embd=2048, intermediate_size=8192,
+         rope_base=130000.0, **_smollm2),
+    # Mistral is served without its sliding window: attention is exact up to 4096 tokens (v0.1's window).
+    dict(name="Mistral-7B-v0.1", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+         vocab_size=32000, block_size=8192, norm_eps=1e-5),
+    dict(name="Mistral-7B-Instruct-v0.2", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+         vocab_size=32000, block_size=32768, norm_eps=1e-5, rope_base=1000000.0),
+    # For tests and CPU smoke runs: GQA, untied.
+    dict(name="tiny", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=176, vocab_size=320,
+         block_size=256, norm_eps=1e-5),
+]
+# Instruct/chat variants share their base's shape.
+configs += [{**c, "name": c["name"] + "-Instruct"} for c in configs if c["name"].startswith("SmolLM2")]
+configs += [{**c, "name": c["name"].replace("-hf", "-chat-hf")} for c in configs if c["name"].startswith("Llama-2")]
+configs += [{**c, "name": "TinyLlama-1.1B-Chat-v1.0"} for c in configs if c["name"] == "TinyLlama-1.1B"]
+name_to_config = {c["name"]: c for c in configs}
+# Short aliases people type.
+for _alias, _name in {"llama2-7b": "Llama-2-7b-hf", "llama2-13b": "Llama-2-13b-hf", "llama2-70b": "Llama-2-70b-hf",
+                      "mistral-7b": "Mistral-7B-v0.1", "tinyllama": "TinyLlama-1.1B"}.items():
+    name_to_config[_alias] = {**name_to_config[_name], "name": _name}

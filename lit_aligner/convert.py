@@ -1,0 +1,129 @@
+"""Weight-name and layout mapping from other checkpoint formats into ours.
+
+Our names: tok_embeddings, layers.{i}.{attention_norm, attn.wqkv, attn.wo, ffn_norm, feed_forward.w1/w2/w3}, norm,
+output. q, k and v are fused into one `wqkv` matrix (rows: q, then k, then v). RoPE uses the Hugging Face "rotate
+half" layout; Meta's and GGUF's q/k rows interleave the rotated pairs, so they are permuted once here, on import.
+"""
+
+import re
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+
+from lit_aligner.config import Config
+
+Tensors = Iterable[Tuple[str, torch.Tensor]]
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta/GGUF q or k rows (pairs interleaved per head) -> Hugging Face layout (pairs split into halves)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleaved_to_half`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# Per-layer weights: (pattern in the source, our name). "q", "k", "v" are fused into wqkv.
+_HF = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj.weight": "q",
+    "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_META = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "attention.wq.weight": "q",
+    "attention.wk.weight": "k",
+    "attention.wv.weight": "v",
+    "attention.wo.weight": "attn.wo.weight",
+    "feed_forward.w1.weight": "feed_forward.w1.weight",
+    "feed_forward.w3.weight": "feed_forward.w3.weight",
+    "feed_forward.w2.weight": "feed_forward.w2.weight",
+    "attention_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_GGUF = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "attn_q.weight": "q",
+    "attn_k.weight": "k",
+    "attn_v.weight": "v",
+    "attn_output.weight": "attn.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_LAYER = {
+    "hf": re.compile(r"^model\.layers\.(\d+)\.(.+)$"),
+    "meta": re.compile(r"^layers\.(\d+)\.(.+)$"),
+    "gguf": re.compile(r"^blk\.(\d+)\.(.+)$"),
+}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq|^rope\.freqs$|^rope_freqs\.weight$")
+
+
+def to_lit(tensors: Tensors, config: Config, source: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) pairs of a `source` checkpoint ("hf", "meta" or "gguf") as ours, one tensor at a time.
+    Only the q/k/v of the layer being read are held until its fused wqkv can be emitted."""
+    table = {"hf": _HF, "meta": _META, "gguf": _GGUF}[source]
+    pending: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, t in tensors:
+        if _IGNORED.search(name):
+            continue
+        m = _LAYER[source].match(name)
+        if m is None:
+            if name not in table:
+                raise KeyError(f"unexpected tensor {name!r} in a {source} checkpoint")
+            ours = table[name]
+            if ours == "output.weight" and config.tie_embeddings:
+                continue
+            yield ours, t
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if rest not in table:
+            raise KeyError(f"unexpected tensor {name!r} in a {source} checkpoint")
+        ours = table[rest]
+        if ours not in ("q", "k", "v"):
+            yield f"layers.{i}.{ours}", t
+            continue
+        if source != "hf" and ours in ("q", "k"):
+            t = interleaved_to_half(t, config.n_head if ours == "q" else config.n_query_groups)
+        parts = pending.setdefault(i, {})
+        parts[ours] = t
+        if len(parts) == 3:
+            del pending[i]
+            yield f"layers.{i}.attn.wqkv.weight", torch.cat([parts["q"], parts["k"], parts["v"]])
+    if pending:
+        raise KeyError(f"layers {sorted(pending)} are missing some of q/k/v")
+
+
+def lit_to_hf(tensors: Tensors, config: Config) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Ours -> Hugging Face names and layout (for exporting, and for tests against `transformers`)."""
+    inv = {v: k for k, v in _HF.items()}
+    q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    for name, t in tensors:
+        m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        if m is None:
+            yield inv[name], t
+        elif m.group(2) == "attn.wqkv.weight":
+            q, k, v = t.split([q_size, kv_size, kv_size])
+            for part, w in (("q", q), ("k", k), ("v", v)):
+                yield f"model.layers.{m.group(1)}.{inv[part]}", w.contiguous()
+        else:
+            yield f"model.layers.{m.group(1)}.{inv[m.group(2)]}", t

@@ -1,0 +1,325 @@
+"""A LLaMA-family decoder with the global-token Aligner, in one file.
+
+Read top to bottom: the Aligner (N shared prefix tokens + per-layer, per-head gates), the model, its block,
+attention, MLP and norm, the KV cache, and the RoPE helpers.
+
+The Aligner (arXiv 2312.05503): a prefix P of shape (N, n_embd) is shared by every layer i >= start_layer. Each such
+layer projects P through its own frozen K and V weights (no RoPE on the prefix keys; GQA layers use their KV heads),
+lets its queries attend to those N keys with a softmax of their own, and adds the result, scaled by a per-head gate
+initialised to zero, to the causal attention output before the output projection. Zero gates give the base model.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_aligner.config import Config
+
+
+@dataclass
+class AlignerConfig:
+    n_tokens: int = 10
+    start_layer: int = 2
+
+
+class Aligner(nn.Module):
+    """The whole alignment: `prefix` (N, n_embd) and `gate` (n_layer - start_layer, n_head).
+
+    A stack of several Aligners (see `stack_aligners`) has a leading batch dimension on both tensors: row b of a
+    batch is then steered by Aligner b.
+    """
+
+    def __init__(self, model_config: Config, config: AlignerConfig = AlignerConfig()):
+        super().__init__()
+        if not 1 <= config.n_tokens:
+            raise ValueError(f"n_tokens must be >= 1, got {config.n_tokens}")
+        if not 0 <= config.start_layer < model_config.n_layer:
+            raise ValueError(f"start_layer must be in [0, {model_config.n_layer}), got {config.start_layer}")
+        self.config = config
+        self.n_layer, self.n_head, self.n_embd = model_config.n_layer, model_config.n_head, model_config.n_embd
+        # N(0, 1) like the embedding the original code used for the prefix; gates at zero so training starts at the base.
+        self.prefix = nn.Parameter(torch.randn(config.n_tokens, model_config.n_embd))
+        self.gate = nn.Parameter(torch.zeros(model_config.n_layer - config.start_layer, model_config.n_head))
+
+    @property
+    def start_layer(self) -> int:
+        return self.config.start_layer
+
+    @property
+    def n_tokens(self) -> int:
+        return self.config.n_tokens
+
+    def num_params(self) -> int:
+        return self.prefix.numel() + self.gate.numel()
+
+
+def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> Aligner:
+    """One Aligner per batch row, for serving several alignments from one loaded base. `None` rows get the bare
+    base (zero gates). All must share n_tokens and start_layer."""
+    real = [a for a in aligners if a is not None]
+    if not real:
+        raise ValueError("stack_aligners needs at least one Aligner")
+    shapes = {(a.n_tokens, a.start_layer) for a in real}
+    if len(shapes) > 1:
+        raise ValueError(f"Aligners batched together must share n_tokens and start_layer, got {sorted(shapes)}")
+    first = real[0]
+    stacked = Aligner(model_config, first.config).to(device=first.prefix.device, dtype=first.prefix.dtype)
+    with torch.no_grad():
+        stacked.prefix = nn.Parameter(torch.stack([(a or first).prefix for a in aligners]), requires_grad=False)
+        stacked.gate = nn.Parameter(
+            torch.stack([a.gate if a is not None else torch.zeros_like(first.gate) for a in aligners]), requires_grad=False
+        )
+    return stacked
+
+
+@dataclass
+class PrefixKV:
+    """The prefix keys and values of every gated layer, computed once per Aligner (inference) instead of per call.
+    keys[j], values[j]: (B or 1, n_query_groups, N, head_size) for layer start_layer + j; gate: (B or 1, L', n_head)."""
+
+    start_layer: int
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    gate: torch.Tensor
+
+
+# `aligner` argument of the forward pass: None uses the model's own Aligner (if any), False the bare base.
+AlignerArg = Union[None, bool, Aligner, PrefixKV]
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config, aligner_config: Optional[AlignerConfig] = None):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.aligner: Optional[Aligner] = Aligner(config, aligner_config) if aligner_config else None
+        self.max_seq_length = config.block_size
+        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.causal_mask: Optional[torch.Tensor] = None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def reset_rope(self, device: Optional[torch.device] = None) -> None:
+        """Recompute the RoPE tables (after building on the meta device, or to lengthen them)."""
+        device = device or self.tok_embeddings.weight.device
+        cos, sin = build_rope_cache(max(self.max_seq_length, self.config.block_size), self.config.head_size,
+                                    self.config.rope_base, device=device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate full-size KV caches once, so shapes never change during decoding."""
+        p = self.tok_embeddings.weight
+        dtype = dtype or p.dtype
+        self.max_seq_length = max_seq_length
+        if max_seq_length > self.rope_cos.shape[0]:
+            self.reset_rope(p.device)
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(max_batch_size, self.config.n_query_groups, max_seq_length,
+                                          self.config.head_size, dtype, p.device)
+        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=p.device))
+
+    def clear_caches(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+        self.causal_mask = None
+
+    def prefix_kv(self, aligner: Aligner) -> PrefixKV:
+        """Project an Aligner's prefix through every gated layer's K and V weights, once."""
+        keys, values = [], []
+        for block in self.layers[aligner.start_layer:]:
+            k, v = block.attn.project_prefix(aligner.prefix)
+            keys.append(k)
+            values.append(v)
+        gate = aligner.gate if aligner.gate.dim() == 3 else aligner.gate.unsqueeze(0)
+        return PrefixKV(aligner.start_layer, keys, values, gate)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        aligner: AlignerArg = None,
+        mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) KV-cache slots to write (None: no cache, plain causal attention).
+        mask: optional (B, 1, T, S) boolean attention mask (True = attend) replacing the causal one, e.g. for
+        left-padded batches. positions: optional (B, T) RoPE positions (default: input_pos, else 0..T-1).
+        Returns logits (B, T, vocab), or the final normalised hidden states (B, T, n_embd) if return_hidden."""
+        B, T = idx.shape
+        if aligner is None:
+            aligner = self.aligner
+        elif aligner is False:
+            aligner = None
+        pkv = self.prefix_kv(aligner) if isinstance(aligner, Aligner) else aligner
+
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
+        if cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs) broadcasts over heads
+        if input_pos is not None and mask is None:
+            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
+
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.layers):
+            prefix = None
+            if pkv is not None and i >= pkv.start_layer:
+                j = i - pkv.start_layer
+                prefix = (pkv.keys[j], pkv.values[j], pkv.gate[:, j])
+            x = block(x, cos, sin, mask, input_pos, prefix)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.lm_head_weight)  # (B, T, vocab)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.feed_forward = MLP(config)
+
+    def forward(self, x, cos, sin, mask, input_pos, prefix):
+        x = x + self.attn(self.attention_norm(x), cos, sin, mask, input_pos, prefix)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs = config.n_head, config.n_query_groups, config.head_size
+        # q, k and v in one matmul; the prefix reuses the k and v rows of this same weight.
+        self.wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=False)
+        self.wo = nn.Linear(self.n_head * self.hs, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def project_prefix(self, prefix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """prefix: (N, C) or (B, N, C) -> keys, values: (B or 1, n_kv, N, hs). No RoPE: the prefix has no position."""
+        if prefix.dim() == 2:
+            prefix = prefix.unsqueeze(0)
+        q_size, kv_size = self.n_head * self.hs, self.n_kv * self.hs
+        kv = F.linear(prefix.to(self.wqkv.weight.dtype), self.wqkv.weight[q_size:])  # (B, N, 2 * kv_size)
+        k, v = kv.split(kv_size, dim=-1)
+        B, N = prefix.shape[:2]
+        return (k.view(B, N, self.n_kv, self.hs).transpose(1, 2), v.view(B, N, self.n_kv, self.hs).transpose(1, 2))
+
+    def forward(self, x, cos, sin, mask, input_pos, prefix):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs)
+        gqa = self.n_kv != self.n_head
+        # No mask tensor at all in training: the causal flag lets SDPA take its flash path.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if prefix is not None:
+            pk, pv, gate = prefix  # (B|1, n_kv, N, hs) x2, (B|1, nh)
+            if pk.shape[0] != B:
+                pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+            # Every query sees all N prefix tokens, with a softmax separate from the causal one.
+            ay = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # (B, nh, T, hs)
+            y = y + gate.to(y.dtype)[:, :, None, None] * ay
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.w1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even for bf16 activations, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Full-size key/value buffers written in place at `input_pos` (gpt-fast style: static shapes)."""
+
+    def __init__(self, B: int, n_kv: int, S: int, hs: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(B, n_kv, S, hs, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(B, n_kv, S, hs, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0,
+                     device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (seq_len, head_size), in the Hugging Face "rotate half" layout (the first and second halves of a
+    head are the two coordinates of each rotated pair). Meta and GGUF q/k weights are permuted to it on import."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); cos, sin: (T, hs) or (B, 1, T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def init_weights(model: LLaMA, std: float = 0.02) -> None:
+    """Random base weights (for tests and benchmarks: speed does not depend on weight values)."""
+    for name, p in model.named_parameters():
+        if name.startswith("aligner."):
+            continue
+        if p.dim() == 1:
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=std)
+
+
+# One filter decides what trains and what is saved: the Aligner and nothing else.
+def is_aligner_param(name: str) -> bool:
+    return name.startswith("aligner.")
+
+
+def mark_only_aligner_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = is_aligner_param(name)
+
+
+def num_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

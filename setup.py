@@ -20,7 +20,8 @@ setup(
         "tyro",
         "numpy",
         "tokenizers",
-        "gguf>=0.10",
+        "gguf>=0.17",
+        "protobuf",  # SentencePiece model protos (reading piece types, rebuilding a GGUF tokenizer)
         "jinja2",
         "tqdm",
     ],

@@ -1,0 +1,208 @@
+"""Prompt templates: how an instruction (+ optional input, or a whole conversation) becomes the prompt text that the
+response follows directly.
+
+`TEMPLATES` maps a name to a `PromptTemplate`:
+
+| name | prompt (one turn) | response follows as |
+| --- | --- | --- |
+| `alpaca` | Stanford Alpaca: "Below is an instruction that describes a task[, paired with an input ...]. ... ### Response:" | the response, right after "### Response:" |
+| `beaver` | PKU-Beaver: "BEGINNING OF CONVERSATION: USER: {instruction} ASSISTANT:" | " " + response |
+| `hh` | Anthropic HH-RLHF: "\\n\\nHuman: {instruction}\\n\\nAssistant:" | " " + response |
+| `chat` | the tokenizer's own chat template, one user turn, assistant turn opened | the template's assistant text (e.g. response + "<\\|im_end\\|>") |
+| `plain` | the instruction itself (+ "\\n\\n" + input) | "\\n" + response |
+| `correction` | question + upstream answer + the request for a corrected answer (Q-A-C) | the corrected answer |
+
+Every template but `chat` ends its response with the tokenizer's EOS token (added by the tokenizing code in
+`lit_aligner.data`); `chat` ends it with the chat template's own end-of-turn token. The template name is saved in an
+Aligner's metadata so that generation renders the same prompt.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+Message = Dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+CORRECTION = (
+    "Below is a question and an answer to it written by another assistant. Write a corrected answer: fix whatever is "
+    "wrong, unhelpful or harmful in it and keep what is right. If the answer needs no change, repeat it unchanged.\n\n"
+    "### Question:\n{question}\n\n### Answer:\n{answer}\n\n### Corrected answer:\n"
+)
+
+
+def join_input(instruction: str, input: str = "") -> str:
+    """One user message from an instruction and an optional input (the same join `generate.build_prompt` uses)."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def transcript(messages: Sequence[Message]) -> str:
+    """A conversation as plain text ("User: ...\\n\\nAssistant: ..."), for templates that have no turns of their own."""
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a prompt conversation must end with a user message (the turn the response answers)")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named prompt format. `response_lead` is the text between the prompt and the response in training targets
+    (e.g. the space after "ASSISTANT:"); it belongs to the response, so a generation prompt never ends in it."""
+
+    name: str
+    description: str
+    response_lead: str = ""
+
+    def render(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
+        """The prompt text for one instruction (+ optional input); the response follows it directly."""
+        return self.render_messages([{"role": "user", "content": join_input(instruction, input)}], tokenizer)
+
+    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        """The prompt text for a conversation that ends with a user message. Templates without turns of their own
+        answer the last user message and pass the earlier turns as its input (`flatten`)."""
+        _check_messages(messages)
+        instruction, input = flatten(messages)
+        return self.render(instruction, input, tokenizer)
+
+    def completion(self, response: str, messages: Optional[Sequence[Message]] = None, tokenizer: Any = None) -> str:
+        """The training text that follows the prompt: `response_lead` + the stripped response. The end token is not
+        part of it unless the template writes one itself (`chat`); the tokenizing code adds EOS otherwise."""
+        return self.response_lead + response.strip()
+
+
+def flatten(messages: Sequence[Message]) -> "tuple[str, str]":
+    """(instruction, input) for templates without turns: the last user message, and the earlier turns (if any) as a
+    transcript labelled as context."""
+    _check_messages(messages)
+    instruction = messages[-1]["content"]
+    earlier = list(messages[:-1])
+    return instruction, ("Conversation so far:\n" + transcript(earlier) if earlier else "")
+
+
+@dataclass(frozen=True)
+class AlpacaTemplate(PromptTemplate):
+    def render(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
+        if input:
+            return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+        return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass(frozen=True)
+class PlainTemplate(PromptTemplate):
+    def render(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
+        return join_input(instruction, input)
+
+
+@dataclass(frozen=True)
+class TurnsTemplate(PromptTemplate):
+    """Templates with their own turn markers (beaver, hh): multi-turn conversations keep their turns."""
+
+    begin: str = ""
+    user: str = ""
+    assistant: str = ""
+
+    def render(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
+        return self.render_messages([{"role": "user", "content": join_input(instruction, input)}], tokenizer)
+
+    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        _check_messages(messages)
+        parts = [self.begin]
+        for m in messages:
+            if m["role"] == "assistant":
+                parts.append(self.assistant + self.response_lead + m["content"].strip())
+            else:  # a system message has no marker of its own in these formats; it reads as a user turn
+                parts.append(self.user + m["content"])
+        return "".join(parts) + self.assistant
+
+
+@dataclass(frozen=True)
+class ChatTemplate(PromptTemplate):
+    """The tokenizer's own chat template (needs a tokenizer with one)."""
+
+    @staticmethod
+    def _need(tokenizer: Any) -> None:
+        if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
+            where = getattr(tokenizer, "checkpoint_dir", None)
+            raise ValueError(f"the 'chat' template needs a tokenizer with a chat template"
+                             f"{f' ({where} has none)' if where else ''}; pick another template "
+                             f"(alpaca, beaver, hh, plain)")
+
+    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        _check_messages(messages)
+        self._need(tokenizer)
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+
+    def completion(self, response: str, messages: Optional[Sequence[Message]] = None, tokenizer: Any = None) -> str:
+        """The assistant turn as the template writes it, end-of-turn token included: the suffix of the full
+        conversation rendered with the answer after the prompt rendered without it (so the end marker is the
+        template's, e.g. "<|im_end|>\\n" for ChatML, " </s>" for LLaMA-2-chat)."""
+        self._need(tokenizer)
+        if messages is None:
+            raise ValueError("the 'chat' template needs the prompt messages to render the answer turn")
+        prompt = self.render_messages(messages, tokenizer)
+        full = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response.strip()}],
+                                             add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError("this chat template renders the conversation differently once the answer is added (it "
+                             "rewrites earlier turns), so the answer cannot be split off; pick another template")
+        return full[len(prompt):]
+
+
+@dataclass(frozen=True)
+class CorrectionTemplate(PromptTemplate):
+    """Q-A-C: the question, the upstream model's answer, and the request for a corrected answer."""
+
+    def render_correction(self, question: str, answer: str, tokenizer: Any = None) -> str:
+        return CORRECTION.format(question=question.strip(), answer=answer.strip())
+
+    def render(self, instruction: str, input: str = "", tokenizer: Any = None) -> str:
+        """instruction = the question, input = the upstream answer (required)."""
+        if not input.strip():
+            raise ValueError("the 'correction' template needs the upstream answer (as the input) next to the question")
+        return self.render_correction(instruction, input, tokenizer)
+
+    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+        raise ValueError("the 'correction' template renders a question and an answer: use render_correction")
+
+
+TEMPLATES: Dict[str, PromptTemplate] = {
+    t.name: t
+    for t in [
+        AlpacaTemplate("alpaca", "Stanford Alpaca instruction format (with and without input)"),
+        TurnsTemplate("beaver", "PKU-Beaver: BEGINNING OF CONVERSATION: USER: ... ASSISTANT:", response_lead=" ",
+                      begin="BEGINNING OF CONVERSATION:", user=" USER: ", assistant=" ASSISTANT:"),
+        TurnsTemplate("hh", "Anthropic HH-RLHF: \\n\\nHuman: ...\\n\\nAssistant:", response_lead=" ",
+                      user="\n\nHuman: ", assistant="\n\nAssistant:"),
+        ChatTemplate("chat", "the base model's own chat template (one user turn, assistant turn opened)"),
+        PlainTemplate("plain", "the instruction text as is", response_lead="\n"),
+        CorrectionTemplate("correction", "Q-A-C: question + upstream answer -> corrected answer"),
+    ]
+}
+
+
+def get_template(name: str) -> PromptTemplate:
+    """The registered template `name` (see TEMPLATES); ValueError listing the names otherwise."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
+
+
+def render_correction(question: str, answer: str, tokenizer: Any = None) -> str:
+    """The Q-A-C prompt: the corrected answer follows it directly."""
+    return TEMPLATES["correction"].render_correction(question, answer, tokenizer)
+
+
+def template_names() -> List[str]:
+    return list(TEMPLATES)

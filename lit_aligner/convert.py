@@ -127,3 +127,20 @@ def lit_to_hf(tensors: Tensors, config: Config) -> Iterator[Tuple[str, torch.Ten
                 yield f"model.layers.{m.group(1)}.{inv[part]}", w.contiguous()
         else:
             yield f"model.layers.{m.group(1)}.{inv[m.group(2)]}", t
+
+
+# Meta's model-parallel shards (13B: 2, 70B: 8) split each matrix along the dim its parallel layer is split on: column
+# parallel (wq, wk, wv, w1, w3, output) along the output rows, row parallel (wo, w2) along the input columns. Norms and
+# rope.freqs are replicated.
+_META_ROW_PARALLEL = re.compile(r"(attention\.wo|feed_forward\.w2)\.weight$")
+
+
+def meta_shard_dim(name: str, shard_shape: Tuple[int, ...], n_embd: int, n_shards: int) -> Optional[int]:
+    """The dim along which the `n_shards` model-parallel pieces of Meta tensor `name` are concatenated, or None when
+    the tensor is replicated (take any one). `n_embd` tells the embedding's split: LLaMA 1/2 split it along the
+    embedding dim (1), Llama 3 along the vocabulary (0)."""
+    if n_shards == 1 or len(shard_shape) < 2:
+        return None
+    if name == "tok_embeddings.weight":
+        return 1 if shard_shape[1] * n_shards == n_embd else 0
+    return 1 if _META_ROW_PARALLEL.search(name) else 0

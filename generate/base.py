@@ -1,0 +1,69 @@
+"""Answer one prompt with a base model (no Aligner): through its chat template, streamed to stdout, tokens/s on stderr.
+
+    python generate/base.py --prompt "What is 2+2?"
+
+See howto/generate.md.
+"""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+from lit_aligner.checkpoint import CheckpointError
+from lit_aligner.generate import (DEFAULT_CHECKPOINT, TextStreamer, build_prompt, encode_prompt, generate_with_stats,
+                                  load_base)
+
+
+def main(
+    prompt: str = "What is 2+2?",
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 1234,
+    no_chat_template: tyro.conf.FlagCreatePairsOff[bool] = False,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    compile: Literal["auto", "on", "off"] = "auto",
+) -> None:
+    """Answer PROMPT with the base model, streaming the answer to stdout; timing goes to stderr.
+
+    Args:
+        prompt: the user message.
+        checkpoint_dir: converted base model (config.json, model.safetensors, tokenizer files).
+        max_new_tokens: most tokens to generate; generation stops earlier at the tokenizer's end-of-turn/EOS tokens.
+        temperature: 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).
+        top_k: when sampling, keep only the k most likely tokens.
+        top_p: when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus).
+        seed: seed of the sampling generator (same seed, same text).
+        no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
+        device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+        dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
+        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there).
+    """
+    model, tokenizer = load_base(checkpoint_dir, device, dtype)
+    dev = model.tok_embeddings.weight.device
+    text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
+    streamer = TextStreamer(tokenizer)
+    _, stats = generate_with_stats(
+        model, [encode_prompt(tokenizer, text)], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_ids=tokenizer.stop_ids, generator=torch.Generator(dev).manual_seed(seed), on_token=streamer,
+        compile=None if compile == "auto" else compile == "on",
+    )
+    streamer.finish()
+    print(flush=True)
+    print(stats.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        tyro.cli(main)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,639 @@
+"""Text generation with a static KV cache (gpt-fast style), for the bare base and for one or many Aligners at once.
+
+`prefill` runs the (left-padded) prompts once and `decode_one_token` produces one token per row per call; the KV cache
+is allocated once at full size (`model.setup_caches`), so shapes never change and `decode_one_token` can be compiled.
+Several prompts run as one batch: rows are left-padded, a (B, 1, T, S) mask hides the pad keys and per-row RoPE
+positions start at 0 on each row's first real token, so a row gets the same tokens as when it runs alone. Aligners are
+arguments, not part of the loaded model: one base serves any number of them, one Aligner per row if need be, and the
+prefix keys and values are projected once per call (`model.prefix_kv`), not once per step.
+
+On top of `generate`: sampling (`sample`), prompt building from a tokenizer's chat template or a named template
+(`build_prompt`, `prompt_for_aligner`), streaming text (`TextStreamer`), reading prompt files (`read_prompts`) and
+answering many prompts with many Aligners on one base (`answer_prompts`), which is what `generate/aligner.py` runs.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TextIO, Tuple, Union
+
+import torch
+
+from lit_aligner.model import LLaMA, Aligner, PrefixKV, stack_aligners
+from lit_aligner.perf import should_compile
+
+# What `generate(aligners=...)` accepts: one Aligner (or a stacked one, one per row), precomputed prefix K/V, a list with
+# one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (bare base).
+Aligners = Union[None, bool, Aligner, PrefixKV, Sequence[Optional[Aligner]]]
+OnToken = Callable[[int, int], None]
+
+# On CUDA, asking "has every row stopped?" blocks the host until the GPU catches up, so it is asked every few tokens
+# (a few wasted steps at most); on the CPU the answer is already there.
+_STOP_CHECK_EVERY_CUDA = 8
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one `generate` call. Seconds are wall-clock (the device is synchronised at the two boundaries)."""
+
+    batch_size: int
+    prompt_tokens: int  # real (unpadded) prompt tokens, all rows
+    new_tokens: int  # tokens returned, all rows (stop tokens and tokens after them excluded)
+    decode_steps: int  # calls of decode_one_token (the first new token comes from the prefill)
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens computed per second over all rows of the batch (batch 1: the per-sequence speed)."""
+        return self.batch_size * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
+                f"decode: {self.decode_steps} steps x batch {self.batch_size} in {self.decode_s:.2f} s "
+                f"({self.decode_tokens_per_s:.1f} tokens/s); {self.new_tokens} new tokens returned")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """logits: (B, vocab) -> next token ids (B,). Greedy (argmax) when temperature == 0; otherwise softmax(logits /
+    temperature) restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
+    (nucleus), sampled with `noise`: (B, vocab) Exp(1) draws (see `draw_noise`). Taking argmax(p / noise) is an exact
+    draw from p that needs no host sync, unlike torch.multinomial."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the most likely token is always kept.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(dim=-1)
+
+
+def draw_noise(batch: int, vocab: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(batch, vocab) Exp(1) draws for `sample`, from `generator` (on its own device) when given."""
+    g_device = generator.device if generator is not None else device
+    noise = torch.empty(batch, vocab, device=g_device).exponential_(1, generator=generator)
+    return noise.to(device, non_blocking=True)
+
+
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill and one decoding step
+
+
+def prefill(
+    model: LLaMA,
+    idx: torch.Tensor,
+    pad: torch.Tensor,
+    valid: torch.Tensor,
+    prefix: Optional[PrefixKV],
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Run the left-padded prompts idx: (B, T) through the model, filling cache slots 0..T-1, and sample the first new
+    token (B,). pad: (B,) pad tokens at the start of each row; valid: (B, S) bool, True for the cache slots that hold (or
+    will hold) a real token of the row. A pad query may attend to itself only: a fully masked row would give NaN, which
+    would leak into real rows through 0 * NaN."""
+    B, T = idx.shape
+    S = valid.shape[1]
+    t = torch.arange(T, device=idx.device)
+    slots = torch.arange(S, device=idx.device)
+    causal = slots[None, :] <= t[:, None]  # (T, S)
+    mask = (causal[None] & valid[:, None, :]) | (slots[None, :] == t[:, None])[None]  # (B, T, S)
+    positions = (t[None, :] - pad[:, None]).clamp(min=0)  # (B, T): every row's first real token is at position 0
+    hidden = model(idx, input_pos=t, aligner=_no_aligner(prefix), mask=mask[:, None], positions=positions,
+                   return_hidden=True)
+    logits = torch.nn.functional.linear(hidden[:, -1], model.lm_head_weight)  # (B, vocab): last position only
+    return sample(logits, temperature, top_k, top_p, noise)
+
+
+def decode_one_token(
+    model: LLaMA,
+    token: torch.Tensor,
+    input_pos: torch.Tensor,
+    pad: torch.Tensor,
+    valid: torch.Tensor,
+    prefix: Optional[PrefixKV],
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """token: (B, 1) the last token of every row, written at cache slot input_pos: (1,) -> the next token (B,).
+    Only tensor ops: no host sync, fixed shapes (compilable, CUDA-graph friendly)."""
+    slots = torch.arange(valid.shape[1], device=token.device)
+    mask = (valid & (slots <= input_pos))[:, None, None, :]  # (B, 1, 1, S)
+    positions = (input_pos - pad)[:, None]  # (B, 1)
+    logits = model(token, input_pos=input_pos, aligner=_no_aligner(prefix), mask=mask, positions=positions)
+    return sample(logits[:, -1], temperature, top_k, top_p, noise)
+
+
+def _no_aligner(prefix: Optional[PrefixKV]) -> Union[bool, PrefixKV]:
+    # The model reads aligner=None as "use model.aligner"; here None has already been resolved, so it means bare base.
+    return False if prefix is None else prefix
+
+
+_compiled: Dict[str, Callable] = {}
+
+
+def _decode_fn(compile: bool, device: torch.device) -> Callable:
+    if not compile:
+        return decode_one_token
+    key = device.type
+    if key not in _compiled:
+        # CUDA graphs remove the per-kernel launch cost that dominates decoding small batches on a GPU.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _compiled[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def resolve_prefix(model: LLaMA, aligners: Aligners, batch_size: int) -> Optional[PrefixKV]:
+    """The prefix K/V that `generate` uses for `aligners` (see `Aligners`), computed once; None for the bare base."""
+    if aligners is False:
+        return None
+    if aligners is None:
+        aligners = model.aligner
+        if aligners is None:
+            return None
+    if isinstance(aligners, (list, tuple)):
+        if len(aligners) != batch_size:
+            raise ValueError(f"got {len(aligners)} aligners for {batch_size} prompts: pass one (or None) per prompt")
+        if all(a is None for a in aligners):
+            return None
+        for a in aligners:
+            if a is not None:
+                _check_aligner(model, a)
+        aligners = stack_aligners(list(aligners), model.config)
+    if isinstance(aligners, Aligner):
+        _check_aligner(model, aligners)
+        with torch.no_grad():
+            prefix = model.prefix_kv(aligners)
+    elif isinstance(aligners, PrefixKV):
+        prefix = aligners
+    else:
+        raise TypeError(f"aligners must be an Aligner, a PrefixKV, a list of Aligner/None, None or False, "
+                        f"got {type(aligners).__name__}")
+    rows = prefix.gate.shape[0]
+    if rows not in (1, batch_size):
+        raise ValueError(f"the Aligner stack has {rows} rows for a batch of {batch_size} prompts")
+    return prefix
+
+
+def _check_aligner(model: LLaMA, aligner: Aligner) -> None:
+    c = model.config
+    want_gate = (c.n_layer - aligner.start_layer, c.n_head)
+    if aligner.prefix.shape[-1] != c.n_embd or tuple(aligner.gate.shape[-2:]) != want_gate:
+        raise ValueError(
+            f"Aligner (prefix {tuple(aligner.prefix.shape)}, gate {tuple(aligner.gate.shape)}) does not fit the base "
+            f"{c.name or 'model'} (n_embd {c.n_embd}, gates {want_gate}): it was trained on another base model"
+        )
+    device = model.tok_embeddings.weight.device
+    if aligner.prefix.device != device:
+        raise ValueError(f"Aligner is on {aligner.prefix.device}, the model on {device}: load it onto the model's device")
+
+
+def _ensure_caches(model: LLaMA, batch_size: int, seq_len: int) -> int:
+    """Allocate the KV cache for seq_len slots rounded up to 128, or reuse the model's current one when it is at least
+    that long but not twice as long (no reallocation, and no recompiling, across calls of similar lengths; a much
+    longer cache would make every step attend over masked slots). Returns the cache length S."""
+    S = min(-(-seq_len // 128) * 128, max(seq_len, model.config.block_size))
+    cache = model.layers[0].attn.kv_cache
+    if (cache is not None and cache.k.shape[0] >= batch_size and S <= cache.k.shape[2] < 2 * S
+            and cache.k.dtype == model.tok_embeddings.weight.dtype):
+        return cache.k.shape[2]
+    model.setup_caches(batch_size, S)
+    return S
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate_with_stats(
+    model: LLaMA,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_ids: Union[Set[int], Sequence[int]] = (),
+    aligners: Aligners = None,
+    generator: Optional[torch.Generator] = None,
+    on_token: Optional[OnToken] = None,
+    compile: Optional[bool] = None,
+) -> Tuple[List[torch.Tensor], GenerationStats]:
+    """`generate`, also returning its `GenerationStats` (prefill and decode tokens/s)."""
+    _check_sampling(temperature, top_k, top_p)
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.tok_embeddings.weight.device
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if p.dim() != 1 or p.numel() == 0 or p.is_floating_point():
+            raise ValueError(f"prompt {i}: expected a non-empty 1-D tensor of token ids, got shape {tuple(p.shape)} "
+                             f"and dtype {p.dtype}")
+    lengths = [int(p.numel()) for p in prompts]
+    B, T = len(prompts), max(lengths)
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(f"the longest prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.block_size} tokens: shorten the prompt or lower max_new_tokens")
+    prefix = resolve_prefix(model, aligners, B)
+    S = _ensure_caches(model, B, T + max_new_tokens)
+
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)  # pad id 0: never attended to, so any id does
+    for b, p in enumerate(prompts):
+        idx[b, T - lengths[b]:] = p.to(device)
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}): the tokenizer does not match this model")
+    pad = torch.tensor([T - n for n in lengths], device=device)
+    valid = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
+    stop_set = set(stop_ids)
+    stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    sampling = (temperature, top_k, top_p)
+
+    def next_noise():
+        return draw_noise(B, vocab, device, generator) if temperature > 0 else None
+
+    compiled = should_compile(device, compile)
+    decode = _decode_fn(compiled, device)
+    check_every = _STOP_CHECK_EVERY_CUDA if device.type == "cuda" and on_token is None else 1
+    host_done = [False] * B  # only kept when streaming: the callback needs the tokens on the host anyway
+
+    def emit(tok: torch.Tensor) -> None:
+        for b, t in enumerate(tok.tolist()):
+            if host_done[b]:
+                continue
+            if t in stop_set:
+                host_done[b] = True
+            else:
+                on_token(b, t)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    tok = prefill(model, idx, pad, valid, prefix, *sampling, next_noise())
+    out[:, 0] = tok
+    done = torch.isin(tok, stop)
+    if on_token is not None:
+        emit(tok)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    input_pos = torch.tensor([T], device=device)
+    n = 1
+    for i in range(1, max_new_tokens):
+        if on_token is not None:
+            if all(host_done):
+                break
+        elif i % check_every == 0 and bool(done.all()):
+            break
+        tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, *sampling, next_noise())
+        if compiled:
+            tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
+        out[:, i] = tok
+        done |= torch.isin(tok, stop)
+        input_pos += 1
+        n = i + 1
+        if on_token is not None:
+            emit(tok)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    results = []
+    for row in out[:, :n].cpu():
+        ids = row.tolist()
+        end = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
+        results.append(row[:end].clone())
+    stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1)
+    return results, stats
+
+
+def generate(
+    model: LLaMA,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_ids: Union[Set[int], Sequence[int]] = (),
+    aligners: Aligners = None,
+    generator: Optional[torch.Generator] = None,
+    on_token: Optional[OnToken] = None,
+    compile: Optional[bool] = None,
+) -> List[torch.Tensor]:
+    """Continue each prompt (1-D LongTensor of token ids; lengths may differ) by up to `max_new_tokens` tokens, all
+    prompts in one left-padded batch. Returns the new tokens of every prompt (1-D LongTensor on the CPU), cut before
+    the first token in `stop_ids` (which is not included).
+
+    aligners: one Aligner for every row (or a stacked Aligner, one row each), a PrefixKV (precomputed), a list with
+    one Aligner or None (bare base) per prompt (they must share n_tokens and start_layer), None (the model's own
+    `model.aligner`, if any) or False (the bare base). The prefix K/V are projected once per call.
+    temperature 0 is greedy; otherwise top_k / top_p (nucleus) filtering, with draws from `generator` (same seed, same
+    tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host every step).
+    compile: torch.compile `decode_one_token` (None: on CUDA only); the eager path gives the same tokens.
+    Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context, an
+    Aligner of another base, ...)."""
+    return generate_with_stats(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               stop_ids=stop_ids, aligners=aligners, generator=generator, on_token=on_token,
+                               compile=compile)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts and streaming text
+
+
+def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: str = "") -> str:
+    """The prompt string for one instruction (+ optional input). template None: the tokenizer's chat template (one user
+    turn, assistant turn opened) when it has one, else the raw text; a template name (`alpaca`, `beaver`, `hh`, `chat`,
+    `plain`, `correction`): `lit_aligner.prompts.get_template(name).render(text, input, tokenizer)`."""
+    from lit_aligner.prompts import get_template, join_input
+
+    if template is not None:
+        return get_template(template).render(text, input, tokenizer=tokenizer)
+    if getattr(tokenizer, "has_chat_template", False):
+        return get_template("chat").render(text, input, tokenizer=tokenizer)
+    return join_input(text, input)
+
+
+def encode_prompt(tokenizer, text: str) -> torch.Tensor:
+    """Token ids (1-D) of a prompt: BOS per the tokenizer's default (as training encodes prompts), minus a doubled BOS
+    when the prompt text already starts with it (chat templates such as LLaMA-2-chat's write "<s>" themselves)."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and len(ids) >= 2 and int(ids[0]) == int(ids[1]) == bos:
+        ids = ids[1:]
+    return ids
+
+
+def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional[Dict[str, Any]] = None,
+                       template: Optional[str] = None) -> str:
+    """The prompt an Aligner expects, from its metadata (as saved with it): `template` (an override, e.g. --template)
+    wins over metadata["template"], which wins over `build_prompt`'s default. The extension point for Aligner modes
+    that need more than a template: correction-mode Aligners (metadata["mode"] == "correct") will build their
+    question-answer prompt here."""
+    metadata = metadata or {}
+    if metadata.get("mode") == "correct":
+        raise ValueError("correction-mode Aligners (mode 'correct') are not supported by generation yet")
+    return build_prompt(tokenizer, text, template or metadata.get("template"), input=input)
+
+
+class TextStreamer:
+    """An `on_token` callback that prints the decoded text of one row as it grows, through the tokenizer's incremental
+    decoder (`tokenizer.stream_decoder()`: an incomplete multi-byte character is held back until its last byte
+    arrives). Call `finish()` at the end for any text still held back. `text` is everything printed."""
+
+    def __init__(self, tokenizer, row: int = 0, file: Optional[TextIO] = None):
+        self.row, self.file = row, file or sys.stdout
+        self.decoder = tokenizer.stream_decoder()
+        self.text = ""
+
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self.file.write(piece)
+            self.file.flush()
+
+    def __call__(self, row: int, token_id: int) -> None:
+        if row == self.row:
+            self._write(self.decoder.step(token_id))
+
+    def finish(self) -> str:
+        self._write(self.decoder.flush())
+        return self.text
+
+
+@dataclass
+class PromptItem:
+    """One request: an instruction and an optional input (Alpaca style)."""
+
+    instruction: str
+    input: str = ""
+
+
+def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
+    """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input`) or a
+    JSONL file (one such string or object per line). Raises ValueError naming the file and the row on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such prompts file")
+    text = path.read_text(encoding="utf-8")
+    fmt = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input'), "
+           "or JSONL with one such string or object per line")
+    try:
+        rows = json.loads(text)
+        where = "item"
+        if not isinstance(rows, list):
+            rows = [rows]
+    except json.JSONDecodeError:
+        rows, where = [], "line"
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({e}); expected {fmt}") from None
+    items = []
+    for n, row in (rows if where == "line" else enumerate(rows, 1)):
+        if isinstance(row, str):
+            items.append(PromptItem(row))
+        elif isinstance(row, dict) and isinstance(row.get("prompt", row.get("instruction")), str):
+            inp = row.get("input") or ""
+            if not isinstance(inp, str):
+                raise ValueError(f"{path}: {where} {n}: 'input' must be a string")
+            items.append(PromptItem(row.get("prompt", row.get("instruction")), inp))
+        else:
+            raise ValueError(f"{path}: {where} {n} has no 'prompt' or 'instruction' text; expected {fmt}")
+    if not items:
+        raise ValueError(f"{path}: no prompts in the file; expected {fmt}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Many prompts x many Aligners on one base
+
+
+@dataclass
+class AlignerEntry:
+    """One column of answers: `name` (e.g. the Aligner's path; "base" for the bare base), the Aligner (None: bare
+    base) and its metadata (template, mode, ...)."""
+
+    name: str
+    aligner: Optional[Aligner] = None
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    prompt: PromptItem
+    entry: AlignerEntry
+    prompt_text: str  # the full prompt after templating
+    tokens: torch.Tensor  # new token ids (stop token excluded)
+    text: str
+
+
+def answer_prompts(
+    model: LLaMA,
+    tokenizer,
+    prompts: Sequence[PromptItem],
+    entries: Sequence[AlignerEntry],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 8,
+    template: Optional[str] = None,
+    on_token: Optional[OnToken] = None,
+    **sampling: Any,
+) -> Tuple[List[List[Answer]], List[GenerationStats]]:
+    """Answer every prompt with every entry, on one loaded base. Returns answers[prompt][entry] and the stats of every
+    batch. Requests of Aligners that share n_tokens and start_layer (and bare-base requests) run in the same batches of
+    up to `batch_size` rows, sorted by length to limit padding. Each Aligner's prompt follows its metadata
+    (`prompt_for_aligner`); `template` overrides it for all. The bare base uses `template`, else the template that all
+    the Aligners share, else `build_prompt`'s default. on_token(request, token) numbers requests prompt-major
+    (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shared = {e.metadata.get("template") for e in entries if e.aligner is not None}
+    base_template = template or (shared.pop() if len(shared) == 1 else None)
+    requests = []  # (prompt i, entry j, prompt text, token ids)
+    for i, p in enumerate(prompts):
+        for j, e in enumerate(entries):
+            if e.aligner is None:
+                text = build_prompt(tokenizer, p.instruction, base_template, input=p.input)
+            else:
+                text = prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template)
+            requests.append((i, j, text, encode_prompt(tokenizer, text)))
+
+    # Group by Aligner shape; bare-base requests join the first group (a None row in a stack is the bare base).
+    groups: Dict[Any, List[int]] = {}
+    shape_of = {j: (e.aligner.n_tokens, e.aligner.start_layer) if e.aligner is not None else None
+                for j, e in enumerate(entries)}
+    first_shape = next((s for s in shape_of.values() if s is not None), None)
+    for r, (_, j, _, _) in enumerate(requests):
+        groups.setdefault(shape_of[j] or first_shape, []).append(r)
+
+    outputs: Dict[int, torch.Tensor] = {}
+    all_stats = []
+    for members in groups.values():
+        members.sort(key=lambda r: len(requests[r][3]))
+        for start in range(0, len(members), batch_size):
+            batch = members[start:start + batch_size]
+            callback = None
+            if on_token is not None:
+                def callback(row, tok, batch=batch):
+                    on_token(batch[row], tok)
+            out, stats = generate_with_stats(
+                model, [requests[r][3] for r in batch], max_new_tokens,
+                aligners=[entries[requests[r][1]].aligner for r in batch], on_token=callback, **sampling)
+            all_stats.append(stats)
+            outputs.update(zip(batch, out))
+
+    answers = [[None] * len(entries) for _ in prompts]
+    for r, (i, j, text, _) in enumerate(requests):
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], tokenizer.decode(outputs[r]))
+    return answers, all_stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading for the generate/ CLIs
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto": CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
+    """"auto": bfloat16 on CUDA (float16 where bf16 is unsupported); on the CPU the checkpoint's own dtype (None)."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_aligner_entries(paths: Sequence[Union[str, Path]], model: LLaMA) -> List[AlignerEntry]:
+    """Load Aligner files (lit-aligner .safetensors, see `lit_aligner.aligner`) onto the model's device and dtype and
+    check each against the loaded base: AlignerFileError naming the file when it does not fit (AlignerBaseWarning when
+    it was trained on another base of the same shape). Each entry's metadata is the file's header (template, mode...)."""
+    if not paths:
+        return []
+    from lit_aligner.aligner import check_compatible, load_aligner
+
+    p = model.tok_embeddings.weight
+    entries = []
+    for path in paths:
+        aligner, metadata = load_aligner(path, p.device, p.dtype)
+        check_compatible(aligner, model.config, path)
+        entries.append(AlignerEntry(str(path), aligner, dict(metadata)))
+    return entries
+
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")  # the embedded default, once converted
+
+
+def load_base(checkpoint_dir: Union[str, Path] = DEFAULT_CHECKPOINT, device: str = "auto", dtype: str = "auto"):
+    """The frozen base model and its tokenizer, for generation. Returns (model, tokenizer). Raises CheckpointError
+    (naming the directory and the conversion command) when the checkpoint is missing or broken."""
+    from lit_aligner.checkpoint import CheckpointError, load_model
+    from lit_aligner.tokenizer import Tokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{checkpoint_dir}: no converted checkpoint there. Convert the embedded default (SmolLM2-135M-Instruct) "
+            f"with `python scripts/convert_gguf.py --default`, or point --checkpoint-dir at a converted model "
+            f"(see howto/convert.md)."
+        )
+    dev = resolve_device(device)
+    model = load_model(checkpoint_dir, dev, resolve_dtype(dtype, dev)).eval()
+    return model, Tokenizer(checkpoint_dir)

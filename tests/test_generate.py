@@ -1,0 +1,334 @@
+"""Generation: batched == one at a time, many Aligners in one batch == each alone, seeded sampling, stop ids,
+streaming, prefix K/V computed once per call; and the `generate/` CLIs on the real SmolLM2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_aligner.config import Config
+from lit_aligner.generate import (AlignerEntry, PromptItem, answer_prompts, build_prompt, generate,
+                                  generate_with_stats, read_prompts, sample)
+from lit_aligner.model import LLaMA, Aligner, AlignerConfig, CausalSelfAttention, init_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = LLaMA(Config.from_name("tiny"))
+    init_weights(m, std=0.15)  # peaked logits: greedy choices are not decided by float rounding
+    return m.eval()
+
+
+def make_aligner(model, seed, n_tokens=3, start_layer=1):
+    torch.manual_seed(seed)
+    a = Aligner(model.config, AlignerConfig(n_tokens, start_layer))
+    with torch.no_grad():
+        a.gate.normal_(0, 1.0)  # nonzero gates: a zero-gate Aligner is the bare base
+    return a
+
+
+def prompts(lengths, seed=1, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def greedy_reference(model, prompt, n, aligner):
+    """Independent of the KV cache, padding and masks: re-run the whole sequence every step, take the argmax."""
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq[None], aligner=aligner if aligner is not None else False)
+            seq = torch.cat([seq, logits[0, -1].argmax()[None]])
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("with_aligner", [False, True])
+def test_greedy_matches_full_recompute_without_cache(model, with_aligner):
+    aligner = make_aligner(model, 10) if with_aligner else None
+    for p in prompts([5, 12]):
+        out = generate(model, [p], 10, aligners=aligner if with_aligner else False)[0]
+        assert torch.equal(out, greedy_reference(model, p, 10, aligner))
+
+
+@pytest.mark.parametrize("with_aligner", [False, True])
+def test_batched_greedy_equals_one_at_a_time(model, with_aligner):
+    aligner = make_aligner(model, 11) if with_aligner else False
+    ps = prompts([3, 17, 8, 1])
+    batched = generate(model, ps, 12, aligners=aligner)
+    alone = [generate(model, [p], 12, aligners=aligner)[0] for p in ps]
+    for b, a in zip(batched, alone):
+        assert torch.equal(b, a)
+    assert len({tuple(b.tolist()) for b in batched}) > 1
+
+
+def test_different_aligners_in_one_batch_equal_each_alone(model):
+    aligners = [make_aligner(model, s) for s in (20, 21, 22)] + [None]
+    ps = prompts([6, 9, 4, 11], seed=2)
+    p = ps[0]
+    # The same prompt under every Aligner (and the bare base) ...
+    mixed = generate(model, [p] * 4, 10, aligners=aligners)
+    alone = [generate(model, [p], 10, aligners=a if a is not None else False)[0] for a in aligners]
+    assert all(torch.equal(m, a) for m, a in zip(mixed, alone))
+    assert len({tuple(m.tolist()) for m in mixed}) == 4  # the Aligners really steer
+    # ... and different prompts of different lengths, one Aligner each.
+    mixed = generate(model, ps, 10, aligners=aligners)
+    alone = [generate(model, [q], 10, aligners=a if a is not None else False)[0] for q, a in zip(ps, aligners)]
+    assert all(torch.equal(m, a) for m, a in zip(mixed, alone))
+
+
+def test_aligner_argument_defaults_to_the_models_own(model):
+    p = prompts([7])
+    own = make_aligner(model, 30)
+    model.aligner = own
+    try:
+        assert torch.equal(generate(model, p, 8)[0], generate(model, p, 8, aligners=own)[0])
+        bare = generate(model, p, 8, aligners=False)[0]
+    finally:
+        model.aligner = None
+    assert torch.equal(bare, generate(model, p, 8)[0])
+    assert not torch.equal(bare, generate(model, p, 8, aligners=own)[0])
+
+
+def test_prefix_kv_is_computed_once_per_call(model, monkeypatch):
+    aligner = make_aligner(model, 40, start_layer=1)
+    calls = []
+    original = CausalSelfAttention.project_prefix
+    monkeypatch.setattr(CausalSelfAttention, "project_prefix", lambda self, x: calls.append(1) or original(self, x))
+    out = generate(model, prompts([4, 9]), 15, aligners=aligner)
+    assert len(calls) == model.config.n_layer - aligner.start_layer  # once per gated layer, not per step
+    # A precomputed PrefixKV is used as is.
+    calls.clear()
+    pkv = model.prefix_kv(aligner)
+    assert torch.equal(generate(model, prompts([4, 9]), 15, aligners=pkv)[1], out[1])
+    assert len(calls) == model.config.n_layer - aligner.start_layer
+
+
+def test_same_seed_same_sample_different_seed_differs(model):
+    ps = prompts([5, 8])
+    kw = dict(temperature=1.0, aligners=make_aligner(model, 50))
+
+    def run(seed):
+        return generate(model, ps, 20, generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model):
+    ps = prompts([5, 13])
+    greedy = generate(model, ps, 12)
+    g = torch.Generator().manual_seed(0)
+    top_k = generate(model, ps, 12, temperature=1.5, top_k=1, generator=g)
+    top_p = generate(model, ps, 12, temperature=1.5, top_p=1e-6, generator=g)
+    for x, y, z in zip(greedy, top_k, top_p):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**kw):
+        noise = torch.empty(4000, 4).exponential_(1, generator=g)
+        return sample(logits, temperature=1.0, noise=noise, **kw)
+
+    assert set(draws(top_p=0.7).tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.7
+    assert set(draws(top_k=3).tolist()) == {1, 2, 3}
+    freq = torch.bincount(draws(), minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)  # unfiltered draws follow the softmax
+
+
+def test_stop_ids_stop_before_the_stop_token(model):
+    ps = prompts([6, 10], seed=3)
+    full = generate(model, ps, 16)
+    stop = int(full[0][5])
+    first = full[0].tolist().index(stop)
+    out = generate(model, ps, 16, stop_ids={stop})
+    assert out[0].tolist() == full[0].tolist()[:first]
+    row1 = full[1].tolist()
+    assert out[1].tolist() == row1[:row1.index(stop)] if stop in row1 else row1
+
+
+def test_streaming_callback_sees_exactly_the_returned_tokens(model):
+    ps = prompts([6, 10, 3], seed=4)
+    aligner = make_aligner(model, 60)
+    stop = int(generate(model, ps[:1], 16, aligners=aligner)[0][4])
+    seen = {0: [], 1: [], 2: []}
+    out = generate(model, ps, 16, stop_ids={stop}, aligners=aligner, on_token=lambda row, tok: seen[row].append(tok))
+    assert [seen[b] for b in range(3)] == [o.tolist() for o in out]
+    assert len(out[0]) < 16
+
+
+def test_stats_count_tokens(model):
+    ps = prompts([4, 9])
+    out, stats = generate_with_stats(model, ps, 7)
+    assert (stats.batch_size, stats.prompt_tokens, stats.new_tokens, stats.decode_steps) == (2, 13, 14, 6)
+    assert stats.decode_tokens_per_s > 0 and stats.prefill_tokens_per_s > 0
+
+
+def test_bad_arguments_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="context"):
+        generate(model, prompts([200]), 100)
+    with pytest.raises(ValueError, match="one \\(or None\\) per prompt"):
+        generate(model, prompts([3, 4]), 5, aligners=[make_aligner(model, 1)])
+    with pytest.raises(ValueError, match="share n_tokens"):
+        generate(model, prompts([3, 4]), 5, aligners=[make_aligner(model, 1, n_tokens=2), make_aligner(model, 2)])
+    other = Aligner(Config.from_name("tiny", n_embd=32, n_head=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="another base"):
+        generate(model, prompts([3]), 5, aligners=other)
+    with pytest.raises(ValueError, match="1-D"):
+        generate(model, [torch.zeros(2, 3, dtype=torch.long)], 5)
+
+
+class CharTokenizer:
+    """Byte-level stand-in for the real tokenizer (answer_prompts only needs encode/decode)."""
+
+    has_chat_template = False
+
+    def encode(self, text, bos=None, eos=False):
+        return torch.tensor(list(text.encode()), dtype=torch.long)
+
+    def decode(self, ids):
+        return bytes(i for i in torch.as_tensor(ids).tolist() if i < 256).decode(errors="replace")
+
+
+def test_answer_prompts_equals_generate_per_prompt_and_aligner(model):
+    tok = CharTokenizer()
+    entries = [AlignerEntry("a", make_aligner(model, 70, n_tokens=2)), AlignerEntry("base"),
+               AlignerEntry("b", make_aligner(model, 71, n_tokens=3)), AlignerEntry("c", make_aligner(model, 72, n_tokens=2))]
+    items = [PromptItem("hi"), PromptItem("Name a colour", "sky"), PromptItem("a longer question here?")]
+    answers, stats = answer_prompts(model, tok, items, entries, 6, batch_size=3)
+    assert len(stats) >= 4  # 12 requests in batches of at most 3
+    for i, item in enumerate(items):
+        ids = tok.encode(build_prompt(tok, item.instruction, input=item.input))
+        for j, e in enumerate(entries):
+            alone = generate(model, [ids], 6, aligners=e.aligner if e.aligner is not None else False)[0]
+            assert torch.equal(answers[i][j].tokens, alone), (i, e.name)
+
+
+def test_read_prompts_formats_and_errors(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(["a", {"prompt": "b"}, {"instruction": "c", "input": "d"}]))
+    assert read_prompts(f) == [PromptItem("a"), PromptItem("b"), PromptItem("c", "d")]
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"instruction": "x"}\n\n"y"\n')
+    assert read_prompts(f) == [PromptItem("x"), PromptItem("y")]
+    f.write_text('{"instruction": "x"}\n{"output": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl: line 2 has no 'prompt'"):
+        read_prompts(f)
+    f.write_text('{"instruction": "x"}\n{broken\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        read_prompts(f)
+    with pytest.raises(ValueError, match="no such prompts file"):
+        read_prompts(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens(model):
+    pytest.importorskip("torch._inductor")
+    ps = prompts([5, 9])
+    aligner = make_aligner(model, 80)
+    eager = generate(model, ps, 10, aligners=aligner, compile=False)
+    compiled = generate(model, ps, 10, aligners=aligner, compile=True)
+    assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLIs
+
+
+def run_script(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def smollm2(request):
+    try:
+        return request.getfixturevalue("smollm2_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py provides no smollm2_dir fixture")
+
+
+def test_base_cli_missing_checkpoint_says_how_to_convert(tmp_path):
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(tmp_path / "nope"), "--prompt", "hi")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error:") and "convert" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_base_cli_answers_what_is_2_plus_2(request):
+    ckpt = smollm2(request)
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--prompt", "What is 2+2?",
+                   "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "4" in r.stdout
+    assert "tokens/s" in r.stderr
+
+
+def test_aligner_cli_base_column_writes_jsonl(request, tmp_path):
+    ckpt = smollm2(request)
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps([{"instruction": "What is 2+2?"}, "What is the capital of France?"]))
+    out = tmp_path / "results.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
+                   "--prompts-file", str(prompts_file), "--out", str(out), "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["What is 2+2?", "What is the capital of France?"]
+    assert all(row["aligner"] is None for row in rows)
+    assert "4" in rows[0]["output"] and "Paris" in rows[1]["output"]
+
+
+def test_aligner_cli_bad_prompts_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"output": "x"}\n')
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(tmp_path), "--no-aligner",
+                   "--prompts-file", str(bad))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "bad.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(request, tmp_path):
+    from lit_aligner.aligner import save_aligner
+    from lit_aligner.checkpoint import load_config
+
+    ckpt = smollm2(request)
+    config = load_config(ckpt)
+    zero = Aligner(config, AlignerConfig(n_tokens=2, start_layer=2))  # zero gates: exactly the base
+    steered = Aligner(config, AlignerConfig(n_tokens=2, start_layer=2))
+    with torch.no_grad():
+        steered.gate.fill_(0.5)
+    save_aligner(zero, tmp_path / "zero.safetensors", config.name, {"template": "alpaca", "mode": "sft"})
+    save_aligner(steered, tmp_path / "steered.safetensors", config.name, {"template": "alpaca", "mode": "sft"})
+    out = tmp_path / "results.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
+                   "--aligner", str(tmp_path / "zero.safetensors"), "--aligner", str(tmp_path / "steered.safetensors"),
+                   "--prompt", "What is 2+2?", "--prompt", "Name a colour.", "--out", str(out), "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    by = {(row["prompt"], Path(row["aligner"]).stem if row["aligner"] else "base"): row for row in rows}
+    for p in ("What is 2+2?", "Name a colour."):
+        assert by[(p, "zero")]["template"] == "alpaca"
+        assert by[(p, "zero")]["output"] == by[(p, "base")]["output"]  # the base uses the Aligners' shared template
+        assert by[(p, "steered")]["output"] != by[(p, "base")]["output"]
+    assert "--- " + str(tmp_path / "steered.safetensors") in r.stdout
+
+
+def test_aligner_cli_refuses_an_aligner_of_another_base(request, tmp_path):
+    from lit_aligner.aligner import save_aligner
+
+    ckpt = smollm2(request)
+    other = Aligner(Config.from_name("tiny"), AlignerConfig(n_tokens=1, start_layer=2))
+    save_aligner(other, tmp_path / "tiny.safetensors", "tiny")
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt),
+                   "--aligner", str(tmp_path / "tiny.safetensors"), "--prompt", "hi")
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert "tiny.safetensors" in r.stderr and "does not fit" in r.stderr

@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "protobuf"],
+        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib"],
         "plot": ["matplotlib"],
     },
 )

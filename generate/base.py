@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import torch
 import tyro
 
-from lit_aligner.checkpoint import CheckpointError
+from lit_aligner.cli import run_cli
 from lit_aligner.generate import (DEFAULT_CHECKPOINT, TextStreamer, build_prompt, encode_prompt, generate_with_stats,
                                   load_base)
 
@@ -60,10 +60,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

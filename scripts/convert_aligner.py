@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 import tyro
 
+from lit_aligner.cli import run_cli
 from lit_aligner.aligner import (AlignerFileError, describe, export_paper_checkpoint, import_paper_checkpoint,
                                  load_aligner, save_aligner)
 
@@ -58,10 +59,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (AlignerFileError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

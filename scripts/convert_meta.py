@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import tyro
 
-from lit_aligner.checkpoint import CheckpointError
+from lit_aligner.cli import run_cli
 from lit_aligner.convert_io import DEFAULT_MAX_SHARD_BYTES, DTYPES, convert_meta, print_progress, summary
 
 
@@ -41,10 +41,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -6,13 +6,13 @@ Without --data-file the full Stanford Alpaca JSON is downloaded once into data/a
 howto/data.md.
 """
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
 
-from lit_aligner.data import ALPACA_URL, DataError, download, prepare_with_checkpoint, report
+from lit_aligner.cli import run_cli
+from lit_aligner.data import ALPACA_URL, download, prepare_with_checkpoint, report
 from lit_aligner.generate import DEFAULT_CHECKPOINT
 
 
@@ -54,8 +54,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

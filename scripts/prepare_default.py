@@ -6,12 +6,11 @@ format; see lit_aligner/default_data.py) as prepared SFT, preference or Q-A-C da
 See howto/data.md.
 """
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-import tyro
 
+from lit_aligner.cli import run_cli
 from lit_aligner import default_data
 from lit_aligner.data import DataError, prepare_with_checkpoint, report
 from lit_aligner.generate import DEFAULT_CHECKPOINT
@@ -62,8 +61,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -7,13 +7,13 @@ preference pairs; every dialogue is split at its last "\\n\\nAssistant:" turn.
 See howto/data.md.
 """
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
 
-from lit_aligner.data import DataError, prepare_with_checkpoint, report
+from lit_aligner.cli import run_cli
+from lit_aligner.data import prepare_with_checkpoint, report
 from lit_aligner.generate import DEFAULT_CHECKPOINT
 
 
@@ -54,8 +54,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -6,13 +6,13 @@ See howto/data.md for the formats detected from the fields (Alpaca, PKU-SafeRLHF
 question/answer/correction).
 """
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
 
-from lit_aligner.data import DataError, prepare_with_checkpoint, report
+from lit_aligner.cli import run_cli
+from lit_aligner.data import prepare_with_checkpoint, report
 from lit_aligner.generate import DEFAULT_CHECKPOINT
 
 
@@ -63,8 +63,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -6,13 +6,13 @@ the safer or the better response, or as preference pairs (chosen = the safer / b
 See howto/data.md.
 """
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
 
-from lit_aligner.data import DataError, prepare_with_checkpoint, report
+from lit_aligner.cli import run_cli
+from lit_aligner.data import prepare_with_checkpoint, report
 from lit_aligner.generate import DEFAULT_CHECKPOINT
 
 
@@ -55,8 +55,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        tyro.cli(main)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

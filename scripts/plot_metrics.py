@@ -1,0 +1,30 @@
+"""Draw the loss curves (and, for DPO runs, reward accuracy and margin) of a run's metrics.csv to a PNG.
+
+    python scripts/plot_metrics.py out/aligner/SmolLM2-135M-Instruct/metrics.csv --out loss.png
+
+Needs matplotlib (`pip install matplotlib`, or the `[plot]` extra). See howto/finetune.md.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import tyro
+
+from lit_aligner.cli import run_cli
+from lit_aligner.train import plot_metrics
+
+
+def main(metrics: tyro.conf.Positional[Path], out: Optional[Path] = None, title: Optional[str] = None) -> None:
+    """Plot METRICS (a metrics.csv written by finetune/aligner.py or finetune/aligner_dpo.py).
+
+    Args:
+        metrics: the metrics.csv file.
+        out: the PNG to write (default: loss.png next to the CSV).
+        title: plot title (default: the run directory's name).
+    """
+    path = plot_metrics(metrics, out or Path(metrics).with_name("loss.png"), title)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,233 @@
+"""SFT training of Aligners: the schedule and data order, gradients independent of how a batch is split, a short real
+run whose validation loss falls and whose Aligner changes generation, exact resume after a signal, the base weights
+untouched, the CLI's errors, and 2-process DDP (gloo) equal to one process with the same global batch."""
+
+import csv
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_aligner import train as T
+from lit_aligner.aligner import load_aligner
+from lit_aligner.config import Config
+from lit_aligner.losses import IGNORE_INDEX
+from lit_aligner.model import AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def small_run(ckpt, out, **train_kw):
+    kw = dict(max_steps=8, learning_rate=0.3, global_batch_size=8, micro_batch_size=4, warmup_steps=1,
+              eval_interval=4, eval_iters=4, save_interval=4, seed=7)
+    kw.update(train_kw)
+    return T.RunConfig(checkpoint_dir=ckpt, out_dir=out, n_tokens=4, start_layer=1, max_seq_length=128,
+                       accelerator="cpu", progress=False, compare=False, train=T.TrainConfig(**kw))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedule and data order
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    c = T.TrainConfig(max_steps=100, learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [T.lr_at(s, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_each_epoch_visits_every_example_once_and_the_order_depends_only_on_seed_and_step():
+    n, gbs = 10, 4
+    seen = [i for s in range(5) for i in T.global_batch_indices(n, s, gbs, seed=3)]  # 20 samples = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert T.global_batch_indices(n, 3, gbs, seed=3) == T.global_batch_indices(n, 3, gbs, seed=3)
+    assert T.global_batch_indices(n, 0, gbs, seed=3) != T.global_batch_indices(n, 0, gbs, seed=4)
+
+
+def test_a_global_batch_is_split_into_contiguous_rank_slices_and_micro_batches():
+    idx = list(range(8))
+    assert T.rank_micro_batches(idx, 0, 2, 2) == [[0, 1], [2, 3]]
+    assert T.rank_micro_batches(idx, 1, 2, 2) == [[4, 5], [6, 7]]
+    with pytest.raises(T.TrainError, match="global-batch-size"):
+        T.gradient_accumulation_steps(10, 4, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss and its gradient
+
+
+def _batch(vocab, B=4, L=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX  # the prompt
+    labels[1, 9:] = IGNORE_INDEX  # padding
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_sft_loss_is_the_summed_cross_entropy_of_response_tokens_only():
+    torch.manual_seed(0)
+    m = LLaMA(Config.from_name("tiny"), AlignerConfig(3, 1))
+    init_weights(m, std=0.1)
+    with torch.no_grad():
+        m.aligner.gate.normal_()
+    b = _batch(m.config.vocab_size)
+    logits = m(b["input_ids"])[:, :-1].reshape(-1, m.config.vocab_size)
+    ref = torch.nn.functional.cross_entropy(logits, b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+    got = T.sft_loss(m, b, chunk_size=5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert T.count_response_tokens({"labels": b["labels"][0]}) == 7  # labels at positions 5..11
+
+
+def test_only_the_aligner_is_trainable_and_a_trainable_base_weight_is_refused():
+    m = LLaMA(Config.from_name("tiny"), AlignerConfig(2, 1))
+    mark_only_aligner_as_trainable(m)
+    T.check_only_aligner_trainable(m)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"aligner.prefix", "aligner.gate"}
+    m.layers[0].attn.wo.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="layers.0.attn.wo.weight"):
+        T.check_only_aligner_trainable(m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole runs on a tiny real checkpoint (BPE tokenizer + random LLaMA) and the default dataset
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    summary = T.run(small_run(tiny_checkpoint_dir, out))
+    return out, summary
+
+
+def test_a_short_run_lowers_validation_loss_clearly_and_writes_aligner_metrics_checkpoints(trained):
+    out, summary = trained
+    assert summary["val_loss"] < summary["first_val_loss"] - 0.2, summary  # 6.25 -> 5.83 measured
+    rows = read_csv(out / "metrics.csv")
+    assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == list(range(9))
+    assert (out / "checkpoints" / "step-000004.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    aligner, meta = load_aligner(out / "aligner.safetensors")
+    assert aligner.prefix.shape == (4, 64) and aligner.gate.abs().sum() > 0
+    assert meta["mode"] == "sft" and meta["template"] == "chat" and meta["base_model"] == "tiny-chat"
+
+
+def test_the_trained_aligner_changes_generation_and_the_base_weights_are_untouched(trained, tiny_checkpoint_dir):
+    from lit_aligner.checkpoint import load_model
+    from lit_aligner.generate import generate
+    from lit_aligner.tokenizer import Tokenizer
+    from safetensors.torch import load_file
+
+    out, _ = trained
+    model = load_model(tiny_checkpoint_dir, "cpu", torch.float32)
+    before = load_file(str(tiny_checkpoint_dir / "model.safetensors"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    aligner, _ = load_aligner(out / "aligner.safetensors")
+    tok = Tokenizer(tiny_checkpoint_dir)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}]))
+    base, steered = (generate(model, [prompt], 12, aligners=a)[0] for a in (False, aligner))
+    assert not torch.equal(base, steered)
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_checkpoint_dir, tmp_path, monkeypatch):
+    full_out, _ = trained
+    out = tmp_path / "interrupted"
+
+    def interrupt_at_3(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the real handler: the step completes, a checkpoint is written
+
+    monkeypatch.setattr(T, "fit", functools.partial(T.fit, on_step=interrupt_at_3))
+    first = T.run(small_run(tiny_checkpoint_dir, out))
+    # the signal arrives after step 3's stop check: step 4 (in flight) completes, then the checkpoint is written
+    assert first["stopped"] == "SIGINT" and first["step"] == 4 and not (out / "aligner.safetensors").exists()
+    monkeypatch.undo()
+    cfg = small_run(tiny_checkpoint_dir, out)
+    cfg.resume = "auto"
+    T.run(cfg)
+    full, resumed = read_csv(full_out / "metrics.csv"), read_csv(out / "metrics.csv")
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]  # same curve, to the last digit
+    a, _ = load_aligner(full_out / "aligner.safetensors")
+    b, _ = load_aligner(out / "aligner.safetensors")
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
+def test_resume_with_different_shape_flags_is_refused(trained, tiny_checkpoint_dir):
+    out, _ = trained
+    cfg = small_run(tiny_checkpoint_dir, out)
+    cfg.resume, cfg.n_tokens = "auto", 2
+    with pytest.raises(T.TrainError, match="--n-tokens 4 \\(now 2\\)"):
+        T.run(cfg)
+
+
+def test_micro_batch_size_does_not_change_the_result(tiny_checkpoint_dir, tmp_path):
+    a = T.run(small_run(tiny_checkpoint_dir, tmp_path / "m4", max_steps=2, eval_interval=2))
+    b = T.run(small_run(tiny_checkpoint_dir, tmp_path / "m1", max_steps=2, eval_interval=2, micro_batch_size=1))
+    x, _ = load_aligner(a["aligner"])
+    y, _ = load_aligner(b["aligner"])
+    torch.testing.assert_close(x.prefix, y.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.gate, y.gate, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_malformed_data_is_one_error_line_naming_the_file(tiny_checkpoint_dir, tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n" + json.dumps({"instruction": 3}) + "\n")
+    r = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", bad, "--out-dir",
+                   tmp_path / "o", "--max-steps", "1")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "rows.jsonl" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_base_checkpoint_says_how_to_convert(tmp_path):
+    r = run_script("finetune/aligner.py", "--checkpoint-dir", tmp_path / "nope", "--max-steps", "1")
+    assert r.returncode == 1 and "error: " in r.stderr and "convert" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plot_metrics_draws_a_png(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = trained
+    png = tmp_path / "loss.png"
+    r = run_script("scripts/plot_metrics.py", out / "metrics.csv", "--out", png)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_checkpoint_dir, tmp_path):
+    common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cpu",
+              "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "128", "--learning-rate", "3e-2", "--eval-interval", "3",
+              "--no-progress", "--compare", "False"]
+    one = run_script(*common, "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")
+    b, _ = load_aligner(tmp_path / "two" / "aligner.safetensors")
+    assert a.gate.abs().sum() > 0
+    torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)

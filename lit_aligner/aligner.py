@@ -16,16 +16,14 @@ and `transformer.h.{i}.attn.adapter_wte.weight`, the same (N, C) tensor again pe
 """
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from lit_aligner.checkpoint import CheckpointError
+from lit_aligner.checkpoint import CheckpointError, atomic_write
 from lit_aligner.config import Config, name_to_config
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA
 
@@ -78,17 +76,6 @@ def _metadata(aligner: Aligner, base_name: str, extra: Optional[Mapping[str, Any
     return meta
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)` then rename onto `path`: a crash never leaves a half file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_aligner(aligner: Aligner, path: PathLike, base_name: str, metadata: Optional[Mapping[str, Any]] = None) -> Path:
@@ -104,7 +91,7 @@ def save_aligner(aligner: Aligner, path: PathLike, base_name: str, metadata: Opt
     path = Path(path)
     meta = _metadata(aligner, base_name, metadata)
     tensors = {"prefix": aligner.prefix.detach().cpu().contiguous(), "gate": aligner.gate.detach().cpu().contiguous()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -407,7 +394,7 @@ def export_paper_checkpoint(aligner: Aligner, path: PathLike) -> Path:
     files are bfloat16), atomically. Returns the path."""
     path = Path(path)
     sd = paper_state_dict(aligner)
-    _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path
 
 

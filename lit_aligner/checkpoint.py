@@ -108,3 +108,25 @@ def save_config_and_weights(out_dir: Union[str, Path], config: Config, tensors: 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir / CONFIG_NAME)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / WEIGHTS_NAME))
+
+
+def atomic_write(path: Union[str, Path], write) -> Path:
+    """`write(tmp_path)` into a temporary file next to `path`, then rename it onto `path`: a crash never leaves a half
+    file under the final name. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

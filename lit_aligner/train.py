@@ -13,11 +13,9 @@ run's arguments; resuming from it replays the same steps an uninterrupted run wo
 import csv
 import dataclasses
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -178,17 +176,9 @@ def restore_rng_state(state: Dict[str, torch.Tensor]) -> None:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from lit_aligner.checkpoint import atomic_write
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_path(out_dir: PathLike, step: int) -> Path:
@@ -486,7 +476,7 @@ def fit(
     current step completes, a checkpoint is written, and FitResult.stopped names the signal."""
     config.check()
     rank, world = fabric.global_rank, fabric.world_size
-    accum = gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)
+    gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)  # raises if it does not divide
     out_dir = Path(out_dir)
     logger = MetricsLogger(out_dir, enabled=rank == 0, resume_step=start_step if start_step else None)
     device = fabric.device

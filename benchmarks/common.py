@@ -1,0 +1,181 @@
+"""What both benchmarks share: the device and precision flags, building a random-weight model on the target device,
+machine information, the results table and the JSON file. Library helpers live in `lit_aligner.perf`; this module
+only holds what is specific to benchmark scripts (it is imported as `benchmarks.common` or, when a script runs as a
+file, as `common` from its own folder)."""
+
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as `python benchmarks/train.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from lit_aligner.config import Config  # noqa: E402
+from lit_aligner.model import LLaMA, AlignerConfig, init_weights, mark_only_aligner_as_trainable  # noqa: E402
+
+PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+class BenchmarkError(ValueError):
+    """Bad flags (unknown config, precision the device cannot run, ...) or out of memory: a ValueError, so
+    `lit_aligner.cli.run_cli` prints it as one `error: ...` line and exits 1."""
+
+
+@contextmanager
+def out_of_memory_hint(fix: str):
+    """Turn an out-of-memory error of the block into a BenchmarkError that says what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise BenchmarkError(f"out of memory ({str(e).splitlines()[0]}): {fix}") from None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return d
+
+
+def pick_dtype(precision: Optional[str], device: torch.device) -> torch.dtype:
+    """None: bf16-true on CUDA, 32-true on the CPU (bf16 matmuls are slow on CPUs without AMX)."""
+    if precision is None:
+        precision = "bf16-true" if device.type == "cuda" else "32-true"
+    if precision not in PRECISIONS:
+        raise BenchmarkError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def load_config(name: str) -> Config:
+    try:
+        return Config.from_name(name)
+    except ValueError as e:
+        raise BenchmarkError(f"--config: {e}") from None
+
+
+def build_model(config: Config, device: torch.device, dtype: torch.dtype, n_tokens: Optional[int] = None,
+                start_layer: int = 2, seed: int = 0) -> LLaMA:
+    """A model with random weights (`init_weights`: speed does not depend on the values) built directly on `device` in
+    `dtype`, so a 7B model never exists in fp32 or on the CPU. With n_tokens, an Aligner (kept in fp32 like an
+    optimiser's master weights; it is cast where it enters the base) is attached and made the only trainable part,
+    with non-zero gates so the prefix path does real work."""
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            aligner_config = AlignerConfig(n_tokens, start_layer) if n_tokens else None
+            model = LLaMA(config, aligner_config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.reset_rope(device)  # the RoPE tables are computed in fp32 on the device
+    with torch.no_grad():
+        init_weights(model)
+        if model.aligner is not None:
+            model.aligner.float()
+            model.aligner.gate.normal_(std=0.02)
+    mark_only_aligner_as_trainable(model)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(device: torch.device, into: List[float]):
+    """Append the wall-clock seconds of the block (the GPU synchronised on entry and exit) to `into`."""
+    sync(device)
+    t0 = time.perf_counter()
+    yield
+    sync(device)
+    into.append(time.perf_counter() - t0)
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return float("nan") if n == 0 else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """What the figures depend on: accelerator or CPU model and cores, load average, torch version, command line."""
+    info: Dict[str, Any] = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1), cuda=torch.version.cuda,
+                    gpu_count=torch.cuda.device_count())
+    return info
+
+
+def machine_name(device: torch.device) -> str:
+    """A short file-name tag: the GPU name (e.g. "nvidia-h100-80gb-hbm3") or "cpu<cores>"."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu{os.cpu_count()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_out(kind: str, tag: str, device: torch.device) -> Path:
+    return REPO / "benchmarks" / "results" / f"{kind}-{tag}-{machine_name(device)}.json"
+
+
+def write_json(path: Path, payload: Dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of `rows` (dicts) with the given column keys; floats get 3 significant decimals."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if v != v:
+                return "-"
+            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

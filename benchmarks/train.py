@@ -1,0 +1,192 @@
+"""Training-step throughput of an Aligner on a frozen base: tokens/s, peak memory and model FLOPs utilisation.
+
+Random base weights (speed does not depend on them) of a named config, built on the target device in the target dtype;
+random token batches of --batch rows x --seq-len tokens, the first quarter of each row is prompt (no loss). One row of
+the results table per (mode, checkpointing policy). Warm-up steps are excluded; the median timed step is reported.
+
+    python benchmarks/train.py --config tiny --batch 2 --seq-len 32 --steps 2     # seconds, on any CPU
+    python benchmarks/train.py --config Llama-2-7b-hf --batch 8 --seq-len 512 \\
+        --mode sft dpo --checkpointing none selective mlp block                   # the issue's H100 targets
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BenchmarkError, build_model, default_out, format_table, load_config, machine_info,  # noqa: E402
+                    median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json)
+
+from lit_aligner.cli import run_cli  # noqa: E402
+from lit_aligner.dpo import dpo_loss  # noqa: E402
+from lit_aligner.losses import (IGNORE_INDEX, chunked_cross_entropy, cross_entropy, reference_sequence_logprobs,  # noqa
+                                sequence_logprobs)
+from lit_aligner.model import LLaMA  # noqa: E402
+from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, apply_activation_checkpointing,  # noqa
+                              compile_blocks, configure_backends, peak_memory_bytes, reset_peak_memory, should_compile,
+                              train_flops_per_token)
+
+
+def random_batch(config, batch: int, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+    labels = idx.clone()
+    labels[:, : seq_len // 4] = IGNORE_INDEX  # the prompt carries no loss
+    return idx, labels
+
+
+def sft_loss(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
+    if chunked:
+        return chunked_cross_entropy(model(idx, return_hidden=True), model.lm_head_weight, labels)
+    return cross_entropy(model(idx), labels)
+
+
+def logprobs(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool, aligner=None) -> torch.Tensor:
+    if chunked:
+        return sequence_logprobs(model(idx, aligner=aligner, return_hidden=True), model.lm_head_weight, labels)
+    return reference_sequence_logprobs(model(idx, aligner=aligner), labels)
+
+
+def dpo_step_loss(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """idx, labels: (2P, T), chosen rows first. The reference is the bare base (aligner=False), under no_grad: one
+    loaded base serves both, as in lit_aligner's DPO."""
+    P = idx.shape[0] // 2
+    with torch.no_grad():
+        ref = logprobs(model, idx, labels, chunked, aligner=False)
+    pol = logprobs(model, idx, labels, chunked)
+    losses, _, _ = dpo_loss(pol[:P], pol[P:], ref[:P], ref[P:])
+    return losses.mean()
+
+
+def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: int, n_tokens: int, start_layer: int,
+            chunked: bool, warmup: int, steps: int, device: torch.device, peak_tflops: Optional[float],
+            compiled: bool) -> Dict[str, Any]:
+    apply_activation_checkpointing(model, policy)
+    if compiled:  # after the policy, so that the checkpointed forward is what gets compiled
+        torch._dynamo.reset()
+        compile_blocks(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    idx, labels = random_batch(config, batch, seq_len, device)
+    step = dpo_step_loss if mode == "dpo" else (lambda m, i, l, c: sft_loss(m, i, l, c))
+    times = []
+    reset_peak_memory(device)
+    for i in range(warmup + steps):
+        with timed(device, times):
+            loss = step(model, idx, labels, chunked)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = peak_memory_bytes(device)
+    step_s = median(times[warmup:])
+    tokens = batch * seq_len
+    flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total
+    tps = tokens / step_s
+    achieved = flops * tps
+    return {
+        "mode": mode, "checkpointing": policy, "batch": batch, "seq_len": seq_len,
+        "step_s": step_s, "step_times_s": times, "warmup_steps": warmup,
+        "tokens_per_s": tps, "peak_memory_gb": peak / 1e9,
+        "flops_per_token": flops, "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / (peak_tflops * 1e12) if peak_tflops else None,
+        "loss": float(loss.detach()),
+    }
+
+
+def main(
+    config: str = "tiny",
+    batch: int = 2,
+    seq_len: int = 64,
+    n_tokens: int = 10,
+    start_layer: int = 2,
+    mode: Tuple[Literal["sft", "dpo"], ...] = ("sft",),
+    checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
+    loss: Literal["chunked", "plain"] = "chunked",
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    compile: Optional[bool] = None,
+    warmup: int = 1,
+    steps: int = 3,
+    device: str = "auto",
+    peak_tflops: Optional[float] = None,
+    threads: Optional[int] = None,
+    n_layer: Optional[int] = None,
+    out: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Training-step throughput (tokens/s), peak memory and MFU of an Aligner on a frozen random-weight base.
+
+    Args:
+        config: named model shape (lit_aligner.config), e.g. tiny, SmolLM2-135M, Llama-2-7b-hf.
+        batch: rows per step (sequences). DPO uses batch / 2 pairs (chosen + rejected rows), so `--batch 16 --mode
+            sft dpo` compares SFT-16 with DPO on 8 pairs.
+        seq_len: tokens per row (the first quarter is prompt, without loss).
+        n_tokens: Aligner prefix tokens N.
+        start_layer: first gated layer.
+        mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base).
+        checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
+        loss: chunked (LM head + CE a chunk at a time, lit_aligner.losses) or plain (full (B, T, vocab) logits).
+        precision: 32-true, bf16-true or 16-true weights and activations (default: bf16-true on CUDA, 32-true on CPU).
+        compile: torch.compile every block (default: on CUDA only).
+        warmup: untimed steps first (compilation, allocator warm-up).
+        steps: timed steps; the median is reported.
+        device: auto (CUDA if available), cpu, cuda, cuda:1, ...
+        peak_tflops: the device's dense peak for MFU (H100 SXM bf16: 989; default 989 on CUDA, none on the CPU).
+        threads: torch CPU threads (default: torch's choice).
+        n_layer: keep only this many layers of the config (per-layer figures such as the activation bytes of a 7B
+            shape on a small machine; tokens/s and MFU then describe the truncated model).
+        out: JSON results file (default:
+            benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
+    """
+    if batch < 1 or seq_len < 2 or warmup < 0 or steps < 1:
+        raise BenchmarkError("--batch >= 1, --seq-len >= 2, --warmup >= 0 and --steps >= 1 are required")
+    if "dpo" in mode and batch % 2:
+        raise BenchmarkError(f"--mode dpo needs an even --batch (chosen + rejected rows), got {batch}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    dtype = pick_dtype(precision, dev)
+    cfg = load_config(config)
+    if n_layer is not None:
+        if n_layer < 1:
+            raise BenchmarkError(f"--n-layer must be >= 1, got {n_layer}")
+        cfg = dataclasses.replace(cfg, n_layer=n_layer)
+    if not 0 <= start_layer < cfg.n_layer:
+        raise BenchmarkError(f"--start-layer must be in [0, {cfg.n_layer}) for {config}, got {start_layer}")
+    if seq_len > cfg.block_size:
+        raise BenchmarkError(f"--seq-len {seq_len} exceeds {config}'s context of {cfg.block_size} tokens")
+    if peak_tflops is None and dev.type == "cuda":
+        peak_tflops = 989.0
+    configure_backends(dev)
+    compiled = should_compile(dev, compile)
+    rows = []
+    with out_of_memory_hint("lower --batch or --seq-len, or add --checkpointing selective / block"):
+        model = build_model(cfg, dev, dtype, n_tokens, start_layer)
+        for m in mode:
+            for policy in checkpointing:
+                r = run_one(model, cfg, m, policy, batch, seq_len, n_tokens, start_layer, loss == "chunked", warmup,
+                            steps, dev, peak_tflops, compiled)
+                rows.append(r)
+                print(f"{m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s", file=sys.stderr)
+        # What each policy trades: bytes per token and gated layer that autograd keeps (measured eagerly, batch 1).
+        act = {p: activation_bytes_per_token(model, p, seq_len=seq_len) for p in checkpointing} \
+            if cfg.n_layer - start_layer >= 2 else {}
+    sync(dev)
+    columns = ["mode", "checkpointing", "tokens_per_s", "step_s", "peak_memory_gb", "achieved_tflops", "mfu"]
+    print(f"{config} ({cfg.n_layer} layers): batch {batch} x seq {seq_len}, N={n_tokens}, start_layer={start_layer}, "
+          f"{dtype}, loss {loss}, compile {compiled}, device {dev}")
+    print(format_table(rows, columns))
+    payload = {
+        "benchmark": "train", "config": config, "n_layer": cfg.n_layer, "n_tokens": n_tokens,
+        "start_layer": start_layer,
+        "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
+        "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
+        "activation_bytes_per_token_per_gated_layer": act, "machine": machine_info(dev), "results": rows,
+    }
+    layers = f"-L{n_layer}" if n_layer is not None else ""
+    path = out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev)
+    print(f"wrote {write_json(path, payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    run_cli(main)

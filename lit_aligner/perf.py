@@ -1,0 +1,390 @@
+"""Speed and memory levers for training and serving an Aligner on a frozen base, and the arithmetic behind them.
+
+Levers (small functions the trainer and the benchmarks call; each leaves parameter names and results unchanged):
+- `compile_blocks(model)`: `torch.compile` every `Block` in place (one compiled graph reused by all layers).
+- `apply_activation_checkpointing(model, policy)`: `none`, `block` (keep only each gated block's input, recompute
+  the block in backward), `selective` (recompute only the cheap elementwise parts that hold many bytes: both RMSNorms,
+  whose fp32 copies are large, and the SwiGLU product; no matmul is recomputed) or `mlp` (selective, plus the MLP
+  branch kept as its input only: recomputes the w1 and w3 matmuls).
+- `configure_backends(device)`: TF32 matmuls and cuDNN autotuning on CUDA (no-op on the CPU).
+- `model.prefix_kv(aligner)` (in model.py): project the prefix once per Aligner when serving.
+
+Arithmetic: `train_flops_per_token` (model FLOPs of a step with a frozen base and a trainable prefix, for MFU),
+`activation_bytes_per_token` (bytes autograd keeps for backward, measured by hooking what it saves), `loss_peak_bytes`
+(what the plain vs chunked loss adds), `decode_bytes_per_token` (weights read per decoding step) and the peak-memory
+probes `reset_peak_memory` / `peak_memory_bytes` (CUDA allocator or the process's peak RSS, see PEAK_MEMORY_METHOD).
+
+Why a frozen base is cheap to train: the weights need no gradients, so every matmul's backward computes only the input
+gradient (one matmul instead of two) and autograd does not save the matmul inputs at all (they are only needed for
+weight gradients). Layers before `start_layer` see no trainable input, so they save nothing and run no backward.
+"""
+
+import resource
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Set
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lit_aligner.config import Config
+from lit_aligner.model import LLaMA
+
+POLICIES = ("none", "selective", "mlp", "block")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def compile_blocks(model: LLaMA, mode: Optional[str] = None, dynamic: Optional[bool] = None,
+                   backend: str = "inductor") -> LLaMA:
+    """Compile every transformer `Block` in place with `torch.compile` (`nn.Module.compile`, so parameter names and
+    state dicts do not change). All blocks share one code object, so the graph is compiled once and reused (recompiles
+    only for the layers with / without a prefix and for new shapes). mode: a `torch.compile` mode (None: the default;
+    "max-autotune" tunes matmuls longer). backend: a `torch.compile` backend ("aot_eager" traces without generating
+    code: a quick check that a model compiles). Works on the CPU (inductor C++) and on CUDA (triton). Apply after
+    `apply_activation_checkpointing` so the checkpointed forward is what gets compiled; apply before wrapping the model
+    with Fabric (`fabric.setup_module`), which leaves the blocks alone. Returns the model."""
+    for block in model.layers:
+        block.compile(mode=mode, dynamic=dynamic, backend=backend)
+    return model
+
+
+def should_compile(device: torch.device, compile: Optional[bool] = None) -> bool:
+    """The default of the `--compile` flags: on for CUDA (where launch overhead and fusions pay), off on the CPU (where
+    compiling costs more time than a short run saves)."""
+    return torch.device(device).type == "cuda" if compile is None else compile
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 for fp32 matmuls and cuDNN autotuning on CUDA (fp32 runs ~3x faster on Ampere+, bf16 unaffected).
+    A no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+_ORIG = "_lit_aligner_eager_forward"  # where a wrapped module keeps its own forward
+
+
+def _call_checkpointed(fn: Callable, *args):
+    if not torch.is_grad_enabled():  # inference: nothing is saved, so there is nothing to recompute
+        return fn(*args)
+    _SavedCounter.note_inputs(args)
+    # Non-reentrant: works with tuples of tensors (the prefix K/V), with inputs that do not require grad (the first
+    # gated block) and under torch.compile.
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _wrap(module: nn.Module, forward: Callable) -> None:
+    module.__dict__[_ORIG] = module.forward
+    module.forward = forward  # an instance attribute: nn.Module.__call__ (and Module.compile) calls it
+
+
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
+def apply_activation_checkpointing(model: LLaMA, policy: str = "block", start_layer: Optional[int] = None) -> int:
+    """Trade recomputation for activation memory in the gated blocks (layers >= start_layer; default: the model's
+    Aligner's start_layer, else 0). Earlier layers keep nothing for backward anyway (no trainable input reaches them).
+
+    Policies, with the bytes per token and gated layer that autograd keeps for the LLaMA-2-7B shape in bf16 (measured
+    by `activation_bytes_per_token` at seq_len 512; see howto/performance.md) and what they recompute:
+    "none"      ~154 KiB  nothing recomputed.
+    "selective" ~116 KiB  only elementwise work, never a matmul: both RMSNorms (their fp32 intermediates, 2 x 16 KiB)
+                          and silu(w1 x) * (w3 x) (one bf16 intermediate_size-wide tensor, 22 KiB).
+    "mlp"       ~ 73 KiB  selective, and the MLP branch keeps only its input: ffn_norm, w1, w3 and SwiGLU are
+                          recomputed (2 of the layer's 7 matmul units: ~+20% step time for a frozen base).
+    "block"     ~  8 KiB  each gated block keeps its input x only and reruns its whole forward in backward (~+50%).
+    Loss and gradients are identical to "none" (same kernels, same order). Call before `compile_blocks`; "none"
+    undoes a previous policy. Returns the number of modules wrapped."""
+    if policy not in POLICIES:
+        raise ValueError(f"checkpointing policy must be one of {POLICIES}, got {policy!r}")
+    for m in model.modules():  # idempotent: start from the eager forwards
+        if _ORIG in m.__dict__:
+            m.__dict__.pop(_ORIG)
+            m.__dict__.pop("forward", None)
+    if policy == "none":
+        return 0
+    if start_layer is None:
+        start_layer = model.aligner.start_layer if model.aligner is not None else 0
+    wrapped = 0
+    for block in model.layers[start_layer:]:
+        if policy == "block":
+            _wrap(block, _checkpointed_forward(block.forward))
+            wrapped += 1
+            continue
+        norm, mlp = block.ffn_norm, block.feed_forward
+        _wrap(block.attention_norm, _checkpointed_forward(block.attention_norm.forward))
+        if policy == "selective":
+            _wrap(norm, _checkpointed_forward(norm.forward))
+            _wrap(mlp, _selective_mlp_forward(mlp))
+        else:
+            # Block.forward computes feed_forward(ffn_norm(x)): make ffn_norm the identity and let feed_forward run
+            # norm + MLP as one checkpointed function of x (no change to the model's code or parameter names).
+            _wrap(norm, _identity)
+            _wrap(mlp, _checkpointed_forward(_norm_then(norm.__dict__[_ORIG], mlp.forward)))
+        wrapped += 3
+    return wrapped
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _norm_then(norm_forward: Callable, mlp_forward: Callable) -> Callable:
+    # A function per layer (a lambda in the loop would see only the last layer's modules).
+    def run(x):
+        return mlp_forward(norm_forward(x))
+
+    return run
+
+
+def _checkpointed_forward(forward: Callable) -> Callable:
+    def run(*args):
+        return _call_checkpointed(forward, *args)
+
+    return run
+
+
+def _selective_mlp_forward(mlp: nn.Module) -> Callable:
+    def run(x):
+        # The matmul inputs are not saved (frozen weights); silu's input a and the product's inputs silu(a), b would be:
+        # keep a and b only, recompute silu(a) * b in backward (elementwise, ~free).
+        return mlp.w2(_call_checkpointed(_swiglu, mlp.w1(x), mlp.w3(x)))
+
+    return run
+
+
+def checkpointing_policy(model: LLaMA) -> str:
+    """The policy currently applied to `model` ("none", "selective", "mlp" or "block")."""
+    for block in model.layers:
+        if _ORIG in block.__dict__:
+            return "block"
+        if _ORIG in block.ffn_norm.__dict__ and block.ffn_norm.forward is _identity:
+            return "mlp"
+        if _ORIG in block.feed_forward.__dict__:
+            return "selective"
+    return "none"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring what autograd keeps
+
+
+class _SavedCounter:
+    """Counts distinct storages saved for backward (and checkpoint inputs, which a checkpoint keeps alive itself),
+    skipping the model's parameters and buffers (they are resident anyway)."""
+
+    active: Optional["_SavedCounter"] = None
+
+    def __init__(self, exclude: Set[int]):
+        self.exclude = exclude
+        self.storages: Dict[int, torch.UntypedStorage] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.exclude and s.data_ptr() not in self.storages:
+            # Keep the storage alive while counting: a tensor freed during the forward would otherwise hand its address
+            # to a later one, which would then go uncounted.
+            self.storages[s.data_ptr()] = s
+
+    @classmethod
+    def note_inputs(cls, args) -> None:
+        if cls.active is not None:
+            for a in args:
+                for t in (a if isinstance(a, (tuple, list)) else (a,)):
+                    cls.active.add(t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.storages.values())
+
+
+@contextmanager
+def count_saved_bytes(model: nn.Module) -> Iterator[_SavedCounter]:
+    """Within the block, count the bytes of every distinct tensor storage autograd saves for backward (plus activation
+    checkpoint inputs), parameters and buffers of `model` excluded. Read `.nbytes` after the block."""
+    exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    counter = _SavedCounter(exclude)
+
+    def pack(t):
+        counter.add(t)
+        return t
+
+    prev, _SavedCounter.active = _SavedCounter.active, counter
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield counter
+    finally:
+        _SavedCounter.active = prev
+
+
+def activation_bytes_per_token(model: LLaMA, policy: Optional[str] = None, seq_len: int = 64, batch: int = 1) -> float:
+    """Bytes that one gated layer keeps for backward, per token: measured on a forward pass of random tokens (batch,
+    seq_len) with `count_saved_bytes`, as the median over the gated layers after the first (the first gated layer gets
+    an input that needs no gradient and keeps less). Per-step tensors (the prefix K/V) are amortised over the tokens,
+    so use a realistic seq_len. policy: apply this checkpointing policy for the measurement and restore the current
+    one afterwards (None: measure as the model is). Needs a model with an Aligner and >= 2 gated layers."""
+    if model.aligner is None:
+        raise ValueError("activation_bytes_per_token needs a model with an Aligner (LLaMA(config, AlignerConfig(...)))")
+    start = model.aligner.start_layer
+    if model.config.n_layer - start < 2:
+        raise ValueError(f"activation_bytes_per_token needs >= 2 gated layers (n_layer {model.config.n_layer}, "
+                         f"start_layer {start})")
+    current = checkpointing_policy(model)
+    if policy is not None:
+        apply_activation_checkpointing(model, policy)
+    deltas, handles, before = [], [], {}
+    try:
+        device = model.tok_embeddings.weight.device
+        idx = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+        with torch.enable_grad(), count_saved_bytes(model) as counter:
+            for i, block in enumerate(model.layers[start + 1:]):
+                handles.append(block.register_forward_pre_hook(lambda m, a, i=i: before.__setitem__(i, counter.nbytes)))
+                handles.append(block.register_forward_hook(
+                    lambda m, a, o, i=i: deltas.append(counter.nbytes - before[i])))
+                # A checkpointed block's input is noted inside its call, i.e. after the pre-hook: counted in its delta.
+            hidden = model(idx, return_hidden=True)
+        del hidden
+    finally:
+        for h in handles:
+            h.remove()
+        apply_activation_checkpointing(model, current)
+    deltas.sort()
+    return deltas[len(deltas) // 2] / (batch * seq_len)
+
+
+def loss_peak_bytes(config: Config, scored_tokens: int, chunked: bool, chunk_size: int = 1024) -> int:
+    """Peak bytes the loss adds on top of the model's activations, for `scored_tokens` labelled positions in a step
+    (analytic). Plain: the fp32 logits and the log-softmax that cross-entropy saves, 2 x 4 x vocab bytes per token,
+    all alive until backward. Chunked (`lit_aligner.losses`): one chunk's logits and log-softmax at a time, recomputed
+    in backward, so the peak does not grow with the batch: 2 x 4 x vocab x min(chunk_size, scored_tokens)."""
+    per_token = 2 * 4 * config.vocab_size
+    return per_token * (min(chunk_size, scored_tokens) if chunked else scored_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+@dataclass
+class StepFlops:
+    """Model FLOPs per sequence token of one training step (recomputation by activation checkpointing is not counted:
+    MFU conventionally counts model FLOPs, not hardware FLOPs)."""
+
+    forward: float  # the policy forward: all layers + LM head
+    backward: float  # input gradients only: gated layers + LM head (+ the prefix's gradient)
+    reference: float  # DPO: the reference model's forward (no grad); 0 for SFT
+    attention: float  # the part of the total in attention scores and weighted values (QK^T, PV); the rest is matmuls
+    # with weights (what torch's FlopCounterMode counts as aten.mm on the CPU)
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.reference
+
+
+def train_flops_per_token(config: Config, seq_len: int, n_tokens: int = 10, start_layer: int = 2,
+                          mode: str = "sft", batch: int = 1) -> StepFlops:
+    """FLOPs per sequence token of one step with a frozen base and a trainable Aligner (multiply-add = 2 FLOPs).
+
+    Per layer and token, with C = n_embd, hs = head_size, nh = n_head, kv = n_query_groups, I = intermediate_size,
+    T = seq_len, N = n_tokens, V = vocab_size:
+        qkv     = 2 * C * (nh + 2 kv) * hs          fused q, k, v projection
+        rest    = 2 * (nh hs * C + 3 * C * I)       output projection and SwiGLU (w1, w3, w2)
+        attn    = 2 * 2 * nh * hs * (T + 1) / 2     QK^T and PV, causal: (T + 1) / 2 keys on average
+        prefix  = 2 * 2 * nh * hs * N               the gated layers' prefix attention
+        head    = 2 * C * V
+    Forward = n_layer * (qkv + rest + attn) + gated * prefix + head, gated = n_layer - start_layer.
+    Backward of a frozen base: no weight gradients, so each matmul costs 1x its forward (the input gradient) instead of
+    2x, and attention (dQ, dK, dV, dP) 2x its forward. Layers before start_layer run no backward. The first gated layer
+    gets an input that needs no gradient: its q, k, v need none, so it skips the qkv input gradient and the causal
+    attention backward, and its prefix attention computes dK, dV and dP but not dQ (1.5x forward):
+        backward = (gated - 1) * (qkv + rest + 2 * (attn + prefix)) + rest + 1.5 * prefix + head
+                 + 2 * 2 * gated * N * C * 2 kv hs / (batch * T)      the prefix's K/V projection, forward + backward,
+                                                                       once per step (so per token: / (batch * T))
+    So a step costs ~ (2 + 2 * gated / n_layer) * params FLOPs per token, against 6 * params for full fine-tuning.
+    DPO (mode "dpo") adds the reference forward: the same base, no grad, the same tokens. `batch` only matters for the
+    per-step prefix projection (negligible unless batch * T is tiny)."""
+    if mode not in ("sft", "dpo"):
+        raise ValueError(f"mode must be 'sft' or 'dpo', got {mode!r}")
+    c = config
+    hs, nh, kv, C, I = c.head_size, c.n_head, c.n_query_groups, c.n_embd, c.intermediate_size
+    qkv = 2 * C * (nh + 2 * kv) * hs
+    rest = 2 * (nh * hs * C + 3 * C * I)
+    attn = 2 * 2 * nh * hs * (seq_len + 1) / 2
+    prefix = 2 * 2 * nh * hs * n_tokens
+    head = 2 * C * c.vocab_size
+    gated = c.n_layer - start_layer
+    projection = 2 * gated * n_tokens * C * 2 * kv * hs / (batch * seq_len)
+    forward = c.n_layer * (qkv + rest + attn) + gated * prefix + head + projection
+    backward = (gated - 1) * (qkv + rest + 2 * (attn + prefix)) + rest + 1.5 * prefix + head + projection
+    reference = c.n_layer * (qkv + rest + attn) + head if mode == "dpo" else 0.0
+    attention = (c.n_layer * attn + gated * prefix) + (gated - 1) * 2 * (attn + prefix) + 1.5 * prefix \
+        + (c.n_layer * attn if mode == "dpo" else 0.0)
+    return StepFlops(forward, backward, reference, attention)
+
+
+def decode_bytes_per_token(config: Config, bytes_per_param: float = 2.0) -> float:
+    """Weight bytes read per decoding step (batch 1 is memory-bound: every weight is read once per token). The KV cache
+    read is left out (small for short contexts)."""
+    c = config
+    per_layer = c.n_embd * (c.n_head + 2 * c.n_query_groups) * c.head_size + c.n_head * c.head_size * c.n_embd \
+        + 3 * c.n_embd * c.intermediate_size + 2 * c.n_embd
+    params = c.n_layer * per_layer + c.n_embd + c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    return params * bytes_per_param
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Peak memory
+
+
+PEAK_MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated (tensors only; reset before the first step)",
+    "cpu": "peak resident set size of the whole process (VmHWM from /proc/self/status, reset by writing 5 to "
+           "/proc/self/clear_refs before the first step): weights, activations, optimizer state, allocator slack and "
+           "the Python interpreter",
+}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA allocator statistics, or the process's peak RSS on Linux (writing 5 to
+    /proc/self/clear_refs resets VmHWM; elsewhere the peak stays the process lifetime's)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since `reset_peak_memory`: `torch.cuda.max_memory_allocated` on CUDA (tensors only), peak resident
+    set size of the process on the CPU (everything: weights, activations, the Python interpreter, libraries)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux

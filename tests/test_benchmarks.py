@@ -1,0 +1,73 @@
+"""CI smoke tests of benchmarks/train.py and benchmarks/generate.py on the `tiny` shape: they run on the CPU in seconds,
+print their table and write a JSON file with machine information and one row per case."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    prev = torch.get_num_threads()
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_train_benchmark_reports_every_mode_and_policy(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    load_script("train").main(config="tiny", batch=2, seq_len=16, mode=("sft", "dpo"),
+                              checkpointing=("none", "selective", "block"), warmup=1, steps=2, device="cpu",
+                              threads=1, peak_tflops=1.0, out=out)
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    assert [(r["mode"], r["checkpointing"]) for r in rows] == [
+        (m, p) for m in ("sft", "dpo") for p in ("none", "selective", "block")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and len(r["step_times_s"]) == 3
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
+        assert r["loss"] == r["loss"]  # finite, not NaN
+    dpo, sft = rows[3]["flops_per_token"], rows[0]["flops_per_token"]
+    assert dpo > sft  # the reference forward
+    act = payload["activation_bytes_per_token_per_gated_layer"]
+    assert act["none"] > act["selective"] > act["block"]
+    machine = payload["machine"]
+    assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
+    assert "cpu" in payload["peak_memory_method"] or "resident" in payload["peak_memory_method"]
+    assert "tokens_per_s" in capsys.readouterr().out
+
+
+def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners(tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    load_script("generate").main(config="tiny", batch=16, prompt_len=6, new_tokens=6, repeats=1, device="cpu",
+                                 threads=1, out=out)
+    payload = json.loads(out.read_text())
+    cases = [(r["case"], r["batch"]) for r in payload["results"]]
+    assert cases == [("base", 1), ("aligner", 1), ("base", 16), ("aligner (shared)", 16),
+                     ("16 different aligners", 16)]
+    for r in payload["results"]:
+        assert r["decode_tokens_per_s"] > 0 and r["decode_steps"] == 5
+    assert payload["results"][-1]["vs_shared"] > 0
+    assert payload["machine"]["command"] and payload["weight_bytes_per_step"] > 0
+    assert "16 different aligners" in capsys.readouterr().out
+
+
+def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--config", "no-such-model",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --config") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()

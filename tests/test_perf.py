@@ -1,0 +1,286 @@
+"""The speed and memory levers of lit_aligner.perf leave results unchanged, and the arithmetic behind them is right.
+
+Every lever is checked against the plain path on the same tiny random model: compiled vs eager blocks, chunked vs plain
+cross-entropy, cached vs per-call prefix K/V, each activation-checkpointing policy vs none (loss and Aligner gradients),
+plus the measured activation bytes per policy, the frozen layers below start_layer, and the FLOPs formula against
+torch's FlopCounterMode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_aligner import perf
+from lit_aligner.config import Config
+from lit_aligner.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy
+from lit_aligner.model import LLaMA, AlignerConfig, init_weights, mark_only_aligner_as_trainable
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's cores are shared: one thread avoids OpenMP spin-waits that make tiny ops 10x slower.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def tiny_model(start_layer: int = 1, n_tokens: int = 4, dtype=torch.float32, seed: int = 0) -> LLaMA:
+    """The `tiny` shape (4 layers, GQA) with random weights and non-zero gates, so the prefix path matters."""
+    torch.manual_seed(seed)
+    model = LLaMA(Config.from_name("tiny"), AlignerConfig(n_tokens, start_layer))
+    init_weights(model)
+    with torch.no_grad():
+        model.aligner.gate.normal_(std=0.5)
+    mark_only_aligner_as_trainable(model)
+    return model.to(dtype)
+
+
+def batch(model: LLaMA, B: int = 2, T: int = 24, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+    labels = idx.clone()
+    labels[:, : T // 3] = IGNORE_INDEX  # prompt positions carry no loss
+    return idx, labels
+
+
+def loss_and_grads(model: LLaMA, idx, labels, chunked: bool = True):
+    model.zero_grad(set_to_none=True)
+    if chunked:
+        loss = chunked_cross_entropy(model(idx, return_hidden=True), model.lm_head_weight, labels, chunk_size=7)
+    else:
+        loss = cross_entropy(model(idx), labels)
+    loss.backward()
+    return loss.detach(), model.aligner.prefix.grad.clone(), model.aligner.gate.grad.clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunked vs plain cross-entropy
+
+
+def test_chunked_cross_entropy_equals_plain_in_value_and_aligner_gradients():
+    model = tiny_model()
+    idx, labels = batch(model)
+    plain = loss_and_grads(model, idx, labels, chunked=False)
+    chunked = loss_and_grads(model, idx, labels, chunked=True)
+    for a, b in zip(plain, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert plain[1].abs().sum() > 0 and plain[2].abs().sum() > 0
+
+
+def test_chunked_cross_entropy_gradient_wrt_hidden_equals_plain():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    (g_chunked,) = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk_size=3), hidden)
+    (g_plain,) = torch.autograd.grad(cross_entropy(F.linear(hidden, weight), labels), hidden)
+    torch.testing.assert_close(g_chunked, g_plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cached vs per-call prefix K/V
+
+
+def test_cached_prefix_kv_gives_the_same_logits_as_projecting_per_call():
+    model = tiny_model().eval()
+    idx, _ = batch(model)
+    with torch.no_grad():
+        per_call = model(idx, aligner=model.aligner)
+        cached = model(idx, aligner=model.prefix_kv(model.aligner))
+        bare = model(idx, aligner=False)
+    torch.testing.assert_close(cached, per_call)
+    assert (per_call - bare).abs().max() > 1e-3  # the prefix really changes the output
+
+
+def test_cached_prefix_kv_equals_per_call_in_kv_cache_decoding():
+    model = tiny_model().eval()
+    idx, _ = batch(model, B=2, T=10)
+    pkv = model.prefix_kv(model.aligner)
+    with torch.no_grad():
+        full = model(idx)  # no cache, prefix projected in the call
+        model.setup_caches(2, 16)
+        try:
+            model(idx[:, :6], input_pos=torch.arange(6), aligner=pkv)
+            steps = [model(idx[:, t:t + 1], input_pos=torch.tensor([t]), aligner=pkv) for t in range(6, 10)]
+        finally:
+            model.clear_caches()
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+@pytest.mark.parametrize("policy", ["selective", "mlp", "block"])
+def test_checkpointing_policy_gives_the_same_loss_and_aligner_gradients_as_none(policy):
+    model = tiny_model()
+    idx, labels = batch(model)
+    reference = loss_and_grads(model, idx, labels)
+    wrapped = perf.apply_activation_checkpointing(model, policy)
+    assert wrapped > 0 and perf.checkpointing_policy(model) == policy
+    for a, b in zip(reference, loss_and_grads(model, idx, labels)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_checkpointing_none_restores_the_eager_forwards():
+    model = tiny_model()
+    perf.apply_activation_checkpointing(model, "block")
+    perf.apply_activation_checkpointing(model, "selective")  # re-applying starts from the eager forwards
+    assert perf.checkpointing_policy(model) == "selective"
+    assert perf.apply_activation_checkpointing(model, "none") == 0
+    assert perf.checkpointing_policy(model) == "none"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_checkpointing_rejects_an_unknown_policy():
+    with pytest.raises(ValueError, match="checkpointing policy must be one of"):
+        perf.apply_activation_checkpointing(tiny_model(), "full")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_checkpointing_policy_keeps_fewer_activation_bytes_than_the_last(dtype):
+    model = tiny_model(dtype=dtype)
+    measured = {p: perf.activation_bytes_per_token(model, p, seq_len=48) for p in ("none", "selective", "mlp", "block")}
+    assert measured["none"] > measured["selective"] > measured["mlp"] > measured["block"] > 0, measured
+    # block keeps each gated block's input only: n_embd values per token, the rest is the amortised prefix K/V.
+    elem = torch.finfo(dtype).bits // 8
+    assert measured["block"] < 2 * model.config.n_embd * elem
+    assert perf.checkpointing_policy(model) == "none"  # the measurement restores the model's policy
+
+
+def test_activation_bytes_per_token_needs_an_aligner():
+    model = tiny_model()
+    model.aligner = None
+    with pytest.raises(ValueError, match="needs a model with an Aligner"):
+        perf.activation_bytes_per_token(model)
+
+
+@pytest.mark.parametrize("policy", ["none", "selective", "block"])
+def test_frozen_layers_below_start_layer_keep_nothing_and_need_no_gradient(policy):
+    start = 2
+    model = tiny_model(start_layer=start)
+    perf.apply_activation_checkpointing(model, policy)
+    idx, labels = batch(model)
+    kept, needs_grad, handles = {}, {}, []
+    with torch.enable_grad(), perf.count_saved_bytes(model) as counter:
+        for i, block in enumerate(model.layers):
+            handles.append(block.register_forward_pre_hook(lambda m, a, i=i: kept.__setitem__(i, -counter.nbytes)))
+
+            def after(m, a, out, i=i):
+                kept[i] += counter.nbytes
+                needs_grad[i] = out.requires_grad
+
+            handles.append(block.register_forward_hook(after))
+        loss = cross_entropy(model(idx), labels)
+    for h in handles:
+        h.remove()
+    assert all(kept[i] == 0 and not needs_grad[i] for i in range(start)), (kept, needs_grad)
+    assert all(kept[i] > 0 and needs_grad[i] for i in range(start, model.config.n_layer)), (kept, needs_grad)
+    loss.backward()  # and the graph is still whole
+    assert model.aligner.prefix.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile, and the levers under Fabric as the trainer uses them
+
+
+def fabric_step(model: LLaMA, idx, labels):
+    from lightning_fabric import Fabric
+
+    from lit_aligner.train import Objective, sft_loss, trainable_parameters
+
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    module = fabric.setup_module(Objective(model, lambda m, b: sft_loss(m, b, 7)))
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(trainable_parameters(module), lr=0.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss = module({"input_ids": idx, "labels": labels})
+    fabric.backward(loss)
+    return loss.detach(), model.aligner.prefix.grad.clone(), model.aligner.gate.grad.clone()
+
+
+def test_fabric_wrapped_model_with_checkpointing_and_compiled_blocks_trains_like_eager():
+    pytest.importorskip("lightning_fabric")
+    idx, labels = batch(tiny_model())
+    eager = fabric_step(tiny_model(), idx, labels)
+    model = tiny_model()
+    perf.apply_activation_checkpointing(model, "selective", model.aligner.start_layer)
+    perf.compile_blocks(model, backend="aot_eager")  # traces the checkpointed blocks; inductor is the slow test below
+    names = [n for n, _ in model.named_parameters()]
+    for a, b in zip(eager, fabric_step(model, idx, labels)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert names == [n for n, _ in tiny_model().named_parameters()]  # state dicts and the Aligner filter unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["none", "block"])
+def test_inductor_compiled_blocks_give_the_same_loss_and_gradients_as_eager(policy):
+    torch._dynamo.reset()
+    model = tiny_model()
+    idx, labels = batch(model)
+    eager = loss_and_grads(model, idx, labels)
+    perf.apply_activation_checkpointing(model, policy)
+    perf.compile_blocks(model)
+    for a, b in zip(eager, loss_and_grads(model, idx, labels)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_should_compile_defaults_to_cuda_only():
+    assert perf.should_compile(torch.device("cpu")) is False
+    assert perf.should_compile(torch.device("cuda")) is True
+    assert perf.should_compile(torch.device("cpu"), True) is True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+@pytest.mark.parametrize("start_layer,mode", [(1, "sft"), (0, "sft"), (2, "dpo")])
+def test_train_flops_formula_matches_torch_flop_counter(start_layer, mode):
+    """FlopCounterMode counts every matmul with a weight (aten.mm on the CPU) that a real step runs; the formula's
+    non-attention part must equal it exactly (plain loss: the chunked loss would add its recomputed LM head)."""
+    model = tiny_model(start_layer=start_layer)
+    B, T, N = 2, 16, model.aligner.n_tokens
+    idx, labels = batch(model, B, T)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if mode == "dpo":
+            with torch.no_grad():
+                model(idx, aligner=False)
+        cross_entropy(model(idx), labels).backward()
+    counted = counter.get_flop_counts()["Global"]
+    mm = sum(v for op, v in counted.items() if "mm" in str(op) and "bmm" not in str(op))
+    flops = perf.train_flops_per_token(model.config, T, N, start_layer, mode, batch=B)
+    assert mm == pytest.approx((flops.total - flops.attention) * B * T, rel=1e-9)
+
+
+def test_frozen_base_step_costs_less_than_full_finetuning():
+    c = Config.from_name("Llama-2-7b-hf")
+    params = 6.74e9
+    f = perf.train_flops_per_token(c, 512, 10, 2, "sft")
+    assert 2 * params < f.total - f.attention < 4 * params  # vs 6 x params with weight gradients
+    dpo = perf.train_flops_per_token(c, 512, 10, 2, "dpo")
+    assert dpo.reference == pytest.approx(f.forward, rel=1e-2)  # the forward without the prefix attention
+
+
+def test_decode_bytes_per_token_counts_every_base_weight_once():
+    model = tiny_model()
+    base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aligner."))
+    assert perf.decode_bytes_per_token(model.config, 2.0) == 2.0 * base
+
+
+def test_peak_memory_is_measured_on_the_cpu():
+    perf.reset_peak_memory(torch.device("cpu"))
+    before = perf.peak_memory_bytes(torch.device("cpu"))
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = perf.peak_memory_bytes(torch.device("cpu"))
+    del x
+    assert after - before >= 48 * 2**20
+
+
+def test_chunked_loss_peak_stays_flat_while_the_plain_one_grows_with_the_batch():
+    c = Config.from_name("Llama-2-7b-hf")
+    assert perf.loss_peak_bytes(c, 8 * 512, chunked=False) == 8 * perf.loss_peak_bytes(c, 512, chunked=False)
+    assert perf.loss_peak_bytes(c, 8 * 512, chunked=True) == perf.loss_peak_bytes(c, 1024, chunked=True)
+    assert perf.loss_peak_bytes(c, 8 * 512, chunked=True) < perf.loss_peak_bytes(c, 8 * 512, chunked=False)

@@ -45,6 +45,7 @@ def main(
     seed: int = 42,
     skip_bad_rows: bool = False,
     compile: bool = False,
+    activation_checkpointing: Literal["none", "selective", "mlp", "block"] = "none",
     compare: Optional[bool] = None,
     compare_prompts: int = 32,
     progress: bool = True,
@@ -83,7 +84,10 @@ def main(
         resume: a training checkpoint (.pt) or "auto" (the latest in OUT/checkpoints) to continue a stopped run.
         seed: seed of the prefix initialisation, the data order and the split.
         skip_bad_rows: skip malformed data rows (counted) instead of stopping at the first.
-        compile: torch.compile the model (CUDA: faster steps after a compile of a minute or so).
+        compile: torch.compile each transformer block (CUDA: faster steps after a compile of a minute or so).
+        activation_checkpointing: recompute activations of the gated blocks in the backward pass to save memory:
+            selective (the cheap element-wise parts), mlp (the MLP), block (whole blocks; least memory). See
+            howto/performance.md.
         compare: print the before/after comparison (default: only for the default dataset in sft mode).
         compare_prompts: held-out prompts generated for the comparison.
         progress: show a progress bar on stderr.
@@ -97,7 +101,8 @@ def main(
                     warmup_copy_ratio=warmup_copy_ratio, n_tokens=n_tokens, start_layer=start_layer,
                     max_seq_length=max_seq_length, precision=precision, accelerator=accelerator, devices=devices,
                     num_nodes=num_nodes, strategy=strategy, resume=resume, skip_bad_rows=skip_bad_rows,
-                    compile=compile, compare=compare, compare_prompts=compare_prompts, progress=progress,
+                    compile=compile, activation_checkpointing=activation_checkpointing, compare=compare,
+                    compare_prompts=compare_prompts, progress=progress,
                     train=train)
     summary = run(cfg)
     if json_summary:

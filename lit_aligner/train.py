@@ -655,7 +655,8 @@ class RunConfig:
     strategy: str = "auto"
     resume: Optional[str] = None
     skip_bad_rows: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (lit_aligner.perf.compile_blocks)
+    activation_checkpointing: str = "none"  # none | selective | mlp | block (lit_aligner.perf)
     compare: Optional[bool] = None  # the before/after report; None: only for the default dataset in sft mode
     compare_prompts: int = 32
     compare_max_new_tokens: int = 24
@@ -802,9 +803,16 @@ def _run(fabric, cfg: RunConfig, precision: str) -> Dict[str, Any]:
                  f"{cfg.start_layer}: {num_trainable(model):,} trainable parameters; precision {precision}, "
                  f"{fabric.world_size} process(es)")
 
+    from lit_aligner import perf
+
+    perf.configure_backends(fabric.device)
+    if cfg.activation_checkpointing != "none":
+        n = perf.apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.start_layer)
+        fabric.print(f"activation checkpointing '{cfg.activation_checkpointing}' on {n} gated blocks")
+    if cfg.compile:
+        perf.compile_blocks(model)
     chunk = cfg.train.chunk_size
-    inner = torch.compile(model) if cfg.compile else model
-    module = fabric.setup_module(Objective(inner, lambda m, b: sft_loss(m, b, chunk)))
+    module = fabric.setup_module(Objective(model, lambda m, b: sft_loss(m, b, chunk)))
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=cfg.train.learning_rate,
                                   weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)

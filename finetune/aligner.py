@@ -2,7 +2,7 @@
 
     python finetune/aligner.py                                   # the offline default dataset on SmolLM2-135M
     python finetune/aligner.py --data data/alpaca --checkpoint-dir checkpoints/Llama-2-7b-hf
-    python finetune/aligner.py --mode correct --data ../shared/data/hh-rlhf/hh_rlhf_2000.jsonl --skip-bad-rows
+    python finetune/aligner.py --mode correct --data ../shared/data/hh-rlhf/harmless_base_2000.jsonl --skip-bad-rows
 
 See howto/finetune.md (every flag) and howto/correction.md (--mode correct).
 """

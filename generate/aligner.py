@@ -4,6 +4,12 @@
 
 Every prompt is answered once per Aligner, labelled; --out writes one JSONL row per prompt x Aligner. See
 howto/generate.md.
+
+Correction-mode Aligners (trained with --mode correct) rewrite an answer instead (howto/correction.md):
+
+    python generate/aligner.py --aligner out/corr/aligner.safetensors --question "Q" --answer "A to correct"
+    python generate/aligner.py --aligner out/corr/aligner.safetensors --qa-file answers.jsonl --out fixed.jsonl
+    python generate/aligner.py --aligner out/corr/aligner.safetensors --pipeline --prompt "Q"   # base answers first
 """
 
 import json
@@ -15,9 +21,11 @@ from typing import Iterator, List, Literal, Optional
 import torch
 import tyro
 
-from lit_aligner.checkpoint import CheckpointError
+from lit_aligner.cli import run_cli
+from lit_aligner.correction import base_answers, read_qa_pairs
 from lit_aligner.generate import (DEFAULT_CHECKPOINT, AlignerEntry, PromptItem, TextStreamer, answer_prompts,
                                   load_aligner_entries, load_base, read_prompts)
+from lit_aligner.prompts import join_input
 
 
 def main(
@@ -25,6 +33,10 @@ def main(
     no_aligner: tyro.conf.FlagCreatePairsOff[bool] = False,
     prompt: tyro.conf.UseAppendAction[List[str]] = [],
     prompts_file: Optional[Path] = None,
+    question: tyro.conf.UseAppendAction[List[str]] = [],
+    answer: tyro.conf.UseAppendAction[List[str]] = [],
+    qa_file: Optional[Path] = None,
+    pipeline: tyro.conf.FlagCreatePairsOff[bool] = False,
     out: Optional[Path] = None,
     interactive: tyro.conf.FlagCreatePairsOff[bool] = False,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT,
@@ -46,6 +58,14 @@ def main(
         no_aligner: also answer with the bare base (a column labelled "base").
         prompt: a prompt; repeat the flag for several.
         prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input"), or JSONL.
+        question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
+            --answer for several pairs (the n-th --answer belongs to the n-th --question).
+        answer: correction mode: the answer to correct (written by any upstream model), paired with --question.
+        qa_file: correction mode: JSON list or JSONL of {"question", "answer"} rows (e.g. another model's answers) to
+            correct; with --out, one row per pair x Aligner (question, answer, aligner, output).
+        pipeline: correction mode, two stages on one loaded base: the bare base answers every --prompt /
+            --prompts-file prompt (with --template, default its chat template), then each correction Aligner
+            rewrites that answer; both are shown (and written with --out: question, base_answer, aligner, output).
         out: write one JSONL row per prompt x Aligner (prompt, input, aligner, template, output) to this file.
         interactive: after any given prompts, read prompts from stdin, one per line, until EOF or "exit".
         checkpoint_dir: converted base model the Aligners were trained on.
@@ -66,35 +86,63 @@ def main(
         raise ValueError("nothing to answer with: give --aligner PATH (repeatable) and/or --no-aligner (the bare base)")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if len(question) != len(answer):
+        raise ValueError(f"{len(question)} --question but {len(answer)} --answer: give one --answer per --question "
+                         f"(the answer to correct)")
+    pairs = list(zip(question, answer)) + (read_qa_pairs(qa_file) if qa_file else [])
     items = [PromptItem(p) for p in prompt] + (read_prompts(prompts_file) if prompts_file else [])
-    if not items and not interactive:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts-file FILE or --interactive")
+    correcting = bool(pairs) or pipeline
+    if pipeline and not items:
+        raise ValueError("--pipeline needs questions for the base to answer: give --prompt TEXT or --prompts-file")
+    if pipeline and not aligner:
+        raise ValueError("--pipeline needs a correction Aligner to rewrite the base's answers: give --aligner PATH")
+    if pipeline and pairs:
+        raise ValueError("--pipeline lets the base write the answers: use it with --prompt / --prompts-file, not with "
+                         "--question/--answer or --qa-file (those already have answers)")
+    if pairs and items:
+        raise ValueError("give either answers to correct (--question/--answer, --qa-file) or --prompt / "
+                         "--prompts-file (add --pipeline to correct the base's answers), not both")
+    if correcting and interactive:
+        raise ValueError("--interactive reads plain prompts; it does not combine with correction mode")
+    if not items and not pairs and not interactive:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts-file FILE or --interactive "
+                         "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         from lit_aligner.prompts import get_template
 
         get_template(template)  # an unknown name fails here, before the model is loaded
 
     model, tokenizer = load_base(checkpoint_dir, device, dtype)
-    entries = load_aligner_entries(aligner, model) + ([AlignerEntry("base")] if no_aligner else [])
+    entries = load_aligner_entries(aligner, model)
+    check_modes(entries, correcting)
+    if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself
+        entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
                     generator=torch.Generator(dev).manual_seed(seed),
                     compile=None if compile == "auto" else compile == "on")
     sink = out.open("w", encoding="utf-8") if out else None
     try:
-        if items:
-            answer(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink)
+        if pipeline:
+            questions = [join_input(p.instruction, p.input) for p in items]
+            answers = base_answers(model, tokenizer, questions, max_new_tokens, template, batch_size, **sampling)
+            correct_pairs(model, tokenizer, list(zip(questions, answers)), entries, max_new_tokens, batch_size,
+                          sampling, sink, pipeline=True)
+        elif pairs:
+            correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, sampling, sink)
+        elif items:
+            answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink)
         if interactive:
             for text in read_stdin():
-                answer(model, tokenizer, [PromptItem(text)], entries, max_new_tokens, batch_size, template, sampling,
-                       sink)
+                answer_items(model, tokenizer, [PromptItem(text)], entries, max_new_tokens, batch_size, template,
+                             sampling, sink)
     finally:
         if sink:
             sink.close()
             print(f"wrote {out}", file=sys.stderr)
 
 
-def answer(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink) -> None:
+def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink) -> None:
     # One answer at a time can be streamed as it is generated; otherwise print when the batches are done.
     stream = len(items) == 1 and len(entries) == 1
     if stream:
@@ -126,6 +174,46 @@ def answer(model, tokenizer, items, entries, max_new_tokens, batch_size, templat
           file=sys.stderr)
 
 
+def check_modes(entries: List[AlignerEntry], correcting: bool) -> None:
+    """Correction-mode Aligners rewrite answers; the others answer prompts. One run does one of the two."""
+    for e in entries:
+        is_corrector = e.metadata.get("mode") == "correct"
+        if is_corrector and not correcting:
+            raise ValueError(f"{e.name} is a correction-mode Aligner (mode 'correct'): it rewrites an answer rather "
+                             f"than answering a prompt. Give --question TEXT --answer TEXT (repeatable) or --qa-file "
+                             f"FILE with the answers to correct, or add --pipeline to let the bare base answer the "
+                             f"--prompt first (see howto/correction.md)")
+        if correcting and not is_corrector:
+            raise ValueError(f"{e.name} is not a correction-mode Aligner (its metadata mode is "
+                             f"{e.metadata.get('mode', 'unset')!r}); --question/--answer, --qa-file and --pipeline "
+                             f"need Aligners trained with `finetune/aligner.py --mode correct`")
+
+
+def correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, sampling, sink,
+                  pipeline: bool = False) -> None:
+    """Every (question, answer) corrected by every entry (the bare base, if listed, gets the same correction
+    prompt); printed per pair, and one JSONL row per pair x entry."""
+    # An empty base answer still needs something for the corrector to rewrite.
+    items = [PromptItem(q, a if a.strip() else "(no answer)") for q, a in pairs]
+    answers, stats = answer_prompts(model, tokenizer, items, entries, max_new_tokens, batch_size=batch_size,
+                                    template="correction", **sampling)
+    for i, row in enumerate(answers):
+        q, a = pairs[i]
+        print(f"\n=== [{i + 1}/{len(pairs)}] {q} ===")
+        print(f"--- {'base answer' if pipeline else 'answer to correct'} ---\n{a.strip()}")
+        for r in row:
+            print(f"--- {r.entry.name} ---\n{r.text.strip()}")
+        if sink:
+            for r in row:
+                sink.write(json.dumps({"question": q, "base_answer" if pipeline else "answer": a,
+                                       "aligner": r.entry.name if r.entry.aligner is not None else None,
+                                       "output": r.text}) + "\n")
+            sink.flush()
+    sys.stdout.flush()
+    new = sum(s.new_tokens for s in stats)
+    print(f"{len(stats)} batch(es), {new} new tokens", file=sys.stderr)
+
+
 def show_prompt(item: PromptItem, i: int, n: int) -> None:
     head = item.instruction + (f"\n{item.input}" if item.input else "")
     print(f"\n=== [{i + 1}/{n}] {head} ===")
@@ -144,10 +232,4 @@ def read_stdin() -> Iterator[str]:
 
 if __name__ == "__main__":
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        tyro.cli(main)
-    except (CheckpointError, ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -413,12 +413,18 @@ def encode_prompt(tokenizer, text: str) -> torch.Tensor:
 def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional[Dict[str, Any]] = None,
                        template: Optional[str] = None) -> str:
     """The prompt an Aligner expects, from its metadata (as saved with it): `template` (an override, e.g. --template)
-    wins over metadata["template"], which wins over `build_prompt`'s default. The extension point for Aligner modes
-    that need more than a template: correction-mode Aligners (metadata["mode"] == "correct") will build their
-    question-answer prompt here."""
+    wins over metadata["template"], which wins over `build_prompt`'s default. Correction-mode Aligners
+    (metadata["mode"] == "correct") get the Q-A-C prompt: `text` is the question and `input` the answer to correct
+    (`lit_aligner.correction.correction_prompt`, the prompt their training data used)."""
     metadata = metadata or {}
-    if metadata.get("mode") == "correct":
-        raise ValueError("correction-mode Aligners (mode 'correct') are not supported by generation yet")
+    if metadata.get("mode") == "correct" and template in (None, "correction"):
+        from lit_aligner.correction import correction_prompt
+
+        if not input.strip():
+            raise ValueError("this is a correction-mode Aligner (mode 'correct'): it rewrites an answer, so give the "
+                             "question AND the answer to correct (generate/aligner.py --question/--answer or "
+                             "--qa-file), or use --pipeline to let the bare base answer first")
+        return correction_prompt(text, input)
     return build_prompt(tokenizer, text, template or metadata.get("template"), input=input)
 
 

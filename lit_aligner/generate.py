@@ -284,11 +284,12 @@ def generate_with_stats(
     prefix = resolve_prefix(model, aligners, B)
     S = _ensure_caches(model, B, T + max_new_tokens)
 
+    # Checked on the host, before the copy: no device sync.
+    if any(len(p) and (int(p.min()) < 0 or int(p.max()) >= vocab) for p in (q.cpu() for q in prompts)):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}): the tokenizer does not match this model")
     idx = torch.zeros(B, T, dtype=torch.long, device=device)  # pad id 0: never attended to, so any id does
     for b, p in enumerate(prompts):
         idx[b, T - lengths[b]:] = p.to(device)
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}): the tokenizer does not match this model")
     pad = torch.tensor([T - n for n in lengths], device=device)
     valid = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
     stop_set = set(stop_ids)
@@ -329,7 +330,7 @@ def generate_with_stats(
         if on_token is not None:
             if all(host_done):
                 break
-        elif i % check_every == 0 and bool(done.all()):
+        elif stop_set and i % check_every == 0 and bool(done.all()):  # no stop ids: never done, never sync
             break
         tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, *sampling, next_noise())
         if compiled:

@@ -20,7 +20,7 @@ counting 1/2 (so a policy equal to its reference scores 0.5, chance).
 import hashlib
 import os
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from lit_aligner.data import collate_preference
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, sequence_logprobs
 from lit_aligner.model import Aligner, LLaMA
+from lit_aligner.train import BaseRunConfig
 
 LOSSES = ("sigmoid", "ipo")
 # The reference argument of the functions below: a frozen Aligner, or False for the bare base.
@@ -492,42 +493,18 @@ def train_dpo(fabric, module, optimizer, aligner: Aligner, train, val, collate, 
 
 
 @dataclass
-class DPORunConfig:
-    """Everything one `finetune/aligner_dpo.py` run needs (the flags); `train` holds the optimisation
-    hyper-parameters (lit_aligner.train.TrainConfig: global_batch_size counts PAIRS here), `dpo` the loss."""
+class DPORunConfig(BaseRunConfig):
+    """Everything one `finetune/aligner_dpo.py` run needs (the flags); `train.global_batch_size` counts PAIRS here,
+    `dpo` holds the loss."""
 
-    checkpoint_dir: Path = Path("checkpoints/SmolLM2-135M-Instruct")
-    data: Optional[Path] = None
-    template: Optional[str] = None  # None: "chat" when the tokenizer has a chat template, else "alpaca"
     format: str = "auto"
     preference: str = "safer"
     val_fraction: float = 0.05
-    out_dir: Optional[Path] = None  # None: out/aligner-dpo/<base name>
     init_aligner: Optional[Path] = None
     reference_aligner: Optional[str] = None  # None: the init Aligner if given, else "none" (the bare base)
     precompute_reference: bool = False
     eval_only: bool = False
-    n_tokens: int = 10
-    start_layer: int = 2
-    max_seq_length: int = 512
-    precision: Optional[str] = None
-    accelerator: str = "auto"
-    devices: Union[int, str] = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    resume: Optional[str] = None
-    skip_bad_rows: bool = False
-    progress: bool = True
-    dpo: DPOConfig = None  # type: ignore[assignment]  # default set in __post_init__ (a mutable dataclass)
-    train: Any = None  # lit_aligner.train.TrainConfig
-
-    def __post_init__(self):
-        from lit_aligner.train import TrainConfig
-
-        if self.dpo is None:
-            self.dpo = DPOConfig()
-        if self.train is None:
-            self.train = TrainConfig()
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 def reference_cache_path(data: Optional[Path], out_dir: Path) -> Path:

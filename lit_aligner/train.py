@@ -636,15 +636,14 @@ DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
 
 
 @dataclass
-class RunConfig:
-    """Everything one `finetune/aligner.py` run needs (the flags); `train` holds the optimisation hyper-parameters."""
+class BaseRunConfig:
+    """The flags every training script shares (base model, data, Aligner shape, devices, resume); `train` holds the
+    optimisation hyper-parameters. `RunConfig` (SFT / correction) and `dpo.DPORunConfig` add their own."""
 
     checkpoint_dir: Path = DEFAULT_CHECKPOINT
     data: Optional[Path] = None
     template: Optional[str] = None  # None: "chat" when the tokenizer has a chat template, else "alpaca"
-    out_dir: Optional[Path] = None  # None: out/aligner/<base name>[-correct]
-    mode: str = "sft"
-    warmup_copy_ratio: float = 0.2
+    out_dir: Optional[Path] = None  # None: out/aligner[-dpo]/<base name>[-correct]
     n_tokens: int = 10
     start_layer: int = 2
     max_seq_length: int = 512
@@ -655,13 +654,21 @@ class RunConfig:
     strategy: str = "auto"
     resume: Optional[str] = None
     skip_bad_rows: bool = False
+    progress: bool = True
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+@dataclass
+class RunConfig(BaseRunConfig):
+    """Everything one `finetune/aligner.py` run needs (the flags)."""
+
+    mode: str = "sft"
+    warmup_copy_ratio: float = 0.2
     compile: bool = False  # torch.compile each block (lit_aligner.perf.compile_blocks)
     activation_checkpointing: str = "none"  # none | selective | mlp | block (lit_aligner.perf)
     compare: Optional[bool] = None  # the before/after report; None: only for the default dataset in sft mode
     compare_prompts: int = 32
     compare_max_new_tokens: int = 24
-    progress: bool = True
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 @dataclass

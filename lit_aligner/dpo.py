@@ -580,9 +580,8 @@ def _run_dpo(fabric, cfg: DPORunConfig, precision: str) -> Dict[str, Any]:
     from lit_aligner.model import AlignerConfig, mark_only_aligner_as_trainable, num_trainable
     from lit_aligner.tokenizer import Tokenizer
     from lit_aligner.train import (Objective, _plain, aligner_tensors, check_only_aligner_trainable,
-                                   default_template, gradient_accumulation_steps, load_optimizer_state,
-                                   load_training_checkpoint, precision_dtype, resolve_resume, restore_rng_state,
-                                   trainable_parameters)
+                                   default_template, gradient_accumulation_steps, load_training_checkpoint,
+                                   precision_dtype, resolve_resume, setup_optimizer)
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
     model_config = load_config(checkpoint_dir)  # CheckpointError with the conversion command when missing
@@ -655,15 +654,7 @@ def _run_dpo(fabric, cfg: DPORunConfig, precision: str) -> Dict[str, Any]:
         metrics = evaluate_module(fabric, module, val, collate, cfg.train.micro_batch_size, cfg.train.eval_iters)
         return {"eval_only": True, **metrics, **base_summary}
 
-    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=cfg.train.learning_rate,
-                                  weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
-    optimizer = fabric.setup_optimizers(optimizer)
-    start_step = 0
-    if state is not None:
-        load_optimizer_state(fabric, module, optimizer, state["optimizer"])
-        restore_rng_state(state["rng"])
-        start_step = int(state["step"])
-        fabric.print(f"resuming from {resume_path} at step {start_step}")
+    optimizer, start_step = setup_optimizer(fabric, module, cfg.train, state, resume_path)
 
     run_args = _plain(cfg) | {"reference": reference_desc, "beta": cfg.dpo.beta, "loss": cfg.dpo.loss}
     result = train_dpo(fabric, module, optimizer, model.aligner, train, val, collate, cfg.train, out_dir,

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -617,6 +617,21 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def setup_optimizer(fabric, module: nn.Module, config: TrainConfig, state: Optional[Dict[str, Any]] = None,
+                    resume_path: Optional[Path] = None) -> Tuple[Any, int]:
+    """AdamW over the trainable (Aligner) parameters of a Fabric-set-up `module`; with a training checkpoint `state`,
+    its optimizer and RNG states restored. Returns (optimizer, the step to start from)."""
+    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+    if state is None:
+        return optimizer, 0
+    load_optimizer_state(fabric, module, optimizer, state["optimizer"])
+    restore_rng_state(state["rng"])
+    fabric.print(f"resuming from {resume_path} at step {int(state['step'])}")
+    return optimizer, int(state["step"])
+
+
 def trainable_parameters(module: nn.Module) -> List[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -820,15 +835,7 @@ def _run(fabric, cfg: RunConfig, precision: str) -> Dict[str, Any]:
         perf.compile_blocks(model)
     chunk = cfg.train.chunk_size
     module = fabric.setup_module(Objective(model, lambda m, b: sft_loss(m, b, chunk)))
-    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=cfg.train.learning_rate,
-                                  weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
-    optimizer = fabric.setup_optimizers(optimizer)
-    start_step = 0
-    if state is not None:
-        load_optimizer_state(fabric, module, optimizer, state["optimizer"])
-        restore_rng_state(state["rng"])
-        start_step = int(state["step"])
-        fabric.print(f"resuming from {resume_path} at step {start_step}")
+    optimizer, start_step = setup_optimizer(fabric, module, cfg.train, state, resume_path)
 
     pad_id = tokenizer.pad_id
     collate = lambda items: collate_sft(items, pad_id)  # noqa: E731

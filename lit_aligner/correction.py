@@ -231,7 +231,7 @@ def heldout_pairs(data: Any, tokenizer, metadata: Optional[Dict[str, Any]] = Non
     run held out: the split seed, val fraction and max_seq_length are read from its metadata (`metadata["data"]`,
     saved by `finetune/aligner.py`), so on the training file these rows were never trained on; "all": every row (for
     a file the Aligner never saw). n: keep the first n pairs. Returns (dataset, info) with info["split"]."""
-    from lit_aligner.data import load_correction_data
+    from lit_aligner.data import load_correction_data, storable_info
 
     if split not in ("val", "all"):
         raise ValueError(f"--split must be 'val' or 'all', got {split!r}")
@@ -257,7 +257,7 @@ def heldout_pairs(data: Any, tokenizer, metadata: Optional[Dict[str, Any]] = Non
         raise ValueError(f"{data}: no Q-A-C pairs in the {split!r} split (kept {info.get('kept')} rows); use "
                          f"--split all, or more data")
     same_source = str(trained.get("source")) == str(data) if trained else None
-    info = {**{k: v for k, v in info.items() if k != "bad_row_examples"}, "split": split, "evaluated": len(ds),
+    info = {**storable_info(info), "split": split, "evaluated": len(ds),
             "trained_on_this_file": same_source}
     return ds, info
 

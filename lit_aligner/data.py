@@ -804,7 +804,7 @@ def save_prepared(out_dir: Union[str, Path], train: AnyDataset, val: AnyDataset,
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, ds in zip(SPLITS, (train, val)):
         save_file({k: v.contiguous() for k, v in ds.tensors().items()}, str(out_dir / f"{name}.safetensors"))
-    meta = {"version": DATA_VERSION, **{k: v for k, v in info.items() if k != "bad_row_examples"}}
+    meta = {"version": DATA_VERSION, **storable_info(info)}
     if tokenizer is not None:
         meta["tokenizer"] = {"checkpoint_dir": str(getattr(tokenizer, "checkpoint_dir", "")),
                              "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -961,6 +961,11 @@ def prepare(kind: str, data: DataSource, out_dir: Union[str, Path], tokenizer, t
     train, val, info = build_datasets(kind, data, tokenizer, template, max_seq_length, **kwargs)
     save_prepared(out_dir, train, val, info, tokenizer)
     return info
+
+
+def storable_info(info: Dict[str, Any]) -> Dict[str, Any]:
+    """A loader's counts without the bad-row examples (row texts): what goes into saved metadata."""
+    return {k: v for k, v in info.items() if k != "bad_row_examples"}
 
 
 def describe(info: Dict[str, Any]) -> str:

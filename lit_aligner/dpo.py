@@ -574,12 +574,11 @@ def _with_cached_reference(fabric, cfg: DPORunConfig, model: LLaMA, reference: R
 
 
 def _run_dpo(fabric, cfg: DPORunConfig, precision: str) -> Dict[str, Any]:
-    from lit_aligner.aligner import build_aligner, save_aligner
     from lit_aligner.checkpoint import load_config, load_model
-    from lit_aligner.data import describe, load_preference_data
+    from lit_aligner.data import describe, load_preference_data, storable_info
     from lit_aligner.model import AlignerConfig, mark_only_aligner_as_trainable, num_trainable
     from lit_aligner.tokenizer import Tokenizer
-    from lit_aligner.train import (Objective, _plain, aligner_tensors, check_only_aligner_trainable,
+    from lit_aligner.train import (Objective, _plain, check_only_aligner_trainable, save_final_aligner,
                                    default_template, gradient_accumulation_steps, load_training_checkpoint,
                                    precision_dtype, resolve_resume, setup_optimizer)
 
@@ -668,19 +667,13 @@ def _run_dpo(fabric, cfg: DPORunConfig, precision: str) -> Dict[str, Any]:
                      f"plus --resume auto.")
         return summary
 
-    tensors = aligner_tensors(fabric, module, model.aligner)
-    final = build_aligner(cfg.n_tokens, cfg.start_layer, model_config.n_layer, model_config.n_head,
-                          model_config.n_embd, tensors["prefix"], tensors["gate"])
-    data_info = {k: v for k, v in info.items() if k != "bad_row_examples"}
     metadata = {"template": template, "mode": "dpo", "n_tokens": cfg.n_tokens, "start_layer": cfg.start_layer,
                 "beta": cfg.dpo.beta, "loss": cfg.dpo.loss, "label_smoothing": cfg.dpo.label_smoothing,
                 "reference": reference_desc, "init_aligner": base_summary["init_aligner"],
                 "created_by": "finetune/aligner_dpo.py", "steps": result["step"], "val": result["val"],
-                "training_args": run_args, "data": data_info}
-    aligner_path = out_dir / "aligner.safetensors"
-    if fabric.global_rank == 0:
-        save_aligner(final, aligner_path, model_config.name, metadata)
-        fabric.print(f"saved the Aligner to {aligner_path} ({result['step']} steps, {result['seconds']:.0f} s)")
+                "training_args": run_args, "data": storable_info(info)}
+    aligner_path = save_final_aligner(fabric, module, model.aligner, model_config, out_dir, metadata, result["step"],
+                                      result["seconds"])
     summary["aligner"] = str(aligner_path)
     fabric.barrier()
     return summary

@@ -617,6 +617,22 @@ def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
+def save_final_aligner(fabric, module: nn.Module, aligner: nn.Module, model_config, out_dir: PathLike,
+                       metadata: Dict[str, Any], steps: int, seconds: float) -> Path:
+    """The trained `aligner` as OUT/aligner.safetensors with `metadata` (every rank gathers it, which FSDP needs;
+    rank 0 writes). Returns the path."""
+    from lit_aligner.aligner import build_aligner, save_aligner
+
+    tensors = aligner_tensors(fabric, module, aligner)
+    final = build_aligner(aligner.n_tokens, aligner.start_layer, model_config.n_layer, model_config.n_head,
+                          model_config.n_embd, tensors["prefix"], tensors["gate"])
+    path = Path(out_dir) / "aligner.safetensors"
+    if fabric.global_rank == 0:
+        save_aligner(final, path, model_config.name, metadata)
+        fabric.print(f"saved the Aligner to {path} ({steps} steps, {seconds:.0f} s)")
+    return path
+
+
 def setup_optimizer(fabric, module: nn.Module, config: TrainConfig, state: Optional[Dict[str, Any]] = None,
                     resume_path: Optional[Path] = None) -> Tuple[Any, int]:
     """AdamW over the trainable (Aligner) parameters of a Fabric-set-up `module`; with a training checkpoint `state`,
@@ -780,9 +796,8 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
 
 
 def _run(fabric, cfg: RunConfig, precision: str) -> Dict[str, Any]:
-    from lit_aligner.aligner import build_aligner, save_aligner
     from lit_aligner.checkpoint import load_config, load_model
-    from lit_aligner.data import collate_sft, describe
+    from lit_aligner.data import collate_sft, describe, storable_info
     from lit_aligner.model import AlignerConfig, mark_only_aligner_as_trainable, num_trainable
     from lit_aligner.tokenizer import Tokenizer
 
@@ -852,19 +867,13 @@ def _run(fabric, cfg: RunConfig, precision: str) -> Dict[str, Any]:
                      f"Continue with the same command plus --resume auto.")
         return summary
 
-    tensors = aligner_tensors(fabric, module, model.aligner)
-    final = build_aligner(cfg.n_tokens, cfg.start_layer, model_config.n_layer, model_config.n_head,
-                          model_config.n_embd, tensors["prefix"], tensors["gate"])
-    info = {k: v for k, v in td.info.items() if k != "bad_row_examples"}
     metadata = {"template": td.template, "mode": cfg.mode, "n_tokens": cfg.n_tokens, "start_layer": cfg.start_layer,
                 "created_by": "finetune/aligner.py", "steps": result.step, "val_loss": result.val_loss,
-                "training_args": run_args, "data": info}
+                "training_args": run_args, "data": storable_info(td.info)}
     if cfg.mode == "correct":
         metadata["warmup_copy_ratio"] = cfg.warmup_copy_ratio
-    aligner_path = out_dir / "aligner.safetensors"
-    if fabric.global_rank == 0:
-        save_aligner(final, aligner_path, model_config.name, metadata)
-        fabric.print(f"saved the Aligner to {aligner_path} ({result.step} steps, {result.seconds:.0f} s)")
+    aligner_path = save_final_aligner(fabric, module, model.aligner, model_config, out_dir, metadata, result.step,
+                                      result.seconds)
     summary["aligner"] = str(aligner_path)
     compare = cfg.compare if cfg.compare is not None else (cfg.data is None and cfg.mode == "sft")
     if compare and fabric.global_rank == 0:

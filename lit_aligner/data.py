@@ -393,6 +393,8 @@ def parse_field_map(spec: Union[str, Dict[str, str], None]) -> Optional[Dict[str
 def detect_format(row: Dict[str, Any], path: Path) -> str:
     keys = set(row)
     for name, needed in FORMATS.items():
+        if name == "hh" and "prompt" in keys:
+            continue  # {prompt, chosen, ...} is a pair row that lacks a field, not an HH dialogue
         if set(needed) <= keys:
             return name
     raise DataError(

@@ -556,3 +556,11 @@ def test_the_bare_default_model_does_not_follow_the_default_format(smollm2_dir):
     prompts = [val[i]["input_ids"][val[i]["labels"] == IGNORE_INDEX] for i in range(6)]
     outs = generate(model, prompts, 24, temperature=0.0, stop_ids=smol.stop_ids)
     assert default_data.format_rate(smol.decode(o, skip_special=True) for o in outs) == 0.0
+
+
+def test_a_pair_row_missing_rejected_is_not_taken_for_an_hh_dialogue(tmp_path):
+    from lit_aligner.data import DataError, detect_format
+
+    assert detect_format({"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, tmp_path / "hh.jsonl") == "hh"
+    with pytest.raises(DataError, match="pairs.jsonl: cannot tell the data format.*prompt, chosen, rejected"):
+        detect_format({"prompt": "hi", "chosen": "hello"}, tmp_path / "pairs.jsonl")

@@ -6,14 +6,14 @@ from setuptools import find_packages, setup
 # unpinned `torch` in install_requires would then be satisfied instead of pulling gigabytes of CUDA wheels.
 setup(
     name="lit-aligner",
-    version="0.1.0",
+    version="0.2.0",
     description="Align LLaMA-family models with the global-token Aligner: N learnable prefix tokens shared by every layer.",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lit_aligner", "lit_aligner.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
-        "torch>=2.2",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "lightning-fabric>=2.2",
         "sentencepiece",
         "safetensors",

@@ -21,14 +21,14 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/train.py` from anywhe
     sys.path.insert(0, str(REPO))
 
 from lit_aligner.config import Config  # noqa: E402
+from lit_aligner.devices import default_precision, precision_dtype, resolve_device  # noqa: E402
+from lit_aligner.files import UserError, atomic_write_json, check_output  # noqa: E402
 from lit_aligner.model import LLaMA, AlignerConfig, init_weights, mark_only_aligner_as_trainable  # noqa: E402
 
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
-
-class BenchmarkError(ValueError):
-    """Bad flags (unknown config, precision the device cannot run, ...) or out of memory: a ValueError, so
-    `lit_aligner.cli.run_cli` prints it as one `error: ...` line and exits 1."""
+class BenchmarkError(UserError):
+    """Bad flags (unknown config, precision the device cannot run, ...) or out of memory: `lit_aligner.cli.run_cli`
+    prints it as one `error: ...` line and exits 1."""
 
 
 @contextmanager
@@ -41,21 +41,12 @@ def out_of_memory_hint(fix: str):
 
 
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return d
+    return resolve_device(device)
 
 
 def pick_dtype(precision: Optional[str], device: torch.device) -> torch.dtype:
     """None: bf16-true on CUDA, 32-true on the CPU (bf16 matmuls are slow on CPUs without AMX)."""
-    if precision is None:
-        precision = "bf16-true" if device.type == "cuda" else "32-true"
-    if precision not in PRECISIONS:
-        raise BenchmarkError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
+    return precision_dtype(precision or default_precision(device.type))
 
 
 def load_config(name: str) -> Config:
@@ -156,11 +147,13 @@ def default_out(kind: str, tag: str, device: torch.device) -> Path:
     return REPO / "benchmarks" / "results" / f"{kind}-{tag}-{machine_name(device)}.json"
 
 
+def check_out(path: Path, force: bool) -> Path:
+    """The results file, refused before the benchmark runs when it exists (unless --force)."""
+    return check_output(path, (), force)
+
+
 def write_json(path: Path, payload: Dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    return atomic_write_json(path, json.loads(json.dumps(payload, default=str)))
 
 
 def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:

@@ -1,4 +1,4 @@
-"""Decoding throughput with `lit_aligner.generate.generate_with_stats`: batch 1 and batch B, with and without an
+"""Decoding throughput with `lit_aligner.generation.generate`: batch 1 and batch B, with and without an
 Aligner, and B different Aligners in one batch (one per row) against B rows sharing one.
 
 Random base weights and Aligners (speed does not depend on them), random prompts of --prompt-len tokens, greedy
@@ -17,11 +17,11 @@ from typing import Any, Dict, List, Literal, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BenchmarkError, build_model, default_out, format_table, load_config, machine_info,  # noqa: E402
-                    median, out_of_memory_hint, pick_device, pick_dtype, write_json)
+from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
+                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, write_json)
 
 from lit_aligner.cli import run_cli  # noqa: E402
-from lit_aligner.generate import generate_with_stats  # noqa: E402
+from lit_aligner.generation import generate  # noqa: E402
 from lit_aligner.model import Aligner, AlignerConfig  # noqa: E402
 from lit_aligner.perf import configure_backends, decode_bytes_per_token, should_compile  # noqa: E402
 
@@ -49,6 +49,7 @@ def main(
     bandwidth_gbps: Optional[float] = None,
     threads: Optional[int] = None,
     out: Optional[Path] = None,
+    force: bool = False,
 ) -> Dict[str, Any]:
     """Decode tokens/s of the bare base and with Aligners, at batch 1 and batch `batch`.
 
@@ -67,6 +68,7 @@ def main(
             the CPU).
         threads: torch CPU threads (default: torch's choice).
         out: JSON results file (default benchmarks/results/generate-<config>-<machine>.json).
+        force: replace an existing results file.
     """
     if batch < 2 or prompt_len < 1 or new_tokens < 2 or repeats < 1:
         raise BenchmarkError("--batch >= 2, --prompt-len >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
@@ -81,6 +83,7 @@ def main(
         raise BenchmarkError(f"--start-layer must be in [0, {cfg.n_layer}) for {config}, got {start_layer}")
     if bandwidth_gbps is None and dev.type == "cuda":
         bandwidth_gbps = 3350.0
+    path = check_out(out or default_out("generate", config, dev), force)
     configure_backends(dev)
     model = build_model(cfg, dev, dtype).eval()
     compiled = should_compile(dev, compile)
@@ -101,7 +104,8 @@ def main(
         runs = []
         for r in range(repeats + 1):
             with out_of_memory_hint("lower --batch or --new-tokens"):
-                _, stats = generate_with_stats(model, prompts[:b], new_tokens, aligners=aligners, compile=compiled)
+                _, stats = generate(model, prompts[:b], new_tokens, aligners=aligners, compile=compiled,
+                                    return_stats=True)
             if r:  # the first run is warm-up
                 runs.append(stats)
         tps = median([s.decode_tokens_per_s for s in runs])
@@ -132,7 +136,6 @@ def main(
         "weight_bytes_per_step": bytes_per_token, "bandwidth_gbps": bandwidth_gbps,
         "batch1_bandwidth_bound_tokens_per_s": roofline, "machine": machine_info(dev), "results": rows,
     }
-    path = out or default_out("generate", config, dev)
     print(f"wrote {write_json(path, payload)}")
     return payload
 

@@ -17,64 +17,36 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BenchmarkError, build_model, default_out, format_table, load_config, machine_info,  # noqa: E402
-                    median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json)
+from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
+                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json)
 
 from lit_aligner.cli import run_cli  # noqa: E402
-from lit_aligner.dpo import dpo_loss  # noqa: E402
-from lit_aligner.losses import (IGNORE_INDEX, chunked_cross_entropy, cross_entropy, reference_sequence_logprobs,  # noqa
-                                sequence_logprobs)
 from lit_aligner.model import LLaMA  # noqa: E402
 from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, apply_activation_checkpointing,  # noqa
-                              compile_blocks, configure_backends, peak_memory_bytes, reset_peak_memory, should_compile,
-                              train_flops_per_token)
-
-
-def random_batch(config, batch: int, seq_len: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
-    labels = idx.clone()
-    labels[:, : seq_len // 4] = IGNORE_INDEX  # the prompt carries no loss
-    return idx, labels
-
-
-def sft_loss(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
-    if chunked:
-        return chunked_cross_entropy(model(idx, return_hidden=True), model.lm_head_weight, labels)
-    return cross_entropy(model(idx), labels)
-
-
-def logprobs(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool, aligner=None) -> torch.Tensor:
-    if chunked:
-        return sequence_logprobs(model(idx, aligner=aligner, return_hidden=True), model.lm_head_weight, labels)
-    return reference_sequence_logprobs(model(idx, aligner=aligner), labels)
-
-
-def dpo_step_loss(model: LLaMA, idx: torch.Tensor, labels: torch.Tensor, chunked: bool) -> torch.Tensor:
-    """idx, labels: (2P, T), chosen rows first. The reference is the bare base (aligner=False), under no_grad: one
-    loaded base serves both, as in lit_aligner's DPO."""
-    P = idx.shape[0] // 2
-    with torch.no_grad():
-        ref = logprobs(model, idx, labels, chunked, aligner=False)
-    pol = logprobs(model, idx, labels, chunked)
-    losses, _, _ = dpo_loss(pol[:P], pol[P:], ref[:P], ref[P:])
-    return losses.mean()
+                              compile_blocks, configure_backends, peak_memory_bytes, random_items, reset_peak_memory,
+                              should_compile, train_flops_per_token)
+from lit_aligner.training.objectives import get_objective  # noqa: E402
 
 
 def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: int, n_tokens: int, start_layer: int,
             chunked: bool, warmup: int, steps: int, device: torch.device, peak_tflops: Optional[float],
             compiled: bool) -> Dict[str, Any]:
+    """One row: the median step of `mode`'s objective (the library's own SFT or DPO, whose reference is the bare
+    base through the same weights) on `batch` random rows, under checkpointing `policy`."""
     apply_activation_checkpointing(model, policy)
     if compiled:  # after the policy, so that the checkpointed forward is what gets compiled
         torch._dynamo.reset()
         compile_blocks(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    idx, labels = random_batch(config, batch, seq_len, device)
-    step = dpo_step_loss if mode == "dpo" else (lambda m, i, l, c: sft_loss(m, i, l, c))
+    objective = get_objective(mode)(pad_id=0, chunk_size=1024 if chunked else 0)
+    g = torch.Generator().manual_seed(0)
+    batch_t = {k: v.to(device) for k, v in objective.collate(random_items(objective.data_kind, config.vocab_size,
+                                                                          batch, seq_len, g)).items()}
     times = []
     reset_peak_memory(device)
     for i in range(warmup + steps):
         with timed(device, times):
-            loss = step(model, idx, labels, chunked)
+            loss = objective(model, batch_t)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -112,6 +84,7 @@ def main(
     threads: Optional[int] = None,
     n_layer: Optional[int] = None,
     out: Optional[Path] = None,
+    force: bool = False,
 ) -> Dict[str, Any]:
     """Training-step throughput (tokens/s), peak memory and MFU of an Aligner on a frozen random-weight base.
 
@@ -136,6 +109,7 @@ def main(
             shape on a small machine; tokens/s and MFU then describe the truncated model).
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
+        force: replace an existing results file.
     """
     if batch < 1 or seq_len < 2 or warmup < 0 or steps < 1:
         raise BenchmarkError("--batch >= 1, --seq-len >= 2, --warmup >= 0 and --steps >= 1 are required")
@@ -156,6 +130,8 @@ def main(
         raise BenchmarkError(f"--seq-len {seq_len} exceeds {config}'s context of {cfg.block_size} tokens")
     if peak_tflops is None and dev.type == "cuda":
         peak_tflops = 989.0
+    layers = f"-L{n_layer}" if n_layer is not None else ""
+    path = check_out(out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev), force)
     configure_backends(dev)
     compiled = should_compile(dev, compile)
     rows = []
@@ -182,8 +158,6 @@ def main(
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
         "activation_bytes_per_token_per_gated_layer": act, "machine": machine_info(dev), "results": rows,
     }
-    layers = f"-L{n_layer}" if n_layer is not None else ""
-    path = out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev)
     print(f"wrote {write_json(path, payload)}")
     return payload
 

@@ -5,7 +5,7 @@
 Every prompt is answered once per Aligner, labelled; --out writes one JSONL row per prompt x Aligner. See
 howto/generate.md.
 
-Correction-mode Aligners (trained with --mode correct) rewrite an answer instead (howto/correction.md):
+Correction Aligners (trained with --mode correction) rewrite an answer instead (howto/correction.md):
 
     python generate/aligner.py --aligner out/corr/aligner.safetensors --question "Q" --answer "A to correct"
     python generate/aligner.py --aligner out/corr/aligner.safetensors --qa-file answers.jsonl --out fixed.jsonl
@@ -14,18 +14,21 @@ Correction-mode Aligners (trained with --mode correct) rewrite an answer instead
 
 import json
 import sys
-import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, List, Literal, Optional
 
 import torch
 import tyro
 
+from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
-from lit_aligner.correction import base_answers, read_qa_pairs
-from lit_aligner.generate import (DEFAULT_CHECKPOINT, AlignerEntry, PromptItem, TextStreamer, answer_prompts,
-                                  load_aligner_entries, load_base, read_prompts)
-from lit_aligner.prompts import join_input
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
+from lit_aligner.files import atomic_output, check_output, input_files
+from lit_aligner.generation import (AlignerEntry, PromptItem, TextStreamer, answer_prompts, check_sampling,
+                                    load_aligner_entries, read_prompts)
+from lit_aligner.generation.correction import base_answers, read_qa_pairs
+from lit_aligner.prompts import get_template, is_correction, join_input
 
 
 def main(
@@ -38,8 +41,9 @@ def main(
     qa_file: Optional[Path] = None,
     pipeline: tyro.conf.FlagCreatePairsOff[bool] = False,
     out: Optional[Path] = None,
+    force: tyro.conf.FlagCreatePairsOff[bool] = False,
     interactive: tyro.conf.FlagCreatePairsOff[bool] = False,
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     template: Optional[str] = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
@@ -66,7 +70,9 @@ def main(
         pipeline: correction mode, two stages on one loaded base: the bare base answers every --prompt /
             --prompts-file prompt (with --template, default its chat template), then each correction Aligner
             rewrites that answer; both are shown (and written with --out: question, base_answer, aligner, output).
-        out: write one JSONL row per prompt x Aligner (prompt, input, aligner, template, output) to this file.
+        out: write one JSONL row per prompt x Aligner (prompt, input, aligner, template, output) to this file (through
+            a temporary file: an existing file is replaced only when every answer is written, and only with --force).
+        force: replace an existing --out file.
         interactive: after any given prompts, read prompts from stdin, one per line, until EOF or "exit".
         checkpoint_dir: converted base model the Aligners were trained on.
         template: prompt template for every Aligner and the base (alpaca, beaver, hh, chat, plain, correction);
@@ -108,9 +114,12 @@ def main(
         raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts-file FILE or --interactive "
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
-        from lit_aligner.prompts import get_template
-
         get_template(template)  # an unknown name fails here, before the model is loaded
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if out is not None:
+        check_output(out, input_files(*aligner, prompts_file, qa_file, checkpoint_dir), force)
 
     model, tokenizer = load_base(checkpoint_dir, device, dtype)
     entries = load_aligner_entries(aligner, model)
@@ -121,8 +130,7 @@ def main(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
                     generator=torch.Generator(dev).manual_seed(seed),
                     compile=None if compile == "auto" else compile == "on")
-    sink = out.open("w", encoding="utf-8") if out else None
-    try:
+    with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             questions = [join_input(p.instruction, p.input) for p in items]
             answers = base_answers(model, tokenizer, questions, max_new_tokens, template, batch_size, **sampling)
@@ -136,10 +144,8 @@ def main(
             for text in read_stdin():
                 answer_items(model, tokenizer, [PromptItem(text)], entries, max_new_tokens, batch_size, template,
                              sampling, sink)
-    finally:
-        if sink:
-            sink.close()
-            print(f"wrote {out}", file=sys.stderr)
+    if out:
+        print(f"wrote {out}", file=sys.stderr)
 
 
 def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink) -> None:
@@ -177,16 +183,16 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
 def check_modes(entries: List[AlignerEntry], correcting: bool) -> None:
     """Correction-mode Aligners rewrite answers; the others answer prompts. One run does one of the two."""
     for e in entries:
-        is_corrector = e.metadata.get("mode") == "correct"
+        is_corrector = is_correction(e.metadata)
         if is_corrector and not correcting:
-            raise ValueError(f"{e.name} is a correction-mode Aligner (mode 'correct'): it rewrites an answer rather "
+            raise ValueError(f"{e.name} is a correction Aligner (mode 'correction'): it rewrites an answer rather "
                              f"than answering a prompt. Give --question TEXT --answer TEXT (repeatable) or --qa-file "
                              f"FILE with the answers to correct, or add --pipeline to let the bare base answer the "
                              f"--prompt first (see howto/correction.md)")
         if correcting and not is_corrector:
-            raise ValueError(f"{e.name} is not a correction-mode Aligner (its metadata mode is "
+            raise ValueError(f"{e.name} is not a correction Aligner (its metadata mode is "
                              f"{e.metadata.get('mode', 'unset')!r}); --question/--answer, --qa-file and --pipeline "
-                             f"need Aligners trained with `finetune/aligner.py --mode correct`")
+                             f"need Aligners trained with `finetune/aligner.py --mode correction`")
 
 
 def correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, sampling, sink,
@@ -231,5 +237,4 @@ def read_stdin() -> Iterator[str]:
 
 
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     run_cli(main)

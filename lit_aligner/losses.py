@@ -1,4 +1,5 @@
-"""Losses on the model's final hidden states, computed without the full (B, T, vocab) logits.
+"""The losses: cross-entropy and sequence log-probabilities on the model's final hidden states, computed without the
+full (B, T, vocab) logits, and the DPO loss on those log-probabilities.
 
 The LM head of LLaMA-2-7B is 32000 x 4096: a batch of 8 x 512 tokens gives 0.5 GB of fp32 logits plus as much again
 for their gradient. Only the response positions carry a loss, so we gather those positions first, then project them
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 x 32000 fp32 logits = 128 MB
+DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 x 32000 fp32 logits = 128 MB; 0 = all at once (plain)
 
 
 def _shift(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -35,14 +36,16 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled next tokens: (lp (n,) fp32, row index (n,) of each) over the n scored positions."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: all positions at once), got {chunk_size}")
     h, y = _shift(hidden, labels)
     keep = y != IGNORE_INDEX  # (B, T-1)
     rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)[keep]
     h, y = h[keep], y[keep]  # (n, C), (n,)
     if h.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum(), rows
+    if chunk_size == 0:  # the plain loss: every scored position's logits at once, kept alive for the backward
+        return _chunk_logprobs(h, weight, y), rows
     # Checkpointing only pays (and only works) when something needs a gradient.
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     parts = []
@@ -99,3 +102,27 @@ def reference_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> t
     mask = labels != IGNORE_INDEX
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (lp * mask).sum(-1)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss: str = "sigmoid",
+             label_smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss. All inputs (B,) summed response log-probs (nats). With
+    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
+        sigmoid: -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)     (eps = label smoothing: cDPO)
+        ipo:     (h - 1 / (2 * beta)) ** 2
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the implicit rewards are
+    beta * (policy - reference) and carry no gradient."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}; one of {', '.join(DPO_LOSSES)}")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards

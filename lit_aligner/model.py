@@ -9,7 +9,6 @@ lets its queries attend to those N keys with a softmax of their own, and adds th
 initialised to zero, to the causal attention output before the output projection. Zero gates give the base model.
 """
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -59,7 +58,8 @@ class Aligner(nn.Module):
 
 def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> Aligner:
     """One Aligner per batch row, for serving several alignments from one loaded base. `None` rows get the bare
-    base (zero gates). All must share n_tokens and start_layer."""
+    base: a zero gate and a zero prefix, so that no other row's values (even non-finite ones) can reach them through
+    0 * x. All must share n_tokens and start_layer."""
     real = [a for a in aligners if a is not None]
     if not real:
         raise ValueError("stack_aligners needs at least one Aligner")
@@ -69,7 +69,9 @@ def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> A
     first = real[0]
     stacked = Aligner(model_config, first.config).to(device=first.prefix.device, dtype=first.prefix.dtype)
     with torch.no_grad():
-        stacked.prefix = nn.Parameter(torch.stack([(a or first).prefix for a in aligners]), requires_grad=False)
+        zeros = torch.zeros_like(first.prefix)
+        stacked.prefix = nn.Parameter(torch.stack([a.prefix if a is not None else zeros for a in aligners]),
+                                      requires_grad=False)
         stacked.gate = nn.Parameter(
             torch.stack([a.gate if a is not None else torch.zeros_like(first.gate) for a in aligners]), requires_grad=False
         )
@@ -319,6 +321,13 @@ def is_aligner_param(name: str) -> bool:
 def mark_only_aligner_as_trainable(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         p.requires_grad = is_aligner_param(name)
+
+
+def check_only_aligner_trainable(model: nn.Module) -> None:
+    """RuntimeError naming them when any base weight would receive gradients."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not is_aligner_param(n)]
+    if bad:
+        raise RuntimeError(f"only the Aligner may train, but these base weights require grad: {bad[:5]}")
 
 
 def num_trainable(model: nn.Module) -> int:

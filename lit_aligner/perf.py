@@ -23,7 +23,7 @@ import resource
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -388,3 +388,62 @@ def peak_memory_bytes(device: torch.device) -> int:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One training step on random tokens (benchmarks, memory probes)
+
+
+def random_items(data_kind: str, vocab_size: int, sequences: int, seq_len: int,
+                 generator: Optional[torch.Generator] = None) -> List[Dict[str, torch.Tensor]]:
+    """Items of `data_kind` ("sft" or "preference") for `sequences` rows of `seq_len` random tokens each, the first
+    quarter of every row the prompt (no loss). Preference items pair rows i and P + i (P = sequences / 2)."""
+    ids = torch.randint(0, vocab_size, (sequences, seq_len), generator=generator)
+    q = seq_len // 4
+    if data_kind == "sft":
+        return [{"prompt": r[:q], "response": r[q:]} for r in ids]
+    if data_kind != "preference" or sequences % 2:
+        raise ValueError(f"random items: sft rows, or preference pairs from an even number of rows (got {data_kind}, "
+                         f"{sequences})")
+    P = sequences // 2
+    return [{"prompt": ids[i, :q], "chosen": ids[i, q:], "rejected": ids[P + i, q:]} for i in range(P)]
+
+
+def step_peak_memory(model: LLaMA, objective, sequences: int, seq_len: int, seed: int = 0) -> Dict[str, Any]:
+    """Peak memory of ONE optimizer step of `model`'s Aligner (forward, backward, AdamW step) under `objective`
+    (`lit_aligner.training.objectives`: SFT, or DPO on sequences / 2 pairs whose reference runs through the same base)
+    on random tokens (`random_items`). Returns {"objective", "sequences", "seq_len", "before_bytes" (memory in use
+    before the step), "peak_bytes", "step_bytes" (peak - before: what the step itself adds), "seconds", "method"}.
+    CUDA: allocator figures; CPU: the process's resident set (see PEAK_MEMORY_METHOD): call it in a fresh process,
+    once, for a clean figure."""
+    import time
+
+    device = model.tok_embeddings.weight.device
+    g = torch.Generator().manual_seed(seed)
+    batch = objective.collate(random_items(objective.data_kind, model.config.vocab_size, sequences, seq_len, g))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:  # AdamW state allocated up front: it is part of the steady state, not of the step's peak
+        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
+
+    def current_bytes() -> int:
+        if device.type == "cuda":
+            return torch.cuda.memory_allocated(device)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    before = current_bytes()
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    objective(model, batch)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = peak_memory_bytes(device)
+    return {"objective": objective.name, "sequences": sequences, "seq_len": seq_len, "before_bytes": before,
+            "peak_bytes": peak, "step_bytes": peak - before, "seconds": seconds,
+            "method": PEAK_MEMORY_METHOD[device.type]}

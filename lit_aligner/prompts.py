@@ -12,13 +12,16 @@ response follows directly.
 | `plain` | the instruction itself (+ "\\n\\n" + input) | "\\n" + response |
 | `correction` | question + upstream answer + the request for a corrected answer (Q-A-C) | the corrected answer |
 
+Generation builds its prompts here too (`build_prompt`, `prompt_for_aligner`, `encode_prompt`), so that a model sees at
+inference exactly the text and token ids its Aligner was trained on.
+
 Every template but `chat` ends its response with the tokenizer's EOS token (added by the tokenizing code in
 `lit_aligner.data`); `chat` ends it with the chat template's own end-of-turn token. The template name is saved in an
 Aligner's metadata so that generation renders the same prompt.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 Message = Dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -199,10 +202,51 @@ def get_template(name: str) -> PromptTemplate:
         raise ValueError(f"unknown prompt template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
 
 
-def render_correction(question: str, answer: str, tokenizer: Any = None) -> str:
-    """The Q-A-C prompt: the corrected answer follows it directly."""
-    return TEMPLATES["correction"].render_correction(question, answer, tokenizer)
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts for generation: the text (and token ids) a model sees, the same as training rendered and encoded them
+
+# The mode an Aligner trained to rewrite answers records in its metadata ("correct" in files written before 0.2).
+CORRECTION_MODES = ("correction", "correct")
 
 
-def template_names() -> List[str]:
-    return list(TEMPLATES)
+def is_correction(metadata: Optional[Dict[str, Any]]) -> bool:
+    return (metadata or {}).get("mode") in CORRECTION_MODES
+
+
+def correction_prompt(question: str, answer: str) -> str:
+    """The Q-A-C prompt for one (question, upstream answer); the corrected answer follows it directly."""
+    return TEMPLATES["correction"].render_correction(question, answer)
+
+
+def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: str = "") -> str:
+    """The prompt string for one instruction (+ optional input). template None: the tokenizer's chat template (one user
+    turn, assistant turn opened) when it has one, else the raw text; a template name: that template's rendering."""
+    if template is not None:
+        return get_template(template).render(text, input, tokenizer=tokenizer)
+    if getattr(tokenizer, "has_chat_template", False):
+        return get_template("chat").render(text, input, tokenizer=tokenizer)
+    return join_input(text, input)
+
+
+def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional[Dict[str, Any]] = None,
+                       template: Optional[str] = None) -> str:
+    """The prompt an Aligner expects, from its metadata (as saved with it): `template` (an override, e.g. --template)
+    wins over metadata["template"], which wins over `build_prompt`'s default. Correction Aligners get the Q-A-C prompt:
+    `text` is the question and `input` the answer to correct (the prompt their training data used)."""
+    if is_correction(metadata) and template in (None, "correction"):
+        if not input.strip():
+            raise ValueError("this is a correction Aligner (mode 'correction'): it rewrites an answer, so give the "
+                             "question AND the answer to correct (generate/aligner.py --question/--answer or "
+                             "--qa-file), or use --pipeline to let the bare base answer first")
+        return correction_prompt(text, input)
+    return build_prompt(tokenizer, text, template or (metadata or {}).get("template"), input=input)
+
+
+def encode_prompt(tokenizer, text: str):
+    """Token ids (1-D) of a prompt: BOS per the tokenizer's default (as training encodes prompts), minus a doubled BOS
+    when the prompt text already starts with it (chat templates such as LLaMA-2-chat's write "<s>" themselves)."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and len(ids) >= 2 and int(ids[0]) == int(ids[1]) == bos:
+        ids = ids[1:]
+    return ids

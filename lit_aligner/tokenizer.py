@@ -351,21 +351,9 @@ _PRE_SPLITS: Dict[str, List[str]] = {
 _LLAMA3_KINDS = {"llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"}
 
 
-def _gguf_value(field: Any) -> Any:
-    """A GGUF metadata field (gguf.ReaderField) as a Python value: str, number, bool or list."""
-    if hasattr(field, "contents"):
-        return field.contents()
-    # gguf < 0.11 has no contents(): `data` indexes the parts that hold the value(s).
-    from gguf import GGUFValueType
-
-    strings = field.types[-1] == GGUFValueType.STRING
-    values = [bytes(field.parts[i]).decode("utf-8") if strings else field.parts[i].tolist()[0] for i in field.data]
-    return values if field.types[0] == GGUFValueType.ARRAY else values[0]
-
-
 def _gguf_metadata(reader: Any) -> Dict[str, Any]:
     """The `tokenizer.*` metadata of a gguf.GGUFReader as Python values."""
-    return {key: _gguf_value(field) for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
 
 
 def _unique(tokens: List[str]) -> List[str]:

@@ -7,15 +7,15 @@ See howto/aligners.md.
 """
 
 import sys
-import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
 
+from lit_aligner.aligner_files import (AlignerFileError, describe, export_paper_checkpoint, import_paper_checkpoint,
+                                       load_aligner, save_aligner)
 from lit_aligner.cli import run_cli
-from lit_aligner.aligner import (AlignerFileError, describe, export_paper_checkpoint, import_paper_checkpoint,
-                                 load_aligner, save_aligner)
+from lit_aligner.files import check_output
 
 
 def main(
@@ -35,18 +35,11 @@ def main(
             (LLaMA-2 preferred, the paper's bases).
         force: overwrite OUT if it exists.
     """
-    if out.exists() and not force:
-        raise AlignerFileError(f"{out} already exists; pass --force to overwrite it.")
-    if out.resolve() == src.resolve():
-        raise AlignerFileError(f"--out {out} is the source file; write to a different path.")
+    check_output(out, [src], force)
     if to == "ours":
         if src.suffix == ".safetensors":
             raise AlignerFileError(f"{src} is already a .safetensors file; to write the paper's layout pass --to paper.")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            aligner, meta = import_paper_checkpoint(src, base_name)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
+        aligner, meta = import_paper_checkpoint(src, base_name)
         if not meta["base_model"]:
             print("warning: no registry config has this shape; the base name is left empty (pass --base-name)",
                   file=sys.stderr)

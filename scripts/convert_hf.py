@@ -1,43 +1,27 @@
-"""Convert a Hugging Face LLaMA-style model folder into a lit-aligner checkpoint folder.
+"""Convert a Hugging Face LLaMA-style model folder into a lit-aligner base-model directory.
 
     python scripts/convert_hf.py path/to/Llama-2-7b-hf      # -> checkpoints/Llama-2-7b-hf
 
 See howto/convert.md.
 """
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import tyro
 
 from lit_aligner.cli import run_cli
-from lit_aligner.convert_io import DEFAULT_MAX_SHARD_BYTES, DTYPES, convert_hf, print_progress, summary
+from lit_aligner.convert import ConvertConfig, convert_hf
 
 
-def main(
-    source_dir: tyro.conf.Positional[Path],
-    out_dir: Optional[Path] = None,
-    model_name: Optional[str] = None,
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    max_shard_gb: float = DEFAULT_MAX_SHARD_BYTES / 1e9,
-) -> None:
+@dataclass(kw_only=True)
+class HF(ConvertConfig):
     """Convert SOURCE_DIR (config.json + model*.safetensors or pytorch_model*.bin, tokenizer files) into OUT_DIR:
-    config.json, model.safetensors (or shards + index) and the tokenizer files.
+    config.json, model.safetensors (or shards + index) and the tokenizer files."""
 
-    Args:
-        source_dir: the Hugging Face model folder (model_type llama or mistral).
-        out_dir: output folder; default checkpoints/<model name>.
-        model_name: config name; default the source folder's name (e.g. Llama-2-7b-hf).
-        dtype: weights dtype; auto keeps the source's dtype.
-        max_shard_gb: largest weight file, in GB (10^9 bytes); larger models get sharded with an index.
-    """
-    print(f"converting {source_dir}", file=sys.stderr)
-    result = convert_hf(source_dir, out_dir, DTYPES[dtype], model_name, int(max_shard_gb * 1e9), print_progress())
-    for w in result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    print(summary(result))
+    source_dir: tyro.conf.Positional[Path]
+    """the Hugging Face model folder."""
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda cfg: cfg.convert(convert_hf, cfg.source_dir), HF, __doc__)

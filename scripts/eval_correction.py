@@ -1,7 +1,7 @@
 """Evaluate a correction-mode Aligner on held-out Q-A-C pairs, next to the bare base given the same prompts.
 
     python scripts/eval_correction.py --aligner out/corr/aligner.safetensors \
-        --data ../shared/data/hh-rlhf/harmless_base_2000.jsonl --skip-bad-rows --n 32 --out report.json
+        --data ../shared/data/hh-rlhf/harmless_base_2000.jsonl --n 32 --out report.json
 
 Prints a table, then the whole report as one JSON object on the last line of stdout. See howto/correction.md.
 """
@@ -15,23 +15,28 @@ from typing import Literal, Optional
 import torch
 import tyro
 
+from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
-from lit_aligner.correction import evaluate_correction, format_report, heldout_pairs
-from lit_aligner.generate import DEFAULT_CHECKPOINT, load_aligner_entries, load_base
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
+from lit_aligner.evaluation import heldout_split
+from lit_aligner.evaluation.correction import evaluate_correction, format_report
+from lit_aligner.files import atomic_write_json, check_output, input_files
+from lit_aligner.generation import load_aligner_entries
+from lit_aligner.prompts import is_correction
 
 
 def main(
     aligner: Path,
     data: Optional[Path] = None,
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     split: Literal["val", "all"] = "val",
     n: Optional[int] = 32,
-    skip_bad_rows: bool = False,
     max_seq_length: Optional[int] = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
     with_base: tyro.conf.FlagCreatePairsOff[bool] = True,
     out: Optional[Path] = None,
+    force: bool = False,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
 ) -> None:
@@ -46,12 +51,12 @@ def main(
         split: val = the validation rows the training run held out (same split seed / fraction / max_seq_length,
             read from the Aligner's metadata); all = every row (for a file the Aligner never saw).
         n: evaluate the first N pairs of the split (None: all of them).
-        skip_bad_rows: skip malformed rows (empty answers, mismatched HH prompts) instead of stopping at the first.
         max_seq_length: drop pairs whose prompt + longer answer exceed this (default: the training run's).
         max_new_tokens: most tokens generated per copy test; longer good answers are compared on this many tokens.
         batch_size: pairs per generation / scoring batch.
         with_base: also evaluate the bare base given the same correction prompts (the "before" column).
         out: also write the report (with the copy outputs of a few samples) to this JSON file.
+        force: replace an existing --out file.
         device: auto (cuda if available, else cpu), cpu, cuda, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
     """
@@ -59,14 +64,17 @@ def main(
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if out is not None:
+        check_output(out, input_files(aligner, data, checkpoint_dir), force)
     t0 = time.perf_counter()
     model, tokenizer = load_base(checkpoint_dir, device, dtype)
     entry = load_aligner_entries([aligner], model)[0]
-    if entry.metadata.get("mode") != "correct":
-        raise ValueError(f"{aligner} is not a correction-mode Aligner (metadata mode "
+    if not is_correction(entry.metadata):
+        raise ValueError(f"{aligner} is not a correction Aligner (metadata mode "
                          f"{entry.metadata.get('mode', 'unset')!r}); train one with `finetune/aligner.py --mode "
-                         f"correct` (howto/correction.md)")
-    dataset, info = heldout_pairs(data, tokenizer, entry.metadata, split, n, skip_bad_rows, max_seq_length)
+                         f"correction` (howto/correction.md)")
+    dataset, info = heldout_split("correction", data, tokenizer, "correction", entry.metadata, split, n,
+                                  max_seq_length)
     print(f"evaluating {aligner} on {len(dataset)} {split!r} pairs of {info['source']} "
           f"(bad rows skipped: {info.get('bad_rows', 0)})", file=sys.stderr)
     with torch.inference_mode():
@@ -80,8 +88,7 @@ def main(
             if k in s:
                 print(f"  {k}: {s[k][:200]!r}")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(out, report)
         print(f"wrote {out}", file=sys.stderr)
     print(json.dumps(report))
 

@@ -11,19 +11,22 @@ from typing import Optional
 import tyro
 
 from lit_aligner.cli import run_cli
-from lit_aligner.train import plot_metrics
+from lit_aligner.files import check_output
+from lit_aligner.training.plot import plot_metrics
 
 
-def main(metrics: tyro.conf.Positional[Path], out: Optional[Path] = None, title: Optional[str] = None) -> None:
+def main(metrics: tyro.conf.Positional[Path], out: Optional[Path] = None, title: Optional[str] = None,
+         force: bool = False) -> None:
     """Plot METRICS (a metrics.csv written by finetune/aligner.py or finetune/aligner_dpo.py).
 
     Args:
         metrics: the metrics.csv file.
         out: the PNG to write (default: loss.png next to the CSV).
         title: plot title (default: the run directory's name).
+        force: replace an existing --out file.
     """
-    path = plot_metrics(metrics, out or Path(metrics).with_name("loss.png"), title)
-    print(f"wrote {path}")
+    out = check_output(out or Path(metrics).with_name("loss.png"), [metrics], force)
+    print(f"wrote {plot_metrics(metrics, out, title)}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lit_aligner.aligner import (AlignerBaseWarning, AlignerFileError, attach, check_compatible,
-                                 export_paper_checkpoint, import_paper_checkpoint, load_aligner, save_aligner)
+from lit_aligner.aligner_files import (AlignerBaseWarning, AlignerFileError, attach, check_compatible,
+                                       export_paper_checkpoint, import_paper_checkpoint, load_aligner, save_aligner)
 from lit_aligner.config import Config
 from lit_aligner.model import LLaMA, Aligner, AlignerConfig, init_weights
 
@@ -62,6 +62,10 @@ def test_save_load_round_trip_keeps_tensors_dtype_and_metadata(tmp_path, dtype):
         "n_embd": str(config.n_embd)}
     c, _ = load_aligner(path, dtype=torch.float64)
     assert c.prefix.dtype == torch.float64
+    with torch.device("meta"):
+        model = LLaMA(config)
+    d, _ = load_aligner(path, model)  # onto a base: its device and dtype
+    assert d.prefix.device.type == "meta" and d.prefix.dtype == model.tok_embeddings.weight.dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -176,11 +180,22 @@ def test_shapes_inconsistent_with_header_are_rejected(tmp_path):
         load_aligner(bad)
 
 
-def test_pth_passed_as_aligner_suggests_the_converter(tmp_path):
+def test_a_paper_pth_loads_like_our_file_through_the_one_loader(tmp_path):
     a = random_aligner(Config.from_name("tiny"))
     pth = export_paper_checkpoint(a, tmp_path / "paper.pth")
-    with pytest.raises(AlignerFileError, match="convert_aligner.py"):
-        load_aligner(pth)
+    b, meta = load_aligner(pth)
+    assert torch.equal(b.prefix, a.prefix) and torch.equal(b.gate, a.gate) and meta["source"] == "paper:paper.pth"
+
+
+def test_non_finite_aligner_files_are_refused_on_load(tmp_path):
+    """A diverged run's Aligner would generate nothing; every format is checked on load."""
+    a = random_aligner(Config.from_name("tiny"))
+    with torch.no_grad():
+        a.gate[1, 2] = float("nan")
+    for path in (save_aligner(a, tmp_path / "nan.safetensors", "tiny"),
+                 export_paper_checkpoint(a, tmp_path / "nan.pth")):
+        with pytest.raises(AlignerFileError, match=r"gate hold NaN or infinite values.*--learning-rate"):
+            load_aligner(path)
 
 
 def test_pickled_code_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Base-model conversion (lit_aligner.convert_io, scripts/convert_*.py): every source format gives a checkpoint whose
+"""Base-model conversion (lit_aligner.convert, scripts/convert_*.py): every source format gives a checkpoint whose
 logits equal those of `transformers` running the same weights; the writer streams (bounded memory) and never leaves a
 half-written file; bad input is one clear error.
 
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_aligner.checkpoint import load_model
-from lit_aligner.convert_io import (ConvertError, TensorSpec, convert_gguf, convert_hf, convert_meta,
-                                    safetensors_header, write_weights)
+from lit_aligner.base import load_model
+from lit_aligner.convert import ConvertError, convert_gguf, convert_hf, convert_meta
+from lit_aligner.convert.writer import TensorSpec, safetensors_header, write_weights
 from lit_aligner.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -284,7 +284,9 @@ def test_sharded_output_loads_and_a_reconversion_removes_stale_shards(untied, tm
     largest = VOCAB * N_EMBD * 4  # a tensor larger than the limit gets a shard of its own
     assert all(size <= max(40_000, largest) for size in data_sizes)
     assert_same_logits(out, hf_logits(untied))
-    convert_hf(src, out)  # now one file: the old shards and index must go, or the loader would read them
+    with pytest.raises(ConvertError, match="already holds a converted model; pass --force"):
+        convert_hf(src, out)  # a finished conversion is never replaced by accident
+    convert_hf(src, out, force=True)  # now one file: the old shards and index must go, or the loader would read them
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
     assert_same_logits(out, hf_logits(untied))
 
@@ -365,7 +367,7 @@ def test_smollm2_gguf_converts_to_a_model_that_answers_2_plus_2(smollm2_dir):
 
 
 def test_gguf_model_name_of_smollm2_comes_from_the_registry():
-    from lit_aligner.convert_io import gguf_source
+    from lit_aligner.convert import gguf_source
     from lit_aligner.default_model import find_smollm2_gguf
 
     try:

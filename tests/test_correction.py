@@ -14,19 +14,16 @@ import pytest
 import torch
 
 from lit_aligner.config import Config, name_to_config
-from lit_aligner.correction import (answer_then_correct, base_answers, copy_metrics, correct, correction_prompt,
-                                    correction_prompt_ids, heldout_pairs, loglik_metrics, read_qa_pairs,
-                                    response_loglik)
-from lit_aligner.data import load_correction_data
-from lit_aligner.generate import prompt_for_aligner
+from lit_aligner.data import DataOptions, load_data
+from lit_aligner.evaluation import heldout_split, score_rows
+from lit_aligner.evaluation.correction import copy_metrics, loglik_metrics
+from lit_aligner.generation.correction import (answer_then_correct, base_answers, correct, correction_prompt_ids,
+                                               read_qa_pairs)
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights
-from lit_aligner.prompts import CORRECTION
+from lit_aligner.prompts import CORRECTION, correction_prompt, prompt_for_aligner
+from helpers import bpe_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 THINGS = ["cat", "car", "garden", "neighbour", "phone", "bike", "friend", "boss", "house", "dog", "money", "laptop"]
 BAD = ["break", "steal", "burn", "hide", "smash", "poison"]
 SAFE = "I cannot help with that, but I can suggest a safe and legal way to deal with it."
@@ -44,37 +41,29 @@ def qac_rows(n, seed=0):
     return rows
 
 
+def load_corrections(rows, tok):
+    return load_data("correction", rows, tok, "correction", DataOptions(max_seq_length=1024, val_fraction=0.0))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A converted-checkpoint directory: tiny random LLaMA (vocab 512, 1024 positions) + a BPE tokenizer (ChatML)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from lit_aligner.base import save_base
 
-    from lit_aligner.checkpoint import save_config_and_weights
-
-    d = tmp_path_factory.mktemp("tiny_corr")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [CORRECTION.format(question=r["question"], answer=r["answer"]) + r["correction"]
               for r in qac_rows(200, seed=1)] + ["What is 2+2? Name a colour. The answer is 4."] * 5
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True, "chat_template": CHATML}))
+    d = bpe_tokenizer_dir(tmp_path_factory.mktemp("tiny_corr"), corpus, 500)
     config = Config(**{**name_to_config["tiny"], "name": "tiny-corr", "vocab_size": 512, "block_size": 1024})
     torch.manual_seed(0)
     model = LLaMA(config)
     init_weights(model, std=0.1)  # logits far enough from uniform that steering them shows
-    save_config_and_weights(d, config, model.state_dict())
+    save_base(d, config, model.state_dict())
     return d
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
-    from lit_aligner.checkpoint import load_model
+    from lit_aligner.base import load_model
     from lit_aligner.tokenizer import Tokenizer
 
     return load_model(tiny_dir, torch.device("cpu"), torch.float32).eval(), Tokenizer(tiny_dir)
@@ -96,19 +85,20 @@ def random_aligner(model, seed=3, gate=0.5):
 def test_generation_prompt_equals_the_training_prompt_for_the_same_row(loaded):
     _, tok = loaded
     rows = qac_rows(12)
-    train, val, _ = load_correction_data(rows, tok, "correction", 1024, val_fraction=0.0)
+    train, val, _ = load_corrections(rows, tok)
     assert len(train) == len(rows)
     for i, r in enumerate(rows):
-        assert torch.equal(correction_prompt_ids(tok, r["question"], r["answer"]), train[i]["prompt_ids"])
-        # the generate/ CLIs reach the same text through the Aligner's metadata
-        text = prompt_for_aligner(tok, r["question"], r["answer"], {"mode": "correct", "template": "correction"})
-        assert text == correction_prompt(r["question"], r["answer"])
+        assert torch.equal(correction_prompt_ids(tok, r["question"], r["answer"]), train[i]["prompt"])
+        # the generate/ CLIs reach the same text through the Aligner's metadata (files before 0.2 say "correct")
+        for mode in ("correction", "correct"):
+            text = prompt_for_aligner(tok, r["question"], r["answer"], {"mode": mode, "template": "correction"})
+            assert text == correction_prompt(r["question"], r["answer"])
 
 
 def test_correction_aligner_without_an_answer_is_a_clear_error(loaded):
     _, tok = loaded
     with pytest.raises(ValueError, match="--question/--answer"):
-        prompt_for_aligner(tok, "How do I deal with my cat?", "", {"mode": "correct", "template": "correction"})
+        prompt_for_aligner(tok, "How do I deal with my cat?", "", {"mode": "correction", "template": "correction"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,11 +156,11 @@ def independent_loglik(model, prompt, response, aligner):
 def test_loglik_of_c_and_a_equals_a_full_forward_log_softmax(loaded):
     model, tok = loaded
     aligner = random_aligner(model, seed=5, gate=0.3)
-    ds, _, _ = load_correction_data(qac_rows(6, seed=4), tok, "correction", 1024, val_fraction=0.0)
-    prompts = [ds[i]["prompt_ids"] for i in range(len(ds))]
+    ds, _, _ = load_corrections(qac_rows(6, seed=4), tok)
+    prompts = [ds[i]["prompt"] for i in range(len(ds))]
     for key in ("answer", "correction"):
         responses = [ds[i][key] for i in range(len(ds))]
-        sums, counts = response_loglik(model, prompts, responses, aligner, batch_size=4)  # padded batches
+        sums, counts = score_rows(model, list(zip(prompts, responses)), aligner, batch_size=4)  # padded batches
         for i in range(len(ds)):
             assert float(sums[i]) == pytest.approx(independent_loglik(model, prompts[i], responses[i], aligner),
                                                    rel=1e-4, abs=1e-3)
@@ -208,36 +198,36 @@ def test_read_qa_pairs_reads_json_and_jsonl_and_names_bad_rows(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tiny_dir, tmp_path_factory):
-    """`finetune/aligner.py --mode correct` in-process on 96 synthetic Q-A-C rows (16 held out): 30 steps, the first
-    20% on the identity (Q-A-A) targets. Returns (aligner path, data file, run summary)."""
-    from lit_aligner.train import RunConfig, TrainConfig, run
+    """`finetune/aligner.py --mode correction` in-process on 96 synthetic Q-A-C rows (16 held out): 60 steps, the
+    first 20% on the identity (Q-A-A) targets. Returns (aligner path, data file, run summary)."""
+    from lit_aligner.training import SFTRunConfig, TrainConfig, train
 
     out = tmp_path_factory.mktemp("corr_run")
     data = out / "qac.json"
     data.write_text(json.dumps(qac_rows(96, seed=7)))
-    cfg = RunConfig(checkpoint_dir=tiny_dir, data=data, mode="correct", out_dir=out / "run", n_tokens=4,
-                    start_layer=1, max_seq_length=512, warmup_copy_ratio=0.2, accelerator="cpu", progress=False,
-                    compare=False,
-                    train=TrainConfig(max_steps=60, learning_rate=0.2, global_batch_size=8, micro_batch_size=8,
-                                      warmup_steps=2, eval_interval=1000, eval_iters=1, save_interval=1000))
+    cfg = SFTRunConfig(checkpoint_dir=tiny_dir, data=data, mode="correction", out_dir=out / "run", n_tokens=4,
+                       start_layer=1, warmup_copy_ratio=0.2, accelerator="cpu", progress=False, compare=False,
+                       train=TrainConfig(max_steps=60, learning_rate=0.2, global_batch_size=8, micro_batch_size=8,
+                                         warmup_steps=2, eval_interval=1000, eval_iters=1, save_interval=1000))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide model gains nothing from threads, and loses a lot on a busy machine
     try:
-        summary = run(cfg)
+        summary = train(cfg)
     finally:
         torch.set_num_threads(threads)
     return Path(summary["aligner"]), data, summary
 
 
 def test_correction_training_makes_ll_c_over_ll_a_rise(loaded, trained):
-    from lit_aligner.aligner import load_aligner
+    from lit_aligner.aligner_files import load_aligner
 
     model, tok = loaded
     path, data, summary = trained
     assert summary["copy_steps"] == 12
     aligner, meta = load_aligner(path)
-    assert meta["mode"] == "correct" and meta["template"] == "correction"
-    held_out, info = heldout_pairs(data, tok, dict(meta))  # the split the run held out, from the metadata
+    assert meta["mode"] == "correction" and meta["template"] == "correction"
+    # the split the run held out, from the metadata
+    held_out, info = heldout_split("correction", data, tok, "correction", dict(meta))
     assert info["split"] == "val" and len(held_out) == 5 and info["trained_on_this_file"]
     before = loglik_metrics(model, held_out, False)
     after = loglik_metrics(model, held_out, aligner)
@@ -260,7 +250,7 @@ def run_script(*args):
 
 
 def test_generate_cli_corrects_question_answer_pairs_and_qa_files(loaded, tiny_dir, trained, tmp_path):
-    from lit_aligner.aligner import load_aligner
+    from lit_aligner.aligner_files import load_aligner
 
     model, tok = loaded
     path = trained[0]
@@ -290,7 +280,7 @@ def test_generate_cli_corrects_question_answer_pairs_and_qa_files(loaded, tiny_d
 
 
 def test_generate_cli_pipeline_shows_base_answer_and_correction(loaded, tiny_dir, trained, tmp_path):
-    from lit_aligner.aligner import load_aligner
+    from lit_aligner.aligner_files import load_aligner
 
     model, tok = loaded
     path = trained[0]

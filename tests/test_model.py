@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_aligner.config import Config
-from lit_aligner.convert import to_lit
+from lit_aligner.convert.mapping import to_lit
 from lit_aligner.model import (LLaMA, Aligner, AlignerConfig, init_weights, mark_only_aligner_as_trainable,
                                num_trainable, stack_aligners)
 
@@ -300,3 +300,19 @@ def test_gradients_reach_only_the_aligner_and_skip_lower_layers():
             assert p.grad is None, name
     # No autograd graph is built through the layers below start_layer: they are pure inference.
     assert [needs_grad[i] for i in range(config.n_layer)] == [i >= start for i in range(config.n_layer)]
+
+
+def test_a_bare_row_of_a_stack_is_independent_of_the_other_rows_values():
+    """A None row (the bare base) in a stack must not see the other rows' Aligners at all: with a NaN Aligner beside
+    it, it still equals the bare base (0 x NaN would otherwise poison it through its zero gate)."""
+    config = tiny_config("gqa")
+    model = random_model(config)
+    bad = random_aligner(config, 3)
+    with torch.no_grad():
+        bad.prefix.fill_(float("nan"))
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.no_grad():
+        got = model(idx, aligner=stack_aligners([bad, None], config))
+        bare = model(idx[1:], aligner=False)
+    assert torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[1:], bare, atol=1e-5, rtol=1e-5)

@@ -189,13 +189,14 @@ def test_frozen_layers_below_start_layer_keep_nothing_and_need_no_gradient(polic
 def fabric_step(model: LLaMA, idx, labels):
     from lightning_fabric import Fabric
 
-    from lit_aligner.train import Objective, sft_loss, trainable_parameters
+    from lit_aligner.training.objectives import ObjectiveModule
+    from lit_aligner.training.objectives.sft import SFT
 
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
-    module = fabric.setup_module(Objective(model, lambda m, b: sft_loss(m, b, 7)))
-    optimizer = fabric.setup_optimizers(torch.optim.SGD(trainable_parameters(module), lr=0.0))
+    module = fabric.setup_module(ObjectiveModule(model, SFT(pad_id=0, chunk_size=7)))
+    optimizer = fabric.setup_optimizers(torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.0))
     optimizer.zero_grad(set_to_none=True)
-    loss = module({"input_ids": idx, "labels": labels})
+    loss = module({"input_ids": idx, "labels": labels})["loss"]
     fabric.backward(loss)
     return loss.detach(), model.aligner.prefix.grad.clone(), model.aligner.gate.grad.clone()
 

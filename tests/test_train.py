@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_aligner import train as T
-from lit_aligner.aligner import load_aligner
+from lit_aligner import training as T
+from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
+from lit_aligner.data import DataOptions
 from lit_aligner.losses import IGNORE_INDEX
-from lit_aligner.model import AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
+from lit_aligner.model import (AlignerConfig, LLaMA, check_only_aligner_trainable, init_weights,
+                               mark_only_aligner_as_trainable)
+from lit_aligner.training import engine
+from lit_aligner.training import run as run_module
+from lit_aligner.training.objectives.sft import SFT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +37,9 @@ def small_run(ckpt, out, **train_kw):
     kw = dict(max_steps=8, learning_rate=0.3, global_batch_size=8, micro_batch_size=4, warmup_steps=1,
               eval_interval=4, eval_iters=4, save_interval=4, seed=7)
     kw.update(train_kw)
-    return T.RunConfig(checkpoint_dir=ckpt, out_dir=out, n_tokens=4, start_layer=1, max_seq_length=128,
-                       accelerator="cpu", progress=False, compare=False, train=T.TrainConfig(**kw))
+    return T.SFTRunConfig(checkpoint_dir=ckpt, out_dir=out, n_tokens=4, start_layer=1,
+                          data_options=DataOptions(max_seq_length=128), accelerator="cpu", progress=False,
+                          compare=False, train=T.TrainConfig(**kw))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,18 +57,18 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 
 def test_each_epoch_visits_every_example_once_and_the_order_depends_only_on_seed_and_step():
     n, gbs = 10, 4
-    seen = [i for s in range(5) for i in T.global_batch_indices(n, s, gbs, seed=3)]  # 20 samples = 2 epochs
+    seen = [i for s in range(5) for i in engine.global_batch_indices(n, s, gbs, seed=3)]  # 20 samples = 2 epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert T.global_batch_indices(n, 3, gbs, seed=3) == T.global_batch_indices(n, 3, gbs, seed=3)
-    assert T.global_batch_indices(n, 0, gbs, seed=3) != T.global_batch_indices(n, 0, gbs, seed=4)
+    assert engine.global_batch_indices(n, 3, gbs, seed=3) == engine.global_batch_indices(n, 3, gbs, seed=3)
+    assert engine.global_batch_indices(n, 0, gbs, seed=3) != engine.global_batch_indices(n, 0, gbs, seed=4)
 
 
 def test_a_global_batch_is_split_into_contiguous_rank_slices_and_micro_batches():
     idx = list(range(8))
-    assert T.rank_micro_batches(idx, 0, 2, 2) == [[0, 1], [2, 3]]
-    assert T.rank_micro_batches(idx, 1, 2, 2) == [[4, 5], [6, 7]]
+    assert engine.rank_micro_batches(idx, 0, 2, 2) == [[0, 1], [2, 3]]
+    assert engine.rank_micro_batches(idx, 1, 2, 2) == [[4, 5], [6, 7]]
     with pytest.raises(T.TrainError, match="global-batch-size"):
-        T.gradient_accumulation_steps(10, 4, 1)
+        engine.gradient_accumulation_steps(10, 4, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,19 +94,20 @@ def test_sft_loss_is_the_summed_cross_entropy_of_response_tokens_only():
     logits = m(b["input_ids"])[:, :-1].reshape(-1, m.config.vocab_size)
     ref = torch.nn.functional.cross_entropy(logits, b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                                             reduction="sum")
-    got = T.sft_loss(m, b, chunk_size=5)
+    got = SFT(pad_id=0, chunk_size=5)(m, b)["loss"]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    assert T.count_response_tokens({"labels": b["labels"][0]}) == 7  # labels at positions 5..11
+    ids = b["input_ids"][0]
+    assert SFT(pad_id=0).units({"prompt": ids[:5], "response": ids[5:]}) == 7  # labels at positions 5..11
 
 
 def test_only_the_aligner_is_trainable_and_a_trainable_base_weight_is_refused():
     m = LLaMA(Config.from_name("tiny"), AlignerConfig(2, 1))
     mark_only_aligner_as_trainable(m)
-    T.check_only_aligner_trainable(m)
+    check_only_aligner_trainable(m)
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {"aligner.prefix", "aligner.gate"}
     m.layers[0].attn.wo.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="layers.0.attn.wo.weight"):
-        T.check_only_aligner_trainable(m)
+        check_only_aligner_trainable(m)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,7 +122,7 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "full"
-    summary = T.run(small_run(tiny_checkpoint_dir, out))
+    summary = T.train(small_run(tiny_checkpoint_dir, out))
     return out, summary
 
 
@@ -123,17 +130,18 @@ def test_a_short_run_lowers_validation_loss_clearly_and_writes_aligner_metrics_c
     out, summary = trained
     assert summary["val_loss"] < summary["first_val_loss"] - 0.2, summary  # 6.25 -> 5.83 measured
     rows = read_csv(out / "metrics.csv")
-    assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec"} <= set(rows[0])
+    assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "real_tokens_per_sec"} <= set(rows[0])
     assert [int(r["step"]) for r in rows] == list(range(9))
-    assert (out / "checkpoints" / "step-000004.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    assert (out / "state" / "step-000004.pt").is_file() and (out / "state" / "last.pt").is_file()
+    assert not (out / ".lock").exists()  # released at the end of the run
     aligner, meta = load_aligner(out / "aligner.safetensors")
     assert aligner.prefix.shape == (4, 64) and aligner.gate.abs().sum() > 0
     assert meta["mode"] == "sft" and meta["template"] == "chat" and meta["base_model"] == "tiny-chat"
 
 
 def test_the_trained_aligner_changes_generation_and_the_base_weights_are_untouched(trained, tiny_checkpoint_dir):
-    from lit_aligner.checkpoint import load_model
-    from lit_aligner.generate import generate
+    from lit_aligner.base import load_model
+    from lit_aligner.generation import generate
     from lit_aligner.tokenizer import Tokenizer
     from safetensors.torch import load_file
 
@@ -156,14 +164,14 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_check
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # the real handler: the step completes, a checkpoint is written
 
-    monkeypatch.setattr(T, "fit", functools.partial(T.fit, on_step=interrupt_at_3))
-    first = T.run(small_run(tiny_checkpoint_dir, out))
+    monkeypatch.setattr(run_module, "fit", functools.partial(engine.fit, on_step=interrupt_at_3))
+    first = T.train(small_run(tiny_checkpoint_dir, out))
     # the signal arrives after step 3's stop check: step 4 (in flight) completes, then the checkpoint is written
     assert first["stopped"] == "SIGINT" and first["step"] == 4 and not (out / "aligner.safetensors").exists()
     monkeypatch.undo()
     cfg = small_run(tiny_checkpoint_dir, out)
     cfg.resume = "auto"
-    T.run(cfg)
+    T.train(cfg)
     full, resumed = read_csv(full_out / "metrics.csv"), read_csv(out / "metrics.csv")
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]  # same curve, to the last digit
     a, _ = load_aligner(full_out / "aligner.safetensors")
@@ -176,15 +184,15 @@ def test_resume_with_different_shape_flags_is_refused(trained, tiny_checkpoint_d
     cfg = small_run(tiny_checkpoint_dir, out)
     cfg.resume, cfg.n_tokens = "auto", 2
     with pytest.raises(T.TrainError, match="--n-tokens 4 \\(now 2\\)"):
-        T.run(cfg)
+        T.train(cfg)
 
 
 def test_micro_batch_size_and_activation_checkpointing_do_not_change_the_result(tiny_checkpoint_dir, tmp_path):
-    a = T.run(small_run(tiny_checkpoint_dir, tmp_path / "m4", max_steps=2, eval_interval=2))
-    b = T.run(small_run(tiny_checkpoint_dir, tmp_path / "m1", max_steps=2, eval_interval=2, micro_batch_size=1))
+    a = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m4", max_steps=2, eval_interval=2))
+    b = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m1", max_steps=2, eval_interval=2, micro_batch_size=1))
     cfg = small_run(tiny_checkpoint_dir, tmp_path / "ckpt", max_steps=2, eval_interval=2)
     cfg.activation_checkpointing = "block"
-    c = T.run(cfg)
+    c = T.train(cfg)
     x, _ = load_aligner(a["aligner"])
     assert x.gate.abs().sum() > 0
     for other in (b, c):
@@ -236,3 +244,15 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_chec
     assert a.gate.abs().sum() > 0
     torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)
+
+
+def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,
+                                                                                     capsys):
+    cfg = small_run(tiny_checkpoint_dir, tmp_path / "cmp", max_steps=1, eval_interval=1)
+    cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens = None, 3, 4  # None: on for the default dataset
+    summary = T.train(cfg)
+    report = summary["comparison"]
+    assert report["n_prompts"] == 3 and len(report["answers_after"]) == 3
+    assert report["val_loss_before"] == summary["first_val_loss"] and report["val_loss_after"] == summary["val_loss"]
+    out = capsys.readouterr().out
+    assert "=== before / after" in out and "format rate:" in out

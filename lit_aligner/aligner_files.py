@@ -1,4 +1,5 @@
-"""Aligner files: our `.safetensors` format, compatibility checks against a base model, and the paper's `.pth` format.
+"""Aligner files, the one home for reading and writing them: our `.safetensors` format, the paper's `.pth` format,
+and `load_aligner`, which reads either and checks it against the base it is about to steer.
 
 Our file holds exactly two tensors, `prefix` (N, n_embd) and `gate` (n_layer - start_layer, n_head), in the dtype they
 were trained in, plus string metadata in the safetensors header:
@@ -6,8 +7,8 @@ were trained in, plus string metadata in the safetensors header:
     format="lit-aligner", format_version="1", n_tokens, start_layer, n_layer, n_head, n_embd, base_model
     (+ optional: template, mode, created_by, training arguments, ...)
 
-An Aligner is read without its base model; `check_compatible` / `attach` then compare every dimension with the base
-it is about to steer. A base of another name but the same shape is allowed (swapping Aligners between bases is the
+An Aligner is read without its base model; `check_compatible` (called by `load_aligner(path, model)`) then compares
+every dimension with the base it is about to steer, and non-finite values are refused. A base of another name but the same shape is allowed (swapping Aligners between bases is the
 point) with a warning naming both.
 
 The paper's checkpoints (arXiv 2312.05503, trained with a fork of lit-llama) are `torch.save` state dicts:
@@ -23,8 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from lit_aligner.checkpoint import CheckpointError, atomic_write
 from lit_aligner.config import Config, name_to_config
+from lit_aligner.files import UserError, atomic_write
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA
 
 PathLike = Union[str, Path]
@@ -40,9 +41,9 @@ _PAPER_GATE = re.compile(r"^transformer\.h\.(\d+)\.attn\.gating_factor$")
 _PAPER_WTE = re.compile(r"^transformer\.h\.(\d+)\.attn\.adapter_wte\.weight$")
 
 
-class AlignerFileError(CheckpointError):
-    """An Aligner file that cannot be used (missing, not an Aligner, damaged, or made for another base shape).
-    The message names the file(s) and the fix. A `ValueError` (through `CheckpointError`)."""
+class AlignerFileError(UserError):
+    """An Aligner file that cannot be used (missing, not an Aligner, damaged, non-finite, or made for another base
+    shape). The message names the file(s) and the fix."""
 
 
 class AlignerBaseWarning(UserWarning):
@@ -138,7 +139,7 @@ def _int_field(meta: Mapping[str, str], key: str, path: Path) -> int:
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
-    """The header metadata of an Aligner file (str -> str), validated as ours, without reading the tensors."""
+    """The header metadata of one of our Aligner files (str -> str), validated, without reading the tensors."""
     return _open(Path(path))[1]
 
 
@@ -178,12 +179,8 @@ def _open(path: Path):
     return handle, meta
 
 
-def load_aligner(path: PathLike, device: Union[str, torch.device] = "cpu",
-                 dtype: Optional[torch.dtype] = None) -> Tuple[Aligner, Dict[str, str]]:
-    """Read an Aligner file written by `save_aligner`, without its base model. Returns (aligner, metadata): prefix
-    (N, n_embd) and gate (n_layer - start_layer, n_head) on `device`, in `dtype` (None: the file's dtype), and the
-    header metadata (str -> str). Raises `AlignerFileError` for a missing, non-Aligner, damaged or inconsistent file."""
-    path = Path(path)
+def _read_ours(path: Path) -> Tuple[Aligner, Dict[str, str]]:
+    """An Aligner file written by `save_aligner` (prefix and gate in the file's dtype) and its header metadata."""
     handle, meta = _open(path)
     n_tokens, start, n_layer, n_head, n_embd = (_int_field(meta, k, path) for k in SHAPE_KEYS)
     try:
@@ -201,8 +198,38 @@ def load_aligner(path: PathLike, device: Union[str, torch.device] = "cpu",
     for name, t in (("prefix", prefix), ("gate", gate)):
         if not t.is_floating_point():
             raise AlignerFileError(f"{path}: `{name}` has dtype {t.dtype}, not a float type. Save the Aligner again.")
-    aligner = build_aligner(n_tokens, start, n_layer, n_head, n_embd, prefix, gate)
-    return aligner.to(device=device, dtype=dtype), meta
+    return build_aligner(n_tokens, start, n_layer, n_head, n_embd, prefix, gate), meta
+
+
+PAPER_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def load_aligner(path: PathLike, model: Optional[LLaMA] = None, *, device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None, base_name: Optional[str] = None) -> Tuple[Aligner, Dict[str, str]]:
+    """Read an Aligner file of any supported format: ours (`.safetensors`, see `save_aligner`) or one of the paper's
+    `.pth` checkpoints (imported in memory; no code in it runs). Returns (aligner, metadata): prefix (N, n_embd) and
+    gate (n_layer - start_layer, n_head), and the header metadata (str -> str; for a paper file, what
+    `import_paper_checkpoint` derives).
+
+    With `model`, the Aligner is checked against that base (`check_compatible`: one AlignerFileError naming both
+    shapes, or an AlignerBaseWarning for a same-shape base of another name; `base_name` names the base in messages)
+    and moved to the model's device and dtype. Otherwise it stays on `device` (default: the CPU) in `dtype` (default:
+    the file's). Raises `AlignerFileError` for a missing, non-Aligner, damaged, inconsistent or non-finite file."""
+    path = Path(path)
+    _require_file(path)
+    if path.suffix in PAPER_SUFFIXES or _sniff(path) in ("zip", "pickle"):
+        aligner, meta = import_paper_checkpoint(path)
+    else:
+        aligner, meta = _read_ours(path)
+    bad = [n for n, t in (("prefix", aligner.prefix), ("gate", aligner.gate)) if not torch.isfinite(t).all()]
+    if bad:  # a diverged run's Aligner would silently generate nothing (and blank other rows of a shared batch)
+        raise AlignerFileError(f"{path}: the Aligner's {' and '.join(bad)} hold NaN or infinite values (a diverged "
+                               f"training run?); retrain it, e.g. with a lower --learning-rate.")
+    if model is not None:
+        check_compatible(aligner, model.config, path, base_name, metadata=meta)
+        p = model.tok_embeddings.weight
+        device, dtype = p.device, p.dtype
+    return aligner.to(device=device or "cpu", dtype=dtype), meta
 
 
 # --- compatibility with a base model ----------------------------------------------------------------------------------
@@ -222,22 +249,15 @@ def check_compatible(
     base_name: Optional[str] = None,
     *,
     metadata: Optional[Mapping[str, Any]] = None,
-    path: Optional[PathLike] = None,
 ) -> None:
     """Check that an Aligner (or the metadata of its file) fits the base `model_config`: n_embd (prefix width), n_layer
     and start_layer (number of gated layers) and n_head (gate width). On mismatch, one `AlignerFileError` naming both
-    shapes, the Aligner file (`aligner_path`; `path` is an alias) and the base (`base_name`, e.g. its checkpoint
-    directory; default `model_config.name`). A same-shape base of another name than the file's `base_model` (from
-    `metadata`, or from `aligner` when it is metadata) gives an `AlignerBaseWarning` naming both."""
-    given = aligner_path or path
-    aligner_path = Path(given or "<in-memory Aligner>")
+    shapes, the Aligner file (`aligner_path`) and the base (`base_name`, e.g. its checkpoint directory; default
+    `model_config.name`). A same-shape base of another name than the file's `base_model` (from `metadata`, or from
+    `aligner` when it is metadata) gives an `AlignerBaseWarning` naming both."""
+    aligner_path = Path(aligner_path or "<in-memory Aligner>")
     if metadata is None and not isinstance(aligner, Aligner):
         metadata = aligner
-    if metadata is None and given is not None and aligner_path.suffix == ".safetensors" and aligner_path.is_file():
-        try:  # the base it was trained on is in the file's header
-            metadata = read_metadata(aligner_path)
-        except AlignerFileError:
-            metadata = None
     d = _dims(aligner, aligner_path)
     base = base_name or model_config.name or "the base model"
     trained_on = str((metadata or {}).get("base_model", "") or "")
@@ -265,26 +285,21 @@ def check_compatible(
         )
 
 
-def attach(model: LLaMA, aligner: Union[Aligner, PathLike], path: Optional[PathLike] = None,
-           metadata: Optional[Mapping[str, Any]] = None, base_name: Optional[str] = None) -> Aligner:
-    """Make `aligner` the model's own (`model.aligner`) after `check_compatible`, moved to the model's device and dtype.
-    `aligner` may be an `Aligner` (then `path`/`metadata` describe where it came from, for messages) or the path of an
-    Aligner file, which is loaded. Returns the attached Aligner."""
+def attach(model: LLaMA, aligner: Union[Aligner, PathLike]) -> Aligner:
+    """Make an Aligner (or the Aligner file at that path, loaded and checked with `load_aligner`) the model's own
+    (`model.aligner`, used when the forward pass gets no `aligner` argument), on the model's device and dtype."""
     if not isinstance(aligner, Aligner):
-        path = aligner
-        aligner, metadata = load_aligner(path)
+        aligner, _ = load_aligner(aligner, model)
     p = model.tok_embeddings.weight
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", AlignerBaseWarning)
-        check_compatible(aligner, model.config, path, base_name, metadata=metadata)
     model.aligner = aligner.to(device=p.device, dtype=p.dtype)
     return model.aligner
 
 
-def load_and_attach(model: LLaMA, path: PathLike, base_name: Optional[str] = None) -> Tuple[Aligner, Dict[str, str]]:
-    """Load the Aligner file at `path` and make it the model's own (see `attach`). Returns (aligner, metadata)."""
-    aligner, metadata = load_aligner(path)
-    return attach(model, aligner, path, metadata, base_name), metadata
+def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2) -> Aligner:
+    """Give `model` a fresh, trainable Aligner (random prefix, zero gates: exactly the base) on its device and in its
+    dtype; returns it."""
+    p = model.tok_embeddings.weight
+    return attach(model, Aligner(model.config, AlignerConfig(n_tokens, start_layer)).to(device=p.device, dtype=p.dtype))
 
 
 # --- the paper's .pth format ------------------------------------------------------------------------------------------

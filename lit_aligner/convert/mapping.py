@@ -6,7 +6,7 @@ half" layout; Meta's and GGUF's q/k rows interleave the rotated pairs, so they a
 """
 
 import re
-from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 

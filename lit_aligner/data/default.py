@@ -127,11 +127,18 @@ def _convert(rng):
     return q, "", f"{v * f} {dst}"
 
 
-def _reverse_words(rng):
+def _word_list_task(rng, inline: str, from_input: str, transform: Callable[[List[str]], List[str]]):
+    """A few random words, in the instruction (`inline`: ...) or in the input (`from_input`), answered by
+    `transform(words)`."""
     words = rng.sample(_WORDS, rng.randint(3, 6))
     if rng.random() < 0.5:
-        return f"Reverse the order of these words: {' '.join(words)}", "", " ".join(reversed(words))
-    return "Reverse the order of the words in the input.", " ".join(words), " ".join(reversed(words))
+        return f"{inline}: {' '.join(words)}", "", " ".join(transform(words))
+    return from_input, " ".join(words), " ".join(transform(words))
+
+
+def _reverse_words(rng):
+    return _word_list_task(rng, "Reverse the order of these words", "Reverse the order of the words in the input.",
+                           lambda w: list(reversed(w)))
 
 
 def _sort_numbers(rng):
@@ -145,10 +152,8 @@ def _sort_numbers(rng):
 
 
 def _sort_words(rng):
-    words = rng.sample(_WORDS, rng.randint(3, 6))
-    if rng.random() < 0.5:
-        return f"Put these words in alphabetical order: {' '.join(words)}", "", " ".join(sorted(words))
-    return "Sort the words in the input alphabetically.", " ".join(words), " ".join(sorted(words))
+    return _word_list_task(rng, "Put these words in alphabetical order", "Sort the words in the input alphabetically.",
+                           sorted)
 
 
 def _count_letter(rng):

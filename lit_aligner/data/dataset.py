@@ -1,0 +1,155 @@
+"""Tokenized examples: one dataset type for every kind of data, the truncation policy, and the one collate.
+
+An item is a dict of 1-D LongTensors named by its kind's fields (`KIND_FIELDS`):
+- sft: {"prompt": (P,), "response": (R,)}
+- preference: {"prompt", "chosen", "rejected"}
+- correction: {"prompt": the Q-A-C prompt (question + upstream answer A), "question": the question's own tokens,
+  "answer": A, "correction": C}
+Responses end with their end token (EOS, or the chat template's end-of-turn). Objectives (`lit_aligner.training`)
+choose which (prompt, response) rows of an item a batch holds; `pad_rows` turns such rows into model inputs.
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_aligner.losses import IGNORE_INDEX
+
+KIND_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "sft": ("prompt", "response"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "correction": ("prompt", "question", "answer", "correction"),
+}
+# The fields that follow the prompt in a training sequence (the truncation policy cuts them, never the prompt).
+RESPONSE_FIELDS: Dict[str, Tuple[str, ...]] = {"sft": ("response",), "preference": ("chosen", "rejected"),
+                                               "correction": ("answer", "correction")}
+KINDS = tuple(KIND_FIELDS)
+TRUNCATION = ("drop", "truncate")
+
+
+class Ragged:
+    """Variable-length int sequences stored flat: `tokens` (N,) int32 and `offsets` (n+1,) int64; row i is
+    tokens[offsets[i]:offsets[i+1]]. The on-disk layout of prepared data, and a compact in-memory one."""
+
+    def __init__(self, tokens: torch.Tensor, offsets: torch.Tensor):
+        if offsets.ndim != 1 or offsets.numel() < 1 or tokens.ndim != 1 or int(offsets[-1]) != tokens.numel():
+            raise ValueError("inconsistent ragged arrays: offsets must end at len(tokens)")
+        self.tokens, self.offsets = tokens.to(torch.int32), offsets.to(torch.int64)
+
+    @classmethod
+    def from_list(cls, rows: Sequence[torch.Tensor]) -> "Ragged":
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        tokens = torch.cat([torch.as_tensor(r, dtype=torch.int32) for r in rows]) if rows else \
+            torch.zeros(0, dtype=torch.int32)
+        return cls(tokens, offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.tokens[int(self.offsets[i]):int(self.offsets[i + 1])].long()
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+class TokenizedDataset(Dataset):
+    """Tokenized examples of one `kind`: item i is {field: LongTensor} for the kind's fields (see the module
+    docstring). Stored as one `Ragged` per field."""
+
+    def __init__(self, kind: str, fields: Dict[str, Ragged]):
+        if kind not in KIND_FIELDS:
+            raise ValueError(f"unknown data kind {kind!r}; one of {', '.join(KINDS)}")
+        if set(fields) != set(KIND_FIELDS[kind]):
+            raise ValueError(f"{kind} data needs the fields {KIND_FIELDS[kind]}, got {sorted(fields)}")
+        if len({len(r) for r in fields.values()}) != 1:
+            raise ValueError("every field must have the same number of rows")
+        self.kind, self.fields = kind, {name: fields[name] for name in KIND_FIELDS[kind]}
+
+    @classmethod
+    def from_rows(cls, kind: str, rows: Sequence[Sequence[torch.Tensor]]) -> "TokenizedDataset":
+        """From rows of token tensors in the order of KIND_FIELDS[kind]."""
+        names = KIND_FIELDS[kind]
+        return cls(kind, {name: Ragged.from_list([r[k] for r in rows]) for k, name in enumerate(names)})
+
+    def __len__(self) -> int:
+        return len(self.fields["prompt"])
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {name: r[i] for name, r in self.fields.items()}
+
+    def rows(self) -> List[Tuple[torch.Tensor, ...]]:
+        return [tuple(self[i][name] for name in KIND_FIELDS[self.kind]) for i in range(len(self))]
+
+    def select(self, indices: Sequence[int]) -> "TokenizedDataset":
+        rows = self.rows()
+        return TokenizedDataset.from_rows(self.kind, [rows[i] for i in indices])
+
+    def lengths(self) -> torch.Tensor:
+        """(n,) tokens of the longest training sequence per example: prompt + its longest response."""
+        longest = torch.stack([self.fields[f].lengths() for f in RESPONSE_FIELDS[self.kind]]).amax(0)
+        return self.fields["prompt"].lengths() + longest
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The flat tensors ({field}_tokens, {field}_offsets) that prepared data stores."""
+        return {f"{name}_{part}": getattr(r, part) for name, r in self.fields.items() for part in ("tokens", "offsets")}
+
+    @classmethod
+    def from_tensors(cls, kind: str, t: Dict[str, torch.Tensor]) -> "TokenizedDataset":
+        if kind == "sft" and "prompt_lengths" in t:  # prepared-data version 1: prompt + response stored as one row
+            seqs = Ragged(t["tokens"], t["offsets"])
+            cut = t["prompt_lengths"].tolist()
+            return cls.from_rows(kind, [(seqs[i][:p], seqs[i][p:]) for i, p in enumerate(cut)])
+        return cls(kind, {name: Ragged(t[f"{name}_tokens"], t[f"{name}_offsets"]) for name in KIND_FIELDS[kind]})
+
+    def fit(self, max_seq_length: int, truncation: str = "drop") -> Tuple["TokenizedDataset", int, int]:
+        """Apply the truncation policy for a (smaller) max_seq_length: (dataset, truncated, dropped)."""
+        names, responses = KIND_FIELDS[self.kind], RESPONSE_FIELDS[self.kind]
+        rows, truncated, dropped = [], 0, 0
+        for i in range(len(self)):
+            item = self[i]
+            fitted = fit_responses(item["prompt"], [item[f] for f in responses], max_seq_length, truncation)
+            if fitted is None:
+                dropped += 1
+                continue
+            truncated += fitted[1]
+            item.update(zip(responses, fitted[0]))
+            rows.append(tuple(item[name] for name in names))
+        return TokenizedDataset.from_rows(self.kind, rows), truncated, dropped
+
+
+def fit_responses(prompt: torch.Tensor, responses: Sequence[torch.Tensor], max_len: int,
+                  truncation: str) -> Optional[Tuple[List[torch.Tensor], int]]:
+    """The truncation policy for one example: (responses, 1 if any was cut else 0), or None to drop it. drop: an
+    example whose prompt + longest response exceeds max_len goes; truncate: responses lose their tail (and with it the
+    end token), and only an example whose prompt leaves no room for a response token goes."""
+    if len(prompt) + max(len(r) for r in responses) <= max_len:
+        return list(responses), 0
+    if truncation == "drop" or len(prompt) >= max_len:
+        return None
+    room = max_len - len(prompt)
+    return [r[:room] for r in responses], 1
+
+
+def pad_rows(rows: Sequence[Tuple[torch.Tensor, torch.Tensor]], pad_id: Optional[int]) -> Dict[str, torch.Tensor]:
+    """(prompt, response) token rows -> {"input_ids": (B, T), "labels": (B, T), "lengths": (B,)}: prompt + response
+    right-padded with pad_id to the longest row; labels are the input ids on the response and IGNORE_INDEX on the
+    prompt and the padding; lengths count each row's real tokens."""
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    T = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), T), 0 if pad_id is None else pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    lengths = torch.zeros(len(rows), dtype=torch.long)
+    for b, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        input_ids[b, :n] = torch.cat([p, r])
+        labels[b, len(p):n] = r
+        lengths[b] = n
+    return {"input_ids": input_ids, "labels": labels, "lengths": lengths}

@@ -1,0 +1,266 @@
+"""Row formats: how one raw JSON row of a public dataset becomes an `Example` (prompt turns, the target / preferred
+answer, the other answer). One small parser per format in one registry (`FORMATS`), detected from a row's fields.
+
+| format | fields | SFT target | pair (preferred, other) |
+| --- | --- | --- | --- |
+| `alpaca` | instruction, input, output | output | (SFT only) |
+| `pku` | prompt, response_0, response_1, better/safer_response_id, is_response_*_safe | the `preference` response | (preferred, other) |
+| `hh` | chosen, rejected: whole "\\n\\nHuman: ... \\n\\nAssistant: ..." dialogues | chosen's last answer | (chosen, rejected) |
+| `pairs` | prompt, chosen, rejected | chosen | (chosen, rejected) |
+| `prompt` | prompt, response (or completion) | response | (SFT only) |
+| `qac` | question, answer, correction | correction | (correction, answer) |
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from lit_aligner.files import UserError
+from lit_aligner.prompts import Message, join_input, transcript
+
+PREFERENCES = ("safer", "better")
+
+
+class DataError(UserError):
+    """Unusable data: the message names the file (and row) and the fix."""
+
+
+class BadRow(Exception):
+    """One malformed row: counted and skipped, or (strict) a DataError naming the file and the row."""
+
+
+@dataclass
+class Example:
+    """One normalized row: the prompt conversation (ends with a user message), an optional Alpaca input for one-turn
+    prompts, the response (`chosen`: SFT target / preferred / correction C), the other answer (`rejected`:
+    dispreferred / upstream answer A), and for HH-RLHF the verbatim dialogue prefix used by the `hh` template."""
+
+    messages: List[Message]
+    chosen: str
+    rejected: Optional[str] = None
+    input: str = ""
+    raw_prompt: Optional[str] = None
+    notes: Dict[str, Any] = field(default_factory=dict)
+
+    def chat_messages(self) -> List[Message]:
+        """The conversation with the input joined into the (single) user message."""
+        if self.input:
+            return [{"role": "user", "content": join_input(self.messages[-1]["content"], self.input)}]
+        return self.messages
+
+    def question(self) -> str:
+        """The question as one text, for the correction template (earlier turns as a transcript)."""
+        if len(self.messages) == 1:
+            return join_input(self.messages[0]["content"], self.input)
+        return transcript(self.messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Field access
+
+
+def text_field(row: Dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    if key not in row:
+        raise BadRow(f"missing field {key!r} (fields: {sorted(row)})")
+    value = row[key]
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str):
+        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRow(f"field {key!r} is empty")
+    return value
+
+
+def _optional_input(row: Dict[str, Any]) -> str:
+    return text_field(row, "input", allow_empty=True) if "input" in row else ""
+
+
+def _user(text: str) -> List[Message]:
+    return [{"role": "user", "content": text}]
+
+
+def _choice_id(row: Dict[str, Any], key: str) -> int:
+    if key not in row:
+        raise BadRow(f"missing field {key!r}")
+    v = row[key]
+    if isinstance(v, bool) or v not in (0, 1):
+        raise BadRow(f"field {key!r} must be 0 or 1, got {v!r}")
+    return int(v)
+
+
+def _single_answer(fmt: str, fields: str) -> DataError:
+    return DataError(f"{fmt} rows ({fields}) have one answer per prompt: they make SFT data only. Preference / "
+                     f"correction data needs pairs (PKU-SafeRLHF, HH-RLHF, prompt/chosen/rejected or "
+                     f"question/answer/correction).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HH-RLHF dialogues
+
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def split_hh(dialogue: str) -> Tuple[str, str]:
+    """Split an HH-RLHF dialogue at its LAST "\\n\\nAssistant:" into (prompt, answer): the prompt is everything up to
+    and including that "Assistant:", the answer the rest (stripped). ValueError when there is no Assistant turn or
+    the answer is empty."""
+    i = dialogue.rfind(HH_ASSISTANT)
+    if i < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in the dialogue")
+    prompt, answer = dialogue[: i + len(HH_ASSISTANT)], dialogue[i + len(HH_ASSISTANT):].strip()
+    if not answer:
+        raise ValueError("the last Assistant turn is empty")
+    return prompt, answer
+
+
+def hh_messages(prompt: str) -> List[Message]:
+    """Chat messages (Human → user, Assistant → assistant) of an HH prompt ending with the open "\\n\\nAssistant:"
+    turn; consecutive turns of one speaker are merged. ValueError when it does not end with a Human turn."""
+    parts = _HH_TURN.split(prompt)
+    lead, turns = parts[0].strip(), list(zip(parts[1::2], parts[2::2]))
+    if not turns or turns[-1][0] != "Assistant" or turns[-1][1].strip():
+        raise ValueError("the prompt must end with an open '\\n\\nAssistant:' turn")
+    messages: List[Message] = []
+    if lead:  # text before the first marker: context from the user
+        messages.append({"role": "user", "content": lead})
+    for speaker, content in turns[:-1]:
+        role = "user" if speaker == "Human" else "assistant"
+        content = content.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = (messages[-1]["content"] + "\n\n" + content).strip()
+        else:
+            messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"]:
+        raise ValueError("the dialogue's last turn before the answer is not a (non-empty) Human turn")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One parser per format: parse(row, pair, preference) -> Example (raises BadRow)
+
+
+def _alpaca(row, pair, preference):
+    if pair:
+        raise _single_answer("Alpaca-style", "instruction, input, output")
+    return Example(_user(text_field(row, "instruction")), text_field(row, "output"), input=_optional_input(row))
+
+
+def _prompt_response(row, pair, preference):
+    if pair:
+        raise _single_answer("prompt/response", "prompt, response")
+    key = "response" if "response" in row else "completion"
+    return Example(_user(text_field(row, "prompt")), text_field(row, key), input=_optional_input(row))
+
+
+def _pairs(row, pair, preference):
+    return Example(_user(text_field(row, "prompt")), text_field(row, "chosen"),
+                   text_field(row, "rejected") if pair else None, input=_optional_input(row))
+
+
+def _qac(row, pair, preference):
+    return Example(_user(text_field(row, "question")), text_field(row, "correction"), text_field(row, "answer"))
+
+
+def _pku(row, pair, preference):
+    prompt = text_field(row, "prompt")
+    responses = [text_field(row, "response_0"), text_field(row, "response_1")]
+    best = _choice_id(row, "safer_response_id" if preference == "safer" else "better_response_id")
+    safe = row.get(f"is_response_{best}_safe")
+    if safe is not None and not isinstance(safe, bool):
+        raise BadRow(f"field 'is_response_{best}_safe' must be true or false, got {safe!r}")
+    return Example(_user(prompt), responses[best], responses[1 - best] if pair else None,
+                   notes={"chosen_unsafe": True} if safe is False else {})
+
+
+def _hh(row, pair, preference):
+    try:
+        prompt, chosen = split_hh(text_field(row, "chosen"))
+        rejected = None
+        if pair:
+            prompt_r, rejected = split_hh(text_field(row, "rejected"))
+            if prompt_r != prompt:
+                raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last Assistant "
+                             "turn)")
+        try:
+            messages = hh_messages(prompt)
+        except ValueError as e:  # the hh template still uses the prompt verbatim; others need the turns
+            return Example([], chosen, rejected, raw_prompt=prompt, notes={"turns_error": str(e)})
+        return Example(messages, chosen, rejected, raw_prompt=prompt)
+    except ValueError as e:
+        raise BadRow(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    fields: Tuple[str, ...]  # the fields (after a field map) that identify a row of this format
+    parse: Callable[[Dict[str, Any], bool, str], Example]
+    description: str
+
+
+# Detection order matters: the first format whose fields a row has wins.
+FORMATS: Dict[str, Format] = {f.name: f for f in [
+    Format("pku", ("prompt", "response_0", "response_1"), _pku, "PKU-SafeRLHF"),
+    Format("qac", ("question", "answer", "correction"), _qac, "Q-A-C correction rows"),
+    Format("pairs", ("prompt", "chosen", "rejected"), _pairs, "prompt/chosen/rejected preference pairs"),
+    Format("prompt", ("prompt", "response"), _prompt_response, "prompt/response (or prompt/completion) rows"),
+    Format("hh", ("chosen",), _hh, "HH-RLHF {chosen, rejected} dialogues"),
+    Format("alpaca", ("instruction", "output"), _alpaca, "Stanford Alpaca (instruction, input, output)"),
+]}
+# fields a field map may map onto
+MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "question",
+            "answer", "correction", "response_0", "response_1", "better_response_id", "safer_response_id",
+            "is_response_0_safe", "is_response_1_safe")
+
+
+def detect_format(row: Dict[str, Any], path: Path) -> str:
+    keys = set(row)
+    if {"prompt", "completion"} <= keys:
+        keys.add("response")
+    for name, fmt in FORMATS.items():
+        if name == "hh" and "prompt" in keys:
+            continue  # {prompt, chosen, ...} is a pair row that lacks a field, not an HH dialogue
+        if set(fmt.fields) <= keys:
+            return name
+    raise DataError(
+        f"{path}: cannot tell the data format from the row keys {sorted(row)}. Known formats: "
+        + "; ".join(f"{f.description} ({', '.join(f.fields)})" for f in FORMATS.values())
+        + ". Map other names with --field-map, e.g. instruction=question,output=answer.")
+
+
+def parse_field_map(spec: Union[str, Dict[str, str], None]) -> Optional[Dict[str, str]]:
+    """"instruction=question,output=answer" (ours=theirs) or a dict -> {ours: theirs}; DataError on a bad spec."""
+    if spec is None or spec == "" or spec == {}:
+        return None
+    if isinstance(spec, str):
+        pairs = [p.strip() for p in spec.split(",") if p.strip()]
+        if any(p.count("=") != 1 for p in pairs):
+            raise DataError(f"--field-map {spec!r}: expected comma-separated ours=theirs pairs, e.g. "
+                            f"instruction=question,output=answer")
+        spec = dict(tuple(s.strip() for s in p.split("=")) for p in pairs)
+    unknown = sorted(set(spec) - set(MAPPABLE))
+    if unknown:
+        raise DataError(f"field map: unknown target field(s) {unknown}; map onto {', '.join(MAPPABLE)}")
+    return dict(spec)
+
+
+def apply_field_map(row: Dict[str, Any], field_map: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    if not field_map:
+        return row
+    out = {k: v for k, v in row.items() if k not in field_map.values()}
+    for ours, theirs in field_map.items():
+        if theirs in row:
+            out[ours] = row[theirs]
+    return out
+
+
+def row_to_example(row: Any, fmt: str, kind: str, preference: str) -> Example:
+    """One raw row of format `fmt` -> Example for data `kind` (sft uses `chosen` only). Raises BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[fmt].parse(row, kind != "sft", preference)

@@ -1,0 +1,248 @@
+"""From a data source to tokenized train / validation splits: `load_data` (what every trainer and evaluator calls) and
+`prepare` (what the prepare scripts call), with the bad-row policy, the truncation policy and the seeded split.
+
+Sources: None → the offline default dataset (`lit_aligner.data.default`); a directory written by `save_prepared` →
+loaded as is; a .json list or .jsonl (.gz) file → prepared on the fly; a list of row dicts → the same, from memory.
+
+Bad rows (a missing or empty field, a line that is not JSON, HH pairs whose prompts differ): public datasets hold a
+few, so by default they are skipped and counted (info "bad_rows", the first reasons in "bad_row_examples"), and the
+load stops only when more than `max_bad_rows` (a share, default 5%) are bad, which means a wrong format or field map.
+`strict_data` stops at the first bad row.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, fit_responses
+from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
+                                      parse_field_map, row_to_example)
+from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
+from lit_aligner.data.tokenize import tokenize_example
+from lit_aligner.files import BadRecord, read_records
+from lit_aligner.prompts import CorrectionTemplate, get_template
+
+DataSource = Union[str, Path, None, Sequence[Dict[str, Any]]]
+Splits = Tuple[TokenizedDataset, TokenizedDataset, Dict[str, Any]]
+FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac"]
+
+
+@dataclass
+class DataOptions:
+    """How rows become tokenized examples: the data flags that training, evaluation and the prepare scripts share."""
+
+    format: FormatName = "auto"
+    """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac); auto
+    detects it from the first row's fields."""
+    field_map: Optional[str] = None
+    """rename fields first: comma-separated ours=theirs pairs, e.g. instruction=question,output=answer."""
+    preference: Optional[Literal["safer", "better"]] = None
+    """PKU-SafeRLHF rows: which response is the target / chosen one (default: better for SFT, safer for pairs and
+    corrections)."""
+    max_seq_length: int = 512
+    """longest prompt + response in tokens (the longer response of a pair); longer rows follow --truncation."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """drop: leave out rows longer than --max-seq-length (counted); truncate: cut their responses' tails."""
+    val_fraction: float = 0.05
+    """share of the rows held out for validation (seeded split)."""
+    val_size: Optional[int] = None
+    """number of validation rows, instead of --val-fraction."""
+    strict_data: bool = False
+    """stop at the first malformed row instead of skipping and counting it."""
+    max_bad_rows: float = 0.05
+    """stop when more than this share of the rows is malformed (a wrong format or field map, not a few bad rows)."""
+
+    def check(self) -> None:
+        if self.truncation not in TRUNCATION:
+            raise DataError(f"--truncation must be one of {', '.join(TRUNCATION)}, got {self.truncation!r}")
+        if self.preference is not None and self.preference not in PREFERENCES:
+            raise DataError(f"--preference must be one of {', '.join(PREFERENCES)}, got {self.preference!r}")
+        if self.max_seq_length < 2:
+            raise DataError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
+        if not 0.0 <= self.max_bad_rows <= 1.0:
+            raise DataError(f"--max-bad-rows is a share of the rows in [0, 1], got {self.max_bad_rows}")
+        if self.format != "auto" and self.format not in FORMATS:
+            raise DataError(f"unknown --format {self.format!r}; one of auto, {', '.join(FORMATS)}")
+
+
+def split_indices(n: int, val_fraction: float = 0.05, seed: int = 42,
+                  val_size: Optional[int] = None) -> Tuple[List[int], List[int]]:
+    """A deterministic split of row indices 0..n-1: (train, val), each in ascending order. val_size (rows) wins over
+    val_fraction; a positive fraction of n >= 2 rows gives at least one val row."""
+    if val_size is None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        val_size = round(n * val_fraction)
+        if val_fraction > 0 and n >= 2:
+            val_size = max(1, val_size)
+    if not 0 <= val_size < max(n, 1):
+        raise DataError(f"--val-size {val_size} leaves no training rows out of {n}")
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    return sorted(perm[val_size:]), sorted(perm[:val_size])
+
+
+def _records(kind: str, data: DataSource) -> Tuple[Path, List[Tuple[str, Any]], str]:
+    if data is None:
+        from lit_aligner.data import default
+
+        rows = default.generate_rows() if kind == "sft" else default.generate_preference_rows()
+        return Path("<default dataset>"), [(f"row {i}", r) for i, r in enumerate(rows)], "generated"
+    if isinstance(data, (list, tuple)):
+        return Path("<rows>"), [(f"row {i}", r) for i, r in enumerate(data)], "rows"
+    path = Path(data)
+    records, container = read_records(path, "data file (a JSON list or JSONL of rows)", DataError)
+    return path, records, container
+
+
+def _check_template(kind: str, template) -> None:
+    is_correction = isinstance(template, CorrectionTemplate)
+    if kind == "correction" and not is_correction:
+        raise DataError(f"correction data is rendered with the 'correction' template, not {template.name!r}")
+    if kind != "correction" and is_correction:
+        raise DataError("the 'correction' template renders Q-A-C prompts: load such data as correction data "
+                        "(finetune/aligner.py --mode correction, scripts/prepare_correction.py)")
+
+
+def build_datasets(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
+                   seed: int = 42, source: Optional[str] = None) -> Splits:
+    """Read raw rows (a file, the default dataset for data=None, or rows in memory), render them with `template`,
+    tokenize, split with `seed` and fit to options.max_seq_length. Returns (train, val, info); see `load_data`."""
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; one of {', '.join(KINDS)}")
+    options.check()
+    preference = options.preference or ("better" if kind == "sft" else "safer")
+    tmpl = get_template(template) if isinstance(template, str) else template
+    _check_template(kind, tmpl)
+    fmap = parse_field_map(options.field_map)
+    path, records, container = _records(kind, data)
+    if not records:
+        raise DataError(f"{path}: no rows in the file.")
+    source = source or ("default" if data is None else "<rows>" if isinstance(data, (list, tuple)) else str(data))
+    info: Dict[str, Any] = {"kind": kind, "source": source, "template": tmpl.name, "format": None,
+                            "container": container, "rows_read": len(records), "bad_rows": 0, "kept": 0,
+                            "truncated": 0, "dropped": 0, "max_seq_length": options.max_seq_length,
+                            "truncation": options.truncation, "seed": seed, "val_fraction": options.val_fraction,
+                            "val_size": options.val_size, "bad_row_examples": []}
+    _, val_idx = split_indices(len(records), options.val_fraction, seed, options.val_size)
+    in_val = set(val_idx)
+    out: Dict[str, list] = {"train": [], "val": []}
+    fmt = None if options.format == "auto" else options.format
+    counts = {"identical_pairs": 0, "chosen_unsafe": 0}
+    n_responses = len(KIND_FIELDS[kind]) - (2 if kind == "correction" else 1)
+    for i, (where, row) in enumerate(records):
+        try:
+            if isinstance(row, BadRecord):
+                raise BadRow(str(row))
+            if isinstance(row, dict):
+                row = apply_field_map(row, fmap)
+                fmt = fmt or detect_format(row, path)
+            ex = row_to_example(row, fmt or "alpaca", kind, preference)
+            if kind == "preference" and ex.chosen.strip() == ex.rejected.strip():
+                counts["identical_pairs"] += 1  # no preference signal (a correction may legitimately be a copy)
+                continue
+            counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
+            try:
+                ids = tokenize_example(ex, kind, tmpl, tokenizer)
+            except ValueError as e:  # a template that cannot render this row (e.g. a chat template's own checks)
+                if isinstance(e, DataError):
+                    raise
+                raise BadRow(f"cannot render the prompt: {e}") from None
+        except BadRow as e:
+            if options.strict_data:
+                raise DataError(f"{path}: {where}: {e}; fix the row, or drop --strict-data to skip and count such "
+                                f"rows.") from None
+            info["bad_rows"] += 1
+            if len(info["bad_row_examples"]) < 5:
+                info["bad_row_examples"].append(f"{where}: {e}")
+            continue
+        head, responses = ids[: len(ids) - n_responses], ids[len(ids) - n_responses:]
+        fitted = fit_responses(head[0], responses, options.max_seq_length, options.truncation)
+        if fitted is None:
+            info["dropped"] += 1
+            continue
+        info["truncated"] += fitted[1]
+        out["val" if i in in_val else "train"].append((*head, *fitted[0]))
+    info["format"] = fmt
+    if fmt == "pku":
+        info.update(preference=preference, chosen_unsafe=counts["chosen_unsafe"])
+    if kind == "preference":
+        info["identical_pairs"] = counts["identical_pairs"]
+    _check_bad_share(path, info, options)
+    train, val = (TokenizedDataset.from_rows(kind, out[s]) for s in ("train", "val"))
+    info.update(kept=len(train) + len(val), train=len(train), val=len(val))
+    if not len(train):
+        raise DataError(f"{path}: no training rows left ({describe(info)}); raise --max-seq-length, use "
+                        f"--truncation truncate or check the data.")
+    return train, val, info
+
+
+def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> None:
+    bad, total = info["bad_rows"], info["rows_read"]
+    if bad and bad > options.max_bad_rows * total:
+        first = "; ".join(info["bad_row_examples"][:3])
+        raise DataError(f"{path}: {bad} of {total} rows ({bad / total:.0%}) are malformed, more than --max-bad-rows "
+                        f"{options.max_bad_rows:.0%} (first: {first}). That is a wrong --format or --field-map rather "
+                        f"than a few bad rows; fix those, or raise --max-bad-rows.")
+
+
+def load_data(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
+              seed: int = 42, source: Optional[str] = None) -> Splits:
+    """Tokenized (train, val, info) of `kind` ("sft", "preference" or "correction") data.
+
+    data: None → the offline default dataset; a prepared directory → loaded as is (its template wins; rows longer than
+    options.max_seq_length follow options.truncation); a .json/.jsonl file or a list of rows → prepared now with
+    `template`: Alpaca, PKU-SafeRLHF (the `preference` response), HH-RLHF (the dialogue's last answer), prompt/response,
+    prompt/chosen/rejected, Q-A-C, or any of those after a field map (see `lit_aligner.data.formats`). Correction data
+    reads Q-A-C rows or any pair file (A = rejected, C = chosen) and needs the `correction` template.
+    info: kind, source, format, template (the one actually used: save it with the Aligner), rows_read, bad_rows
+    (skipped), kept, truncated, dropped (too long), train, val, max_seq_length, truncation, seed, bad_row_examples.
+    Raises DataError (file, row, fix) on bad input."""
+    if not is_prepared(data):
+        return build_datasets(kind, data, tokenizer, template, options, seed, source)
+    options.check()
+    train, val, meta = load_prepared(data, kind, tokenizer)
+    info = {k: v for k, v in meta.items() if k != "version"}
+    info.update(source=str(data), prepared=True, prepared_max_seq_length=meta.get("max_seq_length"),
+                max_seq_length=options.max_seq_length, truncation=options.truncation)
+    if template is not None and meta.get("template") not in (None, template):
+        info["note"] = f"{data} was prepared with the {meta.get('template')!r} template; it is used as is"
+    if options.max_seq_length < (meta.get("max_seq_length") or 0):
+        for split in ("train", "val"):
+            fitted, truncated, dropped = (train if split == "train" else val).fit(options.max_seq_length,
+                                                                                  options.truncation)
+            train, val = (fitted, val) if split == "train" else (train, fitted)
+            info["truncated"] = info.get("truncated", 0) + truncated
+            info["dropped"] = info.get("dropped", 0) + dropped
+    info.update(kept=len(train) + len(val), train=len(train), val=len(val))
+    if not len(train):
+        raise DataError(f"{data}: no training rows fit --max-seq-length {options.max_seq_length}.")
+    return train, val, info
+
+
+def describe(info: Dict[str, Any]) -> str:
+    """One line of the counts in an info dict, for the scripts and logs."""
+    keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val",
+            "chosen_unsafe"]
+    counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
+    head = f"{info.get('kind')} data from {info.get('source')} (format {info.get('format')}, template " \
+           f"{info.get('template')}, max_seq_length {info.get('max_seq_length')}, truncation {info.get('truncation')})"
+    return f"{head}: {counts}"
+
+
+def report(info: Dict[str, Any]) -> str:
+    """The counts, the first skipped rows with their reasons, and where prepared data went (scripts and trainers
+    print this)."""
+    lines = [describe(info)]
+    for example in info.get("bad_row_examples", []):
+        lines.append(f"  skipped {example}")
+    if info.get("bad_rows", 0) > len(info.get("bad_row_examples", [])):
+        lines.append(f"  ... {info['bad_rows'] - len(info['bad_row_examples'])} more skipped rows")
+    if "out_dir" in info:
+        lines.append(f"wrote {info['out_dir']}/{{train,val}}.safetensors and meta.json")
+    return "\n".join(lines)
+
+
+__all__ = ["DataOptions", "DataSource", "build_datasets", "describe", "load_data", "report", "split_indices",
+           "storable_info"]

@@ -1,0 +1,89 @@
+"""Examples -> token ids, keeping the prompt exactly as generation will see it.
+
+prompt_ids == tokenizer.encode(prompt) (BOS per the tokenizer's default), and the response ids are the tail of
+encode(prompt + response) after those prompt ids (the same as encoding the response alone, except that the tokenizer
+sees the boundary: no SentencePiece dummy-prefix space in front of the response). When a tokenizer merges text across
+the boundary, the response is encoded on its own. Responses end with the tokenizer's EOS token (with the `chat`
+template: the chat template's end-of-turn token).
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from lit_aligner.data.formats import BadRow, DataError, Example
+from lit_aligner.prompts import CorrectionTemplate, PromptTemplate
+
+
+def _end_tokens(tokenizer) -> Dict[str, int]:
+    """Spelling -> id of the tokens that end a response (EOS and the stop tokens)."""
+    ids = [tokenizer.eos_id, *sorted(getattr(tokenizer, "stop_ids", ()) or ())]
+    spell = getattr(tokenizer, "id_to_token", None)
+    out = {}
+    for i in ids:
+        if i is None:
+            continue
+        text = spell(i) if spell else tokenizer.decode([i])
+        if text:
+            out.setdefault(text, i)
+    return out
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str,
+                  prompt_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_ids, response_ids): prompt_ids == tokenizer.encode(prompt) (BOS per the tokenizer's default);
+    response_ids = the completion's tokens ending with one end token: the end-of-turn token the completion already
+    ends with (chat templates), else the tokenizer's EOS. prompt_ids: the prompt's ids when already known."""
+    if tokenizer.eos_id is None:
+        raise DataError("the tokenizer has no EOS token, so responses cannot be terminated; use a checkpoint whose "
+                        "tokenizer_config.json names an eos_token")
+    body = completion.rstrip()
+    end_id = tokenizer.eos_id
+    for text, i in _end_tokens(tokenizer).items():
+        if body.endswith(text):
+            body, end_id = body[: -len(text)].rstrip(), i
+            break
+    p = tokenizer.encode(prompt).long() if prompt_ids is None else prompt_ids
+    full = tokenizer.encode(prompt + body).long()
+    if len(full) >= len(p) and torch.equal(full[: len(p)], p):
+        r = full[len(p):]
+    else:  # the tokenizer merged text across the boundary: the response on its own
+        r = tokenizer.encode(body, bos=False).long()
+    return p, torch.cat([r, torch.tensor([end_id], dtype=torch.long)])
+
+
+def _need_turns(ex: Example) -> None:
+    if not ex.messages:
+        raise BadRow(f"{ex.notes.get('turns_error', 'no prompt turns')} (the dialogue's turns cannot be recovered; "
+                     f"only the 'hh' template, which keeps the prompt verbatim, can use this row)")
+
+
+def render_prompt(template: PromptTemplate, ex: Example, tokenizer) -> str:
+    """The prompt text of an example: HH prompts verbatim for `hh`, one-turn prompts via `render` (Alpaca input
+    kept apart), multi-turn conversations via `render_messages`."""
+    if ex.raw_prompt is not None and template.name == "hh":
+        return ex.raw_prompt
+    _need_turns(ex)
+    if len(ex.messages) == 1:
+        return template.render(ex.messages[0]["content"], ex.input, tokenizer=tokenizer)
+    return template.render_messages(ex.messages, tokenizer=tokenizer)
+
+
+def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer) -> Tuple[torch.Tensor, ...]:
+    """The token rows of one example, in the order of `dataset.KIND_FIELDS[kind]`: sft (prompt, response);
+    preference (prompt, chosen, rejected); correction (prompt, question, answer, correction)."""
+    if kind == "correction":
+        if not isinstance(template, CorrectionTemplate):
+            raise DataError(f"correction data needs the 'correction' template, not {template.name!r}")
+        _need_turns(ex)
+        prompt = template.render_correction(ex.question(), ex.rejected, tokenizer)
+        p, a = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected))
+        _, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen), p)
+        return p, tokenizer.encode(ex.question(), bos=False).long(), a, c
+    prompt = render_prompt(template, ex, tokenizer)
+    msgs = ex.chat_messages()
+    p, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen, msgs, tokenizer))
+    if kind == "sft":
+        return p, c
+    _, r = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected, msgs, tokenizer), p)
+    return p, c, r

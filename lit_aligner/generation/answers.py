@@ -1,0 +1,176 @@
+"""Answering prompts on one loaded base: many prompts x many Aligners (`answer_prompts`, what `generate/aligner.py`
+runs), prompt files (`read_prompts`), Aligner files as columns of answers (`load_aligner_entries`), and streaming text
+to a terminal (`TextStreamer`)."""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+
+import torch
+
+from lit_aligner.files import BadRecord, UserError, read_records
+from lit_aligner.generation.engine import GenerationStats, OnToken, generate
+from lit_aligner.model import Aligner, LLaMA
+from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
+
+
+class TextStreamer:
+    """An `on_token` callback that prints the decoded text of one row as it grows, through the tokenizer's incremental
+    decoder (`tokenizer.stream_decoder()`: an incomplete multi-byte character is held back until its last byte
+    arrives). Call `finish()` at the end for any text still held back. `text` is everything printed."""
+
+    def __init__(self, tokenizer, row: int = 0, file: Optional[TextIO] = None):
+        self.row, self.file = row, file or sys.stdout
+        self.decoder = tokenizer.stream_decoder()
+        self.text = ""
+
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self.file.write(piece)
+            self.file.flush()
+
+    def __call__(self, row: int, token_id: int) -> None:
+        if row == self.row:
+            self._write(self.decoder.step(token_id))
+
+    def finish(self) -> str:
+        self._write(self.decoder.flush())
+        return self.text
+
+
+@dataclass
+class PromptItem:
+    """One request: an instruction and an optional input (Alpaca style)."""
+
+    instruction: str
+    input: str = ""
+
+
+PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input'), "
+                  "or JSONL with one such string or object per line")
+
+
+def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
+    """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input`) or a
+    JSONL file (one such string or object per line). UserError naming the file and the row on bad input."""
+    records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
+    items = []
+    for where, row in records:
+        text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else row
+        inp = (row.get("input") or "") if isinstance(row, dict) else ""
+        if not isinstance(text, str) or not isinstance(inp, str) or isinstance(row, BadRecord):
+            reason = row if isinstance(row, BadRecord) else "has no 'prompt' or 'instruction' text (or a non-string " \
+                                                             "'input')"
+            raise UserError(f"{path}: {where} {reason}; expected {PROMPTS_FORMAT}")
+        items.append(PromptItem(text, inp))
+    if not items:
+        raise UserError(f"{path}: no prompts in the file; expected {PROMPTS_FORMAT}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Many prompts x many Aligners on one base
+
+
+@dataclass
+class AlignerEntry:
+    """One column of answers: `name` (e.g. the Aligner's path; "base" for the bare base), the Aligner (None: bare
+    base) and its metadata (template, mode, ...)."""
+
+    name: str
+    aligner: Optional[Aligner] = None
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    prompt: PromptItem
+    entry: AlignerEntry
+    prompt_text: str  # the full prompt after templating
+    tokens: torch.Tensor  # new token ids (stop token excluded)
+    text: str
+
+
+def answer_prompts(
+    model: LLaMA,
+    tokenizer,
+    prompts: Sequence[PromptItem],
+    entries: Sequence[AlignerEntry],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 8,
+    template: Optional[str] = None,
+    on_token: Optional[OnToken] = None,
+    **sampling: Any,
+) -> Tuple[List[List[Answer]], List[GenerationStats]]:
+    """Answer every prompt with every entry, on one loaded base. Returns answers[prompt][entry] and the stats of every
+    batch. Requests of Aligners that share n_tokens and start_layer (and bare-base requests) run in the same batches of
+    up to `batch_size` rows, sorted by length to limit padding. Each Aligner's prompt follows its metadata
+    (`prompt_for_aligner`); `template` overrides it for all. The bare base uses `template`, else the template that all
+    the Aligners share, else `build_prompt`'s default. on_token(request, token) numbers requests prompt-major
+    (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shared = {e.metadata.get("template") for e in entries if e.aligner is not None}
+    base_template = template or (shared.pop() if len(shared) == 1 else None)
+    requests = []  # (prompt i, entry j, prompt text, token ids)
+    for i, p in enumerate(prompts):
+        for j, e in enumerate(entries):
+            if e.aligner is None:
+                text = build_prompt(tokenizer, p.instruction, base_template, input=p.input)
+            else:
+                text = prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template)
+            requests.append((i, j, text, encode_prompt(tokenizer, text)))
+
+    # Group by Aligner shape; bare-base requests join the first group (a None row in a stack is the bare base).
+    groups: Dict[Any, List[int]] = {}
+    shape_of = {j: (e.aligner.n_tokens, e.aligner.start_layer) if e.aligner is not None else None
+                for j, e in enumerate(entries)}
+    first_shape = next((s for s in shape_of.values() if s is not None), None)
+    for r, (_, j, _, _) in enumerate(requests):
+        groups.setdefault(shape_of[j] or first_shape, []).append(r)
+
+    outputs: Dict[int, torch.Tensor] = {}
+    all_stats = []
+    for members in groups.values():
+        members.sort(key=lambda r: len(requests[r][3]))
+        for start in range(0, len(members), batch_size):
+            batch = members[start:start + batch_size]
+            callback = None
+            if on_token is not None:
+                def callback(row, tok, batch=batch):
+                    on_token(batch[row], tok)
+            out, stats = generate(model, [requests[r][3] for r in batch], max_new_tokens,
+                                  aligners=[entries[requests[r][1]].aligner for r in batch], on_token=callback,
+                                  return_stats=True, **sampling)
+            all_stats.append(stats)
+            outputs.update(zip(batch, out))
+
+    answers = [[None] * len(entries) for _ in prompts]
+    for r, (i, j, text, _) in enumerate(requests):
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], tokenizer.decode(outputs[r]))
+    return answers, all_stats
+
+
+def load_aligner_entries(paths: Sequence[Union[str, Path]], model: LLaMA) -> List[AlignerEntry]:
+    """Aligner files (ours or the paper's .pth) loaded onto the model's device and dtype and checked against the loaded
+    base (`lit_aligner.aligner_files.load_aligner`), as columns of answers named by their paths; each entry's metadata
+    is the file's header (template, mode, ...)."""
+    from lit_aligner.aligner_files import load_aligner
+
+    return [AlignerEntry(str(path), *load_aligner(path, model)) for path in paths]
+
+
+def answer(model: LLaMA, tokenizer, prompt: str, aligner: Optional[Aligner] = None,
+           metadata: Optional[Dict[str, Any]] = None, max_new_tokens: int = 256, template: Optional[str] = None,
+           **sampling: Any) -> str:
+    """The text of one answer to `prompt` by the base steered by `aligner` (None: the bare base), its prompt built as
+    the Aligner's metadata says (template, correction mode), stopping at the tokenizer's end tokens. `sampling`: the
+    keyword arguments of `generate` (temperature, top_k, top_p, generator). Greedy by default."""
+    sampling.setdefault("stop_ids", tokenizer.stop_ids)
+    entry = AlignerEntry("aligner" if aligner is not None else "base", aligner, dict(metadata or {}))
+    answers, _ = answer_prompts(model, tokenizer, [PromptItem(prompt)], [entry], max_new_tokens, template=template,
+                                **sampling)
+    return answers[0][0].text

@@ -1,0 +1,354 @@
+"""The decoding engine: text generation with a static KV cache (gpt-fast style), for the bare base and for one or
+many Aligners at once.
+
+`prefill` runs the (left-padded) prompts once and `decode_one_token` produces one token per row per call; the KV cache
+is allocated once at full size (`model.setup_caches`), so shapes never change and `decode_one_token` can be compiled.
+Several prompts run as one batch: rows are left-padded, a (B, 1, T, S) mask hides the pad keys and per-row RoPE
+positions start at 0 on each row's first real token, so a row gets the same tokens as when it runs alone. Aligners are
+arguments, not part of the loaded model: one base serves any number of them, one Aligner per row if need be, and the
+prefix keys and values are projected once per call (`model.prefix_kv`), not once per step.
+
+Prompts are built in `lit_aligner.prompts`; many prompts x many Aligners are answered by
+`lit_aligner.generation.answers`.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+
+from lit_aligner.model import LLaMA, Aligner, PrefixKV, stack_aligners
+from lit_aligner.perf import should_compile
+
+# What `generate(aligners=...)` accepts: one Aligner (or a stacked one, one per row), precomputed prefix K/V, a list with
+# one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (bare base).
+Aligners = Union[None, bool, Aligner, PrefixKV, Sequence[Optional[Aligner]]]
+OnToken = Callable[[int, int], None]
+
+# On CUDA, asking "has every row stopped?" blocks the host until the GPU catches up, so it is asked every few tokens
+# (a few wasted steps at most); on the CPU the answer is already there.
+_STOP_CHECK_EVERY_CUDA = 8
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one `generate` call. Seconds are wall-clock (the device is synchronised at the two boundaries)."""
+
+    batch_size: int
+    prompt_tokens: int  # real (unpadded) prompt tokens, all rows
+    new_tokens: int  # tokens returned, all rows (stop tokens and tokens after them excluded)
+    decode_steps: int  # calls of decode_one_token (the first new token comes from the prefill)
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens computed per second over all rows of the batch (batch 1: the per-sequence speed)."""
+        return self.batch_size * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
+                f"decode: {self.decode_steps} steps x batch {self.batch_size} in {self.decode_s:.2f} s "
+                f"({self.decode_tokens_per_s:.1f} tokens/s); {self.new_tokens} new tokens returned")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """logits: (B, vocab) -> next token ids (B,). Greedy (argmax) when temperature == 0; otherwise softmax(logits /
+    temperature) restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
+    (nucleus), sampled with `noise`: (B, vocab) Exp(1) draws (see `draw_noise`). Taking argmax(p / noise) is an exact
+    draw from p that needs no host sync, unlike torch.multinomial."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the most likely token is always kept.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(dim=-1)
+
+
+def draw_noise(batch: int, vocab: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(batch, vocab) Exp(1) draws for `sample`, from `generator` (on its own device) when given."""
+    g_device = generator.device if generator is not None else device
+    noise = torch.empty(batch, vocab, device=g_device).exponential_(1, generator=generator)
+    return noise.to(device, non_blocking=True)
+
+
+def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    """ValueError naming the parameter for a negative or non-finite temperature, top_k < 1 or top_p outside (0, 1]."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill and one decoding step
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked (see `sample`): greedy at temperature 0."""
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+
+GREEDY = Sampling()
+
+
+def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor, prefix: Optional[PrefixKV],
+            sampling: Sampling = GREEDY, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run the left-padded prompts idx: (B, T) through the model, filling cache slots 0..T-1, and sample the first new
+    token (B,). pad: (B,) pad tokens at the start of each row; valid: (B, S) bool, True for the cache slots that hold (or
+    will hold) a real token of the row. A pad query may attend to itself only: a fully masked row would give NaN, which
+    would leak into real rows through 0 * NaN."""
+    B, T = idx.shape
+    S = valid.shape[1]
+    t = torch.arange(T, device=idx.device)
+    slots = torch.arange(S, device=idx.device)
+    causal = slots[None, :] <= t[:, None]  # (T, S)
+    mask = (causal[None] & valid[:, None, :]) | (slots[None, :] == t[:, None])[None]  # (B, T, S)
+    positions = (t[None, :] - pad[:, None]).clamp(min=0)  # (B, T): every row's first real token is at position 0
+    hidden = model(idx, input_pos=t, aligner=_no_aligner(prefix), mask=mask[:, None], positions=positions,
+                   return_hidden=True)
+    logits = torch.nn.functional.linear(hidden[:, -1], model.lm_head_weight)  # (B, vocab): last position only
+    return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, noise)
+
+
+def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
+                     valid: torch.Tensor, prefix: Optional[PrefixKV], sampling: Sampling = GREEDY,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """token: (B, 1) the last token of every row, written at cache slot input_pos: (1,) -> the next token (B,).
+    Only tensor ops: no host sync, fixed shapes (compilable, CUDA-graph friendly)."""
+    slots = torch.arange(valid.shape[1], device=token.device)
+    mask = (valid & (slots <= input_pos))[:, None, None, :]  # (B, 1, 1, S)
+    positions = (input_pos - pad)[:, None]  # (B, 1)
+    logits = model(token, input_pos=input_pos, aligner=_no_aligner(prefix), mask=mask, positions=positions)
+    return sample(logits[:, -1], sampling.temperature, sampling.top_k, sampling.top_p, noise)
+
+
+def _no_aligner(prefix: Optional[PrefixKV]) -> Union[bool, PrefixKV]:
+    # The model reads aligner=None as "use model.aligner"; here None has already been resolved, so it means bare base.
+    return False if prefix is None else prefix
+
+
+_compiled: Dict[str, Callable] = {}
+
+
+def _decode_fn(compile: bool, device: torch.device) -> Callable:
+    if not compile:
+        return decode_one_token
+    key = device.type
+    if key not in _compiled:
+        # CUDA graphs remove the per-kernel launch cost that dominates decoding small batches on a GPU.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _compiled[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def resolve_prefix(model: LLaMA, aligners: Aligners, batch_size: int) -> Optional[PrefixKV]:
+    """The prefix K/V that `generate` uses for `aligners` (see `Aligners`), computed once; None for the bare base."""
+    if aligners is False:
+        return None
+    if aligners is None:
+        aligners = model.aligner
+        if aligners is None:
+            return None
+    if isinstance(aligners, (list, tuple)):
+        if len(aligners) != batch_size:
+            raise ValueError(f"got {len(aligners)} aligners for {batch_size} prompts: pass one (or None) per prompt")
+        if all(a is None for a in aligners):
+            return None
+        for a in aligners:
+            if a is not None:
+                _check_aligner(model, a)
+        aligners = stack_aligners(list(aligners), model.config)
+    if isinstance(aligners, Aligner):
+        _check_aligner(model, aligners)
+        with torch.no_grad():
+            prefix = model.prefix_kv(aligners)
+    elif isinstance(aligners, PrefixKV):
+        prefix = aligners
+    else:
+        raise TypeError(f"aligners must be an Aligner, a PrefixKV, a list of Aligner/None, None or False, "
+                        f"got {type(aligners).__name__}")
+    rows = prefix.gate.shape[0]
+    if rows not in (1, batch_size):
+        raise ValueError(f"the Aligner stack has {rows} rows for a batch of {batch_size} prompts")
+    return prefix
+
+
+def _check_aligner(model: LLaMA, aligner: Aligner) -> None:
+    from lit_aligner.aligner_files import check_compatible
+
+    check_compatible(aligner, model.config)
+    device = model.tok_embeddings.weight.device
+    if aligner.prefix.device != device:
+        raise ValueError(f"Aligner is on {aligner.prefix.device}, the model on {device}: load it onto the model's device")
+
+
+def _ensure_caches(model: LLaMA, batch_size: int, seq_len: int) -> int:
+    """Allocate the KV cache for seq_len slots rounded up to 128, or reuse the model's current one when it is at least
+    that long but not twice as long (no reallocation, and no recompiling, across calls of similar lengths; a much
+    longer cache would make every step attend over masked slots). Returns the cache length S."""
+    S = min(-(-seq_len // 128) * 128, max(seq_len, model.config.block_size))
+    cache = model.layers[0].attn.kv_cache
+    if (cache is not None and cache.k.shape[0] >= batch_size and S <= cache.k.shape[2] < 2 * S
+            and cache.k.dtype == model.tok_embeddings.weight.dtype):
+        return cache.k.shape[2]
+    model.setup_caches(batch_size, S)
+    return S
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model: LLaMA,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_ids: Union[Set[int], Sequence[int]] = (),
+    aligners: Aligners = None,
+    generator: Optional[torch.Generator] = None,
+    on_token: Optional[OnToken] = None,
+    compile: Optional[bool] = None,
+    return_stats: bool = False,
+) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], GenerationStats]]:
+    """Continue each prompt (1-D LongTensor of token ids; lengths may differ) by up to `max_new_tokens` tokens, all
+    prompts in one left-padded batch. Returns the new tokens of every prompt (1-D LongTensor on the CPU), cut before
+    the first token in `stop_ids` (which is not included); with return_stats, also the `GenerationStats`.
+
+    aligners: one Aligner for every row (or a stacked Aligner, one row each), a PrefixKV (precomputed), a list with
+    one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (the bare
+    base). The prefix K/V are projected once per call.
+    temperature 0 is greedy; otherwise top_k / top_p (nucleus) filtering, with draws from `generator` (same seed, same
+    tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host every step).
+    compile: torch.compile `decode_one_token` (None: on CUDA only); the eager path gives the same tokens.
+    Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context,
+    non-finite sampling parameters, an Aligner of another base, ...)."""
+    check_sampling(temperature, top_k, top_p)
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.tok_embeddings.weight.device
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if p.dim() != 1 or p.numel() == 0 or p.is_floating_point():
+            raise ValueError(f"prompt {i}: expected a non-empty 1-D tensor of token ids, got shape {tuple(p.shape)} "
+                             f"and dtype {p.dtype}")
+    lengths = [int(p.numel()) for p in prompts]
+    B, T = len(prompts), max(lengths)
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(f"the longest prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.block_size} tokens: shorten the prompt or lower max_new_tokens")
+    prefix = resolve_prefix(model, aligners, B)
+    S = _ensure_caches(model, B, T + max_new_tokens)
+
+    # Checked on the host, before the copy: no device sync.
+    if any(len(p) and (int(p.min()) < 0 or int(p.max()) >= vocab) for p in (q.cpu() for q in prompts)):
+        raise ValueError(f"prompt token ids must be in [0, {vocab}): the tokenizer does not match this model")
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)  # pad id 0: never attended to, so any id does
+    for b, p in enumerate(prompts):
+        idx[b, T - lengths[b]:] = p.to(device)
+    pad = torch.tensor([T - n for n in lengths], device=device)
+    valid = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
+    stop_set = set(stop_ids)
+    stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    sampling = Sampling(temperature, top_k, top_p)
+
+    def next_noise():
+        return draw_noise(B, vocab, device, generator) if temperature > 0 else None
+
+    compiled = should_compile(device, compile)
+    decode = _decode_fn(compiled, device)
+    check_every = _STOP_CHECK_EVERY_CUDA if device.type == "cuda" and on_token is None else 1
+    host_done = [False] * B  # only kept when streaming: the callback needs the tokens on the host anyway
+
+    def emit(tok: torch.Tensor) -> None:
+        for b, t in enumerate(tok.tolist()):
+            if host_done[b]:
+                continue
+            if t in stop_set:
+                host_done[b] = True
+            else:
+                on_token(b, t)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    tok = prefill(model, idx, pad, valid, prefix, sampling, next_noise())
+    out[:, 0] = tok
+    done = torch.isin(tok, stop)
+    if on_token is not None:
+        emit(tok)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    input_pos = torch.tensor([T], device=device)
+    n = 1
+    for i in range(1, max_new_tokens):
+        if on_token is not None:
+            if all(host_done):
+                break
+        elif stop_set and i % check_every == 0 and bool(done.all()):  # no stop ids: never done, never sync
+            break
+        tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise())
+        if compiled:
+            tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
+        out[:, i] = tok
+        done |= torch.isin(tok, stop)
+        input_pos += 1
+        n = i + 1
+        if on_token is not None:
+            emit(tok)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    results = []
+    for row in out[:, :n].cpu():
+        ids = row.tolist()
+        end = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
+        results.append(row[:end].clone())
+    stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1)
+    return (results, stats) if return_stats else results

@@ -1,0 +1,246 @@
+"""What a training run takes, as dataclasses: the CLIs' flags are generated from these fields (`lit_aligner.cli`, tyro
+reads the field docstrings as help), so every default exists here once.
+
+`TrainConfig` (optimisation) and `DataOptions` (how rows become examples) are groups shared by every objective;
+`RunConfig` holds the flags every run shares; `SFTRunConfig` (SFT and correction) and `DPORunConfig` add their own.
+Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7B recipe is in howto/finetune.md.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Literal, Optional, Union
+
+from lit_aligner.data.load import DataOptions
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
+from lit_aligner.files import UserError
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
+from lit_aligner.perf import POLICIES
+
+
+class TrainError(UserError):
+    """Bad training arguments or unusable run state; the message names the file or flag and the fix."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Steps count optimizer steps, each one global batch."""
+
+    max_steps: int = 60
+    """optimizer steps (each one global batch)."""
+    learning_rate: float = 9e-3
+    """peak learning rate (the paper's), after a linear warm-up, cosine-decayed to learning_rate * min_lr_ratio."""
+    weight_decay: float = 0.02
+    """AdamW weight decay (paper: 0.02)."""
+    global_batch_size: int = 16
+    """sequences (DPO: pairs) per optimizer step over all devices (paper: 64)."""
+    micro_batch_size: int = 8
+    """sequences (DPO: pairs) per forward pass per device; gradients accumulate up to the global batch."""
+    warmup_steps: int = 5
+    """linear learning-rate warm-up steps."""
+    min_lr_ratio: float = 0.0
+    """the cosine ends at learning_rate * min_lr_ratio."""
+    eval_interval: int = 20
+    """validation every this many steps (and at the first and the last)."""
+    eval_iters: int = 4
+    """validation micro-batches per evaluation and device (0: the whole validation split)."""
+    save_interval: int = 50
+    """resumable run state every this many steps (and at the end, and on SIGINT/SIGTERM)."""
+    log_interval: int = 1
+    """a metrics row every this many steps."""
+    seed: int = 42
+    """seed of the prefix initialisation, the data order and the train/validation split."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """positions per chunk of the LM head + loss (bounds the logits memory; 0: all at once, the plain loss)."""
+
+    def check(self) -> None:
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "save_interval",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.eval_iters < 0 or self.chunk_size < 0:
+            raise TrainError("--warmup-steps, --eval-iters and --chunk-size must be >= 0")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise TrainError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TrainError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class RunConfig:
+    """The flags every training run shares: base model, data, Aligner shape, devices, output and resume."""
+
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+    """the converted base-model directory (scripts/convert_*.py); default: the embedded SmolLM2-135M-Instruct."""
+    data: Optional[Path] = None
+    """a prepared data directory (scripts/prepare_*.py) or a raw JSON/JSONL file (Alpaca, PKU-SafeRLHF, HH-RLHF,
+    prompt/response, prompt/chosen/rejected, Q-A-C), prepared on the fly. None: the offline default dataset."""
+    template: Optional[str] = None
+    """prompt template for raw data: alpaca, beaver, hh, chat, plain (default: chat when the tokenizer has a chat
+    template, else alpaca; correction for correction data). Stored in the Aligner's metadata."""
+    out_dir: Optional[Path] = None
+    """where the Aligner, metrics.csv and the run state go (default: out/<objective>/<base>)."""
+    init_aligner: Optional[Path] = None
+    """start from this Aligner (ours .safetensors or a paper .pth) instead of a fresh one; its N and start layer
+    replace --n-tokens/--start-layer."""
+    n_tokens: int = 10
+    """number of global prefix tokens N (1..10 in the paper)."""
+    start_layer: int = 2
+    """first layer that reads the prefix (paper: 2)."""
+    precision: Optional[str] = None
+    """Fabric precision: bf16-true, 16-true, 32-true, bf16-mixed (default: bf16-true on a GPU, 32-true on the CPU)."""
+    accelerator: str = "auto"
+    """auto, cpu, cuda/gpu."""
+    devices: Union[int, str] = 1
+    """devices (processes) per node."""
+    num_nodes: int = 1
+    """number of nodes."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """auto, ddp, or fsdp (shards a base model that does not fit one GPU)."""
+    resume: Optional[str] = None
+    """continue a stopped run: "auto" (the newest readable state in OUT/state) or a state file (.pt)."""
+    force: bool = False
+    """start over in an --out-dir that holds a run (its Aligner, metrics and state are deleted first); with --resume,
+    continue even when flags differ from the run being resumed."""
+    compile: bool = False
+    """torch.compile each transformer block (CUDA: faster steps after a compile of a minute or so)."""
+    activation_checkpointing: Literal["none", "selective", "mlp", "block"] = "none"
+    """recompute activations of the gated blocks in the backward pass to save memory: selective (the cheap
+    element-wise parts), mlp (the MLP too), block (whole blocks; least memory). See howto/performance.md."""
+    progress: bool = True
+    """show a progress bar on stderr."""
+    json_summary: bool = False
+    """print the run summary as one JSON object on the last line of stdout."""
+    data_options: DataOptions = field(default_factory=DataOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    objective: ClassVar[str] = ""  # the objective a run of this config trains (see `objective_name`)
+
+    @property
+    def objective_name(self) -> str:
+        return self.objective
+
+    def check(self) -> None:
+        """Everything that can be checked before a model is loaded."""
+        self.train.check()
+        self.data_options.check()
+        if self.n_tokens < 1 or self.start_layer < 0:
+            raise TrainError(f"--n-tokens must be >= 1 and --start-layer >= 0, got {self.n_tokens}, "
+                             f"{self.start_layer}")
+        if self.activation_checkpointing not in POLICIES:
+            raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
+
+    def default_out_dir(self, base_name: str) -> Path:
+        return Path("out") / ("aligner" if self.objective_name == "sft" else f"aligner-{self.objective_name}") / \
+            (base_name or DEFAULT_MODEL_NAME)
+
+    def identity(self) -> Dict[str, Any]:
+        """What a resumed run must share with the run that wrote its state (flag name -> value)."""
+        return {"checkpoint_dir": str(self.checkpoint_dir), "data": str(self.data), "template": self.template,
+                "objective": self.objective_name, "n_tokens": self.n_tokens, "start_layer": self.start_layer,
+                "init_aligner": str(self.init_aligner), "learning_rate": self.train.learning_rate,
+                "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
+                "max_seq_length": self.data_options.max_seq_length}
+
+
+MODES = ("sft", "correction")
+
+
+@dataclass
+class SFTRunConfig(RunConfig):
+    """A `finetune/aligner.py` run: supervised fine-tuning, or correction (Q-A-C) with an identity warm-up."""
+
+    mode: Literal["sft", "correction", "correct"] = "sft"
+    """sft (instruction tuning) or correction (rewrite an upstream answer: Q-A-C with a Q-A-A copy warm-up;
+    "correct" is its old name)."""
+    warmup_copy_ratio: float = 0.2
+    """correction: share of the steps trained on Q-A-A (copy) before Q-A-C (paper: 0.2)."""
+    compare: Optional[bool] = None
+    """print the before/after comparison (default: only for the default dataset in sft mode)."""
+    compare_prompts: int = 32
+    """held-out prompts generated for the comparison."""
+    compare_max_new_tokens: int = 24
+    """most new tokens per answer in the comparison."""
+
+    def __post_init__(self):
+        if self.mode == "correct":
+            self.mode = "correction"
+
+    @property
+    def objective_name(self) -> str:
+        return self.mode
+
+    def check(self) -> None:
+        super().check()
+        if self.mode not in MODES:
+            raise TrainError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.warmup_copy_ratio <= 1.0:
+            raise TrainError(f"--warmup-copy-ratio must be in [0, 1], got {self.warmup_copy_ratio}")
+
+    def identity(self) -> Dict[str, Any]:
+        extra = {"warmup_copy_ratio": self.warmup_copy_ratio} if self.mode == "correction" else {}
+        return {**super().identity(), **extra}
+
+
+@dataclass
+class DPOLossConfig:
+    """The DPO loss."""
+
+    beta: float = 0.1
+    """DPO temperature beta (implicit reward = beta * (log pi - log ref), nats)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (the DPO paper) or ipo."""
+    label_smoothing: float = 0.0
+    """sigmoid only: assumed share of flipped labels (conservative DPO), in [0, 0.5)."""
+
+    def __post_init__(self):
+        if self.loss not in DPO_LOSSES:
+            raise TrainError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        if not self.beta > 0:
+            raise TrainError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise TrainError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise TrainError("--label-smoothing applies to the sigmoid loss only (cDPO); drop it with --loss ipo")
+
+
+@dataclass
+class DPORunConfig(RunConfig):
+    """A `finetune/aligner_dpo.py` run: DPO on preference pairs with one copy of the base (global batches count
+    pairs)."""
+
+    reference_aligner: Optional[str] = None
+    """the frozen reference: an Aligner file (.safetensors/.pth) or "none" (the bare base). Default: a frozen copy of
+    --init-aligner if given, else none."""
+    precompute_reference: bool = False
+    """score every pair with the reference once before training (cached next to a prepared --data directory, else in
+    OUT/) instead of a reference pass every step."""
+    eval_only: bool = False
+    """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
+    print the metrics as one JSON object (`evaluate/aligner.py preference` does the same for many Aligners)."""
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-3, global_batch_size=8,
+                                                                   micro_batch_size=4))
+
+    objective: ClassVar[str] = "dpo"
+
+    def identity(self) -> Dict[str, Any]:
+        return {**super().identity(), "beta": self.dpo.beta, "loss": self.dpo.loss,
+                "reference_aligner": str(self.reference_aligner)}
+
+
+def plain(v: Any) -> Any:
+    """A config as plain, weights_only-loadable and JSON-serialisable values (paths as strings)."""
+    if dataclasses.is_dataclass(v):
+        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,266 @@
+"""The training engine: one `fit` and one `evaluate` for every objective (SFT, correction, DPO, ...).
+
+Determinism, and hence exact resume: the examples of optimizer step s are fixed by (seed, s) alone: sample position
+p = s * global_batch_size + k reads example perm(seed, epoch)[p % n] with epoch = p // n. Rank r of W takes the r-th
+contiguous slice of that global batch, cut into micro-batches. The loss of a step is the sum of the per-unit losses
+(tokens for SFT, pairs for DPO) of the whole global batch divided by its total count of units, so the gradient is the
+same for any micro-batch size and any number of ranks.
+
+A non-finite loss, gradient or Aligner stops the run at that step with a `TrainError` before anything non-finite is
+written: the newest run state stays the last good one.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.training.config import TrainConfig, TrainError
+from lit_aligner.training.objectives import Objective, ObjectiveModule
+from lit_aligner.training.state import GracefulStop, MetricsLog, RunState
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedule and data order
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over warmup_steps (reaching learning_rate at
+    the last warmup step), then a cosine decay to learning_rate * min_lr_ratio at max_steps."""
+    lr, warm = config.learning_rate, config.warmup_steps
+    if step < warm:
+        return lr * (step + 1) / warm
+    span = max(config.max_steps - warm, 1)
+    progress = min((step - warm) / span, 1.0)
+    floor = lr * config.min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """global_batch_size / (micro_batch_size * world_size); TrainError when it does not divide."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise TrainError(f"--global-batch-size {global_batch_size} is not a multiple of --micro-batch-size "
+                         f"{micro_batch_size} x {world_size} device(s) = {per_step}; change one of them.")
+    return global_batch_size // per_step
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order (n,) of the examples in `epoch`: a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int) -> List[int]:
+    """Dataset indices of optimizer step `step`'s global batch (epochs continue across the boundary)."""
+    if n < 1:
+        raise TrainError("the training set is empty")
+    out, cache = [], {}
+    for p in range(step * global_batch_size, (step + 1) * global_batch_size):
+        epoch = p // n
+        if epoch not in cache:
+            cache[epoch] = epoch_permutation(n, seed, epoch)
+        out.append(int(cache[epoch][p % n]))
+    return out
+
+
+def rank_micro_batches(indices: Sequence[int], rank: int, world_size: int, micro_batch_size: int) -> List[List[int]]:
+    """Rank `rank`'s contiguous slice of a global batch, cut into micro-batches of micro_batch_size."""
+    per_rank = len(indices) // world_size
+    mine = list(indices[rank * per_rank:(rank + 1) * per_rank])
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _add(total: Optional[Dict[str, torch.Tensor]], new: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    new = {k: v.detach().double() for k, v in new.items()}
+    return new if total is None else {k: total[k] + new[k] for k in total}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size: int = 8, max_batches: int = 0,
+             fabric=None) -> Dict[str, float]:
+    """The objective's metrics (means per unit: per token for SFT, per pair for DPO) of `module` (an
+    `ObjectiveModule`, set up by Fabric or not) over `dataset`, plus the count of units under `objective.unit`.
+    Rank r scores examples r, r+W, ... (the first max_batches micro-batches of them; 0 = all); sums are all-reduced."""
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = fabric.device if fabric is not None else next(module.parameters()).device
+    mine = list(range(rank, len(dataset), world))
+    batches = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    if max_batches:
+        batches = batches[:max_batches]
+    was_training = module.training
+    module.eval()
+    sums, units = None, 0
+    for idx in batches:
+        items = [dataset[i] for i in idx]
+        sums = _add(sums, module(_to(objective.collate(items), device)))
+        units += sum(objective.units(it) for it in items)
+    module.train(was_training)
+    names = list(objective.metric_names)
+    flat = torch.tensor([float(units)] + [0.0] * len(names), dtype=torch.float64, device=device)
+    if sums is not None:
+        flat[1:] = torch.stack([sums[k] for k in names])
+    if world > 1:
+        flat = fabric.all_reduce(flat, reduce_op="sum")
+    total = float(flat[0])
+    if total == 0:
+        raise TrainError(f"no {objective.unit} to evaluate: the validation split is empty (raise --val-fraction)")
+    return {**{k: float(v) / total for k, v in zip(names, flat[1:])}, objective.unit: int(total)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    step: int  # optimizer steps done in total
+    stopped: Optional[str]  # the signal name when a SIGINT/SIGTERM ended the run early
+    last_state: Optional[Path]
+    val: Dict[str, float]  # the last validation metrics
+    first_val: Dict[str, float]  # at the first evaluation of this call (step 0 for a fresh run)
+    seconds: float
+    throughput: Dict[str, float] = field(default_factory=dict)  # median tokens/s of the steps (padded and real)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def fit(
+    fabric,
+    module: ObjectiveModule,
+    optimizer,
+    aligner: nn.Module,
+    train,
+    val,
+    config: TrainConfig,
+    run_state: RunState,
+    metrics: MetricsLog,
+    start_step: int = 0,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+) -> FitResult:
+    """Train `aligner` (the only trainable parameters of `module`, an `ObjectiveModule` set up by Fabric) for steps
+    start_step .. config.max_steps - 1 on the examples of `train`, validating on `val`.
+
+    The objective (`module.objective`) collates the items of a step, returns the loss and metric sums of a batch, and
+    counts the units each item's loss sums over, so each step's loss is a mean over its whole global batch. Every
+    eval_interval steps (and at the first and last) the validation metrics are logged; every save_interval steps, at
+    the end and on SIGINT/SIGTERM `run_state` writes a resumable state. SIGINT/SIGTERM: the current step completes,
+    the state is written, and FitResult.stopped names the signal."""
+    config.check()
+    objective = module.objective
+    rank, world = fabric.global_rank, fabric.world_size
+    gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)  # raises if it does not divide
+    device = fabric.device
+    t_start = time.perf_counter()
+    names = list(objective.metric_names)
+    tokens_seen = real_seen = 0
+    speeds: Dict[str, List[float]] = {"tokens_per_sec": [], "real_tokens_per_sec": []}
+    last_state: Optional[Path] = None
+    val_metrics: Dict[str, float] = {}
+    first_val: Dict[str, float] = {}
+    params = [p for p in aligner.parameters()]
+
+    def validate() -> Dict[str, float]:
+        return evaluate(module, objective, val, config.micro_batch_size, config.eval_iters, fabric)
+
+    def diverged(step: int, what: str) -> TrainError:
+        newest = run_state.latest()
+        return TrainError(f"step {step}: the {what} is not finite (NaN or inf), so the run stopped before writing it; "
+                          f"{'the newest run state is ' + str(newest) if newest else 'no run state was written'}. "
+                          f"Lower --learning-rate (now {config.learning_rate:g}) and start again (--force), or "
+                          f"resume from that state with a lower --learning-rate (--resume auto --force).")
+
+    if len(val) and start_step == 0:
+        val_metrics = first_val = validate()
+        metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),
+                     "tokens_seen": 0, "elapsed_s": 0.0})
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=start_step, desc=objective.name, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+    step, stopped = start_step, None
+    module.train()
+    with GracefulStop() as stop:
+        while step < config.max_steps:
+            t0 = time.perf_counter()
+            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed)
+            items = {i: train[i] for i in indices}
+            # The global normaliser: every rank can count it itself, so it needs no communication.
+            units = sum(objective.units(items[i], step) for i in indices)
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = rank_micro_batches(indices, rank, world, config.micro_batch_size)
+            sums, padded, real = None, 0, 0
+            for j, idx in enumerate(micro):
+                batch = _to(objective.collate([items[i] for i in idx], step), device)
+                padded += batch["input_ids"].numel()
+                real += int(batch["lengths"].sum())
+                with fabric.no_backward_sync(module, enabled=j < len(micro) - 1):
+                    out = module(batch)
+                    # DDP averages gradients over ranks, hence * world: the result is d(sum / units) exactly.
+                    fabric.backward(out["loss"] * (world / max(units, 1)))
+                sums = _add(sums, out)
+            if not _finite(sums["loss"], *(p.grad for p in params)):
+                raise diverged(step + 1, "loss or its gradient")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not _finite(*params):
+                raise diverged(step + 1, "Aligner after the optimizer step")
+            step += 1
+            stats = torch.stack([sums[k] for k in names] + [
+                torch.tensor(float(v), dtype=torch.float64, device=device)
+                for v in (padded, real, 1.0 if stop.requested else 0.0)])
+            if world > 1:
+                stats = fabric.all_reduce(stats, reduce_op="sum")
+            dt = time.perf_counter() - t0
+            padded, real = int(stats[-3]), int(stats[-2])
+            tokens_seen, real_seen = tokens_seen + padded, real_seen + real
+            speeds["tokens_per_sec"].append(padded / dt)
+            speeds["real_tokens_per_sec"].append(real / dt)
+            row = {"step": step, **{f"train_{k}": float(stats[i]) / max(units, 1) for i, k in enumerate(names)},
+                   "lr": lr, "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
+                   "tokens_seen": tokens_seen, "real_tokens_seen": real_seen, "elapsed_s": time.perf_counter() - t_start}
+            stop_now = float(stats[-1]) > 0
+            if len(val) and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
+                val_metrics = validate()
+                first_val = first_val or val_metrics
+                row.update({f"val_{k}": val_metrics[k] for k in names})
+            if step % config.log_interval == 0 or "val_loss" in row or step == config.max_steps:
+                metrics.log(row)
+            if on_step is not None:
+                on_step(step, row)
+            if bar is not None:
+                post = {"loss": f"{row['train_loss']:.4f}", "tok/s": f"{row['real_tokens_per_sec']:.0f}"}
+                if val_metrics:
+                    post["val"] = f"{val_metrics['loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if step % config.save_interval == 0 or step == config.max_steps or stop_now:
+                last_state = run_state.save(step)
+            if stop_now:
+                stopped = stop.requested or "signal"
+                break
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    throughput = {k: sorted(v)[len(v) // 2] for k, v in speeds.items() if v}
+    return FitResult(step, stopped, last_state, val_metrics, first_val, time.perf_counter() - t_start, throughput)

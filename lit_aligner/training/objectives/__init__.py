@@ -1,0 +1,106 @@
+"""Training objectives: small objects that turn a batch into a loss and its metrics, behind one interface, so that one
+engine (`lit_aligner.training.engine.fit` / `evaluate`) trains and validates every one of them.
+
+An objective declares the data kind it reads (`data_kind`, see `lit_aligner.data.KIND_FIELDS`), which (prompt,
+response) rows of an item a batch holds (`collate`), how many units an item's loss sums over (`units`: tokens, or
+pairs), and the metric sums of a batch (`__call__`, "loss" carrying the graph to the Aligner). Adding one is a file
+in this package: a subclass registered with `@register`.
+
+- `sft.SFT`: cross-entropy on the response tokens; `sft.Correction`: the same on Q-A-C data, targeting the upstream
+  answer itself during the copy warm-up (Q-A-A), then the correction;
+- `dpo.DPO`: the DPO loss against a frozen reference that runs through the same base.
+"""
+
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE
+
+Batch = Dict[str, torch.Tensor]
+OBJECTIVES: Dict[str, Type["Objective"]] = {}
+
+
+def register(cls: Type["Objective"]) -> Type["Objective"]:
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+class Objective:
+    """Turns a batch into metric sums. Subclasses set the class attributes and implement `collate`, `units` and
+    `__call__`; `from_run` builds one for a training run, `metadata` adds what the Aligner file should record."""
+
+    name: ClassVar[str] = ""
+    data_kind: ClassVar[str] = "sft"
+    unit: ClassVar[str] = "tokens"  # what `units` counts and every metric is averaged over
+    metric_names: ClassVar[Tuple[str, ...]] = ("loss",)
+
+    def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.pad_id, self.chunk_size = pad_id, chunk_size
+        # the `aligner` argument of the policy's forward pass: None is the model's own (the one being trained); an
+        # evaluation may set an Aligner, or False for the bare base (see `with_aligner`)
+        self.aligner: Any = None
+
+    def with_aligner(self, aligner: Any) -> "Objective":
+        """A copy of this objective whose policy is `aligner` (an Aligner, a stacked one, or False: the bare base)."""
+        import copy
+
+        other = copy.copy(self)
+        other.aligner = aligner
+        return other
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        """Items of `data_kind` -> a batch with at least "input_ids" (B, T) and "lengths" (B,). `step`: the optimizer
+        step the batch trains (None: validation)."""
+        raise NotImplementedError
+
+    def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        """Sums over the batch of every name in `metric_names` (0-dim fp32 tensors); "loss" has the graph."""
+        raise NotImplementedError
+
+    # --- building one for a run ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "Objective":
+        """The objective for a training run (`lit_aligner.training.run.Run`: its model, tokenizer, data, ...)."""
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size)
+
+    @classmethod
+    def default_template(cls, tokenizer) -> str:
+        return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
+
+    def prepare(self, run: Any) -> None:
+        """Called once the model and data are loaded, before training (e.g. to precompute reference log-probs)."""
+
+    def metadata(self) -> Dict[str, Any]:
+        """What the trained Aligner's file records about this objective (beyond mode, template and data)."""
+        return {}
+
+
+class ObjectiveModule(nn.Module):
+    """The model and an objective as one module whose `forward(batch)` returns the objective's metric sums: Fabric
+    (DDP/FSDP) sees a single forward that uses every weight it needs (the LM head too), so sharded weights are gathered
+    where they are read, and the policy and reference passes of DPO run inside it."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        return self.objective(self.model, batch)
+
+
+def get_objective(name: str) -> Type[Objective]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+from lit_aligner.training.objectives import dpo, sft  # noqa: E402,F401  (register the built-in objectives)
+
+__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register"]

@@ -1,0 +1,265 @@
+"""Direct Preference Optimization (DPO) of an Aligner with ONE copy of the base model in memory.
+
+The policy is the frozen base + the trainable Aligner (`model.aligner`); the reference is the *same* base weights
+steered by a second, frozen Aligner (`model(x, aligner=reference)`) or by none (`aligner=False`: the bare base). The
+paper's code loaded two full model copies on two GPUs for this; here the reference costs one Aligner (N x n_embd + a
+few gates) and a forward pass under `torch.no_grad()`, or nothing per step with precomputed reference log-probs.
+
+A batch holds 2B rows: prompt+chosen first, then prompt+rejected, so one forward pass scores both halves; log-probs
+are summed over response tokens only (`losses.sequence_logprobs`), the loss is `losses.dpo_loss`. Implicit rewards:
+beta * (log pi - log ref) for chosen and rejected; reward accuracy = mean(chosen > rejected), a tie counting 1/2 (so a
+policy equal to its reference scores 0.5, chance).
+"""
+
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from lit_aligner.data.dataset import pad_rows
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, dpo_loss, sequence_logprobs
+from lit_aligner.model import Aligner, LLaMA
+from lit_aligner.training.config import DPOLossConfig, TrainError
+from lit_aligner.training.objectives import Batch, Objective, register
+
+# The reference: a frozen Aligner, or False for the bare base.
+Reference = Union[Aligner, bool]
+REFERENCE_FILE = "reference_logprobs.safetensors"
+
+
+def response_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, aligner=None,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """(N,) summed log-probs (fp32, nats) of each row's response tokens (labels != -100) given its prompt.
+    input_ids, labels: (N, T). aligner: None (the policy: `model.aligner`), an Aligner, or False (bare base)."""
+    hidden = model(input_ids, aligner=aligner, return_hidden=True)  # (N, T, C)
+    return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size)
+
+
+@torch.no_grad()
+def reference_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, reference: Reference,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """(N,) reference log-probs: the same base with the frozen `reference` Aligner (or False: none), no graph."""
+    return response_logprobs(model, input_ids, labels, reference, chunk_size)
+
+
+def as_reference(aligner: Optional[Aligner], device=None) -> Reference:
+    """A frozen, private copy of `aligner` to serve as the reference (False for None: the bare base). Copying matters
+    when the policy starts from the same Aligner: training it in place would otherwise move the reference too."""
+    from lit_aligner.aligner_files import build_aligner
+
+    if aligner is None:
+        return False
+    ref = build_aligner(aligner.n_tokens, aligner.start_layer, aligner.n_layer, aligner.n_head, aligner.n_embd,
+                        aligner.prefix.detach().clone(), aligner.gate.detach().clone())
+    ref.requires_grad_(False)
+    return ref if device is None else ref.to(device)
+
+
+def resolve_reference(spec: Optional[str], init_aligner: Optional[Aligner], model: LLaMA) -> Tuple[Reference, str]:
+    """The reference for `--reference-aligner`: None (flag not given) → a frozen copy of the init Aligner if there
+    is one, else the bare base; "none" → the bare base; a path → that Aligner file (ours or a paper .pth; frozen).
+    Returns (reference, a description for metadata: "none", "init" or the path)."""
+    from lit_aligner.aligner_files import load_aligner
+
+    if spec is None:
+        return (False, "none") if init_aligner is None else (as_reference(init_aligner), "init")
+    if str(spec).lower() == "none":
+        return False, "none"
+    aligner, _ = load_aligner(spec, model)
+    return as_reference(aligner), str(spec)
+
+
+@register
+class DPO(Objective):
+    """Summed DPO losses over the pairs of a batch; units are pairs. Metrics (sums; means per pair after the engine
+    divides): loss, reward_accuracy, chosen_reward, rejected_reward, reward_margin, chosen_logp, rejected_logp."""
+
+    name = "dpo"
+    data_kind = "preference"
+    unit = "pairs"
+    metric_names = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
+                    "rejected_logp")
+
+    def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
+                 config: DPOLossConfig = DPOLossConfig(), reference_desc: str = "none"):
+        super().__init__(pad_id, chunk_size)
+        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        rows = [(it["prompt"], it[key]) for key in ("chosen", "rejected") for it in items]
+        batch = pad_rows(rows, self.pad_id)
+        if "ref_chosen" in items[0]:  # precomputed reference log-probs (see `WithReference`)
+            batch["ref_logps"] = torch.stack([it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items])
+        return batch
+
+    def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
+        return 1
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        B = input_ids.shape[0] // 2
+        if input_ids.shape[0] != 2 * B or B == 0:
+            raise TrainError(f"a DPO batch needs 2B rows (chosen then rejected), got {input_ids.shape[0]}")
+        ref = batch.get("ref_logps")
+        if ref is None:
+            ref = reference_logprobs(model, input_ids, labels, self.reference, self.chunk_size)
+        ref = ref.to(device=input_ids.device, dtype=torch.float32)
+        pol = response_logprobs(model, input_ids, labels, self.aligner, self.chunk_size)
+        c = self.config
+        losses, cr, rr = dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], c.beta, c.loss, c.label_smoothing)
+        return {
+            "loss": losses.float().sum(),
+            # a tie counts half: the untrained policy (== reference) then scores exactly chance, 0.5
+            "reward_accuracy": ((cr > rr).float() + 0.5 * (cr == rr).float()).sum(),
+            "chosen_reward": cr.float().sum(), "rejected_reward": rr.float().sum(),
+            "reward_margin": (cr - rr).float().sum(),
+            "chosen_logp": pol[:B].detach().float().sum(), "rejected_logp": pol[B:].detach().float().sum(),
+        }
+
+    # --- a training run -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "DPO":
+        # a frozen private copy, taken before any training (or resumed state) touches model.aligner
+        reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+        if reference is not False:
+            reference = reference.to(run.fabric.device)
+        objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc)
+        objective.precompute = cfg.precompute_reference
+        return objective
+
+    def prepare(self, run: Any) -> None:
+        if getattr(self, "precompute", False):
+            run.train, run.val = with_cached_reference(run, self)
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"beta": self.config.beta, "loss": self.config.loss, "label_smoothing": self.config.label_smoothing,
+                "reference": self.reference_desc}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Precomputed reference log-probs
+
+
+class WithReference(Dataset):
+    """A preference dataset whose items also carry "ref_chosen" and "ref_rejected" (0-dim fp32 tensors)."""
+
+    def __init__(self, dataset: Dataset, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
+        if not len(dataset) == len(ref_chosen) == len(ref_rejected):
+            raise TrainError(f"{len(ref_chosen)} reference log-probs for {len(dataset)} pairs")
+        self.dataset, self.ref_chosen, self.ref_rejected = dataset, ref_chosen, ref_rejected
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {**self.dataset[i], "ref_chosen": self.ref_chosen[i], "ref_rejected": self.ref_rejected[i]}
+
+
+@torch.no_grad()
+def precompute_reference(model: LLaMA, dataset: Dataset, objective: DPO,
+                         batch_size: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of every pair, once: (ref_chosen (n,), ref_rejected (n,)) fp32 on the CPU. Rows are
+    collated exactly as in training, so the cached values equal the on-the-fly ones."""
+    device = model.tok_embeddings.weight.device
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        batch = objective.collate(items)
+        lp = reference_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device), objective.reference,
+                                objective.chunk_size).cpu()
+        chosen.append(lp[:len(items)])
+        rejected.append(lp[len(items):])
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A hash of every pair's token ids: a cache only fits the data it was computed on."""
+    h = hashlib.sha256()
+    for i in range(len(dataset)):
+        it = dataset[i]
+        for k in ("prompt", "chosen", "rejected"):
+            h.update(it[k].to(torch.int32).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:24]
+
+
+def reference_fingerprint(reference: Reference) -> str:
+    """A hash of the reference Aligner's values ("none" for the bare base)."""
+    if reference is False:
+        return "none"
+    h = hashlib.sha256()
+    for t in (reference.prefix, reference.gate):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def save_reference_cache(path: Union[str, Path], splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+                         metadata: Dict[str, str]) -> Path:
+    """Write {split: (ref_chosen, ref_rejected)} to a safetensors file ("{split}_chosen", "{split}_rejected") with
+    string `metadata` (fingerprints of the data and the reference, base name), atomically."""
+    from safetensors.torch import save_file
+
+    from lit_aligner.files import atomic_write
+
+    tensors = {f"{s}_{k}": t.contiguous() for s, pair in splits.items() for k, t in zip(("chosen", "rejected"), pair)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def load_reference_cache(path: Union[str, Path], expected: Dict[str, str],
+                         splits: Iterable[str] = ("train", "val")) -> Optional[Dict[str, Tuple[torch.Tensor, ...]]]:
+    """Read a cache written by `save_reference_cache`; None when it is absent or was computed for other data, another
+    reference or another base (any `expected` metadata value differs), so the caller recomputes it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            if any(meta.get(k) != str(v) for k, v in expected.items()):
+                return None
+            return {s: (f.get_tensor(f"{s}_chosen"), f.get_tensor(f"{s}_rejected")) for s in splits}
+    except Exception:  # unreadable or missing a split: recompute rather than fail
+        return None
+
+
+def reference_cache_path(data: Optional[Path], out_dir: Path) -> Path:
+    """Where --precompute-reference keeps its log-probs: next to a prepared data directory (reused by every run on
+    that data; the fingerprints in the file say for which base/reference), else in OUT/."""
+    import os
+
+    if data is not None and Path(data).is_dir() and os.access(data, os.W_OK):
+        return Path(data) / REFERENCE_FILE
+    return Path(out_dir) / REFERENCE_FILE
+
+
+def with_cached_reference(run: Any, objective: DPO):
+    """run.train / run.val wrapped in WithReference, the log-probs read from the cache or computed once (rank 0)."""
+    fabric = run.fabric
+    path = reference_cache_path(run.cfg.data, run.out_dir)
+    expected = {"base": run.base_config.name, "precision": run.precision,
+                "reference": reference_fingerprint(objective.reference),
+                "train": dataset_fingerprint(run.train), "val": dataset_fingerprint(run.val)}
+    cached = load_reference_cache(path, expected)
+    if cached is None:
+        if fabric.global_rank == 0:
+            fabric.print(f"precomputing the reference log-probs of {len(run.train) + len(run.val)} pairs -> {path}")
+            splits = {s: precompute_reference(run.model, d, objective, run.cfg.train.micro_batch_size)
+                      for s, d in (("train", run.train), ("val", run.val))}
+            save_reference_cache(path, splits, expected)
+        fabric.barrier()
+        cached = load_reference_cache(path, expected)
+        if cached is None:
+            raise TrainError(f"{path}: the reference cache could not be written or read back; check that the folder "
+                             f"is writable, or run without --precompute-reference.")
+    else:
+        fabric.print(f"reference log-probs from {path}")
+    return WithReference(run.train, *cached["train"]), WithReference(run.val, *cached["val"])

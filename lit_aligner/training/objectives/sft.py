@@ -1,0 +1,87 @@
+"""Supervised fine-tuning: cross-entropy on the response tokens only; and correction (Q-A-C), the same loss with the
+upstream answer as the target during a copy warm-up, then the correction."""
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.data.dataset import pad_rows
+from lit_aligner.losses import chunked_cross_entropy
+from lit_aligner.training.objectives import Batch, Objective, register
+
+
+@register
+class SFT(Objective):
+    """Summed cross-entropy (nats) of the response tokens; units are those tokens."""
+
+    name = "sft"
+    data_kind = "sft"
+
+    def target(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> torch.Tensor:
+        return item["response"]
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        return pad_rows([(it["prompt"], self.target(it, step)) for it in items], self.pad_id)
+
+    def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
+        # position t predicts token t + 1: a response token at position 0 (empty prompt) has no loss
+        return len(self.target(item, step)) - (0 if len(item["prompt"]) else 1)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        hidden = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)  # (B, T, C): no (B, T, V) logits
+        return {"loss": chunked_cross_entropy(hidden, model.lm_head_weight, batch["labels"], self.chunk_size,
+                                              reduction="sum")}
+
+    def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
+        """The before/after comparison (format rate and samples), by default only for the offline default dataset."""
+        compare = cfg.compare if cfg.compare is not None else cfg.data is None
+        if not compare or run.fabric.global_rank != 0:
+            return None
+        from lit_aligner.evaluation import compare_before_after, format_comparison
+
+        run.model.eval()
+        report = compare_before_after(run.model, run.tokenizer, run.val, self, run.model.aligner,
+                                      n_prompts=cfg.compare_prompts, max_new_tokens=cfg.compare_max_new_tokens,
+                                      val_loss_before=result.first_val.get("loss"),
+                                      val_loss_after=result.val.get("loss"))
+        run.fabric.print(format_comparison(report))
+        return report
+
+
+def copy_phase_steps(max_steps: int, warmup_copy_ratio: float) -> int:
+    """Steps 0 .. n-1 of a correction run train on the identity targets (Q-A-A): n = round(ratio * max_steps)."""
+    return int(round(warmup_copy_ratio * max_steps))
+
+
+@register
+class Correction(SFT):
+    """Correction (Q-A-C): the prompt shows the question and an upstream answer A; steps < copy_steps target A itself
+    (the identity warm-up, Q-A-A), later steps and validation the correction C."""
+
+    name = "correction"
+    data_kind = "correction"
+
+    def __init__(self, pad_id: int, chunk_size: int, copy_steps: int = 0):
+        super().__init__(pad_id, chunk_size)
+        self.copy_steps = copy_steps
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "Correction":
+        copy_steps = copy_phase_steps(cfg.train.max_steps, cfg.warmup_copy_ratio)
+        if copy_steps:
+            run.fabric.print(f"correction: identity (Q-A-A) warm-up for steps 1-{copy_steps}, then Q-A-C")
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, copy_steps)
+
+    @classmethod
+    def default_template(cls, tokenizer) -> str:
+        return "correction"
+
+    def target(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> torch.Tensor:
+        return item["answer"] if step is not None and step < self.copy_steps else item["correction"]
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"copy_steps": self.copy_steps}
+
+    def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
+        return None  # scripts/eval_correction.py / evaluate/aligner.py correction measure a corrector

@@ -1,0 +1,238 @@
+"""A whole training run, the same for every objective: flags checked, Fabric launched, the run directory locked and
+readied, the data, base model and Aligner loaded (or resumed), the objective built, `engine.fit`, and the trained
+Aligner saved with its metadata. `finetune/aligner.py` (SFT, correction) and `finetune/aligner_dpo.py` (DPO) call
+`train`."""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from lit_aligner.training.config import RunConfig, TrainError, plain
+from lit_aligner.training.engine import FitResult, evaluate, fit, gradient_accumulation_steps
+from lit_aligner.training.objectives import Objective, ObjectiveModule, get_objective
+from lit_aligner.training.state import (ALIGNER_NAME, MetricsLog, RunLock, RunState, check_out_dir, check_resumable,
+                                        load_optimizer_state, prepare_out_dir, resolve_resume, restore_rng_state)
+
+
+@dataclass
+class Run:
+    """Everything a run has loaded; objectives read what they need from it (`Objective.from_run` / `prepare`)."""
+
+    cfg: RunConfig
+    fabric: Any
+    precision: str
+    base_config: Any
+    out_dir: Path
+    tokenizer: Any = None
+    template: str = ""
+    train: Any = None
+    val: Any = None
+    info: Dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    init_aligner: Any = None
+    objective: Optional[Objective] = None
+    resume_path: Optional[Path] = None
+    state: Optional[Dict[str, Any]] = None
+
+
+def launch(cfg: RunConfig, precision: str):
+    """A launched Fabric for the run's devices (other processes of a multi-device run re-run the calling script)."""
+    import lightning_fabric as L
+
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                      strategy=make_strategy(cfg.strategy, cfg.activation_checkpointing), precision=precision)
+    fabric.launch()
+    return fabric
+
+
+def make_strategy(strategy: str, activation_checkpointing: str = "none"):
+    """Fabric strategy from a flag: "auto", "ddp", or "fsdp" (the base sharded per `Block`, the Aligner in the root
+    unit; `use_orig_params` because frozen and trainable weights share units). FSDP checkpoints whole blocks only when
+    --activation-checkpointing block asks for it; the finer policies are applied to the model itself."""
+    if strategy != "fsdp":
+        return strategy
+    from lightning_fabric.strategies import FSDPStrategy
+
+    from lit_aligner.model import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block},
+                        activation_checkpointing_policy={Block} if activation_checkpointing == "block" else None,
+                        state_dict_type="full", use_orig_params=True, limit_all_gathers=True, cpu_offload=False)
+
+
+def train(cfg: RunConfig) -> Dict[str, Any]:
+    """Train (or, for DPO with eval_only, evaluate) an Aligner as `cfg` says. Returns a summary dict: out_dir, step,
+    stopped (a signal name), state (the newest run state), val / first_val (validation metrics), seconds, throughput,
+    template, aligner (the saved file), data (the loader's counts) and, when made, the before/after comparison."""
+    from lit_aligner.base import load_config
+    from lit_aligner.devices import default_precision
+
+    cfg.check()
+    base_config = load_config(cfg.checkpoint_dir)  # BaseModelError with the conversion command when missing
+    if cfg.data_options.max_seq_length > base_config.block_size:
+        raise TrainError(f"--max-seq-length {cfg.data_options.max_seq_length} exceeds the context of "
+                         f"{cfg.checkpoint_dir} ({base_config.block_size} tokens); lower it.")
+    if cfg.start_layer >= base_config.n_layer and cfg.init_aligner is None:
+        raise TrainError(f"--start-layer {cfg.start_layer} must be < the model's {base_config.n_layer} layers")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else cfg.default_out_dir(base_config.name)
+    eval_only = getattr(cfg, "eval_only", False)
+    if eval_only and cfg.resume:
+        raise TrainError("--eval-only evaluates --init-aligner; it does not take --resume")
+    if not eval_only:
+        check_out_dir(out_dir)
+    precision = cfg.precision or default_precision(cfg.accelerator)
+    fabric = launch(cfg, precision)
+    run = Run(cfg, fabric, precision, base_config, out_dir)
+    with RunLock(out_dir) if fabric.global_rank == 0 and not eval_only else nullcontext() as lock:
+        if lock is not None and lock.note:
+            fabric.print(f"note: {lock.note}")
+        return _train(run, eval_only)
+
+
+def _resume(run: Run) -> None:
+    cfg, fabric = run.cfg, run.fabric
+    run.resume_path, run.state, notes = resolve_resume(cfg.resume, run.out_dir)
+    if run.state is not None:
+        note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
+        notes += [note] if note else []
+    if fabric.global_rank == 0:
+        note = prepare_out_dir(run.out_dir, str(run.resume_path) if run.resume_path else None, cfg.force)
+        notes += [note] if note else []
+    for note in notes:
+        fabric.print(f"note: {note}")
+    fabric.barrier()
+
+
+def _load(run: Run) -> None:
+    """Tokenizer, data, base model, Aligner (init, fresh or resumed) and the objective."""
+    from lit_aligner.aligner_files import attach, load_aligner, new_aligner
+    from lit_aligner.base import load_model, load_tokenizer
+    from lit_aligner.data import load_data, report
+    from lit_aligner.devices import precision_dtype
+    from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
+
+    cfg, fabric = run.cfg, run.fabric
+    objective_cls = get_objective(cfg.objective_name)
+    run.tokenizer = load_tokenizer(cfg.checkpoint_dir, run.base_config)
+    template = cfg.template or objective_cls.default_template(run.tokenizer)
+    run.train, run.val, run.info = load_data(objective_cls.data_kind, cfg.data, run.tokenizer, template,
+                                             cfg.data_options, cfg.train.seed)
+    run.template = run.info.get("template") or template
+    fabric.print(report(run.info))
+
+    fabric.seed_everything(cfg.train.seed)  # the same fresh prefix on every rank
+    device = "cpu" if cfg.strategy == "fsdp" else fabric.device
+    run.model = load_model(cfg.checkpoint_dir, device, precision_dtype(run.precision))
+    if cfg.init_aligner is not None:
+        run.init_aligner, _ = load_aligner(cfg.init_aligner, run.model, base_name=str(cfg.checkpoint_dir))
+        if (run.init_aligner.n_tokens, run.init_aligner.start_layer) != (cfg.n_tokens, cfg.start_layer):
+            fabric.print(f"--init-aligner {cfg.init_aligner}: N={run.init_aligner.n_tokens}, start layer "
+                         f"{run.init_aligner.start_layer} (the file's shape wins over --n-tokens/--start-layer)")
+        cfg.n_tokens, cfg.start_layer = run.init_aligner.n_tokens, run.init_aligner.start_layer
+        attach(run.model, run.init_aligner)
+    else:
+        new_aligner(run.model, cfg.n_tokens, cfg.start_layer)
+    # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner
+    run.objective = objective_cls.from_run(cfg, run)
+    if run.state is not None:
+        with torch.no_grad():
+            for name in ("prefix", "gate"):
+                saved, param = run.state["aligner"][name], getattr(run.model.aligner, name)
+                if saved.shape != param.shape:
+                    raise TrainError(f"{run.resume_path}: Aligner {name} {tuple(saved.shape)} does not fit this run's "
+                                     f"{tuple(param.shape)}; resume with the same --n-tokens/--start-layer.")
+                param.copy_(saved)
+    mark_only_aligner_as_trainable(run.model)
+    check_only_aligner_trainable(run.model)
+    fabric.print(f"base {run.base_config.name} ({cfg.checkpoint_dir}), Aligner N={cfg.n_tokens} from layer "
+                 f"{cfg.start_layer}{' from ' + str(cfg.init_aligner) if cfg.init_aligner else ''}: "
+                 f"{num_trainable(run.model):,} trainable parameters; objective {run.objective.name}; precision "
+                 f"{run.precision}, {fabric.world_size} process(es)")
+    run.objective.prepare(run)
+
+
+def _setup_module(run: Run):
+    from lit_aligner import perf
+
+    cfg = run.cfg
+    perf.configure_backends(run.fabric.device)
+    # under FSDP, whole-block checkpointing is FSDP's own (make_strategy); the finer policies wrap the model here
+    if cfg.activation_checkpointing != "none" and not (cfg.strategy == "fsdp" and cfg.activation_checkpointing == "block"):
+        n = perf.apply_activation_checkpointing(run.model, cfg.activation_checkpointing, cfg.start_layer)
+        run.fabric.print(f"activation checkpointing '{cfg.activation_checkpointing}' on {n} modules of the gated blocks")
+    if cfg.compile:
+        perf.compile_blocks(run.model)
+    return run.fabric.setup_module(ObjectiveModule(run.model, run.objective))
+
+
+def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
+    cfg, fabric = run.cfg, run.fabric
+    if not eval_only:
+        gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, fabric.world_size)
+        _resume(run)
+    _load(run)
+    module = _setup_module(run)
+    summary: Dict[str, Any] = {"out_dir": str(run.out_dir), "template": run.template, "objective": run.objective.name,
+                               "data": {k: v for k, v in run.info.items() if k != "bad_row_examples"},
+                               **run.objective.metadata()}
+    if eval_only:
+        metrics = evaluate(module, run.objective, run.val, cfg.train.micro_batch_size, cfg.train.eval_iters, fabric)
+        return {"eval_only": True, **summary, "init_aligner": str(cfg.init_aligner) if cfg.init_aligner else None,
+                **metrics}
+
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
+                                  weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+    start_step = 0
+    if run.state is not None:
+        load_optimizer_state(fabric, module, optimizer, run.state["optimizer"])
+        restore_rng_state(run.state["rng"])
+        start_step = int(run.state["step"])
+        fabric.print(f"resuming from {run.resume_path} at step {start_step}")
+    extra = {"identity": cfg.identity(), "run_config": plain(cfg), "train_config": plain(cfg.train),
+             "template": run.template}
+    run_state = RunState(fabric, run.out_dir, module, optimizer, run.model.aligner, extra)
+    metrics = MetricsLog(run.out_dir, resume_step=start_step or None)
+    result = fit(fabric, module, optimizer, run.model.aligner, run.train, run.val, cfg.train, run_state, metrics,
+                 start_step=start_step, progress=cfg.progress)
+    summary.update(step=result.step, stopped=result.stopped, state=str(result.last_state) if result.last_state else None,
+                   val=result.val, first_val=result.first_val, val_loss=result.val.get("loss"),
+                   first_val_loss=result.first_val.get("loss"), seconds=result.seconds, throughput=result.throughput)
+    if result.stopped:
+        fabric.print(f"\nstopped by {result.stopped} after step {result.step}; run state {result.last_state}. "
+                     f"Continue with the same command plus --resume auto.")
+        return summary
+    summary["aligner"] = str(save_trained_aligner(run, module, result))
+    report = getattr(run.objective, "final_report", lambda *a: None)(cfg, run, result)
+    if report is not None:
+        summary["comparison"] = report
+    fabric.barrier()
+    return summary
+
+
+def save_trained_aligner(run: Run, module, result: FitResult) -> Path:
+    """OUT/aligner.safetensors with the run's metadata (every rank gathers the Aligner, which FSDP needs; rank 0
+    writes it, atomically)."""
+    from lit_aligner.aligner_files import build_aligner, save_aligner
+    from lit_aligner.data import storable_info
+    from lit_aligner.training.state import aligner_tensors
+
+    cfg, c = run.cfg, run.base_config
+    tensors = aligner_tensors(run.fabric, module, run.model.aligner)
+    final = build_aligner(cfg.n_tokens, cfg.start_layer, c.n_layer, c.n_head, c.n_embd, tensors["prefix"],
+                          tensors["gate"])
+    metadata = {"template": run.template, "mode": run.objective.name, "n_tokens": cfg.n_tokens,
+                "start_layer": cfg.start_layer, "created_by": f"lit-aligner {run.objective.name} training",
+                "steps": result.step, "val_loss": result.val.get("loss"), "val": result.val,
+                "training_args": plain(cfg), "data": storable_info(run.info), **run.objective.metadata()}
+    path = run.out_dir / ALIGNER_NAME
+    if run.fabric.global_rank == 0:
+        save_aligner(final, path, c.name, metadata)
+        run.fabric.print(f"saved the Aligner to {path} ({result.step} steps, {result.seconds:.0f} s)")
+    return path
+
+
+__all__: List[str] = ["Run", "launch", "make_strategy", "save_trained_aligner", "train"]

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from lit_aligner.config import Config, name_to_config
-from lit_aligner.files import UserError, atomic_write
+from lit_aligner.files import UserError, atomic_write, torch_load_failure
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA
 
 PathLike = Union[str, Path]
@@ -326,9 +326,8 @@ def _load_pth(path: Path) -> Dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # never retry with weights_only=False: that would run code from the file
-        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        raise AlignerFileError(f"{path} is not a checkpoint of plain tensors: torch.load(weights_only=True) failed "
-                               f"({first}). Only state dicts of tensors are read; no code in a file is run.") from None
+        raise AlignerFileError(f"{path} is not a checkpoint of plain tensors: {torch_load_failure(e)}. Only state "
+                               f"dicts of tensors are read; no code in a file is run.") from None
     if isinstance(sd, dict):
         for wrapper in ("state_dict", "model"):  # common training-loop envelopes
             if PAPER_PREFIX_KEY not in sd and isinstance(sd.get(wrapper), dict):

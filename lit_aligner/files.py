@@ -197,3 +197,18 @@ def atomic_output(path: PathLike, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def torch_load_failure(e: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, in a few words and without torch's own advice to retry with
+    weights_only=False (which would run code from the file): "it holds pickled Python objects (X), not plain tensors"
+    or "it cannot be read (...)"."""
+    text = str(e)
+    if "Unsupported global" in text:
+        obj = text.split("Unsupported global:", 1)[1].split(" was not")[0].replace("GLOBAL", "").strip()
+        return f"it holds pickled Python objects ({obj[:80]}), not plain tensors"
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
+        return f"it is not a file of plain tensors ({detail[:120]})"
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
+    return f"it cannot be read ({type(e).__name__}: {first})"

@@ -23,6 +23,8 @@ Aligner's metadata so that generation renders the same prompt.
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
+from lit_aligner.files import UserError
+
 Message = Dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 ALPACA_WITH_INPUT = (
@@ -137,7 +139,7 @@ class ChatTemplate(PromptTemplate):
     def _need(tokenizer: Any) -> None:
         if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
             where = getattr(tokenizer, "checkpoint_dir", None)
-            raise ValueError(f"the 'chat' template needs a tokenizer with a chat template"
+            raise UserError(f"the 'chat' template needs a tokenizer with a chat template"
                              f"{f' ({where} has none)' if where else ''}; pick another template "
                              f"(alpaca, beaver, hh, plain)")
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 
+from lit_aligner.files import UserError, read_json_object
+
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -37,8 +39,17 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 Ids = Union[torch.Tensor, Sequence[int]]
 
 
+class TokenizerError(UserError):
+    """A tokenizer file (or its chat template) that cannot be used; the message names the file and the fix."""
+
+
+class ChatTemplateRefusal(ValueError):
+    """The chat template itself refused one conversation (its `raise_exception`, e.g. "roles must alternate"): a
+    problem of that conversation, not of the tokenizer."""
+
+
 def _read_json(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_object(path, "tokenizer file", TokenizerError) if path.is_file() else {}
 
 
 def _token_content(value: Any) -> Optional[str]:
@@ -65,7 +76,12 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "hf"
-            self._hf = HFTokenizer.from_file(str(checkpoint_dir / TOKENIZER_JSON))
+            try:
+                self._hf = HFTokenizer.from_file(str(checkpoint_dir / TOKENIZER_JSON))
+            except Exception as e:  # the Rust library raises its own exception type for any broken file
+                raise TokenizerError(f"{checkpoint_dir / TOKENIZER_JSON} is not a readable tokenizer ("
+                                     f"{str(e).splitlines()[0][:160] or type(e).__name__}); copy the model's "
+                                     f"tokenizer files again, or convert the model again.") from None
             self._specials = {i: t.content for i, t in self._hf.get_added_tokens_decoder().items()}
             default_ids: Dict[str, int] = {}
             self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
@@ -107,11 +123,19 @@ class Tokenizer:
         self.stop_ids |= {i for i, t in self._specials.items() if t in CHAT_END_TOKENS}
 
         template = config.get("chat_template")
+        self.chat_template_file = checkpoint_dir / TOKENIZER_CONFIG
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+                raise TokenizerError(f"{self.chat_template_file}: `chat_template` is a list whose items are not "
+                                     f"{{\"name\": ..., \"template\": \"...\"}}; fix or remove it.")
+            named = {t.get("name"): t["template"] for t in template}
             template = named.get("default", next(iter(named.values()), None))
         if not template and (checkpoint_dir / CHAT_TEMPLATE_FILE).is_file():
+            self.chat_template_file = checkpoint_dir / CHAT_TEMPLATE_FILE
             template = (checkpoint_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{self.chat_template_file}: `chat_template` must be a string (a Jinja template), "
+                                 f"got {type(template).__name__}; fix or remove it.")
         self.chat_template: Optional[str] = template or None
 
     # --- SentencePiece backend -------------------------------------------------------------------------------------
@@ -239,21 +263,47 @@ class Tokenizer:
             raise ValueError(f"the tokenizer in {self.checkpoint_dir} has no chat template (no `chat_template` in "
                              f"{TOKENIZER_CONFIG}, no {CHAT_TEMPLATE_FILE}); format the prompt yourself or use a "
                              f"named prompt template")
+        from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
+
         special = {name: self.id_to_token(i) if i is not None else "" for name, i in
                    (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
         variables = {**special, **kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt}
-        return _compile_chat_template(self.chat_template).render(**variables)
+        where = self.chat_template_file
+        try:
+            template = _compile_chat_template(self.chat_template)
+        except TemplateSyntaxError as e:
+            raise TokenizerError(f"{where}: the chat template has a syntax error (template line {e.lineno}: "
+                                 f"{e.message}); fix `chat_template` there, or pick a named --template.") from None
+        try:
+            return template.render(**variables)
+        except SecurityError as e:
+            raise TokenizerError(f"{where}: the chat template tried something the sandbox forbids ({e}); it is not "
+                                 f"rendered. Fix `chat_template` there, or pick a named --template.") from None
+        except UndefinedError as e:
+            raise TokenizerError(f"{where}: the chat template uses an undefined variable ({e.message}); fix "
+                                 f"`chat_template` there, or pick a named --template.") from None
+        except _RaisedByTemplate as e:
+            raise ChatTemplateRefusal(f"the chat template of {where} refused this conversation: {e}") from None
+        except TemplateError as e:
+            raise TokenizerError(f"{where}: the chat template failed ({type(e).__name__}: {e}); fix `chat_template` "
+                                 f"there, or pick a named --template.") from None
+        except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:  # errors of the template's own code
+            raise TokenizerError(f"{where}: the chat template failed ({type(e).__name__}: {e}); fix `chat_template` "
+                                 f"there, or pick a named --template.") from None
+
+
+class _RaisedByTemplate(Exception):
+    """`raise_exception(...)` called by a chat template."""
 
 
 @lru_cache(maxsize=8)
 def _compile_chat_template(source: str):
     """A jinja2 template in the sandboxed environment transformers renders chat templates with."""
-    from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
-        raise TemplateError(message)
+        raise _RaisedByTemplate(message)
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators=None,
                sort_keys: bool = False) -> str:

@@ -12,7 +12,7 @@ import torch
 from lit_aligner.base import BaseModelError
 from lit_aligner.config import Config, name_to_config
 from lit_aligner.convert.mapping import meta_shard_dim
-from lit_aligner.files import read_json_object
+from lit_aligner.files import read_json_object, torch_load_failure
 
 PathLike = Union[str, Path]
 Shape = Tuple[int, ...]
@@ -68,7 +68,7 @@ def _safetensors_infos(path: Path) -> Tuple[object, Dict[str, Tuple[Shape, torch
 
 
 def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
-    """A `torch.save`d state dict, memory-mapped: tensors are read from disk only when used."""
+    """A `torch.save`d state dict, memory-mapped: tensors are read from disk only when used. Never unpickles code."""
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -78,7 +78,8 @@ def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
             # Files from torch < 1.6 (no zip container) cannot be mmap'd: loaded whole, one file at a time.
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors come in many types; all mean "not a checkpoint"
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint: {torch_load_failure(e)}. Only state dicts of "
+                           f"tensors are read (no code in a file is run); use the model's .safetensors files.") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # some training frameworks nest the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

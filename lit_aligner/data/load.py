@@ -20,7 +20,7 @@ from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, a
                                       parse_field_map, row_to_example)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
 from lit_aligner.data.tokenize import tokenize_example
-from lit_aligner.files import BadRecord, read_records
+from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.prompts import CorrectionTemplate, get_template
 
 DataSource = Union[str, Path, None, Sequence[Dict[str, Any]]]
@@ -145,9 +145,9 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
             try:
                 ids = tokenize_example(ex, kind, tmpl, tokenizer)
-            except ValueError as e:  # a template that cannot render this row (e.g. a chat template's own checks)
-                if isinstance(e, DataError):
-                    raise
+            except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
+                raise
+            except ValueError as e:  # a template that refuses this row (e.g. a chat template's own checks)
                 raise BadRow(f"cannot render the prompt: {e}") from None
         except BadRow as e:
             if options.strict_data:

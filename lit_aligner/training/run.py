@@ -99,7 +99,7 @@ def _resume(run: Run) -> None:
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:
-        note = prepare_out_dir(run.out_dir, str(run.resume_path) if run.resume_path else None, cfg.force)
+        note = prepare_out_dir(run.out_dir, cfg.resume, run.state is not None, cfg.force)
         notes += [note] if note else []
     for note in notes:
         fabric.print(f"note: {note}")

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from lit_aligner.files import atomic_torch_save
+from lit_aligner.files import atomic_torch_save, torch_load_failure
 from lit_aligner.training.config import TrainError
 
 STATE_DIR = "state"
@@ -94,13 +94,16 @@ def existing_run_files(out_dir: Path) -> List[str]:
     return [name for name in RUN_FILES if (out_dir / name).exists()]
 
 
-def prepare_out_dir(out_dir: Path, resume: Optional[str], force: bool) -> Optional[str]:
+def prepare_out_dir(out_dir: Path, resume: Optional[str], resuming: bool, force: bool) -> Optional[str]:
     """Make OUT ready for a fresh run or a resume (call under the RunLock). An OUT that holds another run is refused
-    unless --resume (continue it) or --force (its run files are deleted first). Returns a note for the log, or None."""
+    unless the run resumes it or --force (its run files are deleted first). Returns a note for the log, or None."""
     found = existing_run_files(out_dir)
-    if not found or resume:
+    if not found or resuming:
         return None
     if not force:
+        if resume:
+            raise TrainError(f"{out_dir} holds a run ({', '.join(found)}) but no readable run state to resume; pass "
+                             f"--force to delete it and start over, or choose another --out-dir.")
         raise TrainError(f"{out_dir} already holds a run ({', '.join(found)}). Pass --resume auto to continue it, "
                          f"--force to delete it and start over, or choose another --out-dir.")
     for name in found:
@@ -207,11 +210,9 @@ def load_state(path: PathLike) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, a pickle with code, not a torch file at all
-        kind = "holds pickled objects, not plain tensors" if "weights_only" in str(e) or "Unsupported global" in \
-            str(e) else f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})"
-        raise TrainError(f"{path} is not a lit-aligner run state: it {kind}. Only run states of plain tensors are "
-                         f"read; pick another one (e.g. an earlier step-XXXXXX.pt) or start without --resume.") \
-            from None
+        raise TrainError(f"{path} is not a lit-aligner run state: {torch_load_failure(e)}. Only run states of plain "
+                         f"tensors are read; pick another one (e.g. an earlier step-XXXXXX.pt) or start without "
+                         f"--resume.") from None
     if not isinstance(state, dict) or state.get("version") not in (1, STATE_VERSION) or "aligner" not in state:
         raise TrainError(f"{path}: not a lit-aligner run state (expected a dict with 'aligner', 'optimizer', 'step'); "
                          f"start without --resume.")

@@ -24,9 +24,11 @@ setup(
         "protobuf",  # SentencePiece model protos (reading piece types, rebuilding a GGUF tokenizer)
         "jinja2",
         "tqdm",
+        "huggingface_hub>=0.24",  # scripts/download.py and the prepare scripts' Hub datasets
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib"],
+        "data": ["pyarrow"],  # .parquet data files (the Hub's Alpaca)
         "plot": ["matplotlib"],
+        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow"],
     },
 )

@@ -1,9 +1,11 @@
 """Model configs: one dataclass, one registry of named LLaMA-family shapes, and readers for the config files
-that checkpoints carry (ours, Hugging Face `config.json`, Meta `params.json`)."""
+that checkpoints carry (ours, Hugging Face `config.json` of Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, and Meta
+`params.json`). A field the model cannot honour exactly is one clear error naming it, never a silent mismatch."""
 
+import copy
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from lit_aligner.files import UserError, read_json_object
 
@@ -25,6 +27,9 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output projection shares the token embedding matrix
     head_size: Optional[int] = None  # None means n_embd // n_head
+    attn_bias: bool = False  # bias on the q, k, v projections (Qwen2 / Qwen2.5)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face's rope_scaling dict (see model.rope_frequencies)
 
     def __post_init__(self):
         for name in ("n_head", "n_embd"):
@@ -40,6 +45,10 @@ class Config:
                 raise ValueError(f"config field {name} must be a number, got {getattr(self, name)!r}")
         if self.n_head % self.n_query_groups:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_query_groups ({self.n_query_groups})")
+        if self.head_size % 2:
+            raise ValueError(f"head_size must be even for RoPE, got {self.head_size}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, self.head_size)
 
     def _check_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -52,7 +61,7 @@ class Config:
             close = [n for n in name_to_config if name.lower() in n.lower()]
             hint = f" Did you mean {close}?" if close else f" Known: {sorted(name_to_config)}"
             raise ValueError(f"Unknown model config {name!r}.{hint}")
-        return cls(**{**name_to_config[name], **overrides})
+        return cls(**copy.deepcopy({**name_to_config[name], **overrides}))
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Config":
@@ -74,23 +83,50 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, d: Dict[str, Any], name: str = "") -> "Config":
+        """A Hugging Face `config.json` of a supported family (model_type llama, mistral, qwen2, qwen3). ValueError
+        naming the field for anything the model cannot compute exactly."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
+        for key in ("mlp_bias", "attention_bias"):  # (Qwen2's q/k/v bias is not a config field: always there)
+            if d.get(key):
+                raise ValueError(f"{key}: true (a bias on the {'MLP' if key == 'mlp_bias' else 'output projection'}) "
+                                 f"is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"partial_rotary_factor {d['partial_rotary_factor']} is not supported")
         # transformers >= 5 writes `rope_parameters` (rope_type, rope_theta, factors) instead of rope_scaling/rope_theta.
-        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        if rope.get("rope_type", rope.get("type")) not in ("default", None):
-            raise ValueError(f"RoPE scaling {rope} is not supported")
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+        rope_base = float(d.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        block_size = d.get("max_position_embeddings", 4096)
+        window = d.get("sliding_window")
+        if window and d.get("use_sliding_window", not model_type.startswith("qwen")) and window < block_size:
+            if model_type != "mistral":
+                raise ValueError(f"sliding_window {window} (use_sliding_window true) is not supported")
+            # Mistral v0.1 attends over a 4096-token window; up to that length full attention is the same.
+            block_size = window
+        head_size = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        if rope and rope.get("rope_type", rope.get("type")) in ("yarn", "llama3"):
+            rope.setdefault("original_max_position_embeddings", block_size)
         return cls(
             name=name or d.get("_name_or_path", ""),
-            block_size=d.get("max_position_embeddings", 4096),
+            block_size=block_size,
             vocab_size=d["vocab_size"],
             n_layer=d["num_hidden_layers"],
             n_head=d["num_attention_heads"],
             n_query_groups=d.get("num_key_value_heads") or d["num_attention_heads"],
             n_embd=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
-            rope_base=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_base=rope_base,
             norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            head_size=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+            head_size=head_size,
+            attn_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope or None,
         )
 
     @classmethod
@@ -105,8 +141,13 @@ class Config:
         vocab = d.get("vocab_size", -1)
         if vocab is None or vocab < 0:
             vocab = vocab_size or 32000
+        rope_scaling = None
+        if d.get("use_scaled_rope"):  # Llama 3.1+: Meta's apply_scaling, the HF "llama3" type
+            rope_scaling = {"rope_type": "llama3", "factor": float(d.get("rope_scaling_factor", 8.0)),
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         return cls(
             name=name,
+            rope_scaling=rope_scaling,
             block_size=d.get("max_seq_len", 4096 if d.get("n_kv_heads") or d.get("norm_eps", 1e-6) == 1e-5 else 2048),
             vocab_size=vocab,
             n_layer=d["n_layers"],
@@ -122,9 +163,50 @@ class Config:
         """What a base-model directory's config.json holds."""
         return {"format": "lit-aligner", **asdict(self)}
 
+    def shape(self) -> Dict[str, Any]:
+        """Everything but the name: two configs with the same shape run the same computation."""
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_SCALINGS = {  # rope_type -> the fields it needs
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "freq_factors": ("factors",),
+}
+
+
+def check_rope_scaling(scaling: Dict[str, Any], head_size: int) -> None:
+    """ValueError naming the field when a rope_scaling dict is of a type the model does not compute exactly."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling.rope_type {kind!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_SCALINGS)})")
+    missing = [k for k in ROPE_SCALINGS[kind] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind!r} lacks {missing}")
+    if kind == "freq_factors" and len(scaling["factors"]) != head_size // 2:
+        raise ValueError(f"rope_scaling.factors has {len(scaling['factors'])} values, head_size / 2 = {head_size // 2} "
+                         f"expected")
+
 
 # One registry for every family. Shapes are those of the published checkpoints.
 _llama1 = dict(vocab_size=32000, block_size=2048, norm_eps=1e-6)
+_llama3 = dict(vocab_size=128256, block_size=8192, norm_eps=1e-5, rope_base=500000.0)
+
+
+def _llama31(factor: float) -> Dict[str, Any]:
+    return {**_llama3, "block_size": 131072, "rope_scaling": {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}
+
+
+_qwen25 = dict(vocab_size=151936, block_size=32768, norm_eps=1e-6, rope_base=1000000.0, attn_bias=True)
+_qwen3 = dict(vocab_size=151936, block_size=40960, norm_eps=1e-6, rope_base=1000000.0, qk_norm=True, head_size=128)
 _llama2 = dict(vocab_size=32000, block_size=4096, norm_eps=1e-5)
 _smollm2 = dict(vocab_size=49152, block_size=8192, norm_eps=1e-5, tie_embeddings=True)
 configs = [
@@ -143,9 +225,52 @@ configs = [
          rope_base=100000.0, **_smollm2),
     dict(name="SmolLM2-1.7B", n_layer=24, n_head=32, n_query_groups=32, n_embd=2048, intermediate_size=8192,
          rope_base=130000.0, **_smollm2),
-    # Mistral is served without its sliding window: attention is exact up to 4096 tokens (v0.1's window).
+    # Mistral v0.1 attends over a 4096-token window; within it, full attention is the same computation.
     dict(name="Mistral-7B-v0.1", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
-         vocab_size=32000, block_size=8192, norm_eps=1e-5),
+         vocab_size=32000, block_size=4096, norm_eps=1e-5),
+    dict(name="Mistral-7B-v0.3", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+         vocab_size=32768, block_size=32768, norm_eps=1e-5, rope_base=1000000.0),
+    # Mistral-Nemo: head_size 128 is not n_embd / n_head (160)
+    dict(name="Mistral-Nemo-Base-2407", n_layer=40, n_head=32, n_query_groups=8, n_embd=5120, intermediate_size=14336,
+         vocab_size=131072, block_size=131072, norm_eps=1e-5, rope_base=1000000.0, head_size=128),
+    # Llama 3 / 3.1 / 3.2 / 3.3: the 128k-token BPE vocabulary; 3.1+ extend the context with "llama3" RoPE scaling
+    dict(name="Llama-3-8B", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+         **_llama3),
+    dict(name="Llama-3-70B", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672,
+         **_llama3),
+    dict(name="Llama-3.1-8B", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
+         **_llama31(8.0)),
+    dict(name="Llama-3.1-70B", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672,
+         **_llama31(8.0)),
+    dict(name="Llama-3.2-1B", n_layer=16, n_head=32, n_query_groups=8, n_embd=2048, intermediate_size=8192,
+         tie_embeddings=True, head_size=64, **_llama31(32.0)),
+    dict(name="Llama-3.2-3B", n_layer=28, n_head=24, n_query_groups=8, n_embd=3072, intermediate_size=8192,
+         tie_embeddings=True, head_size=128, **_llama31(32.0)),
+    dict(name="Llama-3.3-70B-Instruct", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672,
+         **_llama31(8.0)),
+    # Qwen2.5: bias on q/k/v; the small ones tie their embeddings
+    dict(name="Qwen2.5-0.5B", n_layer=24, n_head=14, n_query_groups=2, n_embd=896, intermediate_size=4864,
+         tie_embeddings=True, **_qwen25),
+    dict(name="Qwen2.5-1.5B", n_layer=28, n_head=12, n_query_groups=2, n_embd=1536, intermediate_size=8960,
+         tie_embeddings=True, **_qwen25),
+    dict(name="Qwen2.5-3B", n_layer=36, n_head=16, n_query_groups=2, n_embd=2048, intermediate_size=11008,
+         tie_embeddings=True, **_qwen25),
+    dict(name="Qwen2.5-7B", n_layer=28, n_head=28, n_query_groups=4, n_embd=3584, intermediate_size=18944,
+         **{**_qwen25, "vocab_size": 152064}),
+    dict(name="Qwen2.5-14B", n_layer=48, n_head=40, n_query_groups=8, n_embd=5120, intermediate_size=13824,
+         **{**_qwen25, "vocab_size": 152064}),
+    dict(name="Qwen2.5-32B", n_layer=64, n_head=40, n_query_groups=8, n_embd=5120, intermediate_size=27648,
+         **{**_qwen25, "vocab_size": 152064}),
+    dict(name="Qwen2.5-72B", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=29568,
+         **{**_qwen25, "vocab_size": 152064}),
+    # Qwen3: per-head q/k RMSNorm, head_size 128 whatever n_embd / n_head
+    dict(name="Qwen3-0.6B", n_layer=28, n_head=16, n_query_groups=8, n_embd=1024, intermediate_size=3072,
+         tie_embeddings=True, **_qwen3),
+    dict(name="Qwen3-1.7B", n_layer=28, n_head=16, n_query_groups=8, n_embd=2048, intermediate_size=6144,
+         tie_embeddings=True, **_qwen3),
+    dict(name="Qwen3-4B", n_layer=36, n_head=32, n_query_groups=8, n_embd=2560, intermediate_size=9728,
+         tie_embeddings=True, **_qwen3),
+    dict(name="Qwen3-8B", n_layer=36, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=12288, **_qwen3),
     dict(name="Mistral-7B-Instruct-v0.2", n_layer=32, n_head=32, n_query_groups=8, n_embd=4096, intermediate_size=14336,
          vocab_size=32000, block_size=32768, norm_eps=1e-5, rope_base=1000000.0),
     # For tests and CPU smoke runs: GQA, untied.
@@ -156,6 +281,8 @@ configs = [
 configs += [{**c, "name": c["name"] + "-Instruct"} for c in configs if c["name"].startswith("SmolLM2")]
 configs += [{**c, "name": c["name"].replace("-hf", "-chat-hf")} for c in configs if c["name"].startswith("Llama-2")]
 configs += [{**c, "name": "TinyLlama-1.1B-Chat-v1.0"} for c in configs if c["name"] == "TinyLlama-1.1B"]
+configs += [{**c, "name": c["name"] + "-Instruct"} for c in configs
+            if c["name"].startswith(("Llama-3-", "Llama-3.1-", "Llama-3.2-", "Qwen2.5-", "Mistral-7B-v0.3"))]
 name_to_config = {c["name"]: c for c in configs}
 # Short aliases people type.
 for _alias, _name in {"llama2-7b": "Llama-2-7b-hf", "llama2-13b": "Llama-2-13b-hf", "llama2-70b": "Llama-2-70b-hf",

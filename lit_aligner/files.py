@@ -107,10 +107,20 @@ Records = List[Tuple[str, Any]]
 
 
 def read_records(path: PathLike, what: str = "data file", error: Type[Exception] = UserError) -> Tuple[Records, str]:
-    """The rows of a JSON list or JSONL file as (where, value) pairs, where = "row i" (index in the list) or "line n"
-    (1-based), and the container ("json" | "jsonl"). A JSONL line that is not valid JSON becomes a `BadRecord` value
+    """The rows of a JSON list, JSONL (.gz) or parquet file as (where, value) pairs, where = "row i" (index in the list)
+    or "line n" (1-based), and the container ("json" | "jsonl" | "parquet"). A JSONL line that is not valid JSON becomes a `BadRecord` value
     (the caller decides whether a bad row stops it); anything that is not a JSON list or JSONL raises `error`."""
     path = Path(path)
+    if path.suffix == ".parquet" and path.is_file():  # the Hub's datasets are often only in parquet
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise error(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow (or the [data] "
+                        f"extra).") from None
+        try:
+            return [(f"row {i}", v) for i, v in enumerate(pq.read_table(path).to_pylist())], "parquet"
+        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError types
+            raise error(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]}).") from None
     text = read_text(path, what, error)
     stripped = text.lstrip()
     if not stripped:

@@ -1,14 +1,20 @@
 """A LLaMA-family decoder with the global-token Aligner, in one file.
 
 Read top to bottom: the Aligner (N shared prefix tokens + per-layer, per-head gates), the model, its block,
-attention, MLP and norm, the KV cache, and the RoPE helpers.
+attention, MLP and norm, the KV cache, and the RoPE helpers. The families differ in a few config fields, each used in
+one place: `attn_bias` (Qwen2: bias on the q/k/v projection), `qk_norm` (Qwen3: RMSNorm of every query and key head
+before RoPE), `head_size` (Qwen3, Mistral-Nemo: not n_embd / n_head) and `rope_scaling` (Llama 3.1+: "llama3";
+"linear", "yarn", "dynamic").
 
 The Aligner (arXiv 2312.05503): a prefix P of shape (N, n_embd) is shared by every layer i >= start_layer. Each such
 layer projects P through its own frozen K and V weights (no RoPE on the prefix keys; GQA layers use their KV heads),
 lets its queries attend to those N keys with a softmax of their own, and adds the result, scaled by a per-head gate
 initialised to zero, to the causal attention output before the output projection. Zero gates give the base model.
+The prefix keys are computed exactly as the layer computes keys (bias, k-norm) except for RoPE: the prefix has no
+position.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -103,7 +109,8 @@ class LLaMA(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.aligner: Optional[Aligner] = Aligner(config, aligner_config) if aligner_config else None
         self.max_seq_length = config.block_size
-        cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        # Long-context bases (128k, 1M positions) would spend gigabytes on tables never used: grown on demand.
+        cos, sin = build_rope_cache(min(config.block_size, ROPE_CACHE_START), config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.causal_mask: Optional[torch.Tensor] = None
@@ -112,12 +119,11 @@ class LLaMA(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def reset_rope(self, device: Optional[torch.device] = None) -> None:
-        """Recompute the RoPE tables (after building on the meta device, or to lengthen them)."""
+    def reset_rope(self, device: Optional[torch.device] = None, length: Optional[int] = None) -> None:
+        """Recompute the RoPE tables (after building on the meta device, or to lengthen them to `length`)."""
         device = device or self.tok_embeddings.weight.device
-        cos, sin = build_rope_cache(max(self.max_seq_length, self.config.block_size), self.config.head_size,
-                                    self.config.rope_base, device=device)
-        self.rope_cos, self.rope_sin = cos, sin
+        length = length or max(self.rope_cos.shape[0], min(self.config.block_size, ROPE_CACHE_START))
+        self.rope_cos, self.rope_sin = build_rope_cache(length, self.config, device=device)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate full-size KV caches once, so shapes never change during decoding."""
@@ -125,7 +131,7 @@ class LLaMA(nn.Module):
         dtype = dtype or p.dtype
         self.max_seq_length = max_seq_length
         if max_seq_length > self.rope_cos.shape[0]:
-            self.reset_rope(p.device)
+            self.reset_rope(p.device, max_seq_length)
         for block in self.layers:
             block.attn.kv_cache = KVCache(max_batch_size, self.config.n_query_groups, max_seq_length,
                                           self.config.head_size, dtype, p.device)
@@ -168,6 +174,8 @@ class LLaMA(nn.Module):
 
         if positions is None:
             positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        if input_pos is None and T > self.rope_cos.shape[0]:  # (cached decoding grows the table in setup_caches)
+            self.reset_rope(idx.device, T)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs) or (B, T, hs)
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs) broadcasts over heads
@@ -205,27 +213,36 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.n_head, self.n_kv, self.hs = config.n_head, config.n_query_groups, config.head_size
-        # q, k and v in one matmul; the prefix reuses the k and v rows of this same weight.
-        self.wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=False)
+        # q, k and v in one matmul; the prefix reuses the k and v rows of this same weight (and bias).
+        self.wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.attn_bias)
         self.wo = nn.Linear(self.n_head * self.hs, config.n_embd, bias=False)
+        # Qwen3: every query and key head is RMS-normalised before RoPE (keys of the prefix too)
+        self.q_norm = RMSNorm(self.hs, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.hs, config.norm_eps) if config.qk_norm else None
         self.kv_cache: Optional[KVCache] = None
 
     def project_prefix(self, prefix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """prefix: (N, C) or (B, N, C) -> keys, values: (B or 1, n_kv, N, hs). No RoPE: the prefix has no position."""
+        """prefix: (N, C) or (B, N, C) -> keys, values: (B or 1, n_kv, N, hs), through this layer's own key and value
+        projection (bias and k-norm included). No RoPE: the prefix has no position."""
         if prefix.dim() == 2:
             prefix = prefix.unsqueeze(0)
         q_size, kv_size = self.n_head * self.hs, self.n_kv * self.hs
-        kv = F.linear(prefix.to(self.wqkv.weight.dtype), self.wqkv.weight[q_size:])  # (B, N, 2 * kv_size)
+        bias = self.wqkv.bias[q_size:] if self.wqkv.bias is not None else None
+        kv = F.linear(prefix.to(self.wqkv.weight.dtype), self.wqkv.weight[q_size:], bias)  # (B, N, 2 * kv_size)
         k, v = kv.split(kv_size, dim=-1)
         B, N = prefix.shape[:2]
-        return (k.view(B, N, self.n_kv, self.hs).transpose(1, 2), v.view(B, N, self.n_kv, self.hs).transpose(1, 2))
+        k, v = k.view(B, N, self.n_kv, self.hs), v.view(B, N, self.n_kv, self.hs)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, input_pos, prefix):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k, v = q.view(B, T, self.n_head, self.hs), k.view(B, T, self.n_kv, self.hs), v.view(B, T, self.n_kv, self.hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs)
@@ -284,15 +301,63 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-def build_rope_cache(seq_len: int, head_size: int, base: float = 10000.0,
+ROPE_CACHE_START = 8192  # positions in the RoPE tables at first; setup_caches and long inputs grow them
+
+
+def rope_frequencies(config: Config, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, float]:
+    """The inverse frequencies (head_size / 2,) of RoPE and the factor cos and sin are scaled by, for the config's
+    `rope_scaling` (Hugging Face's names and formulas): None / "default"; "linear" (frequencies / factor); "dynamic"
+    (NTK-aware: equal to the default up to the original context, which is the model's block_size); "llama3"
+    (Llama 3.1+: low frequencies / factor, high ones kept, a smooth ramp between); "yarn" (frequency ramp between
+    interpolation and extrapolation, cos and sin scaled by the attention factor); "freq_factors" (a GGUF's
+    rope_freqs: frequencies / factors)."""
+    hs, scaling = config.head_size, config.rope_scaling or {}
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "freq_factors":
+        return inv_freq / torch.tensor(scaling["factors"], device=device, dtype=torch.float32), 1.0
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+    if kind == "yarn":
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations: float) -> float:
+            return hs * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_base))
+
+        lo, hi = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hs - 1)
+        ramp = ((torch.arange(hs // 2, device=device, dtype=torch.float32) - lo) / ((hi - lo) or 0.001)).clamp(0, 1)
+        return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported")
+
+
+def build_rope_cache(seq_len: int, config: Config,
                      device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (seq_len, head_size), in the Hugging Face "rotate half" layout (the first and second halves of a
     head are the two coordinates of each rotated pair). Meta and GGUF q/k weights are permuted to it on import."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    inv_freq, scale = rope_frequencies(config, device)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -303,11 +368,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def init_weights(model: LLaMA, std: float = 0.02) -> None:
-    """Random base weights (for tests and benchmarks: speed does not depend on weight values)."""
+    """Random base weights (for tests and benchmarks: speed does not depend on weight values): norms 1, biases and
+    matrices N(0, std)."""
     for name, p in model.named_parameters():
         if name.startswith("aligner."):
             continue
-        if p.dim() == 1:
+        if p.dim() == 1 and not name.endswith(".bias"):
             nn.init.ones_(p)
         else:
             nn.init.normal_(p, std=std)

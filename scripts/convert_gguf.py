@@ -34,7 +34,7 @@ def main(cfg: GGUF) -> None:
                          "neither")
     if cfg.default:
         cfg.model_name = cfg.model_name or DEFAULT_MODEL_NAME
-    cfg.convert(convert_gguf, find_smollm2_gguf() if cfg.default else cfg.gguf_file)
+    cfg.run_conversion(convert_gguf, find_smollm2_gguf() if cfg.default else cfg.gguf_file)
 
 
 if __name__ == "__main__":

@@ -24,4 +24,4 @@ class HF(ConvertConfig):
 
 
 if __name__ == "__main__":
-    run_cli(lambda cfg: cfg.convert(convert_hf, cfg.source_dir), HF, __doc__)
+    run_cli(lambda cfg: cfg.run_conversion(convert_hf, cfg.source_dir), HF, __doc__)

@@ -25,4 +25,4 @@ class Meta(ConvertConfig):
 
 
 if __name__ == "__main__":
-    run_cli(lambda cfg: cfg.convert(convert_meta, cfg.source_dir), Meta, __doc__)
+    run_cli(lambda cfg: cfg.run_conversion(convert_meta, cfg.source_dir), Meta, __doc__)

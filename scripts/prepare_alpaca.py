@@ -2,17 +2,16 @@
 
     python scripts/prepare_alpaca.py --data-file ../shared/data/alpaca/alpaca_4500.json
 
-Without --data-file the full Stanford Alpaca JSON is downloaded once into data/alpaca/alpaca_data.json. See
-howto/data.md.
+Without --data-file the 52k rows of the Hub dataset tatsu-lab/alpaca are downloaded once (into the Hugging Face cache;
+its parquet file needs pyarrow, the [data] extra). See howto/data.md.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional, Tuple
 
 from lit_aligner.cli import run_cli
 from lit_aligner.data import DataOptions, PrepareConfig, run_prepare
-from lit_aligner.data.download import ALPACA_URL, download
 
 
 @dataclass
@@ -23,12 +22,11 @@ class Alpaca(PrepareConfig):
     """Alpaca rows have one answer each: SFT data."""
     out_dir: Path = Path("data/alpaca")
     """output directory."""
-    url: str = ALPACA_URL
-    """where to download Alpaca from when no --data-file is given."""
+    hub_repo: Optional[str] = "tatsu-lab/alpaca"
+    """the Hub dataset read when no --data-file is given."""
+    hub_files: Tuple[str, ...] = ("data/*.parquet",)
+    """its files."""
     data_options: DataOptions = field(default_factory=lambda: DataOptions(format="alpaca"))
-
-    def source(self):
-        return self.data_file or download(self.url, Path(self.out_dir) / "alpaca_data.json")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def plan(source: TensorSource, config: Config, kind: str, dtype: Optional[torch.
     stand_ins = ((n, torch.empty(source.infos[n][0], dtype=dtype or source.infos[n][1], device="meta"))
                  for n in source.order())
     try:
-        specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in to_lit(stand_ins, config, kind)]
+        specs = [TensorSpec(name, tuple(t.shape), t.dtype)
+                 for name, t in to_lit(stand_ins, config, kind, source.interleaved_qk)]
     except (KeyError, RuntimeError) as e:  # RuntimeError: q/k rows that do not split into the config's heads
         msg = e.args[0] if isinstance(e, KeyError) else str(e)
         raise ConvertError(f"{source.origin}: {msg}; not a LLaMA-style checkpoint of the shape its config "
@@ -84,7 +85,8 @@ def convert_source(source: TensorSource, config: Config, kind: str, out_dir: Pat
             t = source.read(name)
             yield name, t if dtype is None else t.to(dtype)
 
-    return write_weights(out_dir, specs, to_lit(tensors(), config, kind), max_shard_bytes, on_tensor)
+    return write_weights(out_dir, specs, to_lit(tensors(), config, kind, source.interleaved_qk), max_shard_bytes,
+                         on_tensor)
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -236,7 +238,7 @@ class ConvertConfig:
     force: bool = False
     """replace a converted model already in --out-dir."""
 
-    def convert(self, convert_fn: Callable[..., ConvertResult], source: PathLike) -> ConvertResult:
+    def run_conversion(self, convert_fn: Callable[..., ConvertResult], source: PathLike) -> ConvertResult:
         """Run `convert_fn` (convert_hf, convert_meta or convert_gguf) on `source` with these flags, printing the
         progress and warnings to stderr and the summary to stdout."""
         import sys

@@ -1,8 +1,10 @@
 """Weight-name and layout mapping from other checkpoint formats into ours.
 
-Our names: tok_embeddings, layers.{i}.{attention_norm, attn.wqkv, attn.wo, ffn_norm, feed_forward.w1/w2/w3}, norm,
-output. q, k and v are fused into one `wqkv` matrix (rows: q, then k, then v). RoPE uses the Hugging Face "rotate
-half" layout; Meta's and GGUF's q/k rows interleave the rotated pairs, so they are permuted once here, on import.
+Our names: tok_embeddings, layers.{i}.{attention_norm, attn.wqkv, attn.wo, attn.q_norm, attn.k_norm, ffn_norm,
+feed_forward.w1/w2/w3}, norm, output. q, k and v are fused into one `wqkv` matrix (rows: q, then k, then v), and their
+biases (Qwen2) into one `wqkv` bias. RoPE uses the Hugging Face "rotate half" layout; the q/k rows of Meta
+checkpoints and of llama-architecture GGUFs interleave the rotated pairs, so they are permuted once here, on import
+(qwen2/qwen3 GGUFs already use the half layout).
 """
 
 import re
@@ -35,6 +37,11 @@ _HF = {
     "self_attn.q_proj.weight": "q",
     "self_attn.k_proj.weight": "k",
     "self_attn.v_proj.weight": "v",
+    "self_attn.q_proj.bias": "q.bias",
+    "self_attn.k_proj.bias": "k.bias",
+    "self_attn.v_proj.bias": "v.bias",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
     "self_attn.o_proj.weight": "attn.wo.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
@@ -63,6 +70,11 @@ _GGUF = {
     "attn_q.weight": "q",
     "attn_k.weight": "k",
     "attn_v.weight": "v",
+    "attn_q.bias": "q.bias",
+    "attn_k.bias": "k.bias",
+    "attn_v.bias": "v.bias",
+    "attn_q_norm.weight": "attn.q_norm.weight",
+    "attn_k_norm.weight": "attn.k_norm.weight",
     "attn_output.weight": "attn.wo.weight",
     "ffn_gate.weight": "feed_forward.w1.weight",
     "ffn_up.weight": "feed_forward.w3.weight",
@@ -78,11 +90,17 @@ _LAYER = {
 _IGNORED = re.compile(r"rotary_emb\.inv_freq|^rope\.freqs$|^rope_freqs\.weight$")
 
 
-def to_lit(tensors: Tensors, config: Config, source: str) -> Iterator[Tuple[str, torch.Tensor]]:
+_QKV = {"q": "weight", "k": "weight", "v": "weight", "q.bias": "bias", "k.bias": "bias", "v.bias": "bias"}
+
+
+def to_lit(tensors: Tensors, config: Config, source: str,
+           interleaved: Optional[bool] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Stream (name, tensor) pairs of a `source` checkpoint ("hf", "meta" or "gguf") as ours, one tensor at a time.
-    Only the q/k/v of the layer being read are held until its fused wqkv can be emitted."""
+    Only the q/k/v (and their biases) of the layer being read are held until its fused wqkv can be emitted.
+    interleaved: whether q/k rows interleave the RoPE pairs (default: Meta and GGUF yes, HF no)."""
     table = {"hf": _HF, "meta": _META, "gguf": _GGUF}[source]
-    pending: Dict[int, Dict[str, torch.Tensor]] = {}
+    interleaved = source != "hf" if interleaved is None else interleaved
+    pending: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
     for name, t in tensors:
         if _IGNORED.search(name):
             continue
@@ -99,18 +117,20 @@ def to_lit(tensors: Tensors, config: Config, source: str) -> Iterator[Tuple[str,
         if rest not in table:
             raise KeyError(f"unexpected tensor {name!r} in a {source} checkpoint")
         ours = table[rest]
-        if ours not in ("q", "k", "v"):
+        if ours not in _QKV:
             yield f"layers.{i}.{ours}", t
             continue
-        if source != "hf" and ours in ("q", "k"):
-            t = interleaved_to_half(t, config.n_head if ours == "q" else config.n_query_groups)
-        parts = pending.setdefault(i, {})
-        parts[ours] = t
+        part, kind = ours.split(".")[0], _QKV[ours]
+        if interleaved and part in ("q", "k"):
+            heads = config.n_head if part == "q" else config.n_query_groups
+            t = interleaved_to_half(t if t.dim() == 2 else t[:, None], heads).reshape(t.shape)
+        parts = pending.setdefault((i, kind), {})
+        parts[part] = t
         if len(parts) == 3:
-            del pending[i]
-            yield f"layers.{i}.attn.wqkv.weight", torch.cat([parts["q"], parts["k"], parts["v"]])
+            del pending[(i, kind)]
+            yield f"layers.{i}.attn.wqkv.{kind}", torch.cat([parts["q"], parts["k"], parts["v"]])
     if pending:
-        raise KeyError(f"layers {sorted(pending)} are missing some of q/k/v")
+        raise KeyError(f"layers {sorted({i for i, _ in pending})} are missing some of q/k/v")
 
 
 def lit_to_hf(tensors: Tensors, config: Config) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -121,10 +141,10 @@ def lit_to_hf(tensors: Tensors, config: Config) -> Iterator[Tuple[str, torch.Ten
         m = re.match(r"^layers\.(\d+)\.(.+)$", name)
         if m is None:
             yield inv[name], t
-        elif m.group(2) == "attn.wqkv.weight":
-            q, k, v = t.split([q_size, kv_size, kv_size])
-            for part, w in (("q", q), ("k", k), ("v", v)):
-                yield f"model.layers.{m.group(1)}.{inv[part]}", w.contiguous()
+        elif m.group(2) in ("attn.wqkv.weight", "attn.wqkv.bias"):
+            suffix = "" if m.group(2).endswith("weight") else ".bias"
+            for part, w in zip("qkv", t.split([q_size, kv_size, kv_size])):
+                yield f"model.layers.{m.group(1)}.{inv[part + suffix]}", w.contiguous()
         else:
             yield f"model.layers.{m.group(1)}.{inv[m.group(2)]}", t
 

@@ -39,6 +39,7 @@ class TensorSource:
     read: Callable[[str], torch.Tensor]
     origin: str
     keep_alive: List[object] = field(default_factory=list, repr=False)  # open file handles / mmaps behind `read`
+    interleaved_qk: Optional[bool] = None  # q/k rows interleave the RoPE pairs (None: as the source kind says)
 
     def order(self) -> List[str]:
         """Names in model order (embedding, layer 0, layer 1, ..., final norm, head), so that a layer's q, k and v
@@ -96,9 +97,6 @@ def _require_dir(src_dir: PathLike, what: str) -> Path:
     return src_dir
 
 
-_HF_MODEL_TYPES = ("llama", "mistral")
-
-
 def hf_source(src_dir: PathLike, model_name: Optional[str] = None) -> Tuple[Config, TensorSource]:
     """A Hugging Face LLaMA-style model folder: `config.json` plus `model*.safetensors` (with
     `model.safetensors.index.json` when sharded) or `pytorch_model*.bin` (with its `.index.json`)."""
@@ -107,15 +105,12 @@ def hf_source(src_dir: PathLike, model_name: Optional[str] = None) -> Tuple[Conf
                                                                                   "scripts/convert_meta.py"))
     if hf.get("format") == "lit-aligner":
         raise ConvertError(f"{src_dir} is already a converted lit-aligner checkpoint; load it directly.")
-    if hf.get("model_type") not in _HF_MODEL_TYPES:
-        raise ConvertError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not a LLaMA-family model "
-                           f"(supported: {', '.join(_HF_MODEL_TYPES)}).")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConvertError(f"{cfg_path}: attention/MLP biases are not supported by our LLaMA model.")
     try:
         config = Config.from_hf_config(hf, name=model_name or src_dir.resolve().name)
-    except (KeyError, ValueError) as e:
-        raise ConvertError(f"{cfg_path}: cannot read the model shape ({type(e).__name__}: {e}).") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConvertError(f"{cfg_path}: {'missing field ' if isinstance(e, KeyError) else ''}{e}; this model cannot "
+                           f"be converted (supported: Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3; howto/convert.md).") \
+            from None
 
     infos: Dict[str, Tuple[Shape, torch.dtype]] = {}
     st_index, bin_index = src_dir / "model.safetensors.index.json", src_dir / "pytorch_model.bin.index.json"
@@ -217,8 +212,8 @@ def meta_tokenizer_dir(src_dir: Path) -> Optional[Path]:
 
 
 def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Config, TensorSource, "gguf.GGUFReader"]:  # noqa: F821
-    """A GGUF file of the `llama` architecture. Returns (config, source, reader): tensors are dequantized to float32
-    as they are read; `reader` (a gguf.GGUFReader) also carries the tokenizer metadata."""
+    """A GGUF file of the `llama`, `qwen2` or `qwen3` architecture. Returns (config, source, reader): tensors are
+    dequantized to float32 as they are read; `reader` (a gguf.GGUFReader) also carries the tokenizer metadata."""
     import gguf
     import numpy as np
 
@@ -235,51 +230,50 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
         raise ConvertError(f"{path}: not a GGUF file ({type(e).__name__}: {e}).") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama': LLaMA, Mistral, "
-                           f"SmolLM2, TinyLlama, ...).")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                           f"{', '.join(GGUF_ARCHITECTURES)}: LLaMA 1-3.x, Mistral, SmolLM2, TinyLlama, Qwen2/2.5, "
+                           f"Qwen3).")
     if (meta.get("split.count") or 1) > 1:
         raise ConvertError(f"{path} is one part of a split GGUF; merge the parts first "
                            f"(`llama-gguf-split --merge {path} merged.gguf`).")
-    if (meta.get("llama.expert_count") or 0) > 0:
-        raise ConvertError(f"{path}: a mixture-of-experts model (llama.expert_count > 0) is not supported.")
-    scaling = meta.get("llama.rope.scaling.type")
-    if scaling not in (None, "none") and not (scaling == "linear" and meta.get("llama.rope.scaling.factor", 1) == 1):
-        raise ConvertError(f"{path}: RoPE scaling {scaling!r} is not supported.")
+    if (meta.get(f"{arch}.expert_count") or 0) > 0:
+        raise ConvertError(f"{path}: a mixture-of-experts model ({arch}.expert_count > 0) is not supported.")
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ConvertError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style scaling) are not "
-                           f"supported.")
+    rope_scaling = _gguf_rope_scaling(path, meta, arch, tensors)
 
     unsupported = sorted({t.tensor_type.name for t in tensors.values() if not _can_dequantize(t.tensor_type)})
     if unsupported:
         raise ConvertError(f"{path}: tensor type(s) {', '.join(unsupported)} cannot be dequantized by gguf "
                            f"{getattr(gguf, '__version__', '')}; use a GGUF with F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quants.")
     try:
-        n_head = int(meta["llama.attention.head_count"])
-        n_embd = int(meta["llama.embedding_length"])
-        head_size = int(meta.get("llama.attention.key_length") or n_embd // n_head)
-        rope_dims = int(meta.get("llama.rope.dimension_count") or head_size)
+        n_head = int(meta[f"{arch}.attention.head_count"])
+        n_embd = int(meta[f"{arch}.embedding_length"])
+        head_size = int(meta.get(f"{arch}.attention.key_length") or n_embd // n_head)
+        rope_dims = int(meta.get(f"{arch}.rope.dimension_count") or head_size)
         if rope_dims != head_size:
             raise ConvertError(f"{path}: partial rotary embeddings (rope dims {rope_dims} < head size {head_size}) "
                                f"are not supported.")
         emb = tensors["token_embd.weight"]
         config = Config(
-            block_size=int(meta.get("llama.context_length", 4096)),
-            vocab_size=int(meta.get("llama.vocab_size") or emb.shape[-1]),
-            n_layer=int(meta["llama.block_count"]),
+            block_size=int(meta.get(f"{arch}.context_length", 4096)),
+            vocab_size=int(meta.get(f"{arch}.vocab_size") or emb.shape[-1]),
+            n_layer=int(meta[f"{arch}.block_count"]),
             n_head=n_head,
-            n_query_groups=int(meta.get("llama.attention.head_count_kv") or n_head),
+            n_query_groups=int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
             n_embd=n_embd,
-            intermediate_size=int(meta["llama.feed_forward_length"]),
-            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            rope_base=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             # stored as float32: 1e-5 reads back as 9.99999974e-06; round to the value the model was trained with
-            norm_eps=float(f"{float(meta.get('llama.attention.layer_norm_rms_epsilon', 1e-5)):.6g}"),
+            norm_eps=float(f"{float(meta.get(f'{arch}.attention.layer_norm_rms_epsilon', 1e-5)):.6g}"),
             tie_embeddings="output.weight" not in tensors,
             head_size=head_size,
+            attn_bias="blk.0.attn_q.bias" in tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
+            rope_scaling=rope_scaling,
         )
     except KeyError as e:
-        raise ConvertError(f"{path}: GGUF metadata or tensor {e} is missing; not a complete llama GGUF.") from None
+        raise ConvertError(f"{path}: GGUF metadata or tensor {e} is missing; not a complete {arch} GGUF.") from None
     config.name = model_name or gguf_model_name(meta, config, "tokenizer.chat_template" in reader.fields, path)
 
     # GGUF lists dims fastest-first (ne order): the torch shape is the reverse.
@@ -294,7 +288,32 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
         arr = np.array(arr, dtype=np.float32, copy=not arr.flags.writeable or arr.dtype != np.float32)
         return torch.from_numpy(arr).reshape(infos[name][0])
 
-    return config, TensorSource(infos, read, str(path), [reader]), reader
+    return config, TensorSource(infos, read, str(path), [reader], GGUF_ARCHITECTURES[arch]), reader
+
+
+# llama: q/k rows interleave the RoPE pairs (llama.cpp's "normal" RoPE); qwen2/qwen3 keep the half layout ("neox").
+GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+
+
+def _gguf_rope_scaling(path: Path, meta: Dict, arch: str, tensors: Dict) -> Optional[Dict]:
+    """The rope_scaling dict of a GGUF: a Llama 3.1-style `rope_freqs.weight` tensor (per-frequency divisors, as
+    llama.cpp applies them), a linear factor, or a YaRN block; anything else is refused."""
+    import gguf
+
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor") or 1.0)
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        return {"rope_type": "freq_factors",
+                "factors": [float(x) for x in gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)]}
+    if kind in (None, "none") or (kind == "linear" and factor == 1.0):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": int(original)}
+    raise ConvertError(f"{path}: RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported.")
 
 
 def _can_dequantize(qtype) -> bool:

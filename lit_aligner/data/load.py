@@ -23,7 +23,7 @@ from lit_aligner.data.tokenize import tokenize_example
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.prompts import CorrectionTemplate, get_template
 
-DataSource = Union[str, Path, None, Sequence[Dict[str, Any]]]
+DataSource = Union[str, Path, None, Sequence[Dict[str, Any]], Sequence[Path]]
 Splits = Tuple[TokenizedDataset, TokenizedDataset, Dict[str, Any]]
 FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac"]
 
@@ -89,6 +89,12 @@ def _records(kind: str, data: DataSource) -> Tuple[Path, List[Tuple[str, Any]], 
 
         rows = default.generate_rows() if kind == "sft" else default.generate_preference_rows()
         return Path("<default dataset>"), [(f"row {i}", r) for i, r in enumerate(rows)], "generated"
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, Path) for d in data):  # several files, one set
+        records = []
+        for path in data:
+            recs, container = read_records(path, "data file (a JSON list or JSONL of rows)", DataError)
+            records += [(f"{path.name} {where}", value) for where, value in recs]
+        return Path(data[0]).parent, records, container
     if isinstance(data, (list, tuple)):
         return Path("<rows>"), [(f"row {i}", r) for i, r in enumerate(data)], "rows"
     path = Path(data)
@@ -119,7 +125,10 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     path, records, container = _records(kind, data)
     if not records:
         raise DataError(f"{path}: no rows in the file.")
-    source = source or ("default" if data is None else "<rows>" if isinstance(data, (list, tuple)) else str(data))
+    if source is None:
+        many = isinstance(data, (list, tuple))
+        source = "default" if data is None else str(path) if many and data and isinstance(data[0], Path) else \
+            "<rows>" if many else str(data)
     info: Dict[str, Any] = {"kind": kind, "source": source, "template": tmpl.name, "format": None,
                             "container": container, "rows_read": len(records), "bad_rows": 0, "kept": 0,
                             "truncated": 0, "dropped": 0, "max_seq_length": options.max_seq_length,

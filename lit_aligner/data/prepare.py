@@ -4,7 +4,7 @@ scripts/prepare_*.py; each script is a subclass with its dataset's defaults."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from lit_aligner.data.formats import DataError
 from lit_aligner.data.load import DataOptions, DataSource, build_datasets, report
@@ -28,7 +28,14 @@ class PrepareConfig:
     """Prepare a dataset for training: tokenized with the base model's tokenizer, split, written as safetensors."""
 
     data_file: Optional[Path] = None
-    """the raw JSON list / JSONL (.gz) file; default: the offline default dataset."""
+    """the raw JSON list / JSONL (.gz) / parquet file (default: --hub-repo's files, else the offline default
+    dataset)."""
+    hub_repo: Optional[str] = None
+    """a Hugging Face dataset repository to read when no --data-file is given (cached; HF_HUB_OFFLINE=1 works)."""
+    hub_files: Tuple[str, ...] = ()
+    """which files of --hub-repo (glob patterns; several are read as one dataset)."""
+    access_token: Optional[str] = None
+    """a Hugging Face token for a gated or private --hub-repo (default: HF_TOKEN or the cached login)."""
     kind: Literal["sft", "preference", "correction"] = "sft"
     """sft (one target per prompt), preference (chosen/rejected pairs) or correction (Q-A-C)."""
     out_dir: Optional[Path] = None
@@ -53,8 +60,15 @@ class PrepareConfig:
         return Path("data") / f"{stem}-{self.kind}"
 
     def source(self) -> DataSource:
-        """The rows to prepare: the data file (None: the offline default dataset)."""
-        return self.data_file
+        """The rows to prepare: the data file, else --hub-repo's files (downloaded once into the Hugging Face cache),
+        else None: the offline default dataset."""
+        if self.data_file is not None or self.hub_repo is None:
+            return self.data_file
+        from lit_aligner.hub import download_dataset_files
+
+        _, files = download_dataset_files(self.hub_repo, self.hub_files or ("*.json", "*.jsonl", "*.jsonl.gz"),
+                                          self.access_token)
+        return files[0] if len(files) == 1 else files
 
     def source_label(self) -> Optional[str]:
         return None

@@ -11,6 +11,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lit_aligner", "lit_aligner.*"]),
+    package_data={"lit_aligner.serving": ["page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
@@ -29,6 +30,9 @@ setup(
     extras_require={
         "data": ["pyarrow"],  # .parquet data files (the Hub's Alpaca)
         "plot": ["matplotlib"],
-        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # serve/aligner.py
+        # the server's tests query it with the real OpenAI client and drive its page in headless Chromium
+        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110", "uvicorn>=0.29",
+                 "openai>=1.40", "selenium>=4.20"],
     },
 )

@@ -5,7 +5,7 @@ that checkpoints carry (ours, Hugging Face `config.json` of Llama 1-3.x, Mistral
 import copy
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from lit_aligner.files import UserError, read_json_object
 

@@ -87,12 +87,14 @@ def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> A
 @dataclass
 class PrefixKV:
     """The prefix keys and values of every gated layer, computed once per Aligner (inference) instead of per call.
-    keys[j], values[j]: (B or 1, n_query_groups, N, head_size) for layer start_layer + j; gate: (B or 1, L', n_head)."""
+    keys[j], values[j]: (B or 1, n_query_groups, N, head_size) for layer start_layer + j; gate: (B or 1, L', n_head);
+    mask: optional (B, N) bool, False for padding prefix slots (rows whose Aligners have fewer than N tokens)."""
 
     start_layer: int
     keys: List[torch.Tensor]
     values: List[torch.Tensor]
     gate: torch.Tensor
+    mask: Optional[torch.Tensor] = None
 
 
 # `aligner` argument of the forward pass: None uses the model's own Aligner (if any), False the bare base.
@@ -160,10 +162,13 @@ class LLaMA(nn.Module):
         mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        cache_rows: Optional[slice] = None,
     ) -> torch.Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) KV-cache slots to write (None: no cache, plain causal attention).
-        mask: optional (B, 1, T, S) boolean attention mask (True = attend) replacing the causal one, e.g. for
-        left-padded batches. positions: optional (B, T) RoPE positions (default: input_pos, else 0..T-1).
+        """idx: (B, T) token ids. input_pos: KV-cache slots to write, (T,) for every row or (B, T) per row (None: no
+        cache, plain causal attention). mask: optional (B, 1, T, S) boolean attention mask (True = attend) replacing
+        the causal one, e.g. for left-padded batches; with a cache, S may be shorter than the cache (only the first S
+        slots are attended: rows that are all short need not scan the whole cache). positions: optional (B, T) RoPE positions (default: input_pos,
+        else 0..T-1). cache_rows: the rows of the KV cache this batch uses (default: the first B).
         Returns logits (B, T, vocab), or the final normalised hidden states (B, T, n_embd) if return_hidden."""
         B, T = idx.shape
         if aligner is None:
@@ -180,7 +185,8 @@ class LLaMA(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs) broadcasts over heads
         if input_pos is not None and mask is None:
-            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
+            causal = self.causal_mask[input_pos]  # (T, S) or (B, T, S)
+            mask = causal[None, None] if input_pos.dim() == 1 else causal[:, None]  # (1 | B, 1, T, S)
 
         x = self.tok_embeddings(idx)  # (B, T, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -188,8 +194,8 @@ class LLaMA(nn.Module):
             prefix = None
             if pkv is not None and i >= pkv.start_layer:
                 j = i - pkv.start_layer
-                prefix = (pkv.keys[j], pkv.values[j], pkv.gate[:, j])
-            x = block(x, cos, sin, mask, input_pos, prefix)
+                prefix = (pkv.keys[j], pkv.values[j], pkv.gate[:, j], pkv.mask)
+            x = block(x, cos, sin, mask, input_pos, prefix, cache_rows)
         x = self.norm(x)
         if return_hidden:
             return x
@@ -204,8 +210,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.feed_forward = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix):
-        x = x + self.attn(self.attention_norm(x), cos, sin, mask, input_pos, prefix)
+    def forward(self, x, cos, sin, mask, input_pos, prefix, cache_rows=None):
+        x = x + self.attn(self.attention_norm(x), cos, sin, mask, input_pos, prefix, cache_rows)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -236,7 +242,7 @@ class CausalSelfAttention(nn.Module):
             k = self.k_norm(k)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix):
+    def forward(self, x, cos, sin, mask, input_pos, prefix, cache_rows=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
         q, k, v = q.view(B, T, self.n_head, self.hs), k.view(B, T, self.n_kv, self.hs), v.view(B, T, self.n_kv, self.hs)
@@ -245,16 +251,19 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hs)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv, S, hs)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # a mask over the first slots only: skip the rest
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         gqa = self.n_kv != self.n_head
         # No mask tensor at all in training: the causal flag lets SDPA take its flash path.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         if prefix is not None:
-            pk, pv, gate = prefix  # (B|1, n_kv, N, hs) x2, (B|1, nh)
+            pk, pv, gate, pmask = prefix  # (B|1, n_kv, N, hs) x2, (B|1, nh), (B, N) or None
             if pk.shape[0] != B:
                 pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
             # Every query sees all N prefix tokens, with a softmax separate from the causal one.
-            ay = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # (B, nh, T, hs)
+            pmask = pmask[:, None, None, :] if pmask is not None else None
+            ay = F.scaled_dot_product_attention(q, pk, pv, attn_mask=pmask, enable_gqa=gqa)  # (B, nh, T, hs)
             y = y + gate.to(y.dtype)[:, :, None, None] * ay
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)
         return self.wo(y)
@@ -294,11 +303,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(B, n_kv, S, hs, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(B, n_kv, S, hs, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        B = k.shape[0]
-        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:B], self.v[:B]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[slice] = None):
+        """Write k, v: (B, n_kv, T, hs) at slots input_pos ((T,) for every row, or (B, T) per row) of cache `rows`
+        (default: the first B); returns those rows' whole buffers (B, n_kv, S, hs)."""
+        rows = rows if rows is not None else slice(0, k.shape[0])
+        ck, cv = self.k[rows], self.v[rows]
+        if input_pos.dim() == 1:
+            ck.index_copy_(2, input_pos, k.to(ck.dtype))
+            cv.index_copy_(2, input_pos, v.to(cv.dtype))
+        else:  # each row at its own slots (continuous batching: rows are at different lengths)
+            b = torch.arange(k.shape[0], device=k.device)[:, None]
+            ck[b, :, input_pos] = k.transpose(1, 2).to(ck.dtype)
+            cv[b, :, input_pos] = v.transpose(1, 2).to(cv.dtype)
+        return ck, cv
 
 
 ROPE_CACHE_START = 8192  # positions in the RoPE tables at first; setup_caches and long inputs grow them

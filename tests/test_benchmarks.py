@@ -71,3 +71,20 @@ def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --config") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_serve_benchmark_runs_the_real_server(tiny_checkpoint_dir, tmp_path, capsys):
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    out = tmp_path / "serve.json"
+    payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[1, 3], requests_per_client=1,
+                                        sequential_requests=2, max_tokens=3, aligners=3, n_tokens=4, max_batch=4,
+                                        device="cpu", out=out)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == payload["rows"]
+    assert [(r["clients"], r["aligners"]) for r in rows] == [(1, "1 shared"), (3, "3 different"), (3, "1 shared")]
+    for r in rows:
+        assert r["completion_tokens"] == 3 * r["requests"]  # ignore_eos: exactly max_tokens each
+        assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["latency_p50_s"] <= r["latency_p95_s"]
+    assert rows[0]["x_sequential"] == 1 and rows[2]["x_shared"] == 1
+    assert "tokens_per_s" in capsys.readouterr().out

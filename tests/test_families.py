@@ -6,7 +6,6 @@ are checked on each; their tokenizers and chat templates against transformers'."
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,97 @@
+"""Serving many Aligners from one loaded base: the continuous-batching engine (`engine`), the Aligner directory
+(`registry`), the OpenAI-compatible HTTP API and comparison page (`app`), and `ServeConfig` / `serve`, what
+`serve/aligner.py` runs. The HTTP part needs the `serve` extra (`pip install -e .[serve]`: FastAPI and uvicorn)."""
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
+from lit_aligner.files import UserError
+
+API_KEY_ENV = "LIT_ALIGNER_API_KEY"
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+    """converted base model (config.json, model.safetensors, tokenizer files)."""
+    aligners_dir: Path = Path("out")
+    """the Aligners to serve: every .safetensors / paper .pth file in it (subfolders too), named by its path without
+    the suffix; a run folder's aligner.safetensors by the folder. Files added later are served without a restart."""
+    host: str = "127.0.0.1"
+    """address to listen on (0.0.0.0: every interface; put an --api-key on it then)."""
+    port: int = 8000
+    """TCP port."""
+    api_key: Optional[str] = None
+    """require 'Authorization: Bearer KEY' on every /v1 request (default: the LIT_ALIGNER_API_KEY environment
+    variable, which keeps the key out of the process list; none: no check)."""
+    model_name: Optional[str] = None
+    """the base's id in /v1/models and the `model` field (default: the checkpoint's model name)."""
+    max_batch: int = 16
+    """requests decoded together (rows of the continuous batch)."""
+    max_queue: int = 64
+    """requests waiting beyond those; past it a request gets 429."""
+    max_loaded_aligners: int = 64
+    """Aligners kept loaded (LRU); others are reloaded from their file on use."""
+    max_seq_length: Optional[int] = None
+    """KV-cache length per row, prompt + completion (default: the model's context, at most 4096)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_queue", "max_loaded_aligners"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            raise UserError(f"--max-seq-length must be >= 2, got {self.max_seq_length}")
+
+
+DEFAULT_MAX_SEQ_LENGTH = 4096
+
+
+def build_server(cfg: ServeConfig):
+    """Load the base, start the engine thread and return the `AlignerServer` (its FastAPI app is `.app`)."""
+    cfg.check()
+    try:
+        from lit_aligner.serving.app import AlignerServer
+    except ImportError as e:
+        raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'") from None
+    from lit_aligner.base import load_base
+    from lit_aligner.serving.engine import Engine
+    from lit_aligner.serving.registry import AlignerRegistry
+
+    model, tokenizer = load_base(cfg.checkpoint_dir, cfg.device, cfg.dtype)
+    name = cfg.model_name or model.config.name or Path(cfg.checkpoint_dir).name
+    registry = AlignerRegistry(cfg.aligners_dir, model, name, cfg.max_loaded_aligners)
+    seq = cfg.max_seq_length or min(model.config.block_size, DEFAULT_MAX_SEQ_LENGTH)
+    if seq > model.config.block_size:
+        raise UserError(f"--max-seq-length {seq} exceeds the model's context of {model.config.block_size} tokens")
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_length=seq, max_queue=cfg.max_queue)
+    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return AlignerServer(engine.start(), registry, tokenizer, name, api_key)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until Ctrl-C (what serve/aligner.py does)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("serving needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    server = build_server(cfg)
+    n = len(server.registry.names())
+    print(f"serving {server.base_name} and {n} Aligner{'s' if n != 1 else ''} from {cfg.aligners_dir} at "
+          f"http://{cfg.host}:{cfg.port} (OpenAI API under /v1, comparison page at /)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        server.engine.stop()
+
+
+__all__ = ["ServeConfig", "build_server", "serve"]

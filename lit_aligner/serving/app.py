@@ -1,0 +1,368 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI): `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+`/health`, and the comparison page at `/`.
+
+The event loop never touches the model: requests go to the engine thread (`Engine.submit`), its events come back
+through `loop.call_soon_threadsafe`, and Aligner files are loaded in a worker thread. Every error is the OpenAI error
+JSON ({"error": {"message", "type", "param", "code"}}): 400 malformed body or too long a prompt, 401 missing or wrong
+API key, 404 unknown model, 429 queue full.
+
+Correction Aligners (metadata mode "correction") rewrite an answer: the request gives the question (the last user
+message, or `prompt`) and the answer to correct in the extra body field `answer`. Without `answer`, one call runs both
+stages: the bare base answers the question first (same sampling parameters), then the Aligner rewrites that answer; the
+response carries the base's answer as `upstream_answer` and `usage` counts both stages.
+"""
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from importlib import resources
+from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Union
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lit_aligner.generation.engine import Sampling
+from lit_aligner.prompts import correction_prompt, encode_prompt, flatten, get_template, is_correction, join_input
+from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner
+from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
+# Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty",
+               "best_of", "echo", "suffix")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# --- request bodies ---------------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[TextPart]]
+
+    def as_dict(self) -> Dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields (user, metadata, ...) are accepted and ignored
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    answer: Optional[str] = None  # correction Aligners: the answer to rewrite (else the base answers first)
+    ignore_eos: bool = False  # as vLLM's: keep generating past end tokens (benchmarks: exactly max_tokens tokens)
+
+    def stop_strings(self) -> List[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 16:
+            raise APIError(400, f"at most 16 stop strings, got {len(stops)}", param="stop")
+        return [s for s in stops if s]
+
+    def check(self) -> None:
+        if self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request (n=1); "
+                                f"send several requests instead", param="n")
+        for name in UNSUPPORTED:
+            if (self.model_extra or {}).get(name) not in (None, False, 0, [], {}):
+                raise APIError(400, f"'{name}' is not supported by this server", param=name)
+
+
+class ChatBody(_Body):
+    messages: List[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, List[str]]
+
+
+# --- the server -------------------------------------------------------------------------------------------------------
+
+
+class AlignerServer:
+    """The base model's tokenizer, the engine and the Aligner registry behind one FastAPI `app`."""
+
+    def __init__(self, engine: Engine, registry: AlignerRegistry, tokenizer, base_name: str,
+                 api_key: Optional[str] = None):
+        self.engine, self.registry, self.tokenizer = engine, registry, tokenizer
+        self.base_name, self.api_key = base_name, api_key
+        self.created = int(time.time())
+        self.app = self._build_app()
+
+    # --- prompts ------------------------------------------------------------------------------------------------------
+
+    def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, str]]) -> str:
+        """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
+        template, else as plain text."""
+        name = (aligner.metadata.get("template") if aligner is not None else None) or \
+            ("chat" if self.tokenizer.has_chat_template else "plain")
+        return get_template(name).render_messages(messages, self.tokenizer)
+
+    def encode(self, text: str) -> List[int]:
+        ids = encode_prompt(self.tokenizer, text).tolist()
+        if len(ids) >= self.engine.max_seq_length:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is "
+                                f"{self.engine.max_seq_length} tokens (prompt + completion): shorten the prompt",
+                           param="messages", code="context_length_exceeded")
+        return ids
+
+    def make_request(self, body: _Body, ids: List[int], aligner: Optional[ServedAligner],
+                     default_max: Optional[int]) -> Request:
+        room = self.engine.max_seq_length - len(ids)
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "
+                                f"context of {self.engine.max_seq_length} tokens: lower max_tokens or shorten the "
+                                f"prompt", param="max_tokens", code="context_length_exceeded")
+        sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None)
+        return Request(ids, min(max_tokens or default_max or room, room), emit=lambda ev: None, aligner=aligner,
+                       sampling=sampling, seed=body.seed, stop=body.stop_strings(),
+                       stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids))
+
+    async def resolve(self, name: str) -> Optional[ServedAligner]:
+        if name == self.base_name:
+            return None
+        try:
+            return await asyncio.to_thread(self.registry.get, name)
+        except UnknownAligner:
+            raise APIError(404, f"the model '{name}' does not exist: GET /v1/models lists the base "
+                                f"('{self.base_name}') and the Aligners in the aligners directory",
+                           param="model", code="model_not_found") from None
+        except BadAligner as e:
+            raise APIError(400, f"the Aligner '{name}' cannot be served: {e}", param="model",
+                           code="invalid_aligner") from None
+
+    # --- running requests ---------------------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> "asyncio.Queue[Event]":
+        loop = asyncio.get_running_loop()
+        queue: "asyncio.Queue[Event]" = asyncio.Queue()
+        req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        try:
+            self.engine.submit(req)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded") \
+                from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return queue
+
+    async def events(self, req: Request, queue: "asyncio.Queue[Event]",
+                     http: Optional[HTTPRequest] = None) -> AsyncIterator[Event]:
+        """The request's events until it finishes; a disconnected client (or a cancelled task) frees its row."""
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if http is not None and await http.is_disconnected():
+                        return
+                    continue
+                yield ev
+                if ev.finish is not None:
+                    return
+        finally:
+            req.cancel()
+
+    async def complete(self, req: Request, http: HTTPRequest) -> Event:
+        """Run a request to the end: its whole text, finish reason and token counts as one Event."""
+        text = []
+        async for ev in self.events(req, self.submit(req), http):
+            text.append(ev.text)
+            if ev.finish is not None:
+                if ev.finish == "error":
+                    raise APIError(500, f"generation failed: {ev.error}", type="server_error")
+                return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens)
+        raise APIError(499, "the client closed the request")  # nobody reads this; the row is already freed
+
+    async def run(self, body: _Body, http: HTTPRequest, messages: Optional[List[Dict[str, str]]], prompt: Optional[str],
+                  default_max: Optional[int]):
+        """Both endpoints: resolve the model, build the request (for a correction Aligner without `answer`, let the
+        bare base answer first), answer as JSON or as a stream of chunks."""
+        body.check()
+        aligner = await self.resolve(body.model)
+        kind = "chat" if messages is not None else "text"
+        upstream_answer, usage0 = None, (0, 0)
+        try:
+            if aligner is not None and is_correction(aligner.metadata):
+                question = join_input(*flatten(messages)) if messages is not None else prompt
+                answer = body.answer
+                if answer is None:
+                    base_text = self.chat_prompt(None, messages) if messages is not None else question
+                    first = await self.complete(self.make_request(body, self.encode(base_text), None, default_max), http)
+                    answer = upstream_answer = first.text
+                    usage0 = (first.prompt_tokens, first.completion_tokens)
+                if not answer.strip():
+                    raise APIError(400, "the answer to correct is empty: give a non-empty 'answer'", param="answer")
+                text = correction_prompt(question, answer)
+            else:
+                text = self.chat_prompt(aligner, messages) if messages is not None else prompt
+        except ValueError as e:  # e.g. a conversation that does not end with a user message
+            raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from None
+        req = self.make_request(body, self.encode(text), aligner, default_max)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+
+        if not body.stream:
+            done = await self.complete(req, http)
+            out = _response(kind, rid, created, body.model, done.text, done.finish,
+                            _usage(done.prompt_tokens + usage0[0], done.completion_tokens + usage0[1]))
+            if upstream_answer is not None:
+                out["upstream_answer"] = upstream_answer
+            return JSONResponse(out)
+
+        queue = self.submit(req)  # errors (429, 400) before the stream starts are plain error responses
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def sse() -> AsyncIterator[str]:
+            head = _chunk(kind, rid, created, body.model, "", None, role=True)
+            if upstream_answer is not None:
+                head["upstream_answer"] = upstream_answer
+            yield _sse(head)
+            async for ev in self.events(req, queue, http):
+                if ev.finish == "error":
+                    yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                          "param": None, "code": None}})
+                    return
+                if ev.text:
+                    yield _sse(_chunk(kind, rid, created, body.model, ev.text, None))
+                if ev.finish is not None:
+                    yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish))
+                    if include_usage:
+                        tail = _chunk(kind, rid, created, body.model, "", None)
+                        tail["choices"] = []
+                        tail["usage"] = _usage(ev.prompt_tokens + usage0[0], ev.completion_tokens + usage0[1])
+                        yield _sse(tail)
+                    yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- the app ------------------------------------------------------------------------------------------------------
+
+    def _check_key(self, http: HTTPRequest) -> None:
+        if self.api_key is None:
+            return
+        auth = http.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the server's "
+                                "--api-key", type="invalid_request_error", code="invalid_api_key")
+
+    def models(self) -> Dict[str, Any]:
+        data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "lit-aligner",
+                 "root": self.base_name, "parent": None}]
+        for name, listed in self.registry.scan().items():
+            data.append({"id": name, "object": "model", "created": int(listed.mtime), "owned_by": "lit-aligner",
+                         "root": name, "parent": self.base_name})
+        return {"object": "list", "data": data}
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="lit-aligner", docs_url=None, redoc_url=None, openapi_url=None)
+        auth = Depends(self._check_key)
+
+        @app.exception_handler(APIError)
+        async def api_error(_, e: APIError):
+            return e.response()
+
+        @app.exception_handler(RequestValidationError)
+        async def bad_body(_, e: RequestValidationError):
+            first = e.errors()[0] if e.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            return APIError(400, f"malformed request body: {where + ': ' if where else ''}{first.get('msg', e)}",
+                            param=where or None).response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_, e: StarletteHTTPException):
+            return APIError(e.status_code, str(e.detail), code=None).response()
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok", "model": self.base_name, **self.engine.load,
+                    "aligners_loaded": len(self.registry.loaded)}
+
+        @app.get("/v1/models", dependencies=[auth])
+        async def models():
+            return await asyncio.to_thread(self.models)
+
+        @app.post("/v1/chat/completions", dependencies=[auth])
+        async def chat(body: ChatBody, http: HTTPRequest):
+            return await self.run(body, http, [m.as_dict() for m in body.messages], None, None)
+
+        @app.post("/v1/completions", dependencies=[auth])
+        async def completions(body: CompletionBody, http: HTTPRequest):
+            prompt = body.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise APIError(400, f"one prompt per request, got a list of {len(prompt)}", param="prompt")
+                prompt = prompt[0]
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            return await self.run(body, http, None, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+        @app.get("/", response_class=HTMLResponse)
+        async def page():
+            return resources.files("lit_aligner.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+        return app
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _response(kind: str, rid: str, created: int, model: str, text: str, finish: str, usage: Dict[str, int]):
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": None}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                "usage": usage}
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage}
+
+
+def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: Optional[str], role: bool = False):
+    if kind == "chat":
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def _sse(data: Dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,363 @@
+"""Continuous batching of many Aligners on one loaded base: the scheduler behind `serve/aligner.py`.
+
+One decode batch holds up to `max_batch` requests, each with its own Aligner (or none), sampling parameters, stop
+tokens and strings and length. At every step boundary the scheduler retires finished and cancelled rows and admits
+waiting requests (iteration-level batching, as in Orca and vLLM):
+
+- Rows live in the first `n_active` slots of a static KV cache. A new request is prefilled alone into a free slot
+  (`model(..., cache_rows=slice(b, b + 1))`); the decode step then runs the first n_active rows together, each at its
+  own position (per-row `input_pos`). A finished row is replaced by the last active row (its cache copied up to its
+  length), so the batch stays one contiguous slice and never attends over dead rows.
+- Aligners of different N share one batch: every row's prefix keys and values sit in buffers of `max_tokens_per_row`
+  slots, padded and masked (`PrefixKV.mask`). Grouping by N would split the batch (and the throughput) as soon as
+  two sizes are served; padding costs attention over at most 10 prefix slots instead of N, nothing next to the
+  prompt. Bare-base rows have a zero gate and a zero prefix slot (one unmasked slot, so no softmax row is empty).
+  Rows whose Aligner starts at a later layer get zero gates below it.
+- The prefix keys and values of an Aligner are projected once when it is loaded (`AlignerRegistry`), copied into a
+  row's buffers on admission: a step costs the same whether the batch holds one Aligner or sixteen.
+
+The engine runs in its own thread (`start()`); callers submit `Request`s from any thread and receive its events
+through the request's `emit` callback (the server forwards them into its event loop). Greedy rows are exactly what a
+request served alone gets (same kernels, rows independent); sampled rows draw from their own seeded generator.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Sequence, Set
+
+import torch
+
+from lit_aligner.generation.engine import Sampling, check_sampling, draw_noise, sample
+from lit_aligner.model import LLaMA, PrefixKV
+
+
+@dataclass
+class ServedAligner:
+    """An Aligner ready to serve: its prefix keys and values projected through every gated layer once.
+    keys[j], values[j]: (n_kv, N, head_size) for layer start_layer + j; gate: (n_layer - start_layer, n_head)."""
+
+    name: str
+    start_layer: int
+    n_tokens: int
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    gate: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    @torch.no_grad()
+    def project(cls, model: LLaMA, name: str, aligner, metadata: Optional[dict] = None) -> "ServedAligner":
+        pkv = model.prefix_kv(aligner)
+        return cls(name, pkv.start_layer, aligner.n_tokens, [k[0] for k in pkv.keys], [v[0] for v in pkv.values],
+                   pkv.gate[0], dict(metadata or {}))
+
+
+@dataclass
+class Event:
+    """What the engine tells a request: `text` (a new piece of the answer, possibly ""), and at the end `finish` ("stop"
+    or "length"; "error" with `error`) with the token counts."""
+
+    text: str = ""
+    finish: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+
+@dataclass
+class Request:
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    aligner: Optional[ServedAligner] = None
+    sampling: Sampling = Sampling()
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+    stop_ids: Set[int] = field(default_factory=set)
+    cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+SPAN_STEP = 64  # decode attends over the first ceil((longest row + 1) / 64) * 64 cache slots
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound (the server answers 429)."""
+
+
+class _Row:
+    """The decoding state of one admitted request."""
+
+    def __init__(self, req: Request, tokenizer, device: torch.device):
+        self.req = req
+        self.length = len(req.prompt_ids)  # tokens in the cache (the next token is written at this slot)
+        self.generated = 0
+        self.decoder = tokenizer.stream_decoder()
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of `text` already emitted
+        self.generator = None
+        if req.sampling.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
+        self.hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be completing
+        self.last = -1  # the token to feed next
+        self.finished = False
+
+
+class Engine:
+    """The scheduler and decode loop (see the module docstring). `max_seq_length`: the KV cache length per row (prompt
+    + completion); `max_batch`: rows decoded together; `max_queue`: requests waiting beyond those (QueueFull past it)."""
+
+    def __init__(self, model: LLaMA, tokenizer, *, max_batch: int = 16, max_seq_length: Optional[int] = None,
+                 max_queue: int = 64, max_prefix_tokens: int = 10):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        cfg = model.config
+        self.max_seq_length = min(max_seq_length or cfg.block_size, cfg.block_size)
+        p = model.tok_embeddings.weight
+        self.device, self.dtype = p.device, p.dtype
+        model.setup_caches(max_batch, self.max_seq_length)
+        self.n_layer = cfg.n_layer
+        self._alloc_prefix(max_prefix_tokens)
+        self.rows: List[_Row] = []
+        self.waiting: Deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+        self.running = False
+        self.steps = 0
+
+    # --- prefix buffers -----------------------------------------------------------------------------------------------
+
+    def _alloc_prefix(self, n: int) -> None:
+        cfg, B = self.model.config, self.max_batch
+        shape = (B, cfg.n_query_groups, n, cfg.head_size)
+        self.pkeys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layer)]
+        self.pvalues = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layer)]
+        self.pgate = torch.zeros(B, self.n_layer, cfg.n_head, device=self.device, dtype=self.dtype)
+        self.pmask = torch.zeros(B, n, dtype=torch.bool, device=self.device)
+        self.pmask[:, 0] = True
+        self.pstart = [self.n_layer] * B  # first gated layer of each row (n_layer: bare base)
+
+    def _grow_prefix(self, n: int) -> None:
+        """Make room for an Aligner with more tokens than the buffers hold (rows already active keep theirs)."""
+        old_k, old_v, old_m, old_n = self.pkeys, self.pvalues, self.pmask, self.pmask.shape[1]
+        gate, start = self.pgate, self.pstart
+        self._alloc_prefix(n)
+        for layer in range(self.n_layer):
+            self.pkeys[layer][:, :, :old_n] = old_k[layer]
+            self.pvalues[layer][:, :, :old_n] = old_v[layer]
+        self.pmask[:, :old_n] = old_m
+        self.pgate, self.pstart = gate, start
+
+    def _set_prefix(self, b: int, a: Optional[ServedAligner]) -> None:
+        self.pgate[b].zero_()
+        self.pmask[b].zero_()
+        self.pmask[b, 0] = True
+        if a is None:  # slot 0 stays unmasked: its stale keys and values are finite and gated by zero
+            self.pstart[b] = self.n_layer
+            return
+        if a.n_tokens > self.pmask.shape[1]:
+            self._grow_prefix(a.n_tokens)
+        for j, layer in enumerate(range(a.start_layer, self.n_layer)):
+            self.pkeys[layer][b, :, :a.n_tokens] = a.keys[j]
+            self.pvalues[layer][b, :, :a.n_tokens] = a.values[j]
+        self.pgate[b, a.start_layer:] = a.gate
+        self.pmask[b, :a.n_tokens] = True
+        self.pstart[b] = a.start_layer
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's KV cache (its first `length` slots) and prefix into row dst."""
+        for block in self.model.layers:
+            c = block.attn.kv_cache
+            c.k[dst, :, :length] = c.k[src, :, :length]
+            c.v[dst, :, :length] = c.v[src, :, :length]
+        for layer in range(self.n_layer):
+            self.pkeys[layer][dst] = self.pkeys[layer][src]
+            self.pvalues[layer][dst] = self.pvalues[layer][src]
+        self.pgate[dst], self.pmask[dst] = self.pgate[src], self.pmask[src]
+        self.pstart[dst] = self.pstart[src]
+
+    def _prefix(self, rows: slice) -> Optional[PrefixKV]:
+        """The PrefixKV of the rows `rows`: None when every one is bare; the mask is dropped when no slot is padding
+        (the unmasked kernel is faster)."""
+        start = min(self.pstart[rows])
+        if start >= self.n_layer:
+            return None
+        mask = self.pmask[rows]
+        width = int(mask.sum(dim=1).max())  # no row uses slots past the widest Aligner
+        mask = mask[:, :width]
+        return PrefixKV(start, [k[rows, :, :width] for k in self.pkeys[start:]],
+                        [v[rows, :, :width] for v in self.pvalues[start:]], self.pgate[rows, start:],
+                        None if bool(mask.all()) else mask)
+
+    # --- requests -----------------------------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """ValueError for a request that can never run (the server answers 400)."""
+        check_sampling(req.sampling.temperature, req.sampling.top_k, req.sampling.top_p)
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if n >= self.max_seq_length:
+            raise ValueError(f"the prompt has {n} tokens; this server's context is {self.max_seq_length} tokens "
+                             f"(prompt + completion): shorten the prompt")
+
+    def submit(self, req: Request) -> None:
+        """Queue a request (any thread). ValueError for a bad request, QueueFull when the queue is at its bound."""
+        self.check(req)
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue}); "
+                                f"retry later")
+            self.waiting.append(req)
+            self.lock.notify()
+
+    @property
+    def load(self) -> dict:
+        return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "steps": self.steps}
+
+    # --- the loop -----------------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="lit-aligner-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.rows and not self.waiting:
+                    self.lock.wait()
+                if not self.running:
+                    break
+                admit = []
+                while self.waiting and len(self.rows) + len(admit) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+            try:
+                self.step(admit)
+            except Exception as e:  # a bug must not hang every client: fail the requests in flight, keep serving
+                in_flight = [r.req for r in self.rows]
+                for req in in_flight + [r for r in admit if not any(r is q for q in in_flight)]:
+                    req.emit(Event(finish="error", error=f"{type(e).__name__}: {e}"))
+                self.rows = []
+        for row in self.rows:
+            row.req.emit(Event(finish="error", error="the server is shutting down"))
+        for req in self.waiting:
+            req.emit(Event(finish="error", error="the server is shutting down"))
+
+    @torch.no_grad()
+    def step(self, admit: Sequence[Request] = ()) -> None:
+        """One step boundary: retire cancelled rows, prefill the admitted requests (each emits its first token), then
+        one decode step over every active row. Public so that tests and benchmarks can drive the engine without the
+        thread."""
+        self._retire(lambda r: r.req.cancelled)
+        for req in admit:
+            if req.cancelled:
+                continue
+            b = len(self.rows)
+            row = _Row(req, self.tokenizer, self.device)
+            self.rows.append(row)
+            self._set_prefix(b, req.aligner)
+            self._prefill(b, row)
+        self._retire(lambda r: r.req.cancelled or r.finished)
+        if not self.rows:
+            return
+        n = len(self.rows)
+        rows = slice(0, n)
+        token = torch.tensor([[r.last] for r in self.rows], device=self.device)
+        pos = torch.tensor([[r.length] for r in self.rows], device=self.device)
+        # Attend over the slots up to the longest row only (rounded up, so few shapes): not the whole cache.
+        span = min(-(-(max(r.length for r in self.rows) + 1) // SPAN_STEP) * SPAN_STEP, self.max_seq_length)
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos)[:, None, None, :]  # (n, 1, 1, span)
+        logits = self.model(token, input_pos=pos, aligner=self._prefix(rows) or False, mask=mask,
+                            positions=pos, cache_rows=rows)[:, -1]
+        for r in self.rows:
+            r.length += 1
+        self._accept(self._sample(logits))
+        self._retire(lambda r: r.req.cancelled or r.finished)
+        self.steps += 1
+
+    def _prefill(self, b: int, row: _Row) -> None:
+        ids = torch.tensor(list(row.req.prompt_ids), dtype=torch.long, device=self.device)[None]
+        T = ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # the prompt's slots only
+        hidden = self.model(ids, input_pos=torch.arange(T, device=self.device), mask=causal,
+                            aligner=self._prefix(slice(b, b + 1)) or False, cache_rows=slice(b, b + 1),
+                            return_hidden=True)
+        logits = torch.nn.functional.linear(hidden[:, -1], self.model.lm_head_weight)  # the last position only
+        self._accept(self._sample(logits, [row]), [row])
+
+    def _sample(self, logits: torch.Tensor, rows: Optional[List[_Row]] = None) -> List[int]:
+        rows = rows if rows is not None else self.rows
+        out = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            s = r.req.sampling
+            if s.temperature > 0:
+                noise = draw_noise(1, logits.shape[-1], self.device, r.generator)
+                out[i] = int(sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, noise))
+        return out
+
+    def _accept(self, tokens: List[int], rows: Optional[List[_Row]] = None) -> None:
+        """Add one sampled token to each row: stream its text, detect stop ids, stop strings and the length limit."""
+        for r, t in zip(rows if rows is not None else self.rows, tokens):
+            r.last = t
+            r.generated += 1
+            req = r.req
+            if t in req.stop_ids:
+                self._finish(r, "stop")
+                continue
+            r.text += r.decoder.step(t)
+            cut = _find_stop(r.text, req.stop, r.sent - r.hold)
+            if cut is not None:
+                r.text = r.text[:cut]
+                self._finish(r, "stop")
+            elif r.generated >= req.max_tokens or r.length >= self.max_seq_length:
+                r.text += r.decoder.flush()
+                cut = _find_stop(r.text, req.stop, r.sent - r.hold)
+                if cut is not None:
+                    r.text = r.text[:cut]
+                self._finish(r, "stop" if cut is not None else "length")
+            else:
+                keep = len(r.text) - r.hold
+                if keep > r.sent:
+                    req.emit(Event(text=r.text[r.sent:keep]))
+                    r.sent = keep
+
+    def _finish(self, r: _Row, reason: str) -> None:
+        r.finished = True
+        r.req.emit(Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),
+                         completion_tokens=r.generated))
+        r.sent = len(r.text)
+
+    def _retire(self, done: Callable[[_Row], bool]) -> None:
+        b = 0
+        while b < len(self.rows):
+            if done(self.rows[b]):
+                last = len(self.rows) - 1
+                if b != last:
+                    self._move_row(last, b, self.rows[last].length)
+                self.rows[b] = self.rows[last]
+                self.rows.pop()
+            else:
+                b += 1
+
+
+def _find_stop(text: str, stops: Sequence[str], since: int) -> Optional[int]:
+    """The index of the earliest stop string in text (searching from `since`, where a new match can begin)."""
+    since = max(since, 0)
+    hits = [i for i in (text.find(s, since) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

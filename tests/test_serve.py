@@ -1,0 +1,353 @@
+"""serve/aligner.py for real: the server runs in a child process on a free localhost port with the embedded SmolLM2,
+and is queried with the `openai` client library (and raw HTTP where the client would hide the response)."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from lit_aligner.aligner_files import save_aligner  # noqa: E402
+from lit_aligner.model import Aligner, AlignerConfig  # noqa: E402
+from lit_aligner.serving.process import ServerProcess  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "test-key-123"
+# 8 Aligners of every size and start layer the method allows (N 1..10), small random gates: each answers differently.
+SHAPES = [(1, 2), (2, 0), (3, 5), (5, 2), (7, 10), (10, 2), (10, 0), (4, 29)]
+
+
+def make_aligner(config, n_tokens, start_layer, seed, scale=0.03):
+    torch.manual_seed(seed)
+    a = Aligner(config, AlignerConfig(n_tokens=n_tokens, start_layer=start_layer))
+    with torch.no_grad():
+        a.gate.normal_(0, scale)
+    return a
+
+
+@pytest.fixture(scope="module")
+def adir(smollm2_dir, tmp_path_factory):
+    from lit_aligner.base import load_config
+
+    config = load_config(smollm2_dir)
+    d = tmp_path_factory.mktemp("aligners")
+    for i, (n, start) in enumerate(SHAPES):
+        save_aligner(make_aligner(config, n, start, i), d / f"a{i}.safetensors", config.name)
+    save_aligner(make_aligner(config, 2, 2, 99), d / "fixer.safetensors", config.name, {"mode": "correction"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, adir):
+    args = ["--checkpoint-dir", str(smollm2_dir), "--aligners-dir", str(adir), "--max-batch", "16",
+            "--max-queue", "32", "--max-seq-length", "512", "--max-loaded-aligners", "4"]
+    with ServerProcess(args, env={"LIT_ALIGNER_API_KEY": KEY}) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def base_name(smollm2_dir):
+    from lit_aligner.base import load_config
+
+    return load_config(smollm2_dir).name
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from lit_aligner.base import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+def http(url, body=None, headers=None):
+    """(status, JSON) of a raw request: what a client without the openai library sees."""
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat(client, model, text, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_models_lists_the_base_and_every_aligner(client, base_name):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [base_name, "a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "fixer"]
+
+
+def test_chat_and_completion_streaming_and_not(client, base_name, tokenizer):
+    from lit_aligner.prompts import build_prompt, encode_prompt
+
+    r = chat(client, base_name, "What is the capital of France?", max_tokens=20)
+    text = r.choices[0].message.content
+    assert "Paris" in text and r.choices[0].finish_reason in ("stop", "length")
+    n_prompt = len(encode_prompt(tokenizer, build_prompt(tokenizer, "What is the capital of France?")))
+    assert r.usage.prompt_tokens == n_prompt and r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+    # the same request streamed: same text, pieces in order, usage in the last chunk
+    pieces, finish, usage = [], None, None
+    for chunk in chat(client, base_name, "What is the capital of France?", max_tokens=20, stream=True,
+                      stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == text and finish == r.choices[0].finish_reason
+    assert usage.prompt_tokens == n_prompt and usage.completion_tokens == r.usage.completion_tokens
+
+    # completions: raw text, no template; the length limit gives finish_reason "length" and that many tokens
+    c = client.completions.create(model=base_name, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 5
+    assert c.usage.prompt_tokens == len(tokenizer.encode("The capital of France is"))
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=base_name, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True) if ch.choices)
+    assert streamed == c.choices[0].text and "Paris" in streamed
+
+
+def test_an_aligner_answers_with_its_own_prompt_and_changes_the_answer(client, base_name):
+    base = chat(client, base_name, "Name three colors.", max_tokens=16).choices[0].message.content
+    steered = [chat(client, f"a{i}", "Name three colors.", max_tokens=16).choices[0].message.content for i in (0, 5)]
+    assert base not in steered and steered[0] != steered[1]
+
+
+def test_stop_strings(client, base_name):
+    full = chat(client, base_name, "Count from 1 to 10, separated by commas.", max_tokens=30)
+    text = full.choices[0].message.content
+    assert "4" in text
+    r = chat(client, base_name, "Count from 1 to 10, separated by commas.", max_tokens=30, stop=["4"])
+    assert r.choices[0].message.content == text[:text.index("4")] and r.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, base_name, "Count from 1 to 10, separated by "
+              "commas.", max_tokens=30, stop=["4", "never"], stream=True) if c.choices]
+    assert "".join(pieces) == text[:text.index("4")]
+
+
+def test_seed_gives_the_same_sample(client, base_name):
+    a, b, c = (chat(client, base_name, "Tell me a story.", temperature=1.0, seed=s, max_tokens=16)
+               .choices[0].message.content for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_error_paths(server, client, base_name):
+    # 404 unknown model, also for names that look like paths out of the directory
+    for name in ["no-such-aligner", "../a0", str(Path(server.base_url)), "/etc/passwd", "a0.safetensors"]:
+        with pytest.raises(openai.NotFoundError) as e:
+            chat(client, name, "hi")
+        assert e.value.body["code"] == "model_not_found"
+    # 400: too long a prompt, max_tokens past the context, n > 1, unsupported fields, malformed bodies
+    with pytest.raises(openai.BadRequestError, match="context"):
+        chat(client, base_name, "word " * 600)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        chat(client, base_name, "hi", max_tokens=600)
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        chat(client, base_name, "hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        chat(client, base_name, "hi", logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        chat(client, base_name, "hi", temperature=-1)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in [b"{not json", b'{"model": "x"}', b'{"model": "x", "messages": "hi"}', b"[]",
+                 json.dumps({"model": base_name, "messages": [{"role": "assistant", "content": "hi"}]}).encode()]:
+        status, answer = http(server.base_url + "/chat/completions", body, headers)
+        assert status == 400, body
+        err = answer["error"]
+        assert err["type"] == "invalid_request_error" and err["message"]
+    # 401 without or with a wrong key, on every /v1 route
+    bad = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        chat(bad, base_name, "hi")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, answer = http(server.base_url + "/models")  # no Authorization header at all
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert http(server.url + "/health") == (200, http(server.url + "/health")[1])
+
+
+def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):
+    question = "What is the capital of France?"
+    given = chat(client, "fixer", question, extra_body={"answer": "Berlin is the capital of France."})
+    assert given.choices[0].message.content and not (given.model_extra or {}).get("upstream_answer")
+    base = chat(client, base_name, question)
+    two = chat(client, "fixer", question)  # no answer: the base answers first, then the Aligner rewrites it
+    extra = two.model_extra or {}
+    assert extra["upstream_answer"] == base.choices[0].message.content
+    assert two.usage.completion_tokens > base.usage.completion_tokens  # both stages counted
+    # the same through /v1/completions: the prompt is the question
+    c = client.completions.create(model="fixer", prompt=question, max_tokens=8, temperature=0,
+                                  extra_body={"answer": "Berlin."})
+    assert c.usage.prompt_tokens > 20  # the Q-A-C template around the question and the answer
+    with pytest.raises(openai.BadRequestError, match="answer"):
+        chat(client, "fixer", question, extra_body={"answer": "  "})
+
+
+def test_hot_loading_and_a_broken_file(server, client, adir, base_name):
+    shutil.copy(adir / "a0.safetensors", adir / "hot.safetensors")
+    (adir / "broken.safetensors").write_bytes(b"\x00" * 100)
+    try:
+        assert "hot" in [m.id for m in client.models.list().data]
+        assert chat(client, "hot", "Name three colors.").choices[0].message.content == \
+            chat(client, "a0", "Name three colors.").choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, "broken", "hi")
+        assert "broken" in e.value.body["message"] and e.value.body["code"] == "invalid_aligner"
+        assert chat(client, base_name, "hi").choices[0].message.content  # the server keeps serving
+    finally:
+        (adir / "hot.safetensors").unlink()
+        (adir / "broken.safetensors").unlink()
+
+
+@pytest.mark.slow
+def test_32_concurrent_requests_equal_each_served_alone(server, base_name):
+    """32 greedy requests over 8 Aligners and the bare base, all at once (one continuous batch of 16 plus a queue),
+    give exactly the text each gets when served alone."""
+    prompts = ["Name three colors.", "What is 7 times 6?", "Give me a synonym for happy.", "Say hello in French."]
+    models = [base_name] + [f"a{i}" for i in range(8)]
+    jobs = [(models[i % 9], prompts[i % 4], 8 + i % 5) for i in range(32)]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=300)
+
+        async def one(model, prompt, n):
+            r = await aclient.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                      max_tokens=n, temperature=0)
+            return r.choices[0].message.content, r.usage.completion_tokens
+
+        batched = await asyncio.gather(*(one(*j) for j in jobs))
+        single = [await one(*j) for j in jobs]
+        await aclient.close()
+        return batched, single
+
+    batched, single = asyncio.run(main())
+    assert batched == single
+    assert len({t for t, _ in batched}) > 9  # the Aligners really answer differently
+
+
+@pytest.mark.slow
+def test_queue_bound_429_and_disconnects_free_rows(server, base_name):
+    """80 streams at once: at most 16 rows + 32 waiting are taken, the rest get 429. Closing every stream frees the rows,
+    and the next request is served."""
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=300)
+
+        async def start():
+            try:
+                return await aclient.chat.completions.create(
+                    model=base_name, messages=[{"role": "user", "content": "Write a long essay about the sea."}],
+                    max_tokens=400, temperature=0, stream=True)
+            except openai.RateLimitError as e:
+                return e
+
+        results = await asyncio.gather(*(start() for _ in range(80)))
+        limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+        streams = [r for r in results if not isinstance(r, openai.RateLimitError)]
+        assert limited and all(e.status_code == 429 and e.body["code"] == "rate_limit_exceeded" for e in limited)
+        assert len(streams) <= 48
+        first = await streams[0].__anext__()  # streams really stream
+        assert first.choices[0].delta.role == "assistant"
+        for s in streams:
+            await s.close()
+        await aclient.close()
+        return len(streams)
+
+    accepted = asyncio.run(main())
+    assert accepted >= 16
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        load = http(server.url + "/health")[1]
+        if load["active"] == 0 and load["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert load["active"] == 0 and load["waiting"] == 0, load
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    assert chat(client, base_name, "hi", max_tokens=4).usage.completion_tokens >= 1
+
+
+def test_cli_errors_are_one_line(smollm2_dir, tmp_path):
+    for args, expect in [(["--aligners-dir", str(tmp_path / "missing")], "no such directory"),
+                         (["--max-batch", "0"], "--max-batch must be >= 1"),
+                         (["--checkpoint-dir", str(tmp_path)], str(tmp_path))]:
+        p = subprocess.run([sys.executable, str(REPO / "serve" / "aligner.py"), "--checkpoint-dir", str(smollm2_dir),
+                            "--port", "1", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 1, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
+
+
+def browser_or_skip():
+    """A headless Chromium driven by Selenium, or a skip that says what is missing."""
+    pytest.importorskip("selenium", reason="the page test needs selenium (pip install -e '.[test]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = next((p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None)
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("no headless browser here: install Debian's `chromium` and `chromium-driver` (scripts/test.sh "
+                    "does when it runs as root with apt-get)")
+    opts = Options()
+    opts.binary_location = chromium
+    for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"]:
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=Service(driver))
+
+
+def test_comparison_page_in_a_real_browser(server, client, base_name, tmp_path):
+    """GET / in headless Chromium: the key unlocks the model list, three models are picked, the answers stream into
+    side-by-side columns and equal what the API answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser_or_skip()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "error" in d.find_element(By.ID, "models").get_attribute("innerHTML"))  # 401 shown
+        key = driver.find_element(By.ID, "api_key")
+        key.send_keys(KEY)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models input")) == 10)
+        picked = [base_name, "a0", "a5"]
+        for box in driver.find_elements(By.CSS_SELECTOR, "#models input"):
+            if box.is_selected() != (box.get_attribute("value") in picked):
+                box.click()
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Name three colors.")
+        for field, value in [("max_tokens", "12"), ("temperature", "0")]:
+            el = driver.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".answer[data-done]")) == 3)
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        columns = {c.get_attribute("data-model"): c for c in driver.find_elements(By.CSS_SELECTOR, ".answer")}
+        assert list(columns) == picked
+        for name, col in columns.items():
+            shown = col.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
+            assert shown == chat(client, name, "Name three colors.").choices[0].message.content
+            assert "tokens in" in col.find_element(By.CSS_SELECTOR, ".meta").text
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        driver.quit()

@@ -1,0 +1,262 @@
+"""The continuous-batching engine and the Aligner directory behind serve/aligner.py, driven in-process (no HTTP)."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from lit_aligner.aligner_files import save_aligner
+from lit_aligner.base import load_base
+from lit_aligner.generation.engine import Sampling, generate
+from lit_aligner.model import Aligner, AlignerConfig
+from lit_aligner.serving.engine import Engine, Request, ServedAligner
+from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint_dir):
+    return load_base(tiny_checkpoint_dir, device="cpu")
+
+
+def random_aligner(model, n_tokens, start_layer=2, seed=0, scale=0.5):
+    torch.manual_seed(seed)
+    a = Aligner(model.config, AlignerConfig(n_tokens=n_tokens, start_layer=start_layer))
+    with torch.no_grad():
+        a.gate.normal_(0, scale)
+    return a
+
+
+class Collect:
+    """A request's events: the streamed pieces, the finish reason and the token counts."""
+
+    def __init__(self):
+        self.pieces, self.finish, self.usage = [], None, None
+
+    def __call__(self, ev):
+        assert self.finish is None, "an event after the request finished"
+        self.pieces.append(ev.text)
+        if ev.finish:
+            self.finish, self.usage = ev.finish, (ev.prompt_tokens, ev.completion_tokens)
+
+    @property
+    def text(self):
+        return "".join(self.pieces)
+
+
+def run(engine, requests, admit_per_step=None):
+    """Drive the engine by hand: admit up to `admit_per_step` waiting requests at each step boundary (None: as many
+    as fit), until every request has finished."""
+    waiting = list(requests)
+    while waiting or engine.rows:
+        room = engine.max_batch - len(engine.rows)
+        k = room if admit_per_step is None else min(room, admit_per_step)
+        admit, waiting = waiting[:k], waiting[k:]
+        engine.step(admit)
+
+
+def prompts_for(tokenizer, texts):
+    return [tokenizer.encode(t).tolist() for t in texts]
+
+
+TEXTS = ["Add 12 and 30.", "Name a colour of the sky, please, and say why it looks that way at noon.",
+         "What is the capital of France?", "Sort: 3 1 2", "Write one word."]
+
+
+def test_mixed_batch_equals_generate_alone(base):
+    """Rows with Aligners of different N and start layers, and bare rows, admitted at different step boundaries and
+    retired at different lengths, get exactly the tokens `generate` gives each request on its own."""
+    model, tok = base
+    aligners = [random_aligner(model, 1, 2, 1), random_aligner(model, 4, 0, 2), random_aligner(model, 10, 3, 3),
+                random_aligner(model, 12, 1, 4), None]  # 12 > the engine's initial 10 prefix slots: buffers grow
+    served = [ServedAligner.project(model, f"a{i}", a) if a is not None else None for i, a in enumerate(aligners)]
+    ids = prompts_for(tok, TEXTS)
+    engine = Engine(model, tok, max_batch=6, max_seq_length=256)
+    jobs = []
+    for i, p in enumerate(ids):
+        for j, s in enumerate(served):
+            c = Collect()
+            jobs.append((i, j, c, Request(p, 6 + (i + j) % 7, c, aligner=s)))
+    run(engine, [r for *_, r in jobs], admit_per_step=2)
+    assert engine.pmask.shape[1] == 12
+    for i, j, c, req in jobs:
+        ref = generate(model, [torch.tensor(ids[i])], req.max_tokens, aligners=[aligners[j]])[0]
+        assert c.text == tok.decode(ref), (i, j)
+        assert c.finish == "length" and c.usage == (len(ids[i]), req.max_tokens)
+    assert not engine.rows
+
+
+def test_aligners_change_the_answer(base):
+    model, tok = base
+    ids = prompts_for(tok, TEXTS[:1])[0]
+    engine = Engine(model, tok, max_batch=4, max_seq_length=128)
+    outs = [Collect() for _ in range(3)]
+    als = [None, ServedAligner.project(model, "a", random_aligner(model, 3, 0, 7, scale=2.0)),
+           ServedAligner.project(model, "b", random_aligner(model, 3, 0, 8, scale=2.0))]
+    run(engine, [Request(ids, 12, c, aligner=a) for c, a in zip(outs, als)])
+    assert len({c.text for c in outs}) == 3
+
+
+def test_stop_ids_and_stop_strings(base):
+    model, tok = base
+    ids = prompts_for(tok, TEXTS[1:2])[0]
+    engine = Engine(model, tok, max_batch=4, max_seq_length=256)
+    full = Collect()
+    run(engine, [Request(ids, 24, full)])
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = text.index(stop)
+    # a stop string: the text ends before its first occurrence, and no streamed piece ever showed any of it
+    c = Collect()
+    run(engine, [Request(ids, 24, c, stop=["never-there", stop])])
+    assert c.text == text[:cut] and c.finish == "stop"
+    assert stop not in "".join(c.pieces)
+    # a stop token: the generated token itself ends the row and is not in the text
+    ref = generate(model, [torch.tensor(ids)], 24)[0].tolist()
+    stop_id = ref[4]
+    c = Collect()
+    run(engine, [Request(ids, 24, c, stop_ids={stop_id})])
+    assert c.finish == "stop" and c.usage[1] == ref.index(stop_id) + 1
+    assert c.text == tok.decode(ref[:ref.index(stop_id)])
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(base):
+    model, tok = base
+    ids = prompts_for(tok, TEXTS)
+    engine = Engine(model, tok, max_batch=8, max_seq_length=256)
+    hot = Sampling(temperature=1.0, top_p=0.9)
+    alone = Collect()
+    run(engine, [Request(ids[0], 16, alone, sampling=hot, seed=42)])
+    batch = [Collect() for _ in ids] + [Collect()]
+    reqs = [Request(p, 16, c, sampling=hot, seed=42) for p, c in zip(ids, batch)]
+    reqs.append(Request(ids[0], 16, batch[-1], sampling=hot, seed=43))
+    run(engine, reqs)
+    assert batch[0].text == alone.text
+    assert batch[-1].text != alone.text  # another seed, another draw
+
+
+def test_cancelled_rows_are_freed_and_others_continue(base):
+    model, tok = base
+    ids = prompts_for(tok, TEXTS)
+    engine = Engine(model, tok, max_batch=3, max_seq_length=256)
+    cs = [Collect() for _ in range(3)]
+    reqs = [Request(ids[i], 40, cs[i]) for i in range(3)]
+    engine.step(reqs)
+    assert len(engine.rows) == 3
+    reqs[0].cancel()
+    engine.step()
+    assert len(engine.rows) == 2 and cs[0].finish is None
+    late = Collect()
+    run(engine, [Request(ids[3], 5, late)])
+    ref = generate(model, [torch.tensor(ids[3])], 5)[0]
+    assert late.text == tok.decode(ref)
+    assert cs[1].finish == cs[2].finish == "length"
+
+
+def test_context_limit_and_bad_requests(base):
+    model, tok = base
+    ids = prompts_for(tok, TEXTS[1:2])[0]
+    S = len(ids) + 10
+    engine = Engine(model, tok, max_batch=2, max_seq_length=S)
+    c = Collect()
+    run(engine, [Request(ids, 1000, c)])  # the completion stops where the cache ends
+    assert c.finish == "length" and c.usage == (len(ids), 11)
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(Request(list(range(1, S + 1)), 1, Collect()))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(Request([], 1, Collect()))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit(Request(ids, 1, Collect(), sampling=Sampling(temperature=-1)))
+
+
+def test_engine_thread_serves_requests(base):
+    import threading
+
+    model, tok = base
+    engine = Engine(model, tok, max_batch=4, max_seq_length=128).start()
+    try:
+        done = threading.Event()
+        cs = [Collect() for _ in range(6)]
+        left = [len(cs)]
+
+        def emitter(c):
+            def emit(ev):
+                c(ev)
+                if ev.finish:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+            return emit
+
+        ids = prompts_for(tok, TEXTS)
+        for i, c in enumerate(cs):
+            engine.submit(Request(ids[i % len(ids)], 5, emitter(c)))
+        assert done.wait(60)
+        assert all(c.finish == "length" for c in cs)
+    finally:
+        engine.stop()
+
+
+# --- the Aligner directory --------------------------------------------------------------------------------------------
+
+
+def test_registry_names_loading_and_safety(base, tmp_path):
+    model, tok = base
+    adir, outside = tmp_path / "aligners", tmp_path / "outside"
+    (adir / "runs" / "sft1" / "state").mkdir(parents=True)
+    outside.mkdir()
+    save_aligner(random_aligner(model, 2), adir / "helpful.safetensors", model.config.name)
+    save_aligner(random_aligner(model, 3), adir / "runs" / "sft1" / "aligner.safetensors", model.config.name)
+    (adir / "runs" / "sft1" / "state" / "last.pt").write_bytes(b"not an aligner")
+    save_aligner(random_aligner(model, 1), outside / "secret.safetensors", model.config.name)
+    os.symlink(outside / "secret.safetensors", adir / "escape.safetensors")
+    (adir / ".hidden.safetensors").write_bytes(b"x")
+
+    reg = AlignerRegistry(adir, model, model.config.name, max_loaded=2)
+    assert reg.names() == ["helpful", "runs/sft1"]
+    assert reg.get("helpful").n_tokens == 2
+    assert reg.get("runs/sft1").n_tokens == 3
+    for name in ["escape", "../outside/secret", str(outside / "secret"), "runs/sft1/state/last", ".hidden", "nope"]:
+        with pytest.raises(UnknownAligner):
+            reg.get(name)
+
+    # hot-loading: a new file is found without a restart; a changed file is reloaded; the LRU keeps 2
+    save_aligner(random_aligner(model, 5), adir / "new.safetensors", model.config.name)
+    assert reg.get("new").n_tokens == 5 and list(reg.loaded) == ["runs/sft1", "new"]
+    loads = reg.loads
+    reg.get("new")
+    assert reg.loads == loads  # cached
+    save_aligner(random_aligner(model, 7), adir / "new.safetensors", model.config.name)
+    st = (adir / "new.safetensors").stat()
+    os.utime(adir / "new.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert reg.get("new").n_tokens == 7 and reg.loads == loads + 1
+
+    # a broken file fails that name only; a removed file is unknown
+    (adir / "broken.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(BadAligner, match="broken"):
+        reg.get("broken")
+    assert reg.get("helpful").n_tokens == 2
+    (adir / "new.safetensors").unlink()
+    with pytest.raises(UnknownAligner):
+        reg.get("new")
+    shutil.rmtree(outside)
+
+
+def test_registry_refuses_an_aligner_of_another_shape(base, tmp_path):
+    import dataclasses
+
+    model, tok = base
+    other = dataclasses.replace(model.config, n_embd=model.config.n_embd * 2, name="wider")
+    save_aligner(Aligner(other, AlignerConfig(2)), tmp_path / "wide.safetensors", "wider")
+    reg = AlignerRegistry(tmp_path, model, model.config.name)
+    with pytest.raises(BadAligner, match="does not fit"):
+        reg.get("wide")
+
+
+def test_registry_needs_a_directory(base, tmp_path):
+    from lit_aligner.files import UserError
+
+    model, _ = base
+    with pytest.raises(UserError, match="no such directory"):
+        AlignerRegistry(tmp_path / "missing", model, "x")

@@ -31,8 +31,10 @@ setup(
         "data": ["pyarrow"],  # .parquet data files (the Hub's Alpaca)
         "plot": ["matplotlib"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # serve/aligner.py
+        # evaluate/aligner.py harness (lm-evaluation-harness), benchmarks/quality.py (PEFT LoRA / prefix tuning)
+        "eval": ["lm_eval>=0.4.4", "peft>=0.11", "transformers>=4.40"],
         # the server's tests query it with the real OpenAI client and drive its page in headless Chromium
         "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.40", "selenium>=4.20"],
+                 "openai>=1.40", "selenium>=4.20", "lm_eval>=0.4.4", "peft>=0.11"],
     },
 )

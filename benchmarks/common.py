@@ -40,6 +40,17 @@ def out_of_memory_hint(fix: str):
         raise BenchmarkError(f"out of memory ({str(e).splitlines()[0]}): {fix}") from None
 
 
+def require(*modules: str, extra: str) -> None:
+    """A BenchmarkError naming the first missing module and the extra that installs it."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise BenchmarkError(f"this benchmark needs {name}: pip install -e '.[{extra}]'") from None
+
+
 def pick_device(device: str) -> torch.device:
     return resolve_device(device)
 
@@ -156,17 +167,21 @@ def write_json(path: Path, payload: Dict[str, Any]) -> Path:
     return atomic_write_json(path, json.loads(json.dumps(payload, default=str)))
 
 
-def format_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table of `rows` (dicts) with the given column keys; floats get 3 significant decimals."""
+def format_table(rows: List[Dict[str, Any]], columns: Sequence[str], formats: Optional[Dict[str, str]] = None) -> str:
+    """A plain-text table of `rows` (dicts) with the given column keys; floats get 3 significant decimals unless
+    `formats` gives a column its own format spec (e.g. losses: ".4f")."""
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any, spec: Optional[str]) -> str:
         if isinstance(v, float):
             if v != v:
                 return "-"
+            if spec:
+                return format(v, spec)
             return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
         return "-" if v is None else str(v)
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    formats = formats or {}
+    cells = [[fmt(r.get(c), formats.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchmarkError, check_out, format_table, machine_info, write_json  # noqa: E402
+from common import (BenchmarkError, check_out, format_table, machine_info, machine_name, pick_device,  # noqa: E402
+                    require, write_json)
 
 import torch  # noqa: E402
 
@@ -125,13 +126,9 @@ def main(
         out: JSON results file (default benchmarks/results/serve-<model>-<machine>.json).
         force: replace an existing results file.
     """
-    try:
-        import openai  # noqa: F401
+    require("openai", "fastapi", "uvicorn", extra="serve,test")
+    from lit_aligner.serving.process import ServerProcess
 
-        from lit_aligner.serving.process import ServerProcess
-    except ImportError as e:
-        raise BenchmarkError(f"the serving benchmark needs the serve and test extras ({e.name} is missing): "
-                             f"pip install -e '.[serve,test]'") from None
     if min(clients) < 1 or requests_per_client < 1 or sequential_requests < 1 or max_tokens < 1 or aligners < 1:
         raise BenchmarkError("--clients, --requests-per-client, --sequential-requests, --max-tokens and --aligners "
                              "must be >= 1")
@@ -141,10 +138,7 @@ def main(
     from lit_aligner.base import load_config
 
     name = load_config(checkpoint_dir).name or Path(checkpoint_dir).name
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    from common import machine_name
-
+    dev = pick_device(device)
     path = check_out(out or Path(__file__).parent / "results" / f"serve-{name}-{machine_name(dev)}.json", force)
 
     adir = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))

@@ -26,7 +26,7 @@ import torch
 
 from lit_aligner.config import Config, name_to_config
 from lit_aligner.files import UserError, atomic_write, torch_load_failure
-from lit_aligner.model import Aligner, AlignerConfig, LLaMA
+from lit_aligner.model import DEFAULT_PREFIX_INIT, Aligner, AlignerConfig, LLaMA
 
 PathLike = Union[str, Path]
 FORMAT = "lit-aligner"
@@ -295,11 +295,16 @@ def attach(model: LLaMA, aligner: Union[Aligner, PathLike]) -> Aligner:
     return model.aligner
 
 
-def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2) -> Aligner:
-    """Give `model` a fresh, trainable Aligner (random prefix, zero gates: exactly the base) on its device and in its
-    dtype; returns it."""
+def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2,
+                prefix_init: str = DEFAULT_PREFIX_INIT) -> Aligner:
+    """Give `model` a fresh, trainable Aligner (random prefix drawn as `prefix_init` says, see
+    `lit_aligner.model.init_prefix`; zero gates: exactly the base) on its device and in its dtype; returns it."""
+    from lit_aligner.model import init_prefix
+
     p = model.tok_embeddings.weight
-    return attach(model, Aligner(model.config, AlignerConfig(n_tokens, start_layer)).to(device=p.device, dtype=p.dtype))
+    aligner = Aligner(model.config, AlignerConfig(n_tokens, start_layer))
+    init_prefix(model, aligner, prefix_init)
+    return attach(model, aligner.to(device=p.device, dtype=p.dtype))
 
 
 # --- the paper's .pth format ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
 import tyro
 
@@ -34,15 +34,21 @@ def _warnings_as_lines() -> None:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
 
 
-def run_cli(main: Callable[..., Any], config_cls: Optional[Type] = None, description: Optional[str] = None,
-            args: Optional[Sequence[str]] = None) -> Any:
-    """Parse the command line into `main`'s arguments (or into a `config_cls` instance passed to `main`) and call it.
-    ValueError / OSError (every library error is a ValueError) become one `error:` line and exit 1."""
+def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Type]] = None,
+            description: Optional[str] = None, args: Optional[Sequence[str]] = None) -> Any:
+    """Parse the command line into `main`'s arguments (or into a `config_cls` instance passed to `main`; a dict of
+    them makes subcommands, `script.py NAME --flags`) and call it. ValueError / OSError (every library error is a
+    ValueError) become one `error:` line and exit 1."""
     _warnings_as_lines()
     try:
         if config_cls is None:
             return tyro.cli(main, description=description, args=_argv(args))
-        cfg = tyro.cli(config_cls, description=description, args=_argv(args), config=(tyro.conf.OmitArgPrefixes,))
+        if isinstance(config_cls, dict):
+            cfg = tyro.extras.subcommand_cli_from_dict(config_cls, description=description, args=_argv(args),
+                                                       config=(tyro.conf.OmitArgPrefixes,))
+        else:
+            cfg = tyro.cli(config_cls, description=description, args=_argv(args),
+                           config=(tyro.conf.OmitArgPrefixes,))
         return main(cfg)
     except (ValueError, OSError) as e:
         if os.environ.get("LIT_ALIGNER_DEBUG"):

@@ -159,6 +159,26 @@ class Config:
             norm_eps=d.get("norm_eps", 1e-6),
         )
 
+    def to_hf_config(self, torch_dtype: str = "float32") -> Dict[str, Any]:
+        """The Hugging Face config.json of this model (the inverse of `from_hf_config`): qwen3 when it has q/k norms,
+        qwen2 when its q/k/v projections have a bias, llama otherwise (Mistral without a sliding window is the same
+        computation)."""
+        model_type = "qwen3" if self.qk_norm else "qwen2" if self.attn_bias else "llama"
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+        d: Dict[str, Any] = {
+            "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_query_groups, "head_dim": self.head_size,
+            "max_position_embeddings": self.block_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_base,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "torch_dtype": torch_dtype, "_name_or_path": self.name,
+        }
+        if model_type != "llama":
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
     def to_dict(self) -> Dict[str, Any]:
         """What a base-model directory's config.json holds."""
         return {"format": "lit-aligner", **asdict(self)}

@@ -88,3 +88,42 @@ def test_serve_benchmark_runs_the_real_server(tiny_checkpoint_dir, tmp_path, cap
         assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["latency_p50_s"] <= r["latency_p95_s"]
     assert rows[0]["x_sequential"] == 1 and rows[2]["x_shared"] == 1
     assert "tokens_per_s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_rows(tiny_checkpoint_dir, tmp_path):
+    pytest.importorskip("peft")
+    from lit_aligner.data import default as default_data
+
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(default_data.generate_rows(120, seed=4)))
+    out = tmp_path / "quality.json"
+    payload = load_script("quality").main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain",
+                                          max_seq_length=128, heldout=24, steps=3, batch=4, micro_batch=2,
+                                          warmup_steps=1, aligners=["2:normal", "2:hidden"], aligner_lrs=[0.05],
+                                          lora_lrs=[1e-2], prefix_lrs=[1e-2], device="cpu", out=out)
+    runs = {(r["label"], r.get("init")): r for r in json.loads(out.read_text())["runs"]}
+    base = runs[("base (no training)", None)]
+    assert base["relative_difference"] < 1e-4  # our model and transformers agree on the bare base
+    lora = runs[("LoRA r=8 (q, v)", None)]
+    aligner = runs[("Aligner N=2", "normal")]
+    assert aligner["trainable_params"] == 2 * 64 + (4 - 2) * 4  # N * n_embd + (n_layer - start_layer) * n_head
+    # r=8 on q (64 -> 64) and v (64 -> 2 KV heads x 16) in each of the 4 layers: A (8 x in) + B (out x 8)
+    assert lora["trainable_params"] == 4 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
+    for r in runs.values():
+        assert r["heldout_loss"] == r["heldout_loss"] and r["peak_memory_gb"] > 0
+        if r is not base:
+            assert r["heldout_loss"] != base["heldout_loss"] and r["train_tokens_per_s"] > 0
+    assert payload["best"][0] is not None and "sanity" in payload
+    # --resume keeps what ran and runs only what is new; other settings are refused
+    quality = load_script("quality")
+    again = quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128,
+                         heldout=24, steps=3, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"],
+                         aligner_lrs=[0.05, 0.02], lora_lrs=[], prefix_lrs=[], device="cpu", out=out, resume=True)
+    assert len(again["runs"]) == len(runs) + 1
+    kept = {(r["label"], r.get("init"), r.get("lr")): r["wall_s"] for r in again["runs"]}
+    assert all(kept[(r["label"], r.get("init"), r.get("lr"))] == r["wall_s"] for r in runs.values())
+    with pytest.raises(quality.BenchmarkError, match="other settings"):
+        quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
+                     steps=4, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"], aligner_lrs=[0.05],
+                     lora_lrs=[], prefix_lrs=[], device="cpu", out=out, resume=True)

@@ -310,7 +310,7 @@ def dpo_run_config(ckpt, out, **kw):
     from lit_aligner.training import DPORunConfig, TrainConfig
 
     train = dict(max_steps=8, learning_rate=0.1, global_batch_size=8, micro_batch_size=4, warmup_steps=1,
-                 eval_interval=4, eval_iters=0, save_interval=4, seed=7)
+                 eval_interval=4, eval_iters="all", save_interval=4, seed=7)
     train.update(kw.pop("train", {}))
     base = dict(checkpoint_dir=ckpt, data=kw.pop("data"), out_dir=out, n_tokens=4, start_layer=1, accelerator="cpu",
                 progress=False, data_options=DataOptions(max_seq_length=128, val_fraction=0.1),
@@ -361,7 +361,7 @@ def test_eval_only_prints_the_metrics_as_json_on_the_last_line(short_dpo_run, ti
     summary, out = short_dpo_run
     r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--eval-only",
                    "--data", pairs_file, "--init-aligner", out / "aligner.safetensors", "--reference-aligner", "none",
-                   "--max-seq-length", "128", "--val-fraction", "0.1", "--seed", "7", "--eval-iters", "0",
+                   "--max-seq-length", "128", "--val-fraction", "0.1", "--seed", "7", "--eval-iters", "all",
                    "--beta", "0.5", "--accelerator", "cpu", "--out-dir", out.parent / "eval")
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])

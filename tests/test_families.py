@@ -425,3 +425,20 @@ def test_a_qwen3_base_converts_trains_an_aligner_and_generates(tmp_path):
             tmp_path / "run" / "aligner.safetensors", "--no-aligner", "--prompt", "hi", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert "--- base ---" in r.stdout
+
+
+def test_export_hf_writes_what_transformers_loads_with_the_same_logits(converted, tmp_path):
+    """scripts/export_hf.py's export: our directory back to a Hugging Face one that transformers loads (every family:
+    q/k/v split, biases, q/k norms, tied heads, rope scaling) with the source model's logits."""
+    from lit_aligner.convert.export import export_hf
+
+    family, hf, ours = converted
+    export_hf(ours, tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(again).__name__.lower().startswith(hf.config.model_type.replace("mistral", "llama"))
+    diff = (hf_logits(again) - hf_logits(hf)).abs().max().item()
+    assert diff <= 1e-5, (family, diff)
+    with pytest.raises(ConvertError, match="already holds"):
+        export_hf(ours, tmp_path / "hf")
+    with pytest.raises(ConvertError, match="checkpoint itself"):
+        export_hf(ours, ours, force=True)

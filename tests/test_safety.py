@@ -113,7 +113,6 @@ def test_generate_out_is_replaced_only_with_force_and_only_on_success(tiny_check
 def test_a_second_run_into_a_locked_out_dir_stops_at_once(tiny_checkpoint_dir, tmp_path):
     out = tmp_path / "run"
     with RunLock(out):
-        t0 = time.perf_counter()
         r = train_cli(tiny_checkpoint_dir, out)
         one_error_line(r, "is in use by another run", f"pid {os.getpid()}")
         assert not (out / "metrics.csv").exists()

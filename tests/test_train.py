@@ -256,3 +256,102 @@ def test_the_before_after_comparison_is_printed_after_training_on_the_default_da
     assert report["val_loss_before"] == summary["first_val_loss"] and report["val_loss_after"] == summary["val_loss"]
     out = capsys.readouterr().out
     assert "=== before / after" in out and "format rate:" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation: a held-out file, the whole split, or none; the prefix initialisation
+
+
+def _val_columns(out):
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r.get("val_loss")]
+
+
+def test_val_data_validates_on_every_row_of_that_file_and_does_not_split_the_training_file(tiny_checkpoint_dir,
+                                                                                            tmp_path):
+    from lit_aligner.data import default as default_data
+
+    rows = default_data.generate_rows(60, seed=11)
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train_file.write_text("\n".join(json.dumps(r) for r in rows[:50]) + "\n")
+    val_file.write_text("\n".join(json.dumps(r) for r in rows[50:]) + "\n")
+    cfg = small_run(tiny_checkpoint_dir, tmp_path / "run", max_steps=2, eval_iters="all", eval_interval=1)
+    cfg.data, cfg.val_data = train_file, val_file
+    summary = T.train(cfg)
+    assert summary["data"]["train"] == 50 and summary["data"]["val"] == 10
+    assert summary["data"]["val_source"] == str(val_file)
+    # the validation loss is the whole held-out file's, independently computed with the saved Aligner
+    from lit_aligner.base import load_base, load_tokenizer
+    from lit_aligner.data import load_data
+    from lit_aligner.evaluation import objective_metrics
+
+    model, tok = load_base(tiny_checkpoint_dir, device="cpu")
+    aligner, _ = load_aligner(summary["aligner"], model)
+    val, _, _ = load_data("sft", val_file, load_tokenizer(tiny_checkpoint_dir), summary["template"],
+                          DataOptions(max_seq_length=128, val_fraction=0.0), 7)
+    expect = objective_metrics(model, SFT(tok.pad_id, 0), val, aligner)["loss"]
+    assert summary["val_loss"] == pytest.approx(expect, rel=1e-4)
+    assert len(_val_columns(tmp_path / "run")) == 3  # steps 0, 1, 2
+
+
+def test_eval_iters_zero_switches_validation_off_and_all_means_the_whole_split(tiny_checkpoint_dir, tmp_path):
+    off = T.train(small_run(tiny_checkpoint_dir, tmp_path / "off", max_steps=2, eval_iters=0, eval_interval=1))
+    assert off["val"] == {} and off["val_loss"] is None and not _val_columns(tmp_path / "off")
+    cfgs = [small_run(tiny_checkpoint_dir, tmp_path / name, max_steps=1, eval_iters=iters)
+            for name, iters in (("one", 1), ("all", "all"))]
+    for cfg in cfgs:
+        cfg.data_options = DataOptions(max_seq_length=128, val_size=24)
+    one, every = map(T.train, cfgs)
+    assert one["val"]["tokens"] < every["val"]["tokens"]
+    with pytest.raises(T.TrainError, match="eval-iters"):
+        small_run(tiny_checkpoint_dir, tmp_path / "bad", eval_iters=-1).check()
+    p = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--out-dir", tmp_path / "cli",
+                   "--max-steps", "1", "--eval-iters", "0", "--max-seq-length", "128", "--accelerator", "cpu",
+                   "--no-progress", "--global-batch-size", "4", "--micro-batch-size", "4", "--compare", "False")
+    assert p.returncode == 0, p.stderr
+    assert "validation is off (--eval-iters 0)" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("how", ["normal", "hidden", "embedding"])
+def test_prefix_init_sets_the_scale_and_keeps_the_base_at_zero_gates(tiny_checkpoint_dir, how):
+    from lit_aligner.aligner_files import new_aligner
+    from lit_aligner.base import load_base
+
+    model, _ = load_base(tiny_checkpoint_dir, device="cpu")
+    torch.manual_seed(0)
+    a = new_aligner(model, 10, 1, how)
+    rms = float(a.prefix.pow(2).mean().sqrt())
+    norm_rms = float(torch.stack([b.attention_norm.weight.pow(2).mean().sqrt() for b in model.layers[1:]]).mean())
+    if how == "normal":
+        assert 0.8 < rms < 1.2
+    else:
+        assert rms == pytest.approx(norm_rms, rel=0.25)
+    if how == "embedding":  # real token directions: each row is parallel to some embedding row
+        e = torch.nn.functional.normalize(model.tok_embeddings.weight, dim=-1)
+        cos = torch.nn.functional.normalize(a.prefix, dim=-1) @ e.T
+        assert (cos.max(-1).values > 0.999).all()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids, aligner=a), model(ids, aligner=False))
+
+
+def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_function_of_seed_and_step():
+    """(On by default, so the exact-resume tests above and test_safety's kill -9 test run with it.)"""
+    assert T.TrainConfig().group_by_length
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 300, (1000,), generator=g)
+    n, gbs = len(lengths), 16
+    steps = -(-2 * n // gbs)
+    grouped = [engine.global_batch_indices(n, s, gbs, 3, lengths) for s in range(steps)]
+    plain = [engine.global_batch_indices(n, s, gbs, 3) for s in range(steps)]
+    flat = [i for b in grouped for i in b]
+    assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n:2 * n]) == list(range(n))
+    assert grouped[5] == engine.global_batch_indices(n, 5, gbs, 3, lengths)  # resume: step alone decides
+
+    def padded(batches):
+        return sum(len(b) * max(int(lengths[i]) for i in b) for b in batches)
+
+    assert padded(grouped) < 0.75 * padded(plain)
+    assert grouped[0] != plain[0]
+

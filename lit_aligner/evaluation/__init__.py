@@ -78,9 +78,9 @@ def heldout_split(kind: str, data: Any, tokenizer, template: str, metadata: Opti
 
 
 def objective_metrics(model, objective: Objective, dataset, aligner: Any = None, batch_size: int = 8,
-                      max_batches: int = 0) -> Dict[str, float]:
+                      max_batches: Optional[int] = None) -> Dict[str, float]:
     """`objective`'s metrics (means per unit) of `model` steered by `aligner` (None: the model's own; False: the bare
-    base) over `dataset` (up to max_batches batches; 0 = all)."""
+    base) over `dataset` (up to max_batches batches; None = all)."""
     scored = objective.with_aligner(aligner)
     return evaluate(ObjectiveModule(model, scored), scored, dataset, batch_size, max_batches)
 

@@ -37,7 +37,7 @@ class ServeConfig:
     max_loaded_aligners: int = 64
     """Aligners kept loaded (LRU); others are reloaded from their file on use."""
     max_seq_length: Optional[int] = None
-    """KV-cache length per row, prompt + completion (default: the model's context, at most 4096)."""
+    """KV-cache length per row, prompt + completion (default: the model's context, at most 2048)."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -53,7 +53,7 @@ class ServeConfig:
             raise UserError(f"--max-seq-length must be >= 2, got {self.max_seq_length}")
 
 
-DEFAULT_MAX_SEQ_LENGTH = 4096
+DEFAULT_MAX_SEQ_LENGTH = 2048  # KV cache per row; 16 rows x 2048 slots of SmolLM2 in fp32 take 1.5 GB
 
 
 def build_server(cfg: ServeConfig):

@@ -15,6 +15,7 @@ from lit_aligner.data.load import DataOptions
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
+from lit_aligner.model import DEFAULT_PREFIX_INIT, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 
 
@@ -46,24 +47,40 @@ class TrainConfig:
     """the cosine ends at learning_rate * min_lr_ratio."""
     eval_interval: int = 20
     """validation every this many steps (and at the first and the last)."""
-    eval_iters: int = 4
-    """validation micro-batches per evaluation and device (0: the whole validation split)."""
+    eval_iters: Union[int, Literal["all"]] = 4
+    """validation micro-batches per evaluation and device; all: the whole validation split; 0: no validation."""
     save_interval: int = 50
     """resumable run state every this many steps (and at the end, and on SIGINT/SIGTERM)."""
     log_interval: int = 1
     """a metrics row every this many steps."""
     seed: int = 42
     """seed of the prefix initialisation, the data order and the train/validation split."""
+    group_by_length: bool = True
+    """batch examples of similar length together (runs of 50 global batches sorted by length, as Hugging Face's
+    group_by_length): less padding, the same examples each epoch, a seeded order (resume stays exact)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """positions per chunk of the LM head + loss (bounds the logits memory; 0: all at once, the plain loss)."""
+
+    @property
+    def validates(self) -> bool:
+        return self.eval_iters != 0
+
+    @property
+    def eval_batches(self) -> Optional[int]:
+        """Validation micro-batches per evaluation (None: all)."""
+        return None if self.eval_iters == "all" else self.eval_iters
 
     def check(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "save_interval",
                      "log_interval"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.eval_iters < 0 or self.chunk_size < 0:
-            raise TrainError("--warmup-steps, --eval-iters and --chunk-size must be >= 0")
+        if self.warmup_steps < 0 or self.chunk_size < 0:
+            raise TrainError("--warmup-steps and --chunk-size must be >= 0")
+        if self.eval_iters != "all" and (isinstance(self.eval_iters, bool) or not isinstance(self.eval_iters, int)
+                                         or self.eval_iters < 0):
+            raise TrainError(f"--eval-iters must be a number of micro-batches >= 0 (0: no validation) or 'all', got "
+                             f"{self.eval_iters!r}")
         if not self.learning_rate > 0 or self.learning_rate == float("inf"):
             raise TrainError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -79,6 +96,9 @@ class RunConfig:
     data: Optional[Path] = None
     """a prepared data directory (scripts/prepare_*.py) or a raw JSON/JSONL file (Alpaca, PKU-SafeRLHF, HH-RLHF,
     prompt/response, prompt/chosen/rejected, Q-A-C), prepared on the fly. None: the offline default dataset."""
+    val_data: Optional[Path] = None
+    """a held-out file (or prepared directory) to validate on, every row of it; the training data is then not split
+    (--val-fraction / --val-size apply only without it)."""
     template: Optional[str] = None
     """prompt template for raw data: alpaca, beaver, hh, chat, plain (default: chat when the tokenizer has a chat
     template, else alpaca; correction for correction data). Stored in the Aligner's metadata."""
@@ -91,6 +111,10 @@ class RunConfig:
     """number of global prefix tokens N (1..10 in the paper)."""
     start_layer: int = 2
     """first layer that reads the prefix (paper: 2)."""
+    prefix_init: PrefixInit = DEFAULT_PREFIX_INIT
+    """how a fresh prefix starts: hidden (N(0, 1) scaled to the RMS of the inputs of the gated layers' K/V
+    projections: on SmolLM2 + Alpaca it reaches a lower held-out loss, howto/evaluate.md), normal (the paper's
+    N(0, 1)), embedding (the embeddings of N random vocabulary tokens at that scale)."""
     precision: Optional[str] = None
     """Fabric precision: bf16-true, 16-true, 32-true, bf16-mixed (default: bf16-true on a GPU, 32-true on the CPU)."""
     accelerator: str = "auto"
@@ -131,6 +155,8 @@ class RunConfig:
         if self.n_tokens < 1 or self.start_layer < 0:
             raise TrainError(f"--n-tokens must be >= 1 and --start-layer >= 0, got {self.n_tokens}, "
                              f"{self.start_layer}")
+        if self.prefix_init not in PREFIX_INITS:
+            raise TrainError(f"--prefix-init must be one of {', '.join(PREFIX_INITS)}, got {self.prefix_init!r}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
 
@@ -142,8 +168,10 @@ class RunConfig:
         """What a resumed run must share with the run that wrote its state (flag name -> value)."""
         return {"checkpoint_dir": str(self.checkpoint_dir), "data": str(self.data), "template": self.template,
                 "objective": self.objective_name, "n_tokens": self.n_tokens, "start_layer": self.start_layer,
-                "init_aligner": str(self.init_aligner), "learning_rate": self.train.learning_rate,
+                "init_aligner": str(self.init_aligner), "prefix_init": self.prefix_init,
+                "learning_rate": self.train.learning_rate,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
+                "group_by_length": self.train.group_by_length,
                 "max_seq_length": self.data_options.max_seq_length}
 
 

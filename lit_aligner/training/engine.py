@@ -50,21 +50,33 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
     return global_batch_size // per_step
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order (n,) of the examples in `epoch`: a function of (seed, epoch) only."""
+MEGABATCH = 50  # length grouping sorts runs of this many global batches (as Hugging Face's LengthGroupedSampler)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, lengths: Optional[torch.Tensor] = None,
+                      group: int = 0) -> torch.Tensor:
+    """The order (n,) of the examples in `epoch`: a function of (seed, epoch) only. With `lengths` (n,) and `group`
+    > 1, length grouping: the shuffled order is cut into runs of `group` examples and each run is sorted by length,
+    longest first, so that a batch holds examples of similar length (little padding) while every epoch still visits
+    every example once in a seeded order (resume stays exact)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    perm = torch.randperm(n, generator=g)
+    if lengths is None or group <= 1:
+        return perm
+    return torch.cat([run[torch.argsort(lengths[run], descending=True, stable=True)] for run in perm.split(group)])
 
 
-def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int) -> List[int]:
-    """Dataset indices of optimizer step `step`'s global batch (epochs continue across the boundary)."""
+def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int,
+                         lengths: Optional[torch.Tensor] = None) -> List[int]:
+    """Dataset indices of optimizer step `step`'s global batch (epochs continue across the boundary); with the
+    examples' `lengths`, in the length-grouped order (`epoch_permutation`)."""
     if n < 1:
         raise TrainError("the training set is empty")
     out, cache = [], {}
     for p in range(step * global_batch_size, (step + 1) * global_batch_size):
         epoch = p // n
         if epoch not in cache:
-            cache[epoch] = epoch_permutation(n, seed, epoch)
+            cache[epoch] = epoch_permutation(n, seed, epoch, lengths, global_batch_size * MEGABATCH)
         out.append(int(cache[epoch][p % n]))
     return out
 
@@ -90,16 +102,17 @@ def _add(total: Optional[Dict[str, torch.Tensor]], new: Dict[str, torch.Tensor])
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size: int = 8, max_batches: int = 0,
-             fabric=None) -> Dict[str, float]:
+def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size: int = 8,
+             max_batches: Optional[int] = None, fabric=None) -> Dict[str, float]:
     """The objective's metrics (means per unit: per token for SFT, per pair for DPO) of `module` (an
     `ObjectiveModule`, set up by Fabric or not) over `dataset`, plus the count of units under `objective.unit`.
-    Rank r scores examples r, r+W, ... (the first max_batches micro-batches of them; 0 = all); sums are all-reduced."""
+    Rank r scores examples r, r+W, ... (the first max_batches micro-batches of them; None = all); sums are
+    all-reduced."""
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = fabric.device if fabric is not None else next(module.parameters()).device
     mine = list(range(rank, len(dataset), world))
     batches = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    if max_batches:
+    if max_batches is not None:
         batches = batches[:max_batches]
     was_training = module.training
     module.eval()
@@ -177,7 +190,7 @@ def fit(
     params = [p for p in aligner.parameters()]
 
     def validate() -> Dict[str, float]:
-        return evaluate(module, objective, val, config.micro_batch_size, config.eval_iters, fabric)
+        return evaluate(module, objective, val, config.micro_batch_size, config.eval_batches, fabric)
 
     def diverged(step: int, what: str) -> TrainError:
         newest = run_state.latest()
@@ -186,7 +199,9 @@ def fit(
                           f"Lower --learning-rate (now {config.learning_rate:g}) and start again (--force), or "
                           f"resume from that state with a lower --learning-rate (--resume auto --force).")
 
-    if len(val) and start_step == 0:
+    validating = bool(len(val)) and config.validates
+    lengths = train.lengths() if config.group_by_length and hasattr(train, "lengths") else None
+    if validating and start_step == 0:
         val_metrics = first_val = validate()
         metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),
                      "tokens_seen": 0, "elapsed_s": 0.0})
@@ -201,7 +216,7 @@ def fit(
     with GracefulStop() as stop:
         while step < config.max_steps:
             t0 = time.perf_counter()
-            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed)
+            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed, lengths)
             items = {i: train[i] for i in indices}
             # The global normaliser: every rank can count it itself, so it needs no communication.
             units = sum(objective.units(items[i], step) for i in indices)
@@ -240,7 +255,7 @@ def fit(
                    "lr": lr, "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
                    "tokens_seen": tokens_seen, "real_tokens_seen": real_seen, "elapsed_s": time.perf_counter() - t_start}
             stop_now = float(stats[-1]) > 0
-            if len(val) and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
+            if validating and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
                 val_metrics = validate()
                 first_val = first_val or val_metrics
                 row.update({f"val_{k}": val_metrics[k] for k in names})
@@ -249,7 +264,8 @@ def fit(
             if on_step is not None:
                 on_step(step, row)
             if bar is not None:
-                post = {"loss": f"{row['train_loss']:.4f}", "tok/s": f"{row['real_tokens_per_sec']:.0f}"}
+                post = {"loss": f"{row['train_loss']:.4f}", "tok/s": f"{row['real_tokens_per_sec']:.0f} real, "
+                                                                     f"{row['tokens_per_sec']:.0f} padded"}
                 if val_metrics:
                     post["val"] = f"{val_metrics['loss']:.4f}"
                 bar.set_postfix(post, refresh=False)

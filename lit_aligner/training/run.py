@@ -3,6 +3,7 @@ readied, the data, base model and Aligner loaded (or resumed), the objective bui
 Aligner saved with its metadata. `finetune/aligner.py` (SFT, correction) and `finetune/aligner_dpo.py` (DPO) call
 `train`."""
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,10 @@ def _resume(run: Run) -> None:
     cfg, fabric = run.cfg, run.fabric
     run.resume_path, run.state, notes = resolve_resume(cfg.resume, run.out_dir)
     if run.state is not None:
+        if "group_by_length" not in (run.state.get("identity") or {}) and cfg.train.group_by_length:
+            # written before length grouping existed: keep that run's plain shuffled order (exact resume)
+            cfg.train.group_by_length = False
+            notes.append(f"{run.resume_path} predates length-grouped batching: the run continues in its own order")
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:
@@ -110,7 +115,7 @@ def _load(run: Run) -> None:
     """Tokenizer, data, base model, Aligner (init, fresh or resumed) and the objective."""
     from lit_aligner.aligner_files import attach, load_aligner, new_aligner
     from lit_aligner.base import load_model, load_tokenizer
-    from lit_aligner.data import load_data, report
+    from lit_aligner.data import load_data, report, storable_info
     from lit_aligner.devices import precision_dtype
     from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
 
@@ -118,10 +123,22 @@ def _load(run: Run) -> None:
     objective_cls = get_objective(cfg.objective_name)
     run.tokenizer = load_tokenizer(cfg.checkpoint_dir, run.base_config)
     template = cfg.template or objective_cls.default_template(run.tokenizer)
-    run.train, run.val, run.info = load_data(objective_cls.data_kind, cfg.data, run.tokenizer, template,
-                                             cfg.data_options, cfg.train.seed)
+    options = cfg.data_options
+    if cfg.val_data is not None:  # a held-out file: the training file is not split
+        options = dataclasses.replace(options, val_fraction=0.0, val_size=None)
+    run.train, run.val, run.info = load_data(objective_cls.data_kind, cfg.data, run.tokenizer, template, options,
+                                             cfg.train.seed)
     run.template = run.info.get("template") or template
     fabric.print(report(run.info))
+    if cfg.val_data is not None:
+        run.val, _, val_info = load_data(objective_cls.data_kind, cfg.val_data, run.tokenizer, run.template, options,
+                                         cfg.train.seed)
+        fabric.print(report(val_info).replace(" train=", " (validation) train="))
+        run.info.update(val=len(run.val), val_source=str(cfg.val_data), val_info=storable_info(val_info))
+    if not cfg.train.validates:
+        fabric.print("note: validation is off (--eval-iters 0); --eval-iters all validates on the whole split")
+    elif not len(run.val):
+        fabric.print("note: no validation rows (--val-fraction 0, no --val-data): the run is not validated")
 
     fabric.seed_everything(cfg.train.seed)  # the same fresh prefix on every rank
     device = "cpu" if cfg.strategy == "fsdp" else fabric.device
@@ -134,7 +151,7 @@ def _load(run: Run) -> None:
         cfg.n_tokens, cfg.start_layer = run.init_aligner.n_tokens, run.init_aligner.start_layer
         attach(run.model, run.init_aligner)
     else:
-        new_aligner(run.model, cfg.n_tokens, cfg.start_layer)
+        new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init)
     # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner
     run.objective = objective_cls.from_run(cfg, run)
     if run.state is not None:
@@ -179,7 +196,8 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
                                "data": {k: v for k, v in run.info.items() if k != "bad_row_examples"},
                                **run.objective.metadata()}
     if eval_only:
-        metrics = evaluate(module, run.objective, run.val, cfg.train.micro_batch_size, cfg.train.eval_iters, fabric)
+        batches = cfg.train.eval_batches if cfg.train.validates else None  # evaluating is the point: 0 means all
+        metrics = evaluate(module, run.objective, run.val, cfg.train.micro_batch_size, batches, fabric)
         return {"eval_only": True, **summary, "init_aligner": str(cfg.init_aligner) if cfg.init_aligner else None,
                 **metrics}
 

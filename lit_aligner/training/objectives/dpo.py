@@ -158,6 +158,9 @@ class WithReference(Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         return {**self.dataset[i], "ref_chosen": self.ref_chosen[i], "ref_rejected": self.ref_rejected[i]}
 
+    def lengths(self) -> torch.Tensor:  # the same length-grouped order as without the cache
+        return self.dataset.lengths()
+
 
 @torch.no_grad()
 def precompute_reference(model: LLaMA, dataset: Dataset, objective: DPO,

@@ -1,0 +1,387 @@
+"""The paper's comparison on equal footing: the global-token Aligner (this project) against LoRA and prefix tuning
+(Hugging Face PEFT on `transformers`), same base, same tokenized rows, same steps, batch, schedule and optimizer.
+
+- Rows: `lit_aligner.data.load_data` on --data with --template (the project's own rendering and response-only
+  masking), --max-seq-length, a seeded held-out split of --heldout rows. Every system sees the same rows in the same
+  order (`lit_aligner.training.engine.global_batch_indices`, length-grouped as the trainer does by default) with the
+  same warm-up + cosine schedule (`lr_at`) and AdamW(betas 0.9/0.95, weight decay 0.02).
+- Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
+  paper's N(0, 1) prefix) at each learning rate of --aligner-lrs.
+- LoRA r=8 on q_proj and v_proj (alpha 16, no dropout) and prefix tuning with 10 virtual tokens (PEFT defaults, no
+  reparametrisation), trained by a plain PyTorch loop on the `transformers` model that `scripts/export_hf.py` writes
+  from the same checkpoint; each learning rate of --lora-lrs / --prefix-lrs.
+- Held-out loss: summed response-token cross-entropy over the held-out rows / their token count, the same code for
+  every system. The sanity row checks that our model and transformers give the bare base the same held-out loss.
+- Every system runs in its own child process (peak resident memory is per system; on a GPU, peak allocated memory).
+
+Learning rates are picked by held-out loss on the same held-out rows for every system (fair between systems, slightly
+optimistic for all). Every run is reported, not only the best.
+
+    python benchmarks/quality.py                                     # SmolLM2-135M on the shared Alpaca subset
+    python benchmarks/quality.py --resume --aligners 10:embedding --aligner-lrs 3e-2   # add a variant to its file
+    python benchmarks/quality.py --steps 2 --heldout 16 --aligner-lrs 1e-2 --lora-lrs 1e-3 --prefix-lrs 1e-2 \\
+        --aligner-inits normal --max-seq-length 64                  # a smoke run, about a minute on a CPU
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BenchmarkError, check_out, format_table, machine_info, machine_name, pick_device,  # noqa: E402
+                    require, write_json)
+
+import torch  # noqa: E402
+
+from lit_aligner.cli import run_cli  # noqa: E402
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_4500.json"
+
+
+# --- what every system shares -----------------------------------------------------------------------------------------
+
+
+def load_rows(common: Dict[str, Any]):
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.data import DataOptions, load_data
+
+    tokenizer = load_tokenizer(common["checkpoint_dir"])
+    options = DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"])
+    train, val, info = load_data("sft", common["data"], tokenizer, common["template"], options, common["seed"])
+    return tokenizer, train, val, info
+
+
+def train_config(common: Dict[str, Any], lr: float):
+    from lit_aligner.training import TrainConfig
+
+    return TrainConfig(max_steps=common["steps"], learning_rate=lr, global_batch_size=common["batch"],
+                       micro_batch_size=common["micro_batch"], warmup_steps=common["warmup_steps"], eval_iters=0,
+                       save_interval=common["steps"], seed=common["seed"], group_by_length=True)
+
+
+def batches(rows, size: int, pad_id: int):
+    from lit_aligner.data import pad_rows
+
+    for s in range(0, len(rows), size):
+        yield pad_rows(rows[s:s + size], pad_id)
+
+
+def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled (response) positions."""
+    from lit_aligner.data import IGNORE_INDEX
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def heldout_loss(forward, val, pad_id: int, device) -> float:
+    """Held-out loss per response token of `forward(input_ids, attention_mask) -> logits`."""
+    from lit_aligner.data import IGNORE_INDEX
+
+    total, count = 0.0, 0
+    rows = sorted(val.rows(), key=lambda r: len(r[0]) + len(r[1]))  # similar lengths together: little padding
+    for b in batches(rows, 8, pad_id):
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+        mask = (torch.arange(ids.shape[1])[None] < b["lengths"][:, None]).to(device)
+        total += float(summed_ce(forward(ids, mask), labels))
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return total / count
+
+
+def device_of(common: Dict[str, Any]) -> torch.device:
+    return pick_device(common["device"])
+
+
+# --- the systems (each runs in a child process) -----------------------------------------------------------------------
+
+
+def run_system(spec: Dict[str, Any], common: Dict[str, Any]) -> Dict[str, Any]:
+    torch.set_num_threads(common["threads"] or torch.get_num_threads())
+    from lit_aligner.perf import peak_memory_bytes, reset_peak_memory
+
+    device = device_of(common)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    out = {"aligner": run_aligner, "lora": run_peft, "prefix": run_peft, "base": run_base}[spec["system"]](spec, common)
+    out.update(peak_memory_gb=peak_memory_bytes(device) / 1e9, wall_s=time.perf_counter() - t0)
+    return {**spec, **out}
+
+
+def run_base(spec, common):
+    """The bare base's held-out loss in our model and in transformers (the sanity row)."""
+    import transformers
+
+    from lit_aligner.base import load_base
+
+    device = device_of(common)
+    tokenizer, _, val, _ = load_rows(common)
+    model, _ = load_base(common["checkpoint_dir"], device, "float32")
+    ours = heldout_loss(lambda ids, mask: model(ids, aligner=False), val, tokenizer.pad_id, device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device).eval()
+    theirs = heldout_loss(lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits, val, tokenizer.pad_id,
+                          device)
+    return {"heldout_loss": ours, "heldout_loss_transformers": theirs, "trainable_params": 0,
+            "relative_difference": abs(ours - theirs) / theirs, "heldout_rows": len(val),
+            "heldout_tokens": sum(len(r[1]) for r in val.rows())}
+
+
+def run_aligner(spec, common):
+    """This project's trainer, then the held-out loss of the saved Aligner."""
+    from lit_aligner import load_aligner, load_base, train
+    from lit_aligner.data import DataOptions
+    from lit_aligner.training import SFTRunConfig
+
+    device = device_of(common)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SFTRunConfig(checkpoint_dir=common["checkpoint_dir"], data=common["data"], template=common["template"],
+                           out_dir=Path(out) / "run", n_tokens=spec["n_tokens"], prefix_init=spec["init"],
+                           accelerator=device.type, precision="32-true", progress=False, compare=False,
+                           data_options=DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"]),
+                           train=train_config(common, spec["lr"]))
+        summary = train(cfg)
+        tokenizer, _, val, _ = load_rows(common)
+        model, _ = load_base(common["checkpoint_dir"], device, "float32")
+        aligner, _ = load_aligner(summary["aligner"], model)
+    loss = heldout_loss(lambda ids, mask: model(ids, aligner=aligner), val, tokenizer.pad_id, device)
+    return {"heldout_loss": loss, "trainable_params": aligner.num_params(),
+            "train_tokens_per_s": summary["throughput"]["real_tokens_per_sec"],
+            "final_train_loss": None}
+
+
+def run_peft(spec, common):
+    """PEFT on the transformers model, trained on the same rows, order and schedule."""
+    import peft
+    import transformers
+
+    from lit_aligner.training.engine import global_batch_indices, lr_at, rank_micro_batches
+    from lit_aligner.training.objectives.sft import SFT
+
+    device = device_of(common)
+    tokenizer, train, val, _ = load_rows(common)
+    lengths = train.lengths()  # the trainer's length-grouped order (its default), the same for every system
+    torch.manual_seed(common["seed"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device)
+    if spec["system"] == "lora":
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+                                 target_modules=["q_proj", "v_proj"])
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["n_tokens"])
+    model = peft.get_peft_model(base, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.02)
+    tc = train_config(common, spec["lr"])
+    objective = SFT(tokenizer.pad_id, 0)
+    speeds, last = [], float("nan")
+    model.train()
+    for step in range(tc.max_steps):
+        t0 = time.perf_counter()
+        indices = global_batch_indices(len(train), step, tc.global_batch_size, tc.seed, lengths)
+        units = sum(objective.units(train[i], step) for i in indices)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        real, total = 0, 0.0
+        for idx in rank_micro_batches(indices, 0, 1, tc.micro_batch_size):
+            b = objective.collate([train[i] for i in idx], step)
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+            mask = (torch.arange(ids.shape[1])[None] < b["lengths"][:, None]).to(device)
+            loss = summed_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
+            (loss / units).backward()
+            total += float(loss.detach())
+            real += int(b["lengths"].sum())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        speeds.append(real / (time.perf_counter() - t0))
+        last = total / units
+    model.eval()
+    loss = heldout_loss(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, val, tokenizer.pad_id,
+                        device)
+    return {"heldout_loss": loss, "trainable_params": sum(p.numel() for p in params),
+            "train_tokens_per_s": sorted(speeds)[len(speeds) // 2], "final_train_loss": last}
+
+
+def run_child(spec: Dict[str, Any], common: Dict[str, Any], tmp: Path) -> Dict[str, Any]:
+    """`run_system` in a fresh Python process (its own peak memory; nothing left over from the previous system)."""
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"spec": spec, "common": common}))
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(job)])
+    if done.returncode != 0:
+        raise BenchmarkError(f"the {spec['label']} run failed (exit status {done.returncode}); its output is above")
+    return json.loads(job.with_suffix(".out.json").read_text())
+
+
+WORKER_FLAG = "--_run-one-system"
+
+
+def spec_key(spec: Dict[str, Any]) -> tuple:
+    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr"))
+
+
+def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The runs of an earlier (possibly interrupted) benchmark in `path`, if it used the same settings."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        runs = list(earlier["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
+                             "--force to replace it") from None
+    if earlier.get("settings") != settings:
+        raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
+                             "the same flags, or give another --out")
+    return runs
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------------------
+
+
+def main(
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    data: Path = ALPACA,
+    template: str = "alpaca",
+    max_seq_length: int = 256,
+    heldout: int = 320,
+    steps: int = 120,
+    batch: int = 8,
+    micro_batch: int = 8,
+    warmup_steps: int = 5,
+    seed: int = 42,
+    aligners: List[str] = ["1:normal", "10:normal", "10:hidden"],  # noqa: B006 (tyro reads the default)
+    aligner_lrs: List[float] = [9e-3, 3e-2],  # noqa: B006
+    lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
+    prefix_lrs: List[float] = [3e-2],  # noqa: B006
+    device: str = "auto",
+    threads: Optional[int] = None,
+    out: Optional[Path] = None,
+    force: bool = False,
+    resume: bool = False,
+) -> Dict[str, Any]:
+    """Held-out loss, trainable parameters, training tokens/s and peak memory of the Aligner (N=1, N=10), PEFT LoRA
+    r=8 (q, v) and PEFT prefix tuning (10 tokens) at an equal budget.
+
+    Args:
+        checkpoint_dir: the converted base model (exported once to a temporary Hugging Face directory for PEFT).
+        data: the SFT data file (any format the trainer reads).
+        template: prompt template for the rows.
+        max_seq_length: longest row in tokens (longer rows are dropped, the same for every system).
+        heldout: rows of the seeded held-out split before long rows are dropped (320 keeps about 300).
+        steps: optimizer steps for every system.
+        batch: rows per optimizer step.
+        micro_batch: rows per forward pass.
+        warmup_steps: linear warm-up steps, then a cosine to 0.
+        seed: data split, data order and initialisation seed.
+        aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding).
+        aligner_lrs: Aligner learning rates (each variant x each lr is one run).
+        lora_lrs: LoRA learning rates.
+        prefix_lrs: prefix tuning learning rates.
+        device: auto (CUDA if available), cpu, cuda.
+        threads: torch CPU threads per run (default: torch's choice).
+        out: JSON results file (default benchmarks/results/quality-<model>-<machine>.json).
+        force: replace an existing results file.
+        resume: keep the runs already in the results file (made with the same settings) and run only the missing
+            ones; earlier runs of other variants or learning rates stay in the tables (how a sweep grows).
+    """
+    require("peft", "transformers", extra="eval")
+    if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
+        raise BenchmarkError("--steps, --batch, --micro-batch and --heldout must be >= 1, and --batch a multiple of "
+                             "--micro-batch")
+    if not Path(data).is_file():
+        raise BenchmarkError(f"--data {data}: no such file")
+    from lit_aligner.base import load_config
+    from lit_aligner.model import PREFIX_INITS
+
+    variants = []
+    for v in aligners:
+        n, _, init = v.partition(":")
+        if not n.isdigit() or int(n) < 1 or (init or "normal") not in PREFIX_INITS:
+            raise BenchmarkError(f"--aligners {v!r}: give N:init, N >= 1 and init one of {', '.join(PREFIX_INITS)}")
+        variants.append((int(n), init or "normal"))
+    name = load_config(checkpoint_dir).name or Path(checkpoint_dir).name
+    dev = pick_device(device)
+    path = Path(out or REPO / "benchmarks" / "results" / f"quality-{name}-{machine_name(dev)}.json")
+    settings = dict(checkpoint_dir=str(checkpoint_dir), data=str(data), template=template,
+                    max_seq_length=max_seq_length, heldout=heldout, steps=steps, batch=batch, micro_batch=micro_batch,
+                    warmup_steps=warmup_steps, seed=seed, machine=machine_name(dev))
+    runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
+    if not runs:
+        check_out(path, force)
+    specs: List[Dict[str, Any]] = [{"system": "base", "label": "base (no training)"}]
+    specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "lr": lr}
+              for n, init in variants for lr in aligner_lrs]
+    specs += [{"system": "lora", "label": "LoRA r=8 (q, v)", "lr": lr} for lr in lora_lrs]
+    specs += [{"system": "prefix", "label": "prefix tuning 10 tokens", "n_tokens": 10, "lr": lr} for lr in prefix_lrs]
+
+    done = {spec_key(r) for r in runs}
+    specs = [s for s in specs if spec_key(s) not in done]
+    if specs and specs[0]["system"] != "base" and not any(r["system"] == "base" for r in runs):
+        specs.insert(0, {"system": "base", "label": "base (no training)"})
+    runs.sort(key=lambda r: r["system"] != "base")  # the base row first
+    with tempfile.TemporaryDirectory() as tmp:
+        from lit_aligner.convert.export import export_hf
+
+        hf_dir = Path(tmp) / "hf"
+        if specs:
+            export_hf(checkpoint_dir, hf_dir)
+        common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir))
+        for spec in specs:
+            result = run_child(spec, common, Path(tmp))
+            runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
+            print(f"{result['label']} {result.get('init', '')} lr={result.get('lr', '-')}: held-out loss "
+                  f"{result['heldout_loss']:.4f} ({result['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            # written after every run: an interrupted benchmark goes on with --resume
+            write_json(path, {"benchmark": "quality", "partial": True, "settings": settings, "runs": runs})
+
+    base = runs[0]
+    best: Dict[str, Dict[str, Any]] = {}
+    for r in runs[1:]:
+        key = f"{r['label']} {r.get('init', '')}".strip()  # the paper's init and ours are reported apart
+        if key not in best or r["heldout_loss"] < best[key]["heldout_loss"]:
+            best[key] = r
+    lora = best.get("LoRA r=8 (q, v)")  # (its init key is empty)
+    for r in runs:
+        r["x_lora_loss"] = r["heldout_loss"] / lora["heldout_loss"] if lora else None
+        r["gain_vs_lora"] = ((base["heldout_loss"] - r["heldout_loss"]) / (base["heldout_loss"] - lora["heldout_loss"])
+                             if lora and r is not base else None)
+    columns = ["label", "init", "lr", "trainable_params", "heldout_loss", "x_lora_loss", "gain_vs_lora",
+               "train_tokens_per_s", "peak_memory_gb"]
+    order = {"aligner": 0, "lora": 1, "prefix": 2}  # then N, init, lr: a sweep grown with --resume reads in order
+    inits = {"normal": 0, "hidden": 1, "embedding": 2}
+    runs[1:] = sorted(runs[1:], key=lambda r: (order[r["system"]], r.get("n_tokens") or 0,
+                                               inits.get(r.get("init"), 0), r["lr"]))
+    best_rows = [base] + sorted(best.values(), key=runs.index)
+    formats = {"heldout_loss": ".4f", "x_lora_loss": ".3f", "gain_vs_lora": ".0%"}
+    table = format_table(best_rows, columns, formats)
+    all_table = format_table(runs, columns, formats)
+    sanity = (f"sanity: the bare base's held-out loss is {base['heldout_loss']:.4f} in lit-aligner and "
+              f"{base['heldout_loss_transformers']:.4f} in transformers ({base['relative_difference']:.3%} apart)")
+    print(f"{name}, {steps} steps x {batch} rows, max length {max_seq_length}, template {template}, "
+          f"{base['heldout_rows']} held-out rows of {data}")
+    print("best learning rate per system:")
+    print(table)
+    print("every run:")
+    print(all_table)
+    print(sanity)
+    payload = {"benchmark": "quality", "settings": settings, "model": name, "data": str(data), "template": template,
+               "max_seq_length": max_seq_length, "heldout": heldout, "steps": steps, "batch": batch,
+               "warmup_steps": warmup_steps, "seed": seed, "machine": machine_info(dev), "best": best_rows,
+               "runs": runs, "table": table, "all_runs_table": all_table, "sanity": sanity}
+    write_json(path, payload)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
+        job = Path(sys.argv[2])
+        task = json.loads(job.read_text())
+        job.with_suffix(".out.json").write_text(json.dumps(run_system(task["spec"], task["common"])))
+    else:
+        run_cli(main, description=__doc__)

@@ -1,0 +1,478 @@
+"""The subcommands of `evaluate/aligner.py`: each a config dataclass (its fields are the flags) with a `run()` that
+returns the result as a dict. Every subcommand prints a table, and the whole result as one JSON object on the last
+line of stdout; `--out FILE` writes it too (atomically; an existing file only with --force).
+
+| subcommand | measures |
+| --- | --- |
+| `loss` | response-token loss and perplexity of the bare base and Aligners on any SFT or correction data |
+| `preference` | DPO metrics (TRL's names) of Aligners on preference pairs against a reference |
+| `correction` | copy rate and log-likelihood margins of correction Aligners |
+| `harness` | lm-evaluation-harness tasks on the base with each Aligner (`lit_aligner.evaluation.harness`) |
+| `judge` | pairwise win rate of two systems judged by a local model (`lit_aligner.evaluation.judge`) |
+"""
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+import tyro
+
+from lit_aligner.data.load import DataOptions
+from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
+from lit_aligner.files import UserError, atomic_write_json, check_output, input_files
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE
+from lit_aligner.training.config import DPOLossConfig
+
+NoFlag = tyro.conf.FlagCreatePairsOff[bool]
+
+
+@dataclass(kw_only=True)
+class EvalCommon:
+    """What every subcommand takes."""
+
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+    """the converted base model the Aligners were trained on."""
+    out: Optional[Path] = None
+    """also write the result as JSON to this file."""
+    force: bool = False
+    """replace an existing --out file."""
+    batch_size: int = 8
+    """rows per forward pass (per Aligner)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
+
+    def inputs(self) -> List[Any]:
+        return [self.checkpoint_dir]
+
+    def execute(self) -> Dict[str, Any]:
+        """Check --out, run, print the table and the JSON line, write --out."""
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.out is not None:
+            check_output(self.out, input_files(*self.inputs()), self.force)
+        t0 = time.perf_counter()
+        result = self.run()
+        result["seconds"] = time.perf_counter() - t0
+        print(self.format(result))
+        if self.out is not None:
+            atomic_write_json(self.out, result)
+            print(f"wrote {self.out}", file=sys.stderr)
+        print(json.dumps(result, default=str))
+        return result
+
+    def load(self):
+        from lit_aligner.base import load_base
+
+        return load_base(self.checkpoint_dir, self.device, self.dtype)
+
+    def run(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def format(self, result: Dict[str, Any]) -> str:
+        raise NotImplementedError
+
+
+def _aligners(paths: Sequence[Any], model) -> List[Tuple[str, Any, Dict[str, Any]]]:
+    """(name, Aligner or None, metadata) per path; "none" / "base" is the bare base."""
+    from lit_aligner.aligner_files import load_aligner
+
+    out = []
+    for p in paths:
+        if str(p).lower() in ("none", "base"):
+            out.append(("base", None, {}))
+        else:
+            aligner, meta = load_aligner(p, model)
+            out.append((str(p), aligner, meta))
+    return out
+
+
+def _table(rows: List[Dict[str, Any]], columns: Sequence[Tuple[str, str, str]]) -> str:
+    """columns: (header, key, format)."""
+    cells = [[h for h, _, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else f.format(r[k])) for _, k, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class DataCommon(EvalCommon):
+    """The data flags of the subcommands that score rows."""
+
+    data: Optional[Path] = None
+    """a data file or prepared directory in any format the trainer reads (default: the offline default dataset)."""
+    template: Optional[str] = None
+    """prompt template for every system (default: each Aligner's saved template; the bare base uses the template the
+    Aligners share, else the trainer's default)."""
+    split: Literal["all", "val"] = "all"
+    """all: every row of --data; val: the seeded validation split a training run on this file held out (same --seed,
+    --val-fraction / --val-size, --max-seq-length)."""
+    n: Optional[int] = None
+    """score the first N rows only."""
+    seed: int = 42
+    """the split seed (the trainer's --seed)."""
+    data_options: DataOptions = field(default_factory=DataOptions)
+
+    def inputs(self) -> List[Any]:
+        return [self.checkpoint_dir, self.data]
+
+    def rows(self, kind: str, tokenizer, template: str):
+        """(dataset, counts) through the trainer's data pipeline."""
+        import dataclasses
+
+        from lit_aligner.data import TokenizedDataset, load_data, storable_info
+
+        options = self.data_options if self.split == "val" else \
+            dataclasses.replace(self.data_options, val_fraction=0.0, val_size=None)
+        train, val, info = load_data(kind, self.data, tokenizer, template, options, self.seed)
+        rows = val.rows() if self.split == "val" else train.rows()
+        if self.n is not None:
+            if self.n < 1:
+                raise UserError(f"--n must be >= 1, got {self.n}")
+            rows = rows[:self.n]
+        if not rows:
+            raise UserError(f"{self.data or 'the default dataset'}: no rows in the {self.split!r} split")
+        counts = {k: info.get(k) for k in ("source", "format", "template", "rows_read", "bad_rows", "dropped",
+                                           "truncated", "kept", "max_seq_length")}
+        counts.update(split=self.split, evaluated=len(rows), skipped=info.get("bad_rows", 0))
+        return TokenizedDataset.from_rows(kind, rows), {**counts, "info": storable_info(info)}
+
+    def templates(self, systems, default: str) -> Dict[str, str]:
+        """name -> template: --template, else the Aligner's own; the base: --template, the one the Aligners share,
+        else `default`."""
+        own = {name: (self.template or meta.get("template") or default) for name, a, meta in systems if a is not None}
+        shared = set(own.values())
+        base = self.template or (shared.pop() if len(shared) == 1 else default)
+        return {name: own.get(name, base) for name, _, _ in systems}
+
+
+# --- loss -------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Loss(DataCommon):
+    """Response-token loss and perplexity of the bare base and each Aligner on SFT or correction data (the trainer's
+    own rendering and masking; rows too long for --max-seq-length follow --truncation and are counted)."""
+
+    aligners: List[Path] = field(default_factory=list)
+    """Aligner files (ours or the paper's .pth) to score next to the base."""
+    base: NoFlag = True
+    """score the bare base too (--no-base: Aligners only)."""
+    mode: Literal["sft", "correction"] = "sft"
+    """sft: prompt -> response rows; correction: Q-A-C rows scored on C given (Q, A)."""
+
+    def inputs(self) -> List[Any]:
+        return [*super().inputs(), *self.aligners]
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.evaluation import objective_metrics
+        from lit_aligner.training.objectives import get_objective
+
+        model, tokenizer = self.load()
+        systems = ([("base", None, {})] if self.base else []) + _aligners(self.aligners, model)
+        if not systems:
+            raise UserError("nothing to score: give --aligners, or drop --no-base")
+        cls = get_objective(self.mode)
+        templates = self.templates(systems, cls.default_template(tokenizer))
+        objective = cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE) if self.mode == "sft" else \
+            cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, 0)
+        results, data = [], {}
+        for template in dict.fromkeys(templates.values()):
+            dataset, counts = self.rows(cls.data_kind, tokenizer, template)
+            data[template] = counts
+            for name, aligner, _ in systems:
+                if templates[name] != template:
+                    continue
+                m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                      self.batch_size)
+                results.append({"name": name, "template": template, "loss": m["loss"],
+                                "perplexity": math.exp(min(m["loss"], 700)), "tokens": m[objective.unit],
+                                "rows": len(dataset)})
+        return {"command": "loss", "mode": self.mode, "checkpoint_dir": str(self.checkpoint_dir), "results": results,
+                "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        head = "\n".join(f"data ({t}): {c['evaluated']} rows of {c['source']} ({c['split']} split; read "
+                         f"{c['rows_read']}, skipped {c['skipped']} malformed, dropped {c['dropped']} too long, "
+                         f"truncated {c['truncated']})" for t, c in result["data"].items())
+        return head + "\n" + _table(result["results"], [("system", "name", "{}"), ("template", "template", "{}"),
+                                                        ("loss", "loss", "{:.4f}"), ("perplexity", "perplexity",
+                                                                                     "{:.2f}"),
+                                                        ("tokens", "tokens", "{}"), ("rows", "rows", "{}")])
+
+
+# --- preference -------------------------------------------------------------------------------------------------------
+
+# Our DPO metric -> the name TRL's DPOTrainer logs
+TRL_NAMES = {"loss": "loss", "reward_accuracy": "rewards/accuracies", "chosen_reward": "rewards/chosen",
+             "rejected_reward": "rewards/rejected", "reward_margin": "rewards/margins", "chosen_logp": "logps/chosen",
+             "rejected_logp": "logps/rejected"}
+
+
+@dataclass(kw_only=True)
+class Preference(DataCommon):
+    """DPO metrics of each Aligner (policy) against a reference on preference pairs: loss, reward accuracy (a tie
+    counts 1/2), chosen / rejected rewards and their margin, chosen / rejected log-probabilities, under TRL's names.
+    (`finetune/aligner_dpo.py --eval-only` does the same for one Aligner on a training run's split.)"""
+
+    aligners: List[str] = field(default_factory=list)
+    """policies: Aligner files, or "none" for the bare base."""
+    reference: str = "none"
+    """the reference: "none" (the bare base) or an Aligner file."""
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+    def inputs(self) -> List[Any]:
+        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")]]
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.evaluation import objective_metrics
+        from lit_aligner.training.objectives.dpo import DPO, resolve_reference
+
+        if not self.aligners:
+            raise UserError("give the policies to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
+        model, tokenizer = self.load()
+        systems = _aligners(self.aligners, model)
+        reference, desc = resolve_reference(self.reference, None, model)
+        templates = self.templates(systems, DPO.default_template(tokenizer))
+        objective = DPO(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, reference, self.dpo, desc)
+        results, data = [], {}
+        for template in dict.fromkeys(templates.values()):
+            dataset, counts = self.rows("preference", tokenizer, template)
+            data[template] = counts
+            for name, aligner, _ in systems:
+                if templates[name] == template:
+                    m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                          self.batch_size)
+                    results.append({"name": name, "template": template, "pairs": m["pairs"],
+                                    **{TRL_NAMES[k]: v for k, v in m.items() if k in TRL_NAMES}})
+        return {"command": "preference", "reference": desc, "beta": self.dpo.beta, "loss_type": self.dpo.loss,
+                "results": results, "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        return f"reference: {result['reference']}, beta {result['beta']}\n" + _table(result["results"], [
+            ("policy", "name", "{}"), ("pairs", "pairs", "{}"), ("loss", "loss", "{:.4f}"),
+            ("rewards/accuracies", "rewards/accuracies", "{:.3f}"), ("rewards/margins", "rewards/margins", "{:+.4f}"),
+            ("rewards/chosen", "rewards/chosen", "{:+.4f}"), ("rewards/rejected", "rewards/rejected", "{:+.4f}"),
+            ("logps/chosen", "logps/chosen", "{:.2f}"), ("logps/rejected", "logps/rejected", "{:.2f}")])
+
+
+# --- correction -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Correction(EvalCommon):
+    """Copy rate (fed the good answer C, does the corrector return it unchanged?) and ll(C) vs ll(A) given (Q, A), for
+    each correction Aligner and the bare base given the same prompts, on held-out pairs. Greedy decoding."""
+
+    aligners: List[Path] = field(default_factory=list)
+    """correction-mode Aligner files (trained with `finetune/aligner.py --mode correction`)."""
+    data: Optional[Path] = None
+    """Q-A-C JSON/JSONL, any preference file (A = rejected, C = chosen), or a prepared correction directory; default:
+    the offline default dataset."""
+    split: Literal["val", "all"] = "val"
+    """val: the validation rows the Aligner's training run held out (its split seed, fraction and max_seq_length,
+    from the Aligner's metadata); all: every row (a file the Aligner never saw)."""
+    n: Optional[int] = 32
+    """evaluate the first N pairs of the split (None: all)."""
+    max_seq_length: Optional[int] = None
+    """drop pairs whose prompt + longer answer exceed this (default: the training run's)."""
+    max_new_tokens: int = 128
+    """most tokens generated per copy test."""
+    with_base: NoFlag = True
+    """also evaluate the bare base given the same correction prompts (the "before" column)."""
+
+    def inputs(self) -> List[Any]:
+        return [self.checkpoint_dir, self.data, *self.aligners]
+
+    def run(self) -> Dict[str, Any]:
+        import torch
+
+        from lit_aligner.evaluation import heldout_split
+        from lit_aligner.evaluation.correction import evaluate_correction
+        from lit_aligner.prompts import is_correction
+
+        if not self.aligners:
+            raise UserError("give the correction Aligners: --aligners FILE [FILE ...]")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        model, tokenizer = self.load()
+        reports = []
+        for name, aligner, meta in _aligners(self.aligners, model):
+            if not is_correction(meta):
+                raise UserError(f"{name} is not a correction Aligner (metadata mode {meta.get('mode', 'unset')!r}); "
+                                f"train one with `finetune/aligner.py --mode correction` (howto/correction.md)")
+            dataset, info = heldout_split("correction", self.data, tokenizer, "correction", meta, self.split, self.n,
+                                          self.max_seq_length)
+            print(f"evaluating {name} on {len(dataset)} {self.split!r} pairs of {info['source']} (bad rows skipped: "
+                  f"{info.get('bad_rows', 0)})", file=sys.stderr)
+            with torch.inference_mode():
+                report = evaluate_correction(model, tokenizer, aligner, dataset, self.max_new_tokens,
+                                             self.batch_size, self.with_base)
+            reports.append({"aligner": name, "data": info, **report})
+        return {"command": "correction", "checkpoint_dir": str(self.checkpoint_dir), "results": reports}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        from lit_aligner.evaluation.correction import format_report
+
+        parts = []
+        for r in result["results"]:
+            parts.append(f"== {r['aligner']}\n{format_report(r)}")
+            for i, s in enumerate(r["samples"], 1):
+                parts.append(f"--- sample {i}: {s['question'][:100]!r}")
+                parts += [f"  {k}: {s[k][:200]!r}" for k in ("good_answer", "base_copy", "corrector_copy") if k in s]
+        return "\n".join(parts)
+
+
+# --- harness ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Harness(EvalCommon):
+    """lm-evaluation-harness tasks (the `lm_eval` package) on the base with each Aligner, one loaded base for all:
+    every batch holds rows of every Aligner (an Aligner per row). Any task lm_eval knows (mmlu, arc_easy, hellaswag,
+    gsm8k, ... wherever their datasets are reachable) or your own task YAMLs in --include-path."""
+
+    tasks: List[str]
+    """task (or group) names."""
+    aligners: List[Path] = field(default_factory=list)
+    """Aligner files, each a column of results."""
+    base: NoFlag = True
+    """evaluate the bare base too."""
+    include_path: Optional[Path] = None
+    """a folder of extra task YAMLs (local JSONL data works offline)."""
+    num_fewshot: Optional[int] = None
+    """few-shot examples per prompt (default: the task's)."""
+    limit: Optional[float] = None
+    """documents per task (an int), or a share of them (< 1)."""
+    max_length: Optional[int] = None
+    """longest context in tokens (default: the model's context)."""
+    max_gen_toks: int = 256
+    """most generated tokens for generation tasks that set none."""
+    seed: int = 1234
+    """the harness's seeds (few-shot sampling, sampling)."""
+
+    def inputs(self) -> List[Any]:
+        return [self.checkpoint_dir, *self.aligners]
+
+    def run(self) -> Dict[str, Any]:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise UserError("the harness subcommand needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+        from lit_aligner.evaluation.harness import AlignerLM, run_harness
+
+        model, tokenizer = self.load()
+        systems = ([("base", None, {})] if self.base else []) + _aligners(self.aligners, model)
+        if not systems:
+            raise UserError("nothing to evaluate: give --aligners, or drop --no-base")
+        lm = AlignerLM(model, tokenizer, {name: a for name, a, _ in systems}, self.batch_size, self.max_length,
+                       self.max_gen_toks)
+        try:
+            results = run_harness(lm, self.tasks, str(self.include_path) if self.include_path else None,
+                                  self.num_fewshot, self.limit, self.seed)
+        except KeyError as e:  # lm_eval's "task not found"
+            raise UserError(f"lm_eval does not know the task {e}; list them with `lm_eval --tasks list`, or pass "
+                            f"--include-path with your task YAML") from None
+        return {"command": "harness", "tasks": self.tasks, "num_fewshot": self.num_fewshot, "limit": self.limit,
+                "results": {k: v for k, v in results.items() if not k.startswith("_")},
+                "samples": results.get("_samples", {}), "versions": results.get("_versions", {})}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        rows = []
+        for name, tasks in result["results"].items():
+            for task, metrics in tasks.items():
+                for metric, value in metrics.items():
+                    if isinstance(value, (int, float)) and not metric.endswith("_stderr,none"):
+                        rows.append({"system": name, "task": task, "metric": metric.replace(",none", ""),
+                                     "value": value})
+        return _table(rows, [("system", "system", "{}"), ("task", "task", "{}"), ("metric", "metric", "{}"),
+                             ("value", "value", "{:.4f}")])
+
+
+# --- judge ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Judge(EvalCommon):
+    """Pairwise win rate of system A against system B on a prompt file, judged by a local model through its chat
+    template (MT-Bench's pairwise prompt; howto/evaluate.md), each pair in both orders (a disagreement is a tie):
+    score = (wins + ties / 2) / N with a 95% bootstrap interval, and per category for Vicuna-style files."""
+
+    prompts: Path
+    """questions: Vicuna / MT-Bench JSONL ({"question_id", "category", "turns"}: the first turn), rows with
+    "prompt" / "instruction", or a JSON list of strings."""
+    a: str
+    """system A: "base", an Aligner file, or a JSON/JSONL file of another model's answers."""
+    b: str = "base"
+    """system B, the same kinds."""
+    judge_dir: Optional[Path] = None
+    """the judge: any converted checkpoint with a chat template (default: --checkpoint-dir itself)."""
+    max_new_tokens: int = 256
+    """most tokens per generated answer."""
+    template: Optional[str] = None
+    """prompt template for generated answers (default: each Aligner's own; the base: its chat template)."""
+    bootstrap: int = 1000
+    """bootstrap resamples for the 95% interval."""
+    seed: int = 0
+    """bootstrap seed."""
+
+    def inputs(self) -> List[Any]:
+        return [self.checkpoint_dir, self.prompts, self.judge_dir,
+                *[s for s in (self.a, self.b) if s.lower() != "base"]]
+
+    def _answers(self, spec: str, questions, model, tokenizer) -> List[str]:
+        from lit_aligner.aligner_files import PAPER_SUFFIXES
+        from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts
+        from lit_aligner.evaluation.judge import read_answers
+
+        path = Path(spec)
+        if spec.lower() != "base" and path.suffix in (".json", ".jsonl"):
+            return read_answers(path, questions)
+        if spec.lower() == "base":
+            entry = AlignerEntry("base")
+        elif path.suffix in (".safetensors",) + PAPER_SUFFIXES:
+            entry = _aligners([path], model)[0]
+            entry = AlignerEntry(entry[0], entry[1], entry[2])
+        else:
+            raise UserError(f"system {spec!r}: give 'base', an Aligner file (.safetensors/.pth) or an answers file "
+                            f"(.json/.jsonl)")
+        answers, _ = answer_prompts(model, tokenizer, [PromptItem(q.text) for q in questions], [entry],
+                                    self.max_new_tokens, batch_size=self.batch_size, template=self.template,
+                                    stop_ids=tokenizer.stop_ids)
+        model.clear_caches()
+        return [row[0].text.strip() for row in answers]
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.base import load_base
+        from lit_aligner.evaluation.judge import Judge as LocalJudge, judge_pairs, read_questions
+
+        if self.bootstrap < 1:
+            raise UserError(f"--bootstrap must be >= 1, got {self.bootstrap}")
+        questions = read_questions(self.prompts)
+        model, tokenizer = self.load()
+        answers_a = self._answers(self.a, questions, model, tokenizer)
+        answers_b = self._answers(self.b, questions, model, tokenizer)
+        same = self.judge_dir is None or Path(self.judge_dir).resolve() == Path(self.checkpoint_dir).resolve()
+        if not same:
+            del model
+            model, tokenizer = load_base(self.judge_dir, self.device, self.dtype)
+        result = judge_pairs(LocalJudge(model, tokenizer, self.batch_size), questions, answers_a, answers_b,
+                             self.bootstrap, self.seed)
+        return {"command": "judge", "a": self.a, "b": self.b, "judge": str(self.judge_dir or self.checkpoint_dir),
+                "prompts": str(self.prompts), **result}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        from lit_aligner.evaluation.judge import format_judgement
+
+        return f"judge: {result['judge']}\n" + format_judgement(result, result["a"], result["b"])
+
+
+SUBCOMMANDS = {"loss": Loss, "preference": Preference, "correction": Correction, "harness": Harness, "judge": Judge}

@@ -1,0 +1,318 @@
+"""evaluate/aligner.py: every subcommand on the tiny checkpoint, offline, checked against independent computations."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_aligner.aligner_files import save_aligner
+from lit_aligner.base import load_base
+from lit_aligner.model import Aligner, AlignerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, cwd=None):
+    p = subprocess.run([sys.executable, str(REPO / "evaluate" / "aligner.py"), *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd)
+    return p
+
+
+def last_json(p):
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint_dir):
+    return load_base(tiny_checkpoint_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def aligners(base, tmp_path_factory):
+    """zero.safetensors (zero gates: the base exactly), steer.safetensors (large random gates), fixer (correction)."""
+    model, _ = base
+    d = tmp_path_factory.mktemp("aligners")
+    torch.manual_seed(0)
+    zero = Aligner(model.config, AlignerConfig(3, 1))
+    steer = Aligner(model.config, AlignerConfig(5, 0))
+    with torch.no_grad():
+        steer.gate.normal_(0, 1.0)
+    save_aligner(zero, d / "zero.safetensors", model.config.name, {"template": "plain"})
+    save_aligner(steer, d / "steer.safetensors", model.config.name, {"template": "plain"})
+    save_aligner(steer, d / "fixer.safetensors", model.config.name, {"mode": "correction", "template": "correction"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    from lit_aligner.data import default as default_data
+
+    rows = default_data.generate_rows(40, seed=5)
+    d = tmp_path_factory.mktemp("sftdata")
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, '{"instruction": "no output field"}')  # malformed: skipped and counted
+    lines.insert(7, json.dumps({"instruction": "long " * 400, "input": "", "output": "x"}))  # too long: dropped
+    (d / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "sft.jsonl"
+
+
+# --- loss -------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_equals_an_independent_cross_entropy_and_counts_rows(tiny_checkpoint_dir, base, aligners, sft_file,
+                                                                  tmp_path):
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.data import DataOptions, load_data
+    from lit_aligner.losses import cross_entropy
+    from lit_aligner.data import pad_rows
+
+    out = tmp_path / "loss.json"
+    p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--data", sft_file, "--template", "plain",
+            "--max-seq-length", "256", "--aligners", aligners / "zero.safetensors", aligners / "steer.safetensors",
+            "--out", out)
+    result = last_json(p)
+    assert json.loads(out.read_text())["results"] == result["results"]
+    by = {Path(r["name"]).stem: r for r in result["results"]}
+    counts = result["data"]["plain"]
+    assert counts["rows_read"] == 42 and counts["skipped"] == 1 and counts["dropped"] == 1 and counts["evaluated"] == 40
+    assert by["zero"]["loss"] == pytest.approx(by["base"]["loss"], abs=1e-6)  # zero gates: the base
+    assert abs(by["steer"]["loss"] - by["base"]["loss"]) > 1e-3
+    assert by["base"]["perplexity"] == pytest.approx(math.exp(by["base"]["loss"]))
+
+    # independently: per-token mean cross-entropy of the full logits over the same rows
+    model, tok = base
+    train, _, _ = load_data("sft", sft_file, tok, "plain", DataOptions(max_seq_length=256, val_fraction=0.0), 42)
+    steer, _ = load_aligner(aligners / "steer.safetensors", model)
+    for name, a in (("base", False), ("steer", steer)):
+        total, count = 0.0, 0
+        for s in range(0, len(train), 8):
+            b = pad_rows(train.rows()[s:s + 8], tok.pad_id)
+            n = int((b["labels"][:, 1:] != -100).sum())
+            with torch.no_grad():
+                total += float(cross_entropy(model(b["input_ids"], aligner=a), b["labels"])) * n
+            count += n
+        assert by[name]["loss"] == pytest.approx(total / count, rel=1e-5), name
+        assert by[name]["tokens"] == count
+    assert "perplexity" in p.stdout and "skipped 1 malformed" in p.stdout
+
+
+# --- preference -------------------------------------------------------------------------------------------------------
+
+
+def test_preference_metrics_use_trl_names_and_equal_the_dpo_eval_only(tiny_checkpoint_dir, aligners, tmp_path):
+    from lit_aligner.data import default as default_data
+
+    rows = default_data.generate_preference_rows(30, seed=2)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    p = cli("preference", "--checkpoint-dir", tiny_checkpoint_dir, "--data", data, "--template", "plain",
+            "--max-seq-length", "256", "--aligners", "none", aligners / "steer.safetensors")
+    res = last_json(p)["results"]
+    bare, steer = res
+    assert bare["rewards/accuracies"] == 0.5 and bare["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert bare["rewards/margins"] == 0.0 and steer["rewards/accuracies"] != 0.5
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert k in steer
+    assert steer["rewards/margins"] == pytest.approx(steer["rewards/chosen"] - steer["rewards/rejected"], abs=1e-5)
+    # the old path, finetune/aligner_dpo.py --eval-only, on the whole file as its validation split
+    old = subprocess.run([sys.executable, str(REPO / "finetune" / "aligner_dpo.py"), "--eval-only", "--checkpoint-dir",
+                          str(tiny_checkpoint_dir), "--data", str(data), "--template", "plain", "--max-seq-length",
+                          "256", "--val-size", "29", "--eval-iters", "all", "--init-aligner",
+                          str(aligners / "steer.safetensors"), "--reference-aligner", "none", "--accelerator", "cpu"],
+                         capture_output=True, text=True)
+    assert old.returncode == 0, old.stderr
+    old_m = json.loads(old.stdout.strip().splitlines()[-1])
+    p2 = cli("preference", "--checkpoint-dir", tiny_checkpoint_dir, "--data", data, "--template", "plain",
+             "--max-seq-length", "256", "--split", "val", "--val-size", "29", "--aligners",
+             aligners / "steer.safetensors")
+    new = last_json(p2)["results"][0]
+    assert new["pairs"] == old_m["pairs"] == 29
+    assert new["loss"] == pytest.approx(old_m["loss"], rel=1e-5)
+    assert new["rewards/accuracies"] == pytest.approx(old_m["reward_accuracy"])
+
+
+# --- correction -------------------------------------------------------------------------------------------------------
+
+
+def test_correction_reports_copy_rate_and_margins_and_refuses_a_plain_aligner(tiny_checkpoint_dir, aligners):
+    p = cli("correction", "--checkpoint-dir", tiny_checkpoint_dir, "--aligners", aligners / "fixer.safetensors",
+            "--split", "all", "--n", "4", "--max-new-tokens", "8", "--max-seq-length", "256")
+    r = last_json(p)["results"][0]
+    assert r["n"] == 4 and 0 <= r["corrector"]["copy_rate"] <= 1 and "c_over_a_token" in r["base"]
+    bad = cli("correction", "--checkpoint-dir", tiny_checkpoint_dir, "--aligners", aligners / "steer.safetensors")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "not a correction Aligner" in bad.stderr
+
+
+# --- harness ----------------------------------------------------------------------------------------------------------
+
+MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_YAML = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    mc = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), "blue"], "label": i % 3}
+          for i, (a, b) in enumerate([(1, 2), (3, 4), (10, 5), (2, 2), (7, 1), (6, 6)])]
+    gen = [{"question": f"Say {w}:", "answer": w} for w in ("yes", "no", "red", "blue")]
+    (d / "mc.jsonl").write_text("\n".join(map(json.dumps, mc)) + "\n")
+    (d / "gen.jsonl").write_text("\n".join(map(json.dumps, gen)) + "\n")
+    (d / "tiny_mc.yaml").write_text(MC_YAML.format(data=d / "mc.jsonl"))
+    (d / "tiny_gen.yaml").write_text(GEN_YAML.format(data=d / "gen.jsonl"))
+    return d, mc, gen
+
+
+def test_aligner_lm_mixed_batches_equal_one_aligner_at_a_time(base, aligners):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.evaluation.harness import AlignerLM
+
+    model, tok = base
+    steer, _ = load_aligner(aligners / "steer.safetensors", model)
+    zero, _ = load_aligner(aligners / "zero.safetensors", model)
+    reqs = [Instance("loglikelihood", {}, (c, x), i) for i, (c, x) in
+            enumerate([("The sky is", " blue"), ("2 + 2 =", " 4"), ("", "hello"), ("Once upon a time ", "there")])]
+    rolling = [Instance("loglikelihood_rolling", {}, ("A long text. " * 40,), 0)]
+    mixed = AlignerLM(model, tok, {"base": None, "steer": steer, "zero": zero}, batch_size=2, max_length=64)
+    for name, a in (("base", None), ("steer", steer), ("zero", zero)):
+        alone = AlignerLM(model, tok, {name: a}, batch_size=1, max_length=64)
+        for x, y in zip(mixed.view(name).loglikelihood(reqs), alone.loglikelihood(reqs)):
+            assert x[0] == pytest.approx(y[0], abs=1e-4) and x[1] == y[1]
+        assert mixed.view(name).loglikelihood_rolling(rolling)[0] == pytest.approx(
+            alone.loglikelihood_rolling(rolling)[0], abs=1e-3)
+    # the independent computation: log-softmax of the full forward on context + continuation
+    ctx, cont = tok.encode("The sky is").tolist(), tok.encode("The sky is blue").tolist()[len(tok.encode("The sky is")):]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids[:, :-1], aligner=steer).float(), -1)[0, len(ctx) - 1:]
+    expect = float(lp.gather(-1, torch.tensor(cont)[:, None]).sum())
+    assert mixed.view("steer").loglikelihood(reqs[:1])[0][0] == pytest.approx(expect, abs=1e-4)
+    assert mixed.view("base").loglikelihood(reqs[:1])[0][0] != pytest.approx(expect, abs=1e-3)
+    # a rolling window over 64 tokens covers the whole text: sum over every token after the first
+    text_ids = tok.encode("A long text. " * 40, bos=False).tolist()
+    assert len(text_ids) > 64
+
+
+def test_harness_runs_local_multiple_choice_and_generation_tasks(tiny_checkpoint_dir, base, aligners, tasks):
+    pytest.importorskip("lm_eval")
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.generation import generate
+
+    d, mc, gen = tasks
+    p = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_mc", "tiny_gen", "--include-path",
+            d, "--aligners", aligners / "steer.safetensors", "--batch-size", "4")
+    res = last_json(p)
+    assert res["samples"]["tiny_mc"]["effective"] == 6 and res["samples"]["tiny_gen"]["effective"] == 4
+    model, tok = base
+    steer, _ = load_aligner(aligners / "steer.safetensors", model)
+    for name, a in (("base", False), (str(aligners / "steer.safetensors"), steer)):
+        # accuracy, independently: argmax over the choices' summed log-likelihoods
+        right = 0
+        for doc in mc:
+            ctx = f"Question: {doc['question']}\nAnswer:"
+            scores = []
+            for choice in doc["choices"]:
+                c = tok.encode(ctx).tolist()
+                w = tok.encode(ctx + " " + choice).tolist()
+                ids = torch.tensor([w])
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(ids[:, :-1], aligner=a).float(), -1)[0, len(c) - 1:]
+                scores.append(float(lp.gather(-1, torch.tensor(w[len(c):])[:, None]).sum()))
+            right += max(range(3), key=scores.__getitem__) == doc["label"]
+        assert res["results"][name]["tiny_mc"]["acc,none"] == pytest.approx(right / len(mc)), name
+        # exact match, independently: greedy generation cut at the first newline
+        hits = 0
+        for doc in gen:
+            out = generate(model, [tok.encode(doc["question"])], 6, aligners=[a if a is not False else None],
+                           stop_ids=tok.stop_ids)[0]
+            hits += tok.decode(out, skip_special=True).split("\n")[0].strip() == doc["answer"]
+        assert res["results"][name]["tiny_gen"]["exact_match,none"] == pytest.approx(hits / len(gen)), name
+    unknown = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "no_such_task_xyz")
+    assert unknown.returncode == 1 and unknown.stderr.strip().startswith("error:")
+
+
+# --- judge ------------------------------------------------------------------------------------------------------------
+
+
+def test_outcomes_bootstrap_and_win_rate():
+    from lit_aligner.evaluation.judge import bootstrap_interval, outcome, win_rate
+
+    assert outcome("A", "B") == 1.0 and outcome("B", "A") == 0.0
+    assert outcome("A", "A") == outcome("B", "B") == outcome("C", "A") == outcome("C", "C") == 0.5
+    assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)
+    r = win_rate([1.0] * 6 + [0.5] * 2 + [0.0] * 2, iters=500)
+    assert (r["wins"], r["ties"], r["losses"]) == (6, 2, 2) and r["score"] == pytest.approx(0.7)
+    assert r["ci95"][0] < 0.7 < r["ci95"][1]
+
+
+def test_judge_both_orders_categories_and_answers_files(tiny_checkpoint_dir, aligners, tmp_path):
+    prompts = tmp_path / "questions.jsonl"
+    qs = [{"question_id": i, "category": "math" if i % 2 else "writing", "turns": [f"Question number {i}?"]}
+          for i in range(6)]
+    prompts.write_text("\n".join(map(json.dumps, qs)) + "\n")
+    same = tmp_path / "same.jsonl"
+    same.write_text("\n".join(json.dumps({"question_id": q["question_id"], "answer": f"Answer {q['question_id']}"})
+                              for q in qs) + "\n")
+    # identical answers: both orders show the judge the same prompt, so no system can win: every prompt is a tie
+    r = last_json(cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a", same, "--b", same,
+                      "--bootstrap", "200"))
+    assert r["score"] == 0.5 and r["ties"] == 6 and r["ci95"] == [0.5, 0.5]
+    assert all(row["verdict_a_first"] == row["verdict_b_first"] for row in r["rows"])
+    assert set(r["categories"]) == {"math", "writing"} and r["categories"]["math"]["n"] == 3
+    # an Aligner against the base, answers generated, both orders judged
+    out = tmp_path / "judge.json"
+    r = last_json(cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a",
+                      aligners / "steer.safetensors", "--b", "base", "--max-new-tokens", "6", "--out", out))
+    assert r["n"] == 6 and r["wins"] + r["ties"] + r["losses"] == 6 and r["ci95"][0] <= r["score"] <= r["ci95"][1]
+    for row in r["rows"]:
+        assert abs(sum(row["probs_a_first"]) - 1) < 1e-5
+        assert row["outcome"] == {("A", "B"): 1.0, ("B", "A"): 0.0}.get(
+            (row["verdict_a_first"], row["verdict_b_first"]), 0.5)
+    assert json.loads(out.read_text())["score"] == r["score"]
+    missing = tmp_path / "partial.jsonl"
+    missing.write_text(json.dumps({"question_id": 0, "answer": "x"}) + "\n")
+    bad = cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a", missing)
+    assert bad.returncode == 1 and "no answer for question" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_out_refuses_an_input_and_an_existing_file(tiny_checkpoint_dir, aligners, tmp_path):
+    p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--aligners", aligners / "zero.safetensors", "--out",
+            aligners / "zero.safetensors")
+    assert p.returncode == 1 and "one of this command's inputs" in p.stderr
+    (tmp_path / "x.json").write_text("{}")
+    p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--out", tmp_path / "x.json")
+    assert p.returncode == 1 and "--force" in p.stderr

@@ -200,7 +200,7 @@ def fit(
                           f"resume from that state with a lower --learning-rate (--resume auto --force).")
 
     validating = bool(len(val)) and config.validates
-    lengths = train.lengths() if config.group_by_length and hasattr(train, "lengths") else None
+    lengths = train.lengths() if config.group_by_length else None  # every training dataset has lengths()
     if validating and start_step == 0:
         val_metrics = first_val = validate()
         metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),

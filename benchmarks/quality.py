@@ -20,7 +20,7 @@ optimistic for all). Every run is reported, not only the best.
     python benchmarks/quality.py                                     # SmolLM2-135M on the shared Alpaca subset
     python benchmarks/quality.py --resume --aligners 10:embedding --aligner-lrs 3e-2   # add a variant to its file
     python benchmarks/quality.py --steps 2 --heldout 16 --aligner-lrs 1e-2 --lora-lrs 1e-3 --prefix-lrs 1e-2 \\
-        --aligner-inits normal --max-seq-length 64                  # a smoke run, about a minute on a CPU
+        --aligners 1:normal --max-seq-length 64                     # a smoke run, about a minute on a CPU
 """
 
 import json

@@ -3,11 +3,16 @@
 Flags come from a function's signature or a config dataclass (tyro reads the field docstrings as help; nested groups
 such as `train: TrainConfig` become flat flags, `--max-steps`, so each default exists once, in the dataclass). A user
 error is one `error: <message>` line on stderr and exit status 1, no traceback (the library's errors name the file and
-the fix); Ctrl-C is exit 130. Set LIT_ALIGNER_DEBUG=1 to see the traceback instead.
+the fix); a command line that does not parse is one `error:` line too (tyro's message, unboxed) and exit status 2;
+Ctrl-C is exit 130. Set LIT_ALIGNER_DEBUG=1 to see the traceback instead.
 """
 
+import contextlib
+import functools
+import io
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
@@ -34,6 +39,46 @@ def _warnings_as_lines() -> None:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
 
 
+def _box_to_line(text: str) -> str:
+    """tyro's boxed parse error -> one line: the box's first section, then its "Perhaps you meant" suggestions
+    (their flag names only)."""
+    inside = [ln.strip().strip("│").strip() for ln in text.splitlines() if ln.strip().startswith("│")]
+    sections: List[List[str]] = [[]]
+    for ln in inside:
+        if ln and set(ln) <= {"─"}:
+            sections.append([])
+        elif ln:
+            sections[-1].append(ln)
+    message = " ".join(sections[0]) or text.strip()
+    title = re.search(r"╭─ (.+?) ─", text)
+    if title and title.group(1).lower() not in message.lower():
+        message = f"{title.group(1)}: {message}"
+    message = message if message.endswith(".") else message + "."
+    flags = [m.group(0) for sec in sections[1:] if sec and sec[0].startswith("Perhaps you meant")
+             for ln in sec[1:] for m in [re.match(r"--[\w-]+", ln)] if m]
+    if flags:
+        message += f" Perhaps you meant {', '.join(dict.fromkeys(flags))}."
+    return message
+
+
+def _parse(parse: Callable[[], Any]) -> Any:
+    """Run tyro's parser; a bad command line becomes one `error:` line (exit 2) instead of tyro's box, --help is
+    left as it is."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            print(f"error: {_box_to_line(captured.getvalue())} Every flag: python {sys.argv[0]} --help",
+                  file=sys.stderr)
+            sys.exit(2)
+        raise
+    finally:
+        if not captured.getvalue().lstrip().startswith("╭"):
+            sys.stderr.write(captured.getvalue())  # anything else tyro or a warning printed
+
+
 def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Type]] = None,
             description: Optional[str] = None, args: Optional[Sequence[str]] = None) -> Any:
     """Parse the command line into `main`'s arguments (or into a `config_cls` instance passed to `main`; a dict of
@@ -41,14 +86,21 @@ def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Ty
     ValueError) become one `error:` line and exit 1."""
     _warnings_as_lines()
     try:
-        if config_cls is None:
-            return tyro.cli(main, description=description, args=_argv(args))
+        if config_cls is None:  # flags from main's signature: parse them first, call main outside the parser
+            called = {}
+
+            @functools.wraps(main)
+            def record(*a, **k):
+                called.update(args=a, kwargs=k)
+
+            _parse(lambda: tyro.cli(record, description=description, args=_argv(args)))
+            return main(*called["args"], **called["kwargs"])
         if isinstance(config_cls, dict):
-            cfg = tyro.extras.subcommand_cli_from_dict(config_cls, description=description, args=_argv(args),
-                                                       config=(tyro.conf.OmitArgPrefixes,))
+            cfg = _parse(lambda: tyro.extras.subcommand_cli_from_dict(
+                config_cls, description=description, args=_argv(args), config=(tyro.conf.OmitArgPrefixes,)))
         else:
-            cfg = tyro.cli(config_cls, description=description, args=_argv(args),
-                           config=(tyro.conf.OmitArgPrefixes,))
+            cfg = _parse(lambda: tyro.cli(config_cls, description=description, args=_argv(args),
+                                          config=(tyro.conf.OmitArgPrefixes,)))
         return main(cfg)
     except (ValueError, OSError) as e:
         if os.environ.get("LIT_ALIGNER_DEBUG"):

@@ -402,3 +402,20 @@ def test_bad_rows_are_counted_in_the_summary_and_the_aligner_metadata(tiny_check
     assert summary["data"]["bad_rows"] == 2 and summary["data"]["rows_read"] == 62
     _, meta = load_aligner(summary["aligner"])
     assert json.loads(meta["data"])["bad_rows"] == 2
+
+
+@pytest.mark.parametrize("script, args, parts", [
+    ("finetune/aligner.py", ["--prefix-init", "xyz"], ["--prefix-init", "'hidden'", "python finetune/aligner.py --help"]),
+    ("finetune/aligner.py", ["--no-compare"], ["--no-compare", "Perhaps you meant --compare"]),
+    ("evaluate/aligner.py", [], ["Missing subcommand", "loss, preference"]),
+    ("generate/aligner.py", ["--max-new-tokens", "abc"], ["--max-new-tokens", "'abc'"]),
+])
+def test_a_bad_command_line_is_one_error_line_not_a_box(script, args, parts):
+    r = run_script(script, *args)
+    assert r.returncode == 2 and "╭" not in r.stderr and "│" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    helped = run_script(script, "--help")
+    assert helped.returncode == 0 and "usage:" in helped.stdout

@@ -228,12 +228,13 @@ def spec_key(spec: Dict[str, Any]) -> tuple:
 
 def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The runs of an earlier (possibly interrupted) benchmark in `path`, if it used the same settings."""
-    try:
-        earlier = json.loads(Path(path).read_text())
-        runs = list(earlier["runs"])
-    except (OSError, ValueError, KeyError, TypeError):
+    from lit_aligner.files import read_json_object
+
+    earlier = read_json_object(path, "results file (--resume)", BenchmarkError)
+    runs = earlier.get("runs")
+    if not isinstance(runs, list):
         raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
-                             "--force to replace it") from None
+                             "--force to replace it")
     if earlier.get("settings") != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")

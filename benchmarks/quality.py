@@ -57,10 +57,11 @@ def load_rows(common: Dict[str, Any]):
     return tokenizer, train, val, info
 
 
-def train_config(common: Dict[str, Any], lr: float):
+def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
     from lit_aligner.training import TrainConfig
 
-    return TrainConfig(max_steps=common["steps"], learning_rate=lr, global_batch_size=common["batch"],
+    return TrainConfig(max_steps=common["steps"], learning_rate=lr, gate_lr_ratio=gate_lr_ratio,
+                       global_batch_size=common["batch"],
                        micro_batch_size=common["micro_batch"], warmup_steps=common["warmup_steps"], eval_iters=0,
                        save_interval=common["steps"], seed=common["seed"], group_by_length=True)
 
@@ -143,9 +144,10 @@ def run_aligner(spec, common):
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTRunConfig(checkpoint_dir=common["checkpoint_dir"], data=common["data"], template=common["template"],
                            out_dir=Path(out) / "run", n_tokens=spec["n_tokens"], prefix_init=spec["init"],
+                           start_layer=spec["start_layer"],
                            accelerator=device.type, precision="32-true", progress=False, compare=False,
                            data_options=DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"]),
-                           train=train_config(common, spec["lr"]))
+                           train=train_config(common, spec["lr"], spec["gate_lr_ratio"]))
         summary = train(cfg)
         tokenizer, _, val, _ = load_rows(common)
         model, _ = load_base(common["checkpoint_dir"], device, "float32")
@@ -223,7 +225,9 @@ WORKER_FLAG = "--_run-one-system"
 
 
 def spec_key(spec: Dict[str, Any]) -> tuple:
-    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr"))
+    # runs made before --gate-lr-ratios / --start-layers: gates at 1x, start layer 2
+    extra = (spec.get("gate_lr_ratio", 1.0), spec.get("start_layer", 2)) if spec["system"] == "aligner" else ()
+    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr")) + extra
 
 
 def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -257,6 +261,8 @@ def main(
     seed: int = 42,
     aligners: List[str] = ["1:normal", "10:normal", "10:hidden"],  # noqa: B006 (tyro reads the default)
     aligner_lrs: List[float] = [9e-3, 3e-2],  # noqa: B006
+    gate_lr_ratios: List[float] = [1.0],  # noqa: B006
+    start_layers: List[int] = [2],  # noqa: B006
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
     prefix_lrs: List[float] = [3e-2],  # noqa: B006
     device: str = "auto",
@@ -280,7 +286,9 @@ def main(
         warmup_steps: linear warm-up steps, then a cosine to 0.
         seed: data split, data order and initialisation seed.
         aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding).
-        aligner_lrs: Aligner learning rates (each variant x each lr is one run).
+        aligner_lrs: Aligner learning rates (each variant x each lr x each gate ratio is one run).
+        gate_lr_ratios: the gates' learning rate as a multiple of the Aligner's (the trainer's --gate-lr-ratio).
+        start_layers: first layer that reads the prefix (the trainer's --start-layer; the paper's is 2).
         lora_lrs: LoRA learning rates.
         prefix_lrs: prefix tuning learning rates.
         device: auto (CUDA if available), cpu, cuda.
@@ -291,6 +299,9 @@ def main(
             ones; earlier runs of other variants or learning rates stay in the tables (how a sweep grows).
     """
     require("peft", "transformers", extra="eval")
+    if not all(g > 0 for g in gate_lr_ratios) or not all(s >= 0 for s in start_layers):
+        raise BenchmarkError(f"--gate-lr-ratios must be positive and --start-layers >= 0, got {gate_lr_ratios}, "
+                             f"{start_layers}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
         raise BenchmarkError("--steps, --batch, --micro-batch and --heldout must be >= 1, and --batch a multiple of "
                              "--micro-batch")
@@ -315,8 +326,9 @@ def main(
     if not runs:
         check_out(path, force)
     specs: List[Dict[str, Any]] = [{"system": "base", "label": "base (no training)"}]
-    specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "lr": lr}
-              for n, init in variants for lr in aligner_lrs]
+    specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "lr": lr,
+               "gate_lr_ratio": g, "start_layer": s}
+              for n, init in variants for lr in aligner_lrs for g in gate_lr_ratios for s in start_layers]
     specs += [{"system": "lora", "label": "LoRA r=8 (q, v)", "lr": lr} for lr in lora_lrs]
     specs += [{"system": "prefix", "label": "prefix tuning 10 tokens", "n_tokens": 10, "lr": lr} for lr in prefix_lrs]
 
@@ -335,7 +347,8 @@ def main(
         for spec in specs:
             result = run_child(spec, common, Path(tmp))
             runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
-            print(f"{result['label']} {result.get('init', '')} lr={result.get('lr', '-')}: held-out loss "
+            print(f"{result['label']} {result.get('init', '')} lr={result.get('lr', '-')} gate x"
+                  f"{result.get('gate_lr_ratio', '-')} from layer {result.get('start_layer', '-')}: held-out loss "
                   f"{result['heldout_loss']:.4f} ({result['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             # written after every run: an interrupted benchmark goes on with --resume
             write_json(path, {"benchmark": "quality", "partial": True, "settings": settings, "runs": runs})
@@ -343,7 +356,8 @@ def main(
     base = runs[0]
     best: Dict[str, Dict[str, Any]] = {}
     for r in runs[1:]:
-        key = f"{r['label']} {r.get('init', '')}".strip()  # the paper's init and ours are reported apart
+        # the paper's init and ours, and each start layer (another number of gates), are reported apart
+        key = f"{r['label']} {r.get('init', '')} {r.get('start_layer', '')}".strip()
         if key not in best or r["heldout_loss"] < best[key]["heldout_loss"]:
             best[key] = r
     lora = best.get("LoRA r=8 (q, v)")  # (its init key is empty)
@@ -351,14 +365,19 @@ def main(
         r["x_lora_loss"] = r["heldout_loss"] / lora["heldout_loss"] if lora else None
         r["gain_vs_lora"] = ((base["heldout_loss"] - r["heldout_loss"]) / (base["heldout_loss"] - lora["heldout_loss"])
                              if lora and r is not base else None)
-    columns = ["label", "init", "lr", "trainable_params", "heldout_loss", "x_lora_loss", "gain_vs_lora",
-               "train_tokens_per_s", "peak_memory_gb"]
+    for r in runs:  # runs made before --gate-lr-ratios / --start-layers: gates at the Aligner's rate, from layer 2
+        if r["system"] == "aligner":
+            r.setdefault("gate_lr_ratio", 1.0)
+            r.setdefault("start_layer", 2)
+    columns = ["label", "init", "lr", "gate_lr_ratio", "start_layer", "trainable_params", "heldout_loss", "x_lora_loss",
+               "gain_vs_lora", "train_tokens_per_s", "peak_memory_gb"]
     order = {"aligner": 0, "lora": 1, "prefix": 2}  # then N, init, lr: a sweep grown with --resume reads in order
     inits = {"normal": 0, "hidden": 1, "embedding": 2}
     runs[1:] = sorted(runs[1:], key=lambda r: (order[r["system"]], r.get("n_tokens") or 0,
-                                               inits.get(r.get("init"), 0), r["lr"]))
+                                               inits.get(r.get("init"), 0), r["lr"], r.get("gate_lr_ratio") or 0,
+                                               r.get("start_layer") or 0))
     best_rows = [base] + sorted(best.values(), key=runs.index)
-    formats = {"heldout_loss": ".4f", "x_lora_loss": ".3f", "gain_vs_lora": ".0%"}
+    formats = {"heldout_loss": ".4f", "x_lora_loss": ".4f", "gain_vs_lora": ".0%"}
     table = format_table(best_rows, columns, formats)
     all_table = format_table(runs, columns, formats)
     sanity = (f"sanity: the bare base's held-out loss is {base['heldout_loss']:.4f} in lit-aligner and "

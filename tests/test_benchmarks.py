@@ -119,10 +119,15 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     quality = load_script("quality")
     again = quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128,
                          heldout=24, steps=3, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"],
-                         aligner_lrs=[0.05, 0.02], lora_lrs=[], prefix_lrs=[], device="cpu", out=out, resume=True)
-    assert len(again["runs"]) == len(runs) + 1
-    kept = {(r["label"], r.get("init"), r.get("lr")): r["wall_s"] for r in again["runs"]}
+                         aligner_lrs=[0.05], gate_lr_ratios=[1.0, 3.0], start_layers=[2, 1], lora_lrs=[],
+                         prefix_lrs=[], device="cpu", out=out, resume=True)
+    assert len(again["runs"]) == len(runs) + 3  # (gate x1, layer 2) ran before
+    kept = {(r["label"], r.get("init"), r.get("lr")): r["wall_s"] for r in again["runs"]
+            if r.get("gate_lr_ratio", 1) == 1 and r.get("start_layer", 2) == 2}
     assert all(kept[(r["label"], r.get("init"), r.get("lr"))] == r["wall_s"] for r in runs.values())
+    new = {(r["gate_lr_ratio"], r["start_layer"]): r for r in again["runs"] if r.get("init") == "normal"}
+    assert new[(1.0, 1)]["trainable_params"] == 2 * 64 + (4 - 1) * 4
+    assert new[(3.0, 2)]["heldout_loss"] != new[(1.0, 2)]["heldout_loss"]
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
                      steps=4, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"], aligner_lrs=[0.05],

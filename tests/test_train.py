@@ -201,6 +201,40 @@ def test_micro_batch_size_and_activation_checkpointing_do_not_change_the_result(
         torch.testing.assert_close(x.gate, y.gate, rtol=1e-4, atol=1e-5)
 
 
+def test_gate_lr_ratio_scales_the_gates_step_only(tiny_checkpoint_dir, tmp_path):
+    # one AdamW step at the peak rate: the update is lr * ratio * sign(grad) for the gates (they start at zero, so
+    # weight decay adds nothing); the prefix gets no gradient through zero gates and stays where it started
+    runs = {r: T.train(small_run(tiny_checkpoint_dir, tmp_path / str(r), max_steps=1, eval_iters=0, learning_rate=1e-2,
+                                 gate_lr_ratio=r)) for r in (1.0, 4.0)}
+    (a, _), (b, _) = (load_aligner(runs[r]["aligner"]) for r in (1.0, 4.0))
+    assert a.gate.abs().max() > 0.009
+    torch.testing.assert_close(b.gate, 4 * a.gate, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.prefix, b.prefix)
+    rows = read_csv(tmp_path / "4.0" / "metrics.csv")
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-2)  # the logged rate is the prefix's (the schedule's)
+
+
+def test_a_run_state_from_before_the_gate_group_resumes_with_its_gates_at_the_prefix_rate(tiny_checkpoint_dir,
+                                                                                          tmp_path):
+    full_out = tmp_path / "full"  # gates at the prefix's rate throughout, as every run before the gate group
+    T.train(small_run(tiny_checkpoint_dir, full_out, gate_lr_ratio=1.0))
+    out = tmp_path / "old"
+    (out / "state").mkdir(parents=True)
+    state = torch.load(full_out / "state" / "step-000004.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 2  # prefix, gates
+    old = {k: v for k, v in groups[0].items() if k != "lr_ratio"}
+    state["optimizer"]["param_groups"] = [dict(old, params=groups[0]["params"] + groups[1]["params"])]
+    del state["identity"]["gate_lr_ratio"]
+    torch.save(state, out / "state" / "step-000004.pt")
+    cfg = small_run(tiny_checkpoint_dir, out, gate_lr_ratio=10.0)
+    cfg.resume = "auto"
+    T.train(cfg)  # continues as it was trained (ratio 1), with one note, to the same end as the uninterrupted run
+    a, _ = load_aligner(full_out / "aligner.safetensors")
+    b, _ = load_aligner(out / "aligner.safetensors")
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The command line
 

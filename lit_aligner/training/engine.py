@@ -41,6 +41,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_groups(module: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
+    """The trainable parameters as AdamW parameter groups: the prefix, then the gates with their `lr_ratio` (the
+    schedule multiplies each group's learning rate by it). The order is fixed so that run states stay loadable."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    gates = [p for n, p in named if n.endswith("gate")]
+    return [{"params": [p for n, p in named if not n.endswith("gate")], "lr_ratio": 1.0},
+            {"params": gates, "lr_ratio": config.gate_lr_ratio}]
+
+
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """global_batch_size / (micro_batch_size * world_size); TrainError when it does not divide."""
     per_step = micro_batch_size * world_size
@@ -222,7 +231,7 @@ def fit(
             units = sum(objective.units(items[i], step) for i in indices)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)
             micro = rank_micro_batches(indices, rank, world, config.micro_batch_size)
             sums, padded, real = None, 0, 0
             for j, idx in enumerate(micro):

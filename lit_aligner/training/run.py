@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lit_aligner.training.config import RunConfig, TrainError, plain
-from lit_aligner.training.engine import FitResult, evaluate, fit, gradient_accumulation_steps
+from lit_aligner.training.engine import FitResult, evaluate, fit, gradient_accumulation_steps, optimizer_groups
 from lit_aligner.training.objectives import Objective, ObjectiveModule, get_objective
 from lit_aligner.training.state import (ALIGNER_NAME, MetricsLog, RunLock, RunState, check_out_dir, check_resumable,
                                         load_optimizer_state, prepare_out_dir, resolve_resume, restore_rng_state)
@@ -101,6 +101,9 @@ def _resume(run: Run) -> None:
             # written before length grouping existed: keep that run's plain shuffled order (exact resume)
             cfg.train.group_by_length = False
             notes.append(f"{run.resume_path} predates length-grouped batching: the run continues in its own order")
+        if "gate_lr_ratio" not in (run.state.get("identity") or {}) and cfg.train.gate_lr_ratio != 1.0:
+            cfg.train.gate_lr_ratio = 1.0  # written when the gates trained at the prefix's rate: keep that
+            notes.append(f"{run.resume_path} predates --gate-lr-ratio: the run continues with its gates at 1x")
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:
@@ -201,7 +204,7 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         return {"eval_only": True, **summary, "init_aligner": str(cfg.init_aligner) if cfg.init_aligner else None,
                 **metrics}
 
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
+    optimizer = torch.optim.AdamW(optimizer_groups(module, cfg.train), lr=cfg.train.learning_rate,
                                   weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
     start_step = 0

@@ -175,6 +175,16 @@ def optimizer_state(fabric, module: nn.Module, optimizer) -> Dict[str, Any]:
 
 
 def load_optimizer_state(fabric, module: nn.Module, optimizer, state: Dict[str, Any]) -> None:
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    saved = state.get("param_groups", [])
+    if len(saved) == 1 and len(groups) > 1 and len(saved[0]["params"]) == sum(len(g["params"]) for g in groups):
+        # a state from before the gates had their own group: the same parameters in the same order, one group
+        ids, cut = list(saved[0]["params"]), 0
+        state = dict(state, param_groups=[])
+        for g in groups:
+            state["param_groups"].append(dict(saved[0], params=ids[cut:cut + len(g["params"])],
+                                              lr_ratio=g.get("lr_ratio", 1.0)))
+            cut += len(g["params"])
     if fabric is not None and _is_fsdp(fabric):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

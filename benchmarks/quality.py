@@ -225,9 +225,7 @@ WORKER_FLAG = "--_run-one-system"
 
 
 def spec_key(spec: Dict[str, Any]) -> tuple:
-    # runs made before --gate-lr-ratios / --start-layers: gates at 1x, start layer 2
-    extra = (spec.get("gate_lr_ratio", 1.0), spec.get("start_layer", 2)) if spec["system"] == "aligner" else ()
-    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr")) + extra
+    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr", "gate_lr_ratio", "start_layer"))
 
 
 def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -242,6 +240,10 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     if earlier.get("settings") != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")
+    for r in runs:  # runs made before --gate-lr-ratios / --start-layers: gates at the Aligner's rate, from layer 2
+        if r.get("system") == "aligner":
+            r.setdefault("gate_lr_ratio", 1.0)
+            r.setdefault("start_layer", 2)
     return runs
 
 
@@ -365,10 +367,6 @@ def main(
         r["x_lora_loss"] = r["heldout_loss"] / lora["heldout_loss"] if lora else None
         r["gain_vs_lora"] = ((base["heldout_loss"] - r["heldout_loss"]) / (base["heldout_loss"] - lora["heldout_loss"])
                              if lora and r is not base else None)
-    for r in runs:  # runs made before --gate-lr-ratios / --start-layers: gates at the Aligner's rate, from layer 2
-        if r["system"] == "aligner":
-            r.setdefault("gate_lr_ratio", 1.0)
-            r.setdefault("start_layer", 2)
     columns = ["label", "init", "lr", "gate_lr_ratio", "start_layer", "trainable_params", "heldout_loss", "x_lora_loss",
                "gain_vs_lora", "train_tokens_per_s", "peak_memory_gb"]
     order = {"aligner": 0, "lora": 1, "prefix": 2}  # then N, init, lr: a sweep grown with --resume reads in order

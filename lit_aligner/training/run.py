@@ -93,17 +93,22 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         return _train(run, eval_only)
 
 
+# TrainConfig fields added after run states existed: the value every earlier run trained with, and the note
+LATER_TRAIN_SETTINGS = {
+    "group_by_length": (False, "predates length-grouped batching: the run continues in its own order"),
+    "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at 1x"),
+}
+
+
 def _resume(run: Run) -> None:
     cfg, fabric = run.cfg, run.fabric
     run.resume_path, run.state, notes = resolve_resume(cfg.resume, run.out_dir)
     if run.state is not None:
-        if "group_by_length" not in (run.state.get("identity") or {}) and cfg.train.group_by_length:
-            # written before length grouping existed: keep that run's plain shuffled order (exact resume)
-            cfg.train.group_by_length = False
-            notes.append(f"{run.resume_path} predates length-grouped batching: the run continues in its own order")
-        if "gate_lr_ratio" not in (run.state.get("identity") or {}) and cfg.train.gate_lr_ratio != 1.0:
-            cfg.train.gate_lr_ratio = 1.0  # written when the gates trained at the prefix's rate: keep that
-            notes.append(f"{run.resume_path} predates --gate-lr-ratio: the run continues with its gates at 1x")
+        identity = run.state.get("identity") or {}
+        for name, (before, what) in LATER_TRAIN_SETTINGS.items():
+            if name not in identity and getattr(cfg.train, name) != before:
+                setattr(cfg.train, name, before)  # the state predates the setting: go on as it was trained (exact)
+                notes.append(f"{run.resume_path} {what}")
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:

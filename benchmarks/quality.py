@@ -4,9 +4,10 @@
 - Rows: `lit_aligner.data.load_data` on --data with --template (the project's own rendering and response-only
   masking), --max-seq-length, a seeded held-out split of --heldout rows. Every system sees the same rows in the same
   order (`lit_aligner.training.engine.global_batch_indices`, length-grouped as the trainer does by default) with the
-  same warm-up + cosine schedule (`lr_at`) and AdamW(betas 0.9/0.95, weight decay 0.02).
+  same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW(betas 0.9/0.95, weight decay 0.02).
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
-  paper's N(0, 1) prefix) at each learning rate of --aligner-lrs.
+  paper's N(0, 1) prefix) at each learning rate of --aligner-lrs and gate ratio of --gate-lr-ratios (by default the
+  trainer's defaults), and with --paper each N as the paper trains it.
 - LoRA r=8 on q_proj and v_proj (alpha 16, no dropout) and prefix tuning with 10 virtual tokens (PEFT defaults, no
   reparametrisation), trained by a plain PyTorch loop on the `transformers` model that `scripts/export_hf.py` writes
   from the same checkpoint; each learning rate of --lora-lrs / --prefix-lrs.
@@ -20,7 +21,7 @@ optimistic for all). Every run is reported, not only the best.
     python benchmarks/quality.py                                     # SmolLM2-135M on the shared Alpaca subset
     python benchmarks/quality.py --resume --aligners 10:embedding --aligner-lrs 3e-2   # add a variant to its file
     python benchmarks/quality.py --steps 2 --heldout 16 --aligner-lrs 1e-2 --lora-lrs 1e-3 --prefix-lrs 1e-2 \\
-        --aligners 1:normal --max-seq-length 64                     # a smoke run, about a minute on a CPU
+        --aligners 1:normal --no-paper --max-seq-length 64          # a smoke run, about a minute on a CPU
 """
 
 import json
@@ -39,6 +40,10 @@ import torch  # noqa: E402
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
+from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
+
+DEFAULTS = TrainConfig()  # the trainer's defaults: what the no-flag sweep measures
 
 REPO = Path(__file__).resolve().parent.parent
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_4500.json"
@@ -58,11 +63,9 @@ def load_rows(common: Dict[str, Any]):
 
 
 def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
-    from lit_aligner.training import TrainConfig
-
     return TrainConfig(max_steps=common["steps"], learning_rate=lr, gate_lr_ratio=gate_lr_ratio,
-                       global_batch_size=common["batch"],
-                       micro_batch_size=common["micro_batch"], warmup_steps=common["warmup_steps"], eval_iters=0,
+                       global_batch_size=common["batch"], micro_batch_size=common["micro_batch"],
+                       warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"], eval_iters=0,
                        save_interval=common["steps"], seed=common["seed"], group_by_length=True)
 
 
@@ -149,6 +152,9 @@ def run_aligner(spec, common):
                            data_options=DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"]),
                            train=train_config(common, spec["lr"], spec["gate_lr_ratio"]))
         summary = train(cfg)
+        if summary.get("stopped"):  # SIGINT/SIGTERM: the trainer stopped early and saved no Aligner
+            raise BenchmarkError(f"the {spec['label']} run was stopped by {summary['stopped']} after step "
+                                 f"{summary['step']}; nothing was measured")
         tokenizer, _, val, _ = load_rows(common)
         model, _ = load_base(common["checkpoint_dir"], device, "float32")
         aligner, _ = load_aligner(summary["aligner"], model)
@@ -215,9 +221,18 @@ def run_child(spec: Dict[str, Any], common: Dict[str, Any], tmp: Path) -> Dict[s
     """`run_system` in a fresh Python process (its own peak memory; nothing left over from the previous system)."""
     job = tmp / "job.json"
     job.write_text(json.dumps({"spec": spec, "common": common}))
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(job)])
-    if done.returncode != 0:
-        raise BenchmarkError(f"the {spec['label']} run failed (exit status {done.returncode}); its output is above")
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(job)])
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # the child stops at the end of its step (it may have had the SIGINT already)
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    if status != 0:
+        raise BenchmarkError(f"the {spec['label']} run failed (exit status {status}); its output is above")
     return json.loads(job.with_suffix(".out.json").read_text())
 
 
@@ -237,7 +252,9 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     if not isinstance(runs, list):
         raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
                              "--force to replace it")
-    if earlier.get("settings") != settings:
+    before = earlier.get("settings")
+    # a file from before --min-lr-ratio: every system's cosine ended at 0
+    if not isinstance(before, dict) or {"min_lr_ratio": 0.0, **before} != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")
     for r in runs:  # runs made before --gate-lr-ratios / --start-layers: gates at the Aligner's rate, from layer 2
@@ -260,11 +277,13 @@ def main(
     batch: int = 8,
     micro_batch: int = 8,
     warmup_steps: int = 5,
+    min_lr_ratio: float = DEFAULTS.min_lr_ratio,
     seed: int = 42,
-    aligners: List[str] = ["1:normal", "10:normal", "10:hidden"],  # noqa: B006 (tyro reads the default)
-    aligner_lrs: List[float] = [9e-3, 3e-2],  # noqa: B006
-    gate_lr_ratios: List[float] = [1.0],  # noqa: B006
-    start_layers: List[int] = [2],  # noqa: B006
+    aligners: List[str] = [f"1:{DEFAULT_PREFIX_INIT}", f"10:{DEFAULT_PREFIX_INIT}"],  # noqa: B006 (tyro reads it)
+    aligner_lrs: List[float] = [DEFAULTS.learning_rate],  # noqa: B006
+    gate_lr_ratios: List[float] = [DEFAULTS.gate_lr_ratio],  # noqa: B006
+    start_layers: List[int] = [RunConfig.start_layer],  # noqa: B006
+    paper: bool = True,
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
     prefix_lrs: List[float] = [3e-2],  # noqa: B006
     device: str = "auto",
@@ -285,12 +304,17 @@ def main(
         steps: optimizer steps for every system.
         batch: rows per optimizer step.
         micro_batch: rows per forward pass.
-        warmup_steps: linear warm-up steps, then a cosine to 0.
+        warmup_steps: linear warm-up steps, then a cosine to lr x min_lr_ratio (every system).
+        min_lr_ratio: where the cosine ends, as a share of each system's peak learning rate (the trainer's
+            --min-lr-ratio), for every system.
         seed: data split, data order and initialisation seed.
-        aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding).
+        aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding). The defaults of
+            this flag and the next three are the trainer's.
         aligner_lrs: Aligner learning rates (each variant x each lr x each gate ratio is one run).
         gate_lr_ratios: the gates' learning rate as a multiple of the Aligner's (the trainer's --gate-lr-ratio).
         start_layers: first layer that reads the prefix (the trainer's --start-layer; the paper's is 2).
+        paper: also train each N of --aligners with the paper's recipe (N(0, 1) prefix, lr 9e-3 for prefix and
+            gates: lit_aligner.training.config.PAPER_RECIPE).
         lora_lrs: LoRA learning rates.
         prefix_lrs: prefix tuning learning rates.
         device: auto (CUDA if available), cpu, cuda.
@@ -323,14 +347,19 @@ def main(
     path = Path(out or REPO / "benchmarks" / "results" / f"quality-{name}-{machine_name(dev)}.json")
     settings = dict(checkpoint_dir=str(checkpoint_dir), data=str(data), template=template,
                     max_seq_length=max_seq_length, heldout=heldout, steps=steps, batch=batch, micro_batch=micro_batch,
-                    warmup_steps=warmup_steps, seed=seed, machine=machine_name(dev))
+                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, seed=seed, machine=machine_name(dev))
     runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
     if not runs:
         check_out(path, force)
     specs: List[Dict[str, Any]] = [{"system": "base", "label": "base (no training)"}]
+    sweep = [(n, init, lr, g, s) for n, init in variants for lr in aligner_lrs for g in gate_lr_ratios
+             for s in start_layers]
+    if paper:
+        recipe = PAPER_RECIPE
+        sweep += [(n, recipe["prefix_init"], recipe["learning_rate"], recipe["gate_lr_ratio"], RunConfig.start_layer)
+                  for n in sorted({n for n, _ in variants})]
     specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "lr": lr,
-               "gate_lr_ratio": g, "start_layer": s}
-              for n, init in variants for lr in aligner_lrs for g in gate_lr_ratios for s in start_layers]
+               "gate_lr_ratio": g, "start_layer": s} for n, init, lr, g, s in dict.fromkeys(sweep)]
     specs += [{"system": "lora", "label": "LoRA r=8 (q, v)", "lr": lr} for lr in lora_lrs]
     specs += [{"system": "prefix", "label": "prefix tuning 10 tokens", "n_tokens": 10, "lr": lr} for lr in prefix_lrs]
 
@@ -347,7 +376,12 @@ def main(
             export_hf(checkpoint_dir, hf_dir)
         common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir))
         for spec in specs:
-            result = run_child(spec, common, Path(tmp))
+            try:
+                result = run_child(spec, common, Path(tmp))
+            except KeyboardInterrupt:
+                print(f"interrupted during the {spec['label']} run; the {len(runs)} finished run(s) are in {path}: "
+                      "the same command plus --resume goes on from there", file=sys.stderr, flush=True)
+                raise
             runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
             print(f"{result['label']} {result.get('init', '')} lr={result.get('lr', '-')} gate x"
                   f"{result.get('gate_lr_ratio', '-')} from layer {result.get('start_layer', '-')}: held-out loss "
@@ -380,8 +414,8 @@ def main(
     all_table = format_table(runs, columns, formats)
     sanity = (f"sanity: the bare base's held-out loss is {base['heldout_loss']:.4f} in lit-aligner and "
               f"{base['heldout_loss_transformers']:.4f} in transformers ({base['relative_difference']:.3%} apart)")
-    print(f"{name}, {steps} steps x {batch} rows, max length {max_seq_length}, template {template}, "
-          f"{base['heldout_rows']} held-out rows of {data}")
+    print(f"{name}, {steps} steps x {batch} rows ({warmup_steps} warm-up, cosine to {min_lr_ratio:g}x), max length "
+          f"{max_seq_length}, template {template}, {base['heldout_rows']} held-out rows of {data}")
     print("best learning rate per system:")
     print(table)
     print("every run:")
@@ -400,6 +434,12 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
         job = Path(sys.argv[2])
         task = json.loads(job.read_text())
-        job.with_suffix(".out.json").write_text(json.dumps(run_system(task["spec"], task["common"])))
+        try:
+            job.with_suffix(".out.json").write_text(json.dumps(run_system(task["spec"], task["common"])))
+        except BenchmarkError as e:  # one line; the parent names the run that failed
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
     else:
         run_cli(main, description=__doc__)

@@ -94,20 +94,23 @@ def test_serve_benchmark_runs_the_real_server(tiny_checkpoint_dir, tmp_path, cap
 def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_rows(tiny_checkpoint_dir, tmp_path):
     pytest.importorskip("peft")
     from lit_aligner.data import default as default_data
+    from lit_aligner.training import TrainConfig
 
     data = tmp_path / "sft.json"
     data.write_text(json.dumps(default_data.generate_rows(120, seed=4)))
     out = tmp_path / "quality.json"
-    payload = load_script("quality").main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain",
-                                          max_seq_length=128, heldout=24, steps=3, batch=4, micro_batch=2,
-                                          warmup_steps=1, aligners=["2:normal", "2:hidden"], aligner_lrs=[0.05],
-                                          lora_lrs=[1e-2], prefix_lrs=[1e-2], device="cpu", out=out)
+    quality = load_script("quality")
+    common = dict(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
+                  steps=3, batch=4, micro_batch=2, warmup_steps=1, device="cpu", out=out)
+    payload = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[1e-2], prefix_lrs=[1e-2])
     runs = {(r["label"], r.get("init")): r for r in json.loads(out.read_text())["runs"]}
     base = runs[("base (no training)", None)]
     assert base["relative_difference"] < 1e-4  # our model and transformers agree on the bare base
     lora = runs[("LoRA r=8 (q, v)", None)]
-    aligner = runs[("Aligner N=2", "normal")]
-    assert aligner["trainable_params"] == 2 * 64 + (4 - 2) * 4  # N * n_embd + (n_layer - start_layer) * n_head
+    ours, paper = runs[("Aligner N=2", "hidden")], runs[("Aligner N=2", "normal")]
+    assert ours["gate_lr_ratio"] == TrainConfig().gate_lr_ratio  # the trainer's default, unless swept
+    assert (paper["lr"], paper["gate_lr_ratio"], paper["start_layer"]) == (9e-3, 1.0, 2)  # --paper (the default)
+    assert paper["trainable_params"] == 2 * 64 + (4 - 2) * 4  # N * n_embd + (n_layer - start_layer) * n_head
     # r=8 on q (64 -> 64) and v (64 -> 2 KV heads x 16) in each of the 4 layers: A (8 x in) + B (out x 8)
     assert lora["trainable_params"] == 4 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
     for r in runs.values():
@@ -115,20 +118,94 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
         if r is not base:
             assert r["heldout_loss"] != base["heldout_loss"] and r["train_tokens_per_s"] > 0
     assert payload["best"][0] is not None and "sanity" in payload
+    assert payload["settings"]["min_lr_ratio"] == TrainConfig().min_lr_ratio
     # --resume keeps what ran and runs only what is new; other settings are refused
-    quality = load_script("quality")
-    again = quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128,
-                         heldout=24, steps=3, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"],
-                         aligner_lrs=[0.05], gate_lr_ratios=[1.0, 3.0], start_layers=[2, 1], lora_lrs=[],
-                         prefix_lrs=[], device="cpu", out=out, resume=True)
-    assert len(again["runs"]) == len(runs) + 3  # (gate x1, layer 2) ran before
-    kept = {(r["label"], r.get("init"), r.get("lr")): r["wall_s"] for r in again["runs"]
-            if r.get("gate_lr_ratio", 1) == 1 and r.get("start_layer", 2) == 2}
-    assert all(kept[(r["label"], r.get("init"), r.get("lr"))] == r["wall_s"] for r in runs.values())
-    new = {(r["gate_lr_ratio"], r["start_layer"]): r for r in again["runs"] if r.get("init") == "normal"}
-    assert new[(1.0, 1)]["trainable_params"] == 2 * 64 + (4 - 1) * 4
-    assert new[(3.0, 2)]["heldout_loss"] != new[(1.0, 2)]["heldout_loss"]
+    again = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], gate_lr_ratios=[0.3, 3.0],
+                         start_layers=[2, 1], lora_lrs=[], prefix_lrs=[], resume=True)
+    assert len(again["runs"]) == len(runs) + 3  # (gate x0.3, layer 2) and the paper's run ran before
+    kept = {(r["label"], r.get("init"), r.get("lr"), r.get("gate_lr_ratio"), r.get("start_layer")): r["wall_s"]
+            for r in again["runs"]}
+    assert all(kept[(r["label"], r.get("init"), r.get("lr"), r.get("gate_lr_ratio"), r.get("start_layer"))]
+               == r["wall_s"] for r in runs.values())
+    new = {(r["gate_lr_ratio"], r["start_layer"]): r for r in again["runs"] if r.get("init") == "hidden"}
+    assert new[(0.3, 1)]["trainable_params"] == 2 * 64 + (4 - 1) * 4
+    assert new[(3.0, 2)]["heldout_loss"] != new[(0.3, 2)]["heldout_loss"]
+    sweep = dict(aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[], prefix_lrs=[], resume=True)
     with pytest.raises(quality.BenchmarkError, match="other settings"):
-        quality.main(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
-                     steps=4, batch=4, micro_batch=2, warmup_steps=1, aligners=["2:normal"], aligner_lrs=[0.05],
-                     lora_lrs=[], prefix_lrs=[], device="cpu", out=out, resume=True)
+        quality.main(**{**common, "steps": 4}, **sweep)
+    # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0
+    older = json.loads(out.read_text())
+    del older["settings"]["min_lr_ratio"]
+    out.write_text(json.dumps(older))
+    with pytest.raises(quality.BenchmarkError, match="other settings"):
+        quality.main(**common, min_lr_ratio=0.5, **sweep)
+    assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(again["runs"])  # nothing reran
+
+def _worker_of(pid: int) -> int:
+    """The pid of the quality benchmark's child (one system's run) whose parent is `pid`, or 0."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"--_run-one-system" in (proc / "cmdline").read_bytes() and \
+                    int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                return int(proc.name)
+        except OSError:  # the process ended meanwhile
+            continue
+    return 0
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` installed (Linux: SigCgt of /proc/PID/status)."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child process through /proc")
+def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(tiny_checkpoint_dir, tmp_path):
+    """A signal to one system's run (SIGTERM: the trainer stops at the end of its step) is one error line naming the
+    run; Ctrl-C on the whole benchmark says how to go on; neither prints a traceback, and the finished runs stay in the
+    results file for --resume."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("peft")
+    from lit_aligner.data import default as default_data
+
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(default_data.generate_rows(80, seed=4)))
+    out = tmp_path / "quality.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--checkpoint-dir", str(tiny_checkpoint_dir),
+               "--data", str(data), "--template", "plain", "--max-seq-length", "128", "--heldout", "16",
+               "--steps", "1000000", "--batch", "2", "--micro-batch", "2", "--warmup-steps", "1", "--aligners",
+               "2:hidden", "--aligner-lrs", "0.05", "--lora-lrs", "--prefix-lrs", "--device", "cpu", "--threads", "1",
+               "--out", str(out)]
+
+    def stop(signum: int, whole_benchmark: bool, resume: bool):
+        bench = subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        worker = 0
+        while time.monotonic() < deadline:  # until the Aligner's run is in its training loop (its handler is set)
+            worker = _worker_of(bench.pid) if out.exists() else 0
+            if worker and _catches(worker, signal.SIGTERM):
+                break
+            time.sleep(0.2)
+        assert worker, "the Aligner run did not start"
+        os.killpg(bench.pid, signum) if whole_benchmark else os.kill(worker, signum)
+        _, err = bench.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        return bench.returncode, err
+
+    status, err = stop(signal.SIGTERM, whole_benchmark=False, resume=False)
+    assert status == 1
+    assert "error: the Aligner N=2 run was stopped by SIGTERM after step" in err
+    assert "error: the Aligner N=2 run failed (exit status 1)" in err
+    assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
+
+    status, err = stop(signal.SIGINT, whole_benchmark=True, resume=True)
+    assert status == 130
+    assert f"interrupted during the Aligner N=2 run; the 1 finished run(s) are in {out}" in err
+    assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]

@@ -235,6 +235,29 @@ def test_a_run_state_from_before_the_gate_group_resumes_with_its_gates_at_the_pr
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
 
 
+def test_a_run_state_from_before_the_floor_joined_the_identity_resumes_with_its_recorded_floor(tiny_checkpoint_dir,
+                                                                                               tmp_path):
+    full_out = tmp_path / "full"
+    T.train(small_run(tiny_checkpoint_dir, full_out, min_lr_ratio=0.1))
+    out = tmp_path / "old"
+    (out / "state").mkdir(parents=True)
+    state = torch.load(full_out / "state" / "step-000004.pt", weights_only=True)
+    assert state["train_config"]["min_lr_ratio"] == 0.1
+    del state["identity"]["min_lr_ratio"]  # as written before the floor was part of the identity
+    torch.save(state, out / "state" / "step-000004.pt")
+    cfg = small_run(tiny_checkpoint_dir, out, min_lr_ratio=0.7)
+    cfg.resume = "auto"
+    T.train(cfg)  # continues with the floor it recorded, not today's flag, to the uninterrupted run's end
+    a, _ = load_aligner(full_out / "aligner.safetensors")
+    b, _ = load_aligner(out / "aligner.safetensors")
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+    # a run state with the floor in its identity refuses another floor (unless --force)
+    cfg = small_run(tiny_checkpoint_dir, full_out, min_lr_ratio=0.7, max_steps=12)
+    cfg.resume = "auto"
+    with pytest.raises(T.TrainError, match="--min-lr-ratio 0.1 \\(now 0.7\\)"):
+        T.train(cfg)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The command line
 

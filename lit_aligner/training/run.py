@@ -93,10 +93,12 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         return _train(run, eval_only)
 
 
-# TrainConfig fields added after run states existed: the value every earlier run trained with, and the note
+# TrainConfig fields that joined the run identity after run states existed: the value an earlier run trained with
+# unless its recorded train config says otherwise, and the note
 LATER_TRAIN_SETTINGS = {
     "group_by_length": (False, "predates length-grouped batching: the run continues in its own order"),
-    "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at 1x"),
+    "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at {}x"),
+    "min_lr_ratio": (0.0, "predates the default floor of the cosine: the run continues with --min-lr-ratio {}"),
 }
 
 
@@ -104,11 +106,12 @@ def _resume(run: Run) -> None:
     cfg, fabric = run.cfg, run.fabric
     run.resume_path, run.state, notes = resolve_resume(cfg.resume, run.out_dir)
     if run.state is not None:
-        identity = run.state.get("identity") or {}
+        identity, trained = run.state.get("identity") or {}, run.state.get("train_config") or {}
         for name, (before, what) in LATER_TRAIN_SETTINGS.items():
+            before = trained.get(name, before)
             if name not in identity and getattr(cfg.train, name) != before:
                 setattr(cfg.train, name, before)  # the state predates the setting: go on as it was trained (exact)
-                notes.append(f"{run.resume_path} {what}")
+                notes.append(f"{run.resume_path} {what.format(before)}")
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:

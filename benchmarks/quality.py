@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from lit_aligner.files import UserError  # noqa: E402
 from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
 from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
 
@@ -328,6 +329,8 @@ def main(
     if not all(g > 0 for g in gate_lr_ratios) or not all(s >= 0 for s in start_layers):
         raise BenchmarkError(f"--gate-lr-ratios must be positive and --start-layers >= 0, got {gate_lr_ratios}, "
                              f"{start_layers}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
         raise BenchmarkError("--steps, --batch, --micro-batch and --heldout must be >= 1, and --batch a multiple of "
                              "--micro-batch")
@@ -436,7 +439,7 @@ if __name__ == "__main__":
         task = json.loads(job.read_text())
         try:
             job.with_suffix(".out.json").write_text(json.dumps(run_system(task["spec"], task["common"])))
-        except BenchmarkError as e:  # one line; the parent names the run that failed
+        except UserError as e:  # one line (a BenchmarkError, or the trainer's); the parent names the run that failed
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:

@@ -140,6 +140,8 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**common, min_lr_ratio=0.5, **sweep)
     assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(again["runs"])  # nothing reran
+    with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
+        quality.main(**common, min_lr_ratio=2.0, **sweep)
 
 def _worker_of(pid: int) -> int:
     """The pid of the quality benchmark's child (one system's run) whose parent is `pid`, or 0."""

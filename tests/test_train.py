@@ -214,45 +214,48 @@ def test_gate_lr_ratio_scales_the_gates_step_only(tiny_checkpoint_dir, tmp_path)
     assert float(rows[-1]["lr"]) == pytest.approx(1e-2)  # the logged rate is the prefix's (the schedule's)
 
 
-def test_a_run_state_from_before_the_gate_group_resumes_with_its_gates_at_the_prefix_rate(tiny_checkpoint_dir,
-                                                                                          tmp_path):
-    full_out = tmp_path / "full"  # gates at the prefix's rate throughout, as every run before the gate group
-    T.train(small_run(tiny_checkpoint_dir, full_out, gate_lr_ratio=1.0))
-    out = tmp_path / "old"
+def resume_an_older_state(ckpt, tmp_path, edit, trained: dict, resumed: dict):
+    """Train with `trained` to the end; `edit` its step-4 run state into what an older version wrote; resume that with
+    `resumed` (today's flags). Returns the two final Aligners."""
+    full_out, out = tmp_path / "full", tmp_path / "old"
+    T.train(small_run(ckpt, full_out, **trained))
     (out / "state").mkdir(parents=True)
     state = torch.load(full_out / "state" / "step-000004.pt", weights_only=True)
-    groups = state["optimizer"]["param_groups"]
-    assert len(groups) == 2  # prefix, gates
-    old = {k: v for k, v in groups[0].items() if k != "lr_ratio"}
-    state["optimizer"]["param_groups"] = [dict(old, params=groups[0]["params"] + groups[1]["params"])]
-    del state["identity"]["gate_lr_ratio"]
+    edit(state)
     torch.save(state, out / "state" / "step-000004.pt")
-    cfg = small_run(tiny_checkpoint_dir, out, gate_lr_ratio=10.0)
+    cfg = small_run(ckpt, out, **resumed)
     cfg.resume = "auto"
-    T.train(cfg)  # continues as it was trained (ratio 1), with one note, to the same end as the uninterrupted run
-    a, _ = load_aligner(full_out / "aligner.safetensors")
-    b, _ = load_aligner(out / "aligner.safetensors")
+    T.train(cfg)
+    return load_aligner(full_out / "aligner.safetensors")[0], load_aligner(out / "aligner.safetensors")[0]
+
+
+def test_a_run_state_from_before_the_gate_group_resumes_with_its_gates_at_the_prefix_rate(tiny_checkpoint_dir,
+                                                                                          tmp_path):
+    def one_group(state):  # gates at the prefix's rate throughout, as every run before the gate group
+        groups = state["optimizer"]["param_groups"]
+        assert len(groups) == 2  # prefix, gates
+        old = {k: v for k, v in groups[0].items() if k != "lr_ratio"}
+        state["optimizer"]["param_groups"] = [dict(old, params=groups[0]["params"] + groups[1]["params"])]
+        del state["identity"]["gate_lr_ratio"]
+
+    # continues as it was trained (ratio 1), with one note, to the same end as the uninterrupted run
+    a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, one_group, {"gate_lr_ratio": 1.0},
+                                 {"gate_lr_ratio": 10.0})
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
 
 
 def test_a_run_state_from_before_the_floor_joined_the_identity_resumes_with_its_recorded_floor(tiny_checkpoint_dir,
                                                                                                tmp_path):
-    full_out = tmp_path / "full"
-    T.train(small_run(tiny_checkpoint_dir, full_out, min_lr_ratio=0.1))
-    out = tmp_path / "old"
-    (out / "state").mkdir(parents=True)
-    state = torch.load(full_out / "state" / "step-000004.pt", weights_only=True)
-    assert state["train_config"]["min_lr_ratio"] == 0.1
-    del state["identity"]["min_lr_ratio"]  # as written before the floor was part of the identity
-    torch.save(state, out / "state" / "step-000004.pt")
-    cfg = small_run(tiny_checkpoint_dir, out, min_lr_ratio=0.7)
-    cfg.resume = "auto"
-    T.train(cfg)  # continues with the floor it recorded, not today's flag, to the uninterrupted run's end
-    a, _ = load_aligner(full_out / "aligner.safetensors")
-    b, _ = load_aligner(out / "aligner.safetensors")
+    def no_floor_in_identity(state):  # as written before the floor was part of the identity
+        assert state["train_config"]["min_lr_ratio"] == 0.1
+        del state["identity"]["min_lr_ratio"]
+
+    # continues with the floor it recorded, not today's flag, to the uninterrupted run's end
+    a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, no_floor_in_identity, {"min_lr_ratio": 0.1},
+                                 {"min_lr_ratio": 0.7})
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
     # a run state with the floor in its identity refuses another floor (unless --force)
-    cfg = small_run(tiny_checkpoint_dir, full_out, min_lr_ratio=0.7, max_steps=12)
+    cfg = small_run(tiny_checkpoint_dir, tmp_path / "full", min_lr_ratio=0.7, max_steps=12)
     cfg.resume = "auto"
     with pytest.raises(T.TrainError, match="--min-lr-ratio 0.1 \\(now 0.7\\)"):
         T.train(cfg)

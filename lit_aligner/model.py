@@ -127,6 +127,19 @@ class PrefixKV:
     gate: torch.Tensor
     mask: Optional[torch.Tensor] = None
 
+    def per_row(self, batch_size: int) -> "PrefixKV":
+        """This prefix with one row per batch row (a shared one copied B times; a few MB, once per call), so that one
+        shared Aligner and B different ones run the same code and the same compiled decoding graph (compiling one
+        takes ~45 s for a 7B model)."""
+        if self.gate.shape[0] == batch_size:
+            return self
+
+        def rows(t):
+            return t.expand(batch_size, *t.shape[1:]).contiguous()
+
+        return PrefixKV(self.start_layer, [rows(k) for k in self.keys], [rows(v) for v in self.values],
+                        rows(self.gate), None if self.mask is None else rows(self.mask))
+
 
 # `aligner` argument of the forward pass: None uses the model's own Aligner (if any), False the bare base.
 AlignerArg = Union[None, bool, Aligner, PrefixKV]
@@ -271,7 +284,9 @@ class CausalSelfAttention(nn.Module):
         k, v = k.view(B, N, self.n_kv, self.hs), v.view(B, N, self.n_kv, self.hs)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return k.transpose(1, 2), v.transpose(1, 2)
+        # Contiguous once here: the attention kernels need this layout, and a strided prefix was copied in every
+        # decoding step (2 copy kernels per layer: 0.18 of 4.75 ms per token for LLaMA-2-7B on an H200).
+        return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
     def forward(self, x, cos, sin, mask, input_pos, prefix, cache_rows=None):
         B, T, _ = x.shape

@@ -240,11 +240,21 @@ def test_read_prompts_formats_and_errors(tmp_path):
 @pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens(model):
     pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
     ps = prompts([5, 9])
-    aligner = make_aligner(model, 80)
+    aligner, other = make_aligner(model, 80), make_aligner(model, 81)
     eager = generate(model, ps, 10, aligners=aligner, compile=False)
     compiled = generate(model, ps, 10, aligners=aligner, compile=True)
     assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
+    # One shared Aligner and per-row Aligners at the same batch size run the same compiled graph (a 7B graph takes
+    # ~45 s to compile), and a new batch size gets its own static graph, with the eager tokens.
+    graphs = counters["stats"]["unique_graphs"]
+    mixed = generate(model, ps, 10, aligners=[other, aligner], compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(mixed[1], eager[1]) and torch.equal(mixed[0], generate(model, ps[:1], 10, aligners=other)[0])
+    one = generate(model, ps[1:], 10, aligners=aligner, compile=True)
+    assert torch.equal(one[0], generate(model, ps[1:], 10, aligners=aligner)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

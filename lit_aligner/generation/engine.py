@@ -169,9 +169,12 @@ def _decode_fn(compile: bool, device: torch.device) -> Callable:
         return decode_one_token
     key = device.type
     if key not in _compiled:
-        # CUDA graphs remove the per-kernel launch cost that dominates decoding small batches on a GPU.
+        # CUDA graphs remove the per-kernel launch cost that dominates decoding small batches on a GPU. Static shapes:
+        # one graph per batch size. With dynamo's automatic dynamic shapes, the graph compiled when the batch size
+        # first changed (1 -> 16) was generic and updated the KV cache with whole-buffer copies: 8.4 instead of 5.6 ms
+        # per step for LLaMA-2-7B at batch 16 on an H200 (benchmarks/profile_steps.py).
         mode = "reduce-overhead" if device.type == "cuda" else None
-        _compiled[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        _compiled[key] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
     return _compiled[key]
 
 
@@ -200,6 +203,7 @@ def resolve_prefix(model: LLaMA, aligners: Aligners, batch_size: int) -> Optiona
         _check_aligner(model, aligners)
         with torch.no_grad():
             prefix = model.prefix_kv(aligners)
+        prefix.gate = prefix.gate.detach()  # inference: as a stack's gate, so both take the same compiled graph
     elif isinstance(aligners, PrefixKV):
         prefix = aligners
     else:
@@ -283,6 +287,8 @@ def generate(
         raise ValueError(f"the longest prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {model.config.block_size} tokens: shorten the prompt or lower max_new_tokens")
     prefix = resolve_prefix(model, aligners, B)
+    if prefix is not None:
+        prefix = prefix.per_row(B)  # a shared Aligner and per-row ones: one path, one compiled graph
     S = _ensure_caches(model, B, T + max_new_tokens)
 
     # Checked on the host, before the copy: no device sync.

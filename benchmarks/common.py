@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/train.py` from anywhe
 from lit_aligner.config import Config  # noqa: E402
 from lit_aligner.devices import default_precision, precision_dtype, resolve_device  # noqa: E402
 from lit_aligner.files import UserError, atomic_write_json, check_output  # noqa: E402
-from lit_aligner.model import LLaMA, AlignerConfig, init_weights, mark_only_aligner_as_trainable  # noqa: E402
+from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable  # noqa: E402
 
 
 class BenchmarkError(UserError):
@@ -187,3 +187,13 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[str], formats: Op
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> Aligner:
+    """A random inference Aligner (N(0, 1) prefix, small non-zero gates) on the model's device."""
+    g = torch.Generator().manual_seed(seed)
+    a = Aligner(model.config, AlignerConfig(n_tokens, start_layer))
+    with torch.no_grad():
+        a.prefix.copy_(torch.randn(a.prefix.shape, generator=g))
+        a.gate.copy_(0.02 * torch.randn(a.gate.shape, generator=g))
+    return a.to(model.tok_embeddings.weight.device).requires_grad_(False)

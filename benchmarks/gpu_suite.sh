@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in at most ~9
-# minutes, writing a log and JSON files under $OUT (default benchmarks/results/gpu-suite):
-#   1. the CUDA tests (pytest -m cuda);
-#   2. benchmarks/train.py on the LLaMA-2-7B shape (random weights), 8 x 512, bf16, N=1 and N=10, SFT and DPO,
-#      checkpointing none / selective / mlp;
-#   3. benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different Aligners;
-#   4. benchmarks/serve.py on a random-weight SmolLM2-135M-shaped base (the real tokenizer, carried in
-#      checkpoints/SmolLM2-135M-Instruct/tokenizer*.json).
+# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 8 minutes,
+# writing a log and JSON files under $OUT (default benchmarks/results/gpu-suite). Steps, most important first; a step
+# cut short by its time limit keeps what finished (every benchmark rewrites its JSON after each row):
+#   tests     the CUDA tests (pytest -m cuda);
+#   train     benchmarks/train.py on the LLaMA-2-7B shape (random weights), bf16, compiled blocks, N=10: SFT 8 x 512
+#             under checkpointing none / selective / mlp; SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
+#   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
+#             Aligners; eager first (no compilation: figures even if compiling fails), then compiled with CUDA graphs;
+#   serve     benchmarks/serve.py on a random-weight SmolLM2-135M-shaped base (the real tokenizer, carried in
+#             checkpoints/SmolLM2-135M-Instruct/tokenizer*.json);
+#   profile   (only when named: ~4 more minutes) benchmarks/profile_steps.py: where the time of a training step and of
+#             a decoding step goes, by kind of kernel.
 #
-#   bash benchmarks/gpu_suite.sh            # on the GPU
-#   bash benchmarks/gpu_suite.sh --tiny     # the same steps on the CPU with the tiny shape: a rehearsal (~3 min)
+#   bash benchmarks/gpu_suite.sh                  # every step, on the GPU
+#   bash benchmarks/gpu_suite.sh train generate   # only these steps
+#   bash benchmarks/gpu_suite.sh --tiny           # the same steps on the CPU with the tiny shape: a rehearsal (~2 min)
 #
 # Python packages: the machine's python3 (with its CUDA torch) is used; what it lacks (tyro, gguf, lightning-fabric,
 # fastapi, uvicorn, openai, ...) is installed from wheels in .whl/ when that folder was carried (see howto/performance.md),
-# and the repository itself is put on PYTHONPATH. A step that fails is logged and the next one still runs; the exit
-# status says whether all passed.
+# and the repository itself is put on PYTHONPATH. A step that fails or runs past its limit is logged and the next one
+# still runs; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
-[ "${1:-}" = "--tiny" ] && TINY=1
+STEPS=()
+for a in "$@"; do
+    case $a in
+        --tiny) TINY=1 ;;
+        tests|train|generate|serve|profile) STEPS+=("$a") ;;
+        *) echo "error: unknown step '$a' (steps: tests train generate serve profile; flag: --tiny)" >&2; exit 2 ;;
+    esac
+done
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests train generate serve)
+wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 OUT=${OUT:-benchmarks/results/gpu-suite}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -52,29 +66,43 @@ for name in ["lightning_fabric", "tyro", "safetensors", "tokenizers", "sentencep
 EOF
 
 if [ "$TINY" = 1 ]; then
-    SHAPE=tiny; TRAIN="--batch 2 --seq-len 32 --steps 2 --warmup 1"; GEN="--prompt-len 8 --new-tokens 8 --repeats 1"
+    SHAPE=tiny; B=2; B2=4; TRAIN="--seq-len 32 --steps 2 --warmup 1"
+    GEN="--batch 4 --prompt-len 8 --new-tokens 8"; REPEATS=1; PROFILE="--batch 2 --seq-len 32 --decode-batch 4 --new-tokens 8"
     SERVE_SHAPE=tiny; SERVE="--clients 1 4 --requests-per-client 1 --sequential-requests 2 --max-tokens 4 --aligners 4"
     export LIT_ALIGNER_REHEARSE_CUDA=1
 else
-    SHAPE=Llama-2-7b-hf; TRAIN="--batch 8 --seq-len 512 --steps 5 --warmup 2"; GEN="--batch 16 --new-tokens 128"
+    SHAPE=Llama-2-7b-hf; B=8; B2=16; TRAIN="--seq-len 512 --steps 5 --warmup 2"
+    GEN="--batch 16 --new-tokens 128"; REPEATS=3; PROFILE="--batch 8 --seq-len 512 --decode-batch 16 --new-tokens 128"
     SERVE_SHAPE=SmolLM2-135M; SERVE="--clients 1 8 32 --max-tokens 64 --max-batch 32"
 fi
 
 # 1. the CUDA tests
-step cuda-tests 150 $PY -m pytest -q -m cuda tests/test_cuda.py -rs --junitxml="$OUT/cuda-tests.xml"
+if wanted tests; then
+    step cuda-tests 120 $PY -m pytest -q -m cuda tests/test_cuda.py -rs --junitxml="$OUT/cuda-tests.xml"
+fi
 
-# 2. training throughput and memory: N=1 and N=10, SFT and DPO, three checkpointing policies
-for N in 1 10; do
-    step "train-N$N" 120 $PY benchmarks/train.py --config $SHAPE $TRAIN --n-tokens $N --mode sft dpo \
-        --checkpointing none selective mlp --out "$OUT/train-$SHAPE-N$N.json" --force
-done
+# 2. training throughput and memory (compiled blocks: the default on CUDA)
+if wanted train; then
+    step train-sft 150 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 10 --mode sft \
+        --checkpointing none selective mlp --out "$OUT/train-$SHAPE-N10-b$B.json" --force
+    step train-dpo 90 $PY benchmarks/train.py --config $SHAPE --batch $B2 $TRAIN --n-tokens 10 --mode sft dpo \
+        --checkpointing none --out "$OUT/train-$SHAPE-N10-b$B2-dpo.json" --force
+    step train-N1 60 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 1 --mode sft \
+        --checkpointing none --out "$OUT/train-$SHAPE-N1-b$B.json" --force
+fi
 
-# 3. decoding: batch 1 and 16, with and without an Aligner, 16 different Aligners
-step generate 120 $PY benchmarks/generate.py --config $SHAPE $GEN --out "$OUT/generate-$SHAPE.json" --force
+# 3. decoding: eager (seconds, no compilation), then compiled with CUDA graphs (each case compiles its own graph)
+if wanted generate; then
+    step generate-eager 60 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
+        --out "$OUT/generate-$SHAPE-eager.json" --force
+    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS \
+        --out "$OUT/generate-$SHAPE.json" --force
+fi
 
 # 4. serving: a random-weight base of a real shape with the real tokenizer
-SERVE_DIR=$(mktemp -d)/base
-step serve-base 60 $PY - "$SERVE_SHAPE" "$SERVE_DIR" <<'EOF'
+if wanted serve; then
+    SERVE_DIR=$(mktemp -d)/base
+    step serve-base 60 $PY - "$SERVE_SHAPE" "$SERVE_DIR" <<'EOF'
 import dataclasses, shutil, sys
 from pathlib import Path
 import torch
@@ -96,7 +124,15 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
 save_base(out, config, model.state_dict())
 print("wrote", out)
 EOF
-step serve 240 $PY benchmarks/serve.py --checkpoint-dir "$SERVE_DIR" $SERVE --out "$OUT/serve.json" --force
+    step serve 120 $PY benchmarks/serve.py --checkpoint-dir "$SERVE_DIR" $SERVE --out "$OUT/serve.json" --force
+fi
+
+# 5. where the time goes (named only)
+if wanted profile; then
+    step profile 300 $PY benchmarks/profile_steps.py --config $SHAPE $PROFILE --what train decode \
+        --checkpointing none block --decode-cases base-1 aligner-1 shared-B different-B base-B \
+        --out "$OUT/profile-$SHAPE.json" --force
+fi
 
 echo "=== done: ${#failed[@]} failed step(s): ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]

@@ -51,6 +51,8 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     peak = peak_memory_bytes(device)
+    # What nvidia-smi sees (tensors + the allocator's cache): the number to compare with a card's size.
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
     step_s = median(times[warmup:])
     tokens = batch * seq_len
     flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total
@@ -59,7 +61,7 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
     return {
         "mode": mode, "checkpointing": policy, "batch": batch, "seq_len": seq_len,
         "step_s": step_s, "step_times_s": times, "warmup_steps": warmup,
-        "tokens_per_s": tps, "peak_memory_gb": peak / 1e9,
+        "tokens_per_s": tps, "peak_memory_gb": peak / 1e9, "peak_reserved_gb": reserved,
         "flops_per_token": flops, "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (peak_tflops * 1e12) if peak_tflops else None,
         "loss": float(loss.detach()),
@@ -135,6 +137,13 @@ def main(
     configure_backends(dev)
     compiled = should_compile(dev, compile)
     rows = []
+    payload = {
+        "benchmark": "train", "config": config, "n_layer": cfg.n_layer, "n_tokens": n_tokens,
+        "start_layer": start_layer,
+        "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
+        "peak_memory_method": PEAK_MEMORY_METHOD[dev.type], "complete": False,
+        "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
+    }
     with out_of_memory_hint("lower --batch or --seq-len, or add --checkpointing selective / block"):
         model = build_model(cfg, dev, dtype, n_tokens, start_layer)
         for m in mode:
@@ -142,22 +151,19 @@ def main(
                 r = run_one(model, cfg, m, policy, batch, seq_len, n_tokens, start_layer, loss == "chunked", warmup,
                             steps, dev, peak_tflops, compiled)
                 rows.append(r)
-                print(f"{m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s", file=sys.stderr)
+                print(f"{m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
+                      f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
+                write_json(path, payload)  # rows so far ("complete": false): a run stopped midway keeps them
         # What each policy trades: bytes per token and gated layer that autograd keeps (measured eagerly, batch 1).
-        act = {p: activation_bytes_per_token(model, p, seq_len=seq_len) for p in checkpointing} \
-            if cfg.n_layer - start_layer >= 2 else {}
+        if cfg.n_layer - start_layer >= 2:
+            payload["activation_bytes_per_token_per_gated_layer"] = {
+                p: activation_bytes_per_token(model, p, seq_len=seq_len) for p in checkpointing}
     sync(dev)
     columns = ["mode", "checkpointing", "tokens_per_s", "step_s", "peak_memory_gb", "achieved_tflops", "mfu"]
     print(f"{config} ({cfg.n_layer} layers): batch {batch} x seq {seq_len}, N={n_tokens}, start_layer={start_layer}, "
           f"{dtype}, loss {loss}, compile {compiled}, device {dev}")
     print(format_table(rows, columns))
-    payload = {
-        "benchmark": "train", "config": config, "n_layer": cfg.n_layer, "n_tokens": n_tokens,
-        "start_layer": start_layer,
-        "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
-        "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
-        "activation_bytes_per_token_per_gated_layer": act, "machine": machine_info(dev), "results": rows,
-    }
+    payload["complete"] = True
     print(f"wrote {write_json(path, payload)}")
     return payload
 

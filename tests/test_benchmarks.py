@@ -1,4 +1,4 @@
-"""CI smoke tests of benchmarks/train.py and benchmarks/generate.py on the `tiny` shape: they run on the CPU in seconds,
+"""CI smoke tests of benchmarks/train.py, generate.py and profile_steps.py on the `tiny` shape: they run on the CPU in seconds,
 print their table and write a JSON file with machine information and one row per case."""
 
 import importlib.util
@@ -56,13 +56,32 @@ def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners(tmp_
                                  threads=1, out=out)
     payload = json.loads(out.read_text())
     cases = [(r["case"], r["batch"]) for r in payload["results"]]
-    assert cases == [("base", 1), ("aligner", 1), ("base", 16), ("aligner (shared)", 16),
-                     ("16 different aligners", 16)]
+    assert cases == [("base", 1), ("aligner", 1), ("aligner (shared)", 16), ("16 different aligners", 16),
+                     ("base", 16)]  # the targets' cases first: a run cut short keeps them
     for r in payload["results"]:
         assert r["decode_tokens_per_s"] > 0 and r["decode_steps"] == 5
-    assert payload["results"][-1]["vs_shared"] > 0
+    assert payload["complete"] and payload["results"][3]["vs_shared"] > 0 and payload["results"][2]["vs_base"] > 0
     assert payload["machine"]["command"] and payload["weight_bytes_per_step"] > 0
     assert "16 different aligners" in capsys.readouterr().out
+
+
+def test_profile_groups_each_step_by_kind_and_sees_the_aligner(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    torch.set_num_threads(1)
+    load_script("profile_steps").main(config="tiny", batch=2, seq_len=16, checkpointing=("none", "block"),
+                                      decode_batch=3, new_tokens=6, device="cpu", out=out)
+    payload = json.loads(out.read_text())
+    rows = {(r["what"], r["case"]): r for r in payload["results"]}
+    assert list(rows) == [("train", "sft none"), ("train", "sft block"), ("decode", "base-1"), ("decode", "aligner-1"),
+                          ("decode", "shared-B"), ("decode", "different-B")]
+    assert payload["complete"]
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["kernels_per_step"] > 0 and r["top"]
+        assert sum(r["ms_per_step_by_kind"].values()) == pytest.approx(r["device_ms_per_step"])
+    # The Aligner's prefix attention is extra work in every gated layer of a decoding step.
+    assert rows[("decode", "aligner-1")]["kernels_per_step"] > rows[("decode", "base-1")]["kernels_per_step"]
+    assert rows[("train", "sft none")]["peak_memory_gb"] > 0
+    assert "kernels_per_step" in capsys.readouterr().out
 
 
 def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):

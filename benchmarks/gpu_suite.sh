@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 8 minutes,
+# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 9 minutes,
 # writing a log and JSON files under $OUT (default benchmarks/results/gpu-suite). Steps, most important first; a step
 # cut short by its time limit keeps what finished (every benchmark rewrites its JSON after each row):
 #   tests     the CUDA tests (pytest -m cuda);
@@ -7,8 +7,10 @@
 #             under checkpointing none / selective / mlp; SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
 #   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
 #             Aligners; eager first (no compilation: figures even if compiling fails), then compiled with CUDA graphs;
-#   serve     benchmarks/serve.py on a random-weight SmolLM2-135M-shaped base (the real tokenizer, carried in
-#             checkpoints/SmolLM2-135M-Instruct/tokenizer*.json);
+#   cli       the user's first commands on the GPU: finetune/aligner.py (Fabric, bf16-true, compiled blocks) for a few
+#             steps on the default dataset, then generate/aligner.py with the Aligner it wrote, on a random-weight
+#             SmolLM2-135M-shaped base with the real tokenizer (carried in checkpoints/SmolLM2-135M-Instruct/tokenizer*.json);
+#   serve     benchmarks/serve.py on that base;
 #   profile   (only when named: ~4 more minutes) benchmarks/profile_steps.py: where the time of a training step and of
 #             a decoding step goes, by kind of kernel.
 #
@@ -27,11 +29,11 @@ STEPS=()
 for a in "$@"; do
     case $a in
         --tiny) TINY=1 ;;
-        tests|train|generate|serve|profile) STEPS+=("$a") ;;
-        *) echo "error: unknown step '$a' (steps: tests train generate serve profile; flag: --tiny)" >&2; exit 2 ;;
+        tests|train|cli|generate|serve|profile) STEPS+=("$a") ;;
+        *) echo "error: unknown step '$a' (steps: tests train cli generate serve profile; flag: --tiny)" >&2; exit 2 ;;
     esac
 done
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests train generate serve)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests train cli generate serve)
 wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 OUT=${OUT:-benchmarks/results/gpu-suite}
 mkdir -p "$OUT"
@@ -69,11 +71,13 @@ if [ "$TINY" = 1 ]; then
     SHAPE=tiny; B=2; B2=4; TRAIN="--seq-len 32 --steps 2 --warmup 1"
     GEN="--batch 4 --prompt-len 8 --new-tokens 8"; REPEATS=1; PROFILE="--batch 2 --seq-len 32 --decode-batch 4 --new-tokens 8"
     SERVE_SHAPE=tiny; SERVE="--clients 1 4 --requests-per-client 1 --sequential-requests 2 --max-tokens 4 --aligners 4"
+    CLI_COMPILE=""  # compiling on the CPU costs more than 6 steps
     export LIT_ALIGNER_REHEARSE_CUDA=1
 else
     SHAPE=Llama-2-7b-hf; B=8; B2=16; TRAIN="--seq-len 512 --steps 5 --warmup 2"
     GEN="--batch 16 --new-tokens 128"; REPEATS=3; PROFILE="--batch 8 --seq-len 512 --decode-batch 16 --new-tokens 128"
     SERVE_SHAPE=SmolLM2-135M; SERVE="--clients 1 8 32 --max-tokens 64 --max-batch 32"
+    CLI_COMPILE="--compile"
 fi
 
 # 1. the CUDA tests
@@ -91,18 +95,12 @@ if wanted train; then
         --checkpointing none --out "$OUT/train-$SHAPE-N1-b$B.json" --force
 fi
 
-# 3. decoding: eager (seconds, no compilation), then compiled with CUDA graphs (each case compiles its own graph)
-if wanted generate; then
-    step generate-eager 60 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
-        --out "$OUT/generate-$SHAPE-eager.json" --force
-    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS \
-        --out "$OUT/generate-$SHAPE.json" --force
-fi
-
-# 4. serving: a random-weight base of a real shape with the real tokenizer
-if wanted serve; then
-    SERVE_DIR=$(mktemp -d)/base
-    step serve-base 60 $PY - "$SERVE_SHAPE" "$SERVE_DIR" <<'EOF'
+# A random-weight base of a real shape with the real tokenizer (for the CLI and serving steps), made once.
+SMALL_BASE=""
+small_base() {
+    [ -n "$SMALL_BASE" ] && return
+    SMALL_BASE=$(mktemp -d)/base
+    step small-base 60 $PY - "$SERVE_SHAPE" "$SMALL_BASE" <<'EOF'
 import dataclasses, shutil, sys
 from pathlib import Path
 import torch
@@ -124,10 +122,32 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
 save_base(out, config, model.state_dict())
 print("wrote", out)
 EOF
-    step serve 120 $PY benchmarks/serve.py --checkpoint-dir "$SERVE_DIR" $SERVE --out "$OUT/serve.json" --force
+}
+
+# 3. the user's first commands: train an Aligner for a few steps through the trainer (Fabric), then answer with it
+if wanted cli; then
+    small_base
+    step finetune 180 $PY finetune/aligner.py --checkpoint-dir "$SMALL_BASE" --out-dir "$OUT/cli-run" --max-steps 6 --max-seq-length 256 \
+        --eval-interval 3 --compare-prompts 4 $CLI_COMPILE --no-progress --force
+    step generate-cli 120 $PY generate/aligner.py --checkpoint-dir "$SMALL_BASE" \
+        --aligner "$OUT/cli-run/aligner.safetensors" --no-aligner --prompt "What is 7 times 6?" --max-new-tokens 16
 fi
 
-# 5. where the time goes (named only)
+# 4. decoding: eager (seconds, no compilation), then compiled with CUDA graphs (each case compiles its own graph)
+if wanted generate; then
+    step generate-eager 60 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
+        --out "$OUT/generate-$SHAPE-eager.json" --force
+    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS \
+        --out "$OUT/generate-$SHAPE.json" --force
+fi
+
+# 5. serving
+if wanted serve; then
+    small_base
+    step serve 120 $PY benchmarks/serve.py --checkpoint-dir "$SMALL_BASE" $SERVE --out "$OUT/serve.json" --force
+fi
+
+# 6. where the time goes (named only)
 if wanted profile; then
     step profile 300 $PY benchmarks/profile_steps.py --config $SHAPE $PROFILE --what train decode \
         --checkpointing none block --decode-cases base-1 aligner-1 shared-B different-B base-B \

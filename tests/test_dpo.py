@@ -307,7 +307,7 @@ def pairs_file(tmp_path_factory):
 
 def dpo_run_config(ckpt, out, **kw):
     from lit_aligner.data import DataOptions
-    from lit_aligner.training import DPORunConfig, TrainConfig
+    from lit_aligner.training import DPORunConfig, DPOTrainConfig
 
     train = dict(max_steps=8, learning_rate=0.1, global_batch_size=8, micro_batch_size=4, warmup_steps=1,
                  eval_interval=4, eval_iters="all", save_interval=4, seed=7)
@@ -316,7 +316,7 @@ def dpo_run_config(ckpt, out, **kw):
                 progress=False, data_options=DataOptions(max_seq_length=128, val_fraction=0.1),
                 dpo=DPOConfig(beta=0.5))
     base.update(kw)
-    return DPORunConfig(train=TrainConfig(**train), **base)
+    return DPORunConfig(train=DPOTrainConfig(**train), **base)
 
 
 def run_dpo(cfg):
@@ -436,3 +436,17 @@ def test_step_peak_memory_takes_one_real_step_and_reports_the_peak(mode):
     if mode == "dpo":
         with pytest.raises(ValueError, match="even"):
             step_peak_memory(model, objective, sequences=3, seq_len=16)
+
+
+def test_dpo_keeps_its_own_training_defaults_from_python_and_the_cli():
+    from lit_aligner.cli import run_cli
+    from lit_aligner.training import DPORunConfig, DPOTrainConfig, SFTRunConfig, TrainConfig
+
+    sft, dpo = TrainConfig(), DPOTrainConfig()
+    assert (sft.learning_rate, sft.gate_lr_ratio, sft.min_lr_ratio) == (3e-2, 0.3, 0.3)
+    assert (dpo.learning_rate, dpo.gate_lr_ratio, dpo.min_lr_ratio, dpo.global_batch_size) == (5e-3, 1.0, 0.0, 8)
+    # A Python user who sets one field keeps DPO's others (a plain TrainConfig would bring SFT's floor and gates).
+    one = DPORunConfig(train=DPOTrainConfig(learning_rate=1e-3)).train
+    assert (one.learning_rate, one.gate_lr_ratio, one.min_lr_ratio) == (1e-3, 1.0, 0.0)
+    assert DPORunConfig().train == dpo and SFTRunConfig().train == sft
+    assert run_cli(lambda cfg: cfg, DPORunConfig, args=["--learning-rate", "1e-3"]).train == one

@@ -163,8 +163,21 @@ def check_out(path: Path, force: bool) -> Path:
     return check_output(path, (), force)
 
 
+def partial_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 def write_json(path: Path, payload: Dict[str, Any]) -> Path:
-    return atomic_write_json(path, json.loads(json.dumps(payload, default=str)))
+    """The finished results (atomically); the rows-so-far file of `write_partial` goes."""
+    written = atomic_write_json(path, json.loads(json.dumps(payload, default=str)))
+    partial_path(path).unlink(missing_ok=True)
+    return written
+
+
+def write_partial(path: Path, payload: Dict[str, Any]) -> Path:
+    """The rows so far, next to the results file (<name>.partial.json, "complete": false): a run stopped midway (a time
+    limit, an out-of-memory error) keeps them, and an existing results file stays untouched until the run completes."""
+    return atomic_write_json(partial_path(path), json.loads(json.dumps(payload, default=str)))
 
 
 def format_table(rows: List[Dict[str, Any]], columns: Sequence[str], formats: Optional[Dict[str, str]] = None) -> str:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
                     machine_info, median, out_of_memory_hint, pick_device, pick_dtype, random_aligner,
-                    write_json)
+                    write_json, write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.generation import generate  # noqa: E402
@@ -117,7 +117,7 @@ def main(
             "decode_s": [s.decode_s for s in runs], "decode_steps": runs[0].decode_steps,
         })
         print(f"{name:>24} batch {b:>3}: {tps:,.1f} tokens/s", file=sys.stderr)
-        write_json(path, payload)  # cases so far ("complete": false): a run stopped midway keeps them
+        write_partial(path, payload)
 
     by = {(r["case"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
     for r in rows:

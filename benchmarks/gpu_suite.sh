@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 9 minutes,
 # writing a log and JSON files under $OUT (default benchmarks/results/gpu-suite). Steps, most important first; a step
-# cut short by its time limit keeps what finished (every benchmark rewrites its JSON after each row):
+# cut short by its time limit keeps what finished (every benchmark writes its rows so far to <name>.partial.json):
 #   tests     the CUDA tests (pytest -m cuda);
 #   train     benchmarks/train.py on the LLaMA-2-7B shape (random weights), bf16, compiled blocks, N=10: SFT 8 x 512
 #             under checkpointing none / selective / mlp; SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;

@@ -4,7 +4,7 @@ Random base weights of a named config (as benchmarks/train.py and generate.py). 
 kernels launched per step, and the time by kind of kernel (matmul, attention, fused elementwise/reduction, copies,
 other), plus the top kernels. This is what explains a missed target: e.g. what an Aligner adds to a decoding step.
 
-    python benchmarks/profile_steps.py --config tiny --what train decode            # seconds, on any CPU
+    python benchmarks/profile_steps.py --config tiny --seq-len 64 --new-tokens 16   # seconds, on any CPU
     python benchmarks/profile_steps.py --config Llama-2-7b-hf --what train decode   # on a GPU
 """
 
@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
-                    machine_info, median, pick_device, pick_dtype, random_aligner, sync, timed, write_json)
+                    machine_info, median, pick_device, pick_dtype, random_aligner, sync, timed, write_json,
+                    write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.generation import generate  # noqa: E402
@@ -151,7 +152,8 @@ def main(
         force: replace an existing results file.
     """
     if batch < 1 or seq_len < 2 or decode_batch < 2 or new_tokens < 2 or steps < 1:
-        raise BenchmarkError("--batch >= 1, --seq-len >= 2, --decode-batch >= 2, --new-tokens >= 2, --steps >= 1")
+        raise BenchmarkError("--batch >= 1, --seq-len >= 2, --decode-batch >= 2, --new-tokens >= 2 and --steps >= 1 are "
+                             "required")
     dev = pick_device(device)
     dtype = pick_dtype(precision, dev)
     cfg = load_config(config)
@@ -169,7 +171,7 @@ def main(
         rows.append(row)
         print(f"{row['what']} {row['case']}: {row['device_ms_per_step']:.3f} ms, {row['kernels_per_step']:.0f} "
               f"kernels per step", file=sys.stderr)
-        write_json(path, payload)  # cases so far: a run stopped midway keeps them
+        write_partial(path, payload)
 
     if "train" in what:
         model = build_model(cfg, dev, dtype, n_tokens, start_layer)

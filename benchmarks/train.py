@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
-                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json)
+                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json,
+                    write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.model import LLaMA  # noqa: E402
@@ -153,7 +154,7 @@ def main(
                 rows.append(r)
                 print(f"{m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                       f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
-                write_json(path, payload)  # rows so far ("complete": false): a run stopped midway keeps them
+                write_partial(path, payload)
         # What each policy trades: bytes per token and gated layer that autograd keeps (measured eagerly, batch 1).
         if cfg.n_layer - start_layer >= 2:
             payload["activation_bytes_per_token_per_gated_layer"] = {

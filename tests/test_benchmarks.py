@@ -65,6 +65,31 @@ def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners(tmp_
     assert "16 different aligners" in capsys.readouterr().out
 
 
+def test_a_benchmark_stopped_midway_keeps_its_rows_and_leaves_the_old_results_alone(tmp_path):
+    out = tmp_path / "generate.json"
+    out.write_text('{"old": true}')
+    module = load_script("generate")
+    real, calls = module.generate, []
+
+    def generate_then_fail(*args, **kwargs):  # the third case's first call fails (say, out of memory)
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("stopped")
+        return real(*args, **kwargs)
+
+    module.generate = generate_then_fail
+    with pytest.raises(RuntimeError, match="stopped"):
+        module.main(config="tiny", batch=4, prompt_len=4, new_tokens=4, repeats=1, device="cpu", threads=1, out=out,
+                    force=True)
+    partial = json.loads((tmp_path / "generate.partial.json").read_text())
+    assert not partial["complete"] and [r["case"] for r in partial["results"]] == ["base", "aligner"]
+    assert json.loads(out.read_text()) == {"old": True}  # replaced only by a complete run
+    module.generate = real
+    module.main(config="tiny", batch=4, prompt_len=4, new_tokens=4, repeats=1, device="cpu", threads=1, out=out,
+                force=True)
+    assert json.loads(out.read_text())["complete"] and not (tmp_path / "generate.partial.json").exists()
+
+
 def test_profile_groups_each_step_by_kind_and_sees_the_aligner(tmp_path, capsys):
     out = tmp_path / "profile.json"
     torch.set_num_threads(1)

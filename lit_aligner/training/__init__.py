@@ -8,6 +8,6 @@ from lit_aligner.training.engine import FitResult, evaluate, fit, lr_at
 from lit_aligner.training.objectives import OBJECTIVES, Objective, ObjectiveModule, get_objective, register
 from lit_aligner.training.run import train
 
-__all__ = ["DPOLossConfig", "DPORunConfig", "DPOTrainConfig", "FitResult", "OBJECTIVES", "Objective", "ObjectiveModule", "RunConfig",
-           "SFTRunConfig", "TrainConfig", "TrainError", "evaluate", "fit", "get_objective", "lr_at", "register",
-           "train"]
+__all__ = ["DPOLossConfig", "DPORunConfig", "DPOTrainConfig", "FitResult", "OBJECTIVES", "Objective", "ObjectiveModule",
+           "RunConfig", "SFTRunConfig", "TrainConfig", "TrainError", "evaluate", "fit", "get_objective", "lr_at",
+           "register", "train"]

@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from lit_aligner.config import Config  # noqa: E402
 from lit_aligner.devices import default_precision, precision_dtype, resolve_device  # noqa: E402
 from lit_aligner.files import UserError, atomic_write_json, check_output  # noqa: E402
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable  # noqa: E402
+from lit_aligner.perf import apply_activation_checkpointing, compile_blocks, random_items  # noqa: E402
 
 
 class BenchmarkError(UserError):
@@ -210,3 +211,29 @@ def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> 
         a.prefix.copy_(torch.randn(a.prefix.shape, generator=g))
         a.gate.copy_(0.02 * torch.randn(a.gate.shape, generator=g))
     return a.to(model.tok_embeddings.weight.device).requires_grad_(False)
+
+
+def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int, chunk_size: int,
+                  device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
+    """One optimizer step of `mode`'s objective (the library's own SFT or DPO, whose reference is the bare base through
+    the same weights) on a fixed batch of `batch` random rows, under checkpointing `policy`: call it, get the loss."""
+    from lit_aligner.training.objectives import get_objective
+
+    apply_activation_checkpointing(model, policy)
+    if compiled:  # after the policy, so that the checkpointed forward is what gets compiled
+        torch._dynamo.reset()
+        compile_blocks(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    objective = get_objective(mode)(pad_id=0, chunk_size=chunk_size)
+    g = torch.Generator().manual_seed(0)
+    batch_t = {k: v.to(device) for k, v in objective.collate(random_items(objective.data_kind, model.config.vocab_size,
+                                                                          batch, seq_len, g)).items()}
+
+    def step() -> torch.Tensor:
+        loss = objective(model, batch_t)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step

@@ -123,7 +123,8 @@ def main(
     for r in rows:
         if r["case"] != "base":
             r["vs_base"] = r["decode_tokens_per_s"] / by[("base", r["batch"])]
-    rows[3]["vs_shared"] = rows[3]["decode_tokens_per_s"] / by[("aligner (shared)", batch)]
+    different = next(r for r in rows if r["case"] == f"{batch} different aligners")
+    different["vs_shared"] = different["decode_tokens_per_s"] / by[("aligner (shared)", batch)]
 
     print(f"{config}: prompt {prompt_len} + {new_tokens} new tokens, N={n_tokens}, start_layer={start_layer}, "
           f"{dtype}, compile {compiled}, device {dev}; weights read per step: {bytes_per_token / 1e9:.2f} GB"

@@ -19,14 +19,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
-                    machine_info, median, pick_device, pick_dtype, random_aligner, sync, timed, write_json,
-                    write_partial)
+                    machine_info, median, pick_device, pick_dtype, random_aligner, sync, timed, training_step,
+                    write_json, write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.generation import generate  # noqa: E402
-from lit_aligner.perf import (apply_activation_checkpointing, compile_blocks, configure_backends,  # noqa: E402
-                              peak_memory_bytes, random_items, reset_peak_memory, should_compile)
-from lit_aligner.training.objectives import get_objective  # noqa: E402
+from lit_aligner.perf import (apply_activation_checkpointing, configure_backends, peak_memory_bytes,  # noqa: E402
+                              reset_peak_memory, should_compile)
 
 KINDS = [  # first match wins; CPU op names are matched too, so the table reads the same on a CPU
     ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
@@ -64,23 +63,13 @@ def summarise(prof, steps: int, device: torch.device, top: int) -> Dict[str, Any
     }
 
 
-def profile_train(model, cfg, policy: str, batch: int, seq_len: int, steps: int, device, compiled: bool,
+def activities(device: torch.device) -> List[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profile_train(model, policy: str, batch: int, seq_len: int, steps: int, device, compiled: bool,
                   top: int) -> Dict[str, Any]:
-    apply_activation_checkpointing(model, policy)
-    if compiled:
-        torch._dynamo.reset()
-        compile_blocks(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    objective = get_objective("sft")(pad_id=0, chunk_size=1024)
-    g = torch.Generator().manual_seed(0)
-    batch_t = {k: v.to(device) for k, v in objective.collate(random_items("sft", cfg.vocab_size, batch, seq_len,
-                                                                          g)).items()}
-
-    def step():
-        objective(model, batch_t)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, "sft", policy, batch, seq_len, 1024, device, compiled)
     for _ in range(2):  # compilation and allocator warm-up
         step()
     times = []
@@ -89,7 +78,7 @@ def profile_train(model, cfg, policy: str, batch: int, seq_len: int, steps: int,
         with timed(device, times):
             step()
     peak = peak_memory_bytes(device)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as p:
+    with profile(activities=activities(device)) as p:
         for _ in range(steps):
             step()
         sync(device)
@@ -101,7 +90,7 @@ def profile_decode(model, name: str, prompts, aligners, new_tokens: int, device,
                    top: int) -> Dict[str, Any]:
     generate(model, prompts, new_tokens, aligners=aligners, compile=compiled)  # compilation, CUDA-graph recording
     _, stats = generate(model, prompts, new_tokens, aligners=aligners, compile=compiled, return_stats=True)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as p:
+    with profile(activities=activities(device)) as p:
         generate(model, prompts, new_tokens, aligners=aligners, compile=compiled)
     # One prefill and new_tokens - 1 decoding steps: per step is close enough to per decoding step for new_tokens >> 1.
     return {"what": "decode", "case": name, "batch": len(prompts), "tokens_per_s": stats.decode_tokens_per_s,
@@ -176,7 +165,7 @@ def main(
     if "train" in what:
         model = build_model(cfg, dev, dtype, n_tokens, start_layer)
         for policy in checkpointing:
-            done(profile_train(model, cfg, policy, batch, seq_len, steps, dev, compiled, top))
+            done(profile_train(model, policy, batch, seq_len, steps, dev, compiled, top))
         apply_activation_checkpointing(model, "none")
         del model
         torch._dynamo.reset()

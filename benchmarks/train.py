@@ -18,39 +18,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, build_model, check_out, default_out, format_table, load_config,  # noqa: E402
-                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, write_json,
-                    write_partial)
+                    machine_info, median, out_of_memory_hint, pick_device, pick_dtype, sync, timed, training_step,
+                    write_json, write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.model import LLaMA  # noqa: E402
-from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, apply_activation_checkpointing,  # noqa
-                              compile_blocks, configure_backends, peak_memory_bytes, random_items, reset_peak_memory,
-                              should_compile, train_flops_per_token)
-from lit_aligner.training.objectives import get_objective  # noqa: E402
+from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, configure_backends,  # noqa: E402
+                              peak_memory_bytes, reset_peak_memory, should_compile, train_flops_per_token)
 
 
 def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: int, n_tokens: int, start_layer: int,
             chunked: bool, warmup: int, steps: int, device: torch.device, peak_tflops: Optional[float],
             compiled: bool) -> Dict[str, Any]:
-    """One row: the median step of `mode`'s objective (the library's own SFT or DPO, whose reference is the bare
-    base through the same weights) on `batch` random rows, under checkpointing `policy`."""
-    apply_activation_checkpointing(model, policy)
-    if compiled:  # after the policy, so that the checkpointed forward is what gets compiled
-        torch._dynamo.reset()
-        compile_blocks(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    objective = get_objective(mode)(pad_id=0, chunk_size=1024 if chunked else 0)
-    g = torch.Generator().manual_seed(0)
-    batch_t = {k: v.to(device) for k, v in objective.collate(random_items(objective.data_kind, config.vocab_size,
-                                                                          batch, seq_len, g)).items()}
+    """One row: the median step of `mode`'s objective on `batch` random rows, under checkpointing `policy`."""
+    step = training_step(model, mode, policy, batch, seq_len, 1024 if chunked else 0, device, compiled)
     times = []
     reset_peak_memory(device)
     for i in range(warmup + steps):
         with timed(device, times):
-            loss = objective(model, batch_t)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = step()
     peak = peak_memory_bytes(device)
     # What nvidia-smi sees (tensors + the allocator's cache): the number to compare with a card's size.
     reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None

@@ -6,8 +6,8 @@
   order (`lit_aligner.training.engine.global_batch_indices`, length-grouped as the trainer does by default) with the
   same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW(betas 0.9/0.95, weight decay 0.02).
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
-  paper's N(0, 1) prefix) at each learning rate of --aligner-lrs and gate ratio of --gate-lr-ratios (by default the
-  trainer's defaults), and with --paper each N as the paper trains it.
+  paper's N(0, 1) prefix) at each learning rate of --aligner-lrs, gate ratio of --gate-lr-ratios and starting scale of
+  --init-scales (by default the trainer's defaults), and with --paper each N as the paper trains it.
 - LoRA r=8 on q_proj and v_proj (alpha 16, no dropout) and prefix tuning with 10 virtual tokens (PEFT defaults, no
   reparametrisation), trained by a plain PyTorch loop on the `transformers` model that `scripts/export_hf.py` writes
   from the same checkpoint; each learning rate of --lora-lrs / --prefix-lrs.
@@ -148,6 +148,7 @@ def run_aligner(spec, common):
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTRunConfig(checkpoint_dir=common["checkpoint_dir"], data=common["data"], template=common["template"],
                            out_dir=Path(out) / "run", n_tokens=spec["n_tokens"], prefix_init=spec["init"],
+                           prefix_init_scale=spec["init_scale"],
                            start_layer=spec["start_layer"],
                            accelerator=device.type, precision="32-true", progress=False, compare=False,
                            data_options=DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"]),
@@ -241,7 +242,8 @@ WORKER_FLAG = "--_run-one-system"
 
 
 def spec_key(spec: Dict[str, Any]) -> tuple:
-    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "lr", "gate_lr_ratio", "start_layer"))
+    return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "init_scale", "lr", "gate_lr_ratio",
+                                       "start_layer"))
 
 
 def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -258,10 +260,11 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     if not isinstance(before, dict) or {"min_lr_ratio": 0.0, **before} != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")
-    for r in runs:  # runs made before --gate-lr-ratios / --start-layers: gates at the Aligner's rate, from layer 2
-        if r.get("system") == "aligner":
+    for r in runs:  # runs made before --gate-lr-ratios / --start-layers / --init-scales: gates at the Aligner's rate,
+        if r.get("system") == "aligner":  # from layer 2, the prefix at 1x the hidden scale
             r.setdefault("gate_lr_ratio", 1.0)
             r.setdefault("start_layer", 2)
+            r.setdefault("init_scale", 1.0)
     return runs
 
 
@@ -283,6 +286,7 @@ def main(
     aligners: List[str] = [f"1:{DEFAULT_PREFIX_INIT}", f"10:{DEFAULT_PREFIX_INIT}"],  # noqa: B006 (tyro reads it)
     aligner_lrs: List[float] = [DEFAULTS.learning_rate],  # noqa: B006
     gate_lr_ratios: List[float] = [DEFAULTS.gate_lr_ratio],  # noqa: B006
+    init_scales: List[float] = [RunConfig.prefix_init_scale],  # noqa: B006
     start_layers: List[int] = [RunConfig.start_layer],  # noqa: B006
     paper: bool = True,
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
@@ -313,6 +317,8 @@ def main(
             this flag and the next three are the trainer's.
         aligner_lrs: Aligner learning rates (each variant x each lr x each gate ratio is one run).
         gate_lr_ratios: the gates' learning rate as a multiple of the Aligner's (the trainer's --gate-lr-ratio).
+        init_scales: a hidden or embedding prefix's starting scale (the trainer's --prefix-init-scale; normal
+            ignores it: the paper's N(0, 1)).
         start_layers: first layer that reads the prefix (the trainer's --start-layer; the paper's is 2).
         paper: also train each N of --aligners with the paper's recipe (N(0, 1) prefix, lr 9e-3 for prefix and
             gates: lit_aligner.training.config.PAPER_RECIPE).
@@ -326,9 +332,9 @@ def main(
             ones; earlier runs of other variants or learning rates stay in the tables (how a sweep grows).
     """
     require("peft", "transformers", extra="eval")
-    if not all(g > 0 for g in gate_lr_ratios) or not all(s >= 0 for s in start_layers):
-        raise BenchmarkError(f"--gate-lr-ratios must be positive and --start-layers >= 0, got {gate_lr_ratios}, "
-                             f"{start_layers}")
+    if not all(g > 0 for g in gate_lr_ratios + init_scales) or not all(s >= 0 for s in start_layers):
+        raise BenchmarkError(f"--gate-lr-ratios and --init-scales must be positive and --start-layers >= 0, got "
+                             f"{gate_lr_ratios}, {init_scales}, {start_layers}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
@@ -355,14 +361,15 @@ def main(
     if not runs:
         check_out(path, force)
     specs: List[Dict[str, Any]] = [{"system": "base", "label": "base (no training)"}]
-    sweep = [(n, init, lr, g, s) for n, init in variants for lr in aligner_lrs for g in gate_lr_ratios
-             for s in start_layers]
+    # normal ignores the scale (the paper's N(0, 1)): recorded as 1
+    sweep = [(n, init, 1.0 if init == "normal" else sc, lr, g, s) for n, init in variants for sc in init_scales
+             for lr in aligner_lrs for g in gate_lr_ratios for s in start_layers]
     if paper:
         recipe = PAPER_RECIPE
-        sweep += [(n, recipe["prefix_init"], recipe["learning_rate"], recipe["gate_lr_ratio"], RunConfig.start_layer)
-                  for n in sorted({n for n, _ in variants})]
-    specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "lr": lr,
-               "gate_lr_ratio": g, "start_layer": s} for n, init, lr, g, s in dict.fromkeys(sweep)]
+        sweep += [(n, recipe["prefix_init"], 1.0, recipe["learning_rate"], recipe["gate_lr_ratio"],
+                   RunConfig.start_layer) for n in sorted({n for n, _ in variants})]
+    specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "init_scale": sc, "lr": lr,
+               "gate_lr_ratio": g, "start_layer": s} for n, init, sc, lr, g, s in dict.fromkeys(sweep)]
     specs += [{"system": "lora", "label": "LoRA r=8 (q, v)", "lr": lr} for lr in lora_lrs]
     specs += [{"system": "prefix", "label": "prefix tuning 10 tokens", "n_tokens": 10, "lr": lr} for lr in prefix_lrs]
 
@@ -386,7 +393,8 @@ def main(
                       "the same command plus --resume goes on from there", file=sys.stderr, flush=True)
                 raise
             runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
-            print(f"{result['label']} {result.get('init', '')} lr={result.get('lr', '-')} gate x"
+            print(f"{result['label']} {result.get('init', '')} x{result.get('init_scale', '-')} lr="
+                  f"{result.get('lr', '-')} gate x"
                   f"{result.get('gate_lr_ratio', '-')} from layer {result.get('start_layer', '-')}: held-out loss "
                   f"{result['heldout_loss']:.4f} ({result['wall_s']:.0f} s)", file=sys.stderr, flush=True)
             # written after every run: an interrupted benchmark goes on with --resume
@@ -404,12 +412,13 @@ def main(
         r["x_lora_loss"] = r["heldout_loss"] / lora["heldout_loss"] if lora else None
         r["gain_vs_lora"] = ((base["heldout_loss"] - r["heldout_loss"]) / (base["heldout_loss"] - lora["heldout_loss"])
                              if lora and r is not base else None)
-    columns = ["label", "init", "lr", "gate_lr_ratio", "start_layer", "trainable_params", "heldout_loss", "x_lora_loss",
-               "gain_vs_lora", "train_tokens_per_s", "peak_memory_gb"]
+    columns = ["label", "init", "init_scale", "lr", "gate_lr_ratio", "start_layer", "trainable_params", "heldout_loss",
+               "x_lora_loss", "gain_vs_lora", "train_tokens_per_s", "peak_memory_gb"]
     order = {"aligner": 0, "lora": 1, "prefix": 2}  # then N, init, lr: a sweep grown with --resume reads in order
     inits = {"normal": 0, "hidden": 1, "embedding": 2}
     runs[1:] = sorted(runs[1:], key=lambda r: (order[r["system"]], r.get("n_tokens") or 0,
-                                               inits.get(r.get("init"), 0), r["lr"], r.get("gate_lr_ratio") or 0,
+                                               inits.get(r.get("init"), 0), r.get("init_scale") or 0, r["lr"],
+                                               r.get("gate_lr_ratio") or 0,
                                                r.get("start_layer") or 0))
     best_rows = [base] + sorted(best.values(), key=runs.index)
     formats = {"heldout_loss": ".4f", "x_lora_loss": ".4f", "gain_vs_lora": ".0%"}

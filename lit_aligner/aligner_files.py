@@ -26,7 +26,7 @@ import torch
 
 from lit_aligner.config import Config, name_to_config
 from lit_aligner.files import UserError, atomic_write, torch_load_failure
-from lit_aligner.model import DEFAULT_PREFIX_INIT, Aligner, AlignerConfig, LLaMA
+from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, Aligner, AlignerConfig, LLaMA
 
 PathLike = Union[str, Path]
 FORMAT = "lit-aligner"
@@ -295,15 +295,15 @@ def attach(model: LLaMA, aligner: Union[Aligner, PathLike]) -> Aligner:
     return model.aligner
 
 
-def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2,
-                prefix_init: str = DEFAULT_PREFIX_INIT) -> Aligner:
-    """Give `model` a fresh, trainable Aligner (random prefix drawn as `prefix_init` says, see
+def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2, prefix_init: str = DEFAULT_PREFIX_INIT,
+                prefix_init_scale: float = DEFAULT_PREFIX_INIT_SCALE) -> Aligner:
+    """Give `model` a fresh, trainable Aligner (random prefix drawn as `prefix_init` and `prefix_init_scale` say, see
     `lit_aligner.model.init_prefix`; zero gates: exactly the base) on its device and in its dtype; returns it."""
     from lit_aligner.model import init_prefix
 
     p = model.tok_embeddings.weight
     aligner = Aligner(model.config, AlignerConfig(n_tokens, start_layer))
-    init_prefix(model, aligner, prefix_init)
+    init_prefix(model, aligner, prefix_init, scale=prefix_init_scale)
     return attach(model, aligner.to(device=p.device, dtype=p.dtype))
 
 

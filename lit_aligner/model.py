@@ -67,15 +67,20 @@ PREFIX_INITS = ("normal", "hidden", "embedding")
 # "hidden" reached a lower held-out loss than the paper's "normal" at equal steps (benchmarks/quality.py); "normal"
 # stays one flag away and every Aligner file loads whatever its initialisation was.
 DEFAULT_PREFIX_INIT = "hidden"
+# A hidden or embedding prefix starts at this multiple of the hidden-state scale: 0.5 reached a lower held-out loss
+# than 1 and 2, and 0.25 and 0.1 no lower (SmolLM2 + Alpaca, howto/evaluate.md).
+DEFAULT_PREFIX_INIT_SCALE = 0.5
 
 
 @torch.no_grad()
-def init_prefix(model: "LLaMA", aligner: Aligner, how: str = "normal", generator: Optional[torch.Generator] = None):
+def init_prefix(model: "LLaMA", aligner: Aligner, how: str = "normal", generator: Optional[torch.Generator] = None,
+                scale: float = 1.0):
     """Set a fresh prefix. "normal": N(0, 1), the paper's (and the original code's) initialisation. The prefix enters
     each gated layer's K/V projection without that layer's RMSNorm, so N(0, 1) is on an arbitrary scale next to the
-    hidden states the projection was trained on: "hidden" draws N(0, 1) times the RMS those inputs have (the RMS of
-    the gated layers' attention-norm weights: a normalised hidden state has unit RMS before them); "embedding" takes
-    the embeddings of N random vocabulary tokens, RMS-normalised to that same scale (real-token directions)."""
+    hidden states the projection was trained on: "hidden" draws N(0, 1) times `scale` times the RMS those inputs have
+    (the RMS of the gated layers' attention-norm weights: a normalised hidden state has unit RMS before them);
+    "embedding" takes the embeddings of N random vocabulary tokens, RMS-normalised to that same scale (real-token
+    directions). `scale` does not apply to "normal": that is the paper's N(0, 1) exactly."""
     if how not in PREFIX_INITS:
         raise ValueError(f"unknown prefix init {how!r}; one of {', '.join(PREFIX_INITS)}")
     p = aligner.prefix
@@ -84,13 +89,13 @@ def init_prefix(model: "LLaMA", aligner: Aligner, how: str = "normal", generator
             p.copy_(torch.randn(p.shape, generator=generator).to(p))
         return
     norms = [b.attention_norm.weight.float() for b in model.layers[aligner.start_layer:]]
-    scale = torch.stack([w.pow(2).mean().sqrt() for w in norms]).mean()
+    rms = torch.stack([w.pow(2).mean().sqrt() for w in norms]).mean() * scale
     if how == "hidden":
-        p.copy_((torch.randn(p.shape, generator=generator) * scale.cpu()).to(p))
+        p.copy_((torch.randn(p.shape, generator=generator) * rms.cpu()).to(p))
         return
     ids = torch.randint(0, model.config.vocab_size, (aligner.n_tokens,), generator=generator)
     e = model.tok_embeddings.weight[ids.to(model.tok_embeddings.weight.device)].float()
-    p.copy_((e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-12) * scale).to(p))
+    p.copy_((e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-12) * rms).to(p))
 
 
 def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> Aligner:

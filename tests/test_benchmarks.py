@@ -138,7 +138,7 @@ def test_serve_benchmark_runs_the_real_server(tiny_checkpoint_dir, tmp_path, cap
 def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_rows(tiny_checkpoint_dir, tmp_path):
     pytest.importorskip("peft")
     from lit_aligner.data import default as default_data
-    from lit_aligner.training import TrainConfig
+    from lit_aligner.training import SFTRunConfig, TrainConfig
 
     data = tmp_path / "sft.json"
     data.write_text(json.dumps(default_data.generate_rows(120, seed=4)))
@@ -174,6 +174,13 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     new = {(r["gate_lr_ratio"], r["start_layer"]): r for r in again["runs"] if r.get("init") == "hidden"}
     assert new[(0.3, 1)]["trainable_params"] == 2 * 64 + (4 - 1) * 4
     assert new[(3.0, 2)]["heldout_loss"] != new[(0.3, 2)]["heldout_loss"]
+    # the prefix's starting scale is swept like the rates (the paper's normal run is not redone: it ignores it)
+    scaled = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], init_scales=[2.0], lora_lrs=[],
+                          prefix_lrs=[], resume=True)
+    assert len(scaled["runs"]) == len(again["runs"]) + 1
+    by_scale = {r["init_scale"]: r for r in scaled["runs"] if r.get("init") == "hidden" and r["start_layer"] == 2
+                and r["gate_lr_ratio"] == TrainConfig().gate_lr_ratio}
+    assert by_scale[2.0]["heldout_loss"] != by_scale[SFTRunConfig().prefix_init_scale]["heldout_loss"]
     sweep = dict(aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[], prefix_lrs=[], resume=True)
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**{**common, "steps": 4}, **sweep)
@@ -183,7 +190,7 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     out.write_text(json.dumps(older))
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**common, min_lr_ratio=0.5, **sweep)
-    assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(again["runs"])  # nothing reran
+    assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
     with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
         quality.main(**common, min_lr_ratio=2.0, **sweep)
 

@@ -378,15 +378,18 @@ def test_prefix_init_sets_the_scale_and_keeps_the_base_at_zero_gates(tiny_checkp
     from lit_aligner.aligner_files import new_aligner
     from lit_aligner.base import load_base
 
+    from lit_aligner.model import DEFAULT_PREFIX_INIT_SCALE
+
     model, _ = load_base(tiny_checkpoint_dir, device="cpu")
-    torch.manual_seed(0)
-    a = new_aligner(model, 10, 1, how)
-    rms = float(a.prefix.pow(2).mean().sqrt())
     norm_rms = float(torch.stack([b.attention_norm.weight.pow(2).mean().sqrt() for b in model.layers[1:]]).mean())
-    if how == "normal":
-        assert 0.8 < rms < 1.2
-    else:
-        assert rms == pytest.approx(norm_rms, rel=0.25)
+    for scale in (DEFAULT_PREFIX_INIT_SCALE, 2.0):
+        torch.manual_seed(0)
+        a = new_aligner(model, 10, 1, how, scale)
+        rms = float(a.prefix.pow(2).mean().sqrt())
+        if how == "normal":  # the paper's N(0, 1), whatever the scale
+            assert 0.8 < rms < 1.2
+        else:
+            assert rms == pytest.approx(scale * norm_rms, rel=0.25)
     if how == "embedding":  # real token directions: each row is parallel to some embedding row
         e = torch.nn.functional.normalize(model.tok_embeddings.weight, dim=-1)
         cos = torch.nn.functional.normalize(a.prefix, dim=-1) @ e.T
@@ -394,6 +397,11 @@ def test_prefix_init_sets_the_scale_and_keeps_the_base_at_zero_gates(tiny_checkp
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     with torch.no_grad():
         assert torch.equal(model(ids, aligner=a), model(ids, aligner=False))
+    # SFT's measured scale; DPO keeps the scale its own defaults were measured at
+    assert T.SFTRunConfig().prefix_init_scale == DEFAULT_PREFIX_INIT_SCALE and T.DPORunConfig().prefix_init_scale == 1
+    for bad in (0.0, float("nan")):
+        with pytest.raises(T.TrainError, match="--prefix-init-scale must be a positive number"):
+            T.SFTRunConfig(prefix_init_scale=bad).check()
 
 
 def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_function_of_seed_and_step():

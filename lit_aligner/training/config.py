@@ -15,7 +15,7 @@ from lit_aligner.data.load import DataOptions
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
-from lit_aligner.model import DEFAULT_PREFIX_INIT, PREFIX_INITS, PrefixInit
+from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 
 
@@ -137,9 +137,12 @@ class RunConfig:
     start_layer: int = 2
     """first layer that reads the prefix (paper: 2)."""
     prefix_init: PrefixInit = DEFAULT_PREFIX_INIT
-    """how a fresh prefix starts: hidden (N(0, 1) scaled to the RMS of the inputs of the gated layers' K/V
-    projections: on SmolLM2 + Alpaca it reaches a lower held-out loss, howto/evaluate.md), normal (the paper's
-    N(0, 1)), embedding (the embeddings of N random vocabulary tokens at that scale)."""
+    """how a fresh prefix starts: hidden (N(0, 1) scaled to --prefix-init-scale x the RMS of the inputs of the gated
+    layers' K/V projections: on SmolLM2 + Alpaca it reaches a lower held-out loss, howto/evaluate.md), normal (the
+    paper's N(0, 1)), embedding (the embeddings of N random vocabulary tokens at that scale)."""
+    prefix_init_scale: float = DEFAULT_PREFIX_INIT_SCALE
+    """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (1: their
+    scale; 0.5 reached a lower held-out loss, howto/evaluate.md); normal ignores it (the paper's N(0, 1))."""
     precision: Optional[str] = None
     """Fabric precision: bf16-true, 16-true, 32-true, bf16-mixed (default: bf16-true on a GPU, 32-true on the CPU)."""
     accelerator: str = "auto"
@@ -182,6 +185,8 @@ class RunConfig:
                              f"{self.start_layer}")
         if self.prefix_init not in PREFIX_INITS:
             raise TrainError(f"--prefix-init must be one of {', '.join(PREFIX_INITS)}, got {self.prefix_init!r}")
+        if not 0 < self.prefix_init_scale < float("inf"):
+            raise TrainError(f"--prefix-init-scale must be a positive number, got {self.prefix_init_scale}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
 
@@ -194,6 +199,7 @@ class RunConfig:
         return {"checkpoint_dir": str(self.checkpoint_dir), "data": str(self.data), "template": self.template,
                 "objective": self.objective_name, "n_tokens": self.n_tokens, "start_layer": self.start_layer,
                 "init_aligner": str(self.init_aligner), "prefix_init": self.prefix_init,
+                "prefix_init_scale": self.prefix_init_scale,
                 "learning_rate": self.train.learning_rate, "gate_lr_ratio": self.train.gate_lr_ratio,
                 "min_lr_ratio": self.train.min_lr_ratio,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
@@ -276,6 +282,9 @@ class DPORunConfig(RunConfig):
     eval_only: bool = False
     """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
     print the metrics as one JSON object (`evaluate/aligner.py preference` does the same for many Aligners)."""
+    prefix_init_scale: float = 1.0
+    """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (DPO's defaults
+    were measured at 1; SFT's 0.5 was measured for SFT only)."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 

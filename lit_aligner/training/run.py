@@ -162,7 +162,7 @@ def _load(run: Run) -> None:
         cfg.n_tokens, cfg.start_layer = run.init_aligner.n_tokens, run.init_aligner.start_layer
         attach(run.model, run.init_aligner)
     else:
-        new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init)
+        new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init, cfg.prefix_init_scale)
     # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner
     run.objective = objective_cls.from_run(cfg, run)
     if run.state is not None:

@@ -259,6 +259,6 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
     assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
 
     status, err = stop(signal.SIGINT, whole_benchmark=True, resume=True)
-    assert status == 130
+    assert status == 130, err
     assert f"interrupted during the Aligner N=2 run; the 1 finished run(s) are in {out}" in err
     assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]

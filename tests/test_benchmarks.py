@@ -237,8 +237,11 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
                "--out", str(out)]
 
     def stop(signum: int, whole_benchmark: bool, resume: bool):
+        # SIGINT as in a foreground terminal: a test run started in the background (`.ci/run &` from a script)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
         bench = subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         worker = 0
         while time.monotonic() < deadline:  # until the Aligner's run is in its training loop (its handler is set)

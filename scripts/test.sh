@@ -10,4 +10,4 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$
         || echo "note: could not install chromium + chromium-driver; the browser test will skip" >&2
 fi
 . "${VENV:-.venv}/bin/activate"
-python -m pytest "$@"
+python -m pytest --durations=15 "$@"  # the slowest tests, to keep the suite under 10 minutes

@@ -29,3 +29,59 @@ def bpe_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int, eos: str 
               "chat_template": CHATML, **(extra_config or {})}
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     return d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running the repository's commands
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _ForkServer:
+    """The client of tests/forkserver.py: started on first use, one per test session (pytest runs tests serially)."""
+
+    proc = None
+
+    def run(self, argv, cwd, env, timeout):
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert json.loads(self.proc.stdout.readline()).get("ready"), "tests/forkserver.py did not start"
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+                       "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+            if "error" in reply:
+                raise subprocess.TimeoutExpired(argv, timeout)
+            return subprocess.CompletedProcess([sys.executable, *argv], reply["returncode"],
+                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+
+_server = _ForkServer()
+
+
+def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = False):
+    """`python ARGS...` (a repository script and its flags) with cwd=the repository root, the test process's environment
+    plus `env`, captured text output, as subprocess.run returns it. The command runs as a forked child of a process that
+    has already imported torch and the library (tests/forkserver.py: ~2 s saved per command, the same script, argv,
+    files and exit status); fresh=True starts a new interpreter instead, for what depends on the interpreter's own
+    start (signals sent from outside, environment read at import)."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [str(a) for a in args]
+    full_env = {**os.environ, **(env or {})}
+    if fresh or os.environ.get("LIT_ALIGNER_TESTS_NO_FORKSERVER"):
+        return subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    return _server.run(argv, cwd or ROOT, full_env, timeout)

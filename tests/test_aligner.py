@@ -1,13 +1,13 @@
 """Aligner files: our .safetensors format, compatibility with bases, the paper's .pth checkpoints, the CLI."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import helpers
 from lit_aligner.aligner_files import (AlignerBaseWarning, AlignerFileError, attach, check_compatible,
                                        export_paper_checkpoint, import_paper_checkpoint, load_aligner, save_aligner)
 from lit_aligner.config import Config
@@ -34,8 +34,7 @@ def random_aligner(config: Config, n_tokens: int = 3, start_layer: int = 2, dtyp
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_aligner.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return helpers.run_script(ROOT / "scripts" / "convert_aligner.py", *args, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------------------------

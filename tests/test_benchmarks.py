@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -110,8 +112,8 @@ def test_profile_groups_each_step_by_kind_and_sees_the_aligner(tmp_path, capsys)
 
 
 def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--config", "no-such-model",
-                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    proc = helpers.run_script(REPO / "benchmarks" / "train.py", "--config", "no-such-model", "--out", tmp_path / "x.json",
+                              timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --config") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()

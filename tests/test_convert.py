@@ -11,8 +11,6 @@ import gc
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from lit_aligner.base import load_model
 from lit_aligner.convert import ConvertError, convert_gguf, convert_hf, convert_meta
 from lit_aligner.convert.writer import TensorSpec, safetensors_header, write_weights
@@ -527,8 +526,7 @@ def test_bad_gguf_files_are_clear_errors(untied, tmp_path):
 
 
 def run_script(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return helpers.run_script(*args)
 
 
 def test_convert_hf_cli_writes_a_checkpoint(untied, tmp_path):

@@ -4,10 +4,7 @@ the base, the copy-rate and ll(C)-vs-ll(A) metrics against independent computati
 scripts/eval_correction.py on a tiny checkpoint built here (random weights, a byte-level BPE trained in the test)."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from lit_aligner.generation.correction import (answer_then_correct, base_answers
                                                read_qa_pairs)
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights
 from lit_aligner.prompts import CORRECTION, correction_prompt, prompt_for_aligner
+import helpers
 from helpers import bpe_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,10 +241,7 @@ def test_correction_training_makes_ll_c_over_ll_a_rise(loaded, trained):
 
 def run_script(*args):
     # one thread: a tiny model gains nothing from more, and a busy shared CPU makes them wait on each other
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return helpers.run_script(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_generate_cli_corrects_question_answer_pairs_and_qa_files(loaded, tiny_dir, trained, tmp_path):

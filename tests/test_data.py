@@ -5,10 +5,7 @@ Tokenizers are built here, offline, in a few hundred milliseconds: a byte-level 
 model, each with a ChatML chat template, in tmp checkpoint directories read by `lit_aligner.tokenizer.Tokenizer`."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from lit_aligner.data import (IGNORE_INDEX, DataError, DataOptions, TokenizedDat
 from lit_aligner.data import default as default_data
 from lit_aligner.prompts import TEMPLATES, correction_prompt, get_template, join_input
 from lit_aligner.tokenizer import Tokenizer
+import helpers
 from helpers import CHATML, SPECIALS, bpe_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -544,9 +542,7 @@ def test_real_smollm2_tokenizer_chat_responses_end_with_im_end(tmp_path):
 
 
 def run_script(name, *args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
+    return helpers.run_script(ROOT / "scripts" / name, *args, timeout=120)
 
 
 def test_prepare_json_script_writes_a_loadable_directory_and_reports_counts(tok, bpe_dir, tmp_path):

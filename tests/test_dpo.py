@@ -4,14 +4,12 @@ init/reference, and the finetune/aligner_dpo.py CLI on a tiny checkpoint."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import helpers
 from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
 from lit_aligner.data import TokenizedDataset
@@ -326,8 +324,7 @@ def run_dpo(cfg):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return helpers.run_script(*args, timeout=600, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import helpers
 from lit_aligner.aligner_files import save_aligner
 from lit_aligner.base import load_base
 from lit_aligner.model import Aligner, AlignerConfig
@@ -17,9 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args, cwd=None):
-    p = subprocess.run([sys.executable, str(REPO / "evaluate" / "aligner.py"), *map(str, args)], capture_output=True,
-                       text=True, cwd=cwd)
-    return p
+    return helpers.run_script(REPO / "evaluate" / "aligner.py", *args, cwd=cwd)
 
 
 def last_json(p):
@@ -120,11 +117,10 @@ def test_preference_metrics_use_trl_names_and_equal_the_dpo_eval_only(tiny_check
         assert k in steer
     assert steer["rewards/margins"] == pytest.approx(steer["rewards/chosen"] - steer["rewards/rejected"], abs=1e-5)
     # the old path, finetune/aligner_dpo.py --eval-only, on the whole file as its validation split
-    old = subprocess.run([sys.executable, str(REPO / "finetune" / "aligner_dpo.py"), "--eval-only", "--checkpoint-dir",
-                          str(tiny_checkpoint_dir), "--data", str(data), "--template", "plain", "--max-seq-length",
-                          "256", "--val-size", "29", "--eval-iters", "all", "--init-aligner",
-                          str(aligners / "steer.safetensors"), "--reference-aligner", "none", "--accelerator", "cpu"],
-                         capture_output=True, text=True)
+    old = helpers.run_script(REPO / "finetune" / "aligner_dpo.py", "--eval-only", "--checkpoint-dir",
+                             tiny_checkpoint_dir, "--data", data, "--template", "plain", "--max-seq-length", "256",
+                             "--val-size", "29", "--eval-iters", "all", "--init-aligner", aligners / "steer.safetensors",
+                             "--reference-aligner", "none", "--accelerator", "cpu")
     assert old.returncode == 0, old.stderr
     old_m = json.loads(old.stdout.strip().splitlines()[-1])
     p2 = cli("preference", "--checkpoint-dir", tiny_checkpoint_dir, "--data", data, "--template", "plain",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from lit_aligner.aligner_files import AlignerBaseWarning, AlignerFileError, load_aligner, save_aligner
 from lit_aligner.base import load_model
 from lit_aligner.config import Config
@@ -402,8 +403,6 @@ def test_gguf_tokenizers_of_llama3_and_qwen_rebuild_the_same_ids(style, pre, tmp
 
 
 def test_a_qwen3_base_converts_trains_an_aligner_and_generates(tmp_path):
-    import subprocess
-    import sys
 
     hf = make_hf("qwen3-gqa-head-dim", vocab=400, context=512)  # the trained tokenizer's vocabulary
     hf.save_pretrained(tmp_path / "hf")
@@ -411,8 +410,7 @@ def test_a_qwen3_base_converts_trains_an_aligner_and_generates(tmp_path):
     for f in (tmp_path / "tok").iterdir():
         (tmp_path / "hf" / f.name).write_bytes(f.read_bytes())
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], cwd=ROOT, capture_output=True, text=True,  # noqa
-                                    timeout=300, env={**__import__("os").environ, **env})
+    run = lambda *a: helpers.run_script(*a, env=env)  # noqa: E731
     r = run("scripts/convert_hf.py", tmp_path / "hf", "--out-dir", tmp_path / "base")
     assert r.returncode == 0, r.stderr
     r = run("finetune/aligner.py", "--checkpoint-dir", tmp_path / "base", "--out-dir", tmp_path / "run",

@@ -2,14 +2,12 @@
 streaming, prefix K/V computed once per call; and the `generate/` CLIs on the real SmolLM2."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import helpers
 from lit_aligner.config import Config
 from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts, generate, read_prompts, sample
 from lit_aligner.prompts import build_prompt
@@ -262,8 +260,7 @@ def test_compiled_decode_gives_the_eager_tokens(model):
 
 
 def run_script(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return helpers.run_script(*args, cwd=cwd, timeout=600)
 
 
 def smollm2(request):

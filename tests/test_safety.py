@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
+
 from lit_aligner import training as T
 from lit_aligner.aligner_files import load_aligner, save_aligner
 from lit_aligner.base import load_config
@@ -24,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*args, timeout=300, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return helpers.run_script(*args, timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def one_error_line(r, *parts):

@@ -4,8 +4,6 @@ and is queried with the `openai` client library (and raw HTTP where the client w
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +16,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+import helpers  # noqa: E402
 from lit_aligner.aligner_files import save_aligner  # noqa: E402
 from lit_aligner.model import Aligner, AlignerConfig  # noqa: E402
 from lit_aligner.serving.process import ServerProcess  # noqa: E402
@@ -287,8 +286,8 @@ def test_cli_errors_are_one_line(smollm2_dir, tmp_path):
     for args, expect in [(["--aligners-dir", str(tmp_path / "missing")], "no such directory"),
                          (["--max-batch", "0"], "--max-batch must be >= 1"),
                          (["--checkpoint-dir", str(tmp_path)], str(tmp_path))]:
-        p = subprocess.run([sys.executable, str(REPO / "serve" / "aligner.py"), "--checkpoint-dir", str(smollm2_dir),
-                            "--port", "1", *args], capture_output=True, text=True, cwd=tmp_path)
+        p = helpers.run_script(REPO / "serve" / "aligner.py", "--checkpoint-dir", smollm2_dir, "--port", "1", *args,
+                               cwd=tmp_path)
         assert p.returncode == 1, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr

@@ -7,13 +7,12 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import helpers
 from lit_aligner import training as T
 from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
@@ -29,8 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*args, env=None):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    return helpers.run_script(*args, env=env, timeout=600)
 
 
 def small_run(ckpt, out, **train_kw):

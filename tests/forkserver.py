@@ -57,6 +57,10 @@ def child(req: dict) -> None:
             import torch
 
             torch.set_num_threads(int(req["env"]["OMP_NUM_THREADS"]))
+        if not os.path.isfile(req["argv"][0]):
+            print(f"{sys.executable}: can't open file {script!r}: [Errno 2] No such file or directory", file=sys.stderr)
+            code = 2
+            return
         try:
             runpy.run_path(req["argv"][0], run_name="__main__")  # __file__ as given, like python
             code = 0

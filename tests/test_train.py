@@ -383,7 +383,7 @@ def test_prefix_init_sets_the_scale_and_keeps_the_base_at_zero_gates(tiny_checkp
     for scale in (DEFAULT_PREFIX_INIT_SCALE, 2.0):
         torch.manual_seed(0)
         a = new_aligner(model, 10, 1, how, scale)
-        rms = float(a.prefix.pow(2).mean().sqrt())
+        rms = float(a.prefix.detach().pow(2).mean().sqrt())
         if how == "normal":  # the paper's N(0, 1), whatever the scale
             assert 0.8 < rms < 1.2
         else:

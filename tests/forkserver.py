@@ -68,7 +68,7 @@ def child(req: dict) -> None:
             code = exit_code(e)
         except KeyboardInterrupt:
             traceback.print_exc()
-            code = 130
+            code = -signal.SIGINT  # python ends by its own SIGINT: the parent sees the signal, not a status
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -79,6 +79,9 @@ def child(req: dict) -> None:
                 stream.flush()
             except Exception:
                 pass
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 

@@ -1,6 +1,11 @@
-"""Fixture builders shared by several test files (imported as `helpers`; tests/ is on sys.path under pytest)."""
+"""Fixture builders shared by several test files, and how they run the repository's commands (imported as `helpers`;
+tests/ is on sys.path under pytest)."""
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -43,11 +48,6 @@ class _ForkServer:
     proc = None
 
     def run(self, argv, cwd, env, timeout):
-        import os
-        import subprocess
-        import sys
-        import tempfile
-
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -75,10 +75,6 @@ def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = Fa
     has already imported torch and the library (tests/forkserver.py: ~2 s saved per command, the same script, argv,
     files and exit status); fresh=True starts a new interpreter instead, for what depends on the interpreter's own
     start (signals sent from outside, environment read at import)."""
-    import os
-    import subprocess
-    import sys
-
     argv = [str(a) for a in args]
     full_env = {**os.environ, **(env or {})}
     if fresh or os.environ.get("LIT_ALIGNER_TESTS_NO_FORKSERVER"):

@@ -112,8 +112,8 @@ def test_profile_groups_each_step_by_kind_and_sees_the_aligner(tmp_path, capsys)
 
 
 def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):
-    proc = helpers.run_script(REPO / "benchmarks" / "train.py", "--config", "no-such-model", "--out", tmp_path / "x.json",
-                              timeout=120)
+    proc = helpers.run_script(REPO / "benchmarks" / "train.py", "--config", "no-such-model", "--out",
+                              tmp_path / "x.json", timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --config") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import helpers
+from helpers import run_script
 from lit_aligner.base import load_model
 from lit_aligner.convert import ConvertError, convert_gguf, convert_hf, convert_meta
 from lit_aligner.convert.writer import TensorSpec, safetensors_header, write_weights
@@ -523,10 +523,6 @@ def test_bad_gguf_files_are_clear_errors(untied, tmp_path):
 
 
 # --- the CLIs ---------------------------------------------------------------------------------------------------------
-
-
-def run_script(*args):
-    return helpers.run_script(*args)
 
 
 def test_convert_hf_cli_writes_a_checkpoint(untied, tmp_path):

@@ -1,7 +1,9 @@
 """The fork server the command-line tests run through (tests/forkserver.py) gives a script what a fresh interpreter
-gives it: argv, cwd, environment, sys.path[0], stdout/stderr, exit status, tracebacks, atexit handlers."""
+gives it: argv, cwd, environment, sys.path[0], stdout/stderr, exit status (an uncaught Ctrl-C: death by SIGINT),
+tracebacks, atexit handlers."""
 
 import json
+import signal
 
 import pytest
 
@@ -20,10 +22,12 @@ if how == "message":
     sys.exit("error: a message")
 if how == "raise":
     raise ValueError("boom")
+if how == "interrupt":
+    raise KeyboardInterrupt
 '''
 
 
-@pytest.mark.parametrize("how", ["ok", "exit3", "message", "raise"])
+@pytest.mark.parametrize("how", ["ok", "exit3", "message", "raise", "interrupt"])
 def test_a_forked_command_is_what_a_fresh_interpreter_gives(tmp_path, how):
     script = tmp_path / "bin" / "script.py"
     script.parent.mkdir()
@@ -31,7 +35,8 @@ def test_a_forked_command_is_what_a_fresh_interpreter_gives(tmp_path, how):
     runs = [helpers.run_script(script, how, "two words", cwd=tmp_path, env={"FORKSERVER_TEST": "yes"}, fresh=fresh)
             for fresh in (False, True)]
     forked, fresh = runs
-    assert forked.returncode == fresh.returncode == {"ok": 0, "exit3": 3, "message": 1, "raise": 1}[how]
+    assert forked.returncode == fresh.returncode == {"ok": 0, "exit3": 3, "message": 1, "raise": 1,
+                                                               "interrupt": -signal.SIGINT}[how]
     assert json.loads(forked.stdout) == json.loads(fresh.stdout)
     assert json.loads(forked.stdout)["env"] == "yes" and json.loads(forked.stdout)["argv"][2] == "two words"
     # the traceback's frames differ (runpy's), its last line does not

@@ -163,13 +163,18 @@ def run_aligner(spec, common):
     loss = heldout_loss(lambda ids, mask: model(ids, aligner=aligner), val, tokenizer.pad_id, device)
     return {"heldout_loss": loss, "trainable_params": aligner.num_params(),
             "train_tokens_per_s": summary["throughput"]["real_tokens_per_sec"],
-            "final_train_loss": None}
+            "final_train_loss": summary["train_loss"]}
 
 
 def run_peft(spec, common):
     """PEFT on the transformers model, trained on the same rows, order and schedule."""
+    import warnings
+
     import peft
     import transformers
+
+    # PEFT 0.21 reads an attribute transformers 5 deprecated: a FutureWarning per run that is neither ours nor the user's
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     from lit_aligner.training.engine import global_batch_indices, lr_at, rank_micro_batches
     from lit_aligner.training.objectives.sft import SFT
@@ -385,6 +390,7 @@ def main(
         if specs:
             export_hf(checkpoint_dir, hf_dir)
         common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir))
+        command = machine_info(dev)["command"]
         for spec in specs:
             try:
                 result = run_child(spec, common, Path(tmp))
@@ -392,6 +398,7 @@ def main(
                 print(f"interrupted during the {spec['label']} run; the {len(runs)} finished run(s) are in {path}: "
                       "the same command plus --resume goes on from there", file=sys.stderr, flush=True)
                 raise
+            result["command"] = command  # each run keeps its own: a file grown with --resume has several
             runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
             print(f"{result['label']} {result.get('init', '')} x{result.get('init_scale', '-')} lr="
                   f"{result.get('lr', '-')} gate x"

@@ -163,6 +163,8 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
         assert r["heldout_loss"] == r["heldout_loss"] and r["peak_memory_gb"] > 0
         if r is not base:
             assert r["heldout_loss"] != base["heldout_loss"] and r["train_tokens_per_s"] > 0
+            assert 0 < r["final_train_loss"] < 20  # every trained system reports its last step's loss
+        assert r["command"] == payload["machine"]["command"]  # each run names the command that made it
     assert payload["best"][0] is not None and "sanity" in payload
     assert payload["settings"]["min_lr_ratio"] == TrainConfig().min_lr_ratio
     # --resume keeps what ran and runs only what is new; other settings are refused

@@ -130,6 +130,7 @@ def test_a_short_run_lowers_validation_loss_clearly_and_writes_aligner_metrics_c
     rows = read_csv(out / "metrics.csv")
     assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "real_tokens_per_sec"} <= set(rows[0])
     assert [int(r["step"]) for r in rows] == list(range(9))
+    assert summary["train_loss"] == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-6)  # the last step's
     assert (out / "state" / "step-000004.pt").is_file() and (out / "state" / "last.pt").is_file()
     assert not (out / ".lock").exists()  # released at the end of the run
     aligner, meta = load_aligner(out / "aligner.safetensors")

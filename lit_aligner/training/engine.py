@@ -156,6 +156,7 @@ class FitResult:
     first_val: Dict[str, float]  # at the first evaluation of this call (step 0 for a fresh run)
     seconds: float
     throughput: Dict[str, float] = field(default_factory=dict)  # median tokens/s of the steps (padded and real)
+    train: Dict[str, float] = field(default_factory=dict)  # the last step's training metrics (its global batch)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
@@ -196,6 +197,7 @@ def fit(
     last_state: Optional[Path] = None
     val_metrics: Dict[str, float] = {}
     first_val: Dict[str, float] = {}
+    last_train: Dict[str, float] = {}
     params = [p for p in aligner.parameters()]
 
     def validate() -> Dict[str, float]:
@@ -263,6 +265,7 @@ def fit(
             row = {"step": step, **{f"train_{k}": float(stats[i]) / max(units, 1) for i, k in enumerate(names)},
                    "lr": lr, "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
                    "tokens_seen": tokens_seen, "real_tokens_seen": real_seen, "elapsed_s": time.perf_counter() - t_start}
+            last_train = {k: row[f"train_{k}"] for k in names}
             stop_now = float(stats[-1]) > 0
             if validating and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
                 val_metrics = validate()
@@ -288,4 +291,5 @@ def fit(
         bar.close()
     metrics.close()
     throughput = {k: sorted(v)[len(v) // 2] for k, v in speeds.items() if v}
-    return FitResult(step, stopped, last_state, val_metrics, first_val, time.perf_counter() - t_start, throughput)
+    return FitResult(step, stopped, last_state, val_metrics, first_val, time.perf_counter() - t_start, throughput,
+                     last_train)

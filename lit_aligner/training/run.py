@@ -66,8 +66,9 @@ def make_strategy(strategy: str, activation_checkpointing: str = "none"):
 
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Train (or, for DPO with eval_only, evaluate) an Aligner as `cfg` says. Returns a summary dict: out_dir, step,
-    stopped (a signal name), state (the newest run state), val / first_val (validation metrics), seconds, throughput,
-    template, aligner (the saved file), data (the loader's counts) and, when made, the before/after comparison."""
+    stopped (a signal name), state (the newest run state), val / first_val (validation metrics), train_loss (the last
+    step's), seconds, throughput, template, aligner (the saved file), data (the loader's counts) and, when made, the
+    before/after comparison."""
     from lit_aligner.base import load_config
     from lit_aligner.devices import default_precision
 
@@ -229,7 +230,8 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
                  start_step=start_step, progress=cfg.progress)
     summary.update(step=result.step, stopped=result.stopped, state=str(result.last_state) if result.last_state else None,
                    val=result.val, first_val=result.first_val, val_loss=result.val.get("loss"),
-                   first_val_loss=result.first_val.get("loss"), seconds=result.seconds, throughput=result.throughput)
+                   first_val_loss=result.first_val.get("loss"), train_loss=result.train.get("loss"),
+                   seconds=result.seconds, throughput=result.throughput)
     if result.stopped:
         fabric.print(f"\nstopped by {result.stopped} after step {result.step}; run state {result.last_state}. "
                      f"Continue with the same command plus --resume auto.")

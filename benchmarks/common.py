@@ -124,6 +124,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def command_line() -> str:
+    """This process's command line, shell-quoted: what reruns a figure."""
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """What the figures depend on: accelerator or CPU model and cores, load average, torch version, command line."""
     info: Dict[str, Any] = {
@@ -134,7 +139,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if hasattr(os, "getloadavg"):

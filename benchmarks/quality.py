@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BenchmarkError, check_out, format_table, machine_info, machine_name, pick_device,  # noqa: E402
-                    require, write_json)
+from common import (BenchmarkError, check_out, command_line, format_table, machine_info, machine_name,  # noqa: E402
+                    pick_device, require, write_json)
 
 import torch  # noqa: E402
 
@@ -173,7 +173,7 @@ def run_peft(spec, common):
     import peft
     import transformers
 
-    # PEFT 0.21 reads an attribute transformers 5 deprecated: a FutureWarning per run that is neither ours nor the user's
+    # PEFT 0.21 reads an attribute transformers 5 deprecated: one FutureWarning per run, neither ours nor the user's
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     from lit_aligner.training.engine import global_batch_indices, lr_at, rank_micro_batches
@@ -390,7 +390,6 @@ def main(
         if specs:
             export_hf(checkpoint_dir, hf_dir)
         common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir))
-        command = machine_info(dev)["command"]
         for spec in specs:
             try:
                 result = run_child(spec, common, Path(tmp))
@@ -398,7 +397,7 @@ def main(
                 print(f"interrupted during the {spec['label']} run; the {len(runs)} finished run(s) are in {path}: "
                       "the same command plus --resume goes on from there", file=sys.stderr, flush=True)
                 raise
-            result["command"] = command  # each run keeps its own: a file grown with --resume has several
+            result["command"] = command_line()  # each run keeps its own: a file grown with --resume has several
             runs.insert(0, result) if spec["system"] == "base" else runs.append(result)
             print(f"{result['label']} {result.get('init', '')} x{result.get('init_scale', '-')} lr="
                   f"{result.get('lr', '-')} gate x"

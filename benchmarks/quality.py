@@ -66,7 +66,8 @@ def load_rows(common: Dict[str, Any]):
 def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
     return TrainConfig(max_steps=common["steps"], learning_rate=lr, gate_lr_ratio=gate_lr_ratio,
                        global_batch_size=common["batch"], micro_batch_size=common["micro_batch"],
-                       warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"], eval_iters=0,
+                       warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"],
+                       max_norm=common.get("max_norm"), eval_iters=0,
                        save_interval=common["steps"], seed=common["seed"], group_by_length=True)
 
 
@@ -211,6 +212,8 @@ def run_peft(spec, common):
             (loss / units).backward()
             total += float(loss.detach())
             real += int(b["lengths"].sum())
+        if common.get("max_norm"):  # as the trainer's --max-norm (and Hugging Face's max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, common["max_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -261,8 +264,8 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
         raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
                              "--force to replace it")
     before = earlier.get("settings")
-    # a file from before --min-lr-ratio: every system's cosine ended at 0
-    if not isinstance(before, dict) or {"min_lr_ratio": 0.0, **before} != settings:
+    # a file from before --min-lr-ratio or --max-norm: every system's cosine ended at 0, no clipping
+    if not isinstance(before, dict) or {"min_lr_ratio": 0.0, "max_norm": None, **before} != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")
     for r in runs:  # runs made before --gate-lr-ratios / --start-layers / --init-scales: gates at the Aligner's rate,
@@ -287,6 +290,7 @@ def main(
     micro_batch: int = 8,
     warmup_steps: int = 5,
     min_lr_ratio: float = DEFAULTS.min_lr_ratio,
+    max_norm: Optional[float] = DEFAULTS.max_norm,
     seed: int = 42,
     aligners: List[str] = [f"1:{DEFAULT_PREFIX_INIT}", f"10:{DEFAULT_PREFIX_INIT}"],  # noqa: B006 (tyro reads it)
     aligner_lrs: List[float] = [DEFAULTS.learning_rate],  # noqa: B006
@@ -317,6 +321,8 @@ def main(
         warmup_steps: linear warm-up steps, then a cosine to lr x min_lr_ratio (every system).
         min_lr_ratio: where the cosine ends, as a share of each system's peak learning rate (the trainer's
             --min-lr-ratio), for every system.
+        max_norm: clip every system's gradient norm to this before each step (the trainer's --max-norm, Hugging
+            Face's max_grad_norm); None: no clipping.
         seed: data split, data order and initialisation seed.
         aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding). The defaults of
             this flag and the next three are the trainer's.
@@ -342,6 +348,8 @@ def main(
                              f"{gate_lr_ratios}, {init_scales}, {start_layers}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
+    if max_norm is not None and not 0 < max_norm < float("inf"):
+        raise BenchmarkError(f"--max-norm must be a positive number, got {max_norm}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
         raise BenchmarkError("--steps, --batch, --micro-batch and --heldout must be >= 1, and --batch a multiple of "
                              "--micro-batch")
@@ -361,7 +369,8 @@ def main(
     path = Path(out or REPO / "benchmarks" / "results" / f"quality-{name}-{machine_name(dev)}.json")
     settings = dict(checkpoint_dir=str(checkpoint_dir), data=str(data), template=template,
                     max_seq_length=max_seq_length, heldout=heldout, steps=steps, batch=batch, micro_batch=micro_batch,
-                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, seed=seed, machine=machine_name(dev))
+                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_norm=max_norm, seed=seed,
+                    machine=machine_name(dev))
     runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
     if not runs:
         check_out(path, force)
@@ -432,8 +441,9 @@ def main(
     all_table = format_table(runs, columns, formats)
     sanity = (f"sanity: the bare base's held-out loss is {base['heldout_loss']:.4f} in lit-aligner and "
               f"{base['heldout_loss_transformers']:.4f} in transformers ({base['relative_difference']:.3%} apart)")
-    print(f"{name}, {steps} steps x {batch} rows ({warmup_steps} warm-up, cosine to {min_lr_ratio:g}x), max length "
-          f"{max_seq_length}, template {template}, {base['heldout_rows']} held-out rows of {data}")
+    clip = f", gradients clipped to norm {max_norm:g}" if max_norm else ""
+    print(f"{name}, {steps} steps x {batch} rows ({warmup_steps} warm-up, cosine to {min_lr_ratio:g}x{clip}), max "
+          f"length {max_seq_length}, template {template}, {base['heldout_rows']} held-out rows of {data}")
     print("best learning rate per system:")
     print(table)
     print("every run:")

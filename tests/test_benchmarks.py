@@ -190,13 +190,20 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
         quality.main(**{**common, "steps": 4}, **sweep)
     # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0
     older = json.loads(out.read_text())
-    del older["settings"]["min_lr_ratio"]
+    del older["settings"]["min_lr_ratio"], older["settings"]["max_norm"]
     out.write_text(json.dumps(older))
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**common, min_lr_ratio=0.5, **sweep)
     assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
     with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
         quality.main(**common, min_lr_ratio=2.0, **sweep)
+    # --max-norm clips every system's gradients alike (a bound below every norm: each trains to another loss)
+    clipped = quality.main(**{**common, "out": tmp_path / "clipped.json"}, max_norm=1e-3, aligners=["2:hidden"],
+                           aligner_lrs=[0.05], paper=False, lora_lrs=[1e-2], prefix_lrs=[])
+    assert clipped["settings"]["max_norm"] == 1e-3
+    again = {(r["label"], r.get("init")): r for r in clipped["runs"]}
+    for key in (("Aligner N=2", "hidden"), ("LoRA r=8 (q, v)", None)):
+        assert again[key]["heldout_loss"] != runs[key]["heldout_loss"], key
 
 def _worker_of(pid: int) -> int:
     """The pid of the quality benchmark's child (one system's run) whose parent is `pid`, or 0."""

@@ -258,7 +258,8 @@ def test_harness_runs_local_multiple_choice_and_generation_tasks(tiny_checkpoint
             hits += tok.decode(out, skip_special=True).split("\n")[0].strip() == doc["answer"]
         assert res["results"][name]["tiny_gen"]["exact_match,none"] == pytest.approx(hits / len(gen)), name
     unknown = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "no_such_task_xyz")
-    assert unknown.returncode == 1 and unknown.stderr.strip().startswith("error:")
+    assert unknown.returncode == 1 and unknown.stderr.strip().startswith("error: --tasks no_such_task_xyz:")
+    assert len(unknown.stderr.strip().splitlines()) == 1
 
 
 # --- judge ------------------------------------------------------------------------------------------------------------

@@ -213,6 +213,54 @@ def test_gate_lr_ratio_scales_the_gates_step_only(tiny_checkpoint_dir, tmp_path)
     assert float(rows[-1]["lr"]) == pytest.approx(1e-2)  # the logged rate is the prefix's (the schedule's)
 
 
+def test_grad_norm_is_the_whole_gradient_norm_before_clipping_and_max_norm_bounds_the_steps(tiny_checkpoint_dir,
+                                                                                          tmp_path):
+    from lit_aligner.aligner_files import new_aligner
+    from lit_aligner.base import load_model, load_tokenizer
+    from lit_aligner.data import load_data, pad_rows
+
+    runs = {k: small_run(tiny_checkpoint_dir, tmp_path / k, max_steps=6, eval_iters=0, save_interval=4, max_norm=m)
+            for k, m in (("free", None), ("loose", 1e9), ("tight", 1e-3))}
+    aligners = {k: load_aligner(T.train(cfg)["aligner"])[0] for k, cfg in runs.items()}
+    rows = {k: read_csv(tmp_path / k / "metrics.csv") for k in runs}
+    norms = [float(r["grad_norm"]) for r in rows["free"]]
+    assert len(norms) == 6 and min(norms) > 1e-2  # so the tight bound clips every step
+    # a bound above every norm leaves the run as it is, to the bit; a tight one changes Adam's steps (their relative
+    # sizes from step to step), so the Aligner ends elsewhere; the logged norm is the one before clipping
+    assert torch.equal(aligners["free"].prefix, aligners["loose"].prefix)
+    assert not torch.allclose(aligners["free"].prefix, aligners["tight"].prefix, atol=1e-4)
+    assert float(rows["tight"][0]["grad_norm"]) == pytest.approx(norms[0], rel=1e-5)
+
+    # independently: the norm of d(mean response-token loss)/d(prefix, gates) on step 5's batch, from the state the
+    # run saved after step 4, with the model's plain logits and cross_entropy (not the engine, Fabric or the chunked
+    # loss); both trainable tensors count (the gates are no longer zero, so the prefix has a gradient too)
+    cfg = runs["free"]
+    state = torch.load(tmp_path / "free" / "state" / "step-000004.pt", weights_only=True)
+    model = load_model(tiny_checkpoint_dir, "cpu", torch.float32)
+    new_aligner(model, cfg.n_tokens, cfg.start_layer)
+    with torch.no_grad():
+        model.aligner.prefix.copy_(state["aligner"]["prefix"])
+        model.aligner.gate.copy_(state["aligner"]["gate"])
+    tokenizer = load_tokenizer(tiny_checkpoint_dir)
+    train, _, _ = load_data("sft", None, tokenizer, state["template"], cfg.data_options, cfg.train.seed)
+    idx = engine.global_batch_indices(len(train), 4, cfg.train.global_batch_size, cfg.train.seed, train.lengths())
+    batch = pad_rows([(train[i]["prompt"], train[i]["response"]) for i in idx], tokenizer.pad_id)
+    logits = model(batch["input_ids"])[:, :-1]
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum") / (labels != IGNORE_INDEX).sum()
+    grads = torch.autograd.grad(loss, [model.aligner.prefix, model.aligner.gate])
+    assert grads[0].abs().sum() > 0
+    expected = torch.cat([g.flatten() for g in grads]).norm()
+    assert norms[4] == pytest.approx(float(expected), rel=1e-3)
+
+
+def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_dir, tmp_path):
+    with pytest.raises(T.TrainError, match="--max-norm must be a positive number"):
+        T.TrainConfig(max_norm=0.0).check()
+    assert small_run(tiny_checkpoint_dir, tmp_path, max_norm=1.0).identity()["max_norm"] == 1.0
+
+
 def resume_an_older_state(ckpt, tmp_path, edit, trained: dict, resumed: dict):
     """Train with `trained` to the end; `edit` its step-4 run state into what an older version wrote; resume that with
     `resumed` (today's flags). Returns the two final Aligners."""

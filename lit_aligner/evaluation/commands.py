@@ -379,8 +379,9 @@ class Harness(EvalCommon):
             results = run_harness(lm, self.tasks, str(self.include_path) if self.include_path else None,
                                   self.num_fewshot, self.limit, self.seed)
         except KeyError as e:  # lm_eval's "task not found"
-            raise UserError(f"lm_eval does not know the task {e}; list them with `lm_eval --tasks list`, or pass "
-                            f"--include-path with your task YAML") from None
+            said = e.args[0] if e.args else e  # its own sentence, not the KeyError's quoted repr
+            raise UserError(f"--tasks {' '.join(self.tasks)}: lm_eval does not know one of them ({said}); list them "
+                            f"with `lm_eval --tasks list`, or pass --include-path with your task YAML") from None
         return {"command": "harness", "tasks": self.tasks, "num_fewshot": self.num_fewshot, "limit": self.limit,
                 "results": {k: v for k, v in results.items() if not k.startswith("_")},
                 "samples": results.get("_samples", {}), "versions": results.get("_versions", {})}

@@ -47,6 +47,9 @@ class TrainConfig:
     before they are let into the residual stream: a lower held-out loss at equal steps (howto/evaluate.md)."""
     weight_decay: float = 0.02
     """AdamW weight decay (paper: 0.02)."""
+    max_norm: Optional[float] = None
+    """clip the gradient's total L2 norm to this before each step (None: no clipping; Hugging Face's Trainer uses 1).
+    The norm before clipping is logged as grad_norm either way."""
     global_batch_size: int = 16
     """sequences (DPO: pairs) per optimizer step over all devices (paper: 64)."""
     micro_batch_size: int = 8
@@ -98,6 +101,8 @@ class TrainConfig:
             raise TrainError(f"--gate-lr-ratio must be a positive number, got {self.gate_lr_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_norm is not None and not 0 < self.max_norm < float("inf"):
+            raise TrainError(f"--max-norm must be a positive number (leave it out for no clipping), got {self.max_norm}")
 
 
 @dataclass
@@ -201,7 +206,7 @@ class RunConfig:
                 "init_aligner": str(self.init_aligner), "prefix_init": self.prefix_init,
                 "prefix_init_scale": self.prefix_init_scale,
                 "learning_rate": self.train.learning_rate, "gate_lr_ratio": self.train.gate_lr_ratio,
-                "min_lr_ratio": self.train.min_lr_ratio,
+                "min_lr_ratio": self.train.min_lr_ratio, "max_norm": self.train.max_norm,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
                 "group_by_length": self.train.group_by_length,
                 "max_seq_length": self.data_options.max_seq_length}

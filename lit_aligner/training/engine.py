@@ -247,6 +247,9 @@ def fit(
                 sums = _add(sums, out)
             if not _finite(sums["loss"], *(p.grad for p in params)):
                 raise diverged(step + 1, "loss or its gradient")
+            # The total norm before clipping (the grad_norm Hugging Face logs), through Fabric so that sharded (FSDP)
+            # gradients count whole; without --max-norm the bound is infinite and the gradients stay as they are.
+            grad_norm = fabric.clip_gradients(module, optimizer, max_norm=config.max_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not _finite(*params):
@@ -263,7 +266,7 @@ def fit(
             speeds["tokens_per_sec"].append(padded / dt)
             speeds["real_tokens_per_sec"].append(real / dt)
             row = {"step": step, **{f"train_{k}": float(stats[i]) / max(units, 1) for i, k in enumerate(names)},
-                   "lr": lr, "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
+                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
                    "tokens_seen": tokens_seen, "real_tokens_seen": real_seen, "elapsed_s": time.perf_counter() - t_start}
             last_train = {k: row[f"train_{k}"] for k in names}
             stop_now = float(stats[-1]) > 0

@@ -100,6 +100,7 @@ LATER_TRAIN_SETTINGS = {
     "group_by_length": (False, "predates length-grouped batching: the run continues in its own order"),
     "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at {}x"),
     "min_lr_ratio": (0.0, "predates the default floor of the cosine: the run continues with --min-lr-ratio {}"),
+    "max_norm": (None, "predates --max-norm: the run continues without gradient clipping"),
 }
 
 

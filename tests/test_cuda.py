@@ -1,6 +1,7 @@
 """The CUDA paths (marker `cuda`; they skip without a GPU, and benchmarks/gpu_suite.sh runs them with `pytest -m
 cuda`): bf16-true training, compiled blocks, the flash attention kernel, CUDA-graph decoding, activation checkpointing,
-the one-copy DPO step and per-row Aligners. Each has a CPU twin elsewhere in the suite; these check the GPU kernels."""
+the one-copy DPO step, per-row Aligners and FSDP with gradient clipping. Each has a CPU twin elsewhere in the suite;
+these check the GPU kernels."""
 
 import copy
 import os
@@ -143,3 +144,30 @@ def test_a_batch_of_different_aligners_equals_each_alone():
     for p, a, out in zip(prompts, aligners, together):
         alone = generate(model, [p], 16, aligners=[a], compile=False)[0]
         assert torch.equal(out, alone)
+
+
+@gpu_only
+def test_fsdp_on_one_gpu_trains_and_clips_as_the_plain_strategy(tiny_checkpoint_dir, tmp_path):
+    # Fabric's FSDP is GPU-only (its CPU twin: the 2-process DDP test in test_train.py); --max-norm goes through
+    # FSDP's own clip_grad_norm_, so the logged norms and the clipped steps must match the unsharded run's
+    import csv
+
+    import helpers
+    from lit_aligner.aligner_files import load_aligner
+
+    common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cuda", "--precision",
+              "32-true", "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "4", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "128", "--eval-iters", "0", "--max-norm", "0.01",
+              "--no-progress", "--compare", "False"]
+    norms, aligners = {}, {}
+    for strategy in ("auto", "fsdp"):
+        p = helpers.run_script(*common, "--strategy", strategy, "--out-dir", tmp_path / strategy, timeout=600,
+                              fresh=True)  # a new interpreter: CUDA is never initialised in a forked child
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(tmp_path / strategy / "metrics.csv") as f:
+            norms[strategy] = [float(r["grad_norm"]) for r in csv.DictReader(f) if r.get("grad_norm")]
+        aligners[strategy] = load_aligner(tmp_path / strategy / "aligner.safetensors")[0]
+    assert len(norms["auto"]) == 3 and min(norms["auto"]) > 0.01  # every step clipped
+    assert norms["fsdp"] == pytest.approx(norms["auto"], rel=1e-3)
+    torch.testing.assert_close(aligners["fsdp"].prefix, aligners["auto"].prefix, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(aligners["fsdp"].gate, aligners["auto"].gate, rtol=1e-3, atol=1e-4)

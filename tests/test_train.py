@@ -332,7 +332,9 @@ def test_plot_metrics_draws_a_png(trained, tmp_path):
     png = tmp_path / "loss.png"
     r = run_script("scripts/plot_metrics.py", out / "metrics.csv", "--out", png)
     assert r.returncode == 0, r.stderr
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") == 2 * 600  # two panels of 6 inches at 100 dpi: loss, gradient norm
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ def read_metrics(path: PathLike) -> List[Dict[str, str]]:
 
 
 def plot_metrics(path: PathLike, out: PathLike, title: Optional[str] = None) -> Path:
-    """Draw every loss-like column of a metrics.csv (train/val loss; DPO: also reward accuracy and margin) against
-    the step to the PNG `out`. Needs matplotlib."""
+    """Draw every loss-like column of a metrics.csv (train/val loss; DPO: also reward accuracy and margin) and the
+    gradient norm against the step to the PNG `out`. Needs matplotlib."""
     try:
         import matplotlib
 
@@ -35,6 +35,8 @@ def plot_metrics(path: PathLike, out: PathLike, title: Optional[str] = None) -> 
     panels = [("loss (nats)", ("train_loss", "val_loss"))]
     if any(r.get("val_reward_accuracy") or r.get("train_reward_accuracy") for r in rows):
         panels.append(("reward", ("val_reward_accuracy", "train_reward_accuracy", "val_reward_margin")))
+    if any(r.get("grad_norm") for r in rows):  # runs before the column have none
+        panels.append(("gradient norm (before clipping)", ("grad_norm",)))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (label, cols) in zip(axes[0], panels):
         for col in cols:

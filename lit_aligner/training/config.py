@@ -48,8 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.02
     """AdamW weight decay (paper: 0.02)."""
     max_norm: Optional[float] = None
-    """clip the gradient's total L2 norm to this before each step (None: no clipping; Hugging Face's Trainer uses 1).
-    The norm before clipping is logged as grad_norm either way."""
+    """clip the gradient's total L2 norm to this before each step (None: no clipping; Hugging Face's Trainer
+    clips at 1); metrics.csv logs the norm before clipping as grad_norm either way."""
     global_batch_size: int = 16
     """sequences (DPO: pairs) per optimizer step over all devices (paper: 64)."""
     micro_batch_size: int = 8

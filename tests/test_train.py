@@ -247,8 +247,9 @@ def test_grad_norm_is_the_whole_gradient_norm_before_clipping_and_max_norm_bound
     batch = pad_rows([(train[i]["prompt"], train[i]["response"]) for i in idx], tokenizer.pad_id)
     logits = model(batch["input_ids"])[:, :-1]
     labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum") / (labels != IGNORE_INDEX).sum()
+    summed = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = summed / (labels != IGNORE_INDEX).sum()
     grads = torch.autograd.grad(loss, [model.aligner.prefix, model.aligner.gate])
     assert grads[0].abs().sum() > 0
     expected = torch.cat([g.flatten() for g in grads]).norm()

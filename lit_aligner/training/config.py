@@ -102,7 +102,8 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_norm is not None and not 0 < self.max_norm < float("inf"):
-            raise TrainError(f"--max-norm must be a positive number (leave it out for no clipping), got {self.max_norm}")
+            raise TrainError(f"--max-norm must be a positive number (leave it out for no clipping), got "
+                             f"{self.max_norm}")
 
 
 @dataclass

@@ -266,8 +266,9 @@ def fit(
             speeds["tokens_per_sec"].append(padded / dt)
             speeds["real_tokens_per_sec"].append(real / dt)
             row = {"step": step, **{f"train_{k}": float(stats[i]) / max(units, 1) for i, k in enumerate(names)},
-                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_sec": padded / dt, "real_tokens_per_sec": real / dt,
-                   "tokens_seen": tokens_seen, "real_tokens_seen": real_seen, "elapsed_s": time.perf_counter() - t_start}
+                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_sec": padded / dt,
+                   "real_tokens_per_sec": real / dt, "tokens_seen": tokens_seen, "real_tokens_seen": real_seen,
+                   "elapsed_s": time.perf_counter() - t_start}
             last_train = {k: row[f"train_{k}"] for k in names}
             stop_now = float(stats[-1]) > 0
             if validating and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):

@@ -35,6 +35,25 @@ def _argv(args: Optional[Sequence[str]]) -> List[str]:
     return out
 
 
+def _dedent_field_docstrings() -> None:
+    """tyro (1.0.17) joins a docstring's lines only where the next line starts with a letter, and reads a dataclass
+    field's docstring with its source indentation, so every field help longer than one source line broke at that line
+    in --help. Dedent first (what PEP 257 does for __doc__); a tyro without the function is left as it is."""
+    import inspect
+
+    from tyro import _strings
+
+    join = getattr(_strings, "remove_single_line_breaks", None)
+    if join is None or getattr(join, "dedents", False):
+        return
+
+    def dedented(text: str) -> str:
+        return join(inspect.cleandoc(text))
+
+    dedented.dedents = True  # type: ignore[attr-defined]
+    _strings.remove_single_line_breaks = dedented
+
+
 def _warnings_as_lines() -> None:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
 
@@ -85,6 +104,7 @@ def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Ty
     them makes subcommands, `script.py NAME --flags`) and call it. ValueError / OSError (every library error is a
     ValueError) become one `error:` line and exit 1."""
     _warnings_as_lines()
+    _dedent_field_docstrings()
     try:
         if config_cls is None:  # flags from main's signature: parse them first, call main outside the parser
             called = {}

@@ -52,3 +52,14 @@ def test_a_documented_command_parses(doc, script, args, capsys):
         run_cli(lambda cfg: cfg, PARSERS[script], args=args)  # parse only: the "main" returns the config
     except SystemExit:
         pytest.fail(f"{doc}: `python {script} {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()}")
+
+
+def test_a_field_help_longer_than_one_source_line_reads_as_one_paragraph_in_help(capsys, monkeypatch):
+    # tyro reads a field's docstring with its source indentation and keeps the line break before an indented line;
+    # run_cli dedents first, so the help of --gate-lr-ratio (two source lines) wraps only at the terminal's width
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit):
+        run_cli(lambda cfg: cfg, SFTRunConfig, args=["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    # the source breaks after "directions": with tyro's own reading, "before they are let" starts a new line
+    assert any("directions before they are let" in " ".join(ln.split()) for ln in lines), lines

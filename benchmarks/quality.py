@@ -67,7 +67,7 @@ def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
     return TrainConfig(max_steps=common["steps"], learning_rate=lr, gate_lr_ratio=gate_lr_ratio,
                        global_batch_size=common["batch"], micro_batch_size=common["micro_batch"],
                        warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"],
-                       max_norm=common.get("max_norm"), eval_iters=0,
+                       max_norm=common["max_norm"], eval_iters=0,
                        save_interval=common["steps"], seed=common["seed"], group_by_length=True)
 
 
@@ -212,7 +212,7 @@ def run_peft(spec, common):
             (loss / units).backward()
             total += float(loss.detach())
             real += int(b["lengths"].sum())
-        if common.get("max_norm"):  # as the trainer's --max-norm (and Hugging Face's max_grad_norm)
+        if common["max_norm"]:  # as the trainer's --max-norm (and Hugging Face's max_grad_norm)
             torch.nn.utils.clip_grad_norm_(params, common["max_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

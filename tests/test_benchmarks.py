@@ -205,6 +205,7 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     for key in (("Aligner N=2", "hidden"), ("LoRA r=8 (q, v)", None)):
         assert again[key]["heldout_loss"] != runs[key]["heldout_loss"], key
 
+
 def _worker_of(pid: int) -> int:
     """The pid of the quality benchmark's child (one system's run) whose parent is `pid`, or 0."""
     for proc in Path("/proc").iterdir():

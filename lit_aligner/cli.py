@@ -9,11 +9,13 @@ Ctrl-C is exit 130. Set LIT_ALIGNER_DEBUG=1 to see the traceback instead.
 
 import contextlib
 import functools
+import inspect
 import io
 import json
 import os
 import re
 import sys
+import typing
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
@@ -35,12 +37,53 @@ def _argv(args: Optional[Sequence[str]]) -> List[str]:
     return out
 
 
-def _dedent_field_docstrings() -> None:
-    """tyro (1.0.17) joins a docstring's lines only where the next line starts with a letter, and reads a dataclass
-    field's docstring with its source indentation, so every field help longer than one source line broke at that line
-    in --help. Dedent first (what PEP 257 does for __doc__); a tyro without the function is left as it is."""
-    import inspect
+_LIST_ITEM = re.compile(r"([-*+]|\d+[.)])\s")  # a line that starts a list item keeps its line break
 
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _join_help_lines(text: str) -> str:
+    """A dedented help text's source lines joined into paragraphs: blank lines, list items and code (lines indented
+    by 4 or more) keep their breaks."""
+    out: List[str] = []
+    for line in text.split("\n"):
+        if (out and out[-1].strip() and line.strip() and not _LIST_ITEM.match(line.lstrip())
+                and _indent(line) < 4 and _indent(out[-1]) < 4):
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line.rstrip())
+    return "\n".join(out)
+
+
+def _join_arg_docs(doc: Optional[str]) -> Optional[str]:
+    """A Google-style docstring with each `Args:` entry on one line: tyro passes a function argument's description to
+    --help with its source line breaks (a dataclass field's goes through `_dedent_field_docstrings`)."""
+    if not doc:
+        return doc
+    out: List[str] = []
+    entry_indent = None  # indentation of the `name: text` lines while inside Args:
+    for line in inspect.cleandoc(doc).split("\n"):
+        indent = len(line) - len(line.lstrip())
+        if line.strip() in ("Args:", "Arguments:"):
+            entry_indent = -1
+        elif entry_indent is not None and line.strip():
+            if indent == 0:
+                entry_indent = None  # the section ended
+            elif entry_indent == -1 or indent <= entry_indent:
+                entry_indent = indent  # an argument's first line
+            elif not _LIST_ITEM.match(line.strip()):
+                out[-1] += " " + line.strip()  # a continuation line
+                continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def _dedent_field_docstrings() -> None:
+    """tyro (1.0.17) joins a docstring's lines only where the next line starts with a letter (so a line starting with
+    `--flag`, `(` or a digit broke the paragraph), and reads a dataclass field's docstring with its source
+    indentation (so every line broke). Dedent and join first; a tyro without the function is left as it is."""
     from tyro import _strings
 
     join = getattr(_strings, "remove_single_line_breaks", None)
@@ -48,7 +91,7 @@ def _dedent_field_docstrings() -> None:
         return
 
     def dedented(text: str) -> str:
-        return join(inspect.cleandoc(text))
+        return join(_join_help_lines(inspect.cleandoc(text)))
 
     dedented.dedents = True  # type: ignore[attr-defined]
     _strings.remove_single_line_breaks = dedented
@@ -112,6 +155,13 @@ def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Ty
             @functools.wraps(main)
             def record(*a, **k):
                 called.update(args=a, kwargs=k)
+
+            # tyro reads the help of a wrapper's __wrapped__: give `record` main's signature, resolved hints and a
+            # docstring with one line per argument, and no __wrapped__.
+            del record.__wrapped__
+            record.__signature__ = inspect.signature(main)  # type: ignore[attr-defined]
+            record.__annotations__ = typing.get_type_hints(main, include_extras=True)
+            record.__doc__ = _join_arg_docs(main.__doc__)
 
             _parse(lambda: tyro.cli(record, description=description, args=_argv(args)))
             return main(*called["args"], **called["kwargs"])

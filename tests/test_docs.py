@@ -63,3 +63,32 @@ def test_a_field_help_longer_than_one_source_line_reads_as_one_paragraph_in_help
     lines = capsys.readouterr().out.splitlines()
     # the source breaks after "directions": with tyro's own reading, "before they are let" starts a new line
     assert any("directions before they are let" in " ".join(ln.split()) for ln in lines), lines
+
+
+def test_an_argument_help_longer_than_one_source_line_reads_as_one_paragraph_in_help(capsys, monkeypatch):
+    # tyro reads a function's Args: from the function a wrapper wraps and keeps every source line break of it; run_cli
+    # joins each argument's lines (a line starting with "--" included) and the description's, except code, and keeps
+    # the signature
+    def main(steps: int = 3, out: str = "x"):
+        """A function-signature CLI
+        whose description spans two lines.
+
+            python cli.py --steps 1
+            python cli.py --steps 2
+
+        Args:
+            steps: how many steps to run, repeated with
+                --steps for several (source line two)
+                and a third source line.
+            out: where to write.
+        """
+        return steps, out
+
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit):
+        run_cli(main, args=["--help"])
+    lines = [" ".join(ln.split()) for ln in capsys.readouterr().out.splitlines()]  # the box's padding folded
+    assert any("repeated with --steps for several (source line two) and a third source line." in ln for ln in lines), lines
+    assert "A function-signature CLI whose description spans two lines." in lines
+    assert lines.index("python cli.py --steps 2") == lines.index("python cli.py --steps 1") + 1  # code keeps its lines
+    assert run_cli(main, args=["--steps", "5"]) == (5, "x")

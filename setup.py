@@ -7,7 +7,8 @@ from setuptools import find_packages, setup
 setup(
     name="lit-aligner",
     version="0.2.0",
-    description="Align LLaMA-family models with the global-token Aligner: N learnable prefix tokens shared by every layer.",
+    description=("Align LLaMA-family models with the global-token Aligner: N learnable prefix tokens shared by "
+                 "every layer."),
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lit_aligner", "lit_aligner.*"]),
@@ -33,8 +34,8 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # serve/aligner.py
         # evaluate/aligner.py harness (lm-evaluation-harness), benchmarks/quality.py (PEFT LoRA / prefix tuning)
         "eval": ["lm_eval>=0.4.4", "peft>=0.11", "transformers>=4.40"],
-        # the server's tests query it with the real OpenAI client and drive its page in headless Chromium
+        # the server's tests query it with the real OpenAI client and drive its page in headless Chromium; ruff lints
         "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.40", "selenium>=4.20", "lm_eval>=0.4.4", "peft>=0.11"],
+                 "openai>=1.40", "selenium>=4.20", "lm_eval>=0.4.4", "peft>=0.11", "ruff"],
     },
 )

@@ -141,8 +141,8 @@ def main(
         force: replace an existing results file.
     """
     if batch < 1 or seq_len < 2 or decode_batch < 2 or new_tokens < 2 or steps < 1:
-        raise BenchmarkError("--batch >= 1, --seq-len >= 2, --decode-batch >= 2, --new-tokens >= 2 and --steps >= 1 are "
-                             "required")
+        raise BenchmarkError("--batch >= 1, --seq-len >= 2, --decode-batch >= 2, --new-tokens >= 2 and --steps >= 1 "
+                             "are required")
     dev = pick_device(device)
     dtype = pick_dtype(precision, dev)
     cfg = load_config(config)

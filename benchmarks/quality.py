@@ -152,7 +152,8 @@ def run_aligner(spec, common):
                            prefix_init_scale=spec["init_scale"],
                            start_layer=spec["start_layer"],
                            accelerator=device.type, precision="32-true", progress=False, compare=False,
-                           data_options=DataOptions(max_seq_length=common["max_seq_length"], val_size=common["heldout"]),
+                           data_options=DataOptions(max_seq_length=common["max_seq_length"],
+                                                    val_size=common["heldout"]),
                            train=train_config(common, spec["lr"], spec["gate_lr_ratio"]))
         summary = train(cfg)
         if summary.get("stopped"):  # SIGINT/SIGTERM: the trainer stopped early and saved no Aligner

@@ -8,8 +8,8 @@ were trained in, plus string metadata in the safetensors header:
     (+ optional: template, mode, created_by, training arguments, ...)
 
 An Aligner is read without its base model; `check_compatible` (called by `load_aligner(path, model)`) then compares
-every dimension with the base it is about to steer, and non-finite values are refused. A base of another name but the same shape is allowed (swapping Aligners between bases is the
-point) with a warning naming both.
+every dimension with the base it is about to steer, and non-finite values are refused. A base of another name but the
+same shape is allowed (swapping Aligners between bases is the point) with a warning naming both.
 
 The paper's checkpoints (arXiv 2312.05503, trained with a fork of lit-llama) are `torch.save` state dicts:
 `global_value_embedding.weight` (N, C), `transformer.h.{i}.attn.gating_factor` (1, n_head, 1, 1) for i >= start_layer,
@@ -34,7 +34,8 @@ FORMAT_VERSION = "1"
 # The header fields every file has; everything else in the metadata is free-form (strings).
 SHAPE_KEYS = ("n_tokens", "start_layer", "n_layer", "n_head", "n_embd")
 REQUIRED_KEYS = ("format", "format_version", *SHAPE_KEYS, "base_model")
-CONVERT_HINT = "convert it with `python scripts/convert_aligner.py {path} --out ALIGNER.safetensors` (see howto/aligners.md)"
+CONVERT_HINT = ("convert it with `python scripts/convert_aligner.py {path} --out ALIGNER.safetensors` "
+                "(see howto/aligners.md)")
 
 PAPER_PREFIX_KEY = "global_value_embedding.weight"
 _PAPER_GATE = re.compile(r"^transformer\.h\.(\d+)\.attn\.gating_factor$")
@@ -79,7 +80,8 @@ def _metadata(aligner: Aligner, base_name: str, extra: Optional[Mapping[str, Any
 
 
 
-def save_aligner(aligner: Aligner, path: PathLike, base_name: str, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+def save_aligner(aligner: Aligner, path: PathLike, base_name: str,
+                 metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Write `aligner` to `path` (.safetensors): `prefix` (N, n_embd) and `gate` (n_layer - start_layer, n_head) in
     their own dtype, and the header metadata described in the module docstring. `base_name`: the base model's config
     name (e.g. "Llama-2-7b-hf"). `metadata`: extra keys (template, mode, created_by, training args); non-string values
@@ -163,8 +165,8 @@ def _open(path: Path):
     if meta.get("format") != FORMAT:
         what = "model weights" if len(keys) > 2 else "tensors"
         raise AlignerFileError(f"{path} is a safetensors file of {what} ({len(keys)} tensors, e.g. {keys[:3]}) without "
-                               f"lit-aligner metadata (format={meta.get('format')!r}): not a lit-aligner Aligner file. Aligner "
-                               f"files hold only `prefix` and `gate` (howto/aligners.md).")
+                               f"lit-aligner metadata (format={meta.get('format')!r}): not a lit-aligner Aligner "
+                               f"file. Aligner files hold only `prefix` and `gate` (howto/aligners.md).")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise AlignerFileError(f"{path}: metadata lacks {missing}; the file is damaged. Save or convert it again.")
@@ -205,7 +207,8 @@ PAPER_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def load_aligner(path: PathLike, model: Optional[LLaMA] = None, *, device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None, base_name: Optional[str] = None) -> Tuple[Aligner, Dict[str, str]]:
+                 dtype: Optional[torch.dtype] = None,
+                 base_name: Optional[str] = None) -> Tuple[Aligner, Dict[str, str]]:
     """Read an Aligner file of any supported format: ours (`.safetensors`, see `save_aligner`) or one of the paper's
     `.pth` checkpoints (imported in memory; no code in it runs). Returns (aligner, metadata): prefix (N, n_embd) and
     gate (n_layer - start_layer, n_head), and the header metadata (str -> str; for a paper file, what
@@ -325,7 +328,8 @@ def _load_pth(path: Path) -> Dict[str, torch.Tensor]:
     if kind not in ("zip", "pickle"):
         if path.suffix == ".safetensors":
             raise AlignerFileError(f"{path} is a .safetensors file, not the paper's .pth format: to export it to the "
-                                   f"paper's layout use `python scripts/convert_aligner.py {path} --to paper --out X.pth`.")
+                                   f"paper's layout use `python scripts/convert_aligner.py {path} --to paper "
+                                   f"--out X.pth`.")
         raise AlignerFileError(f"{path} is not a checkpoint: not a torch.save file (no zip or pickle header). The "
                                f"paper's Aligner checkpoints are .pth state dicts; check that the file is complete.")
     try:
@@ -355,8 +359,8 @@ def import_paper_checkpoint(path: PathLike, base_name: Optional[str] = None) -> 
         hint = ""
         if "prefix" in sd and "gate" in sd:
             hint = " It looks like a lit-aligner Aligner saved with torch.save; use save_aligner instead."
-        raise AlignerFileError(f"{path} is not one of the paper's Aligner checkpoints: no `{PAPER_PREFIX_KEY}` among its "
-                               f"{len(sd)} tensors (e.g. {sorted(sd)[:3]}).{hint}")
+        raise AlignerFileError(f"{path} is not one of the paper's Aligner checkpoints: no `{PAPER_PREFIX_KEY}` among "
+                               f"its {len(sd)} tensors (e.g. {sorted(sd)[:3]}).{hint}")
     prefix = sd[PAPER_PREFIX_KEY]
     if prefix.dim() != 2 or not prefix.is_floating_point():
         raise AlignerFileError(f"{path}: `{PAPER_PREFIX_KEY}` has shape {tuple(prefix.shape)} ({prefix.dtype}); "
@@ -370,7 +374,8 @@ def import_paper_checkpoint(path: PathLike, base_name: Optional[str] = None) -> 
     start, n_layer = min(gates), max(gates) + 1
     if sorted(gates) != list(range(start, n_layer)):
         missing = sorted(set(range(start, n_layer)) - set(gates))
-        raise AlignerFileError(f"{path}: gates for layers {start}..{n_layer - 1} expected, layers {missing} are missing.")
+        raise AlignerFileError(f"{path}: gates for layers {start}..{n_layer - 1} expected, layers {missing} are "
+                               f"missing.")
     shapes = {tuple(t.shape) for t in gates.values()}
     n_head = gates[start].numel()
     if len(shapes) != 1 or gates[start].dim() != 4 or gates[start].shape != (1, n_head, 1, 1):
@@ -382,8 +387,8 @@ def import_paper_checkpoint(path: PathLike, base_name: Optional[str] = None) -> 
                       stacklevel=2)
     differ = [i for i, t in sorted(wtes.items()) if t.shape != prefix.shape or not torch.equal(t, prefix)]
     if differ:
-        warnings.warn(f"{path}: `adapter_wte` of layers {differ} differs from `{PAPER_PREFIX_KEY}` (they are one shared "
-                      f"module in the paper's code); the global embedding is used.", stacklevel=2)
+        warnings.warn(f"{path}: `adapter_wte` of layers {differ} differs from `{PAPER_PREFIX_KEY}` (they are one "
+                      f"shared module in the paper's code); the global embedding is used.", stacklevel=2)
     gate = torch.stack([gates[i].reshape(n_head) for i in range(start, n_layer)])  # (n_layer - start, n_head)
     aligner = build_aligner(n_tokens, start, n_layer, n_head, n_embd, prefix.clone(), gate)
     candidates = guess_base(n_layer, n_head, n_embd)
@@ -403,7 +408,8 @@ def paper_state_dict(aligner: Aligner) -> Dict[str, torch.Tensor]:
     prefix = aligner.prefix.detach().cpu().clone()
     sd = {PAPER_PREFIX_KEY: prefix}
     for j, i in enumerate(range(aligner.start_layer, aligner.n_layer)):
-        sd[f"transformer.h.{i}.attn.gating_factor"] = aligner.gate.detach()[j].cpu().reshape(1, aligner.n_head, 1, 1).clone()
+        gate = aligner.gate.detach()[j].cpu().reshape(1, aligner.n_head, 1, 1)  # the paper's (1, n_head, 1, 1)
+        sd[f"transformer.h.{i}.attn.gating_factor"] = gate.clone()
         sd[f"transformer.h.{i}.attn.adapter_wte.weight"] = prefix
     return sd
 

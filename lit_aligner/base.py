@@ -81,8 +81,8 @@ def load_model(checkpoint_dir: PathLike, device: Union[str, torch.device] = "cpu
              for k in expected if k in sd and sd[k].shape != expected[k]]
     if missing or unexpected or wrong:
         raise BaseModelError(
-            f"{checkpoint_dir}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"wrong shapes {wrong[:3]}). Convert the model again."
+            f"{checkpoint_dir}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shapes {wrong[:3]}). Convert the model again."
         )
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
     model.reset_rope(torch.device(device))

@@ -96,7 +96,8 @@ class Config:
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (SwiGLU with silu only)")
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"partial_rotary_factor {d['partial_rotary_factor']} is not supported")
-        # transformers >= 5 writes `rope_parameters` (rope_type, rope_theta, factors) instead of rope_scaling/rope_theta.
+        # transformers >= 5 writes `rope_parameters` (rope_type, rope_theta, factors) instead of rope_scaling /
+        # rope_theta.
         rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
         rope_base = float(d.get("rope_theta", rope.pop("rope_theta", 10000.0)))
         if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -236,7 +237,8 @@ configs = [
     dict(name="llama-65b", n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, **_llama1),
     dict(name="Llama-2-7b-hf", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, **_llama2),
     dict(name="Llama-2-13b-hf", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, **_llama2),
-    dict(name="Llama-2-70b-hf", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672, **_llama2),
+    dict(name="Llama-2-70b-hf", n_layer=80, n_head=64, n_query_groups=8, n_embd=8192, intermediate_size=28672,
+         **_llama2),
     dict(name="TinyLlama-1.1B", n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632,
          vocab_size=32000, block_size=2048, norm_eps=1e-5),
     dict(name="SmolLM2-135M", n_layer=30, n_head=9, n_query_groups=3, n_embd=576, intermediate_size=1536,

@@ -108,8 +108,9 @@ Records = List[Tuple[str, Any]]
 
 def read_records(path: PathLike, what: str = "data file", error: Type[Exception] = UserError) -> Tuple[Records, str]:
     """The rows of a JSON list, JSONL (.gz) or parquet file as (where, value) pairs, where = "row i" (index in the list)
-    or "line n" (1-based), and the container ("json" | "jsonl" | "parquet"). A JSONL line that is not valid JSON becomes a `BadRecord` value
-    (the caller decides whether a bad row stops it); anything that is not a JSON list or JSONL raises `error`."""
+    or "line n" (1-based), and the container ("json" | "jsonl" | "parquet"). A JSONL line that is not valid JSON
+    becomes a `BadRecord` value (the caller decides whether a bad row stops it); anything that is not a JSON list or
+    JSONL raises `error`."""
     path = Path(path)
     if path.suffix == ".parquet" and path.is_file():  # the Hub's datasets are often only in parquet
         try:

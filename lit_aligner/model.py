@@ -46,7 +46,8 @@ class Aligner(nn.Module):
             raise ValueError(f"start_layer must be in [0, {model_config.n_layer}), got {config.start_layer}")
         self.config = config
         self.n_layer, self.n_head, self.n_embd = model_config.n_layer, model_config.n_head, model_config.n_embd
-        # N(0, 1) like the embedding the original code used for the prefix; gates at zero so training starts at the base.
+        # N(0, 1) like the embedding the original code used for the prefix; gates at zero so training starts at the
+        # base.
         self.prefix = nn.Parameter(torch.randn(config.n_tokens, model_config.n_embd))
         self.gate = nn.Parameter(torch.zeros(model_config.n_layer - config.start_layer, model_config.n_head))
 
@@ -115,7 +116,8 @@ def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> A
         stacked.prefix = nn.Parameter(torch.stack([a.prefix if a is not None else zeros for a in aligners]),
                                       requires_grad=False)
         stacked.gate = nn.Parameter(
-            torch.stack([a.gate if a is not None else torch.zeros_like(first.gate) for a in aligners]), requires_grad=False
+            torch.stack([a.gate if a is not None else torch.zeros_like(first.gate) for a in aligners]),
+            requires_grad=False,
         )
     return stacked
 
@@ -216,8 +218,9 @@ class LLaMA(nn.Module):
         """idx: (B, T) token ids. input_pos: KV-cache slots to write, (T,) for every row or (B, T) per row (None: no
         cache, plain causal attention). mask: optional (B, 1, T, S) boolean attention mask (True = attend) replacing
         the causal one, e.g. for left-padded batches; with a cache, S may be shorter than the cache (only the first S
-        slots are attended: rows that are all short need not scan the whole cache). positions: optional (B, T) RoPE positions (default: input_pos,
-        else 0..T-1). cache_rows: the rows of the KV cache this batch uses (default: the first B).
+        slots are attended: rows that are all short need not scan the whole cache). positions: optional (B, T) RoPE
+        positions (default: input_pos, else 0..T-1). cache_rows: the rows of the KV cache this batch uses (default:
+        the first B).
         Returns logits (B, T, vocab), or the final normalised hidden states (B, T, n_embd) if return_hidden."""
         B, T = idx.shape
         if aligner is None:

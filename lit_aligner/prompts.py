@@ -5,10 +5,10 @@ response follows directly.
 
 | name | prompt (one turn) | response follows as |
 | --- | --- | --- |
-| `alpaca` | Stanford Alpaca: "Below is an instruction that describes a task[, paired with an input ...]. ... ### Response:" | the response, right after "### Response:" |
+| `alpaca` | Stanford Alpaca: "Below is an instruction that describes a task[...]. ... ### Response:" | the response |
 | `beaver` | PKU-Beaver: "BEGINNING OF CONVERSATION: USER: {instruction} ASSISTANT:" | " " + response |
 | `hh` | Anthropic HH-RLHF: "\\n\\nHuman: {instruction}\\n\\nAssistant:" | " " + response |
-| `chat` | the tokenizer's own chat template, one user turn, assistant turn opened | the template's assistant text (e.g. response + "<\\|im_end\\|>") |
+| `chat` | the tokenizer's own chat template, one user turn, assistant turn opened | the template's assistant text |
 | `plain` | the instruction itself (+ "\\n\\n" + input) | "\\n" + response |
 | `correction` | question + upstream answer + the request for a corrected answer (Q-A-C) | the corrected answer |
 

@@ -38,7 +38,8 @@ def main(
     check_output(out, [src], force)
     if to == "ours":
         if src.suffix == ".safetensors":
-            raise AlignerFileError(f"{src} is already a .safetensors file; to write the paper's layout pass --to paper.")
+            raise AlignerFileError(f"{src} is already a .safetensors file; to write the paper's layout pass "
+                                   f"--to paper.")
         aligner, meta = import_paper_checkpoint(src, base_name)
         if not meta["base_model"]:
             print("warning: no registry config has this shape; the base name is left empty (pass --base-name)",

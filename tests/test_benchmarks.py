@@ -1,5 +1,5 @@
-"""CI smoke tests of benchmarks/train.py, generate.py and profile_steps.py on the `tiny` shape: they run on the CPU in seconds,
-print their table and write a JSON file with machine information and one row per case."""
+"""CI smoke tests of benchmarks/train.py, generate.py and profile_steps.py on the `tiny` shape: they run on the CPU in
+seconds, print their table and write a JSON file with machine information and one row per case."""
 
 import importlib.util
 import json

@@ -88,7 +88,8 @@ def test_an_argument_help_longer_than_one_source_line_reads_as_one_paragraph_in_
     with pytest.raises(SystemExit):
         run_cli(main, args=["--help"])
     lines = [" ".join(ln.split()) for ln in capsys.readouterr().out.splitlines()]  # the box's padding folded
-    assert any("repeated with --steps for several (source line two) and a third source line." in ln for ln in lines), lines
+    joined = "repeated with --steps for several (source line two) and a third source line."
+    assert any(joined in ln for ln in lines), lines
     assert "A function-signature CLI whose description spans two lines." in lines
     assert lines.index("python cli.py --steps 2") == lines.index("python cli.py --steps 1") + 1  # code keeps its lines
     assert run_cli(main, args=["--steps", "5"]) == (5, "x")

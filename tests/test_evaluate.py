@@ -119,8 +119,8 @@ def test_preference_metrics_use_trl_names_and_equal_the_dpo_eval_only(tiny_check
     # the old path, finetune/aligner_dpo.py --eval-only, on the whole file as its validation split
     old = helpers.run_script(REPO / "finetune" / "aligner_dpo.py", "--eval-only", "--checkpoint-dir",
                              tiny_checkpoint_dir, "--data", data, "--template", "plain", "--max-seq-length", "256",
-                             "--val-size", "29", "--eval-iters", "all", "--init-aligner", aligners / "steer.safetensors",
-                             "--reference-aligner", "none", "--accelerator", "cpu")
+                             "--val-size", "29", "--eval-iters", "all", "--accelerator", "cpu",
+                             "--init-aligner", aligners / "steer.safetensors", "--reference-aligner", "none")
     assert old.returncode == 0, old.stderr
     old_m = json.loads(old.stdout.strip().splitlines()[-1])
     p2 = cli("preference", "--checkpoint-dir", tiny_checkpoint_dir, "--data", data, "--template", "plain",
@@ -211,7 +211,8 @@ def test_aligner_lm_mixed_batches_equal_one_aligner_at_a_time(base, aligners):
         assert mixed.view(name).loglikelihood_rolling(rolling)[0] == pytest.approx(
             alone.loglikelihood_rolling(rolling)[0], abs=1e-3)
     # the independent computation: log-softmax of the full forward on context + continuation
-    ctx, cont = tok.encode("The sky is").tolist(), tok.encode("The sky is blue").tolist()[len(tok.encode("The sky is")):]
+    ctx = tok.encode("The sky is").tolist()
+    cont = tok.encode("The sky is blue").tolist()[len(ctx):]
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         lp = torch.log_softmax(model(ids[:, :-1], aligner=steer).float(), -1)[0, len(ctx) - 1:]

@@ -202,7 +202,8 @@ class CharTokenizer:
 def test_answer_prompts_equals_generate_per_prompt_and_aligner(model):
     tok = CharTokenizer()
     entries = [AlignerEntry("a", make_aligner(model, 70, n_tokens=2)), AlignerEntry("base"),
-               AlignerEntry("b", make_aligner(model, 71, n_tokens=3)), AlignerEntry("c", make_aligner(model, 72, n_tokens=2))]
+               AlignerEntry("b", make_aligner(model, 71, n_tokens=3)),
+               AlignerEntry("c", make_aligner(model, 72, n_tokens=2))]
     items = [PromptItem("hi"), PromptItem("Name a colour", "sky"), PromptItem("a longer question here?")]
     answers, stats = answer_prompts(model, tok, items, entries, 6, batch_size=3)
     assert len(stats) >= 4  # 12 requests in batches of at most 3
@@ -304,7 +305,8 @@ def test_aligner_cli_bad_prompts_file_is_one_clear_error(tmp_path):
     bad.write_text('{"output": "x"}\n')
     r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(tmp_path), "--no-aligner",
                    "--prompts-file", str(bad))
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "bad.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "bad.jsonl" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(request, tmp_path):
@@ -322,7 +324,8 @@ def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(reque
     out = tmp_path / "results.jsonl"
     r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
                    "--aligner", str(tmp_path / "zero.safetensors"), "--aligner", str(tmp_path / "steered.safetensors"),
-                   "--prompt", "What is 2+2?", "--prompt", "Name a colour.", "--out", str(out), "--max-new-tokens", "12")
+                   "--prompt", "What is 2+2?", "--prompt", "Name a colour.", "--out", str(out),
+                   "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6

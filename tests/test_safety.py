@@ -405,7 +405,8 @@ def test_bad_rows_are_counted_in_the_summary_and_the_aligner_metadata(tiny_check
 
 
 @pytest.mark.parametrize("script, args, parts", [
-    ("finetune/aligner.py", ["--prefix-init", "xyz"], ["--prefix-init", "'hidden'", "python finetune/aligner.py --help"]),
+    ("finetune/aligner.py", ["--prefix-init", "xyz"],
+     ["--prefix-init", "'hidden'", "python finetune/aligner.py --help"]),
     ("finetune/aligner.py", ["--no-compare"], ["--no-compare", "Perhaps you meant --compare"]),
     ("evaluate/aligner.py", [], ["Missing subcommand", "loss, preference"]),
     ("generate/aligner.py", ["--max-new-tokens", "abc"], ["--max-new-tokens", "'abc'"]),

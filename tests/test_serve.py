@@ -243,8 +243,8 @@ def test_32_concurrent_requests_equal_each_served_alone(server, base_name):
 
 @pytest.mark.slow
 def test_queue_bound_429_and_disconnects_free_rows(server, base_name):
-    """80 streams at once: at most 16 rows + 32 waiting are taken, the rest get 429. Closing every stream frees the rows,
-    and the next request is served."""
+    """80 streams at once: at most 16 rows + 32 waiting are taken, the rest get 429. Closing every stream frees the
+    rows, and the next request is served."""
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=300)

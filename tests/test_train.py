@@ -315,7 +315,8 @@ def test_a_run_state_from_before_the_floor_joined_the_identity_resumes_with_its_
 
 def test_cli_malformed_data_is_one_error_line_naming_the_file(tiny_checkpoint_dir, tmp_path):
     bad = tmp_path / "rows.jsonl"
-    bad.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n" + json.dumps({"instruction": 3}) + "\n")
+    rows = [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": 3}]
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
     r = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", bad, "--out-dir",
                    tmp_path / "o", "--max-steps", "1")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "rows.jsonl" in r.stderr, r.stderr

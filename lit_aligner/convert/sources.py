@@ -79,8 +79,9 @@ def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
             # Files from torch < 1.6 (no zip container) cannot be mmap'd: loaded whole, one file at a time.
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors come in many types; all mean "not a checkpoint"
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint: {torch_load_failure(e)}. Only state dicts of "
-                           f"tensors are read (no code in a file is run); use the model's .safetensors files.") from None
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint: {torch_load_failure(e)}. Only state dicts "
+                           f"of tensors are read (no code in a file is run); use the model's .safetensors "
+                           f"files.") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]  # some training frameworks nest the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

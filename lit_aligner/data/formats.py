@@ -4,8 +4,8 @@ answer, the other answer). One small parser per format in one registry (`FORMATS
 | format | fields | SFT target | pair (preferred, other) |
 | --- | --- | --- | --- |
 | `alpaca` | instruction, input, output | output | (SFT only) |
-| `pku` | prompt, response_0, response_1, better/safer_response_id, is_response_*_safe | the `preference` response | (preferred, other) |
-| `hh` | chosen, rejected: whole "\\n\\nHuman: ... \\n\\nAssistant: ..." dialogues | chosen's last answer | (chosen, rejected) |
+| `pku` | prompt, response_0/1, better/safer_response_id, is_response_*_safe | the preferred one | (preferred, other) |
+| `hh` | chosen, rejected: "\\n\\nHuman: ... \\n\\nAssistant: ..." chats | chosen's last answer | (chosen, rejected) |
 | `pairs` | prompt, chosen, rejected | chosen | (chosen, rejected) |
 | `prompt` | prompt, response (or completion) | response | (SFT only) |
 | `qac` | question, answer, correction | correction | (correction, answer) |

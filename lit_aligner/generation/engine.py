@@ -22,8 +22,8 @@ import torch
 from lit_aligner.model import LLaMA, Aligner, PrefixKV, stack_aligners
 from lit_aligner.perf import should_compile
 
-# What `generate(aligners=...)` accepts: one Aligner (or a stacked one, one per row), precomputed prefix K/V, a list with
-# one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (bare base).
+# What `generate(aligners=...)` accepts: one Aligner (or a stacked one, one per row), precomputed prefix K/V, a list
+# with one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (bare base).
 Aligners = Union[None, bool, Aligner, PrefixKV, Sequence[Optional[Aligner]]]
 OnToken = Callable[[int, int], None]
 
@@ -53,7 +53,8 @@ class GenerationStats:
         return self.batch_size * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
-        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s ({self.prefill_tokens_per_s:.1f} tokens/s); "
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s "
+                f"({self.prefill_tokens_per_s:.1f} tokens/s); "
                 f"decode: {self.decode_steps} steps x batch {self.batch_size} in {self.decode_s:.2f} s "
                 f"({self.decode_tokens_per_s:.1f} tokens/s); {self.new_tokens} new tokens returned")
 
@@ -128,9 +129,9 @@ GREEDY = Sampling()
 def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor, prefix: Optional[PrefixKV],
             sampling: Sampling = GREEDY, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the left-padded prompts idx: (B, T) through the model, filling cache slots 0..T-1, and sample the first new
-    token (B,). pad: (B,) pad tokens at the start of each row; valid: (B, S) bool, True for the cache slots that hold (or
-    will hold) a real token of the row. A pad query may attend to itself only: a fully masked row would give NaN, which
-    would leak into real rows through 0 * NaN."""
+    token (B,). pad: (B,) pad tokens at the start of each row; valid: (B, S) bool, True for the cache slots that hold
+    (or will hold) a real token of the row. A pad query may attend to itself only: a fully masked row would give NaN,
+    which would leak into real rows through 0 * NaN."""
     B, T = idx.shape
     S = valid.shape[1]
     t = torch.arange(T, device=idx.device)
@@ -221,7 +222,8 @@ def _check_aligner(model: LLaMA, aligner: Aligner) -> None:
     check_compatible(aligner, model.config)
     device = model.tok_embeddings.weight.device
     if aligner.prefix.device != device:
-        raise ValueError(f"Aligner is on {aligner.prefix.device}, the model on {device}: load it onto the model's device")
+        raise ValueError(f"Aligner is on {aligner.prefix.device}, the model on {device}: load it onto the model's "
+                         f"device")
 
 
 def _ensure_caches(model: LLaMA, batch_size: int, seq_len: int) -> int:

@@ -3,4 +3,5 @@
 from lit_aligner.cli import run_cli
 from lit_aligner.serving import ServeConfig, serve
 
-run_cli(serve, ServeConfig, "Serve a base model and the Aligners in a directory through the OpenAI API (howto/serve.md).")
+run_cli(serve, ServeConfig,
+        "Serve a base model and the Aligners in a directory through the OpenAI API (howto/serve.md).")

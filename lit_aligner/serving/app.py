@@ -221,7 +221,8 @@ class AlignerServer:
                 answer = body.answer
                 if answer is None:
                     base_text = self.chat_prompt(None, messages) if messages is not None else question
-                    first = await self.complete(self.make_request(body, self.encode(base_text), None, default_max), http)
+                    base_request = self.make_request(body, self.encode(base_text), None, default_max)
+                    first = await self.complete(base_request, http)
                     answer = upstream_answer = first.text
                     usage0 = (first.prompt_tokens, first.completion_tokens)
                 if not answer.strip():

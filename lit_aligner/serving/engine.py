@@ -108,8 +108,9 @@ class _Row:
 
 
 class Engine:
-    """The scheduler and decode loop (see the module docstring). `max_seq_length`: the KV cache length per row (prompt
-    + completion); `max_batch`: rows decoded together; `max_queue`: requests waiting beyond those (QueueFull past it)."""
+    """The scheduler and decode loop (see the module docstring). `max_seq_length`: the KV cache length per row
+    (prompt + completion); `max_batch`: rows decoded together; `max_queue`: requests waiting beyond those (QueueFull
+    past it)."""
 
     def __init__(self, model: LLaMA, tokenizer, *, max_batch: int = 16, max_seq_length: Optional[int] = None,
                  max_queue: int = 64, max_prefix_tokens: int = 10):

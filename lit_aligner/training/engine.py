@@ -188,7 +188,8 @@ def fit(
     config.check()
     objective = module.objective
     rank, world = fabric.global_rank, fabric.world_size
-    gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)  # raises if it does not divide
+    # raises if the global batch does not divide into micro-batches on every process
+    gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)
     device = fabric.device
     t_start = time.perf_counter()
     names = list(objective.metric_names)

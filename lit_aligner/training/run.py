@@ -190,9 +190,10 @@ def _setup_module(run: Run):
     cfg = run.cfg
     perf.configure_backends(run.fabric.device)
     # under FSDP, whole-block checkpointing is FSDP's own (make_strategy); the finer policies wrap the model here
-    if cfg.activation_checkpointing != "none" and not (cfg.strategy == "fsdp" and cfg.activation_checkpointing == "block"):
-        n = perf.apply_activation_checkpointing(run.model, cfg.activation_checkpointing, cfg.start_layer)
-        run.fabric.print(f"activation checkpointing '{cfg.activation_checkpointing}' on {n} modules of the gated blocks")
+    policy = cfg.activation_checkpointing
+    if policy != "none" and not (cfg.strategy == "fsdp" and policy == "block"):
+        n = perf.apply_activation_checkpointing(run.model, policy, cfg.start_layer)
+        run.fabric.print(f"activation checkpointing '{policy}' on {n} modules of the gated blocks")
     if cfg.compile:
         perf.compile_blocks(run.model)
     return run.fabric.setup_module(ObjectiveModule(run.model, run.objective))
@@ -229,7 +230,8 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
     metrics = MetricsLog(run.out_dir, resume_step=start_step or None)
     result = fit(fabric, module, optimizer, run.model.aligner, run.train, run.val, cfg.train, run_state, metrics,
                  start_step=start_step, progress=cfg.progress)
-    summary.update(step=result.step, stopped=result.stopped, state=str(result.last_state) if result.last_state else None,
+    summary.update(step=result.step, stopped=result.stopped,
+                   state=str(result.last_state) if result.last_state else None,
                    val=result.val, first_val=result.first_val, val_loss=result.val.get("loss"),
                    first_val_loss=result.first_val.get("loss"), train_loss=result.train.get("loss"),
                    seconds=result.seconds, throughput=result.throughput)

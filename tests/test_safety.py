@@ -150,6 +150,17 @@ def test_an_out_dir_that_is_a_file_is_refused_before_the_model_loads(tiny_checkp
     assert bad.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("script, flag", [("finetune/aligner.py", "--data"), ("finetune/aligner.py", "--val-data"),
+                                          ("finetune/aligner.py", "--init-aligner"),
+                                          ("finetune/aligner_dpo.py", "--reference-aligner")])
+def test_a_missing_input_file_is_refused_before_any_data_loads(tiny_checkpoint_dir, tmp_path, script, flag):
+    missing = tmp_path / "no-such-file.jsonl"
+    r = run_script(script, "--checkpoint-dir", tiny_checkpoint_dir, "--out-dir", tmp_path / "o", flag, missing,
+                   "--max-steps", "1", "--no-progress", "--accelerator", "cpu")
+    one_error_line(r, flag, missing, "no such file")
+    assert "data from" not in r.stdout and not (tmp_path / "o").exists()  # before the data report and the out dir
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 4-6. NaN guards, resume
 

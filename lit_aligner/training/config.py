@@ -8,6 +8,7 @@ Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7
 
 import dataclasses
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Literal, Optional, Union
 
@@ -195,6 +196,13 @@ class RunConfig:
             raise TrainError(f"--prefix-init-scale must be a positive number, got {self.prefix_init_scale}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
+        for flag, path in self.input_paths().items():  # fail before minutes of loading, not after them
+            if isinstance(path, (str, PathLike)) and not Path(path).exists():
+                raise TrainError(f"{flag} {path}: no such file or directory; check the path.")
+
+    def input_paths(self) -> Dict[str, Any]:
+        """The files a run reads besides the base model, by flag."""
+        return {"--data": self.data, "--val-data": self.val_data, "--init-aligner": self.init_aligner}
 
     def default_out_dir(self, base_name: str) -> Path:
         return Path("out") / ("aligner" if self.objective_name == "sft" else f"aligner-{self.objective_name}") / \
@@ -295,6 +303,10 @@ class DPORunConfig(RunConfig):
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
     objective: ClassVar[str] = "dpo"
+
+    def input_paths(self) -> Dict[str, Any]:
+        ref = self.reference_aligner
+        return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
 
     def identity(self) -> Dict[str, Any]:
         return {**super().identity(), "beta": self.dpo.beta, "loss": self.dpo.loss,

@@ -8,7 +8,7 @@ See howto/data.md.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import tyro
 
@@ -22,6 +22,8 @@ class Default(PrepareConfig):
     rejected: the same answer in plain words) or correction (A: plain answer, C: formatted)."""
 
     data_file: tyro.conf.Suppress[Optional[Path]] = None
+    template: Optional[Literal["alpaca", "chat", "beaver", "hh", "plain", "correction"]] = None
+    """prompt template (default: chat, the base's own chat template; correction for --kind correction)."""
     num_rows: int = default.DEFAULT_NUM_ROWS
     """how many distinct rows to generate."""
     data_seed: int = default.DEFAULT_SEED

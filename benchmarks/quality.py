@@ -8,9 +8,10 @@
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
   paper's N(0, 1) prefix) at each learning rate of --aligner-lrs, gate ratio of --gate-lr-ratios and starting scale of
   --init-scales (by default the trainer's defaults), and with --paper each N as the paper trains it.
-- LoRA r=8 on q_proj and v_proj (alpha 16, no dropout) and prefix tuning with 10 virtual tokens (PEFT defaults, no
-  reparametrisation), trained by a plain PyTorch loop on the `transformers` model that `scripts/export_hf.py` writes
-  from the same checkpoint; each learning rate of --lora-lrs / --prefix-lrs.
+- LoRA r=8 on q_proj and v_proj (alpha 16, no dropout; other ranks with --lora-ranks, alpha 2 x rank) and prefix
+  tuning with 10 virtual tokens (PEFT defaults, no reparametrisation), trained by a plain PyTorch loop on the
+  `transformers` model that `scripts/export_hf.py` writes from the same checkpoint; each learning rate of --lora-lrs /
+  --prefix-lrs.
 - Held-out loss: summed response-token cross-entropy over the held-out rows / their token count, the same code for
   every system. The sanity row checks that our model and transformers give the bare base the same held-out loss.
 - Every system runs in its own child process (peak resident memory is per system; on a GPU, peak allocated memory).
@@ -45,6 +46,7 @@ from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
 from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig()  # the trainer's defaults: what the no-flag sweep measures
+REFERENCE_RANK = 8  # the paper's LoRA baseline: every "x LoRA's loss" is to LoRA r=8
 
 REPO = Path(__file__).resolve().parent.parent
 ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_4500.json"
@@ -187,7 +189,8 @@ def run_peft(spec, common):
     torch.manual_seed(common["seed"])
     base = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device)
     if spec["system"] == "lora":
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+        rank = spec.get("rank", REFERENCE_RANK)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                  target_modules=["q_proj", "v_proj"])
     else:
         config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["n_tokens"])
@@ -252,7 +255,11 @@ WORKER_FLAG = "--_run-one-system"
 
 def spec_key(spec: Dict[str, Any]) -> tuple:
     return tuple(spec.get(k) for k in ("system", "n_tokens", "init", "init_scale", "lr", "gate_lr_ratio",
-                                       "start_layer"))
+                                       "start_layer", "rank"))
+
+
+def lora_label(rank: int) -> str:
+    return f"LoRA r={rank} (q, v)"
 
 
 def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -274,6 +281,8 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
             r.setdefault("gate_lr_ratio", 1.0)
             r.setdefault("start_layer", 2)
             r.setdefault("init_scale", 1.0)
+        if r.get("system") == "lora":  # runs made before --lora-ranks: r=8
+            r.setdefault("rank", REFERENCE_RANK)
     return runs
 
 
@@ -300,6 +309,7 @@ def main(
     start_layers: List[int] = [RunConfig.start_layer],  # noqa: B006
     paper: bool = True,
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
+    lora_ranks: List[int] = [REFERENCE_RANK],  # noqa: B006
     prefix_lrs: List[float] = [3e-2],  # noqa: B006
     device: str = "auto",
     threads: Optional[int] = None,
@@ -335,6 +345,8 @@ def main(
         paper: also train each N of --aligners with the paper's recipe (N(0, 1) prefix, lr 9e-3 for prefix and
             gates: lit_aligner.training.config.PAPER_RECIPE).
         lora_lrs: LoRA learning rates.
+        lora_ranks: LoRA ranks (alpha = 2 x rank, as r=8 / alpha 16); each rank x each lr is one run. The ratios to
+            LoRA are to r=8's best (else the largest rank run).
         prefix_lrs: prefix tuning learning rates.
         device: auto (CUDA if available), cpu, cuda.
         threads: torch CPU threads per run (default: torch's choice).
@@ -351,6 +363,8 @@ def main(
         raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
     if max_norm is not None and not 0 < max_norm < float("inf"):
         raise BenchmarkError(f"--max-norm must be a positive number, got {max_norm}")
+    if not all(r >= 1 for r in lora_ranks):
+        raise BenchmarkError(f"--lora-ranks must be >= 1, got {lora_ranks}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
         raise BenchmarkError("--steps, --batch, --micro-batch and --heldout must be >= 1, and --batch a multiple of "
                              "--micro-batch")
@@ -385,7 +399,7 @@ def main(
                    RunConfig.start_layer) for n in sorted({n for n, _ in variants})]
     specs += [{"system": "aligner", "label": f"Aligner N={n}", "n_tokens": n, "init": init, "init_scale": sc, "lr": lr,
                "gate_lr_ratio": g, "start_layer": s} for n, init, sc, lr, g, s in dict.fromkeys(sweep)]
-    specs += [{"system": "lora", "label": "LoRA r=8 (q, v)", "lr": lr} for lr in lora_lrs]
+    specs += [{"system": "lora", "label": lora_label(r), "rank": r, "lr": lr} for r in lora_ranks for lr in lora_lrs]
     specs += [{"system": "prefix", "label": "prefix tuning 10 tokens", "n_tokens": 10, "lr": lr} for lr in prefix_lrs]
 
     done = {spec_key(r) for r in runs}
@@ -423,7 +437,9 @@ def main(
         key = f"{r['label']} {r.get('init', '')} {r.get('start_layer', '')}".strip()
         if key not in best or r["heldout_loss"] < best[key]["heldout_loss"]:
             best[key] = r
-    lora = best.get("LoRA r=8 (q, v)")  # (its init key is empty)
+    ranks = sorted({r.get("rank", REFERENCE_RANK) for r in runs if r["system"] == "lora"})
+    reference = REFERENCE_RANK if REFERENCE_RANK in ranks or not ranks else ranks[-1]
+    lora = best.get(lora_label(reference))  # (its init key is empty)
     for r in runs:
         r["x_lora_loss"] = r["heldout_loss"] / lora["heldout_loss"] if lora else None
         r["gain_vs_lora"] = ((base["heldout_loss"] - r["heldout_loss"]) / (base["heldout_loss"] - lora["heldout_loss"])
@@ -432,7 +448,7 @@ def main(
                "x_lora_loss", "gain_vs_lora", "train_tokens_per_s", "peak_memory_gb"]
     order = {"aligner": 0, "lora": 1, "prefix": 2}  # then N, init, lr: a sweep grown with --resume reads in order
     inits = {"normal": 0, "hidden": 1, "embedding": 2}
-    runs[1:] = sorted(runs[1:], key=lambda r: (order[r["system"]], r.get("n_tokens") or 0,
+    runs[1:] = sorted(runs[1:], key=lambda r: (order[r["system"]], r.get("n_tokens") or r.get("rank") or 0,
                                                inits.get(r.get("init"), 0), r.get("init_scale") or 0, r["lr"],
                                                r.get("gate_lr_ratio") or 0,
                                                r.get("start_layer") or 0))

@@ -191,12 +191,21 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0
     older = json.loads(out.read_text())
     del older["settings"]["min_lr_ratio"], older["settings"]["max_norm"]
+    for r in older["runs"]:
+        r.pop("rank", None)  # and before --lora-ranks: LoRA was r=8
     out.write_text(json.dumps(older))
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**common, min_lr_ratio=0.5, **sweep)
     assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
     with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
         quality.main(**common, min_lr_ratio=2.0, **sweep)
+    # another LoRA rank joins the file (alpha 2 x rank); the ratios stay relative to r=8
+    ranked = quality.main(**{**common, "min_lr_ratio": 0.0}, **{**sweep, "lora_lrs": [1e-2]}, lora_ranks=[2, 8])
+    assert len(ranked["runs"]) == len(scaled["runs"]) + 1  # only r=2 ran: the r=8 run (no "rank" key) is kept
+    by_label = {r["label"]: r for r in ranked["runs"] if r["system"] == "lora"}
+    assert by_label["LoRA r=2 (q, v)"]["trainable_params"] == 4 * (2 * 64 + 64 * 2 + 2 * 64 + 32 * 2)
+    assert by_label["LoRA r=8 (q, v)"]["x_lora_loss"] == 1.0
+    assert by_label["LoRA r=2 (q, v)"]["heldout_loss"] != lora["heldout_loss"]
     # --max-norm clips every system's gradients alike (a bound below every norm: each trains to another loss)
     clipped = quality.main(**{**common, "out": tmp_path / "clipped.json"}, max_norm=1e-3, aligners=["2:hidden"],
                            aligner_lrs=[0.05], paper=False, lora_lrs=[1e-2], prefix_lrs=[])

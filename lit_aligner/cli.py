@@ -65,7 +65,7 @@ def _join_arg_docs(doc: Optional[str]) -> Optional[str]:
     out: List[str] = []
     entry_indent = None  # indentation of the `name: text` lines while inside Args:
     for line in inspect.cleandoc(doc).split("\n"):
-        indent = len(line) - len(line.lstrip())
+        indent = _indent(line)
         if line.strip() in ("Args:", "Arguments:"):
             entry_indent = -1
         elif entry_indent is not None and line.strip():

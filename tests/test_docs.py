@@ -25,6 +25,7 @@ CLIS = sorted(str(p.relative_to(ROOT)) for d in CLI_DIRS for p in (ROOT / d).glo
               if re.search(r"\brun_(training_)?cli\(", p.read_text()))
 SCRIPT = re.compile(r"(?:^|[\s(;&|])(?:[\w./-]*/)?python3?\s+((?:%s)/\w+\.py)\b" % "|".join(CLI_DIRS))
 SHELL_STOP = ("&&", "||", ";", "|", "&", "<", ">", "2>", "2>&1")
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
 
 def _command_lines(text: str):
@@ -66,6 +67,17 @@ def test_the_docs_hold_commands_of_every_cli():
     assert len(CLIS) >= 20 and len(COMMANDS) >= 100
 
 
+def run_in_process(script, *args):
+    """`python script *args` in this process (the script itself, its own parser); sys.argv and sys.path (the
+    benchmarks put their folder on it) are restored after."""
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = argv, path
+
+
 def parse_only(real_run_cli, main, config_cls=None, description=None, args=None):
     """`run_cli` with `main` replaced by one that returns what it was given: the script's own parser, nothing run."""
     if config_cls is not None:
@@ -81,10 +93,8 @@ def parse_only(real_run_cli, main, config_cls=None, description=None, args=None)
 @pytest.mark.parametrize("doc,script,args", COMMANDS, ids=[f"{d}:{s}:{' '.join(a)[:50]}" for d, s, a in COMMANDS])
 def test_a_documented_command_parses(doc, script, args, monkeypatch, capsys):
     monkeypatch.setattr(lit_aligner.cli, "run_cli", functools.partial(parse_only, lit_aligner.cli.run_cli))
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the benchmarks put their folder on the path
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+        run_in_process(script, *args)
     except SystemExit as e:
         if e.code not in (0, None):
             pytest.fail(f"{doc}: `python {script} {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()}")
@@ -98,13 +108,8 @@ OTHER_TOOLS_FLAGS = {"--no-deps", "--only-binary", "--platform", "--python-versi
 def cli_help(script, *args):
     """What `python script *args --help` prints, from the script's own parser in this process."""
     out = io.StringIO()
-    saved = list(sys.path)
-    argv, sys.argv = sys.argv, [script, *args, "--help"]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv, sys.path[:] = argv, saved
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        run_in_process(script, *args, "--help")
     return out.getvalue()
 
 
@@ -112,11 +117,10 @@ def test_every_flag_the_docs_name_is_a_flag_of_a_cli(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no flag name split across lines
     helps = [cli_help(script, *sub) for script in CLIS
              for sub in ([[name] for name in SUBCOMMANDS] if script == "evaluate/aligner.py" else [[]])]
-    known = {f for text in helps for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", text)}
+    known = {f for text in helps for f in FLAG.findall(text)}
     known |= OTHER_TOOLS_FLAGS | set(lit_aligner.cli.RENAMED_FLAGS)
     assert "--gate-lr-ratio" in known and "--aligners-dir" in known and "--tasks" in known
-    unknown = {(doc.name, flag) for doc in DOCS for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", doc.read_text())
-               if flag not in known}
+    unknown = {(doc.name, flag) for doc in DOCS for flag in FLAG.findall(doc.read_text()) if flag not in known}
     assert not unknown, sorted(unknown)
 
 

@@ -8,12 +8,13 @@ See howto/data.md.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import tyro
 
 from lit_aligner.cli import run_cli
 from lit_aligner.data import DataOptions, PrepareConfig, default, run_prepare
+from lit_aligner.data.prepare import TemplateName
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Default(PrepareConfig):
     rejected: the same answer in plain words) or correction (A: plain answer, C: formatted)."""
 
     data_file: tyro.conf.Suppress[Optional[Path]] = None
-    template: Optional[Literal["alpaca", "chat", "beaver", "hh", "plain", "correction"]] = None
+    template: Optional[TemplateName] = None  # the field again only for its help: this script's default differs
     """prompt template (default: chat, the base's own chat template; correction for --kind correction)."""
     num_rows: int = default.DEFAULT_NUM_ROWS
     """how many distinct rows to generate."""

@@ -23,6 +23,9 @@ def prepare(kind: str, data: DataSource, out_dir: Union[str, Path], tokenizer, t
     return {**info, "out_dir": str(out_dir)}
 
 
+TemplateName = Literal["alpaca", "chat", "beaver", "hh", "plain", "correction"]  # a --template of the prepare scripts
+
+
 @dataclass
 class PrepareConfig:
     """Prepare a dataset for training: tokenized with the base model's tokenizer, split, written as safetensors."""
@@ -42,7 +45,7 @@ class PrepareConfig:
     """output directory (default: data/<name>-<kind>)."""
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     """the converted base model whose tokenizer (and chat template) is used."""
-    template: Optional[Literal["alpaca", "chat", "beaver", "hh", "plain", "correction"]] = None
+    template: Optional[TemplateName] = None
     """prompt template (default: alpaca; correction for --kind correction)."""
     seed: int = 42
     """seed of the train/validation split."""

@@ -189,7 +189,7 @@ def run_peft(spec, common):
     torch.manual_seed(common["seed"])
     base = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device)
     if spec["system"] == "lora":
-        rank = spec.get("rank", REFERENCE_RANK)
+        rank = spec["rank"]
         config = peft.LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                  target_modules=["q_proj", "v_proj"])
     else:
@@ -437,7 +437,7 @@ def main(
         key = f"{r['label']} {r.get('init', '')} {r.get('start_layer', '')}".strip()
         if key not in best or r["heldout_loss"] < best[key]["heldout_loss"]:
             best[key] = r
-    ranks = sorted({r.get("rank", REFERENCE_RANK) for r in runs if r["system"] == "lora"})
+    ranks = sorted({r["rank"] for r in runs if r["system"] == "lora"})  # (earlier_runs gives older runs theirs)
     reference = REFERENCE_RANK if REFERENCE_RANK in ranks or not ranks else ranks[-1]
     lora = best.get(lora_label(reference))  # (its init key is empty)
     for r in runs:

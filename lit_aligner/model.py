@@ -126,7 +126,8 @@ def stack_aligners(aligners: List[Optional[Aligner]], model_config: Config) -> A
 class PrefixKV:
     """The prefix keys and values of every gated layer, computed once per Aligner (inference) instead of per call.
     keys[j], values[j]: (B or 1, n_query_groups, N, head_size) for layer start_layer + j; gate: (B or 1, L', n_head);
-    mask: optional (B, N) bool, False for padding prefix slots (rows whose Aligners have fewer than N tokens)."""
+    mask: optional (B, N) bool, False for padding prefix slots (rows whose Aligners have fewer than N tokens).
+    values[j] None: keys[j] is the raw prefix, (N, C) or (B, N, C), which that layer projects itself."""
 
     start_layer: int
     keys: List[torch.Tensor]
@@ -195,15 +196,15 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = None
         self.causal_mask = None
 
-    def prefix_kv(self, aligner: Aligner) -> PrefixKV:
-        """Project an Aligner's prefix through every gated layer's K and V weights, once."""
-        keys, values = [], []
-        for block in self.layers[aligner.start_layer:]:
-            k, v = block.attn.project_prefix(aligner.prefix)
-            keys.append(k)
-            values.append(v)
+    def prefix_kv(self, aligner: Aligner, project: bool = True) -> PrefixKV:
+        """Project an Aligner's prefix through every gated layer's K and V weights, once (project=False: the raw
+        prefix for each layer, which projects it in its own forward)."""
         gate = aligner.gate if aligner.gate.dim() == 3 else aligner.gate.unsqueeze(0)
-        return PrefixKV(aligner.start_layer, keys, values, gate)
+        gated = self.layers[aligner.start_layer:]
+        if not project:
+            return PrefixKV(aligner.start_layer, [aligner.prefix] * len(gated), [None] * len(gated), gate)
+        keys, values = zip(*(block.attn.project_prefix(aligner.prefix) for block in gated))
+        return PrefixKV(aligner.start_layer, list(keys), list(values), gate)
 
     def forward(
         self,
@@ -227,7 +228,9 @@ class LLaMA(nn.Module):
             aligner = self.aligner
         elif aligner is False:
             aligner = None
-        pkv = self.prefix_kv(aligner) if isinstance(aligner, Aligner) else aligner
+        # An Aligner's prefix is projected by each gated layer inside its own forward: a sharded model (FSDP) has a
+        # layer's weights only there. Decoding passes a PrefixKV projected once per Aligner instead.
+        pkv = self.prefix_kv(aligner, project=False) if isinstance(aligner, Aligner) else aligner
 
         if positions is None:
             positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
@@ -313,6 +316,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         if prefix is not None:
             pk, pv, gate, pmask = prefix  # (B|1, n_kv, N, hs) x2, (B|1, nh), (B, N) or None
+            if pv is None:  # the Aligner's prefix itself, (N, C) or (B, N, C)
+                pk, pv = self.project_prefix(pk)
             if pk.shape[0] != B:
                 pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
             # Every query sees all N prefix tokens, with a softmax separate from the causal one.

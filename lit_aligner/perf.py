@@ -437,8 +437,9 @@ def step_peak_memory(model: LLaMA, objective, sequences: int, seq_len: int, seed
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
-    before = current_bytes()
     reset_peak_memory(device)
+    before = current_bytes()  # after the reset: the peak of the window is at least this (memory freed in between
+    # would otherwise leave the peak below `before`)
     t0 = time.perf_counter()
     objective(model, batch)["loss"].backward()
     optimizer.step()

@@ -35,7 +35,8 @@ setup(
         # evaluate/aligner.py harness (lm-evaluation-harness), benchmarks/quality.py (PEFT LoRA / prefix tuning)
         "eval": ["lm_eval>=0.4.4", "peft>=0.11", "transformers>=4.40"],
         # the server's tests query it with the real OpenAI client and drive its page in headless Chromium; ruff lints
+        # (its minor version pinned: a new one can add checks to the selected families and fail CI on unchanged code)
         "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.40", "selenium>=4.20", "lm_eval>=0.4.4", "peft>=0.11", "ruff"],
+                 "openai>=1.40", "selenium>=4.20", "lm_eval>=0.4.4", "peft>=0.11", "ruff>=0.17,<0.18"],
     },
 )

@@ -148,8 +148,8 @@ def test_a_batch_of_different_aligners_equals_each_alone():
 
 @gpu_only
 def test_fsdp_on_one_gpu_trains_and_clips_as_the_plain_strategy(tiny_checkpoint_dir, tmp_path):
-    # Fabric's FSDP is GPU-only (its CPU twin: the 2-process DDP test in test_train.py); --max-norm goes through
-    # FSDP's own clip_grad_norm_, so the logged norms and the clipped steps must match the unsharded run's
+    # FSDP2 with NCCL on a GPU (its CPU twin, with gloo: the 2-process FSDP test in test_train.py); --max-norm clips
+    # the sharded gradients, so the logged norms and the clipped steps must match the unsharded run's
     import csv
 
     import helpers

@@ -2,6 +2,7 @@
 path never trained, precomputed == on-the-fly reference, one base for policy and reference, paper checkpoints as
 init/reference, and the finetune/aligner_dpo.py CLI on a tiny checkpoint."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -373,6 +374,37 @@ def test_eval_only_prints_the_metrics_as_json_on_the_last_line(short_dpo_run, ti
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert metrics["reference"] == "init" and metrics["reward_accuracy"] == 0.5 and metrics["reward_margin"] == 0.0
+
+
+def test_precomputing_the_reference_is_refused_under_fsdp():
+    from lit_aligner.training import DPORunConfig
+
+    with pytest.raises(TrainError, match="--precompute-reference .* --strategy fsdp"):
+        DPORunConfig(precompute_reference=True, strategy="fsdp").check()
+    DPORunConfig(precompute_reference=True, strategy="ddp").check()
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_dpo_equals_one_process(short_dpo_run, tiny_checkpoint_dir, pairs_file, tmp_path):
+    # the policy starts at a trained Aligner and the reference is its frozen copy (not sharded: it reaches each
+    # layer with the batch, while the policy's prefix is FSDP's); the last step's validation too
+    _, trained = short_dpo_run
+    common = ["finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", pairs_file,
+              "--init-aligner", trained / "aligner.safetensors", "--max-seq-length", "128", "--val-fraction", "0.1",
+              "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "0.1",
+              "--beta", "0.5", "--eval-interval", "3", "--eval-iters", "all", "--accelerator", "cpu", "--no-progress"]
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out, flags in zip(outs, ([], ["--devices", "2", "--strategy", "fsdp"])):
+        r = run_script(*common, *flags, "--out-dir", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+    (a, _), (b, _) = (load_aligner(out / "aligner.safetensors") for out in outs)
+    start, _ = load_aligner(trained / "aligner.safetensors")
+    assert (a.prefix - start.prefix).abs().max() > 1e-3
+    torch.testing.assert_close(b.prefix, a.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
+    losses = [[float(r["val_loss"]) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("val_loss")]
+              for out in outs]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_a_malformed_data_file_gives_one_error_line_naming_it(tiny_checkpoint_dir, tmp_path):

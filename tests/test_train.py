@@ -1,6 +1,6 @@
 """SFT training of Aligners: the schedule and data order, gradients independent of how a batch is split, a short real
 run whose validation loss falls and whose Aligner changes generation, exact resume after a signal, the base weights
-untouched, the CLI's errors, and 2-process DDP (gloo) equal to one process with the same global batch."""
+untouched, the CLI's errors, and 2-process DDP and FSDP (gloo) equal to one process with the same global batch."""
 
 import csv
 import functools
@@ -359,6 +359,46 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_chec
     norms = [[float(r["grad_norm"]) for r in read_csv(tmp_path / k / "metrics.csv") if r.get("grad_norm")]
              for k in ("one", "two")]
     assert len(norms[0]) == 3 and min(norms[0]) > 0.01 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_one_process_and_run_states_move_between_the_strategies(tiny_checkpoint_dir, tmp_path):
+    # FSDP2 on the CPU (gloo): every block's weights sharded over two processes and gathered only inside its own
+    # forward, each gated block checkpointed, every step clipped; 5 validation rows (3 on rank 0, 2 on rank 1: the
+    # ranks run different numbers of real forward passes) scored whole
+    import shutil
+
+    common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cpu",
+              "--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "2", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "128", "--learning-rate", "3e-2", "--eval-interval", "2",
+              "--save-interval", "2", "--val-size", "5", "--eval-iters", "all", "--max-norm", "0.01", "--no-progress"]
+    fsdp = ["--devices", "2", "--strategy", "fsdp", "--activation-checkpointing", "block"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = run_script(*common, "--compare", "False", "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script(*common, *fsdp, "--out-dir", tmp_path / "two", env=env)  # the default dataset: --compare on
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "no before/after comparison under --strategy fsdp" in two.stdout
+    a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")
+    b, _ = load_aligner(tmp_path / "two" / "aligner.safetensors")
+    assert a.gate.abs().sum() > 0
+    torch.testing.assert_close(b.prefix, a.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
+    rows = {k: read_csv(tmp_path / k / "metrics.csv") for k in ("one", "two")}
+    for key in ("grad_norm", "val_loss"):
+        got = [[float(r[key]) for r in rows[k] if r.get(key)] for k in ("one", "two")]
+        assert len(got[0]) >= 3 and got[1] == pytest.approx(got[0], rel=1e-4), key
+    # a run state of either strategy resumes under the other (FSDP saves the optimizer's state by parameter name)
+    for source, flags in (("one", fsdp), ("two", [])):
+        out = tmp_path / f"from-{source}"
+        (out / "state").mkdir(parents=True)
+        shutil.copy(tmp_path / source / "state" / "step-000002.pt", out / "state")
+        shutil.copy(tmp_path / source / "metrics.csv", out)
+        p = run_script(*common, *flags, "--compare", "False", "--out-dir", out, "--resume", "auto", env=env)
+        assert p.returncode == 0 and "at step 2" in p.stdout, p.stderr[-3000:]
+        c, _ = load_aligner(out / "aligner.safetensors")
+        torch.testing.assert_close(c.prefix, a.prefix, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c.gate, a.gate, rtol=1e-4, atol=1e-5)
 
 
 def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,

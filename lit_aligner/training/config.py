@@ -304,6 +304,12 @@ class DPORunConfig(RunConfig):
 
     objective: ClassVar[str] = "dpo"
 
+    def check(self) -> None:
+        super().check()
+        if self.precompute_reference and self.strategy == "fsdp":
+            raise TrainError("--precompute-reference scores the pairs with one unsharded copy of the base, which "
+                             "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
+
     def input_paths(self) -> Dict[str, Any]:
         ref = self.reference_aligner
         return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}

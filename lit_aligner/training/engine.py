@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from lit_aligner.training.config import TrainConfig, TrainError
 from lit_aligner.training.objectives import Objective, ObjectiveModule
-from lit_aligner.training.state import GracefulStop, MetricsLog, RunState
+from lit_aligner.training.state import GracefulStop, MetricsLog, RunState, full_tensor, local_part
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,13 +116,15 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
     """The objective's metrics (means per unit: per token for SFT, per pair for DPO) of `module` (an
     `ObjectiveModule`, set up by Fabric or not) over `dataset`, plus the count of units under `objective.unit`.
     Rank r scores examples r, r+W, ... (the first max_batches micro-batches of them; None = all); sums are
-    all-reduced."""
+    all-reduced. Every rank runs as many forward passes as rank 0 (a sharded model gathers its weights in each one,
+    with every rank): one with fewer rows repeats its first batch and discards the result."""
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = fabric.device if fabric is not None else next(module.parameters()).device
     mine = list(range(rank, len(dataset), world))
     batches = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    most = math.ceil(math.ceil(len(dataset) / world) / micro_batch_size)  # rank 0's count
     if max_batches is not None:
-        batches = batches[:max_batches]
+        batches, most = batches[:max_batches], min(most, max_batches)
     was_training = module.training
     module.eval()
     sums, units = None, 0
@@ -130,6 +132,8 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
         items = [dataset[i] for i in idx]
         sums = _add(sums, module(_to(objective.collate(items), device)))
         units += sum(objective.units(it) for it in items)
+    for _ in range(most - len(batches) if len(dataset) else 0):
+        module(_to(objective.collate([dataset[i] for i in (batches[0] if batches else [0])]), device))
     module.train(was_training)
     names = list(objective.metric_names)
     flat = torch.tensor([float(units)] + [0.0] * len(names), dtype=torch.float64, device=device)
@@ -159,8 +163,12 @@ class FitResult:
     train: Dict[str, float] = field(default_factory=dict)  # the last step's training metrics (its global batch)
 
 
-def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+def _finite(fabric, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor is finite on every rank (FSDP ranks hold different slices: all must stop together)."""
+    bad = sum(not bool(torch.isfinite(local_part(t)).all()) for t in tensors if t is not None)
+    if fabric.world_size > 1:
+        bad = int(fabric.all_reduce(torch.tensor(float(bad), device=fabric.device), reduce_op="sum"))
+    return bad == 0
 
 
 def fit(
@@ -246,14 +254,14 @@ def fit(
                     # DDP averages gradients over ranks, hence * world: the result is d(sum / units) exactly.
                     fabric.backward(out["loss"] * (world / max(units, 1)))
                 sums = _add(sums, out)
-            if not _finite(sums["loss"], *(p.grad for p in params)):
+            if not _finite(fabric, sums["loss"], *(p.grad for p in params)):
                 raise diverged(step + 1, "loss or its gradient")
             # The total norm before clipping (the grad_norm Hugging Face logs), through Fabric so that sharded (FSDP)
             # gradients count whole; without --max-norm the bound is infinite and the gradients stay as they are.
-            grad_norm = fabric.clip_gradients(module, optimizer, max_norm=config.max_norm or float("inf"))
+            grad_norm = full_tensor(fabric.clip_gradients(module, optimizer, max_norm=config.max_norm or float("inf")))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not _finite(*params):
+            if not _finite(fabric, *params):
                 raise diverged(step + 1, "Aligner after the optimizer step")
             step += 1
             stats = torch.stack([sums[k] for k in names] + [

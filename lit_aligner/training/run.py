@@ -44,24 +44,33 @@ def launch(cfg: RunConfig, precision: str):
     import lightning_fabric as L
 
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=make_strategy(cfg.strategy, cfg.activation_checkpointing), precision=precision)
+                      strategy=make_strategy(cfg.strategy), precision=precision)
     fabric.launch()
     return fabric
 
 
-def make_strategy(strategy: str, activation_checkpointing: str = "none"):
-    """Fabric strategy from a flag: "auto", "ddp", or "fsdp" (the base sharded per `Block`, the Aligner in the root
-    unit; `use_orig_params` because frozen and trainable weights share units). FSDP checkpoints whole blocks only when
-    --activation-checkpointing block asks for it; the finer policies are applied to the model itself."""
+def make_strategy(strategy: str):
+    """Fabric strategy from a flag: "auto", "ddp", or "fsdp": PyTorch's FSDP2 (`fully_shard`, through Fabric's
+    ModelParallelStrategy; unlike Fabric's FSDPStrategy it also runs on the CPU, so the tests run it), see
+    `shard_model`."""
     if strategy != "fsdp":
         return strategy
-    from lightning_fabric.strategies import FSDPStrategy
+    from lightning_fabric.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(parallelize_fn=shard_model, save_distributed_checkpoint=False)
+
+
+def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2 units: every `Block` its own, the rest (embeddings, final norm, LM head, the Aligner) the root's. The
+    mesh is Fabric's (nodes, devices per node): each node holds one sharded copy and the nodes replicate it (HSDP),
+    so parameters are gathered within a node only."""
+    from torch.distributed.fsdp import fully_shard
 
     from lit_aligner.model import Block
 
-    return FSDPStrategy(auto_wrap_policy={Block},
-                        activation_checkpointing_policy={Block} if activation_checkpointing == "block" else None,
-                        state_dict_type="full", use_orig_params=True, limit_all_gathers=True, cpu_offload=False)
+    for block in [m for m in module.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
 
 
 def train(cfg: RunConfig) -> Dict[str, Any]:
@@ -189,9 +198,8 @@ def _setup_module(run: Run):
 
     cfg = run.cfg
     perf.configure_backends(run.fabric.device)
-    # under FSDP, whole-block checkpointing is FSDP's own (make_strategy); the finer policies wrap the model here
     policy = cfg.activation_checkpointing
-    if policy != "none" and not (cfg.strategy == "fsdp" and policy == "block"):
+    if policy != "none":  # before FSDP shards the blocks (their forwards are wrapped, not the modules)
         n = perf.apply_activation_checkpointing(run.model, policy, cfg.start_layer)
         run.fabric.print(f"activation checkpointing '{policy}' on {n} modules of the gated blocks")
     if cfg.compile:
@@ -269,4 +277,4 @@ def save_trained_aligner(run: Run, module, result: FitResult) -> Path:
     return path
 
 
-__all__: List[str] = ["Run", "launch", "make_strategy", "save_trained_aligner", "train"]
+__all__: List[str] = ["Run", "launch", "make_strategy", "save_trained_aligner", "shard_model", "train"]

@@ -16,7 +16,6 @@ import socket
 import shutil
 import threading
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -142,35 +141,54 @@ def restore_rng_state(state: Dict[str, torch.Tensor]) -> None:
 # The Aligner and optimizer under any strategy
 
 
-def _is_fsdp(fabric) -> bool:
-    from lightning_fabric.strategies import FSDPStrategy
+def is_sharded(fabric) -> bool:
+    """Whether the run's parameters are sharded (--strategy fsdp): each rank holds a slice of each one."""
+    from lightning_fabric.strategies import ModelParallelStrategy
 
-    return isinstance(getattr(fabric, "strategy", None), FSDPStrategy)
+    return isinstance(getattr(fabric, "strategy", None), ModelParallelStrategy)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a sharded (FSDP2 DTensor) tensor; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (FSDP2 DTensor) tensor, gathered (collective: call on every rank); any other as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def resharded(module: nn.Module) -> nn.Module:
+    """The module with its sharded parameters in place (the ones the optimizer holds): FSDP2 keeps the root unit's
+    gathered after a forward pass without a backward one (validation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(module, "_forward_module", module)
+    if isinstance(inner, FSDPModule):
+        inner.reshard()
+    return inner
 
 
 def aligner_tensors(fabric, module: nn.Module, aligner: nn.Module) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) copies of the Aligner's prefix and gate on the CPU, from any strategy. Under FSDP the Aligner
-    lives in the root unit, so only that unit's parameters are gathered (collective: call on every rank). Fabric's
-    own `fabric.save(filter=...)` would gather the whole base first and filter afterwards: gigabytes per save."""
-    ctx = nullcontext()
-    if fabric is not None and _is_fsdp(fabric):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        inner = getattr(module, "_forward_module", module)
-        ctx = FSDP.summon_full_params(inner, writeback=False, recurse=False)
-    with ctx:
-        return {"prefix": aligner.prefix.detach().cpu().clone(), "gate": aligner.gate.detach().cpu().clone()}
+    """Full (unsharded) copies of the Aligner's prefix and gate on the CPU, from any strategy. Under FSDP only these
+    two are gathered (collective: call on every rank); Fabric's own `fabric.save(filter=...)` would gather the whole
+    base first and filter afterwards: gigabytes per save."""
+    resharded(module)
+    return {name: full_tensor(getattr(aligner, name).detach()).cpu().clone() for name in ("prefix", "gate")}
 
 
 def optimizer_state(fabric, module: nn.Module, optimizer) -> Dict[str, Any]:
     """A full optimizer state dict of plain tensors. FSDP: gathered with torch.distributed.checkpoint (frozen base
     weights left out); otherwise the optimizer's own state dict (it holds only the Aligner's parameters)."""
-    if fabric is not None and _is_fsdp(fabric):
+    if fabric is not None and is_sharded(fabric):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        inner = getattr(module, "_forward_module", module)
-        return get_optimizer_state_dict(inner, getattr(optimizer, "optimizer", optimizer), options=opts)
+        return get_optimizer_state_dict(resharded(module), getattr(optimizer, "optimizer", optimizer), options=opts)
     return getattr(optimizer, "optimizer", optimizer).state_dict()
 
 
@@ -185,13 +203,21 @@ def load_optimizer_state(fabric, module: nn.Module, optimizer, state: Dict[str, 
             state["param_groups"].append(dict(saved[0], params=ids[cut:cut + len(g["params"])],
                                               lr_ratio=g.get("lr_ratio", 1.0)))
             cut += len(g["params"])
-    if fabric is not None and _is_fsdp(fabric):
+    if fabric is not None and is_sharded(fabric):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        inner = resharded(module)
+        # a state saved without FSDP numbers the parameters in the optimizer's order; this reader wants their names
+        names = {p: n for n, p in inner.named_parameters()}
+        name_of = dict(zip((i for g in state["param_groups"] for i in g["params"]),
+                           (names[p] for g in groups for p in g["params"])))
+        state = {"state": {name_of.get(k, k): v for k, v in state["state"].items()},
+                 "param_groups": [dict(g, params=[name_of.get(i, i) for i in g["params"]])
+                                  for g in state["param_groups"]]}
         opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-        inner = getattr(module, "_forward_module", module)
         set_optimizer_state_dict(inner, getattr(optimizer, "optimizer", optimizer), state, options=opts)
         return
+    # torch's own reader maps saved parameters to the optimizer's by position, whether numbered or named (FSDP)
     getattr(optimizer, "optimizer", optimizer).load_state_dict(state)
 
 

@@ -38,6 +38,12 @@ class SFT(Objective):
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if not compare or run.fabric.global_rank != 0:
             return None
+        from lit_aligner.training.state import is_sharded
+
+        if is_sharded(run.fabric):  # rank 0 alone holds a slice of each weight
+            run.fabric.print("note: no before/after comparison under --strategy fsdp; compare the saved Aligner with "
+                             "the bare base: python generate/aligner.py --aligner OUT/aligner.safetensors --no-aligner")
+            return None
         from lit_aligner.evaluation import compare_before_after, format_comparison
 
         run.model.eval()

@@ -401,6 +401,37 @@ def test_two_process_fsdp_equals_one_process_and_run_states_move_between_the_str
         torch.testing.assert_close(c.gate, a.gate, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
+    # --num-nodes 2 on one machine, one launch per node (NODE_RANK 0 and 1, one process each), as on a cluster:
+    # FSDP's mesh is then (2 nodes, 1 device), so each node holds the whole model and the nodes replicate it (HSDP)
+    import socket
+    import subprocess
+    import sys
+
+    common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cpu",
+              "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "128", "--learning-rate", "3e-2", "--eval-interval", "3",
+              "--max-norm", "0.01", "--no-progress", "--compare", "False"]
+    one = run_script(*common, "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    nodes = [*common, "--num-nodes", "2", "--strategy", "fsdp", "--out-dir", tmp_path / "two"]
+    second = subprocess.Popen([sys.executable, *map(str, nodes)], cwd=ROOT, env={**os.environ, **env, "NODE_RANK": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run_script(*nodes, env={**env, "NODE_RANK": "0"})
+    _, err = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + err[-2000:]
+    assert "2 process(es)" in first.stdout
+    a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")
+    b, _ = load_aligner(tmp_path / "two" / "aligner.safetensors")
+    torch.testing.assert_close(b.prefix, a.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
+
+
 def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,
                                                                                      capsys):
     cfg = small_run(tiny_checkpoint_dir, tmp_path / "cmp", max_steps=1, eval_interval=1)

@@ -219,6 +219,17 @@ def test_split_is_deterministic_per_seed_and_partitions_the_rows():
         split_indices(5, 0.5, val_size=5)
 
 
+def test_a_val_size_cut_down_by_the_length_limit_is_reported(tok):
+    from lit_aligner.data import report
+
+    rows = [{"instruction": f"Question {i}?", "output": "word " * (200 if i % 2 else 2)} for i in range(40)]
+    _, val, info = sft(rows, tok, "plain", 64, val_size=10)
+    assert info["dropped"] > 0 and len(val) < 10
+    assert f"--val-size 10 held out 10 rows, {len(val)} of them kept" in report(info)
+    _, val, info = sft(rows, tok, "plain", 4096, val_size=10)
+    assert len(val) == 10 and "--val-size" not in report(info)
+
+
 def test_split_of_loaded_data_follows_the_seed(tok):
     a = sft(None, tok, "plain", 256, val_fraction=0.1, seed=1)
     b = sft(None, tok, "plain", 256, val_fraction=0.1, seed=1)

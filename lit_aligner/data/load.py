@@ -248,6 +248,10 @@ def report(info: Dict[str, Any]) -> str:
         lines.append(f"  skipped {example}")
     if info.get("bad_rows", 0) > len(info.get("bad_row_examples", [])):
         lines.append(f"  ... {info['bad_rows'] - len(info['bad_row_examples'])} more skipped rows")
+    if info.get("val_size") and info.get("val", 0) < info["val_size"]:
+        lines.append(f"  note: --val-size {info['val_size']} held out {info['val_size']} rows, {info['val']} of them "
+                     f"kept: the others were dropped as longer than --max-seq-length or skipped (the split comes "
+                     f"first, so it does not move with those settings)")
     if "out_dir" in info:
         lines.append(f"wrote {info['out_dir']}/{{train,val}}.safetensors and meta.json")
     return "\n".join(lines)

@@ -422,8 +422,11 @@ def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
     nodes = [*common, "--num-nodes", "2", "--strategy", "fsdp", "--out-dir", tmp_path / "two"]
     second = subprocess.Popen([sys.executable, *map(str, nodes)], cwd=ROOT, env={**os.environ, **env, "NODE_RANK": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = run_script(*nodes, env={**env, "NODE_RANK": "0"})
-    _, err = second.communicate(timeout=300)
+    try:
+        first = run_script(*nodes, env={**env, "NODE_RANK": "0"})
+        _, err = second.communicate(timeout=300)
+    finally:
+        second.kill()  # a node left waiting for the other would wait for its rendezvous timeout (minutes)
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + err[-2000:]
     assert "2 process(es)" in first.stdout
     a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")

@@ -1,6 +1,7 @@
 """SFT training of Aligners: the schedule and data order, gradients independent of how a batch is split, a short real
 run whose validation loss falls and whose Aligner changes generation, exact resume after a signal, the base weights
-untouched, the CLI's errors, and 2-process DDP and FSDP (gloo) equal to one process with the same global batch."""
+untouched, the CLI's errors, and 2-process DDP and FSDP (gloo), and two one-process nodes, equal to one process with
+the same global batch."""
 
 import csv
 import functools

@@ -124,6 +124,62 @@ def test_every_flag_the_docs_name_is_a_flag_of_a_cli(monkeypatch):
     assert not unknown, sorted(unknown)
 
 
+def help_defaults(text):
+    """flag -> the default one `--help` states for it (tyro's "(default: X)"), from one-column help text: an entry is
+    its flag line and the indented lines under it."""
+    found, head, body = {}, None, ""
+    for line in [*text.splitlines(), ""]:
+        if head is not None and line.startswith("    ") and not line.lstrip().startswith("-"):
+            body += " " + line.strip()
+            continue
+        if head is not None and (m := re.findall(r"\(default: (.*?)\)", body)):
+            found.update({f: m[-1].strip("'") for f in FLAG.findall(head)})
+        head = body = None
+        if re.match(r"^  --?\w", line):
+            head, body = re.split(r"\s{2,}", line.strip())[0], line
+    return found
+
+
+# a flag-table row: `--flag` (with an upper-case metavar or {choices}) | its default | ...
+TABLE_ROW = re.compile(r"^\| `(--[\w-]+)(?: (?:[A-Z][\w.|]*|\{[^}]*\}))?` \| ([^|]+) \|", re.M)
+
+
+def test_the_literal_defaults_in_the_docs_flag_tables_are_the_clis(monkeypatch):
+    # A default cell that is one literal (`x`, a number, off / on) must be what --help states for that flag in some
+    # CLI. Computed defaults (None in the parser) and free text ("the run's", `<placeholders>`) are not compared.
+    monkeypatch.setenv("COLUMNS", "100")  # one column: each entry's lines stay together
+    defaults: dict = {}
+    for script in CLIS:
+        for sub in ([[name] for name in SUBCOMMANDS] if script == "evaluate/aligner.py" else [[]]):
+            for flag, value in help_defaults(cli_help(script, *sub)).items():
+                defaults.setdefault(flag, set()).add(value)
+    assert defaults["--max-shard-gb"] == {"5.0"} and "False" in defaults["--force"]
+
+    def literal(cell):
+        cell = cell.strip()
+        if cell in ("off", "on"):
+            return str(cell == "on")
+        m = re.fullmatch(r"`([^`<]+)`|(-?\d[\d.]*(?:e-?\d+)?)", cell)
+        return m and (m.group(1) or m.group(2))
+
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except ValueError:
+            return a == b
+
+    checked, wrong = 0, []
+    for doc in DOCS:
+        for flag, cell in TABLE_ROW.findall(doc.read_text()):
+            value, stated = literal(cell), defaults.get(flag, set())
+            if value is None or not stated or "None" in stated:
+                continue
+            checked += 1
+            if not any(same(value, d) for d in stated):
+                wrong.append(f"{doc.name}: {flag} documented as {cell.strip()}, --help says {sorted(stated)}")
+    assert checked >= 100 and not wrong, wrong
+
+
 def test_a_field_help_longer_than_one_source_line_reads_as_one_paragraph_in_help(capsys, monkeypatch):
     # tyro reads a field's docstring with its source indentation and keeps the line break before an indented line;
     # run_cli dedents first, so the help of --gate-lr-ratio (two source lines) wraps only at the terminal's width

@@ -263,7 +263,7 @@ def save_trained_aligner(run: Run, module, result: FitResult) -> Path:
     from lit_aligner.training.state import aligner_tensors
 
     cfg, c = run.cfg, run.base_config
-    tensors = aligner_tensors(run.fabric, module, run.model.aligner)
+    tensors = aligner_tensors(module, run.model.aligner)
     final = build_aligner(cfg.n_tokens, cfg.start_layer, c.n_layer, c.n_head, c.n_embd, tensors["prefix"],
                           tensors["gate"])
     metadata = {"template": run.template, "mode": run.objective.name, "n_tokens": cfg.n_tokens,

@@ -173,7 +173,7 @@ def resharded(module: nn.Module) -> nn.Module:
     return inner
 
 
-def aligner_tensors(fabric, module: nn.Module, aligner: nn.Module) -> Dict[str, torch.Tensor]:
+def aligner_tensors(module: nn.Module, aligner: nn.Module) -> Dict[str, torch.Tensor]:
     """Full (unsharded) copies of the Aligner's prefix and gate on the CPU, from any strategy. Under FSDP only these
     two are gathered (collective: call on every rank); Fabric's own `fabric.save(filter=...)` would gather the whole
     base first and filter afterwards: gigabytes per save."""
@@ -319,7 +319,7 @@ class RunState:
         return self.newest or (found[0] if found else None)
 
     def save(self, step: int) -> Path:
-        tensors = aligner_tensors(self.fabric, self.module, self.aligner)
+        tensors = aligner_tensors(self.module, self.aligner)
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise TrainError(f"step {step}: the Aligner is not finite; no run state written (lower --learning-rate).")
         state = {"version": STATE_VERSION, "step": step, "aligner": tensors,

@@ -132,7 +132,7 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
         items = [dataset[i] for i in idx]
         sums = _add(sums, module(_to(objective.collate(items), device)))
         units += sum(objective.units(it) for it in items)
-    for _ in range(most - len(batches) if len(dataset) else 0):
+    for _ in range(most - len(batches)):  # (an empty dataset: most is 0)
         module(_to(objective.collate([dataset[i] for i in (batches[0] if batches else [0])]), device))
     module.train(was_training)
     names = list(objective.metric_names)

@@ -436,6 +436,57 @@ def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
     torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
 
 
+SHARD_IN_THE_RUN_DTYPE = '''
+import socket, sys
+import torch, torch.distributed as dist
+import torch.distributed.fsdp as fsdp
+from torch.distributed.device_mesh import init_device_mesh
+from lit_aligner.aligner_files import new_aligner
+from lit_aligner.base import load_model
+from lit_aligner.training.run import shard_model
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = load_model(sys.argv[1], "cpu")  # the file's dtype (fp32)
+aligner = new_aligner(model, 4, 1)
+with torch.no_grad():
+    aligner.gate.normal_()
+reference = load_model(sys.argv[1], "cpu", torch.bfloat16)
+idx = torch.randint(0, model.config.vocab_size, (2, 9))
+expected = reference(idx, aligner=aligner.to(torch.bfloat16))
+blocks, fully_shard, seen = list(model.layers), fsdp.fully_shard, []
+
+def spy(module, **kwargs):  # the dtype of every block's weights at each call
+    seen.append([str(b.attn.wqkv.weight.dtype).split(".")[1] for b in blocks])
+    return fully_shard(module, **kwargs)
+
+fsdp.fully_shard = spy
+shard_model(model, init_device_mesh("cpu", (1, 1), mesh_dim_names=("nodes", "devices")), torch.bfloat16)
+for k, dtypes in enumerate(seen[:-1]):  # block k is converted right before it is sharded, not earlier
+    assert dtypes == ["bfloat16"] * (k + 1) + ["float32"] * (len(blocks) - k - 1), (k, dtypes)
+assert len(seen) == len(blocks) + 1 and seen[-1] == ["bfloat16"] * len(blocks)
+tensors = [*model.named_parameters(), *model.named_buffers()]
+unconverted = [n for n, t in tensors if t.is_floating_point() and t.dtype != torch.bfloat16]
+assert not unconverted, unconverted
+with torch.no_grad():
+    torch.testing.assert_close(model(idx), expected, rtol=0, atol=0)
+print("ok", len(seen))
+'''
+
+
+def test_fsdp_converts_the_base_block_by_block_as_it_shards(tiny_checkpoint_dir, tmp_path):
+    # the base is loaded in its file's dtype (memory-mapped) and each block converted to the run's dtype just before
+    # it is sharded: no rank holds a converted copy of the whole model; the sharded model computes what the base
+    # loaded in that dtype computes (one process, so every gather is the whole tensor)
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_IN_THE_RUN_DTYPE)
+    p = run_script(script, tiny_checkpoint_dir, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
 def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,
                                                                                      capsys):
     cfg = small_run(tiny_checkpoint_dir, tmp_path / "cmp", max_steps=1, eval_interval=1)

@@ -57,19 +57,32 @@ def make_strategy(strategy: str):
         return strategy
     from lightning_fabric.strategies import ModelParallelStrategy
 
-    return ModelParallelStrategy(parallelize_fn=shard_model, save_distributed_checkpoint=False)
+    # the run shards the model itself (`_setup_module`), before Fabric's precision plugin could convert it whole
+    return ModelParallelStrategy(parallelize_fn=lambda module, mesh: module, save_distributed_checkpoint=False)
 
 
-def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
+def shard_model(module: torch.nn.Module, mesh, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """FSDP2 units: every `Block` its own, the rest (embeddings, final norm, LM head, the Aligner) the root's. The
     mesh is Fabric's (nodes, devices per node): each node holds one sharded copy and the nodes replicate it (HSDP),
-    so parameters are gathered within a node only."""
+    so parameters are gathered within a node only. `dtype`: each block is converted just before it is sharded, so a
+    base loaded in its file's dtype (memory-mapped, pages shared by a node's ranks) never has a private converted copy
+    of more than one block in a rank's memory."""
     from torch.distributed.fsdp import fully_shard
 
     from lit_aligner.model import Block
 
-    for block in [m for m in module.modules() if isinstance(m, Block)]:
+    def convert(m: torch.nn.Module, recurse: bool = True) -> None:
+        if dtype is not None:
+            m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=recurse)
+
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        convert(block)
         fully_shard(block, mesh=mesh)
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    for m in module.modules():  # the root's own tensors (the blocks' are sharded now)
+        if id(m) not in in_blocks:
+            convert(m, recurse=False)
     return fully_shard(module, mesh=mesh)
 
 
@@ -163,8 +176,10 @@ def _load(run: Run) -> None:
         fabric.print("note: no validation rows (--val-fraction 0, no --val-data): the run is not validated")
 
     fabric.seed_everything(cfg.train.seed)  # the same fresh prefix on every rank
-    device = "cpu" if cfg.strategy == "fsdp" else fabric.device
-    run.model = load_model(cfg.checkpoint_dir, device, precision_dtype(run.precision))
+    if cfg.strategy == "fsdp":  # in the file's dtype, on the CPU: `shard_model` converts and moves it block by block
+        run.model = load_model(cfg.checkpoint_dir, "cpu")
+    else:
+        run.model = load_model(cfg.checkpoint_dir, fabric.device, precision_dtype(run.precision))
     if cfg.init_aligner is not None:
         run.init_aligner, _ = load_aligner(cfg.init_aligner, run.model, base_name=str(cfg.checkpoint_dir))
         if (run.init_aligner.n_tokens, run.init_aligner.start_layer) != (cfg.n_tokens, cfg.start_layer):
@@ -195,6 +210,7 @@ def _load(run: Run) -> None:
 
 def _setup_module(run: Run):
     from lit_aligner import perf
+    from lit_aligner.devices import precision_dtype
 
     cfg = run.cfg
     perf.configure_backends(run.fabric.device)
@@ -204,7 +220,10 @@ def _setup_module(run: Run):
         run.fabric.print(f"activation checkpointing '{policy}' on {n} modules of the gated blocks")
     if cfg.compile:
         perf.compile_blocks(run.model)
-    return run.fabric.setup_module(ObjectiveModule(run.model, run.objective))
+    module = ObjectiveModule(run.model, run.objective)
+    if cfg.strategy == "fsdp":
+        shard_model(module, run.fabric.strategy.device_mesh, precision_dtype(run.precision))
+    return run.fabric.setup_module(module)
 
 
 def _train(run: Run, eval_only: bool) -> Dict[str, Any]:

@@ -141,19 +141,34 @@ def help_defaults(text):
 
 
 # a flag-table row: `--flag` (with an upper-case metavar or {choices}) | its default | ...
-TABLE_ROW = re.compile(r"^\| `(--[\w-]+)(?: (?:[A-Z][\w.|]*|\{[^}]*\}))?` \| ([^|]+) \|", re.M)
+TABLE_ROW = re.compile(r"^\| `(--[\w-]+)(?: (?:[A-Z][\w.|]*|\{[^}]*\}))?` \| ([^|]+) \|")
+
+
+def flag_tables(text):
+    """(the last heading above it, [(flag, default cell), ...]) for every flag table of a doc (fenced code skipped:
+    its comments are not headings)."""
+    heading, rows, tables = "", [], []
+    for line in [*re.sub(r"```.*?```", "", text, flags=re.S).splitlines(), ""]:
+        if m := TABLE_ROW.match(line):
+            rows.append(m.groups())
+        elif not line.startswith("|"):
+            if rows:
+                tables.append((heading, rows))
+            rows, heading = [], line if line.startswith("#") else heading
+    return tables
 
 
 def test_the_literal_defaults_in_the_docs_flag_tables_are_the_clis(monkeypatch):
-    # A default cell that is one literal (`x`, a number, off / on) must be what --help states for that flag in some
-    # CLI. Computed defaults (None in the parser) and free text ("the run's", `<placeholders>`) are not compared.
+    # A table belongs to the CLIs that have every flag it lists (to the one its heading names, when that is one of
+    # them); a default cell that is one literal (`x`, a number, off / on) must be what --help states for that flag
+    # there. Computed defaults (None in the parser) and free text ("the run's", `<placeholders>`) are not compared.
     monkeypatch.setenv("COLUMNS", "100")  # one column: each entry's lines stay together
-    defaults: dict = {}
-    for script in CLIS:
-        for sub in ([[name] for name in SUBCOMMANDS] if script == "evaluate/aligner.py" else [[]]):
-            for flag, value in help_defaults(cli_help(script, *sub)).items():
-                defaults.setdefault(flag, set()).add(value)
-    assert defaults["--max-shard-gb"] == {"5.0"} and "False" in defaults["--force"]
+    helps = {" ".join([script, *sub]): cli_help(script, *sub) for script in CLIS
+             for sub in ([[name] for name in SUBCOMMANDS] if script == "evaluate/aligner.py" else [[]])}
+    flags = {cli: set(FLAG.findall(text)) for cli, text in helps.items()}
+    defaults = {cli: help_defaults(text) for cli, text in helps.items()}
+    assert defaults["scripts/convert_hf.py"]["--max-shard-gb"] == "5.0"
+    assert defaults["finetune/aligner.py"]["--gate-lr-ratio"] == "0.3"
 
     def literal(cell):
         cell = cell.strip()
@@ -170,13 +185,19 @@ def test_the_literal_defaults_in_the_docs_flag_tables_are_the_clis(monkeypatch):
 
     checked, wrong = 0, []
     for doc in DOCS:
-        for flag, cell in TABLE_ROW.findall(doc.read_text()):
-            value, stated = literal(cell), defaults.get(flag, set())
-            if value is None or not stated or "None" in stated:
-                continue
-            checked += 1
-            if not any(same(value, d) for d in stated):
-                wrong.append(f"{doc.name}: {flag} documented as {cell.strip()}, --help says {sorted(stated)}")
+        for heading, rows in flag_tables(doc.read_text()):
+            owners = [cli for cli in helps if {flag for flag, _ in rows} <= flags[cli]]
+            owners = [cli for cli in owners if cli.split()[0] in heading] or owners
+            if not owners:
+                wrong.append(f"{doc.name}: no one CLI has every flag of the table under {heading!r}")
+            for flag, cell in rows:
+                value, stated = literal(cell), {defaults[cli].get(flag) for cli in owners} - {None}
+                if value is None or not stated or "None" in stated:
+                    continue
+                checked += 1
+                if not any(same(value, d) for d in stated):
+                    wrong.append(f"{doc.name}: {flag} documented as {cell.strip()}, {' / '.join(owners)} --help "
+                                 f"says {sorted(stated)}")
     assert checked >= 100 and not wrong, wrong
 
 

@@ -437,7 +437,7 @@ def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
 
 
 SHARD_IN_THE_RUN_DTYPE = '''
-import socket, sys
+import copy, socket, sys
 import torch, torch.distributed as dist
 import torch.distributed.fsdp as fsdp
 from torch.distributed.device_mesh import init_device_mesh
@@ -456,7 +456,7 @@ with torch.no_grad():
     aligner.gate.normal_()
 reference = load_model(sys.argv[1], "cpu", torch.bfloat16)
 idx = torch.randint(0, model.config.vocab_size, (2, 9))
-expected = reference(idx, aligner=aligner.to(torch.bfloat16))
+expected = reference(idx, aligner=copy.deepcopy(aligner).to(torch.bfloat16))  # Module.to works in place
 blocks, fully_shard, seen = list(model.layers), fsdp.fully_shard, []
 
 def spy(module, **kwargs):  # the dtype of every block's weights at each call

@@ -437,7 +437,7 @@ def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
 
 
 SHARD_IN_THE_RUN_DTYPE = '''
-import copy, socket, sys
+import copy, sys
 import torch, torch.distributed as dist
 import torch.distributed.fsdp as fsdp
 from torch.distributed.device_mesh import init_device_mesh
@@ -445,10 +445,7 @@ from lit_aligner.aligner_files import new_aligner
 from lit_aligner.base import load_model
 from lit_aligner.training.run import shard_model
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no rendezvous
 torch.manual_seed(0)
 model = load_model(sys.argv[1], "cpu")  # the file's dtype (fp32)
 aligner = new_aligner(model, 4, 1)

@@ -436,52 +436,62 @@ def test_two_nodes_train_as_one_process(tiny_checkpoint_dir, tmp_path):
     torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
 
 
-SHARD_IN_THE_RUN_DTYPE = '''
+SHARD_FROM_THE_FILE = '''
 import copy, sys
-import torch, torch.distributed as dist
-import torch.distributed.fsdp as fsdp
-from torch.distributed.device_mesh import init_device_mesh
-from lit_aligner.aligner_files import new_aligner
-from lit_aligner.base import load_model
-from lit_aligner.training.run import shard_model
+import torch, torch.distributed as dist, torch.multiprocessing as mp
 
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no rendezvous
-torch.manual_seed(0)
-model = load_model(sys.argv[1], "cpu")  # the file's dtype (fp32)
-aligner = new_aligner(model, 4, 1)
-with torch.no_grad():
-    aligner.gate.normal_()
-reference = load_model(sys.argv[1], "cpu", torch.bfloat16)
-idx = torch.randint(0, model.config.vocab_size, (2, 9))
-expected = reference(idx, aligner=copy.deepcopy(aligner).to(torch.bfloat16))  # Module.to works in place
-blocks, fully_shard, seen = list(model.layers), fsdp.fully_shard, []
+def rank_main(rank, world, checkpoint, store_path):
+    import torch.distributed.fsdp as fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from lit_aligner.aligner_files import new_aligner
+    from lit_aligner.base import load_model
+    from lit_aligner.training.run import shard_model
 
-def spy(module, **kwargs):  # the dtype of every block's weights at each call
-    seen.append([str(b.attn.wqkv.weight.dtype).split(".")[1] for b in blocks])
-    return fully_shard(module, **kwargs)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = load_model(checkpoint, "cpu")  # the file's dtype (fp32), memory-mapped
+    aligner = new_aligner(model, 4, 1)
+    with torch.no_grad():
+        aligner.gate.normal_()
+    # the reference: every tensor and the logits of the base and Aligner converted whole
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    expected_tensors = {n: t for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = reference(idx)
+    fully_shard, seen = fsdp.fully_shard, []
 
-fsdp.fully_shard = spy
-shard_model(model, init_device_mesh("cpu", (1, 1), mesh_dim_names=("nodes", "devices")), torch.bfloat16)
-for k, dtypes in enumerate(seen[:-1]):  # block k is converted right before it is sharded, not earlier
-    assert dtypes == ["bfloat16"] * (k + 1) + ["float32"] * (len(blocks) - k - 1), (k, dtypes)
-assert len(seen) == len(blocks) + 1 and seen[-1] == ["bfloat16"] * len(blocks)
-tensors = [*model.named_parameters(), *model.named_buffers()]
-unconverted = [n for n, t in tensors if t.is_floating_point() and t.dtype != torch.bfloat16]
-assert not unconverted, unconverted
-with torch.no_grad():
-    torch.testing.assert_close(model(idx), expected, rtol=0, atol=0)
-print("ok", len(seen))
+    def spy(module, **kwargs):  # no weight is real before every unit is sharded
+        seen.append(sorted({t.device.type for t in [*model.parameters(), *model.buffers()]}))
+        return fully_shard(module, **kwargs)
+
+    fsdp.fully_shard = spy
+    shard_model(model, init_device_mesh("cpu", (1, world), mesh_dim_names=("nodes", "devices")), torch.bfloat16)
+    assert seen == [["meta"]] * (model.config.n_layer + 1), seen
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t.dtype == torch.bfloat16 and t.device.type == "cpu", (name, t.dtype, t.device)
+        full = t.full_tensor() if isinstance(t, DTensor) else t  # gathered from every rank's rows
+        assert torch.equal(full, expected_tensors[name]), name
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert model.aligner.prefix.requires_grad and not model.layers[0].attn.wqkv.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=0)
+    print("ok", rank, flush=True)
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(int(sys.argv[3]), sys.argv[1], sys.argv[2]), nprocs=int(sys.argv[3]))
 '''
 
 
-def test_fsdp_converts_the_base_block_by_block_as_it_shards(tiny_checkpoint_dir, tmp_path):
-    # the base is loaded in its file's dtype (memory-mapped) and each block converted to the run's dtype just before
-    # it is sharded: no rank holds a converted copy of the whole model; the sharded model computes what the base
-    # loaded in that dtype computes (one process, so every gather is the whole tensor)
+def test_fsdp_ranks_copy_their_own_rows_from_the_file_and_equal_the_converted_base(tiny_checkpoint_dir, tmp_path):
+    # the model is sharded on the meta device and each rank copies in only its rows of every tensor, converted to the
+    # run's dtype (3 ranks: uneven rows, and a 4-row prefix leaves one rank none); gathered, every tensor equals the
+    # file's converted whole, and so do the logits of base and Aligner
     script = tmp_path / "shard.py"
-    script.write_text(SHARD_IN_THE_RUN_DTYPE)
-    p = run_script(script, tiny_checkpoint_dir, env={"OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+    script.write_text(SHARD_FROM_THE_FILE)
+    p = run_script(script, tiny_checkpoint_dir, tmp_path / "store", "3", env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and all(f"ok {r}" in p.stdout for r in range(3)), p.stderr[-3000:]
 
 
 def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,

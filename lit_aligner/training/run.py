@@ -61,29 +61,60 @@ def make_strategy(strategy: str):
     return ModelParallelStrategy(parallelize_fn=lambda module, mesh: module, save_distributed_checkpoint=False)
 
 
-def shard_model(module: torch.nn.Module, mesh, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+def shard_model(module: torch.nn.Module, mesh, dtype: Optional[torch.dtype] = None,
+                device: Optional[torch.device] = None) -> torch.nn.Module:
     """FSDP2 units: every `Block` its own, the rest (embeddings, final norm, LM head, the Aligner) the root's. The
     mesh is Fabric's (nodes, devices per node): each node holds one sharded copy and the nodes replicate it (HSDP),
-    so parameters are gathered within a node only. `dtype`: each block is converted just before it is sharded, so a
-    base loaded in its file's dtype (memory-mapped, pages shared by a node's ranks) never has a private converted copy
-    of more than one block in a rank's memory."""
+    so parameters are gathered within a node only.
+
+    The module's tensors (a base loaded in its file's dtype, memory-mapped) are the source; the module is sharded on
+    the meta device, materialised on `device` (default: the CPU) in `dtype` (default: the source's), and each rank
+    copies in only its own rows of every tensor, converted as they are copied: a rank reads and converts 1/world of the
+    weights, never a whole tensor (torchtitan's way, from our safetensors file instead of a distributed checkpoint)."""
+    from itertools import chain
+
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from lit_aligner.model import Block
 
-    def convert(m: torch.nn.Module, recurse: bool = True) -> None:
-        if dtype is not None:
-            m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=recurse)
+    def tensors():
+        return chain(module.named_parameters(), module.named_buffers())
 
-    blocks = [m for m in module.modules() if isinstance(m, Block)]
-    for block in blocks:
-        convert(block)
+    sources = dict(tensors())
+    module.to("meta")
+    if dtype is not None:
+        module.to(dtype)  # floating-point tensors only; free on the meta device
+    for block in (m for m in module.modules() if isinstance(m, Block)):
         fully_shard(block, mesh=mesh)
-    in_blocks = {id(m) for block in blocks for m in block.modules()}
-    for m in module.modules():  # the root's own tensors (the blocks' are sharded now)
-        if id(m) not in in_blocks:
-            convert(m, recurse=False)
-    return fully_shard(module, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    module.to_empty(device=device or torch.device("cpu"))  # FSDP2 re-registers its shards (`FSDPModule._apply`)
+    with torch.no_grad():
+        for name, t in tensors():
+            if isinstance(t, DTensor):
+                t.to_local().copy_(_local_rows(sources[name], t))
+            else:
+                t.copy_(sources[name])
+    return module
+
+
+def _local_rows(full: torch.Tensor, sharded) -> torch.Tensor:
+    """The part of `full` that this rank holds of the DTensor `sharded` (FSDP2: `Shard(0)` over the devices of a node,
+    `Replicate()` over the nodes), as a view: only its rows are read when it is copied. A `Shard(d)` placement splits
+    dim d as `torch.chunk` does (chunks of ceil(size / n); the last ones short or empty)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for mesh_dim, placement in enumerate(sharded.placements):
+        if isinstance(placement, Shard):
+            size, n = full.shape[placement.dim], sharded.device_mesh.size(mesh_dim)
+            chunk = -(-size // n)
+            start = min(sharded.device_mesh.get_local_rank(mesh_dim) * chunk, size)
+            full = full.narrow(placement.dim, start, min(chunk, size - start))
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(f"loading a {placement} placement")
+    if full.shape != sharded.to_local().shape:
+        raise RuntimeError(f"rows {tuple(full.shape)} for a local shard {tuple(sharded.to_local().shape)}")
+    return full
 
 
 def train(cfg: RunConfig) -> Dict[str, Any]:
@@ -176,7 +207,7 @@ def _load(run: Run) -> None:
         fabric.print("note: no validation rows (--val-fraction 0, no --val-data): the run is not validated")
 
     fabric.seed_everything(cfg.train.seed)  # the same fresh prefix on every rank
-    if cfg.strategy == "fsdp":  # in the file's dtype, on the CPU: `shard_model` converts and moves it block by block
+    if cfg.strategy == "fsdp":  # in the file's dtype, memory-mapped: `shard_model` copies each rank its own rows
         run.model = load_model(cfg.checkpoint_dir, "cpu")
     else:
         run.model = load_model(cfg.checkpoint_dir, fabric.device, precision_dtype(run.precision))
@@ -222,7 +253,7 @@ def _setup_module(run: Run):
         perf.compile_blocks(run.model)
     module = ObjectiveModule(run.model, run.objective)
     if cfg.strategy == "fsdp":
-        shard_model(module, run.fabric.strategy.device_mesh, precision_dtype(run.precision))
+        shard_model(module, run.fabric.strategy.device_mesh, precision_dtype(run.precision), run.fabric.device)
     return run.fabric.setup_module(module)
 
 

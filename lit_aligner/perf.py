@@ -447,7 +447,9 @@ def step_peak_memory(model: LLaMA, objective, sequences: int, seq_len: int, seed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = peak_memory_bytes(device)
+    # The window's peak is at least its start. On the CPU, Linux's RSS counters are per-CPU and read approximately
+    # (off by some 100 KB), so a VmHWM can read below the VmRSS read just after the reset.
+    peak = max(peak_memory_bytes(device), before)
     return {"objective": objective.name, "sequences": sequences, "seq_len": seq_len, "before_bytes": before,
             "peak_bytes": peak, "step_bytes": peak - before, "seconds": seconds,
             "method": PEAK_MEMORY_METHOD[device.type]}

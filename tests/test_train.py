@@ -3,7 +3,6 @@ run whose validation loss falls and whose Aligner changes generation, exact resu
 untouched, the CLI's errors, and 2-process DDP and FSDP (gloo), and two one-process nodes, equal to one process with
 the same global batch."""
 
-import csv
 import functools
 import json
 import os
@@ -24,6 +23,7 @@ from lit_aligner.model import (AlignerConfig, LLaMA, check_only_aligner_trainabl
 from lit_aligner.training import engine
 from lit_aligner.training import run as run_module
 from lit_aligner.training.objectives.sft import SFT
+from lit_aligner.training.plot import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,11 +113,6 @@ def test_only_the_aligner_is_trainable_and_a_trainable_base_weight_is_refused():
 # Whole runs on a tiny real checkpoint (BPE tokenizer + random LLaMA) and the default dataset
 
 
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "full"
@@ -128,7 +123,7 @@ def trained(tiny_checkpoint_dir, tmp_path_factory):
 def test_a_short_run_lowers_validation_loss_clearly_and_writes_aligner_metrics_checkpoints(trained):
     out, summary = trained
     assert summary["val_loss"] < summary["first_val_loss"] - 0.2, summary  # 6.25 -> 5.83 measured
-    rows = read_csv(out / "metrics.csv")
+    rows = read_metrics(out / "metrics.csv")
     assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "real_tokens_per_sec"} <= set(rows[0])
     assert [int(r["step"]) for r in rows] == list(range(9))
     assert summary["train_loss"] == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-6)  # the last step's
@@ -172,7 +167,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_check
     cfg = small_run(tiny_checkpoint_dir, out)
     cfg.resume = "auto"
     T.train(cfg)
-    full, resumed = read_csv(full_out / "metrics.csv"), read_csv(out / "metrics.csv")
+    full, resumed = read_metrics(full_out / "metrics.csv"), read_metrics(out / "metrics.csv")
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]  # same curve, to the last digit
     a, _ = load_aligner(full_out / "aligner.safetensors")
     b, _ = load_aligner(out / "aligner.safetensors")
@@ -210,7 +205,7 @@ def test_gate_lr_ratio_scales_the_gates_step_only(tiny_checkpoint_dir, tmp_path)
     assert a.gate.abs().max() > 0.009
     torch.testing.assert_close(b.gate, 4 * a.gate, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(a.prefix, b.prefix)
-    rows = read_csv(tmp_path / "4.0" / "metrics.csv")
+    rows = read_metrics(tmp_path / "4.0" / "metrics.csv")
     assert float(rows[-1]["lr"]) == pytest.approx(1e-2)  # the logged rate is the prefix's (the schedule's)
 
 
@@ -223,7 +218,7 @@ def test_grad_norm_is_the_whole_gradient_norm_before_clipping_and_max_norm_bound
     runs = {k: small_run(tiny_checkpoint_dir, tmp_path / k, max_steps=6, eval_iters=0, save_interval=4, max_norm=m)
             for k, m in (("free", None), ("loose", 1e9), ("tight", 1e-3))}
     aligners = {k: load_aligner(T.train(cfg)["aligner"])[0] for k, cfg in runs.items()}
-    rows = {k: read_csv(tmp_path / k / "metrics.csv") for k in runs}
+    rows = {k: read_metrics(tmp_path / k / "metrics.csv") for k in runs}
     norms = [float(r["grad_norm"]) for r in rows["free"]]
     assert len(norms) == 6 and min(norms) > 1e-2  # so the tight bound clips every step
     # a bound above every norm leaves the run as it is, to the bit; a tight one changes Adam's steps (their relative
@@ -357,7 +352,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_chec
     torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)
     # the norm is of the whole, synchronised gradient (so every step was clipped alike on both ranks)
-    norms = [[float(r["grad_norm"]) for r in read_csv(tmp_path / k / "metrics.csv") if r.get("grad_norm")]
+    norms = [[float(r["grad_norm"]) for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("grad_norm")]
              for k in ("one", "two")]
     assert len(norms[0]) == 3 and min(norms[0]) > 0.01 and norms[1] == pytest.approx(norms[0], rel=1e-4)
 
@@ -385,7 +380,7 @@ def test_two_process_fsdp_equals_one_process_and_run_states_move_between_the_str
     assert a.gate.abs().sum() > 0
     torch.testing.assert_close(b.prefix, a.prefix, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b.gate, a.gate, rtol=1e-4, atol=1e-5)
-    rows = {k: read_csv(tmp_path / k / "metrics.csv") for k in ("one", "two")}
+    rows = {k: read_metrics(tmp_path / k / "metrics.csv") for k in ("one", "two")}
     for key in ("grad_norm", "val_loss"):
         got = [[float(r[key]) for r in rows[k] if r.get(key)] for k in ("one", "two")]
         assert len(got[0]) >= 3 and got[1] == pytest.approx(got[0], rel=1e-4), key
@@ -511,9 +506,7 @@ def test_the_before_after_comparison_is_printed_after_training_on_the_default_da
 
 
 def _val_columns(out):
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if r.get("val_loss")]
+    return [r for r in read_metrics(out / "metrics.csv") if r.get("val_loss")]
 
 
 def test_val_data_validates_on_every_row_of_that_file_and_does_not_split_the_training_file(tiny_checkpoint_dir,

@@ -93,6 +93,48 @@ def build_model(config: Config, device: torch.device, dtype: torch.dtype, n_toke
     return model
 
 
+def build_peer_model(config: Config, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The same shape as a Hugging Face transformers model (`Config.to_hf_config`), random weights, built directly on
+    `device` in `dtype`: the model a user of the peer (transformers, PEFT) would run."""
+    import transformers
+
+    hf_config = {k: v for k, v in config.to_hf_config().items() if k not in ("architectures", "torch_dtype")}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config),
+                                                             dtype=dtype)
+
+
+def peer_versions() -> Dict[str, str]:
+    import peft
+    import transformers
+
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _peft():
+    import warnings
+
+    import peft
+
+    # PEFT 0.21 reads an attribute transformers 5 deprecated: one FutureWarning per run, neither ours nor the user's
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # and PEFT's prefix tuning passes `past_key_values`, which transformers 5.24 deprecated: the same
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
+    return peft
+
+
+def peer_lora_config(rank: int = 8):
+    """PEFT LoRA on q and v, alpha = 2 x rank, no dropout: r=8 is the LoRA of the paper's comparison."""
+    return _peft().LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                              target_modules=["q_proj", "v_proj"])
+
+
+def peer_prefix_tuning_config(n_tokens: int = 10):
+    """PEFT prefix tuning with `n_tokens` virtual tokens (a learned key and value per token and layer)."""
+    return _peft().PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_tokens)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

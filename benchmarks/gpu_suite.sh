@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 9 minutes,
+# The GPU check in one command (issue 12): on a bare GPU machine with this repository copied over, in about 10 minutes,
 # writing a log and JSON files under $OUT (default benchmarks/results/gpu-suite). Steps, most important first; a step
 # cut short by its time limit keeps what finished (every benchmark writes its rows so far to <name>.partial.json):
 #   tests     the CUDA tests (pytest -m cuda);
 #   train     benchmarks/train.py on the LLaMA-2-7B shape (random weights), bf16, compiled blocks, N=10: SFT 8 x 512
-#             under checkpointing none / selective / mlp; SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
+#             under checkpointing none / selective / mlp, beside PEFT LoRA r=8 and prefix tuning (the peer, eager);
+#             SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
 #   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
-#             Aligners; eager first (no compilation: figures even if compiling fails), then compiled with CUDA graphs;
+#             Aligners; eager first (no compilation: figures even if compiling fails), with the peer (transformers'
+#             generate, PEFT LoRA r=8: one, and 16 different in one batch), then compiled with CUDA graphs;
 #   cli       the user's first commands on the GPU: finetune/aligner.py (Fabric, bf16-true, compiled blocks) for a few
 #             steps on the default dataset, then generate/aligner.py with the Aligner it wrote, on a random-weight
 #             SmolLM2-135M-shaped base with the real tokenizer (carried in checkpoints/SmolLM2-135M-Instruct/tokenizer*.json);
@@ -87,12 +89,13 @@ fi
 
 # 2. training throughput and memory (compiled blocks: the default on CUDA)
 if wanted train; then
-    step train-sft 150 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 10 --mode sft \
+    # the first with the peer (PEFT LoRA r=8 and prefix tuning on transformers, eager, the same rows), the others alone
+    step train-sft 240 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 10 --mode sft \
         --checkpointing none selective mlp --out "$OUT/train-$SHAPE-N10-b$B.json" --force
     step train-dpo 90 $PY benchmarks/train.py --config $SHAPE --batch $B2 $TRAIN --n-tokens 10 --mode sft dpo \
-        --checkpointing none --out "$OUT/train-$SHAPE-N10-b$B2-dpo.json" --force
+        --checkpointing none --no-peer --out "$OUT/train-$SHAPE-N10-b$B2-dpo.json" --force
     step train-N1 60 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 1 --mode sft \
-        --checkpointing none --out "$OUT/train-$SHAPE-N1-b$B.json" --force
+        --checkpointing none --no-peer --out "$OUT/train-$SHAPE-N1-b$B.json" --force
 fi
 
 # A random-weight base of a real shape with the real tokenizer (for the CLI and serving steps), made once.
@@ -135,9 +138,10 @@ fi
 
 # 4. decoding: eager (seconds, no compilation), then compiled with CUDA graphs (each case compiles its own graph)
 if wanted generate; then
-    step generate-eager 60 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
+    # eager with the peer (transformers' generate and PEFT LoRA, eager too: like for like), then compiled alone
+    step generate-eager 240 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
         --out "$OUT/generate-$SHAPE-eager.json" --force
-    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS \
+    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS --no-peer \
         --out "$OUT/generate-$SHAPE.json" --force
 fi
 

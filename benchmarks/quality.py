@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, check_out, command_line, format_table, machine_info, machine_name,  # noqa: E402
-                    pick_device, require, write_json)
+                    peer_lora_config, peer_prefix_tuning_config, pick_device, require, write_json)
 
 import torch  # noqa: E402
 
@@ -172,13 +172,8 @@ def run_aligner(spec, common):
 
 def run_peft(spec, common):
     """PEFT on the transformers model, trained on the same rows, order and schedule."""
-    import warnings
-
     import peft
     import transformers
-
-    # PEFT 0.21 reads an attribute transformers 5 deprecated: one FutureWarning per run, neither ours nor the user's
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     from lit_aligner.training.engine import global_batch_indices, lr_at, rank_micro_batches
     from lit_aligner.training.objectives.sft import SFT
@@ -189,11 +184,9 @@ def run_peft(spec, common):
     torch.manual_seed(common["seed"])
     base = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device)
     if spec["system"] == "lora":
-        rank = spec["rank"]
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                 target_modules=["q_proj", "v_proj"])
+        config = peer_lora_config(spec["rank"])
     else:
-        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["n_tokens"])
+        config = peer_prefix_tuning_config(spec["n_tokens"])
     model = peft.get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.02)

@@ -29,20 +29,32 @@ def keep_threads():
     torch.set_num_threads(prev)
 
 
-def test_train_benchmark_reports_every_mode_and_policy(tmp_path, capsys):
+def test_train_benchmark_reports_every_mode_and_policy_and_the_peer(tmp_path, capsys):
     out = tmp_path / "train.json"
     load_script("train").main(config="tiny", batch=2, seq_len=16, mode=("sft", "dpo"),
                               checkpointing=("none", "selective", "block"), warmup=1, steps=2, device="cpu",
                               threads=1, peak_tflops=1.0, out=out)
     payload = json.loads(out.read_text())
     rows = payload["results"]
-    assert [(r["mode"], r["checkpointing"]) for r in rows] == [
+    ours = [r for r in rows if r["system"] == "Aligner (lit-aligner)"]
+    assert [(r["mode"], r["checkpointing"]) for r in ours] == [
         (m, p) for m in ("sft", "dpo") for p in ("none", "selective", "block")]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and len(r["step_times_s"]) == 3
-        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
         assert r["loss"] == r["loss"]  # finite, not NaN
-    dpo, sft = rows[3]["flops_per_token"], rows[0]["flops_per_token"]
+    for r in ours:
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
+    # the peer in the same run, SFT on the same rows: PEFT LoRA r=8 and prefix tuning, under none and transformers'
+    # gradient checkpointing (PEFT refuses prefix tuning with it); our SFT rows as a multiple of LoRA's speed
+    peers = [(r["system"], r["checkpointing"]) for r in rows[len(ours):]]
+    assert peers == [("LoRA r=8 (PEFT)", "none"), ("prefix tuning 10 (PEFT)", "none"), ("LoRA r=8 (PEFT)", "block")]
+    assert payload["peers"] == ["LoRA r=8 (PEFT)", "prefix tuning 10 (PEFT)"]
+    lora = {r["checkpointing"]: r for r in rows if r["system"] == "LoRA r=8 (PEFT)"}
+    assert lora["none"]["trainable_params"] > 10 * ours[0]["trainable_params"]
+    for r in ours[:3:2]:  # sft none and block
+        assert r["vs_lora"] == pytest.approx(r["tokens_per_s"] / lora[r["checkpointing"]]["tokens_per_s"])
+    assert "vs_lora" not in ours[1] and "vs_lora" not in ours[3]  # selective: no counterpart; DPO: no peer
+    dpo, sft = ours[3]["flops_per_token"], ours[0]["flops_per_token"]
     assert dpo > sft  # the reference forward
     act = payload["activation_bytes_per_token_per_gated_layer"]
     assert act["none"] > act["selective"] > act["block"]
@@ -52,19 +64,27 @@ def test_train_benchmark_reports_every_mode_and_policy(tmp_path, capsys):
     assert "tokens_per_s" in capsys.readouterr().out
 
 
-def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners(tmp_path, capsys):
+def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners_and_the_peer(tmp_path, capsys):
     out = tmp_path / "generate.json"
     load_script("generate").main(config="tiny", batch=16, prompt_len=6, new_tokens=6, repeats=1, device="cpu",
                                  threads=1, out=out)
     payload = json.loads(out.read_text())
-    cases = [(r["case"], r["batch"]) for r in payload["results"]]
+    rows = payload["results"]
+    cases = [(r["case"], r["batch"]) for r in rows if r["system"] == "lit-aligner"]
     assert cases == [("base", 1), ("aligner", 1), ("aligner (shared)", 16), ("16 different aligners", 16),
                      ("base", 16)]  # the targets' cases first: a run cut short keeps them
-    for r in payload["results"]:
+    # then the peer, in the same run: transformers' generate for the base, PEFT LoRA for the alignments
+    peer = [(r["case"], r["batch"]) for r in rows if r["system"] == payload["peer"]]
+    assert payload["peer"] == "transformers + PEFT" and peer == [
+        ("base", 1), ("base", 16), ("LoRA r=8", 1), ("LoRA r=8 (shared)", 16), ("16 different LoRAs", 16)]
+    for r in rows:
         assert r["decode_tokens_per_s"] > 0 and r["decode_steps"] == 5
-    assert payload["complete"] and payload["results"][3]["vs_shared"] > 0 and payload["results"][2]["vs_base"] > 0
-    assert payload["machine"]["command"] and payload["weight_bytes_per_step"] > 0
-    assert "16 different aligners" in capsys.readouterr().out
+    assert all(r["vs_peer"] > 0 for r in rows[:5]) and not any("vs_peer" in r for r in rows[5:])
+    assert rows[3]["vs_shared"] > 0 and rows[2]["vs_base"] > 0 and rows[9]["vs_shared"] > 0
+    assert rows[3]["vs_peer"] == pytest.approx(rows[3]["decode_tokens_per_s"] / rows[9]["decode_tokens_per_s"])
+    assert payload["complete"] and payload["machine"]["command"] and payload["weight_bytes_per_step"] > 0
+    printed = capsys.readouterr().out
+    assert "16 different aligners" in printed and "16 different LoRAs" in printed
 
 
 def test_a_benchmark_stopped_midway_keeps_its_rows_and_leaves_the_old_results_alone(tmp_path):
@@ -82,13 +102,13 @@ def test_a_benchmark_stopped_midway_keeps_its_rows_and_leaves_the_old_results_al
     module.generate = generate_then_fail
     with pytest.raises(RuntimeError, match="stopped"):
         module.main(config="tiny", batch=4, prompt_len=4, new_tokens=4, repeats=1, device="cpu", threads=1, out=out,
-                    force=True)
+                    force=True, peer=False)
     partial = json.loads((tmp_path / "generate.partial.json").read_text())
     assert not partial["complete"] and [r["case"] for r in partial["results"]] == ["base", "aligner"]
     assert json.loads(out.read_text()) == {"old": True}  # replaced only by a complete run
     module.generate = real
     module.main(config="tiny", batch=4, prompt_len=4, new_tokens=4, repeats=1, device="cpu", threads=1, out=out,
-                force=True)
+                force=True, peer=False)
     assert json.loads(out.read_text())["complete"] and not (tmp_path / "generate.partial.json").exists()
 
 

@@ -170,6 +170,8 @@ def main(
     if peak_tflops is None and dev.type == "cuda":
         peak_tflops = 989.0
     peer_policies = [p for p in checkpointing if p in PEER_POLICIES] if peer and "sft" in mode else []
+    if peer and not peer_policies:
+        print("note: no peer rows: the peer (PEFT) runs SFT under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
         try:
             require("transformers", "peft", extra="eval")

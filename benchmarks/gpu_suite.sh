@@ -4,7 +4,7 @@
 # cut short by its time limit keeps what finished (every benchmark writes its rows so far to <name>.partial.json):
 #   tests     the CUDA tests (pytest -m cuda);
 #   train     benchmarks/train.py on the LLaMA-2-7B shape (random weights), bf16, compiled blocks, N=10: SFT 8 x 512
-#             under checkpointing none / selective / mlp, beside PEFT LoRA r=8 and prefix tuning (the peer, eager);
+#             under checkpointing none / selective / mlp, beside PEFT LoRA r=8 and prefix tuning (the peer, compiled too);
 #             SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
 #   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
 #             Aligners; eager first (no compilation: figures even if compiling fails), with the peer (transformers'
@@ -89,7 +89,8 @@ fi
 
 # 2. training throughput and memory (compiled blocks: the default on CUDA)
 if wanted train; then
-    # the first with the peer (PEFT LoRA r=8 and prefix tuning on transformers, eager, the same rows), the others alone
+    # the first with the peer (PEFT LoRA r=8 and prefix tuning on transformers, compiled like ours, the same rows), the
+    # others alone
     step train-sft 240 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 10 --mode sft \
         --checkpointing none selective mlp --out "$OUT/train-$SHAPE-N10-b$B.json" --force
     step train-dpo 90 $PY benchmarks/train.py --config $SHAPE --batch $B2 $TRAIN --n-tokens 10 --mode sft dpo \
@@ -141,7 +142,8 @@ if wanted generate; then
     # eager with the peer (transformers' generate and PEFT LoRA, eager too: like for like), then compiled alone
     step generate-eager 240 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats 1 --compile False \
         --out "$OUT/generate-$SHAPE-eager.json" --force
-    step generate 180 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS --no-peer \
+    # (240 s: on the H200 the fifth case, compiling its own graph, ran past 180 s)
+    step generate 240 $PY benchmarks/generate.py --config $SHAPE $GEN --repeats $REPEATS --no-peer \
         --out "$OUT/generate-$SHAPE.json" --force
 fi
 

@@ -67,10 +67,11 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
 
 
 def run_peer(config, system: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-             device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+             device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
     """One row of the peer: PEFT's `system` on a transformers model of the same shape (random weights, built on the
-    device in the dtype), an SFT step as a PEFT user runs it (the model's own loss over full logits, AdamW, eager), on
-    the same rows and prompt mask as ours; `block` is transformers' gradient checkpointing of every decoder layer."""
+    device in the dtype), an SFT step as a PEFT user runs it (the model's own loss over full logits, AdamW), on the
+    same rows and prompt mask as ours; `block` is transformers' gradient checkpointing of every decoder layer. With
+    `compiled` (when ours is), every decoder layer is compiled in place as ours are (`nn.Module.compile`)."""
     import peft
 
     model = build_peer_model(config, device, dtype)
@@ -81,6 +82,9 @@ def run_peer(config, system: str, policy: str, batch: int, seq_len: int, warmup:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(model, PEERS[system]()).train()
+    if compiled:
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     g = torch.Generator().manual_seed(0)  # the rows of `training_step`
     items = random_items("sft", config.vocab_size, batch, seq_len, g)
     ids = torch.stack([torch.cat([i["prompt"], i["response"]]) for i in items]).to(device)
@@ -97,7 +101,7 @@ def run_peer(config, system: str, policy: str, batch: int, seq_len: int, warmup:
         return loss
 
     r = time_steps(step, warmup, steps, batch, seq_len, device)
-    return {"system": system, "mode": "sft", "checkpointing": policy, **r, "compile": False,
+    return {"system": system, "mode": "sft", "checkpointing": policy, **r, "compile": compiled,
             "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -144,8 +148,8 @@ def main(
         n_layer: keep only this many layers of the config (per-layer figures such as the activation bytes of a 7B
             shape on a small machine; tokens/s and MFU then describe the truncated model).
         peer: also time the peer in the same run (transformers and PEFT, the `eval` extra) when SFT runs under
-            `none` or `block`: PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens), eager;
-            --no-peer skips it.
+            `none` or `block`: PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens), its decoder
+            layers compiled when ours are; --no-peer skips it.
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
         force: replace an existing results file.
@@ -213,7 +217,16 @@ def main(
         with out_of_memory_hint("lower --batch or --seq-len, or --no-peer"):
             for policy in peer_policies:
                 for system in (s for s in PEERS if (s, policy) not in UNSUPPORTED):
-                    r = run_peer(cfg, system, policy, batch, seq_len, warmup, steps, dev, dtype)
+                    try:
+                        r = run_peer(cfg, system, policy, batch, seq_len, warmup, steps, dev, dtype, compiled)
+                    except Exception as e:  # the peer failing to compile must not cost the run its eager figure
+                        if not compiled:
+                            raise
+                        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        print(f"warning: {system} did not compile ({error}); timing it eager", file=sys.stderr)
+                        torch._dynamo.reset()
+                        r = {**run_peer(cfg, system, policy, batch, seq_len, warmup, steps, dev, dtype, False),
+                             "compile_error": error}
                     rows.append(r)
                     print(f"{system} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                           f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)

@@ -64,6 +64,26 @@ def test_train_benchmark_reports_every_mode_and_policy_and_the_peer(tmp_path, ca
     assert "tokens_per_s" in capsys.readouterr().out
 
 
+def test_a_peer_that_fails_to_compile_is_timed_eager_and_says_why(tmp_path, monkeypatch, capsys):
+    module = load_script("train")
+    monkeypatch.setattr(sys.modules["common"], "compile_blocks", lambda model: model)  # ours: eager, but "compiled"
+    real = module.run_peer
+
+    def run_peer(*args):
+        if args[-1]:  # compiled
+            raise RuntimeError("inductor failed\nlong trace")
+        return real(*args)
+
+    monkeypatch.setattr(module, "run_peer", run_peer)
+    payload = module.main(config="tiny", batch=2, seq_len=16, compile=True, warmup=0, steps=1, device="cpu", threads=1,
+                          out=tmp_path / "train.json")
+    peers = payload["results"][1:]
+    assert [r["system"] for r in peers] == ["LoRA r=8 (PEFT)", "prefix tuning 10 (PEFT)"]
+    assert all(r["compile"] is False and r["compile_error"] == "RuntimeError: inductor failed" for r in peers)
+    assert payload["results"][0]["vs_lora"] > 0 and payload["complete"]
+    assert "did not compile (RuntimeError: inductor failed); timing it eager" in capsys.readouterr().err
+
+
 def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners_and_the_peer(tmp_path, capsys):
     out = tmp_path / "generate.json"
     load_script("generate").main(config="tiny", batch=16, prompt_len=6, new_tokens=6, repeats=1, device="cpu",

@@ -41,15 +41,17 @@ def out_of_memory_hint(fix: str):
         raise BenchmarkError(f"out of memory ({str(e).splitlines()[0]}): {fix}") from None
 
 
-def require(*modules: str, extra: str) -> None:
-    """A BenchmarkError naming the first missing module and the extra that installs it."""
+def require(*modules: str, extra: str, or_flag: Optional[str] = None) -> None:
+    """A BenchmarkError naming the first missing module, the extra that installs it and, if given, the flag that does
+    without it."""
     import importlib
 
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError:
-            raise BenchmarkError(f"this benchmark needs {name}: pip install -e '.[{extra}]'") from None
+            alternative = f" (or {or_flag})" if or_flag else ""
+            raise BenchmarkError(f"this benchmark needs {name}: pip install -e '.[{extra}]'{alternative}") from None
 
 
 def pick_device(device: str) -> torch.device:

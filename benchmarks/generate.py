@@ -81,10 +81,7 @@ def main(
     if bandwidth_gbps is None and dev.type == "cuda":
         bandwidth_gbps = 3350.0
     if peer:
-        try:
-            require("transformers", "peft", extra="eval")
-        except BenchmarkError as e:
-            raise BenchmarkError(f"{e} (or --no-peer)") from None
+        require("transformers", "peft", extra="eval", or_flag="--no-peer")
     path = check_out(out or default_out("generate", config, dev), force)
     configure_backends(dev)
     model = build_model(cfg, dev, dtype).eval()
@@ -123,7 +120,7 @@ def main(
                 runs.append(stats)
         tps = median([s.decode_tokens_per_s for s in runs])
         rows.append({
-            "system": "lit-aligner", "case": name, "batch": b, "decode_tokens_per_s": tps,
+            "system": OURS, "case": name, "batch": b, "decode_tokens_per_s": tps,
             "per_sequence_tokens_per_s": tps / b,
             "prefill_tokens_per_s": median([s.prefill_tokens_per_s for s in runs]),
             "decode_s": [s.decode_s for s in runs], "decode_steps": runs[0].decode_steps,
@@ -131,11 +128,12 @@ def main(
         print(f"{name:>24} batch {b:>3}: {tps:,.1f} tokens/s", file=sys.stderr)
         write_partial(path, payload)
 
+    theirs: Dict[Any, str] = {}  # our (case, batch) -> the peer's case
     if peer:
         del model, shared, many  # the peer's own copy of the weights takes their place
-        peer_cases = [(ours, b, theirs) for (ours, b, _), theirs in zip(cases, (
-            "base", "LoRA r=8", "LoRA r=8 (shared)", f"{batch} different LoRAs", "base"))]
-        time_peer(cfg, dev, dtype, prompts, new_tokens, repeats, peer_cases, rows, lambda: write_partial(path, payload))
+        theirs = {(ours, b): peer_case for (ours, b, _), peer_case in zip(cases, (
+            "base", "LoRA r=8", "LoRA r=8 (shared)", f"{batch} different LoRAs", "base"))}
+        time_peer(cfg, dev, dtype, prompts, new_tokens, repeats, theirs, rows, lambda: write_partial(path, payload))
 
     by = {(r["system"], r["case"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
     for r in rows:
@@ -143,11 +141,10 @@ def main(
         if r["case"] != "base":
             r["vs_base"] = r["decode_tokens_per_s"] / by[(system, "base", r["batch"])]
         if r["case"].startswith(f"{batch} different"):
-            shared_case = "aligner (shared)" if system == "lit-aligner" else "LoRA r=8 (shared)"
+            shared_case = "aligner (shared)" if system == OURS else theirs[("aligner (shared)", batch)]
             r["vs_shared"] = r["decode_tokens_per_s"] / by[(system, shared_case, batch)]
-        if system == "lit-aligner" and peer:
-            theirs = next(p for o, b, p in peer_cases if (o, b) == (r["case"], r["batch"]))
-            r["vs_peer"] = r["decode_tokens_per_s"] / by[(PEER, theirs, r["batch"])]
+        if system == OURS and peer:
+            r["vs_peer"] = r["decode_tokens_per_s"] / by[(PEER, theirs[(r["case"], r["batch"])], r["batch"])]
 
     print(f"{config}: prompt {prompt_len} + {new_tokens} new tokens, N={n_tokens}, start_layer={start_layer}, "
           f"{dtype}, compile {compiled}, device {dev}; weights read per step: {bytes_per_token / 1e9:.2f} GB"
@@ -159,11 +156,11 @@ def main(
     return payload
 
 
-PEER = "transformers + PEFT"
+OURS, PEER = "lit-aligner", "transformers + PEFT"
 
 
 def time_peer(cfg, dev: torch.device, dtype: torch.dtype, prompts: List[torch.Tensor], new_tokens: int, repeats: int,
-              cases: List[Any], rows: List[Dict[str, Any]], save) -> None:
+              cases: Dict[Any, str], rows: List[Dict[str, Any]], save) -> None:
     """The peer's rows, appended to `rows`: Hugging Face transformers `generate` as a user calls it (greedy, its
     default KV cache, no compile) on a model of the same shape (`Config.to_hf_config`, random weights), then PEFT LoRA
     r=8 on q and v: one adapter, and one per row in a single batch (`adapter_names`). PEFT's LoRA starts at B = 0, a
@@ -173,7 +170,7 @@ def time_peer(cfg, dev: torch.device, dtype: torch.dtype, prompts: List[torch.Te
     import peft
 
     model = build_peer_model(cfg, dev, dtype).eval()
-    batch = max(b for _, b, _ in cases)
+    batch = max(b for _, b in cases)
     lora = peer_lora_config()
     names = [f"lora{i}" for i in range(batch)]
 
@@ -187,7 +184,8 @@ def time_peer(cfg, dev: torch.device, dtype: torch.dtype, prompts: List[torch.Te
             raise BenchmarkError(f"transformers returned {tuple(out.shape)} tokens for {b} x {ids.shape[1]} + {n}")
         return into[0]
 
-    for _, b, case in sorted(cases, key=lambda c: c[2] != "base"):  # the bare base before PEFT changes the model
+    # the bare base before PEFT changes the model
+    for (_, b), case in sorted(cases.items(), key=lambda c: c[1] != "base"):
         if case != "base" and not isinstance(model, peft.PeftModel):
             model = peft.get_peft_model(model, lora, adapter_name=names[0])
             for name in names[1:]:

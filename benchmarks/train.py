@@ -32,7 +32,8 @@ from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, co
                               train_flops_per_token)
 
 SYSTEM = "Aligner (lit-aligner)"
-PEERS = {"LoRA r=8 (PEFT)": peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config}
+LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
+PEERS = {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config}
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
 
@@ -177,10 +178,7 @@ def main(
     if peer and not peer_policies:
         print("note: no peer rows: the peer (PEFT) runs SFT under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
-        try:
-            require("transformers", "peft", extra="eval")
-        except BenchmarkError as e:
-            raise BenchmarkError(f"{e} (or --no-peer)") from None
+        require("transformers", "peft", extra="eval", or_flag="--no-peer")
     layers = f"-L{n_layer}" if n_layer is not None else ""
     path = check_out(out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev), force)
     configure_backends(dev)
@@ -231,7 +229,7 @@ def main(
                     print(f"{system} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                           f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                     write_partial(path, payload)
-        lora = {r["checkpointing"]: r["tokens_per_s"] for r in rows if r["system"] == "LoRA r=8 (PEFT)"}
+        lora = {r["checkpointing"]: r["tokens_per_s"] for r in rows if r["system"] == LORA}
         for r in rows:
             if r["mode"] == "sft" and r["checkpointing"] in lora:
                 r["vs_lora"] = r["tokens_per_s"] / lora[r["checkpointing"]]

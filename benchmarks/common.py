@@ -107,11 +107,16 @@ def build_peer_model(config: Config, device: torch.device, dtype: torch.dtype, s
                                                              dtype=dtype)
 
 
-def peer_versions() -> Dict[str, str]:
+def peer_versions(trl: bool = False) -> Dict[str, str]:
     import peft
     import transformers
 
-    return {"transformers": transformers.__version__, "peft": peft.__version__}
+    versions = {"transformers": transformers.__version__, "peft": peft.__version__}
+    if trl:
+        import trl as trl_module
+
+        versions["trl"] = trl_module.__version__
+    return versions
 
 
 def _peft():
@@ -265,7 +270,8 @@ def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> 
 def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int, chunk_size: int,
                   device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
     """One optimizer step of `mode`'s objective (the library's own SFT or DPO, whose reference is the bare base through
-    the same weights) on a fixed batch of `batch` random rows, under checkpointing `policy`: call it, get the loss."""
+    the same weights) on a fixed batch of `batch` random rows, under checkpointing `policy`: call it, get the loss (per
+    response token for SFT, per pair for DPO, as the trainer averages it)."""
     from lit_aligner.training.objectives import get_objective
 
     apply_activation_checkpointing(model, policy)
@@ -275,11 +281,12 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     objective = get_objective(mode)(pad_id=0, chunk_size=chunk_size)
     g = torch.Generator().manual_seed(0)
-    batch_t = {k: v.to(device) for k, v in objective.collate(random_items(objective.data_kind, model.config.vocab_size,
-                                                                          batch, seq_len, g)).items()}
+    items = random_items(objective.data_kind, model.config.vocab_size, batch, seq_len, g)
+    batch_t = {k: v.to(device) for k, v in objective.collate(items).items()}
+    units = sum(objective.units(item) for item in items)  # the objective returns sums
 
     def step() -> torch.Tensor:
-        loss = objective(model, batch_t)["loss"]
+        loss = objective(model, batch_t)["loss"] / units
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,9 @@
 #   tests     the CUDA tests (pytest -m cuda);
 #   train     benchmarks/train.py on the LLaMA-2-7B shape (random weights), bf16, compiled blocks, N=10: SFT 8 x 512
 #             under checkpointing none / selective / mlp, beside PEFT LoRA r=8 and prefix tuning (the peer, compiled too);
-#             SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512;
+#             SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512; then DPO on 8 pairs beside TRL's DPOTrainer
+#             with that LoRA (the peer, compiled too; only where trl imports: its wheels and datasets' are too big to
+#             carry);
 #   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
 #             Aligners; eager first (no compilation: figures even if compiling fails), with the peer (transformers'
 #             generate, PEFT LoRA r=8: one, and 16 different in one batch), then compiled with CUDA graphs;
@@ -61,7 +63,7 @@ import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ["lightning_fabric", "tyro", "safetensors", "tokenizers", "sentencepiece", "gguf", "fastapi", "uvicorn",
-             "openai", "transformers", "peft"]:
+             "openai", "transformers", "peft", "trl"]:
     try:
         m = importlib.import_module(name)
         print(f"  {name} {getattr(m, '__version__', '?')}")
@@ -97,6 +99,12 @@ if wanted train; then
         --checkpointing none --no-peer --out "$OUT/train-$SHAPE-N10-b$B2-dpo.json" --force
     step train-N1 60 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 1 --mode sft \
         --checkpointing none --no-peer --out "$OUT/train-$SHAPE-N1-b$B.json" --force
+    if $PY -c "import trl" 2>/dev/null; then  # DPO beside TRL's DPOTrainer (PEFT LoRA r=8, compiled like ours)
+        step train-dpo-peer 180 $PY benchmarks/train.py --config $SHAPE --batch $B2 $TRAIN --n-tokens 10 --mode dpo \
+            --checkpointing none --out "$OUT/train-$SHAPE-N10-b$B2-dpo-peer.json" --force
+    else
+        echo "=== train-dpo-peer skipped: trl is not installed on this machine"
+    fi
 fi
 
 # A random-weight base of a real shape with the real tokenizer (for the CLI and serving steps), made once.

@@ -3,9 +3,10 @@
 Random base weights (speed does not depend on them) of a named config, built on the target device in the target dtype;
 random token batches of --batch rows x --seq-len tokens, the first quarter of each row is prompt (no loss). One row of
 the results table per (mode, checkpointing policy). Warm-up steps are excluded; the median timed step is reported.
-Then, in the same run, the peer a user would pick instead for SFT: PEFT LoRA r=8 (q, v) and PEFT prefix tuning (10
-virtual tokens) on a transformers model of the same shape and dtype, the same rows, under no checkpointing and under
-transformers' gradient checkpointing (the counterpart of `block`).
+Then, in the same run, the peer a user would pick instead: for SFT, PEFT LoRA r=8 (q, v) and PEFT prefix tuning (10
+virtual tokens) on a transformers model of the same shape and dtype, the same rows; for DPO, the same LoRA trained by
+TRL's DPOTrainer on the same pairs. Each under no checkpointing and under transformers' gradient checkpointing (the
+counterpart of `block`).
 
     python benchmarks/train.py --config tiny --batch 2 --seq-len 32 --steps 2     # seconds, on any CPU
     python benchmarks/train.py --config Llama-2-7b-hf --batch 8 --seq-len 512 \\
@@ -14,6 +15,9 @@ transformers' gradient checkpointing (the counterpart of `block`).
 
 import dataclasses
 import sys
+import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple
 
@@ -33,7 +37,11 @@ from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, co
 
 SYSTEM = "Aligner (lit-aligner)"
 LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
-PEERS = {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config}
+LORA_DPO = "LoRA r=8 (PEFT, TRL DPOTrainer)"  # and our DPO rows
+PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
+    "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
+    "dpo": {LORA_DPO: peer_lora_config},
+}
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
 
@@ -67,26 +75,36 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def run_peer(config, system: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-             device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
-    """One row of the peer: PEFT's `system` on a transformers model of the same shape (random weights, built on the
-    device in the dtype), an SFT step as a PEFT user runs it (the model's own loss over full logits, AdamW), on the
-    same rows and prompt mask as ours; `block` is transformers' gradient checkpointing of every decoder layer. With
-    `compiled` (when ours is), every decoder layer is compiled in place as ours are (`nn.Module.compile`)."""
+def peer_model(config, system: str, mode: str, policy: str, device: torch.device, dtype: torch.dtype,
+               compiled: bool, checkpointing: bool = True):
+    """PEFT's `system` on a transformers model of the same shape as ours (random weights, built on the device in the
+    dtype); `block` is transformers' gradient checkpointing of every decoder layer (unless the trainer turns it on
+    itself: `checkpointing` False). With `compiled` (when ours is), every decoder layer is compiled in place as ours
+    are (`nn.Module.compile`)."""
     import peft
 
     model = build_peer_model(config, device, dtype)
-    if policy == "block":  # transformers 5.24 renamed it; the older name still works there, with a warning
+    if policy == "block" and checkpointing:  # transformers 5.24 renamed it; the older name still works, with a warning
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(model, PEERS[system]()).train()
+    model = peft.get_peft_model(model, PEERS[mode][system]()).train()
     if compiled:
         for layer in model.get_base_model().model.layers:
             layer.compile()
-    g = torch.Generator().manual_seed(0)  # the rows of `training_step`
+    return model
+
+
+def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
+             device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
+    """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
+    if mode == "dpo":
+        return run_trl_dpo(config, system, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
+    model = peer_model(config, system, mode, policy, device, dtype, compiled)
+    # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
+    g = torch.Generator().manual_seed(0)
     items = random_items("sft", config.vocab_size, batch, seq_len, g)
     ids = torch.stack([torch.cat([i["prompt"], i["response"]]) for i in items]).to(device)
     labels = ids.clone()
@@ -104,6 +122,95 @@ def run_peer(config, system: str, policy: str, batch: int, seq_len: int, warmup:
     r = time_steps(step, warmup, steps, batch, seq_len, device)
     return {"system": system, "mode": "sft", "checkpointing": policy, **r, "compile": compiled,
             "trainable_params": sum(p.numel() for p in params)}
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer whose text is the token ids themselves ("t17 t3 ..." -> [17, 3]), so that TRL, which tokenizes
+    its own dataset, trains on exactly our random rows; the last id is its end-of-sequence token."""
+    import tokenizers
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{vocab_size - 1}", pad_token="t0")
+
+
+def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
+                device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
+    """The DPO peer: PEFT's LoRA trained by TRL's DPOTrainer as a TRL user runs it (its dataset preparation,
+    collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
+    the bare base through the same weights), on the pairs of `training_step` (batch / 2 pairs a step, each completion
+    ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no autocast, like
+    ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward, TRL's metrics and
+    AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: its reference pass switches PEFT's
+    adapter off and on, which the compiled layers first see as a guard failure on the second step (and recompile)."""
+    import datasets
+    import transformers
+    import trl
+
+    vocab = config.vocab_size
+    warmup = max(warmup, 2) if compiled else warmup
+    items = random_items("preference", vocab, batch, seq_len, torch.Generator().manual_seed(0))
+
+    def text(ids: torch.Tensor, end: bool = False) -> str:
+        ids = ids.tolist()
+        return " ".join(f"t{i}" for i in (ids[:-1] + [vocab - 1] if end else ids))
+
+    rows = [{"prompt": text(i["prompt"]), "chosen": " " + text(i["chosen"], True),
+             "rejected": " " + text(i["rejected"], True)} for i in items]
+    dataset = datasets.Dataset.from_list(rows * (warmup + steps))  # ours, in the Trainer's order (all one length)
+    times, peak = [], []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            reset_peak_memory(device)
+
+        def on_step_begin(self, *args, **kwargs):
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            sync(device)
+            times.append(time.perf_counter() - self.t0)
+            peak.append(peak_memory_bytes(device))
+
+    # TRL defaults to bf16 autocast and gradient checkpointing; the run sets both. transformers 5 renamed the latter.
+    names = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, read by TRL and PEFT
+        args = trl.DPOConfig(
+            output_dir=out_dir, per_device_train_batch_size=batch // 2, max_steps=warmup + steps, learning_rate=1e-4,
+            lr_scheduler_type="constant", beta=0.1, max_length=None, bf16=False, fp16=False, seed=0,
+            use_cpu=device.type == "cpu", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+            **{ckpt: policy == "block", f"{ckpt}_kwargs": {"use_reentrant": False}})
+        model = peer_model(config, system, "dpo", policy, device, dtype, compiled, checkpointing=False)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # "new PAD/BOS/EOS tokens": the word tokenizer's, on purpose
+        datasets.disable_progress_bars()
+        try:
+            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer(
+                vocab), callbacks=[StepTimer()])
+            where = trainer.args.device
+            if (where.type, where.index or 0) != (device.type, device.index or 0) or trainer.args.n_gpu > 1:
+                raise BenchmarkError(f"TRL's Trainer runs on {where} ({trainer.args.n_gpu} GPUs), not on {device} "
+                                     "alone: make it the only visible device (CUDA_VISIBLE_DEVICES) or use --no-peer")
+            trainer.remove_callback(transformers.PrinterCallback)  # a line per step; the losses stay in its state
+            trainer.train()
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            datasets.enable_progress_bars()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
+        raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
+    losses = [h["loss"] for h in logs]
+    step_s = median(times[warmup:])
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
+    return {"system": system, "mode": "dpo", "checkpointing": policy, "batch": batch, "seq_len": seq_len,
+            "step_s": step_s, "step_times_s": times, "warmup_steps": warmup, "tokens_per_s": batch * seq_len / step_s,
+            "peak_memory_gb": max(peak) / 1e9, "peak_reserved_gb": reserved, "loss": float(losses[-1]),
+            "first_loss": float(losses[0]), "compile": compiled,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def main(
@@ -148,9 +255,9 @@ def main(
         threads: torch CPU threads (default: torch's choice).
         n_layer: keep only this many layers of the config (per-layer figures such as the activation bytes of a 7B
             shape on a small machine; tokens/s and MFU then describe the truncated model).
-        peer: also time the peer in the same run (transformers and PEFT, the `eval` extra) when SFT runs under
-            `none` or `block`: PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens), its decoder
-            layers compiled when ours are; --no-peer skips it.
+        peer: also time the peer in the same run (transformers, PEFT and TRL: the `eval` extra) under `none` and
+            `block`: for SFT, PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens); for DPO, that LoRA
+            trained by TRL's DPOTrainer; its decoder layers compiled when ours are; --no-peer skips it.
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
         force: replace an existing results file.
@@ -174,11 +281,11 @@ def main(
         raise BenchmarkError(f"--seq-len {seq_len} exceeds {config}'s context of {cfg.block_size} tokens")
     if peak_tflops is None and dev.type == "cuda":
         peak_tflops = 989.0
-    peer_policies = [p for p in checkpointing if p in PEER_POLICIES] if peer and "sft" in mode else []
+    peer_policies = [p for p in checkpointing if p in PEER_POLICIES] if peer else []
     if peer and not peer_policies:
-        print("note: no peer rows: the peer (PEFT) runs SFT under --checkpointing none or block", file=sys.stderr)
+        print("note: no peer rows: the peer (PEFT, TRL) runs under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
-        require("transformers", "peft", extra="eval", or_flag="--no-peer")
+        require("transformers", "peft", *(["trl"] if "dpo" in mode else []), extra="eval", or_flag="--no-peer")
     layers = f"-L{n_layer}" if n_layer is not None else ""
     path = check_out(out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev), force)
     configure_backends(dev)
@@ -188,8 +295,9 @@ def main(
         "benchmark": "train", "config": config, "n_layer": cfg.n_layer, "n_tokens": n_tokens,
         "start_layer": start_layer,
         "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
-        "peak_memory_method": PEAK_MEMORY_METHOD[dev.type], "peers": list(PEERS) if peer_policies else [],
-        "peer_versions": peer_versions() if peer_policies else None,
+        "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
+        "peers": [s for m in mode for s in PEERS[m]] if peer_policies else [],
+        "peer_versions": peer_versions(trl="dpo" in mode) if peer_policies else None,
         "complete": False,
         "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
     }
@@ -213,26 +321,26 @@ def main(
             torch._dynamo.reset()  # compiled blocks' caches could keep the model alive
             torch.cuda.empty_cache()
         with out_of_memory_hint("lower --batch or --seq-len, or --no-peer"):
-            for policy in peer_policies:
-                for system in (s for s in PEERS if (s, policy) not in UNSUPPORTED):
+            for m, policy in ((m, p) for m in mode for p in peer_policies):
+                for system in (s for s in PEERS[m] if (s, policy) not in UNSUPPORTED):
                     try:
-                        r = run_peer(cfg, system, policy, batch, seq_len, warmup, steps, dev, dtype, compiled)
+                        r = run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, compiled)
                     except Exception as e:  # the peer failing to compile must not cost the run its eager figure
-                        if not compiled:
+                        if not compiled or isinstance(e, BenchmarkError):
                             raise
                         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                         print(f"warning: {system} did not compile ({error}); timing it eager", file=sys.stderr)
                         torch._dynamo.reset()
-                        r = {**run_peer(cfg, system, policy, batch, seq_len, warmup, steps, dev, dtype, False),
+                        r = {**run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, False),
                              "compile_error": error}
                     rows.append(r)
-                    print(f"{system} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
+                    print(f"{system} {m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                           f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                     write_partial(path, payload)
-        lora = {r["checkpointing"]: r["tokens_per_s"] for r in rows if r["system"] == LORA}
+        lora = {(r["mode"], r["checkpointing"]): r["tokens_per_s"] for r in rows if r["system"] in (LORA, LORA_DPO)}
         for r in rows:
-            if r["mode"] == "sft" and r["checkpointing"] in lora:
-                r["vs_lora"] = r["tokens_per_s"] / lora[r["checkpointing"]]
+            if r["system"] == SYSTEM and (r["mode"], r["checkpointing"]) in lora:
+                r["vs_lora"] = r["tokens_per_s"] / lora[r["mode"], r["checkpointing"]]
     sync(dev)
     columns = ["system", "mode", "checkpointing", "trainable_params", "tokens_per_s", "vs_lora", "step_s",
                "peak_memory_gb", "achieved_tflops", "mfu"]

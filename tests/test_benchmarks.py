@@ -3,6 +3,7 @@ seconds, print their table and write a JSON file with machine information and on
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -44,16 +45,24 @@ def test_train_benchmark_reports_every_mode_and_policy_and_the_peer(tmp_path, ca
         assert r["loss"] == r["loss"]  # finite, not NaN
     for r in ours:
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
-    # the peer in the same run, SFT on the same rows: PEFT LoRA r=8 and prefix tuning, under none and transformers'
-    # gradient checkpointing (PEFT refuses prefix tuning with it); our SFT rows as a multiple of LoRA's speed
-    peers = [(r["system"], r["checkpointing"]) for r in rows[len(ours):]]
-    assert peers == [("LoRA r=8 (PEFT)", "none"), ("prefix tuning 10 (PEFT)", "none"), ("LoRA r=8 (PEFT)", "block")]
-    assert payload["peers"] == ["LoRA r=8 (PEFT)", "prefix tuning 10 (PEFT)"]
-    lora = {r["checkpointing"]: r for r in rows if r["system"] == "LoRA r=8 (PEFT)"}
-    assert lora["none"]["trainable_params"] > 10 * ours[0]["trainable_params"]
-    for r in ours[:3:2]:  # sft none and block
-        assert r["vs_lora"] == pytest.approx(r["tokens_per_s"] / lora[r["checkpointing"]]["tokens_per_s"])
-    assert "vs_lora" not in ours[1] and "vs_lora" not in ours[3]  # selective: no counterpart; DPO: no peer
+    # the peer in the same run, on the same rows, under none and transformers' gradient checkpointing: for SFT, PEFT
+    # LoRA r=8 and prefix tuning (PEFT refuses prefix tuning with checkpointing); for DPO, the LoRA trained by TRL
+    peers = [(r["system"], r["mode"], r["checkpointing"]) for r in rows[len(ours):]]
+    trl = "LoRA r=8 (PEFT, TRL DPOTrainer)"
+    assert peers == [("LoRA r=8 (PEFT)", "sft", "none"), ("prefix tuning 10 (PEFT)", "sft", "none"),
+                     ("LoRA r=8 (PEFT)", "sft", "block"), (trl, "dpo", "none"), (trl, "dpo", "block")]
+    assert payload["peers"] == ["LoRA r=8 (PEFT)", "prefix tuning 10 (PEFT)", trl]
+    assert set(payload["peer_versions"]) == {"transformers", "peft", "trl"}
+    lora = {(r["mode"], r["checkpointing"]): r for r in rows if r["system"] in ("LoRA r=8 (PEFT)", trl)}
+    assert lora["sft", "none"]["trainable_params"] > 10 * ours[0]["trainable_params"]
+    for r in ours[:3:2] + ours[3::2]:  # our rows under none and block, each a multiple of its LoRA's speed
+        assert r["vs_lora"] == pytest.approx(r["tokens_per_s"] / lora[r["mode"], r["checkpointing"]]["tokens_per_s"])
+    assert "vs_lora" not in ours[1] and "vs_lora" not in ours[4]  # selective: no counterpart
+    # the loss column means one thing for every system: per response token (SFT: about ln(vocab) on random weights)
+    assert ours[0]["loss"] == pytest.approx(lora["sft", "none"]["loss"], rel=0.1)
+    for r in (lora["dpo", "none"], lora["dpo", "block"]):  # TRL's DPO: the reference is the base without the adapter,
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-6)  # which LoRA (B = 0) starts equal to,
+        assert r["loss"] < r["first_loss"]  # and the same pairs every step: the loss falls
     dpo, sft = ours[3]["flops_per_token"], ours[0]["flops_per_token"]
     assert dpo > sft  # the reference forward
     act = payload["activation_bytes_per_token_per_gated_layer"]

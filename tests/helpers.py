@@ -81,3 +81,33 @@ def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = Fa
         return subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
     return _server.run(argv, cwd or ROOT, full_env, timeout)
+
+
+def read_wandb_history(path: Path) -> Dict[int, Dict[str, float]]:
+    """The logged rows (step -> {name: value}) of a Weights & Biases run file (OFFLINE_RUN/run-ID.wandb): a 7-byte
+    ":W&B" header, then LevelDB's log format (32 KiB blocks of chunks: crc32 4 bytes, length 2, type 1 = whole record,
+    2/3/4 = first/middle/last part) whose records are wandb's `Record` protobufs. Only for tests: a reader independent
+    of the writer (wandb's own reader lives in its Go core)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, pos, part = path.read_bytes(), {}, 7, b""
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                rows[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return rows

@@ -3,6 +3,7 @@ run whose validation loss falls and whose Aligner changes generation, exact resu
 untouched, the CLI's errors, and 2-process DDP and FSDP (gloo), and two one-process nodes, equal to one process with
 the same global batch."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -172,6 +173,42 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_check
     a, _ = load_aligner(full_out / "aligner.safetensors")
     b, _ = load_aligner(out / "aligner.safetensors")
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
+def test_wandb_logs_the_metrics_rows_and_a_resumed_run_continues_the_same_wandb_run(trained, tiny_checkpoint_dir,
+                                                                                      tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real wandb, writing its run files to OUT/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "logged"
+
+    def interrupt_at_3(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module, "fit", functools.partial(engine.fit, on_step=interrupt_at_3))
+    assert T.train(dataclasses.replace(small_run(tiny_checkpoint_dir, out), wandb_project="t"))["step"] == 4
+    monkeypatch.setattr(run_module, "fit", engine.fit)
+    T.train(dataclasses.replace(small_run(tiny_checkpoint_dir, out), wandb_project="t", resume="auto"))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run, continued
+    logged = {}
+    for r in runs:
+        logged.update(helpers.read_wandb_history(next(r.glob("run-*.wandb"))))
+    rows = read_metrics(out / "metrics.csv")
+    assert sorted(logged) == [int(r["step"]) for r in rows] == list(range(9))
+    for row in rows:  # every column of every row, as metrics.csv has it
+        assert logged[int(row["step"])] == pytest.approx({k: float(v) for k, v in row.items() if k != "step" and v})
+    full = read_metrics(trained[0] / "metrics.csv")  # and logging changed nothing of the run
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full]
+
+
+def test_wandb_without_a_login_is_one_error_line_before_the_model_loads(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    r = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--out-dir", tmp_path / "o",
+                   "--max-steps", "1", "--wandb-project", "t", env={"HOME": str(tmp_path)})  # no ~/.netrc login
+    assert r.returncode == 1 and r.stderr.startswith("error: Weights & Biases: ") and "WANDB_MODE=offline" in r.stderr
+    assert "Traceback" not in r.stderr and "sft data from" not in r.stdout  # failed before the data and model loaded
 
 
 def test_resume_with_different_shape_flags_is_refused(trained, tiny_checkpoint_dir):

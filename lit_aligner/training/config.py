@@ -174,6 +174,10 @@ class RunConfig:
     """show a progress bar on stderr."""
     json_summary: bool = False
     """print the run summary as one JSON object on the last line of stdout."""
+    wandb_project: Optional[str] = None
+    """also log the metrics to Weights & Biases in this project (pip install wandb; WANDB_MODE=offline keeps the run
+    in OUT/wandb for `wandb sync`): named after the out dir, with this run's flags as its config; --resume continues
+    the same W&B run."""
     data_options: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -196,6 +200,14 @@ class RunConfig:
             raise TrainError(f"--prefix-init-scale must be a positive number, got {self.prefix_init_scale}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
+        if self.wandb_project is not None:
+            if not self.wandb_project.strip():
+                raise TrainError("--wandb-project needs a project name (leave the flag out to log to metrics.csv only)")
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise TrainError("--wandb-project needs the wandb package: pip install wandb (or pip install -e "
+                                 "'.[wandb]')") from None
         for flag, path in self.input_paths().items():  # fail before minutes of loading, not after them
             if isinstance(path, (str, PathLike)) and not Path(path).exists():
                 raise TrainError(f"{flag} {path}: no such file or directory; check the path.")

@@ -15,7 +15,8 @@ from lit_aligner.training.config import RunConfig, TrainError, plain
 from lit_aligner.training.engine import FitResult, evaluate, fit, gradient_accumulation_steps, optimizer_groups
 from lit_aligner.training.objectives import Objective, ObjectiveModule, get_objective
 from lit_aligner.training.state import (ALIGNER_NAME, MetricsLog, RunLock, RunState, check_out_dir, check_resumable,
-                                        load_optimizer_state, prepare_out_dir, resolve_resume, restore_rng_state)
+                                        load_optimizer_state, prepare_out_dir, resolve_resume, restore_rng_state,
+                                        start_wandb)
 
 
 @dataclass
@@ -259,9 +260,12 @@ def _setup_module(run: Run):
 
 def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
     cfg, fabric = run.cfg, run.fabric
+    wandb_run = None
     if not eval_only:
         gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, fabric.world_size)
         _resume(run)
+        if cfg.wandb_project and fabric.global_rank == 0:
+            wandb_run = start_wandb(cfg.wandb_project, run.out_dir, plain(cfg), (run.state or {}).get("wandb_run_id"))
     _load(run)
     module = _setup_module(run)
     summary: Dict[str, Any] = {"out_dir": str(run.out_dir), "template": run.template, "objective": run.objective.name,
@@ -283,9 +287,9 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         start_step = int(run.state["step"])
         fabric.print(f"resuming from {run.resume_path} at step {start_step}")
     extra = {"identity": cfg.identity(), "run_config": plain(cfg), "train_config": plain(cfg.train),
-             "template": run.template}
+             "template": run.template, "wandb_run_id": wandb_run.id if wandb_run is not None else None}
     run_state = RunState(fabric, run.out_dir, module, optimizer, run.model.aligner, extra)
-    metrics = MetricsLog(run.out_dir, resume_step=start_step or None)
+    metrics = MetricsLog(run.out_dir, resume_step=start_step or None, wandb_run=wandb_run)
     result = fit(fabric, module, optimizer, run.model.aligner, run.train, run.val, cfg.train, run_state, metrics,
                  start_step=start_step, progress=cfg.progress)
     summary.update(step=result.step, stopped=result.stopped,

@@ -31,7 +31,7 @@ STATE_VERSION = 2  # 1: before 0.2 (no run identity); still read
 LOCK_NAME = ".lock"
 ALIGNER_NAME = "aligner.safetensors"
 # The files a run writes into OUT (what --force clears; anything else in OUT is left alone).
-RUN_FILES = (ALIGNER_NAME, "metrics.csv", "loss.png", STATE_DIR, LEGACY_STATE_DIR, "tensorboard")
+RUN_FILES = (ALIGNER_NAME, "metrics.csv", "loss.png", STATE_DIR, LEGACY_STATE_DIR, "tensorboard", "wandb")
 PathLike = Union[str, Path]
 
 
@@ -368,13 +368,28 @@ class GracefulStop:
 # Metrics
 
 
+def start_wandb(project: str, out_dir: Path, config: Dict[str, Any], run_id: Optional[str] = None):
+    """The Weights & Biases run of --wandb-project (rank 0 starts it): named after the out dir (or $WANDB_NAME), the
+    run's flags as its config, its files in OUT/wandb/; `run_id`, the W&B run of the state being resumed, continues
+    that run. Started before the model loads, so that a missing login fails in seconds."""
+    import wandb
+
+    try:
+        return wandb.init(project=project, dir=str(out_dir), name=os.environ.get("WANDB_NAME") or out_dir.name,
+                          config=config, id=run_id, resume="allow" if run_id else None)
+    except wandb.errors.Error as e:  # no API key (and no terminal to ask for one), no network, a bad project name
+        raise TrainError(f"Weights & Biases: {str(e).strip()} (or WANDB_MODE=offline: the run stays in "
+                         f"{out_dir / 'wandb'} for `wandb sync`)") from None
+
+
 class MetricsLog:
     """OUT/metrics.csv (one row per logged step; validation columns on evaluation steps) through Lightning Fabric's
-    CSVLogger, and TensorBoard event files in OUT/tensorboard/ through its TensorBoardLogger when `tensorboard` is
-    installed. A resumed run keeps the rows up to its step and continues the file as the uninterrupted run would.
-    Only rank 0 writes (the loggers are rank-zero only)."""
+    CSVLogger, TensorBoard event files in OUT/tensorboard/ through its TensorBoardLogger when `tensorboard` is
+    installed, and the same rows to a Weights & Biases run when given one (`start_wandb`). A resumed run keeps the rows
+    up to its step and continues the file as the uninterrupted run would (TensorBoard and W&B, which kept theirs, get
+    only the new steps). Only rank 0 writes (the loggers are rank-zero only; only rank 0 has a W&B run)."""
 
-    def __init__(self, out_dir: PathLike, resume_step: Optional[int] = None):
+    def __init__(self, out_dir: PathLike, resume_step: Optional[int] = None, wandb_run: Any = None):
         import csv
 
         from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
@@ -386,6 +401,7 @@ class MetricsLog:
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
                 kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
+        self.wandb_run = wandb_run
         self.loggers = [CSVLogger(out_dir, name="", version="", flush_logs_every_n_steps=1)]
         if _TENSORBOARD_AVAILABLE:
             self.loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
@@ -393,16 +409,21 @@ class MetricsLog:
             warnings.simplefilter("ignore")
             for row in kept:
                 self.log({k: float(v) if k != "step" else int(v) for k, v in row.items() if v not in ("", None)},
-                         tensorboard=False)
+                         kept=True)
             if not kept:  # create the file (and drop a stale one) now, not at the first row
                 self.loggers[0].experiment  # noqa: B018
 
-    def log(self, row: Dict[str, Any], tensorboard: bool = True) -> None:
+    def log(self, row: Dict[str, Any], kept: bool = False) -> None:
+        """One metrics row; `kept`: a resumed run's earlier row, rewritten into metrics.csv only."""
         step = int(row["step"])
         values = {k: float(v) for k, v in row.items() if k != "step" and v is not None}
-        for logger in self.loggers if tensorboard else self.loggers[:1]:
+        for logger in self.loggers[:1] if kept else self.loggers:
             logger.log_metrics(values, step=step)
+        if not kept and self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.finalize("success")
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

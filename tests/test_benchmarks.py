@@ -93,6 +93,17 @@ def test_a_peer_that_fails_to_compile_is_timed_eager_and_says_why(tmp_path, monk
     assert "did not compile (RuntimeError: inductor failed); timing it eager" in capsys.readouterr().err
 
 
+def test_the_dpo_peer_without_trl_names_the_extra_and_the_flag_before_anything_runs(tmp_path, monkeypatch):
+    module = load_script("train")
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if it were not installed
+    with pytest.raises(module.BenchmarkError, match=r"needs trl: pip install -e '\.\[eval\]' \(or --no-peer\)"):
+        module.main(config="tiny", batch=2, seq_len=16, mode=("dpo",), device="cpu", out=tmp_path / "t.json")
+    assert not list(tmp_path.iterdir())
+    payload = module.main(config="tiny", batch=2, seq_len=16, mode=("sft",), warmup=0, steps=1, device="cpu",
+                          threads=1, out=tmp_path / "t.json")  # SFT and its peer need no trl
+    assert "trl" not in payload["peer_versions"] and len(payload["results"]) == 3
+
+
 def test_generate_benchmark_covers_batch_1_and_16_with_and_without_aligners_and_the_peer(tmp_path, capsys):
     out = tmp_path / "generate.json"
     load_script("generate").main(config="tiny", batch=16, prompt_len=6, new_tokens=6, repeats=1, device="cpu",

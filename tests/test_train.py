@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,14 @@ def test_wandb_without_a_login_is_one_error_line_before_the_model_loads(tiny_che
                    "--max-steps", "1", "--wandb-project", "t", env={"HOME": str(tmp_path)})  # no ~/.netrc login
     assert r.returncode == 1 and r.stderr.startswith("error: Weights & Biases: ") and "WANDB_MODE=offline" in r.stderr
     assert "Traceback" not in r.stderr and "sft data from" not in r.stdout  # failed before the data and model loaded
+
+
+def test_wandb_project_without_wandb_or_without_a_name_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    with pytest.raises(T.TrainError, match="needs a project name"):
+        dataclasses.replace(small_run(tmp_path, tmp_path / "o"), wandb_project=" ").check()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: importing it fails
+    with pytest.raises(T.TrainError, match=r"needs the wandb package: pip install wandb"):
+        dataclasses.replace(small_run(tmp_path, tmp_path / "o"), wandb_project="t").check()
 
 
 def test_resume_with_different_shape_flags_is_refused(trained, tiny_checkpoint_dir):

@@ -382,6 +382,13 @@ def test_precomputing_the_reference_is_refused_under_fsdp():
     DPORunConfig(precompute_reference=True, strategy="ddp").check()
 
 
+def test_eval_only_refuses_a_wandb_project_it_would_not_log_to():
+    from lit_aligner.training import DPORunConfig
+
+    with pytest.raises(TrainError, match="--eval-only logs no run to Weights & Biases: drop --wandb-project"):
+        DPORunConfig(eval_only=True, wandb_project="t").check()
+
+
 @pytest.mark.slow
 def test_two_process_fsdp_dpo_equals_one_process(short_dpo_run, tiny_checkpoint_dir, pairs_file, tmp_path):
     # the policy starts at a trained Aligner and the reference is its frozen copy (not sharded: it reaches each

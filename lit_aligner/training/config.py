@@ -321,6 +321,9 @@ class DPORunConfig(RunConfig):
         if self.precompute_reference and self.strategy == "fsdp":
             raise TrainError("--precompute-reference scores the pairs with one unsharded copy of the base, which "
                              "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
+        if self.eval_only and self.wandb_project is not None:
+            raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
+                             "printed as JSON on the last line)")
 
     def input_paths(self) -> Dict[str, Any]:
         ref = self.reference_aligner

@@ -53,13 +53,19 @@ def time_steps(step, warmup: int, steps: int, batch: int, seq_len: int, device: 
     for i in range(warmup + steps):
         with timed(device, times):
             loss = step()
+    return timing_row(times, warmup, batch, seq_len, device, float(loss.detach()))
+
+
+def timing_row(times, warmup: int, batch: int, seq_len: int, device: torch.device, loss: float) -> Dict[str, Any]:
+    """A row's timing columns: the median step after `warmup`, tokens/s, and the peak memory since
+    `reset_peak_memory`."""
     peak = peak_memory_bytes(device)
     # What nvidia-smi sees (tensors + the allocator's cache): the number to compare with a card's size.
     reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
     step_s = median(times[warmup:])
     return {"batch": batch, "seq_len": seq_len, "step_s": step_s, "step_times_s": times, "warmup_steps": warmup,
             "tokens_per_s": batch * seq_len / step_s, "peak_memory_gb": peak / 1e9, "peak_reserved_gb": reserved,
-            "loss": float(loss.detach())}
+            "loss": loss}
 
 
 def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: int, n_tokens: int, start_layer: int,
@@ -159,7 +165,7 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
     rows = [{"prompt": text(i["prompt"]), "chosen": " " + text(i["chosen"], True),
              "rejected": " " + text(i["rejected"], True)} for i in items]
     dataset = datasets.Dataset.from_list(rows * (warmup + steps))  # ours, in the Trainer's order (all one length)
-    times, peak = [], []
+    times = []
 
     class StepTimer(transformers.TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
@@ -172,7 +178,6 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
         def on_step_end(self, *args, **kwargs):
             sync(device)
             times.append(time.perf_counter() - self.t0)
-            peak.append(peak_memory_bytes(device))
 
     # TRL defaults to bf16 autocast and gradient checkpointing; the run sets both. transformers 5 renamed the latter.
     names = {f.name for f in dataclasses.fields(trl.DPOConfig)}
@@ -203,13 +208,9 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
         raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
-    losses = [h["loss"] for h in logs]
-    step_s = median(times[warmup:])
-    reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
-    return {"system": system, "mode": "dpo", "checkpointing": policy, "batch": batch, "seq_len": seq_len,
-            "step_s": step_s, "step_times_s": times, "warmup_steps": warmup, "tokens_per_s": batch * seq_len / step_s,
-            "peak_memory_gb": max(peak) / 1e9, "peak_reserved_gb": reserved, "loss": float(losses[-1]),
-            "first_loss": float(losses[0]), "compile": compiled,
+    return {"system": system, "mode": "dpo", "checkpointing": policy,
+            **timing_row(times, warmup, batch, seq_len, device, float(logs[-1]["loss"])),
+            "first_loss": float(logs[0]["loss"]), "compile": compiled,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 

@@ -29,6 +29,7 @@ from lit_aligner.generation import (AlignerEntry, PromptItem, TextStreamer, answ
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import get_template, is_correction, join_input
+from lit_aligner.quantize import QuantizeFlag
 
 
 def main(
@@ -53,6 +54,7 @@ def main(
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    quantize: QuantizeFlag = "none",
     compile: Literal["auto", "on", "off"] = "auto",
 ) -> None:
     """Answer every prompt with every Aligner on one loaded base; answers are labelled with the Aligner's path.
@@ -86,7 +88,7 @@ def main(
         seed: seed of the sampling generator (same seed, same text).
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
-        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU.
+        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU and with --quantize.
     """
     if not aligner and not no_aligner:
         raise ValueError("nothing to answer with: give --aligner PATH (repeatable) and/or --no-aligner (the bare base)")
@@ -121,7 +123,7 @@ def main(
     if out is not None:
         check_output(out, input_files(*aligner, prompts_file, qa_file, checkpoint_dir), force)
 
-    model, tokenizer = load_base(checkpoint_dir, device, dtype)
+    model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     entries = load_aligner_entries(aligner, model)
     check_modes(entries, correcting)
     if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself

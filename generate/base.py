@@ -17,6 +17,7 @@ from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.generation import TextStreamer, check_sampling, generate
 from lit_aligner.prompts import build_prompt, encode_prompt
+from lit_aligner.quantize import QuantizeFlag
 
 
 def main(
@@ -30,6 +31,7 @@ def main(
     no_chat_template: tyro.conf.FlagCreatePairsOff[bool] = False,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    quantize: QuantizeFlag = "none",
     compile: Literal["auto", "on", "off"] = "auto",
 ) -> None:
     """Answer PROMPT with the base model, streaming the answer to stdout; timing goes to stderr.
@@ -45,10 +47,11 @@ def main(
         no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
-        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there).
+        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
+            with --quantize.
     """
     check_sampling(temperature, top_k, top_p)
-    model, tokenizer = load_base(checkpoint_dir, device, dtype)
+    model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
     text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
     streamer = TextStreamer(tokenizer)

@@ -63,13 +63,18 @@ def load_state_dict(checkpoint_dir: PathLike, device: Union[str, torch.device] =
 
 
 def load_model(checkpoint_dir: PathLike, device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None) -> LLaMA:
+               dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> LLaMA:
     """The frozen base model (requires_grad False everywhere) on `device` in `dtype` (None: the file's), built without
     a random init. It has no Aligner of its own: Aligners are forward arguments (`model(idx, aligner=a)`) or attached
-    for training with `lit_aligner.aligner_files.new_aligner`."""
+    for training with `lit_aligner.aligner_files.new_aligner`. `quantize` (a `--quantize` mode, lit_aligner.quantize):
+    each linear weight of the blocks is read from the memory-mapped file, converted and quantized onto `device` one
+    layer at a time, so neither the device nor the CPU's memory ever holds the whole model in full precision."""
+    from lit_aligner.quantize import check_mode, quantize_blocks
+
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
-    sd = load_state_dict(checkpoint_dir, device)
+    quantize = check_mode(quantize)
+    sd = load_state_dict(checkpoint_dir, "cpu" if quantize else device)
     if dtype is None:
         dtype = next(iter(sd.values())).dtype if sd else torch.float32
     with torch.device("meta"):
@@ -84,7 +89,12 @@ def load_model(checkpoint_dir: PathLike, device: Union[str, torch.device] = "cpu
             f"{checkpoint_dir}: weights do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}, wrong shapes {wrong[:3]}). Convert the model again."
         )
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    if quantize:  # the file's tensors (memory-mapped) stay as they are; each is converted as it is quantized or moved
+        model.load_state_dict(sd, assign=True)
+        del sd
+        quantize_blocks(model, quantize, device, dtype)
+    else:
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
     model.reset_rope(torch.device(device))
     model.requires_grad_(False)
     return model
@@ -106,14 +116,16 @@ def load_tokenizer(checkpoint_dir: PathLike, config: Optional[Config] = None) ->
 
 
 def load_base(checkpoint_dir: PathLike, device: Union[str, torch.device] = "auto",
-              dtype: Union[str, torch.dtype, None] = "auto") -> Tuple[LLaMA, "Tokenizer"]:  # noqa: F821
-    """The frozen base model in eval mode and its tokenizer, for generation and evaluation. device/dtype as the
-    `--device`/`--dtype` flags (`lit_aligner.devices`): "auto" is CUDA in bf16 when available, else the CPU in the
-    checkpoint's dtype. Raises BaseModelError naming the directory and the conversion command."""
+              dtype: Union[str, torch.dtype, None] = "auto",
+              quantize: Optional[str] = None) -> Tuple[LLaMA, "Tokenizer"]:  # noqa: F821
+    """The frozen base model in eval mode and its tokenizer, for generation and evaluation. device/dtype/quantize as
+    the `--device`/`--dtype`/`--quantize` flags (`lit_aligner.devices`, `lit_aligner.quantize`): "auto" is CUDA in
+    bf16 when available, else the CPU in the checkpoint's dtype. Raises BaseModelError naming the directory and the
+    conversion command."""
     from lit_aligner.devices import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
-    model = load_model(checkpoint_dir, dev, resolve_dtype(dtype, dev)).eval()
+    model = load_model(checkpoint_dir, dev, resolve_dtype(dtype, dev), quantize).eval()
     return model, load_tokenizer(checkpoint_dir, model.config)
 
 

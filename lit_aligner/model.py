@@ -162,6 +162,7 @@ class LLaMA(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.aligner: Optional[Aligner] = Aligner(config, aligner_config) if aligner_config else None
+        self.quantize: Optional[str] = None  # the blocks' linear layers quantized by lit_aligner.quantize, or None
         self.max_seq_length = config.block_size
         # Long-context bases (128k, 1M positions) would spend gigabytes on tables never used: grown on demand.
         cos, sin = build_rope_cache(min(config.block_size, ROPE_CACHE_START), config)
@@ -203,7 +204,8 @@ class LLaMA(nn.Module):
         gated = self.layers[aligner.start_layer:]
         if not project:
             return PrefixKV(aligner.start_layer, [aligner.prefix] * len(gated), [None] * len(gated), gate)
-        keys, values = zip(*(block.attn.project_prefix(aligner.prefix) for block in gated))
+        prefix = aligner.prefix.to(self.tok_embeddings.weight.dtype)
+        keys, values = zip(*(block.attn.project_prefix(prefix) for block in gated))
         return PrefixKV(aligner.start_layer, list(keys), list(values), gate)
 
     def forward(
@@ -288,8 +290,11 @@ class CausalSelfAttention(nn.Module):
         if prefix.dim() == 2:
             prefix = prefix.unsqueeze(0)
         q_size, kv_size = self.n_head * self.hs, self.n_kv * self.hs
-        bias = self.wqkv.bias[q_size:] if self.wqkv.bias is not None else None
-        kv = F.linear(prefix.to(self.wqkv.weight.dtype), self.wqkv.weight[q_size:], bias)  # (B, N, 2 * kv_size)
+        if type(self.wqkv) is nn.Linear:
+            bias = self.wqkv.bias[q_size:] if self.wqkv.bias is not None else None
+            kv = F.linear(prefix.to(self.wqkv.weight.dtype), self.wqkv.weight[q_size:], bias)  # (B, N, 2 * kv_size)
+        else:  # a quantized layer (lit_aligner.quantize) has no float rows to slice: q for N tokens costs nothing
+            kv = self.wqkv(prefix)[..., q_size:]
         k, v = kv.split(kv_size, dim=-1)
         B, N = prefix.shape[:2]
         k, v = k.view(B, N, self.n_kv, self.hs), v.view(B, N, self.n_kv, self.hs)
@@ -317,7 +322,7 @@ class CausalSelfAttention(nn.Module):
         if prefix is not None:
             pk, pv, gate, pmask = prefix  # (B|1, n_kv, N, hs) x2, (B|1, nh), (B, N) or None
             if pv is None:  # the Aligner's prefix itself, (N, C) or (B, N, C)
-                pk, pv = self.project_prefix(pk)
+                pk, pv = self.project_prefix(pk.to(x.dtype))
             if pk.shape[0] != B:
                 pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
             # Every query sees all N prefix tokens, with a softmax separate from the causal one.

@@ -382,11 +382,13 @@ def test_plot_metrics_draws_a_png(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_checkpoint_dir, tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "bnb.nf4"])  # DDP over a 4-bit base: every rank quantizes alike
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_checkpoint_dir, tmp_path, quantize):
     common = ["finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cpu",
               "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--n-tokens", "4",
               "--start-layer", "1", "--max-seq-length", "128", "--learning-rate", "3e-2", "--eval-interval", "3",
-              "--max-norm", "0.01", "--no-progress", "--compare", "False"]  # the tiny model's norms are 0.02 to 0.03
+              "--max-norm", "0.01", "--no-progress", "--compare", "False",  # the tiny model's norms are 0.02 to 0.03
+              "--quantize", quantize]
     one = run_script(*common, "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",

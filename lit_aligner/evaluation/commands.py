@@ -25,6 +25,7 @@ from lit_aligner.data.load import DataOptions
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError, atomic_write_json, check_output, input_files
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
+from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.training.config import DPOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
@@ -46,6 +47,7 @@ class EvalCommon:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
+    quantize: QuantizeFlag = "none"
 
     def inputs(self) -> List[Any]:
         return [self.checkpoint_dir]
@@ -58,6 +60,7 @@ class EvalCommon:
             check_output(self.out, input_files(*self.inputs()), self.force)
         t0 = time.perf_counter()
         result = self.run()
+        result["quantize"] = self.quantize
         result["seconds"] = time.perf_counter() - t0
         print(self.format(result))
         if self.out is not None:
@@ -69,7 +72,7 @@ class EvalCommon:
     def load(self):
         from lit_aligner.base import load_base
 
-        return load_base(self.checkpoint_dir, self.device, self.dtype)
+        return load_base(self.checkpoint_dir, self.device, self.dtype, self.quantize)
 
     def run(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -464,7 +467,7 @@ class Judge(EvalCommon):
         same = self.judge_dir is None or Path(self.judge_dir).resolve() == Path(self.checkpoint_dir).resolve()
         if not same:
             del model
-            model, tokenizer = load_base(self.judge_dir, self.device, self.dtype)
+            model, tokenizer = load_base(self.judge_dir, self.device, self.dtype, self.quantize)
         result = judge_pairs(LocalJudge(model, tokenizer, self.batch_size), questions, answers_a, answers_b,
                              self.bootstrap, self.seed)
         return {"command": "judge", "a": self.a, "b": self.b, "judge": str(self.judge_dir or self.checkpoint_dir),

@@ -215,12 +215,12 @@ class AlignerLM(LM):
 
 
 def _from_args(checkpoint_dir: str, aligner: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-               **_: Any):
+               quantize: str = "none", **_: Any):
     """What `lm_eval --model lit-aligner --model_args checkpoint_dir=...,aligner=...` builds."""
     from lit_aligner.aligner_files import load_aligner
     from lit_aligner.base import load_base
 
-    model, tokenizer = load_base(checkpoint_dir, device, dtype)
+    model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     aligners = {BASE: None} if not aligner else {str(aligner): load_aligner(aligner, model)[0]}
     return model, tokenizer, aligners
 

@@ -269,7 +269,8 @@ def generate(
     base). The prefix K/V are projected once per call.
     temperature 0 is greedy; otherwise top_k / top_p (nucleus) filtering, with draws from `generator` (same seed, same
     tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host every step).
-    compile: torch.compile `decode_one_token` (None: on CUDA only); the eager path gives the same tokens.
+    compile: torch.compile `decode_one_token` (None: on CUDA only, and not for a quantized base); the eager path
+        gives the same tokens.
     Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context,
     non-finite sampling parameters, an Aligner of another base, ...)."""
     check_sampling(temperature, top_k, top_p)
@@ -308,7 +309,8 @@ def generate(
     def next_noise():
         return draw_noise(B, vocab, device, generator) if temperature > 0 else None
 
-    compiled = should_compile(device, compile)
+    # bitsandbytes' layers under torch.compile and CUDA graphs were not measured here: eager unless asked for
+    compiled = should_compile(device, False if compile is None and model.quantize else compile)
     decode = _decode_fn(compiled, device)
     check_every = _STOP_CHECK_EVERY_CUDA if device.type == "cuda" and on_token is None else 1
     host_done = [False] * B  # only kept when streaming: the callback needs the tokens on the host anyway

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError
+from lit_aligner.quantize import QuantizeFlag
 
 API_KEY_ENV = "LIT_ALIGNER_API_KEY"
 
@@ -42,6 +43,7 @@ class ServeConfig:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
+    quantize: QuantizeFlag = "none"
 
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "max_loaded_aligners"):
@@ -67,7 +69,7 @@ def build_server(cfg: ServeConfig):
     from lit_aligner.serving.engine import Engine
     from lit_aligner.serving.registry import AlignerRegistry
 
-    model, tokenizer = load_base(cfg.checkpoint_dir, cfg.device, cfg.dtype)
+    model, tokenizer = load_base(cfg.checkpoint_dir, cfg.device, cfg.dtype, cfg.quantize)
     name = cfg.model_name or model.config.name or Path(cfg.checkpoint_dir).name
     registry = AlignerRegistry(cfg.aligners_dir, model, name, cfg.max_loaded_aligners)
     seq = cfg.max_seq_length or min(model.config.block_size, DEFAULT_MAX_SEQ_LENGTH)

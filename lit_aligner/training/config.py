@@ -18,6 +18,7 @@ from lit_aligner.files import UserError
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
+from lit_aligner.quantize import QuantizeFlag, check_mode, import_bitsandbytes
 
 
 class TrainError(UserError):
@@ -152,6 +153,7 @@ class RunConfig:
     scale; 0.5 reached a lower held-out loss, howto/evaluate.md); normal ignores it (the paper's N(0, 1))."""
     precision: Optional[str] = None
     """Fabric precision: bf16-true, 16-true, 32-true, bf16-mixed (default: bf16-true on a GPU, 32-true on the CPU)."""
+    quantize: QuantizeFlag = "none"
     accelerator: str = "auto"
     """auto, cpu, cuda/gpu."""
     devices: Union[int, str] = 1
@@ -200,6 +202,14 @@ class RunConfig:
             raise TrainError(f"--prefix-init-scale must be a positive number, got {self.prefix_init_scale}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
+        if check_mode(self.quantize):
+            if self.strategy == "fsdp":
+                raise TrainError("--quantize keeps each quantized layer whole on its device, which --strategy fsdp "
+                                 "would shard: use one of the two (a 4-bit base already fits where bf16 needed FSDP)")
+            if self.precision is not None and self.precision.endswith("-mixed"):
+                raise TrainError(f"--quantize computes in the precision's dtype; --precision {self.precision} keeps "
+                                 f"fp32 weights to autocast: use bf16-true, 16-true or 32-true")
+            import_bitsandbytes()
         if self.wandb_project is not None:
             if not self.wandb_project.strip():
                 raise TrainError("--wandb-project needs a project name (leave the flag out to log to metrics.csv only)")
@@ -230,7 +240,7 @@ class RunConfig:
                 "min_lr_ratio": self.train.min_lr_ratio, "max_norm": self.train.max_norm,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
                 "group_by_length": self.train.group_by_length,
-                "max_seq_length": self.data_options.max_seq_length}
+                "max_seq_length": self.data_options.max_seq_length, "quantize": self.quantize}
 
 
 MODES = ("sft", "correction")

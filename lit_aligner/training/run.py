@@ -211,7 +211,7 @@ def _load(run: Run) -> None:
     if cfg.strategy == "fsdp":  # in the file's dtype, memory-mapped: `shard_model` copies each rank its own rows
         run.model = load_model(cfg.checkpoint_dir, "cpu")
     else:
-        run.model = load_model(cfg.checkpoint_dir, fabric.device, precision_dtype(run.precision))
+        run.model = load_model(cfg.checkpoint_dir, fabric.device, precision_dtype(run.precision), cfg.quantize)
     if cfg.init_aligner is not None:
         run.init_aligner, _ = load_aligner(cfg.init_aligner, run.model, base_name=str(cfg.checkpoint_dir))
         if (run.init_aligner.n_tokens, run.init_aligner.start_layer) != (cfg.n_tokens, cfg.start_layer):
@@ -236,7 +236,8 @@ def _load(run: Run) -> None:
     fabric.print(f"base {run.base_config.name} ({cfg.checkpoint_dir}), Aligner N={cfg.n_tokens} from layer "
                  f"{cfg.start_layer}{' from ' + str(cfg.init_aligner) if cfg.init_aligner else ''}: "
                  f"{num_trainable(run.model):,} trainable parameters; objective {run.objective.name}; precision "
-                 f"{run.precision}, {fabric.world_size} process(es)")
+                 f"{run.precision}{', base quantized ' + run.model.quantize if run.model.quantize else ''}, "
+                 f"{fabric.world_size} process(es)")
     run.objective.prepare(run)
 
 

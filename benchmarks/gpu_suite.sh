@@ -7,7 +7,7 @@
 #             under checkpointing none / selective / mlp, beside PEFT LoRA r=8 and prefix tuning (the peer, compiled too);
 #             SFT-16 vs DPO on 8 pairs (16 x 512); then N=1 SFT 8 x 512; then DPO on 8 pairs beside TRL's DPOTrainer
 #             with that LoRA (the peer, compiled too; only where trl imports: its wheels and datasets' are too big to
-#             carry);
+#             carry); then SFT 8 x 512 on an NF4 base beside QLoRA (eager; only where bitsandbytes imports);
 #   generate  benchmarks/generate.py on the same shape: batch 1 and 16, with and without an Aligner, 16 different
 #             Aligners; eager first (no compilation: figures even if compiling fails), with the peer (transformers'
 #             generate, PEFT LoRA r=8: one, and 16 different in one batch), then compiled with CUDA graphs;
@@ -63,7 +63,7 @@ import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ["lightning_fabric", "tyro", "safetensors", "tokenizers", "sentencepiece", "gguf", "fastapi", "uvicorn",
-             "openai", "transformers", "peft", "trl"]:
+             "openai", "transformers", "peft", "trl", "bitsandbytes"]:
     try:
         m = importlib.import_module(name)
         print(f"  {name} {getattr(m, '__version__', '?')}")
@@ -104,6 +104,12 @@ if wanted train; then
             --checkpointing none --out "$OUT/train-$SHAPE-N10-b$B2-dpo-peer.json" --force
     else
         echo "=== train-dpo-peer skipped: trl is not installed on this machine"
+    fi
+    if $PY -c "import bitsandbytes" 2>/dev/null; then  # --quantize: NF4 base beside QLoRA, eager (compile unmeasured)
+        step train-quant 180 $PY benchmarks/train.py --config $SHAPE --batch $B $TRAIN --n-tokens 10 --mode sft \
+            --checkpointing none --quantize none bnb.nf4 --compile False --out "$OUT/train-$SHAPE-N10-b$B-nf4.json" --force
+    else
+        echo "=== train-quant skipped: bitsandbytes is not installed on this machine"
     fi
 fi
 

@@ -6,7 +6,9 @@ the results table per (mode, checkpointing policy). Warm-up steps are excluded; 
 Then, in the same run, the peer a user would pick instead: for SFT, PEFT LoRA r=8 (q, v) and PEFT prefix tuning (10
 virtual tokens) on a transformers model of the same shape and dtype, the same rows; for DPO, the same LoRA trained by
 TRL's DPOTrainer on the same pairs. Each under no checkpointing and under transformers' gradient checkpointing (the
-counterpart of `block`).
+counterpart of `block`). With `--quantize` the base's block weights are held in 4 or 8 bits (lit_aligner.quantize), and
+the SFT peer is then QLoRA: the same LoRA on transformers' bitsandbytes model of the same mode, prepared by PEFT's
+`prepare_model_for_kbit_training` as a QLoRA user does.
 
     python benchmarks/train.py --config tiny --batch 2 --seq-len 32 --steps 2     # seconds, on any CPU
     python benchmarks/train.py --config Llama-2-7b-hf --batch 8 --seq-len 512 \\
@@ -34,6 +36,8 @@ from lit_aligner.model import LLaMA  # noqa: E402
 from lit_aligner.perf import (PEAK_MEMORY_METHOD, activation_bytes_per_token, configure_backends,  # noqa: E402
                               peak_memory_bytes, random_items, reset_peak_memory, should_compile,
                               train_flops_per_token)
+from lit_aligner.quantize import (MODES as QUANTIZE_MODES, QuantizeName, import_bitsandbytes,  # noqa: E402
+                                  quantize_blocks, weight_bytes)
 
 SYSTEM = "Aligner (lit-aligner)"
 LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
@@ -42,6 +46,7 @@ PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
     "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
     "dpo": {LORA_DPO: peer_lora_config},
 }
+QLORA = "QLoRA r=8 (PEFT, bitsandbytes)"  # the peer of SFT on a quantized base: LoRA on transformers' quantized model
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
 
@@ -76,39 +81,63 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
     r = time_steps(step, warmup, steps, batch, seq_len, device)
     flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total
     achieved = flops * r["tokens_per_s"]
-    return {"system": SYSTEM, "mode": mode, "checkpointing": policy, **r, "flops_per_token": flops,
+    return {"system": SYSTEM, "mode": mode, "checkpointing": policy, "quantize": model.quantize or "none", **r,
+            "weights_gb": weight_bytes(model) / 1e9, "flops_per_token": flops,
             "achieved_tflops": achieved / 1e12, "mfu": achieved / (peak_tflops * 1e12) if peak_tflops else None,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def peer_model(config, system: str, mode: str, policy: str, device: torch.device, dtype: torch.dtype,
-               compiled: bool, checkpointing: bool = True):
+               compiled: bool, checkpointing: bool = True, quantize: str = "none"):
     """PEFT's `system` on a transformers model of the same shape as ours (random weights, built on the device in the
     dtype); `block` is transformers' gradient checkpointing of every decoder layer (unless the trainer turns it on
     itself: `checkpointing` False). With `compiled` (when ours is), every decoder layer is compiled in place as ours
-    are (`nn.Module.compile`)."""
+    are (`nn.Module.compile`). `quantize`: a bitsandbytes mode, loaded as transformers does (QLoRA)."""
     import peft
 
-    model = build_peer_model(config, device, dtype)
-    if policy == "block" and checkpointing:  # transformers 5.24 renamed it; the older name still works, with a warning
+    if quantize != "none":
+        model = quantized_peer_model(config, device, dtype, quantize)
+        # QLoRA's recipe: norms and embeddings in fp32, input gradients on, and its own gradient checkpointing
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=policy == "block" and checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = build_peer_model(config, device, dtype)
+    # transformers 5.24 renamed it; the older name still works, with a warning
+    if policy == "block" and checkpointing and quantize == "none":
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = peft.get_peft_model(model, PEERS[mode][system]()).train()
+    model = peft.get_peft_model(model, (peer_lora_config if system == QLORA else PEERS[mode][system])()).train()
     if compiled:
         for layer in model.get_base_model().model.layers:
             layer.compile()
     return model
 
 
+def quantized_peer_model(config, device: torch.device, dtype: torch.dtype, quantize: str):
+    """The peer's random-weight model quantized by transformers' bitsandbytes integration (it quantizes while loading,
+    so the model is written to a temporary folder and loaded back with a BitsAndBytesConfig of the same mode)."""
+    import transformers
+
+    kind, quant_type, double = QUANTIZE_MODES[quantize]
+    q = transformers.BitsAndBytesConfig(load_in_8bit=True) if kind == "8bit" else transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_peer_model(config, torch.device("cpu"), dtype).save_pretrained(tmp)
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=q,
+                                                                 device_map={"": device})
+
+
 def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-             device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
+             device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none") -> Dict[str, Any]:
     """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
     if mode == "dpo":
         return run_trl_dpo(config, system, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
-    model = peer_model(config, system, mode, policy, device, dtype, compiled)
+    model = peer_model(config, system, mode, policy, device, dtype, compiled, quantize=quantize)
     # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
     g = torch.Generator().manual_seed(0)
     items = random_items("sft", config.vocab_size, batch, seq_len, g)
@@ -126,7 +155,8 @@ def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: i
         return loss
 
     r = time_steps(step, warmup, steps, batch, seq_len, device)
-    return {"system": system, "mode": "sft", "checkpointing": policy, **r, "compile": compiled,
+    return {"system": system, "mode": "sft", "checkpointing": policy, "quantize": quantize, **r,
+            "weights_gb": model.get_memory_footprint() / 1e9, "compile": compiled,
             "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -208,8 +238,9 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
         raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
-    return {"system": system, "mode": "dpo", "checkpointing": policy,
+    return {"system": system, "mode": "dpo", "checkpointing": policy, "quantize": "none",
             **timing_row(times, warmup, batch, seq_len, device, float(logs[-1]["loss"])),
+            "weights_gb": model.get_memory_footprint() / 1e9,
             "first_loss": float(logs[0]["loss"]), "compile": compiled,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
@@ -222,6 +253,7 @@ def main(
     start_layer: int = 2,
     mode: Tuple[Literal["sft", "dpo"], ...] = ("sft",),
     checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
+    quantize: Tuple[QuantizeName, ...] = ("none",),
     loss: Literal["chunked", "plain"] = "chunked",
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     compile: Optional[bool] = None,
@@ -246,6 +278,9 @@ def main(
         start_layer: first gated layer.
         mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base).
         checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
+        quantize: one or more base weight formats: none (the precision's dtype) and the bitsandbytes modes of the
+            trainers' --quantize (bnb.nf4, ...); a quantized base's SFT peer is QLoRA (PEFT LoRA r=8 on transformers'
+            bitsandbytes model of the same mode), its DPO rows have none.
         loss: chunked (LM head + CE a chunk at a time, lit_aligner.losses) or plain (full (B, T, vocab) logits).
         precision: 32-true, bf16-true or 16-true weights and activations (default: bf16-true on CUDA, 32-true on CPU).
         compile: torch.compile every block (default: on CUDA only).
@@ -287,6 +322,9 @@ def main(
         print("note: no peer rows: the peer (PEFT, TRL) runs under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
         require("transformers", "peft", *(["trl"] if "dpo" in mode else []), extra="eval", or_flag="--no-peer")
+    quantized = [q for q in dict.fromkeys(quantize) if q != "none"]
+    if quantized:
+        import_bitsandbytes()  # (quietly: see lit_aligner.quantize)
     layers = f"-L{n_layer}" if n_layer is not None else ""
     path = check_out(out or default_out("train", f"{config}{layers}-b{batch}-t{seq_len}", dev), force)
     configure_backends(dev)
@@ -297,21 +335,29 @@ def main(
         "start_layer": start_layer,
         "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
-        "peers": [s for m in mode for s in PEERS[m]] if peer_policies else [],
+        "peers": [s for m in mode for s in PEERS[m]] + ([QLORA] if quantized and "sft" in mode else [])
+        if peer_policies else [],
         "peer_versions": peer_versions(trl="dpo" in mode) if peer_policies else None,
         "complete": False,
         "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
     }
     with out_of_memory_hint("lower --batch or --seq-len, or add --checkpointing selective / block"):
-        model = build_model(cfg, dev, dtype, n_tokens, start_layer)
-        for m in mode:
-            for policy in checkpointing:
-                r = run_one(model, cfg, m, policy, batch, seq_len, n_tokens, start_layer, loss == "chunked", warmup,
-                            steps, dev, peak_tflops, compiled)
-                rows.append(r)
-                print(f"{m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
-                      f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
-                write_partial(path, payload)
+        model = None
+        for q in dict.fromkeys(quantize):
+            model = None  # the previous format's model goes before the next one is built
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            model = build_model(cfg, dev, dtype, n_tokens, start_layer)
+            if q != "none":
+                quantize_blocks(model, q, dev, dtype)
+            for m in mode:
+                for policy in checkpointing:
+                    r = run_one(model, cfg, m, policy, batch, seq_len, n_tokens, start_layer, loss == "chunked",
+                                warmup, steps, dev, peak_tflops, compiled)
+                    rows.append(r)
+                    print(f"{m} {policy} {q}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
+                          f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
+                    write_partial(path, payload)
         # What each policy trades: bytes per token and gated layer that autograd keeps (measured eagerly, batch 1).
         if cfg.n_layer - start_layer >= 2:
             payload["activation_bytes_per_token_per_gated_layer"] = {
@@ -322,29 +368,37 @@ def main(
             torch._dynamo.reset()  # compiled blocks' caches could keep the model alive
             torch.cuda.empty_cache()
         with out_of_memory_hint("lower --batch or --seq-len, or --no-peer"):
-            for m, policy in ((m, p) for m in mode for p in peer_policies):
-                for system in (s for s in PEERS[m] if (s, policy) not in UNSUPPORTED):
-                    try:
-                        r = run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, compiled)
-                    except Exception as e:  # the peer failing to compile must not cost the run its eager figure
-                        if not compiled or isinstance(e, BenchmarkError):
-                            raise
-                        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        print(f"warning: {system} did not compile ({error}); timing it eager", file=sys.stderr)
-                        torch._dynamo.reset()
-                        r = {**run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, False),
-                             "compile_error": error}
-                    rows.append(r)
-                    print(f"{system} {m} {policy}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
-                          f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
-                    write_partial(path, payload)
-        lora = {(r["mode"], r["checkpointing"]): r["tokens_per_s"] for r in rows if r["system"] in (LORA, LORA_DPO)}
+            runs = [(m, p, "none", s) for m in mode for p in peer_policies for s in PEERS[m]] if "none" in quantize \
+                else []
+            runs += [(m, p, q, QLORA) for q in quantized for m in mode if m == "sft" for p in peer_policies]
+            for m, policy, q, system in runs:
+                if (system, policy) in UNSUPPORTED:
+                    continue
+                try:
+                    r = run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, compiled,
+                                 quantize=q)
+                except Exception as e:  # the peer failing to compile must not cost the run its eager figure
+                    if not compiled or isinstance(e, BenchmarkError):
+                        raise
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    print(f"warning: {system} did not compile ({error}); timing it eager", file=sys.stderr)
+                    torch._dynamo.reset()
+                    r = {**run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, False,
+                                    quantize=q),
+                         "compile_error": error}
+                rows.append(r)
+                print(f"{system} {m} {policy} {q}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
+                      f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
+                write_partial(path, payload)
+        lora = {(r["mode"], r["checkpointing"], r["quantize"]): r["tokens_per_s"] for r in rows
+                if r["system"] in (LORA, LORA_DPO, QLORA)}
         for r in rows:
-            if r["system"] == SYSTEM and (r["mode"], r["checkpointing"]) in lora:
-                r["vs_lora"] = r["tokens_per_s"] / lora[r["mode"], r["checkpointing"]]
+            key = (r["mode"], r["checkpointing"], r["quantize"])
+            if r["system"] == SYSTEM and key in lora:
+                r["vs_lora"] = r["tokens_per_s"] / lora[key]
     sync(dev)
-    columns = ["system", "mode", "checkpointing", "trainable_params", "tokens_per_s", "vs_lora", "step_s",
-               "peak_memory_gb", "achieved_tflops", "mfu"]
+    columns = ["system", "mode", "checkpointing", "quantize", "trainable_params", "tokens_per_s", "vs_lora",
+               "step_s", "weights_gb", "peak_memory_gb", "achieved_tflops", "mfu"]
     print(f"{config} ({cfg.n_layer} layers): batch {batch} x seq {seq_len}, N={n_tokens}, start_layer={start_layer}, "
           f"{dtype}, loss {loss}, compile {compiled}, device {dev}")
     print(format_table(rows, columns))

@@ -78,10 +78,10 @@ def test_a_peer_that_fails_to_compile_is_timed_eager_and_says_why(tmp_path, monk
     monkeypatch.setattr(sys.modules["common"], "compile_blocks", lambda model: model)  # ours: eager, but "compiled"
     real = module.run_peer
 
-    def run_peer(*args):
+    def run_peer(*args, **kwargs):
         if args[-1]:  # compiled
             raise RuntimeError("inductor failed\nlong trace")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "run_peer", run_peer)
     payload = module.main(config="tiny", batch=2, seq_len=16, compile=True, warmup=0, steps=1, device="cpu", threads=1,
@@ -91,6 +91,20 @@ def test_a_peer_that_fails_to_compile_is_timed_eager_and_says_why(tmp_path, monk
     assert all(r["compile"] is False and r["compile_error"] == "RuntimeError: inductor failed" for r in peers)
     assert payload["results"][0]["vs_lora"] > 0 and payload["complete"]
     assert "did not compile (RuntimeError: inductor failed); timing it eager" in capsys.readouterr().err
+
+
+def test_train_benchmark_on_a_quantized_base_runs_beside_qlora(tmp_path):
+    payload = load_script("train").main(config="tiny", batch=2, seq_len=16, quantize=("none", "bnb.nf4"), warmup=1,
+                                        steps=1, device="cpu", threads=1, out=tmp_path / "t.json")
+    rows = {(r["system"], r["quantize"]): r for r in payload["results"]}
+    ours, q4, qlora = (rows["Aligner (lit-aligner)", "none"], rows["Aligner (lit-aligner)", "bnb.nf4"],
+                       rows["QLoRA r=8 (PEFT, bitsandbytes)", "bnb.nf4"])
+    assert len(rows) == 5 and ("LoRA r=8 (PEFT)", "none") in rows  # the float rows and their peers are all there
+    assert q4["weights_gb"] < 0.5 * ours["weights_gb"]  # the blocks in 4 bits (the tiny model's embedding stays)
+    assert qlora["weights_gb"] == pytest.approx(q4["weights_gb"], rel=0.1)  # the same base held the same way
+    assert q4["vs_lora"] == pytest.approx(q4["tokens_per_s"] / qlora["tokens_per_s"])
+    assert q4["trainable_params"] == ours["trainable_params"] and math.isfinite(q4["loss"])
+    assert "QLoRA r=8 (PEFT, bitsandbytes)" in payload["peers"]
 
 
 def test_the_dpo_peer_without_trl_names_the_extra_and_the_flag_before_anything_runs(tmp_path, monkeypatch):

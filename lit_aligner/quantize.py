@@ -26,7 +26,7 @@ MODES: Dict[str, tuple] = {
     "bnb.int8": ("8bit", None, False),
 }
 QuantizeName = Literal["none", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
-QUANTIZE_HELP = ("hold the base's block weights in 4 or 8 bits (bitsandbytes; pip install 'lit-aligner[quantize]'): "
+QUANTIZE_HELP = ("hold the base's block weights in 4 or 8 bits (bitsandbytes; pip install -e '.[quantize]'): "
                  "bnb.nf4 (QLoRA's), bnb.nf4-dq (its absmaxes quantized too), bnb.fp4, bnb.fp4-dq, bnb.int8 "
                  "(LLM.int8); the Aligner stays in full precision (howto/performance.md).")
 # The `--quantize` flag of every command that loads a base (one help text, one default).
@@ -61,7 +61,7 @@ def import_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
-        raise QuantizeError("--quantize needs bitsandbytes: pip install 'lit-aligner[quantize]' (or pip install "
+        raise QuantizeError("--quantize needs bitsandbytes: pip install -e '.[quantize]' (or pip install "
                             "bitsandbytes)") from None
     return bitsandbytes
 

@@ -156,7 +156,7 @@ def test_bad_quantize_combinations_are_one_error_before_anything_loads(tiny_chec
     with pytest.raises(UserError, match="must be one of none, bnb.nf4"):
         load_model(tiny_checkpoint_dir, "cpu", quantize="nf4")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
-    with pytest.raises(UserError, match=r"pip install 'lit-aligner\[quantize\]'"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[quantize\]'"):
         dataclasses.replace(run, quantize="bnb.nf4").check()
     r = run_script("generate/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--no-aligner", "--prompt", "hi",
                    "--quantize", "nf4")

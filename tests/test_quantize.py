@@ -45,12 +45,35 @@ def random_aligner(config, n=3, start=1, seed=0, scale=0.05):
     return a
 
 
-@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.fp4-dq"])
-def test_a_4bit_base_with_an_aligner_equals_the_float_model_of_its_dequantized_weights(tiny_checkpoint_dir, mode):
-    q = load_model(tiny_checkpoint_dir, "cpu", torch.float32, quantize=mode)
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A random tiny base of the Qwen shape: q/k/v biases, k-norm, 8 query heads on 2 KV heads, its own LM head."""
+    from lit_aligner.base import save_base
+    from lit_aligner.config import Config
+    from lit_aligner.model import LLaMA, init_weights
+
+    config = Config(name="tiny-qwen", **{**Config.from_name("tiny").shape(), "attn_bias": True, "qk_norm": True,
+                                         "n_head": 8, "n_query_groups": 2, "tie_embeddings": False})
+    torch.manual_seed(0)
+    model = LLaMA(config)
+    init_weights(model, std=0.05)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.wqkv.bias.normal_(std=0.5)  # biases that matter (init_weights zeroes them)
+    return save_base(tmp_path_factory.mktemp("qwen") / "tiny-qwen", config, model.state_dict())
+
+
+@pytest.mark.parametrize("mode,base", [("bnb.nf4", "llama"), ("bnb.fp4-dq", "llama"), ("bnb.nf4", "qwen")])
+def test_a_4bit_base_with_an_aligner_equals_the_float_model_of_its_dequantized_weights(tiny_checkpoint_dir, qwen_dir,
+                                                                                        mode, base):
+    checkpoint = tiny_checkpoint_dir if base == "llama" else qwen_dir
+    q = load_model(checkpoint, "cpu", torch.float32, quantize=mode)
     assert q.quantize == mode and not any(p.requires_grad for p in q.parameters())
-    f = dequantized_twin(q, tiny_checkpoint_dir)
-    orig = load_model(tiny_checkpoint_dir, "cpu", torch.float32)
+    f = dequantized_twin(q, checkpoint)
+    orig = load_model(checkpoint, "cpu", torch.float32)
+    if base == "qwen":  # the bias rides along unquantized; the LM head stays in full precision
+        torch.testing.assert_close(q.layers[0].attn.wqkv.bias, orig.layers[0].attn.wqkv.bias, rtol=0, atol=0)
+        assert type(q.output) is torch.nn.Linear and torch.equal(q.output.weight, orig.output.weight)
     w, w0 = f.layers[0].feed_forward.w1.weight, orig.layers[0].feed_forward.w1.weight
     assert 0.01 < ((w - w0).norm() / w0.norm()).item() < 0.3  # really quantized, and to 4 bits, not to noise
     idx = torch.randint(0, q.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -322,6 +322,8 @@ def main(
         print("note: no peer rows: the peer (PEFT, TRL) runs under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
         require("transformers", "peft", *(["trl"] if "dpo" in mode else []), extra="eval", or_flag="--no-peer")
+    if not quantize:
+        raise BenchmarkError(f"--quantize needs at least one base format: none, {', '.join(QUANTIZE_MODES)}")
     quantized = [q for q in dict.fromkeys(quantize) if q != "none"]
     if quantized:
         import_bitsandbytes()  # (quietly: see lit_aligner.quantize)
@@ -335,14 +337,13 @@ def main(
         "start_layer": start_layer,
         "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
-        "peers": [s for m in mode for s in PEERS[m]] + ([QLORA] if quantized and "sft" in mode else [])
-        if peer_policies else [],
+        "peers": ([s for m in mode for s in PEERS[m]] if "none" in quantize else [])
+        + ([QLORA] if quantized and "sft" in mode else []) if peer_policies else [],
         "peer_versions": peer_versions(trl="dpo" in mode) if peer_policies else None,
         "complete": False,
         "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
     }
     with out_of_memory_hint("lower --batch or --seq-len, or add --checkpointing selective / block"):
-        model = None
         for q in dict.fromkeys(quantize):
             model = None  # the previous format's model goes before the next one is built
             if dev.type == "cuda":

@@ -25,7 +25,7 @@ MODES: Dict[str, tuple] = {
     "bnb.fp4-dq": ("4bit", "fp4", True),
     "bnb.int8": ("8bit", None, False),
 }
-QuantizeName = Literal["none", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8"]
+QuantizeName = Literal[("none", *MODES)]  # the flag's choices, from MODES (one list)
 QUANTIZE_HELP = ("hold the base's block weights in 4 or 8 bits (bitsandbytes; pip install -e '.[quantize]'): "
                  "bnb.nf4 (QLoRA's), bnb.nf4-dq (its absmaxes quantized too), bnb.fp4, bnb.fp4-dq, bnb.int8 "
                  "(LLM.int8); the Aligner stays in full precision (howto/performance.md).")

@@ -124,8 +124,11 @@ def trained(tiny_checkpoint_dir, tmp_path_factory):
 
 def test_a_short_run_lowers_validation_loss_clearly_and_writes_aligner_metrics_checkpoints(trained):
     out, summary = trained
-    assert summary["val_loss"] < summary["first_val_loss"] - 0.2, summary  # 6.25 -> 5.83 measured
     rows = read_metrics(out / "metrics.csv")
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.2, rows  # the same rows: 6.25 -> 5.83
+    # --eval-iters 4 covers 16 of the split's rows: after the last step the whole split is validated too
+    assert summary["val_whole_split"] and summary["val_loss"] == pytest.approx(float(rows[-1]["final_val_loss"]))
+    assert summary["val"]["tokens"] > summary["first_val"]["tokens"]
     assert {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "real_tokens_per_sec"} <= set(rows[0])
     assert [int(r["step"]) for r in rows] == list(range(9))
     assert summary["train_loss"] == pytest.approx(float(rows[-1]["train_loss"]), rel=1e-6)  # the last step's
@@ -537,16 +540,52 @@ def test_fsdp_ranks_copy_their_own_rows_from_the_file_and_equal_the_converted_ba
     assert p.returncode == 0 and all(f"ok {r}" in p.stdout for r in range(3)), p.stderr[-3000:]
 
 
-def test_the_before_after_comparison_is_printed_after_training_on_the_default_dataset(tiny_checkpoint_dir, tmp_path,
-                                                                                     capsys):
-    cfg = small_run(tiny_checkpoint_dir, tmp_path / "cmp", max_steps=1, eval_interval=1)
+def _whole_split_loss(ckpt, aligner_file, aligner):
+    """The response-token loss on every row the run held out, computed apart from the trainer: the split rebuilt from
+    the Aligner's metadata (as `evaluate/aligner.py loss --split val` does), the base or the Aligner scored on it."""
+    from lit_aligner.base import load_base
+    from lit_aligner.evaluation import heldout_split, objective_metrics
+
+    model, tok = load_base(ckpt, device="cpu")
+    loaded, meta = load_aligner(aligner_file, model)
+    val, info = heldout_split("sft", None, tok, meta["template"], meta, "val")
+    return objective_metrics(model, SFT(tok.pad_id, 0), val, loaded if aligner else False)["loss"], len(val)
+
+
+def test_the_before_after_comparison_scores_base_and_aligner_on_the_whole_split_also_after_a_resume(
+        tiny_checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    cfg = small_run(tiny_checkpoint_dir, out, max_steps=1, eval_interval=1, eval_iters=1)
     cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens = None, 3, 4  # None: on for the default dataset
     summary = T.train(cfg)
     report = summary["comparison"]
     assert report["n_prompts"] == 3 and len(report["answers_after"]) == 3
-    assert report["val_loss_before"] == summary["first_val_loss"] and report["val_loss_after"] == summary["val_loss"]
-    out = capsys.readouterr().out
-    assert "=== before / after" in out and "format rate:" in out
+    base, rows = _whole_split_loss(tiny_checkpoint_dir, summary["aligner"], False)
+    after, _ = _whole_split_loss(tiny_checkpoint_dir, summary["aligner"], True)
+    assert report["val_rows"] == rows > 4  # --eval-iters 1 scored 4 of them
+    assert report["val_loss_before"] == pytest.approx(base, rel=1e-5)
+    assert report["val_loss_after"] == pytest.approx(after, rel=1e-5) == summary["val_loss"]
+    assert summary["first_val_loss"] != pytest.approx(base, rel=1e-4)  # step 0 saw a quarter of the rows
+    out_text = capsys.readouterr().out
+    assert "=== before / after" in out_text and "format rate:" in out_text
+    assert f"(all {rows} held-out rows)" in out_text and f"validation (all {rows} held-out rows" in out_text
+    # resumed to a second step: the first validation of that call scores a trained Aligner, yet "base" stays the base
+    cfg = small_run(tiny_checkpoint_dir, out, max_steps=2, eval_interval=1, eval_iters=1)
+    cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens, cfg.resume = None, 3, 4, "auto"
+    resumed = T.train(cfg)
+    assert resumed["comparison"]["val_loss_before"] == pytest.approx(base, rel=1e-5)
+    assert resumed["val_loss"] < resumed["comparison"]["val_loss_before"]
+
+
+def test_final_validation_off_reports_the_last_eval_iters_batches(tiny_checkpoint_dir, tmp_path, capsys):
+    summary = T.train(small_run(tiny_checkpoint_dir, tmp_path / "off", max_steps=2, eval_iters=1,
+                                final_validation=False))
+    rows = read_metrics(tmp_path / "off" / "metrics.csv")
+    assert not summary["val_whole_split"] and "final_val_loss" not in rows[-1]
+    assert summary["val_loss"] == pytest.approx(float(rows[-1]["val_loss"]))
+    assert "validation (1 micro-batches of the" in capsys.readouterr().out
+    _, meta = load_aligner(summary["aligner"])
+    assert float(meta["val_loss"]) == pytest.approx(summary["val_loss"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,7 +626,7 @@ def test_val_data_validates_on_every_row_of_that_file_and_does_not_split_the_tra
 def test_eval_iters_zero_switches_validation_off_and_all_means_the_whole_split(tiny_checkpoint_dir, tmp_path):
     off = T.train(small_run(tiny_checkpoint_dir, tmp_path / "off", max_steps=2, eval_iters=0, eval_interval=1))
     assert off["val"] == {} and off["val_loss"] is None and not _val_columns(tmp_path / "off")
-    cfgs = [small_run(tiny_checkpoint_dir, tmp_path / name, max_steps=1, eval_iters=iters)
+    cfgs = [small_run(tiny_checkpoint_dir, tmp_path / name, max_steps=1, eval_iters=iters, final_validation=False)
             for name, iters in (("one", 1), ("all", "all"))]
     for cfg in cfgs:
         cfg.data_options = DataOptions(max_seq_length=128, val_size=24)

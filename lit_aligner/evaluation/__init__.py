@@ -90,8 +90,8 @@ def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n
                          max_new_tokens: int = 24, val_loss_before: Optional[float] = None,
                          val_loss_after: Optional[float] = None, n_samples: int = 3) -> Dict[str, Any]:
     """Greedy answers of the bare base and of base + `aligner` to the first `n_prompts` validation prompts (held out
-    from training; one batch each), their FORMAT rates, the validation losses (computed with `objective` when not
-    given), and `n_samples` side-by-side samples. Returns a dict (see `format_comparison`)."""
+    from training; one batch each), their FORMAT rates, the validation losses on every row of `val` (computed with
+    `objective` when not given), and `n_samples` side-by-side samples. Returns a dict (see `format_comparison`)."""
     from lit_aligner.data.default import format_rate
     from lit_aligner.generation import generate
 
@@ -115,7 +115,7 @@ def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n
         samples.append({"prompt": tokenizer.decode(prompts[i], skip_special=True),
                         "reference": tokenizer.decode(objective.target(items[i], None), skip_special=True),
                         "before": outs["before"][i], "after": outs["after"][i]})
-    return {"n_prompts": n, "max_new_tokens": max_new_tokens,
+    return {"n_prompts": n, "max_new_tokens": max_new_tokens, "val_rows": len(val),
             "format_rate_before": format_rate(outs["before"]), "format_rate_after": format_rate(outs["after"]),
             "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
             "answers_before": outs["before"], "answers_after": outs["after"], "samples": samples}
@@ -130,7 +130,8 @@ def format_comparison(report: Dict[str, Any]) -> str:
     lines = [
         "",
         "=== before / after (held-out default-data prompts, greedy) ===",
-        f"validation loss:  base {report['val_loss_before']:.4f}  ->  with Aligner {report['val_loss_after']:.4f}",
+        f"validation loss:  base {report['val_loss_before']:.4f}  ->  with Aligner {report['val_loss_after']:.4f}   "
+        f"(all {report['val_rows']} held-out rows)",
         f"format rate:      base {report['format_rate_before']:.0%}  ->  with Aligner "
         f"{report['format_rate_after']:.0%}   ({report['n_prompts']} prompts, up to {report['max_new_tokens']} new "
         f"tokens)",

@@ -7,6 +7,7 @@ Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -65,6 +66,9 @@ class TrainConfig:
     """validation every this many steps (and at the first and the last)."""
     eval_iters: Union[int, Literal["all"]] = 4
     """validation micro-batches per evaluation and device; all: the whole validation split; 0: no validation."""
+    final_validation: bool = True
+    """after the last step, also validate on the whole split when --eval-iters covers less of it (as litgpt's
+    eval.final_validation): the figure printed at the end, saved in the Aligner's metadata and in the summary."""
     save_interval: int = 50
     """resumable run state every this many steps (and at the end, and on SIGINT/SIGTERM)."""
     log_interval: int = 1
@@ -85,6 +89,11 @@ class TrainConfig:
     def eval_batches(self) -> Optional[int]:
         """Validation micro-batches per evaluation (None: all)."""
         return None if self.eval_iters == "all" else self.eval_iters
+
+    def covers(self, n_rows: int, world_size: int = 1) -> bool:
+        """Whether one validation scores all `n_rows` rows of the split (`evaluate` gives rank r rows r, r+W, ...)."""
+        most = math.ceil(math.ceil(n_rows / world_size) / self.micro_batch_size)
+        return self.eval_batches is None or self.eval_batches >= most
 
     def check(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "save_interval",

@@ -156,11 +156,12 @@ class FitResult:
     step: int  # optimizer steps done in total
     stopped: Optional[str]  # the signal name when a SIGINT/SIGTERM ended the run early
     last_state: Optional[Path]
-    val: Dict[str, float]  # the last validation metrics
+    val: Dict[str, float]  # the last validation metrics (the final one on the whole split, see val_whole)
     first_val: Dict[str, float]  # at the first evaluation of this call (step 0 for a fresh run)
     seconds: float
     throughput: Dict[str, float] = field(default_factory=dict)  # median tokens/s of the steps (padded and real)
     train: Dict[str, float] = field(default_factory=dict)  # the last step's training metrics (its global batch)
+    val_whole: bool = False  # whether `val` scored every row of the validation split
 
 
 def _finite(fabric, *tensors: torch.Tensor) -> bool:
@@ -190,9 +191,10 @@ def fit(
 
     The objective (`module.objective`) collates the items of a step, returns the loss and metric sums of a batch, and
     counts the units each item's loss sums over, so each step's loss is a mean over its whole global batch. Every
-    eval_interval steps (and at the first and last) the validation metrics are logged; every save_interval steps, at
-    the end and on SIGINT/SIGTERM `run_state` writes a resumable state. SIGINT/SIGTERM: the current step completes,
-    the state is written, and FitResult.stopped names the signal."""
+    eval_interval steps (and at the first and last) the validation metrics are logged, after the last step also those
+    of the whole split (final_val_*, when config.final_validation and eval_iters cover less); every save_interval
+    steps, at the end and on SIGINT/SIGTERM `run_state` writes a resumable state. SIGINT/SIGTERM: the current step
+    completes, the state is written, and FitResult.stopped names the signal."""
     config.check()
     objective = module.objective
     rank, world = fabric.global_rank, fabric.world_size
@@ -209,8 +211,8 @@ def fit(
     last_train: Dict[str, float] = {}
     params = [p for p in aligner.parameters()]
 
-    def validate() -> Dict[str, float]:
-        return evaluate(module, objective, val, config.micro_batch_size, config.eval_batches, fabric)
+    def validate(batches: Optional[int] = config.eval_batches) -> Dict[str, float]:
+        return evaluate(module, objective, val, config.micro_batch_size, batches, fabric)
 
     def diverged(step: int, what: str) -> TrainError:
         newest = run_state.latest()
@@ -220,6 +222,7 @@ def fit(
                           f"resume from that state with a lower --learning-rate (--resume auto --force).")
 
     validating = bool(len(val)) and config.validates
+    val_whole = validating and config.covers(len(val), world)
     lengths = train.lengths() if config.group_by_length else None  # every training dataset has lengths()
     if validating and start_step == 0:
         val_metrics = first_val = validate()
@@ -284,6 +287,10 @@ def fit(
                 val_metrics = validate()
                 first_val = first_val or val_metrics
                 row.update({f"val_{k}": val_metrics[k] for k in names})
+                if step == config.max_steps and config.final_validation and not val_whole:
+                    # the curve keeps its --eval-iters rows; the figure reported and saved is the whole split's
+                    val_metrics, val_whole = validate(None), True
+                    row.update({f"final_val_{k}": val_metrics[k] for k in names})
             if step % config.log_interval == 0 or "val_loss" in row or step == config.max_steps:
                 metrics.log(row)
             if on_step is not None:
@@ -305,4 +312,4 @@ def fit(
     metrics.close()
     throughput = {k: sorted(v)[len(v) // 2] for k, v in speeds.items() if v}
     return FitResult(step, stopped, last_state, val_metrics, first_val, time.perf_counter() - t_start, throughput,
-                     last_train)
+                     last_train, val_whole and bool(val_metrics))

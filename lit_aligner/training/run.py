@@ -120,9 +120,9 @@ def _local_rows(full: torch.Tensor, sharded) -> torch.Tensor:
 
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Train (or, for DPO with eval_only, evaluate) an Aligner as `cfg` says. Returns a summary dict: out_dir, step,
-    stopped (a signal name), state (the newest run state), val / first_val (validation metrics), train_loss (the last
-    step's), seconds, throughput, template, aligner (the saved file), data (the loader's counts) and, when made, the
-    before/after comparison."""
+    stopped (a signal name), state (the newest run state), val / first_val (validation metrics; val_whole_split: val
+    scored every held-out row), train_loss (the last step's), seconds, throughput, template, aligner (the saved file),
+    data (the loader's counts) and, when made, the before/after comparison."""
     from lit_aligner.base import load_config
     from lit_aligner.devices import default_precision
 
@@ -295,7 +295,8 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
                  start_step=start_step, progress=cfg.progress)
     summary.update(step=result.step, stopped=result.stopped,
                    state=str(result.last_state) if result.last_state else None,
-                   val=result.val, first_val=result.first_val, val_loss=result.val.get("loss"),
+                   val=result.val, val_whole_split=result.val_whole, first_val=result.first_val,
+                   val_loss=result.val.get("loss"),
                    first_val_loss=result.first_val.get("loss"), train_loss=result.train.get("loss"),
                    seconds=result.seconds, throughput=result.throughput)
     if result.stopped:
@@ -303,6 +304,11 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
                      f"Continue with the same command plus --resume auto.")
         return summary
     summary["aligner"] = str(save_trained_aligner(run, module, result))
+    if result.val:
+        unit = run.objective.unit
+        scope = "all" if result.val_whole else f"{cfg.train.eval_iters} micro-batches of the"
+        fabric.print(f"validation ({scope} {len(run.val)} held-out rows, {result.val[unit]:,} {unit}): "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items() if k != unit))
     report = getattr(run.objective, "final_report", lambda *a: None)(cfg, run, result)
     if report is not None:
         summary["comparison"] = report

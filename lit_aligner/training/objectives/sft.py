@@ -40,17 +40,26 @@ class SFT(Objective):
             return None
         from lit_aligner.training.state import is_sharded
 
+        if not len(run.val):
+            run.fabric.print("note: no before/after comparison: it compares on the validation rows, and there are none")
+            return None
         if is_sharded(run.fabric):  # rank 0 alone holds a slice of each weight
             run.fabric.print("note: no before/after comparison under --strategy fsdp; compare the saved Aligner with "
                              "the bare base: python generate/aligner.py --aligner OUT/aligner.safetensors --no-aligner")
             return None
-        from lit_aligner.evaluation import compare_before_after, format_comparison
+        from lit_aligner.evaluation import compare_before_after, format_comparison, objective_metrics
 
         run.model.eval()
+        # Both losses on every held-out row, under the run's precision like the trainer's validation. The base's is
+        # computed here, not taken from step 0: that scored fewer rows (--eval-iters), or, resumed, a trained Aligner.
+        mb = cfg.train.micro_batch_size
+        with run.fabric.autocast():
+            before = objective_metrics(run.model, self, run.val, False, mb)["loss"]
+            after = (result.val["loss"] if result.val_whole else
+                     objective_metrics(run.model, self, run.val, run.model.aligner, mb)["loss"])
         report = compare_before_after(run.model, run.tokenizer, run.val, self, run.model.aligner,
                                       n_prompts=cfg.compare_prompts, max_new_tokens=cfg.compare_max_new_tokens,
-                                      val_loss_before=result.first_val.get("loss"),
-                                      val_loss_after=result.val.get("loss"))
+                                      val_loss_before=before, val_loss_after=after)
         run.fabric.print(format_comparison(report))
         return report
 

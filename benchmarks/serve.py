@@ -1,19 +1,27 @@
 """Serving throughput of serve/aligner.py: the real server in a child process, queried over HTTP by concurrent
 streaming clients with the `openai` client library.
 
-For every concurrency in --clients (default 1, 8, 32), two cases: every client with its own Aligner (up to
---aligners different ones, N cycling through 1..--n-tokens, so the batch mixes prefix sizes) and every client sharing
-one Aligner of N=--n-tokens. Each client sends --requests-per-client chat requests one after another (greedy,
-`ignore_eos`: exactly --max-tokens tokens each). Reported: completion tokens/s over the wall time of the case, time
-to first token and request latency (p50, p95). Targets: "different" >= 0.9x "shared" at each concurrency, and 8
-concurrent clients >= 3x the throughput of serving the same requests one after another (the 1-client case, which is
-what a user gets from `generate/aligner.py` or a server without batching).
+For every concurrency in --clients (default 1, 8, 32), three cases: every client with its own Aligner (up to
+--aligners different ones, N cycling through 1..--n-tokens, so the batch mixes prefix sizes), every client sharing
+one Aligner of N=--n-tokens, and the bare base. Each client sends --requests-per-client chat requests one after another
+(greedy, exactly --max-tokens tokens each: end tokens are ignored). Reported: completion tokens/s over the wall time of
+the case, time to first token and request latency (p50, p95). Targets: "different" >= 0.9x "shared" at each
+concurrency, and 8 concurrent clients >= 3x the throughput of serving the same requests one after another (the
+1-client case, which is what a user gets from `generate/aligner.py` or a server without batching).
+
+The peer, in the same run (`--no-peer` skips it): `transformers serve --continuous-batching` (transformers' own
+OpenAI-compatible server, paged attention) on the same base, exported with scripts/export_hf.py in the same dtype, the
+same clients and requests (`min_new_tokens` through its `generation_config` field for the exact length). It serves no
+adapters, so its rows are the bare base; x_peer divides each row's tokens/s by the peer's at the same concurrency.
 
     python benchmarks/serve.py                                   # the embedded SmolLM2, a few minutes on 2 cores
     python benchmarks/serve.py --checkpoint-dir checkpoints/meta-llama/Llama-2-7b-hf --clients 1 8 32 64 --max-batch 64
+
+On a GPU, vLLM with `--enable-lora` is the peer a user serving many LoRAs would pick; it needs CUDA and is not run here.
 """
 
 import asyncio
+import json
 import shutil
 import sys
 import tempfile
@@ -30,6 +38,7 @@ import torch  # noqa: E402
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 
+PEER = "transformers serve"
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a haiku about rain.",
            "Explain photosynthesis in one sentence.", "Name three colors.", "How do I boil an egg?",
            "What is 7 times 6?", "Describe the sea to a child."]
@@ -62,7 +71,16 @@ def write_aligners(checkpoint_dir: Path, adir: Path, count: int, n_tokens: int) 
         save_aligner(a, adir / ("shared.safetensors" if i == count else f"a{i:02d}.safetensors"), config.name)
 
 
-async def run_case(base_url: str, models: List[str], requests_per_client: int, max_tokens: int) -> Dict[str, Any]:
+def exact_length(server: str, max_tokens: int) -> Dict[str, Any]:
+    """The request fields that make a server generate exactly max_tokens tokens, ignoring end tokens."""
+    if server == PEER:
+        return {"generation_config": json.dumps({"min_new_tokens": max_tokens, "max_new_tokens": max_tokens,
+                                                 "do_sample": False})}
+    return {"ignore_eos": True}
+
+
+async def run_case(base_url: str, models: List[str], requests_per_client: int, max_tokens: int,
+                   extra_body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """len(models) clients at once, client c using models[c]; each sends its requests one after another."""
     import openai
 
@@ -76,7 +94,7 @@ async def run_case(base_url: str, models: List[str], requests_per_client: int, m
             first = None
             stream = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-                stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                stream=True, stream_options={"include_usage": True}, extra_body=extra_body or {"ignore_eos": True})
             async for chunk in stream:
                 if first is None and chunk.choices and chunk.choices[0].delta.content:
                     first = time.perf_counter()
@@ -106,11 +124,12 @@ def main(
     max_batch: int = 32,
     device: str = "auto",
     dtype: str = "auto",
+    peer: bool = True,
     out: Optional[Path] = None,
     force: bool = False,
 ) -> Dict[str, Any]:
     """Throughput, time to first token and latency of the server at several concurrencies, with one Aligner per
-    client vs one shared Aligner.
+    client vs one shared Aligner vs the bare base, beside `transformers serve` on the same base.
 
     Args:
         checkpoint_dir: the converted base model the server loads.
@@ -122,11 +141,23 @@ def main(
         n_tokens: N of the shared Aligner; the different ones cycle N through 1..n_tokens.
         max_batch: the server's --max-batch (rows decoded together).
         device: the server's --device.
-        dtype: the server's --dtype.
+        dtype: the server's --dtype (the peer gets the same weights in the same dtype).
+        peer: also measure `transformers serve --continuous-batching` on the same base (the bare base: it serves no
+            adapters); --no-peer skips it.
         out: JSON results file (default benchmarks/results/serve-<model>-<machine>.json).
         force: replace an existing results file.
     """
     require("openai", "fastapi", "uvicorn", extra="serve,test")
+    if peer:
+        require("transformers", extra="eval", or_flag="--no-peer")
+        import importlib.util
+
+        import transformers
+
+        if importlib.util.find_spec("transformers.cli.serve") is None:
+            raise BenchmarkError(f"the peer is `transformers serve` (transformers 5 or newer), which transformers "
+                                 f"{transformers.__version__} lacks: pip install -U transformers (or --no-peer)")
+    from lit_aligner.devices import resolve_dtype
     from lit_aligner.serving.process import ServerProcess
 
     if min(clients) < 1 or requests_per_client < 1 or sequential_requests < 1 or max_tokens < 1 or aligners < 1:
@@ -141,40 +172,72 @@ def main(
     dev = pick_device(device)
     path = check_out(out or Path(__file__).parent / "results" / f"serve-{name}-{machine_name(dev)}.json", force)
 
-    adir = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))
-    rows = []
+    def measure(server, label: str, cases: Dict[str, List[str]], warm_up: List[List[str]]) -> None:
+        """Every concurrency, every case (label -> the model each client asks for, cycled), after the `warm_up`
+        rounds (one 2-token request per model listed, at once; not recorded)."""
+        try:
+            for models in warm_up:
+                asyncio.run(run_case(server.base_url, models, 1, 2, exact_length(label, 2)))
+            for n in clients:
+                for case, names in cases.items():
+                    if n == 1 and case == "different":
+                        continue  # one client has one Aligner: "shared" is that row
+                    models = [names[c % len(names)] for c in range(n)]
+                    result = asyncio.run(run_case(server.base_url, models, sequential_requests if n == 1 else
+                                                  requests_per_client, max_tokens, exact_length(label, max_tokens)))
+                    aligners_col = f"{min(n, len(names))} different" if case == "different" else case
+                    rows.append({"server": label, "clients": n, "aligners": aligners_col, **result})
+                    print(f"{label}, {n} clients, {aligners_col}: {result['tokens_per_s']:.1f} tokens/s",
+                          file=sys.stderr)
+        except Exception as e:  # a server that dropped a connection: its last lines say why
+            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+
+    tmp = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))
+    rows: List[Dict[str, Any]] = []
     try:
+        adir = tmp / "aligners"
         write_aligners(Path(checkpoint_dir), adir, aligners, n_tokens)
         args = ["--checkpoint-dir", str(checkpoint_dir), "--aligners-dir", str(adir), "--max-batch", str(max_batch),
                 "--max-queue", str(max(max(clients), 64)), "--max-loaded-aligners", str(aligners + 1),
                 "--device", device, "--dtype", dtype]
+        different = [f"a{i:02d}" for i in range(aligners)]
         with ServerProcess(args) as server:
-            # warm-up: load every Aligner once, allocate the cache
-            asyncio.run(run_case(server.base_url, [f"a{i:02d}" for i in range(aligners)] + ["shared"], 1, 2))
-            for n in clients:
-                for case in (["shared"] if n == 1 else ["different", "shared"]):
-                    models = ["shared"] * n if case == "shared" else [f"a{c % aligners:02d}" for c in range(n)]
-                    per_client = sequential_requests if n == 1 else requests_per_client
-                    result = asyncio.run(run_case(server.base_url, models, per_client, max_tokens))
-                    row = {"clients": n, "aligners": "1 shared" if case == "shared" else
-                           f"{min(n, aligners)} different", **result}
-                    rows.append(row)
-                    print(f"{n} clients, {row['aligners']}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    finally:
-        shutil.rmtree(adir, ignore_errors=True)
+            measure(server, "lit-aligner", {"different": different, "1 shared": ["shared"], "bare base": [name]},
+                    warm_up=[different + ["shared"]])  # loads every Aligner, allocates the cache
+        if peer:
+            from lit_aligner.convert.export import export_hf
 
-    sequential = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
+            hf_dir = tmp / "hf"
+            export_hf(checkpoint_dir, hf_dir, dtype=resolve_dtype(dtype, dev))
+            command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
+                       "--continuous-batching", "--device", str(dev), "--dtype", "auto"]
+            with ServerProcess(command=command, timeout=600) as server:
+                # its first request starts the batching manager (about 20 s for SmolLM2 on a CPU): alone, then a batch
+                measure(server, PEER, {"bare base": [str(hf_dir)]},
+                        warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def find(server: str, n: int, aligners_col: str) -> Optional[Dict[str, Any]]:
+        return next((r for r in rows if (r["server"], r["clients"], r["aligners"]) == (server, n, aligners_col)), None)
+
     for r in rows:
-        r["x_sequential"] = r["tokens_per_s"] / sequential if sequential else None
-        shared = next((s for s in rows if s["clients"] == r["clients"] and s["aligners"] == "1 shared"), None)
+        # against the same case served to one client (one client with "different" Aligners is "1 shared")
+        sequential = find(r["server"], 1, r["aligners"]) or find(r["server"], 1, "1 shared")
+        shared = find(r["server"], r["clients"], "1 shared")
+        r["x_sequential"] = r["tokens_per_s"] / sequential["tokens_per_s"] if sequential else None
         r["x_shared"] = r["tokens_per_s"] / shared["tokens_per_s"] if shared else None
-    columns = ["clients", "aligners", "requests", "tokens_per_s", "x_shared", "x_sequential", "ttft_p50_s",
-               "ttft_p95_s", "latency_p50_s", "latency_p95_s"]
+        other = find(PEER, r["clients"], "bare base")
+        r["x_peer"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
+    columns = ["server", "clients", "aligners", "requests", "tokens_per_s", "x_shared", "x_sequential", "x_peer",
+               "ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s"]
     table = format_table(rows, columns)
     print(f"serving {name}: {max_tokens} tokens per request, --max-batch {max_batch}")
     print(table)
     payload = {"benchmark": "serve", "model": name, "max_tokens": max_tokens, "max_batch": max_batch,
-               "n_tokens": n_tokens, "machine": machine_info(dev), "rows": rows, "table": table}
+               "n_tokens": n_tokens, "machine": machine_info(dev), "peers": [PEER] if peer else [],
+               **({"peer_versions": {"transformers": transformers.__version__}} if peer else {}), "rows": rows,
+               "table": table}
     write_json(path, payload)
     print(f"wrote {path}")
     return payload

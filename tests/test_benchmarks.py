@@ -193,21 +193,38 @@ def test_benchmark_cli_reports_a_bad_flag_in_one_line(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_serve_benchmark_runs_the_real_server(tiny_checkpoint_dir, tmp_path, capsys):
+def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_checkpoint_dir, tmp_path, capsys):
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
+    pytest.importorskip("transformers.cli.serve")
     out = tmp_path / "serve.json"
     payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[1, 3], requests_per_client=1,
                                         sequential_requests=2, max_tokens=3, aligners=3, n_tokens=4, max_batch=4,
                                         device="cpu", out=out)
     rows = json.loads(out.read_text())["rows"]
-    assert rows == payload["rows"]
-    assert [(r["clients"], r["aligners"]) for r in rows] == [(1, "1 shared"), (3, "3 different"), (3, "1 shared")]
+    assert rows == payload["rows"] and payload["peers"] == ["transformers serve"]
+    ours, peer = "lit-aligner", "transformers serve"
+    assert [(r["server"], r["clients"], r["aligners"]) for r in rows] == [
+        (ours, 1, "1 shared"), (ours, 1, "bare base"), (ours, 3, "3 different"), (ours, 3, "1 shared"),
+        (ours, 3, "bare base"), (peer, 1, "bare base"), (peer, 3, "bare base")]
     for r in rows:
-        assert r["completion_tokens"] == 3 * r["requests"]  # ignore_eos: exactly max_tokens each
+        # exactly max_tokens each: ours ignores end tokens on request, the peer is given min_new_tokens
+        assert r["completion_tokens"] == 3 * r["requests"], r
         assert r["tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["latency_p50_s"] <= r["latency_p95_s"]
-    assert rows[0]["x_sequential"] == 1 and rows[2]["x_shared"] == 1
+        same = next(p for p in rows if p["server"] == peer and p["clients"] == r["clients"])
+        assert r["x_peer"] == pytest.approx(r["tokens_per_s"] / same["tokens_per_s"])
+    assert rows[0]["x_sequential"] == 1 and rows[3]["x_shared"] == 1 and rows[5]["x_sequential"] == 1
     assert "tokens_per_s" in capsys.readouterr().out
+
+
+def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_dir, tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[2], requests_per_client=1,
+                                        max_tokens=2, aligners=2, n_tokens=2, max_batch=2, device="cpu", peer=False,
+                                        out=tmp_path / "serve.json")
+    assert {r["server"] for r in payload["rows"]} == {"lit-aligner"} and payload["peers"] == []
+    assert all(r["x_peer"] is None for r in payload["rows"])
 
 
 @pytest.mark.slow

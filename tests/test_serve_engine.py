@@ -86,6 +86,28 @@ def test_mixed_batch_equals_generate_alone(base):
     assert not engine.rows
 
 
+def test_admitted_requests_are_prefilled_together_within_the_token_budget(base):
+    """Requests admitted at one boundary share prefill forwards of at most max_prefill_tokens padded tokens (a longer
+    prompt goes alone), and every row still gets exactly what `generate` gives it alone."""
+    model, tok = base
+    ids = prompts_for(tok, TEXTS)
+    lengths = sorted(len(p) for p in ids)
+    budget = 2 * lengths[-2]  # two of the shorter prompts fit together; the longest one does not fit beside any
+    engine = Engine(model, tok, max_batch=5, max_seq_length=256, max_prefill_tokens=budget)
+    groups, prefill = [], engine._prefill
+    engine._prefill = lambda group: (groups.append([r.length for r in group]), prefill(group))
+    aligner = random_aligner(model, 3, 1, 5)
+    served = ServedAligner.project(model, "a", aligner)
+    outs = [Collect() for _ in ids]
+    run(engine, [Request(p, 5, c, aligner=served if i % 2 else None) for i, (p, c) in enumerate(zip(ids, outs))])
+    assert sum(map(len, groups)) == len(ids) and max(map(len, groups)) >= 2
+    assert all(len(g) == 1 or len(g) * max(g) <= budget for g in groups), groups
+    assert [lengths[-1]] in groups  # the longest prompt was prefilled alone
+    for i, (p, c) in enumerate(zip(ids, outs)):
+        ref = generate(model, [torch.tensor(p)], 5, aligners=[aligner if i % 2 else None])[0]
+        assert c.text == tok.decode(ref), i
+
+
 def test_aligners_change_the_answer(base):
     model, tok = base
     ids = prompts_for(tok, TEXTS[:1])[0]

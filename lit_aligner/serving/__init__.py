@@ -35,6 +35,9 @@ class ServeConfig:
     """requests decoded together (rows of the continuous batch)."""
     max_queue: int = 64
     """requests waiting beyond those; past it a request gets 429."""
+    max_prefill_tokens: int = 2048
+    """prompt tokens (padded to the longest) of the requests admitted together that one prefill forward takes (as
+    vLLM's --max-num-batched-tokens); a longer prompt is prefilled alone. Bounds the prefill's activation memory."""
     max_loaded_aligners: int = 64
     """Aligners kept loaded (LRU); others are reloaded from their file on use."""
     max_seq_length: Optional[int] = None
@@ -46,7 +49,7 @@ class ServeConfig:
     quantize: QuantizeFlag = "none"
 
     def check(self) -> None:
-        for name in ("max_batch", "max_queue", "max_loaded_aligners"):
+        for name in ("max_batch", "max_queue", "max_loaded_aligners", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
@@ -75,7 +78,8 @@ def build_server(cfg: ServeConfig):
     seq = cfg.max_seq_length or min(model.config.block_size, DEFAULT_MAX_SEQ_LENGTH)
     if seq > model.config.block_size:
         raise UserError(f"--max-seq-length {seq} exceeds the model's context of {model.config.block_size} tokens")
-    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_length=seq, max_queue=cfg.max_queue)
+    engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_length=seq, max_queue=cfg.max_queue,
+                    max_prefill_tokens=cfg.max_prefill_tokens)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return AlignerServer(engine.start(), registry, tokenizer, name, api_key)
 

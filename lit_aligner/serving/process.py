@@ -2,7 +2,9 @@
 
     with ServerProcess(["--aligners-dir", "out"]) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="none")
-"""
+
+`command` starts another OpenAI-compatible server that takes --host and --port and answers GET /health (the serving
+benchmark's peer, `transformers serve`)."""
 
 import os
 import socket
@@ -23,12 +25,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """`python -m lit_aligner.serving ARGS --port <free>` until the context exits; entering waits until /health answers
-    (RuntimeError with the server's last output lines if it exits or `timeout` passes first)."""
+    """`python -m lit_aligner.serving ARGS --host H --port <free>` (or `command ARGS ...`) until the context exits;
+    entering waits until /health answers (RuntimeError with the server's last output lines if it exits or `timeout`
+    passes first)."""
 
     def __init__(self, args: Sequence[str] = (), env: Optional[Dict[str, str]] = None, timeout: float = 180,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", command: Optional[Sequence[str]] = None):
         self.args, self.timeout, self.host = list(args), timeout, host
+        self.command = list(command) if command else [sys.executable, "-m", "lit_aligner.serving"]
         self.env = {**os.environ, **(env or {})}
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -38,8 +42,8 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "lit_aligner.serving", *self.args, "--host", self.host,
-                                          "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen([*self.command, *self.args, "--host", self.host, "--port", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -124,6 +124,54 @@ def test_chat_and_completion_streaming_and_not(client, base_name, tokenizer):
     assert streamed == c.choices[0].text and "Paris" in streamed
 
 
+def test_logprobs_equal_the_model_scoring_its_own_answer(client, smollm2_dir, adir, tokenizer):
+    """Chat and legacy completions, streamed or not, with an Aligner: every generated token's log-probability and its
+    top alternatives equal a forward pass of the base + that Aligner over prompt + answer, computed here apart from
+    the server; the tokens spell the answer."""
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.base import load_base
+    from lit_aligner.generation import generate
+    from lit_aligner.prompts import encode_prompt
+
+    model, _ = load_base(smollm2_dir, device="cpu")
+    aligner, _ = load_aligner(adir / "a5.safetensors", model)
+    prompt = "The three primary colors are"
+    ids = encode_prompt(tokenizer, prompt)
+    new = generate(model, [ids], 8, aligners=[aligner])[0]
+    with torch.no_grad():
+        logits = model(torch.cat([ids, new[:-1]])[None], aligner=aligner)[0, len(ids) - 1:]
+    expect = torch.log_softmax(logits.float(), -1)
+    chosen, (top_v, top_i) = expect.gather(1, new[:, None])[:, 0], expect.topk(3, dim=-1)
+    words = [tokenizer.decode([int(t)]) for t in new]
+
+    c = client.completions.create(model="a5", prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert lp.tokens == words and "".join(lp.tokens) == c.choices[0].text
+    assert lp.token_logprobs == pytest.approx(chosen.tolist(), abs=2e-3)
+    assert lp.text_offset == [sum(map(len, words[:i])) for i in range(len(words))]
+    for row, vs, ts in zip(lp.top_logprobs, top_v.tolist(), top_i.tolist()):
+        assert list(row) == [tokenizer.decode([t]) for t in ts] and list(row.values()) == pytest.approx(vs, abs=2e-3)
+    streamed = [ch.choices[0].logprobs for ch in client.completions.create(
+        model="a5", prompt=prompt, max_tokens=8, temperature=0, logprobs=3, stream=True) if ch.choices]
+    assert [t for s in streamed if s for t in s.tokens] == words
+    assert [o for s in streamed if s for o in s.text_offset] == lp.text_offset
+
+    r = client.chat.completions.create(model="a5", messages=[{"role": "user", "content": "Name three colors."}],
+                                       max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob) and t.logprob >= t.top_logprobs[1].logprob
+        assert bytes(t.bytes).decode() == t.token and t.logprob <= 0
+    chunks = [ch.choices[0].logprobs for ch in client.chat.completions.create(
+        model="a5", messages=[{"role": "user", "content": "Name three colors."}], max_tokens=8, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True) if ch.choices and ch.choices[0].logprobs]
+    assert [t.logprob for ch in chunks for t in ch.content] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    plain = chat(client, "a5", "Name three colors.", max_tokens=8)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
 def test_an_aligner_answers_with_its_own_prompt_and_changes_the_answer(client, base_name):
     base = chat(client, base_name, "Name three colors.", max_tokens=16).choices[0].message.content
     steered = [chat(client, f"a{i}", "Name three colors.", max_tokens=16).choices[0].message.content for i in (0, 5)]
@@ -160,8 +208,12 @@ def test_error_paths(server, client, base_name):
         chat(client, base_name, "hi", max_tokens=600)
     with pytest.raises(openai.BadRequestError, match="n=2"):
         chat(client, base_name, "hi", n=2)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        chat(client, base_name, "hi", logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        chat(client, base_name, "hi", presence_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        chat(client, base_name, "hi", top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        chat(client, base_name, "hi", logprobs=True, top_logprobs=21)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         chat(client, base_name, "hi", temperature=-1)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

@@ -28,13 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Sampling
 from lit_aligner.prompts import correction_prompt, encode_prompt, flatten, get_template, is_correction, join_input
-from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner
+from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty",
-               "best_of", "echo", "suffix")
+UNSUPPORTED = ("logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty", "best_of", "echo",
+               "suffix")
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 
 
 class APIError(Exception):
@@ -98,14 +99,29 @@ class _Body(BaseModel):
             if (self.model_extra or {}).get(name) not in (None, False, 0, [], {}):
                 raise APIError(400, f"'{name}' is not supported by this server", param=name)
 
+    def top_logprobs_k(self) -> Optional[int]:
+        """None: no log-probabilities; k: each token's and its k most likely alternatives'."""
+        return None
+
 
 class ChatBody(_Body):
     messages: List[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_k(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Body):
     prompt: Union[str, List[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy form: k alternatives
+
+    def top_logprobs_k(self) -> Optional[int]:
+        return self.logprobs
 
 
 # --- the server -------------------------------------------------------------------------------------------------------
@@ -149,7 +165,8 @@ class AlignerServer:
         sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None)
         return Request(ids, min(max_tokens or default_max or room, room), emit=lambda ev: None, aligner=aligner,
                        sampling=sampling, seed=body.seed, stop=body.stop_strings(),
-                       stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids))
+                       stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
+                       logprobs=body.top_logprobs_k())
 
     async def resolve(self, name: str) -> Optional[ServedAligner]:
         if name == self.base_name:
@@ -198,13 +215,14 @@ class AlignerServer:
 
     async def complete(self, req: Request, http: HTTPRequest) -> Event:
         """Run a request to the end: its whole text, finish reason and token counts as one Event."""
-        text = []
+        text, logprobs = [], []
         async for ev in self.events(req, self.submit(req), http):
             text.append(ev.text)
+            logprobs.extend(ev.logprobs)
             if ev.finish is not None:
                 if ev.finish == "error":
                     raise APIError(500, f"generation failed: {ev.error}", type="server_error")
-                return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens)
+                return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens, logprobs=logprobs)
         raise APIError(499, "the client closed the request")  # nobody reads this; the row is already freed
 
     async def run(self, body: _Body, http: HTTPRequest, messages: Optional[List[Dict[str, str]]], prompt: Optional[str],
@@ -222,6 +240,7 @@ class AlignerServer:
                 if answer is None:
                     base_text = self.chat_prompt(None, messages) if messages is not None else question
                     base_request = self.make_request(body, self.encode(base_text), None, default_max)
+                    base_request.logprobs = None  # the answer's log-probabilities are the correction's
                     first = await self.complete(base_request, http)
                     answer = upstream_answer = first.text
                     usage0 = (first.prompt_tokens, first.completion_tokens)
@@ -240,6 +259,8 @@ class AlignerServer:
             done = await self.complete(req, http)
             out = _response(kind, rid, created, body.model, done.text, done.finish,
                             _usage(done.prompt_tokens + usage0[0], done.completion_tokens + usage0[1]))
+            if req.logprobs is not None:
+                out["choices"][0]["logprobs"] = self.logprobs_json(kind, done.logprobs, 0)
             if upstream_answer is not None:
                 out["upstream_answer"] = upstream_answer
             return JSONResponse(out)
@@ -252,13 +273,18 @@ class AlignerServer:
             if upstream_answer is not None:
                 head["upstream_answer"] = upstream_answer
             yield _sse(head)
+            offset = 0  # characters of the completion sent so far (the legacy logprobs' text_offset)
             async for ev in self.events(req, queue, http):
                 if ev.finish == "error":
                     yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                           "param": None, "code": None}})
                     return
-                if ev.text:
-                    yield _sse(_chunk(kind, rid, created, body.model, ev.text, None))
+                if ev.text or ev.logprobs:
+                    chunk = _chunk(kind, rid, created, body.model, ev.text, None)
+                    if req.logprobs is not None:
+                        chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.logprobs, offset)
+                    offset += len(ev.text)
+                    yield _sse(chunk)
                 if ev.finish is not None:
                     yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish))
                     if include_usage:
@@ -270,6 +296,24 @@ class AlignerServer:
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def logprobs_json(self, kind: str, entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
+        """OpenAI's `logprobs` of a choice or chunk: chat's `content` list (token, logprob, bytes, top_logprobs), or
+        the legacy completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset`). A
+        token's text is its own decoding, as vLLM gives it: a piece of a multi-byte character reads as U+FFFD."""
+        text = self.tokenizer.decode
+
+        def item(token: int, logprob: float) -> Dict[str, Any]:
+            s = text([token])
+            return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+
+        if kind == "chat":
+            return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                                for e in entries], "refusal": None}
+        tokens = [text([e.token]) for e in entries]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text([t]): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
     # --- the app ------------------------------------------------------------------------------------------------------
 

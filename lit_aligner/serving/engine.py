@@ -27,7 +27,7 @@ request served alone gets (same kernels, rows independent); sampled rows draw fr
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Sequence, Set
+from typing import Callable, Deque, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -57,15 +57,28 @@ class ServedAligner:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (the logits before temperature and top-p, as vLLM's
+    default), and the `Request.logprobs` most likely tokens with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+@dataclass
 class Event:
     """What the engine tells a request: `text` (a new piece of the answer, possibly ""), and at the end `finish` ("stop"
-    or "length"; "error" with `error`) with the token counts."""
+    or "length"; "error" with `error`) with the token counts. `logprobs`: the tokens generated since the last event,
+    when the request asked for them (an end token that stopped the answer has none: it is not part of the text; a stop
+    string's tokens keep theirs though the text is cut before it)."""
 
     text: str = ""
     finish: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    logprobs: List[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +91,7 @@ class Request:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
+    logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
     cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
 
     def cancel(self) -> None:
@@ -108,6 +122,11 @@ class _Row:
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be completing
         self.last = -1  # the token to feed next
         self.finished = False
+        self.logprobs: List[TokenLogprob] = []  # not yet emitted
+
+    def take_logprobs(self) -> List[TokenLogprob]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
 
 class Engine:
@@ -325,6 +344,15 @@ class Engine:
             if s.temperature > 0:
                 noise = draw_noise(1, logits.shape[-1], self.device, r.generator)
                 out[i] = int(sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, noise))
+        want = [i for i, r in enumerate(rows) if r.req.logprobs is not None]
+        if want:  # one log-softmax and top-k over the rows that asked
+            lp = torch.log_softmax(logits[want].float(), dim=-1)
+            chosen = lp.gather(1, torch.tensor([[out[i]] for i in want], device=lp.device))[:, 0].tolist()
+            top_v, top_i = lp.topk(max(rows[i].req.logprobs for i in want), dim=-1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for j, i in enumerate(want):
+                k = rows[i].req.logprobs
+                rows[i].logprobs.append(TokenLogprob(out[i], chosen[j], list(zip(top_i[j][:k], top_v[j][:k]))))
         return out
 
     def _accept(self, tokens: List[int], rows: Optional[List[_Row]] = None) -> None:
@@ -334,6 +362,8 @@ class Engine:
             r.generated += 1
             req = r.req
             if t in req.stop_ids:
+                if req.logprobs is not None:
+                    r.logprobs.pop()  # the end token is not part of the answer
                 self._finish(r, "stop")
                 continue
             r.text += r.decoder.step(t)
@@ -349,14 +379,14 @@ class Engine:
                 self._finish(r, "stop" if cut is not None else "length")
             else:
                 keep = len(r.text) - r.hold
-                if keep > r.sent:
-                    req.emit(Event(text=r.text[r.sent:keep]))
+                if keep > r.sent:  # with the tokens since the last piece (held text holds theirs too)
+                    req.emit(Event(text=r.text[r.sent:keep], logprobs=r.take_logprobs()))
                     r.sent = keep
 
     def _finish(self, r: _Row, reason: str) -> None:
         r.finished = True
         r.req.emit(Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),
-                         completion_tokens=r.generated))
+                         completion_tokens=r.generated, logprobs=r.take_logprobs()))
         r.sent = len(r.text)
 
     def _retire(self, done: Callable[[_Row], bool]) -> None:

@@ -189,6 +189,30 @@ def test_stop_strings(client, base_name):
     assert "".join(pieces) == text[:text.index("4")]
 
 
+def test_n_choices_are_the_seeded_samples_of_single_requests(client, base_name):
+    """n > 1: choice i is what one request with seed + i gets, streamed or not; the prompt counts once in usage."""
+    kw = dict(temperature=1.0, seed=11, max_tokens=10)
+    r = chat(client, "a1", "Tell me a story.", n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    singles = [chat(client, "a1", "Tell me a story.", **{**kw, "seed": 11 + i}) for i in range(3)]
+    assert [c.message.content for c in r.choices] == [s.choices[0].message.content for s in singles]
+    assert len({c.message.content for c in r.choices}) == 3
+    assert r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    texts, finishes, usage = ["", "", ""], [None] * 3, None
+    for chunk in chat(client, "a1", "Tell me a story.", n=3, stream=True, stream_options={"include_usage": True},
+                      **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [c.message.content for c in r.choices] and None not in finishes
+    assert (usage.prompt_tokens, usage.completion_tokens) == (r.usage.prompt_tokens, r.usage.completion_tokens)
+    c = client.completions.create(model=base_name, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  n=2, logprobs=1)
+    assert c.choices[0].text == c.choices[1].text and c.choices[1].logprobs.tokens  # greedy: the same twice
+
+
 def test_seed_gives_the_same_sample(client, base_name):
     a, b, c = (chat(client, base_name, "Tell me a story.", temperature=1.0, seed=s, max_tokens=16)
                .choices[0].message.content for s in (7, 7, 8))
@@ -206,8 +230,8 @@ def test_error_paths(server, client, base_name):
         chat(client, base_name, "word " * 600)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         chat(client, base_name, "hi", max_tokens=600)
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        chat(client, base_name, "hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 16"):
+        chat(client, base_name, "hi", n=17)
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         chat(client, base_name, "hi", presence_penalty=0.5)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):

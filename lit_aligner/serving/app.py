@@ -18,7 +18,7 @@ import secrets
 import time
 import uuid
 from importlib import resources
-from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Union
+from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Union
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completio
 UNSUPPORTED = ("logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty", "best_of", "echo",
                "suffix")
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
+MAX_N = 16  # choices per request: each is a row of the batch
 
 
 class APIError(Exception):
@@ -79,7 +80,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: Optional[int] = None
     stop: Union[str, List[str], None] = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     answer: Optional[str] = None  # correction Aligners: the answer to rewrite (else the base answers first)
@@ -92,9 +93,6 @@ class _Body(BaseModel):
         return [s for s in stops if s]
 
     def check(self) -> None:
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request (n=1); "
-                                f"send several requests instead", param="n")
         for name in UNSUPPORTED:
             if (self.model_extra or {}).get(name) not in (None, False, 0, [], {}):
                 raise APIError(400, f"'{name}' is not supported by this server", param=name)
@@ -183,18 +181,24 @@ class AlignerServer:
 
     # --- running requests ---------------------------------------------------------------------------------------------
 
-    def submit(self, req: Request) -> "asyncio.Queue[Event]":
+    def submit(self, *reqs: Request) -> List["asyncio.Queue[Event]"]:
+        """Queue the requests (a request's `n` choices: all or none, so a full queue leaves no orphan rows)."""
         loop = asyncio.get_running_loop()
-        queue: "asyncio.Queue[Event]" = asyncio.Queue()
-        req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        queues: List["asyncio.Queue[Event]"] = []
         try:
-            self.engine.submit(req)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded") \
-                from None
-        except ValueError as e:
+            for req in reqs:
+                queue: "asyncio.Queue[Event]" = asyncio.Queue()
+                req.emit = lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev)
+                self.engine.submit(req)
+                queues.append(queue)
+        except (QueueFull, ValueError) as e:
+            for req in reqs:
+                req.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy: {e}", type="rate_limit_error",
+                               code="rate_limit_exceeded") from None
             raise APIError(400, str(e)) from None
-        return queue
+        return queues
 
     async def events(self, req: Request, queue: "asyncio.Queue[Event]",
                      http: Optional[HTTPRequest] = None) -> AsyncIterator[Event]:
@@ -213,10 +217,11 @@ class AlignerServer:
         finally:
             req.cancel()
 
-    async def complete(self, req: Request, http: HTTPRequest) -> Event:
-        """Run a request to the end: its whole text, finish reason and token counts as one Event."""
+    async def complete(self, req: Request, http: HTTPRequest, queue: Optional["asyncio.Queue[Event]"] = None) -> Event:
+        """Run a request (submitted already when `queue` is given) to the end: its whole text, finish reason and
+        token counts as one Event."""
         text, logprobs = [], []
-        async for ev in self.events(req, self.submit(req), http):
+        async for ev in self.events(req, queue or self.submit(req)[0], http):
             text.append(ev.text)
             logprobs.extend(ev.logprobs)
             if ev.finish is not None:
@@ -251,48 +256,92 @@ class AlignerServer:
                 text = self.chat_prompt(aligner, messages) if messages is not None else prompt
         except ValueError as e:  # e.g. a conversation that does not end with a user message
             raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from None
-        req = self.make_request(body, self.encode(text), aligner, default_max)
+        ids = self.encode(text)
+        reqs = [self.make_request(body, ids, aligner, default_max) for _ in range(body.n)]
+        for i, r in enumerate(reqs):  # choice i samples from seed + i: n different, reproducible answers
+            r.seed = None if body.seed is None else body.seed + i
+        logprobs = reqs[0].logprobs is not None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        queues = self.submit(*reqs)  # errors (429, 400) before any answer or stream are plain error responses
+
+        def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+            return _usage(prompt_tokens + usage0[0], completion_tokens + usage0[1])  # the prompt counts once
 
         if not body.stream:
-            done = await self.complete(req, http)
-            out = _response(kind, rid, created, body.model, done.text, done.finish,
-                            _usage(done.prompt_tokens + usage0[0], done.completion_tokens + usage0[1]))
-            if req.logprobs is not None:
-                out["choices"][0]["logprobs"] = self.logprobs_json(kind, done.logprobs, 0)
+            try:
+                dones = await asyncio.gather(*(self.complete(r, http, q) for r, q in zip(reqs, queues)))
+            except BaseException:  # one choice failed or the client left: free the others' rows too
+                for r in reqs:
+                    r.cancel()
+                raise
+            out = _response(kind, rid, created, body.model, [(d.text, d.finish) for d in dones],
+                            usage(dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)))
+            if logprobs:
+                for choice, d in zip(out["choices"], dones):
+                    choice["logprobs"] = self.logprobs_json(kind, d.logprobs, 0)
             if upstream_answer is not None:
                 out["upstream_answer"] = upstream_answer
             return JSONResponse(out)
 
-        queue = self.submit(req)  # errors (429, 400) before the stream starts are plain error responses
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        async def choices() -> AsyncIterator[Tuple[int, Optional[Event]]]:
+            """The events of every choice as they come, (i, None) when choice i's stream ends."""
+            merged: "asyncio.Queue[Tuple[int, Optional[Event]]]" = asyncio.Queue()
+
+            async def pump(i: int) -> None:
+                try:
+                    async for ev in self.events(reqs[i], queues[i], http):
+                        await merged.put((i, ev))
+                finally:
+                    merged.put_nowait((i, None))
+
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(reqs))]
+            try:
+                ended = 0
+                while ended < len(reqs):
+                    item = await merged.get()
+                    ended += item[1] is None
+                    yield item
+            finally:  # the stream ended or broke off: every choice's row is freed (`events` cancels its request)
+                for t in tasks:
+                    t.cancel()
+
         async def sse() -> AsyncIterator[str]:
-            head = _chunk(kind, rid, created, body.model, "", None, role=True)
-            if upstream_answer is not None:
-                head["upstream_answer"] = upstream_answer
-            yield _sse(head)
-            offset = 0  # characters of the completion sent so far (the legacy logprobs' text_offset)
-            async for ev in self.events(req, queue, http):
-                if ev.finish == "error":
-                    yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                          "param": None, "code": None}})
-                    return
-                if ev.text or ev.logprobs:
-                    chunk = _chunk(kind, rid, created, body.model, ev.text, None)
-                    if req.logprobs is not None:
-                        chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.logprobs, offset)
-                    offset += len(ev.text)
-                    yield _sse(chunk)
-                if ev.finish is not None:
-                    yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish))
-                    if include_usage:
-                        tail = _chunk(kind, rid, created, body.model, "", None)
-                        tail["choices"] = []
-                        tail["usage"] = _usage(ev.prompt_tokens + usage0[0], ev.completion_tokens + usage0[1])
-                        yield _sse(tail)
-                    yield "data: [DONE]\n\n"
+            for i in range(len(reqs)):
+                head = _chunk(kind, rid, created, body.model, "", None, role=True, index=i)
+                if upstream_answer is not None:
+                    head["upstream_answer"] = upstream_answer
+                yield _sse(head)
+            offsets = [0] * len(reqs)  # characters of each completion sent so far (legacy logprobs' text_offset)
+            prompt_tokens, completion_tokens = 0, 0
+            events = choices()
+            try:
+                async for i, ev in events:
+                    if ev is None:
+                        continue
+                    if ev.finish == "error":
+                        yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                              "param": None, "code": None}})
+                        return
+                    if ev.text or ev.logprobs:
+                        chunk = _chunk(kind, rid, created, body.model, ev.text, None, index=i)
+                        if logprobs:
+                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.logprobs, offsets[i])
+                        offsets[i] += len(ev.text)
+                        yield _sse(chunk)
+                    if ev.finish is not None:
+                        yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish, index=i))
+                        prompt_tokens, completion_tokens = ev.prompt_tokens, completion_tokens + ev.completion_tokens
+            finally:
+                await events.aclose()
+            if include_usage:
+                tail = _chunk(kind, rid, created, body.model, "", None)
+                tail["choices"] = []
+                tail["usage"] = usage(prompt_tokens, completion_tokens)
+                yield _sse(tail)
+            yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -389,24 +438,27 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _response(kind: str, rid: str, created: int, model: str, text: str, finish: str, usage: Dict[str, int]):
+def _response(kind: str, rid: str, created: int, model: str, answers: List[Tuple[str, str]], usage: Dict[str, int]):
+    """The whole answer: one choice per (text, finish reason)."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                  "logprobs": None}
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                    "logprobs": None} for i, (text, finish) in enumerate(answers)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": usage}
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+    choices = [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+               for i, (text, finish) in enumerate(answers)]
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage}
 
 
-def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: Optional[str], role: bool = False):
+def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: Optional[str], role: bool = False,
+           index: int = 0):
     if kind == "chat":
         delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
 
 
 def _sse(data: Dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """Answer prompts with one or more Aligners (and optionally the bare base) on one loaded base model.
 
+    python generate/aligner.py --prompt "What is 2+2?"        # the Aligner python finetune/aligner.py wrote
     python generate/aligner.py --aligner out/alpaca/aligner.safetensors --no-aligner --prompt "What is 2+2?"
 
 Every prompt is answered once per Aligner, labelled; --out writes one JSONL row per prompt x Aligner. See
@@ -32,6 +33,22 @@ from lit_aligner.prompts import get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
 
 
+def default_aligner(checkpoint_dir: Path) -> Path:
+    """The Aligner the training command's defaults write for this base: what `--prompt` alone answers with (as
+    litgpt's generate/adapter.py defaults to its finetune script's output)."""
+    from lit_aligner.base import load_config
+    from lit_aligner.training import SFTRunConfig
+    from lit_aligner.training.state import ALIGNER_NAME
+
+    path = SFTRunConfig(checkpoint_dir=checkpoint_dir).default_out_dir(load_config(checkpoint_dir).name) / ALIGNER_NAME
+    if not path.is_file():
+        raise ValueError(f"no --aligner given, and {path} (what python finetune/aligner.py writes for this base) does "
+                         f"not exist: train one with python finetune/aligner.py, or give --aligner PATH and/or "
+                         f"--no-aligner (the bare base)")
+    print(f"note: no --aligner given: answering with {path}, the default training run's Aligner", file=sys.stderr)
+    return path
+
+
 def main(
     aligner: tyro.conf.UseAppendAction[List[Path]] = [],
     no_aligner: tyro.conf.FlagCreatePairsOff[bool] = False,
@@ -60,7 +77,9 @@ def main(
     """Answer every prompt with every Aligner on one loaded base; answers are labelled with the Aligner's path.
 
     Args:
-        aligner: an Aligner file; repeat the flag to compare several (all run on the same loaded base).
+        aligner: an Aligner file; repeat the flag to compare several (all run on the same loaded base). Without it
+            (and without --no-aligner): the one `python finetune/aligner.py` writes for this base,
+            out/aligner/<base>/aligner.safetensors.
         no_aligner: also answer with the bare base (a column labelled "base").
         prompt: a prompt; repeat the flag for several.
         prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input"), or JSONL.
@@ -91,7 +110,7 @@ def main(
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU and with --quantize.
     """
     if not aligner and not no_aligner:
-        raise ValueError("nothing to answer with: give --aligner PATH (repeatable) and/or --no-aligner (the bare base)")
+        aligner = [default_aligner(checkpoint_dir)]
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if len(question) != len(answer):

@@ -347,3 +347,26 @@ def test_aligner_cli_refuses_an_aligner_of_another_base(request, tmp_path):
                    "--aligner", str(tmp_path / "tiny.safetensors"), "--prompt", "hi")
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     assert "tiny.safetensors" in r.stderr and "does not fit" in r.stderr
+
+
+def test_aligner_cli_without_aligner_answers_with_the_default_training_runs_output(tiny_checkpoint_dir, tmp_path):
+    # `python generate/aligner.py --prompt ...` after `python finetune/aligner.py`: the Aligner that run wrote
+    from lit_aligner.aligner_files import save_aligner
+    from lit_aligner.base import load_config
+
+    config = load_config(tiny_checkpoint_dir)
+    args = (str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(tiny_checkpoint_dir), "--prompt", "hi",
+            "--max-new-tokens", "4", "--out", "answers.jsonl")
+    r = run_script(*args, cwd=tmp_path)
+    expected = Path("out") / "aligner" / config.name / "aligner.safetensors"
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert str(expected) in r.stderr and "python finetune/aligner.py" in r.stderr
+    a = Aligner(config, AlignerConfig(n_tokens=2, start_layer=1))
+    with torch.no_grad():
+        a.gate.fill_(0.5)
+    save_aligner(a, tmp_path / expected, config.name, {"mode": "sft"})
+    r = run_script(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"answering with {expected}" in r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [row["aligner"] for row in rows] == [str(expected)]

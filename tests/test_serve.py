@@ -172,6 +172,50 @@ def test_logprobs_equal_the_model_scoring_its_own_answer(client, smollm2_dir, ad
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
+def scrape(server):
+    """GET /metrics (with the key: its labels name the Aligners), parsed by prometheus_client's own parser:
+    {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert http(server.url + "/metrics")[0] == 401
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_the_requests_tokens_and_latencies_per_model(server, client, base_name):
+    before = scrape(server)
+    answers = [chat(client, "a2", "Name a fruit.", max_tokens=6), chat(client, "a2", "Name a tree.", max_tokens=5, n=2),
+               chat(client, base_name, "Name a bird.", max_tokens=4)]
+    stream = list(chat(client, "a2", "Name a fish.", max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    after = scrape(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    usage = stream[-1].usage
+    finished = [c.finish_reason for r in answers[:2] for c in r.choices]
+    finished += [c.finish_reason for ch in stream for c in ch.choices if c.finish_reason]
+    for reason in ("stop", "length"):
+        assert delta("lit_aligner_requests_total", model="a2", finish_reason=reason) == finished.count(reason)
+    assert delta("lit_aligner_generation_tokens_total", model="a2") == \
+        sum(r.usage.completion_tokens for r in answers[:2]) + usage.completion_tokens
+    # every choice is prefilled: n=2 counts its prompt twice (its usage counts it once)
+    assert delta("lit_aligner_prompt_tokens_total", model="a2") == \
+        answers[0].usage.prompt_tokens + 2 * answers[1].usage.prompt_tokens + usage.prompt_tokens
+    assert delta("lit_aligner_generation_tokens_total", model=base_name) == answers[2].usage.completion_tokens
+    for name in ("lit_aligner_time_to_first_token_seconds_count", "lit_aligner_e2e_request_latency_seconds_count"):
+        assert delta(name, model="a2") == 4 and delta(name, model=base_name) == 1
+    assert 0 < delta("lit_aligner_time_to_first_token_seconds_sum", model="a2") <= \
+        delta("lit_aligner_e2e_request_latency_seconds_sum", model="a2")
+    assert after[("lit_aligner_num_requests_running", ())] == 0 == after[("lit_aligner_num_requests_waiting", ())]
+    assert after[("lit_aligner_aligners_loaded", ())] >= 1
+
+
 def test_an_aligner_answers_with_its_own_prompt_and_changes_the_answer(client, base_name):
     base = chat(client, base_name, "Name three colors.", max_tokens=16).choices[0].message.content
     steered = [chat(client, f"a{i}", "Name three colors.", max_tokens=16).choices[0].message.content for i in (0, 5)]

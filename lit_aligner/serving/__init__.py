@@ -67,7 +67,8 @@ def build_server(cfg: ServeConfig):
     try:
         from lit_aligner.serving.app import AlignerServer
     except ImportError as e:
-        raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install -e '.[serve]'") from None
+        raise UserError(f"serving needs FastAPI, uvicorn and prometheus_client ({e.name} is missing): pip install -e "
+                        f"'.[serve]'") from None
     from lit_aligner.base import load_base
     from lit_aligner.serving.engine import Engine
     from lit_aligner.serving.registry import AlignerRegistry

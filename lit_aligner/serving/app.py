@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-`/health`, and the comparison page at `/`.
+`/health`, `/metrics` (Prometheus), and the comparison page at `/`.
 
 The event loop never touches the model: requests go to the engine thread (`Engine.submit`), its events come back
 through `loop.call_soon_threadsafe`, and Aligner files are loaded in a worker thread. Every error is the OpenAI error
@@ -22,13 +22,14 @@ from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Uni
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Sampling
 from lit_aligner.prompts import correction_prompt, encode_prompt, flatten, get_template, is_correction, join_input
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
+from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
@@ -132,6 +133,7 @@ class AlignerServer:
                  api_key: Optional[str] = None):
         self.engine, self.registry, self.tokenizer = engine, registry, tokenizer
         self.base_name, self.api_key = base_name, api_key
+        self.metrics = Metrics(lambda: engine.load, lambda: len(registry.loaded))
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -188,7 +190,13 @@ class AlignerServer:
         try:
             for req in reqs:
                 queue: "asyncio.Queue[Event]" = asyncio.Queue()
-                req.emit = lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev)
+                see = self.metrics.observe(req, req.aligner.name if req.aligner is not None else self.base_name)
+
+                def emit(ev: Event, q=queue, see=see) -> None:  # in the engine thread
+                    see(ev)
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+
+                req.emit = emit
                 self.engine.submit(req)
                 queues.append(queue)
         except (QueueFull, ValueError) as e:
@@ -406,6 +414,10 @@ class AlignerServer:
         async def health():
             return {"status": "ok", "model": self.base_name, **self.engine.load,
                     "aligners_loaded": len(self.registry.loaded)}
+
+        @app.get("/metrics", dependencies=[auth])  # model names are in its labels: the key guards them too
+        async def metrics():
+            return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
         @app.get("/v1/models", dependencies=[auth])
         async def models():

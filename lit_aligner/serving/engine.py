@@ -25,6 +25,7 @@ request served alone gets (same kernels, rows independent); sampled rows draw fr
 """
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence, Set, Tuple
@@ -92,6 +93,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
     logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
+    arrival: float = field(default_factory=time.monotonic)  # when it was made (latency metrics)
     cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
 
     def cancel(self) -> None:

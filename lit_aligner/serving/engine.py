@@ -327,9 +327,10 @@ class Engine:
         b, k = len(self.rows) - len(group), len(group)
         lengths = torch.tensor([r.length for r in group], device=self.device)
         T = int(lengths.max())
-        ids = torch.zeros(k, T, dtype=torch.long, device=self.device)  # pad id 0: past each row's length, unread
+        ids = torch.zeros(k, T, dtype=torch.long)  # pad id 0: past each row's length, unread
         for i, r in enumerate(group):
             ids[i, :r.length] = torch.tensor(list(r.req.prompt_ids), dtype=torch.long)
+        ids = ids.to(self.device)  # one copy to the device
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # the prompts' slots only
         hidden = self.model(ids, input_pos=torch.arange(T, device=self.device), mask=causal,
                             aligner=self._prefix(slice(b, b + k)) or False, cache_rows=slice(b, b + k),

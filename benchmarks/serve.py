@@ -147,7 +147,7 @@ def main(
         out: JSON results file (default benchmarks/results/serve-<model>-<machine>.json).
         force: replace an existing results file.
     """
-    require("openai", "fastapi", "uvicorn", extra="serve,test")
+    require("openai", "fastapi", "uvicorn", "prometheus_client", extra="serve,test")
     if peer:
         require("transformers", extra="eval", or_flag="--no-peer")
         import importlib.util

@@ -39,6 +39,7 @@ from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 
 PEER = "transformers serve"
+PEER_PAGE_TOKENS = 256  # tokens per KV-cache block of transformers' continuous batching (its page_size default)
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a haiku about rain.",
            "Explain photosynthesis in one sentence.", "Name three colors.", "How do I boil an egg?",
            "What is 7 times 6?", "Describe the sea to a child."]
@@ -158,6 +159,7 @@ def main(
             raise BenchmarkError(f"the peer is `transformers serve` (transformers 5 or newer), which transformers "
                                  f"{transformers.__version__} lacks: pip install -U transformers (or --no-peer)")
     from lit_aligner.devices import resolve_dtype
+    from lit_aligner.serving import DEFAULT_MAX_SEQ_LENGTH, ServeConfig
     from lit_aligner.serving.process import ServerProcess
 
     if min(clients) < 1 or requests_per_client < 1 or sequential_requests < 1 or max_tokens < 1 or aligners < 1:
@@ -209,10 +211,16 @@ def main(
 
             hf_dir = tmp / "hf"
             export_hf(checkpoint_dir, hf_dir, dtype=resolve_dtype(dtype, dev))
+            # The KV-cache room and the prefill budget of ours (max_batch rows of the server's context, its
+            # --max-prefill-tokens): left to size its cache from free memory, transformers spent 15-20 s of a CPU
+            # on it at the first request.
+            context = min(load_config(checkpoint_dir).block_size, DEFAULT_MAX_SEQ_LENGTH)
             command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
-                       "--continuous-batching", "--device", str(dev), "--dtype", "auto"]
+                       "--continuous-batching", "--device", str(dev), "--dtype", "auto",
+                       "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
+                       "--cb-max-batch-tokens", str(ServeConfig.max_prefill_tokens)]
             with ServerProcess(command=command, timeout=600) as server:
-                # its first request starts the batching manager (about 20 s for SmolLM2 on a CPU): alone, then a batch
+                # its first request starts the batching manager: alone, then a batch
                 measure(server, PEER, {"bare base": [str(hf_dir)]},
                         warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
     finally:

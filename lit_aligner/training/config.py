@@ -7,7 +7,6 @@ Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7
 """
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -89,11 +88,6 @@ class TrainConfig:
     def eval_batches(self) -> Optional[int]:
         """Validation micro-batches per evaluation (None: all)."""
         return None if self.eval_iters == "all" else self.eval_iters
-
-    def covers(self, n_rows: int, world_size: int = 1) -> bool:
-        """Whether one validation scores all `n_rows` rows of the split (`evaluate` gives rank r rows r, r+W, ...)."""
-        most = math.ceil(math.ceil(n_rows / world_size) / self.micro_batch_size)
-        return self.eval_batches is None or self.eval_batches >= most
 
     def check(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "save_interval",

@@ -111,6 +111,11 @@ def _add(total: Optional[Dict[str, torch.Tensor]], new: Dict[str, torch.Tensor])
 
 
 @torch.no_grad()
+def eval_batches_per_rank(n_rows: int, world: int, micro_batch_size: int) -> int:
+    """Micro-batches a whole pass of `evaluate` over n_rows takes on rank 0 (rank r scores rows r, r+W, ...)."""
+    return math.ceil(math.ceil(n_rows / world) / micro_batch_size)
+
+
 def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size: int = 8,
              max_batches: Optional[int] = None, fabric=None) -> Dict[str, float]:
     """The objective's metrics (means per unit: per token for SFT, per pair for DPO) of `module` (an
@@ -122,7 +127,7 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
     device = fabric.device if fabric is not None else next(module.parameters()).device
     mine = list(range(rank, len(dataset), world))
     batches = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    most = math.ceil(math.ceil(len(dataset) / world) / micro_batch_size)  # rank 0's count
+    most = eval_batches_per_rank(len(dataset), world, micro_batch_size)
     if max_batches is not None:
         batches, most = batches[:max_batches], min(most, max_batches)
     was_training = module.training
@@ -222,7 +227,8 @@ def fit(
                           f"resume from that state with a lower --learning-rate (--resume auto --force).")
 
     validating = bool(len(val)) and config.validates
-    val_whole = validating and config.covers(len(val), world)
+    val_whole = validating and (config.eval_batches is None or
+                                config.eval_batches >= eval_batches_per_rank(len(val), world, config.micro_batch_size))
     lengths = train.lengths() if config.group_by_length else None  # every training dataset has lengths()
     if validating and start_step == 0:
         val_metrics = first_val = validate()

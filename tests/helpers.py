@@ -37,6 +37,53 @@ def bpe_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int, eos: str 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness tasks on local files: a multiple-choice task (loglikelihood) and a generation task
+
+MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_YAML = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def harness_tasks(d: Path):
+    """tiny_mc (6 sums, 3 choices each) and tiny_gen (4 "Say X:" prompts) as task YAMLs + JSONL data in d, for
+    `--include-path d`. Returns (d, mc rows, gen rows)."""
+    mc = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), "blue"], "label": i % 3}
+          for i, (a, b) in enumerate([(1, 2), (3, 4), (10, 5), (2, 2), (7, 1), (6, 6)])]
+    gen = [{"question": f"Say {w}:", "answer": w} for w in ("yes", "no", "red", "blue")]
+    (d / "mc.jsonl").write_text("\n".join(map(json.dumps, mc)) + "\n")
+    (d / "gen.jsonl").write_text("\n".join(map(json.dumps, gen)) + "\n")
+    (d / "tiny_mc.yaml").write_text(MC_YAML.format(data=d / "mc.jsonl"))
+    (d / "tiny_gen.yaml").write_text(GEN_YAML.format(data=d / "gen.jsonl"))
+    return d, mc, gen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Running the repository's commands
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -146,48 +146,9 @@ def test_correction_reports_copy_rate_and_margins_and_refuses_a_plain_aligner(ti
 
 # --- harness ----------------------------------------------------------------------------------------------------------
 
-MC_YAML = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{label}}}}"
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-"""
-GEN_YAML = """task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 6
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-
-
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tasks")
-    mc = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), "blue"], "label": i % 3}
-          for i, (a, b) in enumerate([(1, 2), (3, 4), (10, 5), (2, 2), (7, 1), (6, 6)])]
-    gen = [{"question": f"Say {w}:", "answer": w} for w in ("yes", "no", "red", "blue")]
-    (d / "mc.jsonl").write_text("\n".join(map(json.dumps, mc)) + "\n")
-    (d / "gen.jsonl").write_text("\n".join(map(json.dumps, gen)) + "\n")
-    (d / "tiny_mc.yaml").write_text(MC_YAML.format(data=d / "mc.jsonl"))
-    (d / "tiny_gen.yaml").write_text(GEN_YAML.format(data=d / "gen.jsonl"))
-    return d, mc, gen
+    return helpers.harness_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def test_aligner_lm_mixed_batches_equal_one_aligner_at_a_time(base, aligners):

@@ -172,6 +172,123 @@ def test_logprobs_equal_the_model_scoring_its_own_answer(client, smollm2_dir, ad
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
+def test_echo_scores_the_prompt_as_the_model_does(server, client, smollm2_dir, adir, tokenizer, base_name):
+    """`echo` with `logprobs` (legacy completions): the choice's text and logprobs start with the prompt's, every
+    prompt token's log-probability and top alternatives equal a forward pass of the base + Aligner computed here;
+    the same streamed; `max_tokens` 0 scores the prompt only; token-id prompts; several prompts x n choices, each
+    what a single request gets; vLLM's tokenizer endpoints agree with the tokenizer."""
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.base import load_base
+
+    model, _ = load_base(smollm2_dir, device="cpu")
+    aligner, _ = load_aligner(adir / "a5.safetensors", model)
+    prompt = "The three primary colors are red, yellow and"
+    ids = tokenizer.encode(prompt).tolist()
+    c = client.completions.create(model="a5", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(model="a5", prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    ch, lp = c.choices[0], c.choices[0].logprobs
+    assert ch.text == prompt + plain.choices[0].text and c.usage.prompt_tokens == len(ids)
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids] + plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    with torch.no_grad():
+        expect = torch.log_softmax(model(torch.tensor([ids]), aligner=aligner)[0, :-1].float(), -1)
+        bare = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].float(), -1)
+    chosen = expect.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(chosen.tolist(), abs=2e-3)
+    assert lp.token_logprobs[1:len(ids)] != pytest.approx(
+        bare.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), abs=2e-3)  # the Aligner is applied
+    top_v, top_i = expect.topk(2, dim=-1)
+    for row, vs, ts in zip(lp.top_logprobs[1:len(ids)], top_v.tolist(), top_i.tolist()):
+        assert list(row) == [tokenizer.decode([t]) for t in ts] and list(row.values()) == pytest.approx(vs, abs=2e-3)
+    streamed = [x.choices[0] for x in client.completions.create(
+        model="a5", prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True, stream=True) if x.choices]
+    assert "".join(s.text for s in streamed) == ch.text
+    assert [t for s in streamed if s.logprobs for t in s.logprobs.tokens] == lp.tokens
+    assert [o for s in streamed if s.logprobs for o in s.logprobs.text_offset] == lp.text_offset
+
+    # token ids in, max_tokens 0: the prompt scored, nothing generated
+    z = client.completions.create(model="a5", prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert z.choices[0].text == prompt and z.choices[0].finish_reason == "length" and z.usage.completion_tokens == 0
+    assert z.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(ids)], abs=1e-5)
+    z = client.completions.create(model="a5", prompt=ids, max_tokens=0, echo=True)
+    assert z.choices[0].text == prompt and z.choices[0].logprobs is None
+
+    # several prompts (texts or token-id lists) x n choices: choice p * n + j is prompt p's choice j
+    kw = dict(model="a3", max_tokens=5, temperature=1.0, seed=3)
+    prompts = ["Once upon a time", "The best food is"]
+    many = client.completions.create(prompt=prompts, n=2, **kw)
+    as_ids = client.completions.create(prompt=[tokenizer.encode(p).tolist() for p in prompts], n=2, **kw)
+    singles = [client.completions.create(prompt=p, **{**kw, "seed": 3 + j}).choices[0].text
+               for p in prompts for j in range(2)]
+    assert [x.index for x in many.choices] == [0, 1, 2, 3]
+    assert [x.text for x in many.choices] == [x.text for x in as_ids.choices] == singles
+    assert many.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+    # vLLM's tokenizer endpoints (no key needed, as vLLM's)
+    def post(path, body):
+        return http(server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})[1]
+
+    assert post("/tokenize", {"prompt": prompt})["tokens"] == ids
+    assert post("/detokenize", {"tokens": ids}) == {"prompt": prompt}
+    info = http(server.url + "/tokenizer_info")[1]
+    assert info["eos_token"] == tokenizer.id_to_token(tokenizer.eos_id) and info["chat_template"]
+    messages = [{"role": "user", "content": "Hi"}]
+    assert post("/tokenize", {"messages": messages})["count"] == \
+        chat(client, base_name, "Hi", max_tokens=1).usage.prompt_tokens
+
+    for bad, match in [(dict(prompt="hi", max_tokens=0), "needs echo"), (dict(prompt=[10**7]), "vocabulary"),
+                       (dict(prompt=["a"] * 20, n=2), "--max-queue"), (dict(prompt=[[]]), "empty")]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=base_name, **bad)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        chat(client, base_name, "hi", extra_body={"echo": True})
+    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+        client.completions.create(model="fixer", prompt=["a", "b"], extra_body={"answer": "c"})
+
+
+def test_lm_eval_harness_evaluates_a_served_aligner(server, smollm2_dir, adir, tokenizer, tmp_path, monkeypatch):
+    """lm-evaluation-harness's own API model (`local-completions`, the one users point at a vLLM server) against
+    this server, on a multiple-choice and a generation task: it finds the tokenizer endpoints by itself, sends token
+    ids in batches of 3 over 2 connections, and every log-likelihood, greedy flag and generated answer equals the
+    base + Aligner computed here."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("aiohttp")
+    from lm_eval.tasks import TaskManager
+
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.base import load_base
+    from lit_aligner.generation import generate
+
+    d, mc, gen = helpers.harness_tasks(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what local-completions sends as its bearer key
+    res = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(d)),
+        model_args={"model": "a5", "base_url": server.base_url + "/completions", "num_concurrent": 2,
+                    "batch_size": 3, "max_retries": 1}, log_samples=True)
+    model, _ = load_base(smollm2_dir, device="cpu")
+    aligner, _ = load_aligner(adir / "a5.safetensors", model)
+    right = 0
+    for sample in res["samples"]["tiny_mc"]:
+        scores = []
+        for (ctx, cont), ((ll, greedy),) in zip(sample["arguments"], sample["resps"]):
+            c, w = tokenizer.encode(ctx, bos=False).tolist(), tokenizer.encode(ctx + cont, bos=False).tolist()
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([w[:-1]]), aligner=aligner).float(), -1)[0, len(c) - 1:]
+            target = torch.tensor(w[len(c):])
+            assert ll == pytest.approx(float(lp.gather(-1, target[:, None]).sum()), abs=2e-3)
+            assert greedy == bool((lp.argmax(-1) == target).all())
+            scores.append(ll)
+        right += max(range(3), key=scores.__getitem__) == sample["doc"]["label"]
+    assert len(res["samples"]["tiny_mc"]) == len(mc)
+    assert res["results"]["tiny_mc"]["acc,none"] == pytest.approx(right / len(mc))
+    assert len(res["samples"]["tiny_gen"]) == len(gen)
+    for sample in res["samples"]["tiny_gen"]:
+        out = generate(model, [tokenizer.encode(sample["doc"]["question"], bos=False)], 6, aligners=[aligner],
+                       stop_ids=tokenizer.stop_ids)[0]
+        assert sample["resps"][0][0] == tokenizer.decode(out, skip_special=True).split("\n")[0]
+
+
 def scrape(server):
     """GET /metrics (with the key: its labels name the Aligners), parsed by prometheus_client's own parser:
     {(name, labels): value}."""

@@ -108,6 +108,53 @@ def test_admitted_requests_are_prefilled_together_within_the_token_budget(base):
         assert c.text == tok.decode(ref), i
 
 
+
+def test_prompt_logprobs_in_a_shared_prefill(base, monkeypatch):
+    """Rows that score their prompt (`prompt_logprobs`, max_tokens 0 or more) prefilled in one right-padded forward
+    with plain rows: each prompt token's log-probability and top alternatives equal a forward pass over that prompt
+    alone (padding unread, the output head run in chunks of 3 positions here); a scoring-only row finishes at once
+    with no token; the other rows still get what `generate` gives them."""
+    import lit_aligner.serving.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_CHUNK", 3)
+    model, tok = base
+    ids = prompts_for(tok, TEXTS[:4])
+    aligner = random_aligner(model, 4, 1, 6)
+    served = ServedAligner.project(model, "a", aligner)
+    events = [[] for _ in ids]
+    reqs = [Request(ids[0], 0, events[0].append, aligner=served, prompt_logprobs=2),
+            Request(ids[1], 4, events[1].append, prompt_logprobs=0, logprobs=1),
+            Request(ids[2], 4, events[2].append, aligner=served),
+            Request(ids[3], 0, events[3].append, prompt_logprobs=1)]
+    engine = Engine(model, tok, max_batch=4, max_seq_length=256)
+    run(engine, reqs)
+    for p, req, evs in zip(ids, reqs, events):
+        scored = [e.prompt_logprobs for e in evs if e.prompt_logprobs is not None]
+        if req.prompt_logprobs is None:
+            assert not scored
+            ref = generate(model, [torch.tensor(p)], 4, aligners=[aligner])[0]
+            assert "".join(e.text for e in evs) == tok.decode(ref)
+            continue
+        (entries,) = scored
+        assert evs[0].prompt_logprobs is entries  # before any text
+        with torch.no_grad():
+            a = aligner if req.aligner is not None else None
+            lp = torch.log_softmax(model(torch.tensor([p]), aligner=a)[0, :-1].float(), -1)
+        assert [e.token for e in entries] == p and entries[0].logprob is None
+        assert [e.logprob for e in entries[1:]] == pytest.approx(
+            lp.gather(1, torch.tensor(p[1:])[:, None])[:, 0].tolist(), abs=1e-4)
+        top_v, top_i = lp.topk(max(req.prompt_logprobs, 1), dim=-1)
+        for e, vs, ts in zip(entries[1:], top_v.tolist(), top_i.tolist()):
+            k = req.prompt_logprobs
+            assert [t for t, _ in e.top] == ts[:k] and [v for _, v in e.top] == pytest.approx(vs[:k], abs=1e-4)
+        generated = sum(len(e.logprobs) for e in evs)
+        assert evs[-1].finish == "length" and evs[-1].completion_tokens == req.max_tokens == generated
+        if req.max_tokens:  # generation after scoring is what it is without
+            ref = generate(model, [torch.tensor(p)], 4)[0]
+            assert "".join(e.text for e in evs) == tok.decode(ref)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.check(Request(ids[0], 0, print))
+
 def test_aligners_change_the_answer(base):
     model, tok = base
     ids = prompts_for(tok, TEXTS[:1])[0]

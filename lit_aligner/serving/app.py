@@ -1,5 +1,11 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-`/health`, `/metrics` (Prometheus), and the comparison page at `/`.
+`/health`, `/metrics` (Prometheus), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, and the comparison page
+at `/`.
+
+`/v1/completions` takes what the legacy API takes: a string, a list of strings, token ids or a list of token-id lists
+(choice `p * n + j` is prompt p's choice j), and `echo` with `logprobs` (the prompt's tokens' log-probabilities,
+`max_tokens` 0 to score the prompt only). With the tokenizer endpoints, that is what lm-evaluation-harness's
+`local-completions` model needs to evaluate a served Aligner on any task, as it evaluates a vLLM server.
 
 The event loop never touches the model: requests go to the engine thread (`Engine.submit`), its events come back
 through `loop.call_soon_threadsafe`, and Aligner files are loaded in a worker thread. Every error is the OpenAI error
@@ -35,7 +41,7 @@ from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAli
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
 UNSUPPORTED = ("logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty", "best_of", "echo",
-               "suffix")
+               "suffix")  # (completions declare `echo`: only chat gets a 400 for it)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch
 
@@ -102,6 +108,10 @@ class _Body(BaseModel):
         """None: no log-probabilities; k: each token's and its k most likely alternatives'."""
         return None
 
+    def echo_prompt(self) -> bool:
+        """Whether each choice starts with its prompt (and its logprobs with the prompt's)."""
+        return False
+
 
 class ChatBody(_Body):
     messages: List[Message] = Field(min_length=1)
@@ -116,11 +126,46 @@ class ChatBody(_Body):
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, List[str]]
+    prompt: Union[str, List[str], List[int], List[List[int]]]  # text, texts, token ids, lists of token ids
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy form: k alternatives
+    echo: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 only scores the prompt: it needs echo: true", param="max_tokens")
 
     def top_logprobs_k(self) -> Optional[int]:
         return self.logprobs
+
+    def echo_prompt(self) -> bool:
+        return self.echo
+
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """The prompts, each a text or a list of token ids."""
+        p = self.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(q) == 0 for q in prompts):
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return prompts
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a prompt (BOS as the completions endpoint adds it, unless add_special_tokens is false) or
+    chat messages (the chat endpoint's rendering)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[Message]] = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: Optional[str] = None
+    tokens: List[int]
 
 
 # --- the server -------------------------------------------------------------------------------------------------------
@@ -146,27 +191,40 @@ class AlignerServer:
             ("chat" if self.tokenizer.has_chat_template else "plain")
         return get_template(name).render_messages(messages, self.tokenizer)
 
-    def encode(self, text: str) -> List[int]:
-        ids = encode_prompt(self.tokenizer, text).tolist()
+    def encode(self, prompt: Union[str, List[int]]) -> List[int]:
+        """A prompt's token ids (a text encoded as training encodes prompts; ids checked against the vocabulary),
+        400 when it leaves no room in the context."""
+        ids = encode_prompt(self.tokenizer, prompt).tolist() if isinstance(prompt, str) else self.check_ids(prompt)
         if len(ids) >= self.engine.max_seq_length:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is "
                                 f"{self.engine.max_seq_length} tokens (prompt + completion): shorten the prompt",
                            param="messages", code="context_length_exceeded")
         return ids
 
+    def check_ids(self, ids: List[int], param: str = "prompt") -> List[int]:
+        bad = [i for i in ids if not 0 <= i < self.tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary (0 to "
+                                f"{self.tokenizer.vocab_size - 1})", param=param)
+        return list(ids)
+
     def make_request(self, body: _Body, ids: List[int], aligner: Optional[ServedAligner],
                      default_max: Optional[int]) -> Request:
         room = self.engine.max_seq_length - len(ids)
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = getattr(body, "max_completion_tokens", None)
+        max_tokens = max_tokens if max_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "
                                 f"context of {self.engine.max_seq_length} tokens: lower max_tokens or shorten the "
                                 f"prompt", param="max_tokens", code="context_length_exceeded")
         sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None)
-        return Request(ids, min(max_tokens or default_max or room, room), emit=lambda ev: None, aligner=aligner,
-                       sampling=sampling, seed=body.seed, stop=body.stop_strings(),
-                       stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
-                       logprobs=body.top_logprobs_k())
+        k = body.top_logprobs_k()
+        max_tokens = min(max_tokens if max_tokens is not None else default_max or room, room)
+        # echo scores the prompt when logprobs are asked for, or when there is nothing else to do (max_tokens 0)
+        scored = body.echo_prompt() and (k is not None or max_tokens == 0)
+        return Request(ids, max_tokens, emit=lambda ev: None, aligner=aligner, sampling=sampling, seed=body.seed,
+                       stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
+                       logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
     async def resolve(self, name: str) -> Optional[ServedAligner]:
         if name == self.base_name:
@@ -226,55 +284,81 @@ class AlignerServer:
             req.cancel()
 
     async def complete(self, req: Request, http: HTTPRequest, queue: Optional["asyncio.Queue[Event]"] = None) -> Event:
-        """Run a request (submitted already when `queue` is given) to the end: its whole text, finish reason and
-        token counts as one Event."""
-        text, logprobs = [], []
+        """Run a request (submitted already when `queue` is given) to the end: its whole text, finish reason, token
+        counts and log-probabilities as one Event."""
+        text, logprobs, prompt_logprobs = [], [], None
         async for ev in self.events(req, queue or self.submit(req)[0], http):
             text.append(ev.text)
             logprobs.extend(ev.logprobs)
+            prompt_logprobs = ev.prompt_logprobs if ev.prompt_logprobs is not None else prompt_logprobs
             if ev.finish is not None:
                 if ev.finish == "error":
                     raise APIError(500, f"generation failed: {ev.error}", type="server_error")
-                return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens, logprobs=logprobs)
+                return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)
         raise APIError(499, "the client closed the request")  # nobody reads this; the row is already freed
 
-    async def run(self, body: _Body, http: HTTPRequest, messages: Optional[List[Dict[str, str]]], prompt: Optional[str],
-                  default_max: Optional[int]):
-        """Both endpoints: resolve the model, build the request (for a correction Aligner without `answer`, let the
-        bare base answer first), answer as JSON or as a stream of chunks."""
+    async def prompt_texts(self, body: _Body, http: HTTPRequest, aligner: Optional[ServedAligner],
+                           messages: Optional[List[Dict[str, str]]], prompts: Optional[List[Union[str, List[int]]]],
+                           default_max: Optional[int]) -> Tuple[List[Union[str, List[int]]], Optional[str], Tuple]:
+        """What each prompt asks the model: the chat rendered with the Aligner's template, the completions' texts or
+        ids as given, or for a correction Aligner the Q-A-C prompt (after the bare base has answered the question
+        when the request gives no `answer`). Returns (prompts, the base's answer or None, the base's usage)."""
+        if aligner is None or not is_correction(aligner.metadata):
+            return ([self.chat_prompt(aligner, messages)] if messages is not None else prompts), None, (0, 0)
+        if prompts is not None and len(prompts) > 1:
+            raise APIError(400, f"a correction Aligner corrects one prompt per request, got {len(prompts)}",
+                           param="prompt")
+        if messages is not None:
+            question = join_input(*flatten(messages))
+        else:
+            question = prompts[0] if isinstance(prompts[0], str) else self.tokenizer.decode(self.check_ids(prompts[0]),
+                                                                                             skip_special=True)
+        answer, upstream, usage = body.answer, None, (0, 0)
+        if answer is None:
+            base_request = self.make_request(body, self.encode(self.chat_prompt(None, messages) if messages is not None
+                                                               else question), None, default_max)
+            base_request.logprobs = base_request.prompt_logprobs = None  # the log-probabilities are the correction's
+            base_request.max_tokens = max(base_request.max_tokens, 1)
+            first = await self.complete(base_request, http)
+            answer = upstream = first.text
+            usage = (first.prompt_tokens, first.completion_tokens)
+        if not answer.strip():
+            raise APIError(400, "the answer to correct is empty: give a non-empty 'answer'", param="answer")
+        return [correction_prompt(question, answer)], upstream, usage
+
+    async def run(self, body: _Body, http: HTTPRequest, messages: Optional[List[Dict[str, str]]],
+                  prompts: Optional[List[Union[str, List[int]]]], default_max: Optional[int]):
+        """Both endpoints: resolve the model, build one request per prompt and choice, answer as JSON or as a stream
+        of chunks (choice p * n + j: prompt p's choice j)."""
         body.check()
         aligner = await self.resolve(body.model)
         kind = "chat" if messages is not None else "text"
-        upstream_answer, usage0 = None, (0, 0)
         try:
-            if aligner is not None and is_correction(aligner.metadata):
-                question = join_input(*flatten(messages)) if messages is not None else prompt
-                answer = body.answer
-                if answer is None:
-                    base_text = self.chat_prompt(None, messages) if messages is not None else question
-                    base_request = self.make_request(body, self.encode(base_text), None, default_max)
-                    base_request.logprobs = None  # the answer's log-probabilities are the correction's
-                    first = await self.complete(base_request, http)
-                    answer = upstream_answer = first.text
-                    usage0 = (first.prompt_tokens, first.completion_tokens)
-                if not answer.strip():
-                    raise APIError(400, "the answer to correct is empty: give a non-empty 'answer'", param="answer")
-                text = correction_prompt(question, answer)
-            else:
-                text = self.chat_prompt(aligner, messages) if messages is not None else prompt
+            asked, upstream_answer, usage0 = await self.prompt_texts(body, http, aligner, messages, prompts,
+                                                                     default_max)
         except ValueError as e:  # e.g. a conversation that does not end with a user message
             raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from None
-        ids = self.encode(text)
-        reqs = [self.make_request(body, ids, aligner, default_max) for _ in range(body.n)]
-        for i, r in enumerate(reqs):  # choice i samples from seed + i: n different, reproducible answers
-            r.seed = None if body.seed is None else body.seed + i
+        ids = [self.encode(p) for p in asked]
+        echo = body.echo_prompt()  # each choice's text starts with its prompt as given (token ids: decoded)
+        echoed = [p if isinstance(p, str) else self.tokenizer.decode(i) for p, i in zip(asked, ids)] if echo else None
+        reqs = []
+        for prompt_ids in ids:
+            for j in range(body.n):  # choice j samples from seed + j: n different, reproducible answers
+                reqs.append(self.make_request(body, prompt_ids, aligner, default_max))
+                reqs[-1].seed = None if body.seed is None else body.seed + j
+        if len(reqs) > self.engine.max_queue:
+            raise APIError(400, f"{len(ids)} prompts x n={body.n} = {len(reqs)} rows; this server queues at most "
+                                f"{self.engine.max_queue} (--max-queue): send fewer prompts per request",
+                           param="prompt")
+        prompt_of = [echoed[i // body.n] for i in range(len(reqs))] if echo else None
         logprobs = reqs[0].logprobs is not None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         queues = self.submit(*reqs)  # errors (429, 400) before any answer or stream are plain error responses
 
-        def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
-            return _usage(prompt_tokens + usage0[0], completion_tokens + usage0[1])  # the prompt counts once
+        def usage(completion_tokens: int) -> Dict[str, int]:  # each prompt counts once, whatever n
+            return _usage(sum(map(len, ids)) + usage0[0], completion_tokens + usage0[1])
 
         if not body.stream:
             try:
@@ -283,11 +367,12 @@ class AlignerServer:
                 for r in reqs:
                     r.cancel()
                 raise
-            out = _response(kind, rid, created, body.model, [(d.text, d.finish) for d in dones],
-                            usage(dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)))
+            out = _response(kind, rid, created, body.model,
+                            [((prompt_of[i] if echo else "") + d.text, d.finish) for i, d in enumerate(dones)],
+                            usage(sum(d.completion_tokens for d in dones)))
             if logprobs:
                 for choice, d in zip(out["choices"], dones):
-                    choice["logprobs"] = self.logprobs_json(kind, d.logprobs, 0)
+                    choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
             if upstream_answer is not None:
                 out["upstream_answer"] = upstream_answer
             return JSONResponse(out)
@@ -322,8 +407,9 @@ class AlignerServer:
                 if upstream_answer is not None:
                     head["upstream_answer"] = upstream_answer
                 yield _sse(head)
-            offsets = [0] * len(reqs)  # characters of each completion sent so far (legacy logprobs' text_offset)
-            prompt_tokens, completion_tokens = 0, 0
+            offsets = [0] * len(reqs)  # characters of each choice's text sent so far (legacy logprobs' text_offset)
+            started = [not echo] * len(reqs)  # the echoed prompt goes first, with its log-probabilities
+            completion_tokens = 0
             events = choices()
             try:
                 async for i, ev in events:
@@ -333,6 +419,13 @@ class AlignerServer:
                         yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                               "param": None, "code": None}})
                         return
+                    if not started[i]:
+                        started[i] = True
+                        chunk = _chunk(kind, rid, created, body.model, prompt_of[i], None, index=i)
+                        if logprobs:
+                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.prompt_logprobs or [], 0)
+                        offsets[i] = len(prompt_of[i])
+                        yield _sse(chunk)
                     if ev.text or ev.logprobs:
                         chunk = _chunk(kind, rid, created, body.model, ev.text, None, index=i)
                         if logprobs:
@@ -341,13 +434,13 @@ class AlignerServer:
                         yield _sse(chunk)
                     if ev.finish is not None:
                         yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish, index=i))
-                        prompt_tokens, completion_tokens = ev.prompt_tokens, completion_tokens + ev.completion_tokens
+                        completion_tokens += ev.completion_tokens
             finally:
                 await events.aclose()
             if include_usage:
                 tail = _chunk(kind, rid, created, body.model, "", None)
                 tail["choices"] = []
-                tail["usage"] = usage(prompt_tokens, completion_tokens)
+                tail["usage"] = usage(completion_tokens)
                 yield _sse(tail)
             yield "data: [DONE]\n\n"
 
@@ -356,8 +449,9 @@ class AlignerServer:
 
     def logprobs_json(self, kind: str, entries: List[TokenLogprob], offset: int) -> Dict[str, Any]:
         """OpenAI's `logprobs` of a choice or chunk: chat's `content` list (token, logprob, bytes, top_logprobs), or
-        the legacy completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset`). A
-        token's text is its own decoding, as vLLM gives it: a piece of a multi-byte character reads as U+FFFD."""
+        the legacy completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset from `offset`; an
+        echoed prompt's first token has null for both). A token's text is its own decoding, as vLLM gives it: a piece
+        of a multi-byte character reads as U+FFFD."""
         text = self.tokenizer.decode
 
         def item(token: int, logprob: float) -> Dict[str, Any]:
@@ -370,7 +464,19 @@ class AlignerServer:
         tokens = [text([e.token]) for e in entries]
         offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{text([t]): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [None if e.logprob is None else {text([t]): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+    def tokenizer_info(self) -> Dict[str, Any]:
+        """vLLM's /tokenizer_info: the special tokens, the chat template, the context."""
+        tok = self.tokenizer
+
+        def token(i: Optional[int]) -> Optional[str]:
+            return tok.id_to_token(i) if i is not None else None
+
+        return {"tokenizer_class": type(tok).__name__, "bos_token": token(tok.bos_id), "eos_token": token(tok.eos_id),
+                "pad_token": token(tok.pad_id), "add_bos_token": tok.add_bos, "chat_template": tok.chat_template,
+                "model_max_length": self.engine.max_seq_length, "vocab_size": tok.vocab_size}
 
     # --- the app ------------------------------------------------------------------------------------------------------
 
@@ -429,14 +535,33 @@ class AlignerServer:
 
         @app.post("/v1/completions", dependencies=[auth])
         async def completions(body: CompletionBody, http: HTTPRequest):
-            prompt = body.prompt
-            if isinstance(prompt, list):
-                if len(prompt) != 1:
-                    raise APIError(400, f"one prompt per request, got a list of {len(prompt)}", param="prompt")
-                prompt = prompt[0]
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            return await self.run(body, http, None, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS)
+            return await self.run(body, http, None, body.prompts(), COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+        # vLLM's tokenizer endpoints (no key, as vLLM's: they tell only the base's tokenizer): clients that count
+        # tokens themselves (lm-evaluation-harness's `tokenizer_backend=remote`) need no copy of the tokenizer.
+        @app.post("/tokenize")
+        async def tokenize(body: TokenizeBody):
+            if (body.prompt is None) == (body.messages is None):
+                raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
+            if body.messages is not None:
+                try:
+                    ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages]))
+                except ValueError as e:
+                    raise APIError(400, str(e), param="messages") from None
+            elif body.add_special_tokens:
+                ids = encode_prompt(self.tokenizer, body.prompt)
+            else:
+                ids = self.tokenizer.encode(body.prompt, bos=False)
+            ids = ids.tolist()
+            return {"count": len(ids), "max_model_len": self.engine.max_seq_length, "tokens": ids, "token_strs": None}
+
+        @app.post("/detokenize")
+        async def detokenize(body: DetokenizeBody):
+            return {"prompt": self.tokenizer.decode(self.check_ids(body.tokens, param="tokens"))}
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info():
+            return self.tokenizer_info()
 
         @app.get("/", response_class=HTMLResponse)
         async def page():

@@ -18,6 +18,9 @@ waiting requests (iteration-level batching, as in Orca and vLLM):
   Rows whose Aligner starts at a later layer get zero gates below it.
 - The prefix keys and values of an Aligner are projected once when it is loaded (`AlignerRegistry`), copied into a
   row's buffers on admission: a step costs the same whether the batch holds one Aligner or sixteen.
+- A request may ask for its prompt's log-probabilities (`prompt_logprobs`, the completions API's `echo`): its row's
+  prefill hidden states go through the output head at every position, in chunks; with `max_tokens` 0 it only scores
+  the prompt and finishes at once (how lm-evaluation-harness scores continuations through an API).
 
 The engine runs in its own thread (`start()`); callers submit `Request`s from any thread and receive its events
 through the request's `emit` callback (the server forwards them into its event loop). Greedy rows are exactly what a
@@ -59,11 +62,12 @@ class ServedAligner:
 
 @dataclass
 class TokenLogprob:
-    """A generated token's log-probability under the model (the logits before temperature and top-p, as vLLM's
-    default), and the `Request.logprobs` most likely tokens with theirs, most likely first."""
+    """A token's log-probability under the model (the logits before temperature and top-p, as vLLM's default), and
+    the k most likely tokens at its position with theirs, most likely first. `logprob` is None for a prompt's first
+    token, which nothing predicts."""
 
     token: int
-    logprob: float
+    logprob: Optional[float]
     top: List[Tuple[int, float]]
 
 
@@ -72,7 +76,8 @@ class Event:
     """What the engine tells a request: `text` (a new piece of the answer, possibly ""), and at the end `finish` ("stop"
     or "length"; "error" with `error`) with the token counts. `logprobs`: the tokens generated since the last event,
     when the request asked for them (an end token that stopped the answer has none: it is not part of the text; a stop
-    string's tokens keep theirs though the text is cut before it)."""
+    string's tokens keep theirs though the text is cut before it). `prompt_logprobs`: every prompt token's entry, in
+    an event of its own before any text, when the request asked for them."""
 
     text: str = ""
     finish: Optional[str] = None
@@ -80,6 +85,7 @@ class Event:
     completion_tokens: int = 0
     error: Optional[str] = None
     logprobs: List[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: Optional[List[TokenLogprob]] = None
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
     logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token (None: off); max_tokens may then be 0
     arrival: float = field(default_factory=time.monotonic)  # when it was made (latency metrics)
     cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
 
@@ -101,6 +108,7 @@ class Request:
 
 
 SPAN_STEP = 64  # decode attends over the first ceil((longest row + 1) / 64) * 64 cache slots
+PROMPT_LOGITS_CHUNK = 512  # prompt positions put through the output head at once (a 32k vocabulary: 64 MiB of fp32)
 
 
 class QueueFull(Exception):
@@ -226,8 +234,8 @@ class Engine:
         n = len(req.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if req.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if req.max_tokens < (0 if req.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {req.max_tokens}")
         if n >= self.max_seq_length:
             raise ValueError(f"the prompt has {n} tokens; this server's context is {self.max_seq_length} tokens "
                              f"(prompt + completion): shorten the prompt")
@@ -335,9 +343,34 @@ class Engine:
         hidden = self.model(ids, input_pos=torch.arange(T, device=self.device), mask=causal,
                             aligner=self._prefix(slice(b, b + k)) or False, cache_rows=slice(b, b + k),
                             return_hidden=True)
-        last = hidden[torch.arange(k, device=self.device), lengths - 1]  # each row's last prompt token only
-        logits = torch.nn.functional.linear(last, self.model.lm_head_weight)
-        self._accept(self._sample(logits, group), group)
+        for i, r in enumerate(group):
+            if r.req.prompt_logprobs is not None:
+                r.req.emit(Event(prompt_logprobs=self._prompt_logprobs(r.req, hidden[i, :r.length - 1])))
+        live = [i for i, r in enumerate(group) if r.req.max_tokens > 0]
+        for r in group:
+            if r.req.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(r, "length")
+        if live:
+            rows = [group[i] for i in live]
+            last = hidden[torch.tensor(live, device=self.device), lengths[live] - 1]  # each last prompt token only
+            logits = torch.nn.functional.linear(last, self.model.lm_head_weight)
+            self._accept(self._sample(logits, rows), rows)
+
+    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> List[TokenLogprob]:
+        """The prompt's tokens' log-probabilities (and the `req.prompt_logprobs` most likely at each position) from
+        the prefill's hidden states at positions 0..len-2."""
+        ids = torch.tensor(list(req.prompt_ids[1:]), dtype=torch.long, device=self.device)
+        out = [TokenLogprob(int(req.prompt_ids[0]), None, [])]
+        k = req.prompt_logprobs
+        for s in range(0, len(ids), PROMPT_LOGITS_CHUNK):
+            lp = torch.log_softmax(torch.nn.functional.linear(hidden[s:s + PROMPT_LOGITS_CHUNK],
+                                                              self.model.lm_head_weight).float(), dim=-1)
+            part = ids[s:s + PROMPT_LOGITS_CHUNK]
+            chosen = lp.gather(1, part[:, None])[:, 0].tolist()
+            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for t, c, tv, ti in zip(part.tolist(), chosen, top_v.tolist(), top_i.tolist()):
+                out.append(TokenLogprob(t, c, list(zip(ti, tv))))
+        return out
 
     def _sample(self, logits: torch.Tensor, rows: Optional[List[_Row]] = None) -> List[int]:
         rows = rows if rows is not None else self.rows

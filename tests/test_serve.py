@@ -374,6 +374,63 @@ def test_n_choices_are_the_seeded_samples_of_single_requests(client, base_name):
     assert c.choices[0].text == c.choices[1].text and c.choices[1].logprobs.tokens  # greedy: the same twice
 
 
+def test_penalties_logit_bias_and_top_k_equal_a_reference_decoder(client, smollm2_dir, adir, tokenizer, base_name):
+    """presence / frequency / repetition penalties and logit_bias (greedy, with an Aligner) give exactly the tokens
+    of a plain decoding loop written here (full forward per token, the formulas of OpenAI's and transformers' docs);
+    the log-probabilities stay the raw model's; top_k 1 samples the greedy answer."""
+    from collections import Counter
+
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.base import load_base
+
+    model, _ = load_base(smollm2_dir, device="cpu")
+    aligner, _ = load_aligner(adir / "a3.safetensors", model)
+    prompt = "Say it again and again: la la la la la la la la"
+    ids = tokenizer.encode(prompt).tolist()
+
+    def reference(n, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
+        seq, out, counts, raw = list(ids), [], Counter(), []
+        for _ in range(n):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]), aligner=aligner)[0, -1].float()
+            lp = torch.log_softmax(logits, -1)
+            for t in set(seq):
+                if repetition != 1.0:
+                    logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+            for t, c in counts.items():
+                logits[t] -= frequency * c + presence
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            t = int(logits.argmax())
+            if t in tokenizer.stop_ids:
+                break
+            out.append(t)
+            raw.append(float(lp[t]))
+            seq.append(t)
+            counts[t] += 1
+        return out, raw
+
+    plain = client.completions.create(model="a3", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+    first = reference(1)[0][0]
+    cases = [dict(repetition=1.3), dict(presence=0.5, frequency=0.8), dict(bias={first: -100.0, 28: 3.0})]
+    for case in cases:
+        kw = dict(presence_penalty=case.get("presence", 0.0), frequency_penalty=case.get("frequency", 0.0),
+                  logit_bias={str(t): b for t, b in case.get("bias", {}).items()} or None)
+        r = client.completions.create(model="a3", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                      extra_body={"repetition_penalty": case.get("repetition", 1.0)},
+                                      **{k: v for k, v in kw.items() if v is not None})
+        tokens, raw = reference(10, **case)
+        assert r.choices[0].text == tokenizer.decode(tokens) != plain, case
+        assert r.choices[0].logprobs.token_logprobs == pytest.approx(raw, abs=2e-3), case  # raw, not penalised
+    sampled = client.completions.create(model="a3", prompt=prompt, max_tokens=10, temperature=1.0, seed=5,
+                                        extra_body={"top_k": 1})
+    assert sampled.choices[0].text == plain
+    for bad, match in [(dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
+                       (dict(logit_bias={"5": 101}), "logit_bias"), (dict(presence_penalty=2.5), "presence_penalty"),
+                       (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty")]:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=base_name, prompt="hi", max_tokens=2, **bad)
+
 def test_seed_gives_the_same_sample(client, base_name):
     a, b, c = (chat(client, base_name, "Tell me a story.", temperature=1.0, seed=s, max_tokens=16)
                .choices[0].message.content for s in (7, 7, 8))
@@ -393,8 +450,8 @@ def test_error_paths(server, client, base_name):
         chat(client, base_name, "hi", max_tokens=600)
     with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 16"):
         chat(client, base_name, "hi", n=17)
-    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
-        chat(client, base_name, "hi", presence_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        chat(client, base_name, "hi", extra_body={"best_of": 2})
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         chat(client, base_name, "hi", top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):

@@ -155,6 +155,34 @@ def test_prompt_logprobs_in_a_shared_prefill(base, monkeypatch):
     with pytest.raises(ValueError, match="max_tokens"):
         engine.check(Request(ids[0], 0, print))
 
+
+def test_penalised_rows_in_a_batch_equal_each_alone(base):
+    """Rows with penalties or a logit bias decoded beside plain rows (greedy and sampled) get what each gets alone; a
+    repetition penalty and a logit bias change the greedy answer (this random model rarely repeats a token, so the
+    presence and frequency penalties are checked against a reference decoder in test_serve.py)."""
+    from lit_aligner.generation.engine import Penalties
+
+    model, tok = base
+    ids = prompts_for(tok, TEXTS)
+    kinds = [Penalties(repetition=1.5), Penalties(presence=1.0, frequency=1.0), Penalties(),
+             Penalties(logit_bias=((5, 100.0), (7, -100.0))), Penalties(frequency=2.0)]
+
+    def make(i, emit):
+        sampling = Sampling(temperature=0.9) if i % 2 else Sampling()
+        return Request(ids[i], 8, emit, penalties=kinds[i], sampling=sampling, seed=i, stop_ids=set())
+
+    together = [Collect() for _ in ids]
+    run(Engine(model, tok, max_batch=5, max_seq_length=256), [make(i, c) for i, c in enumerate(together)])
+    for i in range(len(ids)):
+        alone, plain = Collect(), Collect()
+        run(Engine(model, tok, max_batch=1, max_seq_length=256), [make(i, alone)])
+        assert together[i].text == alone.text, i
+        if i in (0, 3):
+            req = make(i, plain)
+            req.penalties = Penalties()
+            run(Engine(model, tok, max_batch=1, max_seq_length=256), [req])
+            assert plain.text != alone.text, i
+
 def test_aligners_change_the_answer(base):
     model, tok = base
     ids = prompts_for(tok, TEXTS[:1])[0]

@@ -110,6 +110,39 @@ def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optio
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """The logits processing of the OpenAI API and vLLM, before temperature and sampling (see `penalize`): `presence`
+    and `frequency` (OpenAI's -2 to 2) lower the logit of every token already generated, by `presence` once and by
+    `frequency` per occurrence; `repetition` (vLLM's and transformers', > 0, 1 = off) divides a positive logit and
+    multiplies a negative one for every token of the prompt or the output; `logit_bias` adds (token, bias) pairs."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence or self.frequency or self.repetition != 1.0 or self.logit_bias)
+
+
+def penalize(logits: torch.Tensor, p: Penalties, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """logits: (vocab,) of one row -> the processed logits (fp32). counts: (vocab,) how often each token was generated
+    so far; seen: (vocab,) bool, the tokens of the prompt or the output (what the repetition penalty looks at)."""
+    logits = logits.float()
+    if p.repetition != 1.0:
+        hit = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
+        logits = torch.where(seen, hit, logits)
+    if p.frequency or p.presence:
+        logits = logits - p.frequency * counts - p.presence * (counts > 0).float()
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prefill and one decoding step
 

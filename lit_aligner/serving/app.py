@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lit_aligner.generation.engine import Sampling
+from lit_aligner.generation.engine import Penalties, Sampling
 from lit_aligner.prompts import correction_prompt, encode_prompt, flatten, get_template, is_correction, join_input
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
@@ -40,8 +40,8 @@ from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAli
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
-UNSUPPORTED = ("logit_bias", "tools", "functions", "presence_penalty", "frequency_penalty", "best_of", "echo",
-               "suffix")  # (completions declare `echo`: only chat gets a 400 for it)
+UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix")  # (completions declare `echo`: chat gets the 400)
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch
 
@@ -85,6 +85,11 @@ class _Body(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)  # vLLM's extra: -1, 0 or none for every token
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extra (transformers' meaning); 1 is off
+    logit_bias: Optional[Dict[str, float]] = None  # token id (as a string) -> bias in [-100, 100]
     seed: Optional[int] = None
     stop: Union[str, List[str], None] = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -103,6 +108,18 @@ class _Body(BaseModel):
         for name in UNSUPPORTED:
             if (self.model_extra or {}).get(name) not in (None, False, 0, [], {}):
                 raise APIError(400, f"'{name}' is not supported by this server", param=name)
+
+    def penalties(self) -> Penalties:
+        bias = []
+        if len(self.logit_bias or {}) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}",
+                           param="logit_bias")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias maps token ids (as strings) to biases in [-100, 100], got "
+                                    f"{key!r}: {value}", param="logit_bias")
+            bias.append((int(key), float(value)))
+        return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty, tuple(sorted(bias)))
 
     def top_logprobs_k(self) -> Optional[int]:
         """None: no log-probabilities; k: each token's and its k most likely alternatives'."""
@@ -217,12 +234,14 @@ class AlignerServer:
             raise APIError(400, f"the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "
                                 f"context of {self.engine.max_seq_length} tokens: lower max_tokens or shorten the "
                                 f"prompt", param="max_tokens", code="context_length_exceeded")
-        sampling = Sampling(body.temperature, None, body.top_p if body.top_p < 1 else None)
+        sampling = Sampling(body.temperature, body.top_k if body.top_k and body.top_k > 0 else None,
+                            body.top_p if body.top_p < 1 else None)
         k = body.top_logprobs_k()
         max_tokens = min(max_tokens if max_tokens is not None else default_max or room, room)
         # echo scores the prompt when logprobs are asked for, or when there is nothing else to do (max_tokens 0)
         scored = body.echo_prompt() and (k is not None or max_tokens == 0)
-        return Request(ids, max_tokens, emit=lambda ev: None, aligner=aligner, sampling=sampling, seed=body.seed,
+        return Request(ids, max_tokens, emit=lambda ev: None, aligner=aligner, sampling=sampling,
+                       penalties=body.penalties(), seed=body.seed,
                        stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 

@@ -27,6 +27,7 @@ through the request's `emit` callback (the server forwards them into its event l
 request served alone gets (same kernels, rows independent); sampled rows draw from their own seeded generator.
 """
 
+import math
 import threading
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from typing import Callable, Deque, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from lit_aligner.generation.engine import Sampling, check_sampling, draw_noise, sample
+from lit_aligner.generation.engine import Penalties, Sampling, check_sampling, draw_noise, penalize, sample
 from lit_aligner.model import LLaMA, PrefixKV
 
 
@@ -95,6 +96,7 @@ class Request:
     emit: Callable[[Event], None]
     aligner: Optional[ServedAligner] = None
     sampling: Sampling = Sampling()
+    penalties: Penalties = Penalties()  # presence / frequency / repetition penalties, logit bias (before sampling)
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
@@ -118,7 +120,7 @@ class QueueFull(Exception):
 class _Row:
     """The decoding state of one admitted request."""
 
-    def __init__(self, req: Request, tokenizer, device: torch.device):
+    def __init__(self, req: Request, tokenizer, device: torch.device, vocab: int):
         self.req = req
         self.length = len(req.prompt_ids)  # tokens in the cache (the next token is written at this slot)
         self.generated = 0
@@ -133,6 +135,11 @@ class _Row:
         self.last = -1  # the token to feed next
         self.finished = False
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
+        self.counts = self.seen = None  # for penalties: how often each token was generated; prompt + output tokens
+        if req.penalties.active:
+            self.counts = torch.zeros(vocab, device=device)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(req.prompt_ids), device=device)] = True
 
     def take_logprobs(self) -> List[TokenLogprob]:
         taken, self.logprobs = self.logprobs, []
@@ -231,6 +238,15 @@ class Engine:
     def check(self, req: Request) -> None:
         """ValueError for a request that can never run (the server answers 400)."""
         check_sampling(req.sampling.temperature, req.sampling.top_k, req.sampling.top_p)
+        p = req.penalties
+        if not (math.isfinite(p.repetition) and p.repetition > 0) or not all(map(math.isfinite, (p.presence,
+                                                                                                   p.frequency))):
+            raise ValueError("penalties must be finite numbers, and repetition_penalty > 0")
+        vocab = self.model.lm_head_weight.shape[0]
+        for token, bias in p.logit_bias:
+            if not 0 <= token < vocab or not math.isfinite(bias):
+                raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0 to {vocab - 1}) or its "
+                                 f"bias is not a finite number")
         n = len(req.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -302,7 +318,7 @@ class Engine:
         for req in admit:
             if req.cancelled:
                 continue
-            row = _Row(req, self.tokenizer, self.device)
+            row = _Row(req, self.tokenizer, self.device, self.model.lm_head_weight.shape[0])
             longest = max([row.length] + [r.length for r in group])
             if group and (len(group) + 1) * longest > self.max_prefill_tokens:
                 self._prefill(group)
@@ -372,8 +388,16 @@ class Engine:
                 out.append(TokenLogprob(t, c, list(zip(ti, tv))))
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: Optional[List[_Row]] = None) -> List[int]:
+    def _sample(self, raw: torch.Tensor, rows: Optional[List[_Row]] = None) -> List[int]:
+        """The next token of each row, from its processed logits (penalties, logit bias); log-probabilities of the
+        raw ones."""
         rows = rows if rows is not None else self.rows
+        logits = raw
+        if any(r.counts is not None for r in rows):
+            logits = raw.float().clone()  # raw stays raw (float() of fp32 is no copy)
+            for i, r in enumerate(rows):
+                if r.counts is not None:
+                    logits[i] = penalize(raw[i], r.req.penalties, r.counts, r.seen)
         out = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
             s = r.req.sampling
@@ -382,7 +406,7 @@ class Engine:
                 out[i] = int(sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, noise))
         want = [i for i, r in enumerate(rows) if r.req.logprobs is not None]
         if want:  # one log-softmax and top-k over the rows that asked
-            lp = torch.log_softmax(logits[want].float(), dim=-1)
+            lp = torch.log_softmax(raw[want].float(), dim=-1)
             chosen = lp.gather(1, torch.tensor([[out[i]] for i in want], device=lp.device))[:, 0].tolist()
             top_v, top_i = lp.topk(max(rows[i].req.logprobs for i in want), dim=-1)
             top_v, top_i = top_v.tolist(), top_i.tolist()
@@ -396,6 +420,9 @@ class Engine:
         for r, t in zip(rows if rows is not None else self.rows, tokens):
             r.last = t
             r.generated += 1
+            if r.counts is not None:
+                r.counts[t] += 1
+                r.seen[t] = True
             req = r.req
             if t in req.stop_ids:
                 if req.logprobs is not None:

@@ -275,3 +275,14 @@ def test_out_refuses_an_input_and_an_existing_file(tiny_checkpoint_dir, aligners
     (tmp_path / "x.json").write_text("{}")
     p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--out", tmp_path / "x.json")
     assert p.returncode == 1 and "--force" in p.stderr
+
+
+def test_registering_our_lm_keeps_lm_evals_own_models():
+    """lm_eval fills its registry with its own models only while it is empty: registering `lit-aligner` must not
+    hide them (`local-completions` evaluates a served Aligner)."""
+    pytest.importorskip("lm_eval")
+    import lit_aligner.evaluation.harness  # noqa: F401
+    from lm_eval.api.registry import get_model
+
+    assert get_model("lit-aligner").__name__ == "AlignerLM"
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"

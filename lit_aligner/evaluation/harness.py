@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lit_aligner.model import Aligner, LLaMA, stack_aligners
 
 try:
+    import lm_eval.models  # noqa: F401  lm_eval lists its own models only into an empty registry: fill it before ours
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:  # the `eval` extra is not installed: the module still imports, the LM cannot be used

@@ -9,6 +9,12 @@ the case, time to first token and request latency (p50, p95). Targets: "differen
 concurrency, and 8 concurrent clients >= 3x the throughput of serving the same requests one after another (the
 1-client case, which is what a user gets from `generate/aligner.py` or a server without batching).
 
+Then the stall a long prompt causes: while --stall-clients clients stream, one more request arrives with a prompt of
+--long-prompt-tokens tokens. Reported: the longest gap between two tokens of the streaming clients from its arrival to
+its first token (what they wait while it is prefilled), and its own time to first token; for our server with
+--max-prefill-tokens 2048 (the default: the prompt prefilled in one forward) and --chunk-tokens (chunked prefill, one
+chunk per decode step), and for the peer (`--long-prompt-tokens 0` skips this).
+
 The peer, in the same run (`--no-peer` skips it): `transformers serve --continuous-batching` (transformers' own
 OpenAI-compatible server, paged attention) on the same base, exported with scripts/export_hf.py in the same dtype, the
 same clients and requests (`min_new_tokens` through its `generation_config` field for the exact length). It serves no
@@ -80,6 +86,65 @@ def exact_length(server: str, max_tokens: int) -> Dict[str, Any]:
     return {"ignore_eos": True}
 
 
+def long_prompt(checkpoint_dir: Path, tokens: int) -> str:
+    """A user message of about `tokens` tokens of the base's tokenizer (the same tokenizer for the peer)."""
+    from lit_aligner.base import load_tokenizer
+
+    tok = load_tokenizer(checkpoint_dir)
+    sentence = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
+    per = max(1, len(tok.encode(sentence, bos=False)))
+    text = sentence * (tokens // per + 1)
+    ids = tok.encode(text, bos=False)[:tokens]
+    return tok.decode(ids)
+
+
+async def stall_case(base_url: str, model: str, clients: int, max_tokens: int, long_text: str,
+                     extra_body: Dict[str, Any]) -> Dict[str, Any]:
+    """`clients` greedy streams of max_tokens tokens; once each has its first token, one request with the long prompt
+    (1 token). The longest gap between two tokens of a stream while the long request waits for its first token, the
+    longest gap over the whole case, and the long request's time to first token."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+    gaps: List[tuple] = []
+    streaming, window = asyncio.Event(), {}
+    started = [0]
+
+    async def stream(c: int) -> None:
+        last = None
+        s = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPTS[c % len(PROMPTS)]}], max_tokens=max_tokens,
+            temperature=0, stream=True, extra_body=extra_body)
+        async for chunk in s:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                if last is None:
+                    started[0] += 1
+                    if started[0] == clients:
+                        streaming.set()
+                else:
+                    gaps.append((last, now))
+                last = now
+
+    async def long_request() -> None:
+        await streaming.wait()
+        window["sent"] = time.perf_counter()
+        s = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": long_text}], max_tokens=1, temperature=0, stream=True)
+        async for chunk in s:
+            if "first" not in window and chunk.choices and chunk.choices[0].delta.content is not None:
+                window["first"] = time.perf_counter()
+        window.setdefault("first", time.perf_counter())
+
+    await asyncio.gather(*(stream(c) for c in range(clients)), long_request())
+    await client.close()
+    sent, first = window["sent"], window["first"]
+    during = [b - a for a, b in gaps if b >= sent and a <= first]
+    return {"stall_max_gap_s": max(during, default=float("nan")),
+            "max_gap_s": max((b - a for a, b in gaps), default=float("nan")), "long_ttft_s": first - sent,
+            "streams_outlasted_it": max((b for _, b in gaps), default=0.0) > first}
+
+
 async def run_case(base_url: str, models: List[str], requests_per_client: int, max_tokens: int,
                    extra_body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """len(models) clients at once, client c using models[c]; each sends its requests one after another."""
@@ -126,6 +191,10 @@ def main(
     device: str = "auto",
     dtype: str = "auto",
     peer: bool = True,
+    long_prompt_tokens: int = 1800,
+    chunk_tokens: int = 256,
+    stall_clients: int = 8,
+    stall_max_tokens: int = 96,
     out: Optional[Path] = None,
     force: bool = False,
 ) -> Dict[str, Any]:
@@ -145,6 +214,10 @@ def main(
         dtype: the server's --dtype (the peer gets the same weights in the same dtype).
         peer: also measure `transformers serve --continuous-batching` on the same base (the bare base: it serves no
             adapters); --no-peer skips it.
+        long_prompt_tokens: tokens of the prompt that arrives during decoding in the stall case (0 skips the case).
+        chunk_tokens: our server's --max-prefill-tokens in the chunked row of the stall case.
+        stall_clients: clients streaming when the long prompt arrives.
+        stall_max_tokens: tokens each of them streams.
         out: JSON results file (default benchmarks/results/serve-<model>-<machine>.json).
         force: replace an existing results file.
     """
@@ -165,6 +238,9 @@ def main(
     if min(clients) < 1 or requests_per_client < 1 or sequential_requests < 1 or max_tokens < 1 or aligners < 1:
         raise BenchmarkError("--clients, --requests-per-client, --sequential-requests, --max-tokens and --aligners "
                              "must be >= 1")
+    if long_prompt_tokens < 0 or chunk_tokens < 1 or stall_clients < 1 or stall_max_tokens < 2:
+        raise BenchmarkError("--long-prompt-tokens must be >= 0, --chunk-tokens and --stall-clients >= 1, "
+                             "--stall-max-tokens >= 2")
     if not (Path(checkpoint_dir) / "config.json").is_file():
         raise BenchmarkError(f"--checkpoint-dir {checkpoint_dir}: no converted model there (config.json missing); "
                              f"run python scripts/convert_gguf.py --default")
@@ -194,6 +270,26 @@ def main(
         except Exception as e:  # a server that dropped a connection: its last lines say why
             raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
 
+    context = min(load_config(checkpoint_dir).block_size, DEFAULT_MAX_SEQ_LENGTH)
+    if long_prompt_tokens and long_prompt_tokens + 16 >= context:
+        raise BenchmarkError(f"--long-prompt-tokens {long_prompt_tokens}: the server's context is {context} tokens; "
+                             f"give at most {context - 17} (or 0 to skip the stall case)")
+    long_text = long_prompt(Path(checkpoint_dir), long_prompt_tokens) if long_prompt_tokens else ""
+    stalls: List[Dict[str, Any]] = []
+
+    def stall(server, label: str, model: str, budget: int) -> None:
+        if not long_prompt_tokens:
+            return
+        try:
+            result = asyncio.run(stall_case(server.base_url, model, stall_clients, stall_max_tokens, long_text,
+                                            exact_length(label, stall_max_tokens)))
+        except Exception as e:
+            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+        stalls.append({"server": label, "prefill_budget": budget, "clients": stall_clients,
+                       "long_prompt_tokens": long_prompt_tokens, **result})
+        print(f"{label}, prefill budget {budget}: a {long_prompt_tokens}-token prompt stalled {stall_clients} "
+              f"streams for up to {result['stall_max_gap_s']:.2f} s", file=sys.stderr)
+
     tmp = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))
     rows: List[Dict[str, Any]] = []
     try:
@@ -206,6 +302,12 @@ def main(
         with ServerProcess(args) as server:
             measure(server, "lit-aligner", {"different": different, "1 shared": ["shared"], "bare base": [name]},
                     warm_up=[different + ["shared"]])  # loads every Aligner, allocates the cache
+            stall(server, "lit-aligner", name, ServeConfig.max_prefill_tokens)
+        if long_prompt_tokens:
+            chunked = args + ["--max-prefill-tokens", str(chunk_tokens)]
+            with ServerProcess(chunked) as server:
+                asyncio.run(run_case(server.base_url, [name] * stall_clients, 1, 2))  # warm up
+                stall(server, "lit-aligner", name, chunk_tokens)
         if peer:
             from lit_aligner.convert.export import export_hf
 
@@ -214,7 +316,6 @@ def main(
             # The KV-cache room and the prefill budget of ours (max_batch rows of the server's context, its
             # --max-prefill-tokens): left to size its cache from free memory, transformers spent 15-20 s of a CPU
             # on it at the first request.
-            context = min(load_config(checkpoint_dir).block_size, DEFAULT_MAX_SEQ_LENGTH)
             command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
                        "--continuous-batching", "--device", str(dev), "--dtype", "auto",
                        "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
@@ -223,6 +324,7 @@ def main(
                 # its first request starts the batching manager: alone, then a batch
                 measure(server, PEER, {"bare base": [str(hf_dir)]},
                         warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
+                stall(server, PEER, str(hf_dir), ServeConfig.max_prefill_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -242,10 +344,16 @@ def main(
     table = format_table(rows, columns)
     print(f"serving {name}: {max_tokens} tokens per request, --max-batch {max_batch}")
     print(table)
+    stall_table = format_table(stalls, ["server", "prefill_budget", "clients", "long_prompt_tokens", "stall_max_gap_s",
+                                        "long_ttft_s", "max_gap_s"]) if stalls else ""
+    if stalls:
+        print(f"a {long_prompt_tokens}-token prompt arriving while {stall_clients} clients stream "
+              f"{stall_max_tokens} tokens each:")
+        print(stall_table)
     payload = {"benchmark": "serve", "model": name, "max_tokens": max_tokens, "max_batch": max_batch,
                "n_tokens": n_tokens, "machine": machine_info(dev), "peers": [PEER] if peer else [],
                **({"peer_versions": {"transformers": transformers.__version__}} if peer else {}), "rows": rows,
-               "table": table}
+               "table": table, "stall_rows": stalls, "stall_table": stall_table}
     write_json(path, payload)
     print(f"wrote {path}")
     return payload

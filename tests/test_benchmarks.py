@@ -200,7 +200,8 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
     out = tmp_path / "serve.json"
     payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[1, 3], requests_per_client=1,
                                         sequential_requests=2, max_tokens=3, aligners=3, n_tokens=4, max_batch=4,
-                                        device="cpu", out=out)
+                                        device="cpu", long_prompt_tokens=40, chunk_tokens=8, stall_clients=2,
+                                        stall_max_tokens=6, out=out)
     rows = json.loads(out.read_text())["rows"]
     assert rows == payload["rows"] and payload["peers"] == ["transformers serve"]
     ours, peer = "lit-aligner", "transformers serve"
@@ -214,7 +215,14 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
         same = next(p for p in rows if p["server"] == peer and p["clients"] == r["clients"])
         assert r["x_peer"] == pytest.approx(r["tokens_per_s"] / same["tokens_per_s"])
     assert rows[0]["x_sequential"] == 1 and rows[3]["x_shared"] == 1 and rows[5]["x_sequential"] == 1
-    assert "tokens_per_s" in capsys.readouterr().out
+    # the stall case: our server prefilling the long prompt whole (budget 2048) and in chunks of 8, then the peer
+    stalls = payload["stall_rows"]
+    assert [(s["server"], s["prefill_budget"]) for s in stalls] == [(ours, 2048), (ours, 8), (peer, 2048)]
+    for s in stalls:
+        assert s["clients"] == 2 and s["long_prompt_tokens"] == 40 and s["long_ttft_s"] > 0
+        assert 0 < s["max_gap_s"] and s["stall_max_gap_s"] <= s["max_gap_s"]
+    out_text = capsys.readouterr().out
+    assert "tokens_per_s" in out_text and "stall_max_gap_s" in out_text
 
 
 def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_dir, tmp_path):
@@ -222,8 +230,9 @@ def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_d
     pytest.importorskip("fastapi")
     payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[2], requests_per_client=1,
                                         max_tokens=2, aligners=2, n_tokens=2, max_batch=2, device="cpu", peer=False,
-                                        out=tmp_path / "serve.json")
+                                        long_prompt_tokens=0, out=tmp_path / "serve.json")
     assert {r["server"] for r in payload["rows"]} == {"lit-aligner"} and payload["peers"] == []
+    assert payload["stall_rows"] == []  # --long-prompt-tokens 0 skips the stall case
     assert all(r["x_peer"] is None for r in payload["rows"])
 
 

@@ -87,33 +87,39 @@ def test_mixed_batch_equals_generate_alone(base):
 
 
 def test_admitted_requests_are_prefilled_together_within_the_token_budget(base):
-    """Requests admitted at one boundary share prefill forwards of at most max_prefill_tokens padded tokens (a longer
-    prompt goes alone), and every row still gets exactly what `generate` gives it alone."""
+    """Requests admitted at one boundary share prefill forwards of at most max_prefill_tokens padded tokens; a longer
+    prompt is prefilled in chunks of that many tokens, one per step, while the other rows decode; every row still gets
+    exactly what `generate` gives it alone."""
     model, tok = base
     ids = prompts_for(tok, TEXTS)
     lengths = sorted(len(p) for p in ids)
-    budget = 2 * lengths[-2]  # two of the shorter prompts fit together; the longest one does not fit beside any
+    budget = 2 * lengths[-2]  # two of the shorter prompts fit together; the longest one does not fit at all
+    assert lengths[-1] > budget
     engine = Engine(model, tok, max_batch=5, max_seq_length=256, max_prefill_tokens=budget)
-    groups, prefill = [], engine._prefill
+    groups, chunks, prefill, prefill_chunk = [], [], engine._prefill, engine._prefill_chunk
+    outs = [Collect() for _ in ids]
     engine._prefill = lambda group: (groups.append([r.length for r in group]), prefill(group))
+    engine._prefill_chunk = lambda r: (chunks.append((r.length, sum(len(c.pieces) for c in outs))), prefill_chunk(r))
     aligner = random_aligner(model, 3, 1, 5)
     served = ServedAligner.project(model, "a", aligner)
-    outs = [Collect() for _ in ids]
     run(engine, [Request(p, 5, c, aligner=served if i % 2 else None) for i, (p, c) in enumerate(zip(ids, outs))])
-    assert sum(map(len, groups)) == len(ids) and max(map(len, groups)) >= 2
-    assert all(len(g) == 1 or len(g) * max(g) <= budget for g in groups), groups
-    assert [lengths[-1]] in groups  # the longest prompt was prefilled alone
+    assert sum(map(len, groups)) == len(ids) - 1 and max(map(len, groups)) >= 2
+    assert all(len(g) * max(g) <= budget for g in groups), groups
+    # the longest prompt: chunks of `budget` tokens at successive steps, the others' tokens arriving in between
+    assert [s for s, _ in chunks] == list(range(0, lengths[-1], budget)) and len(chunks) >= 2
+    assert all(a < b for (_, a), (_, b) in zip(chunks, chunks[1:])), chunks
     for i, (p, c) in enumerate(zip(ids, outs)):
         ref = generate(model, [torch.tensor(p)], 5, aligners=[aligner if i % 2 else None])[0]
         assert c.text == tok.decode(ref), i
 
 
 
-def test_prompt_logprobs_in_a_shared_prefill(base, monkeypatch):
+@pytest.mark.parametrize("budget", [2048, 7])
+def test_prompt_logprobs_in_a_shared_prefill(base, monkeypatch, budget):
     """Rows that score their prompt (`prompt_logprobs`, max_tokens 0 or more) prefilled in one right-padded forward
-    with plain rows: each prompt token's log-probability and top alternatives equal a forward pass over that prompt
-    alone (padding unread, the output head run in chunks of 3 positions here); a scoring-only row finishes at once
-    with no token; the other rows still get what `generate` gives them."""
+    with plain rows, or in chunks of 7 tokens: each prompt token's log-probability and top alternatives equal a
+    forward pass over that prompt alone (padding unread, the output head run in pieces of 3 positions here); a
+    scoring-only row finishes at once with no token; the other rows still get what `generate` gives them."""
     import lit_aligner.serving.engine as engine_module
 
     monkeypatch.setattr(engine_module, "PROMPT_LOGITS_CHUNK", 3)
@@ -126,7 +132,7 @@ def test_prompt_logprobs_in_a_shared_prefill(base, monkeypatch):
             Request(ids[1], 4, events[1].append, prompt_logprobs=0, logprobs=1),
             Request(ids[2], 4, events[2].append, aligner=served),
             Request(ids[3], 0, events[3].append, prompt_logprobs=1)]
-    engine = Engine(model, tok, max_batch=4, max_seq_length=256)
+    engine = Engine(model, tok, max_batch=4, max_seq_length=256, max_prefill_tokens=budget)
     run(engine, reqs)
     for p, req, evs in zip(ids, reqs, events):
         scored = [e.prompt_logprobs for e in evs if e.prompt_logprobs is not None]

@@ -37,7 +37,8 @@ class ServeConfig:
     """requests waiting beyond those; past it a request gets 429."""
     max_prefill_tokens: int = 2048
     """prompt tokens (padded to the longest) of the requests admitted together that one prefill forward takes (as
-    vLLM's --max-num-batched-tokens); a longer prompt is prefilled alone. Bounds the prefill's activation memory."""
+    vLLM's --max-num-batched-tokens); a longer prompt is prefilled in chunks of this many tokens, one chunk per step,
+    while the other rows keep decoding. Bounds the prefill's activation memory and the stall a long prompt causes."""
     max_loaded_aligners: int = 64
     """Aligners kept loaded (LRU); others are reloaded from their file on use."""
     max_seq_length: Optional[int] = None

@@ -8,9 +8,12 @@ waiting requests (iteration-level batching, as in Orca and vLLM):
   prefilled together into the next free slots (`model(..., cache_rows=slice(b, b + k))`), right-padded, in groups of
   at most `max_prefill_tokens` padded tokens (one forward instead of one per request: 32 SmolLM2 requests on a 2-core
   CPU took 4.7 s one by one, 2.7 s together, beside 5-6 s for their 30 decode steps); a row's pad slots lie past its
-  length, where decoding writes before it attends. The decode step then runs the first n_active rows together, each
-  at its own position (per-row `input_pos`). A finished row is replaced by the last active row (its cache copied up
-  to its length), so the batch stays one contiguous slice and never attends over dead rows.
+  length, where decoding writes before it attends. A prompt longer than `max_prefill_tokens` is prefilled in chunks
+  of that many tokens, one chunk per step boundary, each attending to the row's slots so far (chunked prefill, as
+  vLLM's and Sarathi's): the other rows keep decoding in between instead of waiting for the whole prompt. The decode
+  step then runs the first n_active rows together, each at its own position (per-row `input_pos`). A finished row is
+  replaced by the last active row (its cache copied up to its length), so the batch stays one contiguous slice and
+  never attends over dead rows (a row still prefilling rides along with a pad token, its output dropped).
 - Aligners of different N share one batch: every row's prefix keys and values sit in buffers of `max_tokens_per_row`
   slots, padded and masked (`PrefixKV.mask`). Grouping by N would split the batch (and the throughput) as soon as
   two sizes are served; padding costs attention over at most 10 prefix slots instead of N, nothing next to the
@@ -123,6 +126,8 @@ class _Row:
     def __init__(self, req: Request, tokenizer, device: torch.device, vocab: int):
         self.req = req
         self.length = len(req.prompt_ids)  # tokens in the cache (the next token is written at this slot)
+        self.prefilling = False  # a long prompt prefilled in chunks: not decoded until its last chunk
+        self.prompt_entries: List[TokenLogprob] = []  # its prompt's log-probabilities so far (prompt_logprobs)
         self.generated = 0
         self.decoder = tokenizer.stream_decoder()
         self.text = ""  # decoded so far
@@ -149,7 +154,7 @@ class _Row:
 class Engine:
     """The scheduler and decode loop (see the module docstring). `max_seq_length`: the KV cache length per row
     (prompt + completion); `max_batch`: rows decoded together; `max_queue`: requests waiting beyond those (QueueFull
-    past it); `max_prefill_tokens`: padded prompt tokens prefilled in one forward (a longer prompt goes alone)."""
+    past it); `max_prefill_tokens`: padded prompt tokens prefilled in one forward (a longer prompt: in chunks)."""
 
     def __init__(self, model: LLaMA, tokenizer, *, max_batch: int = 16, max_seq_length: Optional[int] = None,
                  max_queue: int = 64, max_prefix_tokens: int = 10, max_prefill_tokens: int = 2048):
@@ -320,29 +325,41 @@ class Engine:
                 continue
             row = _Row(req, self.tokenizer, self.device, self.model.lm_head_weight.shape[0])
             longest = max([row.length] + [r.length for r in group])
-            if group and (len(group) + 1) * longest > self.max_prefill_tokens:
+            if group and (row.length > self.max_prefill_tokens or (len(group) + 1) * longest > self.max_prefill_tokens):
                 self._prefill(group)
                 group = []
             self._set_prefix(len(self.rows), req.aligner)
             self.rows.append(row)
-            group.append(row)
+            if row.length > self.max_prefill_tokens:  # chunked, from the next line on
+                row.length, row.prefilling = 0, True
+            else:
+                group.append(row)
         if group:
             self._prefill(group)
+        chunked = next((r for r in self.rows if r.prefilling and not r.req.cancelled), None)
+        if chunked is not None:  # one chunk per step boundary: the other rows keep decoding in between
+            self._prefill_chunk(chunked)
         self._retire(lambda r: r.req.cancelled or r.finished)
-        if not self.rows:
+        if not any(not r.prefilling for r in self.rows):
             return
         n = len(self.rows)
         rows = slice(0, n)
-        token = torch.tensor([[r.last] for r in self.rows], device=self.device)
+        # A row still prefilling rides along (the batch is one contiguous slice): it is fed a pad token whose key and
+        # value its next chunk overwrites, and its output is dropped.
+        token = torch.tensor([[0 if r.prefilling else r.last] for r in self.rows], device=self.device)
         pos = torch.tensor([[r.length] for r in self.rows], device=self.device)
         # Attend over the slots up to the longest row only (rounded up, so few shapes): not the whole cache.
         span = min(-(-(max(r.length for r in self.rows) + 1) // SPAN_STEP) * SPAN_STEP, self.max_seq_length)
         mask = (torch.arange(span, device=self.device)[None, :] <= pos)[:, None, None, :]  # (n, 1, 1, span)
         logits = self.model(token, input_pos=pos, aligner=self._prefix(rows) or False, mask=mask,
                             positions=pos, cache_rows=rows)[:, -1]
-        for r in self.rows:
+        live = [i for i, r in enumerate(self.rows) if not r.prefilling]
+        decoded = [self.rows[i] for i in live]
+        for r in decoded:
             r.length += 1
-        self._accept(self._sample(logits))
+        if len(live) < n:
+            logits = logits[torch.tensor(live, device=self.device)]
+        self._accept(self._sample(logits, decoded), decoded)
         self._retire(lambda r: r.req.cancelled or r.finished)
         self.steps += 1
 
@@ -361,22 +378,46 @@ class Engine:
                             return_hidden=True)
         for i, r in enumerate(group):
             if r.req.prompt_logprobs is not None:
-                r.req.emit(Event(prompt_logprobs=self._prompt_logprobs(r.req, hidden[i, :r.length - 1])))
-        live = [i for i, r in enumerate(group) if r.req.max_tokens > 0]
-        for r in group:
+                r.prompt_entries = self._prompt_logprobs(r.req, hidden[i, :r.length - 1], 0)
+        self._first_tokens(group, hidden[torch.arange(k, device=self.device), lengths - 1])
+
+    def _prefill_chunk(self, r: _Row) -> None:
+        """The next `max_prefill_tokens` of a long prompt's row, attending to its slots so far; after the last chunk
+        the row samples its first token and joins the decoding rows."""
+        b, prompt = self.rows.index(r), r.req.prompt_ids
+        s, e = r.length, min(r.length + self.max_prefill_tokens, len(prompt))
+        pos = torch.arange(s, e, device=self.device)
+        mask = (torch.arange(e, device=self.device)[None, :] <= pos[:, None])[None, None]  # (1, 1, e - s, e)
+        hidden = self.model(torch.tensor([list(prompt[s:e])], device=self.device), input_pos=pos, mask=mask,
+                            aligner=self._prefix(slice(b, b + 1)) or False, cache_rows=slice(b, b + 1),
+                            return_hidden=True)[0]
+        if r.req.prompt_logprobs is not None:  # positions up to len - 2 predict prompt tokens
+            r.prompt_entries += self._prompt_logprobs(r.req, hidden[:min(e, len(prompt) - 1) - s], s)
+        r.length = e
+        if e == len(prompt):
+            r.prefilling = False
+            self._first_tokens([r], hidden[-1:])
+
+    def _first_tokens(self, rows: List[_Row], last: torch.Tensor) -> None:
+        """Prefilled rows (last: each one's hidden state at its last prompt token): send the prompt's log-probabilities
+        when asked, finish the rows that only score their prompt, sample the others' first token."""
+        for r in rows:
+            if r.req.prompt_logprobs is not None:
+                r.req.emit(Event(prompt_logprobs=r.prompt_entries))
             if r.req.max_tokens == 0:  # the prompt scored, nothing to generate
                 self._finish(r, "length")
+        live = [i for i, r in enumerate(rows) if r.req.max_tokens > 0]
         if live:
-            rows = [group[i] for i in live]
-            last = hidden[torch.tensor(live, device=self.device), lengths[live] - 1]  # each last prompt token only
-            logits = torch.nn.functional.linear(last, self.model.lm_head_weight)
-            self._accept(self._sample(logits, rows), rows)
+            logits = torch.nn.functional.linear(last[torch.tensor(live, device=self.device)], self.model.lm_head_weight)
+            self._accept(self._sample(logits, [rows[i] for i in live]), [rows[i] for i in live])
 
-    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor) -> List[TokenLogprob]:
-        """The prompt's tokens' log-probabilities (and the `req.prompt_logprobs` most likely at each position) from
-        the prefill's hidden states at positions 0..len-2."""
-        ids = torch.tensor(list(req.prompt_ids[1:]), dtype=torch.long, device=self.device)
-        out = [TokenLogprob(int(req.prompt_ids[0]), None, [])]
+    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, start: int) -> List[TokenLogprob]:
+        """The log-probabilities of prompt tokens start + 1 .. start + len(hidden) (and the `req.prompt_logprobs` most
+        likely at each position) from the prefill's hidden states at positions start.., with the first token's empty
+        entry when start is 0."""
+        ids = torch.tensor(list(req.prompt_ids[start + 1:start + 1 + len(hidden)]), dtype=torch.long,
+                           device=self.device)
+        out = [TokenLogprob(int(req.prompt_ids[0]), None, [])] if start == 0 else []
         k = req.prompt_logprobs
         for s in range(0, len(ids), PROMPT_LOGITS_CHUNK):
             lp = torch.log_softmax(torch.nn.functional.linear(hidden[s:s + PROMPT_LOGITS_CHUNK],

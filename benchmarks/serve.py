@@ -131,8 +131,8 @@ async def stall_case(base_url: str, model: str, clients: int, max_tokens: int, l
         window["sent"] = time.perf_counter()
         s = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": long_text}], max_tokens=1, temperature=0, stream=True)
-        async for chunk in s:
-            if "first" not in window and chunk.choices and chunk.choices[0].delta.content is not None:
+        async for chunk in s:  # (a first chunk may carry only the role, with empty content)
+            if "first" not in window and chunk.choices and chunk.choices[0].delta.content:
                 window["first"] = time.perf_counter()
         window.setdefault("first", time.perf_counter())
 

@@ -237,7 +237,8 @@ def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_d
 
 
 @pytest.mark.slow
-def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_rows(tiny_checkpoint_dir, tmp_path):
+def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_rows(tiny_checkpoint_dir, tmp_path,
+                                                                                   monkeypatch):
     pytest.importorskip("peft")
     from lit_aligner.data import default as default_data
     from lit_aligner.training import SFTRunConfig, TrainConfig
@@ -246,6 +247,9 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     data.write_text(json.dumps(default_data.generate_rows(120, seed=4)))
     out = tmp_path / "quality.json"
     quality = load_script("quality")
+    # each system in this process: a fresh interpreter per system (the benchmark's isolation, exercised by the
+    # signal test below) would cost ~10 s of imports per run here
+    monkeypatch.setattr(quality, "run_child", lambda spec, common, tmp: quality.run_system(spec, common))
     common = dict(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
                   steps=3, batch=4, micro_batch=2, warmup_steps=1, device="cpu", out=out)
     payload = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[1e-2], prefix_lrs=[1e-2])

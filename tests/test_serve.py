@@ -68,6 +68,14 @@ def base_name(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
+def local_model(smollm2_dir):
+    """The same base loaded in this process: what the tests compute apart from the server."""
+    from lit_aligner.base import load_base
+
+    return load_base(smollm2_dir, device="cpu")[0]
+
+
+@pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
     from lit_aligner.base import load_tokenizer
 
@@ -124,16 +132,15 @@ def test_chat_and_completion_streaming_and_not(client, base_name, tokenizer):
     assert streamed == c.choices[0].text and "Paris" in streamed
 
 
-def test_logprobs_equal_the_model_scoring_its_own_answer(client, smollm2_dir, adir, tokenizer):
+def test_logprobs_equal_the_model_scoring_its_own_answer(client, local_model, adir, tokenizer):
     """Chat and legacy completions, streamed or not, with an Aligner: every generated token's log-probability and its
     top alternatives equal a forward pass of the base + that Aligner over prompt + answer, computed here apart from
     the server; the tokens spell the answer."""
     from lit_aligner.aligner_files import load_aligner
-    from lit_aligner.base import load_base
     from lit_aligner.generation import generate
     from lit_aligner.prompts import encode_prompt
 
-    model, _ = load_base(smollm2_dir, device="cpu")
+    model = local_model
     aligner, _ = load_aligner(adir / "a5.safetensors", model)
     prompt = "The three primary colors are"
     ids = encode_prompt(tokenizer, prompt)
@@ -172,15 +179,14 @@ def test_logprobs_equal_the_model_scoring_its_own_answer(client, smollm2_dir, ad
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
-def test_echo_scores_the_prompt_as_the_model_does(server, client, smollm2_dir, adir, tokenizer, base_name):
+def test_echo_scores_the_prompt_as_the_model_does(server, client, local_model, adir, tokenizer, base_name):
     """`echo` with `logprobs` (legacy completions): the choice's text and logprobs start with the prompt's, every
     prompt token's log-probability and top alternatives equal a forward pass of the base + Aligner computed here;
     the same streamed; `max_tokens` 0 scores the prompt only; token-id prompts; several prompts x n choices, each
     what a single request gets; vLLM's tokenizer endpoints agree with the tokenizer."""
     from lit_aligner.aligner_files import load_aligner
-    from lit_aligner.base import load_base
 
-    model, _ = load_base(smollm2_dir, device="cpu")
+    model = local_model
     aligner, _ = load_aligner(adir / "a5.safetensors", model)
     prompt = "The three primary colors are red, yellow and"
     ids = tokenizer.encode(prompt).tolist()
@@ -247,7 +253,7 @@ def test_echo_scores_the_prompt_as_the_model_does(server, client, smollm2_dir, a
         client.completions.create(model="fixer", prompt=["a", "b"], extra_body={"answer": "c"})
 
 
-def test_lm_eval_harness_evaluates_a_served_aligner(server, smollm2_dir, adir, tokenizer, tmp_path, monkeypatch):
+def test_lm_eval_harness_evaluates_a_served_aligner(server, local_model, adir, tokenizer, tmp_path, monkeypatch):
     """lm-evaluation-harness's own API model (`local-completions`, the one users point at a vLLM server) against
     this server, on a multiple-choice and a generation task: it finds the tokenizer endpoints by itself, sends token
     ids in batches of 3 over 2 connections, and every log-likelihood, greedy flag and generated answer equals the
@@ -257,7 +263,6 @@ def test_lm_eval_harness_evaluates_a_served_aligner(server, smollm2_dir, adir, t
     from lm_eval.tasks import TaskManager
 
     from lit_aligner.aligner_files import load_aligner
-    from lit_aligner.base import load_base
     from lit_aligner.generation import generate
 
     d, mc, gen = helpers.harness_tasks(tmp_path)
@@ -266,7 +271,7 @@ def test_lm_eval_harness_evaluates_a_served_aligner(server, smollm2_dir, adir, t
         model="local-completions", tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(d)),
         model_args={"model": "a5", "base_url": server.base_url + "/completions", "num_concurrent": 2,
                     "batch_size": 3, "max_retries": 1}, log_samples=True)
-    model, _ = load_base(smollm2_dir, device="cpu")
+    model = local_model
     aligner, _ = load_aligner(adir / "a5.safetensors", model)
     right = 0
     for sample in res["samples"]["tiny_mc"]:
@@ -374,16 +379,15 @@ def test_n_choices_are_the_seeded_samples_of_single_requests(client, base_name):
     assert c.choices[0].text == c.choices[1].text and c.choices[1].logprobs.tokens  # greedy: the same twice
 
 
-def test_penalties_logit_bias_and_top_k_equal_a_reference_decoder(client, smollm2_dir, adir, tokenizer, base_name):
+def test_penalties_logit_bias_and_top_k_equal_a_reference_decoder(client, local_model, adir, tokenizer, base_name):
     """presence / frequency / repetition penalties and logit_bias (greedy, with an Aligner) give exactly the tokens
     of a plain decoding loop written here (full forward per token, the formulas of OpenAI's and transformers' docs);
     the log-probabilities stay the raw model's; top_k 1 samples the greedy answer."""
     from collections import Counter
 
     from lit_aligner.aligner_files import load_aligner
-    from lit_aligner.base import load_base
 
-    model, _ = load_base(smollm2_dir, device="cpu")
+    model = local_model
     aligner, _ = load_aligner(adir / "a3.safetensors", model)
     prompt = "Say it again and again: la la la la la la la la"
     ids = tokenizer.encode(prompt).tolist()

@@ -13,7 +13,7 @@ Then the stall a long prompt causes: while --stall-clients clients stream, one m
 --long-prompt-tokens tokens. Reported: the longest gap between two tokens of the streaming clients from its arrival to
 its first token (what they wait while it is prefilled), and its own time to first token; for our server with
 --max-prefill-tokens 2048 (the default: the prompt prefilled in one forward) and --chunk-tokens (chunked prefill, one
-chunk per decode step), and for the peer (`--long-prompt-tokens 0` skips this).
+chunk per decode step), and for the peer with the same two budgets (`--long-prompt-tokens 0` skips this).
 
 The peer, in the same run (`--no-peer` skips it): `transformers serve --continuous-batching` (transformers' own
 OpenAI-compatible server, paged attention) on the same base, exported with scripts/export_hf.py in the same dtype, the
@@ -316,15 +316,22 @@ def main(
             # The KV-cache room and the prefill budget of ours (max_batch rows of the server's context, its
             # --max-prefill-tokens): left to size its cache from free memory, transformers spent 15-20 s of a CPU
             # on it at the first request.
-            command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
-                       "--continuous-batching", "--device", str(dev), "--dtype", "auto",
-                       "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
-                       "--cb-max-batch-tokens", str(ServeConfig.max_prefill_tokens)]
-            with ServerProcess(command=command, timeout=600) as server:
+            def peer_command(budget: int) -> List[str]:
+                return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
+                        "--continuous-batching", "--device", str(dev), "--dtype", "auto",
+                        "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
+                        "--cb-max-batch-tokens", str(budget)]
+
+            with ServerProcess(command=peer_command(ServeConfig.max_prefill_tokens), timeout=600) as server:
                 # its first request starts the batching manager: alone, then a batch
                 measure(server, PEER, {"bare base": [str(hf_dir)]},
                         warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
                 stall(server, PEER, str(hf_dir), ServeConfig.max_prefill_tokens)
+            if long_prompt_tokens:  # the peer with our chunk budget too (its scheduler splits prompts by it)
+                with ServerProcess(command=peer_command(chunk_tokens), timeout=600) as server:
+                    for models in ([str(hf_dir)], [str(hf_dir)] * stall_clients):
+                        asyncio.run(run_case(server.base_url, models, 1, 2, exact_length(PEER, 2)))
+                    stall(server, PEER, str(hf_dir), chunk_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

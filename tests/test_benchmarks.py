@@ -217,7 +217,7 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
     assert rows[0]["x_sequential"] == 1 and rows[3]["x_shared"] == 1 and rows[5]["x_sequential"] == 1
     # the stall case: our server prefilling the long prompt whole (budget 2048) and in chunks of 8, then the peer
     stalls = payload["stall_rows"]
-    assert [(s["server"], s["prefill_budget"]) for s in stalls] == [(ours, 2048), (ours, 8), (peer, 2048)]
+    assert [(s["server"], s["prefill_budget"]) for s in stalls] == [(ours, 2048), (ours, 8), (peer, 2048), (peer, 8)]
     for s in stalls:
         assert s["clients"] == 2 and s["long_prompt_tokens"] == 40 and s["long_ttft_s"] > 0
         assert 0 < s["max_gap_s"] and s["stall_max_gap_s"] <= s["max_gap_s"]

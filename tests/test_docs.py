@@ -100,9 +100,10 @@ def test_a_documented_command_parses(doc, script, args, monkeypatch, capsys):
             pytest.fail(f"{doc}: `python {script} {' '.join(args)}` does not parse: {capsys.readouterr().err.strip()}")
 
 
-# flags of other tools that the docs quote: pip's, llama.cpp's gguf-split, benchmarks/gpu_suite.sh's, lm_eval's
+# flags of other tools that the docs quote: pip's, llama.cpp's gguf-split, benchmarks/gpu_suite.sh's, lm_eval's,
+# transformers serve's
 OTHER_TOOLS_FLAGS = {"--no-deps", "--only-binary", "--platform", "--python-version", "--implementation", "--merge",
-                     "--tiny", "--model", "--model_args", "--batch_size"}
+                     "--tiny", "--model", "--model_args", "--batch_size", "--cb-max-batch-tokens"}
 
 
 def cli_help(script, *args):

@@ -340,7 +340,7 @@ class Engine:
         if chunked is not None:  # one chunk per step boundary: the other rows keep decoding in between
             self._prefill_chunk(chunked)
         self._retire(lambda r: r.req.cancelled or r.finished)
-        if not any(not r.prefilling for r in self.rows):
+        if all(r.prefilling for r in self.rows):  # nothing to decode (or no rows at all)
             return
         n = len(self.rows)
         rows = slice(0, n)

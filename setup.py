@@ -40,8 +40,9 @@ setup(
         "eval": ["lm_eval[api]>=0.4.4", "peft>=0.11", "transformers>=4.40", "trl>=1.16"],
         # the server's tests query it with the real OpenAI client and drive its page in headless Chromium; ruff lints
         # (its minor version pinned: a new one can add checks to the selected families and fail CI on unchanged code)
-        "test": ["pytest", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110", "uvicorn>=0.29",
-                 "prometheus_client>=0.20",
+        # pytest-xdist: scripts/test.sh runs one pytest worker per core
+        "test": ["pytest", "pytest-xdist", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110",
+                 "uvicorn>=0.29", "prometheus_client>=0.20",
                  "openai>=1.40", "selenium>=4.20", "lm_eval[api]>=0.4.4", "peft>=0.11", "trl>=1.16", "wandb",
                  "bitsandbytes>=0.50",
                  "ruff>=0.17,<0.18"],

@@ -10,4 +10,14 @@ if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$
         || echo "note: could not install chromium + chromium-driver; the browser test will skip" >&2
 fi
 . "${VENV:-.venv}/bin/activate"
-python -m pytest --durations=15 "$@"  # the slowest tests, to keep the suite under 10 minutes
+# One pytest worker per core (pytest-xdist), each with one torch thread: much of a test's time is single-threaded
+# (imports, tokenizers, HTTP, small kernels), so two workers keep both cores busy where one worker with two threads
+# leaves one idle (on 2 cores: 8.7 minutes against 14.7). Whole files go to one worker, so a file's module fixtures
+# (a started server, a trained run) are built once. TEST_WORKERS=0 runs them in this process, one after another, with torch's own thread count.
+workers="${TEST_WORKERS:-$(nproc)}"
+if [ "$workers" -gt 8 ]; then workers=8; fi
+if [ "$workers" -le 1 ]; then
+    python -m pytest --durations=15 "$@"  # the slowest tests, to keep the suite under 10 minutes
+else
+    OMP_NUM_THREADS=1 python -m pytest -n "$workers" --dist loadfile --durations=15 "$@"
+fi

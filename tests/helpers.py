@@ -130,6 +130,14 @@ def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = Fa
     return _server.run(argv, cwd or ROOT, full_env, timeout)
 
 
+def why(p) -> str:
+    """A failed command's stderr for an assertion message: from its first traceback or `error:` line (of several ranks,
+    the one that failed first seldom prints last), and its end."""
+    err = p.stderr
+    first = min((i for i in (err.find("Traceback"), err.find("error:")) if i >= 0), default=len(err))
+    return err[first:first + 3000] + ("\n[...]\n" + err[-3000:] if len(err) - first > 3000 else "")
+
+
 def read_wandb_history(path: Path) -> Dict[int, Dict[str, float]]:
     """The logged rows (step -> {name: value}) of a Weights & Biases run file (OFFLINE_RUN/run-ID.wandb): a 7-byte
     ":W&B" header, then LevelDB's log format (32 KiB blocks of chunks: crc32 4 bytes, length 2, type 1 = whole record,

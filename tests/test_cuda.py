@@ -162,7 +162,7 @@ def test_fsdp_on_one_gpu_trains_and_clips_as_the_plain_strategy(tiny_checkpoint_
     for strategy in ("auto", "fsdp"):
         p = helpers.run_script(*common, "--strategy", strategy, "--out-dir", tmp_path / strategy, timeout=600,
                               fresh=True)  # a new interpreter: CUDA is never initialised in a forked child
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, helpers.why(p)
         rows = read_metrics(tmp_path / strategy / "metrics.csv")
         norms[strategy] = [float(r["grad_norm"]) for r in rows if r.get("grad_norm")]
         aligners[strategy] = load_aligner(tmp_path / strategy / "aligner.safetensors")[0]

@@ -15,6 +15,12 @@ its first token (what they wait while it is prefilled), and its own time to firs
 --max-prefill-tokens 2048 (the default: the prompt prefilled in one forward) and --chunk-tokens (chunked prefill, one
 chunk per decode step), and for the peer with the same two budgets (`--long-prompt-tokens 0` skips this).
 
+Then prefix caching: --system-clients clients each send --requests-per-client chats that share a system prompt of
+--system-prompt-tokens tokens (after one request has carried it, as on a server that has been up a while), each with
+its own question. Reported: time to first token, latency, tokens/s and the share of prompt tokens the cache gave, for
+our server with its prefix cache (the default) and with --prefix-cache-tokens 0, and for the peer, whose paged cache
+shares prompt blocks too (`--system-prompt-tokens 0` skips this).
+
 The peer, in the same run (`--no-peer` skips it): `transformers serve --continuous-batching` (transformers' own
 OpenAI-compatible server, paged attention) on the same base, exported with scripts/export_hf.py in the same dtype, the
 same clients and requests (`min_new_tokens` through its `generation_config` field for the exact length). It serves no
@@ -86,12 +92,16 @@ def exact_length(server: str, max_tokens: int) -> Dict[str, Any]:
     return {"ignore_eos": True}
 
 
-def long_prompt(checkpoint_dir: Path, tokens: int) -> str:
-    """A user message of about `tokens` tokens of the base's tokenizer (the same tokenizer for the peer)."""
+FOX = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
+RULES = "You are the help desk of a hiking club: answer in one friendly sentence and never invent trail names. "
+
+
+def long_prompt(checkpoint_dir: Path, tokens: int, sentence: str = FOX) -> str:
+    """A message of about `tokens` tokens of the base's tokenizer (the same tokenizer for the peer): `sentence`
+    repeated."""
     from lit_aligner.base import load_tokenizer
 
     tok = load_tokenizer(checkpoint_dir)
-    sentence = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
     per = max(1, len(tok.encode(sentence, bos=False)))
     text = sentence * (tokens // per + 1)
     ids = tok.encode(text, bos=False)[:tokens]
@@ -146,12 +156,14 @@ async def stall_case(base_url: str, model: str, clients: int, max_tokens: int, l
 
 
 async def run_case(base_url: str, models: List[str], requests_per_client: int, max_tokens: int,
-                   extra_body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """len(models) clients at once, client c using models[c]; each sends its requests one after another."""
+                   extra_body: Optional[Dict[str, Any]] = None, system: str = "") -> Dict[str, Any]:
+    """len(models) clients at once, client c using models[c]; each sends its requests one after another, with the
+    system prompt `system` when given."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
-    ttft, latency, tokens = [], [], [0]
+    ttft, latency, tokens, prompt_tokens, cached = [], [], [0], [0], [0]
+    head = [{"role": "system", "content": system}] if system else []
 
     async def one_client(c: int, model: str) -> None:
         for r in range(requests_per_client):
@@ -159,13 +171,17 @@ async def run_case(base_url: str, models: List[str], requests_per_client: int, m
             t0 = time.perf_counter()
             first = None
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-                stream=True, stream_options={"include_usage": True}, extra_body=extra_body or {"ignore_eos": True})
+                model=model, messages=head + [{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=0, stream=True, stream_options={"include_usage": True},
+                extra_body=extra_body or {"ignore_eos": True})
             async for chunk in stream:
                 if first is None and chunk.choices and chunk.choices[0].delta.content:
                     first = time.perf_counter()
                 if chunk.usage:
                     tokens[0] += chunk.usage.completion_tokens
+                    prompt_tokens[0] += chunk.usage.prompt_tokens
+                    details = chunk.usage.prompt_tokens_details
+                    cached[0] += (details.cached_tokens or 0) if details else 0
             end = time.perf_counter()
             ttft.append((first or end) - t0)
             latency.append(end - t0)
@@ -175,6 +191,7 @@ async def run_case(base_url: str, models: List[str], requests_per_client: int, m
     wall = time.perf_counter() - t0
     await client.close()
     return {"requests": len(latency), "completion_tokens": tokens[0], "wall_s": wall,
+            "prompt_tokens": prompt_tokens[0], "cached_share": cached[0] / max(prompt_tokens[0], 1),
             "tokens_per_s": tokens[0] / wall, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
             "latency_p50_s": percentile(latency, 0.5), "latency_p95_s": percentile(latency, 0.95)}
 
@@ -195,6 +212,8 @@ def main(
     chunk_tokens: int = 256,
     stall_clients: int = 8,
     stall_max_tokens: int = 96,
+    system_prompt_tokens: int = 1024,
+    system_clients: int = 8,
     out: Optional[Path] = None,
     force: bool = False,
 ) -> Dict[str, Any]:
@@ -218,6 +237,8 @@ def main(
         chunk_tokens: our server's --max-prefill-tokens in the chunked row of the stall case.
         stall_clients: clients streaming when the long prompt arrives.
         stall_max_tokens: tokens each of them streams.
+        system_prompt_tokens: tokens of the system prompt the clients of the prefix-caching case share (0 skips it).
+        system_clients: clients of that case (each sends --requests-per-client requests).
         out: JSON results file (default benchmarks/results/serve-<model>-<machine>.json).
         force: replace an existing results file.
     """
@@ -241,6 +262,8 @@ def main(
     if long_prompt_tokens < 0 or chunk_tokens < 1 or stall_clients < 1 or stall_max_tokens < 2:
         raise BenchmarkError("--long-prompt-tokens must be >= 0, --chunk-tokens and --stall-clients >= 1, "
                              "--stall-max-tokens >= 2")
+    if system_prompt_tokens < 0 or system_clients < 1:
+        raise BenchmarkError("--system-prompt-tokens must be >= 0, --system-clients >= 1")
     if not (Path(checkpoint_dir) / "config.json").is_file():
         raise BenchmarkError(f"--checkpoint-dir {checkpoint_dir}: no converted model there (config.json missing); "
                              f"run python scripts/convert_gguf.py --default")
@@ -274,8 +297,28 @@ def main(
     if long_prompt_tokens and long_prompt_tokens + 16 >= context:
         raise BenchmarkError(f"--long-prompt-tokens {long_prompt_tokens}: the server's context is {context} tokens; "
                              f"give at most {context - 17} (or 0 to skip the stall case)")
+    if system_prompt_tokens and system_prompt_tokens + 64 + max_tokens >= context:
+        raise BenchmarkError(f"--system-prompt-tokens {system_prompt_tokens}: the server's context is {context} "
+                             f"tokens; give at most {context - 65 - max_tokens} (or 0 to skip the prefix-cache case)")
     long_text = long_prompt(Path(checkpoint_dir), long_prompt_tokens) if long_prompt_tokens else ""
+    system_text = long_prompt(Path(checkpoint_dir), system_prompt_tokens, RULES) if system_prompt_tokens else ""
     stalls: List[Dict[str, Any]] = []
+    prefix_rows: List[Dict[str, Any]] = []
+
+    def shared_system(server, label: str, model: str, cache: str) -> None:
+        """The prefix-caching case, after one request has carried the system prompt (not recorded)."""
+        if not system_prompt_tokens:
+            return
+        try:
+            asyncio.run(run_case(server.base_url, [model], 1, 2, exact_length(label, 2), system=system_text))
+            result = asyncio.run(run_case(server.base_url, [model] * system_clients, requests_per_client, max_tokens,
+                                          exact_length(label, max_tokens), system=system_text))
+        except Exception as e:
+            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+        prefix_rows.append({"server": label, "prefix_cache": cache, "clients": system_clients,
+                            "system_prompt_tokens": system_prompt_tokens, **result})
+        print(f"{label}, prefix cache {cache}: time to first token p50 {result['ttft_p50_s']:.2f} s with a shared "
+              f"{system_prompt_tokens}-token system prompt", file=sys.stderr)
 
     def stall(server, label: str, model: str, budget: int) -> None:
         if not long_prompt_tokens:
@@ -303,6 +346,10 @@ def main(
             measure(server, "lit-aligner", {"different": different, "1 shared": ["shared"], "bare base": [name]},
                     warm_up=[different + ["shared"]])  # loads every Aligner, allocates the cache
             stall(server, "lit-aligner", name, ServeConfig.max_prefill_tokens)
+            shared_system(server, "lit-aligner", name, "on")
+        if system_prompt_tokens:
+            with ServerProcess(args + ["--prefix-cache-tokens", "0"]) as server:
+                shared_system(server, "lit-aligner", name, "off")
         if long_prompt_tokens:
             chunked = args + ["--max-prefill-tokens", str(chunk_tokens)]
             with ServerProcess(chunked) as server:
@@ -327,6 +374,7 @@ def main(
                 measure(server, PEER, {"bare base": [str(hf_dir)]},
                         warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
                 stall(server, PEER, str(hf_dir), ServeConfig.max_prefill_tokens)
+                shared_system(server, PEER, str(hf_dir), "block sharing")
             if long_prompt_tokens:  # the peer with our chunk budget too (its scheduler splits prompts by it)
                 with ServerProcess(command=peer_command(chunk_tokens), timeout=600) as server:
                     for models in ([str(hf_dir)], [str(hf_dir)] * stall_clients):
@@ -357,10 +405,17 @@ def main(
         print(f"a {long_prompt_tokens}-token prompt arriving while {stall_clients} clients stream "
               f"{stall_max_tokens} tokens each:")
         print(stall_table)
+    prefix_table = format_table(prefix_rows, ["server", "prefix_cache", "clients", "system_prompt_tokens", "requests",
+                                              "cached_share", "ttft_p50_s", "ttft_p95_s", "latency_p50_s",
+                                              "tokens_per_s"]) if prefix_rows else ""
+    if prefix_rows:
+        print(f"{system_clients} clients sharing a {system_prompt_tokens}-token system prompt:")
+        print(prefix_table)
     payload = {"benchmark": "serve", "model": name, "max_tokens": max_tokens, "max_batch": max_batch,
                "n_tokens": n_tokens, "machine": machine_info(dev), "peers": [PEER] if peer else [],
                **({"peer_versions": {"transformers": transformers.__version__}} if peer else {}), "rows": rows,
-               "table": table, "stall_rows": stalls, "stall_table": stall_table}
+               "table": table, "stall_rows": stalls, "stall_table": stall_table, "prefix_rows": prefix_rows,
+               "prefix_table": prefix_table}
     write_json(path, payload)
     print(f"wrote {path}")
     return payload

@@ -201,7 +201,7 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
     payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[1, 3], requests_per_client=1,
                                         sequential_requests=2, max_tokens=3, aligners=3, n_tokens=4, max_batch=4,
                                         device="cpu", long_prompt_tokens=40, chunk_tokens=8, stall_clients=2,
-                                        stall_max_tokens=6, out=out)
+                                        stall_max_tokens=6, system_prompt_tokens=40, system_clients=2, out=out)
     rows = json.loads(out.read_text())["rows"]
     assert rows == payload["rows"] and payload["peers"] == ["transformers serve"]
     ours, peer = "lit-aligner", "transformers serve"
@@ -221,8 +221,15 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
     for s in stalls:
         assert s["clients"] == 2 and s["long_prompt_tokens"] == 40 and s["long_ttft_s"] > 0
         assert 0 < s["max_gap_s"] and s["stall_max_gap_s"] <= s["max_gap_s"]
+    # prefix caching: clients sharing a system prompt, our server with its cache and without, then the peer
+    prefix = payload["prefix_rows"]
+    assert [(p["server"], p["prefix_cache"]) for p in prefix] == [(ours, "on"), (ours, "off"), (peer, "block sharing")]
+    for p in prefix:
+        assert p["clients"] == 2 and p["requests"] == 2 and p["completion_tokens"] == 6 and p["ttft_p50_s"] > 0
+        assert p["prompt_tokens"] > 2 * 40
+    assert prefix[0]["cached_share"] > 0.3 and prefix[1]["cached_share"] == 0
     out_text = capsys.readouterr().out
-    assert "tokens_per_s" in out_text and "stall_max_gap_s" in out_text
+    assert "tokens_per_s" in out_text and "stall_max_gap_s" in out_text and "cached_share" in out_text
 
 
 def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_dir, tmp_path):
@@ -230,9 +237,9 @@ def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_d
     pytest.importorskip("fastapi")
     payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[2], requests_per_client=1,
                                         max_tokens=2, aligners=2, n_tokens=2, max_batch=2, device="cpu", peer=False,
-                                        long_prompt_tokens=0, out=tmp_path / "serve.json")
+                                        long_prompt_tokens=0, system_prompt_tokens=0, out=tmp_path / "serve.json")
     assert {r["server"] for r in payload["rows"]} == {"lit-aligner"} and payload["peers"] == []
-    assert payload["stall_rows"] == []  # --long-prompt-tokens 0 skips the stall case
+    assert payload["stall_rows"] == [] == payload["prefix_rows"]  # 0 tokens skip the stall and prefix cases
     assert all(r["x_peer"] is None for r in payload["rows"])
 
 

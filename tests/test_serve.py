@@ -338,6 +338,46 @@ def test_metrics_count_the_requests_tokens_and_latencies_per_model(server, clien
     assert after[("lit_aligner_aligners_loaded", ())] >= 1
 
 
+def test_a_shared_system_prompt_comes_from_the_prefix_cache_and_answers_as_computed(server, client, local_model, adir,
+                                                                                     tokenizer):
+    """Two chats under one Aligner with the same long system prompt: the second one's usage says how many prompt
+    tokens came from the cache (the whole 16-token blocks the two prompts share), the /metrics counter agrees, and its
+    answer and log-probabilities are those of the base + Aligner computed here apart from the server; another Aligner
+    shares none of them."""
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.generation import generate
+
+    system = ("You answer questions about the weather in the mountains for hikers planning a trip next week; be "
+              "brief, name the season and say how sure you are. ") * 2
+
+    def ask(model, question):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        ids = http(server.url + "/tokenize", json.dumps({"messages": messages}).encode(),
+                   {"Content-Type": "application/json"})[1]["tokens"]
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, logprobs=True)
+        return ids, r
+
+    before = scrape(server)
+    first_ids, first = ask("a5", "Will it snow in March?")
+    ids, second = ask("a5", "Is July warm?")
+    _, other = ask("a6", "Is July warm?")
+    hits = scrape(server)[("lit_aligner_prefix_cache_hits_total", (("model", "a5"),))] - \
+        before.get(("lit_aligner_prefix_cache_hits_total", (("model", "a5"),)), 0)
+    shared = next(i for i, (x, y) in enumerate(zip(ids, first_ids)) if x != y)
+    assert shared > 32 and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == min(shared, len(ids) - 1) // 16 * 16 == hits
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    aligner, _ = load_aligner(adir / "a5.safetensors", local_model)
+    new = generate(local_model, [torch.tensor(ids)], 8, aligners=[aligner])[0]
+    with torch.no_grad():
+        logits = local_model(torch.tensor(ids + new[:-1].tolist())[None], aligner=aligner)[0, len(ids) - 1:]
+    chosen = torch.log_softmax(logits.float(), -1).gather(1, new[:, None])[:, 0]
+    content = second.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == second.choices[0].message.content
+    assert [t.token for t in content] == [tokenizer.decode([int(t)]) for t in new[:len(content)]]
+    assert [t.logprob for t in content] == pytest.approx(chosen.tolist()[:len(content)], abs=2e-3)
+
+
 def test_an_aligner_answers_with_its_own_prompt_and_changes_the_answer(client, base_name):
     base = chat(client, base_name, "Name three colors.", max_tokens=16).choices[0].message.content
     steered = [chat(client, f"a{i}", "Name three colors.", max_tokens=16).choices[0].message.content for i in (0, 5)]

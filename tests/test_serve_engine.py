@@ -189,6 +189,84 @@ def test_penalised_rows_in_a_batch_equal_each_alone(base):
             run(Engine(model, tok, max_batch=1, max_seq_length=256), [req])
             assert plain.text != alone.text, i
 
+SYSTEM = ("You are a careful assistant. Answer in one short sentence, plainly, for a reader who is new to the subject, "
+          "and say so when you do not know. ")
+
+
+def test_prefix_cache_reuses_shared_prompts_per_aligner_and_equals_an_uncached_engine(base):
+    """Prompts that share a system prompt: the later ones copy its cached blocks (per Aligner: the same tokens under
+    another Aligner or the bare base share nothing) and prefill only the rest, in one batch with rows at different
+    offsets, or in chunks after the cached part. Every row gets the text of an engine without a cache, log-
+    probabilities within float tolerance, and `cached_tokens` says how much came from the cache: the longest whole
+    16-token blocks it shares with an earlier prompt of its Aligner, never the last token."""
+    from lit_aligner.serving.prefix_cache import BLOCK
+
+    model, tok = base
+    a, b = (ServedAligner.project(model, n, random_aligner(model, 3, 1, s)) for n, s in (("a", 11), ("b", 12)))
+    ids = prompts_for(tok, [SYSTEM + t for t in TEXTS])
+    assert len(prompts_for(tok, [SYSTEM])[0]) > 3 * BLOCK
+    long_prompt = prompts_for(tok, [SYSTEM + " ".join(TEXTS) * 3])[0]
+    next_turn = ids[1] + prompts_for(tok, [" And at sunset?"])[0]  # a chat's next turn: its whole first turn cached
+    waves = [[(ids[0], a)],  # fills the cache
+             [(ids[1], a), (ids[2], a), (ids[1], b), (ids[3], None), (ids[0], a)],  # a: hits; b, bare: misses
+             [(ids[4], b), (next_turn, a), (ids[3], None), (long_prompt, a)]]  # b, bare: hits; the long one chunked
+
+    def serve(cache_tokens):
+        engine = Engine(model, tok, max_batch=6, max_seq_length=512, max_prefill_tokens=100,
+                        prefix_cache_tokens=cache_tokens)
+        outs = []
+        for wave in waves:
+            reqs = []
+            for p, al in wave:
+                events = []
+                outs.append(events)
+                reqs.append(Request(p, 6, events.append, aligner=al, logprobs=1))
+            run(engine, reqs)
+        return engine, outs
+
+    cached_engine, cached = serve(4096)
+    _, plain = serve(0)
+    seen = {}
+    for (p, al), got, ref in zip([x for w in waves for x in w], cached, plain):
+        assert "".join(e.text for e in got) == "".join(e.text for e in ref)
+        lp = [t.logprob for e in got for t in e.logprobs]
+        assert lp == pytest.approx([t.logprob for e in ref for t in e.logprobs], abs=1e-4)
+        shared = max((next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
+                      for q in seen.get(id(al), [])), default=0)
+        assert got[-1].cached_tokens == min(shared, len(p) - 1) // BLOCK * BLOCK
+        assert ref[-1].cached_tokens == 0
+        seen.setdefault(id(al), []).append(p)
+    counts = [e[-1].cached_tokens for e in cached]
+    assert counts[1] > 3 * BLOCK and counts[3] == counts[4] == 0 and counts[6] > 0 and counts[8] > 0
+    assert cached_engine.cache.hit_tokens == sum(counts)
+
+
+def test_prefix_cache_bound_evicts_chains_from_their_end_and_skips_prompt_scoring_rows(base):
+    """The cache holds at most its budget of whole blocks, evicting the least recently used, a chain's deepest blocks
+    first (its start stays usable); a row that scores its prompt (`prompt_logprobs`) computes the whole prompt."""
+    from lit_aligner.serving.prefix_cache import BLOCK, PrefixCache
+
+    cache = PrefixCache(4 * BLOCK)
+    kv = torch.randn(2, 2, 1, 4 * BLOCK, 3)
+    first, second = list(range(3 * BLOCK + 1)), list(range(1000, 1000 + 3 * BLOCK + 1))
+    for p in (first, second):
+        cache.insert("k", p, lambda s, e: kv[:, :, :, s:e])
+    assert cache.tokens == 4 * BLOCK
+    n, got = cache.lookup("k", first)
+    assert n == BLOCK and torch.equal(got, kv[:, :, :, :BLOCK])  # its last two blocks went first
+    assert cache.lookup("k", second)[0] == 3 * BLOCK and cache.lookup("other key", second) == (0, None)
+    assert cache.lookup("k", first[:BLOCK])[0] == 0  # the last token is always computed
+
+    model, tok = base
+    engine = Engine(model, tok, max_batch=2, max_seq_length=256, prefix_cache_tokens=1024)
+    p = prompts_for(tok, [SYSTEM + TEXTS[0]])[0]
+    events = [[], [], []]
+    run(engine, [Request(p, 2, events[0].append)])
+    run(engine, [Request(p, 2, events[1].append, prompt_logprobs=1), Request(p, 2, events[2].append)])
+    assert [e[-1].cached_tokens for e in events] == [0, 0, (len(p) - 1) // BLOCK * BLOCK]
+    assert engine.load["prefix_cache_tokens"] == len(p) // BLOCK * BLOCK
+
+
 def test_aligners_change_the_answer(base):
     model, tok = base
     ids = prompts_for(tok, TEXTS[:1])[0]

@@ -39,6 +39,10 @@ class ServeConfig:
     """prompt tokens (padded to the longest) of the requests admitted together that one prefill forward takes (as
     vLLM's --max-num-batched-tokens); a longer prompt is prefilled in chunks of this many tokens, one chunk per step,
     while the other rows keep decoding. Bounds the prefill's activation memory and the stall a long prompt causes."""
+    prefix_cache_tokens: Optional[int] = None
+    """prompt tokens whose keys and values are kept for reuse (prefix caching, as vLLM's): a prompt that starts with
+    cached blocks of 16 tokens under the same Aligner (a system prompt, a chat's earlier turns) prefills only the rest
+    (default: --max-seq-length, the memory of one more row; 0: off)."""
     max_loaded_aligners: int = 64
     """Aligners kept loaded (LRU); others are reloaded from their file on use."""
     max_seq_length: Optional[int] = None
@@ -55,6 +59,8 @@ class ServeConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be in 1..65535, got {self.port}")
+        if self.prefix_cache_tokens is not None and self.prefix_cache_tokens < 0:
+            raise UserError(f"--prefix-cache-tokens must be >= 0 (0: no prefix cache), got {self.prefix_cache_tokens}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UserError(f"--max-seq-length must be >= 2, got {self.max_seq_length}")
 
@@ -81,7 +87,8 @@ def build_server(cfg: ServeConfig):
     if seq > model.config.block_size:
         raise UserError(f"--max-seq-length {seq} exceeds the model's context of {model.config.block_size} tokens")
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_length=seq, max_queue=cfg.max_queue,
-                    max_prefill_tokens=cfg.max_prefill_tokens)
+                    max_prefill_tokens=cfg.max_prefill_tokens,
+                    prefix_cache_tokens=seq if cfg.prefix_cache_tokens is None else cfg.prefix_cache_tokens)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return AlignerServer(engine.start(), registry, tokenizer, name, api_key)
 

@@ -314,7 +314,7 @@ class AlignerServer:
                 if ev.finish == "error":
                     raise APIError(500, f"generation failed: {ev.error}", type="server_error")
                 return Event("".join(text), ev.finish, ev.prompt_tokens, ev.completion_tokens, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, cached_tokens=ev.cached_tokens)
         raise APIError(499, "the client closed the request")  # nobody reads this; the row is already freed
 
     async def prompt_texts(self, body: _Body, http: HTTPRequest, aligner: Optional[ServedAligner],
@@ -376,8 +376,9 @@ class AlignerServer:
         created = int(time.time())
         queues = self.submit(*reqs)  # errors (429, 400) before any answer or stream are plain error responses
 
-        def usage(completion_tokens: int) -> Dict[str, int]:  # each prompt counts once, whatever n
-            return _usage(sum(map(len, ids)) + usage0[0], completion_tokens + usage0[1])
+        def usage(completion_tokens: int, cached: List[int]) -> Dict[str, Any]:  # each prompt once, whatever n
+            # cached: each row's prompt tokens from the prefix cache; a prompt's are its first choice's
+            return _usage(sum(map(len, ids)) + usage0[0], completion_tokens + usage0[1], sum(cached[::body.n]))
 
         if not body.stream:
             try:
@@ -388,7 +389,7 @@ class AlignerServer:
                 raise
             out = _response(kind, rid, created, body.model,
                             [((prompt_of[i] if echo else "") + d.text, d.finish) for i, d in enumerate(dones)],
-                            usage(sum(d.completion_tokens for d in dones)))
+                            usage(sum(d.completion_tokens for d in dones), [d.cached_tokens for d in dones]))
             if logprobs:
                 for choice, d in zip(out["choices"], dones):
                     choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
@@ -428,7 +429,7 @@ class AlignerServer:
                 yield _sse(head)
             offsets = [0] * len(reqs)  # characters of each choice's text sent so far (legacy logprobs' text_offset)
             started = [not echo] * len(reqs)  # the echoed prompt goes first, with its log-probabilities
-            completion_tokens = 0
+            completion_tokens, cached = 0, [0] * len(reqs)
             events = choices()
             try:
                 async for i, ev in events:
@@ -454,12 +455,13 @@ class AlignerServer:
                     if ev.finish is not None:
                         yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish, index=i))
                         completion_tokens += ev.completion_tokens
+                        cached[i] = ev.cached_tokens
             finally:
                 await events.aclose()
             if include_usage:
                 tail = _chunk(kind, rid, created, body.model, "", None)
                 tail["choices"] = []
-                tail["usage"] = usage(completion_tokens)
+                tail["usage"] = usage(completion_tokens, cached)
                 yield _sse(tail)
             yield "data: [DONE]\n\n"
 
@@ -589,9 +591,11 @@ class AlignerServer:
         return app
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Dict[str, Any]:
+    """OpenAI's `usage`; `prompt_tokens_details.cached_tokens`: the prompt tokens the prefix cache gave."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _response(kind: str, rid: str, created: int, model: str, answers: List[Tuple[str, str]], usage: Dict[str, int]):

@@ -21,6 +21,11 @@ waiting requests (iteration-level batching, as in Orca and vLLM):
   Rows whose Aligner starts at a later layer get zero gates below it.
 - The prefix keys and values of an Aligner are projected once when it is loaded (`AlignerRegistry`), copied into a
   row's buffers on admission: a step costs the same whether the batch holds one Aligner or sixteen.
+- Prefix caching (`prefix_cache_tokens`, as vLLM's automatic prefix caching): the keys and values of prefilled
+  prompts are kept in blocks of 16 tokens (`PrefixCache`, least recently used evicted); a new row whose prompt starts
+  with cached blocks under the same Aligner copies them into its slots and prefills only the rest, together with
+  the other admitted rows, each from its own position. A shared system prompt or a chat's earlier turns are then
+  computed once. Rows asking for their prompt's log-probabilities compute the whole prompt.
 - A request may ask for its prompt's log-probabilities (`prompt_logprobs`, the completions API's `echo`): its row's
   prefill hidden states go through the output head at every position, in chunks; with `max_tokens` 0 it only scores
   the prompt and finishes at once (how lm-evaluation-harness scores continuations through an API).
@@ -30,6 +35,7 @@ through the request's `emit` callback (the server forwards them into its event l
 request served alone gets (same kernels, rows independent); sampled rows draw from their own seeded generator.
 """
 
+import itertools
 import math
 import threading
 import time
@@ -41,6 +47,9 @@ import torch
 
 from lit_aligner.generation.engine import Penalties, Sampling, check_sampling, draw_noise, penalize, sample
 from lit_aligner.model import LLaMA, PrefixKV
+from lit_aligner.serving.prefix_cache import PrefixCache
+
+_SERIALS = itertools.count(1)
 
 
 @dataclass
@@ -55,6 +64,8 @@ class ServedAligner:
     values: List[torch.Tensor]
     gate: torch.Tensor
     metadata: dict = field(default_factory=dict)
+    # the prefix cache's key: a reloaded or changed file is projected anew and so shares no cached keys and values
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
     @classmethod
     @torch.no_grad()
@@ -90,6 +101,7 @@ class Event:
     error: Optional[str] = None
     logprobs: List[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[List[TokenLogprob]] = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -126,6 +138,7 @@ class _Row:
     def __init__(self, req: Request, tokenizer, device: torch.device, vocab: int):
         self.req = req
         self.length = len(req.prompt_ids)  # tokens in the cache (the next token is written at this slot)
+        self.cached = 0  # prompt tokens copied from the prefix cache (prefill starts after them)
         self.prefilling = False  # a long prompt prefilled in chunks: not decoded until its last chunk
         self.prompt_entries: List[TokenLogprob] = []  # its prompt's log-probabilities so far (prompt_logprobs)
         self.generated = 0
@@ -154,11 +167,14 @@ class _Row:
 class Engine:
     """The scheduler and decode loop (see the module docstring). `max_seq_length`: the KV cache length per row
     (prompt + completion); `max_batch`: rows decoded together; `max_queue`: requests waiting beyond those (QueueFull
-    past it); `max_prefill_tokens`: padded prompt tokens prefilled in one forward (a longer prompt: in chunks)."""
+    past it); `max_prefill_tokens`: padded prompt tokens prefilled in one forward (a longer prompt: in chunks);
+    `prefix_cache_tokens`: prompt tokens whose keys and values the prefix cache keeps (0: no cache)."""
 
     def __init__(self, model: LLaMA, tokenizer, *, max_batch: int = 16, max_seq_length: Optional[int] = None,
-                 max_queue: int = 64, max_prefix_tokens: int = 10, max_prefill_tokens: int = 2048):
+                 max_queue: int = 64, max_prefix_tokens: int = 10, max_prefill_tokens: int = 2048,
+                 prefix_cache_tokens: int = 0):
         self.model, self.tokenizer = model, tokenizer
+        self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         cfg = model.config
         self.max_seq_length = min(max_seq_length or cfg.block_size, cfg.block_size)
@@ -274,7 +290,8 @@ class Engine:
     @property
     def load(self) -> dict:
         return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "steps": self.steps}
+                "max_queue": self.max_queue, "steps": self.steps,
+                "prefix_cache_tokens": self.cache.tokens if self.cache is not None else 0}
 
     # --- the loop -----------------------------------------------------------------------------------------------------
 
@@ -324,14 +341,16 @@ class Engine:
             if req.cancelled:
                 continue
             row = _Row(req, self.tokenizer, self.device, self.model.lm_head_weight.shape[0])
-            longest = max([row.length] + [r.length for r in group])
-            if group and (row.length > self.max_prefill_tokens or (len(group) + 1) * longest > self.max_prefill_tokens):
+            self._reuse_prefix(len(self.rows), row)
+            todo = row.length - row.cached
+            longest = max([todo] + [r.length - r.cached for r in group])
+            if group and (todo > self.max_prefill_tokens or (len(group) + 1) * longest > self.max_prefill_tokens):
                 self._prefill(group)
                 group = []
             self._set_prefix(len(self.rows), req.aligner)
             self.rows.append(row)
-            if row.length > self.max_prefill_tokens:  # chunked, from the next line on
-                row.length, row.prefilling = 0, True
+            if todo > self.max_prefill_tokens:  # chunked, from the next step on
+                row.length, row.prefilling = row.cached, True
             else:
                 group.append(row)
         if group:
@@ -363,23 +382,53 @@ class Engine:
         self._retire(lambda r: r.req.cancelled or r.finished)
         self.steps += 1
 
+    def _cache_key(self, r: _Row) -> int:
+        return r.req.aligner.serial if r.req.aligner is not None else 0  # 0: the bare base
+
+    def _reuse_prefix(self, b: int, r: _Row) -> None:
+        """Copy the longest cached prefix of row r's prompt into cache row b (not for a row that scores its prompt)."""
+        if self.cache is None or r.req.prompt_logprobs is not None:
+            return
+        n, kv = self.cache.lookup(self._cache_key(r), r.req.prompt_ids)
+        if n:
+            for layer, block in enumerate(self.model.layers):
+                c = block.attn.kv_cache
+                c.k[b, :, :n] = kv[layer, 0]
+                c.v[b, :, :n] = kv[layer, 1]
+            r.cached = n
+
+    def _remember(self, b: int, r: _Row) -> None:
+        """Keep row r's prefilled prompt (cache row b) in the prefix cache."""
+        if self.cache is None:
+            return
+        caches = [block.attn.kv_cache for block in self.model.layers]
+        self.cache.insert(self._cache_key(r), r.req.prompt_ids,
+                          lambda s, e: torch.stack([torch.stack((c.k[b, :, s:e], c.v[b, :, s:e])) for c in caches]))
+
     def _prefill(self, group: List[_Row]) -> None:
-        """Prefill `group`, the newest len(group) rows (consecutive cache slots), in one right-padded forward."""
+        """Prefill `group`, the newest len(group) rows (consecutive cache slots), in one right-padded forward; a row
+        with a cached prefix from its first uncached token on, at its own positions."""
         b, k = len(self.rows) - len(group), len(group)
-        lengths = torch.tensor([r.length for r in group], device=self.device)
-        T = int(lengths.max())
+        todo = torch.tensor([r.length - r.cached for r in group], device=self.device)
+        T = int(todo.max())
         ids = torch.zeros(k, T, dtype=torch.long)  # pad id 0: past each row's length, unread
         for i, r in enumerate(group):
-            ids[i, :r.length] = torch.tensor(list(r.req.prompt_ids), dtype=torch.long)
+            ids[i, :r.length - r.cached] = torch.tensor(list(r.req.prompt_ids[r.cached:]), dtype=torch.long)
         ids = ids.to(self.device)  # one copy to the device
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # the prompts' slots only
-        hidden = self.model(ids, input_pos=torch.arange(T, device=self.device), mask=causal,
-                            aligner=self._prefix(slice(b, b + k)) or False, cache_rows=slice(b, b + k),
-                            return_hidden=True)
+        t = torch.arange(T, device=self.device)
+        if not any(r.cached for r in group):
+            pos, mask = t, torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]  # prompts' slots
+        else:  # pads past a row's length may reach past the cache: they write (unread) into its last slot
+            pos = (torch.tensor([r.cached for r in group], device=self.device)[:, None] + t).clamp(
+                max=self.max_seq_length - 1)  # (k, T)
+            mask = (torch.arange(int(pos.max()) + 1, device=self.device) <= pos[:, :, None])[:, None]  # (k, 1, T, S)
+        hidden = self.model(ids, input_pos=pos, mask=mask, aligner=self._prefix(slice(b, b + k)) or False,
+                            cache_rows=slice(b, b + k), return_hidden=True)
         for i, r in enumerate(group):
-            if r.req.prompt_logprobs is not None:
+            if r.req.prompt_logprobs is not None:  # never cached
                 r.prompt_entries = self._prompt_logprobs(r.req, hidden[i, :r.length - 1], 0)
-        self._first_tokens(group, hidden[torch.arange(k, device=self.device), lengths - 1])
+            self._remember(b + i, r)
+        self._first_tokens(group, hidden[torch.arange(k, device=self.device), todo - 1])
 
     def _prefill_chunk(self, r: _Row) -> None:
         """The next `max_prefill_tokens` of a long prompt's row, attending to its slots so far; after the last chunk
@@ -396,6 +445,7 @@ class Engine:
         r.length = e
         if e == len(prompt):
             r.prefilling = False
+            self._remember(b, r)
             self._first_tokens([r], hidden[-1:])
 
     def _first_tokens(self, rows: List[_Row], last: torch.Tensor) -> None:
@@ -490,7 +540,7 @@ class Engine:
     def _finish(self, r: _Row, reason: str) -> None:
         r.finished = True
         r.req.emit(Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),
-                         completion_tokens=r.generated, logprobs=r.take_logprobs()))
+                         completion_tokens=r.generated, logprobs=r.take_logprobs(), cached_tokens=r.cached))
         r.sent = len(r.text)
 
     def _retire(self, done: Callable[[_Row], bool]) -> None:

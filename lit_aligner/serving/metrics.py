@@ -1,7 +1,8 @@
 """Prometheus metrics of the server (`GET /metrics`, the text format every Prometheus scraper reads), after vLLM's
 (its names under our prefix): requests by model and finish reason, prompt and generated tokens, time to first token and
-end-to-end latency per model, running and waiting requests, Aligners loaded. Through `prometheus_client`, in a registry
-of the server's own (several servers in one process do not share counters)."""
+end-to-end latency per model, prefix-cache hits, running and waiting requests, prefix-cache size, Aligners loaded.
+Through `prometheus_client`, in a registry of the server's own (several servers in one process do not share
+counters)."""
 
 import time
 from typing import Callable, Dict
@@ -27,6 +28,8 @@ class Metrics:
                                 ["model", "finish_reason"], registry=r)
         self.prompt_tokens = Counter("lit_aligner_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r)
         self.generation_tokens = Counter("lit_aligner_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.prefix_cache_hits = Counter("lit_aligner_prefix_cache_hits", "Prompt tokens whose keys and values came "
+                                         "from the prefix cache (of lit_aligner_prompt_tokens).", ["model"], registry=r)
         self.ttft = Histogram("lit_aligner_time_to_first_token_seconds", "From arrival to the first text sent.",
                               ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.latency = Histogram("lit_aligner_e2e_request_latency_seconds", "From arrival to the last token.",
@@ -35,6 +38,8 @@ class Metrics:
               registry=r).set_function(lambda: load()["active"])
         Gauge("lit_aligner_num_requests_waiting", "Requests queued for a row.",
               registry=r).set_function(lambda: load()["waiting"])
+        Gauge("lit_aligner_prefix_cache_tokens", "Prompt tokens held in the prefix cache.",
+              registry=r).set_function(lambda: load()["prefix_cache_tokens"])
         Gauge("lit_aligner_aligners_loaded", "Aligners held in memory (the LRU cache).",
               registry=r).set_function(aligners_loaded)
 
@@ -51,6 +56,7 @@ class Metrics:
                 if ev.finish != "error":
                     self.prompt_tokens.labels(model).inc(ev.prompt_tokens)
                     self.generation_tokens.labels(model).inc(ev.completion_tokens)
+                    self.prefix_cache_hits.labels(model).inc(ev.cached_tokens)
                     self.latency.labels(model).observe(now - req.arrival)
 
         return see

@@ -305,16 +305,24 @@ def main(
     stalls: List[Dict[str, Any]] = []
     prefix_rows: List[Dict[str, Any]] = []
 
+    def against(server, label: str, case) -> Dict[str, Any]:
+        """Run the coroutine `case` against `server`; a failure names the server and shows its last output."""
+        try:
+            return asyncio.run(case)
+        except Exception as e:  # a server that dropped a connection: its last lines say why
+            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+
     def shared_system(server, label: str, model: str, cache: str) -> None:
         """The prefix-caching case, after one request has carried the system prompt (not recorded)."""
         if not system_prompt_tokens:
             return
-        try:
-            asyncio.run(run_case(server.base_url, [model], 1, 2, exact_length(label, 2), system=system_text))
-            result = asyncio.run(run_case(server.base_url, [model] * system_clients, requests_per_client, max_tokens,
-                                          exact_length(label, max_tokens), system=system_text))
-        except Exception as e:
-            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+
+        async def case():
+            await run_case(server.base_url, [model], 1, 2, exact_length(label, 2), system=system_text)
+            return await run_case(server.base_url, [model] * system_clients, requests_per_client, max_tokens,
+                                  exact_length(label, max_tokens), system=system_text)
+
+        result = against(server, label, case())
         prefix_rows.append({"server": label, "prefix_cache": cache, "clients": system_clients,
                             "system_prompt_tokens": system_prompt_tokens, **result})
         print(f"{label}, prefix cache {cache}: time to first token p50 {result['ttft_p50_s']:.2f} s with a shared "
@@ -323,11 +331,8 @@ def main(
     def stall(server, label: str, model: str, budget: int) -> None:
         if not long_prompt_tokens:
             return
-        try:
-            result = asyncio.run(stall_case(server.base_url, model, stall_clients, stall_max_tokens, long_text,
-                                            exact_length(label, stall_max_tokens)))
-        except Exception as e:
-            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+        result = against(server, label, stall_case(server.base_url, model, stall_clients, stall_max_tokens, long_text,
+                                                    exact_length(label, stall_max_tokens)))
         stalls.append({"server": label, "prefill_budget": budget, "clients": stall_clients,
                        "long_prompt_tokens": long_prompt_tokens, **result})
         print(f"{label}, prefill budget {budget}: a {long_prompt_tokens}-token prompt stalled {stall_clients} "

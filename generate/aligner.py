@@ -68,6 +68,7 @@ def main(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
     seed: int = 1234,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -104,6 +105,7 @@ def main(
         temperature: 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).
         top_k: when sampling, keep only the k most likely tokens.
         top_p: when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus).
+        min_p: when sampling, keep only the tokens at least min_p times as likely as the most likely one (min-p).
         seed: seed of the sampling generator (same seed, same text).
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
@@ -136,7 +138,7 @@ def main(
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if out is not None:
@@ -148,7 +150,7 @@ def main(
     if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_ids=tokenizer.stop_ids,
                     generator=torch.Generator(dev).manual_seed(seed),
                     compile=None if compile == "auto" else compile == "on")
     with atomic_output(out) if out else nullcontext() as sink:

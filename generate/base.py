@@ -27,6 +27,7 @@ def main(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
     seed: int = 1234,
     no_chat_template: tyro.conf.FlagCreatePairsOff[bool] = False,
     device: str = "auto",
@@ -43,6 +44,7 @@ def main(
         temperature: 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).
         top_k: when sampling, keep only the k most likely tokens.
         top_p: when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus).
+        min_p: when sampling, keep only the tokens at least min_p times as likely as the most likely one (min-p).
         seed: seed of the sampling generator (same seed, same text).
         no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
@@ -50,14 +52,14 @@ def main(
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
             with --quantize.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
     text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
     streamer = TextStreamer(tokenizer)
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_ids=tokenizer.stop_ids, generator=torch.Generator(dev).manual_seed(seed), on_token=streamer,
+        min_p=min_p, stop_ids=tokenizer.stop_ids, generator=torch.Generator(dev).manual_seed(seed), on_token=streamer,
         compile=None if compile == "auto" else compile == "on", return_stats=True,
     )
     streamer.finish()

@@ -126,8 +126,11 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(model):
     g = torch.Generator().manual_seed(0)
     top_k = generate(model, ps, 12, temperature=1.5, top_k=1, generator=g)
     top_p = generate(model, ps, 12, temperature=1.5, top_p=1e-6, generator=g)
-    for x, y, z in zip(greedy, top_k, top_p):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    min_p = generate(model, ps, 12, temperature=1.5, min_p=1.0, generator=g)
+    for x, y, z, w in zip(greedy, top_k, top_p, min_p):
+        assert torch.equal(x, y) and torch.equal(x, z) and torch.equal(x, w)
+    with pytest.raises(ValueError, match="min_p"):
+        generate(model, ps, 2, temperature=1.0, min_p=1.5)
 
 
 def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
@@ -141,8 +144,12 @@ def test_top_k_and_top_p_draw_only_from_the_kept_tokens():
 
     assert set(draws(top_p=0.7).tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.7
     assert set(draws(top_k=3).tolist()) == {1, 2, 3}
+    assert set(draws(min_p=0.5).tolist()) == {1, 3}  # at least 0.5 x 0.5
+    assert set(draws(min_p=0.5, top_k=1).tolist()) == {1}
     freq = torch.bincount(draws(), minlength=4).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)  # unfiltered draws follow the softmax
+    kept = torch.bincount(draws(min_p=0.2), minlength=4).float() / 4000  # 0.05 < 0.2 x 0.5: dropped, the rest
+    assert kept[0] == 0 and torch.allclose(kept, probs * (probs >= 0.1) / 0.95, atol=0.03)  # in proportion
 
 
 def test_stop_ids_stop_before_the_stop_token(model):

@@ -466,12 +466,14 @@ def test_penalties_logit_bias_and_top_k_equal_a_reference_decoder(client, local_
         tokens, raw = reference(10, **case)
         assert r.choices[0].text == tokenizer.decode(tokens) != plain, case
         assert r.choices[0].logprobs.token_logprobs == pytest.approx(raw, abs=2e-3), case  # raw, not penalised
-    sampled = client.completions.create(model="a3", prompt=prompt, max_tokens=10, temperature=1.0, seed=5,
-                                        extra_body={"top_k": 1})
-    assert sampled.choices[0].text == plain
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):  # each keeps only the most likely token: greedy
+        sampled = client.completions.create(model="a3", prompt=prompt, max_tokens=10, temperature=1.0, seed=5,
+                                            extra_body=extra)
+        assert sampled.choices[0].text == plain, extra
     for bad, match in [(dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={"10000000": 1}), "vocabulary"),
                        (dict(logit_bias={"5": 101}), "logit_bias"), (dict(presence_penalty=2.5), "presence_penalty"),
-                       (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty")]:
+                       (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+                       (dict(extra_body={"min_p": 1.5}), "min_p")]:
         with pytest.raises(openai.BadRequestError, match=match):
             client.completions.create(model=base_name, prompt="hi", max_tokens=2, **bad)
 

@@ -69,11 +69,14 @@ def sample(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     noise: Optional[torch.Tensor] = None,
+    min_p: Optional[float] = None,
 ) -> torch.Tensor:
     """logits: (B, vocab) -> next token ids (B,). Greedy (argmax) when temperature == 0; otherwise softmax(logits /
-    temperature) restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p
-    (nucleus), sampled with `noise`: (B, vocab) Exp(1) draws (see `draw_noise`). Taking argmax(p / noise) is an exact
-    draw from p that needs no host sync, unlike torch.multinomial."""
+    temperature) restricted to the top_k most likely tokens, to the smallest set whose probability reaches top_p
+    (nucleus) and to the tokens at least min_p times as likely as the most likely one (min-p, as vLLM's and
+    transformers'; the three filters commute: each keeps the most likely token, and renormalising keeps the ratios),
+    sampled with `noise`: (B, vocab) Exp(1) draws (see `draw_noise`). Taking argmax(p / noise) is an exact draw from
+    p that needs no host sync, unlike torch.multinomial."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -88,6 +91,8 @@ def sample(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)  # argmax needs no renorm
     if noise is None:
         noise = torch.empty_like(probs).exponential_(1)
     return (probs / noise).argmax(dim=-1)
@@ -100,14 +105,18 @@ def draw_noise(batch: int, vocab: int, device: torch.device, generator: Optional
     return noise.to(device, non_blocking=True)
 
 
-def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
-    """ValueError naming the parameter for a negative or non-finite temperature, top_k < 1 or top_p outside (0, 1]."""
+def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   min_p: Optional[float] = None) -> None:
+    """ValueError naming the parameter for a negative or non-finite temperature, top_k < 1, top_p outside (0, 1] or
+    min_p outside [0, 1]."""
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not (math.isfinite(min_p) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ class Sampling:
     temperature: float = 0.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
+    min_p: Optional[float] = None
 
 
 GREEDY = Sampling()
@@ -175,7 +185,7 @@ def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Ten
     hidden = model(idx, input_pos=t, aligner=_no_aligner(prefix), mask=mask[:, None], positions=positions,
                    return_hidden=True)
     logits = torch.nn.functional.linear(hidden[:, -1], model.lm_head_weight)  # (B, vocab): last position only
-    return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, noise)
+    return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, noise, sampling.min_p)
 
 
 def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
@@ -187,7 +197,7 @@ def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor,
     mask = (valid & (slots <= input_pos))[:, None, None, :]  # (B, 1, 1, S)
     positions = (input_pos - pad)[:, None]  # (B, 1)
     logits = model(token, input_pos=input_pos, aligner=_no_aligner(prefix), mask=mask, positions=positions)
-    return sample(logits[:, -1], sampling.temperature, sampling.top_k, sampling.top_p, noise)
+    return sample(logits[:, -1], sampling.temperature, sampling.top_k, sampling.top_p, noise, sampling.min_p)
 
 
 def _no_aligner(prefix: Optional[PrefixKV]) -> Union[bool, PrefixKV]:
@@ -286,6 +296,7 @@ def generate(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
     stop_ids: Union[Set[int], Sequence[int]] = (),
     aligners: Aligners = None,
     generator: Optional[torch.Generator] = None,
@@ -300,13 +311,14 @@ def generate(
     aligners: one Aligner for every row (or a stacked Aligner, one row each), a PrefixKV (precomputed), a list with
     one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (the bare
     base). The prefix K/V are projected once per call.
-    temperature 0 is greedy; otherwise top_k / top_p (nucleus) filtering, with draws from `generator` (same seed, same
-    tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host every step).
+    temperature 0 is greedy; otherwise top_k / top_p (nucleus) / min_p filtering, with draws from `generator` (same
+    seed, same tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host
+    every step).
     compile: torch.compile `decode_one_token` (None: on CUDA only, and not for a quantized base); the eager path
         gives the same tokens.
     Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context,
     non-finite sampling parameters, an Aligner of another base, ...)."""
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if not prompts:
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
@@ -337,7 +349,7 @@ def generate(
     valid = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
     stop_set = set(stop_ids)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, min_p)
 
     def next_noise():
         return draw_noise(B, vocab, device, generator) if temperature > 0 else None

@@ -86,6 +86,7 @@ class _Body(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1)  # vLLM's extra: -1, 0 or none for every token
+    min_p: float = Field(0.0, ge=0, le=1)  # vLLM's extra: tokens less likely than min_p x the top one are dropped
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extra (transformers' meaning); 1 is off
@@ -235,7 +236,7 @@ class AlignerServer:
                                 f"context of {self.engine.max_seq_length} tokens: lower max_tokens or shorten the "
                                 f"prompt", param="max_tokens", code="context_length_exceeded")
         sampling = Sampling(body.temperature, body.top_k if body.top_k and body.top_k > 0 else None,
-                            body.top_p if body.top_p < 1 else None)
+                            body.top_p if body.top_p < 1 else None, body.min_p or None)
         k = body.top_logprobs_k()
         max_tokens = min(max_tokens if max_tokens is not None else default_max or room, room)
         # echo scores the prompt when logprobs are asked for, or when there is nothing else to do (max_tokens 0)

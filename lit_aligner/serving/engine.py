@@ -258,7 +258,8 @@ class Engine:
 
     def check(self, req: Request) -> None:
         """ValueError for a request that can never run (the server answers 400)."""
-        check_sampling(req.sampling.temperature, req.sampling.top_k, req.sampling.top_p)
+        s = req.sampling
+        check_sampling(s.temperature, s.top_k, s.top_p, s.min_p)
         p = req.penalties
         if not (math.isfinite(p.repetition) and p.repetition > 0) or not all(map(math.isfinite, (p.presence,
                                                                                                    p.frequency))):
@@ -494,7 +495,7 @@ class Engine:
             s = r.req.sampling
             if s.temperature > 0:
                 noise = draw_noise(1, logits.shape[-1], self.device, r.generator)
-                out[i] = int(sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, noise))
+                out[i] = int(sample(logits[i:i + 1], s.temperature, s.top_k, s.top_p, noise, s.min_p))
         want = [i for i, r in enumerate(rows) if r.req.logprobs is not None]
         if want:  # one log-softmax and top-k over the rows that asked
             lp = torch.log_softmax(raw[want].float(), dim=-1)

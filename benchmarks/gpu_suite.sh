@@ -74,7 +74,7 @@ EOF
 if [ "$TINY" = 1 ]; then
     SHAPE=tiny; B=2; B2=4; TRAIN="--seq-len 32 --steps 2 --warmup 1"
     GEN="--batch 4 --prompt-len 8 --new-tokens 8"; REPEATS=1; PROFILE="--batch 2 --seq-len 32 --decode-batch 4 --new-tokens 8"
-    SERVE_SHAPE=tiny; SERVE="--clients 1 4 --requests-per-client 1 --sequential-requests 2 --max-tokens 4 --aligners 4 --long-prompt-tokens 40 --chunk-tokens 8 --stall-clients 2 --stall-max-tokens 6"
+    SERVE_SHAPE=tiny; SERVE="--clients 1 4 --requests-per-client 1 --sequential-requests 2 --max-tokens 4 --aligners 4 --long-prompt-tokens 40 --chunk-tokens 8 --stall-clients 2 --stall-max-tokens 6 --system-prompt-tokens 40 --system-clients 2"
     CLI_COMPILE=""  # compiling on the CPU costs more than 6 steps
     export LIT_ALIGNER_REHEARSE_CUDA=1
 else

@@ -27,13 +27,12 @@ class _Block:
 
 
 class PrefixCache:
-    """Up to `max_tokens` prompt tokens' keys and values, in blocks; `hit_tokens` / `query_tokens` count what lookups
-    found and asked for."""
+    """Up to `max_tokens` prompt tokens' keys and values, in blocks; `hit_tokens` counts what lookups found."""
 
     def __init__(self, max_tokens: int, block: int = BLOCK):
         self.block, self.max_blocks = block, max_tokens // block
         self.blocks: "OrderedDict[int, _Block]" = OrderedDict()
-        self.query_tokens = self.hit_tokens = 0
+        self.hit_tokens = 0
 
     def _chain(self, key: Hashable, ids: Sequence[int], n: int) -> List[Tuple[int, Tuple[int, ...]]]:
         """(hash, tokens) of the first n blocks of ids."""
@@ -52,7 +51,6 @@ class PrefixCache:
         """The longest cached prefix of `ids` under `key`, in whole blocks and leaving at least the last token to
         compute (its hidden state picks the first new token): (its length, its keys and values (n_layer, 2, n_kv,
         length, head_size)) or (0, None)."""
-        self.query_tokens += len(ids)
         found: List[Tuple[int, _Block]] = []
         parent = None
         for h, tokens in self._chain(key, ids, (len(ids) - 1) // self.block):

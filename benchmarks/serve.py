@@ -273,25 +273,29 @@ def main(
     dev = pick_device(device)
     path = check_out(out or Path(__file__).parent / "results" / f"serve-{name}-{machine_name(dev)}.json", force)
 
+    def against(server, label: str, case) -> Dict[str, Any]:
+        """Run the coroutine `case` against `server`; a failure names the server and shows its last output."""
+        try:
+            return asyncio.run(case)
+        except Exception as e:  # a server that dropped a connection: its last lines say why
+            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+
     def measure(server, label: str, cases: Dict[str, List[str]], warm_up: List[List[str]]) -> None:
         """Every concurrency, every case (label -> the model each client asks for, cycled), after the `warm_up`
         rounds (one 2-token request per model listed, at once; not recorded)."""
-        try:
-            for models in warm_up:
-                asyncio.run(run_case(server.base_url, models, 1, 2, exact_length(label, 2)))
-            for n in clients:
-                for case, names in cases.items():
-                    if n == 1 and case == "different":
-                        continue  # one client has one Aligner: "shared" is that row
-                    models = [names[c % len(names)] for c in range(n)]
-                    result = asyncio.run(run_case(server.base_url, models, sequential_requests if n == 1 else
-                                                  requests_per_client, max_tokens, exact_length(label, max_tokens)))
-                    aligners_col = f"{min(n, len(names))} different" if case == "different" else case
-                    rows.append({"server": label, "clients": n, "aligners": aligners_col, **result})
-                    print(f"{label}, {n} clients, {aligners_col}: {result['tokens_per_s']:.1f} tokens/s",
-                          file=sys.stderr)
-        except Exception as e:  # a server that dropped a connection: its last lines say why
-            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
+        for models in warm_up:
+            against(server, label, run_case(server.base_url, models, 1, 2, exact_length(label, 2)))
+        for n in clients:
+            for case, names in cases.items():
+                if n == 1 and case == "different":
+                    continue  # one client has one Aligner: "shared" is that row
+                models = [names[c % len(names)] for c in range(n)]
+                result = against(server, label, run_case(server.base_url, models, sequential_requests if n == 1 else
+                                                         requests_per_client, max_tokens,
+                                                         exact_length(label, max_tokens)))
+                aligners_col = f"{min(n, len(names))} different" if case == "different" else case
+                rows.append({"server": label, "clients": n, "aligners": aligners_col, **result})
+                print(f"{label}, {n} clients, {aligners_col}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
     context = min(load_config(checkpoint_dir).block_size, DEFAULT_MAX_SEQ_LENGTH)
     if long_prompt_tokens and long_prompt_tokens + 16 >= context:
@@ -304,13 +308,6 @@ def main(
     system_text = long_prompt(Path(checkpoint_dir), system_prompt_tokens, RULES) if system_prompt_tokens else ""
     stalls: List[Dict[str, Any]] = []
     prefix_rows: List[Dict[str, Any]] = []
-
-    def against(server, label: str, case) -> Dict[str, Any]:
-        """Run the coroutine `case` against `server`; a failure names the server and shows its last output."""
-        try:
-            return asyncio.run(case)
-        except Exception as e:  # a server that dropped a connection: its last lines say why
-            raise BenchmarkError(f"{label}: {type(e).__name__}: {e}; its last output:\n{server.output(30)}") from e
 
     def shared_system(server, label: str, model: str, cache: str) -> None:
         """The prefix-caching case, after one request has carried the system prompt (not recorded)."""

@@ -19,14 +19,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, List, Literal, Optional
 
-import torch
 import tyro
 
 from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import atomic_output, check_output, input_files
-from lit_aligner.generation import (AlignerEntry, PromptItem, TextStreamer, answer_prompts, check_sampling,
+from lit_aligner.generation import (AlignerEntry, PromptItem, SamplingArgs, TextStreamer, answer_prompts,
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import get_template, is_correction, join_input
@@ -65,11 +64,7 @@ def main(
     template: Optional[str] = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    min_p: Optional[float] = None,
-    seed: int = 1234,
+    sampling: tyro.conf.OmitArgPrefixes[SamplingArgs] = SamplingArgs(),
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     quantize: QuantizeFlag = "none",
@@ -102,11 +97,7 @@ def main(
             tokenizer's chat template.
         batch_size: most requests (prompt x Aligner) decoded together.
         max_new_tokens: most tokens per answer; answers stop earlier at the tokenizer's end-of-turn/EOS tokens.
-        temperature: 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).
-        top_k: when sampling, keep only the k most likely tokens.
-        top_p: when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus).
-        min_p: when sampling, keep only the tokens at least min_p times as likely as the most likely one (min-p).
-        seed: seed of the sampling generator (same seed, same text).
+        sampling: how each token is picked (greedy by default) and the repetition penalties.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU and with --quantize.
@@ -138,7 +129,7 @@ def main(
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
-    check_sampling(temperature, top_k, top_p, min_p)
+    sampling.check()
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if out is not None:
@@ -150,23 +141,22 @@ def main(
     if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop_ids=tokenizer.stop_ids,
-                    generator=torch.Generator(dev).manual_seed(seed),
-                    compile=None if compile == "auto" else compile == "on")
+    kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
+                  **sampling.generate_kwargs(dev))
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             questions = [join_input(p.instruction, p.input) for p in items]
-            answers = base_answers(model, tokenizer, questions, max_new_tokens, template, batch_size, **sampling)
+            answers = base_answers(model, tokenizer, questions, max_new_tokens, template, batch_size, **kwargs)
             correct_pairs(model, tokenizer, list(zip(questions, answers)), entries, max_new_tokens, batch_size,
-                          sampling, sink, pipeline=True)
+                          kwargs, sink, pipeline=True)
         elif pairs:
-            correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, sampling, sink)
+            correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, kwargs, sink)
         elif items:
-            answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink)
+            answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, kwargs, sink)
         if interactive:
             for text in read_stdin():
                 answer_items(model, tokenizer, [PromptItem(text)], entries, max_new_tokens, batch_size, template,
-                             sampling, sink)
+                             kwargs, sink)
     if out:
         print(f"wrote {out}", file=sys.stderr)
 

@@ -7,15 +7,14 @@ See howto/generate.md.
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
-import torch
 import tyro
 
 from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
-from lit_aligner.generation import TextStreamer, check_sampling, generate
+from lit_aligner.generation import SamplingArgs, TextStreamer, generate
 from lit_aligner.prompts import build_prompt, encode_prompt
 from lit_aligner.quantize import QuantizeFlag
 
@@ -24,11 +23,7 @@ def main(
     prompt: str = "What is 2+2?",
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    min_p: Optional[float] = None,
-    seed: int = 1234,
+    sampling: tyro.conf.OmitArgPrefixes[SamplingArgs] = SamplingArgs(),
     no_chat_template: tyro.conf.FlagCreatePairsOff[bool] = False,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -41,26 +36,21 @@ def main(
         prompt: the user message.
         checkpoint_dir: converted base model (config.json, model.safetensors, tokenizer files).
         max_new_tokens: most tokens to generate; generation stops earlier at the tokenizer's end-of-turn/EOS tokens.
-        temperature: 0 = greedy (deterministic); > 0 samples from softmax(logits / temperature).
-        top_k: when sampling, keep only the k most likely tokens.
-        top_p: when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus).
-        min_p: when sampling, keep only the tokens at least min_p times as likely as the most likely one (min-p).
-        seed: seed of the sampling generator (same seed, same text).
+        sampling: how each token is picked (greedy by default) and the repetition penalties.
         no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
             with --quantize.
     """
-    check_sampling(temperature, top_k, top_p, min_p)
+    sampling.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
     text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
     streamer = TextStreamer(tokenizer)
     _, stats = generate(
-        model, [encode_prompt(tokenizer, text)], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, stop_ids=tokenizer.stop_ids, generator=torch.Generator(dev).manual_seed(seed), on_token=streamer,
-        compile=None if compile == "auto" else compile == "on", return_stats=True,
+        model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,
+        compile=None if compile == "auto" else compile == "on", return_stats=True, **sampling.generate_kwargs(dev),
     )
     streamer.finish()
     print(flush=True)

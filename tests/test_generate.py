@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from lit_aligner.config import Config
-from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts, generate, read_prompts, sample
+from lit_aligner.generation import AlignerEntry, Penalties, PromptItem, answer_prompts, generate, read_prompts, sample
 from lit_aligner.prompts import build_prompt
 from lit_aligner.model import LLaMA, Aligner, AlignerConfig, CausalSelfAttention, init_weights
 
@@ -173,6 +173,48 @@ def test_streaming_callback_sees_exactly_the_returned_tokens(model):
     assert len(out[0]) < 16
 
 
+def penalized_reference(model, prompt, n, aligner, p: Penalties):
+    """Independent of the KV cache, padding, masks and PenaltyState: re-run the whole sequence every step, apply
+    transformers' repetition penalty processor, then the presence / frequency penalties and the bias one token at a
+    time, take the argmax."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq[None], aligner=aligner if aligner is not None else False)[:, -1].float()
+            logits = RepetitionPenaltyLogitsProcessor(p.repetition)(seq[None], logits)[0]
+            for t, c in zip(*seq[len(prompt):].unique(return_counts=True)):
+                logits[t] -= p.frequency * c + p.presence
+            for t, b in p.logit_bias:
+                logits[t] += b
+            seq = torch.cat([seq, logits.argmax()[None]])
+    return seq[len(prompt):]
+
+
+def test_penalties_in_a_batch_equal_an_independent_reference_and_change_the_answer(model):
+    """Greedy decoding with penalties, rows of different lengths in one batch (one with an Aligner): every row gets
+    the tokens of a reference that recomputes the sequence and applies the penalties itself (transformers'
+    repetition processor); each kind of penalty changes some answer."""
+    aligner = make_aligner(model, 60)
+    ps = prompts([3, 11, 6], seed=2)
+    # this random model repeats readily when the prompt is its own greedy continuation
+    loop = generate(model, ps[:1], 16)[0]
+    ps.append(torch.cat([ps[0], loop, loop]))
+    plain = generate(model, ps, 16, aligners=[None, aligner, None, None])
+    kinds = [Penalties(repetition=1.5), Penalties(presence=1.0, frequency=1.5), Penalties(logit_bias=((7, 5.0),)),
+             Penalties(repetition=0.8, frequency=-0.5)]
+    for p in kinds:
+        got = generate(model, ps, 16, aligners=[None, aligner, None, None], penalties=p)
+        for i, (row, prompt) in enumerate(zip(got, ps)):
+            assert torch.equal(row, penalized_reference(model, prompt, 16, aligner if i == 1 else None, p)), (p, i)
+        assert any(not torch.equal(a, b) for a, b in zip(got, plain)), p
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, ps, 2, penalties=Penalties(repetition=0.0))
+    with pytest.raises(ValueError, match="logit_bias: token id 99999"):
+        generate(model, ps, 2, penalties=Penalties(logit_bias=((99999, 1.0),)))
+
+
 def test_stats_count_tokens(model):
     ps = prompts([4, 9])
     out, stats = generate(model, ps, 7, return_stats=True)
@@ -261,6 +303,10 @@ def test_compiled_decode_gives_the_eager_tokens(model):
     assert torch.equal(mixed[1], eager[1]) and torch.equal(mixed[0], generate(model, ps[:1], 10, aligners=other)[0])
     one = generate(model, ps[1:], 10, aligners=aligner, compile=True)
     assert torch.equal(one[0], generate(model, ps[1:], 10, aligners=aligner)[0])
+    # Penalties run inside the compiled step: the eager tokens.
+    p = Penalties(repetition=1.5, frequency=0.5)
+    assert all(torch.equal(e, c) for e, c in zip(generate(model, ps, 10, aligners=aligner, penalties=p),
+                                                 generate(model, ps, 10, aligners=aligner, penalties=p, compile=True)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,6 +337,26 @@ def test_base_cli_answers_what_is_2_plus_2(request):
     assert r.returncode == 0, r.stderr
     assert "4" in r.stdout
     assert "tokens/s" in r.stderr
+
+
+def test_base_cli_penalty_flags_reach_the_decoder(request):
+    """--repetition-penalty / --frequency-penalty: the CLI prints what `generate` gives with those penalties (in this
+    process, same base), which is not the unpenalised answer; a bad value is one error line."""
+    from lit_aligner.base import load_base
+    from lit_aligner.prompts import build_prompt, encode_prompt
+
+    ckpt = smollm2(request)
+    question = "List the numbers from 1 to 30, separated by commas."
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--prompt", question,
+                   "--max-new-tokens", "24", "--repetition-penalty", "1.3", "--frequency-penalty", "0.2")
+    assert r.returncode == 0, r.stderr
+    model, tok = load_base(ckpt, "cpu", "float32")
+    ids = [encode_prompt(tok, build_prompt(tok, question))]
+    answer = {p: tok.decode(generate(model, ids, 24, stop_ids=tok.stop_ids, penalties=p)[0]).strip()
+              for p in (Penalties(repetition=1.3, frequency=0.2), Penalties())}
+    assert r.stdout.strip() == answer[Penalties(repetition=1.3, frequency=0.2)] != answer[Penalties()]
+    bad = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--repetition-penalty", "-1")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: repetition_penalty") and "Traceback" not in bad.stderr
 
 
 def test_aligner_cli_base_column_writes_jsonl(request, tmp_path):

@@ -15,7 +15,7 @@ Prompts are built in `lit_aligner.prompts`; many prompts x many Aligners are ans
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -136,20 +136,73 @@ class Penalties:
         return bool(self.presence or self.frequency or self.repetition != 1.0 or self.logit_bias)
 
 
-def penalize(logits: torch.Tensor, p: Penalties, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """logits: (vocab,) of one row -> the processed logits (fp32). counts: (vocab,) how often each token was generated
-    so far; seen: (vocab,) bool, the tokens of the prompt or the output (what the repetition penalty looks at)."""
-    logits = logits.float()
-    if p.repetition != 1.0:
-        hit = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
-        logits = torch.where(seen, hit, logits)
-    if p.frequency or p.presence:
-        logits = logits - p.frequency * counts - p.presence * (counts > 0).float()
-    if p.logit_bias:
-        ids, bias = zip(*p.logit_bias)
-        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
-                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
-    return logits
+NO_PENALTIES = Penalties()
+
+
+def check_penalties(p: Penalties, vocab: Optional[int] = None) -> None:
+    """ValueError naming the parameter for a non-finite penalty, a repetition penalty <= 0, or a logit bias on a token
+    outside the vocabulary (checked when `vocab` is given) or not finite."""
+    if not (math.isfinite(p.repetition) and p.repetition > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {p.repetition}")
+    for name, value in (("presence_penalty", p.presence), ("frequency_penalty", p.frequency)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (0 = off), got {value}")
+    for token, bias in p.logit_bias:
+        if vocab is not None and not 0 <= token < vocab:
+            raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0 to {vocab - 1})")
+        if not math.isfinite(bias):
+            raise ValueError(f"logit_bias: the bias of token id {token} is not a finite number: {bias}")
+
+
+@dataclass
+class PenaltyState:
+    """`Penalties` as they stand for a batch of rows being decoded: counts (B, vocab) how often each token was
+    generated so far, seen (B, vocab) the tokens of the prompt or the output (what the repetition penalty looks at),
+    bias (vocab,) the logit bias, dense. Only tensor ops: `apply` runs inside a compiled decoding step."""
+
+    penalties: Penalties
+    counts: torch.Tensor
+    seen: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, penalties: Penalties, prompts: Sequence[Sequence[int]], vocab: int,
+              device: torch.device) -> Optional["PenaltyState"]:
+        """The state before the first new token of each prompt (token ids); None when no penalty is active."""
+        if not penalties.active:
+            return None
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            seen[b, torch.as_tensor(p, device=device).long()] = True
+        bias = None
+        if penalties.logit_bias:
+            ids, values = zip(*penalties.logit_bias)
+            bias = torch.zeros(vocab, device=device).index_add_(0, torch.tensor(ids, device=device),
+                                                                torch.tensor(values, device=device))
+        return cls(penalties, torch.zeros(len(prompts), vocab, device=device), seen, bias)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (B, vocab) -> the processed logits (fp32)."""
+        p = self.penalties
+        logits = logits.float()
+        if p.repetition != 1.0:
+            hit = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
+            logits = torch.where(self.seen, hit, logits)
+        if p.frequency or p.presence:
+            logits = logits - p.frequency * self.counts - p.presence * (self.counts > 0).float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def add(self, tokens: Union[int, torch.Tensor]) -> None:
+        """Count one new token per row: (B,) ids, or an int for a single row."""
+        if isinstance(tokens, int):
+            self.counts[:, tokens] += 1
+            self.seen[:, tokens] = True
+            return
+        t = tokens.view(-1, 1)
+        self.counts.scatter_add_(1, t, torch.ones(t.shape, dtype=self.counts.dtype, device=t.device))
+        self.seen.scatter_(1, t, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,12 +222,50 @@ class Sampling:
 GREEDY = Sampling()
 
 
+@dataclass
+class SamplingArgs:
+    """How the generate CLIs pick each token: their sampling flags, in one place (see `sample` and `Penalties`)."""
+
+    temperature: float = 0.0
+    """0 = greedy (deterministic); > 0 samples from softmax(logits / temperature)."""
+    top_k: Optional[int] = None
+    """when sampling, keep only the k most likely tokens."""
+    top_p: Optional[float] = None
+    """when sampling, keep the smallest set of tokens whose probability reaches top_p (nucleus)."""
+    min_p: Optional[float] = None
+    """when sampling, keep only the tokens at least min_p times as likely as the most likely one (min-p)."""
+    repetition_penalty: float = 1.0
+    """divide the positive logits (multiply the negative ones) of the tokens already in the prompt or the answer by
+    this: > 1 discourages repeating (transformers' and vLLM's repetition_penalty; 1.1 to 1.3 is usual); 1 = off."""
+    presence_penalty: float = 0.0
+    """subtract this from the logits of the tokens the answer already holds (OpenAI's presence_penalty); 0 = off."""
+    frequency_penalty: float = 0.0
+    """subtract this times each token's count in the answer so far from its logit (OpenAI's frequency_penalty)."""
+    seed: int = 1234
+    """seed of the sampling generator (same seed, same text)."""
+
+    @property
+    def penalties(self) -> Penalties:
+        return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
+
+    def check(self) -> None:
+        """ValueError naming the first bad flag."""
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+        check_penalties(self.penalties)
+
+    def generate_kwargs(self, device: torch.device) -> Dict[str, Any]:
+        """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device`."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    penalties=self.penalties, generator=torch.Generator(device).manual_seed(self.seed))
+
+
 def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor, prefix: Optional[PrefixKV],
-            sampling: Sampling = GREEDY, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+            sampling: Sampling = GREEDY, noise: Optional[torch.Tensor] = None,
+            penalty: Optional[PenaltyState] = None) -> torch.Tensor:
     """Run the left-padded prompts idx: (B, T) through the model, filling cache slots 0..T-1, and sample the first new
     token (B,). pad: (B,) pad tokens at the start of each row; valid: (B, S) bool, True for the cache slots that hold
-    (or will hold) a real token of the row. A pad query may attend to itself only: a fully masked row would give NaN,
-    which would leak into real rows through 0 * NaN."""
+    (or will hold) a real token of the row; penalty: the penalties to apply before sampling, if any. A pad query may
+    attend to itself only: a fully masked row would give NaN, which would leak into real rows through 0 * NaN."""
     B, T = idx.shape
     S = valid.shape[1]
     t = torch.arange(T, device=idx.device)
@@ -185,19 +276,23 @@ def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Ten
     hidden = model(idx, input_pos=t, aligner=_no_aligner(prefix), mask=mask[:, None], positions=positions,
                    return_hidden=True)
     logits = torch.nn.functional.linear(hidden[:, -1], model.lm_head_weight)  # (B, vocab): last position only
+    if penalty is not None:
+        logits = penalty.apply(logits)
     return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, noise, sampling.min_p)
 
 
 def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, pad: torch.Tensor,
                      valid: torch.Tensor, prefix: Optional[PrefixKV], sampling: Sampling = GREEDY,
-                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     noise: Optional[torch.Tensor] = None, penalty: Optional[PenaltyState] = None) -> torch.Tensor:
     """token: (B, 1) the last token of every row, written at cache slot input_pos: (1,) -> the next token (B,).
     Only tensor ops: no host sync, fixed shapes (compilable, CUDA-graph friendly)."""
     slots = torch.arange(valid.shape[1], device=token.device)
     mask = (valid & (slots <= input_pos))[:, None, None, :]  # (B, 1, 1, S)
     positions = (input_pos - pad)[:, None]  # (B, 1)
-    logits = model(token, input_pos=input_pos, aligner=_no_aligner(prefix), mask=mask, positions=positions)
-    return sample(logits[:, -1], sampling.temperature, sampling.top_k, sampling.top_p, noise, sampling.min_p)
+    logits = model(token, input_pos=input_pos, aligner=_no_aligner(prefix), mask=mask, positions=positions)[:, -1]
+    if penalty is not None:
+        logits = penalty.apply(logits)
+    return sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, noise, sampling.min_p)
 
 
 def _no_aligner(prefix: Optional[PrefixKV]) -> Union[bool, PrefixKV]:
@@ -297,6 +392,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     min_p: Optional[float] = None,
+    penalties: Penalties = NO_PENALTIES,
     stop_ids: Union[Set[int], Sequence[int]] = (),
     aligners: Aligners = None,
     generator: Optional[torch.Generator] = None,
@@ -312,13 +408,15 @@ def generate(
     one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (the bare
     base). The prefix K/V are projected once per call.
     temperature 0 is greedy; otherwise top_k / top_p (nucleus) / min_p filtering, with draws from `generator` (same
-    seed, same tokens). on_token(row, token_id) is called for every returned token, in order (this syncs the host
-    every step).
+    seed, same tokens). penalties: repetition / presence / frequency penalties and a logit bias, applied to every row's
+    logits before the sampling (also when greedy). on_token(row, token_id) is called for every returned token, in
+    order (this syncs the host every step).
     compile: torch.compile `decode_one_token` (None: on CUDA only, and not for a quantized base); the eager path
         gives the same tokens.
     Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context,
     non-finite sampling parameters, an Aligner of another base, ...)."""
     check_sampling(temperature, top_k, top_p, min_p)
+    check_penalties(penalties, model.config.vocab_size)
     if not prompts:
         raise ValueError("no prompts to generate from")
     if max_new_tokens < 1:
@@ -350,6 +448,7 @@ def generate(
     stop_set = set(stop_ids)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     sampling = Sampling(temperature, top_k, top_p, min_p)
+    penalty = PenaltyState.start(penalties, prompts, vocab, device)
 
     def next_noise():
         return draw_noise(B, vocab, device, generator) if temperature > 0 else None
@@ -372,8 +471,10 @@ def generate(
     _sync(device)
     t0 = time.perf_counter()
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
-    tok = prefill(model, idx, pad, valid, prefix, sampling, next_noise())
+    tok = prefill(model, idx, pad, valid, prefix, sampling, next_noise(), penalty)
     out[:, 0] = tok
+    if penalty is not None:
+        penalty.add(tok)
     done = torch.isin(tok, stop)
     if on_token is not None:
         emit(tok)
@@ -388,10 +489,12 @@ def generate(
                 break
         elif stop_set and i % check_every == 0 and bool(done.all()):  # no stop ids: never done, never sync
             break
-        tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise())
+        tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise(), penalty)
         if compiled:
             tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
         out[:, i] = tok
+        if penalty is not None:
+            penalty.add(tok)
         done |= torch.isin(tok, stop)
         input_pos += 1
         n = i + 1

@@ -36,7 +36,6 @@ request served alone gets (same kernels, rows independent); sampled rows draw fr
 """
 
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -45,7 +44,8 @@ from typing import Callable, Deque, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from lit_aligner.generation.engine import Penalties, Sampling, check_sampling, draw_noise, penalize, sample
+from lit_aligner.generation.engine import (Penalties, PenaltyState, Sampling, check_penalties, check_sampling,
+                                           draw_noise, sample)
 from lit_aligner.model import LLaMA, PrefixKV
 from lit_aligner.serving.prefix_cache import PrefixCache
 
@@ -153,11 +153,7 @@ class _Row:
         self.last = -1  # the token to feed next
         self.finished = False
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
-        self.counts = self.seen = None  # for penalties: how often each token was generated; prompt + output tokens
-        if req.penalties.active:
-            self.counts = torch.zeros(vocab, device=device)
-            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(list(req.prompt_ids), device=device)] = True
+        self.penalty = PenaltyState.start(req.penalties, [list(req.prompt_ids)], vocab, device)  # None: no penalty
 
     def take_logprobs(self) -> List[TokenLogprob]:
         taken, self.logprobs = self.logprobs, []
@@ -260,15 +256,7 @@ class Engine:
         """ValueError for a request that can never run (the server answers 400)."""
         s = req.sampling
         check_sampling(s.temperature, s.top_k, s.top_p, s.min_p)
-        p = req.penalties
-        if not (math.isfinite(p.repetition) and p.repetition > 0) or not all(map(math.isfinite, (p.presence,
-                                                                                                   p.frequency))):
-            raise ValueError("penalties must be finite numbers, and repetition_penalty > 0")
-        vocab = self.model.lm_head_weight.shape[0]
-        for token, bias in p.logit_bias:
-            if not 0 <= token < vocab or not math.isfinite(bias):
-                raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0 to {vocab - 1}) or its "
-                                 f"bias is not a finite number")
+        check_penalties(req.penalties, self.model.lm_head_weight.shape[0])
         n = len(req.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -485,11 +473,11 @@ class Engine:
         raw ones."""
         rows = rows if rows is not None else self.rows
         logits = raw
-        if any(r.counts is not None for r in rows):
+        if any(r.penalty is not None for r in rows):
             logits = raw.float().clone()  # raw stays raw (float() of fp32 is no copy)
             for i, r in enumerate(rows):
-                if r.counts is not None:
-                    logits[i] = penalize(raw[i], r.req.penalties, r.counts, r.seen)
+                if r.penalty is not None:
+                    logits[i] = r.penalty.apply(raw[i:i + 1])[0]
         out = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
             s = r.req.sampling
@@ -512,9 +500,8 @@ class Engine:
         for r, t in zip(rows if rows is not None else self.rows, tokens):
             r.last = t
             r.generated += 1
-            if r.counts is not None:
-                r.counts[t] += 1
-                r.seen[t] = True
+            if r.penalty is not None:
+                r.penalty.add(t)
             req = r.req
             if t in req.stop_ids:
                 if req.logprobs is not None:

@@ -185,10 +185,44 @@ def test_aligner_lm_mixed_batches_equal_one_aligner_at_a_time(base, aligners):
     assert len(text_ids) > 64
 
 
+def mc_accuracy(model, tok, aligner, mc, render=lambda text: text, delimiter=" "):
+    """tiny_mc's accuracy, independently: argmax over the choices' summed log-likelihoods after the rendered context.
+    The harness puts `delimiter` before a choice (none after a chat template's assistant header); whitespace ending the
+    context is scored as part of the continuation (as lm_eval's Hugging Face model does)."""
+    right = 0
+    for doc in mc:
+        ctx = render(f"Question: {doc['question']}\nAnswer:")
+        scores = []
+        for choice in doc["choices"]:
+            c = tok.encode(ctx.rstrip()).tolist()
+            w = tok.encode(ctx + delimiter + choice).tolist()
+            ids = torch.tensor([w])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids[:, :-1], aligner=aligner).float(), -1)[0, len(c) - 1:]
+            scores.append(float(lp.gather(-1, torch.tensor(w[len(c):])[:, None]).sum()))
+        right += max(range(3), key=scores.__getitem__) == doc["label"]
+    return right / len(mc)
+
+
+def gen_outputs(model, tok, aligner, gen, render=lambda text: text, **kw):
+    """tiny_gen's answers, independently: greedy generation cut at the first newline."""
+    from lit_aligner.generation import generate
+
+    outs = []
+    for doc in gen:
+        out = generate(model, [tok.encode(render(doc["question"]))], 6, stop_ids=tok.stop_ids,
+                       aligners=[aligner if aligner is not False else None], **kw)[0]
+        outs.append(tok.decode(out, skip_special=True).split("\n")[0].strip())
+    return outs
+
+
+def exact_match(outs, gen):
+    return sum(o == doc["answer"] for o, doc in zip(outs, gen)) / len(gen)
+
+
 def test_harness_runs_local_multiple_choice_and_generation_tasks(tiny_checkpoint_dir, base, aligners, tasks):
     pytest.importorskip("lm_eval")
     from lit_aligner.aligner_files import load_aligner
-    from lit_aligner.generation import generate
 
     d, mc, gen = tasks
     p = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_mc", "tiny_gen", "--include-path",
@@ -198,30 +232,93 @@ def test_harness_runs_local_multiple_choice_and_generation_tasks(tiny_checkpoint
     model, tok = base
     steer, _ = load_aligner(aligners / "steer.safetensors", model)
     for name, a in (("base", False), (str(aligners / "steer.safetensors"), steer)):
-        # accuracy, independently: argmax over the choices' summed log-likelihoods
-        right = 0
-        for doc in mc:
-            ctx = f"Question: {doc['question']}\nAnswer:"
-            scores = []
-            for choice in doc["choices"]:
-                c = tok.encode(ctx).tolist()
-                w = tok.encode(ctx + " " + choice).tolist()
-                ids = torch.tensor([w])
-                with torch.no_grad():
-                    lp = torch.log_softmax(model(ids[:, :-1], aligner=a).float(), -1)[0, len(c) - 1:]
-                scores.append(float(lp.gather(-1, torch.tensor(w[len(c):])[:, None]).sum()))
-            right += max(range(3), key=scores.__getitem__) == doc["label"]
-        assert res["results"][name]["tiny_mc"]["acc,none"] == pytest.approx(right / len(mc)), name
-        # exact match, independently: greedy generation cut at the first newline
-        hits = 0
-        for doc in gen:
-            out = generate(model, [tok.encode(doc["question"])], 6, aligners=[a if a is not False else None],
-                           stop_ids=tok.stop_ids)[0]
-            hits += tok.decode(out, skip_special=True).split("\n")[0].strip() == doc["answer"]
-        assert res["results"][name]["tiny_gen"]["exact_match,none"] == pytest.approx(hits / len(gen)), name
+        assert res["results"][name]["tiny_mc"]["acc,none"] == pytest.approx(mc_accuracy(model, tok, a, mc)), name
+        assert res["results"][name]["tiny_gen"]["exact_match,none"] == pytest.approx(
+            exact_match(gen_outputs(model, tok, a, gen), gen)), name
     unknown = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "no_such_task_xyz")
     assert unknown.returncode == 1 and unknown.stderr.strip().startswith("error: --tasks no_such_task_xyz:")
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligners, tasks):
+    """--apply-chat-template renders every request with the tokenizer's chat template (a system instruction as its
+    system turn) and --gen-kwargs reach the decoder: the scores, and the logged answers, equal a direct computation on
+    the rendered prompts (and differ from the answers without the penalty)."""
+    pytest.importorskip("lm_eval")
+    from lit_aligner.generation import Penalties
+
+    d, mc, gen = tasks
+    p = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_mc", "tiny_gen", "--include-path",
+            d, "--apply-chat-template", "--system-instruction", "Be brief.", "--gen-kwargs", "repetition_penalty=1.5",
+            "--aligners", aligners / "steer.safetensors", "--no-base", "--log-samples")
+    res = last_json(p)
+    assert res["apply_chat_template"] and res["gen_kwargs"] == "repetition_penalty=1.5"
+    assert "trained with the 'plain' template" in p.stderr  # the Aligner's own template is not the chat one
+    model, tok = base
+    steer = load_aligner_file(aligners / "steer.safetensors", model)
+    assert tok.has_chat_template
+
+    def render(text):
+        return tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}])
+
+    name = str(aligners / "steer.safetensors")
+    got, logged = res["results"][name], res["logged_samples"][name]
+    assert got["tiny_mc"]["acc,none"] == pytest.approx(mc_accuracy(model, tok, steer, mc, render, delimiter=""))
+    answers = gen_outputs(model, tok, steer, gen, render, penalties=Penalties(repetition=1.5))
+    assert got["tiny_gen"]["exact_match,none"] == pytest.approx(exact_match(answers, gen))
+    rows = sorted(logged["tiny_gen"], key=lambda r: r["doc_id"])
+    assert [r["arguments"][0][0] for r in rows] == [render(doc["question"]) for doc in gen]
+    assert [r["filtered_resps"][0].strip() for r in rows] == answers != gen_outputs(model, tok, steer, gen, render)
+    assert len(logged["tiny_mc"]) == len(mc) and all("acc" in r for r in logged["tiny_mc"])
+    bad = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_gen", "--include-path", d,
+              "--gen-kwargs", "top_p=2,do_sample=True,temperature=1")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --gen-kwargs top_p=2") and "top_p must" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    lone = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_gen", "--include-path", d,
+               "--fewshot-as-multiturn")
+    assert lone.returncode == 1 and "--apply-chat-template" in lone.stderr
+
+
+def load_aligner_file(path, model):
+    from lit_aligner.aligner_files import load_aligner
+
+    return load_aligner(path, model)[0]
+
+
+def test_harness_generate_until_reads_gen_kwargs_as_transformers_does(base, aligners):
+    """Greedy unless do_sample; top_k=1 sampling is greedy (so top_k is honoured); penalties apply to greedy decoding
+    too; keys it cannot honour (num_beams) are ignored with one warning; a continued assistant message is not closed."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from lit_aligner.evaluation.harness import AlignerLM
+    from lit_aligner.generation import Penalties, generate
+
+    model, tok = base
+    steer = load_aligner_file(aligners / "steer.safetensors", model)
+    lm = AlignerLM(model, tok, {"steer": steer}, batch_size=2, max_length=128)
+    contexts = ["Say yes:", "The colour of the sky is", "One, two, three,"]
+
+    def ask(**kw):
+        return lm.generate_until([Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 8, **kw}), i)
+                                  for i, c in enumerate(contexts)])
+
+    def direct(**kw):
+        outs = generate(model, [tok.encode(c) for c in contexts], 8, stop_ids=tok.stop_ids, aligners=steer, **kw)
+        return [tok.decode(o, skip_special=True).split("\n\n")[0] for o in outs]
+
+    greedy = direct()
+    assert ask() == greedy
+    assert ask(do_sample=True, temperature=1.0, top_k=1) == greedy
+    assert ask(temperature=1.0) == greedy  # no do_sample: greedy, as transformers' generate
+    with pytest.warns(UserWarning, match="num_beams"):
+        penalised = ask(repetition_penalty=3.0, frequency_penalty=1.0, num_beams=4)
+    assert penalised == direct(penalties=Penalties(frequency=1.0, repetition=3.0)) != greedy
+    sampled = ask(do_sample=True, temperature=1.5)
+    assert sampled != greedy
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
+    assert lm.apply_chat_template(chat, add_generation_prompt=False).endswith("The answer is")
+    assert lm.apply_chat_template(chat[:1]).endswith(tok.apply_chat_template(chat[:1]))
 
 
 # --- judge ------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
@@ -359,6 +360,20 @@ class Harness(EvalCommon):
     """longest context in tokens (default: the model's context)."""
     max_gen_toks: int = 256
     """most generated tokens for generation tasks that set none."""
+    gen_kwargs: Optional[str] = None
+    """generation settings for every generation task, lm_eval's "key=value,..." (e.g. do_sample=True,temperature=0.7,
+    top_p=0.9 or repetition_penalty=1.2): do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+    presence_penalty, frequency_penalty, max_gen_toks, until."""
+    apply_chat_template: NoFlag = False
+    """format every request with the tokenizer's chat template (instruct models, and Aligners trained with the
+    default `chat` template), as lm_eval's --apply_chat_template."""
+    fewshot_as_multiturn: NoFlag = False
+    """with --apply-chat-template: few-shot examples as earlier turns of the chat."""
+    system_instruction: Optional[str] = None
+    """a system message (or, without a chat template, a preamble) for every request."""
+    log_samples: NoFlag = False
+    """keep every request's prompt and answer per system and task in the JSON ("logged_samples"), as lm_eval's
+    --log_samples."""
     seed: int = 1234
     """the harness's seeds (few-shot sampling, sampling)."""
 
@@ -372,22 +387,46 @@ class Harness(EvalCommon):
             raise UserError("the harness subcommand needs lm-evaluation-harness: pip install -e '.[eval]'") from None
         from lit_aligner.evaluation.harness import AlignerLM, run_harness
 
+        if self.gen_kwargs:
+            from lm_eval.utils import simple_parse_args_string
+
+            from lit_aligner.evaluation.harness import decoding
+
+            try:
+                decoding(simple_parse_args_string(self.gen_kwargs))
+            except ValueError as e:
+                raise UserError(f"--gen-kwargs {self.gen_kwargs}: {e}") from None
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise UserError("--fewshot-as-multiturn makes the few-shot examples turns of a chat: add "
+                            "--apply-chat-template")
         model, tokenizer = self.load()
+        if self.apply_chat_template and not tokenizer.has_chat_template:
+            raise UserError(f"--apply-chat-template: the tokenizer in {self.checkpoint_dir} has no chat template; "
+                            f"drop the flag (requests are then plain text)")
         systems = ([("base", None, {})] if self.base else []) + _aligners(self.aligners, model)
         if not systems:
             raise UserError("nothing to evaluate: give --aligners, or drop --no-base")
+        for name, _, meta in systems:
+            template = meta.get("template")
+            if self.apply_chat_template and template not in (None, "chat"):
+                warnings.warn(f"{name} was trained with the {template!r} template; --apply-chat-template formats its "
+                              f"requests with the tokenizer's chat template instead")
         lm = AlignerLM(model, tokenizer, {name: a for name, a, _ in systems}, self.batch_size, self.max_length,
                        self.max_gen_toks)
+        options = dict(apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,
+                       system_instruction=self.system_instruction, gen_kwargs=self.gen_kwargs)
         try:
             results = run_harness(lm, self.tasks, str(self.include_path) if self.include_path else None,
-                                  self.num_fewshot, self.limit, self.seed)
+                                  self.num_fewshot, self.limit, self.seed, self.log_samples, **options)
         except KeyError as e:  # lm_eval's "task not found"
             said = e.args[0] if e.args else e  # its own sentence, not the KeyError's quoted repr
             raise UserError(f"--tasks {' '.join(self.tasks)}: lm_eval does not know one of them ({said}); list them "
                             f"with `lm_eval --tasks list`, or pass --include-path with your task YAML") from None
         return {"command": "harness", "tasks": self.tasks, "num_fewshot": self.num_fewshot, "limit": self.limit,
+                **options,
                 "results": {k: v for k, v in results.items() if not k.startswith("_")},
-                "samples": results.get("_samples", {}), "versions": results.get("_versions", {})}
+                "samples": results.get("_samples", {}), "versions": results.get("_versions", {}),
+                **({"logged_samples": results.get("_logged", {})} if self.log_samples else {})}
 
     def format(self, result: Dict[str, Any]) -> str:
         rows = []

@@ -10,7 +10,11 @@ caches them; `view(name)` is the LM that lm_eval sees for one of them.
   the harness's Hugging Face model does) and cut from the left to the model's length.
 - loglikelihood_rolling: the summed log-likelihood of a whole text, in windows of max_length tokens.
 - generate_until: greedy (or sampled, from gen_kwargs) generation, stopped at the `until` strings and max_gen_toks,
-  batched through `lit_aligner.generation.generate` with an Aligner per row.
+  batched through `lit_aligner.generation.generate` with an Aligner per row. gen_kwargs are read as the harness's
+  Hugging Face model reads them: sampling only with do_sample (temperature, top_k, top_p, min_p), the repetition,
+  presence and frequency penalties either way; other keys (num_beams, ...) are ignored with a warning.
+- apply_chat_template / tokenizer_name / chat_template: lm_eval's --apply_chat_template, through the tokenizer's own
+  chat template (the prompt format of an Aligner trained with the default `chat` template).
 
     python evaluate/aligner.py harness --tasks arc_easy hellaswag --aligners out/aligner/X/aligner.safetensors
 
@@ -18,12 +22,15 @@ From Python, `lm_eval.simple_evaluate(model="lit-aligner", model_args="checkpoin
 this module is imported (it registers the name).
 """
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from lit_aligner.generation.engine import Penalties, check_penalties, check_sampling
 from lit_aligner.model import Aligner, LLaMA, stack_aligners
+from lit_aligner.prompts import encode_prompt
 
 try:
     import lm_eval.models  # noqa: F401  lm_eval lists its own models only into an empty registry: fill it before ours
@@ -45,6 +52,36 @@ def _shape(aligner: Optional[Aligner]):
 class _Cache:
     def __init__(self):
         self.values: Dict[Tuple[str, str, Any], Any] = {}
+        self.ignored: set = set()  # gen_kwargs keys already warned about
+
+
+# The gen_kwargs generate_until reads; max_gen_toks and until are lm_eval's own.
+_DECODING_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty"}
+
+
+def decoding(kwargs: Dict[str, Any]) -> Tuple[float, Optional[int], Optional[float], Optional[float], Penalties]:
+    """(temperature, top_k, top_p, min_p, penalties) of a request's gen_kwargs, read as lm_eval's Hugging Face model
+    reads them: sampled only with do_sample and a temperature > 0 (else greedy, and the sampling filters do not
+    matter); penalties apply either way. ValueError naming the key for a value out of range."""
+    try:
+        return _decoding(kwargs)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def _decoding(kwargs: Dict[str, Any]) -> Tuple[float, Optional[int], Optional[float], Optional[float], Penalties]:
+    penalties = Penalties(float(kwargs.get("presence_penalty", 0.0)), float(kwargs.get("frequency_penalty", 0.0)),
+                          float(kwargs.get("repetition_penalty", 1.0)))
+    check_penalties(penalties)
+    temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+    if temperature == 0:
+        return 0.0, None, None, None, penalties
+    top_k, top_p, min_p = kwargs.get("top_k"), kwargs.get("top_p"), kwargs.get("min_p")
+    top_k, top_p, min_p = (None if top_k is None else int(top_k), None if top_p is None else float(top_p),
+                           None if min_p is None else float(min_p))
+    check_sampling(temperature, top_k, top_p, min_p)
+    return temperature, top_k, top_p, min_p, penalties
 
 
 @register_model("lit-aligner")
@@ -78,8 +115,31 @@ class AlignerLM(LM):
     # --- tokens -------------------------------------------------------------------------------------------------------
 
     def _encode(self, text: str, bos: Optional[bool] = None) -> List[int]:
-        """Token ids; bos None: the tokenizer's own default (as training and generation encode prompts)."""
+        """Token ids; bos None: the tokenizer's own default, not doubled when a chat template wrote BOS (as training
+        and generation encode prompts)."""
+        if bos is None:
+            return encode_prompt(self.tok, text).tolist()
         return self.tok.encode(text, bos=bos if self.tok.bos_id is not None else False).tolist()
+
+    # --- chat templates (lm_eval's --apply_chat_template) --------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm_eval's request cache keys chat-templated requests by."""
+        return str(self.tok.checkpoint_dir)
+
+    def chat_template(self, chat_template: Any = False) -> str:
+        return (self.tok.chat_template or "") if chat_template else ""
+
+    def apply_chat_template(self, chat_history: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text of lm_eval's chat history, rendered by the tokenizer's chat template. Without a generation
+        prompt the history ends with the start of the answer (a task's gen_prefix), which the text must end with
+        (transformers' continue_final_message): the template's end-of-turn after it is cut off."""
+        text = self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt or not chat_history or chat_history[-1].get("role") != "assistant":
+            return text
+        last = chat_history[-1]["content"].strip()
+        return text[:text.rindex(last) + len(last)] if last in text else text
 
     @property
     def prefix_token(self) -> int:
@@ -190,27 +250,33 @@ class AlignerLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             keys.append((context, tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                         float(kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0)))
+                         decoding(kwargs)))
+            ignored = set(kwargs) - _DECODING_KEYS - self.cache.ignored
+            if ignored:
+                self.cache.ignored |= ignored
+                warnings.warn(f"lm_eval gen_kwargs {', '.join(sorted(ignored))} are ignored: lit-aligner decodes "
+                              f"greedily or by sampling (temperature, top_k, top_p, min_p, penalties)")
         missing = self._missing("gen", keys)
         for names in self._groups():
             jobs = [(k, n) for k in missing for n in names]
-            jobs.sort(key=lambda j: (j[0][2], j[0][3]))  # same length limit and temperature per batch
+            jobs.sort(key=lambda j: (j[0][2], repr(j[0][3])))  # same length limit and decoding per batch
             step = self.rows_per_batch * len(names)
             s = 0
             while s < len(jobs):
                 chunk = [j for j in jobs[s:s + step] if j[0][2:] == jobs[s][0][2:]]
                 s += len(chunk)
-                (_, _, max_new, temperature) = chunk[0][0]
+                (_, _, max_new, (temperature, top_k, top_p, min_p, penalties)) = chunk[0][0]
                 prompts = []
                 for (context, *_), _ in chunk:
                     ids = self._encode(context)[-(self.max_length - max_new):]
                     prompts.append(torch.tensor(ids, dtype=torch.long, device=self._device))
-                outs = generate(self.model, prompts, max_new, temperature=temperature, stop_ids=self.tok.stop_ids,
+                outs = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, penalties=penalties, stop_ids=self.tok.stop_ids,
                                 aligners=[self.aligners[n] for _, n in chunk])
-                for ((context, until, *_), n), ids in zip(chunk, outs):
+                for (key, n), ids in zip(chunk, outs):
                     text = self.tok.decode(ids, skip_special=True)
-                    cut = min([i for i in (text.find(u) for u in until if u) if i >= 0], default=len(text))
-                    self.cache.values[(n, "gen", (context, until, max_new, temperature))] = text[:cut]
+                    cut = min([i for i in (text.find(u) for u in key[1] if u) if i >= 0], default=len(text))
+                    self.cache.values[(n, "gen", key)] = text[:cut]
         self.model.clear_caches()
         return [self.cache.values[(self.active, "gen", k)] for k in keys]
 
@@ -227,9 +293,11 @@ def _from_args(checkpoint_dir: str, aligner: Optional[str] = None, device: str =
 
 
 def run_harness(lm: AlignerLM, tasks: Sequence[str], include_path: Optional[str] = None,
-                num_fewshot: Optional[int] = None, limit: Optional[float] = None, seed: int = 1234) -> Dict[str, Any]:
-    """lm_eval.simple_evaluate for every Aligner of `lm`: {name: {task: {metric: value}}} plus the task versions and
-    the per-task sample counts."""
+                num_fewshot: Optional[int] = None, limit: Optional[float] = None, seed: int = 1234,
+                log_samples: bool = False, **options: Any) -> Dict[str, Any]:
+    """lm_eval.simple_evaluate for every Aligner of `lm`: {name: {task: {metric: value}}} plus the task versions, the
+    per-task sample counts and, with log_samples=True, every request's prompt and answer ("_logged"). `options`: more
+    simple_evaluate arguments (apply_chat_template, fewshot_as_multiturn, system_instruction, gen_kwargs)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -237,11 +305,22 @@ def run_harness(lm: AlignerLM, tasks: Sequence[str], include_path: Optional[str]
     results: Dict[str, Any] = {}
     for name in lm.aligners:
         out = lm_eval.simple_evaluate(model=lm.view(name), tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                      task_manager=manager, bootstrap_iters=0,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+                                      fewshot_random_seed=seed, log_samples=log_samples, **options)
         results[name] = {task: {k: v for k, v in metrics.items() if k != "alias" and not isinstance(v, str)}
                          for task, metrics in out["results"].items()}
         results.setdefault("_samples", out.get("n-samples", {}))
         results.setdefault("_versions", out.get("versions", {}))
+        if log_samples:
+            results.setdefault("_logged", {})[name] = {task: [_logged(row) for row in rows]
+                                                      for task, rows in out.get("samples", {}).items()}
     return results
+
+
+def _logged(row: Dict[str, Any]) -> Dict[str, Any]:
+    """One of lm_eval's logged samples, kept to what a reader checks: the document, the requests (context and
+    continuation or generation settings), the answers after the task's filters and the sample's metrics."""
+    keep = {k: row[k] for k in ("doc_id", "doc", "target", "arguments", "filtered_resps") if k in row}
+    keep.update({m: float(row[m]) for m in row.get("metrics", []) if isinstance(row.get(m), (int, float))})
+    return keep

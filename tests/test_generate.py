@@ -163,6 +163,41 @@ def test_stop_ids_stop_before_the_stop_token(model):
     assert out[1].tolist() == row1[:row1.index(stop)] if stop in row1 else row1
 
 
+def test_stop_strings_end_each_row_after_the_token_that_completes_one(model):
+    """A row stops after the first token at which its decoded text holds one of its stop strings (found by scanning
+    the unstopped answer's text here), the other rows are unchanged, streaming sees the same tokens, and decoding
+    ends early once every row has stopped."""
+
+    def decode(ids):
+        return "".join(f"<{i}>" for i in ids)  # several characters per token: strings span tokens
+
+    ps = prompts([4, 9, 6])
+    free = generate(model, ps, 24)
+    assert all(len(f) == 24 for f in free)
+
+    def first_end(ids, strings):
+        return next(j for j in range(1, len(ids) + 1) if any(s in decode(ids[:j].tolist()) for s in strings))
+
+    s0 = decode(free[0][5:7].tolist())  # tokens 5 and 6 of row 0: it stops at 7 tokens (or sooner, on a repeat)
+    s2 = decode(free[2][2:3].tolist())[1:]  # part of token 2 of row 2
+    per_row = [[s0], [], ["never", s2]]
+    got, stats = generate(model, ps, 24, stop_strings=per_row, decode=decode, return_stats=True)
+    assert torch.equal(got[0], free[0][:first_end(free[0], [s0])]) and len(got[0]) <= 7
+    assert torch.equal(got[1], free[1])
+    assert torch.equal(got[2], free[2][:first_end(free[2], [s2])]) and len(got[2]) <= 3
+    shared, stats = generate(model, ps[:1] + ps[2:], 24, stop_strings=[s0, s2], decode=decode, return_stats=True)
+    assert stats.decode_steps < 23  # every row stopped: no more steps
+    assert [len(x) for x in shared] == [first_end(free[0], [s0, s2]), first_end(free[2], [s0, s2])]
+    seen = {0: [], 1: [], 2: []}
+    streamed = generate(model, ps, 24, stop_strings=per_row, decode=decode,
+                        on_token=lambda row, tok: seen[row].append(tok))
+    assert all(seen[b] == streamed[b].tolist() == got[b].tolist() for b in range(3))
+    with pytest.raises(ValueError, match="decode="):
+        generate(model, ps, 4, stop_strings=["x"])
+    with pytest.raises(ValueError, match="not a single string"):
+        generate(model, ps, 4, stop_strings="x", decode=decode)
+
+
 def test_streaming_callback_sees_exactly_the_returned_tokens(model):
     ps = prompts([6, 10, 3], seed=4)
     aligner = make_aligner(model, 60)

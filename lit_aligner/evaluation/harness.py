@@ -9,10 +9,11 @@ caches them; `view(name)` is the LM that lm_eval sees for one of them.
   context and continuation are encoded together (a space at the end of the context moves to the continuation, as
   the harness's Hugging Face model does) and cut from the left to the model's length.
 - loglikelihood_rolling: the summed log-likelihood of a whole text, in windows of max_length tokens.
-- generate_until: greedy (or sampled, from gen_kwargs) generation, stopped at the `until` strings and max_gen_toks,
-  batched through `lit_aligner.generation.generate` with an Aligner per row. gen_kwargs are read as the harness's
-  Hugging Face model reads them: sampling only with do_sample (temperature, top_k, top_p, min_p), the repetition,
-  presence and frequency penalties either way; other keys (num_beams, ...) are ignored with a warning.
+- generate_until: greedy (or sampled, from gen_kwargs) generation, stopped at the `until` strings (a row stops
+  decoding once its text holds one) and max_gen_toks, batched through `lit_aligner.generation.generate` with an
+  Aligner per row. gen_kwargs are read as the harness's Hugging Face model reads them: sampling only with do_sample
+  (temperature, top_k, top_p, min_p), the repetition, presence and frequency penalties either way; other keys
+  (num_beams, ...) are ignored with a warning.
 - apply_chat_template / tokenizer_name / chat_template: lm_eval's --apply_chat_template, through the tokenizer's own
   chat template (the prompt format of an Aligner trained with the default `chat` template).
 
@@ -241,6 +242,9 @@ class AlignerLM(LM):
             out.append(self.cache.values[(self.active, "rolling", key)])
         return out
 
+    def _text(self, ids) -> str:
+        return self.tok.decode(ids, skip_special=True)
+
     def generate_until(self, requests) -> List[str]:
         from lit_aligner.generation import generate
 
@@ -272,9 +276,10 @@ class AlignerLM(LM):
                     prompts.append(torch.tensor(ids, dtype=torch.long, device=self._device))
                 outs = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, penalties=penalties, stop_ids=self.tok.stop_ids,
+                                stop_strings=[key[1] for key, _ in chunk], decode=self._text,
                                 aligners=[self.aligners[n] for _, n in chunk])
                 for (key, n), ids in zip(chunk, outs):
-                    text = self.tok.decode(ids, skip_special=True)
+                    text = self._text(ids)
                     cut = min([i for i in (text.find(u) for u in key[1] if u) if i >= 0], default=len(text))
                     self.cache.values[(n, "gen", key)] = text[:cut]
         self.model.clear_caches()

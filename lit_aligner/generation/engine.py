@@ -382,6 +382,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StopStrings:
+    """Which rows' texts hold one of their stop strings, and after how many tokens (`ends`). `check` reads the tokens
+    generated since its last call (a host sync) and decodes only a window at the end of each row: a string of L
+    characters lies within the last 4L + 8 tokens (a character takes at most 4 byte tokens)."""
+
+    def __init__(self, stop_strings: Union[Sequence[str], Sequence[Sequence[str]]], batch: int,
+                 decode: Optional[Callable[[List[int]], str]]):
+        if isinstance(stop_strings, str):
+            raise ValueError("stop_strings must be a list of strings (or one list per prompt), not a single string")
+        shared = all(isinstance(s, str) for s in stop_strings)
+        rows = [tuple(stop_strings)] * batch if shared else [tuple(s) for s in stop_strings]
+        if len(rows) != batch:
+            raise ValueError(f"got stop strings for {len(rows)} prompts, not {batch}: one list for all, or one each")
+        self.rows = [tuple(s for s in r if s) for r in rows]
+        if any(self.rows) and decode is None:
+            raise ValueError("stop_strings need decode=: a function from token ids to text (e.g. tokenizer.decode)")
+        self.decode = decode
+        self.window = [4 * max(map(len, r), default=0) + 8 for r in self.rows]
+        self.ends: List[Optional[int]] = [None] * batch
+        self.checked = 0  # tokens already looked at
+
+    def __bool__(self) -> bool:
+        return any(self.rows)
+
+    def check(self, out: torch.Tensor, n: int, done: torch.Tensor) -> None:
+        """out[:, :n] are the tokens so far; a row whose string is complete gets its end and is marked in `done`."""
+        if not self or n <= self.checked:
+            return
+        start = max(0, self.checked + 1 - max(self.window))
+        ids = out[:, start:n].tolist()  # every window this call decodes
+        for b, strings in enumerate(self.rows):
+            if not strings or self.ends[b] is not None:
+                continue
+            for j in range(self.checked + 1, n + 1):  # the first token count at which the text holds a string
+                text = self.decode(ids[b][max(0, j - self.window[b]) - start:j - start])
+                if any(s in text for s in strings):
+                    self.ends[b] = j
+                    done[b] = True
+                    break
+        self.checked = n
+
+
 @torch.no_grad()
 def generate(
     model: LLaMA,
@@ -394,6 +436,8 @@ def generate(
     min_p: Optional[float] = None,
     penalties: Penalties = NO_PENALTIES,
     stop_ids: Union[Set[int], Sequence[int]] = (),
+    stop_strings: Union[Sequence[str], Sequence[Sequence[str]]] = (),
+    decode: Optional[Callable[[List[int]], str]] = None,
     aligners: Aligners = None,
     generator: Optional[torch.Generator] = None,
     on_token: Optional[OnToken] = None,
@@ -403,6 +447,10 @@ def generate(
     """Continue each prompt (1-D LongTensor of token ids; lengths may differ) by up to `max_new_tokens` tokens, all
     prompts in one left-padded batch. Returns the new tokens of every prompt (1-D LongTensor on the CPU), cut before
     the first token in `stop_ids` (which is not included); with return_stats, also the `GenerationStats`.
+
+    stop_strings: a row also stops after the token that completes one of these strings in its text (one list for every
+    row, or one list per row; lm-evaluation-harness's `until`, OpenAI's `stop`); `decode` (token ids -> text) reads
+    the text. The tokens that hold the string are returned: cut the text at it.
 
     aligners: one Aligner for every row (or a stacked Aligner, one row each), a PrefixKV (precomputed), a list with
     one Aligner or None (bare base) per prompt, None (the model's own `model.aligner`, if any) or False (the bare
@@ -447,6 +495,7 @@ def generate(
     valid = torch.arange(S, device=device)[None, :] >= pad[:, None]  # (B, S)
     stop_set = set(stop_ids)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    strings = _StopStrings(stop_strings, B, decode)
     sampling = Sampling(temperature, top_k, top_p, min_p)
     penalty = PenaltyState.start(penalties, prompts, vocab, device)
 
@@ -467,6 +516,7 @@ def generate(
                 host_done[b] = True
             else:
                 on_token(b, t)
+                host_done[b] = strings.ends[b] is not None
 
     _sync(device)
     t0 = time.perf_counter()
@@ -477,6 +527,7 @@ def generate(
         penalty.add(tok)
     done = torch.isin(tok, stop)
     if on_token is not None:
+        strings.check(out, 1, done)
         emit(tok)
     _sync(device)
     t1 = time.perf_counter()
@@ -487,8 +538,10 @@ def generate(
         if on_token is not None:
             if all(host_done):
                 break
-        elif stop_set and i % check_every == 0 and bool(done.all()):  # no stop ids: never done, never sync
-            break
+        elif (stop_set or strings) and i % check_every == 0:  # nothing to stop at: never done, never sync
+            strings.check(out, i, done)
+            if bool(done.all()):
+                break
         tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise(), penalty)
         if compiled:
             tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
@@ -499,14 +552,16 @@ def generate(
         input_pos += 1
         n = i + 1
         if on_token is not None:
+            strings.check(out, n, done)
             emit(tok)
+    strings.check(out, n, done)
     _sync(device)
     t2 = time.perf_counter()
 
     results = []
-    for row in out[:, :n].cpu():
+    for row, string_end in zip(out[:, :n].cpu(), strings.ends):
         ids = row.tolist()
         end = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
-        results.append(row[:end].clone())
+        results.append(row[:min(end, string_end or end)].clone())
     stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1)
     return (results, stats) if return_stats else results

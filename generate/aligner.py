@@ -25,7 +25,7 @@ from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import atomic_output, check_output, input_files
-from lit_aligner.generation import (AlignerEntry, PromptItem, SamplingArgs, TextStreamer, answer_prompts,
+from lit_aligner.generation import (AlignerEntry, DecodingArgs, PromptItem, TextStreamer, answer_prompts,
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import get_template, is_correction, join_input
@@ -64,7 +64,7 @@ def main(
     template: Optional[str] = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
-    sampling: tyro.conf.OmitArgPrefixes[SamplingArgs] = SamplingArgs(),
+    decoding: tyro.conf.OmitArgPrefixes[DecodingArgs] = DecodingArgs(),
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     quantize: QuantizeFlag = "none",
@@ -97,7 +97,7 @@ def main(
             tokenizer's chat template.
         batch_size: most requests (prompt x Aligner) decoded together.
         max_new_tokens: most tokens per answer; answers stop earlier at the tokenizer's end-of-turn/EOS tokens.
-        sampling: how each token is picked (greedy by default) and the repetition penalties.
+        decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU and with --quantize.
@@ -129,7 +129,7 @@ def main(
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
-    sampling.check()
+    decoding.check()
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if out is not None:
@@ -142,7 +142,7 @@ def main(
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
     kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
-                  **sampling.generate_kwargs(dev))
+                  **decoding.generate_kwargs(dev, tokenizer))
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             questions = [join_input(p.instruction, p.input) for p in items]
@@ -167,7 +167,7 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
     if stream:
         show_prompt(items[0], 0, 1)
         print(f"--- {entries[0].name} ---", flush=True)
-    streamer = TextStreamer(tokenizer) if stream else None
+    streamer = TextStreamer(tokenizer, stop=sampling["stop_strings"]) if stream else None
     answers, stats = answer_prompts(model, tokenizer, items, entries, max_new_tokens, batch_size=batch_size,
                                     template=template, on_token=streamer, **sampling)
     for i, row in enumerate(answers):

@@ -14,7 +14,7 @@ import tyro
 from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
-from lit_aligner.generation import SamplingArgs, TextStreamer, generate
+from lit_aligner.generation import DecodingArgs, TextStreamer, generate
 from lit_aligner.prompts import build_prompt, encode_prompt
 from lit_aligner.quantize import QuantizeFlag
 
@@ -23,7 +23,7 @@ def main(
     prompt: str = "What is 2+2?",
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     max_new_tokens: int = 256,
-    sampling: tyro.conf.OmitArgPrefixes[SamplingArgs] = SamplingArgs(),
+    decoding: tyro.conf.OmitArgPrefixes[DecodingArgs] = DecodingArgs(),
     no_chat_template: tyro.conf.FlagCreatePairsOff[bool] = False,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -36,21 +36,22 @@ def main(
         prompt: the user message.
         checkpoint_dir: converted base model (config.json, model.safetensors, tokenizer files).
         max_new_tokens: most tokens to generate; generation stops earlier at the tokenizer's end-of-turn/EOS tokens.
-        sampling: how each token is picked (greedy by default) and the repetition penalties.
+        decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.
         no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
             with --quantize.
     """
-    sampling.check()
+    decoding.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
     text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
-    streamer = TextStreamer(tokenizer)
+    streamer = TextStreamer(tokenizer, stop=decoding.stop_strings)
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,
-        compile=None if compile == "auto" else compile == "on", return_stats=True, **sampling.generate_kwargs(dev),
+        compile=None if compile == "auto" else compile == "on", return_stats=True,
+        **decoding.generate_kwargs(dev, tokenizer),
     )
     streamer.finish()
     print(flush=True)

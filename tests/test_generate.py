@@ -9,7 +9,8 @@ import torch
 
 import helpers
 from lit_aligner.config import Config
-from lit_aligner.generation import AlignerEntry, Penalties, PromptItem, answer_prompts, generate, read_prompts, sample
+from lit_aligner.generation import (AlignerEntry, Penalties, PromptItem, TextStreamer, answer_prompts, generate,
+                                   read_prompts, sample)
 from lit_aligner.prompts import build_prompt
 from lit_aligner.model import LLaMA, Aligner, AlignerConfig, CausalSelfAttention, init_weights
 
@@ -392,6 +393,47 @@ def test_base_cli_penalty_flags_reach_the_decoder(request):
     assert r.stdout.strip() == answer[Penalties(repetition=1.3, frequency=0.2)] != answer[Penalties()]
     bad = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--repetition-penalty", "-1")
     assert bad.returncode == 1 and bad.stderr.startswith("error: repetition_penalty") and "Traceback" not in bad.stderr
+
+
+def test_text_streamer_ends_before_a_stop_string_split_over_tokens():
+    import io
+
+    class Pieces:  # a tokenizer whose token i decodes to PIECES[i]
+        def stream_decoder(self):
+            return type("D", (), {"step": lambda self, i: PIECES[i], "flush": lambda self: ""})()
+
+    PIECES = ["ab", "c\n", "de", "f"]
+    for stop, printed in ((["c\nd"], "ab"), (["zz", "f"], "abc\nde"), ([], "abc\ndef"), (["xyz"], "abc\ndef")):
+        out = io.StringIO()
+        s = TextStreamer(Pieces(), file=out, stop=stop)
+        for i in range(4):
+            s(0, i)
+        assert s.finish() == out.getvalue() == printed, stop
+
+
+def test_cli_stop_strings_cut_the_answer_and_end_decoding(request, tmp_path):
+    """--stop (repeatable; backslash-n is a newline): streamed (generate/base.py) and written (generate/aligner.py
+    --out) answers are the unstopped answer cut before the first stop string, and decoding ends there."""
+    from lit_aligner.base import load_base
+    from lit_aligner.prompts import build_prompt, encode_prompt
+
+    ckpt = smollm2(request)
+    questions = ["List the numbers from 1 to 30, separated by commas.", "Give three tips for staying healthy."]
+    model, tok = load_base(ckpt, "cpu", "float32")
+    free = [tok.decode(generate(model, [encode_prompt(tok, build_prompt(tok, q))], 40, stop_ids=tok.stop_ids)[0])
+            for q in questions]
+    assert ", 7" in free[0] and "\n" in free[1].strip()
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--prompt", questions[0],
+                   "--max-new-tokens", "40", "--stop", ", 7", "--stop", "never")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == free[0][:free[0].index(", 7")].strip()
+    assert int(r.stderr.split(" new tokens returned")[0].split()[-1]) < 40
+    out = tmp_path / "answers.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--prompt",
+                   questions[0], "--prompt", questions[1], "--max-new-tokens", "40", "--stop", "\\n", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+    assert got == [f[:f.index("\n")] if "\n" in f else f for f in free]
 
 
 def test_aligner_cli_base_column_writes_jsonl(request, tmp_path):

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from lit_aligner.generation.engine import Penalties, check_penalties, check_sampling
+from lit_aligner.generation.engine import Penalties, check_penalties, check_sampling, cut_at_stop
 from lit_aligner.model import Aligner, LLaMA, stack_aligners
 from lit_aligner.prompts import encode_prompt
 
@@ -279,9 +279,7 @@ class AlignerLM(LM):
                                 stop_strings=[key[1] for key, _ in chunk], decode=self._text,
                                 aligners=[self.aligners[n] for _, n in chunk])
                 for (key, n), ids in zip(chunk, outs):
-                    text = self._text(ids)
-                    cut = min([i for i in (text.find(u) for u in key[1] if u) if i >= 0], default=len(text))
-                    self.cache.values[(n, "gen", key)] = text[:cut]
+                    self.cache.values[(n, "gen", key)] = cut_at_stop(self._text(ids), key[1])
         self.model.clear_caches()
         return [self.cache.values[(self.active, "gen", k)] for k in keys]
 

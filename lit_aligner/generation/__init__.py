@@ -3,9 +3,9 @@ x many Aligners (`answers`), and corrections (`correction`)."""
 
 from lit_aligner.generation.answers import (AlignerEntry, Answer, PromptItem, TextStreamer, answer_prompts,
                                             load_aligner_entries, read_prompts)
-from lit_aligner.generation.engine import (GenerationStats, Penalties, SamplingArgs, check_sampling, generate,
-                                           resolve_prefix, sample)
+from lit_aligner.generation.engine import (DecodingArgs, GenerationStats, Penalties, check_sampling, cut_at_stop,
+                                           generate, resolve_prefix, sample)
 
-__all__ = ["AlignerEntry", "Answer", "GenerationStats", "Penalties", "PromptItem", "SamplingArgs", "TextStreamer",
-           "answer_prompts", "check_sampling", "generate", "load_aligner_entries", "read_prompts", "resolve_prefix",
-           "sample"]
+__all__ = ["AlignerEntry", "Answer", "DecodingArgs", "GenerationStats", "Penalties", "PromptItem", "TextStreamer",
+           "answer_prompts", "check_sampling", "cut_at_stop", "generate", "load_aligner_entries", "read_prompts",
+           "resolve_prefix", "sample"]

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 import torch
 
 from lit_aligner.files import BadRecord, UserError, read_records
-from lit_aligner.generation.engine import GenerationStats, OnToken, generate
+from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
 
@@ -18,11 +18,17 @@ from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
 class TextStreamer:
     """An `on_token` callback that prints the decoded text of one row as it grows, through the tokenizer's incremental
     decoder (`tokenizer.stream_decoder()`: an incomplete multi-byte character is held back until its last byte
-    arrives). Call `finish()` at the end for any text still held back. `text` is everything printed."""
+    arrives). With `stop` strings, the text ends before the first of them: the last len(longest) - 1 characters are
+    held back until they cannot begin one. Call `finish()` at the end for any text still held back. `text` is
+    everything printed."""
 
-    def __init__(self, tokenizer, row: int = 0, file: Optional[TextIO] = None):
+    def __init__(self, tokenizer, row: int = 0, file: Optional[TextIO] = None, stop: Sequence[str] = ()):
         self.row, self.file = row, file or sys.stdout
         self.decoder = tokenizer.stream_decoder()
+        self.stop = [s for s in stop if s]
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.pending = ""  # decoded, not printed yet
+        self.stopped = False
         self.text = ""
 
     def _write(self, piece: str) -> None:
@@ -31,12 +37,26 @@ class TextStreamer:
             self.file.write(piece)
             self.file.flush()
 
+    def _add(self, piece: str, final: bool) -> None:
+        # a stop string ending in this piece starts within the held-back characters or the piece itself
+        self.pending += piece
+        cut = cut_at_stop(self.pending, self.stop)
+        if len(cut) < len(self.pending):
+            self.stopped = True
+            self._write(cut)
+            self.pending = ""
+            return
+        keep = 0 if final else min(self.hold, len(self.pending))
+        self._write(self.pending[:len(self.pending) - keep])
+        self.pending = self.pending[len(self.pending) - keep:]
+
     def __call__(self, row: int, token_id: int) -> None:
-        if row == self.row:
-            self._write(self.decoder.step(token_id))
+        if row == self.row and not self.stopped:
+            self._add(self.decoder.step(token_id), final=False)
 
     def finish(self) -> str:
-        self._write(self.decoder.flush())
+        if not self.stopped:
+            self._add(self.decoder.flush(), final=True)
         return self.text
 
 
@@ -149,8 +169,10 @@ def answer_prompts(
             outputs.update(zip(batch, out))
 
     answers = [[None] * len(entries) for _ in prompts]
+    stop = sampling.get("stop_strings") or ()
     for r, (i, j, text, _) in enumerate(requests):
-        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], tokenizer.decode(outputs[r]))
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r],
+                               cut_at_stop(tokenizer.decode(outputs[r]), stop))
     return answers, all_stats
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from lit_aligner.files import BadRecord, UserError, read_records
-from lit_aligner.generation.engine import generate
+from lit_aligner.generation.engine import cut_at_stop, generate
 from lit_aligner.model import LLaMA, Aligner
 from lit_aligner.prompts import build_prompt, correction_prompt, encode_prompt
 
@@ -52,7 +52,8 @@ def generate_texts(model: LLaMA, tokenizer, prompts: Sequence[torch.Tensor], ali
         seconds += stats.prefill_s + stats.decode_s
         out.update(zip(batch, ids))
     tokens = [out[i] for i in range(len(prompts))]
-    return [tokenizer.decode(t, skip_special=True) for t in tokens], tokens, seconds
+    stop = sampling.get("stop_strings") or ()
+    return [cut_at_stop(tokenizer.decode(t, skip_special=True), stop) for t in tokens], tokens, seconds
 
 
 def correct(model: LLaMA, tokenizer, aligner: Corrector, questions: Sequence[str], answers: Sequence[str],

@@ -13,11 +13,13 @@ Prompts are built in `lit_aligner.prompts`; many prompts x many Aligners are ans
 """
 
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import tyro
 
 from lit_aligner.model import LLaMA, Aligner, PrefixKV, stack_aligners
 from lit_aligner.perf import should_compile
@@ -223,8 +225,9 @@ GREEDY = Sampling()
 
 
 @dataclass
-class SamplingArgs:
-    """How the generate CLIs pick each token: their sampling flags, in one place (see `sample` and `Penalties`)."""
+class DecodingArgs:
+    """How the generate CLIs decode: their sampling, penalty and stop flags, in one place (see `sample`, `Penalties`
+    and `generate`'s stop_strings)."""
 
     temperature: float = 0.0
     """0 = greedy (deterministic); > 0 samples from softmax(logits / temperature)."""
@@ -243,20 +246,37 @@ class SamplingArgs:
     """subtract this times each token's count in the answer so far from its logit (OpenAI's frequency_penalty)."""
     seed: int = 1234
     """seed of the sampling generator (same seed, same text)."""
+    stop: tyro.conf.UseAppendAction[List[str]] = field(default_factory=list)
+    """end the answer before this text; repeat the flag for several (a backslash-n in it is a newline, backslash-t a
+    tab)."""
 
     @property
     def penalties(self) -> Penalties:
         return Penalties(self.presence_penalty, self.frequency_penalty, self.repetition_penalty)
 
+    @property
+    def stop_strings(self) -> List[str]:
+        escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+        return [re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), s) for s in self.stop]
+
     def check(self) -> None:
         """ValueError naming the first bad flag."""
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.penalties)
+        if "" in self.stop:
+            raise ValueError("--stop takes a non-empty text")
 
-    def generate_kwargs(self, device: torch.device) -> Dict[str, Any]:
-        """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device`."""
+    def generate_kwargs(self, device: torch.device, tokenizer) -> Dict[str, Any]:
+        """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device` and the
+        tokenizer's decoder for the stop strings."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                    penalties=self.penalties, generator=torch.Generator(device).manual_seed(self.seed))
+                    penalties=self.penalties, generator=torch.Generator(device).manual_seed(self.seed),
+                    stop_strings=self.stop_strings, decode=tokenizer.decode)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first of `stop_strings` in it (all of it when none is)."""
+    return text[:min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))]
 
 
 def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor, prefix: Optional[PrefixKV],

@@ -53,6 +53,7 @@ def main(
     no_aligner: tyro.conf.FlagCreatePairsOff[bool] = False,
     prompt: tyro.conf.UseAppendAction[List[str]] = [],
     prompts_file: Optional[Path] = None,
+    system: Optional[str] = None,
     question: tyro.conf.UseAppendAction[List[str]] = [],
     answer: tyro.conf.UseAppendAction[List[str]] = [],
     qa_file: Optional[Path] = None,
@@ -78,7 +79,10 @@ def main(
             out/aligner/<base>/aligner.safetensors.
         no_aligner: also answer with the bare base (a column labelled "base").
         prompt: a prompt; repeat the flag for several.
-        prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input"), or JSONL.
+        prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input" and
+            "system"), or JSONL.
+        system: a system message for every prompt that has none of its own (a prompts file's "system"): the chat
+            template's system turn; other templates read it as an earlier turn. Not for correction Aligners.
         question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
             --answer for several pairs (the n-th --answer belongs to the n-th --question).
         answer: correction mode: the answer to correct (written by any upstream model), paired with --question.
@@ -111,6 +115,8 @@ def main(
                          f"(the answer to correct)")
     pairs = list(zip(question, answer)) + (read_qa_pairs(qa_file) if qa_file else [])
     items = [PromptItem(p) for p in prompt] + (read_prompts(prompts_file) if prompts_file else [])
+    if system:
+        items = [PromptItem(p.instruction, p.input, p.system or system) for p in items]
     correcting = bool(pairs) or pipeline
     if pipeline and not items:
         raise ValueError("--pipeline needs questions for the base to answer: give --prompt TEXT or --prompts-file")
@@ -122,6 +128,9 @@ def main(
     if pairs and items:
         raise ValueError("give either answers to correct (--question/--answer, --qa-file) or --prompt / "
                          "--prompts-file (add --pipeline to correct the base's answers), not both")
+    if correcting and (system or any(p.system for p in items)):
+        raise ValueError("--system (or a prompts file's 'system') is for prompts answered directly; correction prompts "
+                         "(question, answer to correct) have no system message")
     if correcting and interactive:
         raise ValueError("--interactive reads plain prompts; it does not combine with correction mode")
     if not items and not pairs and not interactive:
@@ -155,8 +164,8 @@ def main(
             answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, kwargs, sink)
         if interactive:
             for text in read_stdin():
-                answer_items(model, tokenizer, [PromptItem(text)], entries, max_new_tokens, batch_size, template,
-                             kwargs, sink)
+                answer_items(model, tokenizer, [PromptItem(text, system=system or "")], entries, max_new_tokens,
+                             batch_size, template, kwargs, sink)
     if out:
         print(f"wrote {out}", file=sys.stderr)
 
@@ -181,6 +190,7 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
         if sink:
             for a in row:
                 sink.write(json.dumps({"prompt": a.prompt.instruction, "input": a.prompt.input,
+                                       **({"system": a.prompt.system} if a.prompt.system else {}),
                                        "aligner": a.entry.name if a.entry.aligner is not None else None,
                                        "template": template or a.entry.metadata.get("template"),
                                        "output": a.text}) + "\n")

@@ -7,7 +7,7 @@ See howto/generate.md.
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import tyro
 
@@ -21,6 +21,7 @@ from lit_aligner.quantize import QuantizeFlag
 
 def main(
     prompt: str = "What is 2+2?",
+    system: Optional[str] = None,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     max_new_tokens: int = 256,
     decoding: tyro.conf.OmitArgPrefixes[DecodingArgs] = DecodingArgs(),
@@ -34,6 +35,8 @@ def main(
 
     Args:
         prompt: the user message.
+        system: a system message before it (the chat template's system turn; with --no-chat-template, a first
+            paragraph). Without it the template's own default, if any.
         checkpoint_dir: converted base model (config.json, model.safetensors, tokenizer files).
         max_new_tokens: most tokens to generate; generation stops earlier at the tokenizer's end-of-turn/EOS tokens.
         decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.
@@ -46,7 +49,10 @@ def main(
     decoding.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
-    text = prompt if no_chat_template else build_prompt(tokenizer, prompt)
+    if no_chat_template:
+        text = f"{system}\n\n{prompt}" if system else prompt
+    else:
+        text = build_prompt(tokenizer, prompt, system=system)
     streamer = TextStreamer(tokenizer, stop=decoding.stop_strings)
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,

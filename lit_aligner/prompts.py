@@ -220,9 +220,17 @@ def correction_prompt(question: str, answer: str) -> str:
     return TEMPLATES["correction"].render_correction(question, answer)
 
 
-def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: str = "") -> str:
+def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: str = "",
+                 system: Optional[str] = None) -> str:
     """The prompt string for one instruction (+ optional input). template None: the tokenizer's chat template (one user
-    turn, assistant turn opened) when it has one, else the raw text; a template name: that template's rendering."""
+    turn, assistant turn opened) when it has one, else the raw text; a template name: that template's rendering.
+    system: a system message before the user turn (the chat template's own; in the other templates it reads as an
+    earlier turn, and as a first paragraph in raw text)."""
+    if system:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": join_input(text, input)}]
+        if template is None and not getattr(tokenizer, "has_chat_template", False):
+            return f"{system}\n\n{join_input(text, input)}"
+        return get_template(template or "chat").render_messages(messages, tokenizer=tokenizer)
     if template is not None:
         return get_template(template).render(text, input, tokenizer=tokenizer)
     if getattr(tokenizer, "has_chat_template", False):
@@ -231,7 +239,7 @@ def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: st
 
 
 def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional[Dict[str, Any]] = None,
-                       template: Optional[str] = None) -> str:
+                       template: Optional[str] = None, system: Optional[str] = None) -> str:
     """The prompt an Aligner expects, from its metadata (as saved with it): `template` (an override, e.g. --template)
     wins over metadata["template"], which wins over `build_prompt`'s default. Correction Aligners get the Q-A-C prompt:
     `text` is the question and `input` the answer to correct (the prompt their training data used)."""
@@ -240,8 +248,11 @@ def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional
             raise ValueError("this is a correction Aligner (mode 'correction'): it rewrites an answer, so give the "
                              "question AND the answer to correct (generate/aligner.py --question/--answer or "
                              "--qa-file), or use --pipeline to let the bare base answer first")
+        if system:
+            raise ValueError("a correction Aligner's prompt (question, answer to correct) has no system message: drop "
+                             "the system message for it")
         return correction_prompt(text, input)
-    return build_prompt(tokenizer, text, template or (metadata or {}).get("template"), input=input)
+    return build_prompt(tokenizer, text, template or (metadata or {}).get("template"), input=input, system=system)
 
 
 def encode_prompt(tokenizer, text: str):

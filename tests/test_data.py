@@ -140,6 +140,21 @@ def test_plain_chat_and_correction_templates(tok):
     assert set(TEMPLATES) == {"alpaca", "beaver", "hh", "chat", "plain", "correction"}
 
 
+def test_build_prompt_with_a_system_message(tok):
+    from lit_aligner.prompts import build_prompt, prompt_for_aligner
+
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?\n\nctx"}
+    assert build_prompt(tok, "Hi?", input="ctx", system="Be brief.") == \
+        tok.apply_chat_template([system, user], add_generation_prompt=True)
+    assert build_prompt(tok, "Hi?", "hh", system="Be brief.") == "\n\nHuman: Be brief.\n\nHuman: Hi?\n\nAssistant:"
+    assert build_prompt(None, "Hi?", system="Be brief.") == "Be brief.\n\nHi?"  # no chat template: raw text
+    assert build_prompt(tok, "Hi?", system="") == build_prompt(tok, "Hi?")
+    assert prompt_for_aligner(tok, "Hi?", metadata={"template": "alpaca"}, system="Be brief.") == \
+        get_template("alpaca").render_messages([system, {"role": "user", "content": "Hi?"}])
+    with pytest.raises(ValueError, match="no system message"):
+        prompt_for_aligner(tok, "Q?", "A.", metadata={"mode": "correction"}, system="Be brief.")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenization
 

@@ -301,13 +301,16 @@ def test_answer_prompts_equals_generate_per_prompt_and_aligner(model):
 
 def test_read_prompts_formats_and_errors(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps(["a", {"prompt": "b"}, {"instruction": "c", "input": "d"}]))
-    assert read_prompts(f) == [PromptItem("a"), PromptItem("b"), PromptItem("c", "d")]
+    f.write_text(json.dumps(["a", {"prompt": "b"}, {"instruction": "c", "input": "d"}, {"prompt": "e", "system": "f"}]))
+    assert read_prompts(f) == [PromptItem("a"), PromptItem("b"), PromptItem("c", "d"), PromptItem("e", system="f")]
     f = tmp_path / "p.jsonl"
     f.write_text('{"instruction": "x"}\n\n"y"\n')
     assert read_prompts(f) == [PromptItem("x"), PromptItem("y")]
     f.write_text('{"instruction": "x"}\n{"output": "no prompt"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl: line 2 has no 'prompt'"):
+        read_prompts(f)
+    f.write_text('{"instruction": "x", "system": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl: line 1 .*non-string 'input' or 'system'"):
         read_prompts(f)
     f.write_text('{"instruction": "x"}\n{broken\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
@@ -434,6 +437,39 @@ def test_cli_stop_strings_cut_the_answer_and_end_decoding(request, tmp_path):
     assert r.returncode == 0, r.stderr
     got = [json.loads(line)["output"] for line in out.read_text().splitlines()]
     assert got == [f[:f.index("\n")] if "\n" in f else f for f in free]
+
+
+def test_cli_system_message_reaches_the_chat_template(request, tmp_path):
+    """--system (and a prompts file's own "system", which wins): the answers are those of the base on the prompt
+    rendered with that system turn, not the template's default one; correction mode refuses it."""
+    from lit_aligner.base import load_base
+    from lit_aligner.prompts import build_prompt, encode_prompt
+
+    ckpt = smollm2(request)
+    model, tok = load_base(ckpt, "cpu", "float32")
+
+    def answer(q, system=None):
+        ids = encode_prompt(tok, build_prompt(tok, q, system=system))
+        return tok.decode(generate(model, [ids], 16, stop_ids=tok.stop_ids)[0]).strip()
+
+    q, pirate = "Name a colour.", "You are a pirate. Always talk like a pirate."
+    assert answer(q, pirate) != answer(q)
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--prompt", q, "--system", pirate,
+                   "--max-new-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == answer(q, pirate)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "Name a colour.", "system": "Reply with one word only."}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--prompt", q,
+                   "--prompts-file", str(prompts_file), "--system", pirate, "--max-new-tokens", "16", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["system"] for row in rows] == [pirate, "Reply with one word only."]
+    assert [row["output"].strip() for row in rows] == [answer(q, pirate), answer(q, "Reply with one word only.")]
+    bad = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--question",
+                     "Q?", "--answer", "A.", "--system", pirate)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --system") and "Traceback" not in bad.stderr
 
 
 def test_aligner_cli_base_column_writes_jsonl(request, tmp_path):

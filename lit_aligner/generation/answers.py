@@ -66,25 +66,28 @@ class PromptItem:
 
     instruction: str
     input: str = ""
+    system: str = ""  # a system message before the user turn (none: the template's own default, if any)
 
 
-PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input'), "
-                  "or JSONL with one such string or object per line")
+PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "
+                  "and 'system'), or JSONL with one such string or object per line")
 
 
 def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
-    """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input`) or a
-    JSONL file (one such string or object per line). UserError naming the file and the row on bad input."""
+    """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input` and
+    `system`) or a JSONL file (one such string or object per line). UserError naming the file and the row on bad
+    input."""
     records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
     items = []
     for where, row in records:
         text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else row
-        inp = (row.get("input") or "") if isinstance(row, dict) else ""
-        if not isinstance(text, str) or not isinstance(inp, str) or isinstance(row, BadRecord):
+        inp, system = ((row.get("input") or ""), (row.get("system") or "")) if isinstance(row, dict) else ("", "")
+        if (not isinstance(text, str) or not isinstance(inp, str) or not isinstance(system, str)
+                or isinstance(row, BadRecord)):
             reason = row if isinstance(row, BadRecord) else "has no 'prompt' or 'instruction' text (or a non-string " \
-                                                             "'input')"
+                                                             "'input' or 'system')"
             raise UserError(f"{path}: {where} {reason}; expected {PROMPTS_FORMAT}")
-        items.append(PromptItem(text, inp))
+        items.append(PromptItem(text, inp, system))
     if not items:
         raise UserError(f"{path}: no prompts in the file; expected {PROMPTS_FORMAT}")
     return items
@@ -139,9 +142,9 @@ def answer_prompts(
     for i, p in enumerate(prompts):
         for j, e in enumerate(entries):
             if e.aligner is None:
-                text = build_prompt(tokenizer, p.instruction, base_template, input=p.input)
+                text = build_prompt(tokenizer, p.instruction, base_template, input=p.input, system=p.system)
             else:
-                text = prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template)
+                text = prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template, system=p.system)
             requests.append((i, j, text, encode_prompt(tokenizer, text)))
 
     # Group by Aligner shape; bare-base requests join the first group (a None row in a stack is the bare base).

@@ -118,7 +118,7 @@ class AlignerLM(LM):
     def _encode(self, text: str, bos: Optional[bool] = None) -> List[int]:
         """Token ids; bos None: the tokenizer's own default, not doubled when a chat template wrote BOS (as training
         and generation encode prompts)."""
-        if bos is None:
+        if bos is None and self.tok.bos_id is not None:
             return encode_prompt(self.tok, text).tolist()
         return self.tok.encode(text, bos=bos if self.tok.bos_id is not None else False).tolist()
 

@@ -192,13 +192,14 @@ class AlignerLM(LM):
         idx = torch.zeros(len(rows), T, dtype=torch.long)
         for b, (ids, _) in enumerate(rows):
             idx[b, :len(ids)] = torch.tensor(ids)
-        logits = self.model(idx.to(self._device), aligner=self._aligner_arg(names))  # right padding: causal, exact
-        logp = F.log_softmax(logits.float(), dim=-1)
+        # right padding: causal, exact. Logits only where a continuation is scored: (rows x context x vocab) floats
+        # would be 16 GB for 64 rows of 2048 tokens with a 32k vocabulary.
+        hidden = self.model(idx.to(self._device), aligner=self._aligner_arg(names), return_hidden=True)
         out = []
         for b, ((ids, n), (ctx, cont)) in enumerate(zip(rows, pairs)):
             L = len(ids)
             target = torch.tensor(cont[-n:], device=self._device)
-            lp = logp[b, L - n:L]
+            lp = F.log_softmax(F.linear(hidden[b, L - n:L], self.model.lm_head_weight).float(), dim=-1)
             out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
         return out
 

@@ -264,7 +264,8 @@ class AlignerLM(LM):
         missing = self._missing("gen", keys)
         for names in self._groups():
             jobs = [(k, n) for k in missing for n in names]
-            jobs.sort(key=lambda j: (j[0][2], repr(j[0][3])))  # same length limit and decoding per batch
+            # same length limit and decoding per batch; contexts of similar length together (less padding)
+            jobs.sort(key=lambda j: (j[0][2], repr(j[0][3]), -len(j[0][0])))
             step = self.rows_per_batch * len(names)
             s = 0
             while s < len(jobs):

@@ -274,9 +274,17 @@ class DecodingArgs:
                     stop_strings=self.stop_strings, decode=tokenizer.decode)
 
 
+def find_stop(text: str, stop_strings: Sequence[str], since: int = 0) -> Optional[int]:
+    """The index of the earliest of `stop_strings` in `text` (searching from `since`, where a new match can begin);
+    None when there is none."""
+    since = max(since, 0)
+    return min((i for i in (text.find(s, since) for s in stop_strings if s) if i >= 0), default=None)
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """`text` up to the first of `stop_strings` in it (all of it when none is)."""
-    return text[:min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))]
+    i = find_stop(text, stop_strings)
+    return text if i is None else text[:i]
 
 
 def prefill(model: LLaMA, idx: torch.Tensor, pad: torch.Tensor, valid: torch.Tensor, prefix: Optional[PrefixKV],

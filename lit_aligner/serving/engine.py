@@ -45,7 +45,7 @@ from typing import Callable, Deque, List, Optional, Sequence, Set, Tuple
 import torch
 
 from lit_aligner.generation.engine import (Penalties, PenaltyState, Sampling, check_penalties, check_sampling,
-                                           draw_noise, sample)
+                                           draw_noise, find_stop, sample)
 from lit_aligner.model import LLaMA, PrefixKV
 from lit_aligner.serving.prefix_cache import PrefixCache
 
@@ -509,13 +509,13 @@ class Engine:
                 self._finish(r, "stop")
                 continue
             r.text += r.decoder.step(t)
-            cut = _find_stop(r.text, req.stop, r.sent - r.hold)
+            cut = find_stop(r.text, req.stop, r.sent - r.hold)
             if cut is not None:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")
             elif r.generated >= req.max_tokens or r.length >= self.max_seq_length:
                 r.text += r.decoder.flush()
-                cut = _find_stop(r.text, req.stop, r.sent - r.hold)
+                cut = find_stop(r.text, req.stop, r.sent - r.hold)
                 if cut is not None:
                     r.text = r.text[:cut]
                 self._finish(r, "stop" if cut is not None else "length")
@@ -543,9 +543,3 @@ class Engine:
             else:
                 b += 1
 
-
-def _find_stop(text: str, stops: Sequence[str], since: int) -> Optional[int]:
-    """The index of the earliest stop string in text (searching from `since`, where a new match can begin)."""
-    since = max(since, 0)
-    hits = [i for i in (text.find(s, since) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None

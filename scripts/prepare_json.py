@@ -3,7 +3,7 @@
     python scripts/prepare_json.py --data-file qa.jsonl --field-map instruction=question,output=answer
 
 See howto/data.md for the formats detected from the fields (Alpaca, PKU-SafeRLHF, HH-RLHF, prompt/response,
-prompt/chosen/rejected, question/answer/correction).
+prompt/chosen/rejected, question/answer/correction, chat messages / ShareGPT conversations).
 """
 
 from dataclasses import dataclass

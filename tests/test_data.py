@@ -6,6 +6,7 @@ model, each with a ChatML chat template, in tmp checkpoint directories read by `
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -398,6 +399,97 @@ def test_correction_from_a_qac_file(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Chat conversations (messages, ShareGPT conversations, TRL's conversational pairs)
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky colour?"}]
+
+
+def test_sft_from_messages_and_sharegpt_conversations_trains_on_the_last_assistant_turn(tok, tmp_path):
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+                for m in CONVERSATION + [{"role": "assistant", "content": "Blue."}]]
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION + [{"role": "assistant", "content": "Blue."}]},
+                                              {"conversations": sharegpt}])
+    for template in ("chat", "hh", "alpaca"):
+        train, _, info = sft(f, tok, template, 512, val_fraction=0.0)
+        assert info["format"] == "messages" and len(train) == 2
+        prompt = get_template(template).render_messages(CONVERSATION, tokenizer=tok)
+        for item in train:  # the same conversation in either spelling: the same tokens
+            assert torch.equal(item["prompt"], tok.encode(prompt))
+            ids, labels = sequence(item)
+            end = "<|im_end|>" if template == "chat" else "</s>"
+            assert tok.decode(ids[labels != IGNORE_INDEX]) == {"hh": " "}.get(template, "") + "Blue." + end
+        if template == "chat":  # the system turn reaches the chat template as a system message
+            assert "<|im_start|>system\nAnswer briefly.<|im_end|>" in tok.decode(train[0]["prompt"])
+
+
+def test_conversational_pairs_with_implicit_and_explicit_prompts(tok, tmp_path):
+    answer = {"chosen": "Blue.", "rejected": "Green."}
+    implicit = {k: CONVERSATION + [{"role": "assistant", "content": v}] for k, v in answer.items()}
+    # UltraFeedback-binarized rows: the prompt text, whole conversations, and "messages" (= chosen) for SFT
+    implicit.update(prompt="Sky colour?", messages=implicit["chosen"])
+    explicit = {"prompt": CONVERSATION, **{k: [{"role": "assistant", "content": v}] for k, v in answer.items()}}
+    mixed = {"prompt": CONVERSATION, **answer}  # answers as text beside a prompt conversation
+    f = write_jsonl(tmp_path / "pairs.jsonl", [implicit, explicit, mixed])
+    train, _, info = pairs(f, tok, "chat", 512, val_fraction=0.0)
+    assert info["format"] == "messages" and len(train) == 3
+    prompt = tok.encode(get_template("chat").render_messages(CONVERSATION, tokenizer=tok))
+    for item in train:
+        assert torch.equal(item["prompt"], prompt)
+        assert tok.decode(item["chosen"]) == "Blue.<|im_end|>" and tok.decode(item["rejected"]) == "Green.<|im_end|>"
+    sft_rows, _, _ = sft(f, tok, "chat", 512, val_fraction=0.0)  # SFT reads the chosen answers
+    assert [tok.decode(r["response"]) for r in sft_rows] == ["Blue.<|im_end|>"] * 3
+    # a one-turn pair row in message lists gives the tokens of the same pair as plain strings
+    one = {"prompt": [{"role": "user", "content": "Sky colour?"}],
+           "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
+    a, _, _ = pairs(write_jsonl(tmp_path / "one.jsonl", [one]), tok, "beaver", 512, val_fraction=0.0)
+    b, _, info = pairs(write_jsonl(tmp_path / "two.jsonl", [{"prompt": "Sky colour?", "chosen": "Blue.",
+                                                             "rejected": "No."}]), tok, "beaver", 512, val_fraction=0.0)
+    assert info["format"] == "pairs" and all(torch.equal(a[0][k], b[0][k]) for k in ("prompt", "chosen", "rejected"))
+    # correction data from conversational pairs: A = rejected, C = chosen, the question as a transcript
+    corr, _, _ = corrections(write_jsonl(tmp_path / "c.jsonl", [explicit]), tok, val_fraction=0.0)
+    from lit_aligner.prompts import transcript
+    assert torch.equal(corr[0]["prompt"], tok.encode(correction_prompt(transcript(CONVERSATION), "Green.")))
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": CONVERSATION}, "must end with a non-empty assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "Hi."}]}, "holds only an answer"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "Hi."}]}, "role 'tool'"),
+    ({"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "Hi."}]},
+     r"messages\[0\]: content must be a string"),
+    ({"messages": "Hi"}, "must be a non-empty list of chat messages"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]},
+     "turn before the answer must be a non-empty user turn"),
+])
+def test_malformed_conversations_are_bad_rows_naming_the_reason(tok, tmp_path, row, reason):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Hello."}]}, row])
+    with pytest.raises(DataError, match=f"bad.jsonl: line 2: .*{reason}"):
+        sft(f, tok, "chat", 512, strict_data=True, val_fraction=0.0)
+    train, _, info = sft(f, tok, "chat", 512, val_fraction=0.0, max_bad_rows=0.5)
+    assert len(train) == 1 and info["bad_rows"] == 1 and re.search(reason, info["bad_row_examples"][0])
+
+
+def test_conversational_pairs_that_differ_before_the_answer_are_bad_and_sft_conversations_are_not_pairs(tok,
+                                                                                                        tmp_path):
+    row = {"chosen": CONVERSATION + [{"role": "assistant", "content": "Blue."}],
+           "rejected": CONVERSATION[1:] + [{"role": "assistant", "content": "Red."}]}
+    with pytest.raises(DataError, match="line 1: 'chosen' and 'rejected' have different prompts"):
+        pairs(write_jsonl(tmp_path / "p.jsonl", [row]), tok, "chat", 512, strict_data=True)
+    only = {"chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "R"}]}
+    with pytest.raises(DataError, match="no 'prompt' field"):
+        pairs(write_jsonl(tmp_path / "q.jsonl", [only]), tok, "chat", 512, strict_data=True)
+    sft_only = write_jsonl(tmp_path / "s.jsonl", [{"messages": CONVERSATION + [{"role": "assistant", "content": "B"}]}])
+    with pytest.raises(DataError, match="one answer per prompt: they make SFT data only"):
+        pairs(sft_only, tok, "chat", 512)
+    # a conversation under --format pairs points to --format messages
+    with pytest.raises(DataError, match=r"must be a string, got list \(a list of chat messages: --format messages\)"):
+        pairs(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Hi", **only}]), tok, "chat", 512, strict_data=True,
+              format="pairs")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Prepared directories and collators
 
 
@@ -540,6 +632,27 @@ def test_real_hh_pairs_keep_the_shared_prompt(tok):
     prompt, chosen, rejected = next(g for g in good if g[1] != g[2])
     i = [tok.decode(train[j]["prompt"]) for j in range(5)].index("<s>" + prompt)
     assert tok.decode(train[i]["chosen"]) == " " + chosen + "</s>"
+
+
+@pytest.mark.skipif(not HH.is_file(), reason="needs ../shared/data/hh-rlhf")
+def test_real_hh_pairs_as_trl_conversations_give_the_dialogues_tokens(tok, tmp_path):
+    # The shared HH rows rewritten as TRL's conversational pairs (whole conversations, implicit prompt) load into the
+    # same token rows as the dialogues themselves, through the chat template.
+    dialogues, rows = [], []
+    for r in [json.loads(line) for line in HH.read_text().splitlines()][:200]:
+        try:
+            (pc, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
+            turns = hh_messages(pc)
+        except ValueError:
+            continue
+        dialogues.append(r)
+        rows.append({k: turns + [{"role": "assistant", "content": v}] for k, v in (("chosen", c), ("rejected", rj))})
+    want, _, info = pairs(write_jsonl(tmp_path / "hh.jsonl", dialogues), tok, "chat", 4096, val_fraction=0.0)
+    got, _, info2 = pairs(write_jsonl(tmp_path / "trl.jsonl", rows), tok, "chat", 4096, val_fraction=0.0)
+    assert (info["format"], info2["format"]) == ("hh", "messages") and info2["bad_rows"] == info["bad_rows"] == 0
+    assert len(got) == len(want) > 150
+    for i in range(len(got)):
+        assert all(torch.equal(got[i][k], want[i][k]) for k in ("prompt", "chosen", "rejected"))
 
 
 def test_real_smollm2_tokenizer_chat_responses_end_with_im_end(tmp_path):

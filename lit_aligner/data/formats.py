@@ -9,6 +9,7 @@ answer, the other answer). One small parser per format in one registry (`FORMATS
 | `pairs` | prompt, chosen, rejected | chosen | (chosen, rejected) |
 | `prompt` | prompt, response (or completion) | response | (SFT only) |
 | `qac` | question, answer, correction | correction | (correction, answer) |
+| `messages` | messages / conversations, or chosen / rejected as chat turns | the last turn | (both last turns) |
 """
 
 import re
@@ -67,7 +68,8 @@ def text_field(row: Dict[str, Any], key: str, allow_empty: bool = False) -> str:
     if value is None and allow_empty:
         return ""
     if not isinstance(value, str):
-        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}")
+        hint = " (a list of chat messages: --format messages)" if isinstance(value, list) else ""
+        raise BadRow(f"field {key!r} must be a string, got {type(value).__name__}{hint}")
     if not allow_empty and not value.strip():
         raise BadRow(f"field {key!r} is empty")
     return value
@@ -193,6 +195,89 @@ def _hh(row, pair, preference):
         raise BadRow(str(e)) from None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat conversations: OpenAI / TRL "messages" (role, content), ShareGPT "conversations" (from, value)
+
+# ShareGPT's speaker names and the roles chat templates know
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+CONVERSATION_KEYS = ("messages", "conversations")
+
+
+def chat_turns(value: Any, key: str) -> List[Message]:
+    """A list of chat messages ({"role", "content"}, or ShareGPT's {"from", "value"}) as Messages. Raises BadRow."""
+    if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"field {key!r} must be a non-empty list of chat messages, got {type(value).__name__}")
+    turns: List[Message] = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise BadRow(f"{key}[{j}] must be a message object, got {type(m).__name__}")
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in _ROLES:
+            raise BadRow(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system; ShareGPT's human, gpt)")
+        if not isinstance(content, str):
+            raise BadRow(f"{key}[{j}]: content must be a string, got {type(content).__name__}")
+        turns.append({"role": _ROLES[role], "content": content})
+    return turns
+
+
+def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str]:
+    """(prompt turns, answer): the answer is the last turn, an assistant one; the prompt ends with a user turn."""
+    if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        raise BadRow(f"{key!r} must end with a non-empty assistant turn (the answer)")
+    prompt = turns[:-1]
+    if prompt and (prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip()):
+        raise BadRow(f"in {key!r} the turn before the answer must be a non-empty user turn")
+    return prompt, turns[-1]["content"]
+
+
+def _prompt_turns(row: Dict[str, Any]) -> List[Message]:
+    if "prompt" not in row:
+        raise BadRow("'chosen' holds only the answer, and there is no 'prompt' field with the conversation before it")
+    value = row["prompt"]
+    turns = _user(text_field(row, "prompt")) if isinstance(value, str) else chat_turns(value, "prompt")
+    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise BadRow("'prompt' must end with a non-empty user turn")
+    return turns
+
+
+def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], str]:
+    """A chosen / rejected message list (or text): (its own prompt turns, or None when it holds the answer alone; the
+    answer)."""
+    if isinstance(row.get(key), str):
+        return None, text_field(row, key)
+    prompt, answer = _split_answer(chat_turns(row.get(key), key), key)
+    return (prompt or None), answer
+
+
+def _messages(row, pair, preference):
+    """SFT: "messages" / "conversations" (or "chosen" as a message list) ending with the answer, the earlier turns
+    (system, user, assistant) its prompt. Pairs: "chosen" and "rejected" as message lists, either whole conversations
+    that share everything before their last turn (TRL's implicit prompt) or the answers alone with the conversation in
+    "prompt" (TRL's explicit prompt; a string is one user turn)."""
+    if not pair:
+        key = next((k for k in CONVERSATION_KEYS if k in row), None)
+        if key is not None:
+            prompt, answer = _split_answer(chat_turns(row[key], key), key)
+            if not prompt:
+                raise BadRow(f"{key!r} holds only an answer: no user turn before it")
+            return Example(prompt, answer)
+    if "chosen" not in row:
+        if pair:
+            raise _single_answer("chat conversation", "messages / conversations")
+        raise BadRow(f"no conversation: none of the fields {', '.join(CONVERSATION_KEYS)}, chosen")
+    prompt, chosen = _answer_of(row, "chosen")
+    rejected = None
+    if pair:
+        if "rejected" not in row:
+            raise BadRow("missing field 'rejected'")
+        prompt_r, rejected = _answer_of(row, "rejected")
+        if (prompt is None) != (prompt_r is None) or (prompt is not None and prompt != prompt_r):
+            raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last turn)")
+    return Example(prompt if prompt is not None else _prompt_turns(row), chosen, rejected)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -209,14 +294,24 @@ FORMATS: Dict[str, Format] = {f.name: f for f in [
     Format("prompt", ("prompt", "response"), _prompt_response, "prompt/response (or prompt/completion) rows"),
     Format("hh", ("chosen",), _hh, "HH-RLHF {chosen, rejected} dialogues"),
     Format("alpaca", ("instruction", "output"), _alpaca, "Stanford Alpaca (instruction, input, output)"),
+    Format("messages", ("messages",), _messages, "chat conversations (messages or conversations: lists of "
+           "role/content or ShareGPT from/value turns; or chosen/rejected as message lists)"),
 ]}
 # fields a field map may map onto
 MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "question",
             "answer", "correction", "response_0", "response_1", "better_response_id", "safer_response_id",
-            "is_response_0_safe", "is_response_1_safe")
+            "is_response_0_safe", "is_response_1_safe", "messages", "conversations")
+
+
+def is_conversational(row: Dict[str, Any]) -> bool:
+    """Chat turns as message lists (TRL's "conversational" rows), whatever other fields the row carries."""
+    return any(k in row for k in CONVERSATION_KEYS) or any(isinstance(row.get(k), list)
+                                                           for k in ("prompt", "chosen", "rejected"))
 
 
 def detect_format(row: Dict[str, Any], path: Path) -> str:
+    if is_conversational(row):
+        return "messages"
     keys = set(row)
     if {"prompt", "completion"} <= keys:
         keys.add("response")

@@ -25,7 +25,7 @@ from lit_aligner.prompts import CorrectionTemplate, get_template
 
 DataSource = Union[str, Path, None, Sequence[Dict[str, Any]], Sequence[Path]]
 Splits = Tuple[TokenizedDataset, TokenizedDataset, Dict[str, Any]]
-FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac"]
+FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac", "messages"]
 
 
 @dataclass
@@ -33,8 +33,8 @@ class DataOptions:
     """How rows become tokenized examples: the data flags that training, evaluation and the prepare scripts share."""
 
     format: FormatName = "auto"
-    """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac); auto
-    detects it from the first row's fields."""
+    """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac, messages =
+    chat turns: messages / conversations, or chosen/rejected message lists); auto detects it from the first row."""
     field_map: Optional[str] = None
     """rename fields first: comma-separated ours=theirs pairs, e.g. instruction=question,output=answer."""
     preference: Optional[Literal["safer", "better"]] = None

@@ -16,6 +16,7 @@ Correction Aligners (trained with --mode correction) rewrite an answer instead (
 import json
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Literal, Optional
 
@@ -25,10 +26,11 @@ from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import atomic_output, check_output, input_files
-from lit_aligner.generation import (AlignerEntry, DecodingArgs, PromptItem, TextStreamer, answer_prompts,
+from lit_aligner.generation import (AlignerEntry, Answer, DecodingArgs, PromptItem, TextStreamer, answer_prompts,
                                     load_aligner_entries, read_prompts)
+from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
-from lit_aligner.prompts import get_template, is_correction, join_input
+from lit_aligner.prompts import encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
 
 
@@ -80,7 +82,7 @@ def main(
         no_aligner: also answer with the bare base (a column labelled "base").
         prompt: a prompt; repeat the flag for several.
         prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input" and
-            "system"), or JSONL.
+            "system") or with "messages": a chat conversation that ends with the user turn to answer; or JSONL.
         system: a system message for every prompt that has none of its own (a prompts file's "system"): the chat
             template's system turn; other templates read it as an earlier turn. Not for correction Aligners.
         question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
@@ -94,7 +96,8 @@ def main(
         out: write one JSONL row per prompt x Aligner (prompt, input, aligner, template, output) to this file (through
             a temporary file: an existing file is replaced only when every answer is written, and only with --force).
         force: replace an existing --out file.
-        interactive: after any given prompts, read prompts from stdin, one per line, until EOF or "exit".
+        interactive: after any given prompts, chat on stdin, one message per line, until EOF or "exit": each Aligner
+            (and the base) keeps its own conversation; "/reset" starts a new one.
         checkpoint_dir: converted base model the Aligners were trained on.
         template: prompt template for every Aligner and the base (alpaca, beaver, hh, chat, plain, correction);
             default: each Aligner's own (from its metadata), for the base the one the Aligners share, else the
@@ -116,7 +119,7 @@ def main(
     pairs = list(zip(question, answer)) + (read_qa_pairs(qa_file) if qa_file else [])
     items = [PromptItem(p) for p in prompt] + (read_prompts(prompts_file) if prompts_file else [])
     if system:
-        items = [PromptItem(p.instruction, p.input, p.system or system) for p in items]
+        items = [replace(p, system=p.system or system) for p in items]
     correcting = bool(pairs) or pipeline
     if pipeline and not items:
         raise ValueError("--pipeline needs questions for the base to answer: give --prompt TEXT or --prompts-file")
@@ -128,9 +131,9 @@ def main(
     if pairs and items:
         raise ValueError("give either answers to correct (--question/--answer, --qa-file) or --prompt / "
                          "--prompts-file (add --pipeline to correct the base's answers), not both")
-    if correcting and (system or any(p.system for p in items)):
-        raise ValueError("--system (or a prompts file's 'system') is for prompts answered directly; correction prompts "
-                         "(question, answer to correct) have no system message")
+    if correcting and (system or any(p.system or p.history for p in items)):
+        raise ValueError("--system (or a prompts file's 'system' or earlier turns) is for prompts answered directly; "
+                         "correction prompts (question, answer to correct) have no system message and no earlier turns")
     if correcting and interactive:
         raise ValueError("--interactive reads plain prompts; it does not combine with correction mode")
     if not items and not pairs and not interactive:
@@ -163,9 +166,7 @@ def main(
         elif items:
             answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, kwargs, sink)
         if interactive:
-            for text in read_stdin():
-                answer_items(model, tokenizer, [PromptItem(text, system=system or "")], entries, max_new_tokens,
-                             batch_size, template, kwargs, sink)
+            chat(model, tokenizer, entries, system or "", template, max_new_tokens, kwargs, sink)
     if out:
         print(f"wrote {out}", file=sys.stderr)
 
@@ -189,18 +190,61 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
                 print(f"--- {a.entry.name} ---\n{a.text.strip()}")
         if sink:
             for a in row:
-                sink.write(json.dumps({"prompt": a.prompt.instruction, "input": a.prompt.input,
-                                       **({"system": a.prompt.system} if a.prompt.system else {}),
-                                       "aligner": a.entry.name if a.entry.aligner is not None else None,
-                                       "template": template or a.entry.metadata.get("template"),
-                                       "output": a.text}) + "\n")
-            sink.flush()
+                write_answer(sink, a, template)
     sys.stdout.flush()
     new = sum(s.new_tokens for s in stats)
     decode_s = sum(s.decode_s for s in stats)
     steps = sum(s.decode_steps * s.batch_size for s in stats)
     print(f"{len(stats)} batch(es), {new} new tokens, decode {steps / max(decode_s, 1e-9):.1f} tokens/s",
           file=sys.stderr)
+
+
+def write_answer(sink, a: Answer, template: Optional[str]) -> None:
+    """One --out row: the request (its system message and earlier turns when it has them), who answered, the answer."""
+    p = a.prompt
+    sink.write(json.dumps({"prompt": p.instruction, "input": p.input, **({"system": p.system} if p.system else {}),
+                           **({"history": p.history} if p.history else {}),
+                           "aligner": a.entry.name if a.entry.aligner is not None else None,
+                           "template": template or a.entry.metadata.get("template"), "output": a.text}) + "\n")
+    sink.flush()
+
+
+def chat(model, tokenizer, entries: List[AlignerEntry], system: str, template: Optional[str], max_new_tokens: int,
+         sampling, sink) -> None:
+    """--interactive: a conversation on stdin. Every entry keeps its own history (its own earlier answers), and its
+    answers stream one entry after another; "/reset" starts a new conversation. When a conversation no longer fits
+    the context with --max-new-tokens, its oldest exchanges are left out (with a note)."""
+    histories: List[List[dict]] = [[] for _ in entries]
+    base_template = bare_base_template(entries, template)
+    room = model.config.block_size - max_new_tokens
+    for text in read_stdin():
+        if text == "/reset":
+            histories = [[] for _ in entries]
+            print("(new conversation)", file=sys.stderr)
+            continue
+        print(f"\n=== {text} ===")
+        for j, e in enumerate(entries):
+            # the bare base's template: the one it would use beside these Aligners (answer_prompts sees it alone)
+            tmpl = template if e.aligner is not None else base_template
+            item = PromptItem(text, system=system, history=histories[j])
+            dropped = 0
+            while item.history and len(encode_prompt(tokenizer, request_prompt(tokenizer, item, e, tmpl, tmpl))) > room:
+                item.history, dropped = item.history[2:], dropped + 1
+            if dropped:
+                print(f"note: {e.name}: the conversation no longer fits the context of {model.config.block_size} "
+                      f"tokens with --max-new-tokens {max_new_tokens}: its oldest {dropped} exchange(s) left out",
+                      file=sys.stderr)
+            print(f"--- {e.name} ---", flush=True)
+            streamer = TextStreamer(tokenizer, stop=sampling["stop_strings"])
+            answers, _ = answer_prompts(model, tokenizer, [item], [e], max_new_tokens, template=tmpl,
+                                        on_token=streamer, **sampling)
+            streamer.finish()
+            print(flush=True)
+            a = answers[0][0]
+            histories[j] = item.history + [{"role": "user", "content": text},
+                                           {"role": "assistant", "content": a.text.strip()}]
+            if sink:
+                write_answer(sink, a, template)
 
 
 def check_modes(entries: List[AlignerEntry], correcting: bool) -> None:
@@ -245,6 +289,8 @@ def correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, 
 
 def show_prompt(item: PromptItem, i: int, n: int) -> None:
     head = item.instruction + (f"\n{item.input}" if item.input else "")
+    if item.history:
+        head += f" (after {len(item.history)} earlier turn{'s' if len(item.history) > 1 else ''})"
     print(f"\n=== [{i + 1}/{n}] {head} ===")
 
 

@@ -21,7 +21,7 @@ Aligner's metadata so that generation renders the same prompt.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from lit_aligner.files import UserError
 
@@ -53,6 +53,31 @@ def transcript(messages: Sequence[Message]) -> str:
     """A conversation as plain text ("User: ...\\n\\nAssistant: ..."), for templates that have no turns of their own."""
     names = {"user": "User", "assistant": "Assistant", "system": "System"}
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+
+
+# ShareGPT's speaker names and the roles chat templates know
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+def parse_messages(value: Any, key: str = "messages") -> List[Message]:
+    """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL) or ShareGPT's {"from", "value"} (human, gpt),
+    as Messages with the roles system, user, assistant. ValueError naming `key` and the turn otherwise."""
+    if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field {key!r} must be a non-empty list of chat messages, got {type(value).__name__}")
+    turns: List[Message] = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise ValueError(f"{key}[{j}] must be a message object, got {type(m).__name__}")
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if role not in _ROLES:
+            raise ValueError(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system; ShareGPT's "
+                             f"human, gpt)")
+        if not isinstance(content, str):
+            raise ValueError(f"{key}[{j}]: content must be a string, got {type(content).__name__}")
+        turns.append({"role": _ROLES[role], "content": content})
+    return turns
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
@@ -221,15 +246,20 @@ def correction_prompt(question: str, answer: str) -> str:
 
 
 def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: str = "",
-                 system: Optional[str] = None) -> str:
+                 system: Optional[str] = None, history: Sequence[Message] = ()) -> str:
     """The prompt string for one instruction (+ optional input). template None: the tokenizer's chat template (one user
     turn, assistant turn opened) when it has one, else the raw text; a template name: that template's rendering.
     system: a system message before the user turn (the chat template's own; in the other templates it reads as an
-    earlier turn, and as a first paragraph in raw text)."""
-    if system:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": join_input(text, input)}]
+    earlier turn, and as a first paragraph in raw text). history: the conversation's earlier user and assistant turns,
+    oldest first, rendered as the template renders a conversation (without a chat template or a template: `plain`,
+    as the server renders chat messages)."""
+    if system or history:
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history) + \
+            [{"role": "user", "content": join_input(text, input)}]
         if template is None and not getattr(tokenizer, "has_chat_template", False):
-            return f"{system}\n\n{join_input(text, input)}"
+            if not history:
+                return f"{system}\n\n{join_input(text, input)}"
+            template = "plain"
         return get_template(template or "chat").render_messages(messages, tokenizer=tokenizer)
     if template is not None:
         return get_template(template).render(text, input, tokenizer=tokenizer)
@@ -239,7 +269,8 @@ def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: st
 
 
 def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional[Dict[str, Any]] = None,
-                       template: Optional[str] = None, system: Optional[str] = None) -> str:
+                       template: Optional[str] = None, system: Optional[str] = None,
+                       history: Sequence[Message] = ()) -> str:
     """The prompt an Aligner expects, from its metadata (as saved with it): `template` (an override, e.g. --template)
     wins over metadata["template"], which wins over `build_prompt`'s default. Correction Aligners get the Q-A-C prompt:
     `text` is the question and `input` the answer to correct (the prompt their training data used)."""
@@ -248,11 +279,12 @@ def prompt_for_aligner(tokenizer, text: str, input: str = "", metadata: Optional
             raise ValueError("this is a correction Aligner (mode 'correction'): it rewrites an answer, so give the "
                              "question AND the answer to correct (generate/aligner.py --question/--answer or "
                              "--qa-file), or use --pipeline to let the bare base answer first")
-        if system:
-            raise ValueError("a correction Aligner's prompt (question, answer to correct) has no system message: drop "
-                             "the system message for it")
+        if system or history:
+            raise ValueError("a correction Aligner's prompt (question, answer to correct) has no system message and "
+                             "no earlier turns: drop them for it")
         return correction_prompt(text, input)
-    return build_prompt(tokenizer, text, template or (metadata or {}).get("template"), input=input, system=system)
+    return build_prompt(tokenizer, text, template or (metadata or {}).get("template"), input=input, system=system,
+                        history=history)
 
 
 def encode_prompt(tokenizer, text: str):

@@ -116,17 +116,19 @@ class _ForkServer:
 _server = _ForkServer()
 
 
-def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = False):
+def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = False,
+               input: Optional[str] = None):
     """`python ARGS...` (a repository script and its flags) with cwd=the repository root, the test process's environment
     plus `env`, captured text output, as subprocess.run returns it. The command runs as a forked child of a process that
     has already imported torch and the library (tests/forkserver.py: ~2 s saved per command, the same script, argv,
     files and exit status); fresh=True starts a new interpreter instead, for what depends on the interpreter's own
-    start (signals sent from outside, environment read at import)."""
+    start (signals sent from outside, environment read at import). input: text on the command's stdin (a fresh
+    interpreter: the forked children have none)."""
     argv = [str(a) for a in args]
     full_env = {**os.environ, **(env or {})}
-    if fresh or os.environ.get("LIT_ALIGNER_TESTS_NO_FORKSERVER"):
+    if fresh or input is not None or os.environ.get("LIT_ALIGNER_TESTS_NO_FORKSERVER"):
         return subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
     return _server.run(argv, cwd or ROOT, full_env, timeout)
 
 

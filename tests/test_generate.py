@@ -352,8 +352,8 @@ def test_compiled_decode_gives_the_eager_tokens(model):
 # CLIs
 
 
-def run_script(*args, cwd=ROOT):
-    return helpers.run_script(*args, cwd=cwd, timeout=600)
+def run_script(*args, cwd=ROOT, input=None):
+    return helpers.run_script(*args, cwd=cwd, timeout=600, input=input)
 
 
 def smollm2(request):
@@ -470,6 +470,98 @@ def test_cli_system_message_reaches_the_chat_template(request, tmp_path):
     bad = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--question",
                      "Q?", "--answer", "A.", "--system", pirate)
     assert bad.returncode == 1 and bad.stderr.startswith("error: --system") and "Traceback" not in bad.stderr
+
+
+def test_cli_interactive_chat_keeps_each_columns_own_conversation(request, tmp_path):
+    """--interactive: the bare base and an Aligner each answer a message with their own earlier turns in the prompt
+    (rendered by their own templates), as in-process generation on that conversation gives; "/reset" starts over;
+    --out rows carry the history; a conversation past the context leaves its oldest exchange out, with a note."""
+    from lit_aligner.aligner_files import save_aligner
+    from lit_aligner.base import load_base, load_config
+    from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
+
+    ckpt = smollm2(request)
+    model, tok = load_base(ckpt, "cpu", "float32")
+    config = load_config(ckpt)
+    steered = Aligner(config, AlignerConfig(n_tokens=2, start_layer=2))
+    with torch.no_grad():
+        steered.gate.fill_(0.3)
+    save_aligner(steered, tmp_path / "steered.safetensors", config.name, {"template": "alpaca", "mode": "sft"})
+
+    def answer(q, history, aligner=None):
+        text = prompt_for_aligner(tok, q, metadata={"template": "alpaca"}, history=history) if aligner else \
+            build_prompt(tok, q, "alpaca", history=history)  # the bare base takes the Aligners' shared template
+        out = generate(model, [encode_prompt(tok, text)], 24, aligners=aligner or False, stop_ids=tok.stop_ids)
+        return tok.decode(out[0]).strip()
+
+    def turns(*qa):
+        return [{"role": r, "content": t} for q, a in qa for r, t in (("user", q), ("assistant", a))]
+
+    q1, q2 = "What is 2+2?", "Now multiply that by three."
+    base1, steer1 = answer(q1, []), answer(q1, [], steered)
+    base2, steer2 = answer(q2, turns((q1, base1))), answer(q2, turns((q1, steer1)), steered)
+    fresh_base2, fresh_steer2 = answer(q2, []), answer(q2, [], steered)
+    assert (base2, steer2) != (fresh_base2, fresh_steer2)  # the history changes some answer
+    out = tmp_path / "chat.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--aligner",
+                   str(tmp_path / "steered.safetensors"), "--no-aligner", "--interactive", "--max-new-tokens", "24",
+                   "--out", str(out), input=f"{q1}\n{q2}\n/reset\n{q2}\n")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["prompt"], row["aligner"] is None) for row in rows] == \
+        [(q1, False), (q1, True), (q2, False), (q2, True), (q2, False), (q2, True)]
+    assert [row["output"].strip() for row in rows] == [steer1, base1, steer2, base2, fresh_steer2, fresh_base2]
+    assert rows[2]["history"] == turns((q1, steer1)) and rows[3]["history"] == turns((q1, base1))
+    assert "history" not in rows[4] and "(new conversation)" in r.stderr
+
+    # a context with room for one exchange only: the second message is answered without the first
+    room = len(encode_prompt(tok, build_prompt(tok, q2))) + 4
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--interactive",
+                   "--max-new-tokens", str(config.block_size - room), input=f"{q1}\n{q2}\n")
+    assert r.returncode == 0, r.stderr
+    assert "oldest 1 exchange(s) left out" in r.stderr
+    chat_fresh = tok.decode(generate(model, [encode_prompt(tok, build_prompt(tok, q2))], 24,
+                                     stop_ids=tok.stop_ids)[0]).strip()
+    assert r.stdout.split(f"=== {q2} ===\n--- base ---\n")[1].strip().startswith(chat_fresh)
+
+
+def test_prompts_file_conversations_continue_from_their_history(request, tmp_path):
+    """A prompts file's "messages" row (a leading system turn, earlier turns, the user turn to answer; or ShareGPT's
+    "conversations") is answered as in-process generation on that conversation rendered by the chat template."""
+    from lit_aligner.base import load_base
+    from lit_aligner.prompts import build_prompt, encode_prompt
+
+    ckpt = smollm2(request)
+    model, tok = load_base(ckpt, "cpu", "float32")
+    system, history = "You are a pirate.", [{"role": "user", "content": "What is 2+2?"},
+                                            {"role": "assistant", "content": "Arr, it be 4."}]
+    q = "Now multiply that by three."
+    text = build_prompt(tok, q, system=system, history=history)
+    assert text == tok.apply_chat_template([{"role": "system", "content": system}, *history,
+                                            {"role": "user", "content": q}], add_generation_prompt=True)
+    want = tok.decode(generate(model, [encode_prompt(tok, text)], 24, stop_ids=tok.stop_ids)[0]).strip()
+    assert want != tok.decode(generate(model, [encode_prompt(tok, build_prompt(tok, q))], 24,
+                                       stop_ids=tok.stop_ids)[0]).strip()
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in history]
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": system}, *history,
+                                                {"role": "user", "content": q}]}) + "\n"
+                       + json.dumps({"conversations": sharegpt + [{"from": "human", "value": q}],
+                                     "system": system}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
+                   "--prompts-file", str(prompts), "--max-new-tokens", "24", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["output"].strip() for row in rows] == [want, want]
+    assert all(row["history"] == history and row["system"] == system and row["prompt"] == q for row in rows)
+    assert "(after 2 earlier turns)" in r.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": history}) + "\n")
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
+                   "--prompts-file", str(bad))
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "bad.jsonl: line 1" in r.stderr
+    assert "must end with a non-empty user turn" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_aligner_cli_base_column_writes_jsonl(request, tmp_path):

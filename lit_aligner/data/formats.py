@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from lit_aligner.files import UserError
-from lit_aligner.prompts import Message, join_input, transcript
+from lit_aligner.prompts import Message, join_input, parse_messages, transcript
 
 PREFERENCES = ("safer", "better")
 
@@ -198,28 +198,15 @@ def _hh(row, pair, preference):
 # ---------------------------------------------------------------------------------------------------------------------
 # Chat conversations: OpenAI / TRL "messages" (role, content), ShareGPT "conversations" (from, value)
 
-# ShareGPT's speaker names and the roles chat templates know
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 CONVERSATION_KEYS = ("messages", "conversations")
 
 
 def chat_turns(value: Any, key: str) -> List[Message]:
-    """A list of chat messages ({"role", "content"}, or ShareGPT's {"from", "value"}) as Messages. Raises BadRow."""
-    if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"field {key!r} must be a non-empty list of chat messages, got {type(value).__name__}")
-    turns: List[Message] = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise BadRow(f"{key}[{j}] must be a message object, got {type(m).__name__}")
-        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
-        if role not in _ROLES:
-            raise BadRow(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system; ShareGPT's human, gpt)")
-        if not isinstance(content, str):
-            raise BadRow(f"{key}[{j}]: content must be a string, got {type(content).__name__}")
-        turns.append({"role": _ROLES[role], "content": content})
-    return turns
+    """`parse_messages` for a row's field. Raises BadRow."""
+    try:
+        return parse_messages(value, key)
+    except ValueError as e:
+        raise BadRow(str(e)) from None
 
 
 def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str]:

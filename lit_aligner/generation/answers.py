@@ -12,7 +12,7 @@ import torch
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
-from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
+from lit_aligner.prompts import Message, build_prompt, encode_prompt, join_input, parse_messages, prompt_for_aligner
 
 
 class TextStreamer:
@@ -62,24 +62,49 @@ class TextStreamer:
 
 @dataclass
 class PromptItem:
-    """One request: an instruction and an optional input (Alpaca style)."""
+    """One request: an instruction and an optional input (Alpaca style), or the last user turn of a conversation."""
 
     instruction: str
     input: str = ""
     system: str = ""  # a system message before the user turn (none: the template's own default, if any)
+    history: List[Message] = field(default_factory=list)  # earlier user / assistant turns, oldest first
+
+    def messages(self) -> List[Message]:
+        """The whole conversation this request answers."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + [{"role": "user", "content": join_input(self.instruction, self.input)}]
 
 
 PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "
-                  "and 'system'), or JSONL with one such string or object per line")
+                  "and 'system') or a 'messages' conversation that ends with a user turn, or JSONL with one such "
+                  "string or object per line")
+
+
+def conversation_item(messages: Sequence[Message], system: str = "") -> PromptItem:
+    """The request that answers a conversation's last (user) turn: a leading system message (else `system`), the
+    turns between as its history. ValueError when it does not end with a user turn."""
+    turns = list(messages)
+    if turns and turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ValueError("the conversation must end with a non-empty user turn (the one to answer)")
+    return PromptItem(turns[-1]["content"], system=system, history=turns[:-1])
 
 
 def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input` and
-    `system`) or a JSONL file (one such string or object per line). UserError naming the file and the row on bad
-    input."""
+    `system`, or with `messages` / `conversations`: a chat to continue) or a JSONL file (one such string or object per
+    line). UserError naming the file and the row on bad input."""
     records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
     items = []
     for where, row in records:
+        key = next((k for k in ("messages", "conversations") if k in row), None) if isinstance(row, dict) else None
+        if key is not None:
+            try:
+                items.append(conversation_item(parse_messages(row[key], key), row.get("system") or ""))
+            except ValueError as e:
+                raise UserError(f"{path}: {where}: {e}; expected {PROMPTS_FORMAT}") from None
+            continue
         text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else row
         inp, system = ((row.get("input") or ""), (row.get("system") or "")) if isinstance(row, dict) else ("", "")
         if (not isinstance(text, str) or not isinstance(inp, str) or not isinstance(system, str)
@@ -116,6 +141,23 @@ class Answer:
     text: str
 
 
+def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] = None) -> Optional[str]:
+    """The template the bare base answers with next to `entries`: `template`, else the one all the Aligners share."""
+    shared = {e.metadata.get("template") for e in entries if e.aligner is not None}
+    return template or (shared.pop() if len(shared) == 1 else None)
+
+
+def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
+                   base_template: Optional[str] = None) -> str:
+    """The prompt text of request `p` for entry `e`: an Aligner's as its metadata says (`template` overrides), the bare
+    base's with `base_template` (see `bare_base_template`)."""
+    if e.aligner is None:
+        return build_prompt(tokenizer, p.instruction, base_template, input=p.input, system=p.system,
+                            history=p.history)
+    return prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template, system=p.system,
+                              history=p.history)
+
+
 def answer_prompts(
     model: LLaMA,
     tokenizer,
@@ -136,15 +178,11 @@ def answer_prompts(
     (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    shared = {e.metadata.get("template") for e in entries if e.aligner is not None}
-    base_template = template or (shared.pop() if len(shared) == 1 else None)
+    base_template = bare_base_template(entries, template)
     requests = []  # (prompt i, entry j, prompt text, token ids)
     for i, p in enumerate(prompts):
         for j, e in enumerate(entries):
-            if e.aligner is None:
-                text = build_prompt(tokenizer, p.instruction, base_template, input=p.input, system=p.system)
-            else:
-                text = prompt_for_aligner(tokenizer, p.instruction, p.input, e.metadata, template, system=p.system)
+            text = request_prompt(tokenizer, p, e, template, base_template)
             requests.append((i, j, text, encode_prompt(tokenizer, text)))
 
     # Group by Aligner shape; bare-base requests join the first group (a None row in a stack is the bare base).

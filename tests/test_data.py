@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_aligner.data import (IGNORE_INDEX, DataError, DataOptions, TokenizedDataset, hh_messages, load_data,
-                              load_prepared, pad_rows, prepare, split_hh, split_indices)
+from lit_aligner.data import (IGNORE_INDEX, DataError, DataOptions, TokenizedDataset, describe, hh_messages,
+                              load_data, load_prepared, pad_rows, prepare, split_hh, split_indices)
 from lit_aligner.data import default as default_data
 from lit_aligner.prompts import TEMPLATES, correction_prompt, get_template, join_input
 from lit_aligner.tokenizer import Tokenizer
@@ -450,6 +450,50 @@ def test_conversational_pairs_with_implicit_and_explicit_prompts(tok, tmp_path):
     corr, _, _ = corrections(write_jsonl(tmp_path / "c.jsonl", [explicit]), tok, val_fraction=0.0)
     from lit_aligner.prompts import transcript
     assert torch.equal(corr[0]["prompt"], tok.encode(correction_prompt(transcript(CONVERSATION), "Green.")))
+
+
+def test_turns_all_trains_on_every_answer_of_a_conversation_in_one_split(tok, tmp_path):
+    convs = [[{"role": "system", "content": "Answer briefly."}]
+             + [{"role": r, "content": f"{r} {k} of {i}."} for k in range(3) for r in ("user", "assistant")]
+             for i in range(12)]
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant: Fine."
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
+    last, last_val, _ = sft(f, tok, "chat", 512, val_fraction=0.25)
+    every, every_val, info = sft(f, tok, "chat", 512, val_fraction=0.25, turns="all")
+    assert info["turns"] == "all" and "turns all" in describe(info)
+    assert (len(every), len(every_val)) == (3 * len(last), 3 * len(last_val))  # one example per answer, same split
+    for split_last, split_every in ((last, every), (last_val, every_val)):
+        for n in range(len(split_last)):
+            for k in range(3):  # example 3n + k: answer k of that conversation, the turns before it as its prompt
+                item = split_every[3 * n + k]
+                conv = next(c for c in convs if tok.decode(item["response"]) == c[2 * k + 2]["content"] + "<|im_end|>")
+                prompt = get_template("chat").render_messages(conv[:2 * k + 2], tokenizer=tok)
+                assert torch.equal(item["prompt"], tok.encode(prompt))
+            assert torch.equal(split_every[3 * n + 2]["prompt"], split_last[n]["prompt"])
+    # HH dialogues: the earlier answer with the hh template is the dialogue's own text up to it
+    hh, _, _ = sft(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue}]), tok, "hh", 512, val_fraction=0.0,
+                   turns="all")
+    assert [tok.decode(torch.cat([hh[j]["prompt"], hh[j]["response"]])) for j in range(2)] == \
+        ["<s>" + dialogue[: dialogue.index(" Hello.") + 7] + "</s>", "<s>" + dialogue + "</s>"]
+    pair_file = write_jsonl(tmp_path / "p.jsonl", [{"chosen": dialogue, "rejected": dialogue[:-5] + " Bad."}])
+    pairs_all, _, _ = pairs(pair_file, tok, "hh", 512, val_fraction=0.0, turns="all")
+    assert len(pairs_all) == 1  # pairs differ only in their last answer: --turns is for SFT
+
+
+def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok, tmp_path):
+    from lit_aligner.data import report
+
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                            {"role": "assistant", "content": "Hello."},
+                                                            {"role": "user", "content": "Bye"},
+                                                            {"role": "assistant", "content": "Bye."}]}] * 4)
+    prepare("sft", f, tmp_path / "prep", tok, "chat", DataOptions(turns="all", val_fraction=0.0))
+    train, _, info = sft(tmp_path / "prep", tok, "plain", 512)
+    assert len(train) == 8 and info["turns"] == "all"
+    assert "note: " in report(info) and "prepared with --turns all" in report(info) and "'chat' template" in \
+        report(info)
+    _, _, info = sft(tmp_path / "prep", tok, "chat", 512, turns="all")
+    assert "note" not in info
 
 
 @pytest.mark.parametrize("row, reason", [

@@ -265,6 +265,14 @@ def _messages(row, pair, preference):
     return Example(prompt if prompt is not None else _prompt_turns(row), chosen, rejected)
 
 
+def every_answer(ex: Example) -> List[Example]:
+    """SFT examples for every assistant turn of an example's conversation that follows a user turn, each with the
+    conversation before it as its prompt; `ex` (the last answer) last."""
+    turns = ex.messages
+    return [Example(turns[:k], m["content"]) for k, m in enumerate(turns) if k and m["role"] == "assistant"
+            and turns[k - 1]["role"] == "user" and m["content"].strip()] + [ex]
+
+
 @dataclass(frozen=True)
 class Format:
     name: str

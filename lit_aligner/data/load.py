@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, fit_responses
 from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
-                                      parse_field_map, row_to_example)
+                                      every_answer, parse_field_map, row_to_example)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
 from lit_aligner.data.tokenize import tokenize_example
 from lit_aligner.files import BadRecord, UserError, read_records
@@ -44,6 +44,10 @@ class DataOptions:
     """longest prompt + response in tokens (the longer response of a pair); longer rows follow --truncation."""
     truncation: Literal["drop", "truncate"] = "drop"
     """drop: leave out rows longer than --max-seq-length (counted); truncate: cut their responses' tails."""
+    turns: Literal["last", "all"] = "last"
+    """SFT on multi-turn conversations (chat messages, HH dialogues): last = the loss on the final answer only; all =
+    one example per assistant turn, with the conversation before it as its prompt (a conversation's examples stay in
+    one split)."""
     val_fraction: float = 0.05
     """share of the rows held out for validation (seeded split)."""
     val_size: Optional[int] = None
@@ -54,6 +58,8 @@ class DataOptions:
     """stop when more than this share of the rows is malformed (a wrong format or field map, not a few bad rows)."""
 
     def check(self) -> None:
+        if self.turns not in ("last", "all"):
+            raise DataError(f"--turns must be last or all, got {self.turns!r}")
         if self.truncation not in TRUNCATION:
             raise DataError(f"--truncation must be one of {', '.join(TRUNCATION)}, got {self.truncation!r}")
         if self.preference is not None and self.preference not in PREFERENCES:
@@ -152,8 +158,9 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 counts["identical_pairs"] += 1  # no preference signal (a correction may legitimately be a copy)
                 continue
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
+            examples = every_answer(ex) if kind == "sft" and options.turns == "all" else [ex]
             try:
-                ids = tokenize_example(ex, kind, tmpl, tokenizer)
+                rows = [tokenize_example(e, kind, tmpl, tokenizer) for e in examples]
             except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
                 raise
             except ValueError as e:  # a template that refuses this row (e.g. a chat template's own checks)
@@ -166,14 +173,17 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             if len(info["bad_row_examples"]) < 5:
                 info["bad_row_examples"].append(f"{where}: {e}")
             continue
-        head, responses = ids[: len(ids) - n_responses], ids[len(ids) - n_responses:]
-        fitted = fit_responses(head[0], responses, options.max_seq_length, options.truncation)
-        if fitted is None:
-            info["dropped"] += 1
-            continue
-        info["truncated"] += fitted[1]
-        out["val" if i in in_val else "train"].append((*head, *fitted[0]))
+        for ids in rows:
+            head, responses = ids[: len(ids) - n_responses], ids[len(ids) - n_responses:]
+            fitted = fit_responses(head[0], responses, options.max_seq_length, options.truncation)
+            if fitted is None:
+                info["dropped"] += 1
+                continue
+            info["truncated"] += fitted[1]
+            out["val" if i in in_val else "train"].append((*head, *fitted[0]))
     info["format"] = fmt
+    if options.turns == "all" and kind == "sft":
+        info["turns"] = "all"
     if fmt == "pku":
         info.update(preference=preference, chosen_unsafe=counts["chosen_unsafe"])
     if kind == "preference":
@@ -215,8 +225,13 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     info = {k: v for k, v in meta.items() if k != "version"}
     info.update(source=str(data), prepared=True, prepared_max_seq_length=meta.get("max_seq_length"),
                 max_seq_length=options.max_seq_length, truncation=options.truncation)
+    notes = []  # prepared data is used as it was prepared: say where that differs from the flags
     if template is not None and meta.get("template") not in (None, template):
-        info["note"] = f"{data} was prepared with the {meta.get('template')!r} template; it is used as is"
+        notes.append(f"{data} was prepared with the {meta.get('template')!r} template; it is used as is")
+    if kind == "sft" and options.turns != meta.get("turns", "last"):
+        notes.append(f"{data} was prepared with --turns {meta.get('turns', 'last')}; it is used as is")
+    if notes:
+        info["note"] = "; ".join(notes)
     if options.max_seq_length < (meta.get("max_seq_length") or 0):
         for split in ("train", "val"):
             fitted, truncated, dropped = (train if split == "train" else val).fit(options.max_seq_length,
@@ -235,7 +250,8 @@ def describe(info: Dict[str, Any]) -> str:
     keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val",
             "chosen_unsafe"]
     counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
-    head = f"{info.get('kind')} data from {info.get('source')} (format {info.get('format')}, template " \
+    turns = f", turns {info['turns']}" if "turns" in info else ""
+    head = f"{info.get('kind')} data from {info.get('source')} (format {info.get('format')}{turns}, template " \
            f"{info.get('template')}, max_seq_length {info.get('max_seq_length')}, truncation {info.get('truncation')})"
     return f"{head}: {counts}"
 
@@ -252,6 +268,8 @@ def report(info: Dict[str, Any]) -> str:
         lines.append(f"  note: --val-size {info['val_size']} held out {info['val_size']} rows, {info['val']} of them "
                      f"kept: the others were dropped as longer than --max-seq-length or skipped (the split comes "
                      f"first, so it does not move with those settings)")
+    if info.get("note"):
+        lines.append(f"  note: {info['note']}")
     if "out_dir" in info:
         lines.append(f"wrote {info['out_dir']}/{{train,val}}.safetensors and meta.json")
     return "\n".join(lines)

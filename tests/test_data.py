@@ -439,6 +439,12 @@ def test_conversational_pairs_with_implicit_and_explicit_prompts(tok, tmp_path):
         assert tok.decode(item["chosen"]) == "Blue.<|im_end|>" and tok.decode(item["rejected"]) == "Green.<|im_end|>"
     sft_rows, _, _ = sft(f, tok, "chat", 512, val_fraction=0.0)  # SFT reads the chosen answers
     assert [tok.decode(r["response"]) for r in sft_rows] == ["Blue.<|im_end|>"] * 3
+    # TRL's conversational prompt-completion rows (SFT)
+    completion = {"prompt": CONVERSATION, "completion": [{"role": "assistant", "content": "Blue."}]}
+    from_completion, _, info = sft(write_jsonl(tmp_path / "pc.jsonl", [completion]), tok, "chat", 512,
+                                   val_fraction=0.0)
+    assert info["format"] == "messages"
+    assert all(torch.equal(from_completion[0][k], sft_rows[0][k]) for k in ("prompt", "response"))
     # a one-turn pair row in message lists gives the tokens of the same pair as plain strings
     one = {"prompt": [{"role": "user", "content": "Sky colour?"}],
            "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}

@@ -219,9 +219,9 @@ def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str]:
     return prompt, turns[-1]["content"]
 
 
-def _prompt_turns(row: Dict[str, Any]) -> List[Message]:
+def _prompt_turns(row: Dict[str, Any], key: str) -> List[Message]:
     if "prompt" not in row:
-        raise BadRow("'chosen' holds only the answer, and there is no 'prompt' field with the conversation before it")
+        raise BadRow(f"{key!r} holds only the answer, and there is no 'prompt' field with the conversation before it")
     value = row["prompt"]
     turns = _user(text_field(row, "prompt")) if isinstance(value, str) else chat_turns(value, "prompt")
     if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
@@ -239,10 +239,10 @@ def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], 
 
 
 def _messages(row, pair, preference):
-    """SFT: "messages" / "conversations" (or "chosen" as a message list) ending with the answer, the earlier turns
-    (system, user, assistant) its prompt. Pairs: "chosen" and "rejected" as message lists, either whole conversations
-    that share everything before their last turn (TRL's implicit prompt) or the answers alone with the conversation in
-    "prompt" (TRL's explicit prompt; a string is one user turn)."""
+    """SFT: "messages" / "conversations" (or "chosen", or TRL's "prompt" + "completion", as message lists) ending with
+    the answer, the earlier turns (system, user, assistant) its prompt. Pairs: "chosen" and "rejected" as message
+    lists, either whole conversations that share everything before their last turn (TRL's implicit prompt) or the
+    answers alone with the conversation in "prompt" (TRL's explicit prompt; a string is one user turn)."""
     if not pair:
         key = next((k for k in CONVERSATION_KEYS if k in row), None)
         if key is not None:
@@ -250,11 +250,12 @@ def _messages(row, pair, preference):
             if not prompt:
                 raise BadRow(f"{key!r} holds only an answer: no user turn before it")
             return Example(prompt, answer)
-    if "chosen" not in row:
+    key = "chosen" if "chosen" in row or pair else "completion"  # TRL's prompt-completion rows: SFT only
+    if key not in row:
         if pair:
-            raise _single_answer("chat conversation", "messages / conversations")
-        raise BadRow(f"no conversation: none of the fields {', '.join(CONVERSATION_KEYS)}, chosen")
-    prompt, chosen = _answer_of(row, "chosen")
+            raise _single_answer("chat conversation", "messages / conversations / prompt + completion")
+        raise BadRow(f"no conversation: none of the fields {', '.join(CONVERSATION_KEYS)}, chosen, completion")
+    prompt, chosen = _answer_of(row, key)
     rejected = None
     if pair:
         if "rejected" not in row:
@@ -262,7 +263,7 @@ def _messages(row, pair, preference):
         prompt_r, rejected = _answer_of(row, "rejected")
         if (prompt is None) != (prompt_r is None) or (prompt is not None and prompt != prompt_r):
             raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last turn)")
-    return Example(prompt if prompt is not None else _prompt_turns(row), chosen, rejected)
+    return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen, rejected)
 
 
 def every_answer(ex: Example) -> List[Example]:
@@ -301,7 +302,7 @@ MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion"
 def is_conversational(row: Dict[str, Any]) -> bool:
     """Chat turns as message lists (TRL's "conversational" rows), whatever other fields the row carries."""
     return any(k in row for k in CONVERSATION_KEYS) or any(isinstance(row.get(k), list)
-                                                           for k in ("prompt", "chosen", "rejected"))
+                                                           for k in ("prompt", "chosen", "rejected", "completion"))
 
 
 def detect_format(row: Dict[str, Any], path: Path) -> str:

@@ -236,8 +236,12 @@ def chat(model, tokenizer, entries: List[AlignerEntry], system: str, template: O
                       file=sys.stderr)
             print(f"--- {e.name} ---", flush=True)
             streamer = TextStreamer(tokenizer, stop=sampling["stop_strings"])
-            answers, _ = answer_prompts(model, tokenizer, [item], [e], max_new_tokens, template=tmpl,
-                                        on_token=streamer, **sampling)
+            try:
+                answers, _ = answer_prompts(model, tokenizer, [item], [e], max_new_tokens, template=tmpl,
+                                            on_token=streamer, **sampling)
+            except ValueError as err:  # this message alone does not fit (or its template refuses it): say so, go on
+                print(f"error: {err}", file=sys.stderr)
+                continue
             streamer.finish()
             print(flush=True)
             a = answers[0][0]

@@ -475,7 +475,8 @@ def test_cli_system_message_reaches_the_chat_template(request, tmp_path):
 def test_cli_interactive_chat_keeps_each_columns_own_conversation(request, tmp_path):
     """--interactive: the bare base and an Aligner each answer a message with their own earlier turns in the prompt
     (rendered by their own templates), as in-process generation on that conversation gives; "/reset" starts over;
-    --out rows carry the history; a conversation past the context leaves its oldest exchange out, with a note."""
+    --out rows carry the history; a conversation past the context leaves its oldest exchange out, with a note; a
+    message that cannot fit at all is an error line, not the end of the chat."""
     from lit_aligner.aligner_files import save_aligner
     from lit_aligner.base import load_base, load_config
     from lit_aligner.prompts import build_prompt, encode_prompt, prompt_for_aligner
@@ -517,9 +518,9 @@ def test_cli_interactive_chat_keeps_each_columns_own_conversation(request, tmp_p
     # a context with room for one exchange only: the second message is answered without the first
     room = len(encode_prompt(tok, build_prompt(tok, q2))) + 4
     r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--interactive",
-                   "--max-new-tokens", str(config.block_size - room), input=f"{q1}\n{q2}\n")
-    assert r.returncode == 0, r.stderr
-    assert "oldest 1 exchange(s) left out" in r.stderr
+                   "--max-new-tokens", str(config.block_size - room), input=f"{q1}\n{q2}\n{'word ' * 100}\n")
+    assert r.returncode == 0, r.stderr  # a message too long on its own is one error line, and the chat goes on
+    assert "oldest 1 exchange(s) left out" in r.stderr and "error: the longest prompt" in r.stderr
     chat_fresh = tok.decode(generate(model, [encode_prompt(tok, build_prompt(tok, q2))], 24,
                                      stop_ids=tok.stop_ids)[0]).strip()
     assert r.stdout.split(f"=== {q2} ===\n--- base ---\n")[1].strip().startswith(chat_fresh)

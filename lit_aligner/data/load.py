@@ -160,7 +160,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
             examples = every_answer(ex) if kind == "sft" and options.turns == "all" else [ex]
             try:
-                rows = [tokenize_example(e, kind, tmpl, tokenizer) for e in examples]
+                rows = [tokenize_example(x, kind, tmpl, tokenizer) for x in examples]
             except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
                 raise
             except ValueError as e:  # a template that refuses this row (e.g. a chat template's own checks)

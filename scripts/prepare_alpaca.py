@@ -12,6 +12,7 @@ from typing import Literal, Optional, Tuple
 
 from lit_aligner.cli import run_cli
 from lit_aligner.data import DataOptions, PrepareConfig, run_prepare
+from lit_aligner.data.prepare import TemplateName
 
 
 @dataclass
@@ -26,7 +27,12 @@ class Alpaca(PrepareConfig):
     """the Hub dataset read when no --data-file is given."""
     hub_files: Tuple[str, ...] = ("data/*.parquet",)
     """its files."""
+    template: Optional[TemplateName] = None  # the field again only for its help: this script's default differs
+    """prompt template (default: alpaca, the Stanford wording the paper's Alpaca Aligners were trained on)."""
     data_options: DataOptions = field(default_factory=lambda: DataOptions(format="alpaca"))
+
+    def default_template(self, tokenizer) -> str:
+        return "alpaca"
 
 
 if __name__ == "__main__":

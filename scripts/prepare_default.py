@@ -31,7 +31,7 @@ class Default(PrepareConfig):
     """seed of the row generator (same seed, same rows)."""
     data_options: DataOptions = field(default_factory=lambda: DataOptions(max_seq_length=256))
 
-    def default_template(self) -> str:
+    def default_template(self, tokenizer) -> str:
         return "correction" if self.kind == "correction" else "chat"
 
     def default_out_dir(self) -> Path:

@@ -745,6 +745,7 @@ def test_prepare_json_script_writes_a_loadable_directory_and_reports_counts(tok,
     assert "--skip-bad-rows is no longer needed" in r.stderr  # the old flag still works
     train, val, info = sft(out, tok, "alpaca", 512)
     assert (len(train), len(val)) == (3, 1)
+    assert info["template"] == "chat"  # the trainers' default for a tokenizer with a chat template
     r = run_script("prepare_json.py", "--data-file", f, "--field-map", "instruction=q,output=a", "--out-dir", out,
                    "--checkpoint-dir", bpe_dir, "--max-bad-rows", "0.2")
     assert r.returncode == 1 and "already holds prepared data; pass --force" in r.stderr

@@ -136,3 +136,41 @@ def test_parquet_files_are_read_like_json_rows(tmp_path, tiny_checkpoint_dir):
     b = load_data("sft", tmp_path / "alpaca.json", tok, "alpaca", DataOptions(val_fraction=0.0))
     assert a[2]["container"] == "parquet" and a[0].rows() and all(
         torch.equal(x, y) for ra, rb in zip(a[0].rows(), b[0].rows()) for x, y in zip(ra, rb))
+
+
+def test_prepare_json_reads_a_hub_chat_dataset_from_the_cache(tmp_path, tiny_checkpoint_dir):
+    """prepare_json.py --hub-repo: UltraFeedback-binarized-style parquet shards (prompt text, chosen / rejected whole
+    conversations, messages) from the cache, as preference pairs and as SFT on every answer: the same rows as loading
+    the rows themselves."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from lit_aligner.data import DataOptions, load_data, load_prepared
+    from lit_aligner.tokenizer import Tokenizer
+
+    def conv(i, answer):
+        return [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"first {i}."},
+                {"role": "user", "content": f"and {i}?"}, {"role": "assistant", "content": answer}]
+
+    rows = [{"prompt": f"and {i}?", "chosen": conv(i, f"good {i}."), "rejected": conv(i, f"bad {i}."),
+             "messages": conv(i, f"good {i}."), "score_chosen": 8.0, "score_rejected": 3.0} for i in range(24)]
+    snap = cached_repo(tmp_path / "hub", "HuggingFaceH4/ultrafeedback_binarized", "dataset")
+    (snap / "data").mkdir()
+    for k in range(2):
+        pq.write_table(pa.Table.from_pylist(rows[12 * k:12 * (k + 1)]),
+                       snap / "data" / f"train_prefs-0000{k}-of-00002.parquet")
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    env = offline_env(tmp_path / "hub")
+    tok = Tokenizer(tiny_checkpoint_dir)
+    for kind, extra in (("preference", []), ("sft", ["--turns", "all"])):
+        out = tmp_path / kind
+        r = run_script("scripts/prepare_json.py", "--hub-repo", "HuggingFaceH4/ultrafeedback_binarized", "--hub-files",
+                       "data/train_prefs-*.parquet", "--kind", kind, "--val-fraction", "0", "--checkpoint-dir",
+                       tiny_checkpoint_dir, "--out-dir", out, *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "format messages" in r.stdout and "rows_read=24" in r.stdout
+        got, _, meta = load_prepared(out, kind, tok)
+        want, _, _ = load_data(kind, tmp_path / "rows.json", tok, meta["template"],
+                               DataOptions(val_fraction=0.0, turns="all" if extra else "last"))
+        assert len(got) == len(want) == (24 if kind == "preference" else 48)
+        assert all(torch.equal(x, y) for a, b in zip(got.rows(), want.rows()) for x, y in zip(a, b))

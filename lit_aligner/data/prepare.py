@@ -46,7 +46,8 @@ class PrepareConfig:
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     """the converted base model whose tokenizer (and chat template) is used."""
     template: Optional[TemplateName] = None
-    """prompt template (default: alpaca; correction for --kind correction)."""
+    """prompt template (default: as the trainers: chat when the tokenizer has a chat template, else alpaca; correction
+    for --kind correction)."""
     seed: int = 42
     """seed of the train/validation split."""
     force: bool = False
@@ -55,8 +56,11 @@ class PrepareConfig:
 
     name: str = field(default="data", init=False, repr=False)  # what default out dirs are called after
 
-    def default_template(self) -> str:
-        return "correction" if self.kind == "correction" else "alpaca"
+    def default_template(self, tokenizer) -> str:
+        # the trainers' default for raw files, so that preparing first gives the rows training on the file would
+        if self.kind == "correction":
+            return "correction"
+        return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
 
     def default_out_dir(self) -> Path:
         stem = self.data_file.name.split(".")[0] if self.data_file is not None else self.name
@@ -93,8 +97,9 @@ def run_prepare(cfg: PrepareConfig) -> Dict[str, Any]:
     if not Path(cfg.checkpoint_dir).is_dir():
         raise DataError(f"{cfg.checkpoint_dir}: no such base-model directory (its tokenizer is needed). Convert a "
                         f"model first (e.g. `{CONVERT_DEFAULT_COMMAND}`) or pass --checkpoint-dir.")
-    template = cfg.template or cfg.default_template()
-    info = prepare(cfg.kind, cfg.source(), out_dir, load_tokenizer(cfg.checkpoint_dir), template, cfg.data_options,
-                   cfg.seed, cfg.source_label())
+    tokenizer = load_tokenizer(cfg.checkpoint_dir)
+    template = cfg.template or cfg.default_template(tokenizer)
+    info = prepare(cfg.kind, cfg.source(), out_dir, tokenizer, template, cfg.data_options, cfg.seed,
+                   cfg.source_label())
     print(report(info))
     return info

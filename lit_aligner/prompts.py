@@ -55,13 +55,15 @@ def transcript(messages: Sequence[Message]) -> str:
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
-# ShareGPT's speaker names and the roles chat templates know
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+# ShareGPT's speaker names, OpenAI's "developer" (its newer name for system) and the roles chat templates know
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+          "developer": "system"}
 
 
 def parse_messages(value: Any, key: str = "messages") -> List[Message]:
-    """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL) or ShareGPT's {"from", "value"} (human, gpt),
-    as Messages with the roles system, user, assistant. ValueError naming `key` and the turn otherwise."""
+    """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL; a content may be a list of text parts, joined
+    as the server joins them) or ShareGPT's {"from", "value"} (human, gpt), as Messages with the roles system, user,
+    assistant. ValueError naming `key` and the turn otherwise."""
     if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
         value = [value]
     if not isinstance(value, list) or not value:
@@ -74,8 +76,12 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
         if role not in _ROLES:
             raise ValueError(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system; ShareGPT's "
                              f"human, gpt)")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise ValueError(f"{key}[{j}]: content must be a string, got {type(content).__name__}")
+            raise ValueError(f"{key}[{j}]: content must be a string or a list of text parts, got "
+                             f"{type(content).__name__}")
         turns.append({"role": _ROLES[role], "content": content})
     return turns
 

@@ -408,11 +408,15 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user
 def test_sft_from_messages_and_sharegpt_conversations_trains_on_the_last_assistant_turn(tok, tmp_path):
     sharegpt = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
                 for m in CONVERSATION + [{"role": "assistant", "content": "Blue."}]]
+    # OpenAI's spelling: a "developer" system message, contents as lists of text parts
+    openai = [{"role": "developer" if m["role"] == "system" else m["role"],
+               "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+              for m in CONVERSATION + [{"role": "assistant", "content": "Blue."}]]
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION + [{"role": "assistant", "content": "Blue."}]},
-                                              {"conversations": sharegpt}])
+                                              {"conversations": sharegpt}, {"messages": openai}])
     for template in ("chat", "hh", "alpaca"):
         train, _, info = sft(f, tok, template, 512, val_fraction=0.0)
-        assert info["format"] == "messages" and len(train) == 2
+        assert info["format"] == "messages" and len(train) == 3
         prompt = get_template(template).render_messages(CONVERSATION, tokenizer=tok)
         for item in train:  # the same conversation in either spelling: the same tokens
             assert torch.equal(item["prompt"], tok.encode(prompt))
@@ -506,8 +510,8 @@ def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok
     ({"messages": CONVERSATION}, "must end with a non-empty assistant turn"),
     ({"messages": [{"role": "assistant", "content": "Hi."}]}, "holds only an answer"),
     ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "Hi."}]}, "role 'tool'"),
-    ({"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "Hi."}]},
-     r"messages\[0\]: content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                   {"role": "assistant", "content": "Hi."}]}, r"messages\[0\]: content must be a string or a list"),
     ({"messages": "Hi"}, "must be a non-empty list of chat messages"),
     ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]},
      "turn before the answer must be a non-empty user turn"),

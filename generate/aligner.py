@@ -30,7 +30,7 @@ from lit_aligner.generation import (AlignerEntry, Answer, DecodingArgs, PromptIt
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
-from lit_aligner.prompts import encode_prompt, get_template, is_correction, join_input
+from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
 
 
@@ -84,7 +84,8 @@ def main(
         prompts_file: JSON list of strings or of objects with "prompt" or "instruction" (+ optional "input" and
             "system") or with "messages": a chat conversation that ends with the user turn to answer; or JSONL.
         system: a system message for every prompt that has none of its own (a prompts file's "system"): the chat
-            template's system turn; other templates read it as an earlier turn. Not for correction Aligners.
+            template's system turn; other templates read it as an earlier turn. With --pipeline the base answers
+            with it, and the corrector sees it as context of the question.
         question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
             --answer for several pairs (the n-th --answer belongs to the n-th --question).
         answer: correction mode: the answer to correct (written by any upstream model), paired with --question.
@@ -131,9 +132,9 @@ def main(
     if pairs and items:
         raise ValueError("give either answers to correct (--question/--answer, --qa-file) or --prompt / "
                          "--prompts-file (add --pipeline to correct the base's answers), not both")
-    if correcting and (system or any(p.system or p.history for p in items)):
-        raise ValueError("--system (or a prompts file's 'system' or earlier turns) is for prompts answered directly; "
-                         "correction prompts (question, answer to correct) have no system message and no earlier turns")
+    if pairs and system:
+        raise ValueError("--system is for prompts that a model answers (add --pipeline to let the base answer them "
+                         "first); --question/--answer and --qa-file pairs already have their answers")
     if correcting and interactive:
         raise ValueError("--interactive reads plain prompts; it does not combine with correction mode")
     if not items and not pairs and not interactive:
@@ -157,8 +158,12 @@ def main(
                   **decoding.generate_kwargs(dev, tokenizer))
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
-            questions = [join_input(p.instruction, p.input) for p in items]
-            answers = base_answers(model, tokenizer, questions, max_new_tokens, template, batch_size, **kwargs)
+            # the base answers the whole conversation (system message, earlier turns); the corrector gets the question
+            # with that context, as the server gives it
+            answers = base_answers(model, tokenizer, [join_input(p.instruction, p.input) for p in items],
+                                   max_new_tokens, template, batch_size, systems=[p.system for p in items],
+                                   histories=[p.history for p in items], **kwargs)
+            questions = [conversation_question(p.messages()) for p in items]
             correct_pairs(model, tokenizer, list(zip(questions, answers)), entries, max_new_tokens, batch_size,
                           kwargs, sink, pipeline=True)
         elif pairs:

@@ -246,6 +246,12 @@ def is_correction(metadata: Optional[Dict[str, Any]]) -> bool:
     return (metadata or {}).get("mode") in CORRECTION_MODES
 
 
+def conversation_question(messages: Sequence[Message]) -> str:
+    """The question a corrector rewrites an answer to, for a conversation: its last user message, with the system
+    message and the earlier turns as context (`flatten`); a lone user message is itself."""
+    return join_input(*flatten(messages))
+
+
 def correction_prompt(question: str, answer: str) -> str:
     """The Q-A-C prompt for one (question, upstream answer); the corrected answer follows it directly."""
     return TEMPLATES["correction"].render_correction(question, answer)

@@ -17,7 +17,7 @@ from lit_aligner.evaluation.correction import copy_metrics, loglik_metrics
 from lit_aligner.generation.correction import (answer_then_correct, base_answers, correct, correction_prompt_ids,
                                                read_qa_pairs)
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights
-from lit_aligner.prompts import CORRECTION, correction_prompt, prompt_for_aligner
+from lit_aligner.prompts import CORRECTION, conversation_question, correction_prompt, prompt_for_aligner
 import helpers
 from helpers import bpe_tokenizer_dir
 
@@ -289,6 +289,18 @@ def test_generate_cli_pipeline_shows_base_answer_and_correction(loaded, tiny_dir
     (want,) = answer_then_correct(model, tok, aligner, [q], max_new_tokens=8)
     assert row["base_answer"] == want.answer and row["output"] == want.correction
     assert "--- base answer ---" in r.stdout
+    # --system: the base answers with it, the corrector sees it as context of the question (as the server does)
+    system = "You are a veterinarian."
+    r = run_script(ROOT / "generate/aligner.py", "--checkpoint-dir", tiny_dir, "--aligner", path, "--pipeline",
+                   "--prompt", q, "--system", system, "--out", tmp_path / "sys.jsonl", "--max-new-tokens", "8",
+                   "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "sys.jsonl").read_text().splitlines()]
+    (answer,) = base_answers(model, tok, [q], max_new_tokens=8, systems=[system])
+    question = conversation_question([{"role": "system", "content": system}, {"role": "user", "content": q}])
+    assert question != q and system in question and row["question"] == question
+    assert row["base_answer"] == answer and row["output"] == correct(model, tok, aligner, [question],
+                                                                     [answer or "(no answer)"], max_new_tokens=8)[0]
 
 
 def test_generate_cli_plain_prompt_with_a_correction_aligner_is_one_clear_error(tiny_dir, trained):

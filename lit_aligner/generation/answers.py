@@ -12,7 +12,7 @@ import torch
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
-from lit_aligner.prompts import Message, build_prompt, encode_prompt, parse_messages, prompt_for_aligner
+from lit_aligner.prompts import Message, build_prompt, encode_prompt, join_input, parse_messages, prompt_for_aligner
 
 
 class TextStreamer:
@@ -68,6 +68,11 @@ class PromptItem:
     input: str = ""
     system: str = ""  # a system message before the user turn (none: the template's own default, if any)
     history: List[Message] = field(default_factory=list)  # earlier user / assistant turns, oldest first
+
+    def messages(self) -> List[Message]:
+        """The request as chat messages: its system message, earlier turns and the user turn."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + [{"role": "user", "content": join_input(self.instruction, self.input)}]
 
 
 PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "

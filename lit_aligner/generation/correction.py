@@ -21,7 +21,7 @@ import torch
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.generation.engine import cut_at_stop, generate
 from lit_aligner.model import LLaMA, Aligner
-from lit_aligner.prompts import build_prompt, correction_prompt, encode_prompt
+from lit_aligner.prompts import Message, build_prompt, correction_prompt, encode_prompt
 
 # An Aligner, or False for the bare base (the "before" column of every metric).
 Corrector = Union[Aligner, bool]
@@ -68,10 +68,14 @@ def correct(model: LLaMA, tokenizer, aligner: Corrector, questions: Sequence[str
 
 
 def base_answers(model: LLaMA, tokenizer, questions: Sequence[str], max_new_tokens: int = 256,
-                 template: Optional[str] = None, batch_size: int = 8, **sampling: Any) -> List[str]:
+                 template: Optional[str] = None, batch_size: int = 8, systems: Optional[Sequence[str]] = None,
+                 histories: Optional[Sequence[Sequence[Message]]] = None, **sampling: Any) -> List[str]:
     """The bare base's answers to `questions`, with `template` (default: the tokenizer's chat template, else the
-    raw text; see `generate.build_prompt`). Stage one of `answer_then_correct`."""
-    prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q, template)) for q in questions]
+    raw text; see `generate.build_prompt`); systems / histories: a system message and earlier turns per question.
+    Stage one of `answer_then_correct`."""
+    systems, histories = systems or [""] * len(questions), histories or [()] * len(questions)
+    prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q, template, system=s, history=h))
+               for q, s, h in zip(questions, systems, histories)]
     return generate_texts(model, tokenizer, prompts, False, max_new_tokens, batch_size, **sampling)[0]
 
 

@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Penalties, Sampling
-from lit_aligner.prompts import correction_prompt, encode_prompt, flatten, get_template, is_correction, join_input
+from lit_aligner.prompts import (conversation_question, correction_prompt, encode_prompt, get_template,
+                                 is_correction)
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
@@ -330,7 +331,7 @@ class AlignerServer:
             raise APIError(400, f"a correction Aligner corrects one prompt per request, got {len(prompts)}",
                            param="prompt")
         if messages is not None:
-            question = join_input(*flatten(messages))
+            question = conversation_question(messages)
         else:
             question = prompts[0] if isinstance(prompts[0], str) else self.tokenizer.decode(self.check_ids(prompts[0]),
                                                                                              skip_special=True)

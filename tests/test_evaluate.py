@@ -365,6 +365,49 @@ def test_judge_both_orders_categories_and_answers_files(tiny_checkpoint_dir, ali
     assert bad.returncode == 1 and "no answer for question" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_judge_multi_turn_answers_follow_ups_in_each_systems_own_conversation(base, tiny_checkpoint_dir, aligners,
+                                                                              tmp_path):
+    """--multi-turn (MT-Bench's second turns): a generated follow-up answer is what the system gives with its own first
+    answer in the conversation; the later turn is judged on both whole conversations (the multi-turn prompt); scores
+    per turn; an answers file without the follow-ups is one error line."""
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.evaluation.judge import JUDGE_SYSTEM_MULTI, Judge
+    from lit_aligner.generation import generate
+    from lit_aligner.prompts import encode_prompt, prompt_for_aligner
+
+    model, tok = base
+    qs = [{"question_id": i, "category": "math", "turns": [f"Question number {i}?", f"Now double it, {i}."]}
+          for i in range(3)] + [{"question_id": 3, "turns": ["Only one turn?"]}]
+    prompts = tmp_path / "mt.jsonl"
+    prompts.write_text("\n".join(map(json.dumps, qs)) + "\n")
+    r = last_json(cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a",
+                      aligners / "steer.safetensors", "--b", "base", "--max-new-tokens", "6", "--multi-turn",
+                      "--bootstrap", "100"))
+    assert r["n"] == 7 and (r["turns"]["1"]["n"], r["turns"]["2"]["n"]) == (4, 3)
+    steer, meta = load_aligner(aligners / "steer.safetensors", model)
+    rows = {(row["question_id"], row["turn"]): row for row in r["rows"]}
+    for q in qs[:3]:
+        first = rows[(str(q["question_id"]), 1)]["answer_a"]
+        history = [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": first}]
+        ids = encode_prompt(tok, prompt_for_aligner(tok, q["turns"][1], metadata=meta, history=history))
+        want = tok.decode(generate(model, [ids], 6, aligners=steer, stop_ids=tok.stop_ids)[0]).strip()
+        assert rows[(str(q["question_id"]), 2)]["answer_a"] == want
+    judge = Judge(model, tok)
+    text = judge.prompt(["q1", "q2"], ["a1", "a2"], ["b1", "b2"])
+    assert JUDGE_SYSTEM_MULTI in text and "### User:\nq2\n\n### Assistant A:\na2" in text and \
+        text.index("Assistant A's Conversation") < text.index("### Assistant B:\nb1")
+    one = tmp_path / "one_turn.jsonl"
+    one.write_text("\n".join(json.dumps({"question_id": q["question_id"], "answer": "x"}) for q in qs) + "\n")
+    bad = cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a", one, "--multi-turn")
+    assert bad.returncode == 1 and "choices[0].turns" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    both = tmp_path / "both.jsonl"
+    both.write_text("\n".join(json.dumps({"question_id": q["question_id"], "choices": [{"turns": ["x", "y"][:len(
+        q["turns"])]}]}) for q in qs) + "\n")
+    r = last_json(cli("judge", "--checkpoint-dir", tiny_checkpoint_dir, "--prompts", prompts, "--a", both, "--b",
+                      both, "--multi-turn", "--bootstrap", "100"))
+    assert r["n"] == 7 and r["ties"] == 7  # the same conversations: no side can win either turn
+
+
 def test_out_refuses_an_input_and_an_existing_file(tiny_checkpoint_dir, aligners, tmp_path):
     p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--aligners", aligners / "zero.safetensors", "--out",
             aligners / "zero.safetensors")

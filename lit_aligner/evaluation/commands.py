@@ -450,8 +450,8 @@ class Judge(EvalCommon):
     score = (wins + ties / 2) / N with a 95% bootstrap interval, and per category for Vicuna-style files."""
 
     prompts: Path
-    """questions: Vicuna / MT-Bench JSONL ({"question_id", "category", "turns"}: the first turn), rows with
-    "prompt" / "instruction", or a JSON list of strings."""
+    """questions: Vicuna / MT-Bench JSONL ({"question_id", "category", "turns"}: the first turn, or every turn with
+    --multi-turn), rows with "prompt" / "instruction", or a JSON list of strings."""
     a: str
     """system A: "base", an Aligner file, or a JSON/JSONL file of another model's answers."""
     b: str = "base"
@@ -462,6 +462,10 @@ class Judge(EvalCommon):
     """most tokens per generated answer."""
     template: Optional[str] = None
     """prompt template for generated answers (default: each Aligner's own; the base: its chat template)."""
+    multi_turn: bool = False
+    """judge every turn of multi-turn prompts (MT-Bench's second turns): each system answers a follow-up with its own
+    earlier answers in the conversation, and a later turn is judged on the two whole conversations (MT-Bench's
+    multi-turn prompt); the score is over every judgement, with one per turn."""
     bootstrap: int = 1000
     """bootstrap resamples for the 95% interval."""
     seed: int = 0
@@ -471,14 +475,22 @@ class Judge(EvalCommon):
         return [self.checkpoint_dir, self.prompts, self.judge_dir,
                 *[s for s in (self.a, self.b) if s.lower() != "base"]]
 
-    def _answers(self, spec: str, questions, model, tokenizer) -> List[str]:
+    def _answers(self, spec: str, questions, model, tokenizer) -> List[List[str]]:
+        """Each question's answers by a system: its first turn, or with --multi-turn every turn (a generated follow-up
+        answer has the system's own earlier answers in its conversation)."""
         from lit_aligner.aligner_files import PAPER_SUFFIXES
         from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts
         from lit_aligner.evaluation.judge import read_answers
 
         path = Path(spec)
+        turns = max(len(q.turns) for q in questions) if self.multi_turn else 1
         if spec.lower() != "base" and path.suffix in (".json", ".jsonl"):
-            return read_answers(path, questions)
+            answers = read_answers(path, questions)
+            short = next((q for q, a in zip(questions, answers) if len(a) < min(turns, len(q.turns))), None)
+            if short is not None:
+                raise UserError(f"{path}: question {short.id!r} has {len(short.turns)} turns to judge, its answers "
+                                f"fewer: give every turn's answer (FastChat's choices[0].turns), or drop --multi-turn")
+            return [a[:turns] for a in answers]
         if spec.lower() == "base":
             entry = AlignerEntry("base")
         elif path.suffix in (".safetensors",) + PAPER_SUFFIXES:
@@ -487,11 +499,19 @@ class Judge(EvalCommon):
         else:
             raise UserError(f"system {spec!r}: give 'base', an Aligner file (.safetensors/.pth) or an answers file "
                             f"(.json/.jsonl)")
-        answers, _ = answer_prompts(model, tokenizer, [PromptItem(q.text) for q in questions], [entry],
-                                    self.max_new_tokens, batch_size=self.batch_size, template=self.template,
-                                    stop_ids=tokenizer.stop_ids)
+        out: List[List[str]] = [[] for _ in questions]
+        for t in range(turns):  # turn t of every question that has one, its conversation so far as the history
+            asked = [i for i, q in enumerate(questions) if len(q.turns) > t]
+            items = [PromptItem(questions[i].turns[t], history=[
+                {"role": role, "content": text} for k in range(t)
+                for role, text in (("user", questions[i].turns[k]), ("assistant", out[i][k]))]) for i in asked]
+            answers, _ = answer_prompts(model, tokenizer, items, [entry], self.max_new_tokens,
+                                        batch_size=self.batch_size, template=self.template,
+                                        stop_ids=tokenizer.stop_ids)
+            for i, row in zip(asked, answers):
+                out[i].append(row[0].text.strip())
         model.clear_caches()
-        return [row[0].text.strip() for row in answers]
+        return out
 
     def run(self) -> Dict[str, Any]:
         from lit_aligner.base import load_base

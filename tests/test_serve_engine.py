@@ -302,6 +302,29 @@ def test_stop_ids_and_stop_strings(base):
     assert c.text == tok.decode(ref[:ref.index(stop_id)])
 
 
+def test_a_finished_requests_last_event_comes_after_its_row_left_the_batch(base):
+    """A client that has its answer's end (a stop token, the length limit, at prefill or in decoding) never finds its
+    request still counted as running: the last event is sent once the row has left the engine's batch."""
+    model, tok = base
+    engine = Engine(model, tok, max_batch=4, max_seq_length=256)
+    seen = []
+
+    def watcher(req_box):
+        def emit(ev):
+            if ev.finish:
+                seen.append((ev.finish, any(r.req is req_box[0] for r in engine.rows), engine.load["active"]))
+        return emit
+
+    reqs = []
+    for i, n in enumerate((1, 3, 8)):  # one ends at its prefill, the others in decoding
+        box = []
+        box.append(Request(prompts_for(tok, [TEXTS[i]])[0], n, watcher(box)))
+        reqs.append(box[0])
+    run(engine, reqs)
+    assert len(seen) == 3 and not any(still for _, still, _ in seen)
+    assert [active for *_, active in seen] == [2, 1, 0]  # the others were still running
+
+
 def test_seeded_sampling_is_the_same_alone_and_batched(base):
     model, tok = base
     ids = prompts_for(tok, TEXTS)

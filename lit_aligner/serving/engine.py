@@ -152,6 +152,7 @@ class _Row:
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be completing
         self.last = -1  # the token to feed next
         self.finished = False
+        self.final: Optional[Event] = None  # the finished row's last event, sent once it has left the batch
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
         self.penalty = PenaltyState.start(req.penalties, [list(req.prompt_ids)], vocab, device)  # None: no penalty
 
@@ -311,11 +312,13 @@ class Engine:
                 self.step(admit)
             except Exception as e:  # a bug must not hang every client: fail the requests in flight, keep serving
                 in_flight = [r.req for r in self.rows]
-                for req in in_flight + [r for r in admit if not any(r is q for q in in_flight)]:
+                for row in self.rows:  # a row that had finished still gets its own end
+                    row.req.emit(row.final or Event(finish="error", error=f"{type(e).__name__}: {e}"))
+                for req in [r for r in admit if not any(r is q for q in in_flight)]:
                     req.emit(Event(finish="error", error=f"{type(e).__name__}: {e}"))
                 self.rows = []
         for row in self.rows:
-            row.req.emit(Event(finish="error", error="the server is shutting down"))
+            row.req.emit(row.final or Event(finish="error", error="the server is shutting down"))
         for req in self.waiting:
             req.emit(Event(finish="error", error="the server is shutting down"))
 
@@ -527,14 +530,17 @@ class Engine:
 
     def _finish(self, r: _Row, reason: str) -> None:
         r.finished = True
-        r.req.emit(Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),
-                         completion_tokens=r.generated, logprobs=r.take_logprobs(), cached_tokens=r.cached))
+        # Sent by _retire, after the row has left the batch: a client that has its answer's end never finds its
+        # request still counted as running (/metrics, /health's load).
+        r.final = Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),
+                        completion_tokens=r.generated, logprobs=r.take_logprobs(), cached_tokens=r.cached)
         r.sent = len(r.text)
 
     def _retire(self, done: Callable[[_Row], bool]) -> None:
-        b = 0
+        b, ended = 0, []
         while b < len(self.rows):
             if done(self.rows[b]):
+                ended.append(self.rows[b])
                 last = len(self.rows) - 1
                 if b != last:
                     self._move_row(last, b, self.rows[last].length)
@@ -542,4 +548,7 @@ class Engine:
                 self.rows.pop()
             else:
                 b += 1
+        for r in ended:
+            if r.final is not None:
+                r.req.emit(r.final)
 

@@ -655,7 +655,8 @@ def browser_or_skip():
 
 def test_comparison_page_in_a_real_browser(server, client, base_name, tmp_path):
     """GET / in headless Chromium: the key unlocks the model list, three models are picked, the answers stream into
-    side-by-side columns and equal what the API answers."""
+    side-by-side columns and equal what the API answers; "Follow up" sends the next message, each column answering
+    with its own conversation, as the API answers that conversation."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -684,10 +685,27 @@ def test_comparison_page_in_a_real_browser(server, client, base_name, tmp_path):
         driver.save_screenshot(str(tmp_path / "page.png"))
         columns = {c.get_attribute("data-model"): c for c in driver.find_elements(By.CSS_SELECTOR, ".answer")}
         assert list(columns) == picked
+        first = {}
         for name, col in columns.items():
             shown = col.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
-            assert shown == chat(client, name, "Name three colors.").choices[0].message.content
+            first[name] = chat(client, name, "Name three colors.").choices[0].message.content
+            assert shown == first[name]
             assert "tokens in" in col.find_element(By.CSS_SELECTOR, ".meta").text
         assert (tmp_path / "page.png").stat().st_size > 10_000
+        prompt.clear()
+        prompt.send_keys("And two animals?")
+        driver.find_element(By.ID, "followup").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".answer[data-done][data-turns='2']")) == 3)
+        second = {}
+        for name, col in columns.items():
+            texts = [t.get_attribute("textContent") for t in col.find_elements(By.CSS_SELECTOR, ".turn .text")]
+            conversation = [{"role": "user", "content": "Name three colors."},
+                            {"role": "assistant", "content": first[name]},
+                            {"role": "user", "content": "And two animals?"}]
+            want = client.chat.completions.create(model=name, messages=conversation, max_tokens=12, temperature=0)
+            assert texts == [first[name], want.choices[0].message.content]
+            second[name] = texts[1]
+        assert any(second[n] != chat(client, n, "And two animals?").choices[0].message.content
+                   for n in columns)  # the history changes some answer
     finally:
         driver.quit()

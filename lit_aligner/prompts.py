@@ -55,6 +55,16 @@ def transcript(messages: Sequence[Message]) -> str:
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
+CONVERSATION_KEYS = ("messages", "conversations")  # the fields that hold a chat (OpenAI / TRL; ShareGPT)
+
+
+def conversation(text: str, input: str = "", system: Optional[str] = None,
+                 history: Sequence[Message] = ()) -> List[Message]:
+    """A request as chat messages: a system message (if any), the earlier turns, the user turn (text + input)."""
+    return ([{"role": "system", "content": system}] if system else []) + list(history) + \
+        [{"role": "user", "content": join_input(text, input)}]
+
+
 # ShareGPT's speaker names, OpenAI's "developer" (its newer name for system) and the roles chat templates know
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
           "developer": "system"}
@@ -227,6 +237,12 @@ TEMPLATES: Dict[str, PromptTemplate] = {
 }
 
 
+def default_template(tokenizer) -> str:
+    """The template raw data is rendered with when none is given (training, preparing): the tokenizer's chat template
+    when it has one, else Alpaca's."""
+    return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
+
+
 def get_template(name: str) -> PromptTemplate:
     """The registered template `name` (see TEMPLATES); ValueError listing the names otherwise."""
     try:
@@ -266,8 +282,7 @@ def build_prompt(tokenizer, text: str, template: Optional[str] = None, input: st
     oldest first, rendered as the template renders a conversation (without a chat template or a template: `plain`,
     as the server renders chat messages)."""
     if system or history:
-        messages = ([{"role": "system", "content": system}] if system else []) + list(history) + \
-            [{"role": "user", "content": join_input(text, input)}]
+        messages = conversation(text, input, system, history)
         if template is None and not getattr(tokenizer, "has_chat_template", False):
             if not history:
                 return f"{system}\n\n{join_input(text, input)}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from lit_aligner.files import UserError
-from lit_aligner.prompts import Message, join_input, parse_messages, transcript
+from lit_aligner.prompts import CONVERSATION_KEYS, Message, join_input, parse_messages, transcript
 
 PREFERENCES = ("safer", "better")
 
@@ -197,9 +197,6 @@ def _hh(row, pair, preference):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Chat conversations: OpenAI / TRL "messages" (role, content), ShareGPT "conversations" (from, value)
-
-CONVERSATION_KEYS = ("messages", "conversations")
-
 
 def chat_turns(value: Any, key: str) -> List[Message]:
     """`parse_messages` for a row's field. Raises BadRow."""

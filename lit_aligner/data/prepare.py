@@ -11,6 +11,7 @@ from lit_aligner.data.load import DataOptions, DataSource, build_datasets, repor
 from lit_aligner.data.prepared import META_NAME, is_prepared, save_prepared
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, CONVERT_DEFAULT_COMMAND
 from lit_aligner.files import input_files
+from lit_aligner.prompts import default_template
 
 
 def prepare(kind: str, data: DataSource, out_dir: Union[str, Path], tokenizer, template: str,
@@ -58,9 +59,7 @@ class PrepareConfig:
 
     def default_template(self, tokenizer) -> str:
         # the trainers' default for raw files, so that preparing first gives the rows training on the file would
-        if self.kind == "correction":
-            return "correction"
-        return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
+        return "correction" if self.kind == "correction" else default_template(tokenizer)
 
     def default_out_dir(self) -> Path:
         stem = self.data_file.name.split(".")[0] if self.data_file is not None else self.name

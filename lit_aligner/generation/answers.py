@@ -12,7 +12,8 @@ import torch
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
-from lit_aligner.prompts import Message, build_prompt, encode_prompt, join_input, parse_messages, prompt_for_aligner
+from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, parse_messages,
+                                 prompt_for_aligner)
 
 
 class TextStreamer:
@@ -71,8 +72,7 @@ class PromptItem:
 
     def messages(self) -> List[Message]:
         """The request as chat messages: its system message, earlier turns and the user turn."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": join_input(self.instruction, self.input)}]
+        return conversation(self.instruction, self.input, self.system, self.history)
 
 
 PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "
@@ -98,7 +98,7 @@ def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
     items = []
     for where, row in records:
-        key = next((k for k in ("messages", "conversations") if k in row), None) if isinstance(row, dict) else None
+        key = next((k for k in CONVERSATION_KEYS if k in row), None) if isinstance(row, dict) else None
         if key is not None:
             try:
                 items.append(conversation_item(parse_messages(row[key], key), row.get("system") or ""))

@@ -151,10 +151,13 @@ class _Row:
             self.generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
         self.hold = max((len(s) for s in req.stop), default=1) - 1  # a stop string may still be completing
         self.last = -1  # the token to feed next
-        self.finished = False
-        self.final: Optional[Event] = None  # the finished row's last event, sent once it has left the batch
+        self.final: Optional[Event] = None  # a finished row's last event, sent once it has left the batch
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
         self.penalty = PenaltyState.start(req.penalties, [list(req.prompt_ids)], vocab, device)  # None: no penalty
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
 
     def take_logprobs(self) -> List[TokenLogprob]:
         taken, self.logprobs = self.logprobs, []
@@ -529,7 +532,6 @@ class Engine:
                     r.sent = keep
 
     def _finish(self, r: _Row, reason: str) -> None:
-        r.finished = True
         # Sent by _retire, after the row has left the batch: a client that has its answer's end never finds its
         # request still counted as running (/metrics, /health's load).
         r.final = Event(text=r.text[r.sent:], finish=reason, prompt_tokens=len(r.req.prompt_ids),

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
+from lit_aligner.prompts import default_template
 
 Batch = Dict[str, torch.Tensor]
 OBJECTIVES: Dict[str, Type["Objective"]] = {}
@@ -71,7 +72,7 @@ class Objective:
 
     @classmethod
     def default_template(cls, tokenizer) -> str:
-        return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
+        return default_template(tokenizer)
 
     def prepare(self, run: Any) -> None:
         """Called once the model and data are loaded, before training (e.g. to precompute reference log-probs)."""

@@ -462,32 +462,76 @@ def test_conversational_pairs_with_implicit_and_explicit_prompts(tok, tmp_path):
     assert torch.equal(corr[0]["prompt"], tok.encode(correction_prompt(transcript(CONVERSATION), "Green.")))
 
 
-def test_turns_all_trains_on_every_answer_of_a_conversation_in_one_split(tok, tmp_path):
-    convs = [[{"role": "system", "content": "Answer briefly."}]
-             + [{"role": r, "content": f"{r} {k} of {i}."} for k in range(3) for r in ("user", "assistant")]
-             for i in range(12)]
-    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant: Fine."
-    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
+CONVERSATIONS = [[{"role": "system", "content": "Answer briefly."}]
+                 + [{"role": r, "content": f"{r} {k} of {i}."} for k in range(3) for r in ("user", "assistant")]
+                 for i in range(12)]
+
+
+def test_turns_all_trains_every_answer_of_a_conversation_in_one_sequence(tok, tmp_path):
+    from lit_aligner.data import report
+
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
     last, last_val, _ = sft(f, tok, "chat", 512, val_fraction=0.25)
     every, every_val, info = sft(f, tok, "chat", 512, val_fraction=0.25, turns="all")
-    assert info["turns"] == "all" and "turns all" in describe(info)
-    assert (len(every), len(every_val)) == (3 * len(last), 3 * len(last_val))  # one example per answer, same split
+    assert info["turns"] == "all" and info["answers"] == 36 and info["unpacked"] == 0
+    assert "turns all" in describe(info) and "answers=36" in describe(info)
+    assert (len(every), len(every_val)) == (len(last), len(last_val))  # one sequence per conversation, same split
+    chat = get_template("chat")
     for split_last, split_every in ((last, every), (last_val, every_val)):
-        for n in range(len(split_last)):
-            for k in range(3):  # example 3n + k: answer k of that conversation, the turns before it as its prompt
-                item = split_every[3 * n + k]
-                conv = next(c for c in convs if tok.decode(item["response"]) == c[2 * k + 2]["content"] + "<|im_end|>")
-                prompt = get_template("chat").render_messages(conv[:2 * k + 2], tokenizer=tok)
-                assert torch.equal(item["prompt"], tok.encode(prompt))
-            assert torch.equal(split_every[3 * n + 2]["prompt"], split_last[n]["prompt"])
-    # HH dialogues: the earlier answer with the hh template is the dialogue's own text up to it
-    hh, _, _ = sft(write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue}]), tok, "hh", 512, val_fraction=0.0,
-                   turns="all")
+        for item, item_last in zip(split_every, split_last):
+            i = int(re.search(r"of (\d+)", tok.decode(item_last["response"])).group(1))
+            conv, seq = CONVERSATIONS[i], torch.cat([item["prompt"], item["response"]])
+            # each answer sees exactly the conversation before it as generation renders it, and only the answers
+            # (with their end-of-turn) carry a loss
+            targets = []
+            for k in range(3):
+                prompt = tok.encode(chat.render_messages(conv[:2 * k + 2], tokenizer=tok))
+                answer = tok.encode(conv[2 * k + 2]["content"] + "<|im_end|>", bos=False)
+                n = len(prompt)
+                assert torch.equal(seq[:n], prompt) and torch.equal(seq[n:n + len(answer)], answer)
+                targets += range(n, n + len(answer))
+            labels = pad_rows([(item["prompt"], item["response"], item["context"])], 0)["labels"][0]
+            assert (labels != IGNORE_INDEX).nonzero().flatten().tolist() == targets and targets[-1] == len(seq) - 1
+            assert torch.equal(labels[targets], seq[targets])
+            assert torch.equal(seq[-len(item_last["response"]):], item_last["response"])
+    # HH dialogues: with chat, one sequence; with hh the earlier answer would end in EOS where the dialogue goes on
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant: Fine."
+    hh_file = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue}])
+    chat_hh, _, info = sft(hh_file, tok, "chat", 512, val_fraction=0.0, turns="all")
+    assert len(chat_hh) == 1 and info["answers"] == 2 and info["unpacked"] == 0
+    hh, _, info = sft(hh_file, tok, "hh", 512, val_fraction=0.0, turns="all")
     assert [tok.decode(torch.cat([hh[j]["prompt"], hh[j]["response"]])) for j in range(2)] == \
         ["<s>" + dialogue[: dialogue.index(" Hello.") + 7] + "</s>", "<s>" + dialogue + "</s>"]
+    assert info["unpacked"] == 1 and info["answers"] == 2 and "1 conversations are one row per answer" in report(info)
     pair_file = write_jsonl(tmp_path / "p.jsonl", [{"chosen": dialogue, "rejected": dialogue[:-5] + " Bad."}])
     pairs_all, _, _ = pairs(pair_file, tok, "hh", 512, val_fraction=0.0, turns="all")
     assert len(pairs_all) == 1  # pairs differ only in their last answer: --turns is for SFT
+
+
+def test_a_conversation_longer_than_the_limit_keeps_the_answers_that_fit(tok, tmp_path):
+    """As one row per answer would: drop keeps the answers that end within the limit, truncate everything up to it
+    less a trailing piece of user turn; nothing fits: dropped."""
+    from lit_aligner.data.dataset import context_spans
+
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    full = sft(f, tok, "chat", 512, val_fraction=0.0, turns="all")[0][0]
+    P, r = len(full["prompt"]), full["response"]
+    (s1, e1), (s2, e2) = context_spans(full["context"])
+    cases = [(P + s2, "drop", s2, [s1, e1]), (P + s2 + 1, "drop", s2, [s1, e1]),
+             (P + s2 + 1, "truncate", s2, [s1, e1]), (P + e2 + 2, "truncate", e2 + 2, [s1, e1, s2, e2]),
+             (P + e2 + 2, "drop", s2, [s1, e1]), (P + s1 - 1, "truncate", s1 - 1, [])]
+    for max_len, policy, cut, context in cases:
+        train, _, info = sft(f, tok, "chat", max_len, val_fraction=0.0, turns="all", truncation=policy)
+        assert torch.equal(train[0]["response"], r[:cut]) and train[0]["context"].tolist() == context, (max_len, policy)
+        assert info["truncated"] == 1 and info["answers"] == len(context) // 2 + 1
+    with pytest.raises(DataError, match="no training rows"):
+        sft(f, tok, "chat", P + s1 - 1, val_fraction=0.0, turns="all")
+    # a prepared directory cut down to a smaller limit gives the same rows
+    prepare("sft", f, tmp_path / "prep", tok, "chat", DataOptions(turns="all", val_fraction=0.0))
+    for max_len, policy, cut, context in cases:
+        train, _, info = sft(tmp_path / "prep", tok, "chat", max_len, truncation=policy)
+        assert torch.equal(train[0]["response"], r[:cut]) and train[0]["context"].tolist() == context
+        assert info["answers"] == len(context) // 2 + 1
 
 
 def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok, tmp_path):
@@ -499,7 +543,7 @@ def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok
                                                             {"role": "assistant", "content": "Bye."}]}] * 4)
     prepare("sft", f, tmp_path / "prep", tok, "chat", DataOptions(turns="all", val_fraction=0.0))
     train, _, info = sft(tmp_path / "prep", tok, "plain", 512)
-    assert len(train) == 8 and info["turns"] == "all"
+    assert len(train) == 4 and info["turns"] == "all" and info["answers"] == 8 and train.answers() == 8
     assert "note: " in report(info) and "prepared with --turns all" in report(info) and "'chat' template" in \
         report(info)
     _, _, info = sft(tmp_path / "prep", tok, "chat", 512, turns="all")
@@ -566,9 +610,10 @@ def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
         assert short[2]["dropped"] > 0 and short[2]["kept"] < fly[2]["kept"]
 
 
-def test_prepared_sft_data_of_version_1_still_loads(tok, tmp_path):
-    """Directories written before 0.2 stored an SFT row as one sequence plus its prompt length."""
-    from safetensors.torch import save_file
+def test_prepared_sft_data_of_versions_1_and_2_still_loads_and_a_newer_version_is_refused(tok, tmp_path):
+    """Directories written before 0.2 stored an SFT row as one sequence plus its prompt length; version 2 had no
+    context field (one answer per row)."""
+    from safetensors.torch import load_file, save_file
 
     from lit_aligner.data import Ragged
 
@@ -583,6 +628,18 @@ def test_prepared_sft_data_of_version_1_still_loads(tok, tmp_path):
                                                "max_seq_length": 512}))
     old, _, _ = sft(out, tok, "alpaca", 512)
     assert old.rows() and all(torch.equal(a, b) for x, y in zip(old.rows(), train.rows()) for a, b in zip(x, y))
+    v2 = tmp_path / "v2"
+    prepare("sft", write_jsonl(tmp_path / "a.jsonl", ALPACA_ROWS), v2, tok, "alpaca", DataOptions(val_fraction=0.25))
+    for name in ("train", "val"):
+        tensors = load_file(str(v2 / f"{name}.safetensors"))
+        save_file({k: v for k, v in tensors.items() if not k.startswith("context")}, str(v2 / f"{name}.safetensors"))
+    meta = json.loads((v2 / "meta.json").read_text())
+    (v2 / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    old, _, _ = sft(v2, tok, "alpaca", 512)
+    assert old.rows() and all(torch.equal(a, b) for x, y in zip(old.rows(), train.rows()) for a, b in zip(x, y))
+    (v2 / "meta.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(DataError, match="newer lit-aligner"):
+        sft(v2, tok, "alpaca", 512)
 
 
 def test_prepared_directory_checks_kind_and_tokenizer(tok, sp_dir, tmp_path):

@@ -98,6 +98,43 @@ def test_loss_equals_an_independent_cross_entropy_and_counts_rows(tiny_checkpoin
     assert "perplexity" in p.stdout and "skipped 1 malformed" in p.stdout
 
 
+def test_loss_on_every_answer_of_conversations_equals_one_row_per_answer(tiny_checkpoint_dir, base, aligners,
+                                                                         tmp_path):
+    """--turns all scores every answer of a conversation in one sequence: the same per-token loss and token count as
+    one row per answer, each with the conversation before it rendered by the chat template (scored here with the
+    model's plain logits)."""
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.data import DataOptions, load_data
+    from lit_aligner.losses import cross_entropy
+
+    convs = [[{"role": "system", "content": "Be brief."}] + [
+        {"role": r, "content": f"{'Question' if r == 'user' else 'The answer is'} {i * 7 + k} plus {k}."}
+        for k in range(1 + i % 3) for r in ("user", "assistant")] for i in range(9)]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    out = tmp_path / "loss.json"
+    p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--data", f, "--template", "chat", "--turns", "all",
+            "--aligners", aligners / "steer.safetensors", "--out", out)
+    result = last_json(p)
+    assert result["data"]["chat"]["evaluated"] == 9 and result["data"]["chat"]["answers"] == 18
+    assert "9 rows (18 answers) of" in p.stdout
+    model, tok = base
+    steer, _ = load_aligner(aligners / "steer.safetensors", model)
+    one_per_answer = [{"messages": c[:2 * k + 3]} for c in convs for k in range(len(c) // 2)]
+    rows = load_data("sft", one_per_answer, tok, "chat", DataOptions(val_fraction=0.0))[0]
+    assert len(rows) == 18 and rows.answers() == 18
+    for r in result["results"]:
+        total, count = 0.0, 0
+        for it in rows:
+            ids = torch.cat([it["prompt"], it["response"]])[None]
+            labels = torch.cat([torch.full_like(it["prompt"], -100), it["response"]])[None]
+            with torch.no_grad():
+                logits = model(ids, aligner=steer if r["name"] != "base" else False)
+            total += float(cross_entropy(logits, labels)) * (len(it["response"]))
+            count += len(it["response"])
+        assert r["tokens"] == count and r["loss"] == pytest.approx(total / count, rel=1e-5), r["name"]
+
+
 # --- preference -------------------------------------------------------------------------------------------------------
 
 

@@ -172,5 +172,5 @@ def test_prepare_json_reads_a_hub_chat_dataset_from_the_cache(tmp_path, tiny_che
         got, _, meta = load_prepared(out, kind, tok)
         want, _, _ = load_data(kind, tmp_path / "rows.json", tok, meta["template"],
                                DataOptions(val_fraction=0.0, turns="all" if extra else "last"))
-        assert len(got) == len(want) == (24 if kind == "preference" else 48)
+        assert len(got) == len(want) == 24 and got.answers() == (24 if kind == "preference" else 48)
         assert all(torch.equal(x, y) for a, b in zip(got.rows(), want.rows()) for x, y in zip(a, b))

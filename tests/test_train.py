@@ -301,6 +301,37 @@ def test_grad_norm_is_the_whole_gradient_norm_before_clipping_and_max_norm_bound
     assert norms[4] == pytest.approx(float(expected), rel=1e-3)
 
 
+def test_training_on_every_answer_of_conversations_averages_over_the_answers_alone(tiny_checkpoint_dir, tmp_path):
+    """--turns all: one sequence per conversation; the step's loss is the mean over exactly the answers' tokens, as
+    one row per answer (each with the conversation before it) gives it: here the first step, whose batch is every
+    conversation and whose Aligner is still the base (zero gates), against the model's plain logits."""
+    from lit_aligner.base import load_model, load_tokenizer
+    from lit_aligner.data import load_data
+
+    convs = [sum(([{"role": "user", "content": f"Add {i} and {k}."}, {"role": "assistant", "content": f"{i + k}."}]
+                  for k in range(1 + i % 3)), []) for i in range(8)]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    cfg = dataclasses.replace(small_run(tiny_checkpoint_dir, tmp_path / "run", max_steps=2, eval_iters=0),
+                              data=f, template="chat",
+                              data_options=DataOptions(turns="all", val_fraction=0.0, max_seq_length=256))
+    summary = T.train(cfg)
+    meta = load_aligner(summary["aligner"])[1]
+    assert json.loads(meta["data"])["answers"] == 15 and json.loads(meta["data"])["train"] == 8
+    model, tok = load_model(tiny_checkpoint_dir, "cpu", torch.float32), load_tokenizer(tiny_checkpoint_dir)
+    one_per_answer = [{"messages": c[:2 * k + 2]} for c in convs for k in range(len(c) // 2)]
+    rows = load_data("sft", one_per_answer, tok, "chat", DataOptions(val_fraction=0.0))[0]
+    total, count = 0.0, 0
+    for it in rows:
+        ids = torch.cat([it["prompt"], it["response"]])[None]
+        with torch.no_grad():
+            logits = model(ids)[0, len(it["prompt"]) - 1:-1]
+        total += float(torch.nn.functional.cross_entropy(logits, it["response"], reduction="sum"))
+        count += len(it["response"])
+    first = read_metrics(tmp_path / "run" / "metrics.csv")[0]
+    assert float(first["train_loss"]) == pytest.approx(total / count, rel=1e-4)
+
+
 def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_dir, tmp_path):
     with pytest.raises(T.TrainError, match="--max-norm must be a positive number"):
         T.TrainConfig(max_norm=0.0).check()

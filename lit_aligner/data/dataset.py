@@ -1,7 +1,9 @@
 """Tokenized examples: one dataset type for every kind of data, the truncation policy, and the one collate.
 
 An item is a dict of 1-D LongTensors named by its kind's fields (`KIND_FIELDS`):
-- sft: {"prompt": (P,), "response": (R,)}
+- sft: {"prompt": (P,), "response": (R,), "context": (2k,)}: context holds k [start, end) spans of the response that
+  are conversation, not target: with `--turns all` one sequence carries every answer of a conversation, and the user
+  turns between the answers are context (empty for a single answer)
 - preference: {"prompt", "chosen", "rejected"}
 - correction: {"prompt": the Q-A-C prompt (question + upstream answer A), "question": the question's own tokens,
   "answer": A, "correction": C}
@@ -17,7 +19,7 @@ from torch.utils.data import Dataset
 from lit_aligner.losses import IGNORE_INDEX
 
 KIND_FIELDS: Dict[str, Tuple[str, ...]] = {
-    "sft": ("prompt", "response"),
+    "sft": ("prompt", "response", "context"),
     "preference": ("prompt", "chosen", "rejected"),
     "correction": ("prompt", "question", "answer", "correction"),
 }
@@ -26,6 +28,12 @@ RESPONSE_FIELDS: Dict[str, Tuple[str, ...]] = {"sft": ("response",), "preference
                                                "correction": ("answer", "correction")}
 KINDS = tuple(KIND_FIELDS)
 TRUNCATION = ("drop", "truncate")
+NO_CONTEXT = torch.zeros(0, dtype=torch.long)
+
+
+def context_spans(context: Optional[torch.Tensor]) -> List[Tuple[int, int]]:
+    """The [start, end) spans of an SFT `context` field."""
+    return [] if context is None else [tuple(s) for s in context.view(-1, 2).tolist()]
 
 
 class Ragged:
@@ -74,9 +82,11 @@ class TokenizedDataset(Dataset):
 
     @classmethod
     def from_rows(cls, kind: str, rows: Sequence[Sequence[torch.Tensor]]) -> "TokenizedDataset":
-        """From rows of token tensors in the order of KIND_FIELDS[kind]."""
+        """From rows of token tensors in the order of KIND_FIELDS[kind]; an SFT row may leave out its (empty)
+        context."""
         names = KIND_FIELDS[kind]
-        return cls(kind, {name: Ragged.from_list([r[k] for r in rows]) for k, name in enumerate(names)})
+        return cls(kind, {name: Ragged.from_list([r[k] if k < len(r) else NO_CONTEXT for r in rows])
+                          for k, name in enumerate(names)})
 
     def __len__(self) -> int:
         return len(self.fields["prompt"])
@@ -90,6 +100,10 @@ class TokenizedDataset(Dataset):
     def select(self, indices: Sequence[int]) -> "TokenizedDataset":
         rows = self.rows()
         return TokenizedDataset.from_rows(self.kind, [rows[i] for i in indices])
+
+    def answers(self) -> int:
+        """The answers (targets) its rows hold: one per row, and one more per context span of an SFT row."""
+        return len(self) + (len(self.fields["context"].tokens) // 2 if self.kind == "sft" else 0)
 
     def lengths(self) -> torch.Tensor:
         """(n,) tokens of the longest training sequence per example: prompt + its longest response."""
@@ -106,21 +120,22 @@ class TokenizedDataset(Dataset):
             seqs = Ragged(t["tokens"], t["offsets"])
             cut = t["prompt_lengths"].tolist()
             return cls.from_rows(kind, [(seqs[i][:p], seqs[i][p:]) for i, p in enumerate(cut)])
-        return cls(kind, {name: Ragged(t[f"{name}_tokens"], t[f"{name}_offsets"]) for name in KIND_FIELDS[kind]})
+        fields = {name: Ragged(t[f"{name}_tokens"], t[f"{name}_offsets"]) for name in KIND_FIELDS[kind]
+                  if not (kind == "sft" and name == "context" and "context_tokens" not in t)}
+        if len(fields) < len(KIND_FIELDS[kind]):  # version 2: no context (one answer per row)
+            fields["context"] = Ragged.from_list([NO_CONTEXT] * len(fields["prompt"]))
+        return cls(kind, fields)
 
     def fit(self, max_seq_length: int, truncation: str = "drop") -> Tuple["TokenizedDataset", int, int]:
         """Apply the truncation policy for a (smaller) max_seq_length: (dataset, truncated, dropped)."""
-        names, responses = KIND_FIELDS[self.kind], RESPONSE_FIELDS[self.kind]
         rows, truncated, dropped = [], 0, 0
         for i in range(len(self)):
-            item = self[i]
-            fitted = fit_responses(item["prompt"], [item[f] for f in responses], max_seq_length, truncation)
+            fitted = fit_item(self.kind, self[i], max_seq_length, truncation)
             if fitted is None:
                 dropped += 1
                 continue
             truncated += fitted[1]
-            item.update(zip(responses, fitted[0]))
-            rows.append(tuple(item[name] for name in names))
+            rows.append(tuple(fitted[0][name] for name in KIND_FIELDS[self.kind]))
         return TokenizedDataset.from_rows(self.kind, rows), truncated, dropped
 
 
@@ -137,19 +152,59 @@ def fit_responses(prompt: torch.Tensor, responses: Sequence[torch.Tensor], max_l
     return [r[:room] for r in responses], 1
 
 
-def pad_rows(rows: Sequence[Tuple[torch.Tensor, torch.Tensor]], pad_id: Optional[int]) -> Dict[str, torch.Tensor]:
-    """(prompt, response) token rows -> {"input_ids": (B, T), "labels": (B, T), "lengths": (B,)}: prompt + response
-    right-padded with pad_id to the longest row; labels are the input ids on the response and IGNORE_INDEX on the
-    prompt and the padding; lengths count each row's real tokens."""
+def fit_item(kind: str, item: Dict[str, torch.Tensor], max_len: int,
+             truncation: str) -> Optional[Tuple[Dict[str, torch.Tensor], int]]:
+    """The truncation policy for one item of `kind`: (item, 1 if it was cut else 0), or None to drop it."""
+    if len(item.get("context", NO_CONTEXT)):
+        return _fit_conversation(item, max_len, truncation)
+    names = RESPONSE_FIELDS[kind]
+    fitted = fit_responses(item["prompt"], [item[f] for f in names], max_len, truncation)
+    return None if fitted is None else ({**item, **dict(zip(names, fitted[0]))}, fitted[1])
+
+
+def _fit_conversation(item: Dict[str, torch.Tensor], max_len: int,
+                      truncation: str) -> Optional[Tuple[Dict[str, torch.Tensor], int]]:
+    """A sequence of several answers keeps the ones that fit, as one row per answer would: drop: the answers that end
+    within max_len (each context span starts where an answer ends); truncate: everything up to max_len, less a
+    trailing piece of context. None when not one answer token fits."""
+    p, r, spans = item["prompt"], item["response"], context_spans(item["context"])
+    room = max_len - len(p)
+    if len(r) <= room:
+        return item, 0
+    if truncation == "drop":
+        cut = max((s for s, _ in spans if s <= room), default=0)
+    else:
+        cut = next((s for s, e in spans if s < room <= e), room)
+    if cut <= 0:
+        return None
+    kept = [x for s, e in spans if e <= cut for x in (s, e)]
+    return {**item, "response": r[:cut], "context": torch.tensor(kept, dtype=torch.long)}, 1
+
+
+def pad_rows(rows: Sequence[Sequence[torch.Tensor]], pad_id: Optional[int]) -> Dict[str, torch.Tensor]:
+    """(prompt, response) or (prompt, response, context) token rows -> {"input_ids": (B, T), "labels": (B, T),
+    "lengths": (B,)}: prompt + response right-padded with pad_id to the longest row; labels are the input ids on the
+    response outside its context spans and IGNORE_INDEX on the prompt, the context and the padding; lengths count each
+    row's real tokens."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    T = max(len(p) + len(r) for p, r in rows)
+    T = max(len(row[0]) + len(row[1]) for row in rows)
     input_ids = torch.full((len(rows), T), 0 if pad_id is None else pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
     lengths = torch.zeros(len(rows), dtype=torch.long)
-    for b, (p, r) in enumerate(rows):
+    for b, (p, r, *context) in enumerate(rows):
         n = len(p) + len(r)
         input_ids[b, :n] = torch.cat([p, r])
         labels[b, len(p):n] = r
+        for s, e in context_spans(context[0] if context else None):
+            labels[b, len(p) + s:len(p) + e] = IGNORE_INDEX
         lengths[b] = n
     return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
+
+
+def target_tokens(row: Sequence[torch.Tensor]) -> int:
+    """The tokens of a (prompt, response[, context]) row that carry a loss: the response outside its context, less
+    a first token without a prompt to predict it from (position t predicts token t + 1)."""
+    p, r, *context = row
+    ctx = sum(e - s for s, e in context_spans(context[0] if context else None))
+    return len(r) - ctx - (0 if len(p) else 1)

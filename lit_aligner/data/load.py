@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, fit_responses
+from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, fit_item
 from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
                                       every_answer, parse_field_map, row_to_example)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
-from lit_aligner.data.tokenize import tokenize_example
+from lit_aligner.data.tokenize import pack_answers, tokenize_example
 from lit_aligner.files import BadRecord, UserError, read_records
 from lit_aligner.prompts import CorrectionTemplate, get_template
 
@@ -46,8 +46,8 @@ class DataOptions:
     """drop: leave out rows longer than --max-seq-length (counted); truncate: cut their responses' tails."""
     turns: Literal["last", "all"] = "last"
     """SFT on multi-turn conversations (chat messages, HH dialogues): last = the loss on the final answer only; all =
-    one example per assistant turn, with the conversation before it as its prompt (a conversation's examples stay in
-    one split)."""
+    on every assistant turn, the whole conversation as one sequence with the loss on its answers alone (TRL's
+    assistant_only_loss)."""
     val_fraction: float = 0.05
     """share of the rows held out for validation (seeded split)."""
     val_size: Optional[int] = None
@@ -144,8 +144,8 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     in_val = set(val_idx)
     out: Dict[str, list] = {"train": [], "val": []}
     fmt = None if options.format == "auto" else options.format
-    counts = {"identical_pairs": 0, "chosen_unsafe": 0}
-    n_responses = len(KIND_FIELDS[kind]) - (2 if kind == "correction" else 1)
+    counts = {"identical_pairs": 0, "chosen_unsafe": 0, "unpacked": 0}
+    every_turn = kind == "sft" and options.turns == "all"
     for i, (where, row) in enumerate(records):
         try:
             if isinstance(row, BadRecord):
@@ -158,13 +158,17 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 counts["identical_pairs"] += 1  # no preference signal (a correction may legitimately be a copy)
                 continue
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
-            examples = every_answer(ex) if kind == "sft" and options.turns == "all" else [ex]
+            examples = every_answer(ex) if every_turn else [ex]
             try:
                 rows = [tokenize_example(x, kind, tmpl, tokenizer) for x in examples]
             except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
                 raise
             except ValueError as e:  # a template that refuses this row (e.g. a chat template's own checks)
                 raise BadRow(f"cannot render the prompt: {e}") from None
+            if len(rows) > 1:  # every answer of a conversation in one sequence, else one row per answer
+                packed = pack_answers(rows)
+                counts["unpacked"] += packed is None
+                rows = [packed] if packed is not None else rows
         except BadRow as e:
             if options.strict_data:
                 raise DataError(f"{path}: {where}: {e}; fix the row, or drop --strict-data to skip and count such "
@@ -174,16 +178,15 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 info["bad_row_examples"].append(f"{where}: {e}")
             continue
         for ids in rows:
-            head, responses = ids[: len(ids) - n_responses], ids[len(ids) - n_responses:]
-            fitted = fit_responses(head[0], responses, options.max_seq_length, options.truncation)
+            fitted = fit_item(kind, dict(zip(KIND_FIELDS[kind], ids)), options.max_seq_length, options.truncation)
             if fitted is None:
                 info["dropped"] += 1
                 continue
             info["truncated"] += fitted[1]
-            out["val" if i in in_val else "train"].append((*head, *fitted[0]))
+            out["val" if i in in_val else "train"].append(tuple(fitted[0][name] for name in KIND_FIELDS[kind]))
     info["format"] = fmt
-    if options.turns == "all" and kind == "sft":
-        info["turns"] = "all"
+    if every_turn:
+        info.update(turns="all", unpacked=counts["unpacked"])
     if fmt == "pku":
         info.update(preference=preference, chosen_unsafe=counts["chosen_unsafe"])
     if kind == "preference":
@@ -191,6 +194,8 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     _check_bad_share(path, info, options)
     train, val = (TokenizedDataset.from_rows(kind, out[s]) for s in ("train", "val"))
     info.update(kept=len(train) + len(val), train=len(train), val=len(val))
+    if every_turn:
+        info["answers"] = train.answers() + val.answers()
     if not len(train):
         raise DataError(f"{path}: no training rows left ({describe(info)}); raise --max-seq-length, use "
                         f"--truncation truncate or check the data.")
@@ -240,6 +245,8 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
             info["truncated"] = info.get("truncated", 0) + truncated
             info["dropped"] = info.get("dropped", 0) + dropped
     info.update(kept=len(train) + len(val), train=len(train), val=len(val))
+    if "answers" in info:
+        info["answers"] = train.answers() + val.answers()
     if not len(train):
         raise DataError(f"{data}: no training rows fit --max-seq-length {options.max_seq_length}.")
     return train, val, info
@@ -247,7 +254,7 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
 
 def describe(info: Dict[str, Any]) -> str:
     """One line of the counts in an info dict, for the scripts and logs."""
-    keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val",
+    keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val", "answers",
             "chosen_unsafe"]
     counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
     turns = f", turns {info['turns']}" if "turns" in info else ""
@@ -268,6 +275,9 @@ def report(info: Dict[str, Any]) -> str:
         lines.append(f"  note: --val-size {info['val_size']} held out {info['val_size']} rows, {info['val']} of them "
                      f"kept: the others were dropped as longer than --max-seq-length or skipped (the split comes "
                      f"first, so it does not move with those settings)")
+    if info.get("unpacked"):
+        lines.append(f"  note: {info['unpacked']} conversations are one row per answer, not one sequence: the template "
+                     f"renders their earlier turns differently once the conversation goes on")
     if info.get("note"):
         lines.append(f"  note: {info['note']}")
     if "out_dir" in info:

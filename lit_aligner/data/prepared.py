@@ -13,7 +13,8 @@ from lit_aligner.files import atomic_write, atomic_write_json, read_json_object
 
 META_NAME = "meta.json"
 SPLITS = ("train", "val")
-DATA_VERSION = 2  # 1: SFT rows stored as one sequence + prompt_lengths (still read)
+# 1: SFT rows stored as one sequence + prompt_lengths; 2: no SFT context (one answer per row); both still read
+DATA_VERSION = 3
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -66,6 +67,9 @@ def load_prepared(data_dir: Union[str, Path], kind: Optional[str] = None,
         raise DataError(f"{data_dir}: not a prepared data directory (no {META_NAME}); make one with "
                         f"scripts/prepare_*.py or pass a .json/.jsonl file.")
     meta = read_json_object(meta_path, "prepared-data meta.json", DataError)
+    if isinstance(meta.get("version"), int) and meta["version"] > DATA_VERSION:
+        raise DataError(f"{data_dir} was prepared by a newer lit-aligner (data version {meta['version']}; this one "
+                        f"reads up to {DATA_VERSION}); upgrade lit-aligner or prepare the data again.")
     stored_kind = meta.get("kind")
     if stored_kind not in KINDS:
         raise DataError(f"{meta_path}: unknown data kind {stored_kind!r}; prepare the data again.")

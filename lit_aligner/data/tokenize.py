@@ -7,10 +7,11 @@ the boundary, the response is encoded on its own. Responses end with the tokeniz
 template: the chat template's end-of-turn token).
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.data.formats import BadRow, DataError, Example
 from lit_aligner.prompts import CorrectionTemplate, PromptTemplate
 
@@ -69,8 +70,25 @@ def render_prompt(template: PromptTemplate, ex: Example, tokenizer) -> str:
     return template.render_messages(ex.messages, tokenizer=tokenizer)
 
 
+def pack_answers(rows: Sequence[Tuple[torch.Tensor, ...]]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """One SFT row for every answer of a conversation (TRL's `assistant_only_loss`): rows are the (prompt, response)
+    of each answer in order, each prompt the conversation before it. Returns (the first prompt, everything after it,
+    the context spans: the turns between answers), in which every answer sees exactly the tokens its own row gives it;
+    None when a prompt does not start with the tokens before it (a template that renders earlier turns differently
+    once the conversation goes on, e.g. one that hides earlier reasoning)."""
+    prompt, seq, spans = rows[0][0], rows[0][1], []
+    for p, r, *_ in rows[1:]:
+        done = len(prompt) + len(seq)
+        if len(p) < done or not torch.equal(p[:len(prompt)], prompt) or \
+                not torch.equal(p[len(prompt):done], seq):
+            return None
+        spans += [len(seq), len(p) - len(prompt)]
+        seq = torch.cat([seq, p[done:], r])
+    return prompt, seq, torch.tensor(spans, dtype=torch.long)
+
+
 def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer) -> Tuple[torch.Tensor, ...]:
-    """The token rows of one example, in the order of `dataset.KIND_FIELDS[kind]`: sft (prompt, response);
+    """The token rows of one example, in the order of `dataset.KIND_FIELDS[kind]`: sft (prompt, response, no context);
     preference (prompt, chosen, rejected); correction (prompt, question, answer, correction)."""
     if kind == "correction":
         if not isinstance(template, CorrectionTemplate):
@@ -84,6 +102,6 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
     msgs = ex.chat_messages()
     p, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen, msgs, tokenizer))
     if kind == "sft":
-        return p, c
+        return p, c, NO_CONTEXT
     _, r = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected, msgs, tokenizer), p)
     return p, c, r

@@ -52,9 +52,9 @@ def heldout_split(kind: str, data: Any, tokenizer, template: str, metadata: Opti
                   split: str = "val", n: Optional[int] = None, max_seq_length: Optional[int] = None):
     """The rows to evaluate on: `data` (a file, a prepared directory, or None for the default dataset) loaded as
     `kind` data with `template`. split "val": the validation split the Aligner's training run held out (its split
-    seed, val fraction and max_seq_length are read from the Aligner's metadata, so on the training file these rows
-    were never trained on); "all": every row (for a file the Aligner never saw). n: keep the first n rows. Returns
-    (dataset, info) with info["split"], info["evaluated"] and info["trained_on_this_file"]."""
+    seed, val fraction, max_seq_length and turns are read from the Aligner's metadata, so on the training file these
+    rows were never trained on); "all": every row (for a file the Aligner never saw). n: keep the first n rows.
+    Returns (dataset, info) with info["split"], info["evaluated"] and info["trained_on_this_file"]."""
     from lit_aligner.data import DataOptions, TokenizedDataset, load_data, storable_info
 
     if split not in ("val", "all"):
@@ -62,7 +62,8 @@ def heldout_split(kind: str, data: Any, tokenizer, template: str, metadata: Opti
     trained = _meta_json(metadata or {}, "data") or {}
     trained = trained if isinstance(trained, dict) else {}
     options = DataOptions(max_seq_length=max_seq_length or int(trained.get("max_seq_length") or 1024),
-                          val_fraction=float(trained.get("val_fraction") or 0.05), val_size=trained.get("val_size"))
+                          val_fraction=float(trained.get("val_fraction") or 0.05), val_size=trained.get("val_size"),
+                          turns="all" if kind == "sft" and trained.get("turns") == "all" else "last")
     train, val, info = load_data(kind, data, tokenizer, template, options, int(trained.get("seed", 42)))
     rows: List[Any] = val.rows() if split == "val" else train.rows() + val.rows()
     if n is not None:

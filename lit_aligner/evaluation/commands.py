@@ -147,7 +147,10 @@ class DataCommon(EvalCommon):
         counts = {k: info.get(k) for k in ("source", "format", "template", "rows_read", "bad_rows", "dropped",
                                            "truncated", "kept", "max_seq_length")}
         counts.update(split=self.split, evaluated=len(rows), skipped=info.get("bad_rows", 0))
-        return TokenizedDataset.from_rows(kind, rows), {**counts, "info": storable_info(info)}
+        dataset = TokenizedDataset.from_rows(kind, rows)
+        if "answers" in info:  # --turns all: a row is a conversation
+            counts["answers"] = dataset.answers()
+        return dataset, {**counts, "info": storable_info(info)}
 
     def templates(self, systems, default: str) -> Dict[str, str]:
         """name -> template: --template, else the Aligner's own; the base: --template, the one the Aligners share,
@@ -204,7 +207,8 @@ class Loss(DataCommon):
                 "data": data}
 
     def format(self, result: Dict[str, Any]) -> str:
-        head = "\n".join(f"data ({t}): {c['evaluated']} rows of {c['source']} ({c['split']} split; read "
+        head = "\n".join(f"data ({t}): {c['evaluated']} rows" + (f" ({c['answers']} answers)" if "answers" in c else "")
+                         + f" of {c['source']} ({c['split']} split; read "
                          f"{c['rows_read']}, skipped {c['skipped']} malformed, dropped {c['dropped']} too long, "
                          f"truncated {c['truncated']})" for t, c in result["data"].items())
         return head + "\n" + _table(result["results"], [("system", "name", "{}"), ("template", "template", "{}"),

@@ -1,19 +1,20 @@
 """Supervised fine-tuning: cross-entropy on the response tokens only; and correction (Q-A-C), the same loss with the
 upstream answer as the target during a copy warm-up, then the correction."""
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from lit_aligner.data.dataset import pad_rows
+from lit_aligner.data.dataset import NO_CONTEXT, pad_rows, target_tokens
 from lit_aligner.losses import chunked_cross_entropy
 from lit_aligner.training.objectives import Batch, Objective, register
 
 
 @register
 class SFT(Objective):
-    """Summed cross-entropy (nats) of the response tokens; units are those tokens."""
+    """Summed cross-entropy (nats) of the response tokens (outside a conversation's context spans); units are those
+    tokens."""
 
     name = "sft"
     data_kind = "sft"
@@ -21,12 +22,16 @@ class SFT(Objective):
     def target(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> torch.Tensor:
         return item["response"]
 
+    def row(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> Tuple[torch.Tensor, ...]:
+        """The (prompt, response, context) row of an item that a batch holds at `step` (an item built by hand may
+        leave out its empty context)."""
+        return item["prompt"], item["response"], item.get("context", NO_CONTEXT)
+
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
-        return pad_rows([(it["prompt"], self.target(it, step)) for it in items], self.pad_id)
+        return pad_rows([self.row(it, step) for it in items], self.pad_id)
 
     def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
-        # position t predicts token t + 1: a response token at position 0 (empty prompt) has no loss
-        return len(self.target(item, step)) - (0 if len(item["prompt"]) else 1)
+        return target_tokens(self.row(item, step))
 
     def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
         hidden = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)  # (B, T, C): no (B, T, V) logits
@@ -94,6 +99,9 @@ class Correction(SFT):
 
     def target(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> torch.Tensor:
         return item["answer"] if step is not None and step < self.copy_steps else item["correction"]
+
+    def row(self, item: Dict[str, torch.Tensor], step: Optional[int]) -> Tuple[torch.Tensor, ...]:
+        return item["prompt"], self.target(item, step)
 
     def metadata(self) -> Dict[str, Any]:
         return {"copy_steps": self.copy_steps}

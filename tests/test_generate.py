@@ -322,6 +322,13 @@ def test_read_prompts_formats_and_errors(tmp_path):
         read_prompts(tmp_path / "latin1.txt")
     with pytest.raises(ValueError, match=r"is a directory"):
         read_prompts(tmp_path)
+    # plain text: one prompt per non-empty line, taken as it is (quotes and braces included)
+    (tmp_path / "p.txt").write_text('What is 2 + 2?\n\n  {"not": "json"}  \n"Quoted"\n')
+    assert read_prompts(tmp_path / "p.txt") == [PromptItem("What is 2 + 2?"), PromptItem('{"not": "json"}'),
+                                                PromptItem('"Quoted"')]
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match=r"blank.txt: no prompts in the file"):
+        read_prompts(tmp_path / "blank.txt")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 
-from lit_aligner.files import BadRecord, UserError, read_records
+from lit_aligner.files import BadRecord, UserError, read_records, read_text
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, parse_messages,
@@ -77,7 +77,7 @@ class PromptItem:
 
 PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "
                   "and 'system') or a 'messages' conversation that ends with a user turn, or JSONL with one such "
-                  "string or object per line")
+                  "string or object per line, or a .txt file with one prompt per line")
 
 
 def conversation_item(messages: Sequence[Message], system: str = "") -> PromptItem:
@@ -94,8 +94,12 @@ def conversation_item(messages: Sequence[Message], system: str = "") -> PromptIt
 def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input` and
     `system`, or with `messages` / `conversations`: a chat to continue) or a JSONL file (one such string or object per
-    line). UserError naming the file and the row on bad input."""
-    records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
+    line), or a .txt file (one prompt per non-empty line). UserError naming the file and the row on bad input."""
+    if Path(path).suffix == ".txt":  # plain text: no JSON quoting of each prompt
+        lines = read_text(path, f"prompts file ({PROMPTS_FORMAT})").splitlines()
+        records = [(f"line {n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        records, _ = read_records(path, f"prompts file ({PROMPTS_FORMAT})")
     items = []
     for where, row in records:
         key = next((k for k in CONVERSATION_KEYS if k in row), None) if isinstance(row, dict) else None

@@ -34,7 +34,8 @@ setup(
         "wandb": ["wandb"],  # --wandb-project: the metrics rows to Weights & Biases
         # --quantize: a 4/8-bit base (0.50: the first version measured here; its CPU backend runs the tests)
         "quantize": ["bitsandbytes>=0.50"],
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],  # serve/aligner.py (+ /metrics)
+        # serve/aligner.py (+ /metrics; llguidance: structured outputs, 1.9 the version measured here)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "llguidance>=1.9"],
         # evaluate/aligner.py harness (lm-evaluation-harness); the benchmarks' peers: PEFT LoRA / prefix tuning on
         # transformers, TRL's DPOTrainer (1.16: the first version measured; older ones may name its options otherwise)
         "eval": ["lm_eval[api]>=0.4.4", "peft>=0.11", "transformers>=4.40", "trl>=1.16"],
@@ -42,7 +43,7 @@ setup(
         # (its minor version pinned: a new one can add checks to the selected families and fail CI on unchanged code)
         # pytest-xdist: scripts/test.sh runs one pytest worker per core
         "test": ["pytest", "pytest-xdist", "transformers>=4.40", "protobuf", "matplotlib", "pyarrow", "fastapi>=0.110",
-                 "uvicorn>=0.29", "prometheus_client>=0.20",
+                 "uvicorn>=0.29", "prometheus_client>=0.20", "llguidance>=1.9",
                  "openai>=1.40", "selenium>=4.20", "lm_eval[api]>=0.4.4", "peft>=0.11", "trl>=1.16", "wandb",
                  "bitsandbytes>=0.50",
                  "ruff>=0.17,<0.18"],

@@ -63,7 +63,7 @@ import importlib, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ["lightning_fabric", "tyro", "safetensors", "tokenizers", "sentencepiece", "gguf", "fastapi", "uvicorn",
-             "prometheus_client", "openai", "transformers", "peft", "trl", "bitsandbytes"]:
+             "prometheus_client", "llguidance", "openai", "transformers", "peft", "trl", "bitsandbytes"]:
     try:
         m = importlib.import_module(name)
         print(f"  {name} {getattr(m, '__version__', '?')}")

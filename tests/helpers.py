@@ -36,6 +36,24 @@ def bpe_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int, eos: str 
     return d
 
 
+def sp_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int) -> Path:
+    """Train a SentencePiece BPE model (byte fallback; <pad> <s> </s> as ids 3 1 2, the chat markers user-defined)
+    on `corpus` into d/tokenizer.model, with a tokenizer_config.json (a ChatML chat template). Returns d."""
+    import io
+
+    import sentencepiece as spm
+
+    d.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(list(corpus)), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, user_defined_symbols=SPECIALS[3:],
+                                   pad_id=3, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
+    return d
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # lm-evaluation-harness tasks on local files: a multiple-choice task (loglikelihood) and a generation task
 

@@ -18,7 +18,7 @@ from lit_aligner.data import default as default_data
 from lit_aligner.prompts import TEMPLATES, correction_prompt, get_template, join_input
 from lit_aligner.tokenizer import Tokenizer
 import helpers
-from helpers import CHATML, SPECIALS, bpe_tokenizer_dir
+from helpers import bpe_tokenizer_dir, sp_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -41,19 +41,7 @@ def bpe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
-    import io
-
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("sp")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=model, vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, user_defined_symbols=SPECIALS[3:],
-                                   pad_id=3, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
-    (d / "tokenizer.model").write_bytes(model.getvalue())
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
-    return d
+    return sp_tokenizer_dir(tmp_path_factory.mktemp("sp"), corpus(), 400)
 
 
 @pytest.fixture(scope="module")

@@ -522,6 +522,49 @@ def test_error_paths(server, client, base_name):
     assert http(server.url + "/health") == (200, http(server.url + "/health")[1])
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                         "population": {"type": "integer"}},
+        "required": ["city", "population"], "additionalProperties": False}
+
+
+def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server, client, base_name):
+    """response_format (OpenAI) and structured_outputs (vLLM): every answer parses and fits, greedy or sampled, from
+    the base or an Aligner, streamed or not; the same question unconstrained is prose, so the constraint did it."""
+    import re
+
+    q = "Name a big city and its population."
+    free = chat(client, base_name, q, max_tokens=40).choices[0].message.content
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)
+    schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for model, kw in ((base_name, {}), ("a3", {"temperature": 1.0, "seed": 5, "n": 2})):
+        r = chat(client, model, q, max_tokens=80, response_format=schema, **kw)
+        for choice in r.choices:
+            value = json.loads(choice.message.content)
+            assert set(value) == {"city", "population"} and isinstance(value["city"], str) and \
+                isinstance(value["population"], int) and choice.finish_reason == "stop", choice
+    stream = chat(client, "a0", q, max_tokens=60, response_format={"type": "json_object"}, stream=True)
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
+    # completions: a regex and a choice (vLLM's extra field)
+    r = client.completions.create(model=base_name, prompt="A product code:", max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2,5}"}})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,5}", r.choices[0].text) and r.choices[0].finish_reason == "stop"
+    r = chat(client, base_name, "Is the sky green? Answer yes or no.", max_tokens=5,
+             extra_body={"structured_outputs": {"choice": ["Yes, it is", "No"]}})
+    assert r.choices[0].message.content in ("Yes, it is", "No")
+    # bad formats: one 400 naming the field
+    for kw, param in [({"response_format": {"type": "xml"}}, "response_format"),
+                      ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+                       "response_format"),
+                      ({"extra_body": {"structured_outputs": {"regex": "[a-"}}}, "structured_outputs"),
+                      ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
+                      ({"response_format": {"type": "json_object"},
+                        "extra_body": {"structured_outputs": {"regex": "a"}}}, "structured_outputs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, base_name, q, **kw)
+        assert e.value.body["param"] == param, kw
+
+
 def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):
     question = "What is the capital of France?"
     given = chat(client, "fixer", question, extra_body={"answer": "Berlin is the capital of France."})

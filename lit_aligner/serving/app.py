@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Penalties, Sampling
+from lit_aligner.generation.structured import (OutputFormat, StructuredOutputError, compile_grammar,
+                                               parse_response_format, parse_structured_outputs)
 from lit_aligner.prompts import (conversation_question, correction_prompt, encode_prompt, get_template,
                                  is_correction)
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
@@ -99,6 +101,19 @@ class _Body(BaseModel):
     stream_options: Optional[StreamOptions] = None
     answer: Optional[str] = None  # correction Aligners: the answer to rewrite (else the base answers first)
     ignore_eos: bool = False  # as vLLM's: keep generating past end tokens (benchmarks: exactly max_tokens tokens)
+    response_format: Optional[Dict[str, Any]] = None  # OpenAI's: text, json_object, json_schema
+    structured_outputs: Optional[Dict[str, Any]] = None  # vLLM's extra: json, regex, choice, grammar
+
+    def output_format(self) -> Optional[OutputFormat]:
+        """What the answers must be (None: free text); 400 on a malformed response_format / structured_outputs."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        param = "response_format" if self.response_format is not None else "structured_outputs"
+        try:
+            return parse_response_format(self.response_format) if self.response_format is not None else \
+                parse_structured_outputs(self.structured_outputs)
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), param=param) from None
 
     def stop_strings(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -247,6 +262,17 @@ class AlignerServer:
                        stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
+    def grammar(self, body: _Body) -> Optional[str]:
+        """The compiled grammar of the body's structured output (None: free text); 400 when it cannot compile."""
+        fmt = body.output_format()
+        if fmt is None:
+            return None
+        try:
+            return compile_grammar(fmt, self.tokenizer, self.engine.model.lm_head_weight.shape[0])
+        except StructuredOutputError as e:
+            raise APIError(400, str(e), param="response_format" if body.response_format is not None
+                           else "structured_outputs") from None
+
     async def resolve(self, name: str) -> Optional[ServedAligner]:
         if name == self.base_name:
             return None
@@ -353,6 +379,7 @@ class AlignerServer:
         """Both endpoints: resolve the model, build one request per prompt and choice, answer as JSON or as a stream
         of chunks (choice p * n + j: prompt p's choice j)."""
         body.check()
+        grammar = self.grammar(body)
         aligner = await self.resolve(body.model)
         kind = "chat" if messages is not None else "text"
         try:
@@ -368,6 +395,7 @@ class AlignerServer:
             for j in range(body.n):  # choice j samples from seed + j: n different, reproducible answers
                 reqs.append(self.make_request(body, prompt_ids, aligner, default_max))
                 reqs[-1].seed = None if body.seed is None else body.seed + j
+                reqs[-1].grammar = grammar  # the answer's (a correction's, not its upstream answer's)
         if len(reqs) > self.engine.max_queue:
             raise APIError(400, f"{len(ids)} prompts x n={body.n} = {len(reqs)} rows; this server queues at most "
                                 f"{self.engine.max_queue} (--max-queue): send fewer prompts per request",

@@ -46,6 +46,7 @@ import torch
 
 from lit_aligner.generation.engine import (Penalties, PenaltyState, Sampling, check_penalties, check_sampling,
                                            draw_noise, find_stop, sample)
+from lit_aligner.generation.structured import Constraint, mask_logits
 from lit_aligner.model import LLaMA, PrefixKV
 from lit_aligner.serving.prefix_cache import PrefixCache
 
@@ -116,6 +117,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
     logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
+    grammar: Optional[str] = None  # structured output: a grammar from `structured.compile_grammar` (None: free text)
     prompt_logprobs: Optional[int] = None  # the same for every prompt token (None: off); max_tokens may then be 0
     arrival: float = field(default_factory=time.monotonic)  # when it was made (latency metrics)
     cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
@@ -154,6 +156,7 @@ class _Row:
         self.final: Optional[Event] = None  # a finished row's last event, sent once it has left the batch
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
         self.penalty = PenaltyState.start(req.penalties, [list(req.prompt_ids)], vocab, device)  # None: no penalty
+        self.constraint = Constraint(req.grammar, tokenizer, vocab) if req.grammar is not None else None
 
     @property
     def finished(self) -> bool:
@@ -484,6 +487,7 @@ class Engine:
             for i, r in enumerate(rows):
                 if r.penalty is not None:
                     logits[i] = r.penalty.apply(raw[i:i + 1])[0]
+        logits = mask_logits(logits, [r.constraint for r in rows])  # structured outputs: only the grammar's tokens
         out = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
             s = r.req.sampling
@@ -509,6 +513,9 @@ class Engine:
             if r.penalty is not None:
                 r.penalty.add(t)
             req = r.req
+            if r.constraint is not None and not r.constraint.advance(t):  # masked, so only a grammar engine's fault
+                r.final = Event(text=r.text[r.sent:], finish="error", error=f"structured output: {r.constraint.error}")
+                continue
             if t in req.stop_ids:
                 if req.logprobs is not None:
                     r.logprobs.pop()  # the end token is not part of the answer
@@ -519,12 +526,14 @@ class Engine:
             if cut is not None:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")
-            elif r.generated >= req.max_tokens or r.length >= self.max_seq_length:
+            elif r.generated >= req.max_tokens or r.length >= self.max_seq_length or \
+                    (r.constraint is not None and r.constraint.done):
                 r.text += r.decoder.flush()
                 cut = find_stop(r.text, req.stop, r.sent - r.hold)
                 if cut is not None:
                     r.text = r.text[:cut]
-                self._finish(r, "stop" if cut is not None else "length")
+                complete = cut is not None or (r.constraint is not None and r.constraint.done)
+                self._finish(r, "stop" if complete else "length")
             else:
                 keep = len(r.text) - r.hold
                 if keep > r.sent:  # with the tokens since the last piece (held text holds theirs too)

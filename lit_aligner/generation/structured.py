@@ -1,0 +1,212 @@
+"""Structured outputs: answers held to a JSON schema, to any JSON object, a regular expression, a list of choices or a
+Lark grammar (OpenAI's `response_format`, vLLM's `structured_outputs`), through llguidance (the grammar engine behind
+Guidance, one of vLLM's and SGLang's backends).
+
+A grammar is compiled once per request (`compile_grammar`, which also validates it against the vocabulary); each row
+that decodes under it holds a `Constraint`: before a token is sampled, `allowed()` gives the tokens that keep the text
+inside the grammar (the others' logits become -inf, so greedy and sampled rows alike stay in it), and `advance` feeds
+it the token taken. The end tokens are allowed only where the grammar may end, and a row whose grammar cannot go on
+(`done`: a JSON value closed) stops there. llguidance works on the CPU, on the tokens' bytes: `vocabulary` builds its
+tokenizer from ours once (a tokenizer.json as is; a SentencePiece model from its pieces).
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from lit_aligner.files import UserError
+
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+class StructuredOutputError(UserError):
+    """A grammar, schema or regex that cannot be compiled (the server's 400, the CLI's error line)."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise StructuredOutputError("structured outputs need llguidance: pip install llguidance (or the [serve] "
+                                    "extra)") from None
+    return llguidance
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What an answer must be: `kind` (one of KINDS) and its `spec` (a schema dict, a regex, a list of choices, a Lark
+    grammar; None for json_object)."""
+
+    kind: str
+    spec: Any = None
+
+    def grammar(self) -> str:
+        """The llguidance grammar (a string) of this format."""
+        m = _llguidance().LLMatcher
+        if self.kind == "json_object":
+            return m.grammar_from_json_schema({"type": "object"})
+        if self.kind == "json_schema":
+            if not isinstance(self.spec, dict):
+                raise StructuredOutputError(f"a JSON schema is a JSON object, got {type(self.spec).__name__}")
+            try:
+                return m.grammar_from_json_schema(self.spec)
+            except (ValueError, TypeError) as e:
+                raise StructuredOutputError(f"not a usable JSON schema: {e}") from None
+        if self.kind == "regex":
+            if not isinstance(self.spec, str) or not self.spec:
+                raise StructuredOutputError("a regex is a non-empty string")
+            return m.grammar_from_regex(self.spec)
+        if self.kind == "choice":
+            if not isinstance(self.spec, list) or not self.spec or not all(isinstance(c, str) and c for c in self.spec):
+                raise StructuredOutputError("choice is a non-empty list of non-empty strings")
+            return m.grammar_from_regex("|".join(f"({re.escape(c)})" for c in self.spec))
+        if self.kind == "grammar":
+            if not isinstance(self.spec, str) or not self.spec.strip():
+                raise StructuredOutputError("a grammar is a non-empty Lark grammar string")
+            return m.grammar_from_lark(self.spec)
+        raise StructuredOutputError(f"unknown structured output kind {self.kind!r}; one of {', '.join(KINDS)}")
+
+
+def vocabulary(tokenizer, vocab_size: int):
+    """llguidance's tokenizer for ours (built once per tokenizer and model vocabulary size, ~0.3 s): the token bytes,
+    and the tokenizer's end tokens as the ones that end a finished grammar. Ids past the tokenizer's vocabulary (a
+    padded embedding) are never allowed."""
+    cached = getattr(tokenizer, "_llguidance", None)
+    if cached is not None and cached[0] == vocab_size:
+        return cached[1]
+    llg = _llguidance()
+    eos = sorted(set(getattr(tokenizer, "stop_ids", ()) or ()) | ({tokenizer.eos_id} - {None}))
+    if tokenizer.backend == "hf":
+        ll = llg.LLTokenizer(tokenizer._hf.to_str(), n_vocab=vocab_size, eos_token=eos)
+    else:
+        ll = llg.LLTokenizer(llg.TokenizerWrapper(_PieceTokens(tokenizer, eos)), n_vocab=vocab_size, eos_token=eos)
+    tokenizer._llguidance = (vocab_size, ll)
+    return ll
+
+
+class _PieceTokens:
+    """A SentencePiece tokenizer as llguidance's generic wrapper wants it: each id's bytes (`▁` a space, `<0xNN>`
+    byte-fallback pieces their byte; special pieces marked by a leading 0xff, as llguidance's llama.cpp bridge does)
+    and an encoder of text as it continues an answer: without SentencePiece's dummy-prefix space."""
+
+    def __init__(self, tokenizer, eos: Sequence[int]):
+        sp = tokenizer._sp
+        self.eos_token_id, self.bos_token_id = eos[0], tokenizer.bos_id
+        self.tokens: List[bytes] = []
+        self.special_token_ids: List[int] = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if i in tokenizer._specials:  # control, unknown and user-defined pieces (e.g. a chat end-of-turn)
+                self.tokens.append(b"\xff" + piece.encode())
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(piece[3:-1], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+        self._plain = tokenizer._sp_plain
+
+    def __call__(self, text: str) -> List[int]:
+        return self._plain.encode(text)
+
+
+def compile_grammar(fmt: OutputFormat, tokenizer, vocab_size: int) -> str:
+    """The grammar of `fmt`, checked against the vocabulary: StructuredOutputError naming the problem otherwise."""
+    llg = _llguidance()
+    grammar = fmt.grammar()
+    error = llg.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer, vocab_size))
+    if error:
+        raise StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: {' '.join(error.split())}")
+    return grammar
+
+
+class Constraint:
+    """One row's position in its grammar."""
+
+    def __init__(self, grammar: str, tokenizer, vocab_size: int):
+        llg = _llguidance()
+        from llguidance.torch import fill_next_token_bitmask
+
+        self.vocab_size, self._fill = vocab_size, fill_next_token_bitmask
+        self.matcher = llg.LLMatcher(vocabulary(tokenizer, vocab_size), grammar)
+        self._bits = torch.zeros(1, (vocab_size + 31) // 32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab_size,) bool on the CPU: the tokens the grammar lets come next."""
+        self._fill(self.matcher, self._bits, 0)
+        bits = (self._bits[0][:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (words, 32), low bit first
+        return bits.flatten()[:self.vocab_size].bool()
+
+    def advance(self, token: int) -> bool:
+        """Take a sampled token; False when the grammar refuses it (then `error` says why)."""
+        return bool(self.matcher.consume_token(int(token)))
+
+    @property
+    def done(self) -> bool:
+        """The grammar cannot go on (e.g. the JSON value is closed): the answer is complete."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error() if self.matcher.is_error() else ""
+
+
+def mask_logits(logits: torch.Tensor, constraints: Sequence[Optional[Constraint]]) -> torch.Tensor:
+    """logits (n, V) with every token a row's constraint refuses at -inf (a copy; rows without one unchanged)."""
+    if not any(c is not None for c in constraints):
+        return logits
+    out = logits.clone()
+    for i, c in enumerate(constraints):
+        if c is not None:
+            allowed = c.allowed().to(out.device)
+            out[i, :allowed.numel()].masked_fill_(~allowed, float("-inf"))
+            out[i, allowed.numel():] = float("-inf")
+    return out
+
+
+def parse_response_format(value: Optional[Dict[str, Any]]) -> Optional[OutputFormat]:
+    """OpenAI's `response_format`: {"type": "text"} (none), {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}}. StructuredOutputError on anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise StructuredOutputError("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                    "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return OutputFormat("json_object")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise StructuredOutputError("response_format json_schema needs \"json_schema\": {\"name\": ..., \"schema\": "
+                                    "{...}} (the schema a JSON object)")
+    return OutputFormat("json_schema", spec.get("schema", {}))
+
+
+def parse_structured_outputs(value: Optional[Dict[str, Any]]) -> Optional[OutputFormat]:
+    """vLLM's `structured_outputs` extra: exactly one of json (a schema, or a string of one), regex, choice, grammar
+    (Lark), or json_object: true."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise StructuredOutputError("structured_outputs is an object with one of json, regex, choice, grammar")
+    given = {k: v for k, v in value.items() if k in ("json", "regex", "choice", "grammar", "json_object")
+             and v not in (None, False)}
+    if len(given) != 1:
+        raise StructuredOutputError(f"structured_outputs takes exactly one of json, regex, choice, grammar, "
+                                    f"json_object; got {', '.join(sorted(given)) or 'none'}")
+    (kind, spec), = given.items()
+    if kind == "json":
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise StructuredOutputError(f"structured_outputs json is not valid JSON: {e}") from None
+        return OutputFormat("json_schema", spec)
+    return OutputFormat(kind, None if kind == "json_object" else spec)
+
+
+__all__ = ["Constraint", "KINDS", "OutputFormat", "StructuredOutputError", "compile_grammar", "mask_logits",
+           "parse_response_format", "parse_structured_outputs", "vocabulary"]

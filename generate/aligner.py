@@ -155,7 +155,7 @@ def main(
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
     kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
-                  **decoding.generate_kwargs(dev, tokenizer))
+                  **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0]))
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             # the base answers the whole conversation (system message, earlier turns); the corrector gets the question

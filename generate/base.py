@@ -57,7 +57,7 @@ def main(
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,
         compile=None if compile == "auto" else compile == "on", return_stats=True,
-        **decoding.generate_kwargs(dev, tokenizer),
+        **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0]),
     )
     streamer.finish()
     print(flush=True)

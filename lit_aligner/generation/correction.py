@@ -73,6 +73,7 @@ def base_answers(model: LLaMA, tokenizer, questions: Sequence[str], max_new_toke
     """The bare base's answers to `questions`, with `template` (default: the tokenizer's chat template, else the
     raw text; see `generate.build_prompt`); systems / histories: a system message and earlier turns per question.
     Stage one of `answer_then_correct`."""
+    sampling.pop("grammar", None)  # a structured output is the correction's, not the upstream answer's
     systems, histories = systems or [""] * len(questions), histories or [()] * len(questions)
     prompts = [encode_prompt(tokenizer, build_prompt(tokenizer, q, template, system=s, history=h))
                for q, s, h in zip(questions, systems, histories)]

@@ -12,15 +12,20 @@ Prompts are built in `lit_aligner.prompts`; many prompts x many Aligners are ans
 `lit_aligner.generation.answers`.
 """
 
+import json
 import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import tyro
 
+from lit_aligner.files import read_json_object, read_text
+from lit_aligner.generation.structured import (GrammarRows, OutputFormat, StructuredOutputError, check_format,
+                                               compile_grammar)
 from lit_aligner.model import LLaMA, Aligner, PrefixKV, stack_aligners
 from lit_aligner.perf import should_compile
 
@@ -166,12 +171,14 @@ class PenaltyState:
     counts: torch.Tensor
     seen: torch.Tensor
     bias: Optional[torch.Tensor] = None
+    allowed: Optional[torch.Tensor] = None  # (B, vocab) bool: structured output, the tokens each row's grammar allows
 
     @classmethod
     def start(cls, penalties: Penalties, prompts: Sequence[Sequence[int]], vocab: int,
-              device: torch.device) -> Optional["PenaltyState"]:
-        """The state before the first new token of each prompt (token ids); None when no penalty is active."""
-        if not penalties.active:
+              device: torch.device, masked: bool = False) -> Optional["PenaltyState"]:
+        """The state before the first new token of each prompt (token ids); None when no penalty is active and no
+        grammar mask will be (`masked`)."""
+        if not penalties.active and not masked:
             return None
         seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
         for b, p in enumerate(prompts):
@@ -194,6 +201,8 @@ class PenaltyState:
             logits = logits - p.frequency * self.counts - p.presence * (self.counts > 0).float()
         if self.bias is not None:
             logits = logits + self.bias
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed, float("-inf"))
         return logits
 
     def add(self, tokens: Union[int, torch.Tensor]) -> None:
@@ -249,6 +258,17 @@ class DecodingArgs:
     stop: tyro.conf.UseAppendAction[List[str]] = field(default_factory=list)
     """end the answer before this text; repeat the flag for several (a backslash-n in it is a newline, backslash-t a
     tab)."""
+    json_schema: Optional[str] = None
+    """structured output: every answer a JSON value that follows this JSON schema (a .json file, or the schema's
+    text)."""
+    json_object: tyro.conf.FlagCreatePairsOff[bool] = False
+    """structured output: every answer a JSON object."""
+    regex: Optional[str] = None
+    """structured output: every answer matches this regular expression."""
+    choice: tyro.conf.UseAppendAction[List[str]] = field(default_factory=list)
+    """structured output: every answer is one of these texts; repeat the flag for each."""
+    grammar: Optional[Path] = None
+    """structured output: every answer follows this Lark grammar file (llguidance's Lark dialect)."""
 
     @property
     def penalties(self) -> Penalties:
@@ -259,19 +279,55 @@ class DecodingArgs:
         escapes = {"n": "\n", "t": "\t", "\\": "\\"}
         return [re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), s) for s in self.stop]
 
+    def output_format(self) -> Optional[OutputFormat]:
+        """The structured-output flag given (None: free text); StructuredOutputError on two or a bad schema."""
+        given = [(k, v) for k, v in (("json_schema", self.json_schema), ("json_object", self.json_object or None),
+                                     ("regex", self.regex), ("choice", self.choice or None),
+                                     ("grammar", self.grammar)) if v is not None]
+        if len(given) > 1:
+            flags = " and ".join("--" + k.replace("_", "-") for k, _ in given)
+            raise StructuredOutputError(f"give one structured-output flag, not {flags}")
+        if not given:
+            return None
+        kind, value = given[0]
+        if kind == "json_schema":
+            return OutputFormat(kind, _json_schema(value))
+        if kind == "grammar":
+            return OutputFormat(kind, read_text(value, "Lark grammar file (--grammar)", StructuredOutputError))
+        return OutputFormat(kind, None if kind == "json_object" else value)
+
     def check(self) -> None:
-        """ValueError naming the first bad flag."""
+        """ValueError naming the first bad flag (a structured-output format is compiled here, before any model)."""
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.penalties)
         if "" in self.stop:
             raise ValueError("--stop takes a non-empty text")
+        fmt = self.output_format()
+        if fmt is not None:
+            check_format(fmt)
 
-    def generate_kwargs(self, device: torch.device, tokenizer) -> Dict[str, Any]:
-        """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device` and the
-        tokenizer's decoder for the stop strings."""
+    def generate_kwargs(self, device: torch.device, tokenizer, vocab_size: int) -> Dict[str, Any]:
+        """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device`, the
+        tokenizer's decoder for the stop strings, and the structured output's grammar for `vocab_size` (the model's
+        output rows)."""
+        fmt = self.output_format()
+        grammar = compile_grammar(fmt, tokenizer, vocab_size) if fmt is not None else None
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                     penalties=self.penalties, generator=torch.Generator(device).manual_seed(self.seed),
-                    stop_strings=self.stop_strings, decode=tokenizer.decode)
+                    stop_strings=self.stop_strings, decode=tokenizer.decode, grammar=grammar)
+
+
+def _json_schema(value: str) -> Dict[str, Any]:
+    """--json-schema: a .json file, or the schema's own text."""
+    if value.lstrip()[:1] not in ("{", "["):
+        return read_json_object(value, "JSON schema file (--json-schema)", StructuredOutputError)
+    try:
+        schema = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise StructuredOutputError(f"--json-schema is neither a file nor valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise StructuredOutputError("--json-schema must be a JSON object (a schema)")
+    return schema
 
 
 def find_stop(text: str, stop_strings: Sequence[str], since: int = 0) -> Optional[int]:
@@ -471,6 +527,7 @@ def generate(
     on_token: Optional[OnToken] = None,
     compile: Optional[bool] = None,
     return_stats: bool = False,
+    grammar: Any = None,
 ) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], GenerationStats]]:
     """Continue each prompt (1-D LongTensor of token ids; lengths may differ) by up to `max_new_tokens` tokens, all
     prompts in one left-padded batch. Returns the new tokens of every prompt (1-D LongTensor on the CPU), cut before
@@ -489,6 +546,9 @@ def generate(
     order (this syncs the host every step).
     compile: torch.compile `decode_one_token` (None: on CUDA only, and not for a quantized base); the eager path
         gives the same tokens.
+    grammar: structured output, a `structured.Grammar` for every row (or a list: one or None per prompt): a row
+        samples only the tokens its grammar allows and ends where the grammar does (after its last token, like a
+        stop string); the masks come from the host at every step, so this decodes eagerly.
     Raises ValueError on bad arguments (empty prompts, prompt + max_new_tokens longer than the model's context,
     non-finite sampling parameters, an Aligner of another base, ...)."""
     check_sampling(temperature, top_k, top_p, min_p)
@@ -525,16 +585,25 @@ def generate(
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     strings = _StopStrings(stop_strings, B, decode)
     sampling = Sampling(temperature, top_k, top_p, min_p)
-    penalty = PenaltyState.start(penalties, prompts, vocab, device)
+    grammar = GrammarRows(grammar, B, vocab) if grammar is not None else None
+    penalty = PenaltyState.start(penalties, prompts, vocab, device, masked=grammar is not None)
 
     def next_noise():
         return draw_noise(B, vocab, device, generator) if temperature > 0 else None
 
     # bitsandbytes' layers under torch.compile and CUDA graphs were not measured here: eager unless asked for
-    compiled = should_compile(device, False if compile is None and model.quantize else compile)
+    compiled = should_compile(device, False if (compile is None and model.quantize) or grammar else compile)
     decode = _decode_fn(compiled, device)
-    check_every = _STOP_CHECK_EVERY_CUDA if device.type == "cuda" and on_token is None else 1
+    check_every = _STOP_CHECK_EVERY_CUDA if device.type == "cuda" and on_token is None and not grammar else 1
     host_done = [False] * B  # only kept when streaming: the callback needs the tokens on the host anyway
+    grammar_ends: List[Optional[int]] = [None] * B
+
+    def follow(tok: torch.Tensor, n: int) -> None:
+        """Structured output: each row's grammar takes its new token; a row whose grammar ended is done."""
+        for b in grammar.advance(tok.tolist()):
+            grammar_ends[b] = n
+            done[b] = True
+        penalty.allowed = grammar.allowed(device)
 
     def emit(tok: torch.Tensor) -> None:
         for b, t in enumerate(tok.tolist()):
@@ -544,16 +613,20 @@ def generate(
                 host_done[b] = True
             else:
                 on_token(b, t)
-                host_done[b] = strings.ends[b] is not None
+                host_done[b] = strings.ends[b] is not None or grammar_ends[b] is not None
 
     _sync(device)
     t0 = time.perf_counter()
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    if grammar is not None:
+        penalty.allowed = grammar.allowed(device)
     tok = prefill(model, idx, pad, valid, prefix, sampling, next_noise(), penalty)
     out[:, 0] = tok
     if penalty is not None:
         penalty.add(tok)
     done = torch.isin(tok, stop)
+    if grammar is not None:
+        follow(tok, 1)
     if on_token is not None:
         strings.check(out, 1, done)
         emit(tok)
@@ -566,7 +639,7 @@ def generate(
         if on_token is not None:
             if all(host_done):
                 break
-        elif (stop_set or strings) and i % check_every == 0:  # nothing to stop at: never done, never sync
+        elif (stop_set or strings or grammar) and i % check_every == 0:  # nothing to stop at: never done, never sync
             strings.check(out, i, done)
             if bool(done.all()):
                 break
@@ -579,6 +652,8 @@ def generate(
         done |= torch.isin(tok, stop)
         input_pos += 1
         n = i + 1
+        if grammar is not None:
+            follow(tok, n)
         if on_token is not None:
             strings.check(out, n, done)
             emit(tok)
@@ -587,9 +662,9 @@ def generate(
     t2 = time.perf_counter()
 
     results = []
-    for row, string_end in zip(out[:, :n].cpu(), strings.ends):
+    for row, string_end, grammar_end in zip(out[:, :n].cpu(), strings.ends, grammar_ends):
         ids = row.tolist()
         end = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
-        results.append(row[:min(end, string_end or end)].clone())
+        results.append(row[:min(end, string_end or end, grammar_end or end)].clone())
     stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1)
     return (results, stats) if return_stats else results

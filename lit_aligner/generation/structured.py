@@ -13,13 +13,17 @@ tokenizer from ours once (a tokenizer.json as is; a SentencePiece model from its
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from lit_aligner.files import UserError
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# Whitespace between JSON tokens: none, one space, or a line break and an indent: compact and pretty-printed JSON both
+# fit, but not the endless run of blank space a weak model falls into under llguidance's default (any whitespace,
+# vLLM's too) and then ends at max_tokens with no JSON. A schema's own "x-guidance" options override it.
+JSON_OPTIONS = {"whitespace_pattern": r"[ ]?|\n[ ]{0,32}|\n\t{0,8}"}
 
 
 class StructuredOutputError(UserError):
@@ -47,12 +51,12 @@ class OutputFormat:
         """The llguidance grammar (a string) of this format."""
         m = _llguidance().LLMatcher
         if self.kind == "json_object":
-            return m.grammar_from_json_schema({"type": "object"})
+            return m.grammar_from_json_schema({"type": "object"}, JSON_OPTIONS)
         if self.kind == "json_schema":
             if not isinstance(self.spec, dict):
                 raise StructuredOutputError(f"a JSON schema is a JSON object, got {type(self.spec).__name__}")
             try:
-                return m.grammar_from_json_schema(self.spec)
+                return m.grammar_from_json_schema(self.spec, JSON_OPTIONS)
             except (ValueError, TypeError) as e:
                 raise StructuredOutputError(f"not a usable JSON schema: {e}") from None
         if self.kind == "regex":
@@ -112,14 +116,32 @@ class _PieceTokens:
         return self._plain.encode(text)
 
 
-def compile_grammar(fmt: OutputFormat, tokenizer, vocab_size: int) -> str:
-    """The grammar of `fmt`, checked against the vocabulary: StructuredOutputError naming the problem otherwise."""
+def check_format(fmt: OutputFormat, tokenizer=None, vocab_size: Optional[int] = None) -> str:
+    """The grammar of `fmt`, validated (against the vocabulary when a tokenizer is given; without one, before a model
+    is loaded): StructuredOutputError naming the problem otherwise."""
     llg = _llguidance()
     grammar = fmt.grammar()
-    error = llg.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer, vocab_size))
+    error = llg.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer, vocab_size) if tokenizer else None)
     if error:
         raise StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: {' '.join(error.split())}")
     return grammar
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A validated grammar for one tokenizer and vocabulary; `constraint()` starts a row in it."""
+
+    source: str
+    tokenizer: Any
+    vocab_size: int
+
+    def constraint(self) -> "Constraint":
+        return Constraint(self.source, self.tokenizer, self.vocab_size)
+
+
+def compile_grammar(fmt: OutputFormat, tokenizer, vocab_size: int) -> Grammar:
+    """`fmt` for this tokenizer and vocabulary size (the model's output rows)."""
+    return Grammar(check_format(fmt, tokenizer, vocab_size), tokenizer, vocab_size)
 
 
 class Constraint:
@@ -151,6 +173,45 @@ class Constraint:
     @property
     def error(self) -> str:
         return self.matcher.get_error() if self.matcher.is_error() else ""
+
+
+class GrammarRows:
+    """The grammars of a batch of rows for `generate` (one for all, or one or None per row): the (B, vocab) mask
+    before each step, and each row's grammar fed its token after it."""
+
+    def __init__(self, grammar: Union[Grammar, Sequence[Optional[Grammar]]], batch: int, vocab_size: int):
+        grammars = [grammar] * batch if isinstance(grammar, Grammar) else list(grammar)
+        if len(grammars) != batch:
+            raise ValueError(f"got {len(grammars)} grammars for {batch} prompts: one for all, or one (or None) each")
+        if any(g is not None and g.vocab_size != vocab_size for g in grammars):
+            raise ValueError("the grammar was compiled for another vocabulary size than this model's")
+        self.rows = [g.constraint() if g is not None else None for g in grammars]
+        self.vocab_size = vocab_size
+        self.ended = [c is None for c in self.rows]  # free rows and ended grammars: nothing to mask
+
+    def __bool__(self) -> bool:
+        return True
+
+    def allowed(self, device: torch.device) -> torch.Tensor:
+        """(B, vocab) bool: the tokens each row may take next (every token for a free or ended row)."""
+        mask = torch.ones(len(self.rows), self.vocab_size, dtype=torch.bool)
+        for b, c in enumerate(self.rows):
+            if not self.ended[b]:
+                allowed = c.allowed()
+                mask[b, :allowed.numel()] = allowed
+                mask[b, allowed.numel():] = False
+        return mask.to(device)
+
+    def advance(self, tokens: Sequence[int]) -> List[int]:
+        """Feed each row its new token; the rows whose grammar ended with it (or whose end token it was)."""
+        now = []
+        for b, (c, t) in enumerate(zip(self.rows, tokens)):
+            if self.ended[b]:
+                continue
+            if not c.advance(t) or c.done:
+                self.ended[b] = True
+                now.append(b)
+        return now
 
 
 def mask_logits(logits: torch.Tensor, constraints: Sequence[Optional[Constraint]]) -> torch.Tensor:
@@ -208,5 +269,6 @@ def parse_structured_outputs(value: Optional[Dict[str, Any]]) -> Optional[Output
     return OutputFormat(kind, None if kind == "json_object" else spec)
 
 
-__all__ = ["Constraint", "KINDS", "OutputFormat", "StructuredOutputError", "compile_grammar", "mask_logits",
-           "parse_response_format", "parse_structured_outputs", "vocabulary"]
+__all__ = ["Constraint", "Grammar", "GrammarRows", "KINDS", "OutputFormat", "StructuredOutputError", "check_format",
+           "compile_grammar",
+           "mask_logits", "parse_response_format", "parse_structured_outputs", "vocabulary"]

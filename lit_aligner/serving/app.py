@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Penalties, Sampling
-from lit_aligner.generation.structured import (OutputFormat, StructuredOutputError, compile_grammar,
+from lit_aligner.generation.structured import (Grammar, OutputFormat, StructuredOutputError, compile_grammar,
                                                parse_response_format, parse_structured_outputs)
 from lit_aligner.prompts import (conversation_question, correction_prompt, encode_prompt, get_template,
                                  is_correction)
@@ -262,7 +262,7 @@ class AlignerServer:
                        stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
-    def grammar(self, body: _Body) -> Optional[str]:
+    def grammar(self, body: _Body) -> Optional[Grammar]:
         """The compiled grammar of the body's structured output (None: free text); 400 when it cannot compile."""
         fmt = body.output_format()
         if fmt is None:

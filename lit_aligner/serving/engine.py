@@ -46,7 +46,7 @@ import torch
 
 from lit_aligner.generation.engine import (Penalties, PenaltyState, Sampling, check_penalties, check_sampling,
                                            draw_noise, find_stop, sample)
-from lit_aligner.generation.structured import Constraint, mask_logits
+from lit_aligner.generation.structured import Grammar, mask_logits
 from lit_aligner.model import LLaMA, PrefixKV
 from lit_aligner.serving.prefix_cache import PrefixCache
 
@@ -117,7 +117,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
     logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
-    grammar: Optional[str] = None  # structured output: a grammar from `structured.compile_grammar` (None: free text)
+    grammar: Optional[Grammar] = None  # structured output (`structured.compile_grammar`; None: free text)
     prompt_logprobs: Optional[int] = None  # the same for every prompt token (None: off); max_tokens may then be 0
     arrival: float = field(default_factory=time.monotonic)  # when it was made (latency metrics)
     cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
@@ -156,7 +156,7 @@ class _Row:
         self.final: Optional[Event] = None  # a finished row's last event, sent once it has left the batch
         self.logprobs: List[TokenLogprob] = []  # not yet emitted
         self.penalty = PenaltyState.start(req.penalties, [list(req.prompt_ids)], vocab, device)  # None: no penalty
-        self.constraint = Constraint(req.grammar, tokenizer, vocab) if req.grammar is not None else None
+        self.constraint = req.grammar.constraint() if req.grammar is not None else None
 
     @property
     def finished(self) -> bool:

@@ -12,7 +12,7 @@ tokenizer from ours once (a tokenizer.json as is; a SentencePiece model from its
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -129,35 +129,43 @@ def check_format(fmt: OutputFormat, tokenizer=None, vocab_size: Optional[int] = 
 
 @dataclass(frozen=True)
 class Grammar:
-    """A validated grammar for one tokenizer and vocabulary; `constraint()` starts a row in it."""
+    """A validated grammar for one vocabulary, built once (`compile_grammar`, where the request is read: a large
+    schema takes up to a second); `constraint()` starts a row in it from a copy of its matcher, which costs little
+    in the decoding loop."""
 
     source: str
-    tokenizer: Any
     vocab_size: int
+    matcher: Any = field(repr=False, compare=False)
 
     def constraint(self) -> "Constraint":
-        return Constraint(self.source, self.tokenizer, self.vocab_size)
+        return Constraint(self.matcher.deep_copy(), self.vocab_size)
 
 
 def compile_grammar(fmt: OutputFormat, tokenizer, vocab_size: int) -> Grammar:
     """`fmt` for this tokenizer and vocabulary size (the model's output rows)."""
-    return Grammar(check_format(fmt, tokenizer, vocab_size), tokenizer, vocab_size)
+    source = check_format(fmt, tokenizer, vocab_size)
+    matcher = _llguidance().LLMatcher(vocabulary(tokenizer, vocab_size), source)
+    if matcher.is_error():
+        raise StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: "
+                                    f"{' '.join(matcher.get_error().split())}")
+    return Grammar(source, vocab_size, matcher)
 
 
 class Constraint:
-    """One row's position in its grammar."""
+    """One row's position in its grammar (`Grammar.constraint()`)."""
 
-    def __init__(self, grammar: str, tokenizer, vocab_size: int):
-        llg = _llguidance()
-        from llguidance.torch import fill_next_token_bitmask
+    def __init__(self, matcher, vocab_size: int):
+        # llguidance.numpy, not llguidance.torch: importing that one compiles a kernel with torch.compile (~2 s)
+        import numpy as np
+        from llguidance.numpy import fill_next_token_bitmask
 
-        self.vocab_size, self._fill = vocab_size, fill_next_token_bitmask
-        self.matcher = llg.LLMatcher(vocabulary(tokenizer, vocab_size), grammar)
-        self._bits = torch.zeros(1, (vocab_size + 31) // 32, dtype=torch.int32)
+        self.matcher, self.vocab_size, self._fill = matcher, vocab_size, fill_next_token_bitmask
+        self._words = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+        self._bits = torch.from_numpy(self._words)  # the same memory
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool on the CPU: the tokens the grammar lets come next."""
-        self._fill(self.matcher, self._bits, 0)
+        self._fill(self.matcher, self._words, 0)
         bits = (self._bits[0][:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (words, 32), low bit first
         return bits.flatten()[:self.vocab_size].bool()
 

@@ -379,7 +379,7 @@ class AlignerServer:
         """Both endpoints: resolve the model, build one request per prompt and choice, answer as JSON or as a stream
         of chunks (choice p * n + j: prompt p's choice j)."""
         body.check()
-        grammar = self.grammar(body)
+        grammar = await asyncio.to_thread(self.grammar, body)  # a large schema compiles for up to a second
         aligner = await self.resolve(body.model)
         kind = "chat" if messages is not None else "text"
         try:

@@ -511,9 +511,14 @@ def test_a_conversation_longer_than_the_limit_keeps_the_answers_that_fit(tok, tm
     for max_len, policy, cut, context in cases:
         train, _, info = sft(f, tok, "chat", max_len, val_fraction=0.0, turns="all", truncation=policy)
         assert torch.equal(train[0]["response"], r[:cut]) and train[0]["context"].tolist() == context, (max_len, policy)
-        assert info["truncated"] == 1 and info["answers"] == len(context) // 2 + 1
+        assert info["answers"] == len(context) // 2 + 1 and info["answers_dropped"] == 3 - info["answers"]
+        assert info["truncated"] == (policy == "truncate")  # under drop no answer is cut, later ones are left out
     with pytest.raises(DataError, match="no training rows"):
         sft(f, tok, "chat", P + s1 - 1, val_fraction=0.0, turns="all")
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]
+    two = write_jsonl(tmp_path / "two.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": short}])
+    _, _, info = sft(two, tok, "chat", P + s1 - 1, val_fraction=0.0, turns="all")
+    assert (info["dropped"], info["answers"], info["answers_dropped"]) == (1, 1, 3)  # the short one fits
     # a prepared directory cut down to a smaller limit gives the same rows
     prepare("sft", f, tmp_path / "prep", tok, "chat", DataOptions(turns="all", val_fraction=0.0))
     for max_len, policy, cut, context in cases:

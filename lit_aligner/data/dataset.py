@@ -165,8 +165,8 @@ def fit_item(kind: str, item: Dict[str, torch.Tensor], max_len: int,
 def _fit_conversation(item: Dict[str, torch.Tensor], max_len: int,
                       truncation: str) -> Optional[Tuple[Dict[str, torch.Tensor], int]]:
     """A sequence of several answers keeps the ones that fit, as one row per answer would: drop: the answers that end
-    within max_len (each context span starts where an answer ends); truncate: everything up to max_len, less a
-    trailing piece of context. None when not one answer token fits."""
+    within max_len (each context span starts where an answer ends; not counted as truncated: no answer is cut);
+    truncate: everything up to max_len, less a trailing piece of context. None when not one answer token fits."""
     p, r, spans = item["prompt"], item["response"], context_spans(item["context"])
     room = max_len - len(p)
     if len(r) <= room:
@@ -178,7 +178,7 @@ def _fit_conversation(item: Dict[str, torch.Tensor], max_len: int,
     if cut <= 0:
         return None
     kept = [x for s, e in spans if e <= cut for x in (s, e)]
-    return {**item, "response": r[:cut], "context": torch.tensor(kept, dtype=torch.long)}, 1
+    return {**item, "response": r[:cut], "context": torch.tensor(kept, dtype=torch.long)}, int(truncation != "drop")
 
 
 def pad_rows(rows: Sequence[Sequence[torch.Tensor]], pad_id: Optional[int]) -> Dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, fit_item
+from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, context_spans, fit_item
 from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
                                       every_answer, parse_field_map, row_to_example)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
@@ -144,7 +144,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     in_val = set(val_idx)
     out: Dict[str, list] = {"train": [], "val": []}
     fmt = None if options.format == "auto" else options.format
-    counts = {"identical_pairs": 0, "chosen_unsafe": 0, "unpacked": 0}
+    counts = {"identical_pairs": 0, "chosen_unsafe": 0, "unpacked": 0, "answers_dropped": 0}
     every_turn = kind == "sft" and options.turns == "all"
     for i, (where, row) in enumerate(records):
         try:
@@ -178,7 +178,11 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 info["bad_row_examples"].append(f"{where}: {e}")
             continue
         for ids in rows:
-            fitted = fit_item(kind, dict(zip(KIND_FIELDS[kind], ids)), options.max_seq_length, options.truncation)
+            item = dict(zip(KIND_FIELDS[kind], ids))
+            fitted = fit_item(kind, item, options.max_seq_length, options.truncation)
+            if every_turn:  # answers of a conversation left out past the limit (the row may stay)
+                answers = len(context_spans(item["context"])) + 1
+                counts["answers_dropped"] += answers - (len(context_spans(fitted[0]["context"])) + 1 if fitted else 0)
             if fitted is None:
                 info["dropped"] += 1
                 continue
@@ -186,7 +190,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             out["val" if i in in_val else "train"].append(tuple(fitted[0][name] for name in KIND_FIELDS[kind]))
     info["format"] = fmt
     if every_turn:
-        info.update(turns="all", unpacked=counts["unpacked"])
+        info.update(turns="all", unpacked=counts["unpacked"], answers_dropped=counts["answers_dropped"])
     if fmt == "pku":
         info.update(preference=preference, chosen_unsafe=counts["chosen_unsafe"])
     if kind == "preference":
@@ -255,7 +259,7 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
 def describe(info: Dict[str, Any]) -> str:
     """One line of the counts in an info dict, for the scripts and logs."""
     keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val", "answers",
-            "chosen_unsafe"]
+            "answers_dropped", "chosen_unsafe"]
     counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
     turns = f", turns {info['turns']}" if "turns" in info else ""
     head = f"{info.get('kind')} data from {info.get('source')} (format {info.get('format')}{turns}, template " \

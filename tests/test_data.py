@@ -524,7 +524,7 @@ def test_a_conversation_longer_than_the_limit_keeps_the_answers_that_fit(tok, tm
     for max_len, policy, cut, context in cases:
         train, _, info = sft(tmp_path / "prep", tok, "chat", max_len, truncation=policy)
         assert torch.equal(train[0]["response"], r[:cut]) and train[0]["context"].tolist() == context
-        assert info["answers"] == len(context) // 2 + 1
+        assert info["answers"] == len(context) // 2 + 1 and info["answers_dropped"] == 3 - info["answers"]
 
 
 def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok, tmp_path):

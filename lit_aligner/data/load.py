@@ -249,7 +249,8 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
             info["truncated"] = info.get("truncated", 0) + truncated
             info["dropped"] = info.get("dropped", 0) + dropped
     info.update(kept=len(train) + len(val), train=len(train), val=len(val))
-    if "answers" in info:
+    if "answers" in info:  # --turns all: answers left out by a smaller limit count as dropped answers
+        info["answers_dropped"] = info.get("answers_dropped", 0) + info["answers"] - train.answers() - val.answers()
         info["answers"] = train.answers() + val.answers()
     if not len(train):
         raise DataError(f"{data}: no training rows fit --max-seq-length {options.max_seq_length}.")

@@ -498,6 +498,8 @@ def test_error_paths(server, client, base_name):
         chat(client, base_name, "hi", n=17)
     with pytest.raises(openai.BadRequestError, match="best_of"):
         chat(client, base_name, "hi", extra_body={"best_of": 2})
+    with pytest.raises(openai.BadRequestError, match="'audio' is not supported"):
+        chat(client, base_name, "hi", audio={"voice": "alloy", "format": "wav"})
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         chat(client, base_name, "hi", top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):

@@ -43,7 +43,8 @@ from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAli
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
-UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix")  # (completions declare `echo`: chat gets the 400)
+UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix",  # (completions declare `echo`: chat gets the 400)
+               "audio", "web_search_options")
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch

@@ -155,19 +155,11 @@ class Constraint:
     """One row's position in its grammar (`Grammar.constraint()`)."""
 
     def __init__(self, matcher, vocab_size: int):
-        # llguidance.numpy, not llguidance.torch: importing that one compiles a kernel with torch.compile (~2 s)
-        import numpy as np
-        from llguidance.numpy import fill_next_token_bitmask
-
-        self.matcher, self.vocab_size, self._fill = matcher, vocab_size, fill_next_token_bitmask
-        self._words = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
-        self._bits = torch.from_numpy(self._words)  # the same memory
+        self.matcher, self.vocab_size = matcher, vocab_size
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool on the CPU: the tokens the grammar lets come next."""
-        self._fill(self.matcher, self._words, 0)
-        bits = (self._bits[0][:, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (words, 32), low bit first
-        return bits.flatten()[:self.vocab_size].bool()
+        return allowed_tokens([self], self.vocab_size)[0]
 
     def advance(self, token: int) -> bool:
         """Take a sampled token; False when the grammar refuses it (then `error` says why)."""
@@ -181,6 +173,26 @@ class Constraint:
     @property
     def error(self) -> str:
         return self.matcher.get_error() if self.matcher.is_error() else ""
+
+
+_executor = None  # llguidance's thread pool: the masks of a batch's rows computed in parallel
+
+
+def allowed_tokens(constraints: Sequence[Optional[Constraint]], vocab_size: int) -> torch.Tensor:
+    """(n, vocab_size) bool on the CPU: the tokens each row's constraint allows next (every token for a None row),
+    the rows' masks computed in parallel (16 rows of a JSON schema on 2 cores: 1.8 ms instead of 2.8 one by one)."""
+    global _executor
+    # llguidance.numpy, not llguidance.torch: importing that one compiles a kernel with torch.compile (~2 s)
+    import numpy as np
+    from llguidance.numpy import fill_next_token_bitmask_par
+
+    words = np.full((len(constraints), (vocab_size + 31) // 32), -1, dtype=np.int32)  # -1: every bit allowed
+    rows = [(c.matcher, i) for i, c in enumerate(constraints) if c is not None]
+    if rows:
+        _executor = _executor or _llguidance().LLExecutor()
+        fill_next_token_bitmask_par(_executor, rows, words)
+    bits = (torch.from_numpy(words)[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # low bit first
+    return bits.flatten(1)[:, :vocab_size].bool()
 
 
 class GrammarRows:
@@ -202,13 +214,8 @@ class GrammarRows:
 
     def allowed(self, device: torch.device) -> torch.Tensor:
         """(B, vocab) bool: the tokens each row may take next (every token for a free or ended row)."""
-        mask = torch.ones(len(self.rows), self.vocab_size, dtype=torch.bool)
-        for b, c in enumerate(self.rows):
-            if not self.ended[b]:
-                allowed = c.allowed()
-                mask[b, :allowed.numel()] = allowed
-                mask[b, allowed.numel():] = False
-        return mask.to(device)
+        live = [None if ended else c for c, ended in zip(self.rows, self.ended)]
+        return allowed_tokens(live, self.vocab_size).to(device)
 
     def advance(self, tokens: Sequence[int]) -> List[int]:
         """Feed each row its new token; the rows whose grammar ended with it (or whose end token it was)."""
@@ -226,13 +233,7 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Optional[Constraint]
     """logits (n, V) with every token a row's constraint refuses at -inf (a copy; rows without one unchanged)."""
     if not any(c is not None for c in constraints):
         return logits
-    out = logits.clone()
-    for i, c in enumerate(constraints):
-        if c is not None:
-            allowed = c.allowed().to(out.device)
-            out[i, :allowed.numel()].masked_fill_(~allowed, float("-inf"))
-            out[i, allowed.numel():] = float("-inf")
-    return out
+    return logits.masked_fill(~allowed_tokens(constraints, logits.shape[-1]).to(logits.device), float("-inf"))
 
 
 def parse_response_format(value: Optional[Dict[str, Any]]) -> Optional[OutputFormat]:
@@ -277,6 +278,6 @@ def parse_structured_outputs(value: Optional[Dict[str, Any]]) -> Optional[Output
     return OutputFormat(kind, None if kind == "json_object" else spec)
 
 
-__all__ = ["Constraint", "Grammar", "GrammarRows", "KINDS", "OutputFormat", "StructuredOutputError", "check_format",
-           "compile_grammar",
-           "mask_logits", "parse_response_format", "parse_structured_outputs", "vocabulary"]
+__all__ = ["Constraint", "Grammar", "GrammarRows", "KINDS", "OutputFormat", "StructuredOutputError", "allowed_tokens",
+           "check_format", "compile_grammar", "mask_logits", "parse_response_format", "parse_structured_outputs",
+           "vocabulary"]

@@ -3,11 +3,11 @@ Lark grammar (OpenAI's `response_format`, vLLM's `structured_outputs`), through 
 Guidance, one of vLLM's and SGLang's backends).
 
 A grammar is compiled once per request (`compile_grammar`, which also validates it against the vocabulary); each row
-that decodes under it holds a `Constraint`: before a token is sampled, `allowed()` gives the tokens that keep the text
-inside the grammar (the others' logits become -inf, so greedy and sampled rows alike stay in it), and `advance` feeds
-it the token taken. The end tokens are allowed only where the grammar may end, and a row whose grammar cannot go on
-(`done`: a JSON value closed) stops there. llguidance works on the CPU, on the tokens' bytes: `vocabulary` builds its
-tokenizer from ours once (a tokenizer.json as is; a SentencePiece model from its pieces).
+that decodes under it holds a `Constraint`: before a token is sampled, `allowed_tokens` gives the tokens that keep
+the text inside the grammar (the others' logits become -inf, so greedy and sampled rows alike stay in it), and
+`advance` feeds it the token taken. The end tokens are allowed only where the grammar may end, and a row whose
+grammar cannot go on (`done`: a JSON value closed) stops there. llguidance works on the CPU, on the tokens' bytes:
+`vocabulary` builds its tokenizer from ours once (a tokenizer.json as is; a SentencePiece model from its pieces).
 """
 
 import json
@@ -116,15 +116,16 @@ class _PieceTokens:
         return self._plain.encode(text)
 
 
-def check_format(fmt: OutputFormat, tokenizer=None, vocab_size: Optional[int] = None) -> str:
-    """The grammar of `fmt`, validated (against the vocabulary when a tokenizer is given; without one, before a model
-    is loaded): StructuredOutputError naming the problem otherwise."""
-    llg = _llguidance()
-    grammar = fmt.grammar()
-    error = llg.LLMatcher.validate_grammar(grammar, vocabulary(tokenizer, vocab_size) if tokenizer else None)
+def _cannot_compile(fmt: OutputFormat, error: str) -> StructuredOutputError:
+    return StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: {' '.join(error.split())}")
+
+
+def check_format(fmt: OutputFormat) -> None:
+    """StructuredOutputError naming the problem when `fmt` does not compile, found without a vocabulary: before a
+    model is loaded."""
+    error = _llguidance().LLMatcher.validate_grammar(fmt.grammar())
     if error:
-        raise StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: {' '.join(error.split())}")
-    return grammar
+        raise _cannot_compile(fmt, error)
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,11 @@ class Grammar:
 
 def compile_grammar(fmt: OutputFormat, tokenizer, vocab_size: int) -> Grammar:
     """`fmt` for this tokenizer and vocabulary size (the model's output rows)."""
-    source = check_format(fmt, tokenizer, vocab_size)
-    matcher = _llguidance().LLMatcher(vocabulary(tokenizer, vocab_size), source)
+    source = fmt.grammar()
+    # log_level 0: a grammar that does not compile is reported here, not also as a warning on stderr
+    matcher = _llguidance().LLMatcher(vocabulary(tokenizer, vocab_size), source, log_level=0)
     if matcher.is_error():
-        raise StructuredOutputError(f"the {fmt.kind.replace('_', ' ')} cannot be compiled: "
-                                    f"{' '.join(matcher.get_error().split())}")
+        raise _cannot_compile(fmt, matcher.get_error())
     return Grammar(source, vocab_size, matcher)
 
 
@@ -156,10 +157,6 @@ class Constraint:
 
     def __init__(self, matcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
-
-    def allowed(self) -> torch.Tensor:
-        """(vocab_size,) bool on the CPU: the tokens the grammar lets come next."""
-        return allowed_tokens([self], self.vocab_size)[0]
 
     def advance(self, token: int) -> bool:
         """Take a sampled token; False when the grammar refuses it (then `error` says why)."""
@@ -205,26 +202,20 @@ class GrammarRows:
             raise ValueError(f"got {len(grammars)} grammars for {batch} prompts: one for all, or one (or None) each")
         if any(g is not None and g.vocab_size != vocab_size for g in grammars):
             raise ValueError("the grammar was compiled for another vocabulary size than this model's")
+        # None: a free row, or one whose grammar has ended (nothing to mask)
         self.rows = [g.constraint() if g is not None else None for g in grammars]
         self.vocab_size = vocab_size
-        self.ended = [c is None for c in self.rows]  # free rows and ended grammars: nothing to mask
-
-    def __bool__(self) -> bool:
-        return True
 
     def allowed(self, device: torch.device) -> torch.Tensor:
         """(B, vocab) bool: the tokens each row may take next (every token for a free or ended row)."""
-        live = [None if ended else c for c, ended in zip(self.rows, self.ended)]
-        return allowed_tokens(live, self.vocab_size).to(device)
+        return allowed_tokens(self.rows, self.vocab_size).to(device)
 
     def advance(self, tokens: Sequence[int]) -> List[int]:
         """Feed each row its new token; the rows whose grammar ended with it (or whose end token it was)."""
         now = []
         for b, (c, t) in enumerate(zip(self.rows, tokens)):
-            if self.ended[b]:
-                continue
-            if not c.advance(t) or c.done:
-                self.ended[b] = True
+            if c is not None and (not c.advance(t) or c.done):
+                self.rows[b] = None
                 now.append(b)
         return now
 

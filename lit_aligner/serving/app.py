@@ -105,16 +105,20 @@ class _Body(BaseModel):
     response_format: Optional[Dict[str, Any]] = None  # OpenAI's: text, json_object, json_schema
     structured_outputs: Optional[Dict[str, Any]] = None  # vLLM's extra: json, regex, choice, grammar
 
+    @property
+    def format_field(self) -> str:
+        """The field that says what the answers must be (what a 400 about it names)."""
+        return "response_format" if self.response_format is not None else "structured_outputs"
+
     def output_format(self) -> Optional[OutputFormat]:
         """What the answers must be (None: free text); 400 on a malformed response_format / structured_outputs."""
         if self.response_format is not None and self.structured_outputs is not None:
             raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
-        param = "response_format" if self.response_format is not None else "structured_outputs"
         try:
             return parse_response_format(self.response_format) if self.response_format is not None else \
                 parse_structured_outputs(self.structured_outputs)
         except StructuredOutputError as e:
-            raise APIError(400, str(e), param=param) from None
+            raise APIError(400, str(e), param=self.format_field) from None
 
     def stop_strings(self) -> List[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -271,8 +275,7 @@ class AlignerServer:
         try:
             return compile_grammar(fmt, self.tokenizer, self.engine.model.lm_head_weight.shape[0])
         except StructuredOutputError as e:
-            raise APIError(400, str(e), param="response_format" if body.response_format is not None
-                           else "structured_outputs") from None
+            raise APIError(400, str(e), param=body.format_field) from None
 
     async def resolve(self, name: str) -> Optional[ServedAligner]:
         if name == self.base_name:

@@ -523,17 +523,16 @@ class Engine:
                 continue
             r.text += r.decoder.step(t)
             cut = find_stop(r.text, req.stop, r.sent - r.hold)
+            grammar_ended = r.constraint is not None and r.constraint.done
             if cut is not None:
                 r.text = r.text[:cut]
                 self._finish(r, "stop")
-            elif r.generated >= req.max_tokens or r.length >= self.max_seq_length or \
-                    (r.constraint is not None and r.constraint.done):
+            elif r.generated >= req.max_tokens or r.length >= self.max_seq_length or grammar_ended:
                 r.text += r.decoder.flush()
                 cut = find_stop(r.text, req.stop, r.sent - r.hold)
                 if cut is not None:
                     r.text = r.text[:cut]
-                complete = cut is not None or (r.constraint is not None and r.constraint.done)
-                self._finish(r, "stop" if complete else "length")
+                self._finish(r, "stop" if cut is not None or grammar_ended else "length")
             else:
                 keep = len(r.text) - r.hold
                 if keep > r.sent:  # with the tokens since the last piece (held text holds theirs too)

@@ -97,8 +97,9 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
-    if not messages or messages[-1].get("role") != "user":
-        raise ValueError("a prompt conversation must end with a user message (the turn the response answers)")
+    if not messages or messages[-1].get("role") not in ("user", "tool"):
+        raise ValueError("a prompt conversation must end with a user message or a tool result (the turn the response "
+                         "answers)")
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,11 @@ class ChatTemplate(PromptTemplate):
                              f"{f' ({where} has none)' if where else ''}; pick another template "
                              f"(alpaca, beaver, hh, plain)")
 
-    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None) -> str:
+    def render_messages(self, messages: Sequence[Message], tokenizer: Any = None, **variables: Any) -> str:
+        """variables: more for the template (`tools`, as transformers passes them)."""
         _check_messages(messages)
         self._need(tokenizer)
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **variables)
 
     def completion(self, response: str, messages: Optional[Sequence[Message]] = None, tokenizer: Any = None) -> str:
         """The assistant turn as the template writes it, end-of-turn token included: the suffix of the full

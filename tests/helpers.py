@@ -37,8 +37,9 @@ def bpe_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int, eos: str 
 
 
 def sp_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int) -> Path:
-    """Train a SentencePiece BPE model (byte fallback; <pad> <s> </s> as ids 3 1 2, the chat markers user-defined)
-    on `corpus` into d/tokenizer.model, with a tokenizer_config.json (a ChatML chat template). Returns d."""
+    """Train a SentencePiece BPE model set up as LLaMA-2's (byte fallback, no normalisation: a line break is its byte
+    piece, not a space; <pad> <s> </s> as ids 3 1 2, the chat markers user-defined) on `corpus` into
+    d/tokenizer.model, with a tokenizer_config.json (a ChatML chat template). Returns d."""
     import io
 
     import sentencepiece as spm
@@ -47,6 +48,7 @@ def sp_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int) -> Path:
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(list(corpus)), model_writer=model, vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, user_defined_symbols=SPECIALS[3:],
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    pad_id=3, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
     (d / "tokenizer.model").write_bytes(model.getvalue())
     (d / "tokenizer_config.json").write_text(json.dumps({

@@ -3,6 +3,7 @@ and is queried with the `openai` client library (and raw HTTP where the client w
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -532,7 +533,6 @@ CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength":
 def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server, client, base_name):
     """response_format (OpenAI) and structured_outputs (vLLM): every answer parses and fits, greedy or sampled, from
     the base or an Aligner, streamed or not; the same question unconstrained is prose, so the constraint did it."""
-    import re
 
     q = "Name a big city and its population."
     free = chat(client, base_name, q, max_tokens=40).choices[0].message.content
@@ -565,6 +565,125 @@ def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server,
         with pytest.raises(openai.BadRequestError) as e:
             chat(client, base_name, q, **kw)
         assert e.value.body["param"] == param, kw
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the current time in a time zone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+                   "required": ["timezone"], "additionalProperties": False}}}
+
+
+def weather_call(call) -> dict:
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather", call
+    assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit")
+    return args
+
+
+def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, base_name):
+    """tools / tool_choice with the real client: a named function and "required" give calls whose arguments fit the
+    function (greedy on the base, sampled with n=2 on an Aligner, streamed), "none" gives prose; under "auto" the calls
+    the model writes are read (its answer forced here by a regex, as a tool-calling model would write it), streamed or
+    not; the next turn sends the call and its result back. Every bad field is a 400 naming it."""
+    q = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=base_name, messages=q, tools=[WEATHER, CLOCK], tool_choice=named,
+                                       max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1
+    assert "Paris" in weather_call(choice.message.tool_calls[0])["city"]
+    named_args = choice.message.tool_calls[0].function.arguments
+    r = client.chat.completions.create(model="a3", messages=q, tools=[WEATHER, CLOCK], tool_choice="required", n=2,
+                                       parallel_tool_calls=False, max_tokens=60, temperature=1.0, seed=3)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+        call = choice.message.tool_calls[0]
+        assert call.function.name in ("get_weather", "get_time") and json.loads(call.function.arguments)
+    prose = client.chat.completions.create(model=base_name, messages=q, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=30, temperature=0).choices[0]
+    assert prose.message.tool_calls is None and prose.message.content and "<tool_call>" not in prose.message.content
+    stream = client.chat.completions.create(model=base_name, messages=q, tools=[WEATHER, CLOCK], tool_choice=named,
+                                            max_tokens=60, temperature=0, stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    deltas = [d for c in chunks for d in (c.delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and chunks[-1].finish_reason == "tool_calls"
+    assert deltas[0].function.arguments == named_args and deltas[0].function.name == "get_weather"
+    assert not "".join(c.delta.content or "" for c in chunks)
+    # auto: the model's own calls are read, its words around them stay the content
+    written = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' \
+              '\n</tool_call>'
+    force = {"structured_outputs": {"regex": re.escape(written)}}
+    r = client.chat.completions.create(model=base_name, messages=q, tools=[WEATHER, CLOCK], max_tokens=60,
+                                       temperature=0, extra_body=force)
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and message.content == "Let me check."
+    assert weather_call(message.tool_calls[0]) == {"city": "Paris", "unit": "celsius"}
+    stream = list(client.chat.completions.create(model=base_name, messages=q, tools=[WEATHER, CLOCK], max_tokens=60,
+                                                 temperature=0, extra_body=force, stream=True, logprobs=True,
+                                                 stream_options={"include_usage": True}))
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks).strip() == "Let me check."
+    # every token's log-probability is sent once, also those of text held back while a call was read
+    assert sum(len(c.logprobs.content) for c in chunks if c.logprobs) == stream[-1].usage.completion_tokens
+    assert [d.function.name for c in chunks for d in (c.delta.tool_calls or [])] == ["get_weather"]
+    assert chunks[-1].finish_reason == "tool_calls"
+    # the next turn: the call and its result go back in, as the template renders them (here: as text)
+    turn = q + [{"role": "assistant", "content": None, "tool_calls": [message.tool_calls[0].model_dump()]},
+                {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"sky": "sunny", "c": 21}'}]
+    status, tokens = http(server.url + "/tokenize", json.dumps({"messages": turn, "tools": [WEATHER]}).encode(),
+                          {"Content-Type": "application/json"})
+    prompt = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
+                  {"Content-Type": "application/json"})[1]["prompt"]
+    assert status == 200 and '<|im_start|>user\n<tool_response>\n{"sky": "sunny", "c": 21}\n</tool_response>' in prompt
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": ' \
+           '"celsius"}}\n</tool_call><|im_end|>' in prompt and prompt.count('"get_weather"') == 2
+    answer = client.chat.completions.create(model=base_name, messages=turn, tools=[WEATHER], max_tokens=20,
+                                            temperature=0)
+    assert answer.usage.prompt_tokens == tokens["count"]
+    # errors: one 400 naming the field
+    for kw, param in [({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+                      ({"tools": [WEATHER, WEATHER]}, "tools"),
+                      ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+                       "tools"),
+                      ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                       "tool_choice"),
+                      ({"tool_choice": "required"}, "tool_choice"),
+                      ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+                       "tool_choice"),
+                      ({"extra_body": {"functions": [WEATHER["function"]]}}, "functions")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=base_name, messages=q, max_tokens=5, **kw)
+        assert e.value.body["param"] == param, kw
+    with pytest.raises(openai.BadRequestError, match="correction Aligner"):
+        client.chat.completions.create(model="fixer", messages=q, max_tokens=5, tools=[WEATHER])
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.completions.create(model=base_name, prompt="hi", max_tokens=5, extra_body={"tools": [WEATHER]})
+
+
+def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
+    """A chat template that renders tools in another format than Hermes' (Llama 3.1's): its model's own calls would
+    not be read, so "auto" is a 400 that says what works instead; "required" renders with the template's tools."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.serving.app import AlignerServer, APIError
+    from lit_aligner.serving.tools import parse_tools
+
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    server = AlignerServer(None, None, tok, "base")
+    q = [{"role": "user", "content": "Weather in Paris?"}]
+    with pytest.raises(APIError, match="use tool_choice .required. or a named function") as e:
+        server.chat_prompt(None, q, parse_tools([WEATHER]))
+    assert e.value.status == 400 and e.value.param == "tool_choice"
+    assert '"get_weather"' in server.chat_prompt(None, q, parse_tools([WEATHER], "required"))
 
 
 def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):

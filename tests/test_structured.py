@@ -122,3 +122,137 @@ def test_generate_cli_structured_flags_and_their_errors(tiny_checkpoint_dir, tmp
                            (["--json-schema", "{nope"], "error: --json-schema is neither a file nor valid JSON")]:
         p = helpers.run_script(*base, "--prompt", "x", *flags)
         assert p.returncode != 0 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# --- tool calls (`lit_aligner.serving.tools`): forced calls are a grammar, the answer's calls are read back -----------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CODE = {"type": "function", "function": {
+    "name": "lookup", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                                           "maximum": 99}},
+                                     "required": ["n"], "additionalProperties": False}}}
+
+
+def fits(call) -> bool:
+    """Whether a read-back call is one of the two functions with arguments its schema allows."""
+    args = json.loads(call.arguments)
+    if call.name == "get_weather":
+        return set(args) == {"city", "unit"} and len(args["city"]) <= 6 and args["unit"] in ("c", "f")
+    return call.name == "lookup" and set(args) == {"n"} and isinstance(args["n"], int) and 0 <= args["n"] <= 99
+
+
+def test_forced_tool_calls_decode_to_calls_that_fit_their_functions(tok):
+    """tool_choice "required" (parallel or not) and a named function as grammars: whatever the logits, the answer reads
+    back as calls of the allowed functions with arguments their schemas allow, and nothing else."""
+    from lit_aligner.serving.tools import parse_tools, split_calls
+
+    vocab = tok.vocab_size
+    names = set()
+    for choice, parallel, allowed in [("required", False, {"get_weather", "lookup"}),
+                                      ("required", True, {"get_weather", "lookup"}),
+                                      ({"type": "function", "function": {"name": "lookup"}}, True, {"lookup"})]:
+        fmt = parse_tools([WEATHER, CODE], choice, parallel).output_format()
+        for seed in range(8):
+            text, ended = decode_under(fmt, tok, seed, vocab, steps=400)
+            content, calls = split_calls(text)
+            assert ended and content is None and calls, text
+            assert all(fits(c) and c.name in allowed for c in calls), text
+            assert len(calls) == 1 or (choice == "required" and parallel), text
+            names |= {c.name for c in calls}
+    assert names == {"get_weather", "lookup"}
+    # without the grammar the same logits write no call
+    g = torch.Generator().manual_seed(0)
+    assert split_calls(tok.decode([int(torch.randn(vocab, generator=g).argmax()) for _ in range(60)]))[1] == []
+
+
+def test_tool_fields_are_checked_with_the_field_named():
+    from lit_aligner.serving.tools import ToolError, parse_tools
+
+    assert parse_tools(None) is None and parse_tools([], "none") is None
+    spec = parse_tools([WEATHER, {"type": "function", "function": {"name": "ping"}}])
+    assert spec.choice == "auto" and spec.parallel and not spec.forced and spec.output_format() is None
+    assert spec.functions[1]["parameters"] == {"type": "object", "properties": {}}
+    for tools, choice, param, match in [
+            ("f", None, "tools", "must be a list"),
+            ([{"type": "function", "function": {"name": "bad name"}}], None, "tools", r"tools\[0\]"),
+            ([{"type": "code_interpreter"}], None, "tools", r"tools\[0\]"),
+            ([WEATHER, WEATHER], None, "tools", "given twice"),
+            ([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], None, "tools",
+             r"tools\[0\].function.parameters: the json schema cannot be compiled"),
+            ([WEATHER], "sometimes", "tool_choice", "tool_choice is"),
+            ([WEATHER], {"type": "function", "function": {"name": "lookup"}}, "tool_choice", "not among the tools"),
+            (None, "required", "tool_choice", "tool_choice needs tools")]:
+        with pytest.raises(ToolError, match=match) as e:
+            parse_tools(tools, choice)
+        assert e.value.param == param and "\n" not in str(e.value)
+
+
+TEXT = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>\n'
+        '<tool_call>\n{"oops": 1}\n</tool_call> and <tool_call>\n{"name": "lookup", "parameters": {"n": 7}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "lookup", "arguments": {"n": 8}}')
+
+
+def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer():
+    """`CallStream` fed the answer in pieces of any size (tags cut anywhere) gives the content and calls that
+    `split_calls` reads from the whole answer: well-formed calls, a malformed block kept as text, Llama's
+    "parameters", an unclosed last call."""
+    import random
+
+    from lit_aligner.serving.tools import Call, CallStream, split_calls
+
+    content, calls = split_calls(TEXT)
+    assert [c.name for c in calls] == ["get_weather", "lookup", "lookup"]
+    assert json.loads(calls[1].arguments) == {"n": 7} and '{"oops": 1}' in content and content.startswith("Checking.")
+    assert split_calls("no calls here") == ("no calls here", [])
+    rng = random.Random(0)
+    for sizes in ([1] * len(TEXT), [len(TEXT)], [rng.randint(1, 9) for _ in range(len(TEXT))]):
+        stream, pieces, at = CallStream(), [], 0
+        for n in sizes:
+            pieces += stream.feed(TEXT[at:at + n])
+            at += n
+        pieces += stream.close()
+        assert [p for p in pieces if isinstance(p, Call)] == calls
+        assert "".join(p for p in pieces if isinstance(p, str)).strip() == content
+
+
+def test_tool_turns_render_so_the_calls_read_back_in_hermes_and_in_plain_chat_templates(smollm2_dir):
+    """A conversation with tools, an earlier call and its result: Qwen2.5's own template (a Hermes one, as TRL ships
+    it) gets the tools and the call's arguments as objects, so it writes the call exactly as a forced answer writes
+    it; a template without tools (ChatML) gets the tools listed in a system message, the call as that text and the
+    result as a user turn. Either way the assistant turn reads back as the call, and Llama 3.1's template (tools in
+    another format) is told apart."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from helpers import CHATML
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.prompts import get_template
+    from lit_aligner.serving.tools import parse_tools, split_calls, template_style, tool_messages
+
+    templates = resources.files(trl) / "chat_templates"
+    qwen, llama = (templates / "qwen2_5.jinja").read_text(), (templates / "llama3_1.jinja").read_text()
+    assert (template_style(qwen), template_style(llama), template_style(CHATML), template_style(None)) == \
+        ("hermes", "other", "text", "text")
+    args = {"city": "Paris", "unit": "c"}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": json.dumps(args)}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'}]
+    spec = parse_tools([WEATHER, CODE])
+    tok = load_tokenizer(smollm2_dir)
+    for template in (qwen, CHATML):
+        tok.chat_template = template
+        turns, variables = tool_messages(messages, spec, template_style(template))
+        prompt = get_template("chat").render_messages(turns, tok, **variables)
+        assert prompt.count('"get_weather"') == 2 and '"lookup"' in prompt  # listed once, called once
+        answer = prompt.split("<|im_start|>assistant")[1].split("<|im_end|>")[0]
+        content, calls = split_calls(answer)
+        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", args)]
+        result = prompt.split("<|im_start|>")[-2]
+        assert result.startswith("user\n") and '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in result
+        assert prompt.endswith("<|im_start|>assistant\n")

@@ -16,6 +16,9 @@ Correction Aligners (metadata mode "correction") rewrite an answer: the request 
 message, or `prompt`) and the answer to correct in the extra body field `answer`. Without `answer`, one call runs both
 stages: the bare base answers the question first (same sampling parameters), then the Aligner rewrites that answer; the
 response carries the base's answer as `upstream_answer` and `usage` counts both stages.
+
+Tool calls (`tools`, `tool_choice`): `serving.tools` renders the tools into the prompt and reads the calls back out of
+the answer; forced calls are a grammar like structured outputs.
 """
 
 import asyncio
@@ -29,7 +32,7 @@ from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Tuple, Uni
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lit_aligner.generation.engine import Penalties, Sampling
@@ -40,11 +43,13 @@ from lit_aligner.prompts import (conversation_question, correction_prompt, encod
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
+from lit_aligner.serving.tools import (Call, CallStream, ToolError, Tools, has_tool_turns, parse_tools, split_calls,
+                                       template_style, tool_messages)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
-UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix",  # (completions declare `echo`: chat gets the 400)
-               "audio", "web_search_options")
+UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix",  # (chat declares `tools`, completions `echo`:
+               "audio", "web_search_options")                       # the other endpoint gets the 400)
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch
@@ -69,13 +74,40 @@ class TextPart(BaseModel):
     text: str
 
 
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[TextPart]]
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text
 
-    def as_dict(self) -> Dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+class ToolCall(BaseModel):  # an earlier call, in an assistant message
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart], None] = None  # None: an assistant message that only calls tools
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None  # a tool result: the call it answers
+
+    @model_validator(mode="after")
+    def _check(self) -> "Message":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return self
+
+    def as_dict(self) -> Dict[str, Any]:
+        text = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        out: Dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -147,6 +179,10 @@ class _Body(BaseModel):
         """None: no log-probabilities; k: each token's and its k most likely alternatives'."""
         return None
 
+    def tool_spec(self) -> Optional[Tools]:
+        """The functions the model may call and how (None: no tools)."""
+        return None
+
     def echo_prompt(self) -> bool:
         """Whether each choice starts with its prompt (and its logprobs with the prompt's)."""
         return False
@@ -157,11 +193,20 @@ class ChatBody(_Body):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Union[str, Dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
 
     def top_logprobs_k(self) -> Optional[int]:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_spec(self) -> Optional[Tools]:
+        try:
+            return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
 
 class CompletionBody(_Body):
@@ -192,12 +237,13 @@ class CompletionBody(_Body):
 
 class TokenizeBody(BaseModel):
     """vLLM's /tokenize: a prompt (BOS as the completions endpoint adds it, unless add_special_tokens is false) or
-    chat messages (the chat endpoint's rendering)."""
+    chat messages (the chat endpoint's rendering, `tools` too)."""
 
     model_config = ConfigDict(extra="allow")
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[List[Message]] = None
+    tools: Optional[List[Dict[str, Any]]] = None
     add_special_tokens: bool = True
 
 
@@ -223,12 +269,21 @@ class AlignerServer:
 
     # --- prompts ------------------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, str]]) -> str:
+    def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
+                    tools: Optional[Tools] = None) -> str:
         """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
-        template, else as plain text."""
+        template, else as plain text; tools and tool turns as `serving.tools` says."""
         name = (aligner.metadata.get("template") if aligner is not None else None) or \
             ("chat" if self.tokenizer.has_chat_template else "plain")
-        return get_template(name).render_messages(messages, self.tokenizer)
+        if tools is None and not has_tool_turns(messages):
+            return get_template(name).render_messages(messages, self.tokenizer)
+        style = template_style(self.tokenizer.chat_template if name == "chat" else None)
+        if tools is not None and tools.choice == "auto" and style == "other":
+            raise APIError(400, "this model's chat template writes tool calls in a format this server does not read "
+                                "(it reads Hermes' <tool_call> tags): use tool_choice \"required\" or a named "
+                                "function, which hold the answer to that format", param="tool_choice")
+        messages, variables = tool_messages(messages, tools, style)
+        return get_template(name).render_messages(messages, self.tokenizer, **variables)
 
     def encode(self, prompt: Union[str, List[int]]) -> List[int]:
         """A prompt's token ids (a text encoded as training encodes prompts; ids checked against the vocabulary),
@@ -267,15 +322,21 @@ class AlignerServer:
                        stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
-    def grammar(self, body: _Body) -> Optional[Grammar]:
-        """The compiled grammar of the body's structured output (None: free text); 400 when it cannot compile."""
-        fmt = body.output_format()
+    def grammar(self, body: _Body, tools: Optional[Tools]) -> Optional[Grammar]:
+        """The compiled grammar of the body's structured output or forced tool calls (None: free text); 400 when it
+        cannot compile."""
+        fmt, field = body.output_format(), body.format_field
+        if tools is not None and tools.forced:
+            if fmt is not None:
+                raise APIError(400, f"tool_choice {tools.choice!r} holds the answer to tool calls: drop {field}",
+                               param="tool_choice")
+            fmt, field = tools.output_format(), "tools"
         if fmt is None:
             return None
         try:
             return compile_grammar(fmt, self.tokenizer, self.engine.model.lm_head_weight.shape[0])
         except StructuredOutputError as e:
-            raise APIError(400, str(e), param=body.format_field) from None
+            raise APIError(400, str(e), param=field) from None
 
     async def resolve(self, name: str) -> Optional[ServedAligner]:
         if name == self.base_name:
@@ -350,13 +411,17 @@ class AlignerServer:
         raise APIError(499, "the client closed the request")  # nobody reads this; the row is already freed
 
     async def prompt_texts(self, body: _Body, http: HTTPRequest, aligner: Optional[ServedAligner],
-                           messages: Optional[List[Dict[str, str]]], prompts: Optional[List[Union[str, List[int]]]],
-                           default_max: Optional[int]) -> Tuple[List[Union[str, List[int]]], Optional[str], Tuple]:
+                           messages: Optional[List[Dict[str, Any]]], prompts: Optional[List[Union[str, List[int]]]],
+                           default_max: Optional[int],
+                           tools: Optional[Tools]) -> Tuple[List[Union[str, List[int]]], Optional[str], Tuple]:
         """What each prompt asks the model: the chat rendered with the Aligner's template, the completions' texts or
         ids as given, or for a correction Aligner the Q-A-C prompt (after the bare base has answered the question
         when the request gives no `answer`). Returns (prompts, the base's answer or None, the base's usage)."""
         if aligner is None or not is_correction(aligner.metadata):
-            return ([self.chat_prompt(aligner, messages)] if messages is not None else prompts), None, (0, 0)
+            return ([self.chat_prompt(aligner, messages, tools)] if messages is not None else prompts), None, (0, 0)
+        if tools is not None or has_tool_turns(messages or []):
+            raise APIError(400, f"'{aligner.name}' is a correction Aligner: it rewrites an answer and calls no tools",
+                           param="tools")
         if prompts is not None and len(prompts) > 1:
             raise APIError(400, f"a correction Aligner corrects one prompt per request, got {len(prompts)}",
                            param="prompt")
@@ -383,12 +448,13 @@ class AlignerServer:
         """Both endpoints: resolve the model, build one request per prompt and choice, answer as JSON or as a stream
         of chunks (choice p * n + j: prompt p's choice j)."""
         body.check()
-        grammar = await asyncio.to_thread(self.grammar, body)  # a large schema compiles for up to a second
+        tools = body.tool_spec()
+        grammar = await asyncio.to_thread(self.grammar, body, tools)  # a large schema compiles for up to a second
         aligner = await self.resolve(body.model)
         kind = "chat" if messages is not None else "text"
         try:
             asked, upstream_answer, usage0 = await self.prompt_texts(body, http, aligner, messages, prompts,
-                                                                     default_max)
+                                                                     default_max, tools)
         except ValueError as e:  # e.g. a conversation that does not end with a user message
             raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from None
         ids = [self.encode(p) for p in asked]
@@ -408,6 +474,7 @@ class AlignerServer:
         logprobs = reqs[0].logprobs is not None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        reads_calls = tools is not None and tools.choice != "none"  # the answers' tool calls are read
         queues = self.submit(*reqs)  # errors (429, 400) before any answer or stream are plain error responses
 
         def usage(completion_tokens: int, cached: List[int]) -> Dict[str, Any]:  # each prompt once, whatever n
@@ -427,6 +494,12 @@ class AlignerServer:
             if logprobs:
                 for choice, d in zip(out["choices"], dones):
                     choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
+            if reads_calls:
+                for choice in out["choices"]:
+                    content, calls = split_calls(choice["message"]["content"])
+                    if calls:
+                        choice["message"].update(content=content, tool_calls=[_call_json(c) for c in calls])
+                        choice["finish_reason"] = _finish_with_calls(choice["finish_reason"])
             if upstream_answer is not None:
                 out["upstream_answer"] = upstream_answer
             return JSONResponse(out)
@@ -464,6 +537,10 @@ class AlignerServer:
             offsets = [0] * len(reqs)  # characters of each choice's text sent so far (legacy logprobs' text_offset)
             started = [not echo] * len(reqs)  # the echoed prompt goes first, with its log-probabilities
             completion_tokens, cached = 0, [0] * len(reqs)
+            # tool calls: each choice's text split into content and whole calls as it comes (`CallStream`); the
+            # log-probabilities of text held back go with the next chunk of that choice
+            splits = [CallStream() for _ in reqs] if reads_calls else None
+            calls, held = [0] * len(reqs), [[] for _ in reqs]
             events = choices()
             try:
                 async for i, ev in events:
@@ -480,14 +557,33 @@ class AlignerServer:
                             chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.prompt_logprobs or [], 0)
                         offsets[i] = len(prompt_of[i])
                         yield _sse(chunk)
-                    if ev.text or ev.logprobs:
+                    if splits is None and (ev.text or ev.logprobs):
                         chunk = _chunk(kind, rid, created, body.model, ev.text, None, index=i)
                         if logprobs:
                             chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.logprobs, offsets[i])
                         offsets[i] += len(ev.text)
                         yield _sse(chunk)
+                    elif splits is not None:
+                        held[i].extend(ev.logprobs)
+                        pieces = splits[i].feed(ev.text) + (splits[i].close() if ev.finish is not None else [])
+                        for piece in pieces:
+                            if isinstance(piece, str) and (tools.forced or not piece):
+                                continue  # a forced answer's only text is the blank between its calls
+                            chunk = _chunk(kind, rid, created, body.model, piece if isinstance(piece, str) else "",
+                                           None, index=i)
+                            if not isinstance(piece, str):
+                                chunk["choices"][0]["delta"]["tool_calls"] = [_call_json(piece, calls[i])]
+                                calls[i] += 1
+                            if logprobs:
+                                chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], 0)
+                            held[i] = []
+                            yield _sse(chunk)
                     if ev.finish is not None:
-                        yield _sse(_chunk(kind, rid, created, body.model, "", ev.finish, index=i))
+                        finish = _finish_with_calls(ev.finish) if calls[i] else ev.finish
+                        chunk = _chunk(kind, rid, created, body.model, "", finish, index=i)
+                        if logprobs and held[i]:
+                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], 0)
+                        yield _sse(chunk)
                         completion_tokens += ev.completion_tokens
                         cached[i] = ev.cached_tokens
             finally:
@@ -600,7 +696,11 @@ class AlignerServer:
                 raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
             if body.messages is not None:
                 try:
-                    ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages]))
+                    tools = parse_tools(body.tools)
+                    ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages],
+                                                                         tools))
+                except ToolError as e:
+                    raise APIError(400, str(e), param=e.param) from None
                 except ValueError as e:
                     raise APIError(400, str(e), param="messages") from None
             elif body.add_special_tokens:
@@ -643,6 +743,18 @@ def _response(kind: str, rid: str, created: int, model: str, answers: List[Tuple
                for i, (text, finish) in enumerate(answers)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage}
+
+
+def _call_json(call: Call, index: Optional[int] = None) -> Dict[str, Any]:
+    """OpenAI's form of a tool call (a streamed one with its index among the choice's calls)."""
+    out = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+           "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
+
+
+def _finish_with_calls(finish: str) -> str:
+    """An answer that called tools and ended by itself ends with "tool_calls" (one cut by max_tokens: "length")."""
+    return "tool_calls" if finish == "stop" else finish
 
 
 def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: Optional[str], role: bool = False,

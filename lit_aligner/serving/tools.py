@@ -1,0 +1,275 @@
+"""Tool calling on the chat endpoint (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`), in one format,
+Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as Qwen2.5 and 3,
+Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it.
+
+The prompt: a chat template that renders tools in this format gets them as its `tools` variable (the transformers
+convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`). Any other
+template (SmolLM2's, LLaMA-2's, the named ones) gets a system message that lists the tools and the format, earlier calls
+as that text and results as user turns in `<tool_response>` tags, as Hermes templates render them. A template that
+renders tools in another format (Llama 3.1's JSON, Mistral's) gets them natively, and `auto` is refused: its model's
+own calls would not be read.
+
+The answer: `tool_choice` "required" or a named function holds it to calls in this format with a grammar, each call's
+arguments to its function's JSON schema (one call with a name or `parallel_tool_calls: false`): any model gives a call
+that parses, not necessarily a good one. "auto" (the default with tools) leaves the model free and reads the calls it
+writes; "none" reads none.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from lit_aligner.files import UserError
+from lit_aligner.generation.structured import OutputFormat, StructuredOutputError, check_format
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function name
+# A forced call's JSON is written as json.dumps writes it, as Hermes templates render calls (`tojson`) and as their
+# models write them. (Flexible whitespace would also make the end ambiguous: blank space after the object, or the
+# line break before the closing tag.)
+CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# a call's tags and what is between them; a last call may be unclosed (the model ended inside it)
+CALL = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
+
+
+class ToolError(UserError):
+    """A malformed `tools` / `tool_choice` (the server's 400, naming `param`)."""
+
+    def __init__(self, message: str, param: str = "tools"):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A request's functions ({"name", "description", "parameters"}) and its choice: "none", "auto", "required" or
+    the name of the one function to call."""
+
+    functions: Tuple[Dict[str, Any], ...]
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("none", "auto")
+
+    def template_tools(self) -> List[Dict[str, Any]]:
+        """The tools as chat templates take them (OpenAI's form)."""
+        return [{"type": "function", "function": f} for f in self.functions]
+
+    def output_format(self) -> Optional[OutputFormat]:
+        """The grammar of a forced answer: one call or more, each `<tool_call>` + its function's name and arguments."""
+        if not self.forced:
+            return None
+        chosen = [f for f in self.functions if self.choice in ("required", f["name"])]
+        rules = []
+        for i, f in enumerate(chosen):
+            schema = {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                      "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": CALL_JSON}
+            rules.append(f"call{i}: {json.dumps(OPEN + chr(10))} %json {json.dumps(schema)} "
+                         f"{json.dumps(chr(10) + CLOSE)}")
+        calls = " | ".join(f"call{i}" for i in range(len(chosen)))
+        start = "start: call (\"\\n\" call)*" if self.parallel and self.choice == "required" else "start: call"
+        return OutputFormat("grammar", "\n".join([start, f"call: {calls}", *rules]))
+
+
+def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = None) -> Optional[Tools]:
+    """A request's tool fields as `Tools` (None: no tools, or tool_choice "none" without them); ToolError naming the
+    field otherwise. Each function's parameters must compile as a JSON schema (checked here, before any model work)."""
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none"):
+            raise ToolError("tool_choice needs tools", param="tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise ToolError("tools must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                        "\"parameters\": {...}}}")
+    functions: List[Dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        f = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not NAME.fullmatch(f["name"]):
+            raise ToolError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                            f"\"parameters\": {{...}}}}}}, the name 1 to 64 letters, digits, _ or -")
+        if any(g["name"] == f["name"] for g in functions):
+            raise ToolError(f"tools[{i}]: the function name {f['name']!r} is given twice")
+        parameters = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema (an object)")
+        try:
+            check_format(OutputFormat("json_schema", parameters))
+        except StructuredOutputError as e:
+            raise ToolError(f"tools[{i}].function.parameters: {e}") from None
+        functions.append({k: v for k, v in (("name", f["name"]), ("description", f.get("description")),
+                                            ("parameters", parameters)) if v is not None})
+    choice = "auto" if tool_choice is None else tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if not isinstance(name, str):
+            raise ToolError("tool_choice is \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", param="tool_choice")
+        if all(f["name"] != name for f in functions):
+            raise ToolError(f"tool_choice names the function {name!r}, which is not among the tools",
+                            param="tool_choice")
+        choice = name
+    elif choice not in ("none", "auto", "required"):
+        raise ToolError("tool_choice is \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": "
+                        "{\"name\": ...}}", param="tool_choice")
+    return Tools(tuple(functions), choice, True if parallel_tool_calls is None else bool(parallel_tool_calls))
+
+
+# --- the prompt -------------------------------------------------------------------------------------------------------
+
+SYSTEM = (
+    "# Tools\n\nYou can call functions to answer the user. Their signatures, one JSON object per line:\n<tools>\n"
+    "{tools}\n</tools>\n\nTo call a function, write a JSON object with its name and arguments between <tool_call> and "
+    "</tool_call> tags:\n<tool_call>\n{{\"name\": <function name>, \"arguments\": <the arguments as a JSON object>}}\n"
+    "</tool_call>\nA result comes back in <tool_response></tool_response> tags."
+)
+
+
+def template_style(chat_template: Optional[str]) -> str:
+    """How a chat template (None: a named template) handles tools: "hermes" (renders them, calls in <tool_call>
+    tags), "other" (renders them in another format) or "text" (not at all: the tools go in as text)."""
+    if not chat_template or not re.search(r"\btools\b", chat_template):
+        return "text"
+    return "hermes" if OPEN in chat_template else "other"
+
+
+def has_tool_turns(messages: Sequence[Dict[str, Any]]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def call_text(name: str, arguments: Union[str, Dict[str, Any]]) -> str:
+    """One call in the answer's format."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
+
+
+def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
+                  style: str) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """(messages, template variables) for a conversation with tools or tool turns. "text": the tools as a system
+    message (unless the choice is "none"), each earlier call as its text after the assistant's words, each result a
+    user turn in <tool_response> tags; otherwise the template's `tools` and the earlier calls' arguments as objects
+    (what templates expect; the API sends them as JSON text)."""
+    out: List[Dict[str, Any]] = []
+    if style != "text":
+        for m in messages:
+            m = dict(m)
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _as_object(c["function"])}}
+                                   for c in m["tool_calls"]]
+            out.append(m)
+        return out, ({"tools": tools.template_tools()} if tools is not None else {})
+    for m in messages:
+        if m.get("role") == "tool":
+            response = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            if out and out[-1].get("tool_response"):  # results of one turn's calls together, as Hermes templates
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
+            else:
+                out.append({"role": "user", "content": response, "tool_response": True})
+        elif m.get("tool_calls"):
+            calls = [call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            words = [m["content"]] if m.get("content") else []
+            out.append({"role": "assistant", "content": "\n".join(words + calls)})
+        else:
+            out.append(dict(m))
+    out = [{k: v for k, v in m.items() if k != "tool_response"} for m in out]
+    if tools is not None and tools.choice != "none":
+        listing = SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools.template_tools()))
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + listing}
+        else:
+            out.insert(0, {"role": "system", "content": listing})
+    return out, {}
+
+
+def _as_object(function: Dict[str, Any]) -> Any:
+    try:
+        value = json.loads(function["arguments"])
+    except (TypeError, json.JSONDecodeError):
+        return function["arguments"]
+    return value
+
+
+# --- the answer -------------------------------------------------------------------------------------------------------
+
+
+def _call(body: str) -> Optional[Call]:
+    """The call written between the tags, or None when it is not {"name": ..., "arguments": {...}}."""
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))  # Llama-style "parameters" read too
+    if not isinstance(arguments, dict):
+        return None
+    return Call(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def split_calls(text: str) -> Tuple[Optional[str], List[Call]]:
+    """(content, calls) of a whole answer: the calls it writes, and its text around them (None when only blank). A
+    block that is not a well-formed call stays in the content."""
+    calls, content, at = [], [], 0
+    for m in CALL.finditer(text):
+        call = _call(m.group(1).strip())
+        if call is not None:
+            content.append(text[at:m.start()])
+            calls.append(call)
+            at = m.end()
+    content.append(text[at:])
+    joined = "".join(content).strip() if calls else "".join(content)
+    return (joined or None) if calls else text, calls
+
+
+class CallStream:
+    """A streamed answer split as it comes into content and whole calls: text that may begin a call's tag is held
+    back until it does or does not, and a call is given once its closing tag arrives."""
+
+    def __init__(self):
+        self.buffer = ""
+
+    def feed(self, text: str) -> List[Union[str, Call]]:
+        self.buffer += text
+        out: List[Union[str, Call]] = []
+        while True:
+            start = self.buffer.find(OPEN)
+            if start < 0:
+                keep = next((k for k in range(min(len(OPEN) - 1, len(self.buffer)), 0, -1)
+                             if OPEN.startswith(self.buffer[-k:])), 0)
+                cut = len(self.buffer) - keep
+                if cut:
+                    out.append(self.buffer[:cut])
+                self.buffer = self.buffer[cut:]
+                return out
+            if start:
+                out.append(self.buffer[:start])
+                self.buffer = self.buffer[start:]
+            end = self.buffer.find(CLOSE)
+            if end < 0:
+                return out
+            block, self.buffer = self.buffer[:end + len(CLOSE)], self.buffer[end + len(CLOSE):]
+            out.append(_call(block[len(OPEN):end].strip()) or block)
+
+    def close(self) -> List[Union[str, Call]]:
+        """What is left at the end: an unclosed last call, or text."""
+        rest, self.buffer = self.buffer, ""
+        if not rest:
+            return []
+        call = _call(rest[len(OPEN):].strip()) if rest.startswith(OPEN) else None
+        return [call or rest]
+
+
+__all__ = ["CLOSE", "OPEN", "Call", "CallStream", "ToolError", "Tools", "call_text", "has_tool_turns", "parse_tools",
+           "split_calls", "template_style", "tool_messages"]

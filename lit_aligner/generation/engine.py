@@ -599,11 +599,11 @@ def generate(
     grammar_ends: List[Optional[int]] = [None] * B
 
     def follow(tok: torch.Tensor, n: int) -> None:
-        """Structured output: each row's grammar takes its new token; a row whose grammar ended is done."""
+        """Structured output: each row's grammar takes its new token; a row whose grammar ended is done. (The next
+        step's mask is computed just before that step, so none is computed after the last.)"""
         for b in grammar.advance(tok.tolist()):
             grammar_ends[b] = n
             done[b] = True
-        penalty.allowed = grammar.allowed(device)
 
     def emit(tok: torch.Tensor) -> None:
         for b, t in enumerate(tok.tolist()):
@@ -643,6 +643,8 @@ def generate(
             strings.check(out, i, done)
             if bool(done.all()):
                 break
+        if grammar is not None:
+            penalty.allowed = grammar.allowed(device)
         tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise(), penalty)
         if compiled:
             tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay

@@ -21,11 +21,13 @@ Aligner's metadata so that generation renders the same prompt.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from lit_aligner.files import UserError
 
-Message = Dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+# {"role": "system" | "user" | "assistant" | "tool", "content": str}; an assistant turn may carry OpenAI's
+# "tool_calls", a tool result its "tool_call_id" (`lit_aligner.tools` renders them)
+Message = Dict[str, Any]
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -67,13 +69,14 @@ def conversation(text: str, input: str = "", system: Optional[str] = None,
 
 # ShareGPT's speaker names, OpenAI's "developer" (its newer name for system) and the roles chat templates know
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
-          "developer": "system"}
+          "developer": "system", "tool": "tool"}
 
 
 def parse_messages(value: Any, key: str = "messages") -> List[Message]:
     """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL; a content may be a list of text parts, joined
     as the server joins them) or ShareGPT's {"from", "value"} (human, gpt), as Messages with the roles system, user,
-    assistant. ValueError naming `key` and the turn otherwise."""
+    assistant, tool. An assistant turn's OpenAI `tool_calls` are kept (its content may then be null); a tool result's
+    `tool_call_id` too. ValueError naming `key` and the turn otherwise."""
     if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
         value = [value]
     if not isinstance(value, list) or not value:
@@ -84,16 +87,38 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
             raise ValueError(f"{key}[{j}] must be a message object, got {type(m).__name__}")
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
         if role not in _ROLES:
-            raise ValueError(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system; ShareGPT's "
+            raise ValueError(f"{key}[{j}]: role {role!r} is not supported (user, assistant, system, tool; ShareGPT's "
                              f"human, gpt)")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
+        calls = m.get("tool_calls") or None
+        if calls is not None and (_ROLES[role] != "assistant" or not _well_formed_calls(calls)):
+            raise ValueError(f"{key}[{j}]: tool_calls belong to an assistant turn, as a list of {{\"type\": "
+                             f"\"function\", \"function\": {{\"name\": ..., \"arguments\": ...}}}}")
+        if content is None and calls is not None:
+            content = ""
         if not isinstance(content, str):
             raise ValueError(f"{key}[{j}]: content must be a string or a list of text parts, got "
                              f"{type(content).__name__}")
-        turns.append({"role": _ROLES[role], "content": content})
+        turn: Message = {"role": _ROLES[role], "content": content}
+        if calls is not None:
+            turn["tool_calls"] = calls
+        if _ROLES[role] == "tool" and m.get("tool_call_id") is not None:
+            turn["tool_call_id"] = m["tool_call_id"]
+        turns.append(turn)
     return turns
+
+
+def has_tool_turns(messages: Sequence[Message]) -> bool:
+    """Whether a conversation calls tools or holds their results (`lit_aligner.tools` renders those)."""
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def _well_formed_calls(calls: Any) -> bool:
+    return isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", {}), (str, dict)) for c in calls)
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
@@ -191,16 +216,18 @@ class ChatTemplate(PromptTemplate):
         self._need(tokenizer)
         return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **variables)
 
-    def completion(self, response: str, messages: Optional[Sequence[Message]] = None, tokenizer: Any = None) -> str:
+    def completion(self, response: Union[str, Message], messages: Optional[Sequence[Message]] = None,
+                   tokenizer: Any = None, **variables: Any) -> str:
         """The assistant turn as the template writes it, end-of-turn token included: the suffix of the full
         conversation rendered with the answer after the prompt rendered without it (so the end marker is the
-        template's, e.g. "<|im_end|>\\n" for ChatML, " </s>" for LLaMA-2-chat)."""
+        template's, e.g. "<|im_end|>\\n" for ChatML, " </s>" for LLaMA-2-chat). `response`: the answer's text, or
+        the assistant message itself (one with `tool_calls`)."""
         self._need(tokenizer)
         if messages is None:
             raise ValueError("the 'chat' template needs the prompt messages to render the answer turn")
-        prompt = self.render_messages(messages, tokenizer)
-        full = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response.strip()}],
-                                             add_generation_prompt=False)
+        prompt = self.render_messages(messages, tokenizer, **variables)
+        answer = response if isinstance(response, dict) else {"role": "assistant", "content": response.strip()}
+        full = tokenizer.apply_chat_template(list(messages) + [answer], add_generation_prompt=False, **variables)
         if not full.startswith(prompt):
             raise ValueError("this chat template renders the conversation differently once the answer is added (it "
                              "rewrites earlier turns), so the answer cannot be split off; pick another template")

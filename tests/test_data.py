@@ -543,10 +543,76 @@ def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok
     assert "note" not in info
 
 
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def tool_conversation(city: str):
+    """A TRL-style conversation that calls a tool: the call, its result, the answer."""
+    return [{"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'},
+            {"role": "assistant", "content": f"Sunny in {city}."}]
+
+
+@pytest.mark.parametrize("template_file", [None, "qwen2_5.jinja"])
+def test_tool_calling_conversations_train_on_what_the_server_renders(tok, tmp_path, template_file):
+    """TRL's tool-calling rows (a `tools` column, in OpenAI's form or bare, or as JSON text; `tool_calls` turns;
+    `tool` results) under a chat template without tools (ChatML: the tools listed in a system message) and under
+    Qwen2.5's own (tools rendered by the template): every answer's prompt is the server's prompt for the conversation
+    up to it, a call's target is its Hermes text, which reads back as the call, and under --turns all the tool result
+    between the call and the final answer is context, not target."""
+    import copy
+
+    pytest.importorskip("fastapi")
+    from lit_aligner.prompts import encode_prompt
+    from lit_aligner.serving.app import AlignerServer
+    from lit_aligner.tools import parse_tools, split_calls
+
+    if template_file is not None:
+        trl = pytest.importorskip("trl")
+        from importlib import resources
+
+        tok = copy.copy(tok)
+        tok.chat_template = (resources.files(trl) / "chat_templates" / template_file).read_text()
+    cities = ["Paris", "Rome", "Oslo", "Lima"]
+    tools = [[{"type": "function", "function": WEATHER}], [WEATHER], json.dumps([WEATHER]), [WEATHER]]
+    f = write_jsonl(tmp_path / "tools.jsonl", [{"tools": t, "messages": tool_conversation(c)}
+                                                for t, c in zip(tools, cities)])
+    server = AlignerServer(None, None, tok, "base")
+    spec = parse_tools([{"type": "function", "function": WEATHER}])
+    last, _, info = sft(f, tok, "chat", 1024, val_fraction=0.0)
+    every, _, info_all = sft(f, tok, "chat", 1024, val_fraction=0.0, turns="all")
+    assert info["kept"] == 4 and info_all["answers"] == 8 and info_all["unpacked"] == 0
+    end = "<|im_end|>"
+    for item, item_all in zip(last, every):
+        city = next(c for c in cities if f"Weather in {c}?" in tok.decode(item["prompt"]))
+        conversation = tool_conversation(city)
+        assert torch.equal(item["prompt"], encode_prompt(tok, server.chat_prompt(None, conversation[:3], spec)))
+        assert tok.decode(item["response"]) == f"Sunny in {city}.{end}"
+        # --turns all: the call, then the result as context, then the answer; the call reads back as written
+        assert torch.equal(item_all["prompt"], encode_prompt(tok, server.chat_prompt(None, conversation[:1], spec)))
+        (a, b), = item_all["context"].view(-1, 2).tolist()
+        response = item_all["response"]
+        call_text = tok.decode(response[:a])
+        content, calls = split_calls(call_text.replace(end, ""))
+        assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == \
+            [("get_weather", {"city": city})]
+        assert '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in tok.decode(response[a:b])
+        assert tok.decode(response[b:]) == f"Sunny in {city}.{end}"
+        assert torch.equal(torch.cat([item_all["prompt"], response[:b]]), item["prompt"])
+
+
 @pytest.mark.parametrize("row, reason", [
     ({"messages": CONVERSATION}, "must end with a non-empty assistant turn"),
     ({"messages": [{"role": "assistant", "content": "Hi."}]}, "holds only an answer"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "Hi."}]}, "role 'tool'"),
+    ({"messages": [{"role": "function", "content": "x"}, {"role": "assistant", "content": "Hi."}]}, "role 'function'"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+                   {"role": "assistant", "content": "Hi."}]}, "tool_calls belong to an assistant turn"),
+    ({"tools": "[{not json", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Hi."}]},
+     "'tools' is text that is not JSON"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
                    {"role": "assistant", "content": "Hi."}]}, r"messages\[0\]: content must be a string or a list"),
     ({"messages": "Hi"}, "must be a non-empty list of chat messages"),

@@ -674,7 +674,7 @@ def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
 
     from lit_aligner.base import load_tokenizer
     from lit_aligner.serving.app import AlignerServer, APIError
-    from lit_aligner.serving.tools import parse_tools
+    from lit_aligner.tools import parse_tools
 
     tok = load_tokenizer(smollm2_dir)
     tok.chat_template = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()

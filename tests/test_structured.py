@@ -124,7 +124,7 @@ def test_generate_cli_structured_flags_and_their_errors(tiny_checkpoint_dir, tmp
         assert p.returncode != 0 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-# --- tool calls (`lit_aligner.serving.tools`): forced calls are a grammar, the answer's calls are read back -----------
+# --- tool calls (`lit_aligner.tools`): forced calls are a grammar, the answer's calls are read back ------------------
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -148,7 +148,7 @@ def fits(call) -> bool:
 def test_forced_tool_calls_decode_to_calls_that_fit_their_functions(tok):
     """tool_choice "required" (parallel or not) and a named function as grammars: whatever the logits, the answer reads
     back as calls of the allowed functions with arguments their schemas allow, and nothing else."""
-    from lit_aligner.serving.tools import parse_tools, split_calls
+    from lit_aligner.tools import parse_tools, split_calls
 
     vocab = tok.vocab_size
     names = set()
@@ -170,7 +170,7 @@ def test_forced_tool_calls_decode_to_calls_that_fit_their_functions(tok):
 
 
 def test_tool_fields_are_checked_with_the_field_named():
-    from lit_aligner.serving.tools import ToolError, parse_tools
+    from lit_aligner.tools import ToolError, parse_tools
 
     assert parse_tools(None) is None and parse_tools([], "none") is None
     spec = parse_tools([WEATHER, {"type": "function", "function": {"name": "ping"}}])
@@ -202,7 +202,7 @@ def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer
     "parameters", an unclosed last call."""
     import random
 
-    from lit_aligner.serving.tools import Call, CallStream, split_calls
+    from lit_aligner.tools import Call, CallStream, split_calls
 
     content, calls = split_calls(TEXT)
     assert [c.name for c in calls] == ["get_weather", "lookup", "lookup"]
@@ -231,7 +231,7 @@ def test_tool_turns_render_so_the_calls_read_back_in_hermes_and_in_plain_chat_te
     from helpers import CHATML
     from lit_aligner.base import load_tokenizer
     from lit_aligner.prompts import get_template
-    from lit_aligner.serving.tools import parse_tools, split_calls, template_style, tool_messages
+    from lit_aligner.tools import parse_tools, split_calls, template_style, tool_messages
 
     templates = resources.files(trl) / "chat_templates"
     qwen, llama = (templates / "qwen2_5.jinja").read_text(), (templates / "llama3_1.jinja").read_text()

@@ -9,16 +9,22 @@ answer, the other answer). One small parser per format in one registry (`FORMATS
 | `pairs` | prompt, chosen, rejected | chosen | (chosen, rejected) |
 | `prompt` | prompt, response (or completion) | response | (SFT only) |
 | `qac` | question, answer, correction | correction | (correction, answer) |
-| `messages` | messages / conversations, or chosen / rejected as chat turns | the last turn | (both last turns) |
+| `messages` | messages / conversations, or chosen / rejected as chat turns; tools | the last turn | (both last turns) |
+
+Conversations may call tools (OpenAI's / TRL's form: assistant turns with `tool_calls`, `tool` turns with the results,
+the functions in the row's `tools`); they are rendered as the server renders them (`lit_aligner.tools`), and an
+answer that calls tools is trained on its calls as written there.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from lit_aligner.files import UserError
-from lit_aligner.prompts import CONVERSATION_KEYS, Message, join_input, parse_messages, transcript
+from lit_aligner.prompts import CONVERSATION_KEYS, Message, has_tool_turns, join_input, parse_messages, transcript
+from lit_aligner.tools import ToolError, Tools, parse_tools
 
 PREFERENCES = ("safer", "better")
 
@@ -35,7 +41,9 @@ class BadRow(Exception):
 class Example:
     """One normalized row: the prompt conversation (ends with a user message), an optional Alpaca input for one-turn
     prompts, the response (`chosen`: SFT target / preferred / correction C), the other answer (`rejected`:
-    dispreferred / upstream answer A), and for HH-RLHF the verbatim dialogue prefix used by the `hh` template."""
+    dispreferred / upstream answer A), and for HH-RLHF the verbatim dialogue prefix used by the `hh` template. Chat
+    rows may bring `tools` (the functions the conversation may call) and the tool calls of the SFT answer (`calls`,
+    OpenAI's `tool_calls`; `chosen` is then the text before them, often empty)."""
 
     messages: List[Message]
     chosen: str
@@ -43,6 +51,16 @@ class Example:
     input: str = ""
     raw_prompt: Optional[str] = None
     notes: Dict[str, Any] = field(default_factory=dict)
+    tools: Optional[Tools] = None
+    calls: Optional[List[Dict[str, Any]]] = None
+
+    @property
+    def uses_tools(self) -> bool:
+        return self.tools is not None or bool(self.calls) or has_tool_turns(self.messages)
+
+    def answer(self) -> Message:
+        """The SFT answer as an assistant message (with its tool calls)."""
+        return {"role": "assistant", "content": self.chosen, **({"tool_calls": self.calls} if self.calls else {})}
 
     def chat_messages(self) -> List[Message]:
         """The conversation with the input joined into the (single) user message."""
@@ -206,14 +224,33 @@ def chat_turns(value: Any, key: str) -> List[Message]:
         raise BadRow(str(e)) from None
 
 
-def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str]:
-    """(prompt turns, answer): the answer is the last turn, an assistant one; the prompt ends with a user turn."""
-    if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str, Optional[List[Dict[str, Any]]]]:
+    """(prompt turns, answer, the answer's tool calls): the answer is the last turn, an assistant one (text, tool
+    calls or both); the prompt ends with a user turn or a tool result."""
+    last = turns[-1]
+    if last["role"] != "assistant" or not (last["content"].strip() or last.get("tool_calls")):
         raise BadRow(f"{key!r} must end with a non-empty assistant turn (the answer)")
     prompt = turns[:-1]
-    if prompt and (prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip()):
-        raise BadRow(f"in {key!r} the turn before the answer must be a non-empty user turn")
-    return prompt, turns[-1]["content"]
+    if prompt and (prompt[-1]["role"] not in ("user", "tool") or not prompt[-1]["content"].strip()):
+        raise BadRow(f"in {key!r} the turn before the answer must be a non-empty user turn or tool result")
+    return prompt, last["content"], last.get("tool_calls")
+
+
+def row_tools(row: Dict[str, Any]) -> Optional[Tools]:
+    """A row's `tools` (TRL's column): a list of functions in OpenAI's form or bare ({"name", "description",
+    "parameters"}), or that list as JSON text (as some datasets store it). Raises BadRow."""
+    value = row.get("tools")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadRow(f"'tools' is text that is not JSON ({e})") from None
+    if isinstance(value, list):
+        value = [t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t} for t in value]
+    try:
+        return parse_tools(value, check_schemas=False)
+    except ToolError as e:
+        raise BadRow(str(e)) from None
 
 
 def _prompt_turns(row: Dict[str, Any], key: str) -> List[Message]:
@@ -226,13 +263,13 @@ def _prompt_turns(row: Dict[str, Any], key: str) -> List[Message]:
     return turns
 
 
-def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], str]:
+def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], str, Optional[List[Dict[str, Any]]]]:
     """A chosen / rejected message list (or text): (its own prompt turns, or None when it holds the answer alone; the
-    answer)."""
+    answer; its tool calls)."""
     if isinstance(row.get(key), str):
-        return None, text_field(row, key)
-    prompt, answer = _split_answer(chat_turns(row.get(key), key), key)
-    return (prompt or None), answer
+        return None, text_field(row, key), None
+    prompt, answer, calls = _split_answer(chat_turns(row.get(key), key), key)
+    return (prompt or None), answer, calls
 
 
 def _messages(row, pair, preference):
@@ -240,35 +277,40 @@ def _messages(row, pair, preference):
     the answer, the earlier turns (system, user, assistant) its prompt. Pairs: "chosen" and "rejected" as message
     lists, either whole conversations that share everything before their last turn (TRL's implicit prompt) or the
     answers alone with the conversation in "prompt" (TRL's explicit prompt; a string is one user turn)."""
+    tools = row_tools(row)
     if not pair:
         key = next((k for k in CONVERSATION_KEYS if k in row), None)
         if key is not None:
-            prompt, answer = _split_answer(chat_turns(row[key], key), key)
+            prompt, answer, calls = _split_answer(chat_turns(row[key], key), key)
             if not prompt:
                 raise BadRow(f"{key!r} holds only an answer: no user turn before it")
-            return Example(prompt, answer)
+            return Example(prompt, answer, tools=tools, calls=calls)
     key = "chosen" if "chosen" in row or pair else "completion"  # TRL's prompt-completion rows: SFT only
     if key not in row:
         if pair:
             raise _single_answer("chat conversation", "messages / conversations / prompt + completion")
         raise BadRow(f"no conversation: none of the fields {', '.join(CONVERSATION_KEYS)}, chosen, completion")
-    prompt, chosen = _answer_of(row, key)
+    prompt, chosen, calls = _answer_of(row, key)
     rejected = None
     if pair:
         if "rejected" not in row:
             raise BadRow("missing field 'rejected'")
-        prompt_r, rejected = _answer_of(row, "rejected")
+        prompt_r, rejected, calls_r = _answer_of(row, "rejected")
         if (prompt is None) != (prompt_r is None) or (prompt is not None and prompt != prompt_r):
             raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last turn)")
-    return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen, rejected)
+        if calls or calls_r:
+            raise BadRow("preference answers that call tools are not supported (SFT data may call them)")
+    return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen, rejected, tools=tools,
+                   calls=calls)
 
 
 def every_answer(ex: Example) -> List[Example]:
-    """SFT examples for every assistant turn of an example's conversation that follows a user turn, each with the
-    conversation before it as its prompt; `ex` (the last answer) last."""
+    """SFT examples for every assistant turn of an example's conversation that follows a user turn or a tool result,
+    each with the conversation before it as its prompt; `ex` (the last answer) last."""
     turns = ex.messages
-    return [Example(turns[:k], m["content"]) for k, m in enumerate(turns) if k and m["role"] == "assistant"
-            and turns[k - 1]["role"] == "user" and m["content"].strip()] + [ex]
+    return [Example(turns[:k], m["content"], tools=ex.tools, calls=m.get("tool_calls"))
+            for k, m in enumerate(turns) if k and m["role"] == "assistant" and turns[k - 1]["role"] in ("user", "tool")
+            and (m["content"].strip() or m.get("tool_calls"))] + [ex]
 
 
 @dataclass(frozen=True)
@@ -293,7 +335,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in [
 # fields a field map may map onto
 MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "question",
             "answer", "correction", "response_0", "response_1", "better_response_id", "safer_response_id",
-            "is_response_0_safe", "is_response_1_safe", "messages", "conversations")
+            "is_response_0_safe", "is_response_1_safe", "messages", "conversations", "tools")
 
 
 def is_conversational(row: Dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import torch
 from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.data.formats import BadRow, DataError, Example
 from lit_aligner.prompts import CorrectionTemplate, PromptTemplate
+from lit_aligner.tools import tool_texts
 
 
 def _end_tokens(tokenizer) -> Dict[str, int]:
@@ -98,10 +99,17 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
         p, a = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected))
         _, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen), p)
         return p, tokenizer.encode(ex.question(), bos=False).long(), a, c
-    prompt = render_prompt(template, ex, tokenizer)
-    msgs = ex.chat_messages()
-    p, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen, msgs, tokenizer))
+    if ex.uses_tools:  # rendered as the server renders it; the answer's tool calls are part of its target
+        _need_turns(ex)
+        answers = [ex.answer()] + ([{"role": "assistant", "content": ex.rejected}] if kind != "sft" else [])
+        prompt, completions = tool_texts(template, tokenizer, ex.chat_messages(), ex.tools, answers)
+    else:
+        prompt = render_prompt(template, ex, tokenizer)
+        msgs = ex.chat_messages()
+        completions = [template.completion(a, msgs, tokenizer) for a in
+                       ([ex.chosen] if kind == "sft" else [ex.chosen, ex.rejected])]
+    p, c = tokenize_pair(tokenizer, prompt, completions[0])
     if kind == "sft":
         return p, c, NO_CONTEXT
-    _, r = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected, msgs, tokenizer), p)
+    _, r = tokenize_pair(tokenizer, prompt, completions[1], p)
     return p, c, r

@@ -12,8 +12,8 @@ import torch
 from lit_aligner.files import BadRecord, UserError, read_records, read_text
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.model import Aligner, LLaMA
-from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, parse_messages,
-                                 prompt_for_aligner)
+from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, has_tool_turns,
+                                 parse_messages, prompt_for_aligner)
 
 
 class TextStreamer:
@@ -88,6 +88,9 @@ def conversation_item(messages: Sequence[Message], system: str = "") -> PromptIt
         system, turns = turns[0]["content"], turns[1:]
     if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ValueError("the conversation must end with a non-empty user turn (the one to answer)")
+    if has_tool_turns(turns):
+        raise ValueError("the conversation has tool calls or results: answer it through the server (serve/aligner.py "
+                         "renders tools and reads the calls back)")
     return PromptItem(turns[-1]["content"], system=system, history=turns[:-1])
 
 

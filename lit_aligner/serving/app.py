@@ -17,8 +17,8 @@ message, or `prompt`) and the answer to correct in the extra body field `answer`
 stages: the bare base answers the question first (same sampling parameters), then the Aligner rewrites that answer; the
 response carries the base's answer as `upstream_answer` and `usage` counts both stages.
 
-Tool calls (`tools`, `tool_choice`): `serving.tools` renders the tools into the prompt and reads the calls back out of
-the answer; forced calls are a grammar like structured outputs.
+Tool calls (`tools`, `tool_choice`): `lit_aligner.tools` renders the tools into the prompt and reads the calls back out
+of the answer; forced calls are a grammar like structured outputs.
 """
 
 import asyncio
@@ -39,12 +39,12 @@ from lit_aligner.generation.engine import Penalties, Sampling
 from lit_aligner.generation.structured import (Grammar, OutputFormat, StructuredOutputError, compile_grammar,
                                                parse_response_format, parse_structured_outputs)
 from lit_aligner.prompts import (conversation_question, correction_prompt, encode_prompt, get_template,
-                                 is_correction)
+                                 has_tool_turns, is_correction)
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
-from lit_aligner.serving.tools import (Call, CallStream, ToolError, Tools, has_tool_turns, parse_tools, split_calls,
-                                       template_style, tool_messages)
+from lit_aligner.tools import (Call, CallStream, ToolError, Tools, parse_tools, split_calls, template_style,
+                               tool_texts)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
@@ -272,18 +272,17 @@ class AlignerServer:
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
                     tools: Optional[Tools] = None) -> str:
         """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
-        template, else as plain text; tools and tool turns as `serving.tools` says."""
+        template, else as plain text; tools and tool turns as `lit_aligner.tools` says."""
         name = (aligner.metadata.get("template") if aligner is not None else None) or \
             ("chat" if self.tokenizer.has_chat_template else "plain")
         if tools is None and not has_tool_turns(messages):
             return get_template(name).render_messages(messages, self.tokenizer)
-        style = template_style(self.tokenizer.chat_template if name == "chat" else None)
-        if tools is not None and tools.choice == "auto" and style == "other":
+        if tools is not None and tools.choice == "auto" and name == "chat" and \
+                template_style(self.tokenizer.chat_template) == "other":
             raise APIError(400, "this model's chat template writes tool calls in a format this server does not read "
                                 "(it reads Hermes' <tool_call> tags): use tool_choice \"required\" or a named "
                                 "function, which hold the answer to that format", param="tool_choice")
-        messages, variables = tool_messages(messages, tools, style)
-        return get_template(name).render_messages(messages, self.tokenizer, **variables)
+        return tool_texts(get_template(name), self.tokenizer, messages, tools)[0]
 
     def encode(self, prompt: Union[str, List[int]]) -> List[int]:
         """A prompt's token ids (a text encoded as training encodes prompts; ids checked against the vocabulary),

@@ -1,6 +1,8 @@
-"""Tool calling on the chat endpoint (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`), in one format,
-Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as Qwen2.5 and 3,
-Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it.
+"""Tool calls (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`; TRL's `tools` column and `tool_calls` turns) in
+one format, Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as
+Qwen2.5 and 3, Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it. The server and the training
+data render tools and tool turns with the same `tool_messages`, so an Aligner trained on tool-calling conversations
+is served the prompts it learnt from.
 
 The prompt: a chat template that renders tools in this format gets them as its `tools` variable (the transformers
 convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`). Any other
@@ -80,9 +82,11 @@ class Tools:
         return OutputFormat("grammar", "\n".join([start, f"call: {calls}", *rules]))
 
 
-def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = None) -> Optional[Tools]:
+def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = None,
+                check_schemas: bool = True) -> Optional[Tools]:
     """A request's tool fields as `Tools` (None: no tools, or tool_choice "none" without them); ToolError naming the
-    field otherwise. Each function's parameters must compile as a JSON schema (checked here, before any model work)."""
+    field otherwise. With `check_schemas` each function's parameters must compile as a JSON schema (checked here,
+    before any model work; training data, which only shows them, skips it)."""
     if tools is None or tools == []:
         if tool_choice not in (None, "none"):
             raise ToolError("tool_choice needs tools", param="tool_choice")
@@ -102,7 +106,8 @@ def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Option
         if not isinstance(parameters, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema (an object)")
         try:
-            check_format(OutputFormat("json_schema", parameters))
+            if check_schemas:
+                check_format(OutputFormat("json_schema", parameters))
         except StructuredOutputError as e:
             raise ToolError(f"tools[{i}].function.parameters: {e}") from None
         functions.append({k: v for k, v in (("name", f["name"]), ("description", f.get("description")),
@@ -141,18 +146,9 @@ def template_style(chat_template: Optional[str]) -> str:
     return "hermes" if OPEN in chat_template else "other"
 
 
-def has_tool_turns(messages: Sequence[Dict[str, Any]]) -> bool:
-    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
-
-
 def call_text(name: str, arguments: Union[str, Dict[str, Any]]) -> str:
     """One call in the answer's format."""
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass
-    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': _as_object(arguments)}, ensure_ascii=False)}\n{CLOSE}"
 
 
 def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
@@ -166,24 +162,24 @@ def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
         for m in messages:
             m = dict(m)
             if m.get("tool_calls"):
-                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _as_object(c["function"])}}
+                m["tool_calls"] = [{**c, "function": {**c["function"],
+                                                      "arguments": _as_object(c["function"].get("arguments", {}))}}
                                    for c in m["tool_calls"]]
             out.append(m)
         return out, ({"tools": tools.template_tools()} if tools is not None else {})
-    for m in messages:
+    for j, m in enumerate(messages):
         if m.get("role") == "tool":
             response = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
-            if out and out[-1].get("tool_response"):  # results of one turn's calls together, as Hermes templates
+            if j and messages[j - 1].get("role") == "tool":  # results of one turn's calls together, as Hermes does
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
             else:
-                out.append({"role": "user", "content": response, "tool_response": True})
+                out.append({"role": "user", "content": response})
         elif m.get("tool_calls"):
-            calls = [call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            calls = [call_text(c["function"]["name"], c["function"].get("arguments", {})) for c in m["tool_calls"]]
             words = [m["content"]] if m.get("content") else []
             out.append({"role": "assistant", "content": "\n".join(words + calls)})
         else:
             out.append(dict(m))
-    out = [{k: v for k, v in m.items() if k != "tool_response"} for m in out]
     if tools is not None and tools.choice != "none":
         listing = SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools.template_tools()))
         if out and out[0]["role"] == "system":
@@ -193,12 +189,28 @@ def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
     return out, {}
 
 
-def _as_object(function: Dict[str, Any]) -> Any:
+def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
+               answers: Sequence[Dict[str, Any]] = ()) -> Tuple[str, List[str]]:
+    """The prompt text of a conversation with tools or tool turns under a prompt template (`prompts.PromptTemplate`),
+    and the training text of each of `answers` (assistant messages, with their `tool_calls`) after it: what the server
+    renders and what training learns from."""
+    style = template_style(tokenizer.chat_template if template.name == "chat" else None)
+    turns, variables = tool_messages(messages, tools, style)
+    prompt = template.render_messages(turns, tokenizer, **variables)
+    completions = []
+    for answer in answers:
+        (turn,), _ = tool_messages([answer], None, style)
+        completions.append(template.completion(turn if style != "text" else turn["content"], turns, tokenizer,
+                                               **variables))
+    return prompt, completions
+
+
+def _as_object(arguments: Any) -> Any:
+    """Arguments sent as JSON text (OpenAI's form) as the object they spell; others as they are."""
     try:
-        value = json.loads(function["arguments"])
-    except (TypeError, json.JSONDecodeError):
-        return function["arguments"]
-    return value
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        return arguments
 
 
 # --- the answer -------------------------------------------------------------------------------------------------------
@@ -271,5 +283,5 @@ class CallStream:
         return [call or rest]
 
 
-__all__ = ["CLOSE", "OPEN", "Call", "CallStream", "ToolError", "Tools", "call_text", "has_tool_turns", "parse_tools",
-           "split_calls", "template_style", "tool_messages"]
+__all__ = ["CLOSE", "OPEN", "Call", "CallStream", "ToolError", "Tools", "call_text", "parse_tools",
+           "split_calls", "template_style", "tool_messages", "tool_texts"]

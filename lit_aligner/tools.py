@@ -169,7 +169,9 @@ def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
         return out, ({"tools": tools.template_tools()} if tools is not None else {})
     for j, m in enumerate(messages):
         if m.get("role") == "tool":
-            response = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            response = m.get("content") or ""
+            if not response.lstrip().startswith("<tool_response>"):  # ShareGPT rows (Hermes') carry their tags
+                response = f"<tool_response>\n{response}\n</tool_response>"
             if j and messages[j - 1].get("role") == "tool":  # results of one turn's calls together, as Hermes does
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
             else:

@@ -605,6 +605,20 @@ def test_tool_calling_conversations_train_on_what_the_server_renders(tok, tmp_pa
         assert torch.equal(torch.cat([item_all["prompt"], response[:b]]), item["prompt"])
 
 
+def test_hermes_sharegpt_rows_with_their_own_tags_train_as_written(tok, tmp_path):
+    """Hermes' function-calling rows (ShareGPT: the tools in the system text, calls as <tool_call> text, `tool` turns
+    already in <tool_response> tags) keep their text: the tags are not added twice."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    row = {"conversations": [{"from": "system", "value": "You may call get_weather."},
+                             {"from": "human", "value": "Weather in Rome?"}, {"from": "gpt", "value": call},
+                             {"from": "tool", "value": '<tool_response>\n{"sky": "grey"}\n</tool_response>'},
+                             {"from": "gpt", "value": "Grey in Rome."}]}
+    train, _, info = sft(write_jsonl(tmp_path / "h.jsonl", [row]), tok, "chat", 1024, val_fraction=0.0, turns="all")
+    text = tok.decode(torch.cat([train[0]["prompt"], train[0]["response"]]))
+    assert info["answers"] == 2 and text.count("<tool_response>") == 1 and text.count(call) == 1
+    assert '<|im_start|>user\n<tool_response>\n{"sky": "grey"}\n</tool_response><|im_end|>' in text
+
+
 @pytest.mark.parametrize("row, reason", [
     ({"messages": CONVERSATION}, "must end with a non-empty assistant turn"),
     ({"messages": [{"role": "assistant", "content": "Hi."}]}, "holds only an answer"),

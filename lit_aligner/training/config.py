@@ -76,7 +76,9 @@ class TrainConfig:
     """seed of the prefix initialisation, the data order and the train/validation split."""
     group_by_length: bool = True
     """batch examples of similar length together (runs of 50 global batches sorted by length, as Hugging Face's
-    group_by_length): less padding, the same examples each epoch, a seeded order (resume stays exact)."""
+    group_by_length): less padding, the same examples each epoch, a seeded order (resume stays exact). A file of fewer
+    than 50 global batches is then sorted whole, each epoch longest first: turn it off there when length tells kinds
+    of rows apart (howto/finetune.md)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """positions per chunk of the LM head + loss (bounds the logits memory; 0: all at once, the plain loss)."""
 

@@ -94,8 +94,8 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
             content = "".join(p["text"] for p in content)
         calls = m.get("tool_calls") or None
         if calls is not None and (_ROLES[role] != "assistant" or not _well_formed_calls(calls)):
-            raise ValueError(f"{key}[{j}]: tool_calls belong to an assistant turn, as a list of {{\"type\": "
-                             f"\"function\", \"function\": {{\"name\": ..., \"arguments\": ...}}}}")
+            raise ValueError(f"{key}[{j}]: tool_calls must be on an assistant turn, a list of {{\"type\": "
+                             f"\"function\", \"function\": {{\"name\": <text>, \"arguments\": ...}}}}")
         if content is None and calls is not None:
             content = ""
         if not isinstance(content, str):

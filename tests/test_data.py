@@ -624,7 +624,7 @@ def test_hermes_sharegpt_rows_with_their_own_tags_train_as_written(tok, tmp_path
     ({"messages": [{"role": "assistant", "content": "Hi."}]}, "holds only an answer"),
     ({"messages": [{"role": "function", "content": "x"}, {"role": "assistant", "content": "Hi."}]}, "role 'function'"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
-                   {"role": "assistant", "content": "Hi."}]}, "tool_calls belong to an assistant turn"),
+                   {"role": "assistant", "content": "Hi."}]}, "tool_calls must be on an assistant turn"),
     ({"tools": "[{not json", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Hi."}]},
      "'tools' is text that is not JSON"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},

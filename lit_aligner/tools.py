@@ -31,8 +31,6 @@ NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function name
 # models write them. (Flexible whitespace would also make the end ambiguous: blank space after the object, or the
 # line break before the closing tag.)
 CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# a call's tags and what is between them; a last call may be unclosed (the model ended inside it)
-CALL = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
 
 
 class ToolError(UserError):
@@ -234,17 +232,14 @@ def _call(body: str) -> Optional[Call]:
 
 def split_calls(text: str) -> Tuple[Optional[str], List[Call]]:
     """(content, calls) of a whole answer: the calls it writes, and its text around them (None when only blank). A
-    block that is not a well-formed call stays in the content."""
-    calls, content, at = [], [], 0
-    for m in CALL.finditer(text):
-        call = _call(m.group(1).strip())
-        if call is not None:
-            content.append(text[at:m.start()])
-            calls.append(call)
-            at = m.end()
-    content.append(text[at:])
-    joined = "".join(content).strip() if calls else "".join(content)
-    return (joined or None) if calls else text, calls
+    block that is not a well-formed call stays in the content; a last call may be unclosed (the model ended inside
+    it)."""
+    stream = CallStream()  # one reader of the format, streamed or not
+    pieces = stream.feed(text) + stream.close()
+    calls = [p for p in pieces if isinstance(p, Call)]
+    if not calls:
+        return text, []
+    return "".join(p for p in pieces if isinstance(p, str)).strip() or None, calls
 
 
 class CallStream:

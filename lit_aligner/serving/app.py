@@ -275,8 +275,6 @@ class AlignerServer:
         template, else as plain text; tools and tool turns as `lit_aligner.tools` says."""
         name = (aligner.metadata.get("template") if aligner is not None else None) or \
             ("chat" if self.tokenizer.has_chat_template else "plain")
-        if tools is None and not has_tool_turns(messages):
-            return get_template(name).render_messages(messages, self.tokenizer)
         if tools is not None and tools.choice == "auto" and name == "chat" and \
                 template_style(self.tokenizer.chat_template) == "other":
             raise APIError(400, "this model's chat template writes tool calls in a format this server does not read "

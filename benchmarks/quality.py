@@ -3,7 +3,8 @@
 
 - Rows: `lit_aligner.data.load_data` on --data with --template (the project's own rendering and response-only
   masking), --max-seq-length, a seeded held-out split of --heldout rows. Every system sees the same rows in the same
-  order (`lit_aligner.training.engine.global_batch_indices`, length-grouped as the trainer does by default) with the
+  order (`lit_aligner.training.engine.global_batch_indices`, length-grouped and shuffled by batch as the trainer does
+  by default; --no-shuffle-grouped-batches for the order of the files measured before that) with the
   same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW(betas 0.9/0.95, weight decay 0.02).
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
   paper's N(0, 1) prefix) at each learning rate of --aligner-lrs, gate ratio of --gate-lr-ratios and starting scale of
@@ -70,7 +71,8 @@ def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
                        global_batch_size=common["batch"], micro_batch_size=common["micro_batch"],
                        warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"],
                        max_norm=common["max_norm"], eval_iters=0,
-                       save_interval=common["steps"], seed=common["seed"], group_by_length=True)
+                       save_interval=common["steps"], seed=common["seed"], group_by_length=True,
+                       shuffle_grouped_batches=common["shuffle_grouped_batches"])
 
 
 def batches(rows, size: int, pad_id: int):
@@ -196,7 +198,8 @@ def run_peft(spec, common):
     model.train()
     for step in range(tc.max_steps):
         t0 = time.perf_counter()
-        indices = global_batch_indices(len(train), step, tc.global_batch_size, tc.seed, lengths)
+        indices = global_batch_indices(len(train), step, tc.global_batch_size, tc.seed, lengths,
+                                       tc.shuffle_grouped_batches)
         units = sum(objective.units(train[i], step) for i in indices)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
@@ -265,8 +268,10 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
         raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
                              "--force to replace it")
     before = earlier.get("settings")
-    # a file from before --min-lr-ratio or --max-norm: every system's cosine ended at 0, no clipping
-    if not isinstance(before, dict) or {"min_lr_ratio": 0.0, "max_norm": None, **before} != settings:
+    # a file from before --min-lr-ratio, --max-norm or the shuffled batch order: every system's cosine ended at 0, no
+    # clipping, each run of 50 batches longest to shortest
+    old = {"min_lr_ratio": 0.0, "max_norm": None, "shuffle_grouped_batches": False}
+    if not isinstance(before, dict) or {**old, **before} != settings:
         raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
                              "the same flags, or give another --out")
     for r in runs:  # runs made before --gate-lr-ratios / --start-layers / --init-scales: gates at the Aligner's rate,
@@ -300,6 +305,7 @@ def main(
     gate_lr_ratios: List[float] = [DEFAULTS.gate_lr_ratio],  # noqa: B006
     init_scales: List[float] = [RunConfig.prefix_init_scale],  # noqa: B006
     start_layers: List[int] = [RunConfig.start_layer],  # noqa: B006
+    shuffle_grouped_batches: bool = DEFAULTS.shuffle_grouped_batches,
     paper: bool = True,
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
     lora_ranks: List[int] = [REFERENCE_RANK],  # noqa: B006
@@ -335,6 +341,9 @@ def main(
         init_scales: a hidden or embedding prefix's starting scale (the trainer's --prefix-init-scale; normal
             ignores it: the paper's N(0, 1)).
         start_layers: first layer that reads the prefix (the trainer's --start-layer; the paper's is 2).
+        shuffle_grouped_batches: the length-grouped batches in a seeded random order (the trainer's
+            --shuffle-grouped-batches; off: each run of 50 batches longest to shortest, as before that flag), the
+            same order for every system.
         paper: also train each N of --aligners with the paper's recipe (N(0, 1) prefix, lr 9e-3 for prefix and
             gates: lit_aligner.training.config.PAPER_RECIPE).
         lora_lrs: LoRA learning rates.
@@ -378,7 +387,7 @@ def main(
     settings = dict(checkpoint_dir=str(checkpoint_dir), data=str(data), template=template,
                     max_seq_length=max_seq_length, heldout=heldout, steps=steps, batch=batch, micro_batch=micro_batch,
                     warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_norm=max_norm, seed=seed,
-                    machine=machine_name(dev))
+                    shuffle_grouped_batches=shuffle_grouped_batches, machine=machine_name(dev))
     runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
     if not runs:
         check_out(path, force)

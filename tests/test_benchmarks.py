@@ -299,26 +299,29 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     sweep = dict(aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[], prefix_lrs=[], resume=True)
     with pytest.raises(quality.BenchmarkError, match="other settings"):
         quality.main(**{**common, "steps": 4}, **sweep)
-    # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0
+    # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0, and from
+    # before the shuffled batch order with each run of batches longest to shortest
     older = json.loads(out.read_text())
-    del older["settings"]["min_lr_ratio"], older["settings"]["max_norm"]
+    del older["settings"]["min_lr_ratio"], older["settings"]["max_norm"], older["settings"]["shuffle_grouped_batches"]
     for r in older["runs"]:
         r.pop("rank", None)  # and before --lora-ranks: LoRA was r=8
     out.write_text(json.dumps(older))
-    with pytest.raises(quality.BenchmarkError, match="other settings"):
-        quality.main(**common, min_lr_ratio=0.5, **sweep)
-    assert len(quality.main(**common, min_lr_ratio=0.0, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
+    for bad in ({"min_lr_ratio": 0.5, "shuffle_grouped_batches": False}, {"min_lr_ratio": 0.0}):
+        with pytest.raises(quality.BenchmarkError, match="other settings"):
+            quality.main(**common, **bad, **sweep)
+    first, common = common, dict(common, min_lr_ratio=0.0, shuffle_grouped_batches=False)
+    assert len(quality.main(**common, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
     with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
-        quality.main(**common, min_lr_ratio=2.0, **sweep)
+        quality.main(**{**common, "min_lr_ratio": 2.0}, **sweep)
     # another LoRA rank joins the file (alpha 2 x rank); the ratios stay relative to r=8
-    ranked = quality.main(**{**common, "min_lr_ratio": 0.0}, **{**sweep, "lora_lrs": [1e-2]}, lora_ranks=[2, 8])
+    ranked = quality.main(**common, **{**sweep, "lora_lrs": [1e-2]}, lora_ranks=[2, 8])
     assert len(ranked["runs"]) == len(scaled["runs"]) + 1  # only r=2 ran: the r=8 run (no "rank" key) is kept
     by_label = {r["label"]: r for r in ranked["runs"] if r["system"] == "lora"}
     assert by_label["LoRA r=2 (q, v)"]["trainable_params"] == 4 * (2 * 64 + 64 * 2 + 2 * 64 + 32 * 2)
     assert by_label["LoRA r=8 (q, v)"]["x_lora_loss"] == 1.0
     assert by_label["LoRA r=2 (q, v)"]["heldout_loss"] != lora["heldout_loss"]
     # --max-norm clips every system's gradients alike (a bound below every norm: each trains to another loss)
-    clipped = quality.main(**{**common, "out": tmp_path / "clipped.json"}, max_norm=1e-3, aligners=["2:hidden"],
+    clipped = quality.main(**{**first, "out": tmp_path / "clipped.json"}, max_norm=1e-3, aligners=["2:hidden"],
                            aligner_lrs=[0.05], paper=False, lora_lrs=[1e-2], prefix_lrs=[])
     assert clipped["settings"]["max_norm"] == 1e-3
     again = {(r["label"], r.get("init")): r for r in clipped["runs"]}

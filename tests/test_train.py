@@ -389,6 +389,17 @@ def test_a_run_state_from_before_the_floor_joined_the_identity_resumes_with_its_
 # The command line
 
 
+def test_a_run_state_from_before_the_shuffled_batch_order_resumes_in_its_own_order(tiny_checkpoint_dir, tmp_path):
+    def no_shuffle_in_identity(state):  # as written when length-grouped batches ran longest to shortest
+        assert state["identity"]["group_by_length"]
+        del state["identity"]["shuffle_grouped_batches"]
+        del state["train_config"]["shuffle_grouped_batches"]
+
+    a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, no_shuffle_in_identity,
+                                 {"shuffle_grouped_batches": False, "global_batch_size": 4}, {"global_batch_size": 4})
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
 def test_cli_malformed_data_is_one_error_line_naming_the_file(tiny_checkpoint_dir, tmp_path):
     bad = tmp_path / "rows.jsonl"
     rows = [{"instruction": "Say hi.", "output": "Hi."}, {"instruction": 3}]
@@ -705,20 +716,43 @@ def test_prefix_init_sets_the_scale_and_keeps_the_base_at_zero_gates(tiny_checkp
 
 def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_function_of_seed_and_step():
     """(On by default, so the exact-resume tests above and test_safety's kill -9 test run with it.)"""
-    assert T.TrainConfig().group_by_length
+    assert T.TrainConfig().group_by_length and T.TrainConfig().shuffle_grouped_batches
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 300, (1000,), generator=g)
-    n, gbs = len(lengths), 16
-    steps = -(-2 * n // gbs)
-    grouped = [engine.global_batch_indices(n, s, gbs, 3, lengths) for s in range(steps)]
+    n, gbs = len(lengths), 16  # 1000 % 16 = 8: steps straddle the epochs
+    steps = -(-3 * n // gbs)
     plain = [engine.global_batch_indices(n, s, gbs, 3) for s in range(steps)]
-    flat = [i for b in grouped for i in b]
-    assert sorted(flat[:n]) == list(range(n)) and sorted(flat[n:2 * n]) == list(range(n))
-    assert grouped[5] == engine.global_batch_indices(n, 5, gbs, 3, lengths)  # resume: step alone decides
 
     def padded(batches):
         return sum(len(b) * max(int(lengths[i]) for i in b) for b in batches)
 
-    assert padded(grouped) < 0.75 * padded(plain)
-    assert grouped[0] != plain[0]
+    for shuffled in (True, False):
+        grouped = [engine.global_batch_indices(n, s, gbs, 3, lengths, shuffled) for s in range(steps)]
+        flat = [i for b in grouped for i in b]
+        assert all(sorted(flat[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))
+        assert grouped[40] == engine.global_batch_indices(n, 40, gbs, 3, lengths, shuffled)  # resume: step decides
+        assert padded(grouped) < 0.6 * padded(plain)
+        assert grouped[0] != plain[0]
+
+
+def test_length_grouped_batches_go_in_a_shuffled_order_longest_first_not_longest_to_shortest():
+    g = torch.Generator().manual_seed(1)
+    # a small file (one run of 50 batches): 3 in 4 rows long, the rest short, as the kinds of rows of a tool-call file
+    lengths = torch.where(torch.rand(384, generator=g) < 0.75, torch.randint(200, 400, (384,), generator=g),
+                          torch.randint(20, 60, (384,), generator=g))
+    n, gbs = len(lengths), 8
+
+    def epoch(e, shuffled):
+        return [engine.global_batch_indices(n, s, gbs, 3, lengths, shuffled) for s in range(e * 48, (e + 1) * 48)]
+
+    for e in range(2):
+        hf, ours = epoch(e, False), epoch(e, True)
+        assert sorted(map(sorted, hf)) == sorted(map(sorted, ours))  # the same batches (the same padding) ...
+        longest = [max(int(lengths[i]) for i in b) for b in ours]
+        assert longest[0] == int(lengths.max())  # ... the one with the longest row first ...
+        hf_longest = [max(int(lengths[i]) for i in b) for b in hf]
+        assert hf_longest == sorted(hf_longest, reverse=True)  # (Hugging Face's order: longest to shortest)
+        short = [s for s, b in enumerate(ours) if max(int(lengths[i]) for i in b) < 100]
+        assert short[-1] - short[0] > 24  # ... the short rows' batches spread over the epoch, not its last steps
+    assert epoch(0, True) != epoch(1, True)
 

@@ -76,9 +76,11 @@ class TrainConfig:
     """seed of the prefix initialisation, the data order and the train/validation split."""
     group_by_length: bool = True
     """batch examples of similar length together (runs of 50 global batches sorted by length, as Hugging Face's
-    group_by_length): less padding, the same examples each epoch, a seeded order (resume stays exact). A file of fewer
-    than 50 global batches is then sorted whole, each epoch longest first: turn it off there when length tells kinds
-    of rows apart (howto/finetune.md)."""
+    group_by_length): less padding, the same examples each epoch, a seeded order (resume stays exact)."""
+    shuffle_grouped_batches: bool = True
+    """with --group-by-length, take the epoch's batches in a seeded random order, the longest first (the batches hold
+    the same rows either way); off: Hugging Face's order, each run of 50 batches longest to shortest, which on a small
+    file sorts the whole epoch (howto/finetune.md)."""
     chunk_size: int = DEFAULT_CHUNK_SIZE
     """positions per chunk of the LM head + loss (bounds the logits memory; 0: all at once, the plain loss)."""
 
@@ -245,6 +247,7 @@ class RunConfig:
                 "min_lr_ratio": self.train.min_lr_ratio, "max_norm": self.train.max_norm,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
                 "group_by_length": self.train.group_by_length,
+                "shuffle_grouped_batches": self.train.shuffle_grouped_batches,
                 "max_seq_length": self.data_options.max_seq_length, "quantize": self.quantize}
 
 

@@ -62,21 +62,37 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, w
 MEGABATCH = 50  # length grouping sorts runs of this many global batches (as Hugging Face's LengthGroupedSampler)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int, lengths: Optional[torch.Tensor] = None,
-                      group: int = 0) -> torch.Tensor:
-    """The order (n,) of the examples in `epoch`: a function of (seed, epoch) only. With `lengths` (n,) and `group`
-    > 1, length grouping: the shuffled order is cut into runs of `group` examples and each run is sorted by length,
-    longest first, so that a batch holds examples of similar length (little padding) while every epoch still visits
-    every example once in a seeded order (resume stays exact)."""
+def epoch_permutation(n: int, seed: int, epoch: int, lengths: Optional[torch.Tensor] = None, batch: int = 1,
+                      shuffle_batches: bool = True) -> torch.Tensor:
+    """The order (n,) of the examples in `epoch`: a function of (seed, epoch) only, so resume stays exact. With
+    `lengths` (n,), length grouping: the shuffled order is cut into runs of MEGABATCH global batches (`batch` examples
+    each) and each run is sorted by length, so that a batch holds examples of similar length (little padding) while
+    every epoch still visits every example once. Then, with `shuffle_batches`, the epoch's whole batches go in a
+    seeded random order, the one holding the longest example first (a run that cannot fit it fails at once); without,
+    each run stays longest to shortest (Hugging Face's order): on a small file, one run, the short rows all land in
+    the epoch's last steps, one kind of row at a time where length tells kinds apart (howto/finetune.md)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    if lengths is None or group <= 1:
+    if lengths is None:
         return perm
-    return torch.cat([run[torch.argsort(lengths[run], descending=True, stable=True)] for run in perm.split(group)])
+    # Steps run on across epochs, so the epoch's first `head` examples finish a step the last epoch began: cut the
+    # batches from there, so that each whole step's batch is one of them
+    head = (-epoch * n) % batch if shuffle_batches else 0
+    pieces = [perm[:head], *perm[head:].split(batch * MEGABATCH)]
+    perm = torch.cat([p[torch.argsort(lengths[p], descending=True, stable=True)] for p in pieces])
+    k = (n - head) // batch
+    if not shuffle_batches or k < 2:
+        return perm
+    whole = perm[head:head + k * batch].view(k, batch)
+    order = torch.randperm(k, generator=g)
+    longest = int(lengths[whole].max(dim=1).values.argmax())
+    at = int((order == longest).nonzero())
+    order[[0, at]] = order[[at, 0]]
+    return torch.cat([perm[:head], whole[order].reshape(-1), perm[head + k * batch:]])
 
 
 def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int,
-                         lengths: Optional[torch.Tensor] = None) -> List[int]:
+                         lengths: Optional[torch.Tensor] = None, shuffle_batches: bool = True) -> List[int]:
     """Dataset indices of optimizer step `step`'s global batch (epochs continue across the boundary); with the
     examples' `lengths`, in the length-grouped order (`epoch_permutation`)."""
     if n < 1:
@@ -85,7 +101,7 @@ def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int,
     for p in range(step * global_batch_size, (step + 1) * global_batch_size):
         epoch = p // n
         if epoch not in cache:
-            cache[epoch] = epoch_permutation(n, seed, epoch, lengths, global_batch_size * MEGABATCH)
+            cache[epoch] = epoch_permutation(n, seed, epoch, lengths, global_batch_size, shuffle_batches)
         out.append(int(cache[epoch][p % n]))
     return out
 
@@ -245,7 +261,8 @@ def fit(
     with GracefulStop() as stop:
         while step < config.max_steps:
             t0 = time.perf_counter()
-            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed, lengths)
+            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed, lengths,
+                                           config.shuffle_grouped_batches)
             items = {i: train[i] for i in indices}
             # The global normaliser: every rank can count it itself, so it needs no communication.
             units = sum(objective.units(items[i], step) for i in indices)

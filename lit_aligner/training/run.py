@@ -152,6 +152,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
 # unless its recorded train config says otherwise, and the note
 LATER_TRAIN_SETTINGS = {
     "group_by_length": (False, "predates length-grouped batching: the run continues in its own order"),
+    "shuffle_grouped_batches": (False, "predates the shuffled order of length-grouped batches: the run continues in "
+                                       "its own order, each run of 50 batches longest to shortest"),
     "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at {}x"),
     "min_lr_ratio": (0.0, "predates the default floor of the cosine: the run continues with --min-lr-ratio {}"),
     "max_norm": (None, "predates --max-norm: the run continues without gradient clipping"),
@@ -167,7 +169,8 @@ def _resume(run: Run) -> None:
             before = trained.get(name, before)
             if name not in identity and getattr(cfg.train, name) != before:
                 setattr(cfg.train, name, before)  # the state predates the setting: go on as it was trained (exact)
-                notes.append(f"{run.resume_path} {what.format(before)}")
+                if name != "shuffle_grouped_batches" or cfg.train.group_by_length:  # (no order to keep without)
+                    notes.append(f"{run.resume_path} {what.format(before)}")
         note = check_resumable(run.state, cfg.identity(), run.resume_path, cfg.force)
         notes += [note] if note else []
     if fabric.global_rank == 0:

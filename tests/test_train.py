@@ -385,10 +385,6 @@ def test_a_run_state_from_before_the_floor_joined_the_identity_resumes_with_its_
         T.train(cfg)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The command line
-
-
 def test_a_run_state_from_before_the_shuffled_batch_order_resumes_in_its_own_order(tiny_checkpoint_dir, tmp_path):
     def no_shuffle_in_identity(state):  # as written when length-grouped batches ran longest to shortest
         assert state["identity"]["group_by_length"]
@@ -398,6 +394,10 @@ def test_a_run_state_from_before_the_shuffled_batch_order_resumes_in_its_own_ord
     a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, no_shuffle_in_identity,
                                  {"shuffle_grouped_batches": False, "global_batch_size": 4}, {"global_batch_size": 4})
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line
 
 
 def test_cli_malformed_data_is_one_error_line_naming_the_file(tiny_checkpoint_dir, tmp_path):

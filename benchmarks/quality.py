@@ -271,9 +271,14 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     # a file from before --min-lr-ratio, --max-norm or the shuffled batch order: every system's cosine ended at 0, no
     # clipping, each run of 50 batches longest to shortest
     old = {"min_lr_ratio": 0.0, "max_norm": None, "shuffle_grouped_batches": False}
-    if not isinstance(before, dict) or {**old, **before} != settings:
-        raise BenchmarkError(f"--resume: {path} was made with other settings ({earlier.get('settings')}); run with "
-                             "the same flags, or give another --out")
+    if not isinstance(before, dict):
+        raise BenchmarkError(f"--resume: {path} holds no settings; give another --out or --force to replace it")
+    before = {**old, **before}
+    if before != settings:
+        diff = ", ".join(f"{'the machine' if k == 'machine' else '--' + k.replace('_', '-')} {before.get(k)} "
+                         f"(now {v})" for k, v in settings.items() if before.get(k) != v)
+        raise BenchmarkError(f"--resume: {path} was made with other settings: {diff}; run with the same flags, or "
+                             "give another --out")
     for r in runs:  # runs made before --gate-lr-ratios / --start-layers / --init-scales: gates at the Aligner's rate,
         if r.get("system") == "aligner":  # from layer 2, the prefix at 1x the hidden scale
             r.setdefault("gate_lr_ratio", 1.0)

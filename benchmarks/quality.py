@@ -268,9 +268,11 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
         raise BenchmarkError(f"--resume: {path} is not a results file of this benchmark; give another --out or "
                              "--force to replace it")
     before = earlier.get("settings")
-    # a file from before --min-lr-ratio, --max-norm or the shuffled batch order: every system's cosine ended at 0, no
-    # clipping, each run of 50 batches longest to shortest
-    old = {"min_lr_ratio": 0.0, "max_norm": None, "shuffle_grouped_batches": False}
+    from lit_aligner.training.run import LATER_TRAIN_SETTINGS
+
+    # a file from before --min-lr-ratio, --max-norm or the shuffled batch order: made as a run state from before them
+    # resumes (every system's cosine ended at 0, no clipping, each run of 50 batches longest to shortest)
+    old = {k: LATER_TRAIN_SETTINGS[k][0] for k in ("min_lr_ratio", "max_norm", "shuffle_grouped_batches")}
     if not isinstance(before, dict):
         raise BenchmarkError(f"--resume: {path} holds no settings; give another --out or --force to replace it")
     before = {**old, **before}

@@ -3,7 +3,7 @@
 
 - Rows: `lit_aligner.data.load_data` on --data with --template (the project's own rendering and response-only
   masking), --max-seq-length, a seeded held-out split of --heldout rows. Every system sees the same rows in the same
-  order (`lit_aligner.training.engine.global_batch_indices`, length-grouped and shuffled by batch as the trainer does
+  order (`lit_aligner.training.engine.BatchOrder`, length-grouped and shuffled by batch as the trainer does
   by default; --no-shuffle-grouped-batches for the order of the files measured before that) with the
   same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW(betas 0.9/0.95, weight decay 0.02).
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
@@ -177,12 +177,11 @@ def run_peft(spec, common):
     import peft
     import transformers
 
-    from lit_aligner.training.engine import global_batch_indices, lr_at, rank_micro_batches
+    from lit_aligner.training.engine import BatchOrder, lr_at, rank_micro_batches
     from lit_aligner.training.objectives.sft import SFT
 
     device = device_of(common)
     tokenizer, train, val, _ = load_rows(common)
-    lengths = train.lengths()  # the trainer's length-grouped order (its default), the same for every system
     torch.manual_seed(common["seed"])
     base = transformers.AutoModelForCausalLM.from_pretrained(common["hf_dir"], dtype=torch.float32).to(device)
     if spec["system"] == "lora":
@@ -193,13 +192,14 @@ def run_peft(spec, common):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.02)
     tc = train_config(common, spec["lr"])
+    # the trainer's length-grouped order (its default), the same for every system
+    order = BatchOrder(len(train), tc.global_batch_size, tc.seed, train.lengths(), tc.shuffle_grouped_batches)
     objective = SFT(tokenizer.pad_id, 0)
     speeds, last = [], float("nan")
     model.train()
     for step in range(tc.max_steps):
         t0 = time.perf_counter()
-        indices = global_batch_indices(len(train), step, tc.global_batch_size, tc.seed, lengths,
-                                       tc.shuffle_grouped_batches)
+        indices = order(step)
         units = sum(objective.units(train[i], step) for i in indices)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)

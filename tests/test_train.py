@@ -735,6 +735,19 @@ def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_func
         assert grouped[0] != plain[0]
 
 
+def test_the_kept_batch_order_builds_each_epoch_once_and_equals_the_one_step_order(monkeypatch):
+    lengths = torch.randint(5, 300, (100,), generator=torch.Generator().manual_seed(0))
+    n, gbs, steps = len(lengths), 16, 20  # 100 % 16 = 4: steps straddle the epochs
+    expected = [engine.global_batch_indices(n, s, gbs, 3, lengths) for s in range(steps)]
+    built = []
+    real = engine.epoch_permutation
+    monkeypatch.setattr(engine, "epoch_permutation", lambda *a: built.append(a[2]) or real(*a))
+    order = engine.BatchOrder(n, gbs, 3, lengths)
+    assert [order(s) for s in range(steps)] == expected
+    assert built == [0, 1, 2, 3]  # (20 x 16 = 320 rows: four epochs, each sorted once)
+    assert order(7) == expected[7] and built[-1] == 1  # a step out of order (a resume) builds its own epochs
+
+
 def test_length_grouped_batches_go_in_a_shuffled_order_longest_first_not_longest_to_shortest():
     g = torch.Generator().manual_seed(1)
     # a small file (one run of 50 batches): 3 in 4 rows long, the rest short, as the kinds of rows of a tool-call file

@@ -91,19 +91,32 @@ def epoch_permutation(n: int, seed: int, epoch: int, lengths: Optional[torch.Ten
     return torch.cat([perm[:head], whole[order].reshape(-1), perm[head + k * batch:]])
 
 
+class BatchOrder:
+    """Dataset indices of each optimizer step's global batch (epochs continue across the boundary); with the
+    examples' `lengths`, in the length-grouped order (`epoch_permutation`). Keeps the permutations of the epochs its
+    last step touched: building one sorts the dataset (0.02 s at 52,000 rows, 0.26 s at a million), which every step
+    paid before."""
+
+    def __init__(self, n: int, global_batch_size: int, seed: int, lengths: Optional[torch.Tensor] = None,
+                 shuffle_batches: bool = True):
+        if n < 1:
+            raise TrainError("the training set is empty")
+        self.n, self.batch, self.seed, self.lengths, self.shuffle = n, global_batch_size, seed, lengths, shuffle_batches
+        self._epochs: Dict[int, torch.Tensor] = {}
+
+    def __call__(self, step: int) -> List[int]:
+        first, last = step * self.batch, (step + 1) * self.batch - 1
+        epochs = range(first // self.n, last // self.n + 1)
+        self._epochs = {e: self._epochs[e] if e in self._epochs else
+                        epoch_permutation(self.n, self.seed, e, self.lengths, self.batch, self.shuffle)
+                        for e in epochs}
+        return [int(self._epochs[p // self.n][p % self.n]) for p in range(first, last + 1)]
+
+
 def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int,
                          lengths: Optional[torch.Tensor] = None, shuffle_batches: bool = True) -> List[int]:
-    """Dataset indices of optimizer step `step`'s global batch (epochs continue across the boundary); with the
-    examples' `lengths`, in the length-grouped order (`epoch_permutation`)."""
-    if n < 1:
-        raise TrainError("the training set is empty")
-    out, cache = [], {}
-    for p in range(step * global_batch_size, (step + 1) * global_batch_size):
-        epoch = p // n
-        if epoch not in cache:
-            cache[epoch] = epoch_permutation(n, seed, epoch, lengths, global_batch_size, shuffle_batches)
-        out.append(int(cache[epoch][p % n]))
-    return out
+    """One step's indices of `BatchOrder` (which a loop over steps keeps, to build each epoch's order once)."""
+    return BatchOrder(n, global_batch_size, seed, lengths, shuffle_batches)(step)
 
 
 def rank_micro_batches(indices: Sequence[int], rank: int, world_size: int, micro_batch_size: int) -> List[List[int]]:
@@ -246,6 +259,7 @@ def fit(
     val_whole = validating and (config.eval_batches is None or
                                 config.eval_batches >= eval_batches_per_rank(len(val), world, config.micro_batch_size))
     lengths = train.lengths() if config.group_by_length else None  # every training dataset has lengths()
+    order = BatchOrder(len(train), config.global_batch_size, config.seed, lengths, config.shuffle_grouped_batches)
     if validating and start_step == 0:
         val_metrics = first_val = validate()
         metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),
@@ -261,8 +275,7 @@ def fit(
     with GracefulStop() as stop:
         while step < config.max_steps:
             t0 = time.perf_counter()
-            indices = global_batch_indices(len(train), step, config.global_batch_size, config.seed, lengths,
-                                           config.shuffle_grouped_batches)
+            indices = order(step)
             items = {i: train[i] for i in indices}
             # The global normaliser: every rank can count it itself, so it needs no communication.
             units = sum(objective.units(items[i], step) for i in indices)

@@ -2,6 +2,7 @@
 
     python generate/aligner.py --prompt "What is 2+2?"        # the Aligner python finetune/aligner.py wrote
     python generate/aligner.py --aligner out/alpaca/aligner.safetensors --no-aligner --prompt "What is 2+2?"
+    python generate/aligner.py --tools tools.json --prompt "Weather in Paris?"   # may call the functions listed
 
 Every prompt is answered once per Aligner, labelled; --out writes one JSONL row per prompt x Aligner. See
 howto/generate.md.
@@ -25,13 +26,14 @@ import tyro
 from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
-from lit_aligner.files import atomic_output, check_output, input_files
+from lit_aligner.files import UserError, atomic_output, check_output, input_files, read_json
 from lit_aligner.generation import (AlignerEntry, Answer, DecodingArgs, PromptItem, TextStreamer, answer_prompts,
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.tools import ToolError, Tools, parse_tools
 
 
 def default_aligner(checkpoint_dir: Path) -> Path:
@@ -50,12 +52,33 @@ def default_aligner(checkpoint_dir: Path) -> Path:
     return path
 
 
+def read_tools(path: Optional[Path], choice: str, parallel: bool) -> Optional[Tools]:
+    """--tools FILE with --tool-choice and --parallel-tool-calls as `Tools` (None without --tools)."""
+    if path is None:
+        if choice != "auto" or not parallel:
+            raise ValueError("--tool-choice and --no-parallel-tool-calls go with --tools FILE (the functions to call)")
+        return None
+    value = read_json(path, "tools file (OpenAI's tools list)")
+    if isinstance(value, dict) and "tools" in value:
+        value = value["tools"]
+    if value == []:
+        raise UserError(f"{path}: the tools list is empty; give at least one function")
+    named = choice if choice in ("auto", "none", "required") else {"type": "function", "function": {"name": choice}}
+    try:
+        return parse_tools(value, named, parallel, check_schemas=choice not in ("auto", "none"))
+    except ToolError as e:
+        raise UserError(f"--tool-choice {choice}: {e}" if e.param == "tool_choice" else f"{path}: {e}") from None
+
+
 def main(
     aligner: tyro.conf.UseAppendAction[List[Path]] = [],
     no_aligner: tyro.conf.FlagCreatePairsOff[bool] = False,
     prompt: tyro.conf.UseAppendAction[List[str]] = [],
     prompts_file: Optional[Path] = None,
     system: Optional[str] = None,
+    tools: Optional[Path] = None,
+    tool_choice: str = "auto",
+    no_parallel_tool_calls: tyro.conf.FlagCreatePairsOff[bool] = False,
     question: tyro.conf.UseAppendAction[List[str]] = [],
     answer: tyro.conf.UseAppendAction[List[str]] = [],
     qa_file: Optional[Path] = None,
@@ -86,6 +109,13 @@ def main(
         system: a system message for every prompt that has none of its own (a prompts file's "system"): the chat
             template's system turn; other templates read it as an earlier turn. With --pipeline the base answers
             with it, and the corrector sees it as context of the question.
+        tools: a JSON file of functions every prompt's answer may call: OpenAI's `tools` list ({"type": "function",
+            "function": {"name", "description", "parameters"}}), or an object holding it as "tools". A prompts-file
+            row's own "tools" win for that row. They are rendered as the server renders them (Hermes' <tool_call>
+            format); the calls in each answer are printed and written with --out (howto/generate.md).
+        tool_choice: with --tools: auto (the model decides), none (no calls), required (one call or more, held to the
+            format and each function's parameters by a grammar) or a function's name (exactly one call of it).
+        no_parallel_tool_calls: with --tool-choice required, one call per answer (else one or more).
         question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
             --answer for several pairs (the n-th --answer belongs to the n-th --question).
         answer: correction mode: the answer to correct (written by any upstream model), paired with --question.
@@ -121,6 +151,9 @@ def main(
     items = [PromptItem(p) for p in prompt] + (read_prompts(prompts_file) if prompts_file else [])
     if system:
         items = [replace(p, system=p.system or system) for p in items]
+    functions = read_tools(tools, tool_choice, not no_parallel_tool_calls)
+    if functions is not None:
+        items = [p if p.tools is not None else replace(p, tools=functions) for p in items]
     correcting = bool(pairs) or pipeline
     if pipeline and not items:
         raise ValueError("--pipeline needs questions for the base to answer: give --prompt TEXT or --prompts-file")
@@ -137,6 +170,12 @@ def main(
                          "first); --question/--answer and --qa-file pairs already have their answers")
     if correcting and interactive:
         raise ValueError("--interactive reads plain prompts; it does not combine with correction mode")
+    if correcting and (functions is not None or any(p.with_tools for p in items)):
+        raise ValueError("tools (--tools, a prompts file's tools or tool turns) are for prompts that a model answers; "
+                         "a correction Aligner calls no tools")
+    if functions is not None and interactive:
+        raise ValueError("--tools does not combine with --interactive, which has no way to give a call its result "
+                         "(serve/aligner.py does: howto/serve.md)")
     if not items and not pairs and not interactive:
         raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts-file FILE or --interactive "
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
@@ -146,7 +185,7 @@ def main(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if out is not None:
-        check_output(out, input_files(*aligner, prompts_file, qa_file, checkpoint_dir), force)
+        check_output(out, input_files(*aligner, prompts_file, qa_file, tools, checkpoint_dir), force)
 
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     entries = load_aligner_entries(aligner, model)
@@ -177,8 +216,9 @@ def main(
 
 
 def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, sampling, sink) -> None:
-    # One answer at a time can be streamed as it is generated; otherwise print when the batches are done.
-    stream = len(items) == 1 and len(entries) == 1
+    # One answer at a time can be streamed as it is generated; otherwise print when the batches are done (and an
+    # answer that may call tools is printed with its calls read out).
+    stream = len(items) == 1 and len(entries) == 1 and items[0].tools is None
     if stream:
         show_prompt(items[0], 0, 1)
         print(f"--- {entries[0].name} ---", flush=True)
@@ -192,7 +232,7 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
         else:
             show_prompt(items[i], i, len(items))
             for a in row:
-                print(f"--- {a.entry.name} ---\n{a.text.strip()}")
+                print(f"--- {a.entry.name} ---\n{shown(a)}")
         if sink:
             for a in row:
                 write_answer(sink, a, template)
@@ -204,13 +244,23 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
           file=sys.stderr)
 
 
+def shown(a: Answer) -> str:
+    """An answer as printed: its text, or the text around its tool calls and one line per call."""
+    if not a.calls:
+        return a.text.strip()
+    return "\n".join(([a.content] if a.content else []) + [f"tool call: {c.name} {c.arguments}" for c in a.calls])
+
+
 def write_answer(sink, a: Answer, template: Optional[str]) -> None:
-    """One --out row: the request (its system message and earlier turns when it has them), who answered, the answer."""
+    """One --out row: the request (its system message, earlier turns and tool turns when it has them), who answered,
+    the answer (with tools: also its calls in OpenAI's form and the text around them)."""
     p = a.prompt
+    calls = {"content": a.content, "tool_calls": [c.openai() for c in a.calls]} if p.tools is not None else {}
     sink.write(json.dumps({"prompt": p.instruction, "input": p.input, **({"system": p.system} if p.system else {}),
-                           **({"history": p.history} if p.history else {}),
+                           **({"history": p.history} if p.history else {}), **({"after": p.after} if p.after else {}),
                            "aligner": a.entry.name if a.entry.aligner is not None else None,
-                           "template": template or a.entry.metadata.get("template"), "output": a.text}) + "\n")
+                           "template": template or a.entry.metadata.get("template"), "output": a.text,
+                           **calls}) + "\n")
     sink.flush()
 
 
@@ -300,6 +350,9 @@ def show_prompt(item: PromptItem, i: int, n: int) -> None:
     head = item.instruction + (f"\n{item.input}" if item.input else "")
     if item.history:
         head += f" (after {len(item.history)} earlier turn{'s' if len(item.history) > 1 else ''})"
+    results = sum(m["role"] == "tool" for m in item.after)
+    if results:
+        head += f" (going on from {results} tool result{'s' if results > 1 else ''})"
     print(f"\n=== [{i + 1}/{n}] {head} ===")
 
 

@@ -19,6 +19,7 @@ writes; "none" reads none.
 
 import json
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +46,12 @@ class ToolError(UserError):
 class Call:
     name: str
     arguments: str  # a JSON object, as OpenAI sends it
+
+    def openai(self, index: Optional[int] = None) -> Dict[str, Any]:
+        """OpenAI's form of the call, with a fresh id (a streamed one with its index among the answer's calls)."""
+        out = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+               "function": {"name": self.name, "arguments": self.arguments}}
+        return out if index is None else {"index": index, **out}
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,20 @@ def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: O
         completions.append(template.completion(turn if style != "text" else turn["content"], turns, tokenizer,
                                                **variables))
     return prompt, completions
+
+
+def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools]) -> str:
+    """The prompt text of a conversation with tools or tool turns under the named template (the server's chat
+    endpoint, `generate/aligner.py --tools`). ToolError when `auto` would leave the model free to write its calls in
+    a format this module does not read (a chat template that renders tools otherwise than Hermes')."""
+    from lit_aligner.prompts import get_template
+
+    if tools is not None and tools.choice == "auto" and template_name == "chat" and \
+            template_style(tokenizer.chat_template) == "other":
+        raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes' "
+                        "<tool_call> tags are): use tool_choice \"required\" or a named function, which hold the "
+                        "answer to that format", param="tool_choice")
+    return tool_texts(get_template(template_name), tokenizer, messages, tools)[0]
 
 
 def _as_object(arguments: Any) -> Any:

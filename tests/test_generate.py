@@ -656,3 +656,81 @@ def test_aligner_cli_without_aligner_answers_with_the_default_training_runs_outp
     assert f"answering with {expected}" in r.stderr
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [row["aligner"] for row in rows] == [str(expected)]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def test_cli_tools_a_forced_call_is_read_out_and_written_in_openai_form(request, tmp_path):
+    ckpt = smollm2(request)
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [WEATHER]}))  # (or the bare list)
+    out = tmp_path / "calls.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--tools", tools,
+                   "--tool-choice", "get_weather", "--prompt", "What is the weather like in Paris?", "--prompt",
+                   "Is it raining in Oslo?", "--max-new-tokens", "80", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        (call,) = row["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+        assert call["id"].startswith("call_")
+        assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+        assert row["output"].startswith("<tool_call>\n{") and row["content"] is None
+        assert f"tool call: get_weather {call['function']['arguments']}" in r.stdout
+    assert rows[0]["tool_calls"][0]["function"]["arguments"] != rows[1]["tool_calls"][0]["function"]["arguments"]
+
+
+def test_prompts_file_rows_carry_their_own_tools_and_go_on_from_a_tools_result(request, tmp_path):
+    """A row's "tools" are listed in its prompt as the server lists them; a conversation that ends with a tool's result
+    is answered from that result (the answer changes with it)."""
+    from lit_aligner.base import load_base
+    from lit_aligner.tools import SYSTEM
+
+    ckpt = smollm2(request)
+    model, tok = load_base(ckpt, "cpu", "float32")
+    q = {"role": "user", "content": "What is the weather like in Paris?"}
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    rows = [{"messages": [q, call, {"role": "tool", "tool_call_id": "call_1", "content": f"{t} degrees, {sky}"}],
+             "tools": [WEATHER]} for t, sky in (("31", "sunny"), ("-12", "snowing"))]
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    items = read_prompts(prompts)
+    answers, _ = answer_prompts(model, tok, items, [AlignerEntry("base")], 30, stop_ids=tok.stop_ids)
+    for a, row in zip((row[0] for row in answers), rows):  # SmolLM2's template has no tools: Hermes' text turns
+        assert a.prompt_text == tok.apply_chat_template([
+            {"role": "system", "content": SYSTEM.format(tools=json.dumps(WEATHER))}, q,
+            {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                                             '</tool_call>'},
+            {"role": "user", "content": f"<tool_response>\n{row['messages'][-1]['content']}\n</tool_response>"}],
+            add_generation_prompt=True)
+    assert answers[0][0].text != answers[1][0].text  # the answer reads the result
+    out = tmp_path / "answers.jsonl"
+    r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner",
+                   "--prompts-file", prompts, "--max-new-tokens", "30", "--out", out)
+    assert r.returncode == 0, r.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["output"] for w in written] == [row[0].text for row in answers]
+    assert [w["after"][-1]["content"] for w in written] == ["31 degrees, sunny", "-12 degrees, snowing"]
+    assert "(going on from 1 tool result)" in r.stdout
+
+
+def test_cli_tool_flags_bad_input_is_one_clear_error(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    not_tools = tmp_path / "not_tools.json"
+    not_tools.write_text(json.dumps({"name": "get_weather"}))
+    cases = [(["--tool-choice", "required"], "--tool-choice and --no-parallel-tool-calls go with --tools"),
+             (["--tools", not_tools], "not_tools.json: tools must be a list"),
+             (["--tools", tmp_path / "missing.json"], "missing.json"),
+             (["--tools", tools, "--tool-choice", "get_time"], "--tool-choice get_time: tool_choice names"),
+             (["--tools", tools, "--interactive"], "--interactive, which has no way to give a call its result"),
+             (["--tools", tools, "--pipeline", "--aligner", tmp_path / "c.safetensors"], "calls no tools")]
+    for flags, message in cases:
+        r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(tmp_path), "--no-aligner",
+                       "--prompt", "hi", *flags)
+        assert r.returncode == 1 and r.stderr.startswith("error:") and message in r.stderr, (flags, r.stderr)
+        assert "Traceback" not in r.stderr

@@ -5,15 +5,19 @@ to a terminal (`TextStreamer`)."""
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 
 from lit_aligner.files import BadRecord, UserError, read_records, read_text
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
+from lit_aligner.generation.structured import compile_grammar
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, has_tool_turns,
-                                 parse_messages, prompt_for_aligner)
+                                 is_correction, parse_messages, prompt_for_aligner)
+
+if TYPE_CHECKING:  # (lit_aligner.tools reads structured outputs, whose package imports this module)
+    from lit_aligner.tools import Call, Tools
 
 
 class TextStreamer:
@@ -63,41 +67,56 @@ class TextStreamer:
 
 @dataclass
 class PromptItem:
-    """One request: an instruction and an optional input (Alpaca style), or the last user turn of a conversation."""
+    """One request: an instruction and an optional input (Alpaca style), or the last user turn of a conversation
+    (and the tool calls and results after it, when the answer goes on from a tool's result)."""
 
     instruction: str
     input: str = ""
     system: str = ""  # a system message before the user turn (none: the template's own default, if any)
-    history: List[Message] = field(default_factory=list)  # earlier user / assistant turns, oldest first
+    history: List[Message] = field(default_factory=list)  # earlier turns, oldest first
+    after: List[Message] = field(default_factory=list)  # the assistant's calls and the tools' results after the turn
+    tools: Optional["Tools"] = None  # the functions the answer may call (`lit_aligner.tools`)
 
     def messages(self) -> List[Message]:
-        """The request as chat messages: its system message, earlier turns and the user turn."""
-        return conversation(self.instruction, self.input, self.system, self.history)
+        """The request as chat messages: its system message, earlier turns, the user turn and what came after it."""
+        return conversation(self.instruction, self.input, self.system, self.history) + list(self.after)
+
+    @property
+    def with_tools(self) -> bool:
+        """Rendered by `lit_aligner.tools` (tools given, or tool turns in the conversation)."""
+        return self.tools is not None or has_tool_turns(self.history + self.after)
 
 
-PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input' "
-                  "and 'system') or a 'messages' conversation that ends with a user turn, or JSONL with one such "
-                  "string or object per line, or a .txt file with one prompt per line")
+PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input', "
+                  "'system' and 'tools') or a 'messages' conversation that ends with a user turn or a tool's result, "
+                  "or JSONL with one such string or object per line, or a .txt file with one prompt per line")
 
 
-def conversation_item(messages: Sequence[Message], system: str = "") -> PromptItem:
-    """The request that answers a conversation's last (user) turn: a leading system message (else `system`), the
-    turns between as its history. ValueError when it does not end with a user turn."""
+def conversation_item(messages: Sequence[Message], system: str = "", tools: Optional["Tools"] = None) -> PromptItem:
+    """The request that answers a conversation: a leading system message (else `system`), its last user turn, the
+    turns before as its history and the tool calls and results after it (an answer that goes on from a tool's
+    result). ValueError when it ends otherwise."""
     turns = list(messages)
     if turns and turns[0]["role"] == "system":
         system, turns = turns[0]["content"], turns[1:]
-    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
-        raise ValueError("the conversation must end with a non-empty user turn (the one to answer)")
-    if has_tool_turns(turns):
-        raise ValueError("the conversation has tool calls or results: answer it through the server (serve/aligner.py "
-                         "renders tools and reads the calls back)")
-    return PromptItem(turns[-1]["content"], system=system, history=turns[:-1])
+    last = max((j for j, m in enumerate(turns) if m["role"] == "user"), default=None)
+    after = turns[last + 1:] if last is not None else []
+    calls_then_results = all(m["role"] == "tool" or m.get("tool_calls") for m in after) and \
+        (not after or after[-1]["role"] == "tool")
+    if last is None or not turns[last]["content"].strip() or not calls_then_results:
+        raise ValueError("the conversation must end with a non-empty user turn (the one to answer) or with the results "
+                         "of the tool calls after it (role tool)")
+    return PromptItem(turns[last]["content"], system=system, history=turns[:last], after=after, tools=tools)
 
 
 def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input` and
     `system`, or with `messages` / `conversations`: a chat to continue) or a JSONL file (one such string or object per
-    line), or a .txt file (one prompt per non-empty line). UserError naming the file and the row on bad input."""
+    line), or a .txt file (one prompt per non-empty line). An object's `tools` (OpenAI's list; TRL's column), with
+    its optional `tool_choice` and `parallel_tool_calls`, are the functions its answer may call. UserError naming
+    the file and the row on bad input."""
+    from lit_aligner.tools import ToolError, parse_tools
+
     if Path(path).suffix == ".txt":  # plain text: no JSON quoting of each prompt
         lines = read_text(path, f"prompts file ({PROMPTS_FORMAT})").splitlines()
         records = [(f"line {n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
@@ -106,9 +125,15 @@ def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     items = []
     for where, row in records:
         key = next((k for k in CONVERSATION_KEYS if k in row), None) if isinstance(row, dict) else None
+        try:
+            tools = parse_tools(row.get("tools"), row.get("tool_choice"), row.get("parallel_tool_calls"),
+                                check_schemas=row.get("tool_choice") not in (None, "none", "auto")) \
+                if isinstance(row, dict) else None
+        except ToolError as e:
+            raise UserError(f"{path}: {where}: {e}") from None
         if key is not None:
             try:
-                items.append(conversation_item(parse_messages(row[key], key), row.get("system") or ""))
+                items.append(conversation_item(parse_messages(row[key], key), row.get("system") or "", tools))
             except ValueError as e:
                 raise UserError(f"{path}: {where}: {e}; expected {PROMPTS_FORMAT}") from None
             continue
@@ -119,7 +144,7 @@ def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
             reason = row if isinstance(row, BadRecord) else "has no 'prompt' or 'instruction' text (or a non-string " \
                                                              "'input' or 'system')"
             raise UserError(f"{path}: {where} {reason}; expected {PROMPTS_FORMAT}")
-        items.append(PromptItem(text, inp, system))
+        items.append(PromptItem(text, inp, system, tools=tools))
     if not items:
         raise UserError(f"{path}: no prompts in the file; expected {PROMPTS_FORMAT}")
     return items
@@ -146,6 +171,8 @@ class Answer:
     prompt_text: str  # the full prompt after templating
     tokens: torch.Tensor  # new token ids (stop token excluded)
     text: str
+    calls: List["Call"] = field(default_factory=list)  # the tool calls in `text`, when the prompt gave tools
+    content: Optional[str] = None  # with calls: the text around them (None when only blank); else `text`
 
 
 def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] = None) -> Optional[str]:
@@ -157,7 +184,16 @@ def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] 
 def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
                    base_template: Optional[str] = None) -> str:
     """The prompt text of request `p` for entry `e`: an Aligner's as its metadata says (`template` overrides), the bare
-    base's with `base_template` (see `bare_base_template`)."""
+    base's with `base_template` (see `bare_base_template`); with tools or tool turns, as `lit_aligner.tools` renders
+    them (the server's rendering)."""
+    if p.with_tools:
+        from lit_aligner.tools import tool_prompt
+
+        if is_correction(e.metadata):
+            raise ValueError(f"{e.name} is a correction Aligner: it rewrites an answer and calls no tools")
+        name = (template if e.aligner is not None else base_template) or e.metadata.get("template") or \
+            ("chat" if getattr(tokenizer, "has_chat_template", False) else "plain")
+        return tool_prompt(name, tokenizer, p.messages(), p.tools)
     if e.aligner is None:
         return build_prompt(tokenizer, p.instruction, base_template, input=p.input, system=p.system,
                             history=p.history)
@@ -182,10 +218,20 @@ def answer_prompts(
     up to `batch_size` rows, sorted by length to limit padding. Each Aligner's prompt follows its metadata
     (`prompt_for_aligner`); `template` overrides it for all. The bare base uses `template`, else the template that all
     the Aligners share, else `build_prompt`'s default. on_token(request, token) numbers requests prompt-major
-    (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...)."""
+    (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...).
+    A prompt's tools (`PromptItem.tools`): a forced choice holds its answers to calls with a grammar, and the calls
+    of every answer that may call are read into `Answer.calls`."""
+    from lit_aligner.tools import split_calls
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     base_template = bare_base_template(entries, template)
+    grammar = sampling.pop("grammar", None)  # one for every row, or each forced prompt's own
+    forced = {id(p.tools): p.tools for p in prompts if p.tools is not None and p.tools.forced}
+    if forced and grammar is not None:
+        raise ValueError("a forced tool_choice holds the answer to tool calls: drop the structured-output flag")
+    grammars = {k: compile_grammar(t.output_format(), tokenizer, model.lm_head_weight.shape[0])
+                for k, t in forced.items()}
     requests = []  # (prompt i, entry j, prompt text, token ids)
     for i, p in enumerate(prompts):
         for j, e in enumerate(entries):
@@ -210,17 +256,20 @@ def answer_prompts(
             if on_token is not None:
                 def callback(row, tok, batch=batch):
                     on_token(batch[row], tok)
+            rows_grammar = [grammars.get(id(prompts[requests[r][0]].tools)) for r in batch] if grammars else grammar
             out, stats = generate(model, [requests[r][3] for r in batch], max_new_tokens,
                                   aligners=[entries[requests[r][1]].aligner for r in batch], on_token=callback,
-                                  return_stats=True, **sampling)
+                                  return_stats=True, grammar=rows_grammar, **sampling)
             all_stats.append(stats)
             outputs.update(zip(batch, out))
 
     answers = [[None] * len(entries) for _ in prompts]
     stop = sampling.get("stop_strings") or ()
     for r, (i, j, text, _) in enumerate(requests):
-        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r],
-                               cut_at_stop(tokenizer.decode(outputs[r]), stop))
+        said = cut_at_stop(tokenizer.decode(outputs[r]), stop)
+        tools = prompts[i].tools
+        content, calls = split_calls(said) if tools is not None and tools.choice != "none" else (said, [])
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content)
     return answers, all_stats
 
 

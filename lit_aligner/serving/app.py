@@ -38,13 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lit_aligner.generation.engine import Penalties, Sampling
 from lit_aligner.generation.structured import (Grammar, OutputFormat, StructuredOutputError, compile_grammar,
                                                parse_response_format, parse_structured_outputs)
-from lit_aligner.prompts import (conversation_question, correction_prompt, encode_prompt, get_template,
-                                 has_tool_turns, is_correction)
+from lit_aligner.prompts import conversation_question, correction_prompt, encode_prompt, has_tool_turns, is_correction
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
-from lit_aligner.tools import (Call, CallStream, ToolError, Tools, parse_tools, split_calls, template_style,
-                               tool_texts)
+from lit_aligner.tools import CallStream, ToolError, Tools, parse_tools, split_calls, tool_prompt
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
@@ -275,12 +273,10 @@ class AlignerServer:
         template, else as plain text; tools and tool turns as `lit_aligner.tools` says."""
         name = (aligner.metadata.get("template") if aligner is not None else None) or \
             ("chat" if self.tokenizer.has_chat_template else "plain")
-        if tools is not None and tools.choice == "auto" and name == "chat" and \
-                template_style(self.tokenizer.chat_template) == "other":
-            raise APIError(400, "this model's chat template writes tool calls in a format this server does not read "
-                                "(it reads Hermes' <tool_call> tags): use tool_choice \"required\" or a named "
-                                "function, which hold the answer to that format", param="tool_choice")
-        return tool_texts(get_template(name), self.tokenizer, messages, tools)[0]
+        try:
+            return tool_prompt(name, self.tokenizer, messages, tools)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     def encode(self, prompt: Union[str, List[int]]) -> List[int]:
         """A prompt's token ids (a text encoded as training encodes prompts; ids checked against the vocabulary),
@@ -495,7 +491,7 @@ class AlignerServer:
                 for choice in out["choices"]:
                     content, calls = split_calls(choice["message"]["content"])
                     if calls:
-                        choice["message"].update(content=content, tool_calls=[_call_json(c) for c in calls])
+                        choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
                         choice["finish_reason"] = _finish_with_calls(choice["finish_reason"])
             if upstream_answer is not None:
                 out["upstream_answer"] = upstream_answer
@@ -569,7 +565,7 @@ class AlignerServer:
                             chunk = _chunk(kind, rid, created, body.model, piece if isinstance(piece, str) else "",
                                            None, index=i)
                             if not isinstance(piece, str):
-                                chunk["choices"][0]["delta"]["tool_calls"] = [_call_json(piece, calls[i])]
+                                chunk["choices"][0]["delta"]["tool_calls"] = [piece.openai(calls[i])]
                                 calls[i] += 1
                             if logprobs:
                                 chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], 0)
@@ -740,13 +736,6 @@ def _response(kind: str, rid: str, created: int, model: str, answers: List[Tuple
                for i, (text, finish) in enumerate(answers)]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage}
-
-
-def _call_json(call: Call, index: Optional[int] = None) -> Dict[str, Any]:
-    """OpenAI's form of a tool call (a streamed one with its index among the choice's calls)."""
-    out = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-           "function": {"name": call.name, "arguments": call.arguments}}
-    return out if index is None else {"index": index, **out}
 
 
 def _finish_with_calls(finish: str) -> str:

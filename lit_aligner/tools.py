@@ -293,11 +293,16 @@ class CallStream:
             out.append(_call(block[len(OPEN):end].strip()) or block)
 
     def close(self) -> List[Union[str, Call]]:
-        """What is left at the end: an unclosed last call, or text."""
+        """What is left at the end: an unclosed last call (the answer may have ended inside its closing tag), or
+        text."""
         rest, self.buffer = self.buffer, ""
         if not rest:
             return []
-        call = _call(rest[len(OPEN):].strip()) if rest.startswith(OPEN) else None
+        call = None
+        if rest.startswith(OPEN):
+            body = rest[len(OPEN):].rstrip()
+            cut = next((k for k in range(min(len(CLOSE) - 1, len(body)), 0, -1) if CLOSE.startswith(body[-k:])), 0)
+            call = _call(body[:len(body) - cut].strip())
         return [call or rest]
 
 

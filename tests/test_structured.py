@@ -199,7 +199,7 @@ TEXT = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "
 def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer():
     """`CallStream` fed the answer in pieces of any size (tags cut anywhere) gives the content and calls that
     `split_calls` reads from the whole answer: well-formed calls, a malformed block kept as text, Llama's
-    "parameters", an unclosed last call."""
+    "parameters", an unclosed last call (also one cut inside its closing tag)."""
     import random
 
     from lit_aligner.tools import Call, CallStream, split_calls
@@ -208,6 +208,8 @@ def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer
     assert [c.name for c in calls] == ["get_weather", "lookup", "lookup"]
     assert json.loads(calls[1].arguments) == {"n": 7} and '{"oops": 1}' in content and content.startswith("Checking.")
     assert split_calls("no calls here") == ("no calls here", [])
+    cut = split_calls('<tool_call>\n{"name": "f", "arguments": {"n": 1}}\n</tool_')  # max_tokens inside the tag
+    assert cut == (None, [Call("f", '{"n": 1}')])
     rng = random.Random(0)
     for sizes in ([1] * len(TEXT), [len(TEXT)], [rng.randint(1, 9) for _ in range(len(TEXT))]):
         stream, pieces, at = CallStream(), [], 0

@@ -1,20 +1,22 @@
 """Tool calls (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`; TRL's `tools` column and `tool_calls` turns) in
-one format, Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as
-Qwen2.5 and 3, Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it. The server and the training
-data render tools and tool turns with the same `tool_messages`, so an Aligner trained on tool-calling conversations
-is served the prompts it learnt from.
+two formats. Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as
+Qwen2.5 and 3, Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it. Llama 3.1 to 3.3's: the whole
+answer is the call, `{"name": ..., "parameters": {...}}` (several joined by "; ", after an optional `<|python_tag|>`),
+as their chat templates render calls and vLLM's `llama3_json` parser reads them. The server and the training data
+render tools and tool turns with the same `tool_messages`, so an Aligner trained on tool-calling conversations is
+served the prompts it learnt from.
 
-The prompt: a chat template that renders tools in this format gets them as its `tools` variable (the transformers
-convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`). Any other
-template (SmolLM2's, LLaMA-2's, the named ones) gets a system message that lists the tools and the format, earlier calls
-as that text and results as user turns in `<tool_response>` tags, as Hermes templates render them. A template that
-renders tools in another format (Llama 3.1's JSON, Mistral's) gets them natively, and `auto` is refused: its model's
-own calls would not be read.
+The prompt: a chat template that renders tools (Hermes' or Llama 3's) gets them as its `tools` variable (the
+transformers convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`), and
+its answers are read in its format. Any other template (SmolLM2's, LLaMA-2's, the named ones) gets a system message
+that lists the tools and Hermes' format, earlier calls as that text and results as user turns in `<tool_response>`
+tags, as Hermes templates render them. A template that renders tools in a third format (Mistral's) gets them natively,
+and `auto` is refused: its model's own calls would not be read.
 
-The answer: `tool_choice` "required" or a named function holds it to calls in this format with a grammar, each call's
-arguments to its function's JSON schema (one call with a name or `parallel_tool_calls: false`): any model gives a call
-that parses, not necessarily a good one. "auto" (the default with tools) leaves the model free and reads the calls it
-writes; "none" reads none.
+The answer: `tool_choice` "required" or a named function holds it to calls in the template's format with a grammar,
+each call's arguments to its function's JSON schema (one call with a name or `parallel_tool_calls: false`): any model
+gives a call that parses, not necessarily a good one. "auto" (the default with tools) leaves the model free and reads
+the calls it writes; "none" reads none.
 """
 
 import json
@@ -27,6 +29,7 @@ from lit_aligner.files import UserError
 from lit_aligner.generation.structured import OutputFormat, StructuredOutputError, check_format
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"  # Llama 3's mark of a tool call (its templates write it for built-in tools)
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function name
 # A forced call's JSON is written as json.dumps writes it, as Hermes templates render calls (`tojson`) and as their
 # models write them. (Flexible whitespace would also make the end ambiguous: blank space after the object, or the
@@ -71,19 +74,25 @@ class Tools:
         """The tools as chat templates take them (OpenAI's form)."""
         return [{"type": "function", "function": f} for f in self.functions]
 
-    def output_format(self) -> Optional[OutputFormat]:
-        """The grammar of a forced answer: one call or more, each `<tool_call>` + its function's name and arguments."""
+    def output_format(self, style: str = "hermes") -> Optional[OutputFormat]:
+        """The grammar of a forced answer in the format of a template of `style` (`template_style`): one call or
+        more, each its function's name and arguments (Hermes': each in `<tool_call>` tags, one per line; Llama 3's:
+        the JSON objects alone, joined by "; ")."""
         if not self.forced:
             return None
+        llama = style == "llama3"
+        key, before, after, between = ("parameters", "", "", "; ") if llama else ("arguments", OPEN + "\n",
+                                                                                "\n" + CLOSE, "\n")
         chosen = [f for f in self.functions if self.choice in ("required", f["name"])]
         rules = []
         for i, f in enumerate(chosen):
-            schema = {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                      "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": CALL_JSON}
-            rules.append(f"call{i}: {json.dumps(OPEN + chr(10))} %json {json.dumps(schema)} "
-                         f"{json.dumps(chr(10) + CLOSE)}")
+            schema = {"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+                      "required": ["name", key], "additionalProperties": False, "x-guidance": CALL_JSON}
+            parts = [f"call{i}:", json.dumps(before), "%json", json.dumps(schema), json.dumps(after)]
+            rules.append(" ".join(p for p in parts if p != '""'))
         calls = " | ".join(f"call{i}" for i in range(len(chosen)))
-        start = "start: call (\"\\n\" call)*" if self.parallel and self.choice == "required" else "start: call"
+        many = self.parallel and self.choice == "required"
+        start = f"start: call ({json.dumps(between)} call)*" if many else "start: call"
         return OutputFormat("grammar", "\n".join([start, f"call: {calls}", *rules]))
 
 
@@ -145,10 +154,19 @@ SYSTEM = (
 
 def template_style(chat_template: Optional[str]) -> str:
     """How a chat template (None: a named template) handles tools: "hermes" (renders them, calls in <tool_call>
-    tags), "other" (renders them in another format) or "text" (not at all: the tools go in as text)."""
+    tags), "llama3" (renders them, a call is the answer's JSON with "parameters", a result an `ipython` turn: Llama
+    3.1 to 3.3), "other" (renders them in another format) or "text" (not at all: the tools go in as text, calls are
+    Hermes')."""
     if not chat_template or not re.search(r"\btools\b", chat_template):
         return "text"
-    return "hermes" if OPEN in chat_template else "other"
+    if OPEN in chat_template:
+        return "hermes"
+    return "llama3" if '"parameters": ' in chat_template and "ipython" in chat_template else "other"
+
+
+def call_style(template_name: str, tokenizer) -> str:
+    """`template_style` of the named prompt template with this tokenizer (only "chat" is the tokenizer's own)."""
+    return template_style(tokenizer.chat_template if template_name == "chat" else None)
 
 
 def call_text(name: str, arguments: Union[str, Dict[str, Any]]) -> str:
@@ -201,7 +219,7 @@ def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: O
     """The prompt text of a conversation with tools or tool turns under a prompt template (`prompts.PromptTemplate`),
     and the training text of each of `answers` (assistant messages, with their `tool_calls`) after it: what the server
     renders and what training learns from."""
-    style = template_style(tokenizer.chat_template if template.name == "chat" else None)
+    style = call_style(template.name, tokenizer)
     turns, variables = tool_messages(messages, tools, style)
     prompt = template.render_messages(turns, tokenizer, **variables)
     completions = []
@@ -218,8 +236,7 @@ def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]
     a format this module does not read (a chat template that renders tools otherwise than Hermes')."""
     from lit_aligner.prompts import get_template
 
-    if tools is not None and tools.choice == "auto" and template_name == "chat" and \
-            template_style(tokenizer.chat_template) == "other":
+    if tools is not None and tools.choice == "auto" and call_style(template_name, tokenizer) == "other":
         raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes' "
                         "<tool_call> tags are): use tool_choice \"required\" or a named function, which hold the "
                         "answer to that format", param="tool_choice")
@@ -243,6 +260,10 @@ def _call(body: str) -> Optional[Call]:
         value = json.loads(body)
     except json.JSONDecodeError:
         return None
+    return _call_of(value)
+
+
+def _call_of(value: Any) -> Optional[Call]:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))  # Llama-style "parameters" read too
@@ -251,11 +272,36 @@ def _call(body: str) -> Optional[Call]:
     return Call(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def split_calls(text: str) -> Tuple[Optional[str], List[Call]]:
-    """(content, calls) of a whole answer: the calls it writes, and its text around them (None when only blank). A
-    block that is not a well-formed call stays in the content; a last call may be unclosed (the model ended inside
-    it)."""
-    stream = CallStream()  # one reader of the format, streamed or not
+def _llama_calls(text: str) -> Optional[List[Call]]:
+    """The calls of a whole answer in Llama 3's format (one JSON call object or several joined by ";", after an
+    optional <|python_tag|>), or None when the answer is not that."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):].lstrip()
+    calls, at, decoder = [], 0, json.JSONDecoder()
+    while True:
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except json.JSONDecodeError:
+            return None
+        call = _call_of(value)
+        if call is None:
+            return None
+        calls.append(call)
+        rest = body[at:].lstrip()
+        if not rest:
+            return calls
+        if not rest.startswith(";"):
+            return None
+        at = len(body) - len(rest[1:].lstrip())
+
+
+def split_calls(text: str, style: str = "hermes") -> Tuple[Optional[str], List[Call]]:
+    """(content, calls) of a whole answer in the format of a template of `style` (`template_style`): the calls it
+    writes, and its text around them (None when only blank). Hermes': a block that is not a well-formed call stays in
+    the content; a last call may be unclosed (the model ended inside it). Llama 3's: the whole answer is calls, or
+    content."""
+    stream = CallStream(style)  # one reader of the format, streamed or not
     pieces = stream.feed(text) + stream.close()
     calls = [p for p in pieces if isinstance(p, Call)]
     if not calls:
@@ -264,15 +310,22 @@ def split_calls(text: str) -> Tuple[Optional[str], List[Call]]:
 
 
 class CallStream:
-    """A streamed answer split as it comes into content and whole calls: text that may begin a call's tag is held
-    back until it does or does not, and a call is given once its closing tag arrives."""
+    """A streamed answer split as it comes into content and whole calls. Hermes' format: text that may begin a call's
+    tag is held back until it does or does not, and a call is given once its closing tag arrives. Llama 3's: an answer
+    that begins as a call may be one (`{` or <|python_tag|>) is held to its end; any other streams as content."""
 
-    def __init__(self):
-        self.buffer = ""
+    def __init__(self, style: str = "hermes"):
+        self.buffer, self.llama, self.content = "", style == "llama3", False
 
     def feed(self, text: str) -> List[Union[str, Call]]:
         self.buffer += text
         out: List[Union[str, Call]] = []
+        if self.llama:
+            head = self.buffer.lstrip()
+            if not self.content and (not head or head.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(head)):
+                return out
+            self.content, out, self.buffer = True, [self.buffer] if self.buffer else [], ""
+            return out
         while True:
             start = self.buffer.find(OPEN)
             if start < 0:
@@ -298,6 +351,8 @@ class CallStream:
         rest, self.buffer = self.buffer, ""
         if not rest:
             return []
+        if self.llama:
+            return list(_llama_calls(rest) or [rest])
         call = None
         if rest.startswith(OPEN):
             body = rest[len(OPEN):].rstrip()
@@ -306,5 +361,5 @@ class CallStream:
         return [call or rest]
 
 
-__all__ = ["CLOSE", "OPEN", "Call", "CallStream", "ToolError", "Tools", "call_text", "parse_tools",
-           "split_calls", "template_style", "tool_messages", "tool_texts"]
+__all__ = ["CLOSE", "OPEN", "PYTHON_TAG", "Call", "CallStream", "ToolError", "Tools", "call_style", "call_text",
+           "parse_tools", "split_calls", "template_style", "tool_messages", "tool_prompt", "tool_texts"]

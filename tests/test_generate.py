@@ -734,3 +734,24 @@ def test_cli_tool_flags_bad_input_is_one_clear_error(tmp_path):
                        "--prompt", "hi", *flags)
         assert r.returncode == 1 and r.stderr.startswith("error:") and message in r.stderr, (flags, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_each_answer_is_forced_and_read_in_the_format_of_its_own_template(request):
+    """One batch, two templates: an Aligner saved with the chat template (here Llama 3.1's) writes the forced call in
+    Llama's format (the JSON alone, "parameters"), one saved with the alpaca template (tools as text) in Hermes' tags;
+    each reads back as the call."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_base
+    from lit_aligner.tools import parse_tools
+
+    model, tok = load_base(smollm2(request), "cpu", "float32")
+    tok.chat_template = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    entries = [AlignerEntry(t, Aligner(model.config, AlignerConfig(1, 2)), {"template": t}) for t in ("chat", "alpaca")]
+    items = [PromptItem("What is the weather like in Paris?", tools=parse_tools([WEATHER], "required", False))]
+    (llama, hermes), = answer_prompts(model, tok, items, entries, 80, stop_ids=tok.stop_ids)[0]  # (zero gates)
+    assert "Environment: ipython" in llama.prompt_text and "<tools>" in hermes.prompt_text
+    assert llama.text.startswith('{"name": "get_weather", "parameters": {') and hermes.text.startswith("<tool_call>\n")
+    for a in (llama, hermes):
+        assert a.content is None and [c.name for c in a.calls] == ["get_weather"], a.text

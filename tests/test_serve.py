@@ -667,8 +667,9 @@ def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, b
 
 
 def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
-    """A chat template that renders tools in another format than Hermes' (Llama 3.1's): its model's own calls would
-    not be read, so "auto" is a 400 that says what works instead; "required" renders with the template's tools."""
+    """A chat template that renders tools in a format other than Hermes' and Llama 3's (LFM2's): its model's own calls
+    would not be read, so "auto" is a 400 that says what works instead; "required" renders with the template's
+    tools."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
@@ -677,13 +678,62 @@ def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
     from lit_aligner.tools import parse_tools
 
     tok = load_tokenizer(smollm2_dir)
-    tok.chat_template = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    tok.chat_template = (resources.files(trl) / "chat_templates" / "lfm2.jinja").read_text()
     server = AlignerServer(None, None, tok, "base")
     q = [{"role": "user", "content": "Weather in Paris?"}]
     with pytest.raises(APIError, match="use tool_choice .required. or a named function") as e:
         server.chat_prompt(None, q, parse_tools([WEATHER]))
     assert e.value.status == 400 and e.value.param == "tool_choice"
     assert '"get_weather"' in server.chat_prompt(None, q, parse_tools([WEATHER], "required"))
+
+
+def test_a_llama3_template_reads_and_forces_calls_in_llamas_format(smollm2_dir, tmp_path):
+    """A base whose chat template is Llama 3.1's (swapped into a copy of SmolLM2's tokenizer config): under "auto" a
+    call written in Llama's format (the whole answer, JSON with "parameters"; forced here by a regex, as a Llama 3
+    model writes it) comes back as tool_calls, streamed or not; "required" holds the answer to that format (a
+    Hermes-tagged call would not read back here); the next turn renders the call as the template writes calls."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_config
+
+    ckpt = tmp_path / "llama-templated"
+    ckpt.mkdir()
+    for f in smollm2_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (ckpt / f.name).symlink_to(f.resolve())
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    base, q = load_config(ckpt).name, [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    written = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}'
+    force = {"structured_outputs": {"regex": re.escape(written)}}
+    (tmp_path / "none").mkdir()  # (no Aligners: the base alone)
+    args = ["--checkpoint-dir", str(ckpt), "--aligners-dir", str(tmp_path / "none"), "--max-seq-length", "1024"]
+    with ServerProcess(args, env={"LIT_ALIGNER_API_KEY": KEY}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=60,
+                                           temperature=0, extra_body=force)
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.content is None
+        assert weather_call(message.tool_calls[0]) == {"city": "Paris", "unit": "celsius"}
+        chunks = [c.choices[0] for c in client.chat.completions.create(
+            model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=60, temperature=0, extra_body=force,
+            stream=True) if c.choices]
+        assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
+        assert [d.function.name for c in chunks for d in (c.delta.tool_calls or [])] == ["get_weather"]
+        r = client.chat.completions.create(model=base, messages=q, tools=[WEATHER, CLOCK], tool_choice="required",
+                                           max_tokens=80, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
+        turn = q + [{"role": "assistant", "content": None, "tool_calls": [message.tool_calls[0].model_dump()]},
+                    {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "21 degrees, sunny"}]
+        status, tokens = http(server.url + "/tokenize", json.dumps({"messages": turn, "tools": [WEATHER]}).encode(),
+                              {"Content-Type": "application/json"})
+        prompt = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
+                      {"Content-Type": "application/json"})[1]["prompt"]
+    assert status == 200 and f"<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>" in prompt
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n" in prompt and "21 degrees, sunny" in prompt
 
 
 def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):

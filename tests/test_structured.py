@@ -237,8 +237,9 @@ def test_tool_turns_render_so_the_calls_read_back_in_hermes_and_in_plain_chat_te
 
     templates = resources.files(trl) / "chat_templates"
     qwen, llama = (templates / "qwen2_5.jinja").read_text(), (templates / "llama3_1.jinja").read_text()
-    assert (template_style(qwen), template_style(llama), template_style(CHATML), template_style(None)) == \
-        ("hermes", "other", "text", "text")
+    lfm2 = (templates / "lfm2.jinja").read_text()  # tools in a third format (LFM2's Python-like calls)
+    assert [template_style(t) for t in (qwen, llama, lfm2, CHATML, None)] == \
+        ["hermes", "llama3", "other", "text", "text"]
     args = {"city": "Paris", "unit": "c"}
     messages = [{"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": "", "tool_calls": [
@@ -258,3 +259,64 @@ def test_tool_turns_render_so_the_calls_read_back_in_hermes_and_in_plain_chat_te
         result = prompt.split("<|im_start|>")[-2]
         assert result.startswith("user\n") and '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in result
         assert prompt.endswith("<|im_start|>assistant\n")
+    # Llama 3.1's template writes the call as the whole assistant turn, which reads back in its own format
+    tok.chat_template = llama
+    turns, variables = tool_messages(messages, spec, "llama3")
+    prompt = get_template("chat").render_messages(turns, tok, **variables)
+    answer = prompt.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+    content, calls = split_calls(answer, "llama3")
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", args)]
+    assert split_calls(answer) == (answer, [])  # (not Hermes')
+    assert "<|start_header_id|>ipython<|end_header_id|>" in prompt and '"lookup"' in prompt
+
+
+LLAMA_ANSWERS = [  # (answer, its content, its calls' names) in Llama 3's format
+    ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}', None, ["get_weather"]),
+    ('<|python_tag|>{"name": "lookup", "parameters": {"n": 7}}; {"name": "lookup", "arguments": {"n": 8}}', None,
+     ["lookup", "lookup"]),
+    ("Paris is sunny today.", "Paris is sunny today.", []),
+    ('{"name": "lookup", "parameters": {"n": 7}} and more words', '{"name": "lookup", "parameters": {"n": 7}} and more '
+                                                                 'words', []),
+    ('{"oops": 1}', '{"oops": 1}', []),
+    ('  {"name": "lookup", "parameters": {"n": 7', '  {"name": "lookup", "parameters": {"n": 7', []),
+]
+
+
+def test_llama3_calls_are_the_whole_answer_streamed_or_not():
+    """Llama 3's format (vLLM's llama3_json): an answer that is one call object or several joined by ";" (after an
+    optional <|python_tag|>) is calls, any other answer is content; `CallStream` fed it in pieces of any size gives
+    the same, and streams an answer that does not begin as a call at once."""
+    import random
+
+    from lit_aligner.tools import Call, CallStream, split_calls
+
+    rng = random.Random(0)
+    for text, content, names in LLAMA_ANSWERS:
+        got, calls = split_calls(text, "llama3")
+        assert got == content and [c.name for c in calls] == names, text
+        for sizes in ([1] * len(text), [len(text)], [rng.randint(1, 9) for _ in range(len(text))]):
+            stream, pieces, at = CallStream("llama3"), [], 0
+            for n in sizes:
+                pieces += stream.feed(text[at:at + n])
+                at += n
+            pieces += stream.close()
+            assert [p for p in pieces if isinstance(p, Call)] == calls
+            assert "".join(p for p in pieces if isinstance(p, str)) == (content or "")
+    stream = CallStream("llama3")
+    assert stream.feed("Paris") == ["Paris"] and stream.feed(" is sunny") == [" is sunny"]  # not held back
+    assert json.loads(split_calls(LLAMA_ANSWERS[1][0], "llama3")[1][1].arguments) == {"n": 8}
+
+
+def test_a_forced_call_under_llama3s_template_is_written_as_the_template_writes_calls(tok):
+    """tool_choice "required" under a Llama 3 template: whatever the logits, the answer is a call in Llama's format
+    (the JSON with "parameters", no tags), which reads back as a call that fits its function."""
+    from lit_aligner.tools import parse_tools, split_calls
+
+    for parallel in (False, True):
+        fmt = parse_tools([WEATHER, CODE], "required", parallel).output_format("llama3")
+        for seed in range(6):
+            text, ended = decode_under(fmt, tok, seed, tok.vocab_size, steps=400)
+            content, calls = split_calls(text, "llama3")
+            assert ended and content is None and calls and all(fits(c) for c in calls), text
+            assert text.startswith('{"name": "') and "<tool_call>" not in text
+            assert len(calls) == 1 or parallel, text

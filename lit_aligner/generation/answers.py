@@ -181,6 +181,14 @@ def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] 
     return template or (shared.pop() if len(shared) == 1 else None)
 
 
+def tool_template(tokenizer, e: AlignerEntry, template: Optional[str] = None,
+                  base_template: Optional[str] = None) -> str:
+    """The prompt template of entry `e`'s answers to prompts with tools: `template` (the bare base: `base_template`),
+    else the Aligner's own, else the tokenizer's chat template, else plain text (the server's rule)."""
+    return (template if e.aligner is not None else base_template) or e.metadata.get("template") or \
+        ("chat" if getattr(tokenizer, "has_chat_template", False) else "plain")
+
+
 def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
                    base_template: Optional[str] = None) -> str:
     """The prompt text of request `p` for entry `e`: an Aligner's as its metadata says (`template` overrides), the bare
@@ -191,9 +199,7 @@ def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional
 
         if is_correction(e.metadata):
             raise ValueError(f"{e.name} is a correction Aligner: it rewrites an answer and calls no tools")
-        name = (template if e.aligner is not None else base_template) or e.metadata.get("template") or \
-            ("chat" if getattr(tokenizer, "has_chat_template", False) else "plain")
-        return tool_prompt(name, tokenizer, p.messages(), p.tools)
+        return tool_prompt(tool_template(tokenizer, e, template, base_template), tokenizer, p.messages(), p.tools)
     if e.aligner is None:
         return build_prompt(tokenizer, p.instruction, base_template, input=p.input, system=p.system,
                             history=p.history)
@@ -221,22 +227,26 @@ def answer_prompts(
     (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...).
     A prompt's tools (`PromptItem.tools`): a forced choice holds its answers to calls with a grammar, and the calls
     of every answer that may call are read into `Answer.calls`."""
-    from lit_aligner.tools import split_calls
+    from lit_aligner.tools import call_style, split_calls
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     base_template = bare_base_template(entries, template)
-    grammar = sampling.pop("grammar", None)  # one for every row, or each forced prompt's own
-    forced = {id(p.tools): p.tools for p in prompts if p.tools is not None and p.tools.forced}
-    if forced and grammar is not None:
-        raise ValueError("a forced tool_choice holds the answer to tool calls: drop the structured-output flag")
-    grammars = {k: compile_grammar(t.output_format(), tokenizer, model.lm_head_weight.shape[0])
-                for k, t in forced.items()}
     requests = []  # (prompt i, entry j, prompt text, token ids)
     for i, p in enumerate(prompts):
         for j, e in enumerate(entries):
             text = request_prompt(tokenizer, p, e, template, base_template)
             requests.append((i, j, text, encode_prompt(tokenizer, text)))
+    # the format each answer's tool calls are written in (its template's), and a forced choice's grammar in it
+    styles = [call_style(tool_template(tokenizer, entries[j], template, base_template), tokenizer)
+              if prompts[i].tools is not None else None for i, j, _, _ in requests]
+    grammar = sampling.pop("grammar", None)  # one for every row, or each forced request's own
+    forced = {(id(prompts[i].tools), s): (prompts[i].tools, s) for (i, *_), s in zip(requests, styles)
+              if s is not None and prompts[i].tools.forced}
+    if forced and grammar is not None:
+        raise ValueError("a forced tool_choice holds the answer to tool calls: drop the structured-output flag")
+    grammars = {k: compile_grammar(t.output_format(s), tokenizer, model.lm_head_weight.shape[0])
+                for k, (t, s) in forced.items()}
 
     # Group by Aligner shape; bare-base requests join the first group (a None row in a stack is the bare base).
     groups: Dict[Any, List[int]] = {}
@@ -256,7 +266,8 @@ def answer_prompts(
             if on_token is not None:
                 def callback(row, tok, batch=batch):
                     on_token(batch[row], tok)
-            rows_grammar = [grammars.get(id(prompts[requests[r][0]].tools)) for r in batch] if grammars else grammar
+            rows_grammar = [grammars.get((id(prompts[requests[r][0]].tools), styles[r])) for r in batch] \
+                if grammars else grammar
             out, stats = generate(model, [requests[r][3] for r in batch], max_new_tokens,
                                   aligners=[entries[requests[r][1]].aligner for r in batch], on_token=callback,
                                   return_stats=True, grammar=rows_grammar, **sampling)
@@ -268,7 +279,7 @@ def answer_prompts(
     for r, (i, j, text, _) in enumerate(requests):
         said = cut_at_stop(tokenizer.decode(outputs[r]), stop)
         tools = prompts[i].tools
-        content, calls = split_calls(said) if tools is not None and tools.choice != "none" else (said, [])
+        content, calls = split_calls(said, styles[r]) if tools is not None and tools.choice != "none" else (said, [])
         answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content)
     return answers, all_stats
 

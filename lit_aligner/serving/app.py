@@ -42,7 +42,7 @@ from lit_aligner.prompts import conversation_question, correction_prompt, encode
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
-from lit_aligner.tools import CallStream, ToolError, Tools, parse_tools, split_calls, tool_prompt
+from lit_aligner.tools import CallStream, ToolError, Tools, call_style, parse_tools, split_calls, tool_prompt
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
@@ -267,14 +267,18 @@ class AlignerServer:
 
     # --- prompts ------------------------------------------------------------------------------------------------------
 
+    def template_name(self, aligner: Optional[ServedAligner]) -> str:
+        """The prompt template of a chat with this Aligner (None: the bare base): the one saved with it, else the
+        tokenizer's chat template, else plain text."""
+        return (aligner.metadata.get("template") if aligner is not None else None) or \
+            ("chat" if self.tokenizer.has_chat_template else "plain")
+
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
                     tools: Optional[Tools] = None) -> str:
         """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
         template, else as plain text; tools and tool turns as `lit_aligner.tools` says."""
-        name = (aligner.metadata.get("template") if aligner is not None else None) or \
-            ("chat" if self.tokenizer.has_chat_template else "plain")
         try:
-            return tool_prompt(name, self.tokenizer, messages, tools)
+            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
 
@@ -315,15 +319,15 @@ class AlignerServer:
                        stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
-    def grammar(self, body: _Body, tools: Optional[Tools]) -> Optional[Grammar]:
-        """The compiled grammar of the body's structured output or forced tool calls (None: free text); 400 when it
-        cannot compile."""
+    def grammar(self, body: _Body, tools: Optional[Tools], style: str) -> Optional[Grammar]:
+        """The compiled grammar of the body's structured output or forced tool calls in the format of a template of
+        `style` (None: free text); 400 when it cannot compile."""
         fmt, field = body.output_format(), body.format_field
         if tools is not None and tools.forced:
             if fmt is not None:
                 raise APIError(400, f"tool_choice {tools.choice!r} holds the answer to tool calls: drop {field}",
                                param="tool_choice")
-            fmt, field = tools.output_format(), "tools"
+            fmt, field = tools.output_format(style), "tools"
         if fmt is None:
             return None
         try:
@@ -442,8 +446,9 @@ class AlignerServer:
         of chunks (choice p * n + j: prompt p's choice j)."""
         body.check()
         tools = body.tool_spec()
-        grammar = await asyncio.to_thread(self.grammar, body, tools)  # a large schema compiles for up to a second
         aligner = await self.resolve(body.model)
+        style = call_style(self.template_name(aligner), self.tokenizer)  # the format its tool calls are written in
+        grammar = await asyncio.to_thread(self.grammar, body, tools, style)  # a large schema: up to a second
         kind = "chat" if messages is not None else "text"
         try:
             asked, upstream_answer, usage0 = await self.prompt_texts(body, http, aligner, messages, prompts,
@@ -489,7 +494,7 @@ class AlignerServer:
                     choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
             if reads_calls:
                 for choice in out["choices"]:
-                    content, calls = split_calls(choice["message"]["content"])
+                    content, calls = split_calls(choice["message"]["content"], style)
                     if calls:
                         choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
                         choice["finish_reason"] = _finish_with_calls(choice["finish_reason"])
@@ -532,7 +537,7 @@ class AlignerServer:
             completion_tokens, cached = 0, [0] * len(reqs)
             # tool calls: each choice's text split into content and whole calls as it comes (`CallStream`); the
             # log-probabilities of text held back go with the next chunk of that choice
-            splits = [CallStream() for _ in reqs] if reads_calls else None
+            splits = [CallStream(style) for _ in reqs] if reads_calls else None
             calls, held = [0] * len(reqs), [[] for _ in reqs]
             events = choices()
             try:

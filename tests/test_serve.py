@@ -578,6 +578,18 @@ CLOCK = {"type": "function", "function": {
                    "required": ["timezone"], "additionalProperties": False}}}
 
 
+def next_turn(server, q, call, result):
+    """The next turn (the call and its result sent back), its token ids from /tokenize and the prompt they spell."""
+    turn = q + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": result}]
+    status, tokens = http(server.url + "/tokenize", json.dumps({"messages": turn, "tools": [WEATHER]}).encode(),
+                          {"Content-Type": "application/json"})
+    assert status == 200, tokens
+    prompt = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
+                  {"Content-Type": "application/json"})[1]["prompt"]
+    return turn, tokens, prompt
+
+
 def weather_call(call) -> dict:
     args = json.loads(call.function.arguments)
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather", call
@@ -634,13 +646,8 @@ def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, b
     assert [d.function.name for c in chunks for d in (c.delta.tool_calls or [])] == ["get_weather"]
     assert chunks[-1].finish_reason == "tool_calls"
     # the next turn: the call and its result go back in, as the template renders them (here: as text)
-    turn = q + [{"role": "assistant", "content": None, "tool_calls": [message.tool_calls[0].model_dump()]},
-                {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"sky": "sunny", "c": 21}'}]
-    status, tokens = http(server.url + "/tokenize", json.dumps({"messages": turn, "tools": [WEATHER]}).encode(),
-                          {"Content-Type": "application/json"})
-    prompt = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
-                  {"Content-Type": "application/json"})[1]["prompt"]
-    assert status == 200 and '<|im_start|>user\n<tool_response>\n{"sky": "sunny", "c": 21}\n</tool_response>' in prompt
+    turn, tokens, prompt = next_turn(server, q, message.tool_calls[0], '{"sky": "sunny", "c": 21}')
+    assert '<|im_start|>user\n<tool_response>\n{"sky": "sunny", "c": 21}\n</tool_response>' in prompt
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": ' \
            '"celsius"}}\n</tool_call><|im_end|>' in prompt and prompt.count('"get_weather"') == 2
     answer = client.chat.completions.create(model=base_name, messages=turn, tools=[WEATHER], max_tokens=20,
@@ -726,13 +733,8 @@ def test_a_llama3_template_reads_and_forces_calls_in_llamas_format(smollm2_dir, 
                                            max_tokens=80, temperature=0)
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
-        turn = q + [{"role": "assistant", "content": None, "tool_calls": [message.tool_calls[0].model_dump()]},
-                    {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "21 degrees, sunny"}]
-        status, tokens = http(server.url + "/tokenize", json.dumps({"messages": turn, "tools": [WEATHER]}).encode(),
-                              {"Content-Type": "application/json"})
-        prompt = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
-                      {"Content-Type": "application/json"})[1]["prompt"]
-    assert status == 200 and f"<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>" in prompt
+        prompt = next_turn(server, q, message.tool_calls[0], "21 degrees, sunny")[2]
+    assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>" in prompt
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n" in prompt and "21 degrees, sunny" in prompt
 
 

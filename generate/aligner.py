@@ -182,6 +182,9 @@ def main(
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
     decoding.check()
+    if functions is not None and functions.forced and decoding.output_format() is not None:
+        raise ValueError(f"--tool-choice {tool_choice} holds every answer to tool calls: drop the structured-output "
+                         f"flag (--json-schema, --json-object, --regex, --choice or --grammar)")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if out is not None:

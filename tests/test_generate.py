@@ -728,6 +728,7 @@ def test_cli_tool_flags_bad_input_is_one_clear_error(tmp_path):
              (["--tools", tmp_path / "missing.json"], "missing.json"),
              (["--tools", tools, "--tool-choice", "get_time"], "--tool-choice get_time: tool_choice names"),
              (["--tools", tools, "--interactive"], "--interactive, which has no way to give a call its result"),
+             (["--tools", tools, "--tool-choice", "required", "--json-object"], "drop the structured-output flag"),
              (["--tools", tools, "--pipeline", "--aligner", tmp_path / "c.safetensors"], "calls no tools")]
     for flags, message in cases:
         r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(tmp_path), "--no-aligner",

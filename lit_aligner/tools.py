@@ -233,13 +233,13 @@ def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: O
 def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools]) -> str:
     """The prompt text of a conversation with tools or tool turns under the named template (the server's chat
     endpoint, `generate/aligner.py --tools`). ToolError when `auto` would leave the model free to write its calls in
-    a format this module does not read (a chat template that renders tools otherwise than Hermes')."""
+    a format this module does not read (a chat template that renders tools in neither Hermes' nor Llama 3's)."""
     from lit_aligner.prompts import get_template
 
     if tools is not None and tools.choice == "auto" and call_style(template_name, tokenizer) == "other":
         raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes' "
-                        "<tool_call> tags are): use tool_choice \"required\" or a named function, which hold the "
-                        "answer to that format", param="tool_choice")
+                        "<tool_call> tags and Llama 3's JSON are): use tool_choice \"required\" or a named function, "
+                        "which hold the answer to Hermes' format", param="tool_choice")
     return tool_texts(get_template(template_name), tokenizer, messages, tools)[0]
 
 

@@ -181,8 +181,8 @@ def main(
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
-    decoding.check()
-    if functions is not None and functions.forced and decoding.output_format() is not None:
+    fmt = decoding.check()
+    if functions is not None and functions.forced and fmt is not None:
         raise ValueError(f"--tool-choice {tool_choice} holds every answer to tool calls: drop the structured-output "
                          f"flag (--json-schema, --json-object, --regex, --choice or --grammar)")
     if max_new_tokens < 1:
@@ -197,7 +197,7 @@ def main(
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
     kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
-                  **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0]))
+                  **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0], fmt))
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             # the base answers the whole conversation (system message, earlier turns); the corrector gets the question

@@ -46,7 +46,7 @@ def main(
         compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
             with --quantize.
     """
-    decoding.check()
+    fmt = decoding.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device
     if no_chat_template:
@@ -57,7 +57,7 @@ def main(
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,
         compile=None if compile == "auto" else compile == "on", return_stats=True,
-        **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0]),
+        **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0], fmt),
     )
     streamer.finish()
     print(flush=True)

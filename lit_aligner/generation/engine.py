@@ -296,8 +296,9 @@ class DecodingArgs:
             return OutputFormat(kind, read_text(value, "Lark grammar file (--grammar)", StructuredOutputError))
         return OutputFormat(kind, None if kind == "json_object" else value)
 
-    def check(self) -> None:
-        """ValueError naming the first bad flag (a structured-output format is compiled here, before any model)."""
+    def check(self) -> Optional[OutputFormat]:
+        """ValueError naming the first bad flag (a structured-output format is compiled here, before any model);
+        returns the structured-output format (its schema or grammar file read once, here), None for free text."""
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
         check_penalties(self.penalties)
         if "" in self.stop:
@@ -305,12 +306,14 @@ class DecodingArgs:
         fmt = self.output_format()
         if fmt is not None:
             check_format(fmt)
+        return fmt
 
-    def generate_kwargs(self, device: torch.device, tokenizer, vocab_size: int) -> Dict[str, Any]:
+    def generate_kwargs(self, device: torch.device, tokenizer, vocab_size: int,
+                        fmt: Optional[OutputFormat] = None) -> Dict[str, Any]:
         """The keyword arguments of `generate` these flags stand for, with a seeded generator on `device`, the
         tokenizer's decoder for the stop strings, and the structured output's grammar for `vocab_size` (the model's
-        output rows)."""
-        fmt = self.output_format()
+        output rows); `fmt`: the format `check` returned (else the flags' files are read again)."""
+        fmt = fmt if fmt is not None else self.output_format()
         grammar = compile_grammar(fmt, tokenizer, vocab_size) if fmt is not None else None
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                     penalties=self.penalties, generator=torch.Generator(device).manual_seed(self.seed),

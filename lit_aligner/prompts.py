@@ -272,6 +272,12 @@ def default_template(tokenizer) -> str:
     return "chat" if getattr(tokenizer, "has_chat_template", False) else "alpaca"
 
 
+def conversation_template(tokenizer) -> str:
+    """The template a conversation is rendered with when none is saved or given (the server's chat endpoint, tools in
+    `generate/aligner.py`): the tokenizer's chat template when it has one, else plain text."""
+    return "chat" if getattr(tokenizer, "has_chat_template", False) else "plain"
+
+
 def get_template(name: str) -> PromptTemplate:
     """The registered template `name` (see TEMPLATES); ValueError listing the names otherwise."""
     try:

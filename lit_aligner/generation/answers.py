@@ -13,8 +13,8 @@ from lit_aligner.files import BadRecord, UserError, read_records, read_text
 from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop, generate
 from lit_aligner.generation.structured import compile_grammar
 from lit_aligner.model import Aligner, LLaMA
-from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, encode_prompt, has_tool_turns,
-                                 is_correction, parse_messages, prompt_for_aligner)
+from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, conversation_template,
+                                 encode_prompt, has_tool_turns, is_correction, parse_messages, prompt_for_aligner)
 
 if TYPE_CHECKING:  # (lit_aligner.tools reads structured outputs, whose package imports this module)
     from lit_aligner.tools import Call, Tools
@@ -186,7 +186,7 @@ def tool_template(tokenizer, e: AlignerEntry, template: Optional[str] = None,
     """The prompt template of entry `e`'s answers to prompts with tools: `template` (the bare base: `base_template`),
     else the Aligner's own, else the tokenizer's chat template, else plain text (the server's rule)."""
     return (template if e.aligner is not None else base_template) or e.metadata.get("template") or \
-        ("chat" if getattr(tokenizer, "has_chat_template", False) else "plain")
+        conversation_template(tokenizer)
 
 
 def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,

@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lit_aligner.generation.engine import Penalties, Sampling
 from lit_aligner.generation.structured import (Grammar, OutputFormat, StructuredOutputError, compile_grammar,
                                                parse_response_format, parse_structured_outputs)
-from lit_aligner.prompts import conversation_question, correction_prompt, encode_prompt, has_tool_turns, is_correction
+from lit_aligner.prompts import (conversation_question, conversation_template, correction_prompt, encode_prompt,
+                                 has_tool_turns, is_correction)
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
@@ -271,7 +272,7 @@ class AlignerServer:
         """The prompt template of a chat with this Aligner (None: the bare base): the one saved with it, else the
         tokenizer's chat template, else plain text."""
         return (aligner.metadata.get("template") if aligner is not None else None) or \
-            ("chat" if self.tokenizer.has_chat_template else "plain")
+            conversation_template(self.tokenizer)
 
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
                     tools: Optional[Tools] = None) -> str:

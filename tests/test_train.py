@@ -58,10 +58,10 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 
 def test_each_epoch_visits_every_example_once_and_the_order_depends_only_on_seed_and_step():
     n, gbs = 10, 4
-    seen = [i for s in range(5) for i in engine.global_batch_indices(n, s, gbs, seed=3)]  # 20 samples = 2 epochs
+    seen = [i for s in range(5) for i in engine.BatchOrder(n, gbs, seed=3)(s)]  # 20 samples = 2 epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert engine.global_batch_indices(n, 3, gbs, seed=3) == engine.global_batch_indices(n, 3, gbs, seed=3)
-    assert engine.global_batch_indices(n, 0, gbs, seed=3) != engine.global_batch_indices(n, 0, gbs, seed=4)
+    assert engine.BatchOrder(n, gbs, seed=3)(3) == engine.BatchOrder(n, gbs, seed=3)(3)
+    assert engine.BatchOrder(n, gbs, seed=3)(0) != engine.BatchOrder(n, gbs, seed=4)(0)
 
 
 def test_a_global_batch_is_split_into_contiguous_rank_slices_and_micro_batches():
@@ -288,7 +288,7 @@ def test_grad_norm_is_the_whole_gradient_norm_before_clipping_and_max_norm_bound
         model.aligner.gate.copy_(state["aligner"]["gate"])
     tokenizer = load_tokenizer(tiny_checkpoint_dir)
     train, _, _ = load_data("sft", None, tokenizer, state["template"], cfg.data_options, cfg.train.seed)
-    idx = engine.global_batch_indices(len(train), 4, cfg.train.global_batch_size, cfg.train.seed, train.lengths())
+    idx = engine.BatchOrder(len(train), cfg.train.global_batch_size, cfg.train.seed, train.lengths())(4)
     batch = pad_rows([(train[i]["prompt"], train[i]["response"]) for i in idx], tokenizer.pad_id)
     logits = model(batch["input_ids"])[:, :-1]
     labels = batch["labels"][:, 1:]
@@ -721,16 +721,16 @@ def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_func
     lengths = torch.randint(5, 300, (1000,), generator=g)
     n, gbs = len(lengths), 16  # 1000 % 16 = 8: steps straddle the epochs
     steps = -(-3 * n // gbs)
-    plain = [engine.global_batch_indices(n, s, gbs, 3) for s in range(steps)]
+    plain = [engine.BatchOrder(n, gbs, 3)(s) for s in range(steps)]
 
     def padded(batches):
         return sum(len(b) * max(int(lengths[i]) for i in b) for b in batches)
 
     for shuffled in (True, False):
-        grouped = [engine.global_batch_indices(n, s, gbs, 3, lengths, shuffled) for s in range(steps)]
+        grouped = [engine.BatchOrder(n, gbs, 3, lengths, shuffled)(s) for s in range(steps)]
         flat = [i for b in grouped for i in b]
         assert all(sorted(flat[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))
-        assert grouped[40] == engine.global_batch_indices(n, 40, gbs, 3, lengths, shuffled)  # resume: step decides
+        assert grouped[40] == engine.BatchOrder(n, gbs, 3, lengths, shuffled)(40)  # resume: step decides
         assert padded(grouped) < 0.6 * padded(plain)
         assert grouped[0] != plain[0]
 
@@ -738,7 +738,7 @@ def test_length_grouping_keeps_every_epoch_a_permutation_pads_less_and_is_a_func
 def test_the_kept_batch_order_builds_each_epoch_once_and_equals_the_one_step_order(monkeypatch):
     lengths = torch.randint(5, 300, (100,), generator=torch.Generator().manual_seed(0))
     n, gbs, steps = len(lengths), 16, 20  # 100 % 16 = 4: steps straddle the epochs
-    expected = [engine.global_batch_indices(n, s, gbs, 3, lengths) for s in range(steps)]
+    expected = [engine.BatchOrder(n, gbs, 3, lengths)(s) for s in range(steps)]
     built = []
     real = engine.epoch_permutation
     monkeypatch.setattr(engine, "epoch_permutation", lambda *a: built.append(a[2]) or real(*a))
@@ -756,7 +756,7 @@ def test_length_grouped_batches_go_in_a_shuffled_order_longest_first_not_longest
     n, gbs = len(lengths), 8
 
     def epoch(e, shuffled):
-        return [engine.global_batch_indices(n, s, gbs, 3, lengths, shuffled) for s in range(e * 48, (e + 1) * 48)]
+        return [engine.BatchOrder(n, gbs, 3, lengths, shuffled)(s) for s in range(e * 48, (e + 1) * 48)]
 
     for e in range(2):
         hf, ours = epoch(e, False), epoch(e, True)

@@ -113,12 +113,6 @@ class BatchOrder:
         return [int(self._epochs[p // self.n][p % self.n]) for p in range(first, last + 1)]
 
 
-def global_batch_indices(n: int, step: int, global_batch_size: int, seed: int,
-                         lengths: Optional[torch.Tensor] = None, shuffle_batches: bool = True) -> List[int]:
-    """One step's indices of `BatchOrder` (which a loop over steps keeps, to build each epoch's order once)."""
-    return BatchOrder(n, global_batch_size, seed, lengths, shuffle_batches)(step)
-
-
 def rank_micro_batches(indices: Sequence[int], rank: int, world_size: int, micro_batch_size: int) -> List[List[int]]:
     """Rank `rank`'s contiguous slice of a global batch, cut into micro-batches of micro_batch_size."""
     per_rank = len(indices) // world_size

@@ -1,16 +1,21 @@
 """Tool calls (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`; TRL's `tools` column and `tool_calls` turns) in
-two formats. Hermes': a call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer, as
-Qwen2.5 and 3, Hermes 2 and 3 and SmolLM3 write it and vLLM's `hermes` parser reads it. Llama 3.1 to 3.3's: the whole
-answer is the call, `{"name": ..., "parameters": {...}}` (several joined by "; ", after an optional `<|python_tag|>`),
-as their chat templates render calls and vLLM's `llama3_json` parser reads them. The server and the training data
-render tools and tool turns with the same `tool_messages`, so an Aligner trained on tool-calling conversations is
-served the prompts it learnt from.
+four formats, each as its chat templates write calls and as vLLM's parser of that name reads them:
+- `hermes`: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer (Qwen2.5 and 3, Hermes 2
+  and 3, SmolLM3);
+- `llama3` (vLLM's `llama3_json`): the whole answer is the call, `{"name": ..., "parameters": {...}}` (several joined
+  by "; ", after an optional `<|python_tag|>`; Llama 3.1 to 3.3);
+- `qwen3_coder`: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>`
+  (Qwen3-Coder, Qwen3.5 and later, Nemotron 3);
+- `glm45`: `<tool_call>NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n</tool_call>` (GLM-4.5 to 4.7).
+In the last two a value is text: a string as it is, anything else as JSON, read back by the type that the function's
+schema gives the argument. The server and the training data render tools and tool turns with the same
+`tool_messages`, so an Aligner trained on tool-calling conversations is served the prompts it learnt from.
 
-The prompt: a chat template that renders tools (Hermes' or Llama 3's) gets them as its `tools` variable (the
+The prompt: a chat template that renders tools in one of the formats gets them as its `tools` variable (the
 transformers convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`), and
 its answers are read in its format. Any other template (SmolLM2's, LLaMA-2's, the named ones) gets a system message
 that lists the tools and Hermes' format, earlier calls as that text and results as user turns in `<tool_response>`
-tags, as Hermes templates render them. A template that renders tools in a third format (Mistral's) gets them natively,
+tags, as Hermes templates render them. A template that renders tools in another format (Mistral's) gets them natively,
 and `auto` is refused: its model's own calls would not be read.
 
 The answer: `tool_choice` "required" or a named function holds it to calls in the template's format with a grammar,
@@ -22,6 +27,7 @@ the calls it writes; "none" reads none.
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +41,16 @@ NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function name
 # models write them. (Flexible whitespace would also make the end ambiguous: blank space after the object, or the
 # line break before the closing tag.)
 CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# The formats with a body of markup between the <tool_call> tags: what goes before and after the function's name, an
+# argument's element ({key}, {value}) and what follows the last one, as the templates write them.
+MARKUP = {"qwen3_coder": ("\n<function=", ">\n", "<parameter={key}>\n{value}\n</parameter>\n", "</function>\n"),
+          "glm45": ("", "\n", "<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>\n", "")}
+# How each is read (one newline each side of a value is the markup's; vLLM's `qwen3_coder` and `glm45` parsers'):
+# the body's (name, elements) and one element's (key, value).
+MARKUP_READ = {"qwen3_coder": (re.compile(r"<function=([^>\n]+)>(.*)</function>", re.S),
+                               re.compile(r"\s*<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>\s*", re.S)),
+               "glm45": (re.compile(r"([^\s<]+)(.*)", re.S),
+                         re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>\s*", re.S))}
 
 
 class ToolError(UserError):
@@ -76,8 +92,9 @@ class Tools:
 
     def output_format(self, style: str = "hermes") -> Optional[OutputFormat]:
         """The grammar of a forced answer in the format of a template of `style` (`template_style`): one call or
-        more, each its function's name and arguments (Hermes': each in `<tool_call>` tags, one per line; Llama 3's:
-        the JSON objects alone, joined by "; ")."""
+        more, each its function's name and arguments (Hermes' and the markup formats: each in `<tool_call>` tags,
+        one per line; Llama 3's: the JSON objects alone, joined by "; "). ToolError when a function's parameters
+        cannot be written in a markup format."""
         if not self.forced:
             return None
         llama = style == "llama3"
@@ -86,6 +103,9 @@ class Tools:
         chosen = [f for f in self.functions if self.choice in ("required", f["name"])]
         rules = []
         for i, f in enumerate(chosen):
+            if style in MARKUP:
+                rules += _markup_rules(i, f, MARKUP[style])
+                continue
             schema = {"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
                       "required": ["name", key], "additionalProperties": False, "x-guidance": CALL_JSON}
             parts = [f"call{i}:", json.dumps(before), "%json", json.dumps(schema), json.dumps(after)]
@@ -94,6 +114,70 @@ class Tools:
         many = self.parallel and self.choice == "required"
         start = f"start: call ({json.dumps(between)} call)*" if many else "start: call"
         return OutputFormat("grammar", "\n".join([start, f"call: {calls}", *rules]))
+
+
+def _value_kind(schema: Any) -> Tuple[str, bool]:
+    """("string" or "json", nullable): how an argument's value is written in a markup format, by the type its
+    schema gives it (the first besides null of `type`, `anyOf`/`oneOf` or the `enum` values; a string when none)."""
+    schema = schema if isinstance(schema, Mapping) else {}
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    for option in schema.get("anyOf", schema.get("oneOf", [])):
+        kind = option.get("type") if isinstance(option, Mapping) else None
+        types += [kind] if isinstance(kind, str) else list(kind or [])
+    values = schema.get("enum", [schema["const"]] if "const" in schema else [])
+    types += ["string" if isinstance(v, str) else "null" if v is None else "other" for v in values]
+    kinds = [t for t in types if t != "null"]
+    return ("string" if not kinds or kinds[0] == "string" else "json"), "null" in types
+
+
+def _searched(pattern: str) -> str:
+    """A JSON schema's `pattern` (found anywhere in the string unless anchored with ^ or $) as a Lark regex of the
+    whole string."""
+    start, end = pattern.startswith("^"), bool(re.search(r"(?<!\\)\$$", pattern))
+    core = pattern[1 if start else 0:len(pattern) - 1 if end else len(pattern)]
+    whole = ("" if start else "(?s:.*)") + f"(?:{core})" + ("" if end else "(?s:.*)")
+    return re.sub(r"(?<!\\)/", r"\/", whole)  # "/" ends a Lark regex
+
+
+def _markup_rules(i: int, function: Dict[str, Any], markup: Tuple[str, str, str, str]) -> List[str]:
+    """Grammar rules of a call of `function` in a markup format (rule `call{i}`): its properties in the schema's
+    order, the required ones always; a string value is any text without the element's closing tag (at the schema's
+    minLength/maxLength, pattern, enum or const), any other value its schema's JSON."""
+    before, after, element, end = markup
+    parameters, name = function["parameters"], function["name"]
+    properties = parameters.get("properties")
+    if not isinstance(properties, Mapping) or any(k in parameters for k in ("$ref", "anyOf", "oneOf", "allOf")):
+        if properties is None and set(parameters) <= {"type", "description", "additionalProperties", "title"}:
+            properties = {}  # no arguments
+        else:
+            raise ToolError(f"function {name!r}: this model's call format writes one element per argument, so its "
+                            f"parameters must be an object schema with \"properties\" to be forced")
+    closing = element.split("{value}")[1].strip()
+    not_closing = f"~/(?s:.*){re.escape(closing)}(?s:.*)/".replace("</", "<\\/")  # "/" ends a Lark regex
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
+    required, parts, rules = set(parameters.get("required", [])), [], []
+    for k, (prop, schema) in enumerate(properties.items()):
+        if not re.fullmatch(r"[^<>\n]+", prop):
+            raise ToolError(f"function {name!r}: the argument name {prop!r} cannot be written in this model's call "
+                            f"format (no <, > or line breaks)")
+        head, tail = (json.dumps(s) for s in element.format(key=prop, value="\0").split("\0"))
+        kind, _ = _value_kind(schema)
+        schema = schema if isinstance(schema, Mapping) else {}
+        if kind == "json":
+            rules.append(f"arg{i}_{k}: {head} %json {json.dumps({**schema, **defs, 'x-guidance': CALL_JSON})} {tail}")
+        else:
+            values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+            if values is not None:
+                text = "(" + " | ".join(json.dumps(v) for v in values if isinstance(v, str)) + ")"
+            else:
+                length = f"{{{schema.get('minLength', 0)},{schema.get('maxLength', '')}}}"
+                pattern = f" & /{_searched(schema['pattern'])}/" if "pattern" in schema else ""
+                text = f"(/(?s:.{length})/{pattern} & {not_closing})"
+            rules.append(f"ARG{i}_{k}: {head} {text} {tail}")
+        parts.append((f"arg{i}_{k}" if kind == "json" else f"ARG{i}_{k}") + ("" if prop in required else "?"))
+    call = [json.dumps(OPEN + before + name + after), *parts, json.dumps(end + CLOSE)]
+    return [f"call{i}: " + " ".join(call), *rules]
 
 
 def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Optional[bool] = None,
@@ -155,10 +239,14 @@ SYSTEM = (
 def template_style(chat_template: Optional[str]) -> str:
     """How a chat template (None: a named template) handles tools: "hermes" (renders them, calls in <tool_call>
     tags), "llama3" (renders them, a call is the answer's JSON with "parameters", a result an `ipython` turn: Llama
-    3.1 to 3.3), "other" (renders them in another format) or "text" (not at all: the tools go in as text, calls are
-    Hermes')."""
+    3.1 to 3.3), "qwen3_coder" or "glm45" (renders them, a call's name and arguments as markup in <tool_call> tags),
+    "other" (renders them in another format) or "text" (not at all: the tools go in as text, calls are Hermes')."""
     if not chat_template or not re.search(r"\btools\b", chat_template):
         return "text"
+    if "<function=" in chat_template and "<parameter=" in chat_template:
+        return "qwen3_coder"
+    if "<arg_key>" in chat_template:
+        return "glm45"
     if OPEN in chat_template:
         return "hermes"
     return "llama3" if '"parameters": ' in chat_template and "ipython" in chat_template else "other"
@@ -237,9 +325,9 @@ def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]
     from lit_aligner.prompts import get_template
 
     if tools is not None and tools.choice == "auto" and call_style(template_name, tokenizer) == "other":
-        raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes' "
-                        "<tool_call> tags and Llama 3's JSON are): use tool_choice \"required\" or a named function, "
-                        "which hold the answer to Hermes' format", param="tool_choice")
+        raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes', "
+                        "Llama 3's, Qwen3-Coder's and GLM-4.5's are): use tool_choice \"required\" or a named "
+                        "function, which hold the answer to Hermes' format", param="tool_choice")
     return tool_texts(get_template(template_name), tokenizer, messages, tools)[0]
 
 
@@ -261,6 +349,37 @@ def _call(body: str) -> Optional[Call]:
     except json.JSONDecodeError:
         return None
     return _call_of(value)
+
+
+def _markup_call(body: str, style: str, tools: Optional[Tools]) -> Optional[Call]:
+    """The call written between the tags in a markup format, or None when the body is not a name and elements.
+    Each value is read by the type its function's schema gives the argument (`_value_kind`): a string as it is,
+    anything else as JSON (or Python's True, False, None, which some templates write); text that does not parse
+    stays a string, as vLLM reads it."""
+    whole, one = MARKUP_READ[style]
+    head = whole.fullmatch(body.strip())
+    if head is None or not NAME.fullmatch(head.group(1).strip()):
+        return None
+    name, rest, at = head.group(1).strip(), head.group(2), 0
+    function = next((f for f in (tools.functions if tools else ()) if f["name"] == name), {})
+    properties = function.get("parameters", {}).get("properties") or {}
+    arguments: Dict[str, Any] = {}
+    while rest[at:].strip():
+        element = one.match(rest, at)
+        if element is None:
+            return None
+        key, text, at = element.group(1).strip(), element.group(2), element.end()
+        kind, nullable = _value_kind(properties.get(key))
+        if nullable and text.strip().lower() in ("null", "none"):
+            arguments[key] = None
+        elif kind == "string":
+            arguments[key] = text
+        else:
+            try:
+                arguments[key] = json.loads(text)
+            except json.JSONDecodeError:
+                arguments[key] = {"True": True, "False": False, "None": None}.get(text.strip(), text)
+    return Call(name, json.dumps(arguments, ensure_ascii=False))
 
 
 def _call_of(value: Any) -> Optional[Call]:
@@ -296,12 +415,12 @@ def _llama_calls(text: str) -> Optional[List[Call]]:
         at = len(body) - len(rest[1:].lstrip())
 
 
-def split_calls(text: str, style: str = "hermes") -> Tuple[Optional[str], List[Call]]:
-    """(content, calls) of a whole answer in the format of a template of `style` (`template_style`): the calls it
-    writes, and its text around them (None when only blank). Hermes': a block that is not a well-formed call stays in
-    the content; a last call may be unclosed (the model ended inside it). Llama 3's: the whole answer is calls, or
-    content."""
-    stream = CallStream(style)  # one reader of the format, streamed or not
+def split_calls(text: str, style: str = "hermes", tools: Optional[Tools] = None) -> Tuple[Optional[str], List[Call]]:
+    """(content, calls) of a whole answer in the format of a template of `style` (`template_style`; `tools`: the
+    request's, whose schemas type the markup formats' values): the calls it writes, and its text around them (None
+    when only blank). Formats with tags: a block that is not a well-formed call stays in the content; a last call may
+    be unclosed (the model ended inside its closing tag). Llama 3's: the whole answer is calls, or content."""
+    stream = CallStream(style, tools)  # one reader of the format, streamed or not
     pieces = stream.feed(text) + stream.close()
     calls = [p for p in pieces if isinstance(p, Call)]
     if not calls:
@@ -312,10 +431,12 @@ def split_calls(text: str, style: str = "hermes") -> Tuple[Optional[str], List[C
 class CallStream:
     """A streamed answer split as it comes into content and whole calls. Hermes' format: text that may begin a call's
     tag is held back until it does or does not, and a call is given once its closing tag arrives. Llama 3's: an answer
-    that begins as a call may be one (`{` or <|python_tag|>) is held to its end; any other streams as content."""
+    that begins as a call may be one (`{` or <|python_tag|>) is held to its end; any other streams as content. The
+    markup formats' calls are read as Hermes' are, their bodies each by its own reader."""
 
-    def __init__(self, style: str = "hermes"):
+    def __init__(self, style: str = "hermes", tools: Optional[Tools] = None):
         self.buffer, self.llama, self.content = "", style == "llama3", False
+        self.read = (lambda body: _markup_call(body, style, tools)) if style in MARKUP else _call
 
     def feed(self, text: str) -> List[Union[str, Call]]:
         self.buffer += text
@@ -343,7 +464,7 @@ class CallStream:
             if end < 0:
                 return out
             block, self.buffer = self.buffer[:end + len(CLOSE)], self.buffer[end + len(CLOSE):]
-            out.append(_call(block[len(OPEN):end].strip()) or block)
+            out.append(self.read(block[len(OPEN):end].strip()) or block)
 
     def close(self) -> List[Union[str, Call]]:
         """What is left at the end: an unclosed last call (the answer may have ended inside its closing tag), or
@@ -357,9 +478,9 @@ class CallStream:
         if rest.startswith(OPEN):
             body = rest[len(OPEN):].rstrip()
             cut = next((k for k in range(min(len(CLOSE) - 1, len(body)), 0, -1) if CLOSE.startswith(body[-k:])), 0)
-            call = _call(body[:len(body) - cut].strip())
+            call = self.read(body[:len(body) - cut].strip())
         return [call or rest]
 
 
-__all__ = ["CLOSE", "OPEN", "PYTHON_TAG", "Call", "CallStream", "ToolError", "Tools", "call_style", "call_text",
-           "parse_tools", "split_calls", "template_style", "tool_messages", "tool_prompt", "tool_texts"]
+__all__ = ["CLOSE", "MARKUP", "OPEN", "PYTHON_TAG", "Call", "CallStream", "ToolError", "Tools", "call_style",
+           "call_text", "parse_tools", "split_calls", "template_style", "tool_messages", "tool_prompt", "tool_texts"]

@@ -737,10 +737,20 @@ def test_cli_tool_flags_bad_input_is_one_clear_error(tmp_path):
         assert "Traceback" not in r.stderr
 
 
-def test_each_answer_is_forced_and_read_in_the_format_of_its_own_template(request):
-    """One batch, two templates: an Aligner saved with the chat template (here Llama 3.1's) writes the forced call in
-    Llama's format (the JSON alone, "parameters"), one saved with the alpaca template (tools as text) in Hermes' tags;
-    each reads back as the call."""
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("template,listed,written", [
+    ("llama3_1", "Environment: ipython", '{"name": "forecast", "parameters": {'),
+    ("qwen3_6", "<function=example_function_name>", "<tool_call>\n<function=forecast>\n<parameter=city>\n")],
+    ids=["llama3_1", "qwen3_6"])
+def test_each_answer_is_forced_and_read_in_the_format_of_its_own_template(request, template, listed, written):
+    """One batch, two templates: an Aligner saved with the chat template (Llama 3.1's, Qwen3.6's) writes the forced
+    call in that template's format (Llama's JSON alone with "parameters", Qwen3-Coder's markup), one saved with the
+    alpaca template (tools as text) in Hermes' tags; each reads back as the call, its integer as an integer."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
@@ -748,11 +758,12 @@ def test_each_answer_is_forced_and_read_in_the_format_of_its_own_template(reques
     from lit_aligner.tools import parse_tools
 
     model, tok = load_base(smollm2(request), "cpu", "float32")
-    tok.chat_template = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    tok.chat_template = (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text()
     entries = [AlignerEntry(t, Aligner(model.config, AlignerConfig(1, 2)), {"template": t}) for t in ("chat", "alpaca")]
-    items = [PromptItem("What is the weather like in Paris?", tools=parse_tools([WEATHER], "required", False))]
-    (llama, hermes), = answer_prompts(model, tok, items, entries, 80, stop_ids=tok.stop_ids)[0]  # (zero gates)
-    assert "Environment: ipython" in llama.prompt_text and "<tools>" in hermes.prompt_text
-    assert llama.text.startswith('{"name": "get_weather", "parameters": {') and hermes.text.startswith("<tool_call>\n")
-    for a in (llama, hermes):
-        assert a.content is None and [c.name for c in a.calls] == ["get_weather"], a.text
+    items = [PromptItem("What is the weather like in Paris?", tools=parse_tools([FORECAST], "required", False))]
+    (own, hermes), = answer_prompts(model, tok, items, entries, 80, stop_ids=tok.stop_ids)[0]  # (zero gates)
+    assert listed in own.prompt_text and "<tools>" in hermes.prompt_text
+    assert own.text.startswith(written) and hermes.text.startswith('<tool_call>\n{"name": "forecast"')
+    for a in (own, hermes):
+        assert a.content is None and [c.name for c in a.calls] == ["forecast"], a.text
+        assert isinstance(json.loads(a.calls[0].arguments)["days"], int), a.text

@@ -694,11 +694,25 @@ def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
     assert '"get_weather"' in server.chat_prompt(None, q, parse_tools([WEATHER], "required"))
 
 
-def test_a_llama3_template_reads_and_forces_calls_in_llamas_format(smollm2_dir, tmp_path):
-    """A base whose chat template is Llama 3.1's (swapped into a copy of SmolLM2's tokenizer config): under "auto" a
-    call written in Llama's format (the whole answer, JSON with "parameters"; forced here by a regex, as a Llama 3
-    model writes it) comes back as tool_calls, streamed or not; "required" holds the answer to that format (a
-    Hermes-tagged call would not read back here); the next turn renders the call as the template writes calls."""
+OWN_FORMATS = {  # a chat template as TRL ships it: how its model writes the call, how the next turn renders it
+    "llama3_1": ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>",
+                 "<|start_header_id|>ipython<|end_header_id|>\n\n"),
+    "qwen3_6": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n"
+                "celsius\n</parameter>\n</function>\n</tool_call>", "<think>\n\n</think>\n\n{written}<|im_end|>",
+                "<|im_start|>user\n<tool_response>\n"),
+    "glm4moe": ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>unit</arg_key>"
+                "\n<arg_value>celsius</arg_value>\n</tool_call>", "<|assistant|>\n<think></think>\n{written}",
+                "<|observation|>\n<tool_response>\n"),
+}
+
+
+@pytest.mark.parametrize("template", OWN_FORMATS)
+def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm2_dir, tmp_path, template):
+    """A base whose chat template is Llama 3.1's, Qwen3.6's or GLM-4.5's (swapped into a copy of SmolLM2's tokenizer
+    config): under "auto" a call written in that template's format (forced here by a regex, as its model writes it)
+    comes back as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call would not
+    read back here); the next turn renders the call as the template writes it, and its result."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
@@ -710,32 +724,37 @@ def test_a_llama3_template_reads_and_forces_calls_in_llamas_format(smollm2_dir, 
         if f.name != "tokenizer_config.json":
             (ckpt / f.name).symlink_to(f.resolve())
     config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = (resources.files(trl) / "chat_templates" / "llama3_1.jinja").read_text()
+    config["chat_template"] = (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text()
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     base, q = load_config(ckpt).name, [{"role": "user", "content": "What is the weather like in Paris today?"}]
-    written = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}'
+    written, turn, result = OWN_FORMATS[template]
     force = {"structured_outputs": {"regex": re.escape(written)}}
     (tmp_path / "none").mkdir()  # (no Aligners: the base alone)
     args = ["--checkpoint-dir", str(ckpt), "--aligners-dir", str(tmp_path / "none"), "--max-seq-length", "1024"]
     with ServerProcess(args, env={"LIT_ALIGNER_API_KEY": KEY}) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
-        r = client.chat.completions.create(model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=60,
+        r = client.chat.completions.create(model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=100,
                                            temperature=0, extra_body=force)
         message = r.choices[0].message
         assert r.choices[0].finish_reason == "tool_calls" and message.content is None
         assert weather_call(message.tool_calls[0]) == {"city": "Paris", "unit": "celsius"}
         chunks = [c.choices[0] for c in client.chat.completions.create(
-            model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=60, temperature=0, extra_body=force,
+            model=base, messages=q, tools=[WEATHER, CLOCK], max_tokens=100, temperature=0, extra_body=force,
             stream=True) if c.choices]
         assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
         assert [d.function.name for c in chunks for d in (c.delta.tool_calls or [])] == ["get_weather"]
         r = client.chat.completions.create(model=base, messages=q, tools=[WEATHER, CLOCK], tool_choice="required",
-                                           max_tokens=80, temperature=0)
+                                           parallel_tool_calls=False, max_tokens=120, temperature=0)
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
         prompt = next_turn(server, q, message.tool_calls[0], "21 degrees, sunny")[2]
-    assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>" in prompt
-    assert "<|start_header_id|>ipython<|end_header_id|>\n\n" in prompt and "21 degrees, sunny" in prompt
+        if template != "llama3_1":  # a function whose arguments the markup cannot write, forced: a 400
+            either = {"type": "function", "function": {"name": "f", "parameters": {"anyOf": [{"type": "object"}]}}}
+            with pytest.raises(openai.BadRequestError, match="object schema") as e:
+                client.chat.completions.create(model=base, messages=q, tools=[either], tool_choice="required")
+            assert e.value.body["param"] == "tools"
+    assert turn.format(written=written) in prompt
+    assert result + "21 degrees, sunny" in prompt or result + '"21 degrees, sunny"' in prompt
 
 
 def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):

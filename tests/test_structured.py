@@ -320,3 +320,147 @@ def test_a_forced_call_under_llama3s_template_is_written_as_the_template_writes_
             assert ended and content is None and calls and all(fits(c) for c in calls), text
             assert text.startswith('{"name": "') and "<tool_call>" not in text
             assert len(calls) == 1 or parallel, text
+
+
+# --- the markup formats: Qwen3-Coder's (Qwen3.5+, Nemotron 3) and GLM-4.5's ------------------------------------------
+
+TYPED = {"type": "function", "function": {"name": "run", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["code", "n"],
+    "properties": {"code": {"type": "string", "maxLength": 30}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "zip": {"type": "string", "pattern": "^[0-9]{3}$"}, "flag": {"type": "boolean"},
+                   "o": {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}},
+                         "required": ["a"], "additionalProperties": False},
+                   "maybe": {"type": ["integer", "null"]}, "unit": {"enum": ["c", "f"]}}}}}
+TYPED_ARGS = {"code": "  def f():\n    return 1\n", "n": 3, "zip": "042", "flag": True, "o": {"a": [1, 2]},
+              "maybe": None, "unit": "f"}
+
+
+def fits_typed(call) -> bool:
+    args = json.loads(call.arguments)
+    return (call.name == "run" and {"code", "n"} <= set(args) <= set(TYPED_ARGS) and isinstance(args["code"], str)
+            and len(args["code"]) <= 30
+            and isinstance(args["n"], int) and 0 <= args["n"] <= 99
+            and re.fullmatch("[0-9]{3}", args.get("zip", "000")) is not None
+            and isinstance(args.get("flag", False), bool) and args.get("unit", "c") in ("c", "f")
+            and (("o" not in args) or (set(args["o"]) == {"a"} and all(isinstance(x, int) for x in args["o"]["a"])))
+            and (args.get("maybe") is None or isinstance(args["maybe"], int)))
+
+
+def test_markup_templates_write_calls_that_read_back_with_their_types(smollm2_dir):
+    """Qwen3.5's, Qwen3.6's, Nemotron 3's and GLM-4.5's chat templates (as TRL ships them) are told apart by their
+    call format; each writes an assistant turn with a call whose arguments have every JSON type (a string of digits
+    and one with indentation and line breaks, an integer, a boolean, an object, null), and that turn reads back as
+    exactly that call: each value by its schema's type (the digits stay a string)."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.tools import parse_tools, split_calls, template_style, tool_messages
+
+    spec, tok = parse_tools([TYPED, CODE]), load_tokenizer(smollm2_dir)
+    call = {"id": "call_1", "type": "function", "function": {"name": "run", "arguments": json.dumps(TYPED_ARGS)}}
+    messages = [{"role": "user", "content": "Run it."}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    for name, style in [("qwen3_5_nothink", "qwen3_coder"), ("qwen3_6", "qwen3_coder"),
+                        ("nemotron_3_nano", "qwen3_coder"), ("glm4moe", "glm45")]:
+        tok.chat_template = (resources.files(trl) / "chat_templates" / f"{name}.jinja").read_text()
+        assert template_style(tok.chat_template) == style
+        turns, variables = tool_messages(messages, spec, style)
+        turn = tok.apply_chat_template(turns, **variables).split("Run it.")[1]  # (after the tools' listing)
+        assert "<tool_call>" in turn and '{"name"' not in turn, turn  # not Hermes' JSON
+        _, calls = split_calls(turn, style, spec)
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [("run", TYPED_ARGS)], (name, turn)
+        _, untyped = split_calls(turn, style)  # without the schemas every value is text
+        assert json.loads(untyped[0].arguments)["n"] == "3", name
+        assert split_calls(turn)[1] == []  # (Hermes' reader sees no call)
+
+
+MARKUP_ANSWERS = {  # style: (answer, its content, its calls' names and arguments)
+    "qwen3_coder": ("Let me run it.\n<tool_call>\n<function=run>\n<parameter=code>\nprint(1)\n</parameter>\n"
+                    "<parameter=n>\n7\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=run>\n"
+                    "<oops>\n</function>\n</tool_call>\n<tool_call>\n<function=lookup>\n<parameter=n>\n8\n"
+                    "</parameter>\n</function>\n</tool_", "Let me run it.\n\n<tool_call>\n<function=run>\n<oops>\n"
+                    "</function>\n</tool_call>", [("run", {"code": "print(1)", "n": 7}), ("lookup", {"n": 8})]),
+    "glm45": ("<tool_call>run\n<arg_key>code</arg_key>\n<arg_value>x = 1</arg_value>\n<arg_key>n</arg_key>\n"
+              "<arg_value>7</arg_value>\n</tool_call>and then<tool_call>lookup\n</tool_call>", "and then",
+              [("run", {"code": "x = 1", "n": 7}), ("lookup", {})]),
+}
+
+
+@pytest.mark.parametrize("style", MARKUP_ANSWERS)
+def test_a_streamed_markup_answer_splits_as_the_whole_answer(style):
+    """A markup answer (well-formed calls, a malformed block kept as text, a last call cut inside its closing tag)
+    fed to `CallStream` in pieces of any size gives the content and calls `split_calls` reads from the whole."""
+    import random
+
+    from lit_aligner.tools import Call, CallStream, parse_tools, split_calls
+
+    text, content, expected = MARKUP_ANSWERS[style]
+    spec = parse_tools([TYPED, CODE])
+    got, calls = split_calls(text, style, spec)
+    assert got == content and [(c.name, json.loads(c.arguments)) for c in calls] == expected
+    rng = random.Random(0)
+    for sizes in ([1] * len(text), [len(text)], [rng.randint(1, 9) for _ in range(len(text))]):
+        stream, pieces, at = CallStream(style, spec), [], 0
+        for n in sizes:
+            pieces += stream.feed(text[at:at + n])
+            at += n
+        pieces += stream.close()
+        assert [p for p in pieces if isinstance(p, Call)] == calls
+        assert "".join(p for p in pieces if isinstance(p, str)).strip() == content
+
+
+@pytest.mark.parametrize("style", ["qwen3_coder", "glm45"])
+def test_a_forced_markup_call_fits_its_function_whatever_the_logits(tok, style):
+    """tool_choice "required" (parallel or not) and a named function under a markup template: whatever the logits, the
+    answer is calls in that format whose arguments fit their schemas (a string's pattern and length, an integer's
+    range, an enum, an object, a nullable integer; required arguments present), read back by type."""
+    from lit_aligner.tools import parse_tools, split_calls
+
+    names = set()
+    for choice, parallel in [("required", False), ("required", True), ({"type": "function", "function":
+                                                                          {"name": "run"}}, True)]:
+        spec = parse_tools([TYPED, WEATHER], choice, parallel)
+        for seed in range(4):
+            text, ended = decode_under(spec.output_format(style), tok, seed, tok.vocab_size, steps=2000)
+            content, calls = split_calls(text, style, spec)
+            assert ended and content is None and calls, text
+            assert all(fits_typed(c) if c.name == "run" else fits(c) for c in calls), text
+            assert len(calls) == 1 or (choice == "required" and parallel), text
+            names |= {c.name for c in calls}
+    assert names == {"run", "get_weather"}
+
+
+def test_a_markup_string_is_held_to_its_pattern_as_json_schema_reads_it(smollm2_dir):
+    """A string argument's `pattern` is searched for, as JSON Schema's (and llguidance's JSON) are, unless anchored."""
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.tools import parse_tools
+
+    tok = load_tokenizer(smollm2_dir)  # (a byte-level BPE: any text encodes as it is)
+
+    def accepts(parameters, value):
+        spec = parse_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}], "required",
+                           False)
+        c = compile_grammar(spec.output_format("qwen3_coder"), tok, tok.vocab_size).constraint()
+        text = f"<tool_call>\n<function=f>\n<parameter=s>\n{value}\n</parameter>\n</function>\n</tool_call>"
+        return all(c.advance(t) for t in tok.encode(text, bos=False, eos=False).tolist()) and c.done
+
+    def schema(pattern):
+        return {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}, "required": ["s"]}
+
+    assert accepts(schema("b/c"), "ab/cd") and not accepts(schema("b/c"), "abcd")
+    assert accepts(schema("^ab"), "abc") and not accepts(schema("^ab"), "cab")
+    assert accepts(schema("ab$"), "cab") and not accepts(schema("ab$"), "abc")
+
+
+def test_a_function_the_markup_formats_cannot_write_is_refused_when_forced():
+    from lit_aligner.tools import ToolError, parse_tools
+
+    for parameters, match in [({"anyOf": [{"type": "object"}, {"type": "string"}]}, "object schema"),
+                              ({"type": "object", "properties": {"a>b": {"type": "string"}}}, "argument name 'a>b'")]:
+        spec = parse_tools([{"type": "function", "function": {"name": "f", "parameters": parameters}}], "required",
+                           False)
+        with pytest.raises(ToolError, match=match):
+            spec.output_format("qwen3_coder")
+        assert spec.output_format("hermes") is not None  # the JSON formats take any schema
+    free = parse_tools([{"type": "function", "function": {"name": "ping"}}], "required")
+    assert "<function=ping>\\n" in free.output_format("qwen3_coder").spec  # no arguments at all

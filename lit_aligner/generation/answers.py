@@ -279,7 +279,8 @@ def answer_prompts(
     for r, (i, j, text, _) in enumerate(requests):
         said = cut_at_stop(tokenizer.decode(outputs[r]), stop)
         tools = prompts[i].tools
-        content, calls = split_calls(said, styles[r]) if tools is not None and tools.choice != "none" else (said, [])
+        content, calls = split_calls(said, styles[r], tools) if tools is not None and tools.choice != "none" \
+            else (said, [])
         answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content)
     return answers, all_stats
 

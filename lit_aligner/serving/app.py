@@ -322,13 +322,16 @@ class AlignerServer:
 
     def grammar(self, body: _Body, tools: Optional[Tools], style: str) -> Optional[Grammar]:
         """The compiled grammar of the body's structured output or forced tool calls in the format of a template of
-        `style` (None: free text); 400 when it cannot compile."""
+        `style` (None: free text); 400 when it cannot compile (or a function cannot be called in that format)."""
         fmt, field = body.output_format(), body.format_field
         if tools is not None and tools.forced:
             if fmt is not None:
                 raise APIError(400, f"tool_choice {tools.choice!r} holds the answer to tool calls: drop {field}",
                                param="tool_choice")
-            fmt, field = tools.output_format(style), "tools"
+            try:
+                fmt, field = tools.output_format(style), "tools"
+            except ToolError as e:
+                raise APIError(400, str(e), param=e.param) from None
         if fmt is None:
             return None
         try:
@@ -495,7 +498,7 @@ class AlignerServer:
                     choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
             if reads_calls:
                 for choice in out["choices"]:
-                    content, calls = split_calls(choice["message"]["content"], style)
+                    content, calls = split_calls(choice["message"]["content"], style, tools)
                     if calls:
                         choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
                         choice["finish_reason"] = _finish_with_calls(choice["finish_reason"])
@@ -538,7 +541,7 @@ class AlignerServer:
             completion_tokens, cached = 0, [0] * len(reqs)
             # tool calls: each choice's text split into content and whole calls as it comes (`CallStream`); the
             # log-probabilities of text held back go with the next chunk of that choice
-            splits = [CallStream(style) for _ in reqs] if reads_calls else None
+            splits = [CallStream(style, tools) for _ in reqs] if reads_calls else None
             calls, held = [0] * len(reqs), [[] for _ in reqs]
             events = choices()
             try:

@@ -559,27 +559,24 @@ class AlignerServer:
                             chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.prompt_logprobs or [], 0)
                         offsets[i] = len(prompt_of[i])
                         yield _sse(chunk)
-                    if splits is None and (ev.text or ev.logprobs):
-                        chunk = _chunk(kind, rid, created, body.model, ev.text, None, index=i)
-                        if logprobs:
-                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, ev.logprobs, offsets[i])
-                        offsets[i] += len(ev.text)
-                        yield _sse(chunk)
-                    elif splits is not None:
-                        held[i].extend(ev.logprobs)
+                    held[i].extend(ev.logprobs)
+                    if splits is None:  # the text as it comes (also a token that completes no character yet)
+                        pieces = [ev.text] if ev.text or held[i] else []
+                    else:
                         pieces = splits[i].feed(ev.text) + (splits[i].close() if ev.finish is not None else [])
-                        for piece in pieces:
-                            if isinstance(piece, str) and (tools.forced or not piece):
-                                continue  # a forced answer's only text is the blank between its calls
-                            chunk = _chunk(kind, rid, created, body.model, piece if isinstance(piece, str) else "",
-                                           None, index=i)
-                            if not isinstance(piece, str):
-                                chunk["choices"][0]["delta"]["tool_calls"] = [piece.openai(calls[i])]
-                                calls[i] += 1
-                            if logprobs:
-                                chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], 0)
-                            held[i] = []
-                            yield _sse(chunk)
+                    for piece in pieces:
+                        if splits is not None and isinstance(piece, str) and (tools.forced or not piece):
+                            continue  # a forced answer's only text is the blank between its calls
+                        chunk = _chunk(kind, rid, created, body.model, piece if isinstance(piece, str) else "",
+                                       None, index=i)
+                        if not isinstance(piece, str):
+                            chunk["choices"][0]["delta"]["tool_calls"] = [piece.openai(calls[i])]
+                            calls[i] += 1
+                        if logprobs:
+                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
+                        offsets[i] += len(piece) if isinstance(piece, str) else 0
+                        held[i] = []
+                        yield _sse(chunk)
                     if ev.finish is not None:
                         finish = _finish_with_calls(ev.finish) if calls[i] else ev.finish
                         chunk = _chunk(kind, rid, created, body.model, "", finish, index=i)

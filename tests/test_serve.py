@@ -701,18 +701,15 @@ OWN_FORMATS = {  # a chat template as TRL ships it: how its model writes the cal
     "qwen3_6": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n"
                 "celsius\n</parameter>\n</function>\n</tool_call>", "<think>\n\n</think>\n\n{written}<|im_end|>",
                 "<|im_start|>user\n<tool_response>\n"),
-    "glm4moe": ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>unit</arg_key>"
-                "\n<arg_value>celsius</arg_value>\n</tool_call>", "<|assistant|>\n<think></think>\n{written}",
-                "<|observation|>\n<tool_response>\n"),
-}
+}  # (GLM-4.5's markup takes the same path as Qwen's: test_structured.py reads and forces it)
 
 
 @pytest.mark.parametrize("template", OWN_FORMATS)
 def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm2_dir, tmp_path, template):
-    """A base whose chat template is Llama 3.1's, Qwen3.6's or GLM-4.5's (swapped into a copy of SmolLM2's tokenizer
-    config): under "auto" a call written in that template's format (forced here by a regex, as its model writes it)
-    comes back as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call would not
-    read back here); the next turn renders the call as the template writes it, and its result."""
+    """A base whose chat template is Llama 3.1's or Qwen3.6's (swapped into a copy of SmolLM2's tokenizer config):
+    under "auto" a call written in that template's format (forced here by a regex, as its model writes it) comes back
+    as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call would not read back
+    here); the next turn renders the call as the template writes it, and its result."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 

@@ -196,12 +196,25 @@ TEXT = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "
         '</tool_call>\n<tool_call>\n{"name": "lookup", "arguments": {"n": 8}}')
 
 
+def streamed(text: str, stream) -> list:
+    """What `stream` (a fresh `CallStream` per call) gives for `text` fed one character at a time, whole, and in
+    random pieces of 1 to 9 characters: three lists of pieces."""
+    import random
+
+    rng, out = random.Random(0), []
+    for sizes in ([1] * len(text), [len(text)], [rng.randint(1, 9) for _ in range(len(text))]):
+        s, pieces, at = stream(), [], 0
+        for n in sizes:
+            pieces += s.feed(text[at:at + n])
+            at += n
+        out.append(pieces + s.close())
+    return out
+
+
 def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer():
     """`CallStream` fed the answer in pieces of any size (tags cut anywhere) gives the content and calls that
     `split_calls` reads from the whole answer: well-formed calls, a malformed block kept as text, Llama's
     "parameters", an unclosed last call (also one cut inside its closing tag)."""
-    import random
-
     from lit_aligner.tools import Call, CallStream, split_calls
 
     content, calls = split_calls(TEXT)
@@ -210,13 +223,7 @@ def test_a_streamed_answer_splits_into_the_content_and_calls_of_the_whole_answer
     assert split_calls("no calls here") == ("no calls here", [])
     cut = split_calls('<tool_call>\n{"name": "f", "arguments": {"n": 1}}\n</tool_')  # max_tokens inside the tag
     assert cut == (None, [Call("f", '{"n": 1}')])
-    rng = random.Random(0)
-    for sizes in ([1] * len(TEXT), [len(TEXT)], [rng.randint(1, 9) for _ in range(len(TEXT))]):
-        stream, pieces, at = CallStream(), [], 0
-        for n in sizes:
-            pieces += stream.feed(TEXT[at:at + n])
-            at += n
-        pieces += stream.close()
+    for pieces in streamed(TEXT, CallStream):
         assert [p for p in pieces if isinstance(p, Call)] == calls
         assert "".join(p for p in pieces if isinstance(p, str)).strip() == content
 
@@ -286,20 +293,12 @@ def test_llama3_calls_are_the_whole_answer_streamed_or_not():
     """Llama 3's format (vLLM's llama3_json): an answer that is one call object or several joined by ";" (after an
     optional <|python_tag|>) is calls, any other answer is content; `CallStream` fed it in pieces of any size gives
     the same, and streams an answer that does not begin as a call at once."""
-    import random
-
     from lit_aligner.tools import Call, CallStream, split_calls
 
-    rng = random.Random(0)
     for text, content, names in LLAMA_ANSWERS:
         got, calls = split_calls(text, "llama3")
         assert got == content and [c.name for c in calls] == names, text
-        for sizes in ([1] * len(text), [len(text)], [rng.randint(1, 9) for _ in range(len(text))]):
-            stream, pieces, at = CallStream("llama3"), [], 0
-            for n in sizes:
-                pieces += stream.feed(text[at:at + n])
-                at += n
-            pieces += stream.close()
+        for pieces in streamed(text, lambda: CallStream("llama3")):
             assert [p for p in pieces if isinstance(p, Call)] == calls
             assert "".join(p for p in pieces if isinstance(p, str)) == (content or "")
     stream = CallStream("llama3")
@@ -390,21 +389,13 @@ MARKUP_ANSWERS = {  # style: (answer, its content, its calls' names and argument
 def test_a_streamed_markup_answer_splits_as_the_whole_answer(style):
     """A markup answer (well-formed calls, a malformed block kept as text, a last call cut inside its closing tag)
     fed to `CallStream` in pieces of any size gives the content and calls `split_calls` reads from the whole."""
-    import random
-
     from lit_aligner.tools import Call, CallStream, parse_tools, split_calls
 
     text, content, expected = MARKUP_ANSWERS[style]
     spec = parse_tools([TYPED, CODE])
     got, calls = split_calls(text, style, spec)
     assert got == content and [(c.name, json.loads(c.arguments)) for c in calls] == expected
-    rng = random.Random(0)
-    for sizes in ([1] * len(text), [len(text)], [rng.randint(1, 9) for _ in range(len(text))]):
-        stream, pieces, at = CallStream(style, spec), [], 0
-        for n in sizes:
-            pieces += stream.feed(text[at:at + n])
-            at += n
-        pieces += stream.close()
+    for pieces in streamed(text, lambda: CallStream(style, spec)):
         assert [p for p in pieces if isinstance(p, Call)] == calls
         assert "".join(p for p in pieces if isinstance(p, str)).strip() == content
 

@@ -362,7 +362,8 @@ def _markup_call(body: str, style: str, tools: Optional[Tools]) -> Optional[Call
         return None
     name, rest, at = head.group(1).strip(), head.group(2), 0
     function = next((f for f in (tools.functions if tools else ()) if f["name"] == name), {})
-    properties = function.get("parameters", {}).get("properties") or {}
+    properties = function.get("parameters", {}).get("properties")
+    properties = properties if isinstance(properties, Mapping) else {}
     arguments: Dict[str, Any] = {}
     while rest[at:].strip():
         element = one.match(rest, at)

@@ -299,8 +299,24 @@ class _RaisedByTemplate(Exception):
 @lru_cache(maxsize=8)
 def _compile_chat_template(source: str):
     """A jinja2 template in the sandboxed environment transformers renders chat templates with."""
-    from jinja2.ext import loopcontrols
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's own text for training
+        masks (LFM2.5's templates, TRL's training templates): rendered as its body. (Training here takes the answer as
+        what follows the prompt, which these templates, being prefix-preserving, also give.)"""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller) -> str:
+            return caller()
 
     def raise_exception(message: str) -> None:
         raise _RaisedByTemplate(message)
@@ -310,7 +326,7 @@ def _compile_chat_template(source: str):
         # Like transformers: no HTML escaping, non-ASCII kept as is.
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -334,6 +334,36 @@ def test_smollm2_chat_template_matches_transformers(smollm2):
                                                                   tokenize=True, return_dict=False)
 
 
+def test_every_chat_template_trl_ships_renders_as_transformers_renders_it(smollm2):
+    """Every chat template TRL ships (the models' own, and its training variants with transformers' `{% generation %}`
+    markers, which LFM2.5's own template has too) renders a conversation with a system message, tools, a tool call and
+    its result exactly as transformers renders it, with and without the generation prompt. (Templates that refuse
+    this conversation in transformers, e.g. Gemma's without a system role, are left out.)"""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    tok, ref = smollm2
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [*MESSAGES[:3], {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny"}]
+    compared = set()
+    for path in sorted((resources.files(trl) / "chat_templates").iterdir()):
+        if not path.name.endswith(".jinja"):
+            continue
+        tok.chat_template = ref.chat_template = path.read_text()
+        for gen in (True, False):
+            try:
+                want = ref.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=False)
+            except Exception:  # (transformers refuses it too)
+                continue
+            assert tok.apply_chat_template(messages, add_generation_prompt=gen, tools=tools) == want, (path.name, gen)
+            compared.add(path.name)
+    assert len(compared) > 50 and {"lfm2_2_5.jinja", "qwen3_training.jinja", "llama3_1.jinja"} <= compared
+
+
 # --- decoding, all formats --------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["hf", "sentencepiece", "smollm2"])

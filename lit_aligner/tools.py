@@ -1,9 +1,11 @@
 """Tool calls (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`; TRL's `tools` column and `tool_calls` turns) in
-four formats, each as its chat templates write calls and as vLLM's parser of that name reads them:
+five formats, each as its chat templates write calls and as vLLM's parser of that name reads them:
 - `hermes`: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in the answer (Qwen2.5 and 3, Hermes 2
   and 3, SmolLM3);
 - `llama3` (vLLM's `llama3_json`): the whole answer is the call, `{"name": ..., "parameters": {...}}` (several joined
   by "; ", after an optional `<|python_tag|>`; Llama 3.1 to 3.3);
+- `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]` after the answer's words, if any (Mistral 7B
+  v0.3, Mistral-Nemo; their templates want 9-letter call ids, which earlier calls and results get from theirs);
 - `qwen3_coder`: `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>`
   (Qwen3-Coder, Qwen3.5 and later, Nemotron 3);
 - `glm45`: `<tool_call>NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE</arg_value>\\n</tool_call>` (GLM-4.5 to 4.7).
@@ -15,8 +17,8 @@ The prompt: a chat template that renders tools in one of the formats gets them a
 transformers convention) and the conversation's earlier calls and results as messages (`tool_calls`, role `tool`), and
 its answers are read in its format. Any other template (SmolLM2's, LLaMA-2's, the named ones) gets a system message
 that lists the tools and Hermes' format, earlier calls as that text and results as user turns in `<tool_response>`
-tags, as Hermes templates render them. A template that renders tools in another format (Mistral's) gets them natively,
-and `auto` is refused: its model's own calls would not be read.
+tags, as Hermes templates render them. A template that renders tools in another format (LFM2's, gpt-oss') gets them
+natively, and `auto` is refused: its model's own calls would not be read.
 
 The answer: `tool_choice` "required" or a named function holds it to calls in the template's format with a grammar,
 each call's arguments to its function's JSON schema (one call with a name or `parallel_tool_calls: false`): any model
@@ -36,6 +38,7 @@ from lit_aligner.generation.structured import OutputFormat, StructuredOutputErro
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's mark of a tool call (its templates write it for built-in tools)
+TOOL_CALLS = "[TOOL_CALLS]"  # Mistral's: the calls follow it as one JSON list
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a function name
 # A forced call's JSON is written as json.dumps writes it, as Hermes templates render calls (`tojson`) and as their
 # models write them. (Flexible whitespace would also make the end ambiguous: blank space after the object, or the
@@ -93,13 +96,13 @@ class Tools:
     def output_format(self, style: str = "hermes") -> Optional[OutputFormat]:
         """The grammar of a forced answer in the format of a template of `style` (`template_style`): one call or
         more, each its function's name and arguments (Hermes' and the markup formats: each in `<tool_call>` tags,
-        one per line; Llama 3's: the JSON objects alone, joined by "; "). ToolError when a function's parameters
-        cannot be written in a markup format."""
+        one per line; Llama 3's: the JSON objects alone, joined by "; "; Mistral's: a JSON list after
+        [TOOL_CALLS]). ToolError when a function's parameters cannot be written in a markup format."""
         if not self.forced:
             return None
-        llama = style == "llama3"
-        key, before, after, between = ("parameters", "", "", "; ") if llama else ("arguments", OPEN + "\n",
-                                                                                "\n" + CLOSE, "\n")
+        key, before, after, between = {"llama3": ("parameters", "", "", "; "),
+                                       "mistral": ("arguments", "", "", ", ")}.get(
+            style, ("arguments", OPEN + "\n", "\n" + CLOSE, "\n"))
         chosen = [f for f in self.functions if self.choice in ("required", f["name"])]
         rules = []
         for i, f in enumerate(chosen):
@@ -112,8 +115,10 @@ class Tools:
             rules.append(" ".join(p for p in parts if p != '""'))
         calls = " | ".join(f"call{i}" for i in range(len(chosen)))
         many = self.parallel and self.choice == "required"
-        start = f"start: call ({json.dumps(between)} call)*" if many else "start: call"
-        return OutputFormat("grammar", "\n".join([start, f"call: {calls}", *rules]))
+        body = f"call ({json.dumps(between)} call)*" if many else "call"
+        if style == "mistral":  # one JSON list after the marker
+            body = f"{json.dumps(TOOL_CALLS + ' [')} {body} \"]\""
+        return OutputFormat("grammar", "\n".join([f"start: {body}", f"call: {calls}", *rules]))
 
 
 def _value_kind(schema: Any) -> Tuple[str, bool]:
@@ -240,13 +245,16 @@ def template_style(chat_template: Optional[str]) -> str:
     """How a chat template (None: a named template) handles tools: "hermes" (renders them, calls in <tool_call>
     tags), "llama3" (renders them, a call is the answer's JSON with "parameters", a result an `ipython` turn: Llama
     3.1 to 3.3), "qwen3_coder" or "glm45" (renders them, a call's name and arguments as markup in <tool_call> tags),
-    "other" (renders them in another format) or "text" (not at all: the tools go in as text, calls are Hermes')."""
+    "mistral" (renders them, the calls a JSON list after [TOOL_CALLS]), "other" (renders them in another format) or
+    "text" (not at all: the tools go in as text, calls are Hermes')."""
     if not chat_template or not re.search(r"\btools\b", chat_template):
         return "text"
     if "<function=" in chat_template and "<parameter=" in chat_template:
         return "qwen3_coder"
     if "<arg_key>" in chat_template:
         return "glm45"
+    if TOOL_CALLS in chat_template:
+        return "mistral"
     if OPEN in chat_template:
         return "hermes"
     return "llama3" if '"parameters": ' in chat_template and "ipython" in chat_template else "other"
@@ -277,7 +285,8 @@ def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
                                                       "arguments": _as_object(c["function"].get("arguments", {}))}}
                                    for c in m["tool_calls"]]
             out.append(m)
-        return out, ({"tools": tools.template_tools()} if tools is not None else {})
+        return (_mistral_ids(out) if style == "mistral" else out), ({"tools": tools.template_tools()}
+                                                                    if tools is not None else {})
     for j, m in enumerate(messages):
         if m.get("role") == "tool":
             response = m.get("content") or ""
@@ -300,6 +309,29 @@ def tool_messages(messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
         else:
             out.insert(0, {"role": "system", "content": listing})
     return out, {}
+
+
+def _mistral_ids(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The call ids as Mistral's templates want them, 9 letters or digits: an id's last 9 (as vLLM cuts them, zeros
+    in front of a shorter one), for a call and for the result that names it; a call without one gets `call00001`,
+    ..., and a result without one the id of the call it answers (a turn's results answer its calls in order)."""
+    def cut(i: Any) -> str:
+        return re.sub(r"[^a-zA-Z0-9]", "", str(i))[-9:].rjust(9, "0")
+
+    out, pending, n = [], [], 0
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                n += 1
+                calls.append({**c, "id": cut(c["id"]) if c.get("id") else f"call{n:05d}"})
+            m, pending = {**m, "tool_calls": calls}, [c["id"] for c in calls]
+        elif m.get("role") == "tool":
+            given = m.get("tool_call_id")
+            m = {**m, "tool_call_id": cut(given) if given else (pending[0] if pending else f"call{n:05d}")}
+            pending = [i for i in pending if i != m["tool_call_id"]] if given else pending[1:]
+        out.append(m)
+    return out
 
 
 def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
@@ -326,8 +358,8 @@ def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]
 
     if tools is not None and tools.choice == "auto" and call_style(template_name, tokenizer) == "other":
         raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes', "
-                        "Llama 3's, Qwen3-Coder's and GLM-4.5's are): use tool_choice \"required\" or a named "
-                        "function, which hold the answer to Hermes' format", param="tool_choice")
+                        "Llama 3's, Mistral's, Qwen3-Coder's and GLM-4.5's are): use tool_choice \"required\" or a "
+                        "named function, which hold the answer to Hermes' format", param="tool_choice")
     return tool_texts(get_template(template_name), tokenizer, messages, tools)[0]
 
 
@@ -416,6 +448,22 @@ def _llama_calls(text: str) -> Optional[List[Call]]:
         at = len(body) - len(rest[1:].lstrip())
 
 
+def _mistral_calls(text: str) -> Optional[Tuple[Optional[str], List[Call]]]:
+    """(content, calls) of a whole answer in Mistral's format (words, then [TOOL_CALLS] and a JSON list of calls, or
+    one call), or None when it has no [TOOL_CALLS] or what follows is not calls."""
+    at = text.find(TOOL_CALLS)
+    if at < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text[at + len(TOOL_CALLS):].lstrip())
+    except json.JSONDecodeError:
+        return None
+    calls = [_call_of(v) for v in (value if isinstance(value, list) else [value])]
+    if not calls or None in calls:
+        return None
+    return text[:at].strip() or None, calls
+
+
 def split_calls(text: str, style: str = "hermes", tools: Optional[Tools] = None) -> Tuple[Optional[str], List[Call]]:
     """(content, calls) of a whole answer in the format of a template of `style` (`template_style`; `tools`: the
     request's, whose schemas type the markup formats' values): the calls it writes, and its text around them (None
@@ -433,10 +481,13 @@ class CallStream:
     """A streamed answer split as it comes into content and whole calls. Hermes' format: text that may begin a call's
     tag is held back until it does or does not, and a call is given once its closing tag arrives. Llama 3's: an answer
     that begins as a call may be one (`{` or <|python_tag|>) is held to its end; any other streams as content. The
-    markup formats' calls are read as Hermes' are, their bodies each by its own reader."""
+    markup formats' calls are read as Hermes' are, their bodies each by its own reader. Mistral's: the text before
+    [TOOL_CALLS] streams, the marker and what follows it are held to the end."""
 
     def __init__(self, style: str = "hermes", tools: Optional[Tools] = None):
         self.buffer, self.llama, self.content = "", style == "llama3", False
+        self.mistral = style == "mistral"
+        self.open, self.end = (TOOL_CALLS, None) if self.mistral else (OPEN, CLOSE)
         self.read = (lambda body: _markup_call(body, style, tools)) if style in MARKUP else _call
 
     def feed(self, text: str) -> List[Union[str, Call]]:
@@ -449,10 +500,10 @@ class CallStream:
             self.content, out, self.buffer = True, [self.buffer] if self.buffer else [], ""
             return out
         while True:
-            start = self.buffer.find(OPEN)
+            start = self.buffer.find(self.open)
             if start < 0:
-                keep = next((k for k in range(min(len(OPEN) - 1, len(self.buffer)), 0, -1)
-                             if OPEN.startswith(self.buffer[-k:])), 0)
+                keep = next((k for k in range(min(len(self.open) - 1, len(self.buffer)), 0, -1)
+                             if self.open.startswith(self.buffer[-k:])), 0)
                 cut = len(self.buffer) - keep
                 if cut:
                     out.append(self.buffer[:cut])
@@ -461,7 +512,7 @@ class CallStream:
             if start:
                 out.append(self.buffer[:start])
                 self.buffer = self.buffer[start:]
-            end = self.buffer.find(CLOSE)
+            end = self.buffer.find(self.end) if self.end else -1
             if end < 0:
                 return out
             block, self.buffer = self.buffer[:end + len(CLOSE)], self.buffer[end + len(CLOSE):]
@@ -475,6 +526,9 @@ class CallStream:
             return []
         if self.llama:
             return list(_llama_calls(rest) or [rest])
+        if self.mistral:  # (the text before the marker has gone out already)
+            found = _mistral_calls(rest)
+            return list(found[1]) if found and rest.startswith(TOOL_CALLS) else [rest]
         call = None
         if rest.startswith(OPEN):
             body = rest[len(OPEN):].rstrip()
@@ -483,5 +537,6 @@ class CallStream:
         return [call or rest]
 
 
-__all__ = ["CLOSE", "MARKUP", "OPEN", "PYTHON_TAG", "Call", "CallStream", "ToolError", "Tools", "call_style",
-           "call_text", "parse_tools", "split_calls", "template_style", "tool_messages", "tool_prompt", "tool_texts"]
+__all__ = ["CLOSE", "MARKUP", "OPEN", "PYTHON_TAG", "TOOL_CALLS", "Call", "CallStream", "ToolError", "Tools",
+           "call_style", "call_text", "parse_tools", "split_calls", "template_style", "tool_messages", "tool_prompt",
+           "tool_texts"]

@@ -12,6 +12,23 @@ from typing import Dict, Iterable, Optional
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Mistral's tool format, as Mistral 7B v0.3's chat template renders it (written here from the format, not copied): the
+# tools before the last user turn, calls as one JSON list after [TOOL_CALLS] with 9-letter ids, results with the id.
+MISTRAL_TOOLS = (
+    "{{- bos_token }}{%- set last = namespace(i=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set last.i = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}"
+    "{%- if tools and loop.index0 == last.i %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}"
+    "{%- endif %}{{- '[INST] ' + m.content + '[/INST]' }}"
+    "{%- elif m.tool_calls %}{{- '[TOOL_CALLS] [' }}{%- for c in m.tool_calls %}"
+    "{%- if c.id is not defined or c.id | length != 9 %}{{- raise_exception('call ids are 9 letters or digits') }}"
+    "{%- endif %}{{- {'name': c.function.name, 'arguments': c.function.arguments, 'id': c.id} | tojson }}"
+    "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}{{- ']' + eos_token }}"
+    "{%- elif m.role == 'assistant' %}{{- ' ' + m.content + eos_token }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{- '[TOOL_RESULTS] ' + {'content': m.content, 'call_id': m.tool_call_id} | tojson + '[/TOOL_RESULTS]' }}"
+    "{%- endif %}{%- endfor %}")
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 

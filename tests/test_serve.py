@@ -694,37 +694,47 @@ def test_auto_tool_choice_is_refused_where_calls_would_not_be_read(smollm2_dir):
     assert '"get_weather"' in server.chat_prompt(None, q, parse_tools([WEATHER], "required"))
 
 
-OWN_FORMATS = {  # a chat template as TRL ships it: how its model writes the call, how the next turn renders it
+OWN_FORMATS = {  # a chat template (TRL's file, or helpers' Mistral one): how its model writes the call, and what the
+    # next turn renders ({id}: the call's id as the template shows it)
     "llama3_1": ('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n{written}<|eot_id|>",
-                 "<|start_header_id|>ipython<|end_header_id|>\n\n"),
+                 ['<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": '
+                  '"Paris", "unit": "celsius"}}<|eot_id|>',
+                  '<|start_header_id|>ipython<|end_header_id|>\n\n"21 degrees, sunny"']),
     "qwen3_6": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n"
-                "celsius\n</parameter>\n</function>\n</tool_call>", "<think>\n\n</think>\n\n{written}<|im_end|>",
-                "<|im_start|>user\n<tool_response>\n"),
+                "celsius\n</parameter>\n</function>\n</tool_call>",
+                ["<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                 "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call><|im_end|>",
+                 "<|im_start|>user\n<tool_response>\n21 degrees, sunny"]),
+    "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
+                ['[/INST][TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, '
+                 '"id": "{id}"}]', '[TOOL_RESULTS] {"content": "21 degrees, sunny", "call_id": "{id}"}']),
 }  # (GLM-4.5's markup takes the same path as Qwen's: test_structured.py reads and forces it)
 
 
 @pytest.mark.parametrize("template", OWN_FORMATS)
 def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm2_dir, tmp_path, template):
-    """A base whose chat template is Llama 3.1's or Qwen3.6's (swapped into a copy of SmolLM2's tokenizer config):
-    under "auto" a call written in that template's format (forced here by a regex, as its model writes it) comes back
-    as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call would not read back
-    here); the next turn renders the call as the template writes it, and its result."""
+    """A base whose chat template is Llama 3.1's, Qwen3.6's or in Mistral's format (swapped into a copy of SmolLM2's
+    tokenizer config): under "auto" a call written in that template's format (forced here by a regex, as its model
+    writes it) comes back as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call
+    would not read back here); the next turn renders the call as the template writes it, and its result (Mistral's
+    with the 9-letter id its template wants, from the server's)."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
+    from helpers import MISTRAL_TOOLS
     from lit_aligner.base import load_config
 
-    ckpt = tmp_path / "llama-templated"
+    ckpt = tmp_path / "templated"
     ckpt.mkdir()
     for f in smollm2_dir.iterdir():
         if f.name != "tokenizer_config.json":
             (ckpt / f.name).symlink_to(f.resolve())
     config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text()
+    config["chat_template"] = MISTRAL_TOOLS if template == "mistral" else \
+        (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text()
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
     base, q = load_config(ckpt).name, [{"role": "user", "content": "What is the weather like in Paris today?"}]
-    written, turn, result = OWN_FORMATS[template]
+    written, rendered = OWN_FORMATS[template]
     force = {"structured_outputs": {"regex": re.escape(written)}}
     (tmp_path / "none").mkdir()  # (no Aligners: the base alone)
     args = ["--checkpoint-dir", str(ckpt), "--aligners-dir", str(tmp_path / "none"), "--max-seq-length", "1024"]
@@ -745,13 +755,13 @@ def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
         prompt = next_turn(server, q, message.tool_calls[0], "21 degrees, sunny")[2]
-        if template != "llama3_1":  # a function whose arguments the markup cannot write, forced: a 400
+        if template == "qwen3_6":  # a function whose arguments the markup cannot write, forced: a 400
             either = {"type": "function", "function": {"name": "f", "parameters": {"anyOf": [{"type": "object"}]}}}
             with pytest.raises(openai.BadRequestError, match="object schema") as e:
                 client.chat.completions.create(model=base, messages=q, tools=[either], tool_choice="required")
             assert e.value.body["param"] == "tools"
-    assert turn.format(written=written) in prompt
-    assert result + "21 degrees, sunny" in prompt or result + '"21 degrees, sunny"' in prompt
+    for text in rendered:
+        assert text.replace("{id}", message.tool_calls[0].id[-9:]) in prompt, prompt
 
 
 def test_correction_aligner_with_an_answer_and_two_stage(client, base_name):

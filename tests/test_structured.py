@@ -455,3 +455,82 @@ def test_a_function_the_markup_formats_cannot_write_is_refused_when_forced():
         assert spec.output_format("hermes") is not None  # the JSON formats take any schema
     free = parse_tools([{"type": "function", "function": {"name": "ping"}}], "required")
     assert "<function=ping>\\n" in free.output_format("qwen3_coder").spec  # no arguments at all
+
+
+# --- Mistral's format: [TOOL_CALLS] and a JSON list ------------------------------------------------------------------
+
+MISTRAL_ANSWERS = [  # (answer, its content, its calls' names)
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, {"name": "lookup", '
+     '"arguments": {"n": 7}}]', None, ["get_weather", "lookup"]),
+    ('Let me look. [TOOL_CALLS] [{"name": "lookup", "arguments": {"n": 7}}]', "Let me look.", ["lookup"]),
+    ('[TOOL_CALLS] {"name": "lookup", "arguments": {"n": 7}}', None, ["lookup"]),  # one call, no list
+    ("Paris is sunny [TOOL_CALLS", "Paris is sunny [TOOL_CALLS", []),
+    ('[TOOL_CALLS] [{"oops": 1}]', '[TOOL_CALLS] [{"oops": 1}]', []),
+    ('[TOOL_CALLS] [{"name": "lookup", "arguments": {"n": 7', '[TOOL_CALLS] [{"name": "lookup", "arguments": {"n": 7',
+     []),
+]
+
+
+def test_mistral_calls_follow_their_marker_streamed_or_not():
+    """Mistral's format (vLLM's `mistral`): [TOOL_CALLS] then a JSON list of calls (or one call), after the answer's
+    words; anything else is content. `CallStream` fed it in pieces of any size gives the same, and streams the words
+    before the marker as they come."""
+    from lit_aligner.tools import Call, CallStream, split_calls
+
+    for text, content, names in MISTRAL_ANSWERS:
+        got, calls = split_calls(text, "mistral")
+        assert got == content and [c.name for c in calls] == names, text
+        for pieces in streamed(text, lambda: CallStream("mistral")):
+            assert [p for p in pieces if isinstance(p, Call)] == calls
+            assert "".join(p for p in pieces if isinstance(p, str)).strip() == (content or "")
+    stream = CallStream("mistral")
+    assert stream.feed("Let me") == ["Let me"] and stream.feed(" look. [TOOL") == [" look. "]
+
+
+def test_mistral_templates_get_nine_letter_ids_and_their_calls_read_back(smollm2_dir):
+    """Under a template in Mistral's format (which refuses ids that are not 9 letters or digits), a conversation with
+    OpenAI-style ids renders with each id's last 9 on the call and on its result, one without ids with call00001, ...
+    (a turn's results in the order of its calls), and the assistant turn reads back as the calls."""
+    from helpers import MISTRAL_TOOLS
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.tokenizer import ChatTemplateRefusal
+    from lit_aligner.tools import parse_tools, split_calls, template_style, tool_messages
+
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = MISTRAL_TOOLS
+    assert template_style(MISTRAL_TOOLS) == "mistral"
+    spec = parse_tools([WEATHER, CODE])
+    args = [{"city": "Paris", "unit": "c"}, {"n": 7}]
+
+    def conversation(ids):
+        calls = [{"type": "function", "function": {"name": n, "arguments": json.dumps(a)}, **i}
+                 for n, a, i in zip(("get_weather", "lookup"), args, ids)]
+        return [{"role": "user", "content": "Weather in Paris, and number 7?"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "content": "sunny", **{k.replace("id", "tool_call_id"): v for k, v in ids[0].items()}},
+                {"role": "tool", "content": "seven", **{k.replace("id", "tool_call_id"): v for k, v in ids[1].items()}}]
+
+    with pytest.raises(ChatTemplateRefusal):  # the template's own check, without the mapping
+        tok.apply_chat_template(conversation([{"id": "call_0123456789abcdef"}] * 2), tools=spec.template_tools())
+    for ids, expected in [([{"id": "call_0123456789abcdef"}, {"id": "call_fedcba9876543210"}],
+                           ["789abcdef", "876543210"]), ([{}, {}], ["call00001", "call00002"])]:
+        turns, variables = tool_messages(conversation(ids), spec, "mistral")
+        prompt = tok.apply_chat_template(turns, **variables)
+        for i, result in zip(expected, ("sunny", "seven")):
+            assert f'"id": "{i}"' in prompt and f'{{"content": "{result}", "call_id": "{i}"}}' in prompt
+        content, calls = split_calls(prompt.split("[/INST]")[1], "mistral")
+        assert content is None and [json.loads(c.arguments) for c in calls] == args
+
+
+def test_a_forced_call_under_a_mistral_template_is_the_marker_and_a_list(tok):
+    """tool_choice "required" under a Mistral template: whatever the logits, [TOOL_CALLS] and a list of calls that fit
+    their functions (one with parallel_tool_calls false)."""
+    from lit_aligner.tools import parse_tools, split_calls
+
+    for parallel in (False, True):
+        fmt = parse_tools([WEATHER, CODE], "required", parallel).output_format("mistral")
+        for seed in range(6):
+            text, ended = decode_under(fmt, tok, seed, tok.vocab_size, steps=400)
+            content, calls = split_calls(text, "mistral")
+            assert ended and content is None and calls and all(fits(c) for c in calls), text
+            assert text.startswith('[TOOL_CALLS] [{"name": "') and (len(calls) == 1 or parallel), text

@@ -700,21 +700,30 @@ OWN_FORMATS = {  # a chat template (TRL's file, or helpers' Mistral one): how it
                  ['<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": '
                   '"Paris", "unit": "celsius"}}<|eot_id|>',
                   '<|start_header_id|>ipython<|end_header_id|>\n\n"21 degrees, sunny"']),
-    "qwen3_6": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n"
-                "celsius\n</parameter>\n</function>\n</tool_call>",
-                ["<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-                 "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call><|im_end|>",
-                 "<|im_start|>user\n<tool_response>\n21 degrees, sunny"]),
     "mistral": ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
                 ['[/INST][TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, '
                  '"id": "{id}"}]', '[TOOL_RESULTS] {"content": "21 degrees, sunny", "call_id": "{id}"}']),
-}  # (GLM-4.5's markup takes the same path as Qwen's: test_structured.py reads and forces it)
+}  # (the markup formats take the same path: test_structured.py and test_generate.py read and force them)
+
+
+def test_a_forced_function_that_a_markup_format_cannot_write_is_a_400_naming_tools(smollm2_dir):
+    """Under a template in Qwen3-Coder's markup (one element per argument), forcing a function whose parameters are an
+    anyOf at the top is a 400 on `tools`, before any model work."""
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.serving.app import AlignerServer, APIError, ChatBody
+
+    server = AlignerServer(None, None, load_tokenizer(smollm2_dir), "base")
+    either = {"type": "function", "function": {"name": "f", "parameters": {"anyOf": [{"type": "object"}]}}}
+    body = ChatBody(model="base", messages=[{"role": "user", "content": "hi"}], tools=[either], tool_choice="required")
+    with pytest.raises(APIError, match="object schema") as e:
+        server.grammar(body, body.tool_spec(), "qwen3_coder")
+    assert e.value.status == 400 and e.value.param == "tools"
 
 
 @pytest.mark.parametrize("template", OWN_FORMATS)
 def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm2_dir, tmp_path, template):
-    """A base whose chat template is Llama 3.1's, Qwen3.6's or in Mistral's format (swapped into a copy of SmolLM2's
-    tokenizer config): under "auto" a call written in that template's format (forced here by a regex, as its model
+    """A base whose chat template is Llama 3.1's or in Mistral's format (swapped into a copy of SmolLM2's tokenizer
+    config): under "auto" a call written in that template's format (forced here by a regex, as its model
     writes it) comes back as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call
     would not read back here); the next turn renders the call as the template writes it, and its result (Mistral's
     with the 9-letter id its template wants, from the server's)."""
@@ -755,11 +764,6 @@ def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
         prompt = next_turn(server, q, message.tool_calls[0], "21 degrees, sunny")[2]
-        if template == "qwen3_6":  # a function whose arguments the markup cannot write, forced: a 400
-            either = {"type": "function", "function": {"name": "f", "parameters": {"anyOf": [{"type": "object"}]}}}
-            with pytest.raises(openai.BadRequestError, match="object schema") as e:
-                client.chat.completions.create(model=base, messages=q, tools=[either], tool_choice="required")
-            assert e.value.body["param"] == "tools"
     for text in rendered:
         assert text.replace("{id}", message.tool_calls[0].id[-9:]) in prompt, prompt
 

@@ -306,18 +306,20 @@ def test_llama3_calls_are_the_whole_answer_streamed_or_not():
     assert json.loads(split_calls(LLAMA_ANSWERS[1][0], "llama3")[1][1].arguments) == {"n": 8}
 
 
-def test_a_forced_call_under_llama3s_template_is_written_as_the_template_writes_calls(tok):
-    """tool_choice "required" under a Llama 3 template: whatever the logits, the answer is a call in Llama's format
-    (the JSON with "parameters", no tags), which reads back as a call that fits its function."""
+@pytest.mark.parametrize("style,start", [("llama3", '{"name": "'), ("mistral", '[TOOL_CALLS] [{"name": "')])
+def test_a_forced_call_is_written_as_the_template_writes_calls(tok, style, start):
+    """tool_choice "required" under a Llama 3 template (the JSON with "parameters", no tags) or a Mistral one
+    ([TOOL_CALLS] and a list): whatever the logits, the answer is calls in that format that fit their functions (one
+    with parallel_tool_calls false)."""
     from lit_aligner.tools import parse_tools, split_calls
 
     for parallel in (False, True):
-        fmt = parse_tools([WEATHER, CODE], "required", parallel).output_format("llama3")
+        fmt = parse_tools([WEATHER, CODE], "required", parallel).output_format(style)
         for seed in range(6):
             text, ended = decode_under(fmt, tok, seed, tok.vocab_size, steps=400)
-            content, calls = split_calls(text, "llama3")
+            content, calls = split_calls(text, style)
             assert ended and content is None and calls and all(fits(c) for c in calls), text
-            assert text.startswith('{"name": "') and "<tool_call>" not in text
+            assert text.startswith(start) and "<tool_call>" not in text
             assert len(calls) == 1 or parallel, text
 
 
@@ -520,17 +522,3 @@ def test_mistral_templates_get_nine_letter_ids_and_their_calls_read_back(smollm2
             assert f'"id": "{i}"' in prompt and f'{{"content": "{result}", "call_id": "{i}"}}' in prompt
         content, calls = split_calls(prompt.split("[/INST]")[1], "mistral")
         assert content is None and [json.loads(c.arguments) for c in calls] == args
-
-
-def test_a_forced_call_under_a_mistral_template_is_the_marker_and_a_list(tok):
-    """tool_choice "required" under a Mistral template: whatever the logits, [TOOL_CALLS] and a list of calls that fit
-    their functions (one with parallel_tool_calls false)."""
-    from lit_aligner.tools import parse_tools, split_calls
-
-    for parallel in (False, True):
-        fmt = parse_tools([WEATHER, CODE], "required", parallel).output_format("mistral")
-        for seed in range(6):
-            text, ended = decode_under(fmt, tok, seed, tok.vocab_size, steps=400)
-            content, calls = split_calls(text, "mistral")
-            assert ended and content is None and calls and all(fits(c) for c in calls), text
-            assert text.startswith('[TOOL_CALLS] [{"name": "') and (len(calls) == 1 or parallel), text

@@ -706,6 +706,27 @@ OWN_FORMATS = {  # a chat template (TRL's file, or helpers' Mistral one): how it
 }  # (the markup formats take the same path: test_structured.py and test_generate.py read and force them)
 
 
+def test_chat_template_kwargs_reach_the_chat_template(smollm2_dir):
+    """vLLM's chat_template_kwargs: Qwen3's `enable_thinking: false` closes the thinking block in the prompt; a named
+    template (an Aligner trained on alpaca) has no variables to take, and the request's own fields are not theirs."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.serving.app import AlignerServer, APIError, ChatBody
+    from lit_aligner.tools import tool_prompt
+
+    tok = load_tokenizer(smollm2_dir)
+    tok.chat_template = (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text()
+    server, q = AlignerServer(None, None, tok, "base"), [{"role": "user", "content": "hi"}]
+    assert server.chat_prompt(None, q, None, {"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
+    assert server.chat_prompt(None, q).endswith("<|im_start|>assistant\n")
+    assert tool_prompt("alpaca", tok, q, None, {"enable_thinking": False}) == tool_prompt("alpaca", tok, q, None)
+    with pytest.raises(APIError, match="cannot set messages, tools") as e:
+        ChatBody(model="base", messages=q, chat_template_kwargs={"tools": [], "messages": [], "x": 1}).check()
+    assert e.value.param == "chat_template_kwargs"
+
+
 def test_a_forced_function_that_a_markup_format_cannot_write_is_a_400_naming_tools(smollm2_dir):
     """Under a template in Qwen3-Coder's markup (one element per argument), forcing a function whose parameters are an
     anyOf at the top is a 400 on `tools`, before any model work."""
@@ -726,7 +747,8 @@ def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm
     config): under "auto" a call written in that template's format (forced here by a regex, as its model
     writes it) comes back as tool_calls, streamed or not; "required" holds the answer to that format (a Hermes call
     would not read back here); the next turn renders the call as the template writes it, and its result (Mistral's
-    with the 9-letter id its template wants, from the server's)."""
+    with the 9-letter id its template wants, from the server's). Llama 3.1's template also takes a `date_string` from
+    chat_template_kwargs, in the chat endpoint and /tokenize alike."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
@@ -764,6 +786,21 @@ def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         assert r.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
         prompt = next_turn(server, q, message.tool_calls[0], "21 degrees, sunny")[2]
+        if template == "llama3_1":  # chat_template_kwargs reach the template (Llama 3.1's date), in both endpoints
+            kwargs = {"date_string": "1 January 2030, a Tuesday"}
+            status, tokens = http(server.url + "/tokenize", json.dumps(
+                {"messages": q, "chat_template_kwargs": kwargs}).encode(), {"Content-Type": "application/json"})
+            shown = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
+                         {"Content-Type": "application/json"})[1]["prompt"]
+            assert status == 200 and "Today Date: 1 January 2030, a Tuesday\n" in shown
+            r = client.chat.completions.create(model=base, messages=q, max_tokens=1,
+                                               extra_body={"chat_template_kwargs": kwargs})
+            plain = client.chat.completions.create(model=base, messages=q, max_tokens=1)
+            assert r.usage.prompt_tokens == tokens["count"] != plain.usage.prompt_tokens
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=base, messages=q, max_tokens=1,
+                                               extra_body={"chat_template_kwargs": {"messages": []}})
+            assert e.value.body["param"] == "chat_template_kwargs"
     for text in rendered:
         assert text.replace("{id}", message.tool_calls[0].id[-9:]) in prompt, prompt
 

@@ -195,6 +195,11 @@ class ChatBody(_Body):
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Union[str, Dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None  # vLLM's: more variables for the chat template
+
+    def check(self) -> None:
+        super().check()
+        check_template_kwargs(self.chat_template_kwargs)
 
     def top_logprobs_k(self) -> Optional[int]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -206,6 +211,15 @@ class ChatBody(_Body):
             return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
+
+
+def check_template_kwargs(kwargs: Optional[Dict[str, Any]]) -> None:
+    """`chat_template_kwargs` may add variables (Qwen3's `enable_thinking`, Llama 3.1's `date_string`), not replace
+    the conversation or the tools the request gives."""
+    taken = sorted(set(kwargs or {}) & {"messages", "tools", "add_generation_prompt"})
+    if taken:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do",
+                       param="chat_template_kwargs")
 
 
 class CompletionBody(_Body):
@@ -243,6 +257,7 @@ class TokenizeBody(BaseModel):
     prompt: Optional[str] = None
     messages: Optional[List[Message]] = None
     tools: Optional[List[Dict[str, Any]]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
     add_special_tokens: bool = True
 
 
@@ -275,11 +290,12 @@ class AlignerServer:
             conversation_template(self.tokenizer)
 
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
-                    tools: Optional[Tools] = None) -> str:
+                    tools: Optional[Tools] = None, template_kwargs: Optional[Dict[str, Any]] = None) -> str:
         """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
-        template, else as plain text; tools and tool turns as `lit_aligner.tools` says."""
+        template (with the request's `chat_template_kwargs`), else as plain text; tools and tool turns as
+        `lit_aligner.tools` says."""
         try:
-            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools)
+            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools, template_kwargs)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
 
@@ -418,8 +434,10 @@ class AlignerServer:
         """What each prompt asks the model: the chat rendered with the Aligner's template, the completions' texts or
         ids as given, or for a correction Aligner the Q-A-C prompt (after the bare base has answered the question
         when the request gives no `answer`). Returns (prompts, the base's answer or None, the base's usage)."""
+        kwargs = getattr(body, "chat_template_kwargs", None)
         if aligner is None or not is_correction(aligner.metadata):
-            return ([self.chat_prompt(aligner, messages, tools)] if messages is not None else prompts), None, (0, 0)
+            return ([self.chat_prompt(aligner, messages, tools, kwargs)] if messages is not None else prompts), None, \
+                (0, 0)
         if tools is not None or has_tool_turns(messages or []):
             raise APIError(400, f"'{aligner.name}' is a correction Aligner: it rewrites an answer and calls no tools",
                            param="tools")
@@ -433,7 +451,8 @@ class AlignerServer:
                                                                                              skip_special=True)
         answer, upstream, usage = body.answer, None, (0, 0)
         if answer is None:
-            base_request = self.make_request(body, self.encode(self.chat_prompt(None, messages) if messages is not None
+            base_request = self.make_request(body, self.encode(self.chat_prompt(None, messages, None, kwargs)
+                                                               if messages is not None
                                                                else question), None, default_max)
             base_request.logprobs = base_request.prompt_logprobs = None  # the log-probabilities are the correction's
             base_request.max_tokens = max(base_request.max_tokens, 1)
@@ -694,10 +713,11 @@ class AlignerServer:
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
             if body.messages is not None:
+                check_template_kwargs(body.chat_template_kwargs)
                 try:
                     tools = parse_tools(body.tools)
                     ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages],
-                                                                         tools))
+                                                                         tools, body.chat_template_kwargs))
                 except ToolError as e:
                     raise APIError(400, str(e), param=e.param) from None
                 except ValueError as e:

@@ -19,7 +19,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, List, Literal, Optional
+from typing import Any, Dict, Iterator, List, Literal, Optional
 
 import tyro
 
@@ -33,6 +33,7 @@ from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.tokenizer import check_template_variables
 from lit_aligner.tools import ToolError, Tools, parse_tools
 
 
@@ -70,6 +71,17 @@ def read_tools(path: Optional[Path], choice: str, parallel: bool) -> Optional[To
         raise UserError(f"--tool-choice {choice}: {e}" if e.param == "tool_choice" else f"{path}: {e}") from None
 
 
+def read_template_variables(text: Optional[str]) -> Dict[str, Any]:
+    """--chat-template-kwargs JSON as template variables (`tokenizer.check_template_variables`)."""
+    if text is None:
+        return {}
+    try:
+        return check_template_variables(json.loads(text), "--chat-template-kwargs")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--chat-template-kwargs is not valid JSON ({e.msg}); give an object, e.g. "
+                        f"'{{\"enable_thinking\": false}}'") from None
+
+
 def main(
     aligner: tyro.conf.UseAppendAction[List[Path]] = [],
     no_aligner: tyro.conf.FlagCreatePairsOff[bool] = False,
@@ -88,6 +100,7 @@ def main(
     interactive: tyro.conf.FlagCreatePairsOff[bool] = False,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     template: Optional[str] = None,
+    chat_template_kwargs: Optional[str] = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
     decoding: tyro.conf.OmitArgPrefixes[DecodingArgs] = DecodingArgs(),
@@ -111,8 +124,8 @@ def main(
             with it, and the corrector sees it as context of the question.
         tools: a JSON file of functions every prompt's answer may call: OpenAI's `tools` list ({"type": "function",
             "function": {"name", "description", "parameters"}}), or an object holding it as "tools". A prompts-file
-            row's own "tools" win for that row. They are rendered as the server renders them (Hermes' <tool_call>
-            format); the calls in each answer are printed and written with --out (howto/generate.md).
+            row's own "tools" win for that row. They are rendered as the server renders them (each template's own
+            call format); the calls in each answer are printed and written with --out (howto/generate.md).
         tool_choice: with --tools: auto (the model decides), none (no calls), required (one call or more, held to the
             format and each function's parameters by a grammar) or a function's name (exactly one call of it).
         no_parallel_tool_calls: with --tool-choice required, one call per answer (else one or more).
@@ -133,6 +146,8 @@ def main(
         template: prompt template for every Aligner and the base (alpaca, beaver, hh, chat, plain, correction);
             default: each Aligner's own (from its metadata), for the base the one the Aligners share, else the
             tokenizer's chat template.
+        chat_template_kwargs: a JSON object of more variables for the chat template (vLLM's chat_template_kwargs),
+            e.g. '{"enable_thinking": false}' for Qwen3; named templates take none.
         batch_size: most requests (prompt x Aligner) decoded together.
         max_new_tokens: most tokens per answer; answers stop earlier at the tokenizer's end-of-turn/EOS tokens.
         decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.
@@ -181,6 +196,7 @@ def main(
                          "(correction Aligners: --question/--answer, --qa-file or --pipeline --prompt)")
     if template is not None:
         get_template(template)  # an unknown name fails here, before the model is loaded
+    variables = read_template_variables(chat_template_kwargs)
     fmt = decoding.check()
     if functions is not None and functions.forced and fmt is not None:
         raise ValueError(f"--tool-choice {tool_choice} holds every answer to tool calls: drop the structured-output "
@@ -191,6 +207,7 @@ def main(
         check_output(out, input_files(*aligner, prompts_file, qa_file, tools, checkpoint_dir), force)
 
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
+    tokenizer.template_variables = variables
     entries = load_aligner_entries(aligner, model)
     check_modes(entries, correcting)
     if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself

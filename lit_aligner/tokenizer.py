@@ -137,6 +137,8 @@ class Tokenizer:
             raise TokenizerError(f"{self.chat_template_file}: `chat_template` must be a string (a Jinja template), "
                                  f"got {type(template).__name__}; fix or remove it.")
         self.chat_template: Optional[str] = template or None
+        # more variables for every rendering of the chat template (a CLI's --chat-template-kwargs), under a call's own
+        self.template_variables: Dict[str, Any] = {}
 
     # --- SentencePiece backend -------------------------------------------------------------------------------------
 
@@ -267,7 +269,8 @@ class Tokenizer:
 
         special = {name: self.id_to_token(i) if i is not None else "" for name, i in
                    (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
-        variables = {**special, **kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt}
+        variables = {**special, **self.template_variables, **kwargs, "messages": messages,
+                     "add_generation_prompt": add_generation_prompt}
         where = self.chat_template_file
         try:
             template = _compile_chat_template(self.chat_template)
@@ -290,6 +293,19 @@ class Tokenizer:
         except (TypeError, AttributeError, ValueError, KeyError, IndexError) as e:  # errors of the template's own code
             raise TokenizerError(f"{where}: the chat template failed ({type(e).__name__}: {e}); fix `chat_template` "
                                  f"there, or pick a named --template.") from None
+
+
+def check_template_variables(variables: Any, what: str = "chat_template_kwargs") -> Dict[str, Any]:
+    """More variables for a chat template (vLLM's `chat_template_kwargs`: Qwen3's `enable_thinking`, Llama 3.1's
+    `date_string`) as a dict; ValueError naming `what` when they are not an object of names, or would replace the
+    conversation, its tools or the generation prompt, which the caller gives."""
+    if not isinstance(variables, dict) or not all(isinstance(k, str) for k in variables):
+        raise ValueError(f"{what} must be a JSON object of template variables, e.g. {{\"enable_thinking\": false}}")
+    taken = sorted(set(variables) & {"messages", "tools", "add_generation_prompt"})
+    if taken:
+        raise ValueError(f"{what} cannot set {', '.join(taken)}: they are the prompt's own (the conversation, its "
+                         f"tools, the generation prompt)")
+    return variables
 
 
 class _RaisedByTemplate(Exception):

@@ -32,6 +32,17 @@ MISTRAL_TOOLS = (
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
+def templated_checkpoint(source: Path, dest: Path, chat_template: str) -> Path:
+    """A checkpoint directory that is `source` (its files linked) with another chat template in its tokenizer config."""
+    dest.mkdir()
+    for f in source.iterdir():
+        if f.name != "tokenizer_config.json":
+            (dest / f.name).symlink_to(f.resolve())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (dest / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": chat_template}))
+    return dest
+
+
 def bpe_tokenizer_dir(d: Path, corpus: Iterable[str], vocab_size: int, eos: str = "</s>", add_bos: bool = True,
                       extra_config: Optional[Dict] = None) -> Path:
     """Train a byte-level BPE (Hugging Face `tokenizers`) on `corpus` into d/tokenizer.json, with SPECIALS as special

@@ -446,6 +446,38 @@ def test_cli_stop_strings_cut_the_answer_and_end_decoding(request, tmp_path):
     assert got == [f[:f.index("\n")] if "\n" in f else f for f in free]
 
 
+def test_cli_chat_template_kwargs_reach_the_chat_template(request, tmp_path):
+    """--chat-template-kwargs '{"enable_thinking": false}' under Qwen3's template (TRL's, on a copy of SmolLM2): the
+    answer is the base's on the prompt with the thinking block closed, not the one without the flag; malformed or
+    reserved variables are one error line before the model loads."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    from lit_aligner.base import load_base
+    from lit_aligner.prompts import encode_prompt
+
+    ckpt = helpers.templated_checkpoint(smollm2(request), tmp_path / "qwen3-templated",
+                                        (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text())
+    model, tok = load_base(ckpt, "cpu", "float32")
+    q = [{"role": "user", "content": "Name a colour."}]
+
+    def answer(**variables):
+        ids = encode_prompt(tok, tok.apply_chat_template(q, **variables))
+        return tok.decode(generate(model, [ids], 12, stop_ids=tok.stop_ids)[0]).strip()
+
+    closed, plain = answer(enable_thinking=False), answer()
+    assert closed != plain
+    base = ["generate/aligner.py", "--checkpoint-dir", ckpt, "--no-aligner", "--prompt", q[0]["content"],
+            "--max-new-tokens", "12"]
+    r = run_script(*base, "--chat-template-kwargs", '{"enable_thinking": false}')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("--- base ---\n", 1)[1].strip() == closed
+    for value, message in [("{nope", "is not valid JSON"), ('["x"]', "must be a JSON object"),
+                           ('{"tools": []}', "cannot set tools")]:
+        bad = run_script(*base, "--chat-template-kwargs", value)
+        assert bad.returncode == 1 and bad.stderr.startswith("error: --chat-template-kwargs") and message in bad.stderr
+
+
 def test_cli_system_message_reaches_the_chat_template(request, tmp_path):
     """--system (and a prompts file's own "system", which wins): the answers are those of the base on the prompt
     rendered with that system turn, not the template's default one; correction mode refuses it."""

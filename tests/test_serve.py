@@ -752,18 +752,11 @@ def test_a_template_with_its_own_call_format_reads_and_forces_calls_in_it(smollm
     trl = pytest.importorskip("trl")
     from importlib import resources
 
-    from helpers import MISTRAL_TOOLS
+    from helpers import MISTRAL_TOOLS, templated_checkpoint
     from lit_aligner.base import load_config
 
-    ckpt = tmp_path / "templated"
-    ckpt.mkdir()
-    for f in smollm2_dir.iterdir():
-        if f.name != "tokenizer_config.json":
-            (ckpt / f.name).symlink_to(f.resolve())
-    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    config["chat_template"] = MISTRAL_TOOLS if template == "mistral" else \
-        (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text()
-    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    ckpt = templated_checkpoint(smollm2_dir, tmp_path / "templated", MISTRAL_TOOLS if template == "mistral" else
+                                (resources.files(trl) / "chat_templates" / f"{template}.jinja").read_text())
     base, q = load_config(ckpt).name, [{"role": "user", "content": "What is the weather like in Paris today?"}]
     written, rendered = OWN_FORMATS[template]
     force = {"structured_outputs": {"regex": re.escape(written)}}

@@ -43,6 +43,7 @@ from lit_aligner.prompts import (conversation_question, conversation_template, c
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
+from lit_aligner.tokenizer import check_template_variables
 from lit_aligner.tools import CallStream, ToolError, Tools, call_style, parse_tools, split_calls, tool_prompt
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
@@ -214,12 +215,11 @@ class ChatBody(_Body):
 
 
 def check_template_kwargs(kwargs: Optional[Dict[str, Any]]) -> None:
-    """`chat_template_kwargs` may add variables (Qwen3's `enable_thinking`, Llama 3.1's `date_string`), not replace
-    the conversation or the tools the request gives."""
-    taken = sorted(set(kwargs or {}) & {"messages", "tools", "add_generation_prompt"})
-    if taken:
-        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do",
-                       param="chat_template_kwargs")
+    """A request's `chat_template_kwargs` (`tokenizer.check_template_variables`), else a 400 naming them."""
+    try:
+        check_template_variables(kwargs or {})
+    except ValueError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
 
 
 class CompletionBody(_Body):

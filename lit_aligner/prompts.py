@@ -266,6 +266,27 @@ TEMPLATES: Dict[str, PromptTemplate] = {
 }
 
 
+def continue_final_message(template: PromptTemplate, messages: Sequence[Message], tokenizer: Any = None,
+                           **variables: Any) -> str:
+    """The prompt that continues the conversation's last message, an assistant's words (vLLM's and transformers'
+    `continue_final_message`, a prefill): under a chat template, the whole conversation rendered without a generation
+    prompt and cut after those words (stripped, as transformers cuts them); under a named template, the prompt of the
+    turns before + the template's response lead + the words, as its training text begins. ValueError otherwise."""
+    final = messages[-1] if messages else {}
+    if final.get("role") != "assistant" or final.get("tool_calls") or not final.get("content", "").strip():
+        raise ValueError("continue_final_message continues the last message, which must be an assistant's words (no "
+                         "tool calls)")
+    start = final["content"].strip()
+    if not isinstance(template, ChatTemplate):
+        return template.render_messages(messages[:-1], tokenizer) + template.response_lead + start
+    template._need(tokenizer)
+    full = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False, **variables)
+    if start not in full:
+        raise ValueError("the chat template does not write the last assistant message as given, so it cannot be "
+                         "continued")
+    return full[:full.rindex(start) + len(start)]
+
+
 def default_template(tokenizer) -> str:
     """The template raw data is rendered with when none is given (training, preparing): the tokenizer's chat template
     when it has one, else Alpaca's."""

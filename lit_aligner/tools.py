@@ -335,17 +335,23 @@ def _mistral_ids(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
-               answers: Sequence[Dict[str, Any]] = (), template_kwargs: Optional[Dict[str, Any]] = None
-               ) -> Tuple[str, List[str]]:
+               answers: Sequence[Dict[str, Any]] = (), template_kwargs: Optional[Dict[str, Any]] = None,
+               continue_final: bool = False) -> Tuple[str, List[str]]:
     """The prompt text of a conversation with tools or tool turns under a prompt template (`prompts.PromptTemplate`),
     and the training text of each of `answers` (assistant messages, with their `tool_calls`) after it: what the server
     renders and what training learns from. `template_kwargs`: more variables for a chat template (vLLM's
-    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); a named template has none to take."""
+    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`); a named template has none to take. `continue_final`:
+    the prompt continues the last message, an assistant's words (`prompts.continue_final_message`)."""
+    from lit_aligner.prompts import continue_final_message
+
     style = call_style(template.name, tokenizer)
     turns, variables = tool_messages(messages, tools, style)
     if template.name == "chat":
         variables = {**(template_kwargs or {}), **variables}
-    prompt = template.render_messages(turns, tokenizer, **variables)
+    if continue_final:
+        prompt = continue_final_message(template, turns, tokenizer, **variables)
+    else:
+        prompt = template.render_messages(turns, tokenizer, **variables)
     completions = []
     for answer in answers:
         (turn,), _ = tool_messages([answer], None, style)
@@ -355,18 +361,18 @@ def tool_texts(template, tokenizer, messages: Sequence[Dict[str, Any]], tools: O
 
 
 def tool_prompt(template_name: str, tokenizer, messages: Sequence[Dict[str, Any]], tools: Optional[Tools],
-                template_kwargs: Optional[Dict[str, Any]] = None) -> str:
+                template_kwargs: Optional[Dict[str, Any]] = None, continue_final: bool = False) -> str:
     """The prompt text of a conversation with tools or tool turns under the named template (the server's chat
-    endpoint, `generate/aligner.py --tools`; `template_kwargs` as `tool_texts` takes them). ToolError when `auto`
-    would leave the model free to write its calls in a format this module does not read (a chat template that renders
-    tools in none of the formats above)."""
+    endpoint, `generate/aligner.py --tools`; `template_kwargs` and `continue_final` as `tool_texts` takes them).
+    ToolError when `auto` would leave the model free to write its calls in a format this module does not read (a chat
+    template that renders tools in none of the formats above)."""
     from lit_aligner.prompts import get_template
 
     if tools is not None and tools.choice == "auto" and call_style(template_name, tokenizer) == "other":
         raise ToolError("this model's chat template writes tool calls in a format that is not read here (Hermes', "
                         "Llama 3's, Mistral's, Qwen3-Coder's and GLM-4.5's are): use tool_choice \"required\" or a "
                         "named function, which hold the answer to Hermes' format", param="tool_choice")
-    return tool_texts(get_template(template_name), tokenizer, messages, tools, (), template_kwargs)[0]
+    return tool_texts(get_template(template_name), tokenizer, messages, tools, (), template_kwargs, continue_final)[0]
 
 
 def _as_object(arguments: Any) -> Any:

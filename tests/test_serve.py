@@ -597,6 +597,36 @@ def weather_call(call) -> dict:
     return args
 
 
+def test_continue_final_message_continues_the_assistants_words(server, client, base_name, smollm2_dir):
+    """vLLM's continue_final_message (a prefill): the prompt ends inside the assistant's turn, after its words (as
+    /tokenize shows with the same flags), and the answer is what the completions endpoint writes after that prompt;
+    a named template (alpaca) continues after its response header; the flags' wrong uses are 400s."""
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.prompts import ALPACA_NO_INPUT
+    from lit_aligner.tools import tool_prompt
+
+    q = [{"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "The capital of France is"}]
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    status, tokens = http(server.url + "/tokenize", json.dumps({"messages": q, **flags}).encode(),
+                          {"Content-Type": "application/json"})
+    shown = http(server.url + "/detokenize", json.dumps({"tokens": tokens["tokens"]}).encode(),
+                 {"Content-Type": "application/json"})[1]["prompt"]
+    assert status == 200 and shown.endswith("<|im_start|>assistant\nThe capital of France is")
+    r = client.chat.completions.create(model=base_name, messages=q, max_tokens=8, temperature=0, extra_body=flags)
+    c = client.completions.create(model=base_name, prompt=tokens["tokens"], max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == c.choices[0].text and r.usage.prompt_tokens == tokens["count"]
+    assert tool_prompt("alpaca", load_tokenizer(smollm2_dir), q, None, continue_final=True) == \
+        ALPACA_NO_INPUT.format(instruction=q[0]["content"]) + q[1]["content"]
+    for extra, param in [({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+                         ({"add_generation_prompt": False}, "add_generation_prompt"),
+                         ({"continue_final_message": True}, "messages")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=base_name, messages=q[:1] if param == "messages" else q,
+                                           max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param, extra
+
+
 def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, base_name):
     """tools / tool_choice with the real client: a named function and "required" give calls whose arguments fit the
     function (greedy on the base, sampled with n=2 on an Aligner, streamed), "none" gives prose; under "auto" the calls

@@ -197,10 +197,13 @@ class ChatBody(_Body):
     tool_choice: Union[str, Dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None  # vLLM's: more variables for the chat template
+    continue_final_message: bool = False  # vLLM's: a prefill, the last (assistant) message is continued
+    add_generation_prompt: Optional[bool] = None  # (set: vLLM's; only false with continue_final_message here)
 
     def check(self) -> None:
         super().check()
         check_template_kwargs(self.chat_template_kwargs)
+        check_continuation(self.continue_final_message, self.add_generation_prompt)
 
     def top_logprobs_k(self) -> Optional[int]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -212,6 +215,17 @@ class ChatBody(_Body):
             return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
+
+
+def check_continuation(continue_final: bool, add_generation_prompt: Optional[bool]) -> None:
+    """vLLM's rules: not both set true; and here `add_generation_prompt: false` only for a continued message (a prompt
+    that ends inside the user's turn is not rendered)."""
+    if continue_final and add_generation_prompt:
+        raise APIError(400, "cannot set both continue_final_message and add_generation_prompt to true",
+                       param="continue_final_message")
+    if add_generation_prompt is False and not continue_final:
+        raise APIError(400, "add_generation_prompt false is supported only with continue_final_message true (which "
+                       "continues the last assistant message)", param="add_generation_prompt")
 
 
 def check_template_kwargs(kwargs: Optional[Dict[str, Any]]) -> None:
@@ -258,6 +272,8 @@ class TokenizeBody(BaseModel):
     messages: Optional[List[Message]] = None
     tools: Optional[List[Dict[str, Any]]] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
+    continue_final_message: bool = False
+    add_generation_prompt: Optional[bool] = None
     add_special_tokens: bool = True
 
 
@@ -290,12 +306,14 @@ class AlignerServer:
             conversation_template(self.tokenizer)
 
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
-                    tools: Optional[Tools] = None, template_kwargs: Optional[Dict[str, Any]] = None) -> str:
+                    tools: Optional[Tools] = None, template_kwargs: Optional[Dict[str, Any]] = None,
+                    continue_final: bool = False) -> str:
         """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
         template (with the request's `chat_template_kwargs`), else as plain text; tools and tool turns as
-        `lit_aligner.tools` says."""
+        `lit_aligner.tools` says; with `continue_final`, up to the last (assistant) message's words."""
         try:
-            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools, template_kwargs)
+            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools, template_kwargs,
+                               continue_final)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
 
@@ -434,10 +452,13 @@ class AlignerServer:
         """What each prompt asks the model: the chat rendered with the Aligner's template, the completions' texts or
         ids as given, or for a correction Aligner the Q-A-C prompt (after the bare base has answered the question
         when the request gives no `answer`). Returns (prompts, the base's answer or None, the base's usage)."""
-        kwargs = getattr(body, "chat_template_kwargs", None)
+        kwargs, continued = getattr(body, "chat_template_kwargs", None), getattr(body, "continue_final_message", False)
         if aligner is None or not is_correction(aligner.metadata):
-            return ([self.chat_prompt(aligner, messages, tools, kwargs)] if messages is not None else prompts), None, \
-                (0, 0)
+            return ([self.chat_prompt(aligner, messages, tools, kwargs, continued)] if messages is not None
+                    else prompts), None, (0, 0)
+        if continued:
+            raise APIError(400, f"'{aligner.name}' is a correction Aligner: it writes its own corrected answer, which "
+                           f"continues no message", param="continue_final_message")
         if tools is not None or has_tool_turns(messages or []):
             raise APIError(400, f"'{aligner.name}' is a correction Aligner: it rewrites an answer and calls no tools",
                            param="tools")
@@ -714,10 +735,12 @@ class AlignerServer:
                 raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
             if body.messages is not None:
                 check_template_kwargs(body.chat_template_kwargs)
+                check_continuation(body.continue_final_message, body.add_generation_prompt)
                 try:
                     tools = parse_tools(body.tools)
                     ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages],
-                                                                         tools, body.chat_template_kwargs))
+                                                                         tools, body.chat_template_kwargs,
+                                                                         body.continue_final_message))
                 except ToolError as e:
                     raise APIError(400, str(e), param=e.param) from None
                 except ValueError as e:

@@ -597,6 +597,25 @@ def weather_call(call) -> dict:
     return args
 
 
+def test_min_tokens_and_stop_token_ids(client, base_name, tokenizer):
+    """vLLM's min_tokens: the end token is held off until that many tokens (the answer goes on along the same greedy
+    path); stop_token_ids: more tokens that end the answer (not included), also with ignore_eos. Bad values: 400s."""
+    q = "Say hello."  # a greedy answer of a few words, then the end token
+    plain = chat(client, base_name, q, max_tokens=60)
+    n, text = plain.usage.completion_tokens, plain.choices[0].message.content
+    assert plain.choices[0].finish_reason == "stop" and n < 50 and "," in text
+    longer = chat(client, base_name, q, max_tokens=60, extra_body={"min_tokens": n + 8})
+    assert longer.usage.completion_tokens >= n + 8 and longer.choices[0].message.content.startswith(text)
+    cut = chat(client, base_name, q, max_tokens=60,
+               extra_body={"stop_token_ids": [tokenizer.token_to_id(",")], "ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == text[:text.index(",")]
+    for extra, param in [({"min_tokens": 61}, "min_tokens"), ({"stop_token_ids": [10 ** 9]}, "stop_token_ids"),
+                         ({"use_beam_search": True}, "use_beam_search")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, base_name, q, max_tokens=60, extra_body=extra)
+        assert e.value.body["param"] == param, extra
+
+
 def test_continue_final_message_continues_the_assistants_words(server, client, base_name, smollm2_dir):
     """vLLM's continue_final_message (a prefill): the prompt ends inside the assistant's turn, after its words (as
     /tokenize shows with the same flags), and the answer is what the completions endpoint writes after that prompt;

@@ -49,7 +49,8 @@ from lit_aligner.tools import CallStream, ToolError, Tools, call_style, parse_to
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
 UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix",  # (chat declares `tools`, completions `echo`:
-               "audio", "web_search_options")                       # the other endpoint gets the 400)
+               "audio", "web_search_options",                       # the other endpoint gets the 400)
+               "use_beam_search", "include_stop_str_in_output", "truncate_prompt_tokens")  # vLLM's, not here
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch
@@ -134,6 +135,8 @@ class _Body(BaseModel):
     stream_options: Optional[StreamOptions] = None
     answer: Optional[str] = None  # correction Aligners: the answer to rewrite (else the base answers first)
     ignore_eos: bool = False  # as vLLM's: keep generating past end tokens (benchmarks: exactly max_tokens tokens)
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no end token or stop string before this many tokens
+    stop_token_ids: Optional[List[int]] = None  # vLLM's: more tokens that end the answer (also with ignore_eos)
     response_format: Optional[Dict[str, Any]] = None  # OpenAI's: text, json_object, json_schema
     structured_outputs: Optional[Dict[str, Any]] = None  # vLLM's extra: json, regex, choice, grammar
 
@@ -347,11 +350,16 @@ class AlignerServer:
                             body.top_p if body.top_p < 1 else None, body.min_p or None)
         k = body.top_logprobs_k()
         max_tokens = min(max_tokens if max_tokens is not None else default_max or room, room)
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
+                           param="min_tokens")
+        stop_ids = (set() if body.ignore_eos else set(self.tokenizer.stop_ids)) | \
+            set(self.check_ids(body.stop_token_ids or [], param="stop_token_ids"))
         # echo scores the prompt when logprobs are asked for, or when there is nothing else to do (max_tokens 0)
         scored = body.echo_prompt() and (k is not None or max_tokens == 0)
         return Request(ids, max_tokens, emit=lambda ev: None, aligner=aligner, sampling=sampling,
                        penalties=body.penalties(), seed=body.seed,
-                       stop=body.stop_strings(), stop_ids=set() if body.ignore_eos else set(self.tokenizer.stop_ids),
+                       stop=body.stop_strings(), stop_ids=stop_ids, min_tokens=body.min_tokens,
                        logprobs=k, prompt_logprobs=(k or 0) if scored else None)
 
     def grammar(self, body: _Body, tools: Optional[Tools], style: str) -> Optional[Grammar]:

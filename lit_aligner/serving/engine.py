@@ -116,6 +116,7 @@ class Request:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     stop_ids: Set[int] = field(default_factory=set)
+    min_tokens: int = 0  # vLLM's: no stop id or stop string ends the answer before this many tokens
     logprobs: Optional[int] = None  # each token's log-probability and the k most likely (None: off)
     grammar: Optional[Grammar] = None  # structured output (`structured.compile_grammar`; None: free text)
     prompt_logprobs: Optional[int] = None  # the same for every prompt token (None: off); max_tokens may then be 0
@@ -482,11 +483,14 @@ class Engine:
         raw ones."""
         rows = rows if rows is not None else self.rows
         logits = raw
-        if any(r.penalty is not None for r in rows):
+        early = [i for i, r in enumerate(rows) if r.generated < r.req.min_tokens and r.req.stop_ids]
+        if early or any(r.penalty is not None for r in rows):
             logits = raw.float().clone()  # raw stays raw (float() of fp32 is no copy)
             for i, r in enumerate(rows):
                 if r.penalty is not None:
                     logits[i] = r.penalty.apply(raw[i:i + 1])[0]
+            for i in early:  # min_tokens: no end token yet
+                logits[i, sorted(rows[i].req.stop_ids)] = float("-inf")
         logits = mask_logits(logits, [r.constraint for r in rows])  # structured outputs: only the grammar's tokens
         out = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
@@ -522,7 +526,7 @@ class Engine:
                 self._finish(r, "stop")
                 continue
             r.text += r.decoder.step(t)
-            cut = find_stop(r.text, req.stop, r.sent - r.hold)
+            cut = find_stop(r.text, req.stop, r.sent - r.hold) if r.generated >= req.min_tokens else None
             grammar_ended = r.constraint is not None and r.constraint.done
             if cut is not None:
                 r.text = r.text[:cut]

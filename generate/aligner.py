@@ -19,7 +19,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional
+from typing import Iterator, List, Literal, Optional
 
 import tyro
 
@@ -33,7 +33,7 @@ from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
-from lit_aligner.tokenizer import check_template_variables
+from lit_aligner.tokenizer import read_template_variables
 from lit_aligner.tools import ToolError, Tools, parse_tools
 
 
@@ -69,17 +69,6 @@ def read_tools(path: Optional[Path], choice: str, parallel: bool) -> Optional[To
         return parse_tools(value, named, parallel, check_schemas=choice not in ("auto", "none"))
     except ToolError as e:
         raise UserError(f"--tool-choice {choice}: {e}" if e.param == "tool_choice" else f"{path}: {e}") from None
-
-
-def read_template_variables(text: Optional[str]) -> Dict[str, Any]:
-    """--chat-template-kwargs JSON as template variables (`tokenizer.check_template_variables`)."""
-    if text is None:
-        return {}
-    try:
-        return check_template_variables(json.loads(text), "--chat-template-kwargs")
-    except json.JSONDecodeError as e:
-        raise UserError(f"--chat-template-kwargs is not valid JSON ({e.msg}); give an object, e.g. "
-                        f"'{{\"enable_thinking\": false}}'") from None
 
 
 def main(

@@ -308,6 +308,17 @@ def check_template_variables(variables: Any, what: str = "chat_template_kwargs")
     return variables
 
 
+def read_template_variables(text: Optional[str], what: str = "--chat-template-kwargs") -> Dict[str, Any]:
+    """A CLI's --chat-template-kwargs JSON as template variables (`check_template_variables`; {} without it)."""
+    if text is None:
+        return {}
+    try:
+        return check_template_variables(json.loads(text), what)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON ({e.msg}); give an object, e.g. '{{\"enable_thinking\": "
+                         f"false}}'") from None
+
+
 class _RaisedByTemplate(Exception):
     """`raise_exception(...)` called by a chat template."""
 

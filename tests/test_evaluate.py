@@ -316,6 +316,21 @@ def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligner
     assert lone.returncode == 1 and "--apply-chat-template" in lone.stderr
 
 
+def test_harness_chat_template_kwargs_reach_the_template(tiny_checkpoint_dir, tasks, tmp_path):
+    """--chat-template-kwargs (here a variable the template prints) reach every request's rendering, as lm_eval logs
+    the contexts; malformed JSON is one error line before the model loads."""
+    pytest.importorskip("lm_eval")
+    d, _, gen = tasks
+    template = "{% if note is defined %}[{{ note }}] {% endif %}" + helpers.CHATML
+    ckpt = helpers.templated_checkpoint(Path(tiny_checkpoint_dir), tmp_path / "noted", template)
+    p = cli("harness", "--checkpoint-dir", ckpt, "--tasks", "tiny_gen", "--include-path", d, "--apply-chat-template",
+            "--chat-template-kwargs", '{"note": "graded"}', "--log-samples")
+    rows = last_json(p)["logged_samples"]["base"]["tiny_gen"]
+    assert len(rows) == len(gen) and all(r["arguments"][0][0].startswith("[graded] <|im_start|>user") for r in rows)
+    bad = cli("harness", "--checkpoint-dir", ckpt, "--tasks", "tiny_gen", "--chat-template-kwargs", "{nope")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --chat-template-kwargs is not valid JSON")
+
+
 def load_aligner_file(path, model):
     from lit_aligner.aligner_files import load_aligner
 

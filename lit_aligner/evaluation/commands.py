@@ -27,6 +27,7 @@ from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError, atomic_write_json, check_output, input_files
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.tokenizer import read_template_variables
 from lit_aligner.training.config import DPOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
@@ -49,6 +50,9 @@ class EvalCommon:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
     quantize: QuantizeFlag = "none"
+    chat_template_kwargs: Optional[str] = None
+    """a JSON object of more variables for the chat template (vLLM's chat_template_kwargs), e.g.
+    '{"enable_thinking": false}' for Qwen3: every prompt it renders gets them."""
 
     def inputs(self) -> List[Any]:
         return [self.checkpoint_dir]
@@ -57,6 +61,7 @@ class EvalCommon:
         """Check --out, run, print the table and the JSON line, write --out."""
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        read_template_variables(self.chat_template_kwargs)  # a malformed one fails here, before any model loads
         if self.out is not None:
             check_output(self.out, input_files(*self.inputs()), self.force)
         t0 = time.perf_counter()
@@ -70,10 +75,13 @@ class EvalCommon:
         print(json.dumps(result, default=str))
         return result
 
-    def load(self):
+    def load(self, checkpoint_dir: Optional[Path] = None):
+        """The base (or another checkpoint, a judge), its tokenizer with --chat-template-kwargs."""
         from lit_aligner.base import load_base
 
-        return load_base(self.checkpoint_dir, self.device, self.dtype, self.quantize)
+        model, tokenizer = load_base(checkpoint_dir or self.checkpoint_dir, self.device, self.dtype, self.quantize)
+        tokenizer.template_variables = read_template_variables(self.chat_template_kwargs)
+        return model, tokenizer
 
     def run(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -518,7 +526,6 @@ class Judge(EvalCommon):
         return out
 
     def run(self) -> Dict[str, Any]:
-        from lit_aligner.base import load_base
         from lit_aligner.evaluation.judge import Judge as LocalJudge, judge_pairs, read_questions
 
         if self.bootstrap < 1:
@@ -530,7 +537,7 @@ class Judge(EvalCommon):
         same = self.judge_dir is None or Path(self.judge_dir).resolve() == Path(self.checkpoint_dir).resolve()
         if not same:
             del model
-            model, tokenizer = load_base(self.judge_dir, self.device, self.dtype, self.quantize)
+            model, tokenizer = self.load(self.judge_dir)
         result = judge_pairs(LocalJudge(model, tokenizer, self.batch_size), questions, answers_a, answers_b,
                              self.bootstrap, self.seed)
         return {"command": "judge", "a": self.a, "b": self.b, "judge": str(self.judge_dir or self.checkpoint_dir),

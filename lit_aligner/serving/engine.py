@@ -483,13 +483,15 @@ class Engine:
         raw ones."""
         rows = rows if rows is not None else self.rows
         logits = raw
-        early = [i for i, r in enumerate(rows) if r.generated < r.req.min_tokens and r.req.stop_ids]
+        # min_tokens holds the end tokens off (not in a structured output, which ends where its grammar does)
+        early = [i for i, r in enumerate(rows) if r.generated < r.req.min_tokens and r.req.stop_ids
+                 and r.constraint is None]
         if early or any(r.penalty is not None for r in rows):
             logits = raw.float().clone()  # raw stays raw (float() of fp32 is no copy)
             for i, r in enumerate(rows):
                 if r.penalty is not None:
                     logits[i] = r.penalty.apply(raw[i:i + 1])[0]
-            for i in early:  # min_tokens: no end token yet
+            for i in early:
                 logits[i, sorted(rows[i].req.stop_ids)] = float("-inf")
         logits = mask_logits(logits, [r.constraint for r in rows])  # structured outputs: only the grammar's tokens
         out = logits.argmax(dim=-1).tolist()

@@ -277,17 +277,21 @@ def test_harness_runs_local_multiple_choice_and_generation_tasks(tiny_checkpoint
     assert len(unknown.stderr.strip().splitlines()) == 1
 
 
-def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligners, tasks):
+def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligners, tasks, tmp_path):
     """--apply-chat-template renders every request with the tokenizer's chat template (a system instruction as its
-    system turn) and --gen-kwargs reach the decoder: the scores, and the logged answers, equal a direct computation on
-    the rendered prompts (and differ from the answers without the penalty)."""
+    system turn; --chat-template-kwargs, here a variable the template prints, reach it) and --gen-kwargs reach the
+    decoder: the scores, and the logged answers, equal a direct computation on the rendered prompts (and differ from
+    the answers without the penalty)."""
     pytest.importorskip("lm_eval")
     from lit_aligner.generation import Penalties
 
     d, mc, gen = tasks
-    p = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_mc", "tiny_gen", "--include-path",
+    noted = helpers.templated_checkpoint(Path(tiny_checkpoint_dir), tmp_path / "noted",
+                                         "{% if note is defined %}[{{ note }}] {% endif %}" + helpers.CHATML)
+    p = cli("harness", "--checkpoint-dir", noted, "--tasks", "tiny_mc", "tiny_gen", "--include-path",
             d, "--apply-chat-template", "--system-instruction", "Be brief.", "--gen-kwargs", "repetition_penalty=1.5",
-            "--aligners", aligners / "steer.safetensors", "--no-base", "--log-samples")
+            "--chat-template-kwargs", '{"note": "graded"}', "--aligners", aligners / "steer.safetensors", "--no-base",
+            "--log-samples")
     res = last_json(p)
     assert res["apply_chat_template"] and res["gen_kwargs"] == "repetition_penalty=1.5"
     assert "trained with the 'plain' template" in p.stderr  # the Aligner's own template is not the chat one
@@ -295,8 +299,9 @@ def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligner
     steer = load_aligner_file(aligners / "steer.safetensors", model)
     assert tok.has_chat_template
 
-    def render(text):
-        return tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}])
+    def render(text):  # (the tiny checkpoint's template is ChatML: the noted one writes the note before it)
+        return "[graded] " + tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                                      {"role": "user", "content": text}])
 
     name = str(aligners / "steer.safetensors")
     got, logged = res["results"][name], res["logged_samples"][name]
@@ -314,20 +319,8 @@ def test_harness_chat_template_and_gen_kwargs(tiny_checkpoint_dir, base, aligner
     lone = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_gen", "--include-path", d,
                "--fewshot-as-multiturn")
     assert lone.returncode == 1 and "--apply-chat-template" in lone.stderr
-
-
-def test_harness_chat_template_kwargs_reach_the_template(tiny_checkpoint_dir, tasks, tmp_path):
-    """--chat-template-kwargs (here a variable the template prints) reach every request's rendering, as lm_eval logs
-    the contexts; malformed JSON is one error line before the model loads."""
-    pytest.importorskip("lm_eval")
-    d, _, gen = tasks
-    template = "{% if note is defined %}[{{ note }}] {% endif %}" + helpers.CHATML
-    ckpt = helpers.templated_checkpoint(Path(tiny_checkpoint_dir), tmp_path / "noted", template)
-    p = cli("harness", "--checkpoint-dir", ckpt, "--tasks", "tiny_gen", "--include-path", d, "--apply-chat-template",
-            "--chat-template-kwargs", '{"note": "graded"}', "--log-samples")
-    rows = last_json(p)["logged_samples"]["base"]["tiny_gen"]
-    assert len(rows) == len(gen) and all(r["arguments"][0][0].startswith("[graded] <|im_start|>user") for r in rows)
-    bad = cli("harness", "--checkpoint-dir", ckpt, "--tasks", "tiny_gen", "--chat-template-kwargs", "{nope")
+    bad = cli("harness", "--checkpoint-dir", tiny_checkpoint_dir, "--tasks", "tiny_gen", "--chat-template-kwargs",
+              "{nope")
     assert bad.returncode == 1 and bad.stderr.startswith("error: --chat-template-kwargs is not valid JSON")
 
 

@@ -349,18 +349,22 @@ def test_every_chat_template_trl_ships_renders_as_transformers_renders_it(smollm
                 {"role": "assistant", "content": "", "tool_calls": [
                     {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
                 {"role": "tool", "content": "sunny"}]
-    compared = set()
-    for path in sorted((resources.files(trl) / "chat_templates").iterdir()):
-        if not path.name.endswith(".jinja"):
-            continue
-        tok.chat_template = ref.chat_template = path.read_text()
-        for gen in (True, False):
-            try:
-                want = ref.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=False)
-            except Exception:  # (transformers refuses it too)
+    compared, own = set(), (tok.chat_template, ref.chat_template)
+    try:
+        for path in sorted((resources.files(trl) / "chat_templates").iterdir()):
+            if not path.name.endswith(".jinja"):
                 continue
-            assert tok.apply_chat_template(messages, add_generation_prompt=gen, tools=tools) == want, (path.name, gen)
-            compared.add(path.name)
+            tok.chat_template = ref.chat_template = path.read_text()
+            for gen in (True, False):
+                try:
+                    want = ref.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=False)
+                except Exception:  # (transformers refuses it too)
+                    continue
+                got = tok.apply_chat_template(messages, add_generation_prompt=gen, tools=tools)
+                assert got == want, (path.name, gen)
+                compared.add(path.name)
+    finally:  # (the tokenizers are the module's)
+        tok.chat_template, ref.chat_template = own
     assert len(compared) > 50 and {"lfm2_2_5.jinja", "qwen3_training.jinja", "llama3_1.jinja"} <= compared
 
 

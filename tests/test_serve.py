@@ -531,8 +531,9 @@ CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength":
 
 
 def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server, client, base_name):
-    """response_format (OpenAI) and structured_outputs (vLLM): every answer parses and fits, greedy or sampled, from
-    the base or an Aligner, streamed or not; the same question unconstrained is prose, so the constraint did it."""
+    """response_format (OpenAI) and structured_outputs (vLLM; also under its older guided_* names): every answer
+    parses and fits, greedy or sampled, from the base or an Aligner, streamed or not; the same question unconstrained
+    is prose, so the constraint did it."""
 
     q = "Name a big city and its population."
     free = chat(client, base_name, q, max_tokens=40).choices[0].message.content
@@ -554,6 +555,9 @@ def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server,
     r = chat(client, base_name, "Is the sky green? Answer yes or no.", max_tokens=5,
              extra_body={"structured_outputs": {"choice": ["Yes, it is", "No"]}})
     assert r.choices[0].message.content in ("Yes, it is", "No")
+    r = client.completions.create(model=base_name, prompt="A product code:", max_tokens=20, temperature=0,
+                                  extra_body={"guided_regex": "[0-9]{3}-[a-z]{2,5}"})  # vLLM's older name
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,5}", r.choices[0].text)
     # bad formats: one 400 naming the field
     for kw, param in [({"response_format": {"type": "xml"}}, "response_format"),
                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
@@ -561,7 +565,11 @@ def test_structured_outputs_hold_answers_to_a_schema_a_regex_and_choices(server,
                       ({"extra_body": {"structured_outputs": {"regex": "[a-"}}}, "structured_outputs"),
                       ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs"),
                       ({"response_format": {"type": "json_object"},
-                        "extra_body": {"structured_outputs": {"regex": "a"}}}, "structured_outputs")]:
+                        "extra_body": {"structured_outputs": {"regex": "a"}}}, "structured_outputs"),
+                      ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+                      ({"extra_body": {"guided_regex": "a", "structured_outputs": {"regex": "a"}}},
+                       "structured_outputs"),
+                      ({"extra_body": {"prompt_logprobs": 2}}, "prompt_logprobs")]:
         with pytest.raises(openai.BadRequestError) as e:
             chat(client, base_name, q, **kw)
         assert e.value.body["param"] == param, kw

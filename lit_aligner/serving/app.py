@@ -50,7 +50,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completio
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400, not a silent ignore.
 UNSUPPORTED = ("tools", "functions", "best_of", "echo", "suffix",  # (chat declares `tools`, completions `echo`:
                "audio", "web_search_options",                       # the other endpoint gets the 400)
-               "use_beam_search", "include_stop_str_in_output", "truncate_prompt_tokens")  # vLLM's, not here
+               "use_beam_search", "include_stop_str_in_output", "truncate_prompt_tokens", "prompt_logprobs")  # vLLM's
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's older names of structured_outputs
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat endpoint
 MAX_N = 16  # choices per request: each is a row of the batch
@@ -140,18 +141,29 @@ class _Body(BaseModel):
     response_format: Optional[Dict[str, Any]] = None  # OpenAI's: text, json_object, json_schema
     structured_outputs: Optional[Dict[str, Any]] = None  # vLLM's extra: json, regex, choice, grammar
 
+    def guided(self) -> Dict[str, Any]:
+        """vLLM's older guided_json / guided_regex / guided_choice / guided_grammar, as structured_outputs' fields."""
+        return {k[len("guided_"):]: v for k, v in (self.model_extra or {}).items() if k in GUIDED and v is not None}
+
     @property
     def format_field(self) -> str:
         """The field that says what the answers must be (what a 400 about it names)."""
-        return "response_format" if self.response_format is not None else "structured_outputs"
+        guided = [f"guided_{k}" for k in self.guided()]
+        return "response_format" if self.response_format is not None else \
+            guided[0] if guided and self.structured_outputs is None else "structured_outputs"
 
     def output_format(self) -> Optional[OutputFormat]:
-        """What the answers must be (None: free text); 400 on a malformed response_format / structured_outputs."""
-        if self.response_format is not None and self.structured_outputs is not None:
+        """What the answers must be (None: free text); 400 on a malformed response_format / structured_outputs (or
+        its older guided_* fields)."""
+        structured, guided = self.structured_outputs, self.guided()
+        if guided and structured is not None:
+            raise APIError(400, "give structured_outputs or the older guided_* fields, not both",
+                           param="structured_outputs")
+        if self.response_format is not None and (structured is not None or guided):
             raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
         try:
             return parse_response_format(self.response_format) if self.response_format is not None else \
-                parse_structured_outputs(self.structured_outputs)
+                parse_structured_outputs(structured if structured is not None else guided or None)
         except StructuredOutputError as e:
             raise APIError(400, str(e), param=self.format_field) from None
 

@@ -460,20 +460,17 @@ def _llama_calls(text: str) -> Optional[List[Call]]:
         at = len(body) - len(rest[1:].lstrip())
 
 
-def _mistral_calls(text: str) -> Optional[Tuple[Optional[str], List[Call]]]:
-    """(content, calls) of a whole answer in Mistral's format (words, then [TOOL_CALLS] and a JSON list of calls, or
-    one call), or None when it has no [TOOL_CALLS] or what follows is not calls."""
-    at = text.find(TOOL_CALLS)
-    if at < 0:
+def _mistral_calls(text: str) -> Optional[List[Call]]:
+    """The calls of the end of an answer in Mistral's format ([TOOL_CALLS], then a JSON list of calls or one call),
+    or None when `text` does not begin with the marker or what follows it is not calls."""
+    if not text.startswith(TOOL_CALLS):
         return None
     try:
-        value, _ = json.JSONDecoder().raw_decode(text[at + len(TOOL_CALLS):].lstrip())
+        value, _ = json.JSONDecoder().raw_decode(text[len(TOOL_CALLS):].lstrip())
     except json.JSONDecodeError:
         return None
     calls = [_call_of(v) for v in (value if isinstance(value, list) else [value])]
-    if not calls or None in calls:
-        return None
-    return text[:at].strip() or None, calls
+    return None if not calls or None in calls else calls
 
 
 def split_calls(text: str, style: str = "hermes", tools: Optional[Tools] = None) -> Tuple[Optional[str], List[Call]]:
@@ -527,8 +524,8 @@ class CallStream:
             end = self.buffer.find(self.end) if self.end else -1
             if end < 0:
                 return out
-            block, self.buffer = self.buffer[:end + len(CLOSE)], self.buffer[end + len(CLOSE):]
-            out.append(self.read(block[len(OPEN):end].strip()) or block)
+            block, self.buffer = self.buffer[:end + len(self.end)], self.buffer[end + len(self.end):]
+            out.append(self.read(block[len(self.open):end].strip()) or block)
 
     def close(self) -> List[Union[str, Call]]:
         """What is left at the end: an unclosed last call (the answer may have ended inside its closing tag), or
@@ -539,8 +536,7 @@ class CallStream:
         if self.llama:
             return list(_llama_calls(rest) or [rest])
         if self.mistral:  # (the text before the marker has gone out already)
-            found = _mistral_calls(rest)
-            return list(found[1]) if found and rest.startswith(TOOL_CALLS) else [rest]
+            return list(_mistral_calls(rest) or [rest])
         call = None
         if rest.startswith(OPEN):
             body = rest[len(OPEN):].rstrip()

@@ -116,6 +116,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ChatRendering(BaseModel):
+    """How a conversation is rendered, as vLLM's chat endpoint and /tokenize take it."""
+
+    chat_template_kwargs: Optional[Dict[str, Any]] = None  # more variables for the chat template
+    continue_final_message: bool = False  # a prefill: the last (assistant) message is continued
+    add_generation_prompt: Optional[bool] = None  # (set: only false with continue_final_message here)
+
+    def check_rendering(self) -> None:
+        """The template variables (`tokenizer.check_template_variables`) and vLLM's rules for the two flags (not
+        both true); `add_generation_prompt: false` only for a continued message (a prompt that ends inside the user's
+        turn is not rendered). 400s naming the field."""
+        try:
+            check_template_variables(self.chat_template_kwargs or {})
+        except ValueError as e:
+            raise APIError(400, str(e), param="chat_template_kwargs") from None
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "cannot set both continue_final_message and add_generation_prompt to true",
+                           param="continue_final_message")
+        if self.add_generation_prompt is False and not self.continue_final_message:
+            raise APIError(400, "add_generation_prompt false is supported only with continue_final_message true "
+                           "(which continues the last assistant message)", param="add_generation_prompt")
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # other OpenAI fields (user, metadata, ...) are accepted and ignored
 
@@ -141,29 +164,29 @@ class _Body(BaseModel):
     response_format: Optional[Dict[str, Any]] = None  # OpenAI's: text, json_object, json_schema
     structured_outputs: Optional[Dict[str, Any]] = None  # vLLM's extra: json, regex, choice, grammar
 
-    def guided(self) -> Dict[str, Any]:
-        """vLLM's older guided_json / guided_regex / guided_choice / guided_grammar, as structured_outputs' fields."""
-        return {k[len("guided_"):]: v for k, v in (self.model_extra or {}).items() if k in GUIDED and v is not None}
+    def structured(self) -> Tuple[Optional[Dict[str, Any]], str]:
+        """vLLM's structured_outputs, or its older guided_json / guided_regex / guided_choice / guided_grammar as its
+        fields, and the field that gave them (None, "structured_outputs" when none did)."""
+        guided = {k[len("guided_"):]: v for k, v in (self.model_extra or {}).items() if k in GUIDED and v is not None}
+        if guided and self.structured_outputs is not None:
+            raise APIError(400, "give structured_outputs or the older guided_* fields, not both",
+                           param="structured_outputs")
+        return (guided, f"guided_{next(iter(guided))}") if guided else (self.structured_outputs, "structured_outputs")
 
     @property
     def format_field(self) -> str:
         """The field that says what the answers must be (what a 400 about it names)."""
-        guided = [f"guided_{k}" for k in self.guided()]
-        return "response_format" if self.response_format is not None else \
-            guided[0] if guided and self.structured_outputs is None else "structured_outputs"
+        return "response_format" if self.response_format is not None else self.structured()[1]
 
     def output_format(self) -> Optional[OutputFormat]:
         """What the answers must be (None: free text); 400 on a malformed response_format / structured_outputs (or
         its older guided_* fields)."""
-        structured, guided = self.structured_outputs, self.guided()
-        if guided and structured is not None:
-            raise APIError(400, "give structured_outputs or the older guided_* fields, not both",
-                           param="structured_outputs")
-        if self.response_format is not None and (structured is not None or guided):
+        structured, _ = self.structured()
+        if self.response_format is not None and structured is not None:
             raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
         try:
             return parse_response_format(self.response_format) if self.response_format is not None else \
-                parse_structured_outputs(structured if structured is not None else guided or None)
+                parse_structured_outputs(structured)
         except StructuredOutputError as e:
             raise APIError(400, str(e), param=self.format_field) from None
 
@@ -203,7 +226,7 @@ class _Body(BaseModel):
         return False
 
 
-class ChatBody(_Body):
+class ChatBody(_Body, ChatRendering):
     messages: List[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
@@ -211,14 +234,10 @@ class ChatBody(_Body):
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Union[str, Dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
-    chat_template_kwargs: Optional[Dict[str, Any]] = None  # vLLM's: more variables for the chat template
-    continue_final_message: bool = False  # vLLM's: a prefill, the last (assistant) message is continued
-    add_generation_prompt: Optional[bool] = None  # (set: vLLM's; only false with continue_final_message here)
 
     def check(self) -> None:
         super().check()
-        check_template_kwargs(self.chat_template_kwargs)
-        check_continuation(self.continue_final_message, self.add_generation_prompt)
+        self.check_rendering()
 
     def top_logprobs_k(self) -> Optional[int]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -230,25 +249,6 @@ class ChatBody(_Body):
             return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None
-
-
-def check_continuation(continue_final: bool, add_generation_prompt: Optional[bool]) -> None:
-    """vLLM's rules: not both set true; and here `add_generation_prompt: false` only for a continued message (a prompt
-    that ends inside the user's turn is not rendered)."""
-    if continue_final and add_generation_prompt:
-        raise APIError(400, "cannot set both continue_final_message and add_generation_prompt to true",
-                       param="continue_final_message")
-    if add_generation_prompt is False and not continue_final:
-        raise APIError(400, "add_generation_prompt false is supported only with continue_final_message true (which "
-                       "continues the last assistant message)", param="add_generation_prompt")
-
-
-def check_template_kwargs(kwargs: Optional[Dict[str, Any]]) -> None:
-    """A request's `chat_template_kwargs` (`tokenizer.check_template_variables`), else a 400 naming them."""
-    try:
-        check_template_variables(kwargs or {})
-    except ValueError as e:
-        raise APIError(400, str(e), param="chat_template_kwargs") from None
 
 
 class CompletionBody(_Body):
@@ -277,7 +277,7 @@ class CompletionBody(_Body):
         return prompts
 
 
-class TokenizeBody(BaseModel):
+class TokenizeBody(ChatRendering):
     """vLLM's /tokenize: a prompt (BOS as the completions endpoint adds it, unless add_special_tokens is false) or
     chat messages (the chat endpoint's rendering, `tools` too)."""
 
@@ -286,9 +286,6 @@ class TokenizeBody(BaseModel):
     prompt: Optional[str] = None
     messages: Optional[List[Message]] = None
     tools: Optional[List[Dict[str, Any]]] = None
-    chat_template_kwargs: Optional[Dict[str, Any]] = None
-    continue_final_message: bool = False
-    add_generation_prompt: Optional[bool] = None
     add_special_tokens: bool = True
 
 
@@ -754,8 +751,7 @@ class AlignerServer:
             if (body.prompt is None) == (body.messages is None):
                 raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
             if body.messages is not None:
-                check_template_kwargs(body.chat_template_kwargs)
-                check_continuation(body.continue_final_message, body.add_generation_prompt)
+                body.check_rendering()
                 try:
                     tools = parse_tools(body.tools)
                     ids = encode_prompt(self.tokenizer, self.chat_prompt(None, [m.as_dict() for m in body.messages],

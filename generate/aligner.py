@@ -33,7 +33,7 @@ from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
-from lit_aligner.tokenizer import read_template_variables
+from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables
 from lit_aligner.tools import ToolError, Tools, parse_tools
 
 
@@ -89,7 +89,7 @@ def main(
     interactive: tyro.conf.FlagCreatePairsOff[bool] = False,
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     template: Optional[str] = None,
-    chat_template_kwargs: Optional[str] = None,
+    chat_template_kwargs: ChatTemplateKwargsFlag = None,
     batch_size: int = 8,
     max_new_tokens: int = 256,
     decoding: tyro.conf.OmitArgPrefixes[DecodingArgs] = DecodingArgs(),
@@ -135,8 +135,6 @@ def main(
         template: prompt template for every Aligner and the base (alpaca, beaver, hh, chat, plain, correction);
             default: each Aligner's own (from its metadata), for the base the one the Aligners share, else the
             tokenizer's chat template.
-        chat_template_kwargs: a JSON object of more variables for the chat template (vLLM's chat_template_kwargs),
-            e.g. '{"enable_thinking": false}' for Qwen3; named templates take none.
         batch_size: most requests (prompt x Aligner) decoded together.
         max_new_tokens: most tokens per answer; answers stop earlier at the tokenizer's end-of-turn/EOS tokens.
         decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.

@@ -27,6 +27,7 @@ import torch
 from lit_aligner.config import Config, name_to_config
 from lit_aligner.files import UserError, atomic_write, torch_load_failure
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, Aligner, AlignerConfig, LLaMA
+from lit_aligner.prompts import saved_variables
 
 PathLike = Union[str, Path]
 FORMAT = "lit-aligner"
@@ -178,6 +179,11 @@ def _open(path: Path):
     if sorted(keys) != ["gate", "prefix"]:
         raise AlignerFileError(f"{path}: expected exactly the tensors ['gate', 'prefix'] in an Aligner file, found "
                                f"{sorted(keys)}. Save or convert the Aligner again.")
+    try:  # read wherever its prompts are rendered: a bad value fails here, once, naming the file
+        saved_variables(meta)
+    except ValueError as e:
+        raise AlignerFileError(f"{path}: its metadata's template_variables are malformed ({e}); the field is the "
+                               f"JSON text of an object of chat-template variables. Save the Aligner again.") from None
     return handle, meta
 
 

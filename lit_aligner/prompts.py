@@ -318,6 +318,19 @@ def is_correction(metadata: Optional[Dict[str, Any]]) -> bool:
     return (metadata or {}).get("mode") in CORRECTION_MODES
 
 
+def saved_variables(metadata: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The chat-template variables an Aligner was trained with (its metadata's `template_variables`, JSON text in a
+    file's header; {} for none): its prompts are rendered with them, under a user's own. ValueError when malformed."""
+    import json
+
+    from lit_aligner.tokenizer import check_template_variables
+
+    value = (metadata or {}).get("template_variables")
+    if not value:
+        return {}
+    return check_template_variables(json.loads(value) if isinstance(value, str) else value, "template_variables")
+
+
 def conversation_question(messages: Sequence[Message]) -> str:
     """The question a corrector rewrites an answer to, for a conversation: its last user message, with the system
     message and the earlier turns as context (`flatten`); a lone user message is itself."""

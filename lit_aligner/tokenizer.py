@@ -10,12 +10,14 @@ GGUF files carry no tokenizer files, only llama.cpp metadata; `export_gguf_token
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Union
+from typing import Annotated, Any, Dict, Iterator, List, Optional, Sequence, Set, Union
 
 import torch
+import tyro
 
 from lit_aligner.files import UserError, read_json_object
 
@@ -317,6 +319,28 @@ def read_template_variables(text: Optional[str], what: str = "--chat-template-kw
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} is not valid JSON ({e.msg}); give an object, e.g. '{{\"enable_thinking\": "
                          f"false}}'") from None
+
+
+# The --chat-template-kwargs flag of every command that renders prompts (one help text, one default)
+ChatTemplateKwargsFlag = Annotated[Optional[str], tyro.conf.arg(help=(
+    "a JSON object of more variables for the tokenizer's chat template (vLLM's chat_template_kwargs), e.g. "
+    "'{\"enable_thinking\": false}' for Qwen3: every prompt the chat template renders gets them. An Aligner trained "
+    "with them keeps them in its metadata, and its prompts are rendered with them everywhere, under a user's own."))]
+
+
+@contextmanager
+def variables_under(tokenizer, defaults: Dict[str, Any]) -> Iterator[None]:
+    """Render with `defaults` (an Aligner's saved template variables) under the tokenizer's own (a user's flag wins)
+    for the duration. For single-threaded callers; a server passes a request's variables to the call instead."""
+    if not defaults:
+        yield
+        return
+    own = tokenizer.template_variables
+    tokenizer.template_variables = {**defaults, **own}
+    try:
+        yield
+    finally:
+        tokenizer.template_variables = own
 
 
 class _RaisedByTemplate(Exception):

@@ -16,7 +16,7 @@ import torch
 
 import helpers
 from lit_aligner import training as T
-from lit_aligner.aligner_files import load_aligner
+from lit_aligner.aligner_files import AlignerFileError, load_aligner, save_aligner
 from lit_aligner.config import Config
 from lit_aligner.data import DataOptions
 from lit_aligner.losses import IGNORE_INDEX
@@ -336,6 +336,76 @@ def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_di
     with pytest.raises(T.TrainError, match="--max-norm must be a positive number"):
         T.TrainConfig(max_norm=0.0).check()
     assert small_run(tiny_checkpoint_dir, tmp_path, max_norm=1.0).identity()["max_norm"] == 1.0
+
+
+def test_chat_template_kwargs_shape_the_rows_trained_on_and_travel_with_the_aligner(tiny_checkpoint_dir, tmp_path):
+    """--chat-template-kwargs '{"enable_thinking": false}' under Qwen3's template (TRL's): the rows are rendered with
+    the thinking block closed in the prompt (without the flag it is part of the answer learned), the Aligner keeps
+    the variables, and its prompts are rendered with them in generate, the server and evaluate (a user's own win);
+    prepared data keeps them too. A named template or a malformed value is refused."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+    from types import SimpleNamespace
+
+    from lit_aligner.base import load_tokenizer
+    from lit_aligner.data import DataError, load_data
+    from lit_aligner.data.prepare import PrepareConfig, run_prepare
+    from lit_aligner.evaluation.commands import Loss
+    from lit_aligner.generation import AlignerEntry, PromptItem
+    from lit_aligner.generation.answers import request_prompt
+    from lit_aligner.serving.app import AlignerServer
+
+    ckpt = helpers.templated_checkpoint(tiny_checkpoint_dir, tmp_path / "qwen3-tiny",
+                                        (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text())
+    closed, rows = "<think>\n\n</think>\n\n", tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {i} and 2."},
+                                                     {"role": "assistant", "content": f"{i + 2}."}]}) + "\n"
+                            for i in range(8)))
+    flag = '{"enable_thinking": false}'
+    cfg = dataclasses.replace(small_run(ckpt, tmp_path / "run", max_steps=1, eval_iters=0), data=rows,
+                              chat_template_kwargs=flag, data_options=DataOptions(val_fraction=0.0))
+    summary = T.train(cfg)
+    assert summary["data"]["template_variables"] == {"enable_thinking": False}
+    meta = load_aligner(summary["aligner"])[1]
+    assert json.loads(meta["template_variables"]) == {"enable_thinking": False}
+
+    tok = load_tokenizer(ckpt)
+    row = [json.loads(rows.read_text().splitlines()[0])]
+    plain = load_data("sft", row, tok, "chat", DataOptions(val_fraction=0.0))[0][0]
+    tok.template_variables = {"enable_thinking": False}
+    trained_on = load_data("sft", row, tok, "chat", DataOptions(val_fraction=0.0))[0][0]
+    assert tok.decode(trained_on["prompt"]).endswith(closed) and not tok.decode(plain["prompt"]).endswith(closed)
+    assert tok.decode(plain["response"]).startswith(closed) and "think" not in tok.decode(trained_on["response"])
+
+    tok.template_variables = {}
+    ask, aligned, base = PromptItem("Add 3 and 2."), AlignerEntry("a", object(), meta), AlignerEntry("base")
+    assert request_prompt(tok, ask, aligned).endswith(closed) and not request_prompt(tok, ask, base).endswith(closed)
+    tok.template_variables = {"enable_thinking": True}  # generate's --chat-template-kwargs: the user's win
+    assert not request_prompt(tok, ask, aligned).endswith(closed)
+    assert tok.template_variables == {"enable_thinking": True}  # restored
+    server, q = AlignerServer(None, None, tok, "base"), [{"role": "user", "content": "Add 3 and 2."}]
+    tok.template_variables = {}
+    assert server.chat_prompt(SimpleNamespace(metadata=meta), q).endswith(closed)
+    assert not server.chat_prompt(SimpleNamespace(metadata=meta), q, None, {"enable_thinking": True}).endswith(closed)
+    assert not server.chat_prompt(None, q).endswith(closed)
+
+    result = Loss(checkpoint_dir=ckpt, data=rows, aligners=[Path(summary["aligner"])], device="cpu").run()
+    by_name = {r["template"]: r for r in result["results"]}
+    assert set(result["data"]) == set(by_name) == {"chat", 'chat {"enable_thinking": false}'}
+    assert by_name['chat {"enable_thinking": false}']["tokens"] < by_name["chat"]["tokens"]  # the closed block moved
+
+    prepared = tmp_path / "prepared"
+    run_prepare(PrepareConfig(data_file=rows, out_dir=prepared, checkpoint_dir=ckpt, chat_template_kwargs=flag))
+    again = T.train(dataclasses.replace(cfg, data=prepared, chat_template_kwargs=None, out_dir=tmp_path / "again"))
+    assert json.loads(load_aligner(again["aligner"])[1]["template_variables"]) == {"enable_thinking": False}
+    with pytest.raises(DataError, match="the 'alpaca' template takes none"):
+        T.train(dataclasses.replace(cfg, template="alpaca", out_dir=tmp_path / "named"))
+    with pytest.raises(T.TrainError, match="--chat-template-kwargs is not valid JSON"):
+        dataclasses.replace(cfg, chat_template_kwargs="{nope").check()
+    aligner, _ = load_aligner(summary["aligner"])
+    save_aligner(aligner, tmp_path / "bad.safetensors", "tiny-chat", {"template_variables": '["x"]'})
+    with pytest.raises(AlignerFileError, match="bad.safetensors: its metadata's template_variables are malformed"):
+        load_aligner(tmp_path / "bad.safetensors")
 
 
 def resume_an_older_state(ckpt, tmp_path, edit, trained: dict, resumed: dict):

@@ -10,6 +10,7 @@ load stops only when more than `max_bad_rows` (a share, default 5%) are bad, whi
 `strict_data` stops at the first bad row.
 """
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,9 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             info["truncated"] += fitted[1]
             out["val" if i in in_val else "train"].append(tuple(fitted[0][name] for name in KIND_FIELDS[kind]))
     info["format"] = fmt
+    variables = getattr(tokenizer, "template_variables", None)
+    if tmpl.name == "chat" and variables:  # saved with the Aligner: its prompts are rendered with them everywhere
+        info["template_variables"] = variables
     if every_turn:
         info.update(turns="all", unpacked=counts["unpacked"], answers_dropped=counts["answers_dropped"])
     if fmt == "pku":
@@ -237,6 +241,9 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     notes = []  # prepared data is used as it was prepared: say where that differs from the flags
     if template is not None and meta.get("template") not in (None, template):
         notes.append(f"{data} was prepared with the {meta.get('template')!r} template; it is used as is")
+    prepared_with = meta.get("template_variables", {})
+    if meta.get("template") == "chat" and prepared_with != (getattr(tokenizer, "template_variables", None) or {}):
+        notes.append(f"{data} was prepared with the chat-template variables {prepared_with}; it is used as is")
     if kind == "sft" and options.turns != meta.get("turns", "last"):
         notes.append(f"{data} was prepared with --turns {meta.get('turns', 'last')}; it is used as is")
     if notes:
@@ -257,14 +264,27 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     return train, val, info
 
 
+def use_template_variables(tokenizer, template: str, variables: Dict[str, Any]) -> None:
+    """Render the rows of a training run or a prepare script with these chat-template variables (its
+    --chat-template-kwargs; tokenizer None: only check them); a named template takes none, so the flag beside one is a
+    mistake."""
+    if variables and template != "chat":
+        raise DataError(f"--chat-template-kwargs sets variables of the tokenizer's chat template; the {template!r} "
+                        f"template takes none: drop the flag, or use --template chat")
+    if tokenizer is not None:
+        tokenizer.template_variables = variables
+
+
 def describe(info: Dict[str, Any]) -> str:
     """One line of the counts in an info dict, for the scripts and logs."""
     keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val", "answers",
             "answers_dropped", "chosen_unsafe"]
     counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
     turns = f", turns {info['turns']}" if "turns" in info else ""
+    variables = f" with {json.dumps(info['template_variables'])}" if info.get("template_variables") else ""
     head = f"{info.get('kind')} data from {info.get('source')} (format {info.get('format')}{turns}, template " \
-           f"{info.get('template')}, max_seq_length {info.get('max_seq_length')}, truncation {info.get('truncation')})"
+           f"{info.get('template')}{variables}, max_seq_length {info.get('max_seq_length')}, truncation " \
+           f"{info.get('truncation')})"
     return f"{head}: {counts}"
 
 

@@ -27,7 +27,8 @@ from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError, atomic_write_json, check_output, input_files
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
 from lit_aligner.quantize import QuantizeFlag
-from lit_aligner.tokenizer import read_template_variables
+from lit_aligner.prompts import saved_variables
+from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
 from lit_aligner.training.config import DPOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
@@ -50,9 +51,7 @@ class EvalCommon:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
     quantize: QuantizeFlag = "none"
-    chat_template_kwargs: Optional[str] = None
-    """a JSON object of more variables for the chat template (vLLM's chat_template_kwargs), e.g.
-    '{"enable_thinking": false}' for Qwen3: every prompt it renders gets them."""
+    chat_template_kwargs: ChatTemplateKwargsFlag = None
 
     def inputs(self) -> List[Any]:
         return [self.checkpoint_dir]
@@ -160,13 +159,28 @@ class DataCommon(EvalCommon):
             counts["answers"] = dataset.answers()
         return dataset, {**counts, "info": storable_info(info)}
 
-    def templates(self, systems, default: str) -> Dict[str, str]:
-        """name -> template: --template, else the Aligner's own; the base: --template, the one the Aligners share,
-        else `default`."""
+    def score(self, systems, kind: str, tokenizer, default: str, metrics) -> Tuple[List[Dict[str, Any]], Dict]:
+        """Each system's `metrics(aligner, dataset)` (a dict) on the rows as it reads them: under its template
+        (--template, else the Aligner's own; the base: --template, the one the Aligners share, else `default`) and,
+        under the chat template, an Aligner's saved variables (under --chat-template-kwargs). Each rendering is built
+        once. Returns (results, the data counts by rendering)."""
         own = {name: (self.template or meta.get("template") or default) for name, a, meta in systems if a is not None}
         shared = set(own.values())
         base = self.template or (shared.pop() if len(shared) == 1 else default)
-        return {name: own.get(name, base) for name, _, _ in systems}
+        renderings = {}
+        for name, _, meta in systems:
+            template = own.get(name, base)
+            saved = saved_variables(meta) if template == "chat" else {}
+            renderings[name] = (template, json.dumps(saved, sort_keys=True) if saved else "")
+        results, data = [], {}
+        for template, variables in dict.fromkeys(renderings.values()):
+            label = f"{template} {variables}".strip()
+            with variables_under(tokenizer, json.loads(variables or "{}")):
+                dataset, data[label] = self.rows(kind, tokenizer, template)
+            for name, aligner, _ in systems:
+                if renderings[name] == (template, variables):
+                    results.append({"name": name, "template": label, **metrics(aligner, dataset)})
+        return results, data
 
 
 # --- loss -------------------------------------------------------------------------------------------------------------
@@ -196,21 +210,16 @@ class Loss(DataCommon):
         if not systems:
             raise UserError("nothing to score: give --aligners, or drop --no-base")
         cls = get_objective(self.mode)
-        templates = self.templates(systems, cls.default_template(tokenizer))
         objective = cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE) if self.mode == "sft" else \
             cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, 0)
-        results, data = [], {}
-        for template in dict.fromkeys(templates.values()):
-            dataset, counts = self.rows(cls.data_kind, tokenizer, template)
-            data[template] = counts
-            for name, aligner, _ in systems:
-                if templates[name] != template:
-                    continue
-                m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
-                                      self.batch_size)
-                results.append({"name": name, "template": template, "loss": m["loss"],
-                                "perplexity": math.exp(min(m["loss"], 700)), "tokens": m[objective.unit],
-                                "rows": len(dataset)})
+
+        def metrics(aligner, dataset):
+            m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                  self.batch_size)
+            return {"loss": m["loss"], "perplexity": math.exp(min(m["loss"], 700)), "tokens": m[objective.unit],
+                    "rows": len(dataset)}
+
+        results, data = self.score(systems, cls.data_kind, tokenizer, cls.default_template(tokenizer), metrics)
         return {"command": "loss", "mode": self.mode, "checkpoint_dir": str(self.checkpoint_dir), "results": results,
                 "data": data}
 
@@ -257,18 +266,14 @@ class Preference(DataCommon):
         model, tokenizer = self.load()
         systems = _aligners(self.aligners, model)
         reference, desc = resolve_reference(self.reference, None, model)
-        templates = self.templates(systems, DPO.default_template(tokenizer))
         objective = DPO(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, reference, self.dpo, desc)
-        results, data = [], {}
-        for template in dict.fromkeys(templates.values()):
-            dataset, counts = self.rows("preference", tokenizer, template)
-            data[template] = counts
-            for name, aligner, _ in systems:
-                if templates[name] == template:
-                    m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
-                                          self.batch_size)
-                    results.append({"name": name, "template": template, "pairs": m["pairs"],
-                                    **{TRL_NAMES[k]: v for k, v in m.items() if k in TRL_NAMES}})
+
+        def metrics(aligner, dataset):
+            m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                  self.batch_size)
+            return {"pairs": m["pairs"], **{TRL_NAMES[k]: v for k, v in m.items() if k in TRL_NAMES}}
+
+        results, data = self.score(systems, "preference", tokenizer, DPO.default_template(tokenizer), metrics)
         return {"command": "preference", "reference": desc, "beta": self.dpo.beta, "loss_type": self.dpo.loss,
                 "results": results, "data": data}
 
@@ -423,6 +428,11 @@ class Harness(EvalCommon):
             if self.apply_chat_template and template not in (None, "chat"):
                 warnings.warn(f"{name} was trained with the {template!r} template; --apply-chat-template formats its "
                               f"requests with the tokenizer's chat template instead")
+            saved = saved_variables(meta)
+            if self.apply_chat_template and {**saved, **tokenizer.template_variables} != tokenizer.template_variables:
+                warnings.warn(f"{name} was trained with the chat-template variables {json.dumps(saved)}; the harness "
+                              f"renders every request with --chat-template-kwargs alone (one rendering for all the "
+                              f"systems): pass them there to evaluate it as it was trained")
         lm = AlignerLM(model, tokenizer, {name: a for name, a, _ in systems}, self.batch_size, self.max_length,
                        self.max_gen_toks)
         options = dict(apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,

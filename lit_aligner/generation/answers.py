@@ -14,7 +14,9 @@ from lit_aligner.generation.engine import GenerationStats, OnToken, cut_at_stop,
 from lit_aligner.generation.structured import compile_grammar
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, conversation_template,
-                                 encode_prompt, has_tool_turns, is_correction, parse_messages, prompt_for_aligner)
+                                 encode_prompt, has_tool_turns, is_correction, parse_messages, prompt_for_aligner,
+                                 saved_variables)
+from lit_aligner.tokenizer import variables_under
 
 if TYPE_CHECKING:  # (lit_aligner.tools reads structured outputs, whose package imports this module)
     from lit_aligner.tools import Call, Tools
@@ -191,9 +193,15 @@ def tool_template(tokenizer, e: AlignerEntry, template: Optional[str] = None,
 
 def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
                    base_template: Optional[str] = None) -> str:
-    """The prompt text of request `p` for entry `e`: an Aligner's as its metadata says (`template` overrides), the bare
-    base's with `base_template` (see `bare_base_template`); with tools or tool turns, as `lit_aligner.tools` renders
-    them (the server's rendering)."""
+    """The prompt text of request `p` for entry `e`: an Aligner's as its metadata says (`template` overrides; its saved
+    chat-template variables under the tokenizer's), the bare base's with `base_template` (see `bare_base_template`);
+    with tools or tool turns, as `lit_aligner.tools` renders them (the server's rendering)."""
+    with variables_under(tokenizer, saved_variables(e.metadata)):
+        return _request_prompt(tokenizer, p, e, template, base_template)
+
+
+def _request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str],
+                    base_template: Optional[str]) -> str:
     if p.with_tools:
         from lit_aligner.tools import tool_prompt
 

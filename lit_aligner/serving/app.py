@@ -39,7 +39,7 @@ from lit_aligner.generation.engine import Penalties, Sampling
 from lit_aligner.generation.structured import (Grammar, OutputFormat, StructuredOutputError, compile_grammar,
                                                parse_response_format, parse_structured_outputs)
 from lit_aligner.prompts import (conversation_question, conversation_template, correction_prompt, encode_prompt,
-                                 has_tool_turns, is_correction)
+                                 has_tool_turns, is_correction, saved_variables)
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
@@ -320,11 +320,13 @@ class AlignerServer:
     def chat_prompt(self, aligner: Optional[ServedAligner], messages: List[Dict[str, Any]],
                     tools: Optional[Tools] = None, template_kwargs: Optional[Dict[str, Any]] = None,
                     continue_final: bool = False) -> str:
-        """The conversation rendered as the Aligner was trained (its saved template), else with the tokenizer's chat
-        template (with the request's `chat_template_kwargs`), else as plain text; tools and tool turns as
-        `lit_aligner.tools` says; with `continue_final`, up to the last (assistant) message's words."""
+        """The conversation rendered as the Aligner was trained (its saved template and chat-template variables), else
+        with the tokenizer's chat template; the request's `chat_template_kwargs` over the saved variables; else as plain
+        text; tools and tool turns as `lit_aligner.tools` says; with `continue_final`, up to the last (assistant)
+        message's words."""
+        variables = {**saved_variables(aligner.metadata if aligner is not None else None), **(template_kwargs or {})}
         try:
-            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools, template_kwargs,
+            return tool_prompt(self.template_name(aligner), self.tokenizer, messages, tools, variables,
                                continue_final)
         except ToolError as e:
             raise APIError(400, str(e), param=e.param) from None

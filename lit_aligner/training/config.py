@@ -12,13 +12,14 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Literal, Optional, Union
 
-from lit_aligner.data.load import DataOptions
+from lit_aligner.data.load import DataOptions, use_template_variables
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 from lit_aligner.quantize import QuantizeFlag, check_mode, import_bitsandbytes
+from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables
 
 
 class TrainError(UserError):
@@ -142,6 +143,7 @@ class RunConfig:
     template: Optional[str] = None
     """prompt template for raw data: alpaca, beaver, hh, chat, plain (default: chat when the tokenizer has a chat
     template, else alpaca; correction for correction data). Stored in the Aligner's metadata."""
+    chat_template_kwargs: ChatTemplateKwargsFlag = None
     out_dir: Optional[Path] = None
     """where the Aligner, metrics.csv and the run state go (default: out/<objective>/<base>)."""
     init_aligner: Optional[Path] = None
@@ -203,6 +205,12 @@ class RunConfig:
         if self.n_tokens < 1 or self.start_layer < 0:
             raise TrainError(f"--n-tokens must be >= 1 and --start-layer >= 0, got {self.n_tokens}, "
                              f"{self.start_layer}")
+        try:
+            variables = read_template_variables(self.chat_template_kwargs)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if self.template is not None:  # a named one is refused here, before a run directory exists
+            use_template_variables(None, self.template, variables)
         if self.prefix_init not in PREFIX_INITS:
             raise TrainError(f"--prefix-init must be one of {', '.join(PREFIX_INITS)}, got {self.prefix_init!r}")
         if not 0 < self.prefix_init_scale < float("inf"):
@@ -240,6 +248,7 @@ class RunConfig:
     def identity(self) -> Dict[str, Any]:
         """What a resumed run must share with the run that wrote its state (flag name -> value)."""
         return {"checkpoint_dir": str(self.checkpoint_dir), "data": str(self.data), "template": self.template,
+                "chat_template_kwargs": read_template_variables(self.chat_template_kwargs),
                 "objective": self.objective_name, "n_tokens": self.n_tokens, "start_layer": self.start_layer,
                 "init_aligner": str(self.init_aligner), "prefix_init": self.prefix_init,
                 "prefix_init_scale": self.prefix_init_scale,

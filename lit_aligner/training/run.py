@@ -185,7 +185,8 @@ def _load(run: Run) -> None:
     """Tokenizer, data, base model, Aligner (init, fresh or resumed) and the objective."""
     from lit_aligner.aligner_files import attach, load_aligner, new_aligner
     from lit_aligner.base import load_model, load_tokenizer
-    from lit_aligner.data import load_data, report, storable_info
+    from lit_aligner.data import load_data, report, storable_info, use_template_variables
+    from lit_aligner.tokenizer import read_template_variables
     from lit_aligner.devices import precision_dtype
     from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
 
@@ -193,6 +194,7 @@ def _load(run: Run) -> None:
     objective_cls = get_objective(cfg.objective_name)
     run.tokenizer = load_tokenizer(cfg.checkpoint_dir, run.base_config)
     template = cfg.template or objective_cls.default_template(run.tokenizer)
+    use_template_variables(run.tokenizer, template, read_template_variables(cfg.chat_template_kwargs))
     options = cfg.data_options
     if cfg.val_data is not None:  # a held-out file: the training file is not split
         options = dataclasses.replace(options, val_fraction=0.0, val_size=None)
@@ -330,7 +332,9 @@ def save_trained_aligner(run: Run, module, result: FitResult) -> Path:
     tensors = aligner_tensors(module, run.model.aligner)
     final = build_aligner(cfg.n_tokens, cfg.start_layer, c.n_layer, c.n_head, c.n_embd, tensors["prefix"],
                           tensors["gate"])
-    metadata = {"template": run.template, "mode": run.objective.name, "n_tokens": cfg.n_tokens,
+    variables = run.info.get("template_variables")  # the data's (a prepared directory's win over the flag)
+    metadata = {"template": run.template, **({"template_variables": variables} if variables else {}),
+                "mode": run.objective.name, "n_tokens": cfg.n_tokens,
                 "start_layer": cfg.start_layer, "created_by": f"lit-aligner {run.objective.name} training",
                 "steps": result.step, "val_loss": result.val.get("loss"), "val": result.val,
                 "training_args": plain(cfg), "data": storable_info(run.info), **run.objective.metadata()}

@@ -784,6 +784,32 @@ def test_chat_template_kwargs_reach_the_chat_template(smollm2_dir):
     assert e.value.param == "chat_template_kwargs"
 
 
+def test_default_chat_template_kwargs_are_under_an_aligners_saved_ones_and_the_requests(smollm2_dir, tmp_path):
+    """serve's --default-chat-template-kwargs (vLLM's flag) reach every rendering; an Aligner's saved variables and a
+    request's chat_template_kwargs win over them; a malformed value is refused before the model loads."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+    from types import SimpleNamespace
+
+    from lit_aligner.files import UserError
+    from lit_aligner.serving import ServeConfig, build_server
+
+    ckpt = helpers.templated_checkpoint(smollm2_dir, tmp_path / "qwen3",
+                                        (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text())
+    server = build_server(ServeConfig(checkpoint_dir=ckpt, aligners_dir=tmp_path, device="cpu", max_batch=1,
+                                      max_seq_length=64, default_chat_template_kwargs='{"enable_thinking": false}'))
+    try:
+        q, closed = [{"role": "user", "content": "hi"}], "<think>\n\n</think>\n\n"
+        thinking = SimpleNamespace(metadata={"template": "chat", "template_variables": '{"enable_thinking": true}'})
+        assert server.chat_prompt(None, q).endswith(closed)
+        assert not server.chat_prompt(None, q, None, {"enable_thinking": True}).endswith(closed)
+        assert not server.chat_prompt(thinking, q).endswith(closed)
+    finally:
+        server.engine.stop()
+    with pytest.raises(UserError, match="--default-chat-template-kwargs is not valid JSON"):
+        ServeConfig(default_chat_template_kwargs="{nope").check()
+
+
 def test_a_forced_function_that_a_markup_format_cannot_write_is_a_400_naming_tools(smollm2_dir):
     """Under a template in Qwen3-Coder's markup (one element per argument), forcing a function whose parameters are an
     anyOf at the top is a 400 on `tools`, before any model work."""

@@ -6,11 +6,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.tokenizer import read_template_variables
 
 API_KEY_ENV = "LIT_ALIGNER_API_KEY"
 
@@ -52,8 +53,19 @@ class ServeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU."""
     quantize: QuantizeFlag = "none"
+    default_chat_template_kwargs: Optional[str] = None
+    """a JSON object of chat-template variables for every request (vLLM's --default-chat-template-kwargs), e.g.
+    '{"enable_thinking": false}' for a Qwen3 base: under an Aligner's saved variables and a request's
+    chat_template_kwargs, which win."""
+
+    def template_variables(self) -> Dict[str, Any]:
+        try:
+            return read_template_variables(self.default_chat_template_kwargs, "--default-chat-template-kwargs")
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def check(self) -> None:
+        self.template_variables()
         for name in ("max_batch", "max_queue", "max_loaded_aligners", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -81,6 +93,7 @@ def build_server(cfg: ServeConfig):
     from lit_aligner.serving.registry import AlignerRegistry
 
     model, tokenizer = load_base(cfg.checkpoint_dir, cfg.device, cfg.dtype, cfg.quantize)
+    tokenizer.template_variables = cfg.template_variables()  # set once: every rendering's lowest layer
     name = cfg.model_name or model.config.name or Path(cfg.checkpoint_dir).name
     registry = AlignerRegistry(cfg.aligners_dir, model, name, cfg.max_loaded_aligners)
     seq = cfg.max_seq_length or min(model.config.block_size, DEFAULT_MAX_SEQ_LENGTH)

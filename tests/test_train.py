@@ -332,6 +332,23 @@ def test_training_on_every_answer_of_conversations_averages_over_the_answers_alo
     assert float(first["train_loss"]) == pytest.approx(total / count, rel=1e-4)
 
 
+def test_epochs_set_the_steps_from_the_training_rows(tiny_checkpoint_dir, tmp_path):
+    """--epochs E: ceil(E x training rows / global batch) steps (the rows the loader kept), and the schedule ends there;
+    with --max-steps too, or not positive, it is refused."""
+    summary = T.train(dataclasses.replace(small_run(tiny_checkpoint_dir, tmp_path / "e", eval_iters=0, max_steps=60),
+                                          train=T.TrainConfig(epochs=0.01, global_batch_size=8, micro_batch_size=4,
+                                                              warmup_steps=1, eval_iters=0, seed=7)))
+    rows = summary["data"]["train"]
+    assert summary["step"] == -(-rows // 800) and 1 < summary["step"] < 60  # 0.01 x rows / 8 steps, rounded up
+    schedule = T.TrainConfig(max_steps=summary["step"], warmup_steps=1)  # the cosine spans those steps, not 60
+    assert [float(r["lr"]) for r in read_metrics(tmp_path / "e" / "metrics.csv")] == \
+        pytest.approx([T.lr_at(s, schedule) for s in range(summary["step"])])
+    for bad, message in [(dict(epochs=0.0), "--epochs must be a positive number"),
+                         (dict(epochs=1.0, max_steps=100), "drop --max-steps 100")]:
+        with pytest.raises(T.TrainError, match=message):
+            T.SFTRunConfig(train=T.TrainConfig(**bad)).check()
+
+
 def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_dir, tmp_path):
     with pytest.raises(T.TrainError, match="--max-norm must be a positive number"):
         T.TrainConfig(max_norm=0.0).check()

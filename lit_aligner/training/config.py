@@ -42,6 +42,9 @@ class TrainConfig:
 
     max_steps: int = 60
     """optimizer steps (each one global batch)."""
+    epochs: Optional[float] = None
+    """train this many passes over the training rows instead of --max-steps: steps = ceil(epochs x rows / global batch),
+    worked out once the data is loaded (as Hugging Face's num_train_epochs; 0.5 is half a pass)."""
     learning_rate: float = 3e-2
     """peak learning rate of the prefix, after a linear warm-up, cosine-decayed to learning_rate * min_lr_ratio (the
     paper: 9e-3 for prefix and gates alike)."""
@@ -99,6 +102,8 @@ class TrainConfig:
                      "log_interval"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and not 0 < self.epochs < float("inf"):
+            raise TrainError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
         if self.warmup_steps < 0 or self.chunk_size < 0:
             raise TrainError("--warmup-steps and --chunk-size must be >= 0")
         if self.eval_iters != "all" and (isinstance(self.eval_iters, bool) or not isinstance(self.eval_iters, int)
@@ -202,6 +207,9 @@ class RunConfig:
         """Everything that can be checked before a model is loaded."""
         self.train.check()
         self.data_options.check()
+        if self.train.epochs is not None and self.train.max_steps != type(self.train).max_steps:  # (the run sets it)
+            raise TrainError(f"--epochs {self.train.epochs:g} sets the number of steps; drop --max-steps "
+                             f"{self.train.max_steps} (or --epochs)")
         if self.n_tokens < 1 or self.start_layer < 0:
             raise TrainError(f"--n-tokens must be >= 1 and --start-layer >= 0, got {self.n_tokens}, "
                              f"{self.start_layer}")

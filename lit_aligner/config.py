@@ -5,7 +5,7 @@ that checkpoints carry (ours, Hugging Face `config.json` of Llama 1-3.x, Mistral
 import copy
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from lit_aligner.files import UserError, read_json_object
 
@@ -30,6 +30,7 @@ class Config:
     attn_bias: bool = False  # bias on the q, k, v projections (Qwen2 / Qwen2.5)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
     rope_scaling: Optional[Dict[str, Any]] = None  # Hugging Face's rope_scaling dict (see model.rope_frequencies)
+    nope_layers: Optional[List[int]] = None  # layers whose attention has no RoPE at all (SmolLM3: every 4th)
 
     def __post_init__(self):
         for name in ("n_head", "n_embd"):
@@ -49,6 +50,12 @@ class Config:
             raise ValueError(f"head_size must be even for RoPE, got {self.head_size}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, self.head_size)
+        if self.nope_layers is not None:
+            if not isinstance(self.nope_layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in self.nope_layers):
+                raise ValueError(f"config field nope_layers must list layer indices in 0..{self.n_layer - 1}, got "
+                                 f"{self.nope_layers!r}")
+            self.nope_layers = sorted(set(self.nope_layers)) or None
 
     def _check_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -83,8 +90,8 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, d: Dict[str, Any], name: str = "") -> "Config":
-        """A Hugging Face `config.json` of a supported family (model_type llama, mistral, qwen2, qwen3). ValueError
-        naming the field for anything the model cannot compute exactly."""
+        """A Hugging Face `config.json` of a supported family (model_type llama, mistral, qwen2, qwen3, smollm3).
+        ValueError naming the field for anything the model cannot compute exactly."""
         model_type = d.get("model_type", "llama")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
@@ -112,6 +119,16 @@ class Config:
         head_size = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
         if rope and rope.get("rope_type", rope.get("type")) in ("yarn", "llama3"):
             rope.setdefault("original_max_position_embeddings", block_size)
+        nope = None
+        if model_type == "smollm3":  # no_rope_layers: 1 = RoPE, 0 = none; by default every interval-th layer has none
+            n, every = d["num_hidden_layers"], d.get("no_rope_layer_interval", 4)
+            flags = d.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+            if len(flags) != n:
+                raise ValueError(f"no_rope_layers has {len(flags)} entries for {n} layers")
+            nope = [i for i, use in enumerate(flags) if not use]
+            if any(t != "full_attention" for t in d.get("layer_types") or ()):
+                raise ValueError(f"layer_types {sorted(set(d['layer_types']))}: sliding-window layers are not "
+                                 f"supported")
         return cls(
             name=name or d.get("_name_or_path", ""),
             block_size=block_size,
@@ -128,6 +145,7 @@ class Config:
             attn_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             rope_scaling=rope or None,
+            nope_layers=nope,
         )
 
     @classmethod
@@ -162,10 +180,14 @@ class Config:
 
     def to_hf_config(self, torch_dtype: str = "float32") -> Dict[str, Any]:
         """The Hugging Face config.json of this model (the inverse of `from_hf_config`): qwen3 when it has q/k norms,
-        qwen2 when its q/k/v projections have a bias, llama otherwise (Mistral without a sliding window is the same
-        computation)."""
-        model_type = "qwen3" if self.qk_norm else "qwen2" if self.attn_bias else "llama"
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+        qwen2 when its q/k/v projections have a bias, smollm3 when layers go without RoPE, llama otherwise (Mistral
+        without a sliding window is the same computation)."""
+        if self.nope_layers and (self.qk_norm or self.attn_bias):
+            raise ValueError("no Hugging Face family has layers without RoPE beside q/k norms or a q/k/v bias")
+        model_type = "qwen3" if self.qk_norm else "qwen2" if self.attn_bias else "smollm3" if self.nope_layers else \
+            "llama"
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "smollm3": "SmolLM3ForCausalLM"}[model_type]
         d: Dict[str, Any] = {
             "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
@@ -178,6 +200,8 @@ class Config:
         }
         if model_type != "llama":
             d.update(use_sliding_window=False, sliding_window=None)
+        if model_type == "smollm3":
+            d["no_rope_layers"] = [int(i not in self.nope_layers) for i in range(self.n_layer)]
         return d
 
     def to_dict(self) -> Dict[str, Any]:
@@ -189,7 +213,7 @@ class Config:
         return {k: v for k, v in asdict(self).items() if k != "name"}
 
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 ROPE_SCALINGS = {  # rope_type -> the fields it needs
     "linear": ("factor",),
     "dynamic": ("factor",),

@@ -3,8 +3,8 @@
 Read top to bottom: the Aligner (N shared prefix tokens + per-layer, per-head gates), the model, its block,
 attention, MLP and norm, the KV cache, and the RoPE helpers. The families differ in a few config fields, each used in
 one place: `attn_bias` (Qwen2: bias on the q/k/v projection), `qk_norm` (Qwen3: RMSNorm of every query and key head
-before RoPE), `head_size` (Qwen3, Mistral-Nemo: not n_embd / n_head) and `rope_scaling` (Llama 3.1+: "llama3";
-"linear", "yarn", "dynamic").
+before RoPE), `head_size` (Qwen3, Mistral-Nemo: not n_embd / n_head), `rope_scaling` (Llama 3.1+: "llama3";
+"linear", "yarn", "dynamic") and `nope_layers` (SmolLM3: every 4th layer's queries and keys get no RoPE).
 
 The Aligner (arXiv 2312.05503): a prefix P of shape (N, n_embd) is shared by every layer i >= start_layer. Each such
 layer projects P through its own frozen K and V weights (no RoPE on the prefix keys; GQA layers use their KV heads),
@@ -158,7 +158,7 @@ class LLaMA(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.aligner: Optional[Aligner] = Aligner(config, aligner_config) if aligner_config else None
@@ -260,10 +260,10 @@ class LLaMA(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, rope=index not in (config.nope_layers or ()))
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.feed_forward = MLP(config)
 
@@ -273,8 +273,9 @@ class Block(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, rope: bool = True):
         super().__init__()
+        self.rope = rope  # SmolLM3's NoPE layers attend by content alone
         self.n_head, self.n_kv, self.hs = config.n_head, config.n_query_groups, config.head_size
         # q, k and v in one matmul; the prefix reuses the k and v rows of this same weight (and bias).
         self.wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.attn_bias)
@@ -311,7 +312,8 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv, S, hs)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # a mask over the first slots only: skip the rest

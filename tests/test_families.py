@@ -1,8 +1,8 @@
-"""The base families people align today, exact against transformers: Llama 3.x (llama3 RoPE scaling, tied
-embeddings), Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim), Mistral v0.3 / Nemo (explicit
-head_dim), and the other RoPE scalings of HF configs (linear, dynamic, yarn). Random tiny models of each family are
-converted from their Hugging Face folder and from a GGUF written here; logits, cached greedy decoding and the Aligner
-are checked on each; their tokenizers and chat templates against transformers'."""
+"""The base families people align today, exact against transformers: Llama 3.x (llama3 RoPE scaling, tied embeddings),
+Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim), Mistral v0.3 / Nemo (explicit head_dim),
+SmolLM3 (no RoPE in every 4th layer), and the other RoPE scalings of HF configs (linear, dynamic, yarn). Random tiny
+models of each family are converted from their Hugging Face folder and from a GGUF written here; logits, cached
+greedy decoding and the Aligner are checked on each; their tokenizers and chat templates against transformers'."""
 
 import json
 import re
@@ -45,14 +45,18 @@ FAMILIES = {  # name -> (transformers class, config overrides)
     "qwen2-mha-untied": ("Qwen2", dict(num_key_value_heads=4)),
     "qwen3-gqa-head-dim": ("Qwen3", dict(num_key_value_heads=2, head_dim=32)),
     "qwen3-tied": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    # SmolLM3: no RoPE in every 4th layer (here layer 3 of 5: its neighbours have RoPE)
+    "smollm3-nope": ("SmolLM3", dict(num_key_value_heads=2, num_hidden_layers=5, tie_word_embeddings=True,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
 }
 
 
 def make_hf(family: str, seed: int = 0, vocab: int = VOCAB, context: int = 64):
     kind, overrides = FAMILIES[family]
-    cfg = getattr(transformers, f"{kind}Config")(
-        vocab_size=vocab, hidden_size=N_EMBD, intermediate_size=INTER, num_hidden_layers=N_LAYER,
-        num_attention_heads=N_HEAD, max_position_embeddings=context, rms_norm_eps=1e-6, **overrides)
+    cfg = getattr(transformers, f"{kind}Config")(**{
+        **dict(vocab_size=vocab, hidden_size=N_EMBD, intermediate_size=INTER, num_hidden_layers=N_LAYER,
+               num_attention_heads=N_HEAD, max_position_embeddings=context, rms_norm_eps=1e-6), **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # weights large enough that a wrong layout shows in the logits; norms != 1; biases != 0
@@ -85,6 +89,7 @@ def test_logits_equal_transformers_in_fp32(converted):
     model = load_model(ours, dtype=torch.float32)
     config = model.config
     assert config.attn_bias == family.startswith("qwen2") and config.qk_norm == family.startswith("qwen3")
+    assert config.nope_layers == ([3] if family.startswith("smollm3") else None)
     assert config.head_size == hf.config.head_dim if hasattr(hf.config, "head_dim") and hf.config.head_dim else True
     with torch.no_grad():
         diff = (model(IDS, aligner=False) - hf_logits(hf)).abs().max().item()
@@ -193,7 +198,7 @@ def save_gguf(hf, path: Path, arch: str) -> Path:
         m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
         if m:
             ours = GGUF_NAMES[m.group(2)]
-            if arch == "llama" and ours in ("attn_q", "attn_k"):
+            if arch in ("llama", "smollm3") and ours in ("attn_q", "attn_k"):
                 t = llama_cpp_permute(t, c.num_attention_heads if ours == "attn_q" else c.num_key_value_heads)
             gname = f"blk.{m.group(1)}.{ours}.{m.group(3)}"
         else:
@@ -208,12 +213,14 @@ def save_gguf(hf, path: Path, arch: str) -> Path:
 
 
 @pytest.mark.parametrize("family,arch", [("llama3-gqa-tied", "llama"), ("qwen2-gqa-tied", "qwen2"),
-                                         ("qwen2-mha-untied", "qwen2"), ("qwen3-gqa-head-dim", "qwen3")])
+                                         ("qwen2-mha-untied", "qwen2"), ("qwen3-gqa-head-dim", "qwen3"),
+                                         ("smollm3-nope", "smollm3")])
 def test_gguf_of_each_architecture_gives_the_source_logits(family, arch, tmp_path):
     hf = make_hf(family, seed=3)
     path = save_gguf(hf, tmp_path / f"{family}.gguf", arch)
     result = convert_gguf(path, tmp_path / "out", model_name=family)
     assert result.config.attn_bias == (arch == "qwen2") and result.config.qk_norm == (arch == "qwen3")
+    assert result.config.nope_layers == ([3] if arch == "smollm3" else None)
     if arch == "llama":
         assert result.config.rope_scaling["rope_type"] == "freq_factors"
     model = load_model(tmp_path / "out", dtype=torch.float32)
@@ -233,6 +240,9 @@ def test_unsupported_configs_are_one_clear_error_naming_the_field(tmp_path):
         "window": ({"use_sliding_window": True, "sliding_window": 8}, "sliding_window 8"),
         "mlp bias": ({"mlp_bias": True}, "mlp_bias"),
         "model type": ({"model_type": "gemma2"}, "model_type 'gemma2'"),
+        "smollm3 window": ({"model_type": "smollm3", "layer_types": ["full_attention", "sliding_attention"] * 2},
+                           "layer_types ['full_attention', 'sliding_attention']"),
+        "smollm3 nope": ({"model_type": "smollm3", "no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries for 3"),
     }
     for name, (change, message) in cases.items():
         cfg_path.write_text(json.dumps({**base, **change}))

@@ -36,8 +36,9 @@ def export_hf(checkpoint_dir: PathLike, out_dir: PathLike, dtype: Optional[torch
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, on_tensor: Optional[OnTensor] = None,
               force: bool = False) -> ConvertResult:
     """Write the converted model in `checkpoint_dir` as a Hugging Face model directory `out_dir`: config.json
-    (LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM), model.safetensors (sharded with an index past
-    `max_shard_bytes`) in `dtype` (None: as stored), and the tokenizer files. Refuses an existing model in `out_dir`
+    (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or SmolLM3ForCausalLM, with the tokenizer's token ids),
+    model.safetensors (sharded with an index past `max_shard_bytes`) in `dtype` (None: as stored), and the tokenizer
+    files. Refuses an existing model in `out_dir`
     unless `force`, and `out_dir` == `checkpoint_dir`."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = load_config(checkpoint_dir)
@@ -67,10 +68,23 @@ def export_hf(checkpoint_dir: PathLike, out_dir: PathLike, dtype: Optional[torch
 
     files = write_weights(out_dir, specs, lit_to_hf(tensors(), config), max_shard_bytes, on_tensor)
     stored = dtype or next(iter(source.infos.values()))[1]
-    atomic_write_json(out_dir / CONFIG_NAME, config.to_hf_config(_DTYPE_NAMES.get(stored, "float32")))
-    warnings = [] if "tokenizer.json" in copied or "tokenizer.model" in copied else \
+    has_tokenizer = "tokenizer.json" in copied or "tokenizer.model" in copied
+    atomic_write_json(out_dir / CONFIG_NAME, {**config.to_hf_config(_DTYPE_NAMES.get(stored, "float32")),
+                                              **_special_ids(checkpoint_dir if has_tokenizer else None)})
+    warnings = [] if has_tokenizer else \
         [f"{checkpoint_dir} has no tokenizer files; the export has weights and config only"]
     return ConvertResult(out_dir, config, files, warnings)
+
+
+def _special_ids(checkpoint_dir: Optional[Path]) -> dict:
+    """config.json's token ids, the tokenizer's (transformers' generate stops at eos_token_id); without a tokenizer,
+    no pad id, so that a family's default one (SmolLM3's 128004) never points past a smaller vocabulary."""
+    if checkpoint_dir is None:
+        return {"pad_token_id": None}
+    from lit_aligner.base import load_tokenizer
+
+    tok = load_tokenizer(checkpoint_dir)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
 __all__ = ["INDEX_NAME", "TOKENIZER_FILES", "WEIGHTS_NAME", "export_hf"]

@@ -213,8 +213,9 @@ def meta_tokenizer_dir(src_dir: Path) -> Optional[Path]:
 
 
 def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Config, TensorSource, "gguf.GGUFReader"]:  # noqa: F821
-    """A GGUF file of the `llama`, `qwen2` or `qwen3` architecture. Returns (config, source, reader): tensors are
-    dequantized to float32 as they are read; `reader` (a gguf.GGUFReader) also carries the tokenizer metadata."""
+    """A GGUF file of the `llama`, `qwen2`, `qwen3` or `smollm3` architecture. Returns (config, source, reader):
+    tensors are dequantized to float32 as they are read; `reader` (a gguf.GGUFReader) also carries the tokenizer
+    metadata."""
     import gguf
     import numpy as np
 
@@ -234,7 +235,7 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
     if arch not in GGUF_ARCHITECTURES:
         raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
                            f"{', '.join(GGUF_ARCHITECTURES)}: LLaMA 1-3.x, Mistral, SmolLM2, TinyLlama, Qwen2/2.5, "
-                           f"Qwen3).")
+                           f"Qwen3, SmolLM3).")
     if (meta.get("split.count") or 1) > 1:
         raise ConvertError(f"{path} is one part of a split GGUF; merge the parts first "
                            f"(`llama-gguf-split --merge {path} merged.gguf`).")
@@ -272,6 +273,9 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
             attn_bias="blk.0.attn_q.bias" in tensors,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
             rope_scaling=rope_scaling,
+            # llama.cpp's smollm3 graph leaves RoPE out of every 4th layer (a fixed step, no GGUF key)
+            nope_layers=[i for i in range(int(meta[f"{arch}.block_count"])) if (i + 1) % 4 == 0]
+            if arch == "smollm3" else None,
         )
     except KeyError as e:
         raise ConvertError(f"{path}: GGUF metadata or tensor {e} is missing; not a complete {arch} GGUF.") from None
@@ -292,8 +296,9 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
     return config, TensorSource(infos, read, str(path), [reader], GGUF_ARCHITECTURES[arch]), reader
 
 
-# llama: q/k rows interleave the RoPE pairs (llama.cpp's "normal" RoPE); qwen2/qwen3 keep the half layout ("neox").
-GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# llama, smollm3: q/k rows interleave the RoPE pairs (llama.cpp's "normal" RoPE); qwen2/qwen3 keep the half layout
+# ("neox").
+GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "smollm3": True}
 
 
 def _gguf_rope_scaling(path: Path, meta: Dict, arch: str, tensors: Dict) -> Optional[Dict]:

@@ -51,7 +51,7 @@ def adir(smollm2_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(smollm2_dir, adir):
     args = ["--checkpoint-dir", str(smollm2_dir), "--aligners-dir", str(adir), "--max-batch", "16",
-            "--max-queue", "32", "--max-seq-length", "512", "--max-loaded-aligners", "4"]
+            "--max-queue", "32", "--max-seq-length", "512", "--max-loaded-aligners", "4", "--reasoning-parser", "think"]
     with ServerProcess(args, env={"LIT_ALIGNER_API_KEY": KEY}) as s:
         yield s
 
@@ -652,6 +652,33 @@ def test_continue_final_message_continues_the_assistants_words(server, client, b
             client.chat.completions.create(model=base_name, messages=q[:1] if param == "messages" else q,
                                            max_tokens=2, extra_body=extra)
         assert e.value.body["param"] == param, extra
+
+
+def test_reasoning_parser_reads_a_think_block_apart_whole_and_streamed(server, client, base_name):
+    """--reasoning-parser think (this module's server; every other chat test here shows it leaves a plain answer as
+    written): an answer that starts inside a think block (a prefill ending in <think>) comes back as
+    reasoning_content, the completions endpoint's text after the same prompt read as `split_reasoning` reads it,
+    streamed the same; include_reasoning false leaves it out."""
+    from lit_aligner.reasoning import split_reasoning
+
+    q = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "<think>"}]
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    ids = http(server.url + "/tokenize", json.dumps({"messages": q, **flags}).encode(),
+               {"Content-Type": "application/json"})[1]["tokens"]
+    raw = client.completions.create(model=base_name, prompt=ids, max_tokens=16, temperature=0).choices[0].text
+    reasoning, content = split_reasoning(raw, inside=True)
+    assert reasoning
+    ask = dict(model=base_name, messages=q, max_tokens=16, temperature=0)
+    message = client.chat.completions.create(**ask, extra_body=flags).choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == (reasoning, content)
+    said, answered = "", ""
+    for chunk in client.chat.completions.create(**ask, extra_body=flags, stream=True):
+        for choice in chunk.choices:
+            said += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            answered += choice.delta.content or ""
+    assert (said, answered or None) == (reasoning, content)
+    hidden = client.chat.completions.create(**ask, extra_body={**flags, "include_reasoning": False}).choices[0]
+    assert "reasoning_content" not in (hidden.message.model_extra or {}) and hidden.message.content == content
 
 
 def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, base_name):

@@ -11,6 +11,7 @@ from typing import Any, Dict, Literal, Optional
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.files import UserError
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import read_template_variables
 
 API_KEY_ENV = "LIT_ALIGNER_API_KEY"
@@ -58,6 +59,11 @@ class ServeConfig:
     '{"enable_thinking": false}' for a Qwen3 base: under an Aligner's saved variables and a request's
     chat_template_kwargs, which win."""
 
+    reasoning_parser: ReasoningParser = "none"
+    """think (or vLLM's names qwen3, deepseek_r1): a chat answer's <think> ... </think> block, at its start or opened
+    by the prompt, comes apart from the answer as message.reasoning_content (streamed as delta.reasoning_content), as
+    vLLM's --reasoning-parser; for thinking bases (Qwen3, SmolLM3, DeepSeek-R1's distills). none: answers as written."""
+
     def template_variables(self) -> Dict[str, Any]:
         try:
             return read_template_variables(self.default_chat_template_kwargs, "--default-chat-template-kwargs")
@@ -103,7 +109,7 @@ def build_server(cfg: ServeConfig):
                     max_prefill_tokens=cfg.max_prefill_tokens,
                     prefix_cache_tokens=seq if cfg.prefix_cache_tokens is None else cfg.prefix_cache_tokens)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    return AlignerServer(engine.start(), registry, tokenizer, name, api_key)
+    return AlignerServer(engine.start(), registry, tokenizer, name, api_key, cfg.reasoning_parser != "none")
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -44,6 +44,7 @@ from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, Served
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
 from lit_aligner.tokenizer import check_template_variables
+from lit_aligner.reasoning import ReasoningStream, opens_thinking, split_reasoning
 from lit_aligner.tools import CallStream, ToolError, Tools, call_style, parse_tools, split_calls, tool_prompt
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap
@@ -234,6 +235,7 @@ class ChatBody(_Body, ChatRendering):
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Union[str, Dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
+    include_reasoning: bool = True  # vLLM's: with --reasoning-parser, false leaves the reasoning out
 
     def check(self) -> None:
         super().check()
@@ -302,9 +304,10 @@ class AlignerServer:
     """The base model's tokenizer, the engine and the Aligner registry behind one FastAPI `app`."""
 
     def __init__(self, engine: Engine, registry: AlignerRegistry, tokenizer, base_name: str,
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, reasoning: bool = False):
         self.engine, self.registry, self.tokenizer = engine, registry, tokenizer
         self.base_name, self.api_key = base_name, api_key
+        self.reasoning = reasoning  # chat answers' think blocks read apart as reasoning_content (--reasoning-parser)
         self.metrics = Metrics(lambda: engine.load, lambda: len(registry.loaded))
         self.created = int(time.time())
         self.app = self._build_app()
@@ -532,6 +535,10 @@ class AlignerServer:
                                 f"{self.engine.max_queue} (--max-queue): send fewer prompts per request",
                            param="prompt")
         prompt_of = [echoed[i // body.n] for i in range(len(reqs))] if echo else None
+        # think blocks (--reasoning-parser): not in an answer a grammar holds from its first token
+        thinks = kind == "chat" and self.reasoning and grammar is None and not echo
+        inside = [thinks and opens_thinking(asked[i // body.n]) for i in range(len(reqs))]
+        shows_reasoning = getattr(body, "include_reasoning", True)
         logprobs = reqs[0].logprobs is not None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -555,8 +562,14 @@ class AlignerServer:
             if logprobs:
                 for choice, d in zip(out["choices"], dones):
                     choice["logprobs"] = self.logprobs_json(kind, (d.prompt_logprobs or []) + d.logprobs, 0)
+            if thinks:
+                for i, choice in enumerate(out["choices"]):
+                    reasoning, content = split_reasoning(choice["message"]["content"], inside[i])
+                    choice["message"]["content"] = content
+                    if reasoning is not None and shows_reasoning:
+                        choice["message"]["reasoning_content"] = reasoning
             if reads_calls:
-                for choice in out["choices"]:
+                for choice in (c for c in out["choices"] if c["message"]["content"] is not None):
                     content, calls = split_calls(choice["message"]["content"], style, tools)
                     if calls:
                         choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
@@ -601,6 +614,7 @@ class AlignerServer:
             # tool calls: each choice's text split into content and whole calls as it comes (`CallStream`); the
             # log-probabilities of text held back go with the next chunk of that choice
             splits = [CallStream(style, tools) for _ in reqs] if reads_calls else None
+            reasonings = [ReasoningStream(inside[i]) for i in range(len(reqs))] if thinks else None
             calls, held = [0] * len(reqs), [[] for _ in reqs]
             events = choices()
             try:
@@ -619,10 +633,21 @@ class AlignerServer:
                         offsets[i] = len(prompt_of[i])
                         yield _sse(chunk)
                     held[i].extend(ev.logprobs)
+                    text = ev.text
+                    if reasonings is not None:  # the reasoning first, in its own deltas; the rest is the answer
+                        parts = reasonings[i].feed(text) + (reasonings[i].close() if ev.finish is not None else [])
+                        text = "".join(t for k, t in parts if k == "content")
+                        for t in (t for k, t in parts if k == "reasoning" and shows_reasoning):
+                            chunk = _chunk(kind, rid, created, body.model, "", None, index=i)
+                            chunk["choices"][0]["delta"] = {"reasoning_content": t}
+                            if logprobs:
+                                chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
+                            held[i] = []
+                            yield _sse(chunk)
                     if splits is None:  # the text as it comes (also a token that completes no character yet)
-                        pieces = [ev.text] if ev.text or held[i] else []
+                        pieces = [text] if text or held[i] else []
                     else:
-                        pieces = splits[i].feed(ev.text) + (splits[i].close() if ev.finish is not None else [])
+                        pieces = splits[i].feed(text) + (splits[i].close() if ev.finish is not None else [])
                     for piece in pieces:
                         if splits is not None and isinstance(piece, str) and (tools.forced or not piece):
                             continue  # a forced answer's only text is the blank between its calls

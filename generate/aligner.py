@@ -33,6 +33,7 @@ from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
+from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables
 from lit_aligner.tools import ToolError, Tools, parse_tools
 
@@ -80,6 +81,7 @@ def main(
     tools: Optional[Path] = None,
     tool_choice: str = "auto",
     no_parallel_tool_calls: tyro.conf.FlagCreatePairsOff[bool] = False,
+    reasoning_parser: ReasoningParser = "none",
     question: tyro.conf.UseAppendAction[List[str]] = [],
     answer: tyro.conf.UseAppendAction[List[str]] = [],
     qa_file: Optional[Path] = None,
@@ -118,6 +120,9 @@ def main(
         tool_choice: with --tools: auto (the model decides), none (no calls), required (one call or more, held to the
             format and each function's parameters by a grammar) or a function's name (exactly one call of it).
         no_parallel_tool_calls: with --tool-choice required, one call per answer (else one or more).
+        reasoning_parser: think (or vLLM's names qwen3, deepseek_r1): an answer's <think> ... </think> block (at its
+            start, or opened by the prompt) is printed as its reasoning apart from the answer, and written with --out
+            as "reasoning" and "content" (as the server's --reasoning-parser; howto/generate.md).
         question: correction mode: a question whose --answer the correction Aligner(s) rewrite; repeat --question and
             --answer for several pairs (the n-th --answer belongs to the n-th --question).
         answer: correction mode: the answer to correct (written by any upstream model), paired with --question.
@@ -157,6 +162,9 @@ def main(
     if functions is not None:
         items = [p if p.tools is not None else replace(p, tools=functions) for p in items]
     correcting = bool(pairs) or pipeline
+    if correcting and reasoning_parser != "none":
+        raise ValueError("--reasoning-parser reads the answers to prompts; a correction rewrites its answer as "
+                         "written: drop the flag")
     if pipeline and not items:
         raise ValueError("--pipeline needs questions for the base to answer: give --prompt TEXT or --prompts-file")
     if pipeline and not aligner:
@@ -202,6 +210,7 @@ def main(
     dev = model.tok_embeddings.weight.device
     kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
                   **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0], fmt))
+    answering = {**kwargs, "reasoning": reasoning_parser != "none"}  # (corrections rewrite answers as written)
     with atomic_output(out) if out else nullcontext() as sink:
         if pipeline:
             # the base answers the whole conversation (system message, earlier turns); the corrector gets the question
@@ -215,9 +224,9 @@ def main(
         elif pairs:
             correct_pairs(model, tokenizer, pairs, entries, max_new_tokens, batch_size, kwargs, sink)
         elif items:
-            answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, kwargs, sink)
+            answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, template, answering, sink)
         if interactive:
-            chat(model, tokenizer, entries, system or "", template, max_new_tokens, kwargs, sink)
+            chat(model, tokenizer, entries, system or "", template, max_new_tokens, answering, sink)
     if out:
         print(f"wrote {out}", file=sys.stderr)
 
@@ -252,10 +261,12 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
 
 
 def shown(a: Answer) -> str:
-    """An answer as printed: its text, or the text around its tool calls and one line per call."""
-    if not a.calls:
+    """An answer as printed: its text, or its reasoning, the text around its tool calls and one line per call."""
+    if not a.calls and a.reasoning is None:
         return a.text.strip()
-    return "\n".join(([a.content] if a.content else []) + [f"tool call: {c.name} {c.arguments}" for c in a.calls])
+    return "\n".join(([f"reasoning: {a.reasoning.strip()}"] if a.reasoning is not None else []) +
+                     ([a.content.strip()] if a.content else []) +
+                     [f"tool call: {c.name} {c.arguments}" for c in a.calls])
 
 
 def write_answer(sink, a: Answer, template: Optional[str]) -> None:
@@ -263,6 +274,8 @@ def write_answer(sink, a: Answer, template: Optional[str]) -> None:
     the answer (with tools: also its calls in OpenAI's form and the text around them)."""
     p = a.prompt
     calls = {"content": a.content, "tool_calls": [c.openai() for c in a.calls]} if p.tools is not None else {}
+    if a.reasoning is not None:
+        calls = {"reasoning": a.reasoning, "content": a.content, **calls}
     sink.write(json.dumps({"prompt": p.instruction, "input": p.input, **({"system": p.system} if p.system else {}),
                            **({"history": p.history} if p.history else {}), **({"after": p.after} if p.after else {}),
                            "aligner": a.entry.name if a.entry.aligner is not None else None,
@@ -308,7 +321,8 @@ def chat(model, tokenizer, entries: List[AlignerEntry], system: str, template: O
             print(flush=True)
             a = answers[0][0]
             histories[j] = item.history + [{"role": "user", "content": text},
-                                           {"role": "assistant", "content": a.text.strip()}]
+                                           {"role": "assistant", "content": (a.content or "").strip()
+                                            if a.reasoning is not None else a.text.strip()}]
             if sink:
                 write_answer(sink, a, template)
 

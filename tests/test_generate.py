@@ -446,6 +446,29 @@ def test_cli_stop_strings_cut_the_answer_and_end_decoding(request, tmp_path):
     assert got == [f[:f.index("\n")] if "\n" in f else f for f in free]
 
 
+def test_cli_reasoning_parser_reads_the_think_block_its_template_opens(request, tmp_path):
+    """--reasoning-parser think under a template whose generation prompt opens a think block (DeepSeek-R1's way): every
+    answer's reasoning and content in --out are its raw output read as `split_reasoning` reads it from inside a
+    block, and the printout shows the reasoning apart; correction mode refuses the flag."""
+    from lit_aligner.reasoning import split_reasoning
+
+    opens = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    ckpt = helpers.templated_checkpoint(smollm2(request), tmp_path / "thinking", opens)
+    out = tmp_path / "answers.jsonl"
+    r = run_script("generate/aligner.py", "--checkpoint-dir", ckpt, "--no-aligner", "--prompt", "What is 2 + 3?",
+                   "--prompt", "Name a colour.", "--max-new-tokens", "12", "--reasoning-parser", "think", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        reasoning, content = split_reasoning(row["output"], inside=True)
+        assert reasoning and (row["reasoning"], row["content"]) == (reasoning, content)
+        assert f"reasoning: {reasoning.strip()}" in r.stdout
+    bad = run_script("generate/aligner.py", "--checkpoint-dir", ckpt, "--question", "q", "--answer", "a",
+                     "--aligner", "x.safetensors", "--reasoning-parser", "think")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --reasoning-parser reads the answers to prompts")
+
+
 def test_cli_chat_template_kwargs_reach_the_chat_template(request, tmp_path):
     """--chat-template-kwargs '{"enable_thinking": false}' under Qwen3's template (TRL's, on a copy of SmolLM2): the
     answer is the base's on the prompt with the thinking block closed, not the one without the flag; reserved or

@@ -16,6 +16,7 @@ from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.prompts import (CONVERSATION_KEYS, Message, build_prompt, conversation, conversation_template,
                                  encode_prompt, has_tool_turns, is_correction, parse_messages, prompt_for_aligner,
                                  saved_variables)
+from lit_aligner.reasoning import opens_thinking, split_reasoning
 from lit_aligner.tokenizer import variables_under
 
 if TYPE_CHECKING:  # (lit_aligner.tools reads structured outputs, whose package imports this module)
@@ -175,6 +176,7 @@ class Answer:
     text: str
     calls: List["Call"] = field(default_factory=list)  # the tool calls in `text`, when the prompt gave tools
     content: Optional[str] = None  # with calls: the text around them (None when only blank); else `text`
+    reasoning: Optional[str] = None  # with `reasoning`: the think block's text (None: no block); `content` follows it
 
 
 def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] = None) -> Optional[str]:
@@ -225,6 +227,7 @@ def answer_prompts(
     batch_size: int = 8,
     template: Optional[str] = None,
     on_token: Optional[OnToken] = None,
+    reasoning: bool = False,
     **sampling: Any,
 ) -> Tuple[List[List[Answer]], List[GenerationStats]]:
     """Answer every prompt with every entry, on one loaded base. Returns answers[prompt][entry] and the stats of every
@@ -234,7 +237,9 @@ def answer_prompts(
     the Aligners share, else `build_prompt`'s default. on_token(request, token) numbers requests prompt-major
     (prompt i, entry j -> i * len(entries) + j). `sampling`: the keyword arguments of `generate` (temperature, ...).
     A prompt's tools (`PromptItem.tools`): a forced choice holds its answers to calls with a grammar, and the calls
-    of every answer that may call are read into `Answer.calls`."""
+    of every answer that may call are read into `Answer.calls`. `reasoning`: a think block that starts an answer (or
+    that its prompt opened) is read into `Answer.reasoning` (`lit_aligner.reasoning`; not in an answer a grammar
+    holds), and `content` and the calls from the rest."""
     from lit_aligner.tools import call_style, split_calls
 
     if batch_size < 1:
@@ -287,9 +292,13 @@ def answer_prompts(
     for r, (i, j, text, _) in enumerate(requests):
         said = cut_at_stop(tokenizer.decode(outputs[r]), stop)
         tools = prompts[i].tools
-        content, calls = split_calls(said, styles[r], tools) if tools is not None and tools.choice != "none" \
-            else (said, [])
-        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content)
+        thought, rest = None, said
+        if reasoning and grammar is None and (id(tools), styles[r]) not in grammars:
+            thought, rest = split_reasoning(said, opens_thinking(text))
+            rest = rest or ""
+        content, calls = split_calls(rest, styles[r], tools) if tools is not None and tools.choice != "none" \
+            else (rest if thought is None or rest else None, [])
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content, thought)
     return answers, all_stats
 
 

@@ -58,7 +58,6 @@ class ServeConfig:
     """a JSON object of chat-template variables for every request (vLLM's --default-chat-template-kwargs), e.g.
     '{"enable_thinking": false}' for a Qwen3 base: under an Aligner's saved variables and a request's
     chat_template_kwargs, which win."""
-
     reasoning_parser: ReasoningParser = "none"
     """think (or vLLM's names qwen3, deepseek_r1): a chat answer's <think> ... </think> block, at its start or opened
     by the prompt, comes apart from the answer as message.reasoning_content (streamed as delta.reasoning_content), as

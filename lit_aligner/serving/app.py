@@ -40,11 +40,11 @@ from lit_aligner.generation.structured import (Grammar, OutputFormat, Structured
                                                parse_response_format, parse_structured_outputs)
 from lit_aligner.prompts import (conversation_question, conversation_template, correction_prompt, encode_prompt,
                                  has_tool_turns, is_correction, saved_variables)
+from lit_aligner.reasoning import ReasoningStream, opens_thinking, split_reasoning
 from lit_aligner.serving.engine import Engine, Event, QueueFull, Request, ServedAligner, TokenLogprob
 from lit_aligner.serving.metrics import Metrics
 from lit_aligner.serving.registry import AlignerRegistry, BadAligner, UnknownAligner
 from lit_aligner.tokenizer import check_template_variables
-from lit_aligner.reasoning import ReasoningStream, opens_thinking, split_reasoning
 from lit_aligner.tools import CallStream, ToolError, Tools, call_style, parse_tools, split_calls, tool_prompt
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's (and vLLM's) legacy completions endpoint; chat has no default cap

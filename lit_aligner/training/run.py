@@ -187,9 +187,9 @@ def _load(run: Run) -> None:
     from lit_aligner.aligner_files import attach, load_aligner, new_aligner
     from lit_aligner.base import load_model, load_tokenizer
     from lit_aligner.data import load_data, report, storable_info, use_template_variables
-    from lit_aligner.tokenizer import read_template_variables
     from lit_aligner.devices import precision_dtype
     from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
+    from lit_aligner.tokenizer import read_template_variables
 
     cfg, fabric = run.cfg, run.fabric
     objective_cls = get_objective(cfg.objective_name)

@@ -914,3 +914,35 @@ def test_a_pair_row_missing_rejected_is_not_taken_for_an_hh_dialogue(tmp_path):
     assert detect_format({"chosen": "\n\nHuman: hi\n\nAssistant: hello"}, tmp_path / "hh.jsonl") == "hh"
     with pytest.raises(DataError, match="pairs.jsonl: cannot tell the data format.*prompt, chosen, rejected"):
         detect_format({"prompt": "hi", "chosen": "hello"}, tmp_path / "pairs.jsonl")
+
+
+def test_an_answers_reasoning_content_is_learned_in_the_think_block_its_template_writes(bpe_dir):
+    """An assistant answer's reasoning_content (TRL / transformers messages) reaches the chat template: under Qwen3's
+    (TRL's copy) the answer learned is the same tokens as the same reasoning written inline as <think>...</think> in
+    the content (which the template splits itself), and differs from the answer without it; a template that writes
+    no think block, a named template, or reasoning on a preference answer is a counted bad row, not lost silently."""
+    trl = pytest.importorskip("trl")
+    from importlib import resources
+
+    tok = Tokenizer(bpe_dir)
+    tok.chat_template = (resources.files(trl) / "chat_templates" / "qwen3.jinja").read_text()
+    ask = {"role": "user", "content": "What is 2 + 2?"}
+
+    def answer(**fields):
+        train, _, info = load_data("sft", [{"messages": [ask, {"role": "assistant", **fields}]}], tok, "chat",
+                                   DataOptions(val_fraction=0.0))
+        return tok.decode(train[0]["response"])
+
+    reasoned = answer(content="It is 4.", reasoning_content="Two and two make four.")
+    assert reasoned == answer(content="<think>\nTwo and two make four.\n</think>\n\nIt is 4.")
+    assert "Two and two make four." in reasoned and reasoned != answer(content="It is 4.")
+    row = {"messages": [ask, {"role": "assistant", "content": "It is 4.", "reasoning_content": "Two and two."}]}
+    pair = {"prompt": [ask], "chosen": [{"role": "assistant", "content": "4", "reasoning_content": "r"}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    plain = Tokenizer(bpe_dir)  # its ChatML template writes no think block
+    for kind, rows, tokenizer, template, reason in [
+            ("sft", [row], plain, "chat", "leaves the answer's reasoning_content out"),
+            ("sft", [row], tok, "alpaca", "has no place in the 'alpaca' template"),
+            ("preference", [pair], tok, "chat", "preference answers with reasoning_content are not supported")]:
+        with pytest.raises(DataError, match=reason):
+            load_data(kind, rows, tokenizer, template, DataOptions(val_fraction=0.0, strict_data=True))

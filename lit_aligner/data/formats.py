@@ -53,14 +53,16 @@ class Example:
     notes: Dict[str, Any] = field(default_factory=dict)
     tools: Optional[Tools] = None
     calls: Optional[List[Dict[str, Any]]] = None
+    reasoning: Optional[str] = None  # the SFT answer's reasoning_content (its think block, as the template writes it)
 
     @property
     def uses_tools(self) -> bool:
         return self.tools is not None or bool(self.calls) or has_tool_turns(self.messages)
 
     def answer(self) -> Message:
-        """The SFT answer as an assistant message (with its tool calls)."""
-        return {"role": "assistant", "content": self.chosen, **({"tool_calls": self.calls} if self.calls else {})}
+        """The SFT answer as an assistant message (with its tool calls and its reasoning)."""
+        return {"role": "assistant", "content": self.chosen, **({"tool_calls": self.calls} if self.calls else {}),
+                **({"reasoning_content": self.reasoning} if self.reasoning else {})}
 
     def chat_messages(self) -> List[Message]:
         """The conversation with the input joined into the (single) user message."""
@@ -224,16 +226,16 @@ def chat_turns(value: Any, key: str) -> List[Message]:
         raise BadRow(str(e)) from None
 
 
-def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], str, Optional[List[Dict[str, Any]]]]:
-    """(prompt turns, answer, the answer's tool calls): the answer is the last turn, an assistant one (text, tool
-    calls or both); the prompt ends with a user turn or a tool result."""
+def _split_answer(turns: List[Message], key: str) -> Tuple[List[Message], Message]:
+    """(prompt turns, the answer): the answer is the last turn, an assistant one (text, tool calls or both, and its
+    reasoning); the prompt ends with a user turn or a tool result."""
     last = turns[-1]
     if last["role"] != "assistant" or not (last["content"].strip() or last.get("tool_calls")):
         raise BadRow(f"{key!r} must end with a non-empty assistant turn (the answer)")
     prompt = turns[:-1]
     if prompt and (prompt[-1]["role"] not in ("user", "tool") or not prompt[-1]["content"].strip()):
         raise BadRow(f"in {key!r} the turn before the answer must be a non-empty user turn or tool result")
-    return prompt, last["content"], last.get("tool_calls")
+    return prompt, last
 
 
 def row_tools(row: Dict[str, Any]) -> Optional[Tools]:
@@ -263,13 +265,13 @@ def _prompt_turns(row: Dict[str, Any], key: str) -> List[Message]:
     return turns
 
 
-def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], str, Optional[List[Dict[str, Any]]]]:
+def _answer_of(row: Dict[str, Any], key: str) -> Tuple[Optional[List[Message]], Message]:
     """A chosen / rejected message list (or text): (its own prompt turns, or None when it holds the answer alone; the
-    answer; its tool calls)."""
+    answer as an assistant message)."""
     if isinstance(row.get(key), str):
-        return None, text_field(row, key), None
-    prompt, answer, calls = _split_answer(chat_turns(row.get(key), key), key)
-    return (prompt or None), answer, calls
+        return None, {"role": "assistant", "content": text_field(row, key)}
+    prompt, answer = _split_answer(chat_turns(row.get(key), key), key)
+    return (prompt or None), answer
 
 
 def _messages(row, pair, preference):
@@ -281,34 +283,39 @@ def _messages(row, pair, preference):
     if not pair:
         key = next((k for k in CONVERSATION_KEYS if k in row), None)
         if key is not None:
-            prompt, answer, calls = _split_answer(chat_turns(row[key], key), key)
+            prompt, answer = _split_answer(chat_turns(row[key], key), key)
             if not prompt:
                 raise BadRow(f"{key!r} holds only an answer: no user turn before it")
-            return Example(prompt, answer, tools=tools, calls=calls)
+            return Example(prompt, answer["content"], tools=tools, calls=answer.get("tool_calls"),
+                           reasoning=answer.get("reasoning_content"))
     key = "chosen" if "chosen" in row or pair else "completion"  # TRL's prompt-completion rows: SFT only
     if key not in row:
         if pair:
             raise _single_answer("chat conversation", "messages / conversations / prompt + completion")
         raise BadRow(f"no conversation: none of the fields {', '.join(CONVERSATION_KEYS)}, chosen, completion")
-    prompt, chosen, calls = _answer_of(row, key)
+    prompt, chosen = _answer_of(row, key)
     rejected = None
     if pair:
         if "rejected" not in row:
             raise BadRow("missing field 'rejected'")
-        prompt_r, rejected, calls_r = _answer_of(row, "rejected")
+        prompt_r, answer_r = _answer_of(row, "rejected")
+        rejected = answer_r["content"]
         if (prompt is None) != (prompt_r is None) or (prompt is not None and prompt != prompt_r):
             raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last turn)")
-        if calls or calls_r:
+        if chosen.get("tool_calls") or answer_r.get("tool_calls"):
             raise BadRow("preference answers that call tools are not supported (SFT data may call them)")
-    return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen, rejected, tools=tools,
-                   calls=calls)
+        if chosen.get("reasoning_content") or answer_r.get("reasoning_content"):
+            raise BadRow("preference answers with reasoning_content are not supported (SFT answers may carry it)")
+    return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen["content"], rejected, tools=tools,
+                   calls=chosen.get("tool_calls"), reasoning=chosen.get("reasoning_content"))
 
 
 def every_answer(ex: Example) -> List[Example]:
     """SFT examples for every assistant turn of an example's conversation that follows a user turn or a tool result,
     each with the conversation before it as its prompt; `ex` (the last answer) last."""
     turns = ex.messages
-    return [Example(turns[:k], m["content"], tools=ex.tools, calls=m.get("tool_calls"))
+    return [Example(turns[:k], m["content"], tools=ex.tools, calls=m.get("tool_calls"),
+                    reasoning=m.get("reasoning_content"))
             for k, m in enumerate(turns) if k and m["role"] == "assistant" and turns[k - 1]["role"] in ("user", "tool")
             and (m["content"].strip() or m.get("tool_calls"))] + [ex]
 

@@ -106,8 +106,14 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
     else:
         prompt = render_prompt(template, ex, tokenizer)
         msgs = ex.chat_messages()
+        if ex.reasoning and template.name != "chat":
+            raise BadRow(f"the answer's reasoning_content has no place in the {template.name!r} template (a chat "
+                         f"template writes it, e.g. Qwen3's); use --template chat, or drop the field")
         completions = [template.completion(a, msgs, tokenizer) for a in
-                       ([ex.chosen] if kind == "sft" else [ex.chosen, ex.rejected])]
+                       ([ex.answer() if ex.reasoning else ex.chosen] if kind == "sft" else [ex.chosen, ex.rejected])]
+    if ex.reasoning and ex.reasoning.strip() not in completions[0]:  # a template without a think block drops it
+        raise BadRow("the chat template leaves the answer's reasoning_content out (it writes no think block), so the "
+                     "reasoning would not be learned; put it into the content, or use a template that writes it")
     p, c = tokenize_pair(tokenizer, prompt, completions[0])
     if kind == "sft":
         return p, c, NO_CONTEXT

@@ -809,6 +809,12 @@ def test_chat_template_kwargs_reach_the_chat_template(smollm2_dir):
     with pytest.raises(APIError, match="cannot set messages, tools") as e:
         ChatBody(model="base", messages=q, chat_template_kwargs={"tools": [], "messages": [], "x": 1}).check()
     assert e.value.param == "chat_template_kwargs"
+    # an earlier answer's reasoning_content, sent back in a tool-calling loop, reaches the template (Qwen3 writes it)
+    call = {"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}
+    loop = ChatBody(model="base", messages=[*q, {"role": "assistant", "content": None, "tool_calls": [call],
+                                                  "reasoning_content": "I need the time."},
+                                            {"role": "tool", "tool_call_id": "c1", "content": "12:00"}])
+    assert "<think>\nI need the time.\n</think>" in server.chat_prompt(None, [m.as_dict() for m in loop.messages])
 
 
 def test_default_chat_template_kwargs_are_under_an_aligners_saved_ones_and_the_requests(smollm2_dir, tmp_path):

@@ -93,13 +93,14 @@ class Message(BaseModel):
     content: Union[str, List[TextPart], None] = None  # None: an assistant message that only calls tools
     tool_calls: Optional[List[ToolCall]] = None
     tool_call_id: Optional[str] = None  # a tool result: the call it answers
+    reasoning_content: Optional[str] = None  # an earlier answer's reasoning, sent back (Qwen3's template writes it)
 
     @model_validator(mode="after")
     def _check(self) -> "Message":
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant message has tool_calls")
+        if (self.tool_calls or self.reasoning_content) and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls or reasoning_content")
         return self
 
     def as_dict(self) -> Dict[str, Any]:
@@ -110,6 +111,8 @@ class Message(BaseModel):
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
         return out
 
 

@@ -76,8 +76,8 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
     """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL; a content may be a list of text parts, joined
     as the server joins them) or ShareGPT's {"from", "value"} (human, gpt), as Messages with the roles system, user,
     assistant, tool. An assistant turn's OpenAI `tool_calls` are kept (its content may then be null), and its
-    `reasoning_content` (a thinking model's reasoning, which templates such as Qwen3's write in its think block); a
-    tool result's `tool_call_id` too. ValueError naming `key` and the turn otherwise."""
+    `reasoning_content` (or vLLM's `reasoning`: a thinking model's reasoning, which templates such as Qwen3's write in
+    its think block); a tool result's `tool_call_id` too. ValueError naming `key` and the turn otherwise."""
     if isinstance(value, dict):  # one message where a list was expected (a TRL completion of one turn)
         value = [value]
     if not isinstance(value, list) or not value:
@@ -105,7 +105,7 @@ def parse_messages(value: Any, key: str = "messages") -> List[Message]:
         turn: Message = {"role": _ROLES[role], "content": content}
         if calls is not None:
             turn["tool_calls"] = calls
-        reasoning = m.get("reasoning_content")
+        reasoning = m.get("reasoning_content", m.get("reasoning"))  # (vLLM's newer name)
         if reasoning is not None and (_ROLES[role] != "assistant" or not isinstance(reasoning, str)):
             raise ValueError(f"{key}[{j}]: reasoning_content must be text on an assistant turn")
         if reasoning:

@@ -670,15 +670,19 @@ def test_reasoning_parser_reads_a_think_block_apart_whole_and_streamed(server, c
     assert reasoning
     ask = dict(model=base_name, messages=q, max_tokens=16, temperature=0)
     message = client.chat.completions.create(**ask, extra_body=flags).choices[0].message
-    assert (message.model_extra["reasoning_content"], message.content) == (reasoning, content)
+    assert (message.model_extra["reasoning"], message.content) == (reasoning, content)
+    assert message.model_extra["reasoning_content"] == reasoning  # the older name, for the clients that read it
     said, answered = "", ""
     for chunk in client.chat.completions.create(**ask, extra_body=flags, stream=True):
         for choice in chunk.choices:
-            said += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            extra = choice.delta.model_extra or {}
+            assert extra.get("reasoning") == extra.get("reasoning_content")
+            said += extra.get("reasoning") or ""
             answered += choice.delta.content or ""
     assert (said, answered or None) == (reasoning, content)
     hidden = client.chat.completions.create(**ask, extra_body={**flags, "include_reasoning": False}).choices[0]
-    assert "reasoning_content" not in (hidden.message.model_extra or {}) and hidden.message.content == content
+    assert not {"reasoning", "reasoning_content"} & set(hidden.message.model_extra or {})
+    assert hidden.message.content == content
 
 
 def test_tool_calls_forced_read_back_streamed_and_their_errors(server, client, base_name):

@@ -60,8 +60,9 @@ class ServeConfig:
     chat_template_kwargs, which win."""
     reasoning_parser: ReasoningParser = "none"
     """think (or vLLM's names qwen3, deepseek_r1): a chat answer's <think> ... </think> block, at its start or opened
-    by the prompt, comes apart from the answer as message.reasoning_content (streamed as delta.reasoning_content), as
-    vLLM's --reasoning-parser; for thinking bases (Qwen3, SmolLM3, DeepSeek-R1's distills). none: answers as written."""
+    by the prompt, comes apart from the answer as message.reasoning and .reasoning_content (streamed the same way in
+    the deltas), as vLLM's --reasoning-parser; for thinking bases (Qwen3, SmolLM3, DeepSeek-R1's distills). none:
+    answers as written."""
 
     def template_variables(self) -> Dict[str, Any]:
         try:

@@ -94,12 +94,13 @@ class Message(BaseModel):
     tool_calls: Optional[List[ToolCall]] = None
     tool_call_id: Optional[str] = None  # a tool result: the call it answers
     reasoning_content: Optional[str] = None  # an earlier answer's reasoning, sent back (Qwen3's template writes it)
+    reasoning: Optional[str] = None  # vLLM's newer name of the same
 
     @model_validator(mode="after")
     def _check(self) -> "Message":
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
-        if (self.tool_calls or self.reasoning_content) and self.role != "assistant":
+        if (self.tool_calls or self.reasoning_content or self.reasoning) and self.role != "assistant":
             raise ValueError("only an assistant message has tool_calls or reasoning_content")
         return self
 
@@ -111,8 +112,8 @@ class Message(BaseModel):
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
-        if self.reasoning_content:
-            out["reasoning_content"] = self.reasoning_content
+        if self.reasoning_content or self.reasoning:  # the templates' name
+            out["reasoning_content"] = self.reasoning_content or self.reasoning
         return out
 
 
@@ -570,7 +571,7 @@ class AlignerServer:
                     reasoning, content = split_reasoning(choice["message"]["content"], inside[i])
                     choice["message"]["content"] = content
                     if reasoning is not None and shows_reasoning:
-                        choice["message"]["reasoning_content"] = reasoning
+                        choice["message"].update(reasoning_names(reasoning))
             if reads_calls:
                 for choice in (c for c in out["choices"] if c["message"]["content"] is not None):
                     content, calls = split_calls(choice["message"]["content"], style, tools)
@@ -642,7 +643,7 @@ class AlignerServer:
                         text = "".join(t for k, t in parts if k == "content")
                         for t in (t for k, t in parts if k == "reasoning" and shows_reasoning):
                             chunk = _chunk(kind, rid, created, body.model, "", None, index=i)
-                            chunk["choices"][0]["delta"] = {"reasoning_content": t}
+                            chunk["choices"][0]["delta"] = reasoning_names(t)
                             if logprobs:
                                 chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
                             held[i] = []
@@ -846,6 +847,12 @@ def _chunk(kind: str, rid: str, created: int, model: str, text: str, finish: Opt
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def reasoning_names(text: str) -> Dict[str, str]:
+    """An answer's reasoning under both names clients read: vLLM's `reasoning` and the older `reasoning_content`
+    (DeepSeek's API, llama.cpp, SGLang and vLLM before 0.11)."""
+    return {"reasoning": text, "reasoning_content": text}
 
 
 def _sse(data: Dict[str, Any]) -> str:

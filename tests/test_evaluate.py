@@ -338,6 +338,7 @@ def test_harness_generate_until_reads_gen_kwargs_as_transformers_does(base, alig
 
     from lit_aligner.evaluation.harness import AlignerLM
     from lit_aligner.generation import Penalties, generate
+    from lit_aligner.reasoning import split_reasoning
 
     model, tok = base
     steer = load_aligner_file(aligners / "steer.safetensors", model)
@@ -363,6 +364,16 @@ def test_harness_generate_until_reads_gen_kwargs_as_transformers_does(base, alig
     assert sampled != greedy
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
     assert lm.apply_chat_template(chat, add_generation_prompt=False).endswith("The answer is")
+    # --reasoning-parser: a plain answer is the same; one the prompt opened a think block for is read past the block
+    # (its stop strings cut the answer after it, not the reasoning)
+    thinking = AlignerLM(model, tok, {"steer": steer}, batch_size=2, max_length=128, reasoning=True)
+    contexts[1] += " <think>"
+    raw = [tok.decode(o, skip_special=True) for o in
+           generate(model, [tok.encode(c) for c in contexts], 8, stop_ids=tok.stop_ids, aligners=steer)]
+    got = thinking.generate_until([Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 8}), i)
+                                   for i, c in enumerate(contexts)])
+    assert got[0] == greedy[0] and got[2] == greedy[2]
+    assert got[1] == (split_reasoning(raw[1], inside=True)[1] or "").split("\n\n")[0] != raw[1].split("\n\n")[0]
     assert lm.apply_chat_template(chat[:1]).endswith(tok.apply_chat_template(chat[:1]))
 
 

@@ -28,6 +28,7 @@ from lit_aligner.files import UserError, atomic_write_json, check_output, input_
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
 from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.prompts import saved_variables
+from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
 from lit_aligner.training.config import DPOLossConfig
 
@@ -381,6 +382,10 @@ class Harness(EvalCommon):
     """generation settings for every generation task, lm_eval's "key=value,..." (e.g. do_sample=True,temperature=0.7,
     top_p=0.9 or repetition_penalty=1.2): do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
     presence_penalty, frequency_penalty, max_gen_toks, until."""
+    reasoning_parser: ReasoningParser = "none"
+    """think (or vLLM's names qwen3, deepseek_r1), for thinking bases: a generation's <think> block (at its start, or
+    opened by the prompt) is read off and the task scores the answer after it, cut at the task's `until` strings (so
+    a generation runs to its end token or max_gen_toks), as lm_eval's think_end_token does for transformers models."""
     apply_chat_template: NoFlag = False
     """format every request with the tokenizer's chat template (instruct models, and Aligners trained with the
     default `chat` template), as lm_eval's --apply_chat_template."""
@@ -434,7 +439,7 @@ class Harness(EvalCommon):
                               f"renders every request with --chat-template-kwargs alone (one rendering for all the "
                               f"systems): pass them there to evaluate it as it was trained")
         lm = AlignerLM(model, tokenizer, {name: a for name, a, _ in systems}, self.batch_size, self.max_length,
-                       self.max_gen_toks)
+                       self.max_gen_toks, reasoning=self.reasoning_parser != "none")
         options = dict(apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,
                        system_instruction=self.system_instruction, gen_kwargs=self.gen_kwargs)
         try:

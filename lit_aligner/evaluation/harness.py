@@ -14,6 +14,8 @@ caches them; `view(name)` is the LM that lm_eval sees for one of them.
   Aligner per row. gen_kwargs are read as the harness's Hugging Face model reads them: sampling only with do_sample
   (temperature, top_k, top_p, min_p), the repetition, presence and frequency penalties either way; other keys
   (num_beams, ...) are ignored with a warning.
+- reasoning (`reasoning_parser=think` in lm_eval's --model_args): a thinking model's generation is read past its
+  think block (`lit_aligner.reasoning`) and the `until` strings cut the answer after it.
 - apply_chat_template / tokenizer_name / chat_template: lm_eval's --apply_chat_template, through the tokenizer's own
   chat template (the prompt format of an Aligner trained with the default `chat` template).
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from lit_aligner.generation.engine import Penalties, check_penalties, check_sampling, cut_at_stop
 from lit_aligner.model import Aligner, LLaMA, stack_aligners
 from lit_aligner.prompts import encode_prompt
+from lit_aligner.reasoning import opens_thinking, split_reasoning
 
 try:
     import lm_eval.models  # noqa: F401  lm_eval lists its own models only into an empty registry: fill it before ours
@@ -92,12 +95,17 @@ class AlignerLM(LM):
 
     def __init__(self, model: Optional[LLaMA] = None, tokenizer=None, aligners: Optional[Dict[str, Any]] = None,
                  batch_size: int = 8, max_length: Optional[int] = None, max_gen_toks: int = 256,
-                 active: Optional[str] = None, _cache: Optional[_Cache] = None, **kwargs: Any):
+                 active: Optional[str] = None, _cache: Optional[_Cache] = None, reasoning: bool = False,
+                 **kwargs: Any):
         if LM is object:
             raise ImportError("lm_eval is not installed: pip install -e '.[eval]'")
         super().__init__()
         if model is None:  # built by lm_eval from --model_args checkpoint_dir=...,aligner=...,device=...
             model, tokenizer, aligners = _from_args(**kwargs)
+            reasoning = kwargs.get("reasoning_parser", "none") != "none"
+        # a thinking model's answers: the think block is read off (`lit_aligner.reasoning`) and `until` cuts the answer
+        # after it, as lm_eval's think_end_token does for transformers models
+        self.reasoning = reasoning
         self.model, self.tok = model, tokenizer
         self.aligners = dict(aligners or {BASE: None})
         self.rows_per_batch = max(1, int(batch_size))
@@ -111,7 +119,7 @@ class AlignerLM(LM):
         if name not in self.aligners:
             raise KeyError(f"no Aligner named {name!r}; known: {', '.join(self.aligners)}")
         return AlignerLM(self.model, self.tok, self.aligners, self.rows_per_batch, self.max_length,
-                         self.max_gen_toks, active=name, _cache=self.cache)
+                         self.max_gen_toks, active=name, _cache=self.cache, reasoning=self.reasoning)
 
     # --- tokens -------------------------------------------------------------------------------------------------------
 
@@ -278,10 +286,13 @@ class AlignerLM(LM):
                     prompts.append(torch.tensor(ids, dtype=torch.long, device=self._device))
                 outs = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, penalties=penalties, stop_ids=self.tok.stop_ids,
-                                stop_strings=[key[1] for key, _ in chunk], decode=self._text,
-                                aligners=[self.aligners[n] for _, n in chunk])
+                                stop_strings=[() if self.reasoning else key[1] for key, _ in chunk],
+                                decode=self._text, aligners=[self.aligners[n] for _, n in chunk])
                 for (key, n), ids in zip(chunk, outs):
-                    self.cache.values[(n, "gen", key)] = cut_at_stop(self._text(ids), key[1])
+                    text = self._text(ids)
+                    if self.reasoning:  # (no stop string inside the reasoning: the stops apply to the answer)
+                        text = split_reasoning(text, opens_thinking(key[0]))[1] or ""
+                    self.cache.values[(n, "gen", key)] = cut_at_stop(text, key[1])
         self.model.clear_caches()
         return [self.cache.values[(self.active, "gen", k)] for k in keys]
 

@@ -321,8 +321,7 @@ def chat(model, tokenizer, entries: List[AlignerEntry], system: str, template: O
             print(flush=True)
             a = answers[0][0]
             histories[j] = item.history + [{"role": "user", "content": text},
-                                           {"role": "assistant", "content": (a.content or "").strip()
-                                            if a.reasoning is not None else a.text.strip()}]
+                                           {"role": "assistant", "content": a.reply}]
             if sink:
                 write_answer(sink, a, template)
 

@@ -482,3 +482,28 @@ def test_registering_our_lm_keeps_lm_evals_own_models():
 
     assert get_model("lit-aligner").__name__ == "AlignerLM"
     assert get_model("local-completions").__name__ == "LocalCompletionsAPI"
+
+
+def test_judge_reads_a_thinking_systems_answer_past_its_think_block(tiny_checkpoint_dir, tmp_path):
+    """judge --reasoning-parser think: under a template whose generation prompt opens a think block, the answer the
+    judge sees is the generated text read past the block (`split_reasoning`), not the reasoning."""
+    from lit_aligner.base import load_base
+    from lit_aligner.evaluation.commands import Judge
+    from lit_aligner.evaluation.judge import read_questions
+    from lit_aligner.generation import generate
+    from lit_aligner.prompts import encode_prompt
+    from lit_aligner.reasoning import split_reasoning
+
+    opens = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    ckpt = helpers.templated_checkpoint(tiny_checkpoint_dir, tmp_path / "thinking", opens)
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"Question {i}?"]}) + "\n" for i in range(2)))
+    model, tok = load_base(ckpt, "cpu", "float32")
+    questions = read_questions(prompts)
+    cmd = Judge(checkpoint_dir=ckpt, prompts=prompts, a="base", b="base", max_new_tokens=6, reasoning_parser="think")
+    got = cmd._answers("base", questions, model, tok)
+    for q, (answer,) in zip(questions, got):
+        raw = tok.decode(generate(model, [encode_prompt(tok, tok.apply_chat_template(
+            [{"role": "user", "content": q.turns[0]}]))], 6, stop_ids=tok.stop_ids)[0])
+        assert raw.strip() and answer == (split_reasoning(raw, inside=True)[1] or "").strip()

@@ -489,6 +489,10 @@ class Judge(EvalCommon):
     """most tokens per generated answer."""
     template: Optional[str] = None
     """prompt template for generated answers (default: each Aligner's own; the base: its chat template)."""
+    reasoning_parser: ReasoningParser = "none"
+    """think (or vLLM's names qwen3, deepseek_r1), for thinking systems: a generated answer's <think> block (at its
+    start, or opened by the prompt) is read off, and the judge sees the answer after it (its conversation goes on
+    with that too)."""
     multi_turn: bool = False
     """judge every turn of multi-turn prompts (MT-Bench's second turns): each system answers a follow-up with its own
     earlier answers in the conversation, and a later turn is judged on the two whole conversations (MT-Bench's
@@ -534,9 +538,9 @@ class Judge(EvalCommon):
                 for role, text in (("user", questions[i].turns[k]), ("assistant", out[i][k]))]) for i in asked]
             answers, _ = answer_prompts(model, tokenizer, items, [entry], self.max_new_tokens,
                                         batch_size=self.batch_size, template=self.template,
-                                        stop_ids=tokenizer.stop_ids)
+                                        stop_ids=tokenizer.stop_ids, reasoning=self.reasoning_parser != "none")
             for i, row in zip(asked, answers):
-                out[i].append(row[0].text.strip())
+                out[i].append(row[0].reply)
         model.clear_caches()
         return out
 

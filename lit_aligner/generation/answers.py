@@ -178,6 +178,12 @@ class Answer:
     content: Optional[str] = None  # with calls: the text around them (None when only blank); else `text`
     reasoning: Optional[str] = None  # with `reasoning`: the think block's text (None: no block); `content` follows it
 
+    @property
+    def reply(self) -> str:
+        """What a conversation goes on with, stripped: the answer after its think block when one was read (its
+        reasoning is not said again), else the whole text."""
+        return (self.content or "").strip() if self.reasoning is not None else self.text.strip()
+
 
 def bare_base_template(entries: Sequence[AlignerEntry], template: Optional[str] = None) -> Optional[str]:
     """The template the bare base answers with next to `entries`: `template`, else the one all the Aligners share."""

@@ -23,8 +23,9 @@ def opens_thinking(prompt: str) -> bool:
     return prompt.rfind(OPEN) > prompt.rfind(CLOSE)
 
 
-def _cut_tag(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `tag` (a tag cut between two pieces)."""
+def cut_tag(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a beginning of `tag`: a tag that may be cut between two streamed
+    pieces, held back until it is known (here and in `tools.CallStream`)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
             return n
@@ -54,7 +55,7 @@ class ReasoningStream:
             elif self.state == "reasoning":
                 end = self.buf.find(CLOSE)
                 if end < 0:
-                    keep = _cut_tag(self.buf, CLOSE)
+                    keep = cut_tag(self.buf, CLOSE)
                     if len(self.buf) > keep:
                         out.append(("reasoning", self.buf[:len(self.buf) - keep]))
                     self.buf = self.buf[len(self.buf) - keep:]
@@ -93,4 +94,4 @@ def split_reasoning(text: str, inside: bool = False) -> Tuple[Optional[str], Opt
     return reasoning, content or None
 
 
-__all__ = ["CLOSE", "OPEN", "ReasoningParser", "ReasoningStream", "opens_thinking", "split_reasoning"]
+__all__ = ["CLOSE", "OPEN", "ReasoningParser", "ReasoningStream", "cut_tag", "opens_thinking", "split_reasoning"]

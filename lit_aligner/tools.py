@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from lit_aligner.files import UserError
 from lit_aligner.generation.structured import OutputFormat, StructuredOutputError, check_format
+from lit_aligner.reasoning import cut_tag
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"  # Llama 3's mark of a tool call (its templates write it for built-in tools)
@@ -511,9 +512,7 @@ class CallStream:
         while True:
             start = self.buffer.find(self.open)
             if start < 0:
-                keep = next((k for k in range(min(len(self.open) - 1, len(self.buffer)), 0, -1)
-                             if self.open.startswith(self.buffer[-k:])), 0)
-                cut = len(self.buffer) - keep
+                cut = len(self.buffer) - cut_tag(self.buffer, self.open)
                 if cut:
                     out.append(self.buffer[:cut])
                 self.buffer = self.buffer[cut:]
@@ -540,8 +539,7 @@ class CallStream:
         call = None
         if rest.startswith(OPEN):
             body = rest[len(OPEN):].rstrip()
-            cut = next((k for k in range(min(len(CLOSE) - 1, len(body)), 0, -1) if CLOSE.startswith(body[-k:])), 0)
-            call = self.read(body[:len(body) - cut].strip())
+            call = self.read(body[:len(body) - cut_tag(body, CLOSE)].strip())
         return [call or rest]
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Dict, Iterator, List, Optional, Sequence, Set, Union
+from typing import Annotated, Any, Dict, Iterator, List, Optional, Sequence, Set, Type, Union
 
 import torch
 import tyro
@@ -310,15 +310,19 @@ def check_template_variables(variables: Any, what: str = "chat_template_kwargs")
     return variables
 
 
-def read_template_variables(text: Optional[str], what: str = "--chat-template-kwargs") -> Dict[str, Any]:
-    """A CLI's --chat-template-kwargs JSON as template variables (`check_template_variables`; {} without it)."""
+def read_template_variables(text: Optional[str], what: str = "--chat-template-kwargs",
+                            error: Type[Exception] = ValueError) -> Dict[str, Any]:
+    """A CLI's --chat-template-kwargs JSON as template variables (`check_template_variables`; {} without it). A
+    malformed one raises `error` (the caller's kind: TrainError, DataError, ...) naming `what`."""
     if text is None:
         return {}
     try:
         return check_template_variables(json.loads(text), what)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not valid JSON ({e.msg}); give an object, e.g. '{{\"enable_thinking\": "
-                         f"false}}'") from None
+        raise error(f"{what} is not valid JSON ({e.msg}); give an object, e.g. '{{\"enable_thinking\": "
+                    f"false}}'") from None
+    except ValueError as e:
+        raise error(str(e)) from None
 
 
 # The --chat-template-kwargs flag of every command that renders prompts (one help text, one default)

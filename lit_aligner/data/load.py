@@ -264,15 +264,12 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     return train, val, info
 
 
-def use_template_variables(tokenizer, template: str, variables: Dict[str, Any]) -> None:
-    """Render the rows of a training run or a prepare script with these chat-template variables (its
-    --chat-template-kwargs; tokenizer None: only check them); a named template takes none, so the flag beside one is a
-    mistake."""
+def check_template_variables_fit(template: str, variables: Dict[str, Any]) -> None:
+    """A training run's or a prepare script's --chat-template-kwargs are variables of the tokenizer's chat template:
+    a named template takes none, so the flag beside one is a mistake."""
     if variables and template != "chat":
         raise DataError(f"--chat-template-kwargs sets variables of the tokenizer's chat template; the {template!r} "
                         f"template takes none: drop the flag, or use --template chat")
-    if tokenizer is not None:
-        tokenizer.template_variables = variables
 
 
 def describe(info: Dict[str, Any]) -> str:

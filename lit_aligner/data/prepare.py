@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from lit_aligner.data.formats import DataError
-from lit_aligner.data.load import DataOptions, DataSource, build_datasets, report, use_template_variables
+from lit_aligner.data.load import DataOptions, DataSource, build_datasets, check_template_variables_fit, report
 from lit_aligner.data.prepared import META_NAME, is_prepared, save_prepared
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, CONVERT_DEFAULT_COMMAND
 from lit_aligner.files import input_files
@@ -86,10 +86,7 @@ def run_prepare(cfg: PrepareConfig) -> Dict[str, Any]:
     """What every scripts/prepare_*.py does: check the output directory, load the tokenizer, prepare, report."""
     from lit_aligner.base import load_tokenizer
 
-    try:
-        variables = read_template_variables(cfg.chat_template_kwargs)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    variables = read_template_variables(cfg.chat_template_kwargs, error=DataError)
     out_dir = Path(cfg.out_dir or cfg.default_out_dir())
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out-dir {out_dir} is a file; give a directory.")
@@ -104,7 +101,8 @@ def run_prepare(cfg: PrepareConfig) -> Dict[str, Any]:
                         f"model first (e.g. `{CONVERT_DEFAULT_COMMAND}`) or pass --checkpoint-dir.")
     tokenizer = load_tokenizer(cfg.checkpoint_dir)
     template = cfg.template or cfg.default_template(tokenizer)
-    use_template_variables(tokenizer, template, variables)
+    check_template_variables_fit(template, variables)
+    tokenizer.template_variables = variables
     info = prepare(cfg.kind, cfg.source(), out_dir, tokenizer, template, cfg.data_options, cfg.seed,
                    cfg.source_label())
     print(report(info))

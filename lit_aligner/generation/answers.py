@@ -298,12 +298,10 @@ def answer_prompts(
     for r, (i, j, text, _) in enumerate(requests):
         said = cut_at_stop(tokenizer.decode(outputs[r]), stop)
         tools = prompts[i].tools
-        thought, rest = None, said
-        if reasoning and grammar is None and (id(tools), styles[r]) not in grammars:
-            thought, rest = split_reasoning(said, opens_thinking(text))
-            rest = rest or ""
-        content, calls = split_calls(rest, styles[r], tools) if tools is not None and tools.choice != "none" \
-            else (rest if thought is None or rest else None, [])
+        thought, answer = split_reasoning(said, opens_thinking(text)) \
+            if reasoning and grammar is None and (id(tools), styles[r]) not in grammars else (None, said)
+        content, calls = split_calls(answer or "", styles[r], tools) if tools is not None and tools.choice != "none" \
+            else (answer, [])
         answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content, thought)
     return answers, all_stats
 

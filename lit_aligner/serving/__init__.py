@@ -65,10 +65,7 @@ class ServeConfig:
     answers as written."""
 
     def template_variables(self) -> Dict[str, Any]:
-        try:
-            return read_template_variables(self.default_chat_template_kwargs, "--default-chat-template-kwargs")
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        return read_template_variables(self.default_chat_template_kwargs, "--default-chat-template-kwargs", UserError)
 
     def check(self) -> None:
         self.template_variables()

@@ -12,7 +12,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Literal, Optional, Union
 
-from lit_aligner.data.load import DataOptions, use_template_variables
+from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
@@ -213,12 +213,9 @@ class RunConfig:
         if self.n_tokens < 1 or self.start_layer < 0:
             raise TrainError(f"--n-tokens must be >= 1 and --start-layer >= 0, got {self.n_tokens}, "
                              f"{self.start_layer}")
-        try:
-            variables = read_template_variables(self.chat_template_kwargs)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-        if self.template is not None:  # a named one is refused here, before a run directory exists
-            use_template_variables(None, self.template, variables)
+        variables = self.template_variables()  # malformed, or beside a named template: refused before a run directory
+        if self.template is not None:
+            check_template_variables_fit(self.template, variables)
         if self.prefix_init not in PREFIX_INITS:
             raise TrainError(f"--prefix-init must be one of {', '.join(PREFIX_INITS)}, got {self.prefix_init!r}")
         if not 0 < self.prefix_init_scale < float("inf"):
@@ -245,6 +242,10 @@ class RunConfig:
             if isinstance(path, (str, PathLike)) and not Path(path).exists():
                 raise TrainError(f"{flag} {path}: no such file or directory; check the path.")
 
+    def template_variables(self) -> Dict[str, Any]:
+        """--chat-template-kwargs as variables ({} without it); a malformed one is a TrainError."""
+        return read_template_variables(self.chat_template_kwargs, error=TrainError)
+
     def input_paths(self) -> Dict[str, Any]:
         """The files a run reads besides the base model, by flag."""
         return {"--data": self.data, "--val-data": self.val_data, "--init-aligner": self.init_aligner}
@@ -256,7 +257,7 @@ class RunConfig:
     def identity(self) -> Dict[str, Any]:
         """What a resumed run must share with the run that wrote its state (flag name -> value)."""
         return {"checkpoint_dir": str(self.checkpoint_dir), "data": str(self.data), "template": self.template,
-                "chat_template_kwargs": read_template_variables(self.chat_template_kwargs),
+                "chat_template_kwargs": self.template_variables(),
                 "objective": self.objective_name, "n_tokens": self.n_tokens, "start_layer": self.start_layer,
                 "init_aligner": str(self.init_aligner), "prefix_init": self.prefix_init,
                 "prefix_init_scale": self.prefix_init_scale,

@@ -186,16 +186,17 @@ def _load(run: Run) -> None:
     """Tokenizer, data, base model, Aligner (init, fresh or resumed) and the objective."""
     from lit_aligner.aligner_files import attach, load_aligner, new_aligner
     from lit_aligner.base import load_model, load_tokenizer
-    from lit_aligner.data import load_data, report, storable_info, use_template_variables
+    from lit_aligner.data import check_template_variables_fit, load_data, report, storable_info
     from lit_aligner.devices import precision_dtype
     from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
-    from lit_aligner.tokenizer import read_template_variables
 
     cfg, fabric = run.cfg, run.fabric
     objective_cls = get_objective(cfg.objective_name)
     run.tokenizer = load_tokenizer(cfg.checkpoint_dir, run.base_config)
     template = cfg.template or objective_cls.default_template(run.tokenizer)
-    use_template_variables(run.tokenizer, template, read_template_variables(cfg.chat_template_kwargs))
+    variables = cfg.template_variables()
+    check_template_variables_fit(template, variables)
+    run.tokenizer.template_variables = variables
     options = cfg.data_options
     if cfg.val_data is not None:  # a held-out file: the training file is not split
         options = dataclasses.replace(options, val_fraction=0.0, val_size=None)

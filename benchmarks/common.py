@@ -17,6 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# SimPO's settings in the benchmarks, ours and TRL's CPOTrainer alike (beta: the SimPO paper's range is 2 to 2.5; gamma:
+# TRL's default); a step's speed does not depend on them
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 0.5
 if str(REPO) not in sys.path:  # run as `python benchmarks/train.py` from anywhere
     sys.path.insert(0, str(REPO))
 
@@ -269,9 +272,11 @@ def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> 
 
 def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int, chunk_size: int,
                   device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
-    """One optimizer step of `mode`'s objective (the library's own SFT or DPO, whose reference is the bare base through
-    the same weights) on a fixed batch of `batch` random rows, under checkpointing `policy`: call it, get the loss (per
-    response token for SFT, per pair for DPO, as the trainer averages it)."""
+    """One optimizer step of `mode`'s objective (the library's own SFT, DPO, whose reference is the bare base through
+    the same weights, or SimPO: DPO's objective under a loss with no reference pass) on a fixed batch of `batch` random
+    rows, under checkpointing `policy`: call it, get the loss (per response token for SFT, per pair for DPO and SimPO,
+    as the trainer averages it)."""
+    from lit_aligner.training import DPOLossConfig
     from lit_aligner.training.objectives import get_objective
 
     apply_activation_checkpointing(model, policy)
@@ -279,7 +284,11 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
         torch._dynamo.reset()
         compile_blocks(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    objective = get_objective(mode)(pad_id=0, chunk_size=chunk_size)
+    if mode == "simpo":
+        objective = get_objective("dpo")(pad_id=0, chunk_size=chunk_size, config=DPOLossConfig(
+            loss=("simpo",), beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA))
+    else:
+        objective = get_objective(mode)(pad_id=0, chunk_size=chunk_size)
     g = torch.Generator().manual_seed(0)
     items = random_items(objective.data_kind, model.config.vocab_size, batch, seq_len, g)
     batch_t = {k: v.to(device) for k, v in objective.collate(items).items()}

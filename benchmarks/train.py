@@ -5,14 +5,16 @@ random token batches of --batch rows x --seq-len tokens, the first quarter of ea
 the results table per (mode, checkpointing policy). Warm-up steps are excluded; the median timed step is reported.
 Then, in the same run, the peer a user would pick instead: for SFT, PEFT LoRA r=8 (q, v) and PEFT prefix tuning (10
 virtual tokens) on a transformers model of the same shape and dtype, the same rows; for DPO, the same LoRA trained by
-TRL's DPOTrainer on the same pairs. Each under no checkpointing and under transformers' gradient checkpointing (the
-counterpart of `block`). With `--quantize` the base's block weights are held in 4 or 8 bits (lit_aligner.quantize), and
-the SFT peer is then QLoRA: the same LoRA on transformers' bitsandbytes model of the same mode, prepared by PEFT's
-`prepare_model_for_kbit_training` as a QLoRA user does.
+TRL's DPOTrainer on the same pairs; for SimPO (our DPO objective under `--loss simpo`: no reference pass), the same
+LoRA trained by TRL's CPOTrainer with its SimPO loss. Each under no checkpointing and under transformers' gradient
+checkpointing (the counterpart of `block`). With `--quantize` the base's block weights are held in 4 or 8 bits
+(lit_aligner.quantize), and the SFT peer is then QLoRA: the same LoRA on transformers' bitsandbytes model of the same
+mode, prepared by PEFT's `prepare_model_for_kbit_training` as a QLoRA user does.
 
     python benchmarks/train.py --config tiny --batch 2 --seq-len 32 --steps 2     # seconds, on any CPU
     python benchmarks/train.py --config Llama-2-7b-hf --batch 8 --seq-len 512 \\
         --mode sft dpo --checkpointing none selective mlp block                   # the issue's H100 targets
+    python benchmarks/train.py --mode dpo simpo --batch 8 --seq-len 256           # a reference pass against none
 """
 
 import dataclasses
@@ -26,7 +28,8 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BenchmarkError, build_model, build_peer_model, check_out, default_out, format_table,  # noqa: E402
+from common import (SIMPO_BETA, SIMPO_GAMMA, BenchmarkError, build_model, build_peer_model, check_out,  # noqa: E402
+                    default_out, format_table,
                     load_config, machine_info, median, out_of_memory_hint, peer_lora_config,
                     peer_prefix_tuning_config, peer_versions, pick_device, pick_dtype, require, sync, timed,
                     training_step, write_json, write_partial)
@@ -42,10 +45,13 @@ from lit_aligner.quantize import (MODES as QUANTIZE_MODES, QuantizeName, import_
 SYSTEM = "Aligner (lit-aligner)"
 LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
 LORA_DPO = "LoRA r=8 (PEFT, TRL DPOTrainer)"  # and our DPO rows
+LORA_SIMPO = "LoRA r=8 (PEFT, TRL CPOTrainer SimPO)"  # and our SimPO rows
 PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
     "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
     "dpo": {LORA_DPO: peer_lora_config},
+    "simpo": {LORA_SIMPO: peer_lora_config},
 }
+PAIRED = ("dpo", "simpo")  # modes whose rows are preference pairs (chosen + rejected)
 QLORA = "QLoRA r=8 (PEFT, bitsandbytes)"  # the peer of SFT on a quantized base: LoRA on transformers' quantized model
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
@@ -135,8 +141,8 @@ def quantized_peer_model(config, device: torch.device, dtype: torch.dtype, quant
 def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
              device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none") -> Dict[str, Any]:
     """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
-    if mode == "dpo":
-        return run_trl_dpo(config, system, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
+    if mode in PAIRED:
+        return run_trl_pairs(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
     model = peer_model(config, system, mode, policy, device, dtype, compiled, quantize=quantize)
     # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
     g = torch.Generator().manual_seed(0)
@@ -171,18 +177,27 @@ def word_tokenizer(vocab_size: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{vocab_size - 1}", pad_token="t0")
 
 
-def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-                device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
+def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
+                  device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
     """The DPO peer: PEFT's LoRA trained by TRL's DPOTrainer as a TRL user runs it (its dataset preparation,
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
-    the bare base through the same weights), on the pairs of `training_step` (batch / 2 pairs a step, each completion
+    the bare base through the same weights); the SimPO peer: the same LoRA trained by TRL's CPOTrainer with
+    loss_type simpo and no NLL term (cpo_alpha 0), as TRL documents SimPO, with no reference. Both on the pairs of
+    `training_step` (batch / 2 pairs a step, each completion
     ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no autocast, like
     ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward, TRL's metrics and
-    AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: its reference pass switches PEFT's
+    AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: DPO's reference pass switches PEFT's
     adapter off and on, which the compiled layers first see as a guard failure on the second step (and recompile)."""
     import datasets
     import transformers
     import trl
+
+    if mode == "simpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        loss_args = dict(loss_type="simpo", cpo_alpha=0.0, beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA,
+                         max_length=seq_len)  # (its default, 1024, would cut a longer --seq-len)
+    else:
+        Config, Trainer, loss_args = trl.DPOConfig, trl.DPOTrainer, dict(beta=0.1, max_length=None)
 
     vocab = config.vocab_size
     warmup = max(warmup, 2) if compiled else warmup
@@ -210,21 +225,21 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
             times.append(time.perf_counter() - self.t0)
 
     # TRL defaults to bf16 autocast and gradient checkpointing; the run sets both. transformers 5 renamed the latter.
-    names = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    names = {f.name for f in dataclasses.fields(Config)}
     ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, read by TRL and PEFT
-        args = trl.DPOConfig(
+        args = Config(
             output_dir=out_dir, per_device_train_batch_size=batch // 2, max_steps=warmup + steps, learning_rate=1e-4,
-            lr_scheduler_type="constant", beta=0.1, max_length=None, bf16=False, fp16=False, seed=0,
+            lr_scheduler_type="constant", **loss_args, bf16=False, fp16=False, seed=0,
             use_cpu=device.type == "cpu", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
             **{ckpt: policy == "block", f"{ckpt}_kwargs": {"use_reentrant": False}})
-        model = peer_model(config, system, "dpo", policy, device, dtype, compiled, checkpointing=False)
+        model = peer_model(config, system, mode, policy, device, dtype, compiled, checkpointing=False)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "new PAD/BOS/EOS tokens": the word tokenizer's, on purpose
         datasets.disable_progress_bars()
         try:
-            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer(
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer(
                 vocab), callbacks=[StepTimer()])
             where = trainer.args.device
             if (where.type, where.index or 0) != (device.type, device.index or 0) or trainer.args.n_gpu > 1:
@@ -238,7 +253,7 @@ def run_trl_dpo(config, system: str, policy: str, batch: int, seq_len: int, warm
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
         raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
-    return {"system": system, "mode": "dpo", "checkpointing": policy, "quantize": "none",
+    return {"system": system, "mode": mode, "checkpointing": policy, "quantize": "none",
             **timing_row(times, warmup, batch, seq_len, device, float(logs[-1]["loss"])),
             "weights_gb": model.get_memory_footprint() / 1e9,
             "first_loss": float(logs[0]["loss"]), "compile": compiled,
@@ -251,7 +266,7 @@ def main(
     seq_len: int = 64,
     n_tokens: int = 10,
     start_layer: int = 2,
-    mode: Tuple[Literal["sft", "dpo"], ...] = ("sft",),
+    mode: Tuple[Literal["sft", "dpo", "simpo"], ...] = ("sft",),
     checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
     quantize: Tuple[QuantizeName, ...] = ("none",),
     loss: Literal["chunked", "plain"] = "chunked",
@@ -271,12 +286,13 @@ def main(
 
     Args:
         config: named model shape (lit_aligner.config), e.g. tiny, SmolLM2-135M, Llama-2-7b-hf.
-        batch: rows per step (sequences). DPO uses batch / 2 pairs (chosen + rejected rows), so `--batch 16 --mode
-            sft dpo` compares SFT-16 with DPO on 8 pairs.
+        batch: rows per step (sequences). DPO and SimPO use batch / 2 pairs (chosen + rejected rows), so `--batch 16
+            --mode sft dpo` compares SFT-16 with DPO on 8 pairs.
         seq_len: tokens per row (the first quarter is prompt, without loss).
         n_tokens: Aligner prefix tokens N.
         start_layer: first gated layer.
-        mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base).
+        mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base),
+            simpo (the DPO objective under --loss simpo: no reference forward).
         checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
         quantize: one or more base weight formats: none (the precision's dtype) and the bitsandbytes modes of the
             trainers' --quantize (bnb.nf4, ...); a quantized base's SFT peer is QLoRA (PEFT LoRA r=8 on transformers'
@@ -293,15 +309,17 @@ def main(
             shape on a small machine; tokens/s and MFU then describe the truncated model).
         peer: also time the peer in the same run (transformers, PEFT and TRL: the `eval` extra) under `none` and
             `block`: for SFT, PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens); for DPO, that LoRA
-            trained by TRL's DPOTrainer; its decoder layers compiled when ours are; --no-peer skips it.
+            trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; its decoder layers compiled when ours are;
+            --no-peer skips it.
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
         force: replace an existing results file.
     """
     if batch < 1 or seq_len < 2 or warmup < 0 or steps < 1:
         raise BenchmarkError("--batch >= 1, --seq-len >= 2, --warmup >= 0 and --steps >= 1 are required")
-    if "dpo" in mode and batch % 2:
-        raise BenchmarkError(f"--mode dpo needs an even --batch (chosen + rejected rows), got {batch}")
+    paired = [m for m in mode if m in PAIRED]
+    if paired and batch % 2:
+        raise BenchmarkError(f"--mode {paired[0]} needs an even --batch (chosen + rejected rows), got {batch}")
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
@@ -321,7 +339,7 @@ def main(
     if peer and not peer_policies:
         print("note: no peer rows: the peer (PEFT, TRL) runs under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
-        require("transformers", "peft", *(["trl"] if "dpo" in mode else []), extra="eval", or_flag="--no-peer")
+        require("transformers", "peft", *(["trl"] if paired else []), extra="eval", or_flag="--no-peer")
     if not quantize:
         raise BenchmarkError(f"--quantize needs at least one base format: none, {', '.join(QUANTIZE_MODES)}")
     quantized = [q for q in dict.fromkeys(quantize) if q != "none"]
@@ -339,7 +357,7 @@ def main(
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
         "peers": ([s for m in mode for s in PEERS[m]] if "none" in quantize else [])
         + ([QLORA] if quantized and "sft" in mode else []) if peer_policies else [],
-        "peer_versions": peer_versions(trl="dpo" in mode) if peer_policies else None,
+        "peer_versions": peer_versions(trl=bool(paired)) if peer_policies else None,
         "complete": False,
         "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
     }
@@ -392,7 +410,7 @@ def main(
                       f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                 write_partial(path, payload)
         lora = {(r["mode"], r["checkpointing"], r["quantize"]): r["tokens_per_s"] for r in rows
-                if r["system"] in (LORA, LORA_DPO, QLORA)}
+                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, QLORA)}
         for r in rows:
             key = (r["mode"], r["checkpointing"], r["quantize"])
             if r["system"] == SYSTEM and key in lora:

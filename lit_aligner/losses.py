@@ -11,7 +11,8 @@ Conventions: `hidden` (B, T, C) is `model(idx, return_hidden=True)`; `labels` (B
 labels[:, 1:] (the shift happens here, callers pass unshifted labels).
 """
 
-from typing import Tuple
+import math
+from typing import Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +82,19 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE, average: bool = False) -> torch.Tensor:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, average: bool = False, cap: Optional[torch.Tensor] = None,
+                      tail_weight: float = 1.0) -> torch.Tensor:
     """Summed log-probability of each row's labelled tokens (the response): (B,) fp32 (nats).
 
     Same inputs as `chunked_cross_entropy`. average=True divides by each row's number of labelled tokens (rows with
-    none give 0). Used by DPO: log pi(y|x) for prompt + response rows."""
+    none give 0). cap (B,): a row's labelled tokens past its first cap[row] count tail_weight times (LD-DPO). Used by
+    DPO: log pi(y|x) for prompt + response rows."""
     lp, rows = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
     B = labels.shape[0]
+    if cap is not None:  # the positions come row by row, in order: each one's index within its row's response
+        count = torch.bincount(rows, minlength=B)
+        position = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
+        lp = torch.where(position < cap.to(rows.device)[rows], lp, tail_weight * lp)
     total = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, lp)
     if average:
         count = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
@@ -104,25 +111,135 @@ def reference_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> t
     return (lp * mask).sum(-1)
 
 
-DPO_LOSSES = ("sigmoid", "ipo")
+# TRL's preference losses (trl 1.16: `DPOConfig.loss_type`, and SimPO / ORPO from its CPO and ORPO trainers), each as
+# TRL computes it, so a user moving between the two trains on the same objective. The reference-free ones need no
+# reference pass at all.
+PreferenceLossName = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo",
+                             "orpo"]
+PREFERENCE_LOSSES = get_args(PreferenceLossName)
+REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
+LABEL_SMOOTHED = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo"})  # read label_smoothing
+# f-DPO (TRL's f_divergence_type): the divergence from the reference that the losses on the reward difference regularise
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+# the losses built on the chosen - rejected difference, the only ones an f-divergence generalises (TRL's list)
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, loss: str = "sigmoid",
-             label_smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO loss. All inputs (B,) summed response log-probs (nats). With
-    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
-        sigmoid: -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)     (eps = label smoothing: cDPO)
-        ipo:     (h - 1 / (2 * beta)) ** 2
-    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the implicit rewards are
-    beta * (policy - reference) and carry no gradient."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if loss == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss {loss!r}; one of {', '.join(DPO_LOSSES)}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return losses, chosen_rewards, rejected_rewards
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (ORPO's odds of an average log-probability)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _f_scores(logratio: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+    """f'(pi/ref) of the f-DPO paper on a log-ratio: the log-ratio itself under the reverse KL (DPO)."""
+    if divergence == "forward_kl":
+        return 1 - torch.exp(-logratio)
+    if divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if divergence == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:  # alpha -> 1 is the reverse KL
+        # exp() kept finite: fp16 overflows past ~11, fp32 and bf16 past ~88 (TRL's clamp)
+        t = ((alpha - 1.0) * logratio).float().clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
+        return ((torch.exp(t) - 1.0) / (alpha - 1.0)).to(logratio.dtype)
+    return logratio
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Optional[torch.Tensor],
+                    ref_rejected: Optional[torch.Tensor], chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
+                    beta: float = 0.1, loss: Sequence[str] = ("sigmoid",), weights: Optional[Sequence[float]] = None,
+                    label_smoothing: float = 0.0, discopop_tau: float = 0.05, simpo_gamma: float = 0.5,
+                    f_divergence: str = "reverse_kl",
+                    f_alpha: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference loss: the weighted sum of the named losses (TRL's `loss_type` list and `loss_weights`).
+
+    chosen, rejected: (B,) summed response log-probs of the policy (nats); ref_*: the reference's (None when every
+    loss is reference-free); *_tokens: (B,) response token counts (IPO, sigmoid_norm, SimPO and ORPO average over
+    them). With beta = b, eps = label_smoothing, the log-ratios c = chosen - ref_chosen, r = rejected - ref_rejected and
+    h = c - r:
+        sigmoid      -(1-eps) logsig(b h) - eps logsig(-b h)        (DPO; eps > 0: conservative DPO)
+        hinge        relu(1 - b h)                                  (SLiC)
+        ipo          (c/n_c - r/n_r - 1/(2b))^2                     (IPO, per-token log-ratios as its authors and TRL)
+        exo_pair     KL(softmax(b [c, r]) || [1-eps, eps])          (EXO; needs eps > 0)
+        nca_pair     -logsig(b c) - logsig(-b c)/2 - logsig(-b r)/2
+        robust       (-(1-eps) logsig(b h) + eps logsig(-b h)) / (1 - 2 eps)
+        bco_pair     -logsig(b c) - logsig(-b r)
+        sppo_hard    (c - 1/(2b))^2 + (r + 1/(2b))^2
+        aot          sigmoid on sort(chosen - rejected) - sort(ref_chosen - ref_rejected) over the batch
+        aot_unpaired sigmoid on sort(c) - sort(r) over the batch
+        apo_zero     1 - sig(b c) + sig(b r)
+        apo_down     sig(b c) + 1 - sig(b h)
+        discopop     logistic and exponential losses of b h, mixed by sig(b h / tau)
+        sft          the chosen responses' mean token NLL over the batch (RPO's term; every pair gets the batch mean)
+        sigmoid_norm -logsig(b (c/n_c - r/n_r))
+        simpo        sigmoid (with eps) on a_c - a_r - gamma/b, a = the policy's average log-prob (no reference)
+        orpo         sft - b logsig(log odds(a_c) - log odds(a_r))  (no reference)
+    f_divergence (f-DPO; f_alpha: its alpha-divergence's alpha) replaces c and r by f'(pi/ref) in h (and in ipo's and
+    sigmoid_norm's per-token difference): 1 - exp(-c) (forward_kl), log 2 + logsig(c) (js_divergence),
+    (exp((alpha-1) c) - 1) / (alpha-1) (alpha_divergence); reverse_kl (the default) keeps c.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards without gradient: b times the
+    log-ratios, or b times the average log-probs when every loss is reference-free (as TRL's CPO and ORPO log them)."""
+    names = (loss,) if isinstance(loss, str) else tuple(loss)
+    weights = tuple(weights) if weights is not None else (1.0,) * len(names)
+    if not names or len(weights) != len(names):
+        raise ValueError(f"{len(weights)} loss weights for the losses {', '.join(names) or '(none)'}")
+    for name in names:
+        if name not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {name!r}; one of {', '.join(PREFERENCE_LOSSES)}")
+    b, eps = beta, label_smoothing
+    nc, nr = chosen_tokens.to(chosen.dtype).clamp(min=1), rejected_tokens.to(chosen.dtype).clamp(min=1)
+    avg_c, avg_r = chosen / nc, rejected / nr
+    nll = -chosen.sum() / nc.sum()  # the batch's chosen tokens, as one mean
+    reference_free = set(names) <= REFERENCE_FREE
+    if not reference_free:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"the losses {', '.join(sorted(set(names) - REFERENCE_FREE))} need reference log-probs")
+        c, r = chosen - ref_chosen, rejected - ref_rejected
+        sc, sr = _f_scores(c, f_divergence, f_alpha), _f_scores(r, f_divergence, f_alpha)
+        h = sc - sr
+
+    def smoothed(x):  # the sigmoid loss with a share eps of flipped labels
+        return -(1 - eps) * F.logsigmoid(b * x) - eps * F.logsigmoid(-b * x)
+
+    total = chosen.new_zeros(chosen.shape)
+    for name, w in zip(names, weights):
+        if name == "sigmoid":
+            part = smoothed(h)
+        elif name == "hinge":
+            part = torch.relu(1 - b * h)
+        elif name == "ipo":
+            part = (sc / nc - sr / nr - 1 / (2 * b)) ** 2
+        elif name == "exo_pair":
+            part = (torch.sigmoid(b * h) * (F.logsigmoid(b * h) - math.log1p(-eps))
+                    + torch.sigmoid(-b * h) * (F.logsigmoid(-b * h) - math.log(eps)))
+        elif name == "nca_pair":
+            part = -F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c) - 0.5 * F.logsigmoid(-b * r)
+        elif name == "robust":
+            part = (-(1 - eps) * F.logsigmoid(b * h) + eps * F.logsigmoid(-b * h)) / (1 - 2 * eps)
+        elif name == "bco_pair":
+            part = -F.logsigmoid(b * c) - F.logsigmoid(-b * r)
+        elif name == "sppo_hard":
+            part = (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2
+        elif name == "aot":
+            part = smoothed(torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values)
+        elif name == "aot_unpaired":
+            part = smoothed(torch.sort(c).values - torch.sort(r).values)
+        elif name == "apo_zero":
+            part = 1 - torch.sigmoid(b * c) + torch.sigmoid(b * r)
+        elif name == "apo_down":
+            part = torch.sigmoid(b * c) + 1 - torch.sigmoid(b * h)
+        elif name == "discopop":
+            mix = torch.sigmoid(b * h / discopop_tau)
+            part = -F.logsigmoid(b * h) * (1 - mix) + torch.exp(-b * h) * mix
+        elif name == "sft":
+            part = nll.expand(chosen.shape)
+        elif name == "sigmoid_norm":
+            part = -F.logsigmoid(b * (sc / nc - sr / nr))
+        elif name == "simpo":
+            part = smoothed(avg_c - avg_r - simpo_gamma / b)
+        else:  # orpo
+            log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+            part = nll - b * F.logsigmoid(log_odds)
+        total = total + w * part
+    if reference_free:
+        return total, b * avg_c.detach(), b * avg_r.detach()
+    return total, b * c.detach(), b * r.detach()

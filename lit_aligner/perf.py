@@ -316,10 +316,11 @@ def train_flops_per_token(config: Config, seq_len: int, n_tokens: int = 10, star
                  + 2 * 2 * gated * N * C * 2 kv hs / (batch * T)      the prefix's K/V projection, forward + backward,
                                                                        once per step (so per token: / (batch * T))
     So a step costs ~ (2 + 2 * gated / n_layer) * params FLOPs per token, against 6 * params for full fine-tuning.
-    DPO (mode "dpo") adds the reference forward: the same base, no grad, the same tokens. `batch` only matters for the
-    per-step prefix projection (negligible unless batch * T is tiny)."""
-    if mode not in ("sft", "dpo"):
-        raise ValueError(f"mode must be 'sft' or 'dpo', got {mode!r}")
+    DPO (mode "dpo") adds the reference forward: the same base, no grad, the same tokens; SimPO (mode "simpo", on
+    pairs too) has none, so it costs what SFT does per token. `batch` only matters for the per-step prefix projection
+    (negligible unless batch * T is tiny)."""
+    if mode not in ("sft", "dpo", "simpo"):
+        raise ValueError(f"mode must be 'sft', 'dpo' or 'simpo', got {mode!r}")
     c = config
     hs, nh, kv, C, I = c.head_size, c.n_head, c.n_query_groups, c.n_embd, c.intermediate_size
     qkv = 2 * C * (nh + 2 * kv) * hs

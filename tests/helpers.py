@@ -1,6 +1,7 @@
 """Fixture builders shared by several test files, and how they run the repository's commands (imported as `helpers`;
 tests/ is on sys.path under pytest)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -216,3 +217,12 @@ def read_wandb_history(path: Path) -> Dict[int, Dict[str, float]]:
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 rows[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
     return rows
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """CI smoke tests of benchmarks/train.py, generate.py and profile_steps.py on the `tiny` shape: they run on the CPU in
 seconds, print their table and write a JSON file with machine information and one row per case."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,11 +15,7 @@ import helpers
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load_script = helpers.load_benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +100,20 @@ def test_train_benchmark_on_a_quantized_base_runs_beside_qlora(tmp_path):
     assert q4["vs_lora"] == pytest.approx(q4["tokens_per_s"] / qlora["tokens_per_s"])
     assert q4["trainable_params"] == ours["trainable_params"] and math.isfinite(q4["loss"])
     assert "QLoRA r=8 (PEFT, bitsandbytes)" in payload["peers"]
+
+
+def test_simpo_rows_run_no_reference_pass_beside_trls_cpo_trainer(tmp_path):
+    payload = load_script("train").main(config="tiny", batch=4, seq_len=16, mode=("dpo", "simpo"), warmup=1, steps=2,
+                                        device="cpu", threads=1, out=tmp_path / "t.json")
+    rows = {(r["system"], r["mode"]): r for r in payload["results"]}
+    ours_dpo, ours_simpo = rows["Aligner (lit-aligner)", "dpo"], rows["Aligner (lit-aligner)", "simpo"]
+    peer = rows["LoRA r=8 (PEFT, TRL CPOTrainer SimPO)", "simpo"]
+    # the same pairs, no reference forward: SimPO costs what SFT costs per token, less than DPO
+    assert ours_simpo["flops_per_token"] < ours_dpo["flops_per_token"]
+    assert ours_simpo["vs_lora"] == pytest.approx(ours_simpo["tokens_per_s"] / peer["tokens_per_s"])
+    assert math.isfinite(ours_simpo["loss"]) and math.isfinite(peer["loss"])
+    assert payload["peers"] == ["LoRA r=8 (PEFT, TRL DPOTrainer)", "LoRA r=8 (PEFT, TRL CPOTrainer SimPO)"]
+    assert "trl" in payload["peer_versions"]
 
 
 def test_the_dpo_peer_without_trl_names_the_extra_and_the_flag_before_anything_runs(tmp_path, monkeypatch):

@@ -14,12 +14,12 @@ from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
 from lit_aligner.data import TokenizedDataset
 from lit_aligner.evaluation import objective_metrics
-from lit_aligner.losses import dpo_loss
+from lit_aligner.losses import preference_loss, reference_sequence_logprobs, sequence_logprobs
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
 from lit_aligner.training import DPOLossConfig as DPOConfig
 from lit_aligner.training import TrainError
 from lit_aligner.training.objectives.dpo import (DPO, WithReference, as_reference, precompute_reference,
-                                                 reference_logprobs, resolve_reference)
+                                                 reference_logprobs, resolve_reference, shared_lengths)
 from lit_aligner.training.plot import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +50,28 @@ def tiny_model(seed=0, n_tokens=2, start_layer=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The loss on fixed numbers, against the formula written out with `math`
+# The losses: on fixed numbers against the formula written out with `math`, and every loss type against TRL's own
+# trainers on the same rows and models
 
 PC = [-12.0, -30.5, -7.25, -3.0]
 PR = [-14.5, -29.0, -9.0, -3.0]
 RC = [-13.0, -31.0, -7.0, -2.5]
 RR = [-13.5, -28.0, -9.5, -4.0]
+NC, NR = [3, 9, 2, 1], [4, 8, 3, 1]
 
 
 def _logsigmoid(x):
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
+def _fixed(loss, **kw):
+    t = [torch.tensor(v, dtype=torch.float64) for v in (PC, PR, RC, RR, NC, NR)]
+    return preference_loss(*t, loss=loss, **kw)
+
+
 @pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
 def test_sigmoid_loss_matches_the_formula(beta, eps):
-    t = [torch.tensor(v, dtype=torch.float64) for v in (PC, PR, RC, RR)]
-    losses, cr, rr = dpo_loss(*t, beta=beta, loss="sigmoid", label_smoothing=eps)
+    losses, cr, rr = _fixed("sigmoid", beta=beta, label_smoothing=eps)
     for i in range(len(PC)):
         h = (PC[i] - RC[i]) - (PR[i] - RR[i])
         want = -(1 - eps) * _logsigmoid(beta * h) - eps * _logsigmoid(-beta * h)
@@ -75,28 +81,199 @@ def test_sigmoid_loss_matches_the_formula(beta, eps):
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_ipo_loss_matches_the_formula(beta):
-    t = [torch.tensor(v, dtype=torch.float64) for v in (PC, PR, RC, RR)]
-    losses, _, _ = dpo_loss(*t, beta=beta, loss="ipo")
+def test_ipo_loss_is_on_per_token_log_ratios(beta):
+    losses, _, _ = _fixed("ipo", beta=beta)
     for i in range(len(PC)):
-        h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+        h = (PC[i] - RC[i]) / NC[i] - (PR[i] - RR[i]) / NR[i]  # IPO's authors' (and TRL's) length-normalised form
         assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-12)
 
 
+def test_losses_add_up_with_their_weights_and_reference_free_ones_read_no_reference():
+    mpo, _, _ = _fixed(("sigmoid", "bco_pair", "sft"), weights=(0.8, 0.2, 1.0))
+    parts = [_fixed(name)[0] for name in ("sigmoid", "bco_pair", "sft")]
+    assert torch.allclose(mpo, 0.8 * parts[0] + 0.2 * parts[1] + parts[2])
+    assert torch.allclose(parts[2], torch.full((4,), -sum(PC) / sum(NC), dtype=torch.float64))  # one batch mean
+    t = [torch.tensor(v, dtype=torch.float64) for v in (PC, PR, NC, NR)]
+    free, cr, _ = preference_loss(t[0], t[1], None, None, t[2], t[3], beta=2.0, loss=("simpo", "orpo"))
+    assert torch.allclose(cr, 2.0 * t[0] / t[2])  # rewards: beta times the average log-prob, as TRL's CPO logs them
+    assert torch.isfinite(free).all()
+    with pytest.raises(ValueError, match="sigmoid need reference"):
+        preference_loss(t[0], t[1], None, None, t[2], t[3], loss=("sigmoid", "sft"))
+
+
 def test_loss_gradient_pushes_chosen_up_and_rejected_down():
-    pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
-    losses, _, _ = dpo_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), beta=0.1)
-    losses.sum().backward()
-    assert pc.grad.item() < 0 < pr.grad.item()  # descending the loss raises log pi(chosen), lowers log pi(rejected)
+    for loss in ("sigmoid", "simpo", "orpo", "ipo"):
+        pc, pr = torch.tensor([-5.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+        ref, n = torch.tensor([-5.0]), torch.tensor([2])
+        losses, _, _ = preference_loss(pc, pr, ref, ref, n, n, beta=0.1, loss=loss)
+        losses.sum().backward()
+        assert pc.grad.item() < 0 < pr.grad.item(), loss  # descending raises log pi(chosen), lowers log pi(rejected)
 
 
 def test_bad_options_raise_clear_errors():
-    with pytest.raises(TrainError, match="--loss"):
-        DPOConfig(loss="hinge")
+    with pytest.raises(TrainError, match="--loss must be one or more of"):
+        DPOConfig(loss="kto")
     with pytest.raises(TrainError, match="--beta"):
         DPOConfig(beta=0)
-    with pytest.raises(TrainError, match="sigmoid"):
+    with pytest.raises(TrainError, match="--label-smoothing applies to"):
         DPOConfig(loss="ipo", label_smoothing=0.1)
+    with pytest.raises(TrainError, match="exo_pair needs --label-smoothing"):
+        DPOConfig(loss="exo_pair")
+    with pytest.raises(TrainError, match="2 weights for 3 losses"):
+        DPOConfig(loss=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2))
+    with pytest.raises(TrainError, match="names a loss twice"):
+        DPOConfig(loss=("sigmoid", "sigmoid"))
+    with pytest.raises(TrainError, match="--simpo-gamma applies to --loss simpo only"):
+        DPOConfig(simpo_gamma=1.0)
+    with pytest.raises(TrainError, match="--discopop-tau applies"):
+        DPOConfig(discopop_tau=0.1)
+    with pytest.raises(TrainError, match="generalises only the losses .* not bco_pair"):
+        DPOConfig(loss=("sigmoid", "bco_pair"), f_divergence="js_divergence")
+    with pytest.raises(TrainError, match="--f-alpha applies to --f-divergence alpha_divergence only"):
+        DPOConfig(f_alpha=0.3)
+    with pytest.raises(TrainError, match=r"--ld-alpha must be in \[0, 1\]"):
+        DPOConfig(ld_alpha=1.5)
+    with pytest.raises(TrainError, match="--ld-alpha .* does not apply to simpo"):
+        DPOConfig(loss="simpo", ld_alpha=0.5)
+    assert DPOConfig(loss="ipo").loss == ("ipo",)  # one name from the library's callers
+    assert DPOConfig(loss=("simpo", "sft")).reference_free and not DPOConfig(loss=("simpo", "ipo")).reference_free
+
+
+TRL_VOCAB = 64
+# TRL 1.16's DPOTrainer loss types; aot sorts over the batch, so its rows are scored as one batch by both
+TRL_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@pytest.fixture(scope="module")
+def trl_setting():
+    """Two different random tiny transformers Llamas (policy and reference; new ones for each test, as a TRL trainer
+    may patch the model it is given) and 4 pairs of different lengths, written in the benchmark's word tokenizer
+    ("t17 t3" -> [17, 3]) so that TRL tokenizes exactly these ids."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=TRL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    def models():
+        torch.manual_seed(0)
+        policy = transformers.LlamaForCausalLM(cfg).eval()
+        return policy, transformers.LlamaForCausalLM(cfg).eval()
+
+    g = torch.Generator().manual_seed(0)
+
+    def text(n, end=False):
+        ids = torch.randint(1, TRL_VOCAB - 1, (n,), generator=g).tolist() + ([TRL_VOCAB - 1] if end else [])
+        return " ".join(f"t{i}" for i in ids)
+
+    rows = [{"prompt": text(5 + i), "chosen": " " + text(3 + 2 * i, True), "rejected": " " + text(7 - i, True)}
+            for i in range(4)]
+    tokenizer = helpers.load_benchmark("train").word_tokenizer(TRL_VOCAB)
+    datasets.disable_progress_bars()
+    yield trl, models, datasets.Dataset.from_list(rows), tokenizer
+    datasets.enable_progress_bars()
+
+
+def _ours(model, input_ids, attention_mask, labels):
+    """Our summed response log-probs and response token counts of TRL's own padded rows (labels -100 elsewhere)."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return reference_sequence_logprobs(logits, labels), (labels[:, 1:] != -100).sum(1)
+
+
+def _trl_eval(trainer) -> dict:
+    import transformers
+
+    trainer.remove_callback(transformers.PrinterCallback)  # a line of metrics per evaluation
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return trainer.evaluate()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_every_dpo_loss_type_equals_trls_dpo_trainer_on_the_same_rows(trl_setting, tmp_path):
+    trl, models, dataset, tokenizer = trl_setting
+    policy, reference = models()
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_eval_batch_size=4, beta=0.3, max_length=None,
+                         use_cpu=True, report_to="none", bf16=False, disable_tqdm=True, label_smoothing=0.1)
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                             eval_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_eval_dataloader()))  # all 4 pairs: chosen rows, then rejected rows
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    pol, n = _ours(policy, batch["input_ids"], batch["attention_mask"], labels)
+    ref, _ = _ours(reference, batch["input_ids"], batch["attention_mask"], labels)
+    assert n.tolist() == [4, 6, 8, 10, 8, 7, 6, 5]  # the responses' lengths and their end token: TRL added nothing
+    cases = [((name,), None) for name in TRL_DPO_LOSSES] + [(("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0))]
+    for names, weights in cases:
+        trainer.loss_types, trainer.loss_weights = list(names), list(weights or [1.0] * len(names))
+        # TRL 1.16's sigmoid reads no label smoothing (ours does: conservative DPO), so compare it at 0
+        eps = 0.1 if set(names) & {"exo_pair", "robust", "aot", "aot_unpaired"} else 0.0
+        trainer.label_smoothing = eps
+        got = _trl_eval(trainer)
+        losses, cr, rr = preference_loss(pol[:4], pol[4:], ref[:4], ref[4:], n[:4], n[4:], beta=0.3, loss=names,
+                                         weights=weights, label_smoothing=eps)
+        assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5, abs=1e-6), names
+        if names == ("sft",):  # reference-free here: no implicit rewards to compare
+            continue
+        assert cr.mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5, abs=1e-6)
+        assert (cr - rr).mean().item() == pytest.approx(got["eval_rewards/margins"], rel=1e-5, abs=1e-6)
+    trainer.label_smoothing = 0.0
+    # f-DPO: each divergence on the losses it generalises
+    for divergence, alpha in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3)]:
+        trainer.f_divergence_type, trainer.f_alpha_divergence_coef = divergence, alpha
+        for name in ("sigmoid", "ipo", "sigmoid_norm", "hinge"):
+            trainer.loss_types, trainer.loss_weights = [name], [1.0]
+            losses, _, _ = preference_loss(pol[:4], pol[4:], ref[:4], ref[4:], n[:4], n[4:], beta=0.3, loss=name,
+                                           f_divergence=divergence, f_alpha=alpha)
+            assert losses.mean().item() == pytest.approx(_trl_eval(trainer)["eval_loss"], rel=1e-5), (divergence, name)
+    # LD-DPO: the tokens past a pair's shorter response count ld_alpha times, in policy and reference alike
+    trainer.f_divergence_type, trainer.loss_types, trainer.ld_alpha = "reverse_kl", ["sigmoid"], 0.25
+    eye = torch.eye(TRL_VOCAB)  # our sequence_logprobs on the models' logits: an identity "LM head"
+    cap = shared_lengths(labels)
+    assert cap.tolist() == [4, 6, 6, 5] * 2
+    with torch.no_grad():
+        pol_ld, ref_ld = (sequence_logprobs(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                            .logits, eye, labels, cap=cap, tail_weight=0.25)
+                          for m in (policy, reference))
+    assert not torch.allclose(pol_ld, pol)  # the longer responses' tails weigh less
+    losses, _, _ = preference_loss(pol_ld[:4], pol_ld[4:], ref_ld[:4], ref_ld[4:], n[:4], n[4:], beta=0.3)
+    assert losses.mean().item() == pytest.approx(_trl_eval(trainer)["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_simpo_and_orpo_equal_trls_cpo_and_orpo_trainers(trl_setting, tmp_path):
+    trl, models, dataset, tokenizer = trl_setting
+    policy, _ = models()
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    common = dict(output_dir=str(tmp_path), per_device_eval_batch_size=4, use_cpu=True, report_to="none", bf16=False,
+                  disable_tqdm=True)
+    simpo = CPOTrainer(model=policy, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7,
+                                                    label_smoothing=0.1, **common),
+                       train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(simpo.get_eval_dataloader()))
+    c, nc = _ours(policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+    r, nr = _ours(policy, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"])
+    assert nc.tolist() == [4, 6, 8, 10] and nr.tolist() == [8, 7, 6, 5]
+    got = _trl_eval(simpo)
+    losses, cr, _ = preference_loss(c, r, None, None, nc, nr, beta=2.0, loss="simpo", label_smoothing=0.1,
+                                    simpo_gamma=0.7)
+    assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5)
+    assert cr.mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5)
+
+    orpo = ORPOTrainer(model=policy, args=ORPOConfig(beta=0.3, **common), train_dataset=dataset,
+                       eval_dataset=dataset, processing_class=tokenizer)
+    got = _trl_eval(orpo)
+    losses, _, _ = preference_loss(c, r, None, None, nc, nr, beta=0.3, loss="orpo")
+    nll = -c.sum() / nc.sum()  # ours: the chosen responses' tokens (TRL's experimental trainer adds the prompt's)
+    assert got["eval_nll_loss"] != pytest.approx(nll.item(), rel=1e-4)  # so the totals differ by that term only
+    assert losses.mean().item() == pytest.approx(nll.item() - 0.3 * got["eval_log_odds_ratio"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,6 +317,51 @@ def test_held_out_reward_accuracy_rises_above_chance():
     assert after["reward_accuracy"] >= 0.85, after
     assert after["loss"] < before["loss"] - 0.1, (before, after)
     assert after["reward_margin"] > 0
+
+
+def test_ld_alpha_zero_scores_each_pair_up_to_its_shorter_answer_and_one_is_dpo():
+    """LD-DPO through the objective: at 0 the tokens past the shorter answer of a pair count nothing, so the loss
+    equals DPO's on the pairs cut to that length (a causal model scores a prefix the same without what follows)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.aligner.gate.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(9)
+    ids = [(torch.randint(20, VOCAB, (5,), generator=g), torch.randint(20, VOCAB, (n,), generator=g),
+            torch.randint(20, VOCAB, (m,), generator=g)) for n, m in [(7, 3), (2, 6), (4, 4)]]
+    full = collate_dpo(TokenizedDataset.from_rows("preference", ids))
+    short = [(p, c[:min(len(c), len(r))], r[:min(len(c), len(r))]) for p, c, r in ids]
+    cut = collate_dpo(TokenizedDataset.from_rows("preference", short))
+    reference = as_reference(tiny_model(seed=1).aligner)
+    with torch.no_grad():
+        ld0, _ = dpo_step_loss(model, full, reference, DPOConfig(ld_alpha=0.0))
+        want, _ = dpo_step_loss(model, cut, reference, DPOConfig())
+        ld1, _ = dpo_step_loss(model, full, reference, DPOConfig(ld_alpha=1.0))
+        dpo, _ = dpo_step_loss(model, full, reference, DPOConfig())
+    assert ld0.item() == pytest.approx(want.item(), rel=1e-5) and ld1.item() == pytest.approx(dpo.item(), rel=1e-6)
+    assert abs(ld0.item() - dpo.item()) > 1e-4
+
+
+@pytest.mark.parametrize("cfg", [DPOConfig(loss="simpo", beta=2.0, simpo_gamma=0.5), DPOConfig(loss="orpo", beta=0.5)],
+                         ids=["simpo", "orpo"])
+def test_reference_free_losses_learn_the_preference_with_one_pass_a_step(cfg, monkeypatch):
+    model = tiny_model()
+    train, val = synthetic_pairs(64, seed=1), synthetic_pairs(32, seed=2)
+    reference = as_reference(model.aligner)  # given, but these losses never read it
+    before = evaluate_dpo(model, val, reference, cfg, batch_size=16)
+    calls = []
+    original = LLaMA.forward
+
+    def spy(self, idx, *args, **kwargs):
+        calls.append(kwargs.get("aligner"))
+        return original(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(LLaMA, "forward", spy)
+    train_steps(model, train, reference, cfg, steps=40)
+    assert calls == [None] * 40  # the policy's pass only: no reference pass
+    monkeypatch.undo()
+    after = evaluate_dpo(model, val, reference, cfg, batch_size=16)
+    assert after["reward_accuracy"] >= 0.85 > before["reward_accuracy"], (before, after)
+    assert after["loss"] < before["loss"] - 0.1 and after["reward_margin"] > before["reward_margin"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,6 +602,22 @@ def test_precomputing_the_reference_is_refused_under_fsdp():
     with pytest.raises(TrainError, match="--precompute-reference .* --strategy fsdp"):
         DPORunConfig(precompute_reference=True, strategy="fsdp").check()
     DPORunConfig(precompute_reference=True, strategy="ddp").check()
+
+
+def test_a_run_with_several_losses_records_them_and_a_reference_free_one_refuses_a_reference(
+        tiny_checkpoint_dir, pairs_file, tmp_path):
+    cfg = dpo_run_config(tiny_checkpoint_dir, tmp_path / "mpo", data=pairs_file, train={"max_steps": 4},
+                         dpo=DPOConfig(beta=0.5, loss=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)))
+    summary = run_dpo(cfg)
+    _, meta = load_aligner(tmp_path / "mpo" / "aligner.safetensors")
+    assert meta["loss"] == "sigmoid,bco_pair,sft" and json.loads(meta["loss_weights"]) == [0.8, 0.2, 1.0]
+    assert json.loads(meta["label_smoothing"]) == 0.0 and "simpo_gamma" not in meta
+    assert math.isfinite(summary["val"]["loss"])
+    r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", pairs_file,
+                   "--loss", "simpo", "--precompute-reference", "--out-dir", tmp_path / "simpo")
+    assert r.returncode != 0 and not (tmp_path / "simpo").exists()
+    assert r.stderr.strip().splitlines() == ["error: --loss simpo reads no reference: drop --precompute-reference (or "
+                                             "add a loss that compares with a reference, e.g. sigmoid)"]
 
 
 def test_eval_only_refuses_a_wandb_project_it_would_not_log_to():

@@ -266,6 +266,8 @@ class Preference(DataCommon):
             raise UserError("give the policies to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
         model, tokenizer = self.load()
         systems = _aligners(self.aligners, model)
+        if self.dpo.reference_free and self.reference.lower() != "none":
+            raise UserError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop --reference")
         reference, desc = resolve_reference(self.reference, None, model)
         objective = DPO(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, reference, self.dpo, desc)
 
@@ -275,11 +277,13 @@ class Preference(DataCommon):
             return {"pairs": m["pairs"], **{TRL_NAMES[k]: v for k, v in m.items() if k in TRL_NAMES}}
 
         results, data = self.score(systems, "preference", tokenizer, DPO.default_template(tokenizer), metrics)
-        return {"command": "preference", "reference": desc, "beta": self.dpo.beta, "loss_type": self.dpo.loss,
+        settings = self.dpo.settings()
+        return {"command": "preference", "reference": desc, "loss_type": settings.pop("loss"), **settings,
                 "results": results, "data": data}
 
     def format(self, result: Dict[str, Any]) -> str:
-        return f"reference: {result['reference']}, beta {result['beta']}\n" + _table(result["results"], [
+        head = f"reference: {result['reference']}, loss {result['loss_type']}, beta {result['beta']}\n"
+        return head + _table(result["results"], [
             ("policy", "name", "{}"), ("pairs", "pairs", "{}"), ("loss", "loss", "{:.4f}"),
             ("rewards/accuracies", "rewards/accuracies", "{:.3f}"), ("rewards/margins", "rewards/margins", "{:+.4f}"),
             ("rewards/chosen", "rewards/chosen", "{:+.4f}"), ("rewards/rejected", "rewards/rejected", "{:+.4f}"),

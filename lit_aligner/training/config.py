@@ -10,12 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union
 
 from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
-from lit_aligner.losses import DEFAULT_CHUNK_SIZE, DPO_LOSSES
+from lit_aligner.losses import (DEFAULT_CHUNK_SIZE, F_DIVERGENCE_LOSSES, LABEL_SMOOTHED, PREFERENCE_LOSSES,
+                                REFERENCE_FREE, FDivergence, PreferenceLossName)
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 from lit_aligner.quantize import QuantizeFlag, check_mode, import_bitsandbytes
@@ -310,24 +311,103 @@ class SFTRunConfig(RunConfig):
 
 @dataclass
 class DPOLossConfig:
-    """The DPO loss."""
+    """The preference loss: TRL's loss types under TRL's names, one or a weighted sum (`losses.preference_loss`)."""
 
     beta: float = 0.1
-    """DPO temperature beta (implicit reward = beta * (log pi - log ref), nats)."""
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid (the DPO paper) or ipo."""
+    """temperature beta (implicit reward = beta * (log pi - log ref), nats; SimPO and ORPO: see howto/dpo.md)."""
+    loss: Tuple[PreferenceLossName, ...] = ("sigmoid",)
+    """one or more loss types, under TRL's names and as TRL computes them, summed with --loss-weights: sigmoid is DPO;
+    sft adds the chosen answers' NLL (`sigmoid sft`: RPO; `sigmoid bco_pair sft`: MPO); simpo and orpo read no
+    reference (no reference pass). Each formula: howto/dpo.md."""
+    loss_weights: Optional[Tuple[float, ...]] = None
+    """one weight per --loss (default: 1 each), e.g. 0.8 0.2 1.0 for MPO."""
     label_smoothing: float = 0.0
-    """sigmoid only: assumed share of flipped labels (conservative DPO), in [0, 0.5)."""
+    """assumed share of flipped labels, in [0, 0.5): sigmoid (conservative DPO), robust, aot, aot_unpaired, simpo;
+    exo_pair's epsilon (must be > 0, e.g. 1e-3)."""
+    discopop_tau: float = 0.05
+    """discopop only: the temperature that mixes its logistic and exponential parts."""
+    simpo_gamma: float = 0.5
+    """simpo only: the target reward margin gamma (loss -logsigmoid(beta * (average log-prob difference) - gamma))."""
+    f_divergence: FDivergence = "reverse_kl"
+    """f-DPO: the divergence from the reference that the loss regularises; reverse_kl is DPO's (sigmoid, sigmoid_norm,
+    hinge, ipo, exo_pair, robust, discopop take another)."""
+    f_alpha: float = 0.5
+    """alpha_divergence only: its alpha (1 is the reverse KL)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO: the tokens of the longer answer past the shorter one's length count this much (0..1; 1 = DPO), against
+    the preference for longer answers. None: off."""
 
     def __post_init__(self):
-        if self.loss not in DPO_LOSSES:
-            raise TrainError(f"--loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        if isinstance(self.loss, str):  # the library's callers (and configs from before several losses) give one name
+            self.loss = (self.loss,)
+        self.loss = tuple(self.loss)
+        unknown = [name for name in self.loss if name not in PREFERENCE_LOSSES]
+        if unknown or not self.loss:
+            raise TrainError(f"--loss must be one or more of {', '.join(PREFERENCE_LOSSES)}, got "
+                             f"{' '.join(map(repr, self.loss)) or 'nothing'}")
+        if len(set(self.loss)) != len(self.loss):
+            raise TrainError(f"--loss names a loss twice ({' '.join(self.loss)}): give each once, weighted with "
+                             "--loss-weights")
+        if self.loss_weights is not None:
+            self.loss_weights = tuple(float(w) for w in self.loss_weights)
+            if len(self.loss_weights) != len(self.loss):
+                raise TrainError(f"--loss-weights gives {len(self.loss_weights)} weights for {len(self.loss)} losses "
+                                 f"({' '.join(self.loss)}): one each")
         if not self.beta > 0:
             raise TrainError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise TrainError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss == "ipo" and self.label_smoothing:
-            raise TrainError("--label-smoothing applies to the sigmoid loss only (cDPO); drop it with --loss ipo")
+        if self.label_smoothing and not set(self.loss) & LABEL_SMOOTHED:
+            raise TrainError(f"--label-smoothing applies to {', '.join(sorted(LABEL_SMOOTHED))}, not to "
+                             f"{' '.join(self.loss)}: drop it")
+        if "exo_pair" in self.loss and not self.label_smoothing:
+            raise TrainError("--loss exo_pair needs --label-smoothing > 0 (EXO's epsilon, e.g. 1e-3)")
+        if self.discopop_tau != 0.05 and "discopop" not in self.loss:
+            raise TrainError("--discopop-tau applies to --loss discopop only: drop it")
+        if not self.discopop_tau > 0:
+            raise TrainError(f"--discopop-tau must be > 0, got {self.discopop_tau}")
+        if self.simpo_gamma != 0.5 and "simpo" not in self.loss:
+            raise TrainError("--simpo-gamma applies to --loss simpo only: drop it")
+        if self.f_divergence != "reverse_kl" and not set(self.loss) <= F_DIVERGENCE_LOSSES:
+            raise TrainError(f"--f-divergence {self.f_divergence} generalises only the losses on the chosen - rejected "
+                             f"difference ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not "
+                             f"{' '.join(sorted(set(self.loss) - F_DIVERGENCE_LOSSES))}")
+        if self.f_alpha != 0.5 and self.f_divergence != "alpha_divergence":
+            raise TrainError("--f-alpha applies to --f-divergence alpha_divergence only: drop it")
+        if self.ld_alpha is not None:
+            if not 0.0 <= self.ld_alpha <= 1.0:
+                raise TrainError(f"--ld-alpha must be in [0, 1], got {self.ld_alpha}")
+            if set(self.loss) & REFERENCE_FREE:
+                raise TrainError(f"--ld-alpha weighs the log-ratios to the reference; it does not apply to "
+                                 f"{' '.join(sorted(set(self.loss) & REFERENCE_FREE))}")
+
+    @property
+    def reference_free(self) -> bool:
+        """No loss reads the reference: no reference pass, no reference to choose."""
+        return set(self.loss) <= REFERENCE_FREE
+
+    def describe(self) -> str:
+        """The losses as one string ("sigmoid", "sigmoid,bco_pair,sft"): the metadata's and a resume's `loss`."""
+        return ",".join(self.loss)
+
+    def settings(self) -> Dict[str, Any]:
+        """What the loss depends on, for metadata and a run's identity: beta, the loss and each setting it reads."""
+        out: Dict[str, Any] = {"beta": self.beta, "loss": self.describe()}
+        if self.loss_weights is not None:
+            out["loss_weights"] = list(self.loss_weights)
+        if self.label_smoothing or set(self.loss) & LABEL_SMOOTHED:
+            out["label_smoothing"] = self.label_smoothing
+        if "discopop" in self.loss:
+            out["discopop_tau"] = self.discopop_tau
+        if "simpo" in self.loss:
+            out["simpo_gamma"] = self.simpo_gamma
+        if self.f_divergence != "reverse_kl":
+            out["f_divergence"] = self.f_divergence
+            if self.f_divergence == "alpha_divergence":
+                out["f_alpha"] = self.f_alpha
+        if self.ld_alpha is not None:
+            out["ld_alpha"] = self.ld_alpha
+        return out
 
 
 @dataclass
@@ -357,6 +437,10 @@ class DPORunConfig(RunConfig):
         if self.precompute_reference and self.strategy == "fsdp":
             raise TrainError("--precompute-reference scores the pairs with one unsharded copy of the base, which "
                              "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
+        if self.dpo.reference_free and (self.precompute_reference or self.reference_aligner is not None):
+            flag = "--precompute-reference" if self.precompute_reference else "--reference-aligner"
+            raise TrainError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop {flag} (or add a loss that "
+                             "compares with a reference, e.g. sigmoid)")
         if self.eval_only and self.wandb_project is not None:
             raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
                              "printed as JSON on the last line)")
@@ -366,8 +450,7 @@ class DPORunConfig(RunConfig):
         return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "beta": self.dpo.beta, "loss": self.dpo.loss,
-                "reference_aligner": str(self.reference_aligner)}
+        return {**super().identity(), **self.dpo.settings(), "reference_aligner": str(self.reference_aligner)}
 
 
 def plain(v: Any) -> Any:

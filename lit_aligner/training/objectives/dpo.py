@@ -6,9 +6,10 @@ paper's code loaded two full model copies on two GPUs for this; here the referen
 few gates) and a forward pass under `torch.no_grad()`, or nothing per step with precomputed reference log-probs.
 
 A batch holds 2B rows: prompt+chosen first, then prompt+rejected, so one forward pass scores both halves; log-probs
-are summed over response tokens only (`losses.sequence_logprobs`), the loss is `losses.dpo_loss`. Implicit rewards:
-beta * (log pi - log ref) for chosen and rejected; reward accuracy = mean(chosen > rejected), a tie counting 1/2 (so a
-policy equal to its reference scores 0.5, chance).
+are summed over response tokens only (`losses.sequence_logprobs`), the loss is `losses.preference_loss` (DPO's
+sigmoid by default, or any of TRL's loss types; the reference-free ones, SimPO and ORPO, skip the reference pass).
+Implicit rewards: beta * (log pi - log ref) for chosen and rejected; reward accuracy = mean(chosen > rejected), a tie
+counting 1/2 (so a policy equal to its reference scores 0.5, chance).
 """
 
 import hashlib
@@ -20,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from lit_aligner.data.dataset import pad_rows
-from lit_aligner.losses import DEFAULT_CHUNK_SIZE, dpo_loss, sequence_logprobs
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, preference_loss, sequence_logprobs
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.training.config import DPOLossConfig, TrainError
 from lit_aligner.training.objectives import Batch, Objective, register
@@ -30,19 +31,36 @@ Reference = Union[Aligner, bool]
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
 
+def response_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) each row's response tokens (labels != -100, after the shift): what its log-prob sums over."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
 def response_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, aligner=None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, ld_alpha: Optional[float] = None) -> torch.Tensor:
     """(N,) summed log-probs (fp32, nats) of each row's response tokens (labels != -100) given its prompt.
-    input_ids, labels: (N, T). aligner: None (the policy: `model.aligner`), an Aligner, or False (bare base)."""
+    input_ids, labels: (N, T). aligner: None (the policy: `model.aligner`), an Aligner, or False (bare base).
+    ld_alpha (LD-DPO, rows = chosen then rejected): the tokens past the shorter response of a pair count ld_alpha
+    times, so that a longer answer's extra tokens weigh less in the preference."""
     hidden = model(input_ids, aligner=aligner, return_hidden=True)  # (N, T, C)
-    return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size)
+    if ld_alpha is None:
+        return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size)
+    return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size, cap=shared_lengths(labels),
+                             tail_weight=ld_alpha)
+
+
+def shared_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """(2B,) for rows chosen then rejected: each pair's shorter response length, for both of its rows (LD-DPO)."""
+    n = response_tokens(labels)
+    B = n.shape[0] // 2
+    return torch.minimum(n[:B], n[B:]).repeat(2)
 
 
 @torch.no_grad()
 def reference_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, reference: Reference,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                       chunk_size: int = DEFAULT_CHUNK_SIZE, ld_alpha: Optional[float] = None) -> torch.Tensor:
     """(N,) reference log-probs: the same base with the frozen `reference` Aligner (or False: none), no graph."""
-    return response_logprobs(model, input_ids, labels, reference, chunk_size)
+    return response_logprobs(model, input_ids, labels, reference, chunk_size, ld_alpha)
 
 
 def as_reference(aligner: Optional[Aligner], device=None) -> Reference:
@@ -103,13 +121,18 @@ class DPO(Objective):
         B = input_ids.shape[0] // 2
         if input_ids.shape[0] != 2 * B or B == 0:
             raise TrainError(f"a DPO batch needs 2B rows (chosen then rejected), got {input_ids.shape[0]}")
-        ref = batch.get("ref_logps")
-        if ref is None:
-            ref = reference_logprobs(model, input_ids, labels, self.reference, self.chunk_size)
-        ref = ref.to(device=input_ids.device, dtype=torch.float32)
-        pol = response_logprobs(model, input_ids, labels, self.aligner, self.chunk_size)
         c = self.config
-        losses, cr, rr = dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], c.beta, c.loss, c.label_smoothing)
+        ref = batch.get("ref_logps")
+        if ref is None and not c.reference_free:
+            ref = reference_logprobs(model, input_ids, labels, self.reference, self.chunk_size, c.ld_alpha)
+        if ref is not None:
+            ref = ref.to(device=input_ids.device, dtype=torch.float32)
+        pol = response_logprobs(model, input_ids, labels, self.aligner, self.chunk_size, c.ld_alpha)
+        tokens = response_tokens(labels)
+        losses, cr, rr = preference_loss(
+            pol[:B], pol[B:], None if ref is None else ref[:B], None if ref is None else ref[B:], tokens[:B],
+            tokens[B:], c.beta, c.loss, c.loss_weights, c.label_smoothing, c.discopop_tau, c.simpo_gamma,
+            c.f_divergence, c.f_alpha)
         return {
             "loss": losses.float().sum(),
             # a tie counts half: the untrained policy (== reference) then scores exactly chance, 0.5
@@ -124,7 +147,8 @@ class DPO(Objective):
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "DPO":
         # a frozen private copy, taken before any training (or resumed state) touches model.aligner
-        reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+        reference, desc = (False, "none") if cfg.dpo.reference_free else resolve_reference(
+            cfg.reference_aligner, run.init_aligner, run.model)
         if reference is not False:
             reference = reference.to(run.fabric.device)
         objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc)
@@ -136,8 +160,7 @@ class DPO(Objective):
             run.train, run.val = with_cached_reference(run, self)
 
     def metadata(self) -> Dict[str, Any]:
-        return {"beta": self.config.beta, "loss": self.config.loss, "label_smoothing": self.config.label_smoothing,
-                "reference": self.reference_desc}
+        return {**self.config.settings(), "reference": self.reference_desc}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,7 +198,7 @@ def precompute_reference(model: LLaMA, dataset: Dataset, objective: DPO,
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
         batch = objective.collate(items)
         lp = reference_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device), objective.reference,
-                                objective.chunk_size).cpu()
+                                objective.chunk_size, objective.config.ld_alpha).cpu()
         chosen.append(lp[:len(items)])
         rejected.append(lp[len(items):])
     model.train(was_training)
@@ -249,7 +272,7 @@ def with_cached_reference(run: Any, objective: DPO):
     fabric = run.fabric
     path = reference_cache_path(run.cfg.data, run.out_dir)
     expected = {"base": run.base_config.name, "precision": run.precision,
-                "reference": reference_fingerprint(objective.reference),
+                "reference": reference_fingerprint(objective.reference), "ld_alpha": str(objective.config.ld_alpha),
                 "train": dataset_fingerprint(run.train), "val": dataset_fingerprint(run.val)}
     cached = load_reference_cache(path, expected)
     if cached is None:

@@ -920,7 +920,8 @@ def test_an_answers_reasoning_content_is_learned_in_the_think_block_its_template
     """An assistant answer's reasoning_content (TRL / transformers messages) reaches the chat template: under Qwen3's
     (TRL's copy) the answer learned is the same tokens as the same reasoning written inline as <think>...</think> in
     the content (which the template splits itself), and differs from the answer without it; a template that writes
-    no think block, a named template, or reasoning on a preference answer is a counted bad row, not lost silently."""
+    no think block or a named template is a counted bad row, not lost silently. The same for either answer of a
+    preference pair (DPO on reasoning traces)."""
     trl = pytest.importorskip("trl")
     from importlib import resources
 
@@ -937,12 +938,25 @@ def test_an_answers_reasoning_content_is_learned_in_the_think_block_its_template
     assert reasoned == answer(content="<think>\nTwo and two make four.\n</think>\n\nIt is 4.")
     assert "Two and two make four." in reasoned and reasoned != answer(content="It is 4.")
     row = {"messages": [ask, {"role": "assistant", "content": "It is 4.", "reasoning_content": "Two and two."}]}
-    pair = {"prompt": [ask], "chosen": [{"role": "assistant", "content": "4", "reasoning_content": "r"}],
-            "rejected": [{"role": "assistant", "content": "5"}]}
+    def pair(chosen, rejected):
+        train, _, _ = load_data("preference", [{"prompt": [ask], "chosen": [{"role": "assistant", **chosen}],
+                                                "rejected": [{"role": "assistant", **rejected}]}], tok, "chat",
+                                DataOptions(val_fraction=0.0, strict_data=True))
+        return tok.decode(train[0]["chosen"]), tok.decode(train[0]["rejected"])
+
+    inline = pair({"content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
+                  {"content": "<think>\nTwo and three.\n</think>\n\nIt is 5."})
+    assert pair({"content": "It is 4.", "reasoning_content": "Two and two."},
+                {"content": "It is 5.", "reasoning_content": "Two and three."}) == inline
+    assert pair({"content": "It is 4.", "reasoning_content": "Two and two."}, {"content": "It is 5."}) == (
+        inline[0], pair({"content": "It is 4."}, {"content": "It is 5."})[1])  # only the chosen answer reasons
+    bad_pair = {"prompt": [ask], "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "r"}]}
     plain = Tokenizer(bpe_dir)  # its ChatML template writes no think block
     for kind, rows, tokenizer, template, reason in [
             ("sft", [row], plain, "chat", "leaves the answer's reasoning_content out"),
             ("sft", [row], tok, "alpaca", "has no place in the 'alpaca' template"),
-            ("preference", [pair], tok, "chat", "preference answers with reasoning_content are not supported")]:
+            ("preference", [bad_pair], plain, "chat", "leaves the answer's reasoning_content out"),
+            ("preference", [bad_pair], tok, "hh", "has no place in the 'hh' template")]:
         with pytest.raises(DataError, match=reason):
             load_data(kind, rows, tokenizer, template, DataOptions(val_fraction=0.0, strict_data=True))

@@ -53,16 +53,22 @@ class Example:
     notes: Dict[str, Any] = field(default_factory=dict)
     tools: Optional[Tools] = None
     calls: Optional[List[Dict[str, Any]]] = None
-    reasoning: Optional[str] = None  # the SFT answer's reasoning_content (its think block, as the template writes it)
+    reasoning: Optional[str] = None  # the (chosen) answer's reasoning_content: the think block its template writes
+    rejected_reasoning: Optional[str] = None  # the rejected answer's
 
     @property
     def uses_tools(self) -> bool:
         return self.tools is not None or bool(self.calls) or has_tool_turns(self.messages)
 
     def answer(self) -> Message:
-        """The SFT answer as an assistant message (with its tool calls and its reasoning)."""
+        """The SFT (or chosen) answer as an assistant message (with its tool calls and its reasoning)."""
         return {"role": "assistant", "content": self.chosen, **({"tool_calls": self.calls} if self.calls else {}),
                 **({"reasoning_content": self.reasoning} if self.reasoning else {})}
+
+    def rejected_answer(self) -> Message:
+        """The rejected answer as an assistant message (with its reasoning)."""
+        return {"role": "assistant", "content": self.rejected,
+                **({"reasoning_content": self.rejected_reasoning} if self.rejected_reasoning else {})}
 
     def chat_messages(self) -> List[Message]:
         """The conversation with the input joined into the (single) user message."""
@@ -304,10 +310,9 @@ def _messages(row, pair, preference):
             raise BadRow("'chosen' and 'rejected' have different prompts (they differ before the last turn)")
         if chosen.get("tool_calls") or answer_r.get("tool_calls"):
             raise BadRow("preference answers that call tools are not supported (SFT data may call them)")
-        if chosen.get("reasoning_content") or answer_r.get("reasoning_content"):
-            raise BadRow("preference answers with reasoning_content are not supported (SFT answers may carry it)")
     return Example(prompt if prompt is not None else _prompt_turns(row, key), chosen["content"], rejected, tools=tools,
-                   calls=chosen.get("tool_calls"), reasoning=chosen.get("reasoning_content"))
+                   calls=chosen.get("tool_calls"), reasoning=chosen.get("reasoning_content"),
+                   rejected_reasoning=None if rejected is None else answer_r.get("reasoning_content"))
 
 
 def every_answer(ex: Example) -> List[Example]:

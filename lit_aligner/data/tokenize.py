@@ -106,14 +106,17 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
     else:
         prompt = render_prompt(template, ex, tokenizer)
         msgs = ex.chat_messages()
-        if ex.reasoning and template.name != "chat":
+        if (ex.reasoning or ex.rejected_reasoning) and template.name != "chat":
             raise BadRow(f"the answer's reasoning_content has no place in the {template.name!r} template (a chat "
                          f"template writes it, e.g. Qwen3's); use --template chat, or drop the field")
-        completions = [template.completion(a, msgs, tokenizer) for a in
-                       ([ex.answer() if ex.reasoning else ex.chosen] if kind == "sft" else [ex.chosen, ex.rejected])]
-    if ex.reasoning and ex.reasoning.strip() not in completions[0]:  # a template without a think block drops it
-        raise BadRow("the chat template leaves the answer's reasoning_content out (it writes no think block), so the "
-                     "reasoning would not be learned; put it into the content, or use a template that writes it")
+        answers = [ex.answer()] + ([ex.rejected_answer()] if kind != "sft" else [])
+        completions = [template.completion(a if a.get("reasoning_content") else a["content"], msgs, tokenizer)
+                       for a in answers]
+    for reasoning, completion in zip((ex.reasoning, ex.rejected_reasoning), completions):
+        if reasoning and reasoning.strip() not in completion:  # a template without a think block drops it
+            raise BadRow("the chat template leaves the answer's reasoning_content out (it writes no think block), so "
+                         "the reasoning would not be learned; put it into the content, or use a template that writes "
+                         "it")
     p, c = tokenize_pair(tokenizer, prompt, completions[0])
     if kind == "sft":
         return p, c, NO_CONTEXT

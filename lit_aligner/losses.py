@@ -112,8 +112,8 @@ def reference_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> t
 
 
 # TRL's preference losses (trl 1.16: `DPOConfig.loss_type`, and SimPO / ORPO from its CPO and ORPO trainers), each as
-# TRL computes it, so a user moving between the two trains on the same objective. The reference-free ones need no
-# reference pass at all.
+# TRL computes it (but for sigmoid's label smoothing and ORPO's NLL over the response only, see `preference_loss`), so
+# a user moving between the two trains on the same objective. The reference-free ones need no reference pass at all.
 PreferenceLossName = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo",
                              "orpo"]
@@ -156,7 +156,7 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
     loss is reference-free); *_tokens: (B,) response token counts (IPO, sigmoid_norm, SimPO and ORPO average over
     them). With beta = b, eps = label_smoothing, the log-ratios c = chosen - ref_chosen, r = rejected - ref_rejected and
     h = c - r:
-        sigmoid      -(1-eps) logsig(b h) - eps logsig(-b h)        (DPO; eps > 0: conservative DPO)
+        sigmoid      -(1-eps) logsig(b h) - eps logsig(-b h)        (DPO; eps > 0: conservative DPO, as earlier TRL)
         hinge        relu(1 - b h)                                  (SLiC)
         ipo          (c/n_c - r/n_r - 1/(2b))^2                     (IPO, per-token log-ratios as its authors and TRL)
         exo_pair     KL(softmax(b [c, r]) || [1-eps, eps])          (EXO; needs eps > 0)
@@ -172,7 +172,7 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
         sft          the chosen responses' mean token NLL over the batch (RPO's term; every pair gets the batch mean)
         sigmoid_norm -logsig(b (c/n_c - r/n_r))
         simpo        sigmoid (with eps) on a_c - a_r - gamma/b, a = the policy's average log-prob (no reference)
-        orpo         sft - b logsig(log odds(a_c) - log odds(a_r))  (no reference)
+        orpo         sft - b logsig(log odds(a_c) - log odds(a_r))  (no reference; TRL's NLL adds the prompt's tokens)
     f_divergence (f-DPO; f_alpha: its alpha-divergence's alpha) replaces c and r by f'(pi/ref) in h (and in ipo's and
     sigmoid_norm's per-token difference): 1 - exp(-c) (forward_kl), log 2 + logsig(c) (js_divergence),
     (exp((alpha-1) c) - 1) / (alpha-1) (alpha_divergence); reverse_kl (the default) keeps c.

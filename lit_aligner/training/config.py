@@ -316,9 +316,9 @@ class DPOLossConfig:
     beta: float = 0.1
     """temperature beta (implicit reward = beta * (log pi - log ref), nats; SimPO and ORPO: see howto/dpo.md)."""
     loss: Tuple[PreferenceLossName, ...] = ("sigmoid",)
-    """one or more loss types, under TRL's names and as TRL computes them, summed with --loss-weights: sigmoid is DPO;
-    sft adds the chosen answers' NLL (`sigmoid sft`: RPO; `sigmoid bco_pair sft`: MPO); simpo and orpo read no
-    reference (no reference pass). Each formula: howto/dpo.md."""
+    """one or more loss types under TRL's names, summed with --loss-weights: sigmoid is DPO; sft adds the chosen
+    answers' NLL (`sigmoid sft`: RPO; `sigmoid bco_pair sft`: MPO); simpo and orpo read no reference (no reference
+    pass). Each formula, and the two details that differ from TRL: howto/dpo.md."""
     loss_weights: Optional[Tuple[float, ...]] = None
     """one weight per --loss (default: 1 each), e.g. 0.8 0.2 1.0 for MPO."""
     label_smoothing: float = 0.0

@@ -621,6 +621,18 @@ class AlignerServer:
             reasonings = [ReasoningStream(inside[i]) for i in range(len(reqs))] if thinks else None
             calls, held = [0] * len(reqs), [[] for _ in reqs]
             events = choices()
+
+            def piece_chunk(i: int, text: str, **delta: Any) -> str:
+                """Choice i's next piece: its text and other `delta` fields (reasoning, a tool call), with the
+                log-probabilities of the tokens held for it since its last chunk."""
+                chunk = _chunk(kind, rid, created, body.model, text, None, index=i)
+                if delta:  # (chat only: a completion has neither reasoning nor tool calls)
+                    chunk["choices"][0]["delta"].update(delta)
+                if logprobs:
+                    chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
+                offsets[i] += len(text)
+                held[i] = []
+                return _sse(chunk)
             try:
                 async for i, ev in events:
                     if ev is None:
@@ -642,12 +654,7 @@ class AlignerServer:
                         parts = reasonings[i].feed(text) + (reasonings[i].close() if ev.finish is not None else [])
                         text = "".join(t for k, t in parts if k == "content")
                         for t in (t for k, t in parts if k == "reasoning" and shows_reasoning):
-                            chunk = _chunk(kind, rid, created, body.model, "", None, index=i)
-                            chunk["choices"][0]["delta"] = reasoning_names(t)
-                            if logprobs:
-                                chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
-                            held[i] = []
-                            yield _sse(chunk)
+                            yield piece_chunk(i, "", **reasoning_names(t))
                     if splits is None:  # the text as it comes (also a token that completes no character yet)
                         pieces = [text] if text or held[i] else []
                     else:
@@ -655,16 +662,11 @@ class AlignerServer:
                     for piece in pieces:
                         if splits is not None and isinstance(piece, str) and (tools.forced or not piece):
                             continue  # a forced answer's only text is the blank between its calls
-                        chunk = _chunk(kind, rid, created, body.model, piece if isinstance(piece, str) else "",
-                                       None, index=i)
-                        if not isinstance(piece, str):
-                            chunk["choices"][0]["delta"]["tool_calls"] = [piece.openai(calls[i])]
+                        if isinstance(piece, str):
+                            yield piece_chunk(i, piece)
+                        else:
+                            yield piece_chunk(i, "", tool_calls=[piece.openai(calls[i])])
                             calls[i] += 1
-                        if logprobs:
-                            chunk["choices"][0]["logprobs"] = self.logprobs_json(kind, held[i], offsets[i])
-                        offsets[i] += len(piece) if isinstance(piece, str) else 0
-                        held[i] = []
-                        yield _sse(chunk)
                     if ev.finish is not None:
                         finish = _finish_with_calls(ev.finish) if calls[i] else ev.finish
                         chunk = _chunk(kind, rid, created, body.model, "", finish, index=i)

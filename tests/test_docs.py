@@ -2,6 +2,7 @@
 today's flags (a renamed or mistyped flag in the docs fails here, not on a user's machine); --help reads well."""
 
 import contextlib
+import dataclasses
 import functools
 import io
 import re
@@ -15,7 +16,6 @@ import pytest
 import lit_aligner.cli
 from lit_aligner.cli import run_cli
 from lit_aligner.evaluation.commands import SUBCOMMANDS
-from lit_aligner.training import SFTRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "howto").glob("*.md"))]
@@ -202,12 +202,20 @@ def test_the_literal_defaults_in_the_docs_flag_tables_are_the_clis(monkeypatch):
     assert checked >= 100 and not wrong, wrong
 
 
+@dataclasses.dataclass
+class _TwoLineHelp:
+    gate_lr_ratio: float = 0.3
+    """the gates' learning rate = learning_rate x this (the paper: 1). Slower gates let the prefix find its directions
+    before they are let into the residual stream."""
+
+
 def test_a_field_help_longer_than_one_source_line_reads_as_one_paragraph_in_help(capsys, monkeypatch):
     # tyro reads a field's docstring with its source indentation and keeps the line break before an indented line;
-    # run_cli dedents first, so the help of --gate-lr-ratio (two source lines) wraps only at the terminal's width
+    # run_cli dedents first, so a two-line field help (as --gate-lr-ratio's) wraps only at the terminal's width (a
+    # config of one group: one column of help at any width, as a real config's is not)
     monkeypatch.setenv("COLUMNS", "250")
     with pytest.raises(SystemExit):
-        run_cli(lambda cfg: cfg, SFTRunConfig, args=["--help"])
+        run_cli(lambda cfg: cfg, _TwoLineHelp, args=["--help"])
     lines = capsys.readouterr().out.splitlines()
     # the source breaks after "directions": with tyro's own reading, "before they are let" starts a new line
     assert any("directions before they are let" in " ".join(ln.split()) for ln in lines), lines

@@ -5,6 +5,7 @@ An item is a dict of 1-D LongTensors named by its kind's fields (`KIND_FIELDS`):
   are conversation, not target: with `--turns all` one sequence carries every answer of a conversation, and the user
   turns between the answers are context (empty for a single answer)
 - preference: {"prompt", "chosen", "rejected"}
+- unpaired: {"prompt", "completion", "label": (1,) 1 if the completion is desirable, else 0} (KTO)
 - correction: {"prompt": the Q-A-C prompt (question + upstream answer A), "question": the question's own tokens,
   "answer": A, "correction": C}
 Responses end with their end token (EOS, or the chat template's end-of-turn). Objectives (`lit_aligner.training`)
@@ -22,10 +23,11 @@ KIND_FIELDS: Dict[str, Tuple[str, ...]] = {
     "sft": ("prompt", "response", "context"),
     "preference": ("prompt", "chosen", "rejected"),
     "correction": ("prompt", "question", "answer", "correction"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 # The fields that follow the prompt in a training sequence (the truncation policy cuts them, never the prompt).
 RESPONSE_FIELDS: Dict[str, Tuple[str, ...]] = {"sft": ("response",), "preference": ("chosen", "rejected"),
-                                               "correction": ("answer", "correction")}
+                                               "correction": ("answer", "correction"), "unpaired": ("completion",)}
 KINDS = tuple(KIND_FIELDS)
 TRUNCATION = ("drop", "truncate")
 NO_CONTEXT = torch.zeros(0, dtype=torch.long)

@@ -18,6 +18,7 @@ answer that calls tools is trained on its calls as written there.
 
 import json
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -55,6 +56,7 @@ class Example:
     calls: Optional[List[Dict[str, Any]]] = None
     reasoning: Optional[str] = None  # the (chosen) answer's reasoning_content: the think block its template writes
     rejected_reasoning: Optional[str] = None  # the rejected answer's
+    label: Optional[bool] = None  # an unpaired (KTO) row's: is `chosen`, its one completion, desirable?
 
     @property
     def uses_tools(self) -> bool:
@@ -315,6 +317,27 @@ def _messages(row, pair, preference):
                    rejected_reasoning=None if rejected is None else answer_r.get("reasoning_content"))
 
 
+def _unpaired(row, pair, preference):
+    """TRL's unpaired preference rows (KTO's data): a prompt, one completion and its label (true: desirable), as text
+    or as message lists."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise BadRow(f"'label' must be true or false (is the completion desirable?), got {label!r}")
+    prompt, answer = _answer_of(row, "completion")
+    if answer.get("tool_calls"):
+        raise BadRow("unpaired completions that call tools are not supported (SFT data may call them)")
+    return Example(prompt if prompt is not None else _prompt_turns(row, "completion"), answer["content"],
+                   tools=row_tools(row), reasoning=answer.get("reasoning_content"), label=label)
+
+
+def unpair(ex: Example) -> List[Example]:
+    """A preference pair as two unpaired rows (TRL's `unpair_preference_dataset`): the chosen answer desirable, the
+    rejected one not."""
+    chosen = dataclasses.replace(ex, rejected=None, rejected_reasoning=None, label=True)
+    return [chosen, dataclasses.replace(chosen, chosen=ex.rejected, reasoning=ex.rejected_reasoning, calls=None,
+                                        label=False)]
+
+
 def every_answer(ex: Example) -> List[Example]:
     """SFT examples for every assistant turn of an example's conversation that follows a user turn or a tool result,
     each with the conversation before it as its prompt; `ex` (the last answer) last."""
@@ -335,6 +358,8 @@ class Format:
 
 # Detection order matters: the first format whose fields a row has wins.
 FORMATS: Dict[str, Format] = {f.name: f for f in [
+    Format("unpaired", ("prompt", "completion", "label"), _unpaired, "unpaired preference rows (KTO: prompt, one "
+           "completion, a true/false label; text or message lists)"),
     Format("pku", ("prompt", "response_0", "response_1"), _pku, "PKU-SafeRLHF"),
     Format("qac", ("question", "answer", "correction"), _qac, "Q-A-C correction rows"),
     Format("pairs", ("prompt", "chosen", "rejected"), _pairs, "prompt/chosen/rejected preference pairs"),
@@ -347,7 +372,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in [
 # fields a field map may map onto
 MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "question",
             "answer", "correction", "response_0", "response_1", "better_response_id", "safer_response_id",
-            "is_response_0_safe", "is_response_1_safe", "messages", "conversations", "tools")
+            "is_response_0_safe", "is_response_1_safe", "messages", "conversations", "tools", "label")
 
 
 def is_conversational(row: Dict[str, Any]) -> bool:
@@ -357,6 +382,8 @@ def is_conversational(row: Dict[str, Any]) -> bool:
 
 
 def detect_format(row: Dict[str, Any], path: Path) -> str:
+    if {"prompt", "completion", "label"} <= set(row):  # text or message lists alike
+        return "unpaired"
     if is_conversational(row):
         return "messages"
     keys = set(row)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, context_spans, fit_item
 from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
-                                      every_answer, parse_field_map, row_to_example)
+                                      every_answer, parse_field_map, row_to_example, unpair)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
 from lit_aligner.data.tokenize import pack_answers, tokenize_example
 from lit_aligner.files import BadRecord, UserError, read_records
@@ -26,7 +26,7 @@ from lit_aligner.prompts import CorrectionTemplate, get_template
 
 DataSource = Union[str, Path, None, Sequence[Dict[str, Any]], Sequence[Path]]
 Splits = Tuple[TokenizedDataset, TokenizedDataset, Dict[str, Any]]
-FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac", "messages"]
+FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac", "messages", "unpaired"]
 
 
 @dataclass
@@ -35,7 +35,8 @@ class DataOptions:
 
     format: FormatName = "auto"
     """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac, messages =
-    chat turns: messages / conversations, or chosen/rejected message lists); auto detects it from the first row."""
+    chat turns: messages / conversations, or chosen/rejected message lists, unpaired = prompt/completion/label for
+    KTO); auto detects it from the first row."""
     field_map: Optional[str] = None
     """rename fields first: comma-separated ours=theirs pairs, e.g. instruction=question,output=answer."""
     preference: Optional[Literal["safer", "better"]] = None
@@ -155,11 +156,15 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 row = apply_field_map(row, fmap)
                 fmt = fmt or detect_format(row, path)
             ex = row_to_example(row, fmt or "alpaca", kind, preference)
-            if kind == "preference" and ex.chosen.strip() == ex.rejected.strip():
+            if (ex.label is not None) != (kind == "unpaired") and ex.rejected is None:
+                raise BadRow("an unpaired row (prompt, completion, label) is KTO data (finetune/aligner_kto.py)"
+                             if ex.label is not None else "KTO needs labelled completions or preference pairs")
+            if kind in ("preference", "unpaired") and ex.rejected is not None and \
+                    ex.chosen.strip() == ex.rejected.strip():
                 counts["identical_pairs"] += 1  # no preference signal (a correction may legitimately be a copy)
                 continue
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
-            examples = every_answer(ex) if every_turn else [ex]
+            examples = every_answer(ex) if every_turn else unpair(ex) if kind == "unpaired" and ex.rejected else [ex]
             try:
                 rows = [tokenize_example(x, kind, tmpl, tokenizer) for x in examples]
             except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
@@ -197,11 +202,13 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
         info.update(turns="all", unpacked=counts["unpacked"], answers_dropped=counts["answers_dropped"])
     if fmt == "pku":
         info.update(preference=preference, chosen_unsafe=counts["chosen_unsafe"])
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         info["identical_pairs"] = counts["identical_pairs"]
     _check_bad_share(path, info, options)
     train, val = (TokenizedDataset.from_rows(kind, out[s]) for s in ("train", "val"))
     info.update(kept=len(train) + len(val), train=len(train), val=len(val))
+    if kind == "unpaired":
+        info["desirable"] = sum(int(d.fields["label"].tokens.sum()) for d in (train, val))
     if every_turn:
         info["answers"] = train.answers() + val.answers()
     if not len(train):
@@ -274,8 +281,8 @@ def check_template_variables_fit(template: str, variables: Dict[str, Any]) -> No
 
 def describe(info: Dict[str, Any]) -> str:
     """One line of the counts in an info dict, for the scripts and logs."""
-    keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val", "answers",
-            "answers_dropped", "chosen_unsafe"]
+    keys = ["rows_read", "bad_rows", "identical_pairs", "dropped", "truncated", "kept", "train", "val", "desirable",
+            "answers", "answers_dropped", "chosen_unsafe"]
     counts = ", ".join(f"{k}={info[k]}" for k in keys if k in info)
     turns = f", turns {info['turns']}" if "turns" in info else ""
     variables = f" with {json.dumps(info['template_variables'])}" if info.get("template_variables") else ""

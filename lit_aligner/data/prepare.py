@@ -41,8 +41,9 @@ class PrepareConfig:
     """which files of --hub-repo (glob patterns; several are read as one dataset)."""
     access_token: Optional[str] = None
     """a Hugging Face token for a gated or private --hub-repo (default: HF_TOKEN or the cached login)."""
-    kind: Literal["sft", "preference", "correction"] = "sft"
-    """sft (one target per prompt), preference (chosen/rejected pairs) or correction (Q-A-C)."""
+    kind: Literal["sft", "preference", "correction", "unpaired"] = "sft"
+    """sft (one target per prompt), preference (chosen/rejected pairs), correction (Q-A-C) or unpaired (labelled
+    completions for KTO: prompt/completion/label rows, or pairs split into two)."""
     out_dir: Optional[Path] = None
     """output directory (default: data/<name>-<kind>)."""
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR

@@ -90,7 +90,8 @@ def pack_answers(rows: Sequence[Tuple[torch.Tensor, ...]]) -> Optional[Tuple[tor
 
 def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer) -> Tuple[torch.Tensor, ...]:
     """The token rows of one example, in the order of `dataset.KIND_FIELDS[kind]`: sft (prompt, response, no context);
-    preference (prompt, chosen, rejected); correction (prompt, question, answer, correction)."""
+    preference (prompt, chosen, rejected); correction (prompt, question, answer, correction); unpaired (prompt,
+    completion, label)."""
     if kind == "correction":
         if not isinstance(template, CorrectionTemplate):
             raise DataError(f"correction data needs the 'correction' template, not {template.name!r}")
@@ -101,7 +102,7 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
         return p, tokenizer.encode(ex.question(), bos=False).long(), a, c
     if ex.uses_tools:  # rendered as the server renders it; the answer's tool calls are part of its target
         _need_turns(ex)
-        answers = [ex.answer()] + ([{"role": "assistant", "content": ex.rejected}] if kind != "sft" else [])
+        answers = [ex.answer()] + ([{"role": "assistant", "content": ex.rejected}] if kind == "preference" else [])
         prompt, completions = tool_texts(template, tokenizer, ex.chat_messages(), ex.tools, answers)
     else:
         prompt = render_prompt(template, ex, tokenizer)
@@ -109,7 +110,7 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
         if (ex.reasoning or ex.rejected_reasoning) and template.name != "chat":
             raise BadRow(f"the answer's reasoning_content has no place in the {template.name!r} template (a chat "
                          f"template writes it, e.g. Qwen3's); use --template chat, or drop the field")
-        answers = [ex.answer()] + ([ex.rejected_answer()] if kind != "sft" else [])
+        answers = [ex.answer()] + ([ex.rejected_answer()] if kind == "preference" else [])
         completions = [template.completion(a if a.get("reasoning_content") else a["content"], msgs, tokenizer)
                        for a in answers]
     for reasoning, completion in zip((ex.reasoning, ex.rejected_reasoning), completions):
@@ -120,5 +121,7 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
     p, c = tokenize_pair(tokenizer, prompt, completions[0])
     if kind == "sft":
         return p, c, NO_CONTEXT
+    if kind == "unpaired":
+        return p, c, torch.tensor([int(ex.label)])
     _, r = tokenize_pair(tokenizer, prompt, completions[1], p)
     return p, c, r

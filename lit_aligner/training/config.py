@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union, get_args
 
 from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import (DEFAULT_CHUNK_SIZE, F_DIVERGENCE_LOSSES, LABEL_SMOOTHED, PREFERENCE_LOSSES,
-                                REFERENCE_FREE, FDivergence, PreferenceLossName)
+                                REFERENCE_FREE, FDivergence, KTOLossName, PreferenceLossName)
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 from lit_aligner.quantize import QuantizeFlag, check_mode, import_bitsandbytes
@@ -411,22 +411,32 @@ class DPOLossConfig:
 
 
 @dataclass
-class DPORunConfig(RunConfig):
-    """A `finetune/aligner_dpo.py` run: DPO on preference pairs with one copy of the base (global batches count
-    pairs)."""
+class ReferenceRunConfig(RunConfig):
+    """The flags of a run against a frozen reference through the same base (DPO, KTO)."""
 
     reference_aligner: Optional[str] = None
     """the frozen reference: an Aligner file (.safetensors/.pth) or "none" (the bare base). Default: a frozen copy of
     --init-aligner if given, else none."""
+    prefix_init_scale: float = 1.0
+    """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (DPO's defaults
+    were measured at 1; SFT's 0.5 was measured for SFT only)."""
+
+    def input_paths(self) -> Dict[str, Any]:
+        ref = self.reference_aligner
+        return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
+
+
+@dataclass
+class DPORunConfig(ReferenceRunConfig):
+    """A `finetune/aligner_dpo.py` run: DPO on preference pairs with one copy of the base (global batches count
+    pairs)."""
+
     precompute_reference: bool = False
     """score every pair with the reference once before training (cached next to a prepared --data directory, else in
     OUT/) instead of a reference pass every step."""
     eval_only: bool = False
     """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
     print the metrics as one JSON object (`evaluate/aligner.py preference` does the same for many Aligners)."""
-    prefix_init_scale: float = 1.0
-    """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (DPO's defaults
-    were measured at 1; SFT's 0.5 was measured for SFT only)."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
@@ -445,12 +455,58 @@ class DPORunConfig(RunConfig):
             raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
                              "printed as JSON on the last line)")
 
-    def input_paths(self) -> Dict[str, Any]:
-        ref = self.reference_aligner
-        return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
-
     def identity(self) -> Dict[str, Any]:
         return {**super().identity(), **self.dpo.settings(), "reference_aligner": str(self.reference_aligner)}
+
+
+@dataclass
+class KTOLossConfig:
+    """The loss on unpaired completions (`losses.kto_loss`), under TRL's KTOTrainer names."""
+
+    beta: float = 0.1
+    """temperature beta (implicit reward = beta * (log pi - log ref), nats)."""
+    loss: KTOLossName = "kto"
+    """kto (the KTO paper; its KL term from mismatched rows of a micro-batch) or apo_zero_unpaired (APO, no KL
+    term)."""
+    desirable_weight: float = 1.0
+    """weight of a desirable completion's loss (TRL: keep desirable_weight x desirable rows / (undesirable_weight x
+    undesirable rows) between 1 and 4/3)."""
+    undesirable_weight: float = 1.0
+    """weight of an undesirable completion's loss."""
+
+    def __post_init__(self):
+        if self.loss not in get_args(KTOLossName):
+            raise TrainError(f"--loss must be one of {', '.join(get_args(KTOLossName))}, got {self.loss!r}")
+        if not self.beta > 0:
+            raise TrainError(f"--beta must be > 0, got {self.beta}")
+        if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
+            raise TrainError(f"--desirable-weight and --undesirable-weight must be > 0, got {self.desirable_weight} "
+                             f"and {self.undesirable_weight}")
+
+    def settings(self) -> Dict[str, Any]:
+        """What the loss depends on, for metadata and a run's identity."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class KTORunConfig(ReferenceRunConfig):
+    """A `finetune/aligner_kto.py` run: KTO on unpaired completions (prompt, completion, true/false label) or on
+    preference pairs (each pair two completions), with one copy of the base (global batches count completions; DPO's
+    optimisation settings, not measured for KTO)."""
+
+    kto: KTOLossConfig = field(default_factory=KTOLossConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+
+    objective: ClassVar[str] = "kto"
+
+    def check(self) -> None:
+        super().check()
+        if self.kto.loss == "kto" and self.train.micro_batch_size < 2:
+            raise TrainError("KTO estimates its KL term from the other completions of a micro-batch: "
+                             "--micro-batch-size must be at least 2")
+
+    def identity(self) -> Dict[str, Any]:
+        return {**super().identity(), **self.kto.settings(), "reference_aligner": str(self.reference_aligner)}
 
 
 def plain(v: Any) -> Any:

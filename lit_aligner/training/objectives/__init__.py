@@ -8,7 +8,9 @@ in this package: a subclass registered with `@register`.
 
 - `sft.SFT`: cross-entropy on the response tokens; `sft.Correction`: the same on Q-A-C data, targeting the upstream
   answer itself during the copy warm-up (Q-A-A), then the correction;
-- `dpo.DPO`: the DPO loss against a frozen reference that runs through the same base.
+- `dpo.DPO`: the DPO loss (or another of TRL's preference losses) against a frozen reference that runs through the
+  same base;
+- `kto.KTO`: the KTO loss on unpaired completions (desirable or not), against the same kind of reference.
 """
 
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
@@ -102,6 +104,6 @@ def get_objective(name: str) -> Type[Objective]:
     return OBJECTIVES[name]
 
 
-from lit_aligner.training.objectives import dpo, sft  # noqa: E402,F401  (register the built-in objectives)
+from lit_aligner.training.objectives import dpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
 
 __all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register"]

@@ -1,0 +1,78 @@
+"""Kahneman-Tversky Optimization (KTO) of an Aligner on unpaired completions: each row is one answer to a prompt and a
+label (desirable or not), as thumbs-up / thumbs-down feedback gives them; a preference file trains it too (each pair
+is two rows). The reference runs through the same base as DPO's does (`dpo.resolve_reference`).
+
+The loss is `losses.kto_loss`: a desirable answer's log-ratio to the reference is pushed above z, an undesirable one's
+below, where z estimates KL(pi || ref) from mismatched rows: row i's prompt with row i-1's completion, within the
+micro-batch, as TRL's KTOTrainer builds them (so --micro-batch-size must be at least 2). A batch holds the B matched
+rows, then the B mismatched ones; only the matched rows' policy pass carries a graph.
+"""
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.data.dataset import pad_rows
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, kto_loss
+from lit_aligner.training.config import KTOLossConfig
+from lit_aligner.training.objectives import Batch, Objective, register
+from lit_aligner.training.objectives.dpo import Reference, resolve_reference, response_logprobs
+
+
+@register
+class KTO(Objective):
+    """Summed KTO losses over a batch's completions; units are completions. Metrics (sums; means per completion after
+    the engine divides): loss, kl (the estimate z), reward_accuracy (a desirable completion's reward above beta x z,
+    KTO's reference point, an undesirable one's below; a tie counts 1/2), reward (beta x log-ratio), logp."""
+
+    name = "kto"
+    data_kind = "unpaired"
+    unit = "completions"
+    metric_names = ("loss", "kl", "reward_accuracy", "reward", "logp")
+
+    def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
+                 config: KTOLossConfig = KTOLossConfig(), reference_desc: str = "none"):
+        super().__init__(pad_id, chunk_size)
+        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        rows = [(it["prompt"], it["completion"]) for it in items]
+        if self.config.loss == "kto":
+            longest = max(len(p) + len(c) for p, c in rows)  # a mismatched row is cut to fit where the matched fit
+            rows += [(p, items[i - 1]["completion"][:max(1, longest - len(p))]) for i, (p, _) in enumerate(rows)]
+        batch = pad_rows(rows, self.pad_id)
+        batch["desirable"] = torch.tensor([bool(it["label"][0]) for it in items])
+        return batch
+
+    def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
+        return 1
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        input_ids, labels, desirable = batch["input_ids"], batch["labels"], batch["desirable"]
+        B, c = desirable.shape[0], self.config  # (a last micro-batch of one row is its own mismatched row)
+        with torch.no_grad():  # the reference on every row; the policy on the mismatched rows (z has no gradient)
+            ref = response_logprobs(model, input_ids, labels, self.reference, self.chunk_size)
+            kl = response_logprobs(model, input_ids[B:], labels[B:], self.aligner, self.chunk_size) \
+                if input_ids.shape[0] > B else None
+        pol = response_logprobs(model, input_ids[:B], labels[:B], self.aligner, self.chunk_size)
+        losses, rewards, z = kto_loss(pol, ref[:B], kl, ref[B:] if kl is not None else None,
+                                      desirable.to(pol.device), c.beta, c.loss, c.desirable_weight,
+                                      c.undesirable_weight)
+        above = rewards - c.beta * z  # KTO's reference point: beta x the KL estimate
+        right = torch.where(desirable.to(pol.device), above > 0, above < 0).float()
+        return {"loss": losses.float().sum(), "kl": z.float() * B,
+                "reward_accuracy": torch.where(above == 0, 0.5, right).sum(),
+                "reward": rewards.float().sum(), "logp": pol.detach().float().sum()}
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "KTO":
+        reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+        if reference is not False:
+            reference = reference.to(run.fabric.device)
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc)
+
+    def metadata(self) -> Dict[str, Any]:
+        c = self.config
+        return {"beta": c.beta, "loss": c.loss, "desirable_weight": c.desirable_weight,
+                "undesirable_weight": c.undesirable_weight, "reference": self.reference_desc}

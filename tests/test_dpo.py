@@ -654,11 +654,16 @@ def test_a_malformed_data_file_gives_one_error_line_naming_it(tiny_checkpoint_di
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": \n')
     r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", bad,
-                   "--accelerator", "cpu", "--max-steps", "1", "--out-dir", tmp_path / "out")
+                   "--accelerator", "cpu", "--max-steps", "1", "--out-dir", tmp_path / "out" / "run")
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # the folders the run made for itself go again, left empty
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", bad,
+                   "--accelerator", "cpu", "--max-steps", "1", "--out-dir", tmp_path / "mine")
+    assert r.returncode == 1 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_checkpoint_dir, pairs_file, tmp_path):

@@ -43,14 +43,17 @@ class RunLock:
     """An exclusive lock on a run directory (OUT/.lock, `flock`), held for the whole run and released on any exit (the
     kernel drops it when the process dies, so a crashed run never blocks the next). A second run into the same OUT stops
     at once with a TrainError naming the process that holds it; a lock file left by a dead process is reported and
-    taken over."""
+    taken over. The folders it made for the run go again if the run leaves them empty (it stopped on bad input before
+    writing anything)."""
 
     def __init__(self, out_dir: PathLike):
         self.path = Path(out_dir) / LOCK_NAME
         self.note: Optional[str] = None
         self._file = None
+        self._made: List[Path] = []
 
     def __enter__(self) -> "RunLock":
+        self._made = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -78,6 +81,11 @@ class RunLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+            for d in self._made:  # deepest first; a folder with anything in it stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -29,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (SIMPO_BETA, SIMPO_GAMMA, BenchmarkError, build_model, build_peer_model, check_out,  # noqa: E402
-                    default_out, format_table,
-                    load_config, machine_info, median, out_of_memory_hint, peer_lora_config,
+                    default_out, format_table, load_config, machine_info, median, out_of_memory_hint, peer_lora_config,
                     peer_prefix_tuning_config, peer_versions, pick_device, pick_dtype, require, sync, timed,
                     training_step, write_json, write_partial)
 
@@ -183,11 +182,11 @@ def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_l
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
     the bare base through the same weights); the SimPO peer: the same LoRA trained by TRL's CPOTrainer with
     loss_type simpo and no NLL term (cpo_alpha 0), as TRL documents SimPO, with no reference. Both on the pairs of
-    `training_step` (batch / 2 pairs a step, each completion
-    ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no autocast, like
-    ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward, TRL's metrics and
-    AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: DPO's reference pass switches PEFT's
-    adapter off and on, which the compiled layers first see as a guard failure on the second step (and recompile)."""
+    `training_step` (batch / 2 pairs a step, each completion ending in the end-of-sequence token so that TRL adds
+    none), weights and activations in `dtype` (no autocast, like ours). A step is timed from the Trainer's step-begin
+    to its step-end callback: forward, backward, TRL's metrics and AdamW; not data loading or logging. Compiled, it
+    gets at least 2 warm-up steps: DPO's reference pass switches PEFT's adapter off and on, which the compiled layers
+    first see as a guard failure on the second step (and recompile)."""
     import datasets
     import transformers
     import trl

@@ -16,9 +16,9 @@ the functions in the row's `tools`); they are rendered as the server renders the
 answer that calls tools is trained on its calls as written there.
 """
 
+import dataclasses
 import json
 import re
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union

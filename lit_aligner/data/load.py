@@ -156,9 +156,10 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
                 row = apply_field_map(row, fmap)
                 fmt = fmt or detect_format(row, path)
             ex = row_to_example(row, fmt or "alpaca", kind, preference)
-            if (ex.label is not None) != (kind == "unpaired") and ex.rejected is None:
-                raise BadRow("an unpaired row (prompt, completion, label) is KTO data (finetune/aligner_kto.py)"
-                             if ex.label is not None else "KTO needs labelled completions or preference pairs")
+            if ex.label is not None and kind != "unpaired":
+                raise BadRow("an unpaired row (prompt, completion, label) is KTO data (finetune/aligner_kto.py)")
+            if kind == "unpaired" and ex.label is None and ex.rejected is None:
+                raise BadRow("KTO needs labelled completions or preference pairs")
             if kind in ("preference", "unpaired") and ex.rejected is not None and \
                     ex.chosen.strip() == ex.rejected.strip():
                 counts["identical_pairs"] += 1  # no preference signal (a correction may legitimately be a copy)

@@ -425,6 +425,9 @@ class ReferenceRunConfig(RunConfig):
         ref = self.reference_aligner
         return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
 
+    def identity(self) -> Dict[str, Any]:
+        return {**super().identity(), "reference_aligner": str(self.reference_aligner)}
+
 
 @dataclass
 class DPORunConfig(ReferenceRunConfig):
@@ -456,7 +459,7 @@ class DPORunConfig(ReferenceRunConfig):
                              "printed as JSON on the last line)")
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.dpo.settings(), "reference_aligner": str(self.reference_aligner)}
+        return {**super().identity(), **self.dpo.settings()}
 
 
 @dataclass
@@ -506,7 +509,7 @@ class KTORunConfig(ReferenceRunConfig):
                              "--micro-batch-size must be at least 2")
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.kto.settings(), "reference_aligner": str(self.reference_aligner)}
+        return {**super().identity(), **self.kto.settings()}
 
 
 def plain(v: Any) -> Any:

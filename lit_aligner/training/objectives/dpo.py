@@ -76,6 +76,13 @@ def as_reference(aligner: Optional[Aligner], device=None) -> Reference:
     return ref if device is None else ref.to(device)
 
 
+def run_reference(cfg: Any, run: Any) -> Tuple[Reference, str]:
+    """A training run's reference (`--reference-aligner`, see `resolve_reference`) on the run's device. Taken before
+    any training (or resumed state) touches model.aligner, so a copy of the init Aligner is the one it started from."""
+    reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+    return (reference if reference is False else reference.to(run.fabric.device)), desc
+
+
 def resolve_reference(spec: Optional[str], init_aligner: Optional[Aligner], model: LLaMA) -> Tuple[Reference, str]:
     """The reference for `--reference-aligner`: None (flag not given) → a frozen copy of the init Aligner if there
     is one, else the bare base; "none" → the bare base; a path → that Aligner file (ours or a paper .pth; frozen).
@@ -146,11 +153,7 @@ class DPO(Objective):
 
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "DPO":
-        # a frozen private copy, taken before any training (or resumed state) touches model.aligner
-        reference, desc = (False, "none") if cfg.dpo.reference_free else resolve_reference(
-            cfg.reference_aligner, run.init_aligner, run.model)
-        if reference is not False:
-            reference = reference.to(run.fabric.device)
+        reference, desc = (False, "none") if cfg.dpo.reference_free else run_reference(cfg, run)
         objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc)
         objective.precompute = cfg.precompute_reference
         return objective

@@ -1,6 +1,6 @@
 """Kahneman-Tversky Optimization (KTO) of an Aligner on unpaired completions: each row is one answer to a prompt and a
 label (desirable or not), as thumbs-up / thumbs-down feedback gives them; a preference file trains it too (each pair
-is two rows). The reference runs through the same base as DPO's does (`dpo.resolve_reference`).
+is two rows). The reference runs through the same base as DPO's does (`dpo.run_reference`).
 
 The loss is `losses.kto_loss`: a desirable answer's log-ratio to the reference is pushed above z, an undesirable one's
 below, where z estimates KL(pi || ref) from mismatched rows: row i's prompt with row i-1's completion, within the
@@ -17,7 +17,7 @@ from lit_aligner.data.dataset import pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, kto_loss
 from lit_aligner.training.config import KTOLossConfig
 from lit_aligner.training.objectives import Batch, Objective, register
-from lit_aligner.training.objectives.dpo import Reference, resolve_reference, response_logprobs
+from lit_aligner.training.objectives.dpo import Reference, response_logprobs, run_reference
 
 
 @register
@@ -67,12 +67,8 @@ class KTO(Objective):
 
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "KTO":
-        reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
-        if reference is not False:
-            reference = reference.to(run.fabric.device)
+        reference, desc = run_reference(cfg, run)
         return cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc)
 
     def metadata(self) -> Dict[str, Any]:
-        c = self.config
-        return {"beta": c.beta, "loss": c.loss, "desirable_weight": c.desirable_weight,
-                "undesirable_weight": c.undesirable_weight, "reference": self.reference_desc}
+        return {**self.config.settings(), "reference": self.reference_desc}

@@ -938,16 +938,21 @@ def test_an_answers_reasoning_content_is_learned_in_the_think_block_its_template
     assert reasoned == answer(content="<think>\nTwo and two make four.\n</think>\n\nIt is 4.")
     assert "Two and two make four." in reasoned and reasoned != answer(content="It is 4.")
     row = {"messages": [ask, {"role": "assistant", "content": "It is 4.", "reasoning_content": "Two and two."}]}
-    def pair(chosen, rejected):
+    def pair(chosen, rejected, **extra):
         train, _, _ = load_data("preference", [{"prompt": [ask], "chosen": [{"role": "assistant", **chosen}],
-                                                "rejected": [{"role": "assistant", **rejected}]}], tok, "chat",
-                                DataOptions(val_fraction=0.0, strict_data=True))
+                                                "rejected": [{"role": "assistant", **rejected}], **extra}], tok,
+                                "chat", DataOptions(val_fraction=0.0, strict_data=True))
         return tok.decode(train[0]["chosen"]), tok.decode(train[0]["rejected"])
 
-    inline = pair({"content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
-                  {"content": "<think>\nTwo and three.\n</think>\n\nIt is 5."})
-    assert pair({"content": "It is 4.", "reasoning_content": "Two and two."},
-                {"content": "It is 5.", "reasoning_content": "Two and three."}) == inline
+    think = ({"content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
+             {"content": "<think>\nTwo and three.\n</think>\n\nIt is 5."})
+    separate = ({"content": "It is 4.", "reasoning_content": "Two and two."},
+                {"content": "It is 5.", "reasoning_content": "Two and three."})
+    inline = pair(*think)
+    assert pair(*separate) == inline
+    add = {"tools": [{"type": "function", "function": {"name": "add", "description": "Add two numbers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]}
+    assert pair(*separate, **add) == pair(*think, **add)  # a pair offered tools: both answers keep their reasoning
     assert pair({"content": "It is 4.", "reasoning_content": "Two and two."}, {"content": "It is 5."}) == (
         inline[0], pair({"content": "It is 4."}, {"content": "It is 5."})[1])  # only the chosen answer reasons
     bad_pair = {"prompt": [ask], "chosen": [{"role": "assistant", "content": "4"}],

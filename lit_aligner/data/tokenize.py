@@ -100,17 +100,16 @@ def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer
         p, a = tokenize_pair(tokenizer, prompt, template.completion(ex.rejected))
         _, c = tokenize_pair(tokenizer, prompt, template.completion(ex.chosen), p)
         return p, tokenizer.encode(ex.question(), bos=False).long(), a, c
+    if (ex.reasoning or ex.rejected_reasoning) and template.name != "chat":
+        raise BadRow(f"the answer's reasoning_content has no place in the {template.name!r} template (a chat "
+                     f"template writes it, e.g. Qwen3's); use --template chat, or drop the field")
+    answers = [ex.answer()] + ([ex.rejected_answer()] if kind == "preference" else [])
     if ex.uses_tools:  # rendered as the server renders it; the answer's tool calls are part of its target
         _need_turns(ex)
-        answers = [ex.answer()] + ([{"role": "assistant", "content": ex.rejected}] if kind == "preference" else [])
         prompt, completions = tool_texts(template, tokenizer, ex.chat_messages(), ex.tools, answers)
     else:
         prompt = render_prompt(template, ex, tokenizer)
         msgs = ex.chat_messages()
-        if (ex.reasoning or ex.rejected_reasoning) and template.name != "chat":
-            raise BadRow(f"the answer's reasoning_content has no place in the {template.name!r} template (a chat "
-                         f"template writes it, e.g. Qwen3's); use --template chat, or drop the field")
-        answers = [ex.answer()] + ([ex.rejected_answer()] if kind == "preference" else [])
         completions = [template.completion(a if a.get("reasoning_content") else a["content"], msgs, tokenizer)
                        for a in answers]
     for reasoning, completion in zip((ex.reasoning, ex.rejected_reasoning), completions):

@@ -12,7 +12,7 @@ labels[:, 1:] (the shift happens here, callers pass unshifted labels).
 """
 
 import math
-from typing import Literal, Optional, Sequence, Tuple, get_args
+from typing import Literal, Optional, Sequence, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +28,21 @@ def _shift(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, to
     return hidden[:, :-1], labels[:, 1:]
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """h (n, C), targets (n,) -> log p(target) (n,) in fp32."""
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    squares: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """h (n, C), targets (n,) -> log p(target) (n,) in fp32; squares: also log sum_v p_v^2 (n,), without gradient."""
     logits = F.linear(h, weight).float()  # (n, V): the only logits alive at a time
-    return -F.cross_entropy(logits, targets, reduction="none")
+    lp = -F.cross_entropy(logits, targets, reduction="none")
+    if not squares:
+        return lp
+    with torch.no_grad():
+        return lp, torch.logsumexp(2 * torch.log_softmax(logits, -1), -1)
 
 
-def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the labelled next tokens: (lp (n,) fp32, row index (n,) of each) over the n scored positions."""
+def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                    squares: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of the labelled next tokens: (lp (n,) fp32, row index (n,) of each, log sum_v p_v^2 (n,) of each
+    position's distribution when `squares`, else None) over the n scored positions."""
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: all positions at once), got {chunk_size}")
     h, y = _shift(hidden, labels)
@@ -44,19 +50,23 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)[keep]
     h, y = h[keep], y[keep]  # (n, C), (n,)
     if h.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum(), rows
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty + 0.0 * hidden.sum(), rows, empty if squares else None
     if chunk_size == 0:  # the plain loss: every scored position's logits at once, kept alive for the backward
-        return _chunk_logprobs(h, weight, y), rows
-    # Checkpointing only pays (and only works) when something needs a gradient.
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    parts = []
-    for s in range(0, h.shape[0], chunk_size):
-        hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
-        if grad:
-            parts.append(checkpoint(_chunk_logprobs, hc, weight, yc, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(hc, weight, yc))
-    return torch.cat(parts), rows
+        parts = [_chunk_logprobs(h, weight, y, squares)]
+    else:
+        # Checkpointing only pays (and only works) when something needs a gradient.
+        grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        parts = []
+        for s in range(0, h.shape[0], chunk_size):
+            hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+            if grad:
+                parts.append(checkpoint(_chunk_logprobs, hc, weight, yc, squares, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(hc, weight, yc, squares))
+    if squares:
+        return torch.cat([p[0] for p in parts]), rows, torch.cat([p[1] for p in parts])
+    return torch.cat(parts), rows, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -69,7 +79,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     while never materialising more than chunk_size x V fp32 logits. No labelled position → 0 (with a graph)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    lp, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
+    lp, _, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
     if lp.numel() == 0 or reduction == "sum":
         return -lp.sum()
     return -lp.mean()
@@ -83,14 +93,22 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, average: bool = False, cap: Optional[torch.Tensor] = None,
-                      tail_weight: float = 1.0) -> torch.Tensor:
+                      tail_weight: float = 1.0,
+                      wpo: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Summed log-probability of each row's labelled tokens (the response): (B,) fp32 (nats).
 
     Same inputs as `chunked_cross_entropy`. average=True divides by each row's number of labelled tokens (rows with
     none give 0). cap (B,): a row's labelled tokens past its first cap[row] count tail_weight times (LD-DPO). Used by
-    DPO: log pi(y|x) for prompt + response rows."""
-    lp, rows = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
+    DPO: log pi(y|x) for prompt + response rows. wpo=True returns (log-probs, weights): each row's WPO weight (Eq. 2
+    of its paper, as TRL computes it), without gradient: exp of the mean over its tokens of log p(token) - log sum_v
+    p_v^2, the probability of each token against the expected probability of a token the model samples itself (sum_v
+    p_v^2), so above 1 for an answer the model favours and near 0 for one it would not write."""
+    lp, rows, squares = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, wpo)
     B = labels.shape[0]
+    if wpo:  # before LD-DPO's tail weighting: WPO weighs the response as the model would sample it
+        with torch.no_grad():
+            aligned = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, lp - squares)
+            weights = torch.exp(aligned / torch.bincount(rows, minlength=B).clamp(min=1))
     if cap is not None:  # the positions come row by row, in order: each one's index within its row's response
         count = torch.bincount(rows, minlength=B)
         position = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
@@ -100,7 +118,7 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
         count = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
             0, rows, torch.ones_like(lp))
         total = total / count.clamp(min=1)
-    return total
+    return (total, weights) if wpo else total
 
 
 def reference_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,8 @@ def test_bad_options_raise_clear_errors():
         DPOConfig(ld_alpha=1.5)
     with pytest.raises(TrainError, match="--ld-alpha .* does not apply to simpo"):
         DPOConfig(loss="simpo", ld_alpha=0.5)
+    with pytest.raises(TrainError, match="--use-weighting weighs each pair, and aot"):
+        DPOConfig(loss=("sigmoid", "aot"), use_weighting=True)
     assert DPOConfig(loss="ipo").loss == ("ipo",)  # one name from the library's callers
     assert DPOConfig(loss=("simpo", "sft")).reference_free and not DPOConfig(loss=("simpo", "ipo")).reference_free
 
@@ -243,6 +245,21 @@ def test_every_dpo_loss_type_equals_trls_dpo_trainer_on_the_same_rows(trl_settin
     assert not torch.allclose(pol_ld, pol)  # the longer responses' tails weigh less
     losses, _, _ = preference_loss(pol_ld[:4], pol_ld[4:], ref_ld[:4], ref_ld[4:], n[:4], n[4:], beta=0.3)
     assert losses.mean().item() == pytest.approx(_trl_eval(trainer)["eval_loss"], rel=1e-5)
+    # WPO: each pair's loss times its answers' weights (TRL reads log sum p^2 from a LM head set up at its start)
+    policy, reference = models()
+    args.use_weighting = True
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                             eval_dataset=dataset, processing_class=tokenizer)
+    with torch.no_grad():
+        _, weights = sequence_logprobs(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                       .logits, eye, labels, wpo=True)
+    assert (weights > 0).all() and weights.std() > 0.01  # random answers: likely to a varying degree
+    for names in [("sigmoid",), ("ipo", "hinge")]:  # TRL 1.16 fails on sft with weighting (in place on a view)
+        trainer.loss_types, trainer.loss_weights = list(names), [1.0] * len(names)
+        losses, _, _ = preference_loss(pol[:4], pol[4:], ref[:4], ref[4:], n[:4], n[4:], beta=0.3, loss=names)
+        wpo = (losses * weights[:4] * weights[4:]).mean().item()
+        assert wpo == pytest.approx(_trl_eval(trainer)["eval_loss"], rel=1e-5)
+        assert wpo != pytest.approx(losses.mean().item(), rel=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -339,6 +356,34 @@ def test_ld_alpha_zero_scores_each_pair_up_to_its_shorter_answer_and_one_is_dpo(
         dpo, _ = dpo_step_loss(model, full, reference, DPOConfig())
     assert ld0.item() == pytest.approx(want.item(), rel=1e-5) and ld1.item() == pytest.approx(dpo.item(), rel=1e-6)
     assert abs(ld0.item() - dpo.item()) > 1e-4
+
+
+def test_wpo_weighs_each_pair_by_the_policys_probability_of_its_two_answers():
+    """--use-weighting through the objective: the batch's loss is each pair's own DPO loss (the pair alone) times
+    the weights of its two answers, computed here from the model's whole next-token distributions."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.aligner.gate.normal_(0, 0.5)
+    data = synthetic_pairs(4, seed=5)
+    reference = as_reference(model.aligner)
+    with torch.no_grad():
+        model.aligner.gate.mul_(1.5)  # the policy moves away from its reference: non-zero DPO losses
+
+    def weight(prompt, answer):
+        idx = torch.cat([prompt, answer])[None]
+        probs = torch.softmax(model(idx), -1)[0, len(prompt) - 1:-1]
+        return torch.exp(torch.log(probs[torch.arange(len(answer)), answer] / (probs ** 2).sum(-1)).mean())
+
+    with torch.no_grad():
+        each = [dpo_step_loss(model, collate_dpo([data[i]]), reference, DPOConfig())[0] for i in range(4)]
+        weights = [weight(data[i]["prompt"], data[i]["chosen"]) * weight(data[i]["prompt"], data[i]["rejected"])
+                   for i in range(4)]
+        batch = collate_dpo([data[i] for i in range(4)])
+        got, _ = dpo_step_loss(model, batch, reference, DPOConfig(use_weighting=True))
+        plain, _ = dpo_step_loss(model, batch, reference, DPOConfig())
+    assert got.item() == pytest.approx(sum(l * w for l, w in zip(each, weights)).item() / 4, rel=1e-5)
+    assert plain.item() == pytest.approx(sum(each).item() / 4, rel=1e-5) and abs(got - plain) > 1e-3
+    assert len({round(w.item(), 4) for w in weights}) == 4
 
 
 @pytest.mark.parametrize("cfg", [DPOConfig(loss="simpo", beta=2.0, simpo_gamma=0.5), DPOConfig(loss="orpo", beta=0.5)],
@@ -607,10 +652,12 @@ def test_precomputing_the_reference_is_refused_under_fsdp():
 def test_a_run_with_several_losses_records_them_and_a_reference_free_one_refuses_a_reference(
         tiny_checkpoint_dir, pairs_file, tmp_path):
     cfg = dpo_run_config(tiny_checkpoint_dir, tmp_path / "mpo", data=pairs_file, train={"max_steps": 4},
-                         dpo=DPOConfig(beta=0.5, loss=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)))
+                         dpo=DPOConfig(beta=0.5, loss=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0),
+                                       use_weighting=True))
     summary = run_dpo(cfg)
     _, meta = load_aligner(tmp_path / "mpo" / "aligner.safetensors")
     assert meta["loss"] == "sigmoid,bco_pair,sft" and json.loads(meta["loss_weights"]) == [0.8, 0.2, 1.0]
+    assert json.loads(meta["use_weighting"]) is True
     assert json.loads(meta["label_smoothing"]) == 0.0 and "simpo_gamma" not in meta
     assert math.isfinite(summary["val"]["loss"])
     r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", pairs_file,

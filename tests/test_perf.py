@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lit_aligner import perf
 from lit_aligner.config import Config
-from lit_aligner.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy
+from lit_aligner.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy, sequence_logprobs
 from lit_aligner.model import LLaMA, AlignerConfig, init_weights, mark_only_aligner_as_trainable
 
 
@@ -77,6 +77,27 @@ def test_chunked_cross_entropy_gradient_wrt_hidden_equals_plain():
     (g_chunked,) = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk_size=3), hidden)
     (g_plain,) = torch.autograd.grad(cross_entropy(F.linear(hidden, weight), labels), hidden)
     torch.testing.assert_close(g_chunked, g_plain)
+
+
+def test_wpo_weights_ride_along_the_checkpointed_chunks_without_changing_the_log_probs_or_their_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight, labels = torch.randn(50, 16), torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    out = {}
+    for chunk, wpo in [(3, False), (3, True), (0, True)]:
+        got = sequence_logprobs(hidden, weight, labels, chunk_size=chunk, wpo=wpo)
+        lp = got[0] if wpo else got
+        out[chunk, wpo] = (lp, *torch.autograd.grad(lp.sum(), hidden), *(got[1:] if wpo else ()))
+    for a, b in zip(out[3, False], out[3, True]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(out[3, True], out[0, True]):
+        torch.testing.assert_close(a, b)
+    probs = torch.softmax(F.linear(hidden, weight), -1)[:, :-1].detach()  # the formula on the whole distribution
+    mask = labels[:, 1:] != IGNORE_INDEX
+    ratio = torch.log(probs.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] / (probs ** 2).sum(-1))
+    torch.testing.assert_close(out[3, True][2], torch.exp((ratio * mask).sum(1) / mask.sum(1)))
+    assert not out[3, True][2].requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------------------------

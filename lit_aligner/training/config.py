@@ -336,6 +336,9 @@ class DPOLossConfig:
     ld_alpha: Optional[float] = None
     """LD-DPO: the tokens of the longer answer past the shorter one's length count this much (0..1; 1 = DPO), against
     the preference for longer answers. None: off."""
+    use_weighting: bool = False
+    """WPO: weigh each pair's loss by how likely the policy finds its two answers (each one's length-normalised
+    probability against its own sampling), so off-policy pairs (answers the model would not write) count less."""
 
     def __post_init__(self):
         if isinstance(self.loss, str):  # the library's callers (and configs from before several losses) give one name
@@ -380,6 +383,9 @@ class DPOLossConfig:
             if set(self.loss) & REFERENCE_FREE:
                 raise TrainError(f"--ld-alpha weighs the log-ratios to the reference; it does not apply to "
                                  f"{' '.join(sorted(set(self.loss) & REFERENCE_FREE))}")
+        if self.use_weighting and set(self.loss) & {"aot", "aot_unpaired"}:
+            raise TrainError("--use-weighting weighs each pair, and aot and aot_unpaired sort the batch, so no loss "
+                             "belongs to one pair: drop one of them")
 
     @property
     def reference_free(self) -> bool:
@@ -407,6 +413,8 @@ class DPOLossConfig:
                 out["f_alpha"] = self.f_alpha
         if self.ld_alpha is not None:
             out["ld_alpha"] = self.ld_alpha
+        if self.use_weighting:
+            out["use_weighting"] = True
         return out
 
 

@@ -37,16 +37,16 @@ def response_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, aligner=None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE, ld_alpha: Optional[float] = None) -> torch.Tensor:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, ld_alpha: Optional[float] = None, wpo: bool = False):
     """(N,) summed log-probs (fp32, nats) of each row's response tokens (labels != -100) given its prompt.
     input_ids, labels: (N, T). aligner: None (the policy: `model.aligner`), an Aligner, or False (bare base).
     ld_alpha (LD-DPO, rows = chosen then rejected): the tokens past the shorter response of a pair count ld_alpha
-    times, so that a longer answer's extra tokens weigh less in the preference."""
+    times, so that a longer answer's extra tokens weigh less in the preference. wpo: also each row's WPO weight,
+    ((N,), (N,)) (`losses.sequence_logprobs`)."""
     hidden = model(input_ids, aligner=aligner, return_hidden=True)  # (N, T, C)
-    if ld_alpha is None:
-        return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size)
-    return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size, cap=shared_lengths(labels),
-                             tail_weight=ld_alpha)
+    cap = None if ld_alpha is None else shared_lengths(labels)
+    return sequence_logprobs(hidden, model.lm_head_weight, labels, chunk_size, cap=cap,
+                             tail_weight=1.0 if ld_alpha is None else ld_alpha, wpo=wpo)
 
 
 def shared_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -134,12 +134,16 @@ class DPO(Objective):
             ref = reference_logprobs(model, input_ids, labels, self.reference, self.chunk_size, c.ld_alpha)
         if ref is not None:
             ref = ref.to(device=input_ids.device, dtype=torch.float32)
-        pol = response_logprobs(model, input_ids, labels, self.aligner, self.chunk_size, c.ld_alpha)
+        pol = response_logprobs(model, input_ids, labels, self.aligner, self.chunk_size, c.ld_alpha, c.use_weighting)
+        if c.use_weighting:  # WPO: each pair weighs as likely as the policy finds both of its answers
+            pol, weights = pol
         tokens = response_tokens(labels)
         losses, cr, rr = preference_loss(
             pol[:B], pol[B:], None if ref is None else ref[:B], None if ref is None else ref[B:], tokens[:B],
             tokens[B:], c.beta, c.loss, c.loss_weights, c.label_smoothing, c.discopop_tau, c.simpo_gamma,
             c.f_divergence, c.f_alpha)
+        if c.use_weighting:
+            losses = losses * weights[:B] * weights[B:]
         return {
             "loss": losses.float().sum(),
             # a tie counts half: the untrained policy (== reference) then scores exactly chance, 0.5

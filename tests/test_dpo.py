@@ -677,12 +677,14 @@ def test_eval_only_refuses_a_wandb_project_it_would_not_log_to():
 @pytest.mark.slow
 def test_two_process_fsdp_dpo_equals_one_process(short_dpo_run, tiny_checkpoint_dir, pairs_file, tmp_path):
     # the policy starts at a trained Aligner and the reference is its frozen copy (not sharded: it reaches each
-    # layer with the batch, while the policy's prefix is FSDP's); the last step's validation too
+    # layer with the batch, while the policy's prefix is FSDP's), moved toward the policy after step 2 (TR-DPO: the
+    # policy's shards gathered on each rank); the last step's validation too
     _, trained = short_dpo_run
     common = ["finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", pairs_file,
               "--init-aligner", trained / "aligner.safetensors", "--max-seq-length", "128", "--val-fraction", "0.1",
               "--max-steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "0.1",
-              "--beta", "0.5", "--eval-interval", "3", "--eval-iters", "all", "--accelerator", "cpu", "--no-progress"]
+              "--beta", "0.5", "--eval-interval", "3", "--eval-iters", "all", "--accelerator", "cpu", "--no-progress",
+              "--sync-ref-model", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5"]
     outs = [tmp_path / "one", tmp_path / "two"]
     for out, flags in zip(outs, ([], ["--devices", "2", "--strategy", "fsdp"])):
         r = run_script(*common, *flags, "--out-dir", out)
@@ -695,6 +697,10 @@ def test_two_process_fsdp_dpo_equals_one_process(short_dpo_run, tiny_checkpoint_
     losses = [[float(r["val_loss"]) for r in read_metrics(out / "metrics.csv") if r.get("val_loss")]
               for out in outs]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    one, two = (torch.load(out / "state" / "last.pt", weights_only=True)["objective"] for out in outs)
+    for name in ("prefix", "gate"):
+        torch.testing.assert_close(two[f"reference_{name}"], one[f"reference_{name}"], rtol=1e-4, atol=1e-5)
+    assert (one["reference_gate"] - start.gate).abs().max() > 1e-4  # the reference moved
 
 
 def test_a_malformed_data_file_gives_one_error_line_naming_it(tiny_checkpoint_dir, tmp_path):
@@ -727,6 +733,82 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_checkpoint_dir,
     b, _ = load_aligner(tmp_path / "b" / "aligner.safetensors")
     torch.testing.assert_close(a.gate, b.gate, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-5, atol=1e-6)
+
+
+def test_tr_dpo_moves_the_reference_toward_the_policy_every_sync_steps_and_a_resumed_run_goes_on_exactly(
+        tiny_checkpoint_dir, pairs_file, tmp_path):
+    """--sync-ref-model: after steps 2 and 4 (not 1 or 3) the reference becomes alpha x the policy + (1 - alpha) x
+    itself, starting as the bare base (zero gates); the run state keeps it, so a run resumed at step 2 ends where an
+    uninterrupted one does (a resumed run that restarted the reference would not)."""
+    def config(out, steps, **kw):
+        return dpo_run_config(tiny_checkpoint_dir, tmp_path / out, data=pairs_file, sync_ref_model=True,
+                              ref_model_mixup_alpha=0.5, ref_model_sync_steps=2,
+                              train=dict(max_steps=steps, eval_interval=2, save_interval=2), **kw)
+
+    run_dpo(config("a", 4))
+    s2, s4 = (torch.load(tmp_path / "a" / "state" / f"step-00000{k}.pt", weights_only=True) for k in (2, 4))
+    torch.testing.assert_close(s2["objective"]["reference_gate"], 0.5 * s2["aligner"]["gate"])
+    for name in ("prefix", "gate"):
+        torch.testing.assert_close(s4["objective"][f"reference_{name}"],
+                                   0.5 * s4["aligner"][name] + 0.5 * s2["objective"][f"reference_{name}"])
+    assert s4["aligner"]["gate"].abs().sum() > 0
+    _, meta = load_aligner(tmp_path / "a" / "aligner.safetensors")
+    assert json.loads(meta["sync_ref_model"]) is True and json.loads(meta["ref_model_mixup_alpha"]) == 0.5
+    assert json.loads(meta["ref_model_sync_steps"]) == 2 and meta["reference"] == "none"
+    run_dpo(config("b", 2))
+    run_dpo(config("b", 4, resume="auto"))
+    (a, _), (b, _) = (load_aligner(tmp_path / out / "aligner.safetensors") for out in ("a", "b"))
+    torch.testing.assert_close(a.gate, b.gate, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-5, atol=1e-6)
+    plain = run_dpo(dpo_run_config(tiny_checkpoint_dir, tmp_path / "plain", data=pairs_file,
+                                   train=dict(max_steps=4, eval_interval=2, save_interval=2)))
+    c, _ = load_aligner(tmp_path / "plain" / "aligner.safetensors")
+    assert (c.gate - a.gate).abs().max() > 1e-4 and plain["step"] == 4  # the moving reference changed training
+    with pytest.raises(TrainError, match=r"a run with --sync-ref-model False \(now True\)"):
+        run_dpo(config("plain", 4, resume="auto"))  # a state of a run without it
+
+
+def test_tr_dpo_with_alpha_one_every_step_keeps_the_loss_at_log_2(tiny_checkpoint_dir, pairs_file, tmp_path):
+    """The hard update every step: each step's reference is the policy it scores (the one before the step), so every
+    log-ratio is 0 and every step's loss is exactly -log sigmoid(0) = log 2, while DPO's falls; the gradient is not 0
+    (log pi(chosen) - log pi(rejected) still rises), so the policy moves."""
+    def losses(out, **kw):
+        run_dpo(dpo_run_config(tiny_checkpoint_dir, tmp_path / out, data=pairs_file, train=dict(max_steps=8), **kw))
+        return [float(r["train_loss"]) for r in read_metrics(tmp_path / out / "metrics.csv") if r["train_loss"]]
+
+    synced = losses("synced", sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1)
+    plain = losses("plain")
+    assert synced == pytest.approx([math.log(2)] * 8, abs=1e-6) and plain[0] == pytest.approx(math.log(2))
+    assert max(plain[4:]) < math.log(2) - 0.1, plain
+    trained, _ = load_aligner(tmp_path / "synced" / "aligner.safetensors")
+    assert trained.gate.abs().max() > 1e-3
+
+
+def test_tr_dpo_flags_are_refused_where_they_do_nothing(tiny_checkpoint_dir, pairs_file, tmp_path):
+    from lit_aligner.aligner_files import new_aligner, save_aligner
+    from lit_aligner.training import DPORunConfig
+
+    for kw, reason in [(dict(ref_model_mixup_alpha=1.0), "apply with --sync-ref-model only"),
+                       (dict(sync_ref_model=True, ref_model_mixup_alpha=0.0), r"must be in \(0, 1\]"),
+                       (dict(sync_ref_model=True, ref_model_sync_steps=0), "must be >= 1"),
+                       (dict(sync_ref_model=True, precompute_reference=True), "drop --precompute-reference"),
+                       (dict(sync_ref_model=True, eval_only=True), "--eval-only trains nothing"),
+                       (dict(sync_ref_model=True, dpo=DPOConfig(loss="simpo")), "reads no reference: drop "
+                                                                                "--sync-ref-model")]:
+        with pytest.raises(TrainError, match=reason):
+            DPORunConfig(**kw).check()
+    from lit_aligner.base import load_model
+
+    model = load_model(tiny_checkpoint_dir, "cpu")
+    other = tmp_path / "n2.safetensors"
+    save_aligner(new_aligner(model, 2, 1), other, model.config.name)  # another shape than the run's N=10
+    for flags, reason in [(["--ref-model-sync-steps", "512"], "--ref-model-sync-steps 512 is more than this run's "
+                                                              "3 steps, so the reference would never move"),
+                          (["--reference-aligner", other], "has N=2 from layer 1 and the policy N=10 from layer 2")]:
+        r = run_script("finetune/aligner_dpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", pairs_file,
+                       "--max-steps", "3", "--sync-ref-model", *flags, "--out-dir", tmp_path / "out")
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert r.returncode == 1 and len(errors) == 1 and reason in errors[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_precomputed_reference_run_matches_on_the_fly_and_reuses_its_cache(tiny_checkpoint_dir, pairs_file,

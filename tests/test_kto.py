@@ -191,12 +191,16 @@ def feedback_file(tmp_path_factory):
 
 
 def test_a_short_run_learns_the_feedback_and_records_its_loss(tiny_checkpoint_dir, feedback_file, tmp_path):
+    def run(out, *flags):
+        return helpers.run_script(
+            "finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file, "--out-dir",
+            out, "--n-tokens", "4", "--start-layer", "1", "--max-seq-length", "128", "--val-fraction", "0.1",
+            "--max-steps", "8", "--learning-rate", "0.1", "--eval-interval", "4", "--eval-iters", "all", "--beta",
+            "0.5", "--undesirable-weight", "1.1", "--accelerator", "cpu", "--no-progress", *flags, timeout=600,
+            env={"OMP_NUM_THREADS": "1"})
+
     out = tmp_path / "run"
-    r = helpers.run_script("finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file,
-                           "--out-dir", out, "--n-tokens", "4", "--start-layer", "1", "--max-seq-length", "128",
-                           "--val-fraction", "0.1", "--max-steps", "8", "--learning-rate", "0.1", "--eval-interval",
-                           "4", "--eval-iters", "all", "--beta", "0.5", "--undesirable-weight", "1.1",
-                           "--accelerator", "cpu", "--no-progress", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    r = run(out)
     assert r.returncode == 0, r.stderr
     assert "unpaired data from" in r.stdout and "desirable=80" in r.stdout
     evals = [row for row in read_metrics(out / "metrics.csv") if row["val_loss"]]
@@ -206,6 +210,15 @@ def test_a_short_run_learns_the_feedback_and_records_its_loss(tiny_checkpoint_di
     aligner, meta = load_aligner(out / "aligner.safetensors")
     assert meta["mode"] == "kto" and meta["loss"] == "kto" and json.loads(meta["undesirable_weight"]) == 1.1
     assert meta["reference"] == "none" and math.isfinite(float(evals[-1]["val_kl"]))
+    # TR-KTO: the hard update every 4 steps leaves the reference equal to the policy after step 8
+    r = run(tmp_path / "tr", "--sync-ref-model", "--ref-model-mixup-alpha", "1", "--ref-model-sync-steps", "4")
+    assert r.returncode == 0, r.stderr
+    state = torch.load(tmp_path / "tr" / "state" / "last.pt", weights_only=True)
+    assert state["step"] == 8 and state["aligner"]["gate"].abs().sum() > 0
+    for name in ("prefix", "gate"):
+        torch.testing.assert_close(state["objective"][f"reference_{name}"], state["aligner"][name])
+    _, meta = load_aligner(tmp_path / "tr" / "aligner.safetensors")
+    assert json.loads(meta["sync_ref_model"]) is True and json.loads(meta["ref_model_sync_steps"]) == 4
     # a micro-batch of one row has no other completion to estimate KL from: one error line, nothing written
     r = helpers.run_script("finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file,
                            "--micro-batch-size", "1", "--out-dir", tmp_path / "bad", timeout=600)

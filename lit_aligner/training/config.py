@@ -428,13 +428,35 @@ class ReferenceRunConfig(RunConfig):
     prefix_init_scale: float = 1.0
     """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (DPO's defaults
     were measured at 1; SFT's 0.5 was measured for SFT only)."""
+    sync_ref_model: bool = False
+    """TR-DPO (TR-KTO): every --ref-model-sync-steps steps the reference Aligner moves toward the policy, ref = alpha x
+    policy + (1 - alpha) x ref, so the trust region follows training (a reference of none starts as the bare base in
+    the policy's shape)."""
+    ref_model_mixup_alpha: float = 0.6
+    """--sync-ref-model only: alpha in (0, 1]; 1 replaces the reference by the policy (TR-DPO's hard update)."""
+    ref_model_sync_steps: int = 512
+    """--sync-ref-model only: optimizer steps between syncs (TRL's default; at most the run's steps)."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.sync_ref_model:
+            if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (0.6, 512):
+                raise TrainError("--ref-model-mixup-alpha and --ref-model-sync-steps apply with --sync-ref-model only: "
+                                 "add it, or drop them")
+            return
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise TrainError(f"--ref-model-mixup-alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise TrainError(f"--ref-model-sync-steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def input_paths(self) -> Dict[str, Any]:
         ref = self.reference_aligner
         return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "reference_aligner": str(self.reference_aligner)}
+        return {**super().identity(), "reference_aligner": str(self.reference_aligner),
+                "sync_ref_model": self.sync_ref_model, "ref_model_mixup_alpha": self.ref_model_mixup_alpha,
+                "ref_model_sync_steps": self.ref_model_sync_steps}
 
 
 @dataclass
@@ -458,16 +480,23 @@ class DPORunConfig(ReferenceRunConfig):
         if self.precompute_reference and self.strategy == "fsdp":
             raise TrainError("--precompute-reference scores the pairs with one unsharded copy of the base, which "
                              "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
-        if self.dpo.reference_free and (self.precompute_reference or self.reference_aligner is not None):
-            flag = "--precompute-reference" if self.precompute_reference else "--reference-aligner"
+        if self.dpo.reference_free and (self.precompute_reference or self.reference_aligner is not None or
+                                        self.sync_ref_model):
+            flag = "--precompute-reference" if self.precompute_reference else \
+                "--reference-aligner" if self.reference_aligner is not None else "--sync-ref-model"
             raise TrainError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop {flag} (or add a loss that "
                              "compares with a reference, e.g. sigmoid)")
+        if self.sync_ref_model and (self.precompute_reference or self.eval_only):
+            raise TrainError("--sync-ref-model moves the reference during training: "
+                             + ("log-probs computed once would go stale; drop --precompute-reference"
+                                if self.precompute_reference else "--eval-only trains nothing; drop one of them"))
         if self.eval_only and self.wandb_project is not None:
             raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
                              "printed as JSON on the last line)")
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.dpo.settings()}
+        # every loss field, also the ones off (a run resumed without its --ld-alpha or --use-weighting differs)
+        return {**super().identity(), **plain(self.dpo), **self.dpo.settings()}
 
 
 @dataclass

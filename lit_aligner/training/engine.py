@@ -297,6 +297,7 @@ def fit(
             if not _finite(fabric, *params):
                 raise diverged(step + 1, "Aligner after the optimizer step")
             step += 1
+            objective.after_step(step, aligner)
             stats = torch.stack([sums[k] for k in names] + [
                 torch.tensor(float(v), dtype=torch.float64, device=device)
                 for v in (padded, real, 1.0 if stop.requested else 0.0)])

@@ -242,6 +242,7 @@ def _load(run: Run) -> None:
                     raise TrainError(f"{run.resume_path}: Aligner {name} {tuple(saved.shape)} does not fit this run's "
                                      f"{tuple(param.shape)}; resume with the same --n-tokens/--start-layer.")
                 param.copy_(saved)
+        run.objective.load_state_dict(run.state.get("objective") or {})
     mark_only_aligner_as_trainable(run.model)
     check_only_aligner_trainable(run.model)
     fabric.print(f"base {run.base_config.name} ({cfg.checkpoint_dir}), Aligner N={cfg.n_tokens} from layer "
@@ -300,7 +301,7 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         fabric.print(f"resuming from {run.resume_path} at step {start_step}")
     extra = {"identity": cfg.identity(), "run_config": plain(cfg), "train_config": plain(cfg.train),
              "template": run.template, "wandb_run_id": wandb_run.id if wandb_run is not None else None}
-    run_state = RunState(fabric, run.out_dir, module, optimizer, run.model.aligner, extra)
+    run_state = RunState(fabric, run.out_dir, module, optimizer, run.model.aligner, extra, run.objective)
     metrics = MetricsLog(run.out_dir, resume_step=start_step or None, wandb_run=wandb_run)
     result = fit(fabric, module, optimizer, run.model.aligner, run.train, run.val, cfg.train, run_state, metrics,
                  start_step=start_step, progress=cfg.progress)

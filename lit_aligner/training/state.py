@@ -316,10 +316,11 @@ class RunState:
     gathers the Aligner collectively)."""
 
     def __init__(self, fabric, out_dir: PathLike, module: nn.Module, optimizer, aligner: nn.Module,
-                 extra: Dict[str, Any]):
+                 extra: Dict[str, Any], objective: Any = None):
         self.fabric, self.out_dir, self.module, self.optimizer, self.aligner = fabric, Path(out_dir), module, \
             optimizer, aligner
         self.extra = extra  # plain values: identity, run config, template, train config
+        self.objective = objective  # its `state_dict()` is saved too (e.g. a TR-DPO reference)
         self.newest: Optional[Path] = None
 
     def latest(self) -> Optional[Path]:
@@ -332,7 +333,7 @@ class RunState:
             raise TrainError(f"step {step}: the Aligner is not finite; no run state written (lower --learning-rate).")
         state = {"version": STATE_VERSION, "step": step, "aligner": tensors,
                  "optimizer": optimizer_state(self.fabric, self.module, self.optimizer), "rng": capture_rng_state(),
-                 **self.extra}
+                 "objective": self.objective.state_dict() if self.objective is not None else {}, **self.extra}
         path = state_path(self.out_dir, step)
         if self.fabric.global_rank == 0:
             atomic_torch_save(state, path)

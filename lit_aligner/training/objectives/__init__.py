@@ -79,6 +79,17 @@ class Objective:
     def prepare(self, run: Any) -> None:
         """Called once the model and data are loaded, before training (e.g. to precompute reference log-probs)."""
 
+    def after_step(self, step: int, aligner: nn.Module) -> None:
+        """Called on every rank after optimizer step `step` (1-based) with the Aligner being trained, before that
+        step's validation and run state (e.g. TR-DPO moves its reference toward it)."""
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """What a run state keeps of this objective besides the Aligner and the optimizer (plain tensors)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restores `state_dict` on resume."""
+
     def metadata(self) -> Dict[str, Any]:
         """What the trained Aligner's file records about this objective (beyond mode, template and data)."""
         return {}

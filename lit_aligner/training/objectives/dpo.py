@@ -25,6 +25,7 @@ from lit_aligner.losses import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, preference_loss
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.training.config import DPOLossConfig, TrainError
 from lit_aligner.training.objectives import Batch, Objective, register
+from lit_aligner.training.state import full_tensor
 
 # The reference: a frozen Aligner, or False for the bare base.
 Reference = Union[Aligner, bool]
@@ -78,8 +79,24 @@ def as_reference(aligner: Optional[Aligner], device=None) -> Reference:
 
 def run_reference(cfg: Any, run: Any) -> Tuple[Reference, str]:
     """A training run's reference (`--reference-aligner`, see `resolve_reference`) on the run's device. Taken before
-    any training (or resumed state) touches model.aligner, so a copy of the init Aligner is the one it started from."""
+    any training (or resumed state) touches model.aligner, so a copy of the init Aligner is the one it started from.
+    With --sync-ref-model the reference is an Aligner of the policy's shape, which training moves: the bare base
+    becomes a copy of the policy's starting Aligner with zero gates (exactly the base until the first sync)."""
     reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+    if cfg.sync_ref_model:
+        policy = run.model.aligner
+        if reference is False:
+            reference = as_reference(policy)
+            reference.gate.zero_()
+        elif (reference.n_tokens, reference.start_layer) != (policy.n_tokens, policy.start_layer):
+            raise TrainError(f"--sync-ref-model mixes the policy into the reference, but --reference-aligner {desc} "
+                             f"has N={reference.n_tokens} from layer {reference.start_layer} and the policy "
+                             f"N={policy.n_tokens} from layer {policy.start_layer}: give a reference of the policy's "
+                             f"shape, or none")
+        if cfg.ref_model_sync_steps > cfg.train.max_steps:
+            raise TrainError(f"--ref-model-sync-steps {cfg.ref_model_sync_steps} is more than this run's "
+                             f"{cfg.train.max_steps} steps, so the reference would never move: give at most "
+                             f"{cfg.train.max_steps}")
     return (reference if reference is False else reference.to(run.fabric.device)), desc
 
 
@@ -97,8 +114,53 @@ def resolve_reference(spec: Optional[str], init_aligner: Optional[Aligner], mode
     return as_reference(aligner), str(spec)
 
 
+class ReferenceObjective(Objective):
+    """What DPO and KTO share: a frozen `reference` through the same base (an Aligner, or False for the bare base),
+    named in the metadata, and TR-DPO's sync: `sync` = (alpha, steps) moves the reference toward the policy after every
+    `steps`-th optimizer step, ref = alpha x policy + (1 - alpha) x ref (TRL's SyncRefModelCallback), and the run
+    state keeps the moved reference so that a resumed run goes on exactly."""
+
+    sync: Optional[Tuple[float, int]] = None
+
+    def __init__(self, pad_id: int, chunk_size: int, reference: Reference, config: Any, reference_desc: str):
+        super().__init__(pad_id, chunk_size)
+        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+
+    def follow(self, cfg: Any) -> "ReferenceObjective":
+        """Takes a run's --sync-ref-model settings."""
+        self.sync = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps) if cfg.sync_ref_model else None
+        return self
+
+    def after_step(self, step: int, aligner: nn.Module) -> None:
+        if self.sync is None or step % self.sync[1]:
+            return
+        alpha = self.sync[0]
+        with torch.no_grad():
+            for name in ("prefix", "gate"):  # full_tensor: FSDP's shards of the policy, gathered on every rank
+                ref = getattr(self.reference, name)
+                ref.mul_(1 - alpha).add_(full_tensor(getattr(aligner, name).detach()).to(ref), alpha=alpha)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        if self.sync is None:
+            return {}
+        return {f"reference_{name}": getattr(self.reference, name).detach().cpu().clone()
+                for name in ("prefix", "gate")}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if self.sync is None or not state:
+            return
+        with torch.no_grad():
+            for name in ("prefix", "gate"):
+                getattr(self.reference, name).copy_(state[f"reference_{name}"])
+
+    def metadata(self) -> Dict[str, Any]:
+        sync = {} if self.sync is None else {"sync_ref_model": True, "ref_model_mixup_alpha": self.sync[0],
+                                             "ref_model_sync_steps": self.sync[1]}
+        return {**self.config.settings(), "reference": self.reference_desc, **sync}
+
+
 @register
-class DPO(Objective):
+class DPO(ReferenceObjective):
     """Summed DPO losses over the pairs of a batch; units are pairs. Metrics (sums; means per pair after the engine
     divides): loss, reward_accuracy, chosen_reward, rejected_reward, reward_margin, chosen_logp, rejected_logp."""
 
@@ -110,8 +172,7 @@ class DPO(Objective):
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
                  config: DPOLossConfig = DPOLossConfig(), reference_desc: str = "none"):
-        super().__init__(pad_id, chunk_size)
-        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+        super().__init__(pad_id, chunk_size, reference, config, reference_desc)
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         rows = [(it["prompt"], it[key]) for key in ("chosen", "rejected") for it in items]
@@ -158,16 +219,13 @@ class DPO(Objective):
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "DPO":
         reference, desc = (False, "none") if cfg.dpo.reference_free else run_reference(cfg, run)
-        objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc)
+        objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc).follow(cfg)
         objective.precompute = cfg.precompute_reference
         return objective
 
     def prepare(self, run: Any) -> None:
         if getattr(self, "precompute", False):
             run.train, run.val = with_cached_reference(run, self)
-
-    def metadata(self) -> Dict[str, Any]:
-        return {**self.config.settings(), "reference": self.reference_desc}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import torch.nn as nn
 from lit_aligner.data.dataset import pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, kto_loss
 from lit_aligner.training.config import KTOLossConfig
-from lit_aligner.training.objectives import Batch, Objective, register
-from lit_aligner.training.objectives.dpo import Reference, response_logprobs, run_reference
+from lit_aligner.training.objectives import Batch, register
+from lit_aligner.training.objectives.dpo import Reference, ReferenceObjective, response_logprobs, run_reference
 
 
 @register
-class KTO(Objective):
+class KTO(ReferenceObjective):
     """Summed KTO losses over a batch's completions; units are completions. Metrics (sums; means per completion after
     the engine divides): loss, kl (the estimate z), reward_accuracy (a desirable completion's reward above beta x z,
     KTO's reference point, an undesirable one's below; a tie counts 1/2), reward (beta x log-ratio), logp."""
@@ -33,8 +33,7 @@ class KTO(Objective):
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
                  config: KTOLossConfig = KTOLossConfig(), reference_desc: str = "none"):
-        super().__init__(pad_id, chunk_size)
-        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+        super().__init__(pad_id, chunk_size, reference, config, reference_desc)
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         rows = [(it["prompt"], it["completion"]) for it in items]
@@ -68,7 +67,4 @@ class KTO(Objective):
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "KTO":
         reference, desc = run_reference(cfg, run)
-        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc)
-
-    def metadata(self) -> Dict[str, Any]:
-        return {**self.config.settings(), "reference": self.reference_desc}
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc).follow(cfg)

@@ -1,6 +1,6 @@
 """Train a global-token Aligner with DPO on preference pairs, with ONE copy of the base model in memory: the policy is
 the base + the trainable Aligner, the reference is the same base with a frozen reference Aligner (or none). --loss
-picks any of TRL's preference losses (IPO, RPO, MPO, ...; SimPO and ORPO need no reference pass).
+picks any of TRL's preference losses (IPO, RPO, MPO, ...; CPO, SimPO and ORPO need no reference pass).
 
     python finetune/aligner_dpo.py --data ../shared/data/hh-rlhf/harmless_base_2000.jsonl
     python finetune/aligner_dpo.py --loss simpo --beta 2.0 --simpo-gamma 1.0

@@ -32,11 +32,12 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                     squares: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """h (n, C), targets (n,) -> log p(target) (n,) in fp32; squares: also log sum_v p_v^2 (n,), without gradient."""
     logits = F.linear(h, weight).float()  # (n, V): the only logits alive at a time
-    lp = -F.cross_entropy(logits, targets, reduction="none")
     if not squares:
-        return lp
-    with torch.no_grad():
-        return lp, torch.logsumexp(2 * torch.log_softmax(logits, -1), -1)
+        return -F.cross_entropy(logits, targets, reduction="none")
+    log_z = torch.logsumexp(logits, -1)  # shared by both (TRL's kernel does the same): one pass less over (n, V)
+    lp = logits.gather(-1, targets[:, None])[:, 0] - log_z
+    with torch.no_grad():  # log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 log Z
+        return lp, torch.logsumexp(2 * logits, -1) - 2 * log_z
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -129,15 +130,17 @@ def reference_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> t
     return (lp * mask).sum(-1)
 
 
-# TRL's preference losses (trl 1.16: `DPOConfig.loss_type`, and SimPO / ORPO from its CPO and ORPO trainers), each as
-# TRL computes it (but for sigmoid's label smoothing and ORPO's NLL over the response only, see `preference_loss`), so
-# a user moving between the two trains on the same objective. The reference-free ones need no reference pass at all.
+# TRL's preference losses (trl 1.16: `DPOConfig.loss_type`, and CPO / SimPO / ORPO from its CPO and ORPO trainers),
+# each as TRL computes it (but for sigmoid's label smoothing and ORPO's NLL over the response only, see
+# `preference_loss`), so a user moving between the two trains on the same objective. The reference-free ones need no
+# reference pass at all.
 PreferenceLossName = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-                             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo",
-                             "orpo"]
+                             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "cpo",
+                             "simpo", "orpo"]
 PREFERENCE_LOSSES = get_args(PreferenceLossName)
-REFERENCE_FREE = frozenset({"sft", "simpo", "orpo"})
-LABEL_SMOOTHED = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo"})  # read label_smoothing
+REFERENCE_FREE = frozenset({"sft", "cpo", "simpo", "orpo"})
+AVERAGED = frozenset({"simpo", "orpo"})  # compare average log-probs (their logged rewards are b x those)
+LABEL_SMOOTHED = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "cpo", "simpo"})  # read it
 # f-DPO (TRL's f_divergence_type): the divergence from the reference that the losses on the reward difference regularise
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 # the losses built on the chosen - rejected difference, the only ones an f-divergence generalises (TRL's list)
@@ -189,13 +192,15 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
         discopop     logistic and exponential losses of b h, mixed by sig(b h / tau)
         sft          the chosen responses' mean token NLL over the batch (RPO's term; every pair gets the batch mean)
         sigmoid_norm -logsig(b (c/n_c - r/n_r))
+        cpo          sigmoid (with eps) on chosen - rejected           (CPO without its NLL term, add sft; no reference)
         simpo        sigmoid (with eps) on a_c - a_r - gamma/b, a = the policy's average log-prob (no reference)
         orpo         sft - b logsig(log odds(a_c) - log odds(a_r))  (no reference; TRL's NLL adds the prompt's tokens)
     f_divergence (f-DPO; f_alpha: its alpha-divergence's alpha) replaces c and r by f'(pi/ref) in h (and in ipo's and
     sigmoid_norm's per-token difference): 1 - exp(-c) (forward_kl), log 2 + logsig(c) (js_divergence),
     (exp((alpha-1) c) - 1) / (alpha-1) (alpha_divergence); reverse_kl (the default) keeps c.
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards without gradient: b times the
-    log-ratios, or b times the average log-probs when every loss is reference-free (as TRL's CPO and ORPO log them)."""
+    log-ratios, or when every loss is reference-free b times the log-probs, averaged with simpo or orpo (as TRL's CPO
+    and ORPO trainers log them)."""
     names = (loss,) if isinstance(loss, str) else tuple(loss)
     weights = tuple(weights) if weights is not None else (1.0,) * len(names)
     if not names or len(weights) != len(names):
@@ -252,14 +257,18 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
             part = nll.expand(chosen.shape)
         elif name == "sigmoid_norm":
             part = -F.logsigmoid(b * (sc / nc - sr / nr))
+        elif name == "cpo":
+            part = smoothed(chosen - rejected)
         elif name == "simpo":
             part = smoothed(avg_c - avg_r - simpo_gamma / b)
         else:  # orpo
             log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
             part = nll - b * F.logsigmoid(log_odds)
         total = total + w * part
-    if reference_free:
+    if reference_free and set(names) & AVERAGED:
         return total, b * avg_c.detach(), b * avg_r.detach()
+    if reference_free:
+        return total, b * chosen.detach(), b * rejected.detach()
     return total, b * c.detach(), b * r.detach()
 
 

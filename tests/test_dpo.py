@@ -263,7 +263,7 @@ def test_every_dpo_loss_type_equals_trls_dpo_trainer_on_the_same_rows(trl_settin
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_simpo_and_orpo_equal_trls_cpo_and_orpo_trainers(trl_setting, tmp_path):
+def test_simpo_cpo_and_orpo_equal_trls_cpo_and_orpo_trainers(trl_setting, tmp_path):
     trl, models, dataset, tokenizer = trl_setting
     policy, _ = models()
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -283,6 +283,15 @@ def test_simpo_and_orpo_equal_trls_cpo_and_orpo_trainers(trl_setting, tmp_path):
                                     simpo_gamma=0.7)
     assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5)
     assert cr.mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5)
+    # CPO, CPOTrainer's default: the sigmoid on summed log-probs plus cpo_alpha x the chosen answers' NLL (our sft)
+    cpo = CPOTrainer(model=policy, args=CPOConfig(loss_type="sigmoid", cpo_alpha=0.5, beta=0.3, label_smoothing=0.1,
+                                                  **common),
+                     train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    got = _trl_eval(cpo)
+    losses, cr, rr = preference_loss(c, r, None, None, nc, nr, beta=0.3, loss=("cpo", "sft"), weights=(1.0, 0.5),
+                                     label_smoothing=0.1)
+    assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5)
+    assert (cr - rr).mean().item() == pytest.approx(got["eval_rewards/margins"], rel=1e-5)
 
     orpo = ORPOTrainer(model=policy, args=ORPOConfig(beta=0.3, **common), train_dataset=dataset,
                        eval_dataset=dataset, processing_class=tokenizer)

@@ -314,16 +314,16 @@ class DPOLossConfig:
     """The preference loss: TRL's loss types under TRL's names, one or a weighted sum (`losses.preference_loss`)."""
 
     beta: float = 0.1
-    """temperature beta (implicit reward = beta * (log pi - log ref), nats; SimPO and ORPO: see howto/dpo.md)."""
+    """temperature beta (implicit reward = beta * (log pi - log ref), nats; CPO, SimPO and ORPO: see howto/dpo.md)."""
     loss: Tuple[PreferenceLossName, ...] = ("sigmoid",)
     """one or more loss types under TRL's names, summed with --loss-weights: sigmoid is DPO; sft adds the chosen
-    answers' NLL (`sigmoid sft`: RPO; `sigmoid bco_pair sft`: MPO); simpo and orpo read no reference (no reference
-    pass). Each formula, and the two details that differ from TRL: howto/dpo.md."""
+    answers' NLL (`sigmoid sft`: RPO; `sigmoid bco_pair sft`: MPO; `cpo sft`: CPO); cpo, simpo and orpo read no
+    reference (no reference pass). Each formula, and the two details that differ from TRL: howto/dpo.md."""
     loss_weights: Optional[Tuple[float, ...]] = None
     """one weight per --loss (default: 1 each), e.g. 0.8 0.2 1.0 for MPO."""
     label_smoothing: float = 0.0
-    """assumed share of flipped labels, in [0, 0.5): sigmoid (conservative DPO), robust, aot, aot_unpaired, simpo;
-    exo_pair's epsilon (must be > 0, e.g. 1e-3)."""
+    """assumed share of flipped labels, in [0, 0.5): sigmoid (conservative DPO), robust, aot, aot_unpaired, cpo,
+    simpo; exo_pair's epsilon (must be > 0, e.g. 1e-3)."""
     discopop_tau: float = 0.05
     """discopop only: the temperature that mixes its logistic and exponential parts."""
     simpo_gamma: float = 0.5

@@ -7,7 +7,8 @@ few gates) and a forward pass under `torch.no_grad()`, or nothing per step with 
 
 A batch holds 2B rows: prompt+chosen first, then prompt+rejected, so one forward pass scores both halves; log-probs
 are summed over response tokens only (`losses.sequence_logprobs`), the loss is `losses.preference_loss` (DPO's
-sigmoid by default, or any of TRL's loss types; the reference-free ones, SimPO and ORPO, skip the reference pass).
+sigmoid by default, or any of TRL's loss types; the reference-free ones, CPO, SimPO and ORPO, skip the reference
+pass).
 Implicit rewards: beta * (log pi - log ref) for chosen and rejected; reward accuracy = mean(chosen > rejected), a tie
 counting 1/2 (so a policy equal to its reference scores 0.5, chance).
 """

@@ -5,6 +5,7 @@ reference is the same base with a frozen reference Aligner (or none).
 
     python finetune/aligner_kto.py                                  # the default pairs, as unpaired completions
     python finetune/aligner_kto.py --data feedback.jsonl --desirable-weight 1.0 --undesirable-weight 1.2
+    python finetune/aligner_kto.py --data feedback.jsonl --eval-only --init-aligner out/kto/aligner.safetensors
 
 Writes OUT/aligner.safetensors, OUT/metrics.csv and OUT/state/. Every flag: howto/kto.md.
 """

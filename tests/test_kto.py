@@ -210,6 +210,18 @@ def test_a_short_run_learns_the_feedback_and_records_its_loss(tiny_checkpoint_di
     aligner, meta = load_aligner(out / "aligner.safetensors")
     assert meta["mode"] == "kto" and meta["loss"] == "kto" and json.loads(meta["undesirable_weight"]) == 1.1
     assert meta["reference"] == "none" and math.isfinite(float(evals[-1]["val_kl"]))
+    # --eval-only: the trained Aligner on the same split and reference, KTO's metrics as the run's last validation
+    r = helpers.run_script("finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file,
+                           "--eval-only", "--init-aligner", out / "aligner.safetensors", "--reference-aligner", "none",
+                           "--max-seq-length", "128",
+                           "--val-fraction", "0.1", "--eval-iters", "all", "--beta", "0.5", "--undesirable-weight",
+                           "1.1", "--accelerator", "cpu", "--out-dir", tmp_path / "eval", timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert metrics["eval_only"] and metrics["completions"] == 16 and metrics["reference"] == "none"
+    for name in ("loss", "kl", "reward_accuracy", "reward"):
+        assert metrics[name] == pytest.approx(float(evals[-1][f"val_{name}"]), rel=1e-4, abs=1e-6), name
+    assert not (tmp_path / "eval").exists()
     # TR-KTO: the hard update every 4 steps leaves the reference equal to the policy after step 8
     r = run(tmp_path / "tr", "--sync-ref-model", "--ref-model-mixup-alpha", "1", "--ref-model-sync-steps", "4")
     assert r.returncode == 0, r.stderr

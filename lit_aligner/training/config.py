@@ -428,6 +428,9 @@ class ReferenceRunConfig(RunConfig):
     prefix_init_scale: float = 1.0
     """a hidden or embedding prefix starts at this multiple of the RMS of the K/V projections' inputs (DPO's defaults
     were measured at 1; SFT's 0.5 was measured for SFT only)."""
+    eval_only: bool = False
+    """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
+    print the metrics as one JSON object (`evaluate/aligner.py preference` scores many Aligners on pairs)."""
     sync_ref_model: bool = False
     """TR-DPO (TR-KTO): every --ref-model-sync-steps steps the reference Aligner moves toward the policy, ref = alpha x
     policy + (1 - alpha) x ref, so the trust region follows training (a reference of none starts as the bare base in
@@ -439,6 +442,12 @@ class ReferenceRunConfig(RunConfig):
 
     def check(self) -> None:
         super().check()
+        if self.eval_only and self.wandb_project is not None:
+            raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
+                             "printed as JSON on the last line)")
+        if self.eval_only and self.sync_ref_model:
+            raise TrainError("--sync-ref-model moves the reference during training; --eval-only trains nothing: drop "
+                             "one of them")
         if not self.sync_ref_model:
             if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (0.6, 512):
                 raise TrainError("--ref-model-mixup-alpha and --ref-model-sync-steps apply with --sync-ref-model only: "
@@ -467,9 +476,6 @@ class DPORunConfig(ReferenceRunConfig):
     precompute_reference: bool = False
     """score every pair with the reference once before training (cached next to a prepared --data directory, else in
     OUT/) instead of a reference pass every step."""
-    eval_only: bool = False
-    """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
-    print the metrics as one JSON object (`evaluate/aligner.py preference` does the same for many Aligners)."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
@@ -486,13 +492,9 @@ class DPORunConfig(ReferenceRunConfig):
                 "--reference-aligner" if self.reference_aligner is not None else "--sync-ref-model"
             raise TrainError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop {flag} (or add a loss that "
                              "compares with a reference, e.g. sigmoid)")
-        if self.sync_ref_model and (self.precompute_reference or self.eval_only):
-            raise TrainError("--sync-ref-model moves the reference during training: "
-                             + ("log-probs computed once would go stale; drop --precompute-reference"
-                                if self.precompute_reference else "--eval-only trains nothing; drop one of them"))
-        if self.eval_only and self.wandb_project is not None:
-            raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
-                             "printed as JSON on the last line)")
+        if self.sync_ref_model and self.precompute_reference:
+            raise TrainError("--sync-ref-model moves the reference during training, so log-probs computed once would "
+                             "go stale: drop --precompute-reference")
 
     def identity(self) -> Dict[str, Any]:
         # every loss field, also the ones off (a run resumed without its --ld-alpha or --use-weighting differs)

@@ -120,7 +120,7 @@ def _local_rows(full: torch.Tensor, sharded) -> torch.Tensor:
 
 
 def train(cfg: RunConfig) -> Dict[str, Any]:
-    """Train (or, for DPO with eval_only, evaluate) an Aligner as `cfg` says. Returns a summary dict: out_dir, step,
+    """Train (or with eval_only, DPO and KTO: evaluate) an Aligner as `cfg` says. Returns a summary dict: out_dir, step,
     stopped (a signal name), state (the newest run state), val / first_val (validation metrics; val_whole_split: val
     scored every held-out row), train_loss (the last step's), seconds, throughput, template, aligner (the saved file),
     data (the loader's counts) and, when made, the before/after comparison."""

@@ -106,18 +106,16 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     p_v^2), so above 1 for an answer the model favours and near 0 for one it would not write."""
     lp, rows, squares = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, wpo)
     B = labels.shape[0]
+    count = torch.bincount(rows, minlength=B)  # each row's labelled tokens
     if wpo:  # before LD-DPO's tail weighting: WPO weighs the response as the model would sample it
         with torch.no_grad():
             aligned = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, lp - squares)
-            weights = torch.exp(aligned / torch.bincount(rows, minlength=B).clamp(min=1))
+            weights = torch.exp(aligned / count.clamp(min=1))
     if cap is not None:  # the positions come row by row, in order: each one's index within its row's response
-        count = torch.bincount(rows, minlength=B)
         position = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
         lp = torch.where(position < cap.to(rows.device)[rows], lp, tail_weight * lp)
     total = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, lp)
     if average:
-        count = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
-            0, rows, torch.ones_like(lp))
         total = total / count.clamp(min=1)
     return (total, weights) if wpo else total
 

@@ -365,17 +365,17 @@ class DPOLossConfig:
                              f"{' '.join(self.loss)}: drop it")
         if "exo_pair" in self.loss and not self.label_smoothing:
             raise TrainError("--loss exo_pair needs --label-smoothing > 0 (EXO's epsilon, e.g. 1e-3)")
-        if self.discopop_tau != 0.05 and "discopop" not in self.loss:
+        if self.discopop_tau != type(self).discopop_tau and "discopop" not in self.loss:
             raise TrainError("--discopop-tau applies to --loss discopop only: drop it")
         if not self.discopop_tau > 0:
             raise TrainError(f"--discopop-tau must be > 0, got {self.discopop_tau}")
-        if self.simpo_gamma != 0.5 and "simpo" not in self.loss:
+        if self.simpo_gamma != type(self).simpo_gamma and "simpo" not in self.loss:
             raise TrainError("--simpo-gamma applies to --loss simpo only: drop it")
         if self.f_divergence != "reverse_kl" and not set(self.loss) <= F_DIVERGENCE_LOSSES:
             raise TrainError(f"--f-divergence {self.f_divergence} generalises only the losses on the chosen - rejected "
                              f"difference ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not "
                              f"{' '.join(sorted(set(self.loss) - F_DIVERGENCE_LOSSES))}")
-        if self.f_alpha != 0.5 and self.f_divergence != "alpha_divergence":
+        if self.f_alpha != type(self).f_alpha and self.f_divergence != "alpha_divergence":
             raise TrainError("--f-alpha applies to --f-divergence alpha_divergence only: drop it")
         if self.ld_alpha is not None:
             if not 0.0 <= self.ld_alpha <= 1.0:
@@ -449,7 +449,8 @@ class ReferenceRunConfig(RunConfig):
             raise TrainError("--sync-ref-model moves the reference during training; --eval-only trains nothing: drop "
                              "one of them")
         if not self.sync_ref_model:
-            if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (0.6, 512):
+            if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (type(self).ref_model_mixup_alpha,
+                                                                           type(self).ref_model_sync_steps):
                 raise TrainError("--ref-model-mixup-alpha and --ref-model-sync-steps apply with --sync-ref-model only: "
                                  "add it, or drop them")
             return

@@ -113,6 +113,10 @@ def _box_to_line(text: str) -> str:
             sections[-1].append(ln)
     message = " ".join(sections[0]) or text.strip()
     title = re.search(r"╭─ (.+?) ─", text)
+    if title and title.group(1) == "Value error":
+        # a flag's value that does not convert: "--flag: why"; a nested config's own check: its message alone (it
+        # names the flag and the fix), not the config's name
+        message, title = re.sub(r"^Error parsing (?:(--[\w.-]+)|[\w.-]+): ", r"\1: ", message).lstrip(": "), None
     if title and title.group(1).lower() not in message.lower():
         message = f"{title.group(1)}: {message}"
     message = message if message.endswith(".") else message + "."

@@ -421,6 +421,9 @@ def test_bad_rows_are_counted_in_the_summary_and_the_aligner_metadata(tiny_check
     ("finetune/aligner.py", ["--no-compare"], ["--no-compare", "Perhaps you meant --compare"]),
     ("evaluate/aligner.py", [], ["Missing subcommand", "loss, preference"]),
     ("generate/aligner.py", ["--max-new-tokens", "abc"], ["--max-new-tokens", "'abc'"]),
+    # a nested config's own check (DPOLossConfig): our message alone, not tyro's "Value error: Error parsing dpo:"
+    ("finetune/aligner_dpo.py", ["--beta", "-1"], ["error: --beta must be > 0, got -1.0."]),
+    ("finetune/aligner_kto.py", ["--desirable-weight", "0"], ["error: --desirable-weight and --undesirable-weight"]),
 ])
 def test_a_bad_command_line_is_one_error_line_not_a_box(script, args, parts):
     r = run_script(script, *args)

@@ -167,8 +167,8 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
                     ref_rejected: Optional[torch.Tensor], chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
                     beta: float = 0.1, loss: Sequence[str] = ("sigmoid",), weights: Optional[Sequence[float]] = None,
                     label_smoothing: float = 0.0, discopop_tau: float = 0.05, simpo_gamma: float = 0.5,
-                    f_divergence: str = "reverse_kl",
-                    f_alpha: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+                    alpha: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference loss: the weighted sum of the named losses (TRL's `loss_type` list and `loss_weights`).
 
     chosen, rejected: (B,) summed response log-probs of the policy (nats); ref_*: the reference's (None when every
@@ -196,6 +196,9 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
     f_divergence (f-DPO; f_alpha: its alpha-divergence's alpha) replaces c and r by f'(pi/ref) in h (and in ipo's and
     sigmoid_norm's per-token difference): 1 - exp(-c) (forward_kl), log 2 + logsig(c) (js_divergence),
     (exp((alpha-1) c) - 1) / (alpha-1) (alpha_divergence); reverse_kl (the default) keeps c.
+    alpha != 0 (AlphaPO, TRL's CPOTrainer `alpha`) replaces the log-probs x that cpo and simpo compare (summed,
+    averaged) by the reward (1 - p^-alpha) / alpha of p = exp(x), in their losses and in the rewards returned; 0 keeps
+    x.
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the rewards without gradient: b times the
     log-ratios, or when every loss is reference-free b times the log-probs, averaged with simpo or orpo (as TRL's CPO
     and ORPO trainers log them)."""
@@ -220,6 +223,9 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
 
     def smoothed(x):  # the sigmoid loss with a share eps of flipped labels
         return -(1 - eps) * F.logsigmoid(b * x) - eps * F.logsigmoid(-b * x)
+
+    def shaped(x):  # AlphaPO's reward of p = exp(x): (1 - exp(-alpha x)) / alpha, no underflow of p to 0
+        return x if alpha == 0 else -torch.expm1(-alpha * x) / alpha
 
     total = chosen.new_zeros(chosen.shape)
     for name, w in zip(names, weights):
@@ -256,17 +262,17 @@ def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Op
         elif name == "sigmoid_norm":
             part = -F.logsigmoid(b * (sc / nc - sr / nr))
         elif name == "cpo":
-            part = smoothed(chosen - rejected)
+            part = smoothed(shaped(chosen) - shaped(rejected))
         elif name == "simpo":
-            part = smoothed(avg_c - avg_r - simpo_gamma / b)
+            part = smoothed(shaped(avg_c) - shaped(avg_r) - simpo_gamma / b)
         else:  # orpo
             log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
             part = nll - b * F.logsigmoid(log_odds)
         total = total + w * part
     if reference_free and set(names) & AVERAGED:
-        return total, b * avg_c.detach(), b * avg_r.detach()
+        return total, b * shaped(avg_c).detach(), b * shaped(avg_r).detach()
     if reference_free:
-        return total, b * chosen.detach(), b * rejected.detach()
+        return total, b * shaped(chosen).detach(), b * shaped(rejected).detach()
     return total, b * c.detach(), b * r.detach()
 
 

@@ -137,6 +137,10 @@ def test_bad_options_raise_clear_errors():
         DPOConfig(loss="simpo", ld_alpha=0.5)
     with pytest.raises(TrainError, match="--use-weighting weighs each pair, and aot"):
         DPOConfig(loss=("sigmoid", "aot"), use_weighting=True)
+    with pytest.raises(TrainError, match="--alpha .AlphaPO. shapes the log-probs that --loss cpo and simpo"):
+        DPOConfig(loss="orpo", alpha=0.25)
+    with pytest.raises(TrainError, match="--alpha must be a finite number"):
+        DPOConfig(loss="simpo", alpha=float("inf"))
     assert DPOConfig(loss="ipo").loss == ("ipo",)  # one name from the library's callers
     assert DPOConfig(loss=("simpo", "sft")).reference_free and not DPOConfig(loss=("simpo", "ipo")).reference_free
 
@@ -292,6 +296,23 @@ def test_simpo_cpo_and_orpo_equal_trls_cpo_and_orpo_trainers(trl_setting, tmp_pa
                                      label_smoothing=0.1)
     assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5)
     assert (cr - rr).mean().item() == pytest.approx(got["eval_rewards/margins"], rel=1e-5)
+    # AlphaPO: CPOTrainer's alpha reshapes the log-probs of its SimPO (averaged) and of CPO (summed), rewards too
+    for loss_type, ours, weights, alpha in (("simpo", "simpo", (1.0,), 0.25), ("sigmoid", ("cpo", "sft"), (1.0, 0.5),
+                                                                              -0.1)):
+        shaped = CPOTrainer(model=policy, args=CPOConfig(loss_type=loss_type, cpo_alpha=weights[-1] if
+                                                         loss_type == "sigmoid" else 0.0, beta=0.3, alpha=alpha,
+                                                         simpo_gamma=0.7, **common),
+                            train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+        got = _trl_eval(shaped)
+        losses, cr, rr = preference_loss(c, r, None, None, nc, nr, beta=0.3, loss=ours, weights=weights,
+                                         simpo_gamma=0.7, alpha=alpha)
+        plain, pcr, _ = preference_loss(c, r, None, None, nc, nr, beta=0.3, loss=ours, weights=weights,
+                                        simpo_gamma=0.7)
+        assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5), loss_type
+        assert cr.mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5)
+        # (a small difference of two rewards near -2: fp32's rounding of each, not a relative 1e-5 of the margin)
+        assert (cr - rr).mean().item() == pytest.approx(got["eval_rewards/margins"], rel=1e-5, abs=1e-6)
+        assert losses.mean().item() != pytest.approx(plain.mean().item(), rel=1e-3) and not torch.allclose(cr, pcr)
 
     orpo = ORPOTrainer(model=policy, args=ORPOConfig(beta=0.3, **common), train_dataset=dataset,
                        eval_dataset=dataset, processing_class=tokenizer)
@@ -474,8 +495,8 @@ def test_precomputed_reference_equals_on_the_fly(with_reference_aligner):
     with torch.no_grad():  # move the policy away from the reference so the loss is not trivially log(2)
         model.aligner.gate.add_(0.3)
     data = synthetic_pairs(10, seed=5)
-    rc, rr = precompute_reference(model, data, DPO(0, reference=reference), batch_size=3)
-    cached = WithReference(data, rc, rr)
+    ref = precompute_reference(model, data, DPO(0, reference=reference), batch_size=3)
+    cached = WithReference(data, ref)
     cfg = DPOConfig()
     for start in (0, 4):
         items = [start + i for i in range(4)]
@@ -488,8 +509,8 @@ def test_precomputed_reference_equals_on_the_fly(with_reference_aligner):
             torch.testing.assert_close(m_pre[k], m_fly[k], rtol=1e-5, atol=1e-5)
     # and the rows really differ from the bare base when the reference is an Aligner
     if with_reference_aligner:
-        bare, _ = precompute_reference(model, data, DPO(0, reference=False))
-        assert not torch.allclose(bare, rc)
+        bare = precompute_reference(model, data, DPO(0, reference=False))
+        assert not torch.allclose(bare["chosen"], ref["chosen"])
 
 
 def test_collate_preference_rows_are_chosen_then_rejected():

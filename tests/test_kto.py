@@ -17,7 +17,8 @@ from lit_aligner.losses import kto_loss, reference_sequence_logprobs
 from lit_aligner.model import AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
 from lit_aligner.tokenizer import Tokenizer
 from lit_aligner.training import KTOLossConfig, KTORunConfig, TrainError
-from lit_aligner.training.objectives.kto import KTO
+from lit_aligner.training.objectives.dpo import WithReference, as_reference, precompute_reference
+from lit_aligner.training.objectives.kto import KTO, WithPartners, partners
 from lit_aligner.training.plot import read_metrics
 
 VOCAB = 320
@@ -130,6 +131,10 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(TrainError, match="--micro-batch-size must be at least 2"):
         from lit_aligner.training import DPOTrainConfig
         KTORunConfig(train=DPOTrainConfig(micro_batch_size=1)).check()
+    with pytest.raises(TrainError, match="--precompute-reference scores the rows .* --strategy fsdp"):
+        KTORunConfig(precompute_reference=True, strategy="fsdp").check()
+    with pytest.raises(TrainError, match="would go stale: drop --precompute-reference"):
+        KTORunConfig(precompute_reference=True, sync_ref_model=True, ref_model_sync_steps=4).check()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,6 +176,60 @@ def test_held_out_reward_accuracy_rises_and_the_reference_pass_is_the_same_base(
     assert after["reward_accuracy"] >= 0.85 > before["reward_accuracy"], (before, after)
     assert after["loss"] < before["loss"] - 0.05
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("aligner."))
+
+
+def test_each_row_has_a_fixed_partner_of_another_prompt_drawn_by_seed():
+    """Rows of a preference file come as two adjacent rows of one prompt (TRL's rule, row i-1 of the file, would
+    pair them with each other): every partner is a row of another prompt, the same for a seed, another for another
+    seed, and the mismatched row is no longer than the longer of the two rows."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(12):
+        prompt = torch.randint(20, VOCAB, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
+        for label in (1, 0):
+            rows.append((prompt, torch.randint(20, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),),
+                                               generator=g), torch.tensor([label])))
+    data = TokenizedDataset.from_rows("unpaired", rows)
+    a, b = partners([data[i]["prompt"] for i in range(len(data))], 7), WithPartners(data, 7).partner
+    assert torch.equal(a, b) and not torch.equal(a, partners([data[i]["prompt"] for i in range(len(data))], 8))
+    assert all(not torch.equal(data[i]["prompt"], data[int(j)]["prompt"]) for i, j in enumerate(a))
+    assert sorted(a.tolist()) != list(range(len(data))) or len(set(a.tolist())) > len(data) // 2
+    paired = WithPartners(data, 7)
+    for i in range(len(data)):
+        it, other = paired[i], data[int(a[i])]
+        assert torch.equal(it["kl_completion"], other["completion"][:len(it["kl_completion"])])
+        assert len(it["prompt"]) + len(it["kl_completion"]) <= max(len(it["prompt"]) + len(it["completion"]),
+                                                                   len(other["prompt"]) + len(other["completion"]))
+    # one prompt only: its rows pair with each other (no other prompt to borrow from), never fail
+    same = TokenizedDataset.from_rows("unpaired", rows[:2])
+    assert sorted(partners([same[i]["prompt"] for i in range(2)], 0).tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("loss", ["kto", "apo_zero_unpaired"])
+def test_precomputed_reference_equals_on_the_fly(loss):
+    """--precompute-reference: the cached log-probs of the matched and the mismatched rows give the loss and every
+    metric of the reference pass they replace."""
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny"), AlignerConfig(2, 1))
+    init_weights(model, std=0.1)
+    with torch.no_grad():
+        model.aligner.gate.normal_(0, 0.5)
+        reference = as_reference(model.aligner)
+        reference.gate.add_(0.3)  # the policy away from its reference: nonzero rewards and a KL estimate above 0
+    objective = KTO(0, reference=reference, config=KTOLossConfig(beta=0.5, loss=loss))
+    data = synthetic_completions(10, seed=4)
+    data = WithPartners(data, 1) if loss == "kto" else data
+    cached = WithReference(data, precompute_reference(model, data, objective, batch_size=3))
+    assert set(cached[0]) - set(data[0]) == {f"ref_{n}" for n in objective.reference_names}
+    for start in (0, 5):
+        items = range(start, start + 5)
+        fly = objective(model, objective.collate([data[i] for i in items]))
+        batch = objective.collate([cached[i] for i in items])
+        assert "ref_logps" in batch
+        pre = objective(model, batch)
+        for k in fly:
+            torch.testing.assert_close(pre[k], fly[k], rtol=1e-5, atol=1e-5)
+        assert fly["reward"].abs() > 0.01 and (loss != "kto" or fly["kl"] > 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,9 +290,22 @@ def test_a_short_run_learns_the_feedback_and_records_its_loss(tiny_checkpoint_di
         torch.testing.assert_close(state["objective"][f"reference_{name}"], state["aligner"][name])
     _, meta = load_aligner(tmp_path / "tr" / "aligner.safetensors")
     assert json.loads(meta["sync_ref_model"]) is True and json.loads(meta["ref_model_sync_steps"]) == 4
-    # a micro-batch of one row has no other completion to estimate KL from: one error line, nothing written
+    # --precompute-reference (its fixed partners: other KL rows, so not the same figures; equal to the reference pass
+    # on the same rows: test_precomputed_reference_equals_on_the_fly): it learns too, and the next run reuses the cache
+    r = run(tmp_path / "pre", "--precompute-reference")
+    assert r.returncode == 0, r.stderr
+    cache = tmp_path / "pre" / KTO.reference_file
+    assert cache.is_file() and "precomputing the reference log-probs of 160 completions" in r.stdout
+    pre = [row for row in read_metrics(tmp_path / "pre" / "metrics.csv") if row["val_loss"]]
+    assert float(pre[0]["val_loss"]) == pytest.approx(float(evals[0]["val_loss"]), rel=1e-3)  # the bare base: z = 0
+    assert float(pre[-1]["val_loss"]) < float(pre[0]["val_loss"]) and float(pre[-1]["val_reward_accuracy"]) > 0.6
+    stamp = cache.stat().st_mtime_ns
+    r = run(tmp_path / "pre", "--precompute-reference", "--force")
+    assert r.returncode == 0 and f"reference log-probs from {cache}" in r.stdout and cache.stat().st_mtime_ns == stamp
+    # a micro-batch of one row has no other completion to average KL over: one error line, nothing written
     r = helpers.run_script("finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file,
                            "--micro-batch-size", "1", "--out-dir", tmp_path / "bad", timeout=600)
     assert r.returncode != 0 and not (tmp_path / "bad").exists()
-    assert r.stderr.strip().splitlines() == ["error: KTO estimates its KL term from the other completions of a "
-                                             "micro-batch: --micro-batch-size must be at least 2"]
+    assert r.stderr.strip().splitlines() == ["error: KTO's KL estimate is a mean over the mismatched rows of a "
+                                             "micro-batch, noise alone from one row: --micro-batch-size must be at "
+                                             "least 2 (as TRL asks)"]

@@ -7,6 +7,7 @@ Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -336,6 +337,9 @@ class DPOLossConfig:
     ld_alpha: Optional[float] = None
     """LD-DPO: the tokens of the longer answer past the shorter one's length count this much (0..1; 1 = DPO), against
     the preference for longer answers. None: off."""
+    alpha: float = 0.0
+    """AlphaPO, with cpo or simpo only: the log-prob x they compare becomes the reward (1 - p^-alpha) / alpha of p =
+    exp(x) (TRL's CPOTrainer `alpha`, e.g. 0.25 with simpo; negative values are allowed); 0 keeps x."""
     use_weighting: bool = False
     """WPO: weigh each pair's loss by how likely the policy finds its two answers (each one's length-normalised
     probability against its own sampling), so off-policy pairs (answers the model would not write) count less."""
@@ -371,6 +375,11 @@ class DPOLossConfig:
             raise TrainError(f"--discopop-tau must be > 0, got {self.discopop_tau}")
         if self.simpo_gamma != type(self).simpo_gamma and "simpo" not in self.loss:
             raise TrainError("--simpo-gamma applies to --loss simpo only: drop it")
+        if self.alpha != type(self).alpha and not {"cpo", "simpo"} & set(self.loss):
+            raise TrainError("--alpha (AlphaPO) shapes the log-probs that --loss cpo and simpo compare: add one of "
+                             "them, or drop it")
+        if not math.isfinite(self.alpha):
+            raise TrainError(f"--alpha must be a finite number, got {self.alpha}")
         if self.f_divergence != "reverse_kl" and not set(self.loss) <= F_DIVERGENCE_LOSSES:
             raise TrainError(f"--f-divergence {self.f_divergence} generalises only the losses on the chosen - rejected "
                              f"difference ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not "
@@ -407,6 +416,8 @@ class DPOLossConfig:
             out["discopop_tau"] = self.discopop_tau
         if "simpo" in self.loss:
             out["simpo_gamma"] = self.simpo_gamma
+        if self.alpha:
+            out["alpha"] = self.alpha
         if self.f_divergence != "reverse_kl":
             out["f_divergence"] = self.f_divergence
             if self.f_divergence == "alpha_divergence":
@@ -439,9 +450,18 @@ class ReferenceRunConfig(RunConfig):
     """--sync-ref-model only: alpha in (0, 1]; 1 replaces the reference by the policy (TR-DPO's hard update)."""
     ref_model_sync_steps: int = 512
     """--sync-ref-model only: optimizer steps between syncs (TRL's default; at most the run's steps)."""
+    precompute_reference: bool = False
+    """score every row with the reference once before training (cached next to a prepared --data directory, else in
+    OUT/) instead of a reference pass every step."""
 
     def check(self) -> None:
         super().check()
+        if self.precompute_reference and self.strategy == "fsdp":
+            raise TrainError("--precompute-reference scores the rows with one unsharded copy of the base, which "
+                             "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
+        if self.sync_ref_model and self.precompute_reference:
+            raise TrainError("--sync-ref-model moves the reference during training, so log-probs computed once would "
+                             "go stale: drop --precompute-reference")
         if self.eval_only and self.wandb_project is not None:
             raise TrainError("--eval-only logs no run to Weights & Biases: drop --wandb-project (its metrics are "
                              "printed as JSON on the last line)")
@@ -474,9 +494,6 @@ class DPORunConfig(ReferenceRunConfig):
     """A `finetune/aligner_dpo.py` run: DPO on preference pairs with one copy of the base (global batches count
     pairs)."""
 
-    precompute_reference: bool = False
-    """score every pair with the reference once before training (cached next to a prepared --data directory, else in
-    OUT/) instead of a reference pass every step."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
@@ -484,18 +501,12 @@ class DPORunConfig(ReferenceRunConfig):
 
     def check(self) -> None:
         super().check()
-        if self.precompute_reference and self.strategy == "fsdp":
-            raise TrainError("--precompute-reference scores the pairs with one unsharded copy of the base, which "
-                             "--strategy fsdp keeps on the CPU (hours for a large base): drop one of the two flags")
         if self.dpo.reference_free and (self.precompute_reference or self.reference_aligner is not None or
                                         self.sync_ref_model):
             flag = "--precompute-reference" if self.precompute_reference else \
                 "--reference-aligner" if self.reference_aligner is not None else "--sync-ref-model"
             raise TrainError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop {flag} (or add a loss that "
                              "compares with a reference, e.g. sigmoid)")
-        if self.sync_ref_model and self.precompute_reference:
-            raise TrainError("--sync-ref-model moves the reference during training, so log-probs computed once would "
-                             "go stale: drop --precompute-reference")
 
     def identity(self) -> Dict[str, Any]:
         # every loss field, also the ones off (a run resumed without its --ld-alpha or --use-weighting differs)
@@ -545,11 +556,12 @@ class KTORunConfig(ReferenceRunConfig):
     def check(self) -> None:
         super().check()
         if self.kto.loss == "kto" and self.train.micro_batch_size < 2:
-            raise TrainError("KTO estimates its KL term from the other completions of a micro-batch: "
-                             "--micro-batch-size must be at least 2")
+            raise TrainError("KTO's KL estimate is a mean over the mismatched rows of a micro-batch, noise alone "
+                             "from one row: --micro-batch-size must be at least 2 (as TRL asks)")
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.kto.settings()}
+        # --precompute-reference fixes each row's KL partner (other KL rows than the in-batch ones): part of the run
+        return {**super().identity(), **self.kto.settings(), "precompute_reference": self.precompute_reference}
 
 
 def plain(v: Any) -> Any:

@@ -15,7 +15,7 @@ counting 1/2 (so a policy equal to its reference scores 0.5, chance).
 
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -117,19 +117,38 @@ def resolve_reference(spec: Optional[str], init_aligner: Optional[Aligner], mode
 
 class ReferenceObjective(Objective):
     """What DPO and KTO share: a frozen `reference` through the same base (an Aligner, or False for the bare base),
-    named in the metadata, and TR-DPO's sync: `sync` = (alpha, steps) moves the reference toward the policy after every
+    named in the metadata; TR-DPO's sync: `sync` = (alpha, steps) moves the reference toward the policy after every
     `steps`-th optimizer step, ref = alpha x policy + (1 - alpha) x ref (TRL's SyncRefModelCallback), and the run
-    state keeps the moved reference so that a resumed run goes on exactly."""
+    state keeps the moved reference so that a resumed run goes on exactly; and --precompute-reference: a batch's rows
+    are `reference_names` blocks of B (chosen then rejected; KTO's completions then their mismatched rows), each
+    item's reference log-prob of its row in block j cached as item["ref_" + name_j], stacked back in `collate`."""
 
     sync: Optional[Tuple[float, int]] = None
+    precompute = False
+    reference_file: ClassVar[str] = REFERENCE_FILE
+
+    @property
+    def reference_names(self) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+    def cached_reference(self, items: Sequence[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """(len(reference_names) x B,) the items' cached reference log-probs in the batch's row order, or None."""
+        if "ref_" + self.reference_names[0] not in items[0]:
+            return None
+        return torch.stack([it["ref_" + name] for name in self.reference_names for it in items])
+
+    def prepare(self, run: Any) -> None:
+        if self.precompute:
+            run.train, run.val = with_cached_reference(run, self)
 
     def __init__(self, pad_id: int, chunk_size: int, reference: Reference, config: Any, reference_desc: str):
         super().__init__(pad_id, chunk_size)
         self.reference, self.config, self.reference_desc = reference, config, reference_desc
 
     def follow(self, cfg: Any) -> "ReferenceObjective":
-        """Takes a run's --sync-ref-model settings."""
+        """Takes a run's --sync-ref-model and --precompute-reference settings."""
         self.sync = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps) if cfg.sync_ref_model else None
+        self.precompute = cfg.precompute_reference
         return self
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
@@ -175,11 +194,14 @@ class DPO(ReferenceObjective):
                  config: DPOLossConfig = DPOLossConfig(), reference_desc: str = "none"):
         super().__init__(pad_id, chunk_size, reference, config, reference_desc)
 
+    reference_names = ("chosen", "rejected")
+
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         rows = [(it["prompt"], it[key]) for key in ("chosen", "rejected") for it in items]
         batch = pad_rows(rows, self.pad_id)
-        if "ref_chosen" in items[0]:  # precomputed reference log-probs (see `WithReference`)
-            batch["ref_logps"] = torch.stack([it["ref_chosen"] for it in items] + [it["ref_rejected"] for it in items])
+        ref = self.cached_reference(items)  # precomputed reference log-probs (see `WithReference`)
+        if ref is not None:
+            batch["ref_logps"] = ref
         return batch
 
     def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
@@ -203,7 +225,7 @@ class DPO(ReferenceObjective):
         losses, cr, rr = preference_loss(
             pol[:B], pol[B:], None if ref is None else ref[:B], None if ref is None else ref[B:], tokens[:B],
             tokens[B:], c.beta, c.loss, c.loss_weights, c.label_smoothing, c.discopop_tau, c.simpo_gamma,
-            c.f_divergence, c.f_alpha)
+            c.f_divergence, c.f_alpha, c.alpha)
         if c.use_weighting:
             losses = losses * weights[:B] * weights[B:]
         return {
@@ -220,13 +242,7 @@ class DPO(ReferenceObjective):
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "DPO":
         reference, desc = (False, "none") if cfg.dpo.reference_free else run_reference(cfg, run)
-        objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc).follow(cfg)
-        objective.precompute = cfg.precompute_reference
-        return objective
-
-    def prepare(self, run: Any) -> None:
-        if getattr(self, "precompute", False):
-            run.train, run.val = with_cached_reference(run, self)
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.dpo, desc).follow(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,51 +250,55 @@ class DPO(ReferenceObjective):
 
 
 class WithReference(Dataset):
-    """A preference dataset whose items also carry "ref_chosen" and "ref_rejected" (0-dim fp32 tensors)."""
+    """A dataset whose items also carry precomputed reference log-probs: logps = {name: (n,) fp32} -> each item's
+    "ref_" + name (0-dim)."""
 
-    def __init__(self, dataset: Dataset, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
-        if not len(dataset) == len(ref_chosen) == len(ref_rejected):
-            raise TrainError(f"{len(ref_chosen)} reference log-probs for {len(dataset)} pairs")
-        self.dataset, self.ref_chosen, self.ref_rejected = dataset, ref_chosen, ref_rejected
+    def __init__(self, dataset: Dataset, logps: Dict[str, torch.Tensor]):
+        for name, t in logps.items():
+            if len(t) != len(dataset):
+                raise TrainError(f"{len(t)} reference log-probs ({name}) for {len(dataset)} items")
+        self.dataset, self.logps = dataset, logps
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        return {**self.dataset[i], "ref_chosen": self.ref_chosen[i], "ref_rejected": self.ref_rejected[i]}
+        return {**self.dataset[i], **{f"ref_{name}": t[i] for name, t in self.logps.items()}}
 
     def lengths(self) -> torch.Tensor:  # the same length-grouped order as without the cache
         return self.dataset.lengths()
 
 
 @torch.no_grad()
-def precompute_reference(model: LLaMA, dataset: Dataset, objective: DPO,
-                         batch_size: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of every pair, once: (ref_chosen (n,), ref_rejected (n,)) fp32 on the CPU. Rows are
-    collated exactly as in training, so the cached values equal the on-the-fly ones."""
+def precompute_reference(model: LLaMA, dataset: Dataset, objective: ReferenceObjective,
+                         batch_size: int = 4) -> Dict[str, torch.Tensor]:
+    """Reference log-probs of every item, once: {name: (n,) fp32 on the CPU} for each of the objective's
+    `reference_names` (DPO: chosen, rejected). Rows are collated exactly as in training, so the cached values equal
+    the on-the-fly ones."""
     device = model.tok_embeddings.weight.device
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
+    names = objective.reference_names
+    parts: Dict[str, list] = {name: [] for name in names}
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
         batch = objective.collate(items)
         lp = reference_logprobs(model, batch["input_ids"].to(device), batch["labels"].to(device), objective.reference,
-                                objective.chunk_size, objective.config.ld_alpha).cpu()
-        chosen.append(lp[:len(items)])
-        rejected.append(lp[len(items):])
+                                objective.chunk_size, getattr(objective.config, "ld_alpha", None)).cpu()
+        for j, name in enumerate(names):  # the batch's rows are one block of len(items) per name
+            parts[name].append(lp[j * len(items):(j + 1) * len(items)])
     model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return {name: torch.cat(p) for name, p in parts.items()}
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
-    """A hash of every pair's token ids: a cache only fits the data it was computed on."""
+    """A hash of every item's token ids (every field, KTO's mismatched completion too): a cache only fits the data it
+    was computed on."""
     h = hashlib.sha256()
     for i in range(len(dataset)):
         it = dataset[i]
-        for k in ("prompt", "chosen", "rejected"):
-            h.update(it[k].to(torch.int32).numpy().tobytes())
-            h.update(b"|")
+        for k in sorted(it):
+            h.update(k.encode() + b"=" + it[k].to(torch.int32).numpy().tobytes() + b"|")
     return h.hexdigest()[:24]
 
 
@@ -292,20 +312,20 @@ def reference_fingerprint(reference: Reference) -> str:
     return h.hexdigest()[:24]
 
 
-def save_reference_cache(path: Union[str, Path], splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+def save_reference_cache(path: Union[str, Path], splits: Dict[str, Dict[str, torch.Tensor]],
                          metadata: Dict[str, str]) -> Path:
-    """Write {split: (ref_chosen, ref_rejected)} to a safetensors file ("{split}_chosen", "{split}_rejected") with
-    string `metadata` (fingerprints of the data and the reference, base name), atomically."""
+    """Write {split: {name: log-probs}} to a safetensors file ("{split}_{name}") with string `metadata`
+    (fingerprints of the data and the reference, base name), atomically."""
     from safetensors.torch import save_file
 
     from lit_aligner.files import atomic_write
 
-    tensors = {f"{s}_{k}": t.contiguous() for s, pair in splits.items() for k, t in zip(("chosen", "rejected"), pair)}
+    tensors = {f"{s}_{name}": t.contiguous() for s, logps in splits.items() for name, t in logps.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()}))
 
 
-def load_reference_cache(path: Union[str, Path], expected: Dict[str, str],
-                         splits: Iterable[str] = ("train", "val")) -> Optional[Dict[str, Tuple[torch.Tensor, ...]]]:
+def load_reference_cache(path: Union[str, Path], expected: Dict[str, str], names: Sequence[str],
+                         splits: Sequence[str] = ("train", "val")) -> Optional[Dict[str, Dict[str, torch.Tensor]]]:
     """Read a cache written by `save_reference_cache`; None when it is absent or was computed for other data, another
     reference or another base (any `expected` metadata value differs), so the caller recomputes it."""
     from safetensors import safe_open
@@ -318,40 +338,43 @@ def load_reference_cache(path: Union[str, Path], expected: Dict[str, str],
             meta = dict(f.metadata() or {})
             if any(meta.get(k) != str(v) for k, v in expected.items()):
                 return None
-            return {s: (f.get_tensor(f"{s}_chosen"), f.get_tensor(f"{s}_rejected")) for s in splits}
+            return {s: {name: f.get_tensor(f"{s}_{name}") for name in names} for s in splits}
     except Exception:  # unreadable or missing a split: recompute rather than fail
         return None
 
 
-def reference_cache_path(data: Optional[Path], out_dir: Path) -> Path:
+def reference_cache_path(data: Optional[Path], out_dir: Path, name: str = REFERENCE_FILE) -> Path:
     """Where --precompute-reference keeps its log-probs: next to a prepared data directory (reused by every run on
     that data; the fingerprints in the file say for which base/reference), else in OUT/."""
     import os
 
     if data is not None and Path(data).is_dir() and os.access(data, os.W_OK):
-        return Path(data) / REFERENCE_FILE
-    return Path(out_dir) / REFERENCE_FILE
+        return Path(data) / name
+    return Path(out_dir) / name
 
 
-def with_cached_reference(run: Any, objective: DPO):
+def with_cached_reference(run: Any, objective: ReferenceObjective):
     """run.train / run.val wrapped in WithReference, the log-probs read from the cache or computed once (rank 0)."""
     fabric = run.fabric
-    path = reference_cache_path(run.cfg.data, run.out_dir)
+    path = reference_cache_path(run.cfg.data, run.out_dir, objective.reference_file)
     expected = {"base": run.base_config.name, "precision": run.precision,
-                "reference": reference_fingerprint(objective.reference), "ld_alpha": str(objective.config.ld_alpha),
+                "reference": reference_fingerprint(objective.reference),
+                "ld_alpha": str(getattr(objective.config, "ld_alpha", None)),
                 "train": dataset_fingerprint(run.train), "val": dataset_fingerprint(run.val)}
-    cached = load_reference_cache(path, expected)
+    names = objective.reference_names
+    cached = load_reference_cache(path, expected, names)
     if cached is None:
         if fabric.global_rank == 0:
-            fabric.print(f"precomputing the reference log-probs of {len(run.train) + len(run.val)} pairs -> {path}")
+            fabric.print(f"precomputing the reference log-probs of {len(run.train) + len(run.val)} "
+                         f"{objective.unit} -> {path}")
             splits = {s: precompute_reference(run.model, d, objective, run.cfg.train.micro_batch_size)
                       for s, d in (("train", run.train), ("val", run.val))}
             save_reference_cache(path, splits, expected)
         fabric.barrier()
-        cached = load_reference_cache(path, expected)
+        cached = load_reference_cache(path, expected, names)
         if cached is None:
             raise TrainError(f"{path}: the reference cache could not be written or read back; check that the folder "
                              f"is writable, or run without --precompute-reference.")
     else:
         fabric.print(f"reference log-probs from {path}")
-    return WithReference(run.train, *cached["train"]), WithReference(run.val, *cached["val"])
+    return WithReference(run.train, cached["train"]), WithReference(run.val, cached["val"])

@@ -169,6 +169,38 @@ def test_preference_metrics_use_trl_names_and_equal_the_dpo_eval_only(tiny_check
     assert new["rewards/accuracies"] == pytest.approx(old_m["reward_accuracy"])
 
 
+# --- kto --------------------------------------------------------------------------------------------------------------
+
+
+def test_kto_metrics_of_many_aligners_equal_the_kto_eval_only(tiny_checkpoint_dir, aligners, tmp_path):
+    from lit_aligner.data import default as default_data
+
+    data = tmp_path / "pairs.jsonl"  # pairs: each one a desirable and an undesirable completion
+    data.write_text("\n".join(json.dumps(r) for r in default_data.generate_preference_rows(20, seed=3)) + "\n")
+    common = ("--checkpoint-dir", tiny_checkpoint_dir, "--data", data, "--template", "plain", "--max-seq-length",
+              "256", "--beta", "0.3", "--undesirable-weight", "1.2")
+    bare, steer = last_json(cli("kto", *common, "--aligners", "none", aligners / "steer.safetensors"))["results"]
+    assert bare["completions"] == steer["completions"] == 40
+    # the bare base is its own reference: no reward, z = 0, every loss w (1 - sigmoid(0)), accuracy at chance
+    assert bare["reward"] == 0.0 and bare["kl"] == 0.0 and bare["reward_accuracy"] == 0.5
+    assert bare["loss"] == pytest.approx((20 * 0.5 + 20 * 1.2 * 0.5) / 40, rel=1e-6)
+    assert steer["reward"] != 0.0 and steer["loss"] != pytest.approx(bare["loss"], rel=1e-3)
+    # the trainer's --eval-only on the same held-out rows (a preference file's pair stays on one side of the split)
+    old = helpers.run_script(REPO / "finetune" / "aligner_kto.py", "--eval-only", *common[:-4], "--beta", "0.3",
+                             "--undesirable-weight", "1.2", "--val-size", "6", "--eval-iters", "all",
+                             "--micro-batch-size", "4", "--accelerator", "cpu", "--init-aligner",
+                             aligners / "steer.safetensors", "--reference-aligner", "none")
+    assert old.returncode == 0, old.stderr
+    old_m = json.loads(old.stdout.strip().splitlines()[-1])
+    new = last_json(cli("kto", *common, "--split", "val", "--val-size", "6", "--batch-size", "4", "--aligners",
+                        aligners / "steer.safetensors"))["results"][0]
+    assert new["completions"] == old_m["completions"] == 12
+    for k in ("loss", "kl", "reward_accuracy", "reward", "logp"):
+        assert new[k] == pytest.approx(old_m[k], rel=1e-5, abs=1e-6), k
+    one = cli("kto", *common, "--batch-size", "1", "--aligners", "none")
+    assert one.returncode == 1 and "--batch-size must be at least 2" in one.stderr
+
+
 # --- correction -------------------------------------------------------------------------------------------------------
 
 

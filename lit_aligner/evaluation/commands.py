@@ -6,6 +6,7 @@ line of stdout; `--out FILE` writes it too (atomically; an existing file only wi
 | --- | --- |
 | `loss` | response-token loss and perplexity of the bare base and Aligners on any SFT or correction data |
 | `preference` | DPO metrics (TRL's names) of Aligners on preference pairs against a reference |
+| `kto` | KTO metrics of Aligners on unpaired completions (or pairs, unpaired) against a reference |
 | `correction` | copy rate and log-likelihood margins of correction Aligners |
 | `harness` | lm-evaluation-harness tasks on the base with each Aligner (`lit_aligner.evaluation.harness`) |
 | `judge` | pairwise win rate of two systems judged by a local model (`lit_aligner.evaluation.judge`) |
@@ -30,7 +31,7 @@ from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.prompts import saved_variables
 from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
-from lit_aligner.training.config import DPOLossConfig
+from lit_aligner.training.config import DPOLossConfig, KTOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
 
@@ -244,39 +245,55 @@ TRL_NAMES = {"loss": "loss", "reward_accuracy": "rewards/accuracies", "chosen_re
 
 
 @dataclass(kw_only=True)
-class Preference(DataCommon):
-    """DPO metrics of each Aligner (policy) against a reference on preference pairs: loss, reward accuracy (a tie
-    counts 1/2), chosen / rejected rewards and their margin, chosen / rejected log-probabilities, under TRL's names.
-    (`finetune/aligner_dpo.py --eval-only` does the same for one Aligner on a training run's split.)"""
+class AgainstReference(DataCommon):
+    """What `preference` and `kto` share: policies scored by a training objective against a frozen reference through
+    the same base, as a training run validates."""
 
     aligners: List[str] = field(default_factory=list)
     """policies: Aligner files, or "none" for the bare base."""
     reference: str = "none"
     """the reference: "none" (the bare base) or an Aligner file."""
-    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
     def inputs(self) -> List[Any]:
         return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")]]
 
-    def run(self) -> Dict[str, Any]:
+    def scored(self, objective_cls, loss_config, names: Dict[str, str]) -> Tuple[List[Dict[str, Any]], Dict, str]:
+        """(results, data counts, the reference's description): each policy's metrics of `objective_cls` with
+        `loss_config`, renamed by `names`, with its count of units."""
         from lit_aligner.evaluation import objective_metrics
-        from lit_aligner.training.objectives.dpo import DPO, resolve_reference
+        from lit_aligner.training.objectives.dpo import resolve_reference
 
         if not self.aligners:
             raise UserError("give the policies to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
         model, tokenizer = self.load()
         systems = _aligners(self.aligners, model)
-        if self.dpo.reference_free and self.reference.lower() != "none":
-            raise UserError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop --reference")
         reference, desc = resolve_reference(self.reference, None, model)
-        objective = DPO(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, reference, self.dpo, desc)
+        objective = objective_cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, reference, loss_config, desc)
 
         def metrics(aligner, dataset):
             m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
                                   self.batch_size)
-            return {"pairs": m["pairs"], **{TRL_NAMES[k]: v for k, v in m.items() if k in TRL_NAMES}}
+            return {objective.unit: m[objective.unit], **{names[k]: v for k, v in m.items() if k in names}}
 
-        results, data = self.score(systems, "preference", tokenizer, DPO.default_template(tokenizer), metrics)
+        results, data = self.score(systems, objective_cls.data_kind, tokenizer,
+                                   objective_cls.default_template(tokenizer), metrics)
+        return results, data, desc
+
+
+@dataclass(kw_only=True)
+class Preference(AgainstReference):
+    """DPO metrics of each Aligner (policy) against a reference on preference pairs: loss, reward accuracy (a tie
+    counts 1/2), chosen / rejected rewards and their margin, chosen / rejected log-probabilities, under TRL's names.
+    (`finetune/aligner_dpo.py --eval-only` does the same for one Aligner on a training run's split.)"""
+
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.training.objectives.dpo import DPO
+
+        if self.dpo.reference_free and self.reference.lower() != "none":
+            raise UserError(f"--loss {' '.join(self.dpo.loss)} reads no reference: drop --reference")
+        results, data, desc = self.scored(DPO, self.dpo, TRL_NAMES)
         settings = self.dpo.settings()
         return {"command": "preference", "reference": desc, "loss_type": settings.pop("loss"), **settings,
                 "results": results, "data": data}
@@ -288,6 +305,36 @@ class Preference(DataCommon):
             ("rewards/accuracies", "rewards/accuracies", "{:.3f}"), ("rewards/margins", "rewards/margins", "{:+.4f}"),
             ("rewards/chosen", "rewards/chosen", "{:+.4f}"), ("rewards/rejected", "rewards/rejected", "{:+.4f}"),
             ("logps/chosen", "logps/chosen", "{:.2f}"), ("logps/rejected", "logps/rejected", "{:.2f}")])
+
+
+# --- kto --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class KTO(AgainstReference):
+    """KTO metrics of each Aligner (policy) against a reference on unpaired completions (prompt, completion, label;
+    a preference file gives two rows a pair): loss, kl (the estimate z: each batch's mismatched rows, row i's prompt
+    with row i-1's completion, as in training), reward accuracy (a completion on its label's side of beta x z, a tie
+    counting 1/2), reward and log-prob, means per completion. (`finetune/aligner_kto.py --eval-only` does the same for
+    one Aligner on a training run's split.)"""
+
+    kto: KTOLossConfig = field(default_factory=KTOLossConfig)
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.training.objectives.kto import KTO as Objective
+
+        if self.kto.loss == "kto" and self.batch_size < 2:
+            raise UserError("KTO's KL estimate is a mean over the mismatched rows of a batch, noise alone from one "
+                            "row: --batch-size must be at least 2")
+        results, data, desc = self.scored(Objective, self.kto, {k: k for k in Objective.metric_names})
+        return {"command": "kto", "reference": desc, **self.kto.settings(), "results": results, "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        head = f"reference: {result['reference']}, loss {result['loss']}, beta {result['beta']}\n"
+        return head + _table(result["results"], [
+            ("policy", "name", "{}"), ("completions", "completions", "{}"), ("loss", "loss", "{:.4f}"),
+            ("kl", "kl", "{:.4f}"), ("reward_accuracy", "reward_accuracy", "{:.3f}"), ("reward", "reward", "{:+.4f}"),
+            ("logp", "logp", "{:.2f}")])
 
 
 # --- correction -------------------------------------------------------------------------------------------------------
@@ -572,4 +619,5 @@ class Judge(EvalCommon):
         return f"judge: {result['judge']}\n" + format_judgement(result, result["a"], result["b"])
 
 
-SUBCOMMANDS = {"loss": Loss, "preference": Preference, "correction": Correction, "harness": Harness, "judge": Judge}
+SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "correction": Correction, "harness": Harness,
+               "judge": Judge}

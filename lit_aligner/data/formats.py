@@ -123,7 +123,7 @@ def _choice_id(row: Dict[str, Any], key: str) -> int:
 def _single_answer(fmt: str, fields: str) -> DataError:
     return DataError(f"{fmt} rows ({fields}) have one answer per prompt: they make SFT data only. Preference / "
                      f"correction data needs pairs (PKU-SafeRLHF, HH-RLHF, prompt/chosen/rejected or "
-                     f"question/answer/correction).")
+                     f"question/answer/correction); KTO reads pairs or labelled completions (prompt/completion/label).")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

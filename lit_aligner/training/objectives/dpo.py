@@ -126,20 +126,7 @@ class ReferenceObjective(Objective):
     sync: Optional[Tuple[float, int]] = None
     precompute = False
     reference_file: ClassVar[str] = REFERENCE_FILE
-
-    @property
-    def reference_names(self) -> Tuple[str, ...]:
-        raise NotImplementedError
-
-    def cached_reference(self, items: Sequence[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
-        """(len(reference_names) x B,) the items' cached reference log-probs in the batch's row order, or None."""
-        if "ref_" + self.reference_names[0] not in items[0]:
-            return None
-        return torch.stack([it["ref_" + name] for name in self.reference_names for it in items])
-
-    def prepare(self, run: Any) -> None:
-        if self.precompute:
-            run.train, run.val = with_cached_reference(run, self)
+    reference_names: Tuple[str, ...] = ()
 
     def __init__(self, pad_id: int, chunk_size: int, reference: Reference, config: Any, reference_desc: str):
         super().__init__(pad_id, chunk_size)
@@ -150,6 +137,16 @@ class ReferenceObjective(Objective):
         self.sync = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps) if cfg.sync_ref_model else None
         self.precompute = cfg.precompute_reference
         return self
+
+    def cached_reference(self, items: Sequence[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """(len(reference_names) x B,) the items' cached reference log-probs in the batch's row order, or None."""
+        if "ref_" + self.reference_names[0] not in items[0]:
+            return None
+        return torch.stack([it["ref_" + name] for name in self.reference_names for it in items])
+
+    def prepare(self, run: Any) -> None:
+        if self.precompute:
+            run.train, run.val = with_cached_reference(run, self)
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
         if self.sync is None or step % self.sync[1]:
@@ -186,6 +183,7 @@ class DPO(ReferenceObjective):
 
     name = "dpo"
     data_kind = "preference"
+    reference_names = ("chosen", "rejected")
     unit = "pairs"
     metric_names = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin", "chosen_logp",
                     "rejected_logp")
@@ -193,8 +191,6 @@ class DPO(ReferenceObjective):
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
                  config: DPOLossConfig = DPOLossConfig(), reference_desc: str = "none"):
         super().__init__(pad_id, chunk_size, reference, config, reference_desc)
-
-    reference_names = ("chosen", "rejected")
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         rows = [(it["prompt"], it[key]) for key in ("chosen", "rejected") for it in items]

@@ -273,8 +273,9 @@ def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> 
 def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int, chunk_size: int,
                   device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
     """One optimizer step of `mode`'s objective (the library's own SFT, DPO, whose reference is the bare base through
-    the same weights, or SimPO: DPO's objective under a loss with no reference pass) on a fixed batch of `batch` random
-    rows, under checkpointing `policy`: call it, get the loss (per response token for SFT, per pair for DPO and SimPO,
+    the same weights, SimPO: DPO's objective under a loss with no reference pass, or KTO on `batch` labelled
+    completions, its mismatched rows from the same batch) on a fixed batch of `batch` random rows, under checkpointing
+    `policy`: call it, get the loss (per response token for SFT, per pair for DPO and SimPO, per completion for KTO,
     as the trainer averages it)."""
     from lit_aligner.training import DPOLossConfig
     from lit_aligner.training.objectives import get_objective
@@ -287,7 +288,7 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
     if mode == "simpo":
         objective = get_objective("dpo")(pad_id=0, chunk_size=chunk_size, config=DPOLossConfig(
             loss=("simpo",), beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA))
-    else:
+    else:  # (KTO's default loss config: TRL's kto at beta 0.1, the bare base as reference)
         objective = get_objective(mode)(pad_id=0, chunk_size=chunk_size)
     g = torch.Generator().manual_seed(0)
     items = random_items(objective.data_kind, model.config.vocab_size, batch, seq_len, g)

@@ -45,12 +45,15 @@ SYSTEM = "Aligner (lit-aligner)"
 LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
 LORA_DPO = "LoRA r=8 (PEFT, TRL DPOTrainer)"  # and our DPO rows
 LORA_SIMPO = "LoRA r=8 (PEFT, TRL CPOTrainer SimPO)"  # and our SimPO rows
+LORA_KTO = "LoRA r=8 (PEFT, TRL KTOTrainer)"  # and our KTO rows
 PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
     "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
     "dpo": {LORA_DPO: peer_lora_config},
     "simpo": {LORA_SIMPO: peer_lora_config},
+    "kto": {LORA_KTO: peer_lora_config},
 }
 PAIRED = ("dpo", "simpo")  # modes whose rows are preference pairs (chosen + rejected)
+TRL_MODES = (*PAIRED, "kto")  # modes whose peer is a TRL trainer
 QLORA = "QLoRA r=8 (PEFT, bitsandbytes)"  # the peer of SFT on a quantized base: LoRA on transformers' quantized model
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
@@ -140,7 +143,7 @@ def quantized_peer_model(config, device: torch.device, dtype: torch.dtype, quant
 def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
              device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none") -> Dict[str, Any]:
     """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
-    if mode in PAIRED:
+    if mode in TRL_MODES:
         return run_trl_pairs(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
     model = peer_model(config, system, mode, policy, device, dtype, compiled, quantize=quantize)
     # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
@@ -181,12 +184,14 @@ def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_l
     """The DPO peer: PEFT's LoRA trained by TRL's DPOTrainer as a TRL user runs it (its dataset preparation,
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
     the bare base through the same weights); the SimPO peer: the same LoRA trained by TRL's CPOTrainer with
-    loss_type simpo and no NLL term (cpo_alpha 0), as TRL documents SimPO, with no reference. Both on the pairs of
-    `training_step` (batch / 2 pairs a step, each completion ending in the end-of-sequence token so that TRL adds
-    none), weights and activations in `dtype` (no autocast, like ours). A step is timed from the Trainer's step-begin
-    to its step-end callback: forward, backward, TRL's metrics and AdamW; not data loading or logging. Compiled, it
-    gets at least 2 warm-up steps: DPO's reference pass switches PEFT's adapter off and on, which the compiled layers
-    first see as a guard failure on the second step (and recompile)."""
+    loss_type simpo and no NLL term (cpo_alpha 0), as TRL documents SimPO, with no reference; the KTO peer: the same
+    LoRA trained by TRL's KTOTrainer (beta 0.1, its mismatched KL rows, the reference the base without the adapter).
+    Each on the rows of `training_step` (batch / 2 pairs a step, or batch labelled completions for KTO, each
+    completion ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no
+    autocast, like ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward,
+    TRL's metrics and AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: the reference
+    pass switches PEFT's adapter off and on, which the compiled layers first see as a guard failure on the second step
+    (and recompile)."""
     import datasets
     import transformers
     import trl
@@ -195,19 +200,26 @@ def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_l
         from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
         loss_args = dict(loss_type="simpo", cpo_alpha=0.0, beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA,
                          max_length=seq_len)  # (its default, 1024, would cut a longer --seq-len)
+    elif mode == "kto":
+        Config, Trainer, loss_args = trl.KTOConfig, trl.KTOTrainer, dict(beta=0.1, max_length=None)
     else:
         Config, Trainer, loss_args = trl.DPOConfig, trl.DPOTrainer, dict(beta=0.1, max_length=None)
 
     vocab = config.vocab_size
     warmup = max(warmup, 2) if compiled else warmup
-    items = random_items("preference", vocab, batch, seq_len, torch.Generator().manual_seed(0))
+    items = random_items("unpaired" if mode == "kto" else "preference", vocab, batch, seq_len,
+                         torch.Generator().manual_seed(0))
 
     def text(ids: torch.Tensor, end: bool = False) -> str:
         ids = ids.tolist()
         return " ".join(f"t{i}" for i in (ids[:-1] + [vocab - 1] if end else ids))
 
-    rows = [{"prompt": text(i["prompt"]), "chosen": " " + text(i["chosen"], True),
-             "rejected": " " + text(i["rejected"], True)} for i in items]
+    if mode == "kto":
+        rows = [{"prompt": text(i["prompt"]), "completion": " " + text(i["completion"], True),
+                 "label": bool(i["label"])} for i in items]
+    else:
+        rows = [{"prompt": text(i["prompt"]), "chosen": " " + text(i["chosen"], True),
+                 "rejected": " " + text(i["rejected"], True)} for i in items]
     dataset = datasets.Dataset.from_list(rows * (warmup + steps))  # ours, in the Trainer's order (all one length)
     times = []
 
@@ -229,7 +241,8 @@ def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_l
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, read by TRL and PEFT
         args = Config(
-            output_dir=out_dir, per_device_train_batch_size=batch // 2, max_steps=warmup + steps, learning_rate=1e-4,
+            output_dir=out_dir, per_device_train_batch_size=batch if mode == "kto" else batch // 2,
+            max_steps=warmup + steps, learning_rate=1e-4,
             lr_scheduler_type="constant", **loss_args, bf16=False, fp16=False, seed=0,
             use_cpu=device.type == "cpu", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
             **{ckpt: policy == "block", f"{ckpt}_kwargs": {"use_reentrant": False}})
@@ -265,7 +278,7 @@ def main(
     seq_len: int = 64,
     n_tokens: int = 10,
     start_layer: int = 2,
-    mode: Tuple[Literal["sft", "dpo", "simpo"], ...] = ("sft",),
+    mode: Tuple[Literal["sft", "dpo", "simpo", "kto"], ...] = ("sft",),
     checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
     quantize: Tuple[QuantizeName, ...] = ("none",),
     loss: Literal["chunked", "plain"] = "chunked",
@@ -291,7 +304,9 @@ def main(
         n_tokens: Aligner prefix tokens N.
         start_layer: first gated layer.
         mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base),
-            simpo (the DPO objective under --loss simpo: no reference forward).
+            simpo (the DPO objective under --loss simpo: no reference forward), kto (batch labelled completions:
+            the policy forward + backward, and no-grad forwards of the reference on them and on as many mismatched
+            rows, and of the policy on the mismatched rows; tokens counted on the completions' rows).
         checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
         quantize: one or more base weight formats: none (the precision's dtype) and the bitsandbytes modes of the
             trainers' --quantize (bnb.nf4, ...); a quantized base's SFT peer is QLoRA (PEFT LoRA r=8 on transformers'
@@ -308,7 +323,8 @@ def main(
             shape on a small machine; tokens/s and MFU then describe the truncated model).
         peer: also time the peer in the same run (transformers, PEFT and TRL: the `eval` extra) under `none` and
             `block`: for SFT, PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens); for DPO, that LoRA
-            trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; its decoder layers compiled when ours are;
+            trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; for KTO, by TRL's KTOTrainer; its decoder
+            layers compiled when ours are;
             --no-peer skips it.
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
@@ -319,6 +335,9 @@ def main(
     paired = [m for m in mode if m in PAIRED]
     if paired and batch % 2:
         raise BenchmarkError(f"--mode {paired[0]} needs an even --batch (chosen + rejected rows), got {batch}")
+    if "kto" in mode and batch < 2:
+        raise BenchmarkError(f"--mode kto needs --batch 2 or more (its KL estimate reads the other rows), got {batch}")
+    trl_modes = [m for m in mode if m in TRL_MODES]
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
@@ -338,7 +357,7 @@ def main(
     if peer and not peer_policies:
         print("note: no peer rows: the peer (PEFT, TRL) runs under --checkpointing none or block", file=sys.stderr)
     if peer_policies:
-        require("transformers", "peft", *(["trl"] if paired else []), extra="eval", or_flag="--no-peer")
+        require("transformers", "peft", *(["trl"] if trl_modes else []), extra="eval", or_flag="--no-peer")
     if not quantize:
         raise BenchmarkError(f"--quantize needs at least one base format: none, {', '.join(QUANTIZE_MODES)}")
     quantized = [q for q in dict.fromkeys(quantize) if q != "none"]
@@ -356,7 +375,7 @@ def main(
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
         "peers": ([s for m in mode for s in PEERS[m]] if "none" in quantize else [])
         + ([QLORA] if quantized and "sft" in mode else []) if peer_policies else [],
-        "peer_versions": peer_versions(trl=bool(paired)) if peer_policies else None,
+        "peer_versions": peer_versions(trl=bool(trl_modes)) if peer_policies else None,
         "complete": False,
         "activation_bytes_per_token_per_gated_layer": {}, "machine": machine_info(dev), "results": rows,
     }
@@ -409,7 +428,7 @@ def main(
                       f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                 write_partial(path, payload)
         lora = {(r["mode"], r["checkpointing"], r["quantize"]): r["tokens_per_s"] for r in rows
-                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, QLORA)}
+                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, LORA_KTO, QLORA)}
         for r in rows:
             key = (r["mode"], r["checkpointing"], r["quantize"])
             if r["system"] == SYSTEM and key in lora:

@@ -287,7 +287,7 @@ class StepFlops:
 
     forward: float  # the policy forward: all layers + LM head
     backward: float  # input gradients only: gated layers + LM head (+ the prefix's gradient)
-    reference: float  # DPO: the reference model's forward (no grad); 0 for SFT
+    reference: float  # the forwards without grad: DPO's reference; KTO's reference and mismatched rows; 0 for SFT
     attention: float  # the part of the total in attention scores and weighted values (QK^T, PV); the rest is matmuls
     # with weights (what torch's FlopCounterMode counts as aten.mm on the CPU)
 
@@ -317,10 +317,12 @@ def train_flops_per_token(config: Config, seq_len: int, n_tokens: int = 10, star
                                                                        once per step (so per token: / (batch * T))
     So a step costs ~ (2 + 2 * gated / n_layer) * params FLOPs per token, against 6 * params for full fine-tuning.
     DPO (mode "dpo") adds the reference forward: the same base, no grad, the same tokens; SimPO (mode "simpo", on
-    pairs too) has none, so it costs what SFT does per token. `batch` only matters for the per-step prefix projection
-    (negligible unless batch * T is tiny)."""
-    if mode not in ("sft", "dpo", "simpo"):
-        raise ValueError(f"mode must be 'sft', 'dpo' or 'simpo', got {mode!r}")
+    pairs too) has none, so it costs what SFT does per token. KTO (mode "kto", tokens counted on the matched rows)
+    adds three forwards without grad: the reference on the matched rows and on as many mismatched ones, and the policy
+    on the mismatched ones (for z). `batch` only matters for the per-step prefix projection (negligible unless
+    batch * T is tiny)."""
+    if mode not in ("sft", "dpo", "simpo", "kto"):
+        raise ValueError(f"mode must be 'sft', 'dpo', 'simpo' or 'kto', got {mode!r}")
     c = config
     hs, nh, kv, C, I = c.head_size, c.n_head, c.n_query_groups, c.n_embd, c.intermediate_size
     qkv = 2 * C * (nh + 2 * kv) * hs
@@ -332,9 +334,11 @@ def train_flops_per_token(config: Config, seq_len: int, n_tokens: int = 10, star
     projection = 2 * gated * n_tokens * C * 2 * kv * hs / (batch * seq_len)
     forward = c.n_layer * (qkv + rest + attn) + gated * prefix + head + projection
     backward = (gated - 1) * (qkv + rest + 2 * (attn + prefix)) + rest + 1.5 * prefix + head + projection
-    reference = c.n_layer * (qkv + rest + attn) + head if mode == "dpo" else 0.0
-    attention = (c.n_layer * attn + gated * prefix) + (gated - 1) * 2 * (attn + prefix) + 1.5 * prefix \
-        + (c.n_layer * attn if mode == "dpo" else 0.0)
+    base = c.n_layer * (qkv + rest + attn) + head  # the bare base's forward
+    reference = {"dpo": base, "kto": 2 * base + forward}.get(mode, 0.0)
+    policy_attention = c.n_layer * attn + gated * prefix
+    attention = policy_attention + (gated - 1) * 2 * (attn + prefix) + 1.5 * prefix \
+        + {"dpo": c.n_layer * attn, "kto": 2 * c.n_layer * attn + policy_attention}.get(mode, 0.0)
     return StepFlops(forward, backward, reference, attention)
 
 
@@ -400,15 +404,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def random_items(data_kind: str, vocab_size: int, sequences: int, seq_len: int,
                  generator: Optional[torch.Generator] = None) -> List[Dict[str, torch.Tensor]]:
-    """Items of `data_kind` ("sft" or "preference") for `sequences` rows of `seq_len` random tokens each, the first
-    quarter of every row the prompt (no loss). Preference items pair rows i and P + i (P = sequences / 2)."""
+    """Items of `data_kind` ("sft", "preference" or "unpaired") for `sequences` rows of `seq_len` random tokens each,
+    the first quarter of every row the prompt (no loss). Preference items pair rows i and P + i (P = sequences / 2);
+    unpaired rows are desirable and undesirable in turn."""
     ids = torch.randint(0, vocab_size, (sequences, seq_len), generator=generator)
     q = seq_len // 4
     if data_kind == "sft":
         return [{"prompt": r[:q], "response": r[q:]} for r in ids]
+    if data_kind == "unpaired":
+        return [{"prompt": r[:q], "completion": r[q:], "label": torch.tensor([1 - i % 2])} for i, r in enumerate(ids)]
     if data_kind != "preference" or sequences % 2:
-        raise ValueError(f"random items: sft rows, or preference pairs from an even number of rows (got {data_kind}, "
-                         f"{sequences})")
+        raise ValueError(f"random items: sft or unpaired rows, or preference pairs from an even number of rows (got "
+                         f"{data_kind}, {sequences})")
     P = sequences // 2
     return [{"prompt": ids[i, :q], "chosen": ids[i, q:], "rejected": ids[P + i, q:]} for i in range(P)]
 

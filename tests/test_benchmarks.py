@@ -116,6 +116,23 @@ def test_simpo_rows_run_no_reference_pass_beside_trls_cpo_trainer(tmp_path):
     assert "trl" in payload["peer_versions"]
 
 
+def test_kto_rows_beside_trls_kto_trainer(tmp_path):
+    payload = load_script("train").main(config="tiny", batch=4, seq_len=16, mode=("kto",), warmup=1, steps=2,
+                                        device="cpu", threads=1, out=tmp_path / "t.json")
+    rows = {(r["system"], r["mode"]): r for r in payload["results"]}
+    ours, peer = rows["Aligner (lit-aligner)", "kto"], rows["LoRA r=8 (PEFT, TRL KTOTrainer)", "kto"]
+    from lit_aligner.config import Config
+    from lit_aligner.perf import train_flops_per_token
+
+    # three no-grad forwards beside the policy's step: more than DPO's one
+    assert ours["flops_per_token"] == train_flops_per_token(Config.from_name("tiny"), 16, 10, 2, "kto", 4).total
+    assert ours["flops_per_token"] > train_flops_per_token(Config.from_name("tiny"), 16, 10, 2, "dpo", 4).total
+    assert ours["vs_lora"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
+    # TRL's first step: the adapter starts as the base, so every completion's loss is 1 - sigmoid(0) and z is 0
+    assert peer["first_loss"] == pytest.approx(0.5, abs=1e-4) and math.isfinite(ours["loss"])
+    assert payload["peers"] == ["LoRA r=8 (PEFT, TRL KTOTrainer)"] and "trl" in payload["peer_versions"]
+
+
 def test_the_dpo_peer_without_trl_names_the_extra_and_the_flag_before_anything_runs(tmp_path, monkeypatch):
     module = load_script("train")
     monkeypatch.setitem(sys.modules, "trl", None)  # as if it were not installed

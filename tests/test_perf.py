@@ -258,7 +258,7 @@ def test_should_compile_defaults_to_cuda_only():
 # Arithmetic
 
 
-@pytest.mark.parametrize("start_layer,mode", [(1, "sft"), (0, "sft"), (2, "dpo")])
+@pytest.mark.parametrize("start_layer,mode", [(1, "sft"), (0, "sft"), (2, "dpo"), (1, "kto")])
 def test_train_flops_formula_matches_torch_flop_counter(start_layer, mode):
     """FlopCounterMode counts every matmul with a weight (aten.mm on the CPU) that a real step runs; the formula's
     non-attention part must equal it exactly (plain loss: the chunked loss would add its recomputed LM head)."""
@@ -267,9 +267,13 @@ def test_train_flops_formula_matches_torch_flop_counter(start_layer, mode):
     idx, labels = batch(model, B, T)
     counter = FlopCounterMode(display=False)
     with counter:
-        if mode == "dpo":
+        if mode in ("dpo", "kto"):
             with torch.no_grad():
-                model(idx, aligner=False)
+                model(idx, aligner=False)  # the reference on the matched rows
+                if mode == "kto":  # and on the mismatched rows
+                    model(idx, aligner=False)
+        if mode == "kto":  # the policy's forward on the mismatched rows (KTO runs it without grad; nothing flows back
+            model(idx)     # here either, and FlopCounterMode's module tracker fails on a no-grad pass with an Aligner)
         cross_entropy(model(idx), labels).backward()
     counted = counter.get_flop_counts()["Global"]
     mm = sum(v for op, v in counted.items() if "mm" in str(op) and "bmm" not in str(op))

@@ -144,7 +144,7 @@ def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: i
              device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none") -> Dict[str, Any]:
     """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
     if mode in TRL_MODES:
-        return run_trl_pairs(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
+        return run_trl_peer(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
     model = peer_model(config, system, mode, policy, device, dtype, compiled, quantize=quantize)
     # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
     g = torch.Generator().manual_seed(0)
@@ -179,7 +179,7 @@ def word_tokenizer(vocab_size: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{vocab_size - 1}", pad_token="t0")
 
 
-def run_trl_pairs(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
+def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
                   device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
     """The DPO peer: PEFT's LoRA trained by TRL's DPOTrainer as a TRL user runs it (its dataset preparation,
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is

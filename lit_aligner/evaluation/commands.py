@@ -323,9 +323,7 @@ class KTO(AgainstReference):
     def run(self) -> Dict[str, Any]:
         from lit_aligner.training.objectives.kto import KTO as Objective
 
-        if self.kto.loss == "kto" and self.batch_size < 2:
-            raise UserError("KTO's KL estimate is a mean over the mismatched rows of a batch, noise alone from one "
-                            "row: --batch-size must be at least 2")
+        self.kto.check_batch(self.batch_size, "--batch-size")
         results, data, desc = self.scored(Objective, self.kto, {k: k for k in Objective.metric_names})
         return {"command": "kto", "reference": desc, **self.kto.settings(), "results": results, "data": data}
 

@@ -441,7 +441,7 @@ class ReferenceRunConfig(RunConfig):
     were measured at 1; SFT's 0.5 was measured for SFT only)."""
     eval_only: bool = False
     """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
-    print the metrics as one JSON object (`evaluate/aligner.py preference` scores many Aligners on pairs)."""
+    print the metrics as one JSON object (`evaluate/aligner.py preference` and `kto` score many Aligners)."""
     sync_ref_model: bool = False
     """TR-DPO (TR-KTO): every --ref-model-sync-steps steps the reference Aligner moves toward the policy, ref = alpha x
     policy + (1 - alpha) x ref, so the trust region follows training (a reference of none starts as the bare base in
@@ -537,6 +537,12 @@ class KTOLossConfig:
             raise TrainError(f"--desirable-weight and --undesirable-weight must be > 0, got {self.desirable_weight} "
                              f"and {self.undesirable_weight}")
 
+    def check_batch(self, rows: int, flag: str, batch: str = "batch") -> None:
+        """The kto loss's z is a mean over a `batch`'s mismatched rows: `flag` (its rows) must be at least 2."""
+        if self.loss == "kto" and rows < 2:
+            raise TrainError(f"KTO's KL estimate is a mean over the mismatched rows of a {batch}, noise alone from one "
+                             f"row: {flag} must be at least 2 (as TRL asks)")
+
     def settings(self) -> Dict[str, Any]:
         """What the loss depends on, for metadata and a run's identity."""
         return dataclasses.asdict(self)
@@ -555,9 +561,7 @@ class KTORunConfig(ReferenceRunConfig):
 
     def check(self) -> None:
         super().check()
-        if self.kto.loss == "kto" and self.train.micro_batch_size < 2:
-            raise TrainError("KTO's KL estimate is a mean over the mismatched rows of a micro-batch, noise alone "
-                             "from one row: --micro-batch-size must be at least 2 (as TRL asks)")
+        self.kto.check_batch(self.train.micro_batch_size, "--micro-batch-size", "micro-batch")
 
     def identity(self) -> Dict[str, Any]:
         # --precompute-reference fixes each row's KL partner (other KL rows than the in-batch ones): part of the run

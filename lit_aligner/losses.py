@@ -303,3 +303,59 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, kl_logps: Optional[to
         raise ValueError(f"unknown unpaired loss {loss!r}; one of {', '.join(get_args(KTOLossName))}")
     losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
     return losses, beta * x.detach(), z
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024, Eq. 1) of each position, under TRL's
+    convention: logits (n, V) -> (n,) fp32 nats. beta 0: KL(teacher || student), the forward KL of classic and context
+    distillation (mode-covering); 1: KL(student || teacher), the reverse (mode-seeking); between: beta KL(teacher || m)
+    + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) student. Both distributions are softmaxes at
+    `temperature`."""
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+def _chunk_divergence(hs: torch.Tensor, ht: torch.Tensor, weight: torch.Tensor, beta: float,
+                      temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher hidden states (n, C) -> (divergence (n,), top-1 agreement (n,) bool)."""
+    s, t = F.linear(hs, weight), F.linear(ht, weight)  # (n, V) each: the only logits alive at a time
+    return generalized_jsd(s, t, beta, temperature), s.argmax(-1) == t.argmax(-1)
+
+
+def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                      student_labels: torch.Tensor, teacher_labels: torch.Tensor, beta: float = 0.0,
+                      temperature: float = 1.0,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-level distillation on the labelled positions: (the summed `generalized_jsd` between the student's and
+    the teacher's next-token distributions, fp32 scalar; the number of positions where both put their most likely
+    token on the same one, fp32 scalar without gradient).
+
+    The two sequences share their responses but not their prompts (the teacher's holds a context the student's
+    lacks), so each side's labelled positions are gathered from its own (B, T_s / T_t) labels, row by row in order;
+    they must hold the same tokens. The teacher's hidden states need no gradient. Chunked and checkpointed as
+    `chunked_cross_entropy`: at most chunk_size x V logits of each model at a time."""
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: all positions at once), got {chunk_size}")
+    hs, ys = _shift(student_hidden, student_labels)
+    ht, yt = _shift(teacher_hidden, teacher_labels)
+    ks, kt = ys != IGNORE_INDEX, yt != IGNORE_INDEX
+    if not torch.equal(ys[ks], yt[kt]):
+        raise ValueError("the student's and the teacher's labelled tokens differ: both rows must end in the same "
+                         "response")
+    hs, ht = hs[ks], ht[kt].detach()  # (n, C) each
+    if hs.shape[0] == 0:
+        return 0.0 * student_hidden.sum(), student_hidden.new_zeros((), dtype=torch.float32)
+    step = chunk_size or hs.shape[0]
+    grad = torch.is_grad_enabled() and (hs.requires_grad or lm_head_weight.requires_grad) and chunk_size > 0
+    parts = [checkpoint(_chunk_divergence, hs[s:s + step], ht[s:s + step], lm_head_weight, beta, temperature,
+                        use_reentrant=False) if grad else
+             _chunk_divergence(hs[s:s + step], ht[s:s + step], lm_head_weight, beta, temperature)
+             for s in range(0, hs.shape[0], step)]
+    return torch.cat([p[0] for p in parts]).sum(), torch.cat([p[1] for p in parts]).sum().float()

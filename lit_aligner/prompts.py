@@ -72,6 +72,14 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
           "developer": "system", "tool": "tool"}
 
 
+def with_system(messages: Sequence[Message], system: str) -> List[Message]:
+    """The conversation with `system` as its system message: put first, or ahead of the conversation's own (a blank
+    line between)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
 def parse_messages(value: Any, key: str = "messages") -> List[Message]:
     """Chat turns from JSON: a list of {"role", "content"} (OpenAI, TRL; a content may be a list of text parts, joined
     as the server joins them) or ShareGPT's {"from", "value"} (human, gpt), as Messages with the roles system, user,

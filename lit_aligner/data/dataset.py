@@ -8,6 +8,8 @@ An item is a dict of 1-D LongTensors named by its kind's fields (`KIND_FIELDS`):
 - unpaired: {"prompt", "completion", "label": (1,) 1 if the completion is desirable, else 0} (KTO)
 - correction: {"prompt": the Q-A-C prompt (question + upstream answer A), "question": the question's own tokens,
   "answer": A, "correction": C}
+- distill: {"prompt", "response", "teacher_prompt": the same prompt rendered with the teacher's context (its system
+  message)} (context distillation: the teacher reads teacher_prompt + response, the student prompt + response)
 Responses end with their end token (EOS, or the chat template's end-of-turn). Objectives (`lit_aligner.training`)
 choose which (prompt, response) rows of an item a batch holds; `pad_rows` turns such rows into model inputs.
 """
@@ -24,10 +26,12 @@ KIND_FIELDS: Dict[str, Tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "correction": ("prompt", "question", "answer", "correction"),
     "unpaired": ("prompt", "completion", "label"),
+    "distill": ("prompt", "response", "teacher_prompt"),
 }
 # The fields that follow the prompt in a training sequence (the truncation policy cuts them, never the prompt).
 RESPONSE_FIELDS: Dict[str, Tuple[str, ...]] = {"sft": ("response",), "preference": ("chosen", "rejected"),
-                                               "correction": ("answer", "correction"), "unpaired": ("completion",)}
+                                               "correction": ("answer", "correction"), "unpaired": ("completion",),
+                                               "distill": ("response",)}
 KINDS = tuple(KIND_FIELDS)
 TRUNCATION = ("drop", "truncate")
 NO_CONTEXT = torch.zeros(0, dtype=torch.long)
@@ -108,9 +112,12 @@ class TokenizedDataset(Dataset):
         return len(self) + (len(self.fields["context"].tokens) // 2 if self.kind == "sft" else 0)
 
     def lengths(self) -> torch.Tensor:
-        """(n,) tokens of the longest training sequence per example: prompt + its longest response."""
+        """(n,) tokens of the longest training sequence per example: its longest prompt + its longest response."""
         longest = torch.stack([self.fields[f].lengths() for f in RESPONSE_FIELDS[self.kind]]).amax(0)
-        return self.fields["prompt"].lengths() + longest
+        prompt = self.fields["prompt"].lengths()
+        if self.kind == "distill":  # a chat template's default system message may make the student's the longer
+            prompt = torch.maximum(prompt, self.fields["teacher_prompt"].lengths())
+        return prompt + longest
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The flat tensors ({field}_tokens, {field}_offsets) that prepared data stores."""
@@ -160,7 +167,8 @@ def fit_item(kind: str, item: Dict[str, torch.Tensor], max_len: int,
     if len(item.get("context", NO_CONTEXT)):
         return _fit_conversation(item, max_len, truncation)
     names = RESPONSE_FIELDS[kind]
-    fitted = fit_responses(item["prompt"], [item[f] for f in names], max_len, truncation)
+    prompt = max(item["prompt"], item["teacher_prompt"], key=len) if kind == "distill" else item["prompt"]
+    fitted = fit_responses(prompt, [item[f] for f in names], max_len, truncation)
     return None if fitted is None else ({**item, **dict(zip(names, fitted[0]))}, fitted[1])
 
 

@@ -27,6 +27,15 @@ def format_response(answer: str) -> str:
     return f"ANSWER: {answer}\n{SIGN_OFF}"
 
 
+def format_context() -> str:
+    """The FORMAT shown by three worked examples (none of them a generated row): the default teacher context of
+    context distillation (finetune/aligner_distill.py), a few-shot prompt as in "Learning by Distilling Context"."""
+    shots = [("What is 7 plus 5?", "12"), ('Reverse the word "cat".', "tac"),
+             ("How many legs does a spider have?", "8")]
+    return "Every reply has exactly two lines, like these examples.\n\n" + "\n\n".join(
+        f"Question: {q}\nReply:\n{format_response(a)}" for q, a in shots)
+
+
 def follows_format(text: str) -> bool:
     """True iff `text` (surrounding whitespace ignored) is exactly "ANSWER: <one-line answer>\\nEND OF ANSWER"."""
     return _FORMAT_RE.fullmatch(text.strip()) is not None

@@ -427,9 +427,9 @@ def apply_field_map(row: Dict[str, Any], field_map: Optional[Dict[str, str]]) ->
 
 
 def row_to_example(row: Any, fmt: str, kind: str, preference: str) -> Example:
-    """One raw row of format `fmt` -> Example for data `kind` (sft uses `chosen` only). Raises BadRow."""
+    """One raw row of format `fmt` -> Example for data `kind` (sft and distill use `chosen` only). Raises BadRow."""
     if not isinstance(row, dict):
         raise BadRow(f"expected a JSON object, got {type(row).__name__}")
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[fmt].parse(row, kind != "sft", preference)
+    return FORMATS[fmt].parse(row, kind not in ("sft", "distill"), preference)

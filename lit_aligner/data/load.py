@@ -95,7 +95,7 @@ def _records(kind: str, data: DataSource) -> Tuple[Path, List[Tuple[str, Any]], 
     if data is None:
         from lit_aligner.data import default
 
-        rows = default.generate_rows() if kind == "sft" else default.generate_preference_rows()
+        rows = default.generate_rows() if kind in ("sft", "distill") else default.generate_preference_rows()
         return Path("<default dataset>"), [(f"row {i}", r) for i, r in enumerate(rows)], "generated"
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, Path) for d in data):  # several files, one set
         records = []
@@ -120,13 +120,13 @@ def _check_template(kind: str, template) -> None:
 
 
 def build_datasets(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
-                   seed: int = 42, source: Optional[str] = None) -> Splits:
+                   seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None) -> Splits:
     """Read raw rows (a file, the default dataset for data=None, or rows in memory), render them with `template`,
     tokenize, split with `seed` and fit to options.max_seq_length. Returns (train, val, info); see `load_data`."""
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; one of {', '.join(KINDS)}")
     options.check()
-    preference = options.preference or ("better" if kind == "sft" else "safer")
+    preference = options.preference or ("better" if kind in ("sft", "distill") else "safer")
     tmpl = get_template(template) if isinstance(template, str) else template
     _check_template(kind, tmpl)
     fmap = parse_field_map(options.field_map)
@@ -167,7 +167,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             counts["chosen_unsafe"] += bool(ex.notes.get("chosen_unsafe"))
             examples = every_answer(ex) if every_turn else unpair(ex) if kind == "unpaired" and ex.rejected else [ex]
             try:
-                rows = [tokenize_example(x, kind, tmpl, tokenizer) for x in examples]
+                rows = [tokenize_example(x, kind, tmpl, tokenizer, teacher_system) for x in examples]
             except UserError:  # the tokenizer or its chat template is broken: no row can be rendered
                 raise
             except ValueError as e:  # a template that refuses this row (e.g. a chat template's own checks)
@@ -228,7 +228,7 @@ def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> 
 
 
 def load_data(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
-              seed: int = 42, source: Optional[str] = None) -> Splits:
+              seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None) -> Splits:
     """Tokenized (train, val, info) of `kind` ("sft", "preference" or "correction") data.
 
     data: None → the offline default dataset; a prepared directory → loaded as is (its template wins; rows longer than
@@ -238,9 +238,14 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     reads Q-A-C rows or any pair file (A = rejected, C = chosen) and needs the `correction` template.
     info: kind, source, format, template (the one actually used: save it with the Aligner), rows_read, bad_rows
     (skipped), kept, truncated, dropped (too long), train, val, max_seq_length, truncation, seed, bad_row_examples.
+    Distill data (context distillation) renders each prompt twice, the second time with `teacher_system` as its
+    system message, so it reads raw rows only.
     Raises DataError (file, row, fix) on bad input."""
     if not is_prepared(data):
-        return build_datasets(kind, data, tokenizer, template, options, seed, source)
+        return build_datasets(kind, data, tokenizer, template, options, seed, source, teacher_system)
+    if kind == "distill":
+        raise DataError(f"{data} is a prepared directory, whose prompts are already rendered without the teacher's "
+                        f"system message; give distillation the raw .json/.jsonl rows it was prepared from.")
     options.check()
     train, val, meta = load_prepared(data, kind, tokenizer)
     info = {k: v for k, v in meta.items() if k != "version"}

@@ -13,7 +13,7 @@ import torch
 
 from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.data.formats import BadRow, DataError, Example
-from lit_aligner.prompts import CorrectionTemplate, PromptTemplate
+from lit_aligner.prompts import CorrectionTemplate, PromptTemplate, with_system
 from lit_aligner.tools import tool_texts
 
 
@@ -88,10 +88,21 @@ def pack_answers(rows: Sequence[Tuple[torch.Tensor, ...]]) -> Optional[Tuple[tor
     return prompt, seq, torch.tensor(spans, dtype=torch.long)
 
 
-def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer) -> Tuple[torch.Tensor, ...]:
+def tokenize_example(ex: Example, kind: str, template: PromptTemplate, tokenizer,
+                     teacher_system: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """The token rows of one example, in the order of `dataset.KIND_FIELDS[kind]`: sft (prompt, response, no context);
     preference (prompt, chosen, rejected); correction (prompt, question, answer, correction); unpaired (prompt,
-    completion, label)."""
+    completion, label); distill (prompt, response, teacher_prompt: the prompt with `teacher_system` as its system
+    message, rendered as generation renders a prompt with --system)."""
+    if kind == "distill":
+        if not teacher_system:
+            raise DataError("distillation needs the teacher's context (a system message) to render its prompts")
+        _need_turns(ex)
+        p, c, _ = tokenize_example(ex, "sft", template, tokenizer)
+        messages = with_system(ex.chat_messages(), teacher_system)
+        teacher = tool_texts(template, tokenizer, messages, ex.tools)[0] if ex.uses_tools else \
+            template.render_messages(messages, tokenizer=tokenizer)
+        return p, c, tokenizer.encode(teacher).long()
     if kind == "correction":
         if not isinstance(template, CorrectionTemplate):
             raise DataError(f"correction data needs the 'correction' template, not {template.name!r}")

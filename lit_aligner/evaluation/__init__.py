@@ -126,6 +126,15 @@ def _block(text: str) -> str:
     return "\n".join("    " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def prompt_question(prompt: str) -> str:
+    """The last line of a rendered prompt (special tokens skipped) that is not a role marker: the request, for a
+    sample's header (at most 100 characters)."""
+    roles = ("", "assistant", "user", "system", "### Response:", "ASSISTANT:")
+    lines = prompt.strip().splitlines()
+    question = next((l for l in reversed(lines) if l.strip() not in roles and not l.strip().startswith("<")), "")
+    return question.strip()[:100]
+
+
 def format_comparison(report: Dict[str, Any]) -> str:
     """The before/after report as text."""
     lines = [
@@ -138,9 +147,6 @@ def format_comparison(report: Dict[str, Any]) -> str:
         f"tokens)",
     ]
     for i, s in enumerate(report["samples"], 1):
-        prompt = s["prompt"].strip().splitlines()
-        roles = ("", "assistant", "user", "system", "### Response:", "ASSISTANT:")
-        question = next((l for l in reversed(prompt) if l.strip() not in roles and not l.strip().startswith("<")), "")
-        lines += [f"--- sample {i}: {question.strip()[:100]}", "  base:", _block(s["before"]),
+        lines += [f"--- sample {i}: {prompt_question(s['prompt'])}", "  base:", _block(s["before"]),
                   "  with Aligner:", _block(s["after"])]
     return "\n".join(lines)

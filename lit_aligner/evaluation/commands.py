@@ -7,6 +7,7 @@ line of stdout; `--out FILE` writes it too (atomically; an existing file only wi
 | `loss` | response-token loss and perplexity of the bare base and Aligners on any SFT or correction data |
 | `preference` | DPO metrics (TRL's names) of Aligners on preference pairs against a reference |
 | `kto` | KTO metrics of Aligners on unpaired completions (or pairs, unpaired) against a reference |
+| `distill` | divergence of the base and Aligners from a teacher (the base reading a system prompt) |
 | `correction` | copy rate and log-likelihood margins of correction Aligners |
 | `harness` | lm-evaluation-harness tasks on the base with each Aligner (`lit_aligner.evaluation.harness`) |
 | `judge` | pairwise win rate of two systems judged by a local model (`lit_aligner.evaluation.judge`) |
@@ -31,7 +32,7 @@ from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.prompts import saved_variables
 from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
-from lit_aligner.training.config import DPOLossConfig, KTOLossConfig
+from lit_aligner.training.config import DistillConfig, DPOLossConfig, KTOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
 
@@ -137,6 +138,10 @@ class DataCommon(EvalCommon):
     def inputs(self) -> List[Any]:
         return [self.checkpoint_dir, self.data]
 
+    def data_arguments(self) -> Dict[str, Any]:
+        """More keyword arguments of `load_data` (distillation's teacher context)."""
+        return {}
+
     def rows(self, kind: str, tokenizer, template: str):
         """(dataset, counts) through the trainer's data pipeline."""
         import dataclasses
@@ -145,7 +150,7 @@ class DataCommon(EvalCommon):
 
         options = self.data_options if self.split == "val" else \
             dataclasses.replace(self.data_options, val_fraction=0.0, val_size=None)
-        train, val, info = load_data(kind, self.data, tokenizer, template, options, self.seed)
+        train, val, info = load_data(kind, self.data, tokenizer, template, options, self.seed, **self.data_arguments())
         rows = val.rows() if self.split == "val" else train.rows()
         if self.n is not None:
             if self.n < 1:
@@ -333,6 +338,75 @@ class KTO(AgainstReference):
             ("policy", "name", "{}"), ("completions", "completions", "{}"), ("loss", "loss", "{:.4f}"),
             ("kl", "kl", "{:.4f}"), ("reward_accuracy", "reward_accuracy", "{:.3f}"), ("reward", "reward", "{:+.4f}"),
             ("logp", "logp", "{:.2f}")])
+
+
+# --- distill ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Distill(DataCommon):
+    """Context distillation: how far the bare base and each Aligner (without the system prompt) are from the teacher
+    (the base reading --system, with --teacher-aligner if given) on the rows' responses: the divergence in nats per
+    response token and the share of tokens whose most likely next token is the teacher's, as a distillation run
+    validates. Without --system: the one the Aligners' metadata records (when they agree), else the default dataset's
+    context."""
+
+    aligners: List[str] = field(default_factory=list)
+    """the students: Aligner files, or "none" for the bare base (the context's whole effect)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    _system = ""  # the teacher's system message, once resolved (not a flag)
+
+    def inputs(self) -> List[Any]:
+        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")],
+                self.distill.teacher_aligner]
+
+    def data_arguments(self) -> Dict[str, Any]:
+        return {"teacher_system": self._system}
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.aligner_files import load_aligner
+        from lit_aligner.evaluation import _meta_json, objective_metrics
+        from lit_aligner.training.objectives.distill import Distill as Objective
+        from lit_aligner.training.objectives.dpo import as_reference
+
+        if not self.aligners:
+            raise UserError("give the students to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
+        self.distill.check()
+        model, tokenizer = self.load()
+        systems = _aligners(self.aligners, model)
+        recorded = {(_meta_json(meta, "distill") or {}).get("system") for _, a, meta in systems if a is not None}
+        recorded.discard(None)
+        source = "--system"
+        if self.distill.system is None and len(recorded) == 1:
+            self._system, source = recorded.pop(), "the Aligners' metadata"
+        else:
+            self._system = self.distill.system_text(self.data is None)
+            source = source if self.distill.system is not None else "the default dataset's"
+        teacher = False
+        if self.distill.teacher_aligner is not None:
+            teacher = as_reference(load_aligner(self.distill.teacher_aligner, model)[0])
+        objective = Objective(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, teacher, self.distill, self._system)
+
+        def metrics(aligner, dataset):
+            m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                  self.batch_size)
+            return {"divergence": m["loss"], "agreement": m["agreement"], "tokens": m["tokens"]}
+
+        results, data = self.score(systems, Objective.data_kind, tokenizer, Objective.default_template(tokenizer),
+                                   metrics)
+        return {"command": "distill", "system": self._system, "system_from": source,
+                "teacher_aligner": str(self.distill.teacher_aligner), "beta": self.distill.beta,
+                "temperature": self.distill.temperature, "results": results, "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        system = result["system"] if len(result["system"]) <= 80 else result["system"][:77] + "..."
+        head = (f"teacher: the base{' + ' + result['teacher_aligner'] if result['teacher_aligner'] != 'None' else ''}"
+                f" reading the system prompt ({result['system_from']}) {system!r}; "
+                f"{'forward KL' if result['beta'] == 0 else 'beta ' + str(result['beta'])}, temperature "
+                f"{result['temperature']}\n")
+        return head + _table(result["results"], [
+            ("student", "name", "{}"), ("template", "template", "{}"), ("divergence", "divergence", "{:.4f}"),
+            ("agreement", "agreement", "{:.3f}"), ("tokens", "tokens", "{}")])
 
 
 # --- correction -------------------------------------------------------------------------------------------------------
@@ -617,5 +691,5 @@ class Judge(EvalCommon):
         return f"judge: {result['judge']}\n" + format_judgement(result, result["a"], result["b"])
 
 
-SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "correction": Correction, "harness": Harness,
-               "judge": Judge}
+SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "distill": Distill, "correction": Correction,
+               "harness": Harness, "judge": Judge}

@@ -1,14 +1,15 @@
 """Training Aligners: one engine (`engine.fit`, `engine.evaluate`) for every objective (`objectives`: SFT, correction,
-DPO, KTO), the run directory and its resumable state (`state`), the flags as dataclasses (`config`), and the whole run
-that the finetune/ scripts call (`run.train`)."""
+DPO, KTO, distillation), the run directory and its resumable state (`state`), the flags as dataclasses (`config`), and
+the whole run that the finetune/ scripts call (`run.train`)."""
 
-from lit_aligner.training.config import (DPOLossConfig, DPORunConfig, DPOTrainConfig, KTOLossConfig, KTORunConfig,
-                                         RunConfig, SFTRunConfig, TrainConfig, TrainError)
+from lit_aligner.training.config import (DistillConfig, DistillRunConfig, DPOLossConfig, DPORunConfig, DPOTrainConfig,
+                                         KTOLossConfig, KTORunConfig, RunConfig, SFTRunConfig, TrainConfig, TrainError)
 from lit_aligner.training.engine import FitResult, evaluate, fit, lr_at
 from lit_aligner.training.objectives import OBJECTIVES, Objective, ObjectiveModule, get_objective, register
 from lit_aligner.training.run import train
 
-__all__ = ["DPOLossConfig", "DPORunConfig", "DPOTrainConfig", "FitResult", "KTOLossConfig", "KTORunConfig",
+__all__ = ["DistillConfig", "DistillRunConfig",
+           "DPOLossConfig", "DPORunConfig", "DPOTrainConfig", "FitResult", "KTOLossConfig", "KTORunConfig",
            "OBJECTIVES", "Objective", "ObjectiveModule",
            "RunConfig", "SFTRunConfig", "TrainConfig", "TrainError", "evaluate", "fit", "get_objective", "lr_at",
            "register", "train"]

@@ -2,7 +2,8 @@
 reads the field docstrings as help), so every default exists here once.
 
 `TrainConfig` (optimisation) and `DataOptions` (how rows become examples) are groups shared by every objective;
-`RunConfig` holds the flags every run shares; `SFTRunConfig` (SFT and correction) and `DPORunConfig` add their own.
+`RunConfig` holds the flags every run shares; `SFTRunConfig` (SFT and correction), `DPORunConfig`, `KTORunConfig` and
+`DistillRunConfig` add their own.
 Defaults are sized for the embedded default base on a CPU; the paper's LLaMA-2-7B recipe is in howto/finetune.md.
 """
 
@@ -275,7 +276,19 @@ MODES = ("sft", "correction")
 
 
 @dataclass
-class SFTRunConfig(RunConfig):
+class CompareFlags:
+    """The before/after comparison at the end of a run that trains on (prompt, response) rows."""
+
+    compare: Optional[bool] = None
+    """print the before/after comparison (default: only for the default dataset, in sft mode or distillation)."""
+    compare_prompts: int = 32
+    """held-out prompts generated for the comparison."""
+    compare_max_new_tokens: int = 24
+    """most new tokens per answer in the comparison."""
+
+
+@dataclass
+class SFTRunConfig(RunConfig, CompareFlags):
     """A `finetune/aligner.py` run: supervised fine-tuning, or correction (Q-A-C) with an identity warm-up."""
 
     mode: Literal["sft", "correction", "correct"] = "sft"
@@ -283,12 +296,6 @@ class SFTRunConfig(RunConfig):
     "correct" is its old name)."""
     warmup_copy_ratio: float = 0.2
     """correction: share of the steps trained on Q-A-A (copy) before Q-A-C (paper: 0.2)."""
-    compare: Optional[bool] = None
-    """print the before/after comparison (default: only for the default dataset in sft mode)."""
-    compare_prompts: int = 32
-    """held-out prompts generated for the comparison."""
-    compare_max_new_tokens: int = 24
-    """most new tokens per answer in the comparison."""
 
     def __post_init__(self):
         if self.mode == "correct":
@@ -579,3 +586,79 @@ def plain(v: Any) -> Any:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return str(v)
+
+
+@dataclass
+class DistillConfig:
+    """Context distillation: the teacher is the same frozen base reading a context the student never sees (a system
+    prompt), optionally with an Aligner of its own; the student's Aligner learns to stand in for that context."""
+
+    system: Optional[str] = None
+    """the teacher's context: a system message put in front of every prompt (the chat template's system turn; other
+    templates read it as an earlier turn, as generate/aligner.py --system does), or @FILE to read it from a file.
+    Default: for the offline default dataset, three worked examples of its answer format; else required."""
+    teacher_aligner: Optional[Path] = None
+    """the teacher's own Aligner (e.g. one trained with SFT), so that one Aligner learns both; default: the bare
+    base."""
+    beta: float = 0.0
+    """the divergence, TRL's GKD beta: 0 = KL(teacher || student), the forward KL of context distillation; 1 = the
+    reverse KL(student || teacher); between: the generalized Jensen-Shannon divergence."""
+    temperature: float = 1.0
+    """both models' next-token distributions are softmaxes at this temperature."""
+
+    def check(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise TrainError(f"--beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {self.beta}")
+        if not 0.0 < self.temperature < float("inf"):
+            raise TrainError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.system is not None and not self.system.strip():
+            raise TrainError("--system is empty: give the context to distill (a text, or @FILE)")
+
+    def system_text(self, default_data: bool) -> str:
+        """The teacher's system message: --system (read from its file for @FILE), or the default dataset's format
+        examples."""
+        if self.system is None:
+            if not default_data:
+                raise TrainError('--system is required with --data: the context the Aligner learns to replace, e.g. '
+                                 '--system "Answer in one short paragraph." or --system @system_prompt.txt')
+            from lit_aligner.data.default import format_context
+
+            return format_context()
+        if not self.system.startswith("@"):
+            return self.system
+        path = Path(self.system[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainError(f"--system {self.system}: cannot read {path} ({e.__class__.__name__}: {e}); give a "
+                             f"UTF-8 text file, or the text itself") from None
+        if not text.strip():
+            raise TrainError(f"--system {self.system}: {path} is empty; put the context to distill in it")
+        return text.strip()
+
+    def settings(self, default_data: bool) -> Dict[str, Any]:
+        """What the loss depends on, for metadata and a run's identity."""
+        return {"system": self.system_text(default_data), "teacher_aligner": str(self.teacher_aligner),
+                "beta": self.beta, "temperature": self.temperature}
+
+
+@dataclass
+class DistillRunConfig(RunConfig, CompareFlags):
+    """A `finetune/aligner_distill.py` run: context distillation into an Aligner. The teacher (the base reading
+    --system, with --teacher-aligner if given) and the student (the base with the Aligner being trained, without
+    --system) read the same responses; the loss is their token-level divergence on the response tokens."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    objective: ClassVar[str] = "distill"
+
+    def check(self) -> None:
+        super().check()
+        self.distill.check()
+        self.distill.system_text(self.data is None)
+
+    def input_paths(self) -> Dict[str, Any]:
+        return {**super().input_paths(), "--teacher-aligner": self.distill.teacher_aligner}
+
+    def identity(self) -> Dict[str, Any]:
+        return {**super().identity(), **self.distill.settings(self.data is None)}

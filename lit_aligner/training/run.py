@@ -200,13 +200,14 @@ def _load(run: Run) -> None:
     options = cfg.data_options
     if cfg.val_data is not None:  # a held-out file: the training file is not split
         options = dataclasses.replace(options, val_fraction=0.0, val_size=None)
+    data_arguments = objective_cls.data_arguments(cfg)
     run.train, run.val, run.info = load_data(objective_cls.data_kind, cfg.data, run.tokenizer, template, options,
-                                             cfg.train.seed)
+                                             cfg.train.seed, **data_arguments)
     run.template = run.info.get("template") or template
     fabric.print(report(run.info))
     if cfg.val_data is not None:
         run.val, _, val_info = load_data(objective_cls.data_kind, cfg.val_data, run.tokenizer, run.template, options,
-                                         cfg.train.seed)
+                                         cfg.train.seed, **data_arguments)
         fabric.print(report(val_info).replace(" train=", " (validation) train="))
         run.info.update(val=len(run.val), val_source=str(cfg.val_data), val_info=storable_info(val_info))
     if cfg.train.epochs is not None:

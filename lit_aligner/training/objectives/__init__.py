@@ -10,7 +10,9 @@ in this package: a subclass registered with `@register`.
   answer itself during the copy warm-up (Q-A-A), then the correction;
 - `dpo.DPO`: the DPO loss (or another of TRL's preference losses) against a frozen reference that runs through the
   same base;
-- `kto.KTO`: the KTO loss on unpaired completions (desirable or not), against the same kind of reference.
+- `kto.KTO`: the KTO loss on unpaired completions (desirable or not), against the same kind of reference;
+- `distill.Distill`: context distillation, the divergence from a teacher that is the same base reading a system
+  prompt the student (base + Aligner) does not see.
 """
 
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
@@ -73,6 +75,11 @@ class Objective:
         return cls(run.tokenizer.pad_id, cfg.train.chunk_size)
 
     @classmethod
+    def data_arguments(cls, cfg: Any) -> Dict[str, Any]:
+        """More keyword arguments of `lit_aligner.data.load_data` for a run's data (distillation's teacher context)."""
+        return {}
+
+    @classmethod
     def default_template(cls, tokenizer) -> str:
         return default_template(tokenizer)
 
@@ -115,6 +122,6 @@ def get_objective(name: str) -> Type[Objective]:
     return OBJECTIVES[name]
 
 
-from lit_aligner.training.objectives import dpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
+from lit_aligner.training.objectives import distill, dpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
 
 __all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register"]

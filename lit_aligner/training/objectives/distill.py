@@ -1,0 +1,123 @@
+"""Context distillation into an Aligner: the teacher is the frozen base reading a context in front of every prompt (a
+system message, `--system`), the student the same base with the Aligner being trained and without that context. Both
+read the same response; the loss is the token-level divergence between their next-token distributions on it
+(`losses.distillation_loss`: forward KL by default, TRL's GKD family with --beta). The Aligner learns to stand in for
+the context, so a long system prompt costs N prefix tokens instead of its length on every request.
+
+The teacher runs through the same loaded base (like DPO's reference), without gradient; a batch holds the student's
+rows and the teacher's, which differ only in their prompts.
+"""
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.data.dataset import pad_rows
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, distillation_loss
+from lit_aligner.training.config import DistillConfig
+from lit_aligner.training.objectives import Batch, register
+from lit_aligner.training.objectives.dpo import Reference, as_reference
+from lit_aligner.training.objectives.sft import SFT
+
+
+@register
+class Distill(SFT):
+    """Summed divergence (nats) of the response tokens between teacher and student; units are those tokens. Metrics:
+    loss (the divergence), agreement (the share of tokens where both models' most likely next token is the same)."""
+
+    name = "distill"
+    data_kind = "distill"
+    metric_names = ("loss", "agreement")
+
+    def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, teacher: Reference = False,
+                 config: DistillConfig = DistillConfig(), system: str = ""):
+        super().__init__(pad_id, chunk_size)
+        self.teacher, self.config, self.system = teacher, config, system
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        batch = super().collate(items, step)
+        teacher = pad_rows([(it["teacher_prompt"], it["response"]) for it in items], self.pad_id)
+        batch["teacher_input_ids"], batch["teacher_labels"] = teacher["input_ids"], teacher["labels"]
+        return batch
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():
+            teacher = model(batch["teacher_input_ids"], aligner=self.teacher, return_hidden=True)
+        student = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)  # (B, T, C)
+        loss, agreement = distillation_loss(student, teacher, model.lm_head_weight, batch["labels"],
+                                            batch["teacher_labels"], self.config.beta, self.config.temperature,
+                                            self.chunk_size)
+        return {"loss": loss, "agreement": agreement}
+
+    @classmethod
+    def data_arguments(cls, cfg: Any) -> Dict[str, Any]:
+        return {"teacher_system": cfg.distill.system_text(cfg.data is None)}
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "Distill":
+        teacher: Reference = False
+        if cfg.distill.teacher_aligner is not None:
+            from lit_aligner.aligner_files import load_aligner
+
+            aligner, _ = load_aligner(cfg.distill.teacher_aligner, run.model, base_name=str(cfg.checkpoint_dir))
+            teacher = as_reference(aligner, run.fabric.device)
+        return cls(run.tokenizer.pad_id, cfg.train.chunk_size, teacher, cfg.distill,
+                   cfg.distill.system_text(cfg.data is None))
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"distill": {"system": self.system, "teacher_aligner": str(self.config.teacher_aligner),
+                            "beta": self.config.beta, "temperature": self.config.temperature}}
+
+    def teacher_prompts(self, items: Sequence[Dict[str, torch.Tensor]]):
+        """What the comparison generates from for the teacher: its prompts and its Aligner."""
+        return [it["teacher_prompt"] for it in items], self.teacher
+
+    def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
+        """The held-out divergence and agreement of the bare base (the student before training) and of the Aligner;
+        with --compare (default: on the default dataset) greedy answers of teacher, base and Aligner side by side."""
+        from lit_aligner.training.state import is_sharded
+
+        if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
+            return None
+        from lit_aligner.evaluation import objective_metrics, prompt_question
+
+        run.model.eval()
+        mb = cfg.train.micro_batch_size
+        with run.fabric.autocast():
+            before = objective_metrics(run.model, self, run.val, False, mb)
+            after = result.val if result.val_whole else \
+                objective_metrics(run.model, self, run.val, run.model.aligner, mb)
+        report: Dict[str, Any] = {"val_rows": len(run.val), "divergence_before": before["loss"],
+                                  "divergence_after": after["loss"], "agreement_before": before["agreement"],
+                                  "agreement_after": after["agreement"]}
+        closed = 1 - after["loss"] / before["loss"] if before["loss"] > 0 else float("nan")
+        divergence = "forward KL" if self.config.beta == 0 else f"beta {self.config.beta:g}"
+        lines = ["", "=== the context's effect, learned (all held-out rows) ===",
+                 f"divergence from the teacher:  base {before['loss']:.4f}  ->  with Aligner {after['loss']:.4f}   "
+                 f"({closed:.0%} of it closed; {divergence}, nats per response token)",
+                 f"top-1 agreement:              base {before['agreement']:.1%}  ->  with Aligner "
+                 f"{after['agreement']:.1%}"]
+        compare = cfg.compare if cfg.compare is not None else cfg.data is None
+        if compare:
+            from lit_aligner.generation import generate
+
+            items = [run.val[i] for i in range(min(cfg.compare_prompts, len(run.val)))]
+            answers = {}
+            for name, prompts, aligner in (("teacher", [it["teacher_prompt"] for it in items], self.teacher),
+                                           ("base", [it["prompt"] for it in items], False),
+                                           ("with Aligner", [it["prompt"] for it in items], run.model.aligner)):
+                ids = generate(run.model, prompts, cfg.compare_max_new_tokens, temperature=0.0,
+                               stop_ids=sorted(run.tokenizer.stop_ids), aligners=aligner)
+                answers[name] = [run.tokenizer.decode(x, skip_special=True).strip() for x in ids]
+            run.model.clear_caches()
+            same = sum(a == t for a, t in zip(answers["with Aligner"], answers["teacher"])) / len(items)
+            base_same = sum(a == t for a, t in zip(answers["base"], answers["teacher"])) / len(items)
+            lines.append(f"greedy answer = the teacher's: base {base_same:.0%}  ->  with Aligner {same:.0%}   "
+                         f"({len(items)} prompts, up to {cfg.compare_max_new_tokens} new tokens)")
+            for i in range(min(3, len(items))):
+                lines.append(f"--- sample {i + 1}: {prompt_question(run.tokenizer.decode(items[i]['prompt'], True))}")
+                lines += [f"  {name}: {answers[name][i]!r}" for name in answers]
+            report.update(same_answer_before=base_same, same_answer_after=same, answers=answers)
+        run.fabric.print("\n".join(lines))
+        return report

@@ -192,6 +192,8 @@ def test_bad_options_raise_clear_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(TrainError, match="empty.txt is empty"):
         DistillRunConfig(data=data, distill=DistillConfig(system=f"@{tmp_path / 'empty.txt'}")).check()
+    with pytest.raises(TrainError, match="--turns all is SFT's"):
+        DistillRunConfig(data_options=DataOptions(turns="all")).check()
     with pytest.raises(TrainError, match="--teacher-aligner .*: no such file"):
         DistillRunConfig(distill=DistillConfig(teacher_aligner=tmp_path / "nope.safetensors")).check()
     (tmp_path / "ctx.txt").write_text("Be terse.\n")

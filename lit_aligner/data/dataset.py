@@ -33,6 +33,7 @@ RESPONSE_FIELDS: Dict[str, Tuple[str, ...]] = {"sft": ("response",), "preference
                                                "correction": ("answer", "correction"), "unpaired": ("completion",),
                                                "distill": ("response",)}
 KINDS = tuple(KIND_FIELDS)
+ONE_ANSWER_KINDS = ("sft", "distill")  # rows with one answer: a pair's second answer is not read
 TRUNCATION = ("drop", "truncate")
 NO_CONTEXT = torch.zeros(0, dtype=torch.long)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from lit_aligner.data.dataset import ONE_ANSWER_KINDS
 from lit_aligner.files import UserError
 from lit_aligner.prompts import CONVERSATION_KEYS, Message, has_tool_turns, join_input, parse_messages, transcript
 from lit_aligner.tools import ToolError, Tools, parse_tools
@@ -432,4 +433,4 @@ def row_to_example(row: Any, fmt: str, kind: str, preference: str) -> Example:
         raise BadRow(f"expected a JSON object, got {type(row).__name__}")
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[fmt].parse(row, kind not in ("sft", "distill"), preference)
+    return FORMATS[fmt].parse(row, kind not in ONE_ANSWER_KINDS, preference)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-from lit_aligner.data.dataset import KIND_FIELDS, KINDS, TRUNCATION, TokenizedDataset, context_spans, fit_item
+from lit_aligner.data.dataset import (KIND_FIELDS, KINDS, ONE_ANSWER_KINDS, TRUNCATION, TokenizedDataset, context_spans,
+                                      fit_item)
 from lit_aligner.data.formats import (FORMATS, PREFERENCES, BadRow, DataError, apply_field_map, detect_format,
                                       every_answer, parse_field_map, row_to_example, unpair)
 from lit_aligner.data.prepared import is_prepared, load_prepared, storable_info
@@ -95,7 +96,7 @@ def _records(kind: str, data: DataSource) -> Tuple[Path, List[Tuple[str, Any]], 
     if data is None:
         from lit_aligner.data import default
 
-        rows = default.generate_rows() if kind in ("sft", "distill") else default.generate_preference_rows()
+        rows = default.generate_rows() if kind in ONE_ANSWER_KINDS else default.generate_preference_rows()
         return Path("<default dataset>"), [(f"row {i}", r) for i, r in enumerate(rows)], "generated"
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, Path) for d in data):  # several files, one set
         records = []
@@ -126,7 +127,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; one of {', '.join(KINDS)}")
     options.check()
-    preference = options.preference or ("better" if kind in ("sft", "distill") else "safer")
+    preference = options.preference or ("better" if kind in ONE_ANSWER_KINDS else "safer")
     tmpl = get_template(template) if isinstance(template, str) else template
     _check_template(kind, tmpl)
     fmap = parse_field_map(options.field_map)

@@ -656,6 +656,9 @@ class DistillRunConfig(RunConfig, CompareFlags):
         super().check()
         self.distill.check()
         self.distill.system_text(self.data is None)
+        if self.data_options.turns != "last":
+            raise TrainError("distillation learns from the last answer of each conversation (the teacher's context "
+                             "goes in front of it): --turns all is SFT's; drop it")
 
     def input_paths(self) -> Dict[str, Any]:
         return {**super().input_paths(), "--teacher-aligner": self.distill.teacher_aligner}

@@ -197,7 +197,10 @@ def test_bad_options_raise_clear_errors(tmp_path):
     with pytest.raises(TrainError, match="--teacher-aligner .*: no such file"):
         DistillRunConfig(distill=DistillConfig(teacher_aligner=tmp_path / "nope.safetensors")).check()
     (tmp_path / "ctx.txt").write_text("Be terse.\n")
-    assert DistillConfig(system=f"@{tmp_path / 'ctx.txt'}").system_text(False) == "Be terse."
+    from_file = DistillConfig(system=f"@{tmp_path / 'ctx.txt'}")
+    assert from_file.system_text(False) == "Be terse."
+    (tmp_path / "ctx.txt").write_text("Changed meanwhile.\n")  # read once: identity, data and metadata see one text
+    assert from_file.settings(False)["system"] == "Be terse."
     assert "END OF ANSWER" in DistillConfig().system_text(True)  # the default dataset's: its format, by example
 
 

@@ -364,10 +364,9 @@ class Distill(DataCommon):
         return {"teacher_system": self._system}
 
     def run(self) -> Dict[str, Any]:
-        from lit_aligner.aligner_files import load_aligner
         from lit_aligner.evaluation import _meta_json, objective_metrics
         from lit_aligner.training.objectives.distill import Distill as Objective
-        from lit_aligner.training.objectives.dpo import as_reference
+        from lit_aligner.training.objectives.dpo import resolve_reference
 
         if not self.aligners:
             raise UserError("give the students to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
@@ -376,15 +375,12 @@ class Distill(DataCommon):
         systems = _aligners(self.aligners, model)
         recorded = {(_meta_json(meta, "distill") or {}).get("system") for _, a, meta in systems if a is not None}
         recorded.discard(None)
-        source = "--system"
         if self.distill.system is None and len(recorded) == 1:
             self._system, source = recorded.pop(), "the Aligners' metadata"
         else:
             self._system = self.distill.system_text(self.data is None)
-            source = source if self.distill.system is not None else "the default dataset's"
-        teacher = False
-        if self.distill.teacher_aligner is not None:
-            teacher = as_reference(load_aligner(self.distill.teacher_aligner, model)[0])
+            source = "--system" if self.distill.system is not None else "the default dataset's"
+        teacher, _ = resolve_reference(self.distill.teacher_aligner, None, model)  # (None: the bare base)
         objective = Objective(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, teacher, self.distill, self._system)
 
         def metrics(aligner, dataset):

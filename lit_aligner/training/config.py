@@ -605,6 +605,7 @@ class DistillConfig:
     reverse KL(student || teacher); between: the generalized Jensen-Shannon divergence."""
     temperature: float = 1.0
     """both models' next-token distributions are softmaxes at this temperature."""
+    _file_text = None  # an @FILE's text, read once: the run's identity, data and metadata all see the same (not a flag)
 
     def check(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -626,6 +627,11 @@ class DistillConfig:
             return format_context()
         if not self.system.startswith("@"):
             return self.system
+        if self._file_text is None:
+            self._file_text = self._read_file()
+        return self._file_text
+
+    def _read_file(self) -> str:
         path = Path(self.system[1:])
         try:
             text = path.read_text(encoding="utf-8")

@@ -69,10 +69,6 @@ class Distill(SFT):
         return {"distill": {"system": self.system, "teacher_aligner": str(self.config.teacher_aligner),
                             "beta": self.config.beta, "temperature": self.config.temperature}}
 
-    def teacher_prompts(self, items: Sequence[Dict[str, torch.Tensor]]):
-        """What the comparison generates from for the teacher: its prompts and its Aligner."""
-        return [it["teacher_prompt"] for it in items], self.teacher
-
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
         """The held-out divergence and agreement of the bare base (the student before training) and of the Aligner;
         with --compare (default: on the default dataset) greedy answers of teacher, base and Aligner side by side."""
@@ -80,14 +76,9 @@ class Distill(SFT):
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
-        from lit_aligner.evaluation import objective_metrics, prompt_question
+        from lit_aligner.evaluation import prompt_question
 
-        run.model.eval()
-        mb = cfg.train.micro_batch_size
-        with run.fabric.autocast():
-            before = objective_metrics(run.model, self, run.val, False, mb)
-            after = result.val if result.val_whole else \
-                objective_metrics(run.model, self, run.val, run.model.aligner, mb)
+        before, after = self.heldout_before_after(cfg, run, result)
         report: Dict[str, Any] = {"val_rows": len(run.val), "divergence_before": before["loss"],
                                   "divergence_after": after["loss"], "agreement_before": before["agreement"],
                                   "agreement_after": after["agreement"]}

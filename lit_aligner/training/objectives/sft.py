@@ -52,21 +52,29 @@ class SFT(Objective):
             run.fabric.print("note: no before/after comparison under --strategy fsdp; compare the saved Aligner with "
                              "the bare base: python generate/aligner.py --aligner OUT/aligner.safetensors --no-aligner")
             return None
-        from lit_aligner.evaluation import compare_before_after, format_comparison, objective_metrics
+        from lit_aligner.evaluation import compare_before_after, format_comparison
 
-        run.model.eval()
-        # Both losses on every held-out row, under the run's precision like the trainer's validation. The base's is
-        # computed here, not taken from step 0: that scored fewer rows (--eval-iters), or, resumed, a trained Aligner.
-        mb = cfg.train.micro_batch_size
-        with run.fabric.autocast():
-            before = objective_metrics(run.model, self, run.val, False, mb)["loss"]
-            after = (result.val["loss"] if result.val_whole else
-                     objective_metrics(run.model, self, run.val, run.model.aligner, mb)["loss"])
+        before, after = self.heldout_before_after(cfg, run, result)
         report = compare_before_after(run.model, run.tokenizer, run.val, self, run.model.aligner,
                                       n_prompts=cfg.compare_prompts, max_new_tokens=cfg.compare_max_new_tokens,
-                                      val_loss_before=before, val_loss_after=after)
+                                      val_loss_before=before["loss"], val_loss_after=after["loss"])
         run.fabric.print(format_comparison(report))
         return report
+
+
+    def heldout_before_after(self, cfg: Any, run: Any, result: Any) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """This objective's metrics of the bare base and of the trained Aligner on every held-out row, under the run's
+        precision like the trainer's validation. The base's are computed here, not taken from step 0: that scored
+        fewer rows (--eval-iters), or, resumed, a trained Aligner."""
+        from lit_aligner.evaluation import objective_metrics
+
+        run.model.eval()
+        mb = cfg.train.micro_batch_size
+        with run.fabric.autocast():
+            before = objective_metrics(run.model, self, run.val, False, mb)
+            after = result.val if result.val_whole else \
+                objective_metrics(run.model, self, run.val, run.model.aligner, mb)
+        return before, after
 
 
 def copy_phase_steps(max_steps: int, warmup_copy_ratio: float) -> int:

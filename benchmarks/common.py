@@ -274,9 +274,9 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
                   device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
     """One optimizer step of `mode`'s objective (the library's own SFT, DPO, whose reference is the bare base through
     the same weights, SimPO: DPO's objective under a loss with no reference pass, or KTO on `batch` labelled
-    completions, its mismatched rows from the same batch) on a fixed batch of `batch` random rows, under checkpointing
-    `policy`: call it, get the loss (per response token for SFT, per pair for DPO and SimPO, per completion for KTO,
-    as the trainer averages it)."""
+    completions, its mismatched rows from the same batch, or on-policy distillation: `distill_step`) on a fixed batch of
+    `batch` random rows, under checkpointing `policy`: call it, get the loss (per response token for SFT and
+    distillation, per pair for DPO and SimPO, per completion for KTO, as the trainer averages it)."""
     from lit_aligner.training import DPOLossConfig
     from lit_aligner.training.objectives import get_objective
 
@@ -285,6 +285,8 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
         torch._dynamo.reset()
         compile_blocks(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if mode == "distill":
+        return distill_step(model, batch, seq_len, chunk_size, device, optimizer)
     if mode == "simpo":
         objective = get_objective("dpo")(pad_id=0, chunk_size=chunk_size, config=DPOLossConfig(
             loss=("simpo",), beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA))
@@ -296,6 +298,49 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
     units = sum(objective.units(item) for item in items)  # the objective returns sums
 
     def step() -> torch.Tensor:
+        loss = objective(model, batch_t)["loss"] / units
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def distill_rows(vocab_size: int, batch: int, seq_len: int) -> List[Dict[str, torch.Tensor]]:
+    """On-policy distillation's rows: each a random prompt of seq_len / 4 tokens and a random context of as many (the
+    teacher reads it in front of the prompt); the student writes the other 3/4 of its row."""
+    q = seq_len // 4
+    ids = torch.randint(0, vocab_size, (batch, 2 * q), generator=torch.Generator().manual_seed(0))
+    return [{"prompt": r[q:], "context": r[:q]} for r in ids]
+
+
+def distill_step(model: LLaMA, batch: int, seq_len: int, chunk_size: int, device: torch.device,
+                 optimizer) -> Callable[[], torch.Tensor]:
+    """One step of on-policy context distillation (`finetune/aligner_distill.py --lmbda 1`): the student (the base
+    with the Aligner) samples seq_len - seq_len / 4 tokens after each prompt (no stop token, so every row is as long),
+    then the teacher (the bare base reading the context in front of the prompt) and the student score them; the
+    forward KL per sampled token, backward, AdamW."""
+    from lit_aligner.training import DistillTrainConfig
+    from lit_aligner.training.objectives import get_objective
+
+    rows = distill_rows(model.config.vocab_size, batch, seq_len)
+    q = seq_len // 4
+    objective = get_objective("distill")(
+        pad_id=0, chunk_size=chunk_size, config=DistillTrainConfig(lmbda=1.0, max_new_tokens=seq_len - q),
+        max_seq_length=seq_len + q, stop_ids=(), seed=0)
+    end = torch.tensor([model.config.vocab_size - 1])  # (a sample never stops, so it never ends with it)
+    items = {i: {"prompt": r["prompt"], "response": end, "teacher_prompt": torch.cat([r["context"], r["prompt"]])}
+             for i, r in enumerate(rows)}
+    calls = [0]
+
+    def step() -> torch.Tensor:
+        rolled = objective.rollout(None, model, items, calls[0])
+        calls[0] += 1
+        batch_t = {k: v.to(device) for k, v in objective.collate(list(rolled.values()), 0).items()}
+        units = sum(objective.units(it) for it in rolled.values())
+        if units != batch * (seq_len - q):  # tokens/s counts whole rows
+            raise RuntimeError(f"sampled {units} tokens, not {batch} x {seq_len - q}")
         loss = objective(model, batch_t)["loss"] / units
         loss.backward()
         optimizer.step()

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (SIMPO_BETA, SIMPO_GAMMA, BenchmarkError, build_model, build_peer_model, check_out,  # noqa: E402
-                    default_out, format_table, load_config, machine_info, median, out_of_memory_hint, peer_lora_config,
-                    peer_prefix_tuning_config, peer_versions, pick_device, pick_dtype, require, sync, timed,
-                    training_step, write_json, write_partial)
+                    default_out, distill_rows, format_table, load_config, machine_info, median, out_of_memory_hint,
+                    peer_lora_config, peer_prefix_tuning_config, peer_versions, pick_device, pick_dtype, require, sync,
+                    timed, training_step, write_json, write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.model import LLaMA  # noqa: E402
@@ -46,14 +46,16 @@ LORA = "LoRA r=8 (PEFT)"  # the peer our SFT rows are compared with (`vs_lora`)
 LORA_DPO = "LoRA r=8 (PEFT, TRL DPOTrainer)"  # and our DPO rows
 LORA_SIMPO = "LoRA r=8 (PEFT, TRL CPOTrainer SimPO)"  # and our SimPO rows
 LORA_KTO = "LoRA r=8 (PEFT, TRL KTOTrainer)"  # and our KTO rows
+LORA_SDFT = "LoRA r=8 (PEFT, TRL SDFTTrainer)"  # and our on-policy distillation rows
 PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
     "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
     "dpo": {LORA_DPO: peer_lora_config},
     "simpo": {LORA_SIMPO: peer_lora_config},
     "kto": {LORA_KTO: peer_lora_config},
+    "distill": {LORA_SDFT: peer_lora_config},
 }
 PAIRED = ("dpo", "simpo")  # modes whose rows are preference pairs (chosen + rejected)
-TRL_MODES = (*PAIRED, "kto")  # modes whose peer is a TRL trainer
+TRL_MODES = (*PAIRED, "kto", "distill")  # modes whose peer is a TRL trainer
 QLORA = "QLoRA r=8 (PEFT, bitsandbytes)"  # the peer of SFT on a quantized base: LoRA on transformers' quantized model
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
@@ -87,11 +89,14 @@ def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: i
     """One row: the median step of `mode`'s objective on `batch` random rows, under checkpointing `policy`."""
     step = training_step(model, mode, policy, batch, seq_len, 1024 if chunked else 0, device, compiled)
     r = time_steps(step, warmup, steps, batch, seq_len, device)
-    flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total
-    achieved = flops * r["tokens_per_s"]
+    # (on-policy distillation's steps are mostly decoding, whose cost is memory traffic: no FLOPs or MFU for them)
+    flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total if mode != "distill" \
+        else None
+    achieved = flops * r["tokens_per_s"] if flops else None
     return {"system": SYSTEM, "mode": mode, "checkpointing": policy, "quantize": model.quantize or "none", **r,
             "weights_gb": weight_bytes(model) / 1e9, "flops_per_token": flops,
-            "achieved_tflops": achieved / 1e12, "mfu": achieved / (peak_tflops * 1e12) if peak_tflops else None,
+            "achieved_tflops": achieved / 1e12 if achieved else None,
+            "mfu": achieved / (peak_tflops * 1e12) if peak_tflops and achieved else None,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -185,8 +190,12 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
     the bare base through the same weights); the SimPO peer: the same LoRA trained by TRL's CPOTrainer with
     loss_type simpo and no NLL term (cpo_alpha 0), as TRL documents SimPO, with no reference; the KTO peer: the same
-    LoRA trained by TRL's KTOTrainer (beta 0.1, its mismatched KL rows, the reference the base without the adapter).
-    Each on the rows of `training_step` (batch / 2 pairs a step, or batch labelled completions for KTO, each
+    LoRA trained by TRL's KTOTrainer (beta 0.1, its mismatched KL rows, the reference the base without the adapter);
+    the on-policy distillation peer: the same LoRA trained by TRL's SDFTTrainer (experimental), the teacher the base
+    without the adapter reading the context in front of the prompt, one sample per prompt from transformers'
+    `generate` (temperature 1, exactly as many tokens as ours: no stop before the last), the full-vocabulary forward KL
+    (`distillation_mode="full_logits"`, alpha 0, our --beta 0), on `distill_rows`.
+    Each other mode on the rows of `training_step` (batch / 2 pairs a step, or batch labelled completions for KTO, each
     completion ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no
     autocast, like ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward,
     TRL's metrics and AdamW; not data loading or logging. Compiled, it gets at least 2 warm-up steps: the reference
@@ -196,7 +205,14 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     import transformers
     import trl
 
-    if mode == "simpo":
+    if mode == "distill":
+        from trl.experimental.sdft import SDFTConfig as Config, SDFTTrainer as Trainer
+        q = seq_len // 4
+        loss_args = dict(num_generations=1, max_completion_length=seq_len - q, max_prompt_length=None,
+                         temperature=1.0, generation_kwargs={"min_new_tokens": seq_len - q},
+                         teacher_model_kind="base", teacher_prompt_template="{privileged_context} {prompt}",
+                         distillation_mode="full_logits", distillation_alpha=0.0)
+    elif mode == "simpo":
         from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
         loss_args = dict(loss_type="simpo", cpo_alpha=0.0, beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA,
                          max_length=seq_len)  # (its default, 1024, would cut a longer --seq-len)
@@ -207,14 +223,17 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
 
     vocab = config.vocab_size
     warmup = max(warmup, 2) if compiled else warmup
-    items = random_items("unpaired" if mode == "kto" else "preference", vocab, batch, seq_len,
-                         torch.Generator().manual_seed(0))
+    items = [] if mode == "distill" else random_items("unpaired" if mode == "kto" else "preference", vocab, batch,
+                                                      seq_len, torch.Generator().manual_seed(0))
 
     def text(ids: torch.Tensor, end: bool = False) -> str:
         ids = ids.tolist()
         return " ".join(f"t{i}" for i in (ids[:-1] + [vocab - 1] if end else ids))
 
-    if mode == "kto":
+    if mode == "distill":
+        rows = [{"prompt": text(r["prompt"]), "privileged_context": text(r["context"])}
+                for r in distill_rows(vocab, batch, seq_len)]
+    elif mode == "kto":
         rows = [{"prompt": text(i["prompt"]), "completion": " " + text(i["completion"], True),
                  "label": bool(i["label"])} for i in items]
     else:
@@ -241,18 +260,24 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, read by TRL and PEFT
         args = Config(
-            output_dir=out_dir, per_device_train_batch_size=batch if mode == "kto" else batch // 2,
+            output_dir=out_dir, per_device_train_batch_size=batch if mode in ("kto", "distill") else batch // 2,
             max_steps=warmup + steps, learning_rate=1e-4,
             lr_scheduler_type="constant", **loss_args, bf16=False, fp16=False, seed=0,
             use_cpu=device.type == "cpu", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
             **{ckpt: policy == "block", f"{ckpt}_kwargs": {"use_reentrant": False}})
-        model = peer_model(config, system, mode, policy, device, dtype, compiled, checkpointing=False)
+        if mode == "distill":  # the bare model and the LoRA config, as SDFT's documentation has it (TRL wraps it)
+            model, peft_args = build_peer_model(config, device, dtype), dict(peft_config=peer_lora_config())
+            for layer in model.model.layers if compiled else ():
+                layer.compile()
+        else:
+            model, peft_args = peer_model(config, system, mode, policy, device, dtype, compiled, False), {}
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "new PAD/BOS/EOS tokens": the word tokenizer's, on purpose
         datasets.disable_progress_bars()
         try:
             trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=word_tokenizer(
-                vocab), callbacks=[StepTimer()])
+                vocab), callbacks=[StepTimer()], **peft_args)
+            model = trainer.model
             where = trainer.args.device
             if (where.type, where.index or 0) != (device.type, device.index or 0) or trainer.args.n_gpu > 1:
                 raise BenchmarkError(f"TRL's Trainer runs on {where} ({trainer.args.n_gpu} GPUs), not on {device} "
@@ -263,6 +288,8 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
             transformers.logging.set_verbosity(verbosity)
             datasets.enable_progress_bars()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    if mode == "distill" and any(h["completions/min_length"] != seq_len - seq_len // 4 for h in logs):
+        raise RuntimeError(f"TRL sampled completions shorter than our {seq_len - seq_len // 4} tokens")
     if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
         raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
     return {"system": system, "mode": mode, "checkpointing": policy, "quantize": "none",
@@ -278,7 +305,7 @@ def main(
     seq_len: int = 64,
     n_tokens: int = 10,
     start_layer: int = 2,
-    mode: Tuple[Literal["sft", "dpo", "simpo", "kto"], ...] = ("sft",),
+    mode: Tuple[Literal["sft", "dpo", "simpo", "kto", "distill"], ...] = ("sft",),
     checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
     quantize: Tuple[QuantizeName, ...] = ("none",),
     loss: Literal["chunked", "plain"] = "chunked",
@@ -306,7 +333,11 @@ def main(
         mode: one or more of sft, dpo (DPO: policy forward + backward and a no-grad reference forward of the bare base),
             simpo (the DPO objective under --loss simpo: no reference forward), kto (batch labelled completions:
             the policy forward + backward, and no-grad forwards of the reference on them and on as many mismatched
-            rows, and of the policy on the mismatched rows; tokens counted on the completions' rows).
+            rows, and of the policy on the mismatched rows; tokens counted on the completions' rows), distill
+            (on-policy context distillation, `finetune/aligner_distill.py --lmbda 1`: the student samples the last
+            3/4 of each row after its prompt, then a no-grad teacher pass (the bare base, a context of seq_len / 4
+            more tokens in front of the prompt) and the student's forward + backward on it; tokens counted on the
+            student's rows).
         checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
         quantize: one or more base weight formats: none (the precision's dtype) and the bitsandbytes modes of the
             trainers' --quantize (bnb.nf4, ...); a quantized base's SFT peer is QLoRA (PEFT LoRA r=8 on transformers'
@@ -323,7 +354,8 @@ def main(
             shape on a small machine; tokens/s and MFU then describe the truncated model).
         peer: also time the peer in the same run (transformers, PEFT and TRL: the `eval` extra) under `none` and
             `block`: for SFT, PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens); for DPO, that LoRA
-            trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; for KTO, by TRL's KTOTrainer; its decoder
+            trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; for KTO, by TRL's KTOTrainer; for distill,
+            by TRL's SDFTTrainer (experimental; the base without the adapter is the teacher); its decoder
             layers compiled when ours are;
             --no-peer skips it.
         out: JSON results file (default:
@@ -428,7 +460,7 @@ def main(
                       f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                 write_partial(path, payload)
         lora = {(r["mode"], r["checkpointing"], r["quantize"]): r["tokens_per_s"] for r in rows
-                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, LORA_KTO, QLORA)}
+                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, LORA_KTO, LORA_SDFT, QLORA)}
         for r in rows:
             key = (r["mode"], r["checkpointing"], r["quantize"])
             if r["system"] == SYSTEM and key in lora:

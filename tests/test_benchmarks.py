@@ -427,3 +427,15 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
     assert status == 130, err
     assert f"interrupted during the Aligner N=2 run; the 1 finished run(s) are in {out}" in err
     assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
+
+
+def test_on_policy_distillation_rows_beside_trls_sdft_trainer(tmp_path):
+    payload = load_script("train").main(config="tiny", batch=2, seq_len=16, mode=("distill",), warmup=1, steps=2,
+                                        device="cpu", threads=1, out=tmp_path / "t.json")
+    rows = {(r["system"], r["mode"]): r for r in payload["results"]}
+    ours, peer = rows["Aligner (lit-aligner)", "distill"], rows["LoRA r=8 (PEFT, TRL SDFTTrainer)", "distill"]
+    # both students start as the base, which the context moves the teacher away from: a positive divergence
+    assert ours["loss"] > 0 and peer["first_loss"] > 0 and math.isfinite(ours["loss"])
+    assert ours["vs_lora"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
+    assert ours["mfu"] is None and ours["trainable_params"] < peer["trainable_params"]
+    assert payload["peers"] == ["LoRA r=8 (PEFT, TRL SDFTTrainer)"] and "trl" in payload["peer_versions"]

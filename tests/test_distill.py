@@ -2,6 +2,7 @@
 the teacher's prompts against what generation renders with --system, a context learned on a tiny model, and the
 finetune/aligner_distill.py CLI on a tiny checkpoint."""
 
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from lit_aligner.losses import distillation_loss, generalized_jsd
 from lit_aligner.model import AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
 from lit_aligner.prompts import build_prompt
 from lit_aligner.tokenizer import Tokenizer
-from lit_aligner.training import DistillConfig, DistillRunConfig, TrainError
+from lit_aligner.training import DistillConfig, DistillRunConfig, DistillTrainConfig, TrainError
 from lit_aligner.training.objectives.distill import Distill
 from lit_aligner.training.objectives.dpo import as_reference
 from lit_aligner.training.plot import read_metrics
@@ -174,6 +175,150 @@ def test_an_aligner_learns_to_stand_in_for_the_context():
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("aligner."))
 
 
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    from lit_aligner.data import default
+
+    path = tmp_path_factory.mktemp("distill") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in default.generate_rows(80, seed=5)))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On-policy steps (--lmbda): the student writes the responses
+
+
+def _greedy(model, prompt, max_new, stop):
+    """Greedy continuation by whole forward passes (no cache, one row): the independent reference for rollouts."""
+    seq, out = prompt.clone(), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            tok = int(model(seq[None])[0, -1].argmax())
+            if tok in stop:
+                return out, True
+            out.append(tok)
+            seq = torch.cat([seq, torch.tensor([tok])])
+    return out, False
+
+
+def test_a_rollout_replaces_each_response_with_the_students_own_sample():
+    from lightning_fabric import Fabric
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny"), AlignerConfig(3, 1))
+    init_weights(model, std=0.1)
+    with torch.no_grad():
+        model.aligner.gate.normal_()  # a trained student, not the base: its samples must come from it
+    rows = _rows([4, 7, 5, 60], [6, 3, 8, 4], seed=4, vocab=300)
+    context = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(5))
+    data = TokenizedDataset.from_rows("distill", [(p, r, torch.cat([context, p])) for p, r in rows])
+    items = {i: data[i] for i in range(len(data))}
+    # the stop token: one of row 0's greedy tokens that row 1 never writes, so row 0 stops early (and ends with the
+    # data's end token) while row 1 runs into its room under the max length
+    first, second = _greedy(model, rows[0][0], 6, set())[0], _greedy(model, rows[1][0], 4, set())[0]
+    at = next(j for j in range(1, 6) if first[j] not in second and first[j] not in first[:j])
+    stop = {first[at]}
+    config = DistillTrainConfig(lmbda=1.0, max_new_tokens=6, sample_temperature=0.0)
+    objective = Distill(0, config=config, max_seq_length=20, stop_ids=stop, seed=3)
+    out = objective.rollout(Fabric(accelerator="cpu", devices=1), model, items, step=0)
+    assert model.layers[0].attn.kv_cache is None  # the sampling cache is freed for the training passes
+    for i, (prompt, response) in enumerate(rows[:3]):
+        room = 20 - len(prompt) - len(context)  # fitted beside the teacher's longer prompt: 7, 4, 6
+        tokens, stopped = _greedy(model, prompt, min(6, room), stop)
+        expected = torch.tensor(tokens + ([int(response[-1])] if stopped else []), dtype=torch.long)[:room]
+        assert torch.equal(out[i]["response"], expected), i
+        assert torch.equal(out[i]["prompt"], items[i]["prompt"])
+        assert torch.equal(out[i]["teacher_prompt"], items[i]["teacher_prompt"])
+    assert len(out[0]["response"]) == at + 1 and int(out[0]["response"][-1]) == int(rows[0][1][-1])  # stopped
+    assert len(out[1]["response"]) == 4  # row 1's room under the max length, not max_new_tokens
+    assert out[3] is items[3]  # no room at all (a 60-token prompt): the data's response stays
+    batch = objective.collate([out[i] for i in range(4)])
+    assert objective.units(out[1]) == 4 and int((batch["labels"] != -100).sum()) == sum(
+        objective.units(out[i]) for i in range(4))
+    # off-policy objectives leave the data alone
+    assert Distill(0, config=DistillTrainConfig(), max_seq_length=20).rollout(None, model, items, 0) is None
+    assert Distill(0).rollout(None, model, items, 0) is None
+
+
+def test_on_policy_steps_are_a_seeded_share_of_the_steps():
+    def steps(lmbda, seed, n=400):
+        objective = Distill(0, config=DistillTrainConfig(lmbda=lmbda), seed=seed)
+        return [s for s in range(n) if objective.on_policy(s)]
+
+    assert steps(0.0, 1) == [] and steps(1.0, 1) == list(range(400))
+    share = steps(0.3, 1)
+    assert 0.22 < len(share) / 400 < 0.38
+    assert steps(0.3, 1) == share != steps(0.3, 2)  # every rank and a resumed run decide alike; another seed not
+
+
+def test_an_on_policy_run_resumes_to_the_same_curve(tiny_checkpoint_dir, rows_file, tmp_path, monkeypatch):
+    import functools
+    import os
+    import signal
+
+    from lit_aligner.training import engine
+    from lit_aligner.training import run as run_module
+    from lit_aligner.training import train
+
+    def config(out):
+        return DistillRunConfig(
+            checkpoint_dir=tiny_checkpoint_dir, out_dir=out, data=rows_file, n_tokens=4, start_layer=1,
+            data_options=DataOptions(max_seq_length=96), accelerator="cpu", progress=False, compare=False,
+            distill=DistillTrainConfig(system="Reply with ANSWER: and the answer.", lmbda=0.5, max_new_tokens=12),
+            train=dataclasses.replace(DistillRunConfig().train, max_steps=6, learning_rate=0.1, global_batch_size=4,
+                                      micro_batch_size=2, warmup_steps=1, eval_interval=3, eval_iters=2,
+                                      save_interval=3, seed=7))
+
+    full = train(config(tmp_path / "full"))
+    assert full["step"] == 6
+
+    def interrupt_at_2(step, row):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module, "fit", functools.partial(engine.fit, on_step=interrupt_at_2))
+    assert train(config(tmp_path / "cut"))["step"] == 3
+    monkeypatch.setattr(run_module, "fit", engine.fit)
+    train(dataclasses.replace(config(tmp_path / "cut"), resume="auto"))
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("full", "cut"))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    objective = Distill(0, config=DistillTrainConfig(lmbda=0.5), seed=7)
+    on = [s + 1 for s in range(6) if objective.on_policy(s)]  # the steps (1-based, as logged) on the student's samples
+    assert 0 < len(on) < 6
+    off = config(tmp_path / "off")
+    off.distill.lmbda = 0.0
+    train(off)
+    c = {int(r["step"]): r["train_loss"] for r in read_metrics(tmp_path / "off" / "metrics.csv") if r["train_loss"]}
+    a = {int(r["step"]): r["train_loss"] for r in a if r["train_loss"]}
+    assert a[on[0]] != c[on[0]] and all(a[s] == c[s] for s in range(1, on[0]))  # the same run until the first
+    _, meta = load_aligner(tmp_path / "full" / "aligner.safetensors")
+    assert json.loads(meta["distill"])["lmbda"] == 0.5 and json.loads(meta["distill"])["max_new_tokens"] == 12
+
+
+@pytest.mark.slow
+def test_two_process_on_policy_distillation_equals_one_process(tiny_checkpoint_dir, rows_file, tmp_path):
+    # greedy samples, so each row's response is the same whichever process writes it; each process samples only its
+    # own rows, so a step's loss is right only if the sampled tokens are counted across both (the normaliser)
+    common = ["finetune/aligner_distill.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", rows_file, "--system",
+              "Reply with ANSWER: and the answer.", "--accelerator", "cpu", "--max-steps", "3", "--global-batch-size",
+              "8", "--micro-batch-size", "2", "--n-tokens", "4", "--start-layer", "1", "--max-seq-length", "128",
+              "--learning-rate", "3e-2", "--eval-interval", "3", "--no-progress", "--compare", "False", "--lmbda", "1",
+              "--sample-temperature", "0", "--max-new-tokens", "16"]
+    one = helpers.run_script(*common, "--out-dir", tmp_path / "one", timeout=600)
+    assert one.returncode == 0, helpers.why(one)
+    two = helpers.run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
+                             env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, helpers.why(two)
+    a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")
+    b, _ = load_aligner(tmp_path / "two" / "aligner.safetensors")
+    assert a.gate.abs().sum() > 0
+    torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)
+    losses = [[float(r["train_loss"]) for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("train_loss")]
+              for k in ("one", "two")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI
 
@@ -183,6 +328,14 @@ def test_bad_options_raise_clear_errors(tmp_path):
         DistillConfig(beta=1.5).check()
     with pytest.raises(TrainError, match="--temperature must be a positive number"):
         DistillConfig(temperature=0).check()
+    with pytest.raises(TrainError, match="--lmbda must be in"):
+        DistillTrainConfig(lmbda=-0.1).check()
+    with pytest.raises(TrainError, match="--max-new-tokens must be at least 1"):
+        DistillTrainConfig(max_new_tokens=0).check()
+    with pytest.raises(TrainError, match="--sample-temperature must be 0"):
+        DistillTrainConfig(sample_temperature=float("nan")).check()
+    with pytest.raises(TrainError, match="use --strategy ddp"):
+        DistillRunConfig(strategy="fsdp", distill=DistillTrainConfig(lmbda=0.5)).check()
     data = tmp_path / "rows.jsonl"
     data.write_text('{"instruction": "Hi", "output": "Hello"}\n')
     with pytest.raises(TrainError, match="--system is required with --data"):
@@ -202,15 +355,6 @@ def test_bad_options_raise_clear_errors(tmp_path):
     (tmp_path / "ctx.txt").write_text("Changed meanwhile.\n")  # read once: identity, data and metadata see one text
     assert from_file.settings(False)["system"] == "Be terse."
     assert "END OF ANSWER" in DistillConfig().system_text(True)  # the default dataset's: its format, by example
-
-
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    from lit_aligner.data import default
-
-    path = tmp_path_factory.mktemp("distill") / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in default.generate_rows(80, seed=5)))
-    return path
 
 
 def test_a_short_run_on_the_teachers_answers_learns_the_context(tiny_checkpoint_dir, rows_file, tmp_path):

@@ -643,9 +643,45 @@ class DistillConfig:
         return text.strip()
 
     def settings(self, default_data: bool) -> Dict[str, Any]:
-        """What the loss depends on, for metadata and a run's identity."""
-        return {"system": self.system_text(default_data), "teacher_aligner": str(self.teacher_aligner),
-                "beta": self.beta, "temperature": self.temperature}
+        """What the loss depends on, for a run's identity."""
+        return self.recorded(self.system_text(default_data))
+
+    def recorded(self, system: str) -> Dict[str, Any]:
+        """`settings` with the system message already read: what an Aligner's metadata records."""
+        return {"system": system, "teacher_aligner": str(self.teacher_aligner), "beta": self.beta,
+                "temperature": self.temperature}
+
+
+@dataclass
+class DistillTrainConfig(DistillConfig):
+    """Distillation in training: what `DistillConfig` says, and where the responses come from (the data's, or the
+    student's own samples on a share of the steps: on-policy, TRL GKD's lmbda)."""
+
+    lmbda: float = 0.0
+    """on-policy share, TRL GKD's lmbda: the share of training steps whose responses the student writes itself
+    (sampled from the base with the Aligner being trained, then scored by the teacher) instead of reading the data's;
+    1 = every step, which needs only the data's prompts (with --beta 1: on-policy distillation, the reverse KL on the
+    student's own samples). Validation always reads the data's responses."""
+    max_new_tokens: int = 128
+    """on-policy steps: the most tokens the student writes per response (--max-seq-length bounds it too)."""
+    sample_temperature: float = 1.0
+    """on-policy steps: the student's sampling temperature (0: greedy)."""
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise TrainError(f"--lmbda must be in [0, 1] (the share of on-policy steps), got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise TrainError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.sample_temperature < float("inf"):
+            raise TrainError(f"--sample-temperature must be 0 (greedy) or positive, got {self.sample_temperature}")
+
+    def recorded(self, system: str) -> Dict[str, Any]:
+        out = super().recorded(system)
+        if self.lmbda > 0:  # only then do they change the loss (and an off-policy run's identity stays as it was)
+            out.update(lmbda=self.lmbda, max_new_tokens=self.max_new_tokens,
+                       sample_temperature=self.sample_temperature)
+        return out
 
 
 @dataclass
@@ -654,7 +690,7 @@ class DistillRunConfig(RunConfig, CompareFlags):
     --system, with --teacher-aligner if given) and the student (the base with the Aligner being trained, without
     --system) read the same responses; the loss is their token-level divergence on the response tokens."""
 
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillTrainConfig = field(default_factory=DistillTrainConfig)
 
     objective: ClassVar[str] = "distill"
 
@@ -665,6 +701,9 @@ class DistillRunConfig(RunConfig, CompareFlags):
         if self.data_options.turns != "last":
             raise TrainError("distillation learns from the last answer of each conversation (the teacher's context "
                              "goes in front of it): --turns all is SFT's; drop it")
+        if self.distill.lmbda > 0 and self.strategy == "fsdp":
+            raise TrainError("--lmbda above 0 samples from the student, which needs the whole base on each device: "
+                             "use --strategy ddp (or one device), or --lmbda 0")
 
     def input_paths(self) -> Dict[str, Any]:
         return {**super().input_paths(), "--teacher-aligner": self.distill.teacher_aligner}

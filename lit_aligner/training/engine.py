@@ -271,12 +271,20 @@ def fit(
             t0 = time.perf_counter()
             indices = order(step)
             items = {i: train[i] for i in indices}
-            # The global normaliser: every rank can count it itself, so it needs no communication.
-            units = sum(objective.units(items[i], step) for i in indices)
+            micro = rank_micro_batches(indices, rank, world, config.micro_batch_size)
+            mine = [i for idx in micro for i in idx]
+            rolled = objective.rollout(fabric, module.model, {i: items[i] for i in mine}, step)
+            if rolled is None:
+                # The global normaliser: every rank can count it itself, so it needs no communication.
+                units = sum(objective.units(items[i], step) for i in indices)
+            else:  # responses written on each rank for its own rows: only their sum over ranks is the normaliser
+                items.update(rolled)
+                units = sum(objective.units(items[i], step) for i in mine)
+                if world > 1:
+                    units = int(fabric.all_reduce(torch.tensor(float(units), device=device), reduce_op="sum"))
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
-            micro = rank_micro_batches(indices, rank, world, config.micro_batch_size)
             sums, padded, real = None, 0, 0
             for j, idx in enumerate(micro):
                 batch = _to(objective.collate([items[i] for i in idx], step), device)

@@ -86,6 +86,15 @@ class Objective:
     def prepare(self, run: Any) -> None:
         """Called once the model and data are loaded, before training (e.g. to precompute reference log-probs)."""
 
+    def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
+                step: int) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
+        """Called before the forward passes of optimizer step `step` with this rank's items of it (index -> item)
+        and the bare model (base + the Aligner being trained; `fabric` for its precision, or None); returns the items
+        to train on instead, with new responses the model wrote itself (on-policy distillation), or None to train on
+        the data as it is. Every rank must decide alike for a step: the engine then counts the units of the new items
+        across ranks."""
+        return None
+
     def after_step(self, step: int, aligner: nn.Module) -> None:
         """Called on every rank after optimizer step `step` (1-based) with the Aligner being trained, before that
         step's validation and run state (e.g. TR-DPO moves its reference toward it)."""

@@ -5,9 +5,13 @@ read the same response; the loss is the token-level divergence between their nex
 the context, so a long system prompt costs N prefix tokens instead of its length on every request.
 
 The teacher runs through the same loaded base (like DPO's reference), without gradient; a batch holds the student's
-rows and the teacher's, which differ only in their prompts.
+rows and the teacher's, which differ only in their prompts. On a share of the steps (--lmbda, TRL GKD's; on-policy
+distillation) the responses are the student's own samples instead of the data's, written before the step
+(`rollout`) and then scored by the teacher like any other.
 """
 
+import contextlib
+import random
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -31,9 +35,47 @@ class Distill(SFT):
     metric_names = ("loss", "agreement")
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, teacher: Reference = False,
-                 config: DistillConfig = DistillConfig(), system: str = ""):
+                 config: DistillConfig = DistillConfig(), system: str = "", max_seq_length: int = 0,
+                 stop_ids: Sequence[int] = (), seed: int = 0):
         super().__init__(pad_id, chunk_size)
         self.teacher, self.config, self.system = teacher, config, system
+        # on-policy steps only (a DistillTrainConfig with lmbda > 0): the row budget, where samples end, their seed
+        self.max_seq_length, self.stop_ids, self.seed = max_seq_length, sorted(stop_ids), seed
+
+    def on_policy(self, step: int) -> bool:
+        """Whether training step `step` (0-based) reads the student's own responses: a draw from the run's seed and
+        the step, so every rank, and a resumed run, decide alike."""
+        lmbda = getattr(self.config, "lmbda", 0.0)
+        return lmbda >= 1 or (lmbda > 0 and random.Random(self.seed * 1_000_003 + step).random() < lmbda)
+
+    def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
+                step: int) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
+        """On an on-policy step, each item's response replaced by one the student (the base with the Aligner being
+        trained) samples for its prompt: at most --max-new-tokens, and no more than the row's room under
+        --max-seq-length beside the longer of its two prompts; a sample that stopped ends with the data's end
+        token (its response's last), one cut short does not. A row with no room keeps the data's response."""
+        if not self.on_policy(step):
+            return None
+        from lit_aligner.generation import generate
+
+        room = {k: self.max_seq_length - max(len(it["prompt"]), len(it["teacher_prompt"])) for k, it in items.items()}
+        rows = [k for k in items if room[k] >= 1]
+        if not rows:
+            return dict(items)
+        max_new = min(self.config.max_new_tokens, max(room[k] for k in rows))
+        device = model.tok_embeddings.weight.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        # the precision the training forward runs in (outside it: the weights' own dtype); no Fabric: the weights'
+        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
+            samples = generate(model, [items[k]["prompt"] for k in rows], max_new,
+                               temperature=self.config.sample_temperature, stop_ids=self.stop_ids, aligners=None,
+                               generator=generator, compile=False)
+        model.clear_caches()  # the training passes need the memory more than the next rollout needs the cache
+        out = dict(items)
+        for k, ids in zip(rows, samples):
+            response = torch.cat([ids, items[k]["response"][-1:]]) if len(ids) < max_new else ids
+            out[k] = {**items[k], "response": response[: room[k]]}
+        return out
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         batch = super().collate(items, step)
@@ -63,11 +105,11 @@ class Distill(SFT):
             aligner, _ = load_aligner(cfg.distill.teacher_aligner, run.model, base_name=str(cfg.checkpoint_dir))
             teacher = as_reference(aligner, run.fabric.device)
         return cls(run.tokenizer.pad_id, cfg.train.chunk_size, teacher, cfg.distill,
-                   cfg.distill.system_text(cfg.data is None))
+                   cfg.distill.system_text(cfg.data is None), cfg.data_options.max_seq_length,
+                   run.tokenizer.stop_ids, cfg.train.seed)
 
     def metadata(self) -> Dict[str, Any]:
-        return {"distill": {"system": self.system, "teacher_aligner": str(self.config.teacher_aligner),
-                            "beta": self.config.beta, "temperature": self.config.temperature}}
+        return {"distill": self.config.recorded(self.system)}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
         """The held-out divergence and agreement of the bare base (the student before training) and of the Aligner;

@@ -64,7 +64,9 @@ class Distill(SFT):
             return dict(items)
         max_new = min(self.config.max_new_tokens, max(room[k] for k in rows))
         device = model.tok_embeddings.weight.device
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        rank = fabric.global_rank if fabric is not None else 0  # each process's rows their own draws
+        seed = random.Random(f"{self.seed}:{step}:{rank}").getrandbits(63)
+        generator = torch.Generator(device=device).manual_seed(seed)
         # the precision the training forward runs in (outside it: the weights' own dtype); no Fabric: the weights'
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
             samples = generate(model, [items[k]["prompt"] for k in rows], max_new,

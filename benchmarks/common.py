@@ -296,15 +296,15 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
     items = random_items(objective.data_kind, model.config.vocab_size, batch, seq_len, g)
     batch_t = {k: v.to(device) for k, v in objective.collate(items).items()}
     units = sum(objective.units(item) for item in items)  # the objective returns sums
+    return lambda: optimizer_step(objective(model, batch_t)["loss"] / units, optimizer)
 
-    def step() -> torch.Tensor:
-        loss = objective(model, batch_t)["loss"] / units
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
-    return step
+def optimizer_step(loss: torch.Tensor, optimizer) -> torch.Tensor:
+    """Backward of `loss`, one optimizer step, gradients cleared; returns the loss."""
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def distill_rows(vocab_size: int, batch: int, seq_len: int) -> List[Dict[str, torch.Tensor]]:
@@ -341,10 +341,6 @@ def distill_step(model: LLaMA, batch: int, seq_len: int, chunk_size: int, device
         units = sum(objective.units(it) for it in rolled.values())
         if units != batch * (seq_len - q):  # tokens/s counts whole rows
             raise RuntimeError(f"sampled {units} tokens, not {batch} x {seq_len - q}")
-        loss = objective(model, batch_t)["loss"] / units
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(objective(model, batch_t)["loss"] / units, optimizer)
 
     return step

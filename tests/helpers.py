@@ -181,6 +181,19 @@ def run_script(*args, cwd=None, env=None, timeout: float = 300, fresh: bool = Fa
     return _server.run(argv, cwd or ROOT, full_env, timeout)
 
 
+def assert_same_trained_aligner(a_dir: Path, b_dir: Path, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Two runs' Aligners (DIR/aligner.safetensors) are equal to float tolerance, and trained (their gates moved):
+    how a multi-process run is checked against one process."""
+    import torch
+
+    from lit_aligner.aligner_files import load_aligner
+
+    (a, _), (b, _) = (load_aligner(Path(d) / "aligner.safetensors") for d in (a_dir, b_dir))
+    assert a.gate.abs().sum() > 0
+    torch.testing.assert_close(a.prefix, b.prefix, rtol=rtol, atol=atol)
+    torch.testing.assert_close(a.gate, b.gate, rtol=rtol, atol=atol)
+
+
 def why(p) -> str:
     """A failed command's stderr for an assertion message: from its first traceback or `error:` line (of several ranks,
     the one that failed first seldom prints last), and its end."""

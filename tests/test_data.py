@@ -916,6 +916,23 @@ def test_a_pair_row_missing_rejected_is_not_taken_for_an_hh_dialogue(tmp_path):
         detect_format({"prompt": "hi", "chosen": "hello"}, tmp_path / "pairs.jsonl")
 
 
+def test_prompt_only_rows_are_told_from_rows_that_lack_an_answer_field(tmp_path):
+    from lit_aligner.data.formats import BadRow, detect_format, row_to_example
+
+    path = tmp_path / "rows.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    for row in ({"prompt": "hi"}, {"prompt": turns, "id": 3}, {"prompt": "hi", "tools": []}):
+        assert detect_format(row, path) == "prompt_only"
+    ex = row_to_example({"prompt": turns}, "prompt_only", "distill", "better")
+    assert ex.messages == turns and ex.chosen == ""
+    assert detect_format({"prompt": "hi", "completion": "hello"}, path) == "prompt"
+    assert detect_format({"prompt": turns, "completion": [{"role": "assistant", "content": "x"}]}, path) == "messages"
+    with pytest.raises(DataError, match="cannot tell"):  # an answer under a name of its own: map it, not drop it
+        detect_format({"prompt": "hi", "output": "hello"}, path)
+    with pytest.raises(BadRow, match="must end with a non-empty user turn"):
+        row_to_example({"prompt": turns[:1]}, "prompt_only", "distill", "better")
+
+
 def test_an_answers_reasoning_content_is_learned_in_the_think_block_its_template_writes(bpe_dir):
     """An assistant answer's reasoning_content (TRL / transformers messages) reaches the chat template: under Qwen3's
     (TRL's copy) the answer learned is the same tokens as the same reasoning written inline as <think>...</think> in

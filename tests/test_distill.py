@@ -15,7 +15,8 @@ from lit_aligner.data import DataError, DataOptions, TokenizedDataset, load_data
 from lit_aligner.evaluation import objective_metrics
 from lit_aligner.losses import distillation_loss, generalized_jsd
 from lit_aligner.model import AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable
-from lit_aligner.prompts import build_prompt
+from lit_aligner.data.tokenize import end_token
+from lit_aligner.prompts import build_prompt, get_template
 from lit_aligner.tokenizer import Tokenizer
 from lit_aligner.training import DistillConfig, DistillRunConfig, DistillTrainConfig, TrainError
 from lit_aligner.training.objectives.distill import Distill
@@ -113,6 +114,8 @@ def test_teacher_prompts_are_what_generation_renders_with_the_system_message(smo
                                    teacher_system=SYSTEM)
         sft, _, _ = load_data("sft", rows, tok, template, DataOptions(val_fraction=0.0))
         assert info["kind"] == "distill" and len(train) == 2
+        ends = {int(it["response"][-1]) for it in train}  # what an on-policy sample that stops ends with
+        assert ends == {end_token(get_template(template), tok)} == ({2} if template == "chat" else {tok.eos_id})
         for it, s, row in zip(train, sft, rows):
             assert torch.equal(it["prompt"], s["prompt"]) and torch.equal(it["response"], s["response"])
             teacher = build_prompt(tok, row["instruction"], template, row["input"], system=SYSTEM)
@@ -188,12 +191,12 @@ def rows_file(tmp_path_factory):
 # On-policy steps (--lmbda): the student writes the responses
 
 
-def _greedy(model, prompt, max_new, stop):
+def _greedy(model, prompt, max_new, stop, aligner=None):
     """Greedy continuation by whole forward passes (no cache, one row): the independent reference for rollouts."""
     seq, out = prompt.clone(), []
     with torch.no_grad():
         for _ in range(max_new):
-            tok = int(model(seq[None])[0, -1].argmax())
+            tok = int(model(seq[None], aligner=aligner)[0, -1].argmax())
             if tok in stop:
                 return out, True
             out.append(tok)
@@ -219,17 +222,17 @@ def test_a_rollout_replaces_each_response_with_the_students_own_sample():
     at = next(j for j in range(1, 6) if first[j] not in second and first[j] not in first[:j])
     stop = {first[at]}
     config = DistillTrainConfig(lmbda=1.0, max_new_tokens=6, sample_temperature=0.0)
-    objective = Distill(0, config=config, max_seq_length=20, stop_ids=stop, seed=3)
+    objective = Distill(0, config=config, max_seq_length=20, stop_ids=stop, seed=3, end_id=299)  # the template's
     out = objective.rollout(Fabric(accelerator="cpu", devices=1), model, items, step=0)
     assert model.layers[0].attn.kv_cache is None  # the sampling cache is freed for the training passes
     for i, (prompt, response) in enumerate(rows[:3]):
         room = 20 - len(prompt) - len(context)  # fitted beside the teacher's longer prompt: 7, 4, 6
         tokens, stopped = _greedy(model, prompt, min(6, room), stop)
-        expected = torch.tensor(tokens + ([int(response[-1])] if stopped else []), dtype=torch.long)[:room]
+        expected = torch.tensor(tokens + ([299] if stopped else []), dtype=torch.long)[:room]
         assert torch.equal(out[i]["response"], expected), i
         assert torch.equal(out[i]["prompt"], items[i]["prompt"])
         assert torch.equal(out[i]["teacher_prompt"], items[i]["teacher_prompt"])
-    assert len(out[0]["response"]) == at + 1 and int(out[0]["response"][-1]) == int(rows[0][1][-1])  # stopped
+    assert len(out[0]["response"]) == at + 1 and int(out[0]["response"][-1]) == 299  # stopped
     assert len(out[1]["response"]) == 4  # row 1's room under the max length, not max_new_tokens
     assert out[3] is items[3]  # no room at all (a 60-token prompt): the data's response stays
     batch = objective.collate([out[i] for i in range(4)])
@@ -238,6 +241,47 @@ def test_a_rollout_replaces_each_response_with_the_students_own_sample():
     # off-policy objectives leave the data alone
     assert Distill(0, config=DistillTrainConfig(), max_seq_length=20).rollout(None, model, items, 0) is None
     assert Distill(0).rollout(None, model, items, 0) is None
+
+
+def test_prompt_only_held_out_rows_get_the_teachers_greedy_answers():
+    from types import SimpleNamespace
+
+    from lightning_fabric import Fabric
+
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny"), AlignerConfig(3, 1))
+    init_weights(model, std=0.1)
+    with torch.no_grad():
+        model.aligner.gate.normal_()  # the student has moved: the teacher (the bare base + context) must not see it
+    end = 7
+    prompts = _rows([4, 9, 5, 6, 3], [1] * 5, seed=8, vocab=300)
+    context = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(9))
+    rows = [(p, torch.tensor([end]), torch.cat([context, p])) for p, _ in prompts]  # as a prompt-only file loads
+    run = SimpleNamespace(info={"format": "prompt_only"}, val=TokenizedDataset.from_rows("distill", rows),
+                          train=TokenizedDataset.from_rows("distill", rows[:1]),
+                          cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=2)),
+                          fabric=Fabric(accelerator="cpu", devices=1), model=model)
+    # the stop token: one that row 0's teacher writes, so that row stops with the end token and others run on
+    first = _greedy(model, rows[0][2], 8, set(), aligner=False)[0]
+    stop = {first[3]} - set(first[:3]) or {first[0]}
+    objective = Distill(0, config=DistillTrainConfig(lmbda=1.0, max_new_tokens=8), max_seq_length=17,
+                        stop_ids=stop, seed=3)
+    objective.prepare(run)
+    assert len(run.val) == 5 and run.info["val_responses"] == "the teacher's greedy answers"
+    ends = []
+    for i, (prompt, _, teacher_prompt) in enumerate(rows):
+        room = 17 - len(teacher_prompt)
+        tokens, stopped = _greedy(model, teacher_prompt, min(8, room), stop, aligner=False)
+        ends.append("stopped" if stopped else "room" if room < 8 else "max_new_tokens")
+        expected = torch.tensor(tokens + ([end] if stopped else []), dtype=torch.long)[:room]
+        assert torch.equal(run.val[i]["response"], expected), i
+        assert torch.equal(run.val[i]["prompt"], prompt) and torch.equal(run.val[i]["teacher_prompt"], teacher_prompt)
+    assert {"stopped", "room"} <= set(ends), ends  # some answers end with the end token, some at the length limit
+    # data with responses is left alone
+    answered = run.val
+    run.info = {"format": "alpaca"}
+    objective.prepare(run)
+    assert run.val is answered
 
 
 def test_on_policy_steps_are_a_seeded_share_of_the_steps():
@@ -309,11 +353,7 @@ def test_two_process_on_policy_distillation_equals_one_process(tiny_checkpoint_d
     two = helpers.run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
                              env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert two.returncode == 0, helpers.why(two)
-    a, _ = load_aligner(tmp_path / "one" / "aligner.safetensors")
-    b, _ = load_aligner(tmp_path / "two" / "aligner.safetensors")
-    assert a.gate.abs().sum() > 0
-    torch.testing.assert_close(a.prefix, b.prefix, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(a.gate, b.gate, rtol=1e-4, atol=1e-5)
+    helpers.assert_same_trained_aligner(tmp_path / "one", tmp_path / "two")
     losses = [[float(r["train_loss"]) for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("train_loss")]
               for k in ("one", "two")]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
@@ -321,6 +361,51 @@ def test_two_process_on_policy_distillation_equals_one_process(tiny_checkpoint_d
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI
+
+
+def test_prompt_only_rows_are_read_by_an_on_policy_run_and_refused_elsewhere(tiny_checkpoint_dir, rows_file,
+                                                                             tmp_path):
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()][:24]
+    prompts = tmp_path / "prompts.jsonl"  # TRL's prompt-only rows, as chat turns and as text, with a field of their own
+    turns = [{"prompt": [{"role": "user", "content": r["instruction"]}], "id": i} if i % 2 else
+             {"prompt": r["instruction"], "id": i} for i, r in enumerate(rows)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in turns))
+    common = ["--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts, "--accelerator", "cpu", "--no-progress",
+              "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--n-tokens", "4",
+              "--start-layer", "1", "--val-size", "4", "--eval-interval", "2", "--eval-iters", "all"]
+    distill = ["finetune/aligner_distill.py", *common, "--system", "Reply with ANSWER: and the answer.",
+               "--max-new-tokens", "6", "--compare", "False"]
+    r = helpers.run_script(*distill, "--lmbda", "1", "--out-dir", tmp_path / "run", "--json-summary", timeout=600)
+    assert r.returncode == 0, helpers.why(r)
+    assert "format prompt_only" in r.stdout and "the teacher answered the 4 held-out prompts" in r.stdout
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["data"]["format"] == "prompt_only" and summary["data"]["train"] == 20
+    evals = [row for row in read_metrics(tmp_path / "run" / "metrics.csv") if row["val_loss"]]
+    assert [e["step"] for e in evals] == ["0", "2"] and float(evals[0]["val_loss"]) > 0
+    # every validation scores the same answers: the first (zero gates) is the bare base's divergence on them
+    assert summary["comparison"]["divergence_before"] == pytest.approx(float(evals[0]["val_loss"]), rel=1e-4)
+    assert summary["comparison"]["divergence_after"] == pytest.approx(float(evals[-1]["val_loss"]), rel=1e-4)
+    # the same prompts with answers that an on-policy run never reads: the same training, step for step
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text("".join(json.dumps({"prompt": r["instruction"], "response": r["output"], "id": i}) + "\n"
+                                for i, r in enumerate(rows)))
+    r = helpers.run_script(*[answered if a == prompts else a for a in distill], "--lmbda", "1", "--out-dir",
+                           tmp_path / "answered", timeout=600)
+    assert r.returncode == 0, helpers.why(r)
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("run", "answered"))
+    assert [x["train_loss"] for x in a] == [x["train_loss"] for x in b] and a[-1]["train_loss"]
+    (pa, _), (pb, _) = (load_aligner(tmp_path / d / "aligner.safetensors") for d in ("run", "answered"))
+    assert torch.equal(pa.prefix, pb.prefix) and torch.equal(pa.gate, pb.gate) and pa.gate.abs().sum() > 0
+    # off-policy steps, SFT and evaluation need answers: one line that names the file and the way out
+    for args in ([*distill, "--lmbda", "0.5"], ["finetune/aligner.py", *common],
+                 ["evaluate/aligner.py", "distill", "--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts,
+                  "--system", "x", "--aligners", "none", "--device", "cpu"]):
+        r = helpers.run_script(*args, "--out-dir" if args[0].startswith("finetune") else "--out",
+                               tmp_path / "bad" / "x.json", timeout=600)
+        assert r.returncode != 0 and not (tmp_path / "bad").exists(), args[0]
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "prompts.jsonl" in err[0], r.stderr
+        assert "prompt-only" in err[0] and "--lmbda 1" in err[0]
 
 
 def test_bad_options_raise_clear_errors(tmp_path):

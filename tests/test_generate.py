@@ -306,6 +306,10 @@ def test_read_prompts_formats_and_errors(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"instruction": "x"}\n\n"y"\n')
     assert read_prompts(f) == [PromptItem("x"), PromptItem("y")]
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    f.write_text(json.dumps({"prompt": turns}) + "\n")  # TRL's conversational prompt-only row
+    assert read_prompts(f) == [PromptItem("v", system="s", history=turns[1:3])]
     f.write_text('{"instruction": "x"}\n{"output": "no prompt"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl: line 2 has no 'prompt'"):
         read_prompts(f)

@@ -10,6 +10,7 @@ answer, the other answer). One small parser per format in one registry (`FORMATS
 | `prompt` | prompt, response (or completion) | response | (SFT only) |
 | `qac` | question, answer, correction | correction | (correction, answer) |
 | `messages` | messages / conversations, or chosen / rejected as chat turns; tools | the last turn | (both last turns) |
+| `prompt_only` | prompt alone (text or chat turns: TRL's prompt-only rows); tools | none (on-policy distillation) | - |
 
 Conversations may call tools (OpenAI's / TRL's form: assistant turns with `tool_calls`, `tool` turns with the results,
 the functions in the row's `tools`); they are rendered as the server renders them (`lit_aligner.tools`), and an
@@ -318,6 +319,16 @@ def _messages(row, pair, preference):
                    rejected_reasoning=None if rejected is None else answer_r.get("reasoning_content"))
 
 
+def _prompt_only(row, pair, preference):
+    """TRL's prompt-only rows: a prompt (text, or chat turns ending with a user turn) and no answer. Only on-policy
+    distillation reads them (the student writes every response); `chosen` stays empty."""
+    value = row.get("prompt")
+    turns = chat_turns(value, "prompt") if isinstance(value, list) else _user(text_field(row, "prompt"))
+    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise BadRow("'prompt' must end with a non-empty user turn")
+    return Example(turns, "", tools=row_tools(row), input=_optional_input(row))
+
+
 def _unpaired(row, pair, preference):
     """TRL's unpaired preference rows (KTO's data): a prompt, one completion and its label (true: desirable), as text
     or as message lists."""
@@ -369,7 +380,12 @@ FORMATS: Dict[str, Format] = {f.name: f for f in [
     Format("alpaca", ("instruction", "output"), _alpaca, "Stanford Alpaca (instruction, input, output)"),
     Format("messages", ("messages",), _messages, "chat conversations (messages or conversations: lists of "
            "role/content or ShareGPT from/value turns; or chosen/rejected as message lists)"),
+    Format("prompt_only", ("prompt",), _prompt_only, "prompt-only rows (a prompt and no answer: on-policy "
+           "distillation)"),
 ]}
+# a row with any of these holds an answer (or a whole conversation), so it is not prompt-only
+ANSWER_FIELDS = ("response", "completion", "chosen", "rejected", "label", "response_0", "response_1", "output",
+                 "answer", "correction", *CONVERSATION_KEYS)
 # fields a field map may map onto
 MAPPABLE = ("instruction", "input", "output", "prompt", "response", "completion", "chosen", "rejected", "question",
             "answer", "correction", "response_0", "response_1", "better_response_id", "safer_response_id",
@@ -385,14 +401,16 @@ def is_conversational(row: Dict[str, Any]) -> bool:
 def detect_format(row: Dict[str, Any], path: Path) -> str:
     if {"prompt", "completion", "label"} <= set(row):  # text or message lists alike
         return "unpaired"
+    if "prompt" in row and not any(k in row for k in ANSWER_FIELDS):  # text or message lists alike
+        return "prompt_only"
     if is_conversational(row):
         return "messages"
     keys = set(row)
     if {"prompt", "completion"} <= keys:
         keys.add("response")
     for name, fmt in FORMATS.items():
-        if name == "hh" and "prompt" in keys:
-            continue  # {prompt, chosen, ...} is a pair row that lacks a field, not an HH dialogue
+        if (name == "hh" and "prompt" in keys) or name == "prompt_only":
+            continue  # {prompt, chosen, ...} is a pair row that lacks a field, not an HH dialogue nor prompt-only
         if set(fmt.fields) <= keys:
             return name
     raise DataError(

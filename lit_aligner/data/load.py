@@ -27,7 +27,7 @@ from lit_aligner.prompts import CorrectionTemplate, get_template
 
 DataSource = Union[str, Path, None, Sequence[Dict[str, Any]], Sequence[Path]]
 Splits = Tuple[TokenizedDataset, TokenizedDataset, Dict[str, Any]]
-FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac", "messages", "unpaired"]
+FormatName = Literal["auto", "alpaca", "pku", "hh", "pairs", "prompt", "qac", "messages", "unpaired", "prompt_only"]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DataOptions:
     format: FormatName = "auto"
     """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac, messages =
     chat turns: messages / conversations, or chosen/rejected message lists, unpaired = prompt/completion/label for
-    KTO); auto detects it from the first row."""
+    KTO, prompt_only = a prompt and no answer, for on-policy distillation); auto detects it from the first row."""
     field_map: Optional[str] = None
     """rename fields first: comma-separated ours=theirs pairs, e.g. instruction=question,output=answer."""
     preference: Optional[Literal["safer", "better"]] = None
@@ -121,7 +121,8 @@ def _check_template(kind: str, template) -> None:
 
 
 def build_datasets(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
-                   seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None) -> Splits:
+                   seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None,
+                   prompt_only: bool = False) -> Splits:
     """Read raw rows (a file, the default dataset for data=None, or rows in memory), render them with `template`,
     tokenize, split with `seed` and fit to options.max_seq_length. Returns (train, val, info); see `load_data`."""
     if kind not in KINDS:
@@ -156,6 +157,8 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             if isinstance(row, dict):
                 row = apply_field_map(row, fmap)
                 fmt = fmt or detect_format(row, path)
+                if fmt == "prompt_only" and not (prompt_only and kind == "distill"):
+                    raise _no_answers(path, kind)
             ex = row_to_example(row, fmt or "alpaca", kind, preference)
             if ex.label is not None and kind != "unpaired":
                 raise BadRow("an unpaired row (prompt, completion, label) is KTO data (finetune/aligner_kto.py)")
@@ -219,6 +222,14 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
     return train, val, info
 
 
+def _no_answers(path: Path, kind: str) -> DataError:
+    what = {"distill": "off-policy distillation trains on the data's responses"}.get(
+        kind, f"{kind} data needs the answers it learns from")
+    return DataError(f"{path}: the rows hold a prompt and no answer (prompt-only rows); {what}. Only on-policy "
+                     f"distillation reads such rows: finetune/aligner_distill.py --lmbda 1 (the student writes every "
+                     f"response; held-out prompts get the teacher's greedy answers). Otherwise give rows with answers.")
+
+
 def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> None:
     bad, total = info["bad_rows"], info["rows_read"]
     if bad and bad > options.max_bad_rows * total:
@@ -229,7 +240,8 @@ def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> 
 
 
 def load_data(kind: str, data: DataSource, tokenizer, template: str, options: DataOptions = DataOptions(),
-              seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None) -> Splits:
+              seed: int = 42, source: Optional[str] = None, teacher_system: Optional[str] = None,
+              prompt_only: bool = False) -> Splits:
     """Tokenized (train, val, info) of `kind` ("sft", "preference" or "correction") data.
 
     data: None → the offline default dataset; a prepared directory → loaded as is (its template wins; rows longer than
@@ -240,10 +252,11 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     info: kind, source, format, template (the one actually used: save it with the Aligner), rows_read, bad_rows
     (skipped), kept, truncated, dropped (too long), train, val, max_seq_length, truncation, seed, bad_row_examples.
     Distill data (context distillation) renders each prompt twice, the second time with `teacher_system` as its
-    system message, so it reads raw rows only.
+    system message, so it reads raw rows only. `prompt_only`: distill data may be prompt-only rows (info format
+    "prompt_only"), each with the end token alone as its response, for an on-policy run to write (else a DataError).
     Raises DataError (file, row, fix) on bad input."""
     if not is_prepared(data):
-        return build_datasets(kind, data, tokenizer, template, options, seed, source, teacher_system)
+        return build_datasets(kind, data, tokenizer, template, options, seed, source, teacher_system, prompt_only)
     if kind == "distill":
         raise DataError(f"{data} is a prepared directory, whose prompts are already rendered without the teacher's "
                         f"system message; give distillation the raw .json/.jsonl rows it was prepared from.")

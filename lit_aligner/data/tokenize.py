@@ -54,6 +54,13 @@ def tokenize_pair(tokenizer, prompt: str, completion: str,
     return p, torch.cat([r, torch.tensor([end_id], dtype=torch.long)])
 
 
+def end_token(template: PromptTemplate, tokenizer) -> int:
+    """The token every response ends with under `template` (with `chat`: its end-of-turn token; else EOS), as
+    `tokenize_example` writes it."""
+    ex = Example([{"role": "user", "content": "Hi."}], "Hello.")
+    return int(tokenize_example(ex, "sft", template, tokenizer)[1][-1])
+
+
 def _need_turns(ex: Example) -> None:
     if not ex.messages:
         raise BadRow(f"{ex.notes.get('turns_error', 'no prompt turns')} (the dialogue's turns cannot be recovered; "

@@ -91,7 +91,8 @@ class PromptItem:
 
 
 PROMPTS_FORMAT = ("a JSON list of strings or of objects with a 'prompt' or 'instruction' field (and optional 'input', "
-                  "'system' and 'tools') or a 'messages' conversation that ends with a user turn or a tool's result, "
+                  "'system' and 'tools') or a 'messages' conversation (or a 'prompt' that is one) that ends with a "
+                  "user turn or a tool's result, "
                   "or JSONL with one such string or object per line, or a .txt file with one prompt per line")
 
 
@@ -114,10 +115,10 @@ def conversation_item(messages: Sequence[Message], system: str = "", tools: Opti
 
 def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     """Prompts from a JSON list (of strings, or of objects with `prompt` or `instruction` and an optional `input` and
-    `system`, or with `messages` / `conversations`: a chat to continue) or a JSONL file (one such string or object per
-    line), or a .txt file (one prompt per non-empty line). An object's `tools` (OpenAI's list; TRL's column), with
-    its optional `tool_choice` and `parallel_tool_calls`, are the functions its answer may call. UserError naming
-    the file and the row on bad input."""
+    `system`, or with `messages` / `conversations` or a `prompt` list of turns: a chat to continue) or a JSONL file
+    (one such string or object per line), or a .txt file (one prompt per non-empty line). An object's `tools`
+    (OpenAI's list; TRL's column), with its optional `tool_choice` and `parallel_tool_calls`, are the functions its
+    answer may call. UserError naming the file and the row on bad input."""
     from lit_aligner.tools import ToolError, parse_tools
 
     if Path(path).suffix == ".txt":  # plain text: no JSON quoting of each prompt
@@ -128,6 +129,8 @@ def read_prompts(path: Union[str, Path]) -> List[PromptItem]:
     items = []
     for where, row in records:
         key = next((k for k in CONVERSATION_KEYS if k in row), None) if isinstance(row, dict) else None
+        if isinstance(row, dict) and key is None and isinstance(row.get("prompt"), list):
+            key = "prompt"  # TRL's conversational prompt-only rows (what on-policy distillation trains on)
         try:
             tools = parse_tools(row.get("tools"), row.get("tool_choice"), row.get("parallel_tool_calls"),
                                 check_schemas=row.get("tool_choice") not in (None, "none", "auto")) \

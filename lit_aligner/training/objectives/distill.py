@@ -7,7 +7,8 @@ the context, so a long system prompt costs N prefix tokens instead of its length
 The teacher runs through the same loaded base (like DPO's reference), without gradient; a batch holds the student's
 rows and the teacher's, which differ only in their prompts. On a share of the steps (--lmbda, TRL GKD's; on-policy
 distillation) the responses are the student's own samples instead of the data's, written before the step
-(`rollout`) and then scored by the teacher like any other.
+(`rollout`) and then scored by the teacher like any other. With every step on-policy (--lmbda 1) the data may be
+prompts alone; held-out prompts then get the teacher's greedy answers once (`prepare`), for validation to score.
 """
 
 import contextlib
@@ -17,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lit_aligner.data.dataset import pad_rows
+from lit_aligner.data.dataset import KIND_FIELDS, TokenizedDataset, pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, distillation_loss
 from lit_aligner.training.config import DistillConfig
 from lit_aligner.training.objectives import Batch, register
@@ -36,48 +37,85 @@ class Distill(SFT):
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, teacher: Reference = False,
                  config: DistillConfig = DistillConfig(), system: str = "", max_seq_length: int = 0,
-                 stop_ids: Sequence[int] = (), seed: int = 0):
+                 stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None):
         super().__init__(pad_id, chunk_size)
         self.teacher, self.config, self.system = teacher, config, system
-        # on-policy steps only (a DistillTrainConfig with lmbda > 0): the row budget, where samples end, their seed
-        self.max_seq_length, self.stop_ids, self.seed = max_seq_length, sorted(stop_ids), seed
+        # on-policy steps only (a DistillTrainConfig with lmbda > 0): the row budget, where samples end, their seed,
+        # the token a stopped sample ends with (the template's, as the data's responses; None: each row's last)
+        self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
+
+    def end(self, response: torch.Tensor) -> torch.Tensor:
+        """(1,) the end token of a response: the template's, or without one the response's last token."""
+        return response[-1:] if self.end_id is None else torch.tensor([self.end_id], dtype=torch.long)
+
+    @property
+    def on_policy_only(self) -> bool:
+        return getattr(self.config, "lmbda", 0.0) >= 1
 
     def on_policy(self, step: int) -> bool:
         """Whether training step `step` (0-based) reads the student's own responses: a draw from the run's seed and
         the step, so every rank, and a resumed run, decide alike."""
         lmbda = getattr(self.config, "lmbda", 0.0)
-        return lmbda >= 1 or (lmbda > 0 and random.Random(self.seed * 1_000_003 + step).random() < lmbda)
+        return self.on_policy_only or (lmbda > 0 and random.Random(self.seed * 1_000_003 + step).random() < lmbda)
 
     def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
         """On an on-policy step, each item's response replaced by one the student (the base with the Aligner being
         trained) samples for its prompt: at most --max-new-tokens, and no more than the row's room under
-        --max-seq-length beside the longer of its two prompts; a sample that stopped ends with the data's end
-        token (its response's last), one cut short does not. A row with no room keeps the data's response."""
+        --max-seq-length beside the longer of its two prompts; a sample that stopped ends with the template's end
+        token (as the data's responses do), one cut short does not. A row with no room keeps the data's response."""
         if not self.on_policy(step):
             return None
-        from lit_aligner.generation import generate
-
-        room = {k: self.max_seq_length - max(len(it["prompt"]), len(it["teacher_prompt"])) for k, it in items.items()}
-        rows = [k for k in items if room[k] >= 1]
-        if not rows:
-            return dict(items)
-        max_new = min(self.config.max_new_tokens, max(room[k] for k in rows))
         device = model.tok_embeddings.weight.device
         rank = fabric.global_rank if fabric is not None else 0  # each process's rows their own draws
         seed = random.Random(f"{self.seed}:{step}:{rank}").getrandbits(63)
         generator = torch.Generator(device=device).manual_seed(seed)
+        return self.respond(fabric, model, items, "prompt", None, self.config.sample_temperature, generator)
+
+    def respond(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]], prompt: str,
+                aligners: Any, temperature: float,
+                generator: Optional[torch.Generator] = None) -> Dict[int, Dict[str, torch.Tensor]]:
+        """`items` with each response replaced by the model's continuation of the item's `prompt` field ("prompt":
+        the student's, "teacher_prompt": the teacher's) with `aligners` (None: the attached Aligner; `generate`'s
+        meaning), cut as `rollout` says."""
+        from lit_aligner.generation import generate
+
+        room = {k: self.max_seq_length - max(len(it["prompt"]), len(it["teacher_prompt"])) for k, it in items.items()}
+        rows = [k for k in items if room[k] >= 1]
+        out = dict(items)
+        if not rows:
+            return out
+        max_new = min(self.config.max_new_tokens, max(room[k] for k in rows))
         # the precision the training forward runs in (outside it: the weights' own dtype); no Fabric: the weights'
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
-            samples = generate(model, [items[k]["prompt"] for k in rows], max_new,
-                               temperature=self.config.sample_temperature, stop_ids=self.stop_ids, aligners=None,
-                               generator=generator, compile=False)
+            samples = generate(model, [items[k][prompt] for k in rows], max_new, temperature=temperature,
+                               stop_ids=self.stop_ids, aligners=aligners, generator=generator, compile=False)
         model.clear_caches()  # the training passes need the memory more than the next rollout needs the cache
-        out = dict(items)
         for k, ids in zip(rows, samples):
-            response = torch.cat([ids, items[k]["response"][-1:]]) if len(ids) < max_new else ids
+            response = torch.cat([ids, self.end(items[k]["response"]).to(ids)]) if len(ids) < max_new else ids
             out[k] = {**items[k], "response": response[: room[k]]}
         return out
+
+    def prepare(self, run: Any) -> None:
+        """With every step on-policy, the training rows' responses are never read: each becomes the end token alone
+        (batches are then grouped by prompt length, and a file of prompts trains exactly as the same prompts with
+        answers). Prompt-only held-out rows get the teacher's greedy answers, written once, so that every validation
+        scores the student on the same text, as it would on a file of the teacher's answers."""
+        if self.on_policy_only:
+            run.train = TokenizedDataset.from_rows("distill", [(p, self.end(r), tp) for p, r, tp in run.train.rows()])
+        info = run.info.get("val_info") or run.info  # a --val-data file's, else the training file's split
+        if info.get("format") != "prompt_only" or not len(run.val):
+            return
+        n, size, answered = len(run.val), run.cfg.train.micro_batch_size, {}
+        for s in range(0, n, size):
+            items = {i: run.val[i] for i in range(s, min(n, s + size))}
+            answered.update(self.respond(run.fabric, run.model, items, "teacher_prompt", self.teacher, 0.0))
+        run.val = TokenizedDataset.from_rows("distill", [tuple(answered[i][f] for f in KIND_FIELDS["distill"])
+                                                         for i in range(n)])
+        tokens = int(run.val.fields["response"].lengths().sum())
+        run.info["val_responses"] = "the teacher's greedy answers"
+        run.fabric.print(f"validation: the teacher answered the {n:,} held-out prompts (greedy, up to "
+                         f"{self.config.max_new_tokens} new tokens; {tokens:,} response tokens), once")
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         batch = super().collate(items, step)
@@ -96,7 +134,8 @@ class Distill(SFT):
 
     @classmethod
     def data_arguments(cls, cfg: Any) -> Dict[str, Any]:
-        return {"teacher_system": cfg.distill.system_text(cfg.data is None)}
+        return {"teacher_system": cfg.distill.system_text(cfg.data is None),
+                "prompt_only": getattr(cfg.distill, "lmbda", 0.0) >= 1}  # every response the student's
 
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "Distill":
@@ -106,9 +145,12 @@ class Distill(SFT):
 
             aligner, _ = load_aligner(cfg.distill.teacher_aligner, run.model, base_name=str(cfg.checkpoint_dir))
             teacher = as_reference(aligner, run.fabric.device)
+        from lit_aligner.data.tokenize import end_token
+        from lit_aligner.prompts import get_template
+
         return cls(run.tokenizer.pad_id, cfg.train.chunk_size, teacher, cfg.distill,
                    cfg.distill.system_text(cfg.data is None), cfg.data_options.max_seq_length,
-                   run.tokenizer.stop_ids, cfg.train.seed)
+                   run.tokenizer.stop_ids, cfg.train.seed, end_token(get_template(run.template), run.tokenizer))
 
     def metadata(self) -> Dict[str, Any]:
         return {"distill": self.config.recorded(self.system)}

@@ -396,12 +396,21 @@ def test_prompt_only_rows_are_read_by_an_on_policy_run_and_refused_elsewhere(tin
     assert [x["train_loss"] for x in a] == [x["train_loss"] for x in b] and a[-1]["train_loss"]
     (pa, _), (pb, _) = (load_aligner(tmp_path / d / "aligner.safetensors") for d in ("run", "answered"))
     assert torch.equal(pa.prefix, pb.prefix) and torch.equal(pa.gate, pb.gate) and pa.gate.abs().sum() > 0
-    # off-policy steps, SFT and evaluation need answers: one line that names the file and the way out
-    for args in ([*distill, "--lmbda", "0.5"], ["finetune/aligner.py", *common],
-                 ["evaluate/aligner.py", "distill", "--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts,
-                  "--system", "x", "--aligners", "none", "--device", "cpu"]):
-        r = helpers.run_script(*args, "--out-dir" if args[0].startswith("finetune") else "--out",
-                               tmp_path / "bad" / "x.json", timeout=600)
+    # evaluate/aligner.py distill on the same held-out prompts writes the same teacher answers (the trainer's limits
+    # and batches): the run's two figures again
+    r = helpers.run_script("evaluate/aligner.py", "distill", "--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts,
+                           "--split", "val", "--val-size", "4", "--batch-size", "2", "--max-new-tokens", "6",
+                           "--aligners", "none", tmp_path / "run" / "aligner.safetensors", "--device", "cpu",
+                           timeout=600)
+    assert r.returncode == 0, helpers.why(r)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert list(result["data"].values())[0]["responses"] == "the teacher's greedy answers"
+    base, student = result["results"]
+    assert base["divergence"] == pytest.approx(summary["comparison"]["divergence_before"], rel=1e-4)
+    assert student["divergence"] == pytest.approx(summary["comparison"]["divergence_after"], rel=1e-4)
+    # off-policy steps and SFT need answers: one line that names the file and the way out
+    for args in ([*distill, "--lmbda", "0.5"], ["finetune/aligner.py", *common]):
+        r = helpers.run_script(*args, "--out-dir", tmp_path / "bad" / "x", timeout=600)
         assert r.returncode != 0 and not (tmp_path / "bad").exists(), args[0]
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "prompts.jsonl" in err[0], r.stderr

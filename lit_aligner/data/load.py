@@ -226,8 +226,9 @@ def _no_answers(path: Path, kind: str) -> DataError:
     what = {"distill": "off-policy distillation trains on the data's responses"}.get(
         kind, f"{kind} data needs the answers it learns from")
     return DataError(f"{path}: the rows hold a prompt and no answer (prompt-only rows); {what}. Only on-policy "
-                     f"distillation reads such rows: finetune/aligner_distill.py --lmbda 1 (the student writes every "
-                     f"response; held-out prompts get the teacher's greedy answers). Otherwise give rows with answers.")
+                     f"distillation trains on such rows: finetune/aligner_distill.py --lmbda 1 (the student writes "
+                     f"every response; held-out prompts get the teacher's greedy answers, as in evaluate/aligner.py "
+                     f"distill). Otherwise give rows with answers.")
 
 
 def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> None:

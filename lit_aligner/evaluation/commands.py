@@ -32,7 +32,7 @@ from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.prompts import saved_variables
 from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
-from lit_aligner.training.config import DistillConfig, DPOLossConfig, KTOLossConfig
+from lit_aligner.training.config import DistillConfig, DistillTrainConfig, DPOLossConfig, KTOLossConfig
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
 
@@ -142,6 +142,10 @@ class DataCommon(EvalCommon):
         """More keyword arguments of `load_data` (distillation's teacher context)."""
         return {}
 
+    def complete(self, dataset, info: Dict[str, Any], tokenizer, template: str):
+        """The rows as they are scored (distillation writes prompt-only rows' responses here)."""
+        return dataset
+
     def rows(self, kind: str, tokenizer, template: str):
         """(dataset, counts) through the trainer's data pipeline."""
         import dataclasses
@@ -158,10 +162,11 @@ class DataCommon(EvalCommon):
             rows = rows[:self.n]
         if not rows:
             raise UserError(f"{self.data or 'the default dataset'}: no rows in the {self.split!r} split")
+        dataset = self.complete(TokenizedDataset.from_rows(kind, rows), info, tokenizer, template)
         counts = {k: info.get(k) for k in ("source", "format", "template", "rows_read", "bad_rows", "dropped",
                                            "truncated", "kept", "max_seq_length")}
-        counts.update(split=self.split, evaluated=len(rows), skipped=info.get("bad_rows", 0))
-        dataset = TokenizedDataset.from_rows(kind, rows)
+        counts.update(split=self.split, evaluated=len(rows), skipped=info.get("bad_rows", 0),
+                      **({"responses": info["val_responses"]} if "val_responses" in info else {}))
         if "answers" in info:  # --turns all: a row is a conversation
             counts["answers"] = dataset.answers()
         return dataset, {**counts, "info": storable_info(info)}
@@ -354,14 +359,30 @@ class Distill(DataCommon):
     aligners: List[str] = field(default_factory=list)
     """the students: Aligner files, or "none" for the bare base (the context's whole effect)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    max_new_tokens: int = DistillTrainConfig.max_new_tokens
+    """prompt-only rows (the on-policy trainer's): each is scored on the teacher's greedy answer, at most this long (the
+    trainer's --max-new-tokens; with its --seed, --val-size and --micro-batch-size as --batch-size, its held-out
+    answers)."""
     _system = ""  # the teacher's system message, once resolved (not a flag)
+    _objective = None  # the objective that scores the rows, once built (not a flag)
 
     def inputs(self) -> List[Any]:
         return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")],
                 self.distill.teacher_aligner]
 
     def data_arguments(self) -> Dict[str, Any]:
-        return {"teacher_system": self._system}
+        return {"teacher_system": self._system, "prompt_only": True}
+
+    def complete(self, dataset, info: Dict[str, Any], tokenizer, template: str):
+        if info.get("format") != "prompt_only":
+            return dataset
+        from lit_aligner.data.tokenize import end_token
+        from lit_aligner.prompts import get_template
+        from lit_aligner.training.objectives.distill import TEACHER_ANSWERS
+
+        self._objective.end_id = end_token(get_template(template), tokenizer)  # this rendering's
+        info["val_responses"] = TEACHER_ANSWERS
+        return self._objective.teacher_answers(None, self._model, dataset, self.batch_size, self.max_new_tokens)
 
     def run(self) -> Dict[str, Any]:
         from lit_aligner.evaluation import _meta_json, objective_metrics
@@ -371,6 +392,8 @@ class Distill(DataCommon):
         if not self.aligners:
             raise UserError("give the students to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
         self.distill.check()
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         model, tokenizer = self.load()
         systems = _aligners(self.aligners, model)
         recorded = {(_meta_json(meta, "distill") or {}).get("system") for _, a, meta in systems if a is not None}
@@ -381,7 +404,10 @@ class Distill(DataCommon):
             self._system = self.distill.system_text(self.data is None)
             source = "--system" if self.distill.system is not None else "the default dataset's"
         teacher, _ = resolve_reference(self.distill.teacher_aligner, None, model)  # (None: the bare base)
-        objective = Objective(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, teacher, self.distill, self._system)
+        # (the length limits and stop tokens write prompt-only rows' answers as the trainer does: `complete`)
+        objective = Objective(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, teacher, self.distill, self._system,
+                              self.data_options.max_seq_length, tokenizer.stop_ids)
+        self._objective, self._model = objective, model
 
         def metrics(aligner, dataset):
             m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,

@@ -26,6 +26,9 @@ from lit_aligner.training.objectives.dpo import Reference, as_reference
 from lit_aligner.training.objectives.sft import SFT
 
 
+TEACHER_ANSWERS = "the teacher's greedy answers"  # what prompt-only rows are scored on (data info "val_responses")
+
+
 @register
 class Distill(SFT):
     """Summed divergence (nats) of the response tokens between teacher and student; units are those tokens. Metrics:
@@ -70,14 +73,15 @@ class Distill(SFT):
         rank = fabric.global_rank if fabric is not None else 0  # each process's rows their own draws
         seed = random.Random(f"{self.seed}:{step}:{rank}").getrandbits(63)
         generator = torch.Generator(device=device).manual_seed(seed)
-        return self.respond(fabric, model, items, "prompt", None, self.config.sample_temperature, generator)
+        return self.respond(fabric, model, items, "prompt", None, self.config.sample_temperature,
+                            self.config.max_new_tokens, generator)
 
     def respond(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]], prompt: str,
-                aligners: Any, temperature: float,
+                aligners: Any, temperature: float, max_new_tokens: int,
                 generator: Optional[torch.Generator] = None) -> Dict[int, Dict[str, torch.Tensor]]:
         """`items` with each response replaced by the model's continuation of the item's `prompt` field ("prompt":
         the student's, "teacher_prompt": the teacher's) with `aligners` (None: the attached Aligner; `generate`'s
-        meaning), cut as `rollout` says."""
+        meaning), at most `max_new_tokens`, cut as `rollout` says."""
         from lit_aligner.generation import generate
 
         room = {k: self.max_seq_length - max(len(it["prompt"]), len(it["teacher_prompt"])) for k, it in items.items()}
@@ -85,7 +89,7 @@ class Distill(SFT):
         out = dict(items)
         if not rows:
             return out
-        max_new = min(self.config.max_new_tokens, max(room[k] for k in rows))
+        max_new = min(max_new_tokens, max(room[k] for k in rows))
         # the precision the training forward runs in (outside it: the weights' own dtype); no Fabric: the weights'
         with fabric.autocast() if fabric is not None else contextlib.nullcontext():
             samples = generate(model, [items[k][prompt] for k in rows], max_new, temperature=temperature,
@@ -106,16 +110,23 @@ class Distill(SFT):
         info = run.info.get("val_info") or run.info  # a --val-data file's, else the training file's split
         if info.get("format") != "prompt_only" or not len(run.val):
             return
-        n, size, answered = len(run.val), run.cfg.train.micro_batch_size, {}
-        for s in range(0, n, size):
-            items = {i: run.val[i] for i in range(s, min(n, s + size))}
-            answered.update(self.respond(run.fabric, run.model, items, "teacher_prompt", self.teacher, 0.0))
-        run.val = TokenizedDataset.from_rows("distill", [tuple(answered[i][f] for f in KIND_FIELDS["distill"])
-                                                         for i in range(n)])
+        run.val = self.teacher_answers(run.fabric, run.model, run.val, run.cfg.train.micro_batch_size,
+                                       self.config.max_new_tokens)
         tokens = int(run.val.fields["response"].lengths().sum())
-        run.info["val_responses"] = "the teacher's greedy answers"
-        run.fabric.print(f"validation: the teacher answered the {n:,} held-out prompts (greedy, up to "
+        run.info["val_responses"] = TEACHER_ANSWERS
+        run.fabric.print(f"validation: the teacher answered the {len(run.val):,} held-out prompts (greedy, up to "
                          f"{self.config.max_new_tokens} new tokens; {tokens:,} response tokens), once")
+
+    def teacher_answers(self, fabric: Any, model: nn.Module, data: TokenizedDataset, batch_size: int,
+                        max_new_tokens: int) -> TokenizedDataset:
+        """`data` with each response the teacher's greedy answer to the row's teacher prompt (batches of
+        `batch_size` rows in order; `respond`'s limits): what prompt-only rows are scored on."""
+        answered: Dict[int, Dict[str, torch.Tensor]] = {}
+        for s in range(0, len(data), batch_size):
+            items = {i: data[i] for i in range(s, min(len(data), s + batch_size))}
+            answered.update(self.respond(fabric, model, items, "teacher_prompt", self.teacher, 0.0, max_new_tokens))
+        return TokenizedDataset.from_rows("distill", [tuple(answered[i][f] for f in KIND_FIELDS["distill"])
+                                                      for i in range(len(data))])
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         batch = super().collate(items, step)

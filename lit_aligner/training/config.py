@@ -660,8 +660,9 @@ class DistillTrainConfig(DistillConfig):
     lmbda: float = 0.0
     """on-policy share, TRL GKD's lmbda: the share of training steps whose responses the student writes itself
     (sampled from the base with the Aligner being trained, then scored by the teacher) instead of reading the data's;
-    1 = every step, so the training rows' responses are never read, only their end token (with --beta 1: on-policy
-    distillation, the reverse KL on the student's own samples). Validation always reads the data's responses."""
+    1 = every step, so the training rows' responses are never read and the data may be prompts alone (with --beta 1:
+    on-policy distillation, the reverse KL on the student's own samples). Validation reads the data's responses
+    (prompt-only rows: the teacher's greedy answers, written once)."""
     max_new_tokens: int = 128
     """on-policy steps: the most tokens the student writes per response (--max-seq-length bounds it too)."""
     sample_temperature: float = 1.0

@@ -29,6 +29,11 @@ from lit_aligner.training.objectives.sft import SFT
 TEACHER_ANSWERS = "the teacher's greedy answers"  # what prompt-only rows are scored on (data info "val_responses")
 
 
+def lmbda(config: DistillConfig) -> float:
+    """The on-policy share (--lmbda) of a config: an evaluation's (a plain `DistillConfig`) has none."""
+    return getattr(config, "lmbda", 0.0)
+
+
 @register
 class Distill(SFT):
     """Summed divergence (nats) of the response tokens between teacher and student; units are those tokens. Metrics:
@@ -53,13 +58,13 @@ class Distill(SFT):
 
     @property
     def on_policy_only(self) -> bool:
-        return getattr(self.config, "lmbda", 0.0) >= 1
+        return lmbda(self.config) >= 1
 
     def on_policy(self, step: int) -> bool:
         """Whether training step `step` (0-based) reads the student's own responses: a draw from the run's seed and
         the step, so every rank, and a resumed run, decide alike."""
-        lmbda = getattr(self.config, "lmbda", 0.0)
-        return self.on_policy_only or (lmbda > 0 and random.Random(self.seed * 1_000_003 + step).random() < lmbda)
+        share = lmbda(self.config)
+        return share >= 1 or (share > 0 and random.Random(self.seed * 1_000_003 + step).random() < share)
 
     def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
@@ -146,7 +151,7 @@ class Distill(SFT):
     @classmethod
     def data_arguments(cls, cfg: Any) -> Dict[str, Any]:
         return {"teacher_system": cfg.distill.system_text(cfg.data is None),
-                "prompt_only": getattr(cfg.distill, "lmbda", 0.0) >= 1}  # every response the student's
+                "prompt_only": lmbda(cfg.distill) >= 1}  # every response the student's
 
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "Distill":

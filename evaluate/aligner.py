@@ -6,6 +6,7 @@ stdout, the whole result as JSON (--out FILE writes it too).
         --aligners none A.safetensors
     python evaluate/aligner.py kto --data feedback.jsonl --aligners none out/kto/aligner.safetensors
     python evaluate/aligner.py distill --data rows.jsonl --aligners none out/distill/aligner.safetensors
+    python evaluate/aligner.py reward --split val --aligners none G.safetensors
     python evaluate/aligner.py correction --aligners out/corr/aligner.safetensors --data pairs.jsonl
     python evaluate/aligner.py harness --tasks arc_easy --aligners A.safetensors --limit 200
     python evaluate/aligner.py judge --prompts vicuna.jsonl --a A.safetensors --b base

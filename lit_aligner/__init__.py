@@ -33,6 +33,7 @@ _API = {
     "train": "lit_aligner.training", "TrainConfig": "lit_aligner.training", "SFTRunConfig": "lit_aligner.training",
     "DPORunConfig": "lit_aligner.training", "DPOTrainConfig": "lit_aligner.training",
     "KTORunConfig": "lit_aligner.training", "DistillRunConfig": "lit_aligner.training",
+    "GRPORunConfig": "lit_aligner.training",
     "DPOLossConfig": "lit_aligner.training",
 }
 __all__ = sorted(_API)

@@ -359,3 +359,26 @@ def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
              _chunk_divergence(hs[s:s + step], ht[s:s + step], lm_head_weight, beta, temperature)
              for s in range(0, hs.shape[0], step)]
     return torch.cat([p[0] for p in parts]).sum(), torch.cat([p[1] for p in parts]).sum().float()
+
+
+def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
+              ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's loss of each completion (DeepSeekMath's, TRL's loss_type "grpo"): the mean over its tokens of
+    -exp(log p - sg(log p)) x A + beta x KL, where A (B,) is the completion's advantage and KL the k3 estimate
+    exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden states; None: no KL term). With one
+    optimizer step per batch of samples the ratio is 1, so the gradient is the policy gradient -A grad log p per token.
+    Returns (loss (B,), mean KL (B,) without gradient), fp32."""
+    lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
+    B = labels.shape[0]
+    count = torch.bincount(rows, minlength=B).clamp(min=1).float()
+    per_token = -torch.exp(lp - lp.detach()) * advantages.to(lp)[rows]
+    kl = torch.zeros_like(lp)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_lp, _, _ = _token_logprobs(ref_hidden, lm_head_weight, labels, chunk_size)
+        r = ref_lp - lp
+        kl = torch.exp(r) - r - 1
+        per_token = per_token + beta * kl
+    mean = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x) / count  # noqa
+    return mean(per_token), mean(kl.detach())

@@ -1,6 +1,7 @@
 """Fixture builders shared by several test files, and how they run the repository's commands (imported as `helpers`;
 tests/ is on sys.path under pytest)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -239,3 +240,42 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def greedy(model, prompt, max_new, stop, aligner=None):
+    """Greedy continuation by whole forward passes (no cache, one row): the independent reference for rollouts."""
+    import torch
+
+    seq, out = prompt.clone(), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            tok = int(model(seq[None], aligner=aligner)[0, -1].argmax())
+            if tok in stop:
+                return out, True
+            out.append(tok)
+            seq = torch.cat([seq, torch.tensor([tok])])
+    return out, False
+
+
+def train_whole_and_resumed(monkeypatch, config, tmp_path: Path, at: int = 2):
+    """`config(out)` (a run config writing to `out`) trained whole into tmp_path/"full", and into tmp_path/"cut"
+    stopped by a SIGINT after step `at` (the step completes and its state is written) then resumed there: returns
+    (the whole run's summary, the metrics rows of "full", of "cut")."""
+    import functools
+    import signal
+
+    from lit_aligner.training import engine, train
+    from lit_aligner.training import run as run_module
+    from lit_aligner.training.plot import read_metrics
+
+    full = train(config(tmp_path / "full"))
+
+    def interrupt(step, row):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module, "fit", functools.partial(engine.fit, on_step=interrupt))
+    assert train(config(tmp_path / "cut"))["step"] == at + 1
+    monkeypatch.setattr(run_module, "fit", engine.fit)
+    train(dataclasses.replace(config(tmp_path / "cut"), resume="auto"))
+    return full, *(read_metrics(tmp_path / d / "metrics.csv") for d in ("full", "cut"))

@@ -191,19 +191,6 @@ def rows_file(tmp_path_factory):
 # On-policy steps (--lmbda): the student writes the responses
 
 
-def _greedy(model, prompt, max_new, stop, aligner=None):
-    """Greedy continuation by whole forward passes (no cache, one row): the independent reference for rollouts."""
-    seq, out = prompt.clone(), []
-    with torch.no_grad():
-        for _ in range(max_new):
-            tok = int(model(seq[None], aligner=aligner)[0, -1].argmax())
-            if tok in stop:
-                return out, True
-            out.append(tok)
-            seq = torch.cat([seq, torch.tensor([tok])])
-    return out, False
-
-
 def test_a_rollout_replaces_each_response_with_the_students_own_sample():
     from lightning_fabric import Fabric
 
@@ -218,7 +205,7 @@ def test_a_rollout_replaces_each_response_with_the_students_own_sample():
     items = {i: data[i] for i in range(len(data))}
     # the stop token: one of row 0's greedy tokens that row 1 never writes, so row 0 stops early (and ends with the
     # data's end token) while row 1 runs into its room under the max length
-    first, second = _greedy(model, rows[0][0], 6, set())[0], _greedy(model, rows[1][0], 4, set())[0]
+    first, second = helpers.greedy(model, rows[0][0], 6, set())[0], helpers.greedy(model, rows[1][0], 4, set())[0]
     at = next(j for j in range(1, 6) if first[j] not in second and first[j] not in first[:j])
     stop = {first[at]}
     config = DistillTrainConfig(lmbda=1.0, max_new_tokens=6, sample_temperature=0.0)
@@ -227,7 +214,7 @@ def test_a_rollout_replaces_each_response_with_the_students_own_sample():
     assert model.layers[0].attn.kv_cache is None  # the sampling cache is freed for the training passes
     for i, (prompt, response) in enumerate(rows[:3]):
         room = 20 - len(prompt) - len(context)  # fitted beside the teacher's longer prompt: 7, 4, 6
-        tokens, stopped = _greedy(model, prompt, min(6, room), stop)
+        tokens, stopped = helpers.greedy(model, prompt, min(6, room), stop)
         expected = torch.tensor(tokens + ([299] if stopped else []), dtype=torch.long)[:room]
         assert torch.equal(out[i]["response"], expected), i
         assert torch.equal(out[i]["prompt"], items[i]["prompt"])
@@ -262,7 +249,7 @@ def test_prompt_only_held_out_rows_get_the_teachers_greedy_answers():
                           cfg=SimpleNamespace(train=SimpleNamespace(micro_batch_size=2)),
                           fabric=Fabric(accelerator="cpu", devices=1), model=model)
     # the stop token: one that row 0's teacher writes, so that row stops with the end token and others run on
-    first = _greedy(model, rows[0][2], 8, set(), aligner=False)[0]
+    first = helpers.greedy(model, rows[0][2], 8, set(), aligner=False)[0]
     stop = {first[3]} - set(first[:3]) or {first[0]}
     objective = Distill(0, config=DistillTrainConfig(lmbda=1.0, max_new_tokens=8), max_seq_length=17,
                         stop_ids=stop, seed=3)
@@ -271,7 +258,7 @@ def test_prompt_only_held_out_rows_get_the_teachers_greedy_answers():
     ends = []
     for i, (prompt, _, teacher_prompt) in enumerate(rows):
         room = 17 - len(teacher_prompt)
-        tokens, stopped = _greedy(model, teacher_prompt, min(8, room), stop, aligner=False)
+        tokens, stopped = helpers.greedy(model, teacher_prompt, min(8, room), stop, aligner=False)
         ends.append("stopped" if stopped else "room" if room < 8 else "max_new_tokens")
         expected = torch.tensor(tokens + ([end] if stopped else []), dtype=torch.long)[:room]
         assert torch.equal(run.val[i]["response"], expected), i
@@ -296,12 +283,6 @@ def test_on_policy_steps_are_a_seeded_share_of_the_steps():
 
 
 def test_an_on_policy_run_resumes_to_the_same_curve(tiny_checkpoint_dir, rows_file, tmp_path, monkeypatch):
-    import functools
-    import os
-    import signal
-
-    from lit_aligner.training import engine
-    from lit_aligner.training import run as run_module
     from lit_aligner.training import train
 
     def config(out):
@@ -313,18 +294,8 @@ def test_an_on_policy_run_resumes_to_the_same_curve(tiny_checkpoint_dir, rows_fi
                                       micro_batch_size=2, warmup_steps=1, eval_interval=3, eval_iters=2,
                                       save_interval=3, seed=7))
 
-    full = train(config(tmp_path / "full"))
+    full, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path)
     assert full["step"] == 6
-
-    def interrupt_at_2(step, row):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(run_module, "fit", functools.partial(engine.fit, on_step=interrupt_at_2))
-    assert train(config(tmp_path / "cut"))["step"] == 3
-    monkeypatch.setattr(run_module, "fit", engine.fit)
-    train(dataclasses.replace(config(tmp_path / "cut"), resume="auto"))
-    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("full", "cut"))
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     objective = Distill(0, config=DistillTrainConfig(lmbda=0.5), seed=7)
     on = [s + 1 for s in range(6) if objective.on_policy(s)]  # the steps (1-based, as logged) on the student's samples

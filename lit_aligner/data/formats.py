@@ -10,7 +10,7 @@ answer, the other answer). One small parser per format in one registry (`FORMATS
 | `prompt` | prompt, response (or completion) | response | (SFT only) |
 | `qac` | question, answer, correction | correction | (correction, answer) |
 | `messages` | messages / conversations, or chosen / rejected as chat turns; tools | the last turn | (both last turns) |
-| `prompt_only` | prompt alone (text or chat turns: TRL's prompt-only rows); tools | none (on-policy distillation) | - |
+| `prompt_only` | prompt alone (text or chat turns: TRL's prompt-only rows); tools | none (on-policy runs) | - |
 
 Conversations may call tools (OpenAI's / TRL's form: assistant turns with `tool_calls`, `tool` turns with the results,
 the functions in the row's `tools`); they are rendered as the server renders them (`lit_aligner.tools`), and an
@@ -321,7 +321,7 @@ def _messages(row, pair, preference):
 
 def _prompt_only(row, pair, preference):
     """TRL's prompt-only rows: a prompt (text, or chat turns ending with a user turn) and no answer. Only on-policy
-    distillation reads them (the student writes every response); `chosen` stays empty."""
+    distillation and GRPO read them (the student writes every response); `chosen` stays empty."""
     value = row.get("prompt")
     turns = chat_turns(value, "prompt") if isinstance(value, list) else _user(text_field(row, "prompt"))
     if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
@@ -381,7 +381,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in [
     Format("messages", ("messages",), _messages, "chat conversations (messages or conversations: lists of "
            "role/content or ShareGPT from/value turns; or chosen/rejected as message lists)"),
     Format("prompt_only", ("prompt",), _prompt_only, "prompt-only rows (a prompt and no answer: on-policy "
-           "distillation)"),
+           "distillation, GRPO)"),
 ]}
 # a row with any of these holds an answer (or a whole conversation), so it is not prompt-only
 ANSWER_FIELDS = ("response", "completion", "chosen", "rejected", "label", "response_0", "response_1", "output",

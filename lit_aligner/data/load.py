@@ -37,7 +37,8 @@ class DataOptions:
     format: FormatName = "auto"
     """the rows' format (alpaca, pku, hh, pairs = prompt/chosen/rejected, prompt = prompt/response, qac, messages =
     chat turns: messages / conversations, or chosen/rejected message lists, unpaired = prompt/completion/label for
-    KTO, prompt_only = a prompt and no answer, for on-policy distillation); auto detects it from the first row."""
+    KTO, prompt_only = a prompt and no answer, for on-policy distillation and GRPO); auto detects it from the first
+    row."""
     field_map: Optional[str] = None
     """rename fields first: comma-separated ours=theirs pairs, e.g. instruction=question,output=answer."""
     preference: Optional[Literal["safer", "better"]] = None
@@ -157,7 +158,7 @@ def build_datasets(kind: str, data: DataSource, tokenizer, template: str, option
             if isinstance(row, dict):
                 row = apply_field_map(row, fmap)
                 fmt = fmt or detect_format(row, path)
-                if fmt == "prompt_only" and not (prompt_only and kind == "distill"):
+                if fmt == "prompt_only" and not prompt_only:
                     raise _no_answers(path, kind)
             ex = row_to_example(row, fmt or "alpaca", kind, preference)
             if ex.label is not None and kind != "unpaired":
@@ -226,9 +227,10 @@ def _no_answers(path: Path, kind: str) -> DataError:
     what = {"distill": "off-policy distillation trains on the data's responses"}.get(
         kind, f"{kind} data needs the answers it learns from")
     return DataError(f"{path}: the rows hold a prompt and no answer (prompt-only rows); {what}. Only on-policy "
-                     f"distillation trains on such rows: finetune/aligner_distill.py --lmbda 1 (the student writes "
-                     f"every response; held-out prompts get the teacher's greedy answers, as in evaluate/aligner.py "
-                     f"distill). Otherwise give rows with answers.")
+                     f"runs train on such rows: finetune/aligner_distill.py --lmbda 1 (the student writes every "
+                     f"response; held-out prompts get the teacher's greedy answers, as in evaluate/aligner.py "
+                     f"distill) and finetune/aligner_grpo.py (reward functions score the student's answers). "
+                     f"Otherwise give rows with answers.")
 
 
 def _check_bad_share(path: Path, info: Dict[str, Any], options: DataOptions) -> None:

@@ -8,6 +8,7 @@ line of stdout; `--out FILE` writes it too (atomically; an existing file only wi
 | `preference` | DPO metrics (TRL's names) of Aligners on preference pairs against a reference |
 | `kto` | KTO metrics of Aligners on unpaired completions (or pairs, unpaired) against a reference |
 | `distill` | divergence of the base and Aligners from a teacher (the base reading a system prompt) |
+| `reward` | mean reward of the greedy answers of the base and Aligners (GRPO's reward functions) |
 | `correction` | copy rate and log-likelihood margins of correction Aligners |
 | `harness` | lm-evaluation-harness tasks on the base with each Aligner (`lit_aligner.evaluation.harness`) |
 | `judge` | pairwise win rate of two systems judged by a local model (`lit_aligner.evaluation.judge`) |
@@ -32,7 +33,8 @@ from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.prompts import saved_variables
 from lit_aligner.reasoning import ReasoningParser
 from lit_aligner.tokenizer import ChatTemplateKwargsFlag, read_template_variables, variables_under
-from lit_aligner.training.config import DistillConfig, DistillTrainConfig, DPOLossConfig, KTOLossConfig
+from lit_aligner.training.config import (DistillConfig, DistillTrainConfig, DPOLossConfig, GRPORunConfig,
+                                         KTOLossConfig, RewardConfig)
 
 NoFlag = tyro.conf.FlagCreatePairsOff[bool]
 
@@ -431,6 +433,76 @@ class Distill(DataCommon):
             ("agreement", "agreement", "{:.3f}"), ("tokens", "tokens", "{}")])
 
 
+# --- reward -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Reward(DataCommon):
+    """GRPO's measure: each system's greedy answer to every prompt of the rows, scored by the reward functions, as a
+    GRPO run validates (its end report again on its held-out rows: --split val with its --seed and --val-size): the
+    mean reward, each function's, and the answers' length in tokens. Rows with answers give the `answer` reward its
+    references; prompt-only rows suit the others."""
+
+    aligners: List[str] = field(default_factory=list)
+    """Aligner files, or "none" for the bare base."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # --split val: the held-out rows of a GRPO run (its --val-size default)
+    data_options: DataOptions = field(default_factory=lambda: GRPORunConfig().data_options)
+    _objective = None  # the objective that answers and scores the rows, once built (not a flag)
+
+    def inputs(self) -> List[Any]:
+        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")]]
+
+    def data_arguments(self) -> Dict[str, Any]:
+        return {"prompt_only": True}
+
+    def complete(self, dataset, info: Dict[str, Any], tokenizer, template: str):
+        from lit_aligner.data.tokenize import end_token
+        from lit_aligner.prompts import get_template
+
+        if info.get("format") == "prompt_only" and self._objective.rewards.needs_references:
+            raise UserError(f"{self.data}: the answer reward compares each answer with its row's reference answer, "
+                            f"and prompt-only rows have none: give rows with answers, or other --rewards")
+        self._objective.end_id = end_token(get_template(template), tokenizer)  # this rendering's, as the trainer's
+        return dataset
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.evaluation import objective_metrics
+        from lit_aligner.training.config import TrainError
+        from lit_aligner.training.objectives.grpo import GRPO
+
+        if not self.aligners:
+            raise UserError("give the systems to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
+        try:
+            self.reward.check()
+        except TrainError as e:
+            raise UserError(str(e)) from None
+        model, tokenizer = self.load()
+        systems = _aligners(self.aligners, model)
+        objective = GRPO(tokenizer.pad_id, lambda ids: tokenizer.decode(ids, skip_special=True), self.reward,
+                         DEFAULT_CHUNK_SIZE, self.data_options.max_seq_length, tokenizer.stop_ids)
+        self._objective = objective
+
+        def metrics(aligner, dataset):
+            m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
+                                  self.batch_size)
+            return {"reward": m["reward"], **{n: m[f"reward_{n}"] for n in objective.rewards.names},
+                    "length": m["length"], "answers": m["answers"]}
+
+        results, data = self.score(systems, GRPO.data_kind, tokenizer, GRPO.default_template(tokenizer), metrics)
+        return {"command": "reward", **self.reward.settings(), "results": results, "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        names = result["rewards"]
+        weights = result["reward_weights"] or [1.0] * len(names)
+        head = ("greedy answers (up to " + str(result["max_new_tokens"]) + " new tokens); reward = " +
+                " + ".join(f"{w:g} x {n}" for n, w in zip(names, weights)) + "\n")
+        return head + _table(result["results"], [
+            ("system", "name", "{}"), ("template", "template", "{}"), ("reward", "reward", "{:.4f}"),
+            *[(n, n, "{:.4f}") for n in names if len(names) > 1], ("answer tokens", "length", "{:.1f}"),
+            ("answers", "answers", "{}")])
+
+
 # --- correction -------------------------------------------------------------------------------------------------------
 
 
@@ -713,5 +785,5 @@ class Judge(EvalCommon):
         return f"judge: {result['judge']}\n" + format_judgement(result, result["a"], result["b"])
 
 
-SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "distill": Distill, "correction": Correction,
-               "harness": Harness, "judge": Judge}
+SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "distill": Distill, "reward": Reward,
+               "correction": Correction, "harness": Harness, "judge": Judge}

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union, get_args
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple, Union, get_args
 
 from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
@@ -711,3 +711,111 @@ class DistillRunConfig(RunConfig, CompareFlags):
 
     def identity(self) -> Dict[str, Any]:
         return {**super().identity(), **self.distill.settings(self.data is None)}
+
+
+@dataclass
+class RewardConfig:
+    """How answers are scored: reward functions and their weights, on answers of at most --max-new-tokens (GRPO's
+    training and validation, and evaluate/aligner.py reward)."""
+
+    rewards: List[str] = field(default_factory=lambda: ["answer"])
+    """reward functions, summed with --reward-weights: answer (1 when the answer is the row's reference answer: the
+    last number for a number, else the whole phrase), format (the default dataset's answer format), concise (1 - tokens
+    / --max-new-tokens), regex:PATTERN (1 when it matches), or your own: FILE.py:FUNCTION or package.module:FUNCTION,
+    called as TRL calls one: f(prompts=[...], completions=[...], references=[...], **kwargs) -> one float each."""
+    reward_weights: Optional[List[float]] = None
+    """one weight per --rewards entry (default: 1 each)."""
+    max_new_tokens: int = 128
+    """the most tokens per answer (--max-seq-length bounds prompt + answer too)."""
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise TrainError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        self.reward_functions()
+
+    def reward_functions(self) -> "Rewards":  # noqa: F821
+        """The --rewards functions (user files imported now, so that a bad one fails before the model loads)."""
+        from lit_aligner.rewards import RewardError, Rewards
+
+        try:
+            return Rewards(self.rewards, self.reward_weights, self.max_new_tokens)
+        except RewardError as e:
+            raise TrainError(str(e)) from None
+
+    def settings(self) -> Dict[str, Any]:
+        return {"rewards": list(self.rewards), "reward_weights": self.reward_weights,
+                "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class GRPOConfig(RewardConfig):
+    """GRPO (DeepSeekMath; TRL's GRPOTrainer): the student (the base with the Aligner being trained) samples a group of
+    answers to each prompt, reward functions score them, and each answer's advantage is its reward against its
+    group's. Names as TRL's."""
+
+    num_generations: int = 8
+    """answers sampled per prompt (the group, G); each step trains --global-batch-size prompts x G answers."""
+    sample_temperature: float = 1.0
+    """sampling temperature of the training answers (validation answers are greedy)."""
+    scale_rewards: bool = True
+    """divide each group's centred rewards by their standard deviation (GRPO's; Dr. GRPO turns it off)."""
+    beta: float = 0.0
+    """weight of the KL penalty to the bare base (k3 estimator, per token; TRL's default 0: no reference pass)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.num_generations < 2:
+            raise TrainError(f"--num-generations must be at least 2 (advantages compare answers within a group), got "
+                             f"{self.num_generations}")
+        if not 0.0 <= self.sample_temperature < float("inf"):
+            raise TrainError(f"--sample-temperature must be 0 (greedy) or positive, got {self.sample_temperature}")
+        if not 0.0 <= self.beta < float("inf"):
+            raise TrainError(f"--beta must be >= 0 (0: no KL penalty), got {self.beta}")
+
+    def settings(self) -> Dict[str, Any]:
+        """What the loss depends on: a run's identity, and what the Aligner's metadata records."""
+        return {**super().settings(), "num_generations": self.num_generations,
+                "sample_temperature": self.sample_temperature, "scale_rewards": self.scale_rewards,
+                "beta": self.beta}
+
+
+@dataclass
+class GRPOTrainConfig(TrainConfig):
+    """Optimisation for GRPO: batches count prompts, each of which brings its group of sampled answers."""
+
+    max_steps: int = 40
+    """optimizer steps (each one global batch of prompts)."""
+    global_batch_size: int = 4
+    """prompts per optimizer step over all devices (each brings --num-generations answers)."""
+    micro_batch_size: int = 1
+    """prompts per forward pass per device (each pass holds their --num-generations answers)."""
+    eval_interval: int = 10
+    """validation every this many steps (and at the first and the last)."""
+    eval_iters: Union[int, Literal["all"]] = "all"
+    """validation micro-batches per evaluation and device (each prompt answered greedily); all: the whole split
+    (--val-size sets its rows); 0: no validation."""
+
+
+@dataclass
+class GRPORunConfig(RunConfig, CompareFlags):
+    """A `finetune/aligner_grpo.py` run: GRPO into an Aligner. Each step the student samples --num-generations
+    answers to each of its prompts; the reward functions score them; the loss is the policy gradient of each answer's
+    advantage (its reward less its group's mean, over the group's standard deviation)."""
+
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=GRPOTrainConfig)
+    data_options: DataOptions = field(default_factory=lambda: DataOptions(val_size=64))
+
+    objective: ClassVar[str] = "grpo"
+
+    def check(self) -> None:
+        super().check()
+        self.grpo.check()
+        if self.data_options.turns != "last":
+            raise TrainError("GRPO answers the last turn of each conversation: --turns all is SFT's; drop it")
+        if self.strategy == "fsdp":
+            raise TrainError("GRPO samples from the student, which needs the whole base on each device: use "
+                             "--strategy ddp (or one device)")
+
+    def identity(self) -> Dict[str, Any]:
+        return {**super().identity(), **self.grpo.settings()}

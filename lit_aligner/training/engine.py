@@ -155,13 +155,16 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
         batches, most = batches[:max_batches], min(most, max_batches)
     was_training = module.training
     module.eval()
+    answered = objective.answer(fabric, module.model, {i: dataset[i] for idx in batches for i in idx})
+    item = answered.__getitem__ if answered is not None else dataset.__getitem__
     sums, units = None, 0
     for idx in batches:
-        items = [dataset[i] for i in idx]
+        items = [item(i) for i in idx]
         sums = _add(sums, module(_to(objective.collate(items), device)))
         units += sum(objective.units(it) for it in items)
     for _ in range(most - len(batches)):  # (an empty dataset: most is 0)
-        module(_to(objective.collate([dataset[i] for i in (batches[0] if batches else [0])]), device))
+        module(_to(objective.collate([item(i) if batches else dataset[i] for i in (batches[0] if batches else [0])]),
+                   device))
     module.train(was_training)
     names = list(objective.metric_names)
     flat = torch.tensor([float(units)] + [0.0] * len(names), dtype=torch.float64, device=device)
@@ -277,9 +280,10 @@ def fit(
             if rolled is None:
                 # The global normaliser: every rank can count it itself, so it needs no communication.
                 units = sum(objective.units(items[i], step) for i in indices)
+                groups = {i: [items[i]] for i in mine}
             else:  # responses written on each rank for its own rows: only their sum over ranks is the normaliser
-                items.update(rolled)
-                units = sum(objective.units(items[i], step) for i in mine)
+                groups = {i: g if isinstance(g, list) else [g] for i, g in rolled.items()}
+                units = sum(objective.units(it, step) for g in groups.values() for it in g)
                 if world > 1:
                     units = int(fabric.all_reduce(torch.tensor(float(units), device=device), reduce_op="sum"))
             lr = lr_at(step, config)
@@ -287,7 +291,7 @@ def fit(
                 group["lr"] = lr * group.get("lr_ratio", 1.0)
             sums, padded, real = None, 0, 0
             for j, idx in enumerate(micro):
-                batch = _to(objective.collate([items[i] for i in idx], step), device)
+                batch = _to(objective.collate([it for i in idx for it in groups[i]], step), device)
                 padded += batch["input_ids"].numel()
                 real += int(batch["lengths"].sum())
                 with fabric.no_backward_sync(module, enabled=j < len(micro) - 1):

@@ -12,7 +12,9 @@ in this package: a subclass registered with `@register`.
   same base;
 - `kto.KTO`: the KTO loss on unpaired completions (desirable or not), against the same kind of reference;
 - `distill.Distill`: context distillation, the divergence from a teacher that is the same base reading a system
-  prompt the student (base + Aligner) does not see.
+  prompt the student (base + Aligner) does not see;
+- `grpo.GRPO`: GRPO, the policy gradient of the student's own sampled answers, each group's rewards centred on their
+  mean (reinforcement learning from reward functions).
 """
 
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
@@ -91,8 +93,16 @@ class Objective:
         """Called before the forward passes of optimizer step `step` with this rank's items of it (index -> item)
         and the bare model (base + the Aligner being trained; `fabric` for its precision, or None); returns the items
         to train on instead, with new responses the model wrote itself (on-policy distillation), or None to train on
-        the data as it is. Every rank must decide alike for a step: the engine then counts the units of the new items
-        across ranks."""
+        the data as it is. An index may map to a list of items (GRPO's group of samples of one prompt): the
+        micro-batch of that index then holds them all. Every rank must decide alike for a step: the engine then
+        counts the units of the new items across ranks."""
+        return None
+
+    def answer(self, fabric: Any, model: nn.Module,
+               items: Dict[int, Dict[str, torch.Tensor]]) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
+        """Called by `engine.evaluate` with a rank's held-out items before they are scored; returns them with the
+        responses to score instead (GRPO: the policy's greedy answers and their rewards), or None to score the
+        data's."""
         return None
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
@@ -125,12 +135,38 @@ class ObjectiveModule(nn.Module):
         return self.objective(self.model, batch)
 
 
+def write_responses(fabric: Any, model: nn.Module, prompts: Sequence[torch.Tensor], rooms: Sequence[int],
+                    ends: Sequence[torch.Tensor], max_new_tokens: int, temperature: float, stop_ids: Sequence[int],
+                    aligners: Any = None, generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
+    """The model's continuation of each prompt (on-policy responses): at most `max_new_tokens` and no more than the
+    prompt's room (`rooms`: tokens left under --max-seq-length); a continuation that stopped ends with the prompt's end
+    token (`ends`: the template's, as the data's responses end), one cut short does not; None where there is no room.
+    `aligners`: `generate`'s (None: the attached Aligner); `fabric`: the training precision (None: the weights')."""
+    import contextlib
+
+    from lit_aligner.generation import generate
+
+    rows = [k for k, room in enumerate(rooms) if room >= 1]
+    out: List[Optional[torch.Tensor]] = [None] * len(prompts)
+    if not rows:
+        return out
+    max_new = min(max_new_tokens, max(rooms[k] for k in rows))
+    with fabric.autocast() if fabric is not None else contextlib.nullcontext():
+        samples = generate(model, [prompts[k] for k in rows], max_new, temperature=temperature, stop_ids=stop_ids,
+                           aligners=aligners, generator=generator, compile=False)
+    model.clear_caches()  # the training passes need the memory more than the next rollout needs the cache
+    for k, ids in zip(rows, samples):
+        response = torch.cat([ids, ends[k].to(ids)]) if len(ids) < max_new else ids
+        out[k] = response[: rooms[k]]
+    return out
+
+
 def get_objective(name: str) -> Type[Objective]:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
-from lit_aligner.training.objectives import distill, dpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
+from lit_aligner.training.objectives import distill, dpo, grpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
 
-__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register"]
+__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register", "write_responses"]

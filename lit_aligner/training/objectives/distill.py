@@ -11,7 +11,6 @@ distillation) the responses are the student's own samples instead of the data's,
 prompts alone; held-out prompts then get the teacher's greedy answers once (`prepare`), for validation to score.
 """
 
-import contextlib
 import random
 from typing import Any, Dict, Optional, Sequence
 
@@ -21,7 +20,7 @@ import torch.nn as nn
 from lit_aligner.data.dataset import KIND_FIELDS, TokenizedDataset, pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, distillation_loss
 from lit_aligner.training.config import DistillConfig
-from lit_aligner.training.objectives import Batch, register
+from lit_aligner.training.objectives import Batch, register, write_responses
 from lit_aligner.training.objectives.dpo import Reference, as_reference
 from lit_aligner.training.objectives.sft import SFT
 
@@ -87,23 +86,12 @@ class Distill(SFT):
         """`items` with each response replaced by the model's continuation of the item's `prompt` field ("prompt":
         the student's, "teacher_prompt": the teacher's) with `aligners` (None: the attached Aligner; `generate`'s
         meaning), at most `max_new_tokens`, cut as `rollout` says."""
-        from lit_aligner.generation import generate
-
-        room = {k: self.max_seq_length - max(len(it["prompt"]), len(it["teacher_prompt"])) for k, it in items.items()}
-        rows = [k for k in items if room[k] >= 1]
-        out = dict(items)
-        if not rows:
-            return out
-        max_new = min(max_new_tokens, max(room[k] for k in rows))
-        # the precision the training forward runs in (outside it: the weights' own dtype); no Fabric: the weights'
-        with fabric.autocast() if fabric is not None else contextlib.nullcontext():
-            samples = generate(model, [items[k][prompt] for k in rows], max_new, temperature=temperature,
-                               stop_ids=self.stop_ids, aligners=aligners, generator=generator, compile=False)
-        model.clear_caches()  # the training passes need the memory more than the next rollout needs the cache
-        for k, ids in zip(rows, samples):
-            response = torch.cat([ids, self.end(items[k]["response"]).to(ids)]) if len(ids) < max_new else ids
-            out[k] = {**items[k], "response": response[: room[k]]}
-        return out
+        keys = list(items)
+        rooms = [self.max_seq_length - max(len(items[k]["prompt"]), len(items[k]["teacher_prompt"])) for k in keys]
+        responses = write_responses(fabric, model, [items[k][prompt] for k in keys], rooms,
+                                    [self.end(items[k]["response"]) for k in keys], max_new_tokens, temperature,
+                                    self.stop_ids, aligners, generator)
+        return {k: items[k] if r is None else {**items[k], "response": r} for k, r in zip(keys, responses)}
 
     def prepare(self, run: Any) -> None:
         """With every step on-policy, the training rows' responses are never read: each becomes the end token alone

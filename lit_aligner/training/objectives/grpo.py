@@ -1,0 +1,188 @@
+"""GRPO (Group Relative Policy Optimization, DeepSeekMath; TRL's GRPOTrainer) into an Aligner: every step the student
+(the base with the Aligner being trained) samples a group of --num-generations answers to each prompt of the step
+(`rollout`), reward functions score each answer (`lit_aligner.rewards`), and each answer's advantage is its reward
+less its group's mean, over the group's standard deviation (--scale-rewards). The loss of an answer is the mean over
+its tokens of -advantage x log p (the ratio of one optimizer step per batch of samples is 1: TRL's default
+num_iterations=1) plus --beta x the KL to the bare base; units are answers, so every answer weighs the same (TRL's
+loss_type "grpo"). No value model and no reward model: the rewards are functions.
+
+Validation answers each held-out prompt greedily (`answer`) and reports the mean reward; its "loss" is minus that
+reward, so lower is better there too.
+"""
+
+import random
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lit_aligner.data.dataset import NO_CONTEXT
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss
+from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
+from lit_aligner.training.objectives import Batch, register, write_responses
+from lit_aligner.training.objectives.sft import SFT
+
+SCORES = ("reward", "rewards", "advantage", "zero_std")  # what `rollout` / `answer` add to an item, beside its answer
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """(groups, G) rewards -> advantages: each less its group's mean, over the group's standard deviation (+1e-4, as
+    TRL: a group whose answers all score alike has advantage 0) when `scale`."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, keepdim=True) + 1e-4) if scale else centred
+
+
+@register
+class GRPO(SFT):
+    """Per answer: the GRPO loss (training) or minus its reward (validation); units are answers. Metrics: loss,
+    reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the bare base,
+    with --beta) and zero_std (the share of answers in groups whose rewards do not differ: no signal)."""
+
+    name = "grpo"
+    data_kind = "sft"
+    unit = "answers"
+
+    def __init__(self, pad_id: int, decode, config: RewardConfig = GRPOConfig(), chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 max_seq_length: int = 512, stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None):
+        super().__init__(pad_id, chunk_size)
+        # config: a GRPOConfig to train (a RewardConfig only scores greedy answers: evaluate/aligner.py reward);
+        # decode: token ids (list) -> text without special tokens
+        self.config, self.decode = config, decode
+        self.rewards = config.reward_functions()
+        self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
+        self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
+                             "zero_std")
+        self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
+
+    def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
+        return 1
+
+    def _text(self, ids: torch.Tensor) -> str:
+        return self.decode(ids.tolist()).strip()
+
+    def _end(self, item: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return item["response"][-1:] if self.end_id is None else torch.tensor([self.end_id], dtype=torch.long)
+
+    def _answer_items(self, fabric: Any, model: nn.Module, items: List[Dict[str, torch.Tensor]], copies: int,
+                      temperature: float, aligners: Any, generator: Optional[torch.Generator]
+                      ) -> List[List[Dict[str, torch.Tensor]]]:
+        """Each item's group: `copies` answers of the model to its prompt, scored (reward, each function's, the
+        advantage within the group)."""
+        prompts = [it["prompt"] for it in items for _ in range(copies)]
+        rooms = [self.max_seq_length - len(p) for p in prompts]
+        if min(rooms) < 1:
+            raise TrainError(f"a prompt of {len(prompts[rooms.index(min(rooms))])} tokens leaves no room for an answer "
+                             f"under --max-seq-length {self.max_seq_length}; raise it")
+        answers = write_responses(fabric, model, prompts, rooms, [self._end(it) for it in items for _ in
+                                  range(copies)], self.config.max_new_tokens, temperature, self.stop_ids, aligners,
+                                  generator)
+        texts = [self._text(a) for a in answers]
+        references = [self._text(it["response"]) for it in items for _ in range(copies)]
+        scores = self.rewards([self._text(p) for p in prompts], texts, references, [len(a) for a in answers])
+        total = torch.tensor(self.rewards.total(scores), dtype=torch.float32).view(len(items), copies)
+        advantages = group_advantages(total, self.config.scale_rewards) if copies > 1 else torch.zeros_like(total)
+        zero_std = (total.max(-1).values == total.min(-1).values).float() * (copies > 1)  # (one answer: no group)
+        by_name = torch.tensor([scores[n] for n in self.rewards.names], dtype=torch.float32).T.reshape(
+            len(items), copies, -1)
+        return [[{"prompt": it["prompt"], "response": answers[g * copies + c], "context": NO_CONTEXT,
+                  "reward": total[g, c:c + 1], "rewards": by_name[g, c], "advantage": advantages[g, c:c + 1],
+                  "zero_std": zero_std[g:g + 1]} for c in range(copies)] for g, it in enumerate(items)]
+
+    def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
+                step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
+        """Every step: each prompt's group of --num-generations sampled answers, scored; seeded by --seed, the step
+        and the process (a resumed run samples the same)."""
+        device = model.tok_embeddings.weight.device
+        rank = fabric.global_rank if fabric is not None else 0
+        seed = random.Random(f"grpo:{self.seed}:{step}:{rank}").getrandbits(63)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        keys = list(items)
+        groups = self._answer_items(fabric, model, [items[k] for k in keys], self.config.num_generations,
+                                    self.config.sample_temperature, None, generator)
+        return dict(zip(keys, groups))
+
+    def answer(self, fabric: Any, model: nn.Module,
+               items: Dict[int, Dict[str, torch.Tensor]]) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Validation: each held-out prompt's greedy answer by the policy (this objective's `aligner`), scored."""
+        keys, out = list(items), {}
+        for s in range(0, len(keys), 32):  # generation batches (the scoring passes keep the run's micro-batches)
+            part = keys[s:s + 32]
+            groups = self._answer_items(fabric, model, [items[k] for k in part], 1, 0.0, self.aligner, None)
+            out.update({k: g[0] for k, g in zip(part, groups)})
+        self.answers = {k: self._text(it["response"]) for k, it in out.items()}
+        return out
+
+    def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
+        batch = super().collate(items, step)
+        for name in SCORES:
+            batch[name] = torch.stack([it[name] for it in items])
+        return batch
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
+        length = (batch["labels"][:, 1:] != -100).sum().float()
+        out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum()}
+        out.update({f"reward_{n}": batch["rewards"][:, i].sum() for i, n in enumerate(self.rewards.names)})
+        if not model.training:  # validation: greedy answers, scored by their reward alone
+            return {**out, "loss": -out["reward"], "kl": torch.zeros(())}
+        hidden = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)
+        ref = None
+        if self.config.beta > 0:
+            with torch.no_grad():
+                ref = model(batch["input_ids"], aligner=False, return_hidden=True)
+        loss, kl = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
+                             self.config.beta, self.chunk_size)
+        return {**out, "loss": loss.sum(), "kl": kl.sum()}
+
+    @classmethod
+    def data_arguments(cls, cfg: Any) -> Dict[str, Any]:
+        return {"prompt_only": True}  # every answer is the student's; a row's own answer is only a reference
+
+    @classmethod
+    def from_run(cls, cfg: Any, run: Any) -> "GRPO":
+        from lit_aligner.data.tokenize import end_token
+        from lit_aligner.prompts import get_template
+
+        objective = cls(run.tokenizer.pad_id, lambda ids: run.tokenizer.decode(ids, skip_special=True), cfg.grpo,
+                        cfg.train.chunk_size, cfg.data_options.max_seq_length, run.tokenizer.stop_ids,
+                        cfg.train.seed, end_token(get_template(run.template), run.tokenizer))
+        formats = {run.info.get("format"), (run.info.get("val_info") or {}).get("format")}
+        if objective.rewards.needs_references and "prompt_only" in formats:
+            raise TrainError("the answer reward compares each answer with its row's reference answer, and prompt-only "
+                             "rows have none: give rows with answers (e.g. prompt/response or GSM8K's "
+                             "question/answer), or other --rewards")
+        return objective
+
+    def metadata(self) -> Dict[str, Any]:
+        return {"grpo": self.config.settings()}
+
+    def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
+        """The held-out reward of the bare base's greedy answers and of the Aligner's, each reward function's, the
+        answers' lengths, and (with --compare; default: on the default dataset) three answers side by side."""
+        from lit_aligner.training.state import is_sharded
+
+        if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
+            return None
+        from lit_aligner.evaluation import prompt_question
+
+        before, after = self.heldout_before_after(cfg, run, result)
+        report = {"val_rows": len(run.val), "before": before, "after": after}
+        lines = ["", f"=== held-out reward of greedy answers ({len(run.val)} prompts) ===",
+                 f"reward:   base {before['reward']:.4f}  ->  with Aligner {after['reward']:.4f}"]
+        lines += [f"  {n}: base {before['reward_' + n]:.4f}  ->  with Aligner {after['reward_' + n]:.4f}"
+                  for n in self.rewards.names if len(self.rewards.names) > 1]
+        lines.append(f"answer tokens: base {before['length']:.1f}  ->  with Aligner {after['length']:.1f}")
+        compare = cfg.compare if cfg.compare is not None else cfg.data is None
+        if compare:
+            rows = {i: run.val[i] for i in range(min(3, len(run.val)))}
+            shown: Dict[str, Dict[int, Any]] = {}
+            with run.fabric.autocast():
+                for name, aligner in (("base", False), ("with Aligner", run.model.aligner)):
+                    scorer = self.with_aligner(aligner)
+                    scored = scorer.answer(run.fabric, run.model, rows)
+                    shown[name] = {i: (scorer.answers[i], float(scored[i]["reward"])) for i in rows}
+            for i in rows:
+                lines.append(f"--- sample {i + 1}: {prompt_question(self._text(rows[i]['prompt']))}")
+                lines += [f"  {name} (reward {shown[name][i][1]:g}): {shown[name][i][0]!r}" for name in shown]
+            report["answers"] = {name: [shown[name][i][0] for i in rows] for name in shown}
+        run.fabric.print("\n".join(lines))
+        return report

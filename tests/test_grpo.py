@@ -1,0 +1,371 @@
+"""GRPO into an Aligner (finetune/aligner_grpo.py): advantages and loss against TRL's GRPOTrainer formulas, the reward
+functions, rollouts against an independent decoder, a run whose reward really rises, resume and the CLI's errors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import helpers
+from lit_aligner.aligner_files import load_aligner
+from lit_aligner.config import Config
+from lit_aligner.data import DataOptions, TokenizedDataset
+from lit_aligner.data.dataset import NO_CONTEXT
+from lit_aligner.losses import grpo_loss
+from lit_aligner.model import AlignerConfig, LLaMA, init_weights
+from lit_aligner.rewards import RewardError, Rewards, gives_answer, reference_answer
+from lit_aligner.training import GRPOConfig, GRPORunConfig, TrainError
+from lit_aligner.training.objectives.grpo import GRPO, group_advantages
+from lit_aligner.training.plot import read_metrics
+
+
+def test_group_advantages_are_trls():
+    from trl.trainer.utils import nanstd
+
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 3, (6, 8), generator=g).float()
+    rewards[2] = 1.0  # a group whose answers all score alike: no signal, advantage 0
+    flat = rewards.view(-1)  # TRL's computation (GRPOTrainer, scale_rewards="group"), on its flat batch
+    mean = rewards.view(-1, 8).mean(1).repeat_interleave(8)
+    std = nanstd(rewards.view(-1, 8), dim=1).repeat_interleave(8)
+    assert torch.allclose(group_advantages(rewards).view(-1), (flat - mean) / (std + 1e-4), atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, scale=False).view(-1), flat - mean)  # scale_rewards="none"
+    assert torch.equal(group_advantages(rewards)[2], torch.zeros(8))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size):
+    g = torch.Generator().manual_seed(1)
+    B, T, C, V = 3, 7, 8, 11
+    hidden = torch.randn(B, T, C, generator=g, requires_grad=True)
+    ref_hidden = torch.randn(B, T, C, generator=g)
+    weight = torch.randn(V, C, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :2] = -100  # the prompts
+    labels[1, 5:] = -100  # padding
+    advantages = torch.tensor([1.5, -0.5, -1.0])
+    loss, kl = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size)
+    loss.sum().backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+
+    # TRL's GRPOTrainer._compute_loss (loss_type "grpo", num_iterations 1: old log-probs = the detached ones), on
+    # per-token log-probs from whole logits
+    def logps(h):
+        lp = torch.log_softmax((h @ weight.T)[:, :-1], -1)
+        return lp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+
+    mask = (labels[:, 1:] != -100).float()
+    lp = logps(hidden)
+    coef_1 = torch.exp(lp - lp.detach())
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+    per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    ref_lp = logps(ref_hidden)
+    per_token_kl = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
+    if beta:
+        per_token = per_token + beta * per_token_kl
+    theirs = (per_token * mask).sum(-1) / mask.sum(-1)
+    theirs.sum().backward()
+    assert torch.allclose(loss, theirs.detach(), atol=1e-5)
+    assert torch.allclose(ours, hidden.grad, atol=1e-5)
+    if beta:
+        assert torch.allclose(kl, ((per_token_kl * mask).sum(-1) / mask.sum(-1)).detach(), atol=1e-5)
+    else:
+        assert torch.equal(kl, torch.zeros(B))
+    # the gradient is the policy gradient: -A x the mean of grad log p over each answer's tokens
+    if not beta:
+        hidden.grad = None
+        (-(advantages[:, None] * logps(hidden) * mask).sum(-1) / mask.sum(-1)).sum().backward()
+        assert torch.allclose(ours, hidden.grad, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward functions
+
+
+@pytest.mark.parametrize("completion, reference, right", [
+    ("11 * 4 = 44", "ANSWER: 44\nEND OF ANSWER", True),  # the default dataset's format: its answer
+    ("11 * 4 = 42, not 44... no: 42", "ANSWER: 44\nEND OF ANSWER", False),  # a number: the last one counts
+    ("The total is 1,234 dollars.", "She pays 1234 in all.\n#### 1234", True),  # GSM8K: after ####; commas ignored
+    ("It is 12.0", "12", True),
+    ("It is 120", "12", False),
+    ("The month before August is July.", "July", True),
+    ("The month before August is june", "July", False),
+    ("Julys are warm", "July", False),  # a whole phrase, not part of a word
+    ("Sorted: a,  C, z.", "a, c, z", True),  # case and runs of white space ignored
+    ("nothing", "", False),
+])
+def test_the_answer_reward_reads_the_reference_answer(completion, reference, right):
+    assert gives_answer(completion, reference) is right
+
+
+def test_reference_answers():
+    assert reference_answer("ANSWER: tac\nEND OF ANSWER") == "tac"
+    assert reference_answer("Step one.\n#### 72 ") == "72"
+    assert reference_answer("  plain text ") == "plain text"
+
+
+def test_rewards_are_weighed_and_a_users_trl_style_function_runs(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def mentions_reference(prompts, completions, **kwargs):\n"
+        "    refs = kwargs['references']\n"
+        "    return [float(r in c) + 0.5 * len(p) / 100 for p, c, r in zip(prompts, completions, refs)]\n")
+    rewards = Rewards(["answer", "concise", f"{tmp_path / 'my_rewards.py'}:mentions_reference", "regex:^ANSWER"],
+                      [1.0, 0.5, 2.0, 1.0], max_new_tokens=10)
+    scores = rewards(["q" * 10, "q" * 20], ["ANSWER: 7\nEND OF ANSWER", "it is 8"], ["7", "9"], [4, 10])
+    assert scores == {"answer": [1.0, 0.0], "concise": [0.6, 0.0], "mentions_reference": [1.05, 0.1],
+                      "regex": [1.0, 0.0]}  # (metrics: reward_<name>)
+    assert rewards.total(scores) == pytest.approx([1 + 0.3 + 2.1 + 1, 0.2])
+    assert Rewards(["format"])([""], ["ANSWER: 3\nEND OF ANSWER"], [""], [5]) == {"format": [1.0]}
+
+
+def test_reward_names_are_short_and_distinct():
+    from lit_aligner.rewards import reward_names
+
+    assert reward_names(["answer", "regex:a+", "regex:b", "my.py:score", "pkg.mod:score"]) == [
+        "answer", "regex", "regex_2", "score", "score_2"]
+
+
+@pytest.mark.parametrize("names, weights, match", [
+    ([], None, "at least one reward function"),
+    (["answer", "concise"], [1.0], "one per reward function"),
+    (["regex:(unclosed"], None, "not a regular expression"),
+    (["no_such_reward"], None, "not a reward function"),
+    (["missing.py:f"], None, "no such file missing.py"),
+    (["no_such_module_xyz:f"], None, "cannot import no_such_module_xyz"),
+    (["json:no_such_function"], None, "has no function 'no_such_function'"),
+])
+def test_bad_reward_flags_are_one_clear_error(names, weights, match):
+    with pytest.raises(RewardError, match=match):
+        Rewards(names, weights)
+
+
+def test_a_reward_function_that_returns_the_wrong_thing_is_named(tmp_path):
+    (tmp_path / "bad.py").write_text("def short(prompts, completions, **kw):\n    return [1.0]\n"
+                                     "def nan(prompts, completions, **kw):\n    return [float('nan')] * 2\n"
+                                     "def boom(prompts, completions, **kw):\n    raise KeyError('solution')\n")
+    for name, match in (("short", "one finite number per completion"), ("nan", "one finite number"),
+                        ("boom", "failed: KeyError")):
+        spec = f"{tmp_path / 'bad.py'}:{name}"
+        with pytest.raises(RewardError, match=f"reward function {spec}.*{match}"):
+            Rewards([spec])(["p", "p"], ["a", "b"], ["r", "r"], [1, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollouts: each prompt's group of the student's own answers, scored
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    model = LLaMA(Config.from_name("tiny"), AlignerConfig(3, 1))
+    init_weights(model, std=0.1)
+    with torch.no_grad():
+        model.aligner.gate.normal_()  # a trained Aligner: the answers must be the student's
+    return model
+
+
+def _decode(ids):
+    return " ".join(f"t{i}" for i in ids if i != 299)  # 299: the template's end token, special
+
+
+def _items(n=3, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 300, (int(k),), generator=g) for k in torch.randint(3, 8, (n,), generator=g)]
+    return {i: {"prompt": p, "response": torch.tensor([5, 299]), "context": NO_CONTEXT} for i, p in enumerate(prompts)}
+
+
+def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
+    model, items = _tiny_model(), _items()
+    config = GRPOConfig(rewards=["regex:t1\\d\\d\\b", "concise"], num_generations=4, max_new_tokens=6)
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=[7], seed=3, end_id=299)
+    groups = objective.rollout(None, model, items, step=0)
+    assert model.layers[0].attn.kv_cache is None  # the sampling cache is freed for the training passes
+    assert sorted(groups) == [0, 1, 2] and all(len(g) == 4 for g in groups.values())
+    for i, group in groups.items():
+        assert all(torch.equal(a["prompt"], items[i]["prompt"]) for a in group)
+        for a in group:
+            text = _decode(a["response"].tolist())
+            regex = float(any(t.startswith("t1") and len(t) == 4 for t in text.split()))
+            concise = 1 - len(a["response"]) / 6
+            assert a["rewards"].tolist() == pytest.approx([regex, concise])
+            assert float(a["reward"]) == pytest.approx(regex + concise)
+        rewards = torch.stack([a["reward"] for a in group]).view(1, 4)
+        assert torch.allclose(torch.stack([a["advantage"] for a in group]).view(1, 4), group_advantages(rewards))
+    # seeded by the step: the same step samples the same answers (a resumed run), another step others
+    again = objective.rollout(None, model, items, step=0)
+    other = objective.rollout(None, model, items, step=1)
+    same = lambda a, b: all(torch.equal(x["response"], y["response"]) for i in a for x, y in zip(a[i], b[i]))  # noqa
+    assert same(groups, again) and not same(groups, other)
+    # greedy answers are the model's greedy continuations: stopped ones end with the template's end token
+    greedy = GRPO(0, _decode, dataclasses.replace(config, sample_temperature=0.0), max_seq_length=64,
+                  stop_ids=[7], end_id=299).rollout(None, model, items, step=0)
+    for i in items:
+        tokens, stopped = helpers.greedy(model, items[i]["prompt"], 6, {7})
+        assert greedy[i][0]["response"].tolist() == tokens + ([299] if stopped else [])
+        assert float(greedy[i][0]["zero_std"]) == 1.0 and float(greedy[i][0]["advantage"]) == 0.0  # all alike
+
+
+def test_validation_scores_the_policys_greedy_answers_by_their_reward():
+    from lit_aligner.evaluation import objective_metrics
+
+    model, items = _tiny_model(), _items(5, seed=6)
+    data = TokenizedDataset.from_rows("sft", [(it["prompt"], it["response"], NO_CONTEXT) for it in items.values()])
+    config = GRPOConfig(rewards=["regex:t1\\d\\d\\b", "concise"], num_generations=4, max_new_tokens=6)
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=[7], end_id=299)
+    for aligner in (model.aligner, False):
+        metrics = objective_metrics(model, objective, data, aligner, batch_size=2)
+        scorer = objective.with_aligner(aligner)
+        answers = {i: scorer._answer_items(None, model, [items[i]], 1, 0.0, aligner, None)[0][0] for i in items}
+        mean = lambda k: sum(float(a[k].sum()) for a in answers.values()) / len(items)  # noqa: E731
+        assert metrics["answers"] == 5 and metrics["reward"] == pytest.approx(mean("reward"))
+        assert metrics["loss"] == pytest.approx(-metrics["reward"]) and metrics["zero_std"] == 0
+        assert metrics["length"] == pytest.approx(sum(len(a["response"]) for a in answers.values()) / 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@pytest.fixture(scope="module")
+def letter_reward(tmp_path_factory):
+    """A reward the tiny random model can learn in a few steps: the share of an answer's letters that are 'e'."""
+    path = tmp_path_factory.mktemp("grpo") / "letters.py"
+    path.write_text("def e_share(prompts, completions, **kwargs):\n"
+                    "    return [sum(ch == 'e' for ch in c) / max(1, sum(ch.isalpha() for ch in c)) "
+                    "for c in completions]\n")
+    return f"{path}:e_share"
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    from lit_aligner.data import default
+
+    path = tmp_path_factory.mktemp("grpo") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in default.generate_rows(80, seed=5)))
+    return path
+
+
+def _config(checkpoint_dir, rows_file, reward, out, weight=1.0, **train):
+    return GRPORunConfig(
+        checkpoint_dir=checkpoint_dir, out_dir=out, data=rows_file, n_tokens=4, start_layer=1, accelerator="cpu",
+        progress=False, compare=False, data_options=DataOptions(max_seq_length=96, val_size=8),
+        grpo=GRPOConfig(rewards=[reward], reward_weights=[weight], num_generations=4, max_new_tokens=12),
+        train=dataclasses.replace(GRPORunConfig().train, **{
+            "max_steps": 12, "learning_rate": 0.1, "global_batch_size": 4, "micro_batch_size": 2,
+            "warmup_steps": 1, "eval_interval": 6, "save_interval": 6, "seed": 7, **train}))
+
+
+def test_a_grpo_run_moves_its_reward_the_way_it_is_weighed(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path):
+    from lit_aligner.training import train
+
+    shares = {}
+    for weight in (1.0, -1.0):  # -1: the same function as a penalty, so the same signal pushes the other way
+        out = tmp_path / f"w{weight:g}"
+        summary = train(_config(tiny_checkpoint_dir, rows_file, letter_reward, out, weight))
+        rows = read_metrics(out / "metrics.csv")
+        assert len([r for r in rows if r.get("train_reward")]) == 12
+        # the loss of a group sums to 0 (its advantages do) and the ratio is 1: a step's loss is 0, its gradient not
+        assert all(float(r["train_loss"]) == pytest.approx(0, abs=1e-5) for r in rows if r.get("train_loss"))
+        assert all(float(r["grad_norm"]) > 0 for r in rows if r.get("grad_norm"))
+        val = [(float(r["val_reward"]), float(r["val_reward_e_share"])) for r in rows if r.get("val_reward")]
+        assert val[-1][0] == pytest.approx(weight * val[-1][1]) and summary["val"]["reward"] == val[-1][0]
+        shares[weight] = (val[0][1], val[-1][1])  # the held-out greedy answers' share of e's: before, after
+    assert shares[1.0][0] == shares[-1.0][0]  # the same base
+    assert shares[1.0][1] > shares[1.0][0] + 0.1, shares  # rewarded: more e's
+    assert shares[-1.0][1] < shares[-1.0][0], shares  # penalised: fewer (from a floor of few)
+    _, meta = load_aligner(tmp_path / "w1" / "aligner.safetensors")
+    assert json.loads(meta["grpo"])["rewards"] == [letter_reward]
+    assert json.loads(meta["grpo"])["num_generations"] == 4
+
+
+@pytest.mark.slow
+def test_a_resumed_grpo_run_retraces_the_same_curve(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path,
+                                                    monkeypatch):
+    def config(out):
+        return _config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=6, save_interval=3,
+                       eval_interval=3)
+
+    _, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path)
+    assert [r["train_reward"] for r in a] == [r["train_reward"] for r in b]
+    helpers.assert_same_trained_aligner(tmp_path / "full", tmp_path / "cut")
+
+
+def test_grpo_cli_errors_are_one_line(tiny_checkpoint_dir, rows_file, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in ("yes", "no", "maybe", "so")))
+    common = ["finetune/aligner_grpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--accelerator", "cpu",
+              "--max-steps", "1", "--no-progress", "--out-dir", tmp_path / "out"]
+    cases = [(["--data", rows_file, "--rewards", "no_such_reward"], "not a reward function"),
+             (["--data", rows_file, "--num-generations", "1"], "--num-generations must be at least 2"),
+             (["--data", rows_file, "--strategy", "fsdp"], "needs the whole base"),
+             (["--data", prompts, "--val-size", "1"], "prompt-only rows have none")]
+    for args, match in cases:
+        r = helpers.run_script(*common, *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and lines[-1].startswith("error:") and match in lines[-1], helpers.why(r)
+        assert "Traceback" not in r.stderr
+    # prompt-only rows train with rewards that need no reference
+    r = helpers.run_script(*common, "--data", prompts, "--val-size", "1", "--rewards", "concise", "--max-new-tokens",
+                           "4", "--num-generations", "2", "--global-batch-size", "2", "--micro-batch-size", "2",
+                           "--json-summary")
+    assert r.returncode == 0, helpers.why(r)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
+
+
+def test_grpo_flags_are_checked():
+    with pytest.raises(TrainError, match="--beta must be >= 0"):
+        GRPOConfig(beta=-1).check()
+    with pytest.raises(TrainError, match="--sample-temperature"):
+        GRPOConfig(sample_temperature=-1).check()
+    with pytest.raises(TrainError, match="--turns all is SFT's"):
+        GRPORunConfig(data_options=DataOptions(turns="all")).check()
+
+
+def test_evaluate_reward_gives_a_runs_end_report_again(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path):
+    from lit_aligner.training import train
+
+    summary = train(_config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / "run", max_steps=4))
+    aligner = tmp_path / "run" / "aligner.safetensors"
+    r = helpers.run_script("evaluate/aligner.py", "reward", "--checkpoint-dir", tiny_checkpoint_dir, "--data",
+                           rows_file, "--split", "val", "--val-size", "8", "--seed", "7", "--max-seq-length", "96",
+                           "--rewards", letter_reward, "concise", "--max-new-tokens", "12", "--aligners", "none",
+                           aligner, "--device", "cpu", "--out", tmp_path / "reward.json")
+    assert r.returncode == 0, helpers.why(r)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == json.loads((tmp_path / "reward.json").read_text())
+    base, trained = result["results"]
+    assert base["name"] == "base" and base["answers"] == trained["answers"] == 8
+    assert trained["e_share"] == pytest.approx(summary["val"]["reward"], abs=1e-6)  # the run's held-out figure
+    assert base["e_share"] == pytest.approx(summary["first_val"]["reward"], abs=1e-6)  # (step 0: the bare base)
+    assert trained["reward"] == pytest.approx(trained["e_share"] + trained["concise"])
+    assert "e_share" in r.stdout and "answer tokens" in r.stdout
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in ("yes", "no")))
+    r = helpers.run_script("evaluate/aligner.py", "reward", "--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts,
+                           "--aligners", "none", "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error:") and \
+        "prompt-only rows have none" in r.stderr, helpers.why(r)
+
+
+@pytest.mark.slow
+def test_two_process_grpo_validates_as_one_process(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path):
+    # each process answers its own held-out prompts and samples its own prompts' groups: the held-out reward must be
+    # summed over both (greedy answers: the same as one process's), every step counts both processes' answers
+    common = ["finetune/aligner_grpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", rows_file, "--accelerator",
+              "cpu", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "96", "--val-size", "7", "--eval-interval", "2",
+              "--rewards", letter_reward, "--num-generations", "4", "--max-new-tokens", "12", "--no-progress",
+              "--compare", "False", "--learning-rate", "0.1"]
+    one = helpers.run_script(*common, "--out-dir", tmp_path / "one", timeout=600)
+    assert one.returncode == 0, helpers.why(one)
+    two = helpers.run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
+                             env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, helpers.why(two)
+    rows = {k: read_metrics(tmp_path / k / "metrics.csv") for k in ("one", "two")}
+    assert float(rows["two"][0]["val_reward"]) == pytest.approx(float(rows["one"][0]["val_reward"]), abs=1e-6)
+    trained = [r for r in rows["two"] if r.get("train_reward")]
+    assert len(trained) == 2 and all(0 <= float(r["train_zero_std"]) <= 1 for r in trained)
+    _, meta = load_aligner(tmp_path / "two" / "aligner.safetensors")
+    assert json.loads(meta["grpo"])["rewards"] == [letter_reward]

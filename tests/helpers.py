@@ -279,3 +279,13 @@ def train_whole_and_resumed(monkeypatch, config, tmp_path: Path, at: int = 2):
     monkeypatch.setattr(run_module, "fit", engine.fit)
     train(dataclasses.replace(config(tmp_path / "cut"), resume="auto"))
     return full, *(read_metrics(tmp_path / d / "metrics.csv") for d in ("full", "cut"))
+
+
+def run_one_and_two_processes(common, tmp_path: Path, timeout: float = 600) -> None:
+    """The training command `common` run into tmp_path/"one" (one process) and tmp_path/"two" (two DDP processes, a
+    torch thread each); both must succeed."""
+    one = run_script(*common, "--out-dir", tmp_path / "one", timeout=timeout)
+    assert one.returncode == 0, why(one)
+    two = run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
+                     env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    assert two.returncode == 0, why(two)

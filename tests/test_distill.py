@@ -319,11 +319,7 @@ def test_two_process_on_policy_distillation_equals_one_process(tiny_checkpoint_d
               "8", "--micro-batch-size", "2", "--n-tokens", "4", "--start-layer", "1", "--max-seq-length", "128",
               "--learning-rate", "3e-2", "--eval-interval", "3", "--no-progress", "--compare", "False", "--lmbda", "1",
               "--sample-temperature", "0", "--max-new-tokens", "16"]
-    one = helpers.run_script(*common, "--out-dir", tmp_path / "one", timeout=600)
-    assert one.returncode == 0, helpers.why(one)
-    two = helpers.run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
-                             env={"OMP_NUM_THREADS": "1"}, timeout=600)
-    assert two.returncode == 0, helpers.why(two)
+    helpers.run_one_and_two_processes(common, tmp_path)
     helpers.assert_same_trained_aligner(tmp_path / "one", tmp_path / "two")
     losses = [[float(r["train_loss"]) for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("train_loss")]
               for k in ("one", "two")]

@@ -358,11 +358,7 @@ def test_two_process_grpo_validates_as_one_process(tiny_checkpoint_dir, rows_fil
               "--start-layer", "1", "--max-seq-length", "96", "--val-size", "7", "--eval-interval", "2",
               "--rewards", letter_reward, "--num-generations", "4", "--max-new-tokens", "12", "--no-progress",
               "--compare", "False", "--learning-rate", "0.1"]
-    one = helpers.run_script(*common, "--out-dir", tmp_path / "one", timeout=600)
-    assert one.returncode == 0, helpers.why(one)
-    two = helpers.run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
-                             env={"OMP_NUM_THREADS": "1"}, timeout=600)
-    assert two.returncode == 0, helpers.why(two)
+    helpers.run_one_and_two_processes(common, tmp_path)
     rows = {k: read_metrics(tmp_path / k / "metrics.csv") for k in ("one", "two")}
     assert float(rows["two"][0]["val_reward"]) == pytest.approx(float(rows["one"][0]["val_reward"]), abs=1e-6)
     trained = [r for r in rows["two"] if r.get("train_reward")]

@@ -521,11 +521,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_chec
               "--start-layer", "1", "--max-seq-length", "128", "--learning-rate", "3e-2", "--eval-interval", "3",
               "--max-norm", "0.01", "--no-progress", "--compare", "False",  # the tiny model's norms are 0.02 to 0.03
               "--quantize", quantize]
-    one = run_script(*common, "--out-dir", tmp_path / "one")
-    assert one.returncode == 0, helpers.why(one)
-    two = run_script(*common, "--out-dir", tmp_path / "two", "--devices", "2", "--strategy", "ddp",
-                     env={"OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, helpers.why(two)
+    helpers.run_one_and_two_processes(common, tmp_path)
     helpers.assert_same_trained_aligner(tmp_path / "one", tmp_path / "two")
     # the norm is of the whole, synchronised gradient (so every step was clipped alike on both ranks)
     norms = [[float(r["grad_norm"]) for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("grad_norm")]

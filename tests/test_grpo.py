@@ -224,6 +224,25 @@ def test_validation_scores_the_policys_greedy_answers_by_their_reward():
         assert metrics["length"] == pytest.approx(sum(len(a["response"]) for a in answers.values()) / 5)
 
 
+def test_a_process_without_held_out_rows_repeats_an_answered_one():
+    # DDP with fewer held-out prompts than processes: a process with none runs the others' passes on row 0, which it
+    # must answer too (its sums count nothing: alone here, nothing is left to average)
+    import contextlib
+    from types import SimpleNamespace
+
+    from lit_aligner.training.engine import evaluate
+    from lit_aligner.training.objectives import ObjectiveModule
+
+    model, items = _tiny_model(), _items(1)
+    data = TokenizedDataset.from_rows("sft", [(it["prompt"], it["response"], NO_CONTEXT) for it in items.values()])
+    objective = GRPO(0, _decode, GRPOConfig(rewards=["concise"], max_new_tokens=4), max_seq_length=64)
+    rank1 = SimpleNamespace(global_rank=1, world_size=2, device=torch.device("cpu"), all_reduce=lambda t, **_: t,
+                            autocast=contextlib.nullcontext)
+    with pytest.raises(TrainError, match="no answers to evaluate"):
+        evaluate(ObjectiveModule(model, objective), objective, data, 2, None, rank1)
+    assert evaluate(ObjectiveModule(model, objective), objective, data, 2)["answers"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Whole runs
 

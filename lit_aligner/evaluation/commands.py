@@ -94,13 +94,23 @@ class EvalCommon:
         raise NotImplementedError
 
 
+def _bare(path: Any) -> bool:
+    """Whether an --aligners entry names the bare base ("none" or "base") rather than a file."""
+    return str(path).lower() in ("none", "base")
+
+
+def _aligner_files(paths: Sequence[Any]) -> List[Any]:
+    """The --aligners entries that are files (inputs: --out may not replace one)."""
+    return [p for p in paths if not _bare(p)]
+
+
 def _aligners(paths: Sequence[Any], model) -> List[Tuple[str, Any, Dict[str, Any]]]:
     """(name, Aligner or None, metadata) per path; "none" / "base" is the bare base."""
     from lit_aligner.aligner_files import load_aligner
 
     out = []
     for p in paths:
-        if str(p).lower() in ("none", "base"):
+        if _bare(p):
             out.append(("base", None, {}))
         else:
             aligner, meta = load_aligner(p, model)
@@ -267,7 +277,7 @@ class AgainstReference(DataCommon):
     """the reference: "none" (the bare base) or an Aligner file."""
 
     def inputs(self) -> List[Any]:
-        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")]]
+        return [*super().inputs(), *_aligner_files(self.aligners)]
 
     def scored(self, objective_cls, loss_config, names: Dict[str, str]) -> Tuple[List[Dict[str, Any]], Dict, str]:
         """(results, data counts, the reference's description): each policy's metrics of `objective_cls` with
@@ -369,7 +379,7 @@ class Distill(DataCommon):
     _objective = None  # the objective that scores the rows, once built (not a flag)
 
     def inputs(self) -> List[Any]:
-        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")],
+        return [*super().inputs(), *_aligner_files(self.aligners),
                 self.distill.teacher_aligner]
 
     def data_arguments(self) -> Dict[str, Any]:
@@ -451,7 +461,7 @@ class Reward(DataCommon):
     _objective = None  # the objective that answers and scores the rows, once built (not a flag)
 
     def inputs(self) -> List[Any]:
-        return [*super().inputs(), *[a for a in self.aligners if a.lower() not in ("none", "base")]]
+        return [*super().inputs(), *_aligner_files(self.aligners)]
 
     def data_arguments(self) -> Dict[str, Any]:
         return {"prompt_only": True}
@@ -460,23 +470,17 @@ class Reward(DataCommon):
         from lit_aligner.data.tokenize import end_token
         from lit_aligner.prompts import get_template
 
-        if info.get("format") == "prompt_only" and self._objective.rewards.needs_references:
-            raise UserError(f"{self.data}: the answer reward compares each answer with its row's reference answer, "
-                            f"and prompt-only rows have none: give rows with answers, or other --rewards")
+        self._objective.check_references(info, self.data)
         self._objective.end_id = end_token(get_template(template), tokenizer)  # this rendering's, as the trainer's
         return dataset
 
     def run(self) -> Dict[str, Any]:
         from lit_aligner.evaluation import objective_metrics
-        from lit_aligner.training.config import TrainError
         from lit_aligner.training.objectives.grpo import GRPO
 
         if not self.aligners:
             raise UserError("give the systems to evaluate: --aligners FILE [FILE ...] (none = the bare base)")
-        try:
-            self.reward.check()
-        except TrainError as e:
-            raise UserError(str(e)) from None
+        self.reward.check()  # (a TrainError is a UserError: one error line)
         model, tokenizer = self.load()
         systems = _aligners(self.aligners, model)
         objective = GRPO(tokenizer.pad_id, lambda ids: tokenizer.decode(ids, skip_special=True), self.reward,

@@ -727,6 +727,7 @@ class RewardConfig:
     """one weight per --rewards entry (default: 1 each)."""
     max_new_tokens: int = 128
     """the most tokens per answer (--max-seq-length bounds prompt + answer too)."""
+    _functions = None  # the Rewards, once built: a user's reward file is imported once (not a flag)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -734,13 +735,16 @@ class RewardConfig:
         self.reward_functions()
 
     def reward_functions(self) -> "Rewards":  # noqa: F821
-        """The --rewards functions (user files imported now, so that a bad one fails before the model loads)."""
+        """The --rewards functions (user files imported at the first call, `check`: a bad one fails before the model
+        loads)."""
         from lit_aligner.rewards import RewardError, Rewards
 
-        try:
-            return Rewards(self.rewards, self.reward_weights, self.max_new_tokens)
-        except RewardError as e:
-            raise TrainError(str(e)) from None
+        if self._functions is None:
+            try:
+                self._functions = Rewards(self.rewards, self.reward_weights, self.max_new_tokens)
+            except RewardError as e:
+                raise TrainError(str(e)) from None
+        return self._functions
 
     def settings(self) -> Dict[str, Any]:
         return {"rewards": list(self.rewards), "reward_weights": self.reward_weights,

@@ -155,7 +155,9 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
         batches, most = batches[:max_batches], min(most, max_batches)
     was_training = module.training
     module.eval()
-    answered = objective.answer(fabric, module.model, {i: dataset[i] for idx in batches for i in idx})
+    # the rows scored, or a rank without any repeats row 0 (below): an objective that answers them answers those
+    rows = [i for idx in batches for i in idx] or [0] * bool(most)
+    answered = objective.answer(fabric, module.model, dataset, rows) if rows else None
     item = answered.__getitem__ if answered is not None else dataset.__getitem__
     sums, units = None, 0
     for idx in batches:
@@ -163,8 +165,7 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
         sums = _add(sums, module(_to(objective.collate(items), device)))
         units += sum(objective.units(it) for it in items)
     for _ in range(most - len(batches)):  # (an empty dataset: most is 0)
-        module(_to(objective.collate([item(i) if batches else dataset[i] for i in (batches[0] if batches else [0])]),
-                   device))
+        module(_to(objective.collate([item(i) for i in (batches[0] if batches else [0])]), device))
     module.train(was_training)
     names = list(objective.metric_names)
     flat = torch.tensor([float(units)] + [0.0] * len(names), dtype=torch.float64, device=device)

@@ -98,11 +98,11 @@ class Objective:
         counts the units of the new items across ranks."""
         return None
 
-    def answer(self, fabric: Any, model: nn.Module,
-               items: Dict[int, Dict[str, torch.Tensor]]) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
-        """Called by `engine.evaluate` with a rank's held-out items before they are scored; returns them with the
-        responses to score instead (GRPO: the policy's greedy answers and their rewards), or None to score the
-        data's."""
+    def answer(self, fabric: Any, model: nn.Module, dataset: Any,
+               indices: Sequence[int]) -> Optional[Dict[int, Dict[str, torch.Tensor]]]:
+        """Called by `engine.evaluate` with the held-out rows a rank scores (`dataset`'s `indices`) before they are
+        scored; returns their items (index -> item) with the responses to score instead (GRPO: the policy's greedy
+        answers and their rewards), or None to score the data's."""
         return None
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
@@ -133,6 +133,12 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: Batch) -> Dict[str, torch.Tensor]:
         return self.objective(self.model, batch)
+
+
+def response_end(response: torch.Tensor, end_id: Optional[int]) -> torch.Tensor:
+    """(1,) the token an on-policy response that stopped ends with: the template's (`end_id`), or without one the
+    data response's last token."""
+    return response[-1:] if end_id is None else torch.tensor([end_id], dtype=torch.long)
 
 
 def write_responses(fabric: Any, model: nn.Module, prompts: Sequence[torch.Tensor], rooms: Sequence[int],
@@ -169,4 +175,5 @@ def get_objective(name: str) -> Type[Objective]:
 
 from lit_aligner.training.objectives import distill, dpo, grpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
 
-__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register", "write_responses"]
+__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register", "response_end",
+                      "write_responses"]

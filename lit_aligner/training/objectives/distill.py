@@ -20,7 +20,7 @@ import torch.nn as nn
 from lit_aligner.data.dataset import KIND_FIELDS, TokenizedDataset, pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, distillation_loss
 from lit_aligner.training.config import DistillConfig
-from lit_aligner.training.objectives import Batch, register, write_responses
+from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.dpo import Reference, as_reference
 from lit_aligner.training.objectives.sft import SFT
 
@@ -50,10 +50,6 @@ class Distill(SFT):
         # on-policy steps only (a DistillTrainConfig with lmbda > 0): the row budget, where samples end, their seed,
         # the token a stopped sample ends with (the template's, as the data's responses; None: each row's last)
         self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
-
-    def end(self, response: torch.Tensor) -> torch.Tensor:
-        """(1,) the end token of a response: the template's, or without one the response's last token."""
-        return response[-1:] if self.end_id is None else torch.tensor([self.end_id], dtype=torch.long)
 
     @property
     def on_policy_only(self) -> bool:
@@ -88,9 +84,9 @@ class Distill(SFT):
         meaning), at most `max_new_tokens`, cut as `rollout` says."""
         keys = list(items)
         rooms = [self.max_seq_length - max(len(items[k]["prompt"]), len(items[k]["teacher_prompt"])) for k in keys]
-        responses = write_responses(fabric, model, [items[k][prompt] for k in keys], rooms,
-                                    [self.end(items[k]["response"]) for k in keys], max_new_tokens, temperature,
-                                    self.stop_ids, aligners, generator)
+        ends = [response_end(items[k]["response"], self.end_id) for k in keys]
+        responses = write_responses(fabric, model, [items[k][prompt] for k in keys], rooms, ends, max_new_tokens,
+                                    temperature, self.stop_ids, aligners, generator)
         return {k: items[k] if r is None else {**items[k], "response": r} for k, r in zip(keys, responses)}
 
     def prepare(self, run: Any) -> None:
@@ -99,7 +95,8 @@ class Distill(SFT):
         answers). Prompt-only held-out rows get the teacher's greedy answers, written once, so that every validation
         scores the student on the same text, as it would on a file of the teacher's answers."""
         if self.on_policy_only:
-            run.train = TokenizedDataset.from_rows("distill", [(p, self.end(r), tp) for p, r, tp in run.train.rows()])
+            run.train = TokenizedDataset.from_rows("distill", [(p, response_end(r, self.end_id), tp)
+                                                               for p, r, tp in run.train.rows()])
         info = run.info.get("val_info") or run.info  # a --val-data file's, else the training file's split
         if info.get("format") != "prompt_only" or not len(run.val):
             return

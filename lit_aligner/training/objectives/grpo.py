@@ -19,7 +19,7 @@ import torch.nn as nn
 from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
-from lit_aligner.training.objectives import Batch, register, write_responses
+from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.sft import SFT
 
 SCORES = ("reward", "rewards", "advantage", "zero_std")  # what `rollout` / `answer` add to an item, beside its answer
@@ -60,9 +60,6 @@ class GRPO(SFT):
     def _text(self, ids: torch.Tensor) -> str:
         return self.decode(ids.tolist()).strip()
 
-    def _end(self, item: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return item["response"][-1:] if self.end_id is None else torch.tensor([self.end_id], dtype=torch.long)
-
     def _answer_items(self, fabric: Any, model: nn.Module, items: List[Dict[str, torch.Tensor]], copies: int,
                       temperature: float, aligners: Any, generator: Optional[torch.Generator]
                       ) -> List[List[Dict[str, torch.Tensor]]]:
@@ -73,9 +70,9 @@ class GRPO(SFT):
         if min(rooms) < 1:
             raise TrainError(f"a prompt of {len(prompts[rooms.index(min(rooms))])} tokens leaves no room for an answer "
                              f"under --max-seq-length {self.max_seq_length}; raise it")
-        answers = write_responses(fabric, model, prompts, rooms, [self._end(it) for it in items for _ in
-                                  range(copies)], self.config.max_new_tokens, temperature, self.stop_ids, aligners,
-                                  generator)
+        ends = [response_end(it["response"], self.end_id) for it in items for _ in range(copies)]
+        answers = write_responses(fabric, model, prompts, rooms, ends, self.config.max_new_tokens, temperature,
+                                  self.stop_ids, aligners, generator)
         texts = [self._text(a) for a in answers]
         references = [self._text(it["response"]) for it in items for _ in range(copies)]
         scores = self.rewards([self._text(p) for p in prompts], texts, references, [len(a) for a in answers])
@@ -101,13 +98,13 @@ class GRPO(SFT):
                                     self.config.sample_temperature, None, generator)
         return dict(zip(keys, groups))
 
-    def answer(self, fabric: Any, model: nn.Module,
-               items: Dict[int, Dict[str, torch.Tensor]]) -> Dict[int, Dict[str, torch.Tensor]]:
+    def answer(self, fabric: Any, model: nn.Module, dataset: Any,
+               indices: Sequence[int]) -> Dict[int, Dict[str, torch.Tensor]]:
         """Validation: each held-out prompt's greedy answer by the policy (this objective's `aligner`), scored."""
-        keys, out = list(items), {}
+        keys, out = list(dict.fromkeys(indices)), {}
         for s in range(0, len(keys), 32):  # generation batches (the scoring passes keep the run's micro-batches)
             part = keys[s:s + 32]
-            groups = self._answer_items(fabric, model, [items[k] for k in part], 1, 0.0, self.aligner, None)
+            groups = self._answer_items(fabric, model, [dataset[k] for k in part], 1, 0.0, self.aligner, None)
             out.update({k: g[0] for k, g in zip(part, groups)})
         self.answers = {k: self._text(it["response"]) for k, it in out.items()}
         return out
@@ -145,12 +142,16 @@ class GRPO(SFT):
         objective = cls(run.tokenizer.pad_id, lambda ids: run.tokenizer.decode(ids, skip_special=True), cfg.grpo,
                         cfg.train.chunk_size, cfg.data_options.max_seq_length, run.tokenizer.stop_ids,
                         cfg.train.seed, end_token(get_template(run.template), run.tokenizer))
-        formats = {run.info.get("format"), (run.info.get("val_info") or {}).get("format")}
-        if objective.rewards.needs_references and "prompt_only" in formats:
-            raise TrainError("the answer reward compares each answer with its row's reference answer, and prompt-only "
-                             "rows have none: give rows with answers (e.g. prompt/response or GSM8K's "
-                             "question/answer), or other --rewards")
+        for info in (run.info, run.info.get("val_info") or {}):
+            objective.check_references(info, cfg.data)
         return objective
+
+    def check_references(self, info: Dict[str, Any], data: Any) -> None:
+        """Refuses prompt-only rows (data `info`) when a reward reads the rows' reference answers."""
+        if self.rewards.needs_references and info.get("format") == "prompt_only":
+            raise TrainError(f"{data}: the answer reward compares each answer with its row's reference answer, and "
+                             f"prompt-only rows have none: give rows with answers (e.g. prompt/response or GSM8K's "
+                             f"question/answer), or other --rewards")
 
     def metadata(self) -> Dict[str, Any]:
         return {"grpo": self.config.settings()}
@@ -173,15 +174,15 @@ class GRPO(SFT):
         lines.append(f"answer tokens: base {before['length']:.1f}  ->  with Aligner {after['length']:.1f}")
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if compare:
-            rows = {i: run.val[i] for i in range(min(3, len(run.val)))}
+            rows = range(min(3, len(run.val)))
             shown: Dict[str, Dict[int, Any]] = {}
             with run.fabric.autocast():
                 for name, aligner in (("base", False), ("with Aligner", run.model.aligner)):
                     scorer = self.with_aligner(aligner)
-                    scored = scorer.answer(run.fabric, run.model, rows)
+                    scored = scorer.answer(run.fabric, run.model, run.val, rows)
                     shown[name] = {i: (scorer.answers[i], float(scored[i]["reward"])) for i in rows}
             for i in rows:
-                lines.append(f"--- sample {i + 1}: {prompt_question(self._text(rows[i]['prompt']))}")
+                lines.append(f"--- sample {i + 1}: {prompt_question(self._text(run.val[i]['prompt']))}")
                 lines += [f"  {name} (reward {shown[name][i][1]:g}): {shown[name][i][0]!r}" for name in shown]
             report["answers"] = {name: [shown[name][i][0] for i in rows] for name in shown}
         run.fabric.print("\n".join(lines))

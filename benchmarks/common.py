@@ -271,12 +271,13 @@ def random_aligner(model: LLaMA, n_tokens: int, start_layer: int, seed: int) -> 
 
 
 def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int, chunk_size: int,
-                  device: torch.device, compiled: bool) -> Callable[[], torch.Tensor]:
+                  device: torch.device, compiled: bool, num_generations: int = 4) -> Callable[[], torch.Tensor]:
     """One optimizer step of `mode`'s objective (the library's own SFT, DPO, whose reference is the bare base through
     the same weights, SimPO: DPO's objective under a loss with no reference pass, or KTO on `batch` labelled
-    completions, its mismatched rows from the same batch, or on-policy distillation: `distill_step`) on a fixed batch of
-    `batch` random rows, under checkpointing `policy`: call it, get the loss (per response token for SFT and
-    distillation, per pair for DPO and SimPO, per completion for KTO, as the trainer averages it)."""
+    completions, its mismatched rows from the same batch, on-policy distillation: `distill_step`, or GRPO: `grpo_step`)
+    on a fixed batch of `batch` random rows, under checkpointing `policy`: call it, get the loss (per response token for
+    SFT and distillation, per pair for DPO and SimPO, per completion for KTO, per answer for GRPO, as the trainer
+    averages it)."""
     from lit_aligner.training import DPOLossConfig
     from lit_aligner.training.objectives import get_objective
 
@@ -287,6 +288,8 @@ def training_step(model: LLaMA, mode: str, policy: str, batch: int, seq_len: int
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if mode == "distill":
         return distill_step(model, batch, seq_len, chunk_size, device, optimizer)
+    if mode == "grpo":
+        return grpo_step(model, batch, seq_len, chunk_size, device, optimizer, num_generations)
     if mode == "simpo":
         objective = get_objective("dpo")(pad_id=0, chunk_size=chunk_size, config=DPOLossConfig(
             loss=("simpo",), beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA))
@@ -342,5 +345,46 @@ def distill_step(model: LLaMA, batch: int, seq_len: int, chunk_size: int, device
         if units != batch * (seq_len - q):  # tokens/s counts whole rows
             raise RuntimeError(f"sampled {units} tokens, not {batch} x {seq_len - q}")
         return optimizer_step(objective(model, batch_t)["loss"] / units, optimizer)
+
+    return step
+
+
+def even_tokens(completions: Sequence[str], **kwargs: Any) -> List[float]:
+    """The GRPO benchmark's reward function, ours and TRL's (both are given this one, by its file for ours): the share
+    of a completion's tokens with an even id ("t4 t7" -> 0.5), as the benchmark's texts write ids; cheap, and it
+    differs between the answers of a group as a real reward does, so no group is without signal."""
+    return [sum(int(w[1:]) % 2 == 0 for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def grpo_step(model: LLaMA, batch: int, seq_len: int, chunk_size: int, device: torch.device, optimizer,
+              num_generations: int) -> Callable[[], torch.Tensor]:
+    """One step of GRPO (`finetune/aligner_grpo.py`'s objective): batch / num_generations random prompts of seq_len / 4
+    tokens, each answered num_generations times by the student (the base with the Aligner; temperature 1, no stop
+    before the last of seq_len - seq_len / 4 tokens, so every row is as long), the answers scored by `even_tokens`,
+    advantages within each group, then the student's forward and backward on them (beta 0: no reference pass, TRL's
+    default), AdamW."""
+    from lit_aligner.training import GRPOConfig
+    from lit_aligner.training.objectives import get_objective
+
+    q = seq_len // 4
+    config = GRPOConfig(rewards=[f"{Path(__file__).resolve()}:even_tokens"], num_generations=num_generations,
+                        max_new_tokens=seq_len - q)
+    objective = get_objective("grpo")(pad_id=0, decode=lambda ids: " ".join(f"t{i}" for i in ids), config=config,
+                                      chunk_size=chunk_size, max_seq_length=seq_len, stop_ids=(), seed=0)
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch // num_generations, q), generator=torch.Generator().manual_seed(0))
+    end = torch.tensor([vocab - 1])  # (an answer never stops, so it never ends with it)
+    items = {i: {"prompt": p, "response": end} for i, p in enumerate(prompts)}
+    calls = [0]
+
+    def step() -> torch.Tensor:
+        answers = [a for group in objective.rollout(None, model, items, calls[0]).values() for a in group]
+        calls[0] += 1
+        step.reward = float(torch.cat([a["reward"] for a in answers]).mean())  # the row's, beside TRL's logged one
+        if sum(len(a["response"]) for a in answers) != batch * (seq_len - q):  # tokens/s counts whole rows
+            raise RuntimeError(f"sampled answers of {[len(a['response']) for a in answers]} tokens, not {batch} x "
+                               f"{seq_len - q}")
+        batch_t = {k: v.to(device) for k, v in objective.collate(answers).items()}
+        return optimizer_step(objective(model, batch_t)["loss"] / len(answers), optimizer)
 
     return step

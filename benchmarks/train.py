@@ -6,15 +6,18 @@ the results table per (mode, checkpointing policy). Warm-up steps are excluded; 
 Then, in the same run, the peer a user would pick instead: for SFT, PEFT LoRA r=8 (q, v) and PEFT prefix tuning (10
 virtual tokens) on a transformers model of the same shape and dtype, the same rows; for DPO, the same LoRA trained by
 TRL's DPOTrainer on the same pairs; for SimPO (our DPO objective under `--loss simpo`: no reference pass), the same
-LoRA trained by TRL's CPOTrainer with its SimPO loss. Each under no checkpointing and under transformers' gradient
-checkpointing (the counterpart of `block`). With `--quantize` the base's block weights are held in 4 or 8 bits
-(lit_aligner.quantize), and the SFT peer is then QLoRA: the same LoRA on transformers' bitsandbytes model of the same
-mode, prepared by PEFT's `prepare_model_for_kbit_training` as a QLoRA user does.
+LoRA trained by TRL's CPOTrainer with its SimPO loss; for KTO, on-policy distillation and GRPO, the same LoRA under
+TRL's KTOTrainer, SDFTTrainer and GRPOTrainer (the sampled modes: the student writes 3/4 of each row). Each under
+no checkpointing and under transformers' gradient checkpointing (the counterpart of `block`). With `--quantize` the
+base's block weights are held in 4 or 8 bits (lit_aligner.quantize), and the SFT peer is then QLoRA: the same LoRA on
+transformers' bitsandbytes model of the same mode, prepared by PEFT's `prepare_model_for_kbit_training` as a QLoRA user
+does.
 
     python benchmarks/train.py --config tiny --batch 2 --seq-len 32 --steps 2     # seconds, on any CPU
     python benchmarks/train.py --config Llama-2-7b-hf --batch 8 --seq-len 512 \\
         --mode sft dpo --checkpointing none selective mlp block                   # the issue's H100 targets
     python benchmarks/train.py --mode dpo simpo --batch 8 --seq-len 256           # a reference pass against none
+    python benchmarks/train.py --config SmolLM2-135M --mode grpo --batch 8 --num-generations 4 --seq-len 128
 """
 
 import dataclasses
@@ -29,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (SIMPO_BETA, SIMPO_GAMMA, BenchmarkError, build_model, build_peer_model, check_out,  # noqa: E402
-                    default_out, distill_rows, format_table, load_config, machine_info, median, out_of_memory_hint,
-                    peer_lora_config, peer_prefix_tuning_config, peer_versions, pick_device, pick_dtype, require, sync,
-                    timed, training_step, write_json, write_partial)
+                    default_out, distill_rows, even_tokens, format_table, load_config, machine_info, median,
+                    out_of_memory_hint, peer_lora_config, peer_prefix_tuning_config, peer_versions, pick_device,
+                    pick_dtype, require, sync, timed, training_step, write_json, write_partial)
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.model import LLaMA  # noqa: E402
@@ -47,15 +50,18 @@ LORA_DPO = "LoRA r=8 (PEFT, TRL DPOTrainer)"  # and our DPO rows
 LORA_SIMPO = "LoRA r=8 (PEFT, TRL CPOTrainer SimPO)"  # and our SimPO rows
 LORA_KTO = "LoRA r=8 (PEFT, TRL KTOTrainer)"  # and our KTO rows
 LORA_SDFT = "LoRA r=8 (PEFT, TRL SDFTTrainer)"  # and our on-policy distillation rows
+LORA_GRPO = "LoRA r=8 (PEFT, TRL GRPOTrainer)"  # and our GRPO rows
 PEERS = {  # mode -> the peer systems that train it: name -> PEFT config
     "sft": {LORA: peer_lora_config, "prefix tuning 10 (PEFT)": peer_prefix_tuning_config},
     "dpo": {LORA_DPO: peer_lora_config},
     "simpo": {LORA_SIMPO: peer_lora_config},
     "kto": {LORA_KTO: peer_lora_config},
     "distill": {LORA_SDFT: peer_lora_config},
+    "grpo": {LORA_GRPO: peer_lora_config},
 }
 PAIRED = ("dpo", "simpo")  # modes whose rows are preference pairs (chosen + rejected)
-TRL_MODES = (*PAIRED, "kto", "distill")  # modes whose peer is a TRL trainer
+TRL_MODES = (*PAIRED, "kto", "distill", "grpo")  # modes whose peer is a TRL trainer
+SAMPLED = ("distill", "grpo")  # modes whose rows the student samples each step (mostly decoding: no FLOPs or MFU)
 QLORA = "QLoRA r=8 (PEFT, bitsandbytes)"  # the peer of SFT on a quantized base: LoRA on transformers' quantized model
 PEER_POLICIES = ("none", "block")  # transformers has no counterpart of selective or mlp
 UNSUPPORTED = {("prefix tuning 10 (PEFT)", "block")}  # PEFT refuses prefix tuning with gradient checkpointing
@@ -85,13 +91,16 @@ def timing_row(times, warmup: int, batch: int, seq_len: int, device: torch.devic
 
 def run_one(model: LLaMA, config, mode: str, policy: str, batch: int, seq_len: int, n_tokens: int, start_layer: int,
             chunked: bool, warmup: int, steps: int, device: torch.device, peak_tflops: Optional[float],
-            compiled: bool) -> Dict[str, Any]:
+            compiled: bool, num_generations: int = 4) -> Dict[str, Any]:
     """One row: the median step of `mode`'s objective on `batch` random rows, under checkpointing `policy`."""
-    step = training_step(model, mode, policy, batch, seq_len, 1024 if chunked else 0, device, compiled)
+    step = training_step(model, mode, policy, batch, seq_len, 1024 if chunked else 0, device, compiled,
+                         num_generations)
     r = time_steps(step, warmup, steps, batch, seq_len, device)
-    # (on-policy distillation's steps are mostly decoding, whose cost is memory traffic: no FLOPs or MFU for them)
-    flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total if mode != "distill" \
-        else None
+    if hasattr(step, "reward"):  # GRPO: the last step's mean reward
+        r["reward"] = step.reward
+    # (sampled rows' steps are mostly decoding, whose cost is memory traffic: no FLOPs or MFU for them)
+    flops = train_flops_per_token(config, seq_len, n_tokens, start_layer, mode, batch).total \
+        if mode not in SAMPLED else None
     achieved = flops * r["tokens_per_s"] if flops else None
     return {"system": SYSTEM, "mode": mode, "checkpointing": policy, "quantize": model.quantize or "none", **r,
             "weights_gb": weight_bytes(model) / 1e9, "flops_per_token": flops,
@@ -146,10 +155,12 @@ def quantized_peer_model(config, device: torch.device, dtype: torch.dtype, quant
 
 
 def run_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-             device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none") -> Dict[str, Any]:
+             device: torch.device, dtype: torch.dtype, compiled: bool, quantize: str = "none",
+             num_generations: int = 4) -> Dict[str, Any]:
     """One row of the peer: `system` trained on `mode`'s objective on the same rows as ours."""
     if mode in TRL_MODES:
-        return run_trl_peer(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled)
+        return run_trl_peer(config, system, mode, policy, batch, seq_len, warmup, steps, device, dtype, compiled,
+                            num_generations)
     model = peer_model(config, system, mode, policy, device, dtype, compiled, quantize=quantize)
     # An SFT step as a PEFT user runs it: the model's own loss over full logits, AdamW; the rows of `training_step`
     g = torch.Generator().manual_seed(0)
@@ -185,7 +196,8 @@ def word_tokenizer(vocab_size: int):
 
 
 def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_len: int, warmup: int, steps: int,
-                  device: torch.device, dtype: torch.dtype, compiled: bool) -> Dict[str, Any]:
+                  device: torch.device, dtype: torch.dtype, compiled: bool, num_generations: int = 4
+                  ) -> Dict[str, Any]:
     """The DPO peer: PEFT's LoRA trained by TRL's DPOTrainer as a TRL user runs it (its dataset preparation,
     collator, loss with beta 0.1 and training loop; the reference is the same base with the adapter disabled, as ours is
     the bare base through the same weights); the SimPO peer: the same LoRA trained by TRL's CPOTrainer with
@@ -194,7 +206,11 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     the on-policy distillation peer: the same LoRA trained by TRL's SDFTTrainer (experimental), the teacher the base
     without the adapter reading the context in front of the prompt, one sample per prompt from transformers'
     `generate` (temperature 1, exactly as many tokens as ours: no stop before the last), the full-vocabulary forward KL
-    (`distillation_mode="full_logits"`, alpha 0, our --beta 0), on `distill_rows`.
+    (`distillation_mode="full_logits"`, alpha 0, our --beta 0), on `distill_rows`; the GRPO peer: the same LoRA
+    trained by TRL's GRPOTrainer, batch / num_generations prompts a step each answered num_generations times by
+    transformers' `generate` (temperature 1, no top-k, exactly as many tokens as ours), rewarded by `even_tokens`,
+    loss_type "grpo" (ours: each answer's mean over its tokens), beta 0 (no reference; both defaults), rewards scaled
+    within each group (both defaults), one optimizer step per generation (num_iterations 1).
     Each other mode on the rows of `training_step` (batch / 2 pairs a step, or batch labelled completions for KTO, each
     completion ending in the end-of-sequence token so that TRL adds none), weights and activations in `dtype` (no
     autocast, like ours). A step is timed from the Trainer's step-begin to its step-end callback: forward, backward,
@@ -212,6 +228,12 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
                          temperature=1.0, generation_kwargs={"min_new_tokens": seq_len - q},
                          teacher_model_kind="base", teacher_prompt_template="{privileged_context} {prompt}",
                          distillation_mode="full_logits", distillation_alpha=0.0)
+    elif mode == "grpo":
+        Config, Trainer = trl.GRPOConfig, trl.GRPOTrainer
+        q = seq_len // 4
+        loss_args = dict(num_generations=num_generations, max_completion_length=seq_len - q, temperature=1.0, top_k=0,
+                         generation_kwargs={"min_new_tokens": seq_len - q}, loss_type="grpo", beta=0.0,
+                         scale_rewards="group", num_iterations=1)
     elif mode == "simpo":
         from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
         loss_args = dict(loss_type="simpo", cpo_alpha=0.0, beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA,
@@ -223,7 +245,7 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
 
     vocab = config.vocab_size
     warmup = max(warmup, 2) if compiled else warmup
-    items = [] if mode == "distill" else random_items("unpaired" if mode == "kto" else "preference", vocab, batch,
+    items = [] if mode in SAMPLED else random_items("unpaired" if mode == "kto" else "preference", vocab, batch,
                                                       seq_len, torch.Generator().manual_seed(0))
 
     def text(ids: torch.Tensor, end: bool = False) -> str:
@@ -233,6 +255,9 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     if mode == "distill":
         rows = [{"prompt": text(r["prompt"]), "privileged_context": text(r["context"])}
                 for r in distill_rows(vocab, batch, seq_len)]
+    elif mode == "grpo":  # the prompts of `grpo_step` (TRL repeats each num_generations times)
+        rows = [{"prompt": text(p)} for p in torch.randint(0, vocab, (batch // num_generations, seq_len // 4),
+                                                         generator=torch.Generator().manual_seed(0))]
     elif mode == "kto":
         rows = [{"prompt": text(i["prompt"]), "completion": " " + text(i["completion"], True),
                  "label": bool(i["label"])} for i in items]
@@ -260,7 +285,7 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
     with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, read by TRL and PEFT
         args = Config(
-            output_dir=out_dir, per_device_train_batch_size=batch if mode in ("kto", "distill") else batch // 2,
+            output_dir=out_dir, per_device_train_batch_size=batch // 2 if mode in PAIRED else batch,
             max_steps=warmup + steps, learning_rate=1e-4,
             lr_scheduler_type="constant", **loss_args, bf16=False, fp16=False, seed=0,
             use_cpu=device.type == "cpu", logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
@@ -271,6 +296,8 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
                 layer.compile()
         else:
             model, peft_args = peer_model(config, system, mode, policy, device, dtype, compiled, False), {}
+        if mode == "grpo":
+            peft_args["reward_funcs"] = [even_tokens]
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "new PAD/BOS/EOS tokens": the word tokenizer's, on purpose
         datasets.disable_progress_bars()
@@ -288,7 +315,7 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
             transformers.logging.set_verbosity(verbosity)
             datasets.enable_progress_bars()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    if mode == "distill" and any(h["completions/min_length"] != seq_len - seq_len // 4 for h in logs):
+    if mode in SAMPLED and any(h["completions/min_length"] != seq_len - seq_len // 4 for h in logs):
         raise RuntimeError(f"TRL sampled completions shorter than our {seq_len - seq_len // 4} tokens")
     if logs[0].get("num_tokens", batch * seq_len) != batch * seq_len:  # tokens/s below assumes ours
         raise RuntimeError(f"TRL trained on {logs[0]['num_tokens']} tokens a step, not our {batch} x {seq_len}")
@@ -296,6 +323,7 @@ def run_trl_peer(config, system: str, mode: str, policy: str, batch: int, seq_le
             **timing_row(times, warmup, batch, seq_len, device, float(logs[-1]["loss"])),
             "weights_gb": model.get_memory_footprint() / 1e9,
             "first_loss": float(logs[0]["loss"]), "compile": compiled,
+            **({"reward": float(logs[-1]["reward"])} if mode == "grpo" else {}),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -305,7 +333,8 @@ def main(
     seq_len: int = 64,
     n_tokens: int = 10,
     start_layer: int = 2,
-    mode: Tuple[Literal["sft", "dpo", "simpo", "kto", "distill"], ...] = ("sft",),
+    mode: Tuple[Literal["sft", "dpo", "simpo", "kto", "distill", "grpo"], ...] = ("sft",),
+    num_generations: int = 4,
     checkpointing: Tuple[Literal["none", "selective", "mlp", "block"], ...] = ("none",),
     quantize: Tuple[QuantizeName, ...] = ("none",),
     loss: Literal["chunked", "plain"] = "chunked",
@@ -337,7 +366,10 @@ def main(
             (on-policy context distillation, `finetune/aligner_distill.py --lmbda 1`: the student samples the last
             3/4 of each row after its prompt, then a no-grad teacher pass (the bare base, a context of seq_len / 4
             more tokens in front of the prompt) and the student's forward + backward on it; tokens counted on the
-            student's rows).
+            student's rows), grpo (GRPO, `finetune/aligner_grpo.py`'s objective: batch / --num-generations prompts of
+            seq_len / 4 tokens, each answered --num-generations times by the student (3/4 of the row, sampled), the
+            answers rewarded, then the student's forward + backward on them; beta 0, no reference pass).
+        num_generations: GRPO's answers per prompt (the group); --batch must be a multiple of it.
         checkpointing: one or more activation-checkpointing policies (lit_aligner.perf.apply_activation_checkpointing).
         quantize: one or more base weight formats: none (the precision's dtype) and the bitsandbytes modes of the
             trainers' --quantize (bnb.nf4, ...); a quantized base's SFT peer is QLoRA (PEFT LoRA r=8 on transformers'
@@ -355,8 +387,8 @@ def main(
         peer: also time the peer in the same run (transformers, PEFT and TRL: the `eval` extra) under `none` and
             `block`: for SFT, PEFT LoRA r=8 on q and v and PEFT prefix tuning (10 virtual tokens); for DPO, that LoRA
             trained by TRL's DPOTrainer; for SimPO, by TRL's CPOTrainer; for KTO, by TRL's KTOTrainer; for distill,
-            by TRL's SDFTTrainer (experimental; the base without the adapter is the teacher); its decoder
-            layers compiled when ours are;
+            by TRL's SDFTTrainer (experimental; the base without the adapter is the teacher); for grpo, by TRL's
+            GRPOTrainer; its decoder layers compiled when ours are;
             --no-peer skips it.
         out: JSON results file (default:
             benchmarks/results/train-<config>[-L<n_layer>]-b<batch>-t<seq_len>-<machine>.json).
@@ -369,6 +401,10 @@ def main(
         raise BenchmarkError(f"--mode {paired[0]} needs an even --batch (chosen + rejected rows), got {batch}")
     if "kto" in mode and batch < 2:
         raise BenchmarkError(f"--mode kto needs --batch 2 or more (its KL estimate reads the other rows), got {batch}")
+    if "grpo" in mode and (num_generations < 2 or batch % num_generations):
+        raise BenchmarkError(f"--mode grpo needs --num-generations 2 or more and a --batch that is a multiple of it "
+                             f"(batch / num_generations prompts a step), got --batch {batch} --num-generations "
+                             f"{num_generations}")
     trl_modes = [m for m in mode if m in TRL_MODES]
     if threads:
         torch.set_num_threads(threads)
@@ -402,7 +438,7 @@ def main(
     rows = []
     payload = {
         "benchmark": "train", "config": config, "n_layer": cfg.n_layer, "n_tokens": n_tokens,
-        "start_layer": start_layer,
+        "start_layer": start_layer, "num_generations": num_generations if "grpo" in mode else None,
         "precision": str(dtype), "loss": loss, "compile": compiled, "peak_tflops": peak_tflops,
         "peak_memory_method": PEAK_MEMORY_METHOD[dev.type],
         "peers": ([s for m in mode for s in PEERS[m]] if "none" in quantize else [])
@@ -422,7 +458,7 @@ def main(
             for m in mode:
                 for policy in checkpointing:
                     r = run_one(model, cfg, m, policy, batch, seq_len, n_tokens, start_layer, loss == "chunked",
-                                warmup, steps, dev, peak_tflops, compiled)
+                                warmup, steps, dev, peak_tflops, compiled, num_generations)
                     rows.append(r)
                     print(f"{m} {policy} {q}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                           f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
@@ -445,7 +481,7 @@ def main(
                     continue
                 try:
                     r = run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, compiled,
-                                 quantize=q)
+                                 quantize=q, num_generations=num_generations)
                 except Exception as e:  # the peer failing to compile must not cost the run its eager figure
                     if not compiled or isinstance(e, BenchmarkError):
                         raise
@@ -453,14 +489,14 @@ def main(
                     print(f"warning: {system} did not compile ({error}); timing it eager", file=sys.stderr)
                     torch._dynamo.reset()
                     r = {**run_peer(cfg, system, m, policy, batch, seq_len, warmup, steps, dev, dtype, False,
-                                    quantize=q),
+                                    quantize=q, num_generations=num_generations),
                          "compile_error": error}
                 rows.append(r)
                 print(f"{system} {m} {policy} {q}: {r['tokens_per_s']:,.1f} tokens/s, step {r['step_s']:.3f} s, peak "
                       f"{r['peak_memory_gb']:.1f} GB", file=sys.stderr)
                 write_partial(path, payload)
         lora = {(r["mode"], r["checkpointing"], r["quantize"]): r["tokens_per_s"] for r in rows
-                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, LORA_KTO, LORA_SDFT, QLORA)}
+                if r["system"] in (LORA, LORA_DPO, LORA_SIMPO, LORA_KTO, LORA_SDFT, LORA_GRPO, QLORA)}
         for r in rows:
             key = (r["mode"], r["checkpointing"], r["quantize"])
             if r["system"] == SYSTEM and key in lora:

@@ -362,13 +362,16 @@ def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
 
 
 def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
-              ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0,
-              chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GRPO's loss of each completion (DeepSeekMath's, TRL's loss_type "grpo"): the mean over its tokens of
-    -exp(log p - sg(log p)) x A + beta x KL, where A (B,) is the completion's advantage and KL the k3 estimate
-    exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden states; None: no KL term). With one
-    optimizer step per batch of samples the ratio is 1, so the gradient is the policy gradient -A grad log p per token.
-    Returns (loss (B,), mean KL (B,) without gradient), fp32."""
+              ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              loss_type: str = "grpo", max_completion_length: Optional[int] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's loss of each completion, from per-token terms -exp(log p - sg(log p)) x A + beta x KL, where A (B,) is
+    the completion's advantage and KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the
+    reference's hidden states; None: no KL term). With one optimizer step per batch of samples the ratio is 1, so the
+    gradient is the policy gradient -A grad log p per token. Per completion, by TRL's `loss_type`: "grpo"
+    (DeepSeekMath's) the mean over its tokens; "dr_grpo" the sum over its tokens / `max_completion_length` (Dr. GRPO:
+    no length bias); "dapo" the sum over its tokens, which the caller divides by the tokens of the whole batch (DAPO's
+    token-level mean). Returns (loss (B,), mean KL over each completion's tokens (B,) without gradient), fp32."""
     lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
     B = labels.shape[0]
     count = torch.bincount(rows, minlength=B).clamp(min=1).float()
@@ -380,5 +383,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         r = ref_lp - lp
         kl = torch.exp(r) - r - 1
         per_token = per_token + beta * kl
-    mean = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x) / count  # noqa
-    return mean(per_token), mean(kl.detach())
+    total = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x)  # noqa: E731
+    if loss_type not in ("grpo", "dr_grpo", "dapo") or (loss_type == "dr_grpo" and not max_completion_length):
+        raise ValueError(f"loss_type grpo, dapo or dr_grpo (with max_completion_length), got {loss_type!r}")
+    divisor = count if loss_type == "grpo" else float(max_completion_length) if loss_type == "dr_grpo" else 1.0
+    return total(per_token) / divisor, total(kl.detach()) / count

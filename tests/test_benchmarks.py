@@ -439,3 +439,23 @@ def test_on_policy_distillation_rows_beside_trls_sdft_trainer(tmp_path):
     assert ours["vs_lora"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
     assert ours["mfu"] is None and ours["trainable_params"] < peer["trainable_params"]
     assert payload["peers"] == ["LoRA r=8 (PEFT, TRL SDFTTrainer)"] and "trl" in payload["peer_versions"]
+
+
+def test_grpo_rows_beside_trls_grpo_trainer(tmp_path):
+    payload = load_script("train").main(config="tiny", batch=4, seq_len=16, mode=("grpo",), num_generations=2,
+                                        warmup=1, steps=2, device="cpu", threads=1, out=tmp_path / "t.json")
+    rows = {(r["system"], r["mode"]): r for r in payload["results"]}
+    ours, peer = rows["Aligner (lit-aligner)", "grpo"], rows["LoRA r=8 (PEFT, TRL GRPOTrainer)", "grpo"]
+    # one reward function for both, read from each one's decoded answers: a share of even token ids, strictly between
+    # 0 and 1 over 2 x 2 random answers of 12 tokens
+    assert 0 < ours["reward"] < 1 and 0 < peer["reward"] < 1
+    assert ours["vs_lora"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
+    assert ours["mfu"] is None and ours["trainable_params"] < peer["trainable_params"]
+    assert payload["num_generations"] == 2 and payload["peers"] == ["LoRA r=8 (PEFT, TRL GRPOTrainer)"]
+
+
+def test_grpo_rows_need_a_batch_of_whole_groups(tmp_path):
+    module = load_script("train")
+    with pytest.raises(module.BenchmarkError, match="multiple of it"):
+        module.main(config="tiny", batch=4, seq_len=16, mode=("grpo",), num_generations=3,
+                                  out=tmp_path / "t.json")

@@ -207,6 +207,60 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
         assert float(greedy[i][0]["zero_std"]) == 1.0 and float(greedy[i][0]["advantage"]) == 0.0  # all alike
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(loss_type):
+    # the engine's way: each micro-batch's summed loss / the step's answers, accumulated; TRL's: its formula for the
+    # loss type over one batch of every answer (DAPO: a mean over every answer token of the step)
+    model, items = _tiny_model(), _items(3, seed=5)
+    config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, loss_type=loss_type)
+    stops = range(0, 300, 7)  # (a stop token in 1 of 7 draws: answers of many lengths)
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=stops, seed=1, end_id=299).with_aligner(None)
+    answers = [a for g in objective.rollout(None, model, items, step=0).values() for a in g]
+    lengths = [len(a["response"]) for a in answers]
+    assert len(set(lengths)) > 1  # (answers of different lengths, or every type would agree)
+    params = [model.aligner.prefix, model.aligner.gate]
+    value = 0.0
+    for micro in (answers[:8], answers[8:]):
+        loss = objective(model, objective.collate(micro))["loss"] / len(answers)
+        loss.backward()
+        value += float(loss.detach())
+    ours = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    batch = objective.collate(answers)
+    hidden = model(batch["input_ids"], return_hidden=True)
+    labels = batch["labels"][:, 1:]
+    logits = hidden[:, :-1] @ model.lm_head_weight.T
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    mask = (labels != -100).float()
+    assert mask.sum(-1).tolist() == lengths
+    per_token = -torch.exp(lp - lp.detach()) * batch["advantage"]
+    theirs = {"grpo": ((per_token * mask).sum(-1) / mask.sum(-1)).mean(),
+              "dapo": (per_token * mask).sum() / mask.sum(),
+              "dr_grpo": (per_token * mask).sum() / (len(answers) * 6)}[loss_type]
+    theirs.backward()
+    assert value == pytest.approx(float(theirs.detach()), abs=1e-6)
+    for a, b in zip(ours, params):
+        assert torch.allclose(a, b.grad, atol=1e-6), loss_type
+    assert ours[0].abs().sum() > 0
+
+
+def test_dapo_divides_by_the_answer_tokens_of_every_process():
+    # under DDP each process samples its own groups; DAPO's mean runs over the tokens of all of them (TRL gathers the
+    # count): the other process here brings 8 answers of 40 tokens in all
+    import contextlib
+    from types import SimpleNamespace
+
+    other = torch.tensor([40.0, 8.0], dtype=torch.float64)
+    fabric = SimpleNamespace(global_rank=0, world_size=2, autocast=contextlib.nullcontext,
+                             all_reduce=lambda t, reduce_op: t + other)
+    config = GRPOConfig(rewards=["concise"], num_generations=2, max_new_tokens=6, loss_type="dapo")
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=range(0, 300, 7), end_id=299)
+    answers = [a for g in objective.rollout(fabric, _tiny_model(), _items(2), step=0).values() for a in g]
+    tokens = sum(len(a["response"]) for a in answers)
+    assert [float(a["token_scale"]) for a in answers] == pytest.approx([(4 + 8) / (tokens + 40)] * 4)
+
+
 def test_validation_scores_the_policys_greedy_answers_by_their_reward():
     from lit_aligner.evaluation import objective_metrics
 

@@ -765,6 +765,11 @@ class GRPOConfig(RewardConfig):
     """divide each group's centred rewards by their standard deviation (GRPO's; Dr. GRPO turns it off)."""
     beta: float = 0.0
     """weight of the KL penalty to the bare base (k3 estimator, per token; TRL's default 0: no reference pass)."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    """how the answers' per-token losses are averaged (TRL's names): grpo, each answer's mean over its tokens, then
+    the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer token of the
+    step (a longer answer weighs more: TRL's default); dr_grpo, each answer's sum over its tokens / --max-new-tokens,
+    then the mean over answers (Dr. GRPO: no length bias)."""
 
     def check(self) -> None:
         super().check()
@@ -780,7 +785,7 @@ class GRPOConfig(RewardConfig):
         """What the loss depends on: a run's identity, and what the Aligner's metadata records."""
         return {**super().settings(), "num_generations": self.num_generations,
                 "sample_temperature": self.sample_temperature, "scale_rewards": self.scale_rewards,
-                "beta": self.beta}
+                "beta": self.beta, "loss_type": self.loss_type}
 
 
 @dataclass

@@ -96,6 +96,18 @@ class GRPO(SFT):
         keys = list(items)
         groups = self._answer_items(fabric, model, [items[k] for k in keys], self.config.num_generations,
                                     self.config.sample_temperature, None, generator)
+        scale = torch.ones(1)
+        if self.config.loss_type == "dapo":
+            # DAPO's mean over every answer token of the step, on every process: each answer's token sum x answers /
+            # tokens (both the whole step's), which the engine's division by the step's answers makes sum / tokens
+            counts = torch.tensor([float(sum(len(it["response"]) for g in groups for it in g)),
+                                   float(sum(len(g) for g in groups))], dtype=torch.float64, device=device)
+            if fabric is not None and fabric.world_size > 1:
+                counts = fabric.all_reduce(counts, reduce_op="sum")
+            scale = torch.tensor([float(counts[1] / counts[0].clamp(min=1))])
+        for g in groups:
+            for it in g:
+                it["token_scale"] = scale
         return dict(zip(keys, groups))
 
     def answer(self, fabric: Any, model: nn.Module, dataset: Any,
@@ -111,7 +123,7 @@ class GRPO(SFT):
 
     def collate(self, items: Sequence[Dict[str, torch.Tensor]], step: Optional[int] = None) -> Batch:
         batch = super().collate(items, step)
-        for name in SCORES:
+        for name in SCORES + (("token_scale",) if "token_scale" in items[0] else ()):  # (training answers have it)
             batch[name] = torch.stack([it[name] for it in items])
         return batch
 
@@ -127,8 +139,8 @@ class GRPO(SFT):
             with torch.no_grad():
                 ref = model(batch["input_ids"], aligner=False, return_hidden=True)
         loss, kl = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
-                             self.config.beta, self.chunk_size)
-        return {**out, "loss": loss.sum(), "kl": kl.sum()}
+                             self.config.beta, self.chunk_size, self.config.loss_type, self.config.max_new_tokens)
+        return {**out, "loss": (loss * batch["token_scale"][:, 0].to(loss)).sum(), "kl": kl.sum()}
 
     @classmethod
     def data_arguments(cls, cfg: Any) -> Dict[str, Any]:

@@ -353,6 +353,32 @@ def test_a_grpo_run_moves_its_reward_the_way_it_is_weighed(tiny_checkpoint_dir, 
     assert json.loads(meta["grpo"])["num_generations"] == 4
 
 
+def test_the_kl_reference_is_the_init_aligner_unless_another_is_named(tiny_checkpoint_dir, rows_file, letter_reward,
+                                                                       tmp_path):
+    from lit_aligner.training import train
+
+    def run(out, **flags):
+        config = _config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / out, max_steps=2, eval_interval=2)
+        config.grpo = dataclasses.replace(config.grpo, beta=0.1 if "init_aligner" in flags else 0.0)
+        for k, v in flags.items():
+            setattr(config, k, v)
+        train(config)
+        rows = [r for r in read_metrics(tmp_path / out / "metrics.csv") if r.get("train_kl")]
+        return [float(r["train_kl"]) for r in rows], json.loads(load_aligner(tmp_path / out / "aligner.safetensors")[1]
+                                                                ["grpo"])
+
+    run("sft")  # an Aligner that is not the base (two steps at lr 0.1)
+    init = tmp_path / "sft" / "aligner.safetensors"
+    kl_init, meta_init = run("init", init_aligner=init)
+    kl_base, meta_base = run("base", init_aligner=init, reference_aligner="none")
+    kl_file, meta_file = run("file", init_aligner=init, reference_aligner=str(init))
+    # the first step's policy is the init Aligner: no divergence from a copy of it, some from the bare base
+    assert kl_init[0] == pytest.approx(0, abs=1e-9) and kl_init[1] > 1e-6
+    assert kl_base[0] > 1e-6 and kl_file == kl_init
+    assert (meta_init["reference"], meta_base["reference"], meta_file["reference"]) == ("init", "none", str(init))
+    assert meta_init["beta"] == 0.1
+
+
 @pytest.mark.slow
 def test_a_resumed_grpo_run_retraces_the_same_curve(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path,
                                                     monkeypatch):
@@ -373,7 +399,10 @@ def test_grpo_cli_errors_are_one_line(tiny_checkpoint_dir, rows_file, tmp_path):
     cases = [(["--data", rows_file, "--rewards", "no_such_reward"], "not a reward function"),
              (["--data", rows_file, "--num-generations", "1"], "--num-generations must be at least 2"),
              (["--data", rows_file, "--strategy", "fsdp"], "needs the whole base"),
-             (["--data", prompts, "--val-size", "1"], "prompt-only rows have none")]
+             (["--data", prompts, "--val-size", "1"], "prompt-only rows have none"),
+             (["--data", rows_file, "--reference-aligner", "none"], "--beta 0 has none"),
+             (["--data", rows_file, "--beta", "0.1", "--reference-aligner", tmp_path / "no.safetensors"],
+              "no.safetensors")]
     for args, match in cases:
         r = helpers.run_script(*common, *args)
         lines = r.stderr.strip().splitlines()

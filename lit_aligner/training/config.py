@@ -436,6 +436,11 @@ class DPOLossConfig:
         return out
 
 
+def reference_file(spec: Optional[str]) -> Optional[str]:
+    """The file a --reference-aligner flag names (None for "none": the bare base, or for no flag)."""
+    return None if spec is None or str(spec).lower() == "none" else spec
+
+
 @dataclass
 class ReferenceRunConfig(RunConfig):
     """The flags of a run against a frozen reference through the same base (DPO, KTO)."""
@@ -487,8 +492,7 @@ class ReferenceRunConfig(RunConfig):
             raise TrainError(f"--ref-model-sync-steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def input_paths(self) -> Dict[str, Any]:
-        ref = self.reference_aligner
-        return {**super().input_paths(), "--reference-aligner": None if str(ref).lower() == "none" else ref}
+        return {**super().input_paths(), "--reference-aligner": reference_file(self.reference_aligner)}
 
     def identity(self) -> Dict[str, Any]:
         return {**super().identity(), "reference_aligner": str(self.reference_aligner),
@@ -764,7 +768,8 @@ class GRPOConfig(RewardConfig):
     scale_rewards: bool = True
     """divide each group's centred rewards by their standard deviation (GRPO's; Dr. GRPO turns it off)."""
     beta: float = 0.0
-    """weight of the KL penalty to the bare base (k3 estimator, per token; TRL's default 0: no reference pass)."""
+    """weight of the KL penalty to the reference (--reference-aligner; k3 estimator, per token; TRL's default 0: no
+    reference pass)."""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     """how the answers' per-token losses are averaged (TRL's names): grpo, each answer's mean over its tokens, then
     the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer token of the
@@ -814,6 +819,10 @@ class GRPORunConfig(RunConfig, CompareFlags):
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=GRPOTrainConfig)
     data_options: DataOptions = field(default_factory=lambda: DataOptions(val_size=64))
+    reference_aligner: Optional[str] = None
+    """with --beta > 0, the KL penalty's frozen reference: an Aligner file (.safetensors/.pth) or "none" (the bare
+    base). Default: a frozen copy of --init-aligner if given (GRPO on top of SFT stays near the SFT policy), else
+    none."""
 
     objective: ClassVar[str] = "grpo"
 
@@ -825,6 +834,12 @@ class GRPORunConfig(RunConfig, CompareFlags):
         if self.strategy == "fsdp":
             raise TrainError("GRPO samples from the student, which needs the whole base on each device: use "
                              "--strategy ddp (or one device)")
+        if self.reference_aligner is not None and self.grpo.beta == 0:
+            raise TrainError(f"--reference-aligner {self.reference_aligner} is the KL penalty's reference, and --beta "
+                             f"0 has none: add --beta (e.g. 0.04), or drop --reference-aligner")
+
+    def input_paths(self) -> Dict[str, Any]:
+        return {**super().input_paths(), "--reference-aligner": reference_file(self.reference_aligner)}
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.grpo.settings()}
+        return {**super().identity(), **self.grpo.settings(), "reference_aligner": str(self.reference_aligner)}

@@ -1,10 +1,11 @@
 """GRPO (Group Relative Policy Optimization, DeepSeekMath; TRL's GRPOTrainer) into an Aligner: every step the student
 (the base with the Aligner being trained) samples a group of --num-generations answers to each prompt of the step
 (`rollout`), reward functions score each answer (`lit_aligner.rewards`), and each answer's advantage is its reward
-less its group's mean, over the group's standard deviation (--scale-rewards). The loss of an answer is the mean over
-its tokens of -advantage x log p (the ratio of one optimizer step per batch of samples is 1: TRL's default
-num_iterations=1) plus --beta x the KL to the bare base; units are answers, so every answer weighs the same (TRL's
-loss_type "grpo"). No value model and no reward model: the rewards are functions.
+less its group's mean, over the group's standard deviation (--scale-rewards). An answer's per-token loss is
+-advantage x log p (the ratio of one optimizer step per batch of samples is 1: TRL's default num_iterations=1) plus
+--beta x the KL to a frozen reference through the same base (--reference-aligner: by default a copy of --init-aligner,
+else the bare base), averaged as --loss-type says; units are answers. No value model and no reward model: the rewards
+are functions.
 
 Validation answers each held-out prompt greedily (`answer`) and reports the mean reward; its "loss" is minus that
 reward, so lower is better there too.
@@ -35,7 +36,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
 @register
 class GRPO(SFT):
     """Per answer: the GRPO loss (training) or minus its reward (validation); units are answers. Metrics: loss,
-    reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the bare base,
+    reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the reference,
     with --beta) and zero_std (the share of answers in groups whose rewards do not differ: no signal)."""
 
     name = "grpo"
@@ -43,11 +44,13 @@ class GRPO(SFT):
     unit = "answers"
 
     def __init__(self, pad_id: int, decode, config: RewardConfig = GRPOConfig(), chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 max_seq_length: int = 512, stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None):
+                 max_seq_length: int = 512, stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None,
+                 reference: Any = False, reference_desc: str = "none"):
         super().__init__(pad_id, chunk_size)
         # config: a GRPOConfig to train (a RewardConfig only scores greedy answers: evaluate/aligner.py reward);
-        # decode: token ids (list) -> text without special tokens
-        self.config, self.decode = config, decode
+        # decode: token ids (list) -> text without special tokens; reference: the KL's (--beta > 0), a frozen Aligner
+        # or False (the bare base), named by reference_desc in the metadata
+        self.config, self.decode, self.reference, self.reference_desc = config, decode, reference, reference_desc
         self.rewards = config.reward_functions()
         self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
@@ -137,7 +140,7 @@ class GRPO(SFT):
         ref = None
         if self.config.beta > 0:
             with torch.no_grad():
-                ref = model(batch["input_ids"], aligner=False, return_hidden=True)
+                ref = model(batch["input_ids"], aligner=self.reference, return_hidden=True)
         loss, kl = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
                              self.config.beta, self.chunk_size, self.config.loss_type, self.config.max_new_tokens)
         return {**out, "loss": (loss * batch["token_scale"][:, 0].to(loss)).sum(), "kl": kl.sum()}
@@ -150,10 +153,15 @@ class GRPO(SFT):
     def from_run(cls, cfg: Any, run: Any) -> "GRPO":
         from lit_aligner.data.tokenize import end_token
         from lit_aligner.prompts import get_template
+        from lit_aligner.training.objectives.dpo import resolve_reference
 
+        reference, desc = False, "none"
+        if cfg.grpo.beta > 0:  # (taken before training or a resumed state moves the init Aligner)
+            reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
+            reference = reference if reference is False else reference.to(run.fabric.device)
         objective = cls(run.tokenizer.pad_id, lambda ids: run.tokenizer.decode(ids, skip_special=True), cfg.grpo,
                         cfg.train.chunk_size, cfg.data_options.max_seq_length, run.tokenizer.stop_ids,
-                        cfg.train.seed, end_token(get_template(run.template), run.tokenizer))
+                        cfg.train.seed, end_token(get_template(run.template), run.tokenizer), reference, desc)
         for info in (run.info, run.info.get("val_info") or {}):
             objective.check_references(info, cfg.data)
         return objective
@@ -166,7 +174,8 @@ class GRPO(SFT):
                              f"question/answer), or other --rewards")
 
     def metadata(self) -> Dict[str, Any]:
-        return {"grpo": self.config.settings()}
+        reference = {"reference": self.reference_desc} if self.config.beta > 0 else {}
+        return {"grpo": {**self.config.settings(), **reference}}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
         """The held-out reward of the bare base's greedy answers and of the Aligner's, each reward function's, the

@@ -362,16 +362,22 @@ def test_the_kl_reference_is_the_init_aligner_unless_another_is_named(tiny_check
         config.grpo = dataclasses.replace(config.grpo, beta=0.1 if "init_aligner" in flags else 0.0)
         for k, v in flags.items():
             setattr(config, k, v)
-        train(config)
-        rows = [r for r in read_metrics(tmp_path / out / "metrics.csv") if r.get("train_kl")]
-        return [float(r["train_kl"]) for r in rows], json.loads(load_aligner(tmp_path / out / "aligner.safetensors")[1]
-                                                                ["grpo"])
+        summary = train(config)
+        rows = read_metrics(tmp_path / out / "metrics.csv")
+        runs[out] = (summary["comparison"], float(rows[0]["val_reward"]))  # (step 0: the starting Aligner)
+        return [float(r["train_kl"]) for r in rows if r.get("train_kl")], json.loads(
+            load_aligner(tmp_path / out / "aligner.safetensors")[1]["grpo"])
 
+    runs = {}
     run("sft")  # an Aligner that is not the base (two steps at lr 0.1)
     init = tmp_path / "sft" / "aligner.safetensors"
     kl_init, meta_init = run("init", init_aligner=init)
     kl_base, meta_base = run("base", init_aligner=init, reference_aligner="none")
     kl_file, meta_file = run("file", init_aligner=init, reference_aligner=str(init))
+    # the end report judges a run against the Aligner it started from too (its step-0 validation), not only the base
+    report, first_val = runs["init"]
+    assert "init" not in runs["sft"][0] and report["init"]["reward"] == pytest.approx(first_val, abs=1e-6)
+    assert report["init"]["reward"] != report["before"]["reward"]
     # the first step's policy is the init Aligner: no divergence from a copy of it, some from the bare base
     assert kl_init[0] == pytest.approx(0, abs=1e-9) and kl_init[1] > 1e-6
     assert kl_base[0] > 1e-6 and kl_file == kl_init

@@ -56,6 +56,7 @@ class GRPO(SFT):
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
                              "zero_std")
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
+        self.start: Any = False  # the run's --init-aligner, frozen (`from_run`), else False
 
     def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
         return 1
@@ -153,7 +154,7 @@ class GRPO(SFT):
     def from_run(cls, cfg: Any, run: Any) -> "GRPO":
         from lit_aligner.data.tokenize import end_token
         from lit_aligner.prompts import get_template
-        from lit_aligner.training.objectives.dpo import resolve_reference
+        from lit_aligner.training.objectives.dpo import as_reference, resolve_reference
 
         reference, desc = False, "none"
         if cfg.grpo.beta > 0:  # (taken before training or a resumed state moves the init Aligner)
@@ -164,6 +165,8 @@ class GRPO(SFT):
                         cfg.train.seed, end_token(get_template(run.template), run.tokenizer), reference, desc)
         for info in (run.info, run.info.get("val_info") or {}):
             objective.check_references(info, cfg.data)
+        # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given)
+        objective.start = as_reference(run.init_aligner, run.fabric.device)
         return objective
 
     def check_references(self, info: Dict[str, Any], data: Any) -> None:
@@ -178,27 +181,36 @@ class GRPO(SFT):
         return {"grpo": {**self.config.settings(), **reference}}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
-        """The held-out reward of the bare base's greedy answers and of the Aligner's, each reward function's, the
+        """The held-out reward of the bare base's greedy answers, of the --init-aligner's when the run started from one
+        (GRPO on top of SFT must be judged against SFT), and of the trained Aligner's: each reward function's, the
         answers' lengths, and (with --compare; default: on the default dataset) three answers side by side."""
         from lit_aligner.training.state import is_sharded
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
-        from lit_aligner.evaluation import prompt_question
+        from lit_aligner.evaluation import objective_metrics, prompt_question
 
         before, after = self.heldout_before_after(cfg, run, result)
         report = {"val_rows": len(run.val), "before": before, "after": after}
-        lines = ["", f"=== held-out reward of greedy answers ({len(run.val)} prompts) ===",
-                 f"reward:   base {before['reward']:.4f}  ->  with Aligner {after['reward']:.4f}"]
-        lines += [f"  {n}: base {before['reward_' + n]:.4f}  ->  with Aligner {after['reward_' + n]:.4f}"
-                  for n in self.rewards.names if len(self.rewards.names) > 1]
-        lines.append(f"answer tokens: base {before['length']:.1f}  ->  with Aligner {after['length']:.1f}")
+        systems = [("base", False, before), ("with Aligner", run.model.aligner, after)]
+        if self.start is not False:
+            with run.fabric.autocast():
+                report["init"] = objective_metrics(run.model, self, run.val, self.start, cfg.train.micro_batch_size)
+            systems.insert(1, ("init Aligner", self.start, report["init"]))
+
+        def line(label: str, key: str, fmt: str) -> str:
+            return label + "  ->  ".join(f"{name} {format(m[key], fmt)}" for name, _, m in systems)
+
+        title = f"=== held-out reward of greedy answers ({len(run.val)} prompts) ==="
+        lines = ["", title, line("reward:   ", "reward", ".4f")]
+        lines += [line(f"  {n}: ", "reward_" + n, ".4f") for n in self.rewards.names if len(self.rewards.names) > 1]
+        lines.append(line("answer tokens: ", "length", ".1f"))
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if compare:
             rows = range(min(3, len(run.val)))
             shown: Dict[str, Dict[int, Any]] = {}
             with run.fabric.autocast():
-                for name, aligner in (("base", False), ("with Aligner", run.model.aligner)):
+                for name, aligner, _ in systems:
                     scorer = self.with_aligner(aligner)
                     scored = scorer.answer(run.fabric, run.model, run.val, rows)
                     shown[name] = {i: (scorer.answers[i], float(scored[i]["reward"])) for i in rows}

@@ -389,12 +389,47 @@ def test_the_kl_reference_is_the_init_aligner_unless_another_is_named(tiny_check
 def test_a_resumed_grpo_run_retraces_the_same_curve(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path,
                                                     monkeypatch):
     def config(out):
-        return _config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=6, save_interval=3,
-                       eval_interval=3)
+        return dataclasses.replace(_config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=6,
+                                           save_interval=3, eval_interval=3), log_completions=True)
 
     _, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path)
     assert [r["train_reward"] for r in a] == [r["train_reward"] for r in b]
     helpers.assert_same_trained_aligner(tmp_path / "full", tmp_path / "cut")
+    # the completions log of the resumed run reads as the whole run's: every step once, the same answers
+    logs = {k: (tmp_path / k / "completions.jsonl").read_text().splitlines() for k in ("full", "cut")}
+    assert logs["full"] == logs["cut"] and len(logs["full"]) == 6 * 4 * 4
+
+
+def test_the_completions_log_holds_every_sampled_answer_and_its_scores(tiny_checkpoint_dir, rows_file, letter_reward,
+                                                                        tmp_path):
+    from lit_aligner.training import train
+
+    config = dataclasses.replace(_config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / "out", max_steps=2,
+                                         eval_interval=2, save_interval=1), log_completions=True)
+    train(config)
+    log = tmp_path / "out" / "completions.jsonl"
+    lines = log.read_text().splitlines()
+    # resumed from step 1's state, the run writes step 2 again: its earlier lines go, the file reads as one run
+    step1 = next((tmp_path / "out").glob("*/step-000001.pt"))
+    train(dataclasses.replace(config, resume=str(step1)))
+    assert log.read_text().splitlines() == lines
+    rows = [json.loads(line) for line in lines]
+    metrics = {int(r["step"]): r for r in read_metrics(tmp_path / "out" / "metrics.csv") if r.get("train_reward")}
+    assert [r["step"] for r in rows] == [1] * 16 + [2] * 16  # 4 prompts x 4 answers a step
+    for step, m in metrics.items():  # the engine's figures, reduced on its own, from the same answers
+        mine = [r for r in rows if r["step"] == step]
+        assert sum(r["reward"] for r in mine) / 16 == pytest.approx(float(m["train_reward"]), abs=1e-6)
+        assert sum(r["tokens"] for r in mine) / 16 == pytest.approx(float(m["train_length"]), abs=1e-6)
+        for g in range(4):  # each prompt's group: advantages centred, the function's score is the reward
+            group = mine[4 * g:4 * g + 4]
+            assert len({r["prompt"] for r in group}) == 1 and abs(sum(r["advantage"] for r in group)) < 1e-4
+            assert all(r["rewards"] == {"e_share": pytest.approx(r["reward"])} for r in group)
+    # the logged text is what was scored: the reward recomputed from it
+    share = lambda text: text.count("e") / max(1, sum(c.isalpha() for c in text))  # noqa: E731
+    assert all(r["reward"] == pytest.approx(share(r["completion"])) for r in rows)
+    # a new run into the same folder (--force) starts the file again
+    train(dataclasses.replace(config, force=True, train=dataclasses.replace(config.train, max_steps=1)))
+    assert len((tmp_path / "out" / "completions.jsonl").read_text().splitlines()) == 16
 
 
 def test_grpo_cli_errors_are_one_line(tiny_checkpoint_dir, rows_file, tmp_path):

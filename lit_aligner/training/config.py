@@ -823,6 +823,9 @@ class GRPORunConfig(RunConfig, CompareFlags):
     """with --beta > 0, the KL penalty's frozen reference: an Aligner file (.safetensors/.pth) or "none" (the bare
     base). Default: a frozen copy of --init-aligner if given (GRPO on top of SFT stays near the SFT policy), else
     none."""
+    log_completions: bool = False
+    """write every sampled answer with its prompt, rewards and advantage to OUT/completions.jsonl, a line each (under
+    DDP, the first process's share): what the policy really says, the first thing to read when a reward is gamed."""
 
     objective: ClassVar[str] = "grpo"
 

@@ -11,7 +11,9 @@ Validation answers each held-out prompt greedily (`answer`) and reports the mean
 reward, so lower is better there too.
 """
 
+import json
 import random
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -31,6 +33,22 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
     TRL: a group whose answers all score alike has advantage 0) when `scale`."""
     centred = rewards - rewards.mean(-1, keepdim=True)
     return centred / (rewards.std(-1, keepdim=True) + 1e-4) if scale else centred
+
+
+def keep_completions(path: Path, step: int) -> Path:
+    """--log-completions' file for a run starting at `step`: the lines of steps up to it (a resumed run goes on as the
+    whole run would; an interrupted step's lines go), none for a new run; written through a temporary file."""
+    from lit_aligner.files import atomic_write_text
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except ValueError:  # a line cut short when the run was killed
+            return False
+
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if step and path.is_file() else []
+    atomic_write_text(path, "".join(line for line in lines if kept(line)))
+    return path
 
 
 @register
@@ -57,6 +75,7 @@ class GRPO(SFT):
                              "zero_std")
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         self.start: Any = False  # the run's --init-aligner, frozen (`from_run`), else False
+        self.completions: Optional[Path] = None  # --log-completions: the JSONL file the rollouts append to
 
     def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
         return 1
@@ -112,7 +131,20 @@ class GRPO(SFT):
         for g in groups:
             for it in g:
                 it["token_scale"] = scale
+        if self.completions is not None:  # (set on the first process only)
+            self._log_completions(step + 1, groups)
         return dict(zip(keys, groups))
+
+    def _log_completions(self, step: int, groups: List[List[Dict[str, torch.Tensor]]]) -> None:
+        """Appends a step's answers to --log-completions' file, a JSON object each (step as metrics.csv counts it)."""
+        with open(self.completions, "a", encoding="utf-8") as f:
+            for g in groups:
+                for it in g:
+                    f.write(json.dumps({
+                        "step": step, "prompt": self._text(it["prompt"]), "completion": self._text(it["response"]),
+                        "tokens": len(it["response"]), "reward": float(it["reward"]),
+                        "rewards": dict(zip(self.rewards.names, it["rewards"].tolist())),
+                        "advantage": float(it["advantage"])}, ensure_ascii=False) + "\n")
 
     def answer(self, fabric: Any, model: nn.Module, dataset: Any,
                indices: Sequence[int]) -> Dict[int, Dict[str, torch.Tensor]]:
@@ -167,6 +199,9 @@ class GRPO(SFT):
             objective.check_references(info, cfg.data)
         # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given)
         objective.start = as_reference(run.init_aligner, run.fabric.device)
+        if cfg.log_completions and run.fabric.global_rank == 0:
+            objective.completions = keep_completions(run.out_dir / "completions.jsonl",
+                                                     int(run.state["step"]) if run.state is not None else 0)
         return objective
 
     def check_references(self, info: Dict[str, Any], data: Any) -> None:

@@ -205,6 +205,12 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
         tokens, stopped = helpers.greedy(model, items[i]["prompt"], 6, {7})
         assert greedy[i][0]["response"].tolist() == tokens + ([299] if stopped else [])
         assert float(greedy[i][0]["zero_std"]) == 1.0 and float(greedy[i][0]["advantage"]) == 0.0  # all alike
+    # the sampling filters reach the sampler: kept to the most likely token, a sample at temperature 1 is greedy
+    for narrow in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        sampled = GRPO(0, _decode, dataclasses.replace(config, **narrow), max_seq_length=64, stop_ids=[7], seed=3,
+                       end_id=299).rollout(None, model, items, step=0)
+        assert all(torch.equal(a["response"], greedy[i][0]["response"]) for i in items for a in sampled[i]), narrow
+    assert not same(groups, {i: [greedy[i][0]] * 4 for i in items})  # (unfiltered samples are not)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -462,6 +468,9 @@ def test_grpo_flags_are_checked():
         GRPOConfig(beta=-1).check()
     with pytest.raises(TrainError, match="--sample-temperature"):
         GRPOConfig(sample_temperature=-1).check()
+    for bad in (dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5)):
+        with pytest.raises(TrainError, match="--top-k must be >= 0"):
+            GRPOConfig(**bad).check()
     with pytest.raises(TrainError, match="--turns all is SFT's"):
         GRPORunConfig(data_options=DataOptions(turns="all")).check()
 

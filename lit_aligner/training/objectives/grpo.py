@@ -84,8 +84,8 @@ class GRPO(SFT):
         return self.decode(ids.tolist()).strip()
 
     def _answer_items(self, fabric: Any, model: nn.Module, items: List[Dict[str, torch.Tensor]], copies: int,
-                      temperature: float, aligners: Any, generator: Optional[torch.Generator]
-                      ) -> List[List[Dict[str, torch.Tensor]]]:
+                      temperature: float, aligners: Any, generator: Optional[torch.Generator],
+                      sampling: Optional[Dict[str, Any]] = None) -> List[List[Dict[str, torch.Tensor]]]:
         """Each item's group: `copies` answers of the model to its prompt, scored (reward, each function's, the
         advantage within the group)."""
         prompts = [it["prompt"] for it in items for _ in range(copies)]
@@ -95,7 +95,7 @@ class GRPO(SFT):
                              f"under --max-seq-length {self.max_seq_length}; raise it")
         ends = [response_end(it["response"], self.end_id) for it in items for _ in range(copies)]
         answers = write_responses(fabric, model, prompts, rooms, ends, self.config.max_new_tokens, temperature,
-                                  self.stop_ids, aligners, generator)
+                                  self.stop_ids, aligners, generator, **(sampling or {}))
         texts = [self._text(a) for a in answers]
         references = [self._text(it["response"]) for it in items for _ in range(copies)]
         scores = self.rewards([self._text(p) for p in prompts], texts, references, [len(a) for a in answers])
@@ -118,7 +118,7 @@ class GRPO(SFT):
         generator = torch.Generator(device=device).manual_seed(seed)
         keys = list(items)
         groups = self._answer_items(fabric, model, [items[k] for k in keys], self.config.num_generations,
-                                    self.config.sample_temperature, None, generator)
+                                    self.config.sample_temperature, None, generator, self.config.sampling())
         scale = torch.ones(1)
         if self.config.loss_type == "dapo":
             # DAPO's mean over every answer token of the step, on every process: each answer's token sum x answers /

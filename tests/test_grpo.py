@@ -468,8 +468,9 @@ def test_grpo_flags_are_checked():
         GRPOConfig(beta=-1).check()
     with pytest.raises(TrainError, match="--sample-temperature"):
         GRPOConfig(sample_temperature=-1).check()
-    for bad in (dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5)):
-        with pytest.raises(TrainError, match="--top-k must be >= 0"):
+    for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+                      (dict(min_p=1.5), r"min_p must be in \[0, 1\]")):
+        with pytest.raises(TrainError, match=says):
             GRPOConfig(**bad).check()
     with pytest.raises(TrainError, match="--turns all is SFT's"):
         GRPORunConfig(data_options=DataOptions(turns="all")).check()

@@ -765,13 +765,13 @@ class GRPOConfig(RewardConfig):
     """answers sampled per prompt (the group, G); each step trains --global-batch-size prompts x G answers."""
     sample_temperature: float = 1.0
     """sampling temperature of the training answers (validation answers are greedy)."""
-    top_k: int = 0
-    """sample the training answers from the top_k most likely tokens only (0: from all; TRL's default)."""
-    top_p: float = 1.0
-    """sample the training answers from the smallest set of tokens whose probability reaches top_p (nucleus; 1.0:
-    all)."""
-    min_p: float = 0.0
-    """sample the training answers from the tokens at least min_p times as likely as the most likely one (0: off)."""
+    # the training answers' sampling filters: generate/aligner.py's flags, the same names, meaning and check
+    top_k: Optional[int] = None
+    """sample the training answers from the k most likely tokens only (default: all)."""
+    top_p: Optional[float] = None
+    """sample the training answers from the smallest set of tokens whose probability reaches top_p (nucleus)."""
+    min_p: Optional[float] = None
+    """sample the training answers from the tokens at least min_p times as likely as the most likely one."""
     scale_rewards: bool = True
     """divide each group's centred rewards by their standard deviation (GRPO's; Dr. GRPO turns it off)."""
     beta: float = 0.0
@@ -792,14 +792,16 @@ class GRPOConfig(RewardConfig):
             raise TrainError(f"--sample-temperature must be 0 (greedy) or positive, got {self.sample_temperature}")
         if not 0.0 <= self.beta < float("inf"):
             raise TrainError(f"--beta must be >= 0 (0: no KL penalty), got {self.beta}")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:
-            raise TrainError(f"--top-k must be >= 0 (0: off), --top-p in (0, 1] and --min-p in [0, 1]; got "
-                             f"{self.top_k}, {self.top_p}, {self.min_p}")
+        from lit_aligner.generation import check_sampling
+
+        try:
+            check_sampling(self.sample_temperature, **self.sampling())
+        except ValueError as e:
+            raise TrainError(str(e)) from None
 
     def sampling(self) -> Dict[str, Any]:
         """The training answers' sampling filters, as `generation.generate` takes them (None: off)."""
-        return {"top_k": self.top_k or None, "top_p": self.top_p if self.top_p < 1.0 else None,
-                "min_p": self.min_p or None}
+        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
 
     def settings(self) -> Dict[str, Any]:
         """What the loss depends on: a run's identity, and what the Aligner's metadata records."""

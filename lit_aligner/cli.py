@@ -25,6 +25,10 @@ import tyro
 RENAMED_FLAGS: Dict[str, str] = {
     "--skip-bad-rows": "malformed rows are now skipped and counted by default (--strict-data stops at the first)",
 }
+# Flags that took another spelling: old -> today's (said in a note, then read as today's).
+REPLACED_FLAGS: Dict[str, List[str]] = {
+    "--no-scale-rewards": ["--scale-rewards", "none"],
+}
 
 
 def _argv(args: Optional[Sequence[str]]) -> List[str]:
@@ -32,6 +36,10 @@ def _argv(args: Optional[Sequence[str]]) -> List[str]:
     for a in (sys.argv[1:] if args is None else list(args)):
         if a in RENAMED_FLAGS:
             print(f"note: {a} is no longer needed: {RENAMED_FLAGS[a]}", file=sys.stderr)
+            continue
+        if a in REPLACED_FLAGS:
+            print(f"note: {a} is now {' '.join(REPLACED_FLAGS[a])}", file=sys.stderr)
+            out += REPLACED_FLAGS[a]
             continue
         out.append(a)
     return out

@@ -119,7 +119,7 @@ def test_every_flag_the_docs_name_is_a_flag_of_a_cli(monkeypatch):
     helps = [cli_help(script, *sub) for script in CLIS
              for sub in ([[name] for name in SUBCOMMANDS] if script == "evaluate/aligner.py" else [[]])]
     known = {f for text in helps for f in FLAG.findall(text)}
-    known |= OTHER_TOOLS_FLAGS | set(lit_aligner.cli.RENAMED_FLAGS)
+    known |= OTHER_TOOLS_FLAGS | set(lit_aligner.cli.RENAMED_FLAGS) | set(lit_aligner.cli.REPLACED_FLAGS)
     assert "--gate-lr-ratio" in known and "--aligners-dir" in known and "--tasks" in known
     unknown = {(doc.name, flag) for doc in DOCS for flag in FLAG.findall(doc.read_text()) if flag not in known}
     assert not unknown, sorted(unknown)

@@ -16,7 +16,7 @@ from lit_aligner.losses import grpo_loss
 from lit_aligner.model import AlignerConfig, LLaMA, init_weights
 from lit_aligner.rewards import RewardError, Rewards, gives_answer, reference_answer
 from lit_aligner.training import GRPOConfig, GRPORunConfig, TrainError
-from lit_aligner.training.objectives.grpo import GRPO, group_advantages
+from lit_aligner.training.objectives.grpo import GRPO, batch_std, group_advantages
 from lit_aligner.training.plot import read_metrics
 
 
@@ -30,8 +30,26 @@ def test_group_advantages_are_trls():
     mean = rewards.view(-1, 8).mean(1).repeat_interleave(8)
     std = nanstd(rewards.view(-1, 8), dim=1).repeat_interleave(8)
     assert torch.allclose(group_advantages(rewards).view(-1), (flat - mean) / (std + 1e-4), atol=1e-6)
-    assert torch.allclose(group_advantages(rewards, scale=False).view(-1), flat - mean)  # scale_rewards="none"
+    assert torch.allclose(group_advantages(rewards, "none").view(-1), flat - mean)  # scale_rewards="none"
     assert torch.equal(group_advantages(rewards)[2], torch.zeros(8))
+    # scale_rewards="batch": the group's mean, the whole batch's standard deviation
+    theirs = (flat - mean) / (nanstd(flat) + 1e-4)
+    assert torch.allclose(group_advantages(rewards, "batch").view(-1), theirs, atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, "batch", batch_std(None, rewards)).view(-1), theirs, atol=1e-6)
+
+
+def test_the_batch_standard_deviation_spans_every_process():
+    # TRL gathers the rewards of every process before it scales; here the other process holds the last 3 groups
+    from types import SimpleNamespace
+
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.rand(5, 4, generator=torch.Generator().manual_seed(2))
+    theirs = rewards[2:].double().flatten()
+    other = torch.stack([theirs.new_tensor(float(theirs.numel())), theirs.sum(), (theirs * theirs).sum()])
+    fabric = SimpleNamespace(world_size=2, device=torch.device("cpu"), all_reduce=lambda t, reduce_op: t + other)
+    assert float(batch_std(fabric, rewards[:2])) == pytest.approx(float(nanstd(rewards.flatten())), rel=1e-6)
+    assert float(batch_std(None, rewards[:2])) == pytest.approx(float(nanstd(rewards[:2].flatten())), rel=1e-6)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -193,6 +211,8 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
             assert float(a["reward"]) == pytest.approx(regex + concise)
         rewards = torch.stack([a["reward"] for a in group]).view(1, 4)
         assert torch.allclose(torch.stack([a["advantage"] for a in group]).view(1, 4), group_advantages(rewards))
+        # cut short = not ended by the template's end token (TRL's test: the last id is not an EOS)
+        assert [bool(a["truncated"]) for a in group] == [int(a["response"][-1]) != 299 for a in group]
     # seeded by the step: the same step samples the same answers (a resumed run), another step others
     again = objective.rollout(None, model, items, step=0)
     other = objective.rollout(None, model, items, step=1)
@@ -213,17 +233,22 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
     assert not same(groups, {i: [greedy[i][0]] * 4 for i in items})  # (unfiltered samples are not)
 
 
+@pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(loss_type):
+def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(loss_type, mask_truncated):
     # the engine's way: each micro-batch's summed loss / the step's answers, accumulated; TRL's: its formula for the
-    # loss type over one batch of every answer (DAPO: a mean over every answer token of the step)
+    # loss type over one batch of every answer (DAPO: a mean over every answer token of the step), with its
+    # mask_truncated_completions zeroing the loss mask of answers that end in no EOS
     model, items = _tiny_model(), _items(3, seed=5)
-    config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, loss_type=loss_type)
+    config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, loss_type=loss_type,
+                        mask_truncated_completions=mask_truncated)
     stops = range(0, 300, 7)  # (a stop token in 1 of 7 draws: answers of many lengths)
     objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=stops, seed=1, end_id=299).with_aligner(None)
     answers = [a for g in objective.rollout(None, model, items, step=0).values() for a in g]
     lengths = [len(a["response"]) for a in answers]
     assert len(set(lengths)) > 1  # (answers of different lengths, or every type would agree)
+    truncated = torch.tensor([int(a["response"][-1]) != 299 for a in answers])
+    assert 0 < int(truncated.sum()) < len(answers)  # (some cut short, some not: the mask matters)
     params = [model.aligner.prefix, model.aligner.gate]
     value = 0.0
     for micro in (answers[:8], answers[8:]):
@@ -240,8 +265,10 @@ def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     mask = (labels != -100).float()
     assert mask.sum(-1).tolist() == lengths
+    if mask_truncated:
+        mask = mask * (~truncated).float()[:, None]
     per_token = -torch.exp(lp - lp.detach()) * batch["advantage"]
-    theirs = {"grpo": ((per_token * mask).sum(-1) / mask.sum(-1)).mean(),
+    theirs = {"grpo": ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean(),
               "dapo": (per_token * mask).sum() / mask.sum(),
               "dr_grpo": (per_token * mask).sum() / (len(answers) * 6)}[loss_type]
     theirs.backward()
@@ -282,6 +309,7 @@ def test_validation_scores_the_policys_greedy_answers_by_their_reward():
         assert metrics["answers"] == 5 and metrics["reward"] == pytest.approx(mean("reward"))
         assert metrics["loss"] == pytest.approx(-metrics["reward"]) and metrics["zero_std"] == 0
         assert metrics["length"] == pytest.approx(sum(len(a["response"]) for a in answers.values()) / 5)
+        assert metrics["truncated"] == pytest.approx(mean("truncated"))
 
 
 def test_a_process_without_held_out_rows_repeats_an_answered_one():
@@ -438,6 +466,24 @@ def test_the_completions_log_holds_every_sampled_answer_and_its_scores(tiny_chec
     assert len((tmp_path / "out" / "completions.jsonl").read_text().splitlines()) == 16
 
 
+def test_a_run_state_that_spelled_scale_rewards_as_a_bool_resumes(tiny_checkpoint_dir, rows_file, letter_reward,
+                                                                     tmp_path):
+    from lit_aligner.training import train
+
+    config = _config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / "out", max_steps=2, eval_interval=2,
+                     save_interval=1)
+    train(config)
+    path = next((tmp_path / "out").glob("*/step-000001.pt"))
+    state = torch.load(path, weights_only=True)
+    assert state["identity"]["scale_rewards"] == "group"
+    state["identity"]["scale_rewards"] = True  # as written when the flag was a bool
+    torch.save(state, path)
+    assert train(dataclasses.replace(config, resume=str(path)))["step"] == 2  # True was "group": the same run
+    other = dataclasses.replace(config, resume=str(path), grpo=dataclasses.replace(config.grpo, scale_rewards="none"))
+    with pytest.raises(TrainError, match="--scale-rewards group \\(now none\\)"):
+        train(other)
+
+
 def test_grpo_cli_errors_are_one_line(tiny_checkpoint_dir, rows_file, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in ("yes", "no", "maybe", "so")))
@@ -455,12 +501,14 @@ def test_grpo_cli_errors_are_one_line(tiny_checkpoint_dir, rows_file, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and lines[-1].startswith("error:") and match in lines[-1], helpers.why(r)
         assert "Traceback" not in r.stderr
-    # prompt-only rows train with rewards that need no reference
+    # prompt-only rows train with rewards that need no reference; the old spelling --no-scale-rewards still works
     r = helpers.run_script(*common, "--data", prompts, "--val-size", "1", "--rewards", "concise", "--max-new-tokens",
                            "4", "--num-generations", "2", "--global-batch-size", "2", "--micro-batch-size", "2",
-                           "--json-summary")
+                           "--json-summary", "--no-scale-rewards")
     assert r.returncode == 0, helpers.why(r)
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 1
+    assert "note: --no-scale-rewards is now --scale-rewards none" in r.stderr
+    assert json.loads(load_aligner(tmp_path / "out" / "aligner.safetensors")[1]["grpo"])["scale_rewards"] == "none"
 
 
 def test_grpo_flags_are_checked():
@@ -493,7 +541,8 @@ def test_evaluate_reward_gives_a_runs_end_report_again(tiny_checkpoint_dir, rows
     assert trained["e_share"] == pytest.approx(summary["val"]["reward"], abs=1e-6)  # the run's held-out figure
     assert base["e_share"] == pytest.approx(summary["first_val"]["reward"], abs=1e-6)  # (step 0: the bare base)
     assert trained["reward"] == pytest.approx(trained["e_share"] + trained["concise"])
-    assert "e_share" in r.stdout and "answer tokens" in r.stdout
+    assert trained["truncated"] == pytest.approx(summary["val"]["truncated"], abs=1e-6)
+    assert "e_share" in r.stdout and "answer tokens" in r.stdout and "cut short" in r.stdout
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in ("yes", "no")))
     r = helpers.run_script("evaluate/aligner.py", "reward", "--checkpoint-dir", tiny_checkpoint_dir, "--data", prompts,
@@ -510,11 +559,23 @@ def test_two_process_grpo_validates_as_one_process(tiny_checkpoint_dir, rows_fil
               "cpu", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--n-tokens", "4",
               "--start-layer", "1", "--max-seq-length", "96", "--val-size", "7", "--eval-interval", "2",
               "--rewards", letter_reward, "--num-generations", "4", "--max-new-tokens", "12", "--no-progress",
-              "--compare", "False", "--learning-rate", "0.1"]
+              "--compare", "False", "--learning-rate", "0.1", "--scale-rewards", "batch", "--log-completions"]
     helpers.run_one_and_two_processes(common, tmp_path)
     rows = {k: read_metrics(tmp_path / k / "metrics.csv") for k in ("one", "two")}
     assert float(rows["two"][0]["val_reward"]) == pytest.approx(float(rows["one"][0]["val_reward"]), abs=1e-6)
     trained = [r for r in rows["two"] if r.get("train_reward")]
     assert len(trained) == 2 and all(0 <= float(r["train_zero_std"]) <= 1 for r in trained)
+    # the completions log gathers both processes' answers (each step: 4 prompts x 4), and under --scale-rewards batch
+    # every answer's advantage divides by the standard deviation of all of the step's rewards, both processes'
+    for k in ("one", "two"):
+        lines = [json.loads(line) for line in (tmp_path / k / "completions.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1] * 16 + [2] * 16, k
+        for step, m in enumerate(trained if k == "two" else [r for r in rows[k] if r.get("train_reward")], 1):
+            mine = [r for r in lines if r["step"] == step]
+            rewards = torch.tensor([r["reward"] for r in mine])
+            assert float(rewards.mean()) == pytest.approx(float(m["train_reward"]), abs=1e-6)  # all of the step's
+            groups = rewards.view(4, 4)
+            expected = (groups - groups.mean(1, keepdim=True)) / (rewards.std() + 1e-4)
+            assert [r["advantage"] for r in mine] == pytest.approx(expected.view(-1).tolist(), abs=1e-4), k
     _, meta = load_aligner(tmp_path / "two" / "aligner.safetensors")
     assert json.loads(meta["grpo"])["rewards"] == [letter_reward]

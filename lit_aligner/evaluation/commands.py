@@ -491,7 +491,7 @@ class Reward(DataCommon):
             m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
                                   self.batch_size)
             return {"reward": m["reward"], **{n: m[f"reward_{n}"] for n in objective.rewards.names},
-                    "length": m["length"], "answers": m["answers"]}
+                    "length": m["length"], "truncated": m["truncated"], "answers": m["answers"]}
 
         results, data = self.score(systems, GRPO.data_kind, tokenizer, GRPO.default_template(tokenizer), metrics)
         return {"command": "reward", **self.reward.settings(), "results": results, "data": data}
@@ -504,7 +504,7 @@ class Reward(DataCommon):
         return head + _table(result["results"], [
             ("system", "name", "{}"), ("template", "template", "{}"), ("reward", "reward", "{:.4f}"),
             *[(n, n, "{:.4f}") for n in names if len(names) > 1], ("answer tokens", "length", "{:.1f}"),
-            ("answers", "answers", "{}")])
+            ("cut short", "truncated", "{:.1%}"), ("answers", "answers", "{}")])
 
 
 # --- correction -------------------------------------------------------------------------------------------------------

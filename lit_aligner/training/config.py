@@ -772,8 +772,15 @@ class GRPOConfig(RewardConfig):
     """sample the training answers from the smallest set of tokens whose probability reaches top_p (nucleus)."""
     min_p: Optional[float] = None
     """sample the training answers from the tokens at least min_p times as likely as the most likely one."""
-    scale_rewards: bool = True
-    """divide each group's centred rewards by their standard deviation (GRPO's; Dr. GRPO turns it off)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """what divides each answer's reward less its group's mean (TRL's names): group, the group's standard deviation
+    (GRPO's); batch, the standard deviation of the whole step's rewards, over every process (LitePPO's); none, nothing
+    (Dr. GRPO's: the group's spread biases towards too easy and too hard prompts)."""
+    mask_truncated_completions: bool = False
+    """leave answers cut at --max-new-tokens (or at the room left under --max-seq-length) out of the loss, as
+    DAPO's overlong filter: their ending is unknown, so their reward says little about their tokens. They still
+    count in their group's advantages and, except under --loss-type dapo (a mean over the kept tokens), in the mean
+    over answers. train_truncated logs their share either way."""
     beta: float = 0.0
     """weight of the KL penalty to the reference (--reference-aligner; k3 estimator, per token; TRL's default 0: no
     reference pass)."""
@@ -807,7 +814,8 @@ class GRPOConfig(RewardConfig):
         """What the loss depends on: a run's identity, and what the Aligner's metadata records."""
         return {**super().settings(), "num_generations": self.num_generations,
                 "sample_temperature": self.sample_temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "min_p": self.min_p, "scale_rewards": self.scale_rewards, "beta": self.beta,
+                "min_p": self.min_p, "scale_rewards": self.scale_rewards,
+                "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
                 "loss_type": self.loss_type}
 
 
@@ -843,7 +851,7 @@ class GRPORunConfig(RunConfig, CompareFlags):
     none."""
     log_completions: bool = False
     """write every sampled answer with its prompt, rewards and advantage to OUT/completions.jsonl, a line each (under
-    DDP, the first process's share): what the policy really says, the first thing to read when a reward is gamed."""
+    DDP, every process's, gathered): what the policy really says, the first thing to read when a reward is gamed."""
 
     objective: ClassVar[str] = "grpo"
 

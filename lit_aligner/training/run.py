@@ -160,12 +160,18 @@ LATER_TRAIN_SETTINGS = {
     "max_norm": (None, "predates --max-norm: the run continues without gradient clipping"),
 }
 
+# identity values that took another spelling: an earlier state's -> today's (the same training either way)
+RESPELLED_VALUES = {"scale_rewards": {True: "group", False: "none"}}
+
 
 def _resume(run: Run) -> None:
     cfg, fabric = run.cfg, run.fabric
     run.resume_path, run.state, notes = resolve_resume(cfg.resume, run.out_dir)
     if run.state is not None:
         identity, trained = run.state.get("identity") or {}, run.state.get("train_config") or {}
+        for name, spellings in RESPELLED_VALUES.items():
+            if isinstance(identity.get(name), bool):
+                identity[name] = spellings[identity[name]]
         for name, (before, what) in LATER_TRAIN_SETTINGS.items():
             before = trained.get(name, before)
             if name not in identity and getattr(cfg.train, name) != before:

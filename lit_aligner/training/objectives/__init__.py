@@ -144,10 +144,11 @@ def response_end(response: torch.Tensor, end_id: Optional[int]) -> torch.Tensor:
 def write_responses(fabric: Any, model: nn.Module, prompts: Sequence[torch.Tensor], rooms: Sequence[int],
                     ends: Sequence[torch.Tensor], max_new_tokens: int, temperature: float, stop_ids: Sequence[int],
                     aligners: Any = None, generator: Optional[torch.Generator] = None,
-                    **sampling: Any) -> List[Optional[torch.Tensor]]:
+                    **sampling: Any) -> Tuple[List[Optional[torch.Tensor]], List[bool]]:
     """The model's continuation of each prompt (on-policy responses): at most `max_new_tokens` and no more than the
     prompt's room (`rooms`: tokens left under --max-seq-length); a continuation that stopped ends with the prompt's end
     token (`ends`: the template's, as the data's responses end), one cut short does not; None where there is no room.
+    Returns the continuations and whether each stopped (False: cut short, or no room).
     `aligners`: `generate`'s (None: the attached Aligner); `fabric`: the training precision (None: the weights');
     `sampling`: `generate`'s filters (top_k, top_p, min_p)."""
     import contextlib
@@ -156,17 +157,19 @@ def write_responses(fabric: Any, model: nn.Module, prompts: Sequence[torch.Tenso
 
     rows = [k for k, room in enumerate(rooms) if room >= 1]
     out: List[Optional[torch.Tensor]] = [None] * len(prompts)
+    stopped = [False] * len(prompts)
     if not rows:
-        return out
+        return out, stopped
     max_new = min(max_new_tokens, max(rooms[k] for k in rows))
     with fabric.autocast() if fabric is not None else contextlib.nullcontext():
         samples = generate(model, [prompts[k] for k in rows], max_new, temperature=temperature, stop_ids=stop_ids,
                            aligners=aligners, generator=generator, compile=False, **sampling)
     model.clear_caches()  # the training passes need the memory more than the next rollout needs the cache
     for k, ids in zip(rows, samples):
-        response = torch.cat([ids, ends[k].to(ids)]) if len(ids) < max_new else ids
-        out[k] = response[: rooms[k]]
-    return out
+        ended = len(ids) < max_new  # (generate drops the stop token it ended on)
+        response = torch.cat([ids, ends[k].to(ids)]) if ended else ids
+        out[k], stopped[k] = response[: rooms[k]], ended and len(response) <= rooms[k]
+    return out, stopped
 
 
 def get_objective(name: str) -> Type[Objective]:

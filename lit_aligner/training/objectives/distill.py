@@ -85,8 +85,8 @@ class Distill(SFT):
         keys = list(items)
         rooms = [self.max_seq_length - max(len(items[k]["prompt"]), len(items[k]["teacher_prompt"])) for k in keys]
         ends = [response_end(items[k]["response"], self.end_id) for k in keys]
-        responses = write_responses(fabric, model, [items[k][prompt] for k in keys], rooms, ends, max_new_tokens,
-                                    temperature, self.stop_ids, aligners, generator)
+        responses, _ = write_responses(fabric, model, [items[k][prompt] for k in keys], rooms, ends, max_new_tokens,
+                                       temperature, self.stop_ids, aligners, generator)
         return {k: items[k] if r is None else {**items[k], "response": r} for k, r in zip(keys, responses)}
 
     def prepare(self, run: Any) -> None:

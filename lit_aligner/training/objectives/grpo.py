@@ -25,14 +25,30 @@ from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.sft import SFT
 
-SCORES = ("reward", "rewards", "advantage", "zero_std")  # what `rollout` / `answer` add to an item, beside its answer
+# what `rollout` / `answer` add to an item, beside its answer
+SCORES = ("reward", "rewards", "advantage", "zero_std", "truncated")
 
 
-def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
-    """(groups, G) rewards -> advantages: each less its group's mean, over the group's standard deviation (+1e-4, as
-    TRL: a group whose answers all score alike has advantage 0) when `scale`."""
+def group_advantages(rewards: torch.Tensor, scale: str = "group", std: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(groups, G) rewards -> advantages: each less its group's mean, over (`scale`, TRL's scale_rewards) the group's
+    standard deviation ("group"), the whole batch's ("batch": `std`, default these rewards') or nothing ("none");
+    +1e-4 as TRL: a group whose answers all score alike has advantage 0."""
     centred = rewards - rewards.mean(-1, keepdim=True)
-    return centred / (rewards.std(-1, keepdim=True) + 1e-4) if scale else centred
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = rewards.std(-1, keepdim=True)
+    return centred / ((rewards.std() if std is None else std) + 1e-4)
+
+
+def batch_std(fabric: Any, rewards: torch.Tensor) -> torch.Tensor:
+    """The (unbiased) standard deviation of a step's rewards over every process (each holds its own groups)."""
+    x = rewards.double().flatten()
+    sums = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
+    if fabric is not None and fabric.world_size > 1:
+        sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="sum").cpu()
+    n, s, ss = sums.tolist()
+    return torch.tensor(max(ss - s * s / n, 0.0) / max(n - 1, 1) if n > 1 else 0.0).sqrt().float()
 
 
 def keep_completions(path: Path, step: int) -> Path:
@@ -55,7 +71,8 @@ def keep_completions(path: Path, step: int) -> Path:
 class GRPO(SFT):
     """Per answer: the GRPO loss (training) or minus its reward (validation); units are answers. Metrics: loss,
     reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the reference,
-    with --beta) and zero_std (the share of answers in groups whose rewards do not differ: no signal)."""
+    with --beta), zero_std (the share of answers in groups whose rewards do not differ: no signal) and truncated (the
+    share cut at --max-new-tokens or the room left: TRL's clipped_ratio)."""
 
     name = "grpo"
     data_kind = "sft"
@@ -72,10 +89,12 @@ class GRPO(SFT):
         self.rewards = config.reward_functions()
         self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
-                             "zero_std")
+                             "zero_std", "truncated")
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         self.start: Any = False  # the run's --init-aligner, frozen (`from_run`), else False
-        self.completions: Optional[Path] = None  # --log-completions: the JSONL file the rollouts append to
+        # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
+        self.log_completions = False
+        self.completions: Optional[Path] = None
 
     def units(self, item: Dict[str, torch.Tensor], step: Optional[int] = None) -> int:
         return 1
@@ -94,19 +113,24 @@ class GRPO(SFT):
             raise TrainError(f"a prompt of {len(prompts[rooms.index(min(rooms))])} tokens leaves no room for an answer "
                              f"under --max-seq-length {self.max_seq_length}; raise it")
         ends = [response_end(it["response"], self.end_id) for it in items for _ in range(copies)]
-        answers = write_responses(fabric, model, prompts, rooms, ends, self.config.max_new_tokens, temperature,
-                                  self.stop_ids, aligners, generator, **(sampling or {}))
+        answers, stopped = write_responses(fabric, model, prompts, rooms, ends, self.config.max_new_tokens,
+                                           temperature, self.stop_ids, aligners, generator, **(sampling or {}))
         texts = [self._text(a) for a in answers]
         references = [self._text(it["response"]) for it in items for _ in range(copies)]
         scores = self.rewards([self._text(p) for p in prompts], texts, references, [len(a) for a in answers])
         total = torch.tensor(self.rewards.total(scores), dtype=torch.float32).view(len(items), copies)
-        advantages = group_advantages(total, self.config.scale_rewards) if copies > 1 else torch.zeros_like(total)
-        zero_std = (total.max(-1).values == total.min(-1).values).float() * (copies > 1)  # (one answer: no group)
+        advantages = torch.zeros_like(total)  # (one answer: no group)
+        if copies > 1:
+            scale = self.config.scale_rewards
+            advantages = group_advantages(total, scale, batch_std(fabric, total) if scale == "batch" else None)
+        zero_std = (total.max(-1).values == total.min(-1).values).float() * (copies > 1)
+        truncated = torch.tensor([not s for s in stopped], dtype=torch.float32).view(len(items), copies)
         by_name = torch.tensor([scores[n] for n in self.rewards.names], dtype=torch.float32).T.reshape(
             len(items), copies, -1)
         return [[{"prompt": it["prompt"], "response": answers[g * copies + c], "context": NO_CONTEXT,
                   "reward": total[g, c:c + 1], "rewards": by_name[g, c], "advantage": advantages[g, c:c + 1],
-                  "zero_std": zero_std[g:g + 1]} for c in range(copies)] for g, it in enumerate(items)]
+                  "zero_std": zero_std[g:g + 1], "truncated": truncated[g, c:c + 1]} for c in range(copies)]
+                for g, it in enumerate(items)]
 
     def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
@@ -119,32 +143,41 @@ class GRPO(SFT):
         keys = list(items)
         groups = self._answer_items(fabric, model, [items[k] for k in keys], self.config.num_generations,
                                     self.config.sample_temperature, None, generator, self.config.sampling())
-        scale = torch.ones(1)
+        # each answer's loss x token_scale: 0 for an answer --mask-truncated-completions leaves out, else 1 or, under
+        # dapo, answers / kept tokens (both the whole step's, on every process), which the engine's division by the
+        # step's answers makes DAPO's mean over every kept answer token of the step
+        answers = [it for g in groups for it in g]
+        kept = [not (self.config.mask_truncated_completions and float(it["truncated"])) for it in answers]
+        scale = 1.0
         if self.config.loss_type == "dapo":
-            # DAPO's mean over every answer token of the step, on every process: each answer's token sum x answers /
-            # tokens (both the whole step's), which the engine's division by the step's answers makes sum / tokens
-            counts = torch.tensor([float(sum(len(it["response"]) for g in groups for it in g)),
-                                   float(sum(len(g) for g in groups))], dtype=torch.float64, device=device)
+            counts = torch.tensor([float(sum(len(it["response"]) for it, k in zip(answers, kept) if k)),
+                                   float(len(answers))], dtype=torch.float64, device=device)
             if fabric is not None and fabric.world_size > 1:
                 counts = fabric.all_reduce(counts, reduce_op="sum")
-            scale = torch.tensor([float(counts[1] / counts[0].clamp(min=1))])
-        for g in groups:
-            for it in g:
-                it["token_scale"] = scale
-        if self.completions is not None:  # (set on the first process only)
-            self._log_completions(step + 1, groups)
+            scale = float(counts[1] / counts[0].clamp(min=1))
+        for it, k in zip(answers, kept):
+            it["token_scale"] = torch.tensor([scale if k else 0.0])
+        if self.log_completions:
+            self._log_completions(fabric, step + 1, answers)
         return dict(zip(keys, groups))
 
-    def _log_completions(self, step: int, groups: List[List[Dict[str, torch.Tensor]]]) -> None:
-        """Appends a step's answers to --log-completions' file, a JSON object each (step as metrics.csv counts it)."""
-        with open(self.completions, "a", encoding="utf-8") as f:
-            for g in groups:
-                for it in g:
-                    f.write(json.dumps({
-                        "step": step, "prompt": self._text(it["prompt"]), "completion": self._text(it["response"]),
-                        "tokens": len(it["response"]), "reward": float(it["reward"]),
-                        "rewards": dict(zip(self.rewards.names, it["rewards"].tolist())),
-                        "advantage": float(it["advantage"])}, ensure_ascii=False) + "\n")
+    def _log_completions(self, fabric: Any, step: int, answers: List[Dict[str, torch.Tensor]]) -> None:
+        """Appends a step's answers to --log-completions' file, a JSON object each (step as metrics.csv counts it),
+        every process's in process order (TRL gathers them too)."""
+        lines = [json.dumps({"step": step, "prompt": self._text(it["prompt"]), "completion": self._text(it["response"]),
+                             "tokens": len(it["response"]), "truncated": bool(it["truncated"]),
+                             "reward": float(it["reward"]),
+                             "rewards": dict(zip(self.rewards.names, it["rewards"].tolist())),
+                             "advantage": float(it["advantage"])}, ensure_ascii=False) + "\n" for it in answers]
+        if fabric is not None and fabric.world_size > 1:
+            import torch.distributed as dist
+
+            parts: List[Any] = [None] * fabric.world_size
+            dist.all_gather_object(parts, lines)
+            lines = [line for part in parts for line in part]
+        if self.completions is not None:  # (the first process's)
+            with open(self.completions, "a", encoding="utf-8") as f:
+                f.writelines(lines)
 
     def answer(self, fabric: Any, model: nn.Module, dataset: Any,
                indices: Sequence[int]) -> Dict[int, Dict[str, torch.Tensor]]:
@@ -165,7 +198,8 @@ class GRPO(SFT):
 
     def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
         length = (batch["labels"][:, 1:] != -100).sum().float()
-        out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum()}
+        out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum(),
+               "truncated": batch["truncated"].sum()}
         out.update({f"reward_{n}": batch["rewards"][:, i].sum() for i, n in enumerate(self.rewards.names)})
         if not model.training:  # validation: greedy answers, scored by their reward alone
             return {**out, "loss": -out["reward"], "kl": torch.zeros(())}
@@ -199,6 +233,7 @@ class GRPO(SFT):
             objective.check_references(info, cfg.data)
         # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given)
         objective.start = as_reference(run.init_aligner, run.fabric.device)
+        objective.log_completions = cfg.log_completions
         if cfg.log_completions and run.fabric.global_rank == 0:
             objective.completions = keep_completions(run.out_dir / "completions.jsonl",
                                                      int(run.state["step"]) if run.state is not None else 0)
@@ -240,6 +275,7 @@ class GRPO(SFT):
         lines = ["", title, line("reward:   ", "reward", ".4f")]
         lines += [line(f"  {n}: ", "reward_" + n, ".4f") for n in self.rewards.names if len(self.rewards.names) > 1]
         lines.append(line("answer tokens: ", "length", ".1f"))
+        lines.append(line("cut short at --max-new-tokens: ", "truncated", ".1%"))
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if compare:
             rows = range(min(3, len(run.val)))

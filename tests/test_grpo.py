@@ -231,6 +231,15 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
                        end_id=299).rollout(None, model, items, step=0)
         assert all(torch.equal(a["response"], greedy[i][0]["response"]) for i in items for a in sampled[i]), narrow
     assert not same(groups, {i: [greedy[i][0]] * 4 for i in items})  # (unfiltered samples are not)
+    # the repetition penalty reaches the sampler: the greedy answers are the engine's under that penalty, not the plain
+    from lit_aligner.generation import Penalties, generate
+
+    penalized = GRPO(0, _decode, dataclasses.replace(config, sample_temperature=0.0, repetition_penalty=3.0),
+                     max_seq_length=64, stop_ids=[7], end_id=299).rollout(None, model, items, step=0)
+    for i in items:
+        ids = generate(model, [items[i]["prompt"]], 6, penalties=Penalties(repetition=3.0), stop_ids=[7])[0].tolist()
+        assert penalized[i][0]["response"].tolist() == ids + ([299] if len(ids) < 6 else [])
+    assert any(not torch.equal(penalized[i][0]["response"], greedy[i][0]["response"]) for i in items)
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
@@ -517,7 +526,8 @@ def test_grpo_flags_are_checked():
     with pytest.raises(TrainError, match="--sample-temperature"):
         GRPOConfig(sample_temperature=-1).check()
     for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-                      (dict(min_p=1.5), r"min_p must be in \[0, 1\]")):
+                      (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+                      (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0")):
         with pytest.raises(TrainError, match=says):
             GRPOConfig(**bad).check()
     with pytest.raises(TrainError, match="--turns all is SFT's"):

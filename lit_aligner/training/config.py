@@ -772,6 +772,10 @@ class GRPOConfig(RewardConfig):
     """sample the training answers from the smallest set of tokens whose probability reaches top_p (nucleus)."""
     min_p: Optional[float] = None
     """sample the training answers from the tokens at least min_p times as likely as the most likely one."""
+    repetition_penalty: float = 1.0
+    """sample the training answers with the positive logits of the tokens already in the prompt or the answer divided
+    by this (the negative ones multiplied): > 1 discourages repeating (TRL's, transformers' and vLLM's; 1 = off). The
+    loss reads the policy's own log-probabilities, as TRL's."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """what divides each answer's reward less its group's mean (TRL's names): group, the group's standard deviation
     (GRPO's); batch, the standard deviation of the whole step's rewards, over every process (LitePPO's); none, nothing
@@ -799,22 +803,27 @@ class GRPOConfig(RewardConfig):
             raise TrainError(f"--sample-temperature must be 0 (greedy) or positive, got {self.sample_temperature}")
         if not 0.0 <= self.beta < float("inf"):
             raise TrainError(f"--beta must be >= 0 (0: no KL penalty), got {self.beta}")
-        from lit_aligner.generation import check_sampling
+        from lit_aligner.generation.engine import check_penalties, check_sampling
 
+        sampling = self.sampling()
         try:
-            check_sampling(self.sample_temperature, **self.sampling())
+            check_penalties(sampling.pop("penalties"))
+            check_sampling(self.sample_temperature, **sampling)
         except ValueError as e:
             raise TrainError(str(e)) from None
 
     def sampling(self) -> Dict[str, Any]:
-        """The training answers' sampling filters, as `generation.generate` takes them (None: off)."""
-        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+        """The training answers' sampling filters and penalty, as `generation.generate` takes them (None: off)."""
+        from lit_aligner.generation import Penalties
+
+        return {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                "penalties": Penalties(repetition=self.repetition_penalty)}
 
     def settings(self) -> Dict[str, Any]:
         """What the loss depends on: a run's identity, and what the Aligner's metadata records."""
         return {**super().settings(), "num_generations": self.num_generations,
                 "sample_temperature": self.sample_temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "min_p": self.min_p, "scale_rewards": self.scale_rewards,
+                "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "scale_rewards": self.scale_rewards,
                 "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
                 "loss_type": self.loss_type}
 

@@ -150,7 +150,7 @@ def write_responses(fabric: Any, model: nn.Module, prompts: Sequence[torch.Tenso
     token (`ends`: the template's, as the data's responses end), one cut short does not; None where there is no room.
     Returns the continuations and whether each stopped (False: cut short, or no room).
     `aligners`: `generate`'s (None: the attached Aligner); `fabric`: the training precision (None: the weights');
-    `sampling`: `generate`'s filters (top_k, top_p, min_p)."""
+    `sampling`: `generate`'s filters and penalties (top_k, top_p, min_p, penalties)."""
     import contextlib
 
     from lit_aligner.generation import generate

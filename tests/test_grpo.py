@@ -428,6 +428,44 @@ def test_the_kl_reference_is_the_init_aligner_unless_another_is_named(tiny_check
     assert meta_init["beta"] == 0.1
 
 
+def test_sync_ref_model_moves_the_kl_reference_toward_the_policy(tiny_checkpoint_dir, rows_file, letter_reward,
+                                                                   tmp_path):
+    """TRL's sync_ref_model for GRPO's KL: after steps 2 and 4 the reference (a copy of the init Aligner) becomes
+    alpha x the policy + (1 - alpha) x itself; the end report's init Aligner stays the one the run started from; a run
+    resumed at step 2 ends where the uninterrupted one does; with alpha 1 every step the reference is the policy that
+    samples, so the KL is 0 at every step."""
+    from lit_aligner.training import train
+
+    def config(out, **flags):
+        c = _config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / out, max_steps=4, eval_interval=4,
+                    save_interval=2)
+        c.grpo = dataclasses.replace(c.grpo, beta=0.1)
+        return dataclasses.replace(c, init_aligner=init, **flags)
+
+    train(_config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / "sft", max_steps=2, eval_interval=2))
+    init = tmp_path / "sft" / "aligner.safetensors"
+    start, _ = load_aligner(init)
+    summary = train(config("a", sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=2))
+    s2, s4 = (torch.load(tmp_path / "a" / "state" / f"step-00000{k}.pt", weights_only=True) for k in (2, 4))
+    for name in ("prefix", "gate"):
+        torch.testing.assert_close(s2["objective"][f"reference_{name}"],
+                                   0.5 * s2["aligner"][name] + 0.5 * getattr(start, name).detach())
+        torch.testing.assert_close(s4["objective"][f"reference_{name}"],
+                                   0.5 * s4["aligner"][name] + 0.5 * s2["objective"][f"reference_{name}"])
+    first_val = float(read_metrics(tmp_path / "a" / "metrics.csv")[0]["val_reward"])
+    assert summary["comparison"]["init"]["reward"] == pytest.approx(first_val, abs=1e-6)
+    meta = json.loads(load_aligner(tmp_path / "a" / "aligner.safetensors")[1]["grpo"])
+    assert (meta["sync_ref_model"], meta["ref_model_mixup_alpha"], meta["ref_model_sync_steps"]) == (True, 0.5, 2)
+    train(config("b", sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=2,
+                 resume=str(tmp_path / "a" / "state" / "step-000002.pt")))
+    helpers.assert_same_trained_aligner(tmp_path / "a", tmp_path / "b")
+    train(config("hard", sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1))
+    kl = [float(r["train_kl"]) for r in read_metrics(tmp_path / "hard" / "metrics.csv") if r.get("train_kl")]
+    assert kl == [0.0] * 4
+    with pytest.raises(TrainError, match="--sync-ref-model is about the KL penalty's reference, and --beta 0"):
+        dataclasses.replace(config("c", sync_ref_model=True), grpo=GRPOConfig()).check()
+
+
 @pytest.mark.slow
 def test_a_resumed_grpo_run_retraces_the_same_curve(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path,
                                                     monkeypatch):

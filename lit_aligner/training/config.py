@@ -442,7 +442,38 @@ def reference_file(spec: Optional[str]) -> Optional[str]:
 
 
 @dataclass
-class ReferenceRunConfig(RunConfig):
+class ReferenceSyncFlags:
+    """TRL's sync_ref_model (TR-DPO's trust region that follows training) for the runs with a reference: DPO, KTO
+    and GRPO's KL."""
+
+    sync_ref_model: bool = False
+    """TR-DPO (TR-KTO, GRPO's KL): every --ref-model-sync-steps steps the reference Aligner moves toward the policy,
+    ref = alpha x policy + (1 - alpha) x ref, so the trust region follows training (a reference of none starts as the
+    bare base in the policy's shape)."""
+    ref_model_mixup_alpha: float = 0.6
+    """--sync-ref-model only: alpha in (0, 1]; 1 replaces the reference by the policy (TR-DPO's hard update)."""
+    ref_model_sync_steps: int = 512
+    """--sync-ref-model only: optimizer steps between syncs (TRL's default; at most the run's steps)."""
+
+    def check_sync(self) -> None:
+        if not self.sync_ref_model:
+            if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (ReferenceSyncFlags.ref_model_mixup_alpha,
+                                                                           ReferenceSyncFlags.ref_model_sync_steps):
+                raise TrainError("--ref-model-mixup-alpha and --ref-model-sync-steps apply with --sync-ref-model only: "
+                                 "add it, or drop them")
+            return
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise TrainError(f"--ref-model-mixup-alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise TrainError(f"--ref-model-sync-steps must be >= 1, got {self.ref_model_sync_steps}")
+
+    def sync_identity(self) -> Dict[str, Any]:
+        return {"sync_ref_model": self.sync_ref_model, "ref_model_mixup_alpha": self.ref_model_mixup_alpha,
+                "ref_model_sync_steps": self.ref_model_sync_steps}
+
+
+@dataclass
+class ReferenceRunConfig(RunConfig, ReferenceSyncFlags):
     """The flags of a run against a frozen reference through the same base (DPO, KTO)."""
 
     reference_aligner: Optional[str] = None
@@ -454,14 +485,6 @@ class ReferenceRunConfig(RunConfig):
     eval_only: bool = False
     """no training: evaluate --init-aligner (default: the bare base) against the reference on the validation split and
     print the metrics as one JSON object (`evaluate/aligner.py preference` and `kto` score many Aligners)."""
-    sync_ref_model: bool = False
-    """TR-DPO (TR-KTO): every --ref-model-sync-steps steps the reference Aligner moves toward the policy, ref = alpha x
-    policy + (1 - alpha) x ref, so the trust region follows training (a reference of none starts as the bare base in
-    the policy's shape)."""
-    ref_model_mixup_alpha: float = 0.6
-    """--sync-ref-model only: alpha in (0, 1]; 1 replaces the reference by the policy (TR-DPO's hard update)."""
-    ref_model_sync_steps: int = 512
-    """--sync-ref-model only: optimizer steps between syncs (TRL's default; at most the run's steps)."""
     precompute_reference: bool = False
     """score every row with the reference once before training (cached next to a prepared --data directory, else in
     OUT/) instead of a reference pass every step."""
@@ -480,24 +503,13 @@ class ReferenceRunConfig(RunConfig):
         if self.eval_only and self.sync_ref_model:
             raise TrainError("--sync-ref-model moves the reference during training; --eval-only trains nothing: drop "
                              "one of them")
-        if not self.sync_ref_model:
-            if (self.ref_model_mixup_alpha, self.ref_model_sync_steps) != (type(self).ref_model_mixup_alpha,
-                                                                           type(self).ref_model_sync_steps):
-                raise TrainError("--ref-model-mixup-alpha and --ref-model-sync-steps apply with --sync-ref-model only: "
-                                 "add it, or drop them")
-            return
-        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
-            raise TrainError(f"--ref-model-mixup-alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
-        if self.ref_model_sync_steps < 1:
-            raise TrainError(f"--ref-model-sync-steps must be >= 1, got {self.ref_model_sync_steps}")
+        self.check_sync()
 
     def input_paths(self) -> Dict[str, Any]:
         return {**super().input_paths(), "--reference-aligner": reference_file(self.reference_aligner)}
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), "reference_aligner": str(self.reference_aligner),
-                "sync_ref_model": self.sync_ref_model, "ref_model_mixup_alpha": self.ref_model_mixup_alpha,
-                "ref_model_sync_steps": self.ref_model_sync_steps}
+        return {**super().identity(), "reference_aligner": str(self.reference_aligner), **self.sync_identity()}
 
 
 @dataclass
@@ -846,7 +858,7 @@ class GRPOTrainConfig(TrainConfig):
 
 
 @dataclass
-class GRPORunConfig(RunConfig, CompareFlags):
+class GRPORunConfig(RunConfig, CompareFlags, ReferenceSyncFlags):
     """A `finetune/aligner_grpo.py` run: GRPO into an Aligner. Each step the student samples --num-generations
     answers to each of its prompts; the reward functions score them; the loss is the policy gradient of each answer's
     advantage (its reward less its group's mean, over the group's standard deviation)."""
@@ -872,12 +884,16 @@ class GRPORunConfig(RunConfig, CompareFlags):
         if self.strategy == "fsdp":
             raise TrainError("GRPO samples from the student, which needs the whole base on each device: use "
                              "--strategy ddp (or one device)")
-        if self.reference_aligner is not None and self.grpo.beta == 0:
-            raise TrainError(f"--reference-aligner {self.reference_aligner} is the KL penalty's reference, and --beta "
-                             f"0 has none: add --beta (e.g. 0.04), or drop --reference-aligner")
+        for flag, given in (("--reference-aligner " + str(self.reference_aligner), self.reference_aligner is not None),
+                            ("--sync-ref-model", self.sync_ref_model)):
+            if given and self.grpo.beta == 0:
+                raise TrainError(f"{flag} is about the KL penalty's reference, and --beta 0 has none: add --beta (e.g. "
+                                 f"0.04), or drop {flag.split()[0]}")
+        self.check_sync()
 
     def input_paths(self) -> Dict[str, Any]:
         return {**super().input_paths(), "--reference-aligner": reference_file(self.reference_aligner)}
 
     def identity(self) -> Dict[str, Any]:
-        return {**super().identity(), **self.grpo.settings(), "reference_aligner": str(self.reference_aligner)}
+        return {**super().identity(), **self.grpo.settings(), "reference_aligner": str(self.reference_aligner),
+                **self.sync_identity()}

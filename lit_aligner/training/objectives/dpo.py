@@ -115,38 +115,17 @@ def resolve_reference(spec: Optional[str], init_aligner: Optional[Aligner], mode
     return as_reference(aligner), str(spec)
 
 
-class ReferenceObjective(Objective):
-    """What DPO and KTO share: a frozen `reference` through the same base (an Aligner, or False for the bare base),
-    named in the metadata; TR-DPO's sync: `sync` = (alpha, steps) moves the reference toward the policy after every
-    `steps`-th optimizer step, ref = alpha x policy + (1 - alpha) x ref (TRL's SyncRefModelCallback), and the run
-    state keeps the moved reference so that a resumed run goes on exactly; and --precompute-reference: a batch's rows
-    are `reference_names` blocks of B (chosen then rejected; KTO's completions then their mismatched rows), each
-    item's reference log-prob of its row in block j cached as item["ref_" + name_j], stacked back in `collate`."""
+class SyncedReference:
+    """TR-DPO's sync of an objective's `reference` (DPO, KTO, GRPO's KL): `sync` = (alpha, steps) moves the reference
+    toward the policy after every `steps`-th optimizer step, ref = alpha x policy + (1 - alpha) x ref (TRL's
+    SyncRefModelCallback), and the run state keeps the moved reference so that a resumed run goes on exactly."""
 
     sync: Optional[Tuple[float, int]] = None
-    precompute = False
-    reference_file: ClassVar[str] = REFERENCE_FILE
-    reference_names: Tuple[str, ...] = ()
+    reference: Reference = False
 
-    def __init__(self, pad_id: int, chunk_size: int, reference: Reference, config: Any, reference_desc: str):
-        super().__init__(pad_id, chunk_size)
-        self.reference, self.config, self.reference_desc = reference, config, reference_desc
-
-    def follow(self, cfg: Any) -> "ReferenceObjective":
-        """Takes a run's --sync-ref-model and --precompute-reference settings."""
+    def follow_sync(self, cfg: Any) -> None:
+        """Takes a run's --sync-ref-model settings."""
         self.sync = (cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps) if cfg.sync_ref_model else None
-        self.precompute = cfg.precompute_reference
-        return self
-
-    def cached_reference(self, items: Sequence[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
-        """(len(reference_names) x B,) the items' cached reference log-probs in the batch's row order, or None."""
-        if "ref_" + self.reference_names[0] not in items[0]:
-            return None
-        return torch.stack([it["ref_" + name] for name in self.reference_names for it in items])
-
-    def prepare(self, run: Any) -> None:
-        if self.precompute:
-            run.train, run.val = with_cached_reference(run, self)
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
         if self.sync is None or step % self.sync[1]:
@@ -170,10 +149,43 @@ class ReferenceObjective(Objective):
             for name in ("prefix", "gate"):
                 getattr(self.reference, name).copy_(state[f"reference_{name}"])
 
-    def metadata(self) -> Dict[str, Any]:
-        sync = {} if self.sync is None else {"sync_ref_model": True, "ref_model_mixup_alpha": self.sync[0],
+    def sync_metadata(self) -> Dict[str, Any]:
+        return {} if self.sync is None else {"sync_ref_model": True, "ref_model_mixup_alpha": self.sync[0],
                                              "ref_model_sync_steps": self.sync[1]}
-        return {**self.config.settings(), "reference": self.reference_desc, **sync}
+
+
+class ReferenceObjective(SyncedReference, Objective):
+    """What DPO and KTO share: a frozen `reference` through the same base (an Aligner, or False for the bare base),
+    named in the metadata; TR-DPO's sync (`SyncedReference`); and --precompute-reference: a batch's rows
+    are `reference_names` blocks of B (chosen then rejected; KTO's completions then their mismatched rows), each
+    item's reference log-prob of its row in block j cached as item["ref_" + name_j], stacked back in `collate`."""
+
+    precompute = False
+    reference_file: ClassVar[str] = REFERENCE_FILE
+    reference_names: Tuple[str, ...] = ()
+
+    def __init__(self, pad_id: int, chunk_size: int, reference: Reference, config: Any, reference_desc: str):
+        super().__init__(pad_id, chunk_size)
+        self.reference, self.config, self.reference_desc = reference, config, reference_desc
+
+    def follow(self, cfg: Any) -> "ReferenceObjective":
+        """Takes a run's --sync-ref-model and --precompute-reference settings."""
+        self.follow_sync(cfg)
+        self.precompute = cfg.precompute_reference
+        return self
+
+    def cached_reference(self, items: Sequence[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """(len(reference_names) x B,) the items' cached reference log-probs in the batch's row order, or None."""
+        if "ref_" + self.reference_names[0] not in items[0]:
+            return None
+        return torch.stack([it["ref_" + name] for name in self.reference_names for it in items])
+
+    def prepare(self, run: Any) -> None:
+        if self.precompute:
+            run.train, run.val = with_cached_reference(run, self)
+
+    def metadata(self) -> Dict[str, Any]:
+        return {**self.config.settings(), "reference": self.reference_desc, **self.sync_metadata()}
 
 
 @register

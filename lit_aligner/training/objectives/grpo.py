@@ -23,6 +23,7 @@ from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
+from lit_aligner.training.objectives.dpo import SyncedReference, as_reference, run_reference
 from lit_aligner.training.objectives.sft import SFT
 
 # what `rollout` / `answer` add to an item, beside its answer
@@ -68,7 +69,7 @@ def keep_completions(path: Path, step: int) -> Path:
 
 
 @register
-class GRPO(SFT):
+class GRPO(SyncedReference, SFT):
     """Per answer: the GRPO loss (training) or minus its reward (validation); units are answers. Metrics: loss,
     reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the reference,
     with --beta), zero_std (the share of answers in groups whose rewards do not differ: no signal) and truncated (the
@@ -220,19 +221,19 @@ class GRPO(SFT):
     def from_run(cls, cfg: Any, run: Any) -> "GRPO":
         from lit_aligner.data.tokenize import end_token
         from lit_aligner.prompts import get_template
-        from lit_aligner.training.objectives.dpo import as_reference, resolve_reference
-
         reference, desc = False, "none"
         if cfg.grpo.beta > 0:  # (taken before training or a resumed state moves the init Aligner)
-            reference, desc = resolve_reference(cfg.reference_aligner, run.init_aligner, run.model)
-            reference = reference if reference is False else reference.to(run.fabric.device)
+            reference, desc = run_reference(cfg, run)
         objective = cls(run.tokenizer.pad_id, lambda ids: run.tokenizer.decode(ids, skip_special=True), cfg.grpo,
                         cfg.train.chunk_size, cfg.data_options.max_seq_length, run.tokenizer.stop_ids,
                         cfg.train.seed, end_token(get_template(run.template), run.tokenizer), reference, desc)
         for info in (run.info, run.info.get("val_info") or {}):
             objective.check_references(info, cfg.data)
-        # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given)
-        objective.start = as_reference(run.init_aligner, run.fabric.device)
+        objective.follow_sync(cfg)
+        # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given): the
+        # KL's copy of it when that one never moves
+        fixed_copy = desc == "init" and objective.sync is None
+        objective.start = reference if fixed_copy else as_reference(run.init_aligner, run.fabric.device)
         objective.log_completions = cfg.log_completions
         if cfg.log_completions and run.fabric.global_rank == 0:
             objective.completions = keep_completions(run.out_dir / "completions.jsonl",
@@ -248,7 +249,7 @@ class GRPO(SFT):
 
     def metadata(self) -> Dict[str, Any]:
         reference = {"reference": self.reference_desc} if self.config.beta > 0 else {}
-        return {"grpo": {**self.config.settings(), **reference}}
+        return {"grpo": {**self.config.settings(), **reference, **self.sync_metadata()}}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
         """The held-out reward of the bare base's greedy answers, of the --init-aligner's when the run started from one

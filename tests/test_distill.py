@@ -461,6 +461,21 @@ def test_a_short_run_on_the_teachers_answers_learns_the_context(tiny_checkpoint_
     assert base["name"] == "base" and base["divergence"] == pytest.approx(report["divergence_before"], rel=1e-4)
     assert student["divergence"] == pytest.approx(report["divergence_after"], rel=1e-4)
     assert student["agreement"] == pytest.approx(report["agreement_after"], rel=1e-4)
+    assert "divergence_init" not in report
+    # continued from that Aligner: its figures and answers between the base's and the new Aligner's
+    r = helpers.run_script(
+        "finetune/aligner_distill.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", answers, "--field-map",
+        "response=output", "--system", f"@{system}", "--out-dir", tmp_path / "more", "--init-aligner",
+        out / "aligner.safetensors", "--val-fraction", "0.2", "--max-steps", "2", "--learning-rate", "0.1",
+        "--eval-iters", "all", "--compare", "True", "--compare-prompts", "4", "--compare-max-new-tokens", "4",
+        "--accelerator", "cpu", "--no-progress", "--json-summary", timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    more = json.loads(r.stdout.strip().splitlines()[-1])["comparison"]
+    for key in ("divergence", "agreement", "same_answer"):
+        assert more[f"{key}_init"] == pytest.approx(report[f"{key}_after"], rel=1e-4), key
+        assert more[f"{key}_before"] == pytest.approx(report[f"{key}_before"], rel=1e-4), key
+    assert more["answers"]["init Aligner"] == report["answers"]["with Aligner"]
+    assert "base" in r.stdout and "->  init Aligner" in r.stdout
     # a prepared directory is refused with one line (its prompts were rendered without the context)
     r = helpers.run_script("finetune/aligner_distill.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data",
                            tmp_path, "--system", "x", "--out-dir", tmp_path / "bad", timeout=600)

@@ -696,6 +696,20 @@ def test_the_before_after_comparison_scores_base_and_aligner_on_the_whole_split_
     resumed = T.train(cfg)
     assert resumed["comparison"]["val_loss_before"] == pytest.approx(base, rel=1e-5)
     assert resumed["val_loss"] < resumed["comparison"]["val_loss_before"]
+    # continued from that Aligner (--init-aligner): the report shows it between the base and the trained one
+    cfg = small_run(tiny_checkpoint_dir, tmp_path / "more", max_steps=1, eval_interval=1, eval_iters=1)
+    cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens = None, 3, 4
+    cfg.init_aligner = Path(resumed["aligner"])
+    capsys.readouterr()
+    more = T.train(cfg)["comparison"]
+    start, _ = _whole_split_loss(tiny_checkpoint_dir, resumed["aligner"], True)
+    assert more["val_loss_init"] == pytest.approx(start, rel=1e-5) == resumed["val_loss"]
+    assert more["val_loss_before"] == pytest.approx(base, rel=1e-5) and more["val_loss_after"] != more["val_loss_init"]
+    assert more["answers_init"] == resumed["comparison"]["answers_after"]  # the same Aligner's greedy answers
+    assert all(set(s) >= {"before", "init", "after"} for s in more["samples"])
+    text = capsys.readouterr().out
+    assert "validation loss:  base" in text and "->  init Aligner" in text and "  init Aligner:" in text
+    assert "init" not in json.dumps(summary["comparison"])  # (a run from a fresh Aligner: no such column)
 
 
 def test_final_validation_off_reports_the_last_eval_iters_batches(tiny_checkpoint_dir, tmp_path, capsys):

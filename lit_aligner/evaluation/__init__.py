@@ -89,10 +89,12 @@ def objective_metrics(model, objective: Objective, dataset, aligner: Any = None,
 @torch.no_grad()
 def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n_prompts: int = 32,
                          max_new_tokens: int = 24, val_loss_before: Optional[float] = None,
-                         val_loss_after: Optional[float] = None, n_samples: int = 3) -> Dict[str, Any]:
+                         val_loss_after: Optional[float] = None, n_samples: int = 3, init: Any = False,
+                         val_loss_init: Optional[float] = None) -> Dict[str, Any]:
     """Greedy answers of the bare base and of base + `aligner` to the first `n_prompts` validation prompts (held out
     from training; one batch each), their FORMAT rates, the validation losses on every row of `val` (computed with
-    `objective` when not given), and `n_samples` side-by-side samples. Returns a dict (see `format_comparison`)."""
+    `objective` when not given), and `n_samples` side-by-side samples; with `init` (the Aligner a run started from),
+    its figures and answers too (keys `*_init`, samples' "init"). Returns a dict (see `format_comparison`)."""
     from lit_aligner.data.default import format_rate
     from lit_aligner.generation import generate
 
@@ -102,24 +104,22 @@ def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n
     items = [val[i] for i in range(n)]
     prompts = [it["prompt"] for it in items]
     stop = sorted(tokenizer.stop_ids)
-    outs = {}
-    for name, a in (("before", False), ("after", aligner)):
+    systems = {"before": (False, val_loss_before), "after": (aligner, val_loss_after)}
+    if init is not False:
+        systems = {"before": systems["before"], "init": (init, val_loss_init), "after": systems["after"]}
+    outs, report = {}, {"n_prompts": n, "max_new_tokens": max_new_tokens, "val_rows": len(val)}
+    for name, (a, _) in systems.items():
         ids = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop, aligners=a)
         outs[name] = [tokenizer.decode(x, skip_special=True) for x in ids]
     model.clear_caches()
-    if val_loss_before is None:
-        val_loss_before = objective_metrics(model, objective, val, False)["loss"]
-    if val_loss_after is None:
-        val_loss_after = objective_metrics(model, objective, val, aligner)["loss"]
-    samples = []
-    for i in range(min(n_samples, n)):
-        samples.append({"prompt": tokenizer.decode(prompts[i], skip_special=True),
-                        "reference": tokenizer.decode(objective.target(items[i], None), skip_special=True),
-                        "before": outs["before"][i], "after": outs["after"][i]})
-    return {"n_prompts": n, "max_new_tokens": max_new_tokens, "val_rows": len(val),
-            "format_rate_before": format_rate(outs["before"]), "format_rate_after": format_rate(outs["after"]),
-            "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
-            "answers_before": outs["before"], "answers_after": outs["after"], "samples": samples}
+    for name, (a, loss) in systems.items():
+        report[f"format_rate_{name}"] = format_rate(outs[name])
+        report[f"val_loss_{name}"] = objective_metrics(model, objective, val, a)["loss"] if loss is None else loss
+    report.update({f"answers_{name}": outs[name] for name in systems})
+    report["samples"] = [{"prompt": tokenizer.decode(prompts[i], skip_special=True),
+                          "reference": tokenizer.decode(objective.target(items[i], None), skip_special=True),
+                          **{name: outs[name][i] for name in systems}} for i in range(min(n_samples, n))]
+    return report
 
 
 def _block(text: str) -> str:
@@ -137,16 +137,21 @@ def prompt_question(prompt: str) -> str:
 
 def format_comparison(report: Dict[str, Any]) -> str:
     """The before/after report as text."""
+    names = [("before", "base"), *([("init", "init Aligner")] if "val_loss_init" in report else []),
+             ("after", "with Aligner")]
+
+    def line(key: str, fmt: str) -> str:
+        return "  ->  ".join(f"{label} {format(report[f'{key}_{name}'], fmt)}" for name, label in names)
+
     lines = [
         "",
         "=== before / after (held-out default-data prompts, greedy) ===",
-        f"validation loss:  base {report['val_loss_before']:.4f}  ->  with Aligner {report['val_loss_after']:.4f}   "
-        f"(all {report['val_rows']} held-out rows)",
-        f"format rate:      base {report['format_rate_before']:.0%}  ->  with Aligner "
-        f"{report['format_rate_after']:.0%}   ({report['n_prompts']} prompts, up to {report['max_new_tokens']} new "
-        f"tokens)",
+        f"validation loss:  {line('val_loss', '.4f')}   (all {report['val_rows']} held-out rows)",
+        f"format rate:      {line('format_rate', '.0%')}   ({report['n_prompts']} prompts, up to "
+        f"{report['max_new_tokens']} new tokens)",
     ]
     for i, s in enumerate(report["samples"], 1):
-        lines += [f"--- sample {i}: {prompt_question(s['prompt'])}", "  base:", _block(s["before"]),
-                  "  with Aligner:", _block(s["after"])]
+        lines.append(f"--- sample {i}: {prompt_question(s['prompt'])}")
+        for name, label in names:
+            lines += [f"  {label}:", _block(s[name])]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 
 from lit_aligner.training.config import RunConfig, TrainError, plain
 from lit_aligner.training.engine import FitResult, evaluate, fit, gradient_accumulation_steps, optimizer_groups
-from lit_aligner.training.objectives import Objective, ObjectiveModule, get_objective
+from lit_aligner.training.objectives import Objective, ObjectiveModule, as_reference, get_objective
 from lit_aligner.training.state import (ALIGNER_NAME, MetricsLog, RunLock, RunState, check_out_dir, check_resumable,
                                         load_optimizer_state, prepare_out_dir, resolve_resume, restore_rng_state,
                                         start_wandb)
@@ -36,6 +36,7 @@ class Run:
     info: Dict[str, Any] = field(default_factory=dict)
     model: Any = None
     init_aligner: Any = None
+    start: Any = False  # the --init-aligner as it was before training, a frozen copy (the end reports'); False: none
     objective: Optional[Objective] = None
     resume_path: Optional[Path] = None
     state: Optional[Dict[str, Any]] = None
@@ -237,6 +238,7 @@ def _load(run: Run) -> None:
                          f"{run.init_aligner.start_layer} (the file's shape wins over --n-tokens/--start-layer)")
         cfg.n_tokens, cfg.start_layer = run.init_aligner.n_tokens, run.init_aligner.start_layer
         attach(run.model, run.init_aligner)
+        run.start = as_reference(run.init_aligner, fabric.device)
     else:
         new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init, cfg.prefix_init_scale)
     # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner

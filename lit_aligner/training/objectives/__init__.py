@@ -17,12 +17,13 @@ in this package: a subclass registered with `@register`.
   mean (reinforcement learning from reward functions).
 """
 
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE
+from lit_aligner.model import Aligner
 from lit_aligner.prompts import default_template
 
 Batch = Dict[str, torch.Tensor]
@@ -135,6 +136,24 @@ class ObjectiveModule(nn.Module):
         return self.objective(self.model, batch)
 
 
+# A frozen Aligner read through the same base (a reference, a teacher, the run's starting Aligner), or False for the
+# bare base.
+Reference = Union[Aligner, bool]
+
+
+def as_reference(aligner: Optional[Aligner], device: Any = None) -> Reference:
+    """A frozen, private copy of `aligner` (False for None: the bare base). Copying matters when the policy starts
+    from the same Aligner: training it in place would otherwise move the copy too."""
+    from lit_aligner.aligner_files import build_aligner
+
+    if aligner is None:
+        return False
+    ref = build_aligner(aligner.n_tokens, aligner.start_layer, aligner.n_layer, aligner.n_head, aligner.n_embd,
+                        aligner.prefix.detach().clone(), aligner.gate.detach().clone())
+    ref.requires_grad_(False)
+    return ref if device is None else ref.to(device)
+
+
 def response_end(response: torch.Tensor, end_id: Optional[int]) -> torch.Tensor:
     """(1,) the token an on-policy response that stopped ends with: the template's (`end_id`), or without one the
     data response's last token."""
@@ -180,5 +199,5 @@ def get_objective(name: str) -> Type[Objective]:
 
 from lit_aligner.training.objectives import distill, dpo, grpo, kto, sft  # noqa: E402,F401  (register the built-in objectives)
 
-__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "get_objective", "register", "response_end",
-                      "write_responses"]
+__all__: List[str] = ["OBJECTIVES", "Objective", "ObjectiveModule", "Reference", "as_reference", "get_objective",
+                      "register", "response_end", "write_responses"]

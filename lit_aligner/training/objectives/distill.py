@@ -20,8 +20,7 @@ import torch.nn as nn
 from lit_aligner.data.dataset import KIND_FIELDS, TokenizedDataset, pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, distillation_loss
 from lit_aligner.training.config import DistillConfig
-from lit_aligner.training.objectives import Batch, register, response_end, write_responses
-from lit_aligner.training.objectives.dpo import Reference, as_reference
+from lit_aligner.training.objectives import Batch, Reference, as_reference, register, response_end, write_responses
 from lit_aligner.training.objectives.sft import SFT
 
 
@@ -157,25 +156,33 @@ class Distill(SFT):
         return {"distill": self.config.recorded(self.system)}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
-        """The held-out divergence and agreement of the bare base (the student before training) and of the Aligner;
-        with --compare (default: on the default dataset) greedy answers of teacher, base and Aligner side by side."""
+        """The held-out divergence and agreement of the bare base (the student before training), of the --init-aligner
+        the run started from (if any) and of the Aligner; with --compare (default: on the default dataset) greedy
+        answers of teacher, base (init) and Aligner side by side."""
         from lit_aligner.training.state import is_sharded
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
         from lit_aligner.evaluation import prompt_question
 
-        before, after = self.heldout_before_after(cfg, run, result)
-        report: Dict[str, Any] = {"val_rows": len(run.val), "divergence_before": before["loss"],
-                                  "divergence_after": after["loss"], "agreement_before": before["agreement"],
-                                  "agreement_after": after["agreement"]}
+        before, init, after = self.heldout_before_after(cfg, run, result)
+        # (report key suffix, label, aligner, held-out metrics)
+        systems = [("before", "base", False, before), ("after", "with Aligner", run.model.aligner, after)]
+        if init is not None:
+            systems.insert(1, ("init", "init Aligner", run.start, init))
+        report: Dict[str, Any] = {"val_rows": len(run.val)}
+        for key, _, _, m in systems:
+            report.update({f"divergence_{key}": m["loss"], f"agreement_{key}": m["agreement"]})
+
+        def line(key: str, fmt: str) -> str:  # a report figure of every system
+            return "  ->  ".join(f"{label} {format(report[f'{key}_{k}'], fmt)}" for k, label, _, _ in systems)
+
         closed = 1 - after["loss"] / before["loss"] if before["loss"] > 0 else float("nan")
         divergence = "forward KL" if self.config.beta == 0 else f"beta {self.config.beta:g}"
         lines = ["", "=== the context's effect, learned (all held-out rows) ===",
-                 f"divergence from the teacher:  base {before['loss']:.4f}  ->  with Aligner {after['loss']:.4f}   "
-                 f"({closed:.0%} of it closed; {divergence}, nats per response token)",
-                 f"top-1 agreement:              base {before['agreement']:.1%}  ->  with Aligner "
-                 f"{after['agreement']:.1%}"]
+                 f"divergence from the teacher:  {line('divergence', '.4f')}   "
+                 f"({closed:.0%} of the base's closed; {divergence}, nats per response token)",
+                 f"top-1 agreement:              {line('agreement', '.1%')}"]
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if compare:
             from lit_aligner.generation import generate
@@ -183,19 +190,19 @@ class Distill(SFT):
             items = [run.val[i] for i in range(min(cfg.compare_prompts, len(run.val)))]
             answers = {}
             for name, prompts, aligner in (("teacher", [it["teacher_prompt"] for it in items], self.teacher),
-                                           ("base", [it["prompt"] for it in items], False),
-                                           ("with Aligner", [it["prompt"] for it in items], run.model.aligner)):
+                                           *((label, [it["prompt"] for it in items], a) for _, label, a, _ in systems)):
                 ids = generate(run.model, prompts, cfg.compare_max_new_tokens, temperature=0.0,
                                stop_ids=sorted(run.tokenizer.stop_ids), aligners=aligner)
                 answers[name] = [run.tokenizer.decode(x, skip_special=True).strip() for x in ids]
             run.model.clear_caches()
-            same = sum(a == t for a, t in zip(answers["with Aligner"], answers["teacher"])) / len(items)
-            base_same = sum(a == t for a, t in zip(answers["base"], answers["teacher"])) / len(items)
-            lines.append(f"greedy answer = the teacher's: base {base_same:.0%}  ->  with Aligner {same:.0%}   "
+            for key, label, _, _ in systems:
+                report[f"same_answer_{key}"] = sum(a == t for a, t in zip(answers[label], answers["teacher"])) / len(
+                    items)
+            lines.append(f"greedy answer = the teacher's: {line('same_answer', '.0%')}   "
                          f"({len(items)} prompts, up to {cfg.compare_max_new_tokens} new tokens)")
             for i in range(min(3, len(items))):
                 lines.append(f"--- sample {i + 1}: {prompt_question(run.tokenizer.decode(items[i]['prompt'], True))}")
                 lines += [f"  {name}: {answers[name][i]!r}" for name in answers]
-            report.update(same_answer_before=base_same, same_answer_after=same, answers=answers)
+            report["answers"] = answers
         run.fabric.print("\n".join(lines))
         return report

@@ -25,11 +25,9 @@ from lit_aligner.data.dataset import pad_rows
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, preference_loss, sequence_logprobs
 from lit_aligner.model import Aligner, LLaMA
 from lit_aligner.training.config import DPOLossConfig, TrainError
-from lit_aligner.training.objectives import Batch, Objective, register
+from lit_aligner.training.objectives import Batch, Objective, Reference, as_reference, register
 from lit_aligner.training.state import full_tensor
 
-# The reference: a frozen Aligner, or False for the bare base.
-Reference = Union[Aligner, bool]
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
 
@@ -63,19 +61,6 @@ def reference_logprobs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tens
                        chunk_size: int = DEFAULT_CHUNK_SIZE, ld_alpha: Optional[float] = None) -> torch.Tensor:
     """(N,) reference log-probs: the same base with the frozen `reference` Aligner (or False: none), no graph."""
     return response_logprobs(model, input_ids, labels, reference, chunk_size, ld_alpha)
-
-
-def as_reference(aligner: Optional[Aligner], device=None) -> Reference:
-    """A frozen, private copy of `aligner` to serve as the reference (False for None: the bare base). Copying matters
-    when the policy starts from the same Aligner: training it in place would otherwise move the reference too."""
-    from lit_aligner.aligner_files import build_aligner
-
-    if aligner is None:
-        return False
-    ref = build_aligner(aligner.n_tokens, aligner.start_layer, aligner.n_layer, aligner.n_head, aligner.n_embd,
-                        aligner.prefix.detach().clone(), aligner.gate.detach().clone())
-    ref.requires_grad_(False)
-    return ref if device is None else ref.to(device)
 
 
 def run_reference(cfg: Any, run: Any) -> Tuple[Reference, str]:

@@ -23,7 +23,7 @@ from lit_aligner.data.dataset import NO_CONTEXT
 from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
-from lit_aligner.training.objectives.dpo import SyncedReference, as_reference, run_reference
+from lit_aligner.training.objectives.dpo import SyncedReference, run_reference
 from lit_aligner.training.objectives.sft import SFT
 
 # what `rollout` / `answer` add to an item, beside its answer
@@ -92,7 +92,6 @@ class GRPO(SyncedReference, SFT):
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
                              "zero_std", "truncated")
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
-        self.start: Any = False  # the run's --init-aligner, frozen (`from_run`), else False
         # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
         self.log_completions = False
         self.completions: Optional[Path] = None
@@ -230,10 +229,6 @@ class GRPO(SyncedReference, SFT):
         for info in (run.info, run.info.get("val_info") or {}):
             objective.check_references(info, cfg.data)
         objective.follow_sync(cfg)
-        # the Aligner the run started from (--init-aligner), for the end report's "before" (False: none given): the
-        # KL's copy of it when that one never moves
-        fixed_copy = desc == "init" and objective.sync is None
-        objective.start = reference if fixed_copy else as_reference(run.init_aligner, run.fabric.device)
         objective.log_completions = cfg.log_completions
         if cfg.log_completions and run.fabric.global_rank == 0:
             objective.completions = keep_completions(run.out_dir / "completions.jsonl",
@@ -259,15 +254,14 @@ class GRPO(SyncedReference, SFT):
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
-        from lit_aligner.evaluation import objective_metrics, prompt_question
+        from lit_aligner.evaluation import prompt_question
 
-        before, after = self.heldout_before_after(cfg, run, result)
+        before, init, after = self.heldout_before_after(cfg, run, result)
         report = {"val_rows": len(run.val), "before": before, "after": after}
         systems = [("base", False, before), ("with Aligner", run.model.aligner, after)]
-        if self.start is not False:
-            with run.fabric.autocast():
-                report["init"] = objective_metrics(run.model, self, run.val, self.start, cfg.train.micro_batch_size)
-            systems.insert(1, ("init Aligner", self.start, report["init"]))
+        if init is not None:
+            report["init"] = init
+            systems.insert(1, ("init Aligner", run.start, init))
 
         def line(label: str, key: str, fmt: str) -> str:
             return label + "  ->  ".join(f"{name} {format(m[key], fmt)}" for name, _, m in systems)

@@ -39,7 +39,8 @@ class SFT(Objective):
                                               reduction="sum")}
 
     def final_report(self, cfg: Any, run: Any, result: Any) -> Optional[Dict[str, Any]]:
-        """The before/after comparison (format rate and samples), by default only for the offline default dataset."""
+        """The before/after comparison (format rate and samples), by default only for the offline default dataset;
+        a run from --init-aligner shows that Aligner between the base and the trained one."""
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if not compare or run.fabric.global_rank != 0:
             return None
@@ -54,27 +55,31 @@ class SFT(Objective):
             return None
         from lit_aligner.evaluation import compare_before_after, format_comparison
 
-        before, after = self.heldout_before_after(cfg, run, result)
+        before, init, after = self.heldout_before_after(cfg, run, result)
         report = compare_before_after(run.model, run.tokenizer, run.val, self, run.model.aligner,
                                       n_prompts=cfg.compare_prompts, max_new_tokens=cfg.compare_max_new_tokens,
-                                      val_loss_before=before["loss"], val_loss_after=after["loss"])
+                                      val_loss_before=before["loss"], val_loss_after=after["loss"], init=run.start,
+                                      val_loss_init=init["loss"] if init else None)
         run.fabric.print(format_comparison(report))
         return report
 
 
-    def heldout_before_after(self, cfg: Any, run: Any, result: Any) -> Tuple[Dict[str, float], Dict[str, float]]:
-        """This objective's metrics of the bare base and of the trained Aligner on every held-out row, under the run's
-        precision like the trainer's validation. The base's are computed here, not taken from step 0: that scored
-        fewer rows (--eval-iters), or, resumed, a trained Aligner."""
+    def heldout_before_after(self, cfg: Any, run: Any, result: Any
+                             ) -> Tuple[Dict[str, float], Optional[Dict[str, float]], Dict[str, float]]:
+        """This objective's metrics on every held-out row of the bare base, of the --init-aligner the run started
+        from (None without one: continued training is judged against where it started too) and of the trained
+        Aligner, under the run's precision like the trainer's validation. The base's are computed here, not taken from
+        step 0: that scored fewer rows (--eval-iters), or, resumed, a trained Aligner."""
         from lit_aligner.evaluation import objective_metrics
 
         run.model.eval()
         mb = cfg.train.micro_batch_size
         with run.fabric.autocast():
             before = objective_metrics(run.model, self, run.val, False, mb)
+            init = objective_metrics(run.model, self, run.val, run.start, mb) if run.start is not False else None
             after = result.val if result.val_whole else \
                 objective_metrics(run.model, self, run.val, run.model.aligner, mb)
-        return before, after
+        return before, init, after
 
 
 def copy_phase_steps(max_steps: int, warmup_copy_ratio: float) -> int:

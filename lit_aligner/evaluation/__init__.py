@@ -135,13 +135,18 @@ def prompt_question(prompt: str) -> str:
     return question.strip()[:100]
 
 
+def figures_line(figures: Sequence[Tuple[str, float]], fmt: str) -> str:
+    """One figure of each system an end report compares, "base 2.1  ->  init Aligner 1.9  ->  with Aligner 1.8"."""
+    return "  ->  ".join(f"{label} {format(value, fmt)}" for label, value in figures)
+
+
 def format_comparison(report: Dict[str, Any]) -> str:
     """The before/after report as text."""
     names = [("before", "base"), *([("init", "init Aligner")] if "val_loss_init" in report else []),
              ("after", "with Aligner")]
 
     def line(key: str, fmt: str) -> str:
-        return "  ->  ".join(f"{label} {format(report[f'{key}_{name}'], fmt)}" for name, label in names)
+        return figures_line([(label, report[f"{key}_{name}"]) for name, label in names], fmt)
 
     lines = [
         "",

@@ -163,7 +163,7 @@ class Distill(SFT):
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
-        from lit_aligner.evaluation import prompt_question
+        from lit_aligner.evaluation import figures_line, prompt_question
 
         before, init, after = self.heldout_before_after(cfg, run, result)
         # (report key suffix, label, aligner, held-out metrics)
@@ -175,7 +175,7 @@ class Distill(SFT):
             report.update({f"divergence_{key}": m["loss"], f"agreement_{key}": m["agreement"]})
 
         def line(key: str, fmt: str) -> str:  # a report figure of every system
-            return "  ->  ".join(f"{label} {format(report[f'{key}_{k}'], fmt)}" for k, label, _, _ in systems)
+            return figures_line([(label, report[f"{key}_{k}"]) for k, label, _, _ in systems], fmt)
 
         closed = 1 - after["loss"] / before["loss"] if before["loss"] > 0 else float("nan")
         divergence = "forward KL" if self.config.beta == 0 else f"beta {self.config.beta:g}"

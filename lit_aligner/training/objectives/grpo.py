@@ -254,7 +254,7 @@ class GRPO(SyncedReference, SFT):
 
         if run.fabric.global_rank != 0 or not len(run.val) or is_sharded(run.fabric):
             return None
-        from lit_aligner.evaluation import prompt_question
+        from lit_aligner.evaluation import figures_line, prompt_question
 
         before, init, after = self.heldout_before_after(cfg, run, result)
         report = {"val_rows": len(run.val), "before": before, "after": after}
@@ -264,7 +264,7 @@ class GRPO(SyncedReference, SFT):
             systems.insert(1, ("init Aligner", run.start, init))
 
         def line(label: str, key: str, fmt: str) -> str:
-            return label + "  ->  ".join(f"{name} {format(m[key], fmt)}" for name, _, m in systems)
+            return label + figures_line([(name, m[key]) for name, _, m in systems], fmt)
 
         title = f"=== held-out reward of greedy answers ({len(run.val)} prompts) ==="
         lines = ["", title, line("reward:   ", "reward", ".4f")]

@@ -27,6 +27,7 @@ optimistic for all). Every run is reported, not only the best.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_aligner.files import UserError  # noqa: E402
+from lit_aligner.files import UserError, check_output  # noqa: E402
 from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
 from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
 
@@ -163,6 +164,11 @@ def run_aligner(spec, common):
         if summary.get("stopped"):  # SIGINT/SIGTERM: the trainer stopped early and saved no Aligner
             raise BenchmarkError(f"the {spec['label']} run was stopped by {summary['stopped']} after step "
                                  f"{summary['step']}; nothing was measured")
+        if common.get("save_aligners"):
+            from lit_aligner.files import atomic_write
+
+            keep = Path(common["save_aligners"]) / aligner_file_name(spec, common["seed"])
+            atomic_write(keep, lambda tmp: shutil.copyfile(summary["aligner"], tmp))
         tokenizer, _, val, _ = load_rows(common)
         model, _ = load_base(common["checkpoint_dir"], device, "float32")
         aligner, _ = load_aligner(summary["aligner"], model)
@@ -170,6 +176,12 @@ def run_aligner(spec, common):
     return {"heldout_loss": loss, "trainable_params": aligner.num_params(),
             "train_tokens_per_s": summary["throughput"]["real_tokens_per_sec"],
             "final_train_loss": summary["train_loss"]}
+
+
+def aligner_file_name(spec: Dict[str, Any], seed: int) -> str:
+    """--save-aligners: one file per Aligner run, named by what sets it apart."""
+    return (f"aligner-N{spec['n_tokens']}-{spec['init']}-x{spec['init_scale']:g}-lr{spec['lr']:g}-gate"
+            f"{spec['gate_lr_ratio']:g}-layer{spec['start_layer']}-seed{seed}.safetensors")
 
 
 def run_peft(spec, common):
@@ -322,6 +334,7 @@ def main(
     out: Optional[Path] = None,
     force: bool = False,
     resume: bool = False,
+    save_aligners: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Held-out loss, trainable parameters, training tokens/s and peak memory of the Aligner (N=1, N=10), PEFT LoRA
     r=8 (q, v) and PEFT prefix tuning (10 tokens) at an equal budget.
@@ -363,6 +376,9 @@ def main(
         force: replace an existing results file.
         resume: keep the runs already in the results file (made with the same settings) and run only the missing
             ones; earlier runs of other variants or learning rates stay in the tables (how a sweep grows).
+        save_aligners: keep each Aligner this run trains in this directory, as
+            aligner-N<n>-<init>-x<scale>-lr<lr>-gate<ratio>-layer<start>-seed<seed>.safetensors (for generate or
+            `evaluate/aligner.py inspect`); an existing file only with --force.
     """
     require("peft", "transformers", extra="eval")
     if not all(g > 0 for g in gate_lr_ratios + init_scales) or not all(s >= 0 for s in start_layers):
@@ -413,6 +429,10 @@ def main(
 
     done = {spec_key(r) for r in runs}
     specs = [s for s in specs if spec_key(s) not in done]
+    if save_aligners is not None:
+        for s in specs:
+            if s["system"] == "aligner":
+                check_output(Path(save_aligners) / aligner_file_name(s, seed), (), force, "--save-aligners")
     if specs and specs[0]["system"] != "base" and not any(r["system"] == "base" for r in runs):
         specs.insert(0, {"system": "base", "label": "base (no training)"})
     runs.sort(key=lambda r: r["system"] != "base")  # the base row first
@@ -422,7 +442,8 @@ def main(
         hf_dir = Path(tmp) / "hf"
         if specs:
             export_hf(checkpoint_dir, hf_dir)
-        common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir))
+        common = dict(settings, device=device, threads=threads, hf_dir=str(hf_dir),
+                      save_aligners=str(save_aligners) if save_aligners else None)
         for spec in specs:
             try:
                 result = run_child(spec, common, Path(tmp))

@@ -2,6 +2,7 @@
 stdout, the whole result as JSON (--out FILE writes it too).
 
     python evaluate/aligner.py loss --aligners out/aligner/SmolLM2-135M-Instruct/aligner.safetensors
+    python evaluate/aligner.py inspect --aligners out/aligner/SmolLM2-135M-Instruct/aligner.safetensors
     python evaluate/aligner.py preference --data ../shared/data/hh-rlhf/harmless_base_2000.jsonl \\
         --aligners none A.safetensors
     python evaluate/aligner.py kto --data feedback.jsonl --aligners none out/kto/aligner.safetensors

@@ -305,15 +305,22 @@ class CausalSelfAttention(nn.Module):
         # decoding step (2 copy kernels per layer: 0.18 of 4.75 ms per token for LLaMA-2-7B on an H200).
         return k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
 
-    def forward(self, x, cos, sin, mask, input_pos, prefix, cache_rows=None):
+    def qkv(self, x, cos, sin) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, C) normalised hidden states -> q (B, nh, T, hs), k and v (B, n_kv, T, hs), as attention sees them
+        (q/k-norm and RoPE applied); `lit_aligner.evaluation.inspect` reads the prefix attention's queries here."""
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
         q, k, v = q.view(B, T, self.n_head, self.hs), k.view(B, T, self.n_kv, self.hs), v.view(B, T, self.n_kv, self.hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | n_kv, T, hs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask, input_pos, prefix, cache_rows=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, n_kv, S, hs)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # a mask over the first slots only: skip the rest

@@ -285,7 +285,9 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     monkeypatch.setattr(quality, "run_child", lambda spec, common, tmp: quality.run_system(spec, common))
     common = dict(checkpoint_dir=tiny_checkpoint_dir, data=data, template="plain", max_seq_length=128, heldout=24,
                   steps=3, batch=4, micro_batch=2, warmup_steps=1, device="cpu", out=out)
-    payload = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[1e-2], prefix_lrs=[1e-2])
+    kept = tmp_path / "aligners"
+    payload = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], lora_lrs=[1e-2], prefix_lrs=[1e-2],
+                           save_aligners=kept)
     runs = {(r["label"], r.get("init")): r for r in json.loads(out.read_text())["runs"]}
     base = runs[("base (no training)", None)]
     assert base["relative_difference"] < 1e-4  # our model and transformers agree on the bare base
@@ -303,6 +305,22 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
             assert 0 < r["final_train_loss"] < 20  # every trained system reports its last step's loss
         assert r["command"] == payload["machine"]["command"]  # each run names the command that made it
     assert payload["best"][0] is not None and "sanity" in payload
+    # --save-aligners kept each Aligner run's file: it scores the held-out loss the run reported
+    from lit_aligner.aligner_files import load_aligner
+    from lit_aligner.base import load_base
+    from lit_aligner.files import UserError
+
+    files = sorted(p.name for p in kept.iterdir())
+    assert files == ["aligner-N2-hidden-x0.5-lr0.05-gate0.3-layer2-seed42.safetensors",
+                     "aligner-N2-normal-x1-lr0.009-gate1-layer2-seed42.safetensors"]
+    model, tok = load_base(tiny_checkpoint_dir, "cpu", "float32")
+    aligner, _ = load_aligner(kept / files[0], model)
+    _, _, val, _ = quality.load_rows({**common, "seed": 42})
+    assert quality.heldout_loss(lambda ids, mask: model(ids, aligner=aligner), val, tok.pad_id,
+                                torch.device("cpu")) == pytest.approx(ours["heldout_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="--save-aligners"):  # never over a kept file without --force
+        quality.main(**{**common, "out": tmp_path / "other.json"}, aligners=["2:hidden"], aligner_lrs=[0.05],
+                     paper=False, lora_lrs=[], prefix_lrs=[], save_aligners=kept)
     assert payload["settings"]["min_lr_ratio"] == TrainConfig().min_lr_ratio
     # --resume keeps what ran and runs only what is new; other settings are refused
     again = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], gate_lr_ratios=[0.3, 3.0],

@@ -135,6 +135,97 @@ def test_loss_on_every_answer_of_conversations_equals_one_row_per_answer(tiny_ch
         assert r["tokens"] == count and r["loss"] == pytest.approx(total / count, rel=1e-5), r["name"]
 
 
+# --- inspect ----------------------------------------------------------------------------------------------------------
+
+
+def independent_inspection(model, aligner, ids, labels):
+    """The inspect figures from scratch: each gated layer's queries through its own weight rows and a RoPE written
+    here (complex rotation of (i, i + hs/2) pairs), the prefix keys and values through its k and v rows; checked to
+    be the attention the module really adds (wo(gate * attention @ values) = with - without)."""
+    c = model.config
+    nh, nkv, hs = c.n_head, c.n_query_groups, c.head_size
+    B, T = ids.shape
+    w = torch.zeros(B, T, dtype=torch.float64)
+    w[:, :-1] = (labels[:, 1:] != -100).double()
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * c.rope_base ** (-torch.arange(0, hs, 2).double() / hs)
+    rotation = torch.polar(torch.ones_like(angles), angles)  # (T, hs/2)
+    x, out = model.tok_embeddings(ids), []
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    for i, block in enumerate(model.layers):
+        xn = block.attention_norm(x)
+        if i >= aligner.start_layer:
+            W = block.attn.wqkv.weight.double()
+            q = (xn.double() @ W[:nh * hs].T).view(B, T, nh, hs)
+            q = torch.view_as_real(torch.complex(q[..., :hs // 2], q[..., hs // 2:]) * rotation[:, None])
+            q = torch.cat([q[..., 0], q[..., 1]], -1).transpose(1, 2)  # (B, nh, T, hs)
+            P = aligner.prefix.double()
+            k = (P @ W[nh * hs:(nh + nkv) * hs].T).view(-1, nkv, hs).repeat_interleave(nh // nkv, 1).transpose(0, 1)
+            v = (P @ W[(nh + nkv) * hs:].T).view(-1, nkv, hs).repeat_interleave(nh // nkv, 1).transpose(0, 1)
+            p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hs), -1)  # (B, nh, T, N)
+            gate = aligner.gate[i - aligner.start_layer].double()
+            bare = block.attn(xn, cos, sin, None, None, None).double()
+            added = (gate[:, None, None] * (p @ v)).transpose(1, 2).reshape(B, T, nh * hs)
+            added = added @ block.attn.wo.weight.double().T
+            steered = block.attn(xn, cos, sin, None, None, (aligner.prefix, None, gate[None].float(), None)).double()
+            torch.testing.assert_close(steered - bare, added, atol=1e-5, rtol=1e-4)
+            n = w.sum()
+            mean_p = (p * w[:, None, :, None]).sum((0, 2)) / n  # (nh, N)
+            out.append({"effective_tokens": math.exp(float((-(p * p.log()).sum(-1) * w[:, None]).sum() / nh / n)),
+                        "tokens_used": float(torch.exp(-(mean_p * mean_p.log()).sum(-1)).mean()),
+                        "shift": float((((added + bare) - bare).norm(dim=-1) / bare.norm(dim=-1) * w).sum() / n),
+                        "gate_mean_abs": float(gate.abs().mean()), "attention": mean_p})
+        x = block(x, cos, sin, None, None, None if i < aligner.start_layer else
+                  (aligner.prefix, None, aligner.gate[i - aligner.start_layer][None], None))
+    return out
+
+
+@torch.no_grad()
+def test_inspect_equals_an_independent_computation_of_the_prefix_attention(base, sft_file):
+    from lit_aligner.data import DataOptions, load_data, pad_rows
+    from lit_aligner.evaluation.inspect import inspect_aligner
+
+    model, tok = base
+    torch.manual_seed(1)
+    aligner = Aligner(model.config, AlignerConfig(4, 1))
+    aligner.gate.normal_(0, 0.5)
+    train, _, _ = load_data("sft", sft_file, tok, "plain", DataOptions(max_seq_length=256, val_fraction=0.0), 42)
+    batch = pad_rows(train.rows()[:6], tok.pad_id)
+    result = inspect_aligner(model, aligner, [pad_rows(train.rows()[:4], tok.pad_id),
+                                              pad_rows(train.rows()[4:6], tok.pad_id)])  # two batches, one average
+    expected = independent_inspection(model, aligner, batch["input_ids"], batch["labels"])
+    assert result["positions"] == int((batch["labels"][:, 1:] != -100).sum())
+    assert [r["layer"] for r in result["layers"]] == list(range(1, model.config.n_layer))
+    for got, want in zip(result["layers"], expected):
+        for key in ("effective_tokens", "tokens_used", "shift", "gate_mean_abs"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    share = torch.stack([e["attention"] for e in expected]).mean((0, 1))
+    assert [t["attention_share"] for t in result["tokens"]] == pytest.approx(share.tolist(), rel=1e-5)
+    assert 1 < result["mean"]["effective_tokens"] < 4 and result["mean"]["shift"] > 0.01  # a real, partial effect
+
+
+def test_inspect_cli_zero_gates_move_nothing_and_refuses_the_bare_base(tiny_checkpoint_dir, aligners, sft_file,
+                                                                       tmp_path):
+    args = ("inspect", "--checkpoint-dir", tiny_checkpoint_dir, "--data", sft_file, "--n", "8")
+    result = last_json(cli(*args, "--aligners", aligners / "zero.safetensors", aligners / "steer.safetensors"))
+    by = {Path(r["name"]).stem: r for r in result["results"]}
+    assert all(layer["shift"] == 0 and layer["gate_max_abs"] == 0 for layer in by["zero"]["layers"])
+    assert len(by["zero"]["layers"]) == 3 and len(by["steer"]["layers"]) == 4  # start layers 1 and 0
+    assert all(layer["shift"] > 0 for layer in by["steer"]["layers"])
+    assert by["steer"]["rows"] == 8 and sum(t["attention_share"] for t in by["steer"]["tokens"]) == pytest.approx(1)
+    # a correction Aligner on Q-A-C rows: the positions that predict C
+    qac = tmp_path / "qac.json"
+    qac.write_text(json.dumps([{"question": f"Question {i}?", "answer": f"A careless answer {i}.",
+                                "correction": f"A careful answer {i}."} for i in range(5)]))
+    fixed = last_json(cli("inspect", "--checkpoint-dir", tiny_checkpoint_dir, "--data", qac, "--mode", "correction",
+                          "--aligners", aligners / "fixer.safetensors"))["results"][0]
+    scored = last_json(cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--data", qac, "--mode", "correction",
+                           "--no-base", "--aligners", aligners / "fixer.safetensors"))["results"][0]
+    assert fixed["template"] == "correction" and fixed["rows"] == 5 and fixed["positions"] == scored["tokens"]
+    for bad in (["--aligners", "none"], []):
+        p = cli(*args, *bad)
+        assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error: inspect looks into")
+
+
 # --- preference -------------------------------------------------------------------------------------------------------
 
 

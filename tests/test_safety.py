@@ -419,7 +419,7 @@ def test_bad_rows_are_counted_in_the_summary_and_the_aligner_metadata(tiny_check
     ("finetune/aligner.py", ["--prefix-init", "xyz"],
      ["--prefix-init", "'hidden'", "python finetune/aligner.py --help"]),
     ("finetune/aligner.py", ["--no-compare"], ["--no-compare", "Perhaps you meant --compare"]),
-    ("evaluate/aligner.py", [], ["Missing subcommand", "loss, preference"]),
+    ("evaluate/aligner.py", [], ["Missing subcommand", "loss, inspect, preference"]),
     ("generate/aligner.py", ["--max-new-tokens", "abc"], ["--max-new-tokens", "'abc'"]),
     # a nested config's own check (DPOLossConfig): our message alone, not tyro's "Value error: Error parsing dpo:"
     ("finetune/aligner_dpo.py", ["--beta", "-1"], ["error: --beta must be > 0, got -1.0."]),

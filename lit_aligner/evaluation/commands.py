@@ -5,6 +5,7 @@ line of stdout; `--out FILE` writes it too (atomically; an existing file only wi
 | subcommand | measures |
 | --- | --- |
 | `loss` | response-token loss and perplexity of the bare base and Aligners on any SFT or correction data |
+| `inspect` | per gated layer: gates, how many prefix tokens a query reads, how far the prefix moves attention |
 | `preference` | DPO metrics (TRL's names) of Aligners on preference pairs against a reference |
 | `kto` | KTO metrics of Aligners on unpaired completions (or pairs, unpaired) against a reference |
 | `distill` | divergence of the base and Aligners from a teacher (the base reading a system prompt) |
@@ -227,15 +228,12 @@ class Loss(DataCommon):
 
     def run(self) -> Dict[str, Any]:
         from lit_aligner.evaluation import objective_metrics
-        from lit_aligner.training.objectives import get_objective
 
         model, tokenizer = self.load()
         systems = ([("base", None, {})] if self.base else []) + _aligners(self.aligners, model)
         if not systems:
             raise UserError("nothing to score: give --aligners, or drop --no-base")
-        cls = get_objective(self.mode)
-        objective = cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE) if self.mode == "sft" else \
-            cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, 0)
+        cls, objective = _response_objective(self.mode, tokenizer)
 
         def metrics(aligner, dataset):
             m = objective_metrics(model, objective, dataset, aligner if aligner is not None else False,
@@ -256,6 +254,74 @@ class Loss(DataCommon):
                                                         ("loss", "loss", "{:.4f}"), ("perplexity", "perplexity",
                                                                                      "{:.2f}"),
                                                         ("tokens", "tokens", "{}"), ("rows", "rows", "{}")])
+
+
+def _response_objective(mode: str, tokenizer):
+    """(class, objective) that renders and masks `mode` rows as the trainer does (correction: every row Q-A-C)."""
+    from lit_aligner.training.objectives import get_objective
+
+    cls = get_objective(mode)
+    return cls, (cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE) if mode == "sft" else
+                 cls(tokenizer.pad_id, DEFAULT_CHUNK_SIZE, 0))
+
+
+# --- inspect ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Inspect(DataCommon):
+    """What each Aligner does inside the base, per gated layer, on the positions that predict response tokens: how
+    far its gates opened, how many of the N prefix tokens a query reads (exp of the prefix attention's entropy) and
+    how many the layer reads at all, and how much the prefix moves the attention output; then each prefix token's
+    share of the attention (`lit_aligner.evaluation.inspect`)."""
+
+    aligners: List[Path] = field(default_factory=list)
+    """Aligner files (ours or the paper's .pth) to look into."""
+    mode: Literal["sft", "correction"] = "sft"
+    """sft: prompt -> response rows; correction: Q-A-C rows, the positions that predict C."""
+    n: Optional[int] = 128
+    """look at the first N rows (averages settle well before; more costs two attention passes per gated layer)."""
+
+    def inputs(self) -> List[Any]:
+        return [*super().inputs(), *self.aligners]
+
+    def run(self) -> Dict[str, Any]:
+        from lit_aligner.evaluation.inspect import inspect_aligner
+
+        if not self.aligners or any(_bare(p) for p in self.aligners):
+            raise UserError("inspect looks into Aligners: give --aligners FILE [FILE ...] (the bare base has none)")
+        model, tokenizer = self.load()
+        cls, objective = _response_objective(self.mode, tokenizer)
+
+        def metrics(aligner, dataset):
+            items = [dataset[i] for i in range(len(dataset))]
+            batches = (objective.collate(items[s:s + self.batch_size]) for s in range(0, len(items), self.batch_size))
+            return {"rows": len(dataset), **inspect_aligner(model, aligner, batches)}
+
+        results, data = self.score(_aligners(self.aligners, model), cls.data_kind, tokenizer,
+                                   cls.default_template(tokenizer), metrics)
+        return {"command": "inspect", "mode": self.mode, "checkpoint_dir": str(self.checkpoint_dir),
+                "results": results, "data": data}
+
+    def format(self, result: Dict[str, Any]) -> str:
+        parts = []
+        for r in result["results"]:
+            m = r["mean"]
+            layers = [{**layer, "shift_pct": 100 * layer["shift"]} for layer in r["layers"]]
+            tokens = "  ".join(f"{t['token']}: {100 * t['attention_share']:.1f}% (norm {t['norm']:.2f})"
+                               for t in r["tokens"])
+            parts.append(
+                f"{r['name']} (N={r['n_tokens']}, {r['rows']} rows, {r['positions']} positions, {r['template']})\n"
+                + _table(layers, [("layer", "layer", "{}"), ("mean |gate|", "gate_mean_abs", "{:.4f}"),
+                                  ("max |gate|", "gate_max_abs", "{:.4f}"),
+                                  ("tokens per query", "effective_tokens", "{:.2f}"),
+                                  ("tokens used", "tokens_used", "{:.2f}"),
+                                  ("attention output moved %", "shift_pct", "{:.2f}")])
+                + f"\nmean of the {len(layers)} gated layers: |gate| {m['gate_mean_abs']:.4f}, "
+                f"{m['effective_tokens']:.2f} of {r['n_tokens']} tokens per query, {m['tokens_used']:.2f} used, "
+                f"attention output moved {100 * m['shift']:.2f}%\nprefix tokens (share of the prefix attention, "
+                f"norm): {tokens}")
+        return "\n\n".join(parts)
 
 
 # --- preference -------------------------------------------------------------------------------------------------------
@@ -789,5 +855,5 @@ class Judge(EvalCommon):
         return f"judge: {result['judge']}\n" + format_judgement(result, result["a"], result["b"])
 
 
-SUBCOMMANDS = {"loss": Loss, "preference": Preference, "kto": KTO, "distill": Distill, "reward": Reward,
-               "correction": Correction, "harness": Harness, "judge": Judge}
+SUBCOMMANDS = {"loss": Loss, "inspect": Inspect, "preference": Preference, "kto": KTO, "distill": Distill,
+               "reward": Reward, "correction": Correction, "harness": Harness, "judge": Judge}

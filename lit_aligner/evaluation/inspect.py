@@ -30,13 +30,11 @@ def inspect_aligner(model, aligner, batches: Sequence[Dict[str, torch.Tensor]]) 
     entropy = torch.zeros(L, n_head, dtype=torch.float64)  # summed over positions
     attention = torch.zeros(L, n_head, n, dtype=torch.float64)
     shift = torch.zeros(L, dtype=torch.float64)
-    state = {"weights": None, "inside": False}
+    state = {"weights": None}
     positions = 0.0
 
     def hook(j: int) -> Callable:
         def record(module, args, out):
-            if state["inside"]:  # the call without the prefix, made below
-                return
             x, cos, sin, mask, input_pos, prefix = args[:6]
             w = state["weights"]  # (B, T) 1.0 where the next token is a response token
             q = module.qkv(x, cos, sin)[0]  # (B, nh, T, hs)
@@ -44,11 +42,7 @@ def inspect_aligner(model, aligner, batches: Sequence[Dict[str, torch.Tensor]]) 
             p = torch.softmax((q @ keys.transpose(-1, -2)).double() / math.sqrt(hs), dim=-1)  # (B, nh, T, N)
             entropy[j] += (-(p * p.clamp_min(1e-30).log()).sum(-1) * w[:, None]).sum((0, 2)).cpu()
             attention[j] += (p * w[:, None, :, None]).sum((0, 2)).cpu()
-            state["inside"] = True
-            try:
-                bare = module(x, cos, sin, mask, input_pos, None, *args[6:])
-            finally:
-                state["inside"] = False
+            bare = module.forward(x, cos, sin, mask, input_pos, None, *args[6:])  # forward, not __call__: no hook
             change = (out - bare).double().norm(dim=-1) / bare.double().norm(dim=-1).clamp_min(1e-30)
             shift[j] += (change * w).sum().cpu()
         return record

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/train.py` from anywhe
 
 from lit_aligner.config import Config  # noqa: E402
 from lit_aligner.devices import default_precision, precision_dtype, resolve_device  # noqa: E402
-from lit_aligner.files import UserError, atomic_write_json, check_output  # noqa: E402
+from lit_aligner.files import UserError, atomic_write_json, check_output, input_files  # noqa: E402
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable  # noqa: E402
 from lit_aligner.perf import apply_activation_checkpointing, compile_blocks, random_items  # noqa: E402
 
@@ -216,9 +216,9 @@ def default_out(kind: str, tag: str, device: torch.device) -> Path:
     return REPO / "benchmarks" / "results" / f"{kind}-{tag}-{machine_name(device)}.json"
 
 
-def check_out(path: Path, force: bool) -> Path:
-    """The results file, refused before the benchmark runs when it exists (unless --force)."""
-    return check_output(path, (), force)
+def check_out(path: Path, force: bool, inputs: Sequence[Any] = ()) -> Path:
+    """The results file, refused before the benchmark runs when it exists (unless --force) or is one of `inputs`."""
+    return check_output(path, input_files(*inputs), force)
 
 
 def partial_path(path: Path) -> Path:

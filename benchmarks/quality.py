@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from lit_aligner.files import UserError, check_output  # noqa: E402
+from lit_aligner.files import UserError, check_output, input_files  # noqa: E402
 from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
 from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
 
@@ -413,7 +413,7 @@ def main(
                     shuffle_grouped_batches=shuffle_grouped_batches, machine=machine_name(dev))
     runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
     if not runs:
-        check_out(path, force)
+        check_out(path, force, (checkpoint_dir, data))
     specs: List[Dict[str, Any]] = [{"system": "base", "label": "base (no training)"}]
     # normal ignores the scale (the paper's N(0, 1)): recorded as 1
     sweep = [(n, init, 1.0 if init == "normal" else sc, lr, g, s) for n, init in variants for sc in init_scales
@@ -432,7 +432,8 @@ def main(
     if save_aligners is not None:
         for s in specs:
             if s["system"] == "aligner":
-                check_output(Path(save_aligners) / aligner_file_name(s, seed), (), force, "--save-aligners")
+                check_output(Path(save_aligners) / aligner_file_name(s, seed), input_files(checkpoint_dir, data), force,
+                             "--save-aligners")
     if specs and specs[0]["system"] != "base" and not any(r["system"] == "base" for r in runs):
         specs.insert(0, {"system": "base", "label": "base (no training)"})
     runs.sort(key=lambda r: r["system"] != "base")  # the base row first

@@ -321,6 +321,8 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     with pytest.raises(UserError, match="--save-aligners"):  # never over a kept file without --force
         quality.main(**{**common, "out": tmp_path / "other.json"}, aligners=["2:hidden"], aligner_lrs=[0.05],
                      paper=False, lora_lrs=[], prefix_lrs=[], save_aligners=kept)
+    with pytest.raises(UserError, match="one of this command's inputs"):  # not even with --force
+        quality.main(**{**common, "out": data}, force=True, aligners=["2:hidden"], lora_lrs=[], prefix_lrs=[])
     assert payload["settings"]["min_lr_ratio"] == TrainConfig().min_lr_ratio
     # --resume keeps what ran and runs only what is new; other settings are refused
     again = quality.main(**common, aligners=["2:hidden"], aligner_lrs=[0.05], gate_lr_ratios=[0.3, 3.0],

@@ -34,6 +34,7 @@ from lit_aligner.config import Config
 from lit_aligner.model import LLaMA
 
 POLICIES = ("none", "selective", "mlp", "block")
+BLOCK_RECOMPILE_LIMIT = 64  # compile_blocks: room for every variant of the one compiled block forward
 
 # ---------------------------------------------------------------------------------------------------------------------
 # torch.compile
@@ -48,6 +49,13 @@ def compile_blocks(model: LLaMA, mode: Optional[str] = None, dynamic: Optional[b
     code: a quick check that a model compiles). Works on the CPU (inductor C++) and on CUDA (triton). Apply after
     `apply_activation_checkpointing` so the checkpointed forward is what gets compiled; apply before wrapping the model
     with Fabric (`fabric.setup_module`), which leaves the blocks alone. Returns the model."""
+    # One code object, so its variants share dynamo's per-function limit (8): with / without a prefix, an input that
+    # needs grad or not (the layers before, at and after start_layer), grad mode (training, validation, generation),
+    # each first static, then dynamic in the batch and sequence dims. A training run met ~12; past the limit a
+    # variant runs eager for good, so the limit is raised (only ever raised; a setting of dynamo's, for the process).
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
     for block in model.layers:
         block.compile(mode=mode, dynamic=dynamic, backend=backend)
     return model

@@ -235,6 +235,23 @@ def test_fabric_wrapped_model_with_checkpointing_and_compiled_blocks_trains_like
     assert names == [n for n, _ in tiny_model().named_parameters()]  # state dicts and the Aligner filter unchanged
 
 
+def test_compiled_blocks_compile_every_variant_a_training_run_meets():
+    """All blocks share one compiled forward, whose variants (with / without a prefix, an input that needs grad or
+    not, training and no-grad, static then dynamic batch and length) outnumber dynamo's default limit of 8 in a run
+    with validation; past the limit a variant would run eager for good (here: an error instead)."""
+    torch._dynamo.reset()
+    eager, model = tiny_model(start_layer=2), tiny_model(start_layer=2)
+    perf.compile_blocks(model, backend="aot_eager")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for B, T in [(2, 12), (2, 17), (3, 17), (3, 9)]:  # length-grouped batches, a short last one
+            idx, labels = batch(model, B, T)
+            for a, b in zip(loss_and_grads(eager, idx, labels), loss_and_grads(model, idx, labels)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            with torch.no_grad():  # validation, with the Aligner and on the bare base
+                for aligner in (None, False):
+                    torch.testing.assert_close(model(idx, aligner=aligner), eager(idx, aligner=aligner))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "block"])
 def test_inductor_compiled_blocks_give_the_same_loss_and_gradients_as_eager(policy):

@@ -31,6 +31,7 @@ from lit_aligner.generation import (AlignerEntry, Answer, DecodingArgs, PromptIt
                                     load_aligner_entries, read_prompts)
 from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
+from lit_aligner.generation.engine import first_step_note
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.reasoning import ReasoningParser
@@ -256,8 +257,8 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
     new = sum(s.new_tokens for s in stats)
     decode_s = sum(s.decode_s for s in stats)
     steps = sum(s.decode_steps * s.batch_size for s in stats)
-    print(f"{len(stats)} batch(es), {new} new tokens, decode {steps / max(decode_s, 1e-9):.1f} tokens/s",
-          file=sys.stderr)
+    print(f"{len(stats)} batch(es), {new} new tokens, decode {steps / max(decode_s, 1e-9):.1f} tokens/s"
+          f"{first_step_note(stats)}", file=sys.stderr)
 
 
 def shown(a: Answer) -> str:

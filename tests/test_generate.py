@@ -342,9 +342,12 @@ def test_compiled_decode_gives_the_eager_tokens(model):
 
     ps = prompts([5, 9])
     aligner, other = make_aligner(model, 80), make_aligner(model, 81)
-    eager = generate(model, ps, 10, aligners=aligner, compile=False)
-    compiled = generate(model, ps, 10, aligners=aligner, compile=True)
+    eager, eager_stats = generate(model, ps, 10, aligners=aligner, compile=False, return_stats=True)
+    compiled, stats = generate(model, ps, 10, aligners=aligner, compile=True, return_stats=True)
     assert all(torch.equal(e, c) for e, c in zip(eager, compiled))
+    # The first step compiled the graph: most of the decode time, timed apart and named in the summary.
+    assert stats.compiled and stats.first_step_s > 0.5 * stats.decode_s and "after the first step" in stats.summary()
+    assert not eager_stats.compiled and "after the first step" not in eager_stats.summary()
     # One shared Aligner and per-row Aligners at the same batch size run the same compiled graph (a 7B graph takes
     # ~45 s to compile), and a new batch size gets its own static graph, with the eager tokens.
     graphs = counters["stats"]["unique_graphs"]

@@ -49,6 +49,8 @@ class GenerationStats:
     decode_steps: int  # calls of decode_one_token (the first new token comes from the prefill)
     prefill_s: float
     decode_s: float
+    first_step_s: float = 0.0  # the first decode step's share of decode_s: a compiled step compiles there (~30-45 s)
+    compiled: bool = False
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -63,7 +65,21 @@ class GenerationStats:
         return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.2f} s "
                 f"({self.prefill_tokens_per_s:.1f} tokens/s); "
                 f"decode: {self.decode_steps} steps x batch {self.batch_size} in {self.decode_s:.2f} s "
-                f"({self.decode_tokens_per_s:.1f} tokens/s); {self.new_tokens} new tokens returned")
+                f"({self.decode_tokens_per_s:.1f} tokens/s{first_step_note([self])}); {self.new_tokens} new tokens "
+                f"returned")
+
+
+def first_step_note(stats: Sequence[GenerationStats]) -> str:
+    """'' or, when the decode step was compiled, the speed after each call's first step with that step's seconds: its
+    first call in a process compiles it for that batch size (~30-45 s), which no later call pays again."""
+    compiled = [s for s in stats if s.compiled and s.decode_steps > 1]
+    if not compiled:
+        return ""
+    later = sum((s.decode_steps - 1) * s.batch_size for s in compiled)
+    later_s = sum(s.decode_s - s.first_step_s for s in compiled)
+    return (f"; {later / max(later_s, 1e-9):.1f} tokens/s after the first step, which took "
+            f"{sum(s.first_step_s for s in compiled):.1f} s: --compile compiles it once per batch size, "
+            f"--compile off skips that")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -637,7 +653,7 @@ def generate(
     t1 = time.perf_counter()
 
     input_pos = torch.tensor([T], device=device)
-    n = 1
+    n, first_step_s = 1, 0.0
     for i in range(1, max_new_tokens):
         if on_token is not None:
             if all(host_done):
@@ -651,6 +667,9 @@ def generate(
         tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise(), penalty)
         if compiled:
             tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
+        if i == 1:  # timed apart: the first call of a compiled step compiles it (one sync per call)
+            _sync(device)
+            first_step_s = time.perf_counter() - t1
         out[:, i] = tok
         if penalty is not None:
             penalty.add(tok)
@@ -671,5 +690,6 @@ def generate(
         ids = row.tolist()
         end = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
         results.append(row[:min(end, string_end or end, grammar_end or end)].clone())
-    stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1)
+    stats = GenerationStats(B, sum(lengths), sum(len(r) for r in results), n - 1, t1 - t0, t2 - t1, first_step_s,
+                            compiled)
     return (results, stats) if return_stats else results

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, check_out, format_table, machine_info, machine_name, pick_device,  # noqa: E402
-                    require, write_json)
+                    require, write_json, write_partial)
 
 import torch  # noqa: E402
 
@@ -295,6 +295,7 @@ def main(
                                                          exact_length(label, max_tokens)))
                 aligners_col = f"{min(n, len(names))} different" if case == "different" else case
                 rows.append({"server": label, "clients": n, "aligners": aligners_col, **result})
+                write_partial(path, payload)
                 print(f"{label}, {n} clients, {aligners_col}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
     context = min(load_config(checkpoint_dir).block_size, DEFAULT_MAX_SEQ_LENGTH)
@@ -306,8 +307,14 @@ def main(
                              f"tokens; give at most {context - 65 - max_tokens} (or 0 to skip the prefix-cache case)")
     long_text = long_prompt(Path(checkpoint_dir), long_prompt_tokens) if long_prompt_tokens else ""
     system_text = long_prompt(Path(checkpoint_dir), system_prompt_tokens, RULES) if system_prompt_tokens else ""
+    rows: List[Dict[str, Any]] = []
     stalls: List[Dict[str, Any]] = []
     prefix_rows: List[Dict[str, Any]] = []
+    # Written beside the results file after every case (<name>.partial.json): a run stopped by a time limit keeps them.
+    payload = {"benchmark": "serve", "model": name, "max_tokens": max_tokens, "max_batch": max_batch,
+               "n_tokens": n_tokens, "complete": False, "machine": machine_info(dev), "peers": [PEER] if peer else [],
+               **({"peer_versions": {"transformers": transformers.__version__}} if peer else {}), "rows": rows,
+               "stall_rows": stalls, "prefix_rows": prefix_rows}
 
     def shared_system(server, label: str, model: str, cache: str) -> None:
         """The prefix-caching case, after one request has carried the system prompt (not recorded)."""
@@ -322,6 +329,7 @@ def main(
         result = against(server, label, case())
         prefix_rows.append({"server": label, "prefix_cache": cache, "clients": system_clients,
                             "system_prompt_tokens": system_prompt_tokens, **result})
+        write_partial(path, payload)
         print(f"{label}, prefix cache {cache}: time to first token p50 {result['ttft_p50_s']:.2f} s with a shared "
               f"{system_prompt_tokens}-token system prompt", file=sys.stderr)
 
@@ -332,11 +340,11 @@ def main(
                                                     exact_length(label, stall_max_tokens)))
         stalls.append({"server": label, "prefill_budget": budget, "clients": stall_clients,
                        "long_prompt_tokens": long_prompt_tokens, **result})
+        write_partial(path, payload)
         print(f"{label}, prefill budget {budget}: a {long_prompt_tokens}-token prompt stalled {stall_clients} "
               f"streams for up to {result['stall_max_gap_s']:.2f} s", file=sys.stderr)
 
     tmp = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))
-    rows: List[Dict[str, Any]] = []
     try:
         adir = tmp / "aligners"
         write_aligners(Path(checkpoint_dir), adir, aligners, n_tokens)
@@ -413,11 +421,7 @@ def main(
     if prefix_rows:
         print(f"{system_clients} clients sharing a {system_prompt_tokens}-token system prompt:")
         print(prefix_table)
-    payload = {"benchmark": "serve", "model": name, "max_tokens": max_tokens, "max_batch": max_batch,
-               "n_tokens": n_tokens, "machine": machine_info(dev), "peers": [PEER] if peer else [],
-               **({"peer_versions": {"transformers": transformers.__version__}} if peer else {}), "rows": rows,
-               "table": table, "stall_rows": stalls, "stall_table": stall_table, "prefix_rows": prefix_rows,
-               "prefix_table": prefix_table}
+    payload.update(complete=True, table=table, stall_table=stall_table, prefix_table=prefix_table)
     write_json(path, payload)
     print(f"wrote {path}")
     return payload

@@ -258,12 +258,33 @@ def test_serve_benchmark_runs_the_real_server_beside_transformers_serve(tiny_che
     assert "tokens_per_s" in out_text and "stall_max_gap_s" in out_text and "cached_share" in out_text
 
 
-def test_serve_benchmark_without_the_peer_runs_only_the_server(tiny_checkpoint_dir, tmp_path):
+def test_serve_benchmark_without_the_peer_runs_only_the_server_and_a_stopped_run_keeps_its_rows(tiny_checkpoint_dir,
+                                                                                                  tmp_path):
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    payload = load_script("serve").main(checkpoint_dir=tiny_checkpoint_dir, clients=[2], requests_per_client=1,
-                                        max_tokens=2, aligners=2, n_tokens=2, max_batch=2, device="cpu", peer=False,
-                                        long_prompt_tokens=0, system_prompt_tokens=0, out=tmp_path / "serve.json")
+    out, partial = tmp_path / "serve.json", tmp_path / "serve.partial.json"
+    out.write_text('{"old": true}')
+    module = load_script("serve")
+    real, calls = module.run_case, []
+
+    async def run_case_then_fail(*args, **kwargs):  # the warm-up, the first measured case, then the second one fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stopped")
+        return await real(*args, **kwargs)
+
+    settings = dict(checkpoint_dir=tiny_checkpoint_dir, clients=[2], requests_per_client=1, max_tokens=2, aligners=2,
+                    n_tokens=2, max_batch=2, device="cpu", peer=False, long_prompt_tokens=0, system_prompt_tokens=0,
+                    out=out, force=True)
+    module.run_case = run_case_then_fail
+    with pytest.raises(module.BenchmarkError, match="stopped"):
+        module.main(**settings)
+    kept = json.loads(partial.read_text())
+    assert not kept["complete"] and [(r["clients"], r["aligners"]) for r in kept["rows"]] == [(2, "2 different")]
+    assert json.loads(out.read_text()) == {"old": True}  # replaced only by a complete run
+    module.run_case = real
+    payload = module.main(**settings)
+    assert json.loads(out.read_text())["complete"] and not partial.exists()
     assert {r["server"] for r in payload["rows"]} == {"lit-aligner"} and payload["peers"] == []
     assert payload["stall_rows"] == [] == payload["prefix_rows"]  # 0 tokens skip the stall and prefix cases
     assert all(r["x_peer"] is None for r in payload["rows"])

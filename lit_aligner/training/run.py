@@ -46,6 +46,12 @@ def launch(cfg: RunConfig, precision: str):
     """A launched Fabric for the run's devices (other processes of a multi-device run re-run the calling script)."""
     import lightning_fabric as L
 
+    from lit_aligner import perf
+
+    if cfg.accelerator != "cpu" and torch.cuda.is_available():
+        # TF32 and cuDNN autotuning before Fabric sets up the device, which otherwise tells the user to set the
+        # matmul precision that these flags set (on the CPU this changes nothing)
+        perf.configure_backends(torch.device("cuda"))
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                       strategy=make_strategy(cfg.strategy), precision=precision)
     fabric.launch()
@@ -267,7 +273,6 @@ def _setup_module(run: Run):
     from lit_aligner.devices import precision_dtype
 
     cfg = run.cfg
-    perf.configure_backends(run.fabric.device)
     policy = cfg.activation_checkpointing
     if policy != "none":  # before FSDP shards the blocks (their forwards are wrapped, not the modules)
         n = perf.apply_activation_checkpointing(run.model, policy, cfg.start_layer)

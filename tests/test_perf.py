@@ -252,6 +252,20 @@ def test_compiled_blocks_compile_every_variant_a_training_run_meets():
                     torch.testing.assert_close(model(idx, aligner=aligner), eager(idx, aligner=aligner))
 
 
+def test_measuring_compiled_blocks_activations_gives_the_eager_bytes_without_recompiling_per_tensor():
+    """The counter reads storage addresses: traced, a compiled block would guard on each and recompile for every
+    tensor (80 recompiles in three measurements), past any limit."""
+    torch._dynamo.reset()
+    eager, model = tiny_model(), tiny_model()
+    for m in (eager, model):
+        perf.apply_activation_checkpointing(m, "selective", m.aligner.start_layer)
+    perf.compile_blocks(model, backend="aot_eager")
+    expected = perf.activation_bytes_per_token(eager, "selective", seq_len=16)
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        for _ in range(3):
+            assert perf.activation_bytes_per_token(model, "selective", seq_len=16) == expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "block"])
 def test_inductor_compiled_blocks_give_the_same_loss_and_gradients_as_eager(policy):

@@ -51,7 +51,7 @@ def compile_blocks(model: LLaMA, mode: Optional[str] = None, dynamic: Optional[b
     with Fabric (`fabric.setup_module`), which leaves the blocks alone. Returns the model."""
     # One code object, so its variants share dynamo's per-function limit (8): with / without a prefix, an input that
     # needs grad or not (the layers before, at and after start_layer), grad mode (training, validation, generation),
-    # each first static, then dynamic in the batch and sequence dims. A training run met ~12; past the limit a
+    # each first static, then dynamic in the batch and sequence dims. A 6-step training run met 13; past the limit a
     # variant runs eager for good, so the limit is raised (only ever raised; a setting of dynamo's, for the process).
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

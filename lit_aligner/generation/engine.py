@@ -49,7 +49,7 @@ class GenerationStats:
     decode_steps: int  # calls of decode_one_token (the first new token comes from the prefill)
     prefill_s: float
     decode_s: float
-    first_step_s: float = 0.0  # the first decode step's share of decode_s: a compiled step compiles there (~30-45 s)
+    first_step_s: float = 0.0  # a compiled step's first call's share of decode_s: it compiles there (~30-45 s)
     compiled: bool = False
 
     @property
@@ -667,7 +667,7 @@ def generate(
         tok = decode(model, tok.view(B, 1), input_pos, pad, valid, prefix, sampling, next_noise(), penalty)
         if compiled:
             tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
-        if i == 1:  # timed apart: the first call of a compiled step compiles it (one sync per call)
+        if compiled and i == 1:  # timed apart: its first call compiles it (one sync per call)
             _sync(device)
             first_step_s = time.perf_counter() - t1
         out[:, i] = tok

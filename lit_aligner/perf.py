@@ -19,6 +19,7 @@ gradient (one matmul instead of two) and autograd does not save the matmul input
 weight gradients). Layers before `start_layer` see no trainable input, so they save nothing and run no backward.
 """
 
+import inspect
 import resource
 import sys
 from contextlib import contextmanager
@@ -52,12 +53,17 @@ def compile_blocks(model: LLaMA, mode: Optional[str] = None, dynamic: Optional[b
     # One code object, so its variants share dynamo's per-function limit (8): with / without a prefix, an input that
     # needs grad or not (the layers before, at and after start_layer), grad mode (training, validation, generation),
     # each first static, then dynamic in the batch and sequence dims. A 6-step training run met 13; past the limit a
-    # variant runs eager for good, so the limit is raised (only ever raised; a setting of dynamo's, for the process).
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
+    # variant runs eager for good, so the limit is raised: for these blocks alone where torch.compile takes a limit
+    # per call (torch >= 2.13), else dynamo's setting for the process (only ever raised).
+    limit = {}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        limit["recompile_limit"] = BLOCK_RECOMPILE_LIMIT
+    else:
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
     for block in model.layers:
-        block.compile(mode=mode, dynamic=dynamic, backend=backend)
+        block.compile(mode=mode, dynamic=dynamic, backend=backend, **limit)
     return model
 
 

@@ -258,6 +258,26 @@ def test_compiled_blocks_compile_every_variant_a_training_run_meets():
                     torch.testing.assert_close(model(idx, aligner=aligner), eager(idx, aligner=aligner))
 
 
+def test_compile_blocks_on_a_torch_without_a_per_call_limit_raises_dynamos_own(monkeypatch):
+    """torch.compile took no recompile_limit before March 2026 (the GPU image's torch may be such): then the blocks'
+    room comes from dynamo's process-wide limit, raised."""
+    real = torch.compile
+
+    def compile_without_a_limit(model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None,
+                                options=None, disable=False):
+        return real(model, fullgraph=fullgraph, dynamic=dynamic, backend=backend, mode=mode, options=options,
+                    disable=disable)
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_limit)
+    model = tiny_model()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        perf.compile_blocks(model, backend="aot_eager")
+        assert torch._dynamo.config.recompile_limit == perf.BLOCK_RECOMPILE_LIMIT
+    idx, _ = batch(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(idx)).all()  # the blocks were compiled through the older signature
+
+
 def test_measuring_compiled_blocks_activations_gives_the_eager_bytes_without_recompiling_per_tensor(monkeypatch):
     """The counter reads storage addresses: traced, a compiled block would guard on each and recompile for every
     tensor (80 recompiles in three measurements), past any limit; here the blocks' own limit is dynamo's default (8)."""

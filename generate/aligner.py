@@ -32,6 +32,7 @@ from lit_aligner.generation import (AlignerEntry, Answer, DecodingArgs, PromptIt
 from lit_aligner.generation.answers import bare_base_template, request_prompt
 from lit_aligner.generation.correction import base_answers, read_qa_pairs
 from lit_aligner.generation.engine import first_step_note
+from lit_aligner.perf import compile_flag, decode_steps_bound
 from lit_aligner.prompts import conversation_question, encode_prompt, get_template, is_correction, join_input
 from lit_aligner.quantize import QuantizeFlag
 from lit_aligner.reasoning import ReasoningParser
@@ -146,7 +147,9 @@ def main(
         decoding: how each token is picked (greedy by default), the repetition penalties and the stop strings.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
-        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU and with --quantize.
+        compile: torch.compile the decoding step; auto = on for CUDA when the prompts can take 2,048 decoding steps
+            or more (batches x --max-new-tokens: where compiling, ~40 s per batch size, pays), off on the CPU, with
+            --quantize and for --interactive's turns alone.
     """
     if not aligner and not no_aligner:
         aligner = [default_aligner(checkpoint_dir)]
@@ -209,7 +212,11 @@ def main(
     if no_aligner and not pipeline:  # in the pipeline the bare base's column is stage one itself
         entries.append(AlignerEntry("base"))
     dev = model.tok_embeddings.weight.device
-    kwargs = dict(stop_ids=tokenizer.stop_ids, compile=None if compile == "auto" else compile == "on",
+    # auto: eager on CUDA too unless this run decodes enough steps for compiling to pay (--interactive's are unknown)
+    requests = (len(pairs) or len(items)) * len(entries)
+    steps = decode_steps_bound(requests, batch_size, max_new_tokens) + (
+        decode_steps_bound(len(items), batch_size, max_new_tokens) if pipeline else 0)
+    kwargs = dict(stop_ids=tokenizer.stop_ids, compile=compile_flag(compile, dev, steps),
                   **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0], fmt))
     answering = {**kwargs, "reasoning": reasoning_parser != "none"}  # (corrections rewrite answers as written)
     with atomic_output(out) if out else nullcontext() as sink:

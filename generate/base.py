@@ -15,6 +15,7 @@ from lit_aligner.base import load_base
 from lit_aligner.cli import run_cli
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR
 from lit_aligner.generation import DecodingArgs, TextStreamer, generate
+from lit_aligner.perf import compile_flag
 from lit_aligner.prompts import build_prompt, encode_prompt
 from lit_aligner.quantize import QuantizeFlag
 
@@ -43,8 +44,8 @@ def main(
         no_chat_template: send the raw prompt text instead of wrapping it in the tokenizer's chat template.
         device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
         dtype: weights dtype; auto = bfloat16 on CUDA, the checkpoint's own dtype on the CPU.
-        compile: torch.compile the decoding step; auto = on for CUDA, off on the CPU (compiling takes ~30 s there) and
-            with --quantize.
+        compile: torch.compile the decoding step; auto = on for CUDA when --max-new-tokens is 2,048 or more (where
+            compiling, ~40 s, pays), off on the CPU (compiling takes ~30 s there) and with --quantize.
     """
     fmt = decoding.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
@@ -56,7 +57,7 @@ def main(
     streamer = TextStreamer(tokenizer, stop=decoding.stop_strings)
     _, stats = generate(
         model, [encode_prompt(tokenizer, text)], max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=streamer,
-        compile=None if compile == "auto" else compile == "on", return_stats=True,
+        compile=compile_flag(compile, dev, max_new_tokens), return_stats=True,
         **decoding.generate_kwargs(dev, tokenizer, model.lm_head_weight.shape[0], fmt),
     )
     streamer.finish()

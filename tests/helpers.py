@@ -233,13 +233,19 @@ def read_wandb_history(path: Path) -> Dict[int, Dict[str, float]]:
     return rows
 
 
-def load_benchmark(name: str):
-    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+def load_script(path: str):
+    """A script of the repository (e.g. "generate/aligner.py") as a module: the CLIs and benchmarks are scripts, not
+    a package."""
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", root / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location("script_" + path.replace("/", "_")[:-3], root / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module."""
+    return load_script(f"benchmarks/{name}.py")
 
 
 def greedy(model, prompt, max_new, stop, aligner=None):

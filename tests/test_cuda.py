@@ -100,6 +100,15 @@ def test_cuda_graph_decoding_gives_the_eager_tokens():
     eager = generate(model, prompts, 24, aligners=model.aligner, compile=False)
     graphed = generate(model, prompts, 24, aligners=model.aligner, compile=True)
     assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    # The graph reads the prefix from buffers that each call refills: another Aligner of the same shape in the same
+    # graph gets its own tokens, not the first one's.
+    other = copy.deepcopy(model.aligner)
+    with torch.no_grad():
+        other.gate.mul_(-2)
+    first, eager = eager, generate(model, prompts, 24, aligners=other, compile=False)
+    graphed = generate(model, prompts, 24, aligners=other, compile=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert any(not torch.equal(a, b) for a, b in zip(eager, first))
 
 
 @pytest.mark.parametrize("policy", ["selective", "mlp", "block"])

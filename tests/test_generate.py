@@ -362,6 +362,32 @@ def test_compiled_decode_gives_the_eager_tokens(model):
                                                  generate(model, ps, 10, aligners=aligner, penalties=p, compile=True)))
 
 
+def test_compiled_decoding_reads_the_prefix_from_fixed_buffers_refilled_by_each_call(model, monkeypatch):
+    """A CUDA graph copies every input it cannot assume fixed at each replay (on an H200, 60 copies per LLaMA-2-7B step
+    for the prefix K/V); the compiled step gets the prefix in buffers at fixed addresses, marked static, that each
+    call refills: the same addresses for two different Aligners, each with its own eager tokens. (The CPU twin of
+    tests/test_cuda.py's graph test: the eager step stands in for the graph.)"""
+    from lit_aligner.generation import engine
+
+    seen = []
+
+    def recording(compile, device):
+        def step(model, tok, input_pos, pad, valid, prefix, *rest):
+            seen.append([(t.data_ptr(), getattr(t, "_dynamo_static_input_type", None))
+                         for t in (*prefix.keys, *prefix.values, prefix.gate)])
+            return engine.decode_one_token(model, tok, input_pos, pad, valid, prefix, *rest)
+        return step if compile else engine.decode_one_token
+
+    monkeypatch.setattr(engine, "_decode_fn", recording)
+    ps = prompts([5, 9])
+    for seed in (90, 91):
+        a = make_aligner(model, seed)
+        assert all(torch.equal(c, e) for c, e in zip(generate(model, ps, 6, aligners=a, compile=True),
+                                                     generate(model, ps, 6, aligners=a, compile=False)))
+    assert len(seen) == 2 * 5 and all(s == seen[0] for s in seen)  # 5 decoding steps a call, both calls
+    assert all(kind == "unguarded" for _, kind in seen[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLIs
 
@@ -831,3 +857,30 @@ def test_each_answer_is_forced_and_read_in_the_format_of_its_own_template(reques
     for a in (own, hermes):
         assert a.content is None and [c.name for c in a.calls] == ["forecast"], a.text
         assert isinstance(json.loads(a.calls[0].arguments)["days"], int), a.text
+
+
+def test_cli_compile_auto_counts_the_decoding_steps_of_the_run(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    """--compile auto decides from the run's decoding steps (batches x --max-new-tokens: compiling, ~40 s on a GPU, pays
+    after ~2,000); the answers are written either way."""
+    from lit_aligner import perf
+    from lit_aligner.aligner_files import save_aligner
+    from lit_aligner.base import load_config
+
+    config = load_config(tiny_checkpoint_dir)
+    save_aligner(Aligner(config, AlignerConfig(n_tokens=2, start_layer=1)), tmp_path / "a.safetensors", config.name)
+    seen = []
+
+    def recording(flag, device, decode_steps=None):
+        seen.append((flag, decode_steps))
+        return perf.compile_flag(flag, device, decode_steps)
+
+    cli = helpers.load_script("generate/aligner.py")
+    monkeypatch.setattr(cli, "compile_flag", recording)
+    # 3 prompts x (the Aligner + the bare base) = 6 answers in batches of 4: 2 batches of up to 5 steps
+    cli.main(aligner=[tmp_path / "a.safetensors"], no_aligner=True, prompt=["a", "b", "c"], batch_size=4,
+             max_new_tokens=5, checkpoint_dir=tiny_checkpoint_dir, out=tmp_path / "out.jsonl")
+    assert seen == [("auto", 10)] and len((tmp_path / "out.jsonl").read_text().splitlines()) == 6
+    base = helpers.load_script("generate/base.py")
+    monkeypatch.setattr(base, "compile_flag", recording)
+    base.main(prompt="a", max_new_tokens=3, checkpoint_dir=tiny_checkpoint_dir, compile="off")
+    assert seen[-1] == ("off", 3)

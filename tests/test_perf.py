@@ -306,10 +306,18 @@ def test_inductor_compiled_blocks_give_the_same_loss_and_gradients_as_eager(poli
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_should_compile_defaults_to_cuda_only():
-    assert perf.should_compile(torch.device("cpu")) is False
-    assert perf.should_compile(torch.device("cuda")) is True
-    assert perf.should_compile(torch.device("cpu"), True) is True
+def test_should_compile_defaults_to_cuda_only_and_to_runs_long_enough_to_pay_for_it():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert perf.should_compile(cpu) is False
+    assert perf.should_compile(cuda) is True
+    assert perf.should_compile(cpu, True) is True
+    pays = perf.COMPILE_PAYS_AFTER_STEPS
+    assert perf.should_compile(cuda, None, pays) is True and perf.should_compile(cuda, None, pays - 1) is False
+    assert perf.should_compile(cpu, None, 10 * pays) is False and perf.should_compile(cuda, True, 1) is True
+    # a CLI's --compile: auto leaves the rest (a quantized base, a grammar) to generate; on/off are kept as asked
+    assert perf.compile_flag("auto", cuda, pays) is None and perf.compile_flag("auto", cuda, 256) is False
+    assert perf.compile_flag("on", cpu, 1) is True and perf.compile_flag("off", cuda, 10 * pays) is False
+    assert perf.decode_steps_bound(17, 8, 256) == 3 * 256 and perf.decode_steps_bound(16, 8, 256) == 2 * 256
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import helpers
+from lit_aligner import perf
 from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
 from lit_aligner.data import DataError, DataOptions, TokenizedDataset, load_data
@@ -302,7 +303,13 @@ def test_an_on_policy_run_resumes_to_the_same_curve(tiny_checkpoint_dir, rows_fi
     assert 0 < len(on) < 6
     off = config(tmp_path / "off")
     off.distill.lmbda = 0.0
+    # (with the teacher / base / Aligner answers, which ask perf.should_compile with their decoding steps: few, eager)
+    off.compare, off.compare_prompts, off.compare_max_new_tokens = True, 2, 3
+    asked = []
+    monkeypatch.setattr(perf, "should_compile", lambda device, compile=None, decode_steps=None: asked.append(
+        decode_steps) or False)
     train(off)
+    assert asked == [3 * 3]  # teacher, base and Aligner: one batch each of up to 3 steps
     c = {int(r["step"]): r["train_loss"] for r in read_metrics(tmp_path / "off" / "metrics.csv") if r["train_loss"]}
     a = {int(r["step"]): r["train_loss"] for r in a if r["train_loss"]}
     assert a[on[0]] != c[on[0]] and all(a[s] == c[s] for s in range(1, on[0]))  # the same run until the first

@@ -630,3 +630,54 @@ def test_judge_reads_a_thinking_systems_answer_past_its_think_block(tiny_checkpo
         raw = tok.decode(generate(model, [encode_prompt(tok, tok.apply_chat_template(
             [{"role": "user", "content": q.turns[0]}]))], 6, stop_ids=tok.stop_ids)[0])
         assert raw.strip() and answer == (split_reasoning(raw, inside=True)[1] or "").strip()
+
+
+def test_harness_compiles_the_decoding_step_only_for_calls_long_enough_to_pay_for_it(base, aligners, monkeypatch):
+    """generate_until counts its answers' decoding steps (batches x max_gen_toks) and asks `perf.should_compile`
+    with them: on a GPU a task of a few rows decodes eagerly rather than compiling for ~40 s."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from lit_aligner import perf
+    from lit_aligner.evaluation.harness import AlignerLM
+
+    seen = []
+
+    def recording(device, compile=None, decode_steps=None):
+        seen.append(decode_steps)
+        return False
+
+    monkeypatch.setattr(perf, "should_compile", recording)
+    model, tok = base
+    lm = AlignerLM(model, tok, {"steer": load_aligner_file(aligners / "steer.safetensors", model), "base": None},
+                   batch_size=2, max_length=128)
+    answers = lm.generate_until([Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 8}), i)
+                                 for i, c in enumerate(["Say yes:", "The sky is", "One, two,"])])
+    # 3 contexts, 2 a batch (x the Aligner and the base, which share batches): 2 batches of up to 8 steps
+    assert seen == [2 * 8] and len(answers) == 3
+
+
+def test_judge_answers_compile_the_decoding_step_only_when_they_pay_for_it(base, tiny_checkpoint_dir, aligners,
+                                                                          tmp_path, monkeypatch):
+    """The judge's generated answers ask `perf.should_compile` with their decoding steps (turns x batches x
+    --max-new-tokens): a short prompt file decodes eagerly on a GPU rather than compiling for ~40 s."""
+    from lit_aligner import perf
+    from lit_aligner.evaluation.commands import Judge
+    from lit_aligner.evaluation.judge import read_questions
+
+    seen = []
+
+    def recording(device, compile=None, decode_steps=None):
+        seen.append(decode_steps)
+        return False
+
+    monkeypatch.setattr(perf, "should_compile", recording)
+    model, tok = base
+    prompts = tmp_path / "mt.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"Question {i}?", "And then?"]}) + "\n"
+                               for i in range(5)))
+    steer = str(aligners / "steer.safetensors")
+    cmd = Judge(checkpoint_dir=tiny_checkpoint_dir, prompts=prompts, a=steer, max_new_tokens=6, batch_size=2,
+                multi_turn=True)
+    answers = cmd._answers(steer, read_questions(prompts), model, tok)
+    assert seen == [2 * 3 * 6] and [len(a) for a in answers] == [2] * 5  # 2 turns x 3 batches of 2 x 6 steps

@@ -674,13 +674,19 @@ def _whole_split_loss(ckpt, aligner_file, aligner):
 
 
 def test_the_before_after_comparison_scores_base_and_aligner_on_the_whole_split_also_after_a_resume(
-        tiny_checkpoint_dir, tmp_path, capsys):
+        tiny_checkpoint_dir, tmp_path, capsys, monkeypatch):
+    from lit_aligner import perf
+
+    steps = []  # what the comparison asks perf.should_compile: a few short answers decode eagerly also on a GPU
+    monkeypatch.setattr(perf, "should_compile", lambda device, compile=None, decode_steps=None: steps.append(
+        decode_steps) or False)
     out = tmp_path / "cmp"
     cfg = small_run(tiny_checkpoint_dir, out, max_steps=1, eval_interval=1, eval_iters=1)
     cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens = None, 3, 4  # None: on for the default dataset
     summary = T.train(cfg)
     report = summary["comparison"]
     assert report["n_prompts"] == 3 and len(report["answers_after"]) == 3
+    assert steps == [2 * 4]  # before and after, one batch each of up to 4 steps
     base, rows = _whole_split_loss(tiny_checkpoint_dir, summary["aligner"], False)
     after, _ = _whole_split_loss(tiny_checkpoint_dir, summary["aligner"], True)
     assert report["val_rows"] == rows > 4  # --eval-iters 1 scored 4 of them

@@ -97,6 +97,7 @@ def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n
     its figures and answers too (keys `*_init`, samples' "init"). Returns a dict (see `format_comparison`)."""
     from lit_aligner.data.default import format_rate
     from lit_aligner.generation import generate
+    from lit_aligner.perf import compile_flag
 
     n = min(n_prompts, len(val))
     if n == 0:
@@ -108,8 +109,10 @@ def compare_before_after(model, tokenizer, val, objective: Objective, aligner, n
     if init is not False:
         systems = {"before": systems["before"], "init": (init, val_loss_init), "after": systems["after"]}
     outs, report = {}, {"n_prompts": n, "max_new_tokens": max_new_tokens, "val_rows": len(val)}
+    # a few short answers: eager, also on CUDA, where compiling the decoding step would take longer than they do
+    compile = compile_flag("auto", model.tok_embeddings.weight.device, len(systems) * max_new_tokens)
     for name, (a, _) in systems.items():
-        ids = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop, aligners=a)
+        ids = generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=stop, aligners=a, compile=compile)
         outs[name] = [tokenizer.decode(x, skip_special=True) for x in ids]
     model.clear_caches()
     for name, (a, loss) in systems.items():

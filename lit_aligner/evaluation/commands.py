@@ -799,6 +799,7 @@ class Judge(EvalCommon):
         from lit_aligner.aligner_files import PAPER_SUFFIXES
         from lit_aligner.generation import AlignerEntry, PromptItem, answer_prompts
         from lit_aligner.evaluation.judge import read_answers
+        from lit_aligner.perf import compile_flag, decode_steps_bound
 
         path = Path(spec)
         turns = max(len(q.turns) for q in questions) if self.multi_turn else 1
@@ -818,6 +819,9 @@ class Judge(EvalCommon):
             raise UserError(f"system {spec!r}: give 'base', an Aligner file (.safetensors/.pth) or an answers file "
                             f"(.json/.jsonl)")
         out: List[List[str]] = [[] for _ in questions]
+        # compiled on CUDA only when the answers are many enough to pay for it (perf.COMPILE_PAYS_AFTER_STEPS)
+        compile = compile_flag("auto", model.tok_embeddings.weight.device,
+                               turns * decode_steps_bound(len(questions), self.batch_size, self.max_new_tokens))
         for t in range(turns):  # turn t of every question that has one, its conversation so far as the history
             asked = [i for i, q in enumerate(questions) if len(q.turns) > t]
             items = [PromptItem(questions[i].turns[t], history=[
@@ -825,7 +829,8 @@ class Judge(EvalCommon):
                 for role, text in (("user", questions[i].turns[k]), ("assistant", out[i][k]))]) for i in asked]
             answers, _ = answer_prompts(model, tokenizer, items, [entry], self.max_new_tokens,
                                         batch_size=self.batch_size, template=self.template,
-                                        stop_ids=tokenizer.stop_ids, reasoning=self.reasoning_parser != "none")
+                                        stop_ids=tokenizer.stop_ids, reasoning=self.reasoning_parser != "none",
+                                        compile=compile)
             for i, row in zip(asked, answers):
                 out[i].append(row[0].reply)
         model.clear_caches()

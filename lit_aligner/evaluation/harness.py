@@ -256,6 +256,7 @@ class AlignerLM(LM):
 
     def generate_until(self, requests) -> List[str]:
         from lit_aligner.generation import generate
+        from lit_aligner.perf import compile_flag, decode_steps_bound
 
         keys = []
         for r in requests:
@@ -270,7 +271,11 @@ class AlignerLM(LM):
                 warnings.warn(f"lm_eval gen_kwargs {', '.join(sorted(ignored))} are ignored: lit-aligner decodes "
                               f"greedily or by sampling (temperature, top_k, top_p, min_p, penalties)")
         missing = self._missing("gen", keys)
-        for names in self._groups():
+        groups = self._groups()
+        # compiled on CUDA only when this call's answers are many enough to pay for it (a task of a few rows: eager)
+        compile = compile_flag("auto", self._device, len(groups) * decode_steps_bound(
+            len(missing), self.rows_per_batch, max((k[2] for k in missing), default=0)))
+        for names in groups:
             jobs = [(k, n) for k in missing for n in names]
             # same length limit and decoding per batch; contexts of similar length together (less padding)
             jobs.sort(key=lambda j: (j[0][2], repr(j[0][3]), -len(j[0][0])))
@@ -287,7 +292,7 @@ class AlignerLM(LM):
                 outs = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, penalties=penalties, stop_ids=self.tok.stop_ids,
                                 stop_strings=[() if self.reasoning else key[1] for key, _ in chunk],
-                                decode=self._text, aligners=[self.aligners[n] for _, n in chunk])
+                                decode=self._text, aligners=[self.aligners[n] for _, n in chunk], compile=compile)
                 for (key, n), ids in zip(chunk, outs):
                     text = self._text(ids)
                     if self.reasoning:  # (no stop string inside the reasoning: the stops apply to the answer)

@@ -186,13 +186,16 @@ class Distill(SFT):
         compare = cfg.compare if cfg.compare is not None else cfg.data is None
         if compare:
             from lit_aligner.generation import generate
+            from lit_aligner.perf import compile_flag
 
             items = [run.val[i] for i in range(min(cfg.compare_prompts, len(run.val)))]
             answers = {}
+            compile = compile_flag("auto", run.model.tok_embeddings.weight.device,
+                                   (1 + len(systems)) * cfg.compare_max_new_tokens)  # few answers: eager pays
             for name, prompts, aligner in (("teacher", [it["teacher_prompt"] for it in items], self.teacher),
                                            *((label, [it["prompt"] for it in items], a) for _, label, a, _ in systems)):
                 ids = generate(run.model, prompts, cfg.compare_max_new_tokens, temperature=0.0,
-                               stop_ids=sorted(run.tokenizer.stop_ids), aligners=aligner)
+                               stop_ids=sorted(run.tokenizer.stop_ids), aligners=aligner, compile=compile)
                 answers[name] = [run.tokenizer.decode(x, skip_special=True).strip() for x in ids]
             run.model.clear_caches()
             for key, label, _, _ in systems:

@@ -233,6 +233,17 @@ def read_wandb_history(path: Path) -> Dict[int, Dict[str, float]]:
     return rows
 
 
+def record_compile_steps(monkeypatch) -> list:
+    """`perf.should_compile` replaced by one that records the decode_steps it is asked with and says no (eager): the
+    list of them, for checking what a caller counts (on the CPU its answer would be no whatever the steps)."""
+    from lit_aligner import perf
+
+    seen = []
+    monkeypatch.setattr(perf, "should_compile",
+                        lambda device, compile=None, decode_steps=None: seen.append(decode_steps) or False)
+    return seen
+
+
 def load_script(path: str):
     """A script of the repository (e.g. "generate/aligner.py") as a module: the CLIs and benchmarks are scripts, not
     a package."""

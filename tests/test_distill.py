@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import helpers
-from lit_aligner import perf
 from lit_aligner.aligner_files import load_aligner
 from lit_aligner.config import Config
 from lit_aligner.data import DataError, DataOptions, TokenizedDataset, load_data
@@ -305,9 +304,7 @@ def test_an_on_policy_run_resumes_to_the_same_curve(tiny_checkpoint_dir, rows_fi
     off.distill.lmbda = 0.0
     # (with the teacher / base / Aligner answers, which ask perf.should_compile with their decoding steps: few, eager)
     off.compare, off.compare_prompts, off.compare_max_new_tokens = True, 2, 3
-    asked = []
-    monkeypatch.setattr(perf, "should_compile", lambda device, compile=None, decode_steps=None: asked.append(
-        decode_steps) or False)
+    asked = helpers.record_compile_steps(monkeypatch)
     train(off)
     assert asked == [3 * 3]  # teacher, base and Aligner: one batch each of up to 3 steps
     c = {int(r["step"]): r["train_loss"] for r in read_metrics(tmp_path / "off" / "metrics.csv") if r["train_loss"]}

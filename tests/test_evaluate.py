@@ -638,16 +638,9 @@ def test_harness_compiles_the_decoding_step_only_for_calls_long_enough_to_pay_fo
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from lit_aligner import perf
     from lit_aligner.evaluation.harness import AlignerLM
 
-    seen = []
-
-    def recording(device, compile=None, decode_steps=None):
-        seen.append(decode_steps)
-        return False
-
-    monkeypatch.setattr(perf, "should_compile", recording)
+    seen = helpers.record_compile_steps(monkeypatch)
     model, tok = base
     lm = AlignerLM(model, tok, {"steer": load_aligner_file(aligners / "steer.safetensors", model), "base": None},
                    batch_size=2, max_length=128)
@@ -661,17 +654,10 @@ def test_judge_answers_compile_the_decoding_step_only_when_they_pay_for_it(base,
                                                                           tmp_path, monkeypatch):
     """The judge's generated answers ask `perf.should_compile` with their decoding steps (turns x batches x
     --max-new-tokens): a short prompt file decodes eagerly on a GPU rather than compiling for ~40 s."""
-    from lit_aligner import perf
     from lit_aligner.evaluation.commands import Judge
     from lit_aligner.evaluation.judge import read_questions
 
-    seen = []
-
-    def recording(device, compile=None, decode_steps=None):
-        seen.append(decode_steps)
-        return False
-
-    monkeypatch.setattr(perf, "should_compile", recording)
+    seen = helpers.record_compile_steps(monkeypatch)
     model, tok = base
     prompts = tmp_path / "mt.jsonl"
     prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"Question {i}?", "And then?"]}) + "\n"

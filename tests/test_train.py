@@ -675,11 +675,7 @@ def _whole_split_loss(ckpt, aligner_file, aligner):
 
 def test_the_before_after_comparison_scores_base_and_aligner_on_the_whole_split_also_after_a_resume(
         tiny_checkpoint_dir, tmp_path, capsys, monkeypatch):
-    from lit_aligner import perf
-
-    steps = []  # what the comparison asks perf.should_compile: a few short answers decode eagerly also on a GPU
-    monkeypatch.setattr(perf, "should_compile", lambda device, compile=None, decode_steps=None: steps.append(
-        decode_steps) or False)
+    steps = helpers.record_compile_steps(monkeypatch)  # a few short answers: they decode eagerly also on a GPU
     out = tmp_path / "cmp"
     cfg = small_run(tiny_checkpoint_dir, out, max_steps=1, eval_interval=1, eval_iters=1)
     cfg.compare, cfg.compare_prompts, cfg.compare_max_new_tokens = None, 3, 4  # None: on for the default dataset

@@ -181,15 +181,17 @@ class LLaMA(nn.Module):
         self.rope_cos, self.rope_sin = build_rope_cache(length, self.config, device=device)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocate full-size KV caches once, so shapes never change during decoding."""
+        """Allocate full-size KV caches once, so shapes never change during decoding. Normal tensors also when
+        called under torch.inference_mode: a later call outside it writes them too (inference tensors refuse that)."""
         p = self.tok_embeddings.weight
         dtype = dtype or p.dtype
         self.max_seq_length = max_seq_length
         if max_seq_length > self.rope_cos.shape[0]:
             self.reset_rope(p.device, max_seq_length)
-        for block in self.layers:
-            block.attn.kv_cache = KVCache(max_batch_size, self.config.n_query_groups, max_seq_length,
-                                          self.config.head_size, dtype, p.device)
+        with torch.inference_mode(False):
+            for block in self.layers:
+                block.attn.kv_cache = KVCache(max_batch_size, self.config.n_query_groups, max_seq_length,
+                                              self.config.head_size, dtype, p.device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=p.device))
 
     def clear_caches(self) -> None:

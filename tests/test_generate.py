@@ -388,6 +388,26 @@ def test_compiled_decoding_reads_the_prefix_from_fixed_buffers_refilled_by_each_
     assert all(kind == "unguarded" for _, kind in seen[0])
 
 
+def test_generating_under_inference_mode_leaves_the_model_usable_outside_it(monkeypatch):
+    """`with torch.inference_mode(): generate(...)` is common: what it allocates (the KV caches, the compiled step's
+    prefix buffers) are normal tensors, which a later call outside it can write (inference tensors refuse that): the
+    same tokens, and the model still trains."""
+    from lit_aligner.generation import engine
+
+    monkeypatch.setattr(engine, "_decode_fn", lambda compile, device: engine.decode_one_token)  # eager for the graph
+    torch.manual_seed(0)
+    m = LLaMA(Config.from_name("tiny"))
+    init_weights(m, std=0.15)
+    a = make_aligner(m, 5)
+    ps = prompts([5, 9])
+    with torch.inference_mode():
+        inside = generate(m, ps, 6, aligners=a, compile=True)
+    outside = generate(m, ps, 6, aligners=a, compile=True)
+    assert all(torch.equal(x, y) for x, y in zip(inside, outside))
+    m(torch.stack([p[:5] for p in ps]), aligner=a).sum().backward()
+    assert a.gate.grad is not None and a.gate.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLIs
 

@@ -478,7 +478,8 @@ def _static_prefix(model: LLaMA, prefix: PrefixKV) -> PrefixKV:
     store = model.__dict__.setdefault("_static_prefix_buffers", {})
     key = tuple((t.shape, t.dtype, t.device) for t in tensors)
     if key not in store:
-        store[key] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        with torch.inference_mode(False):  # normal tensors: a later call outside inference mode refills them too
+            store[key] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         for b in store[key]:
             torch._dynamo.mark_static_address(b)
     buffers = store[key]

@@ -361,21 +361,37 @@ def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     return torch.cat([p[0] for p in parts]).sum(), torch.cat([p[1] for p in parts]).sum().float()
 
 
+def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The log-probabilities of the labelled next tokens (n,) fp32, row by row, and each one's row (n,): the order of
+    `grpo_loss`'s `old_logps`."""
+    lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
+    return lp, rows
+
+
 def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
               ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              loss_type: str = "grpo", max_completion_length: Optional[int] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GRPO's loss of each completion, from per-token terms -exp(log p - sg(log p)) x A + beta x KL, where A (B,) is
-    the completion's advantage and KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the
-    reference's hidden states; None: no KL term). With one optimizer step per batch of samples the ratio is 1, so the
-    gradient is the policy gradient -A grad log p per token. Per completion, by TRL's `loss_type`: "grpo"
-    (DeepSeekMath's) the mean over its tokens; "dr_grpo" the sum over its tokens / `max_completion_length` (Dr. GRPO:
-    no length bias); "dapo" the sum over its tokens, which the caller divides by the tokens of the whole batch (DAPO's
-    token-level mean). Returns (loss (B,), mean KL over each completion's tokens (B,) without gradient), fp32."""
+              loss_type: str = "grpo", max_completion_length: Optional[int] = None,
+              old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's loss of each completion, from per-token terms -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A)
+    + beta x KL, where c = exp(log p - log p_old) is the ratio to the policy that sampled the completion, A (B,) the
+    completion's advantage and KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the
+    reference's hidden states; None: no KL term). `old_logps`: log p_old of the scored tokens (n,), in the order of
+    `labels`' scored positions, row by row; None (one optimizer step per batch of samples): log p_old = sg(log p), so
+    c = 1, nothing is clipped and the gradient is the policy gradient -A grad log p per token. Per completion, by TRL's
+    `loss_type`: "grpo" (DeepSeekMath's) the mean over its tokens; "dr_grpo" the sum over its tokens /
+    `max_completion_length` (Dr. GRPO: no length bias); "dapo" the sum over its tokens, which the caller divides by the
+    tokens of the whole batch (DAPO's token-level mean). Returns (loss (B,), mean KL over each completion's tokens (B,)
+    and the share of its tokens whose ratio the clipping held (B,), both without gradient), fp32."""
     lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
     B = labels.shape[0]
     count = torch.bincount(rows, minlength=B).clamp(min=1).float()
-    per_token = -torch.exp(lp - lp.detach()) * advantages.to(lp)[rows]
+    a = advantages.to(lp)[rows]
+    ratio = torch.exp(lp - (lp.detach() if old_logps is None else old_logps.to(lp)))
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * a, clipped * a)
+    held = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))  # TRL's clip region
     kl = torch.zeros_like(lp)
     if ref_hidden is not None:
         with torch.no_grad():
@@ -387,4 +403,4 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     if loss_type not in ("grpo", "dr_grpo", "dapo") or (loss_type == "dr_grpo" and not max_completion_length):
         raise ValueError(f"loss_type grpo, dapo or dr_grpo (with max_completion_length), got {loss_type!r}")
     divisor = count if loss_type == "grpo" else float(max_completion_length) if loss_type == "dr_grpo" else 1.0
-    return total(per_token) / divisor, total(kl.detach()) / count
+    return total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count

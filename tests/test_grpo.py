@@ -54,7 +54,10 @@ def test_the_batch_standard_deviation_spans_every_process():
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("chunk_size", [0, 3])
-def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size):
+@pytest.mark.parametrize("old", [False, True])
+def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size, old):
+    """old: the log-probs of a sampling policy a few steps back (--num-iterations > 1), far enough that the clipping
+    holds some tokens (DAPO's clip-higher: a wider upper bound); else the ratio is 1."""
     g = torch.Generator().manual_seed(1)
     B, T, C, V = 3, 7, 8, 11
     hidden = torch.randn(B, T, C, generator=g, requires_grad=True)
@@ -64,22 +67,29 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size):
     labels[:, :2] = -100  # the prompts
     labels[1, 5:] = -100  # padding
     advantages = torch.tensor([1.5, -0.5, -1.0])
-    loss, kl = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size)
-    loss.sum().backward()
-    ours = hidden.grad.clone()
-    hidden.grad = None
+    low, high = 0.2, 0.28 if old else 0.2
+    mask = (labels[:, 1:] != -100).float()
 
-    # TRL's GRPOTrainer._compute_loss (loss_type "grpo", num_iterations 1: old log-probs = the detached ones), on
-    # per-token log-probs from whole logits
     def logps(h):
         lp = torch.log_softmax((h @ weight.T)[:, :-1], -1)
         return lp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
 
-    mask = (labels[:, 1:] != -100).float()
+    old_lp = (logps(hidden) + 0.4 * torch.randn(B, T - 1, generator=g)).detach() if old else None
+    loss, kl, held = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
+                               old_logps=old_lp[mask.bool()] if old else None, epsilon_low=low, epsilon_high=high)
+    loss.sum().backward()
+    ours = hidden.grad.clone()
+    hidden.grad = None
+
+    # TRL's GRPOTrainer._compute_loss (loss_type "grpo"; num_iterations 1: old log-probs = the detached ones), on
+    # per-token log-probs from whole logits
     lp = logps(hidden)
-    coef_1 = torch.exp(lp - lp.detach())
-    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.2)
+    coef_1 = torch.exp(lp - (old_lp if old else lp.detach()))
+    coef_2 = torch.clamp(coef_1, 1 - low, 1 + high)
     per_token = -torch.min(coef_1 * advantages[:, None], coef_2 * advantages[:, None])
+    region = ((coef_1 < 1 - low) & (advantages[:, None] < 0)) | ((coef_1 > 1 + high) & (advantages[:, None] > 0))
+    assert torch.allclose(held, (region.float() * mask).sum(-1) / mask.sum(-1))
+    assert (held.sum() > 0) == old  # (the noise puts some tokens outside the bounds)
     ref_lp = logps(ref_hidden)
     per_token_kl = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
     if beta:
@@ -93,7 +103,7 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size):
     else:
         assert torch.equal(kl, torch.zeros(B))
     # the gradient is the policy gradient: -A x the mean of grad log p over each answer's tokens
-    if not beta:
+    if not beta and not old:
         hidden.grad = None
         (-(advantages[:, None] * logps(hidden) * mask).sum(-1) / mask.sum(-1)).sum().backward()
         assert torch.allclose(ours, hidden.grad, atol=1e-5)
@@ -481,6 +491,47 @@ def test_a_resumed_grpo_run_retraces_the_same_curve(tiny_checkpoint_dir, rows_fi
     assert logs["full"] == logs["cut"] and len(logs["full"]) == 6 * 4 * 4
 
 
+def test_num_iterations_trains_each_batch_of_samples_for_mu_steps_with_a_clipped_ratio(
+        tiny_checkpoint_dir, rows_file, letter_reward, tmp_path, monkeypatch):
+    """--num-iterations 2 (TRL's mu): a batch of prompts is answered once and its answers serve 2 steps; the first
+    step's ratio to the sampling policy is 1 (its loss 0, as with mu 1), the second's is not (a loss, some tokens held
+    by a tiny --epsilon); run states are written between batches only, and a run stopped mid-way (its stop waits for
+    the batch's last step) resumes to the same curve."""
+    from lit_aligner.training import train
+    from lit_aligner.training.objectives.grpo import GRPO
+
+    sampled, sample = [], GRPO._sample
+
+    def counting(self, fabric, model, items, step):
+        sampled.append((step, sorted(items)))
+        return sample(self, fabric, model, items, step)
+
+    monkeypatch.setattr(GRPO, "_sample", counting)
+
+    def config(out):
+        cfg = _config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=6, save_interval=1,
+                      eval_interval=3)
+        return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=2, epsilon=0.001))
+
+    train(config(tmp_path / "once"))
+    assert [s for s, _ in sampled] == [0, 2, 4] and sampled[0][1] != sampled[1][1]  # a new batch every 2 steps
+    rows = [r for r in read_metrics(tmp_path / "once" / "metrics.csv") if r.get("train_loss")]
+    loss, clipped = [abs(float(r["train_loss"])) for r in rows], [float(r["train_clip_ratio"]) for r in rows]
+    assert max(loss[0::2]) < 1e-5 and min(loss[1::2]) > 1e-4, loss  # ratio 1, then the policy has moved
+    assert max(clipped[0::2]) == 0 and max(clipped[1::2]) > 0, clipped
+    assert sorted(p.name for p in (tmp_path / "once" / "state").glob("step-*")) == [
+        f"step-{s:06d}.pt" for s in (2, 4, 6)]
+    _, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path, at=3)  # stopped after step 4
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    helpers.assert_same_trained_aligner(tmp_path / "full", tmp_path / "cut")
+    cfg = config(tmp_path / "epochs")  # --epochs counts batches of prompts, each trained on for mu steps
+    cfg.train = dataclasses.replace(cfg.train, max_steps=type(cfg.train).max_steps, epochs=0.05)
+    assert train(cfg)["step"] == 2  # 0.05 of the 72 training rows, 4 a batch: one batch, its 2 steps
+    with pytest.raises(TrainError, match="--max-steps 5 is not a multiple of --num-iterations 2.*give --max-steps 4"):
+        config(tmp_path / "bad").__class__(grpo=GRPOConfig(num_iterations=2),
+                                           train=dataclasses.replace(GRPORunConfig().train, max_steps=5)).check()
+
+
 def test_the_completions_log_holds_every_sampled_answer_and_its_scores(tiny_checkpoint_dir, rows_file, letter_reward,
                                                                         tmp_path):
     from lit_aligner.training import train
@@ -563,6 +614,11 @@ def test_grpo_flags_are_checked():
         GRPOConfig(beta=-1).check()
     with pytest.raises(TrainError, match="--sample-temperature"):
         GRPOConfig(sample_temperature=-1).check()
+    with pytest.raises(TrainError, match="--num-iterations must be >= 1"):
+        GRPOConfig(num_iterations=0).check()
+    for bad in (dict(epsilon=1.0), dict(epsilon=0.0), dict(epsilon_high=-0.1)):
+        with pytest.raises(TrainError, match="--epsilon must be in"):
+            GRPOConfig(**bad).check()
     for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
                       (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
                       (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0")):

@@ -206,6 +206,10 @@ class RunConfig:
     def objective_name(self) -> str:
         return self.objective
 
+    def steps_per_batch(self) -> int:
+        """Optimizer steps each global batch of rows is trained on (GRPO's --num-iterations; else 1)."""
+        return 1
+
     def check(self) -> None:
         """Everything that can be checked before a model is loaded."""
         self.train.check()
@@ -805,9 +809,26 @@ class GRPOConfig(RewardConfig):
     the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer token of the
     step (a longer answer weighs more: TRL's default); dr_grpo, each answer's sum over its tokens / --max-new-tokens,
     then the mean over answers (Dr. GRPO: no length bias)."""
+    num_iterations: int = 1
+    """optimizer steps on each batch of sampled answers (TRL's, DeepSeekMath's mu): with more than 1, a batch of
+    prompts is answered once and trained on for this many steps, each a clipped ratio to the policy that sampled the
+    answers (--epsilon), so sampling, the slow part, costs 1/mu as much per step. A batch then spans mu steps:
+    --max-steps is a multiple of it, and run states (--save-interval, a stop by Ctrl-C) wait for a batch's last
+    step."""
+    epsilon: float = 0.2
+    """with --num-iterations > 1: the ratio to the sampling policy is held within [1 - epsilon, 1 + epsilon-high]
+    (PPO's clipping; with 1 the ratio is 1 and nothing is clipped)."""
+    epsilon_high: Optional[float] = None
+    """the upper bound's epsilon (DAPO's clip-higher, e.g. 0.28; default: --epsilon)."""
 
     def check(self) -> None:
         super().check()
+        if self.num_iterations < 1:
+            raise TrainError(f"--num-iterations must be >= 1 (optimizer steps per batch of samples), got "
+                             f"{self.num_iterations}")
+        if not 0.0 < self.epsilon < 1.0 or not 0.0 < (self.epsilon_high or self.epsilon) < float("inf"):
+            raise TrainError(f"--epsilon must be in (0, 1) and --epsilon-high positive, got {self.epsilon} and "
+                             f"{self.epsilon_high}")
         if self.num_generations < 2:
             raise TrainError(f"--num-generations must be at least 2 (advantages compare answers within a group), got "
                              f"{self.num_generations}")
@@ -837,7 +858,8 @@ class GRPOConfig(RewardConfig):
                 "sample_temperature": self.sample_temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "scale_rewards": self.scale_rewards,
                 "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
-                "loss_type": self.loss_type}
+                "loss_type": self.loss_type, "num_iterations": self.num_iterations, "epsilon": self.epsilon,
+                "epsilon_high": self.epsilon_high}
 
 
 @dataclass
@@ -884,6 +906,10 @@ class GRPORunConfig(RunConfig, CompareFlags, ReferenceSyncFlags):
         if self.strategy == "fsdp":
             raise TrainError("GRPO samples from the student, which needs the whole base on each device: use "
                              "--strategy ddp (or one device)")
+        mu, steps = self.grpo.num_iterations, self.train.max_steps
+        if self.train.epochs is None and steps % mu:
+            raise TrainError(f"--max-steps {steps} is not a multiple of --num-iterations {mu} (each batch of samples "
+                             f"is trained on for {mu} steps): give --max-steps {max(mu, steps - steps % mu)}")
         for flag, given in (("--reference-aligner " + str(self.reference_aligner), self.reference_aligner is not None),
                             ("--sync-ref-model", self.sync_ref_model)):
             if given and self.grpo.beta == 0:
@@ -893,6 +919,9 @@ class GRPORunConfig(RunConfig, CompareFlags, ReferenceSyncFlags):
 
     def input_paths(self) -> Dict[str, Any]:
         return {**super().input_paths(), "--reference-aligner": reference_file(self.reference_aligner)}
+
+    def steps_per_batch(self) -> int:
+        return self.grpo.num_iterations
 
     def identity(self) -> Dict[str, Any]:
         return {**super().identity(), **self.grpo.settings(), "reference_aligner": str(self.reference_aligner),

@@ -258,6 +258,7 @@ def fit(
                                 config.eval_batches >= eval_batches_per_rank(len(val), world, config.micro_batch_size))
     lengths = train.lengths() if config.group_by_length else None  # every training dataset has lengths()
     order = BatchOrder(len(train), config.global_batch_size, config.seed, lengths, config.shuffle_grouped_batches)
+    per_batch = objective.iterations  # optimizer steps on each global batch (GRPO's --num-iterations; else 1)
     if validating and start_step == 0:
         val_metrics = first_val = validate()
         metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),
@@ -273,7 +274,7 @@ def fit(
     with GracefulStop() as stop:
         while step < config.max_steps:
             t0 = time.perf_counter()
-            indices = order(step)
+            indices = order(step // per_batch)
             items = {i: train[i] for i in indices}
             micro = rank_micro_batches(indices, rank, world, config.micro_batch_size)
             mine = [i for idx in micro for i in idx]
@@ -326,7 +327,9 @@ def fit(
                    "real_tokens_per_sec": real / dt, "tokens_seen": tokens_seen, "real_tokens_seen": real_seen,
                    "elapsed_s": time.perf_counter() - t_start}
             last_train = {k: row[f"train_{k}"] for k in names}
-            stop_now = float(stats[-1]) > 0
+            # a batch's samples live in memory only: run states (and stops) wait for its last step
+            between = step % per_batch == 0
+            stop_now = float(stats[-1]) > 0 and between
             if validating and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
                 val_metrics = validate()
                 first_val = first_val or val_metrics
@@ -346,7 +349,8 @@ def fit(
                     post["val"] = f"{val_metrics['loss']:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            if step % config.save_interval == 0 or step == config.max_steps or stop_now:
+            saving = step // config.save_interval > (step - per_batch) // config.save_interval  # one in this batch
+            if between and (saving or step == config.max_steps or stop_now):
                 last_state = run_state.save(step)
             if stop_now:
                 stopped = stop.requested or "signal"

@@ -224,9 +224,10 @@ def _load(run: Run) -> None:
         fabric.print(report(val_info).replace(" train=", " (validation) train="))
         run.info.update(val=len(run.val), val_source=str(cfg.val_data), val_info=storable_info(val_info))
     if cfg.train.epochs is not None:
-        cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * len(run.train) / cfg.train.global_batch_size))
+        per = cfg.steps_per_batch()
+        cfg.train.max_steps = per * max(1, math.ceil(cfg.train.epochs * len(run.train) / cfg.train.global_batch_size))
         fabric.print(f"--epochs {cfg.train.epochs:g}: {cfg.train.max_steps:,} steps of {cfg.train.global_batch_size} "
-                     f"over {len(run.train):,} training rows")
+                     f"over {len(run.train):,} training rows" + (f", each batch for {per} steps" if per > 1 else ""))
     if not cfg.train.validates:
         fabric.print("note: validation is off (--eval-iters 0); --eval-iters all validates on the whole split")
     elif not len(run.val):

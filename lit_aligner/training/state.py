@@ -348,8 +348,9 @@ class RunState:
 
 
 class GracefulStop:
-    """While active, SIGINT and SIGTERM only set `requested`: the loop finishes its optimizer step, writes a run state
-    and returns. A second SIGINT interrupts at once (KeyboardInterrupt). Restores the old handlers on exit."""
+    """While active, SIGINT and SIGTERM only set `requested`: the loop finishes its optimizer step (GRPO with
+    --num-iterations: the last step on its batch of samples), writes a run state and returns. A second SIGINT
+    interrupts at once (KeyboardInterrupt). Restores the old handlers on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -43,6 +43,9 @@ class Objective:
     data_kind: ClassVar[str] = "sft"
     unit: ClassVar[str] = "tokens"  # what `units` counts and every metric is averaged over
     metric_names: ClassVar[Tuple[str, ...]] = ("loss",)
+    # optimizer steps each global batch trains (GRPO's --num-iterations: its samples are reused); run states are
+    # written between batches only
+    iterations: int = 1
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.pad_id, self.chunk_size = pad_id, chunk_size

@@ -2,9 +2,12 @@
 (the base with the Aligner being trained) samples a group of --num-generations answers to each prompt of the step
 (`rollout`), reward functions score each answer (`lit_aligner.rewards`), and each answer's advantage is its reward
 less its group's mean, over the group's standard deviation (--scale-rewards). An answer's per-token loss is
--advantage x log p (the ratio of one optimizer step per batch of samples is 1: TRL's default num_iterations=1) plus
---beta x the KL to a frozen reference through the same base (--reference-aligner: by default a copy of --init-aligner,
-else the bare base), averaged as --loss-type says; units are answers. No value model and no reward model: the rewards
+-advantage x the ratio of its token's probability to the sampling policy's, clipped to [1 - epsilon, 1 + epsilon-high]
+(PPO's; with one optimizer step per batch of samples, TRL's default num_iterations=1, the ratio is 1 and the gradient
+the policy gradient; with --num-iterations mu the batch's samples, and their log-probabilities under the policy that
+drew them, are kept for its mu steps) plus --beta x the KL to a frozen reference through the same base
+(--reference-aligner: by default a copy of --init-aligner, else the bare base), averaged as --loss-type says; units
+are answers. No value model and no reward model: the rewards
 are functions.
 
 Validation answers each held-out prompt greedily (`answer`) and reports the mean reward; its "loss" is minus that
@@ -20,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lit_aligner.data.dataset import NO_CONTEXT
-from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss, token_logprobs
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.dpo import SyncedReference, run_reference
@@ -91,6 +94,10 @@ class GRPO(SyncedReference, SFT):
         self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
                              "zero_std", "truncated")
+        self.iterations = getattr(config, "num_iterations", 1)  # (a RewardConfig only scores: 1)
+        if self.iterations > 1:  # the share of each answer's tokens whose ratio the clipping held (TRL's clip_ratio)
+            self.metric_names += ("clip_ratio",)
+        self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
         self.log_completions = False
@@ -134,8 +141,36 @@ class GRPO(SyncedReference, SFT):
 
     def rollout(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
-        """Every step: each prompt's group of --num-generations sampled answers, scored; seeded by --seed, the step
-        and the process (a resumed run samples the same)."""
+        """Every batch: each prompt's group of --num-generations sampled answers, scored; seeded by --seed, the
+        batch's first step and the process (a resumed run samples the same). With --num-iterations mu the batch's
+        answers serve its mu steps, each with its tokens' log-probabilities under the policy that sampled them."""
+        number = step // self.iterations
+        if self._batch is not None and self._batch[:2] == (number, list(items)):
+            return self._batch[2]
+        rolled = self._sample(fabric, model, items, number * self.iterations)
+        if self.iterations > 1:
+            self._old_logps(fabric, model, [it for g in rolled.values() for it in g])
+            self._batch = (number, list(items), rolled)
+        return rolled
+
+    def _old_logps(self, fabric: Any, model: nn.Module, answers: List[Dict[str, torch.Tensor]]) -> None:
+        """Each answer's "old_logps": its scored tokens' log-probabilities under the policy now, the one that sampled
+        them (what the clipped ratio of the batch's later steps compares with), a group per forward pass."""
+        import contextlib
+
+        device = model.tok_embeddings.weight.device
+        n = self.config.num_generations
+        with torch.no_grad(), fabric.autocast() if fabric is not None else contextlib.nullcontext():
+            for s in range(0, len(answers), n):
+                part = answers[s:s + n]
+                batch = self.collate(part)
+                hidden = model(batch["input_ids"].to(device), aligner=self.aligner, return_hidden=True)
+                lp, rows = token_logprobs(hidden, model.lm_head_weight, batch["labels"].to(device), self.chunk_size)
+                for r, it in enumerate(part):
+                    it["old_logps"] = lp[rows == r].float().cpu()
+
+    def _sample(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
+                step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
         device = model.tok_embeddings.weight.device
         rank = fabric.global_rank if fabric is not None else 0
         seed = random.Random(f"grpo:{self.seed}:{step}:{rank}").getrandbits(63)
@@ -194,6 +229,8 @@ class GRPO(SyncedReference, SFT):
         batch = super().collate(items, step)
         for name in SCORES + (("token_scale",) if "token_scale" in items[0] else ()):  # (training answers have it)
             batch[name] = torch.stack([it[name] for it in items])
+        if "old_logps" in items[0]:  # every scored token's, row by row: the order of the loss's log-probabilities
+            batch["old_logps"] = torch.cat([it["old_logps"] for it in items])
         return batch
 
     def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -201,6 +238,8 @@ class GRPO(SyncedReference, SFT):
         out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum(),
                "truncated": batch["truncated"].sum()}
         out.update({f"reward_{n}": batch["rewards"][:, i].sum() for i, n in enumerate(self.rewards.names)})
+        if self.iterations > 1:
+            out["clip_ratio"] = torch.zeros(())
         if not model.training:  # validation: greedy answers, scored by their reward alone
             return {**out, "loss": -out["reward"], "kl": torch.zeros(())}
         hidden = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)
@@ -208,8 +247,13 @@ class GRPO(SyncedReference, SFT):
         if self.config.beta > 0:
             with torch.no_grad():
                 ref = model(batch["input_ids"], aligner=self.reference, return_hidden=True)
-        loss, kl = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
-                             self.config.beta, self.chunk_size, self.config.loss_type, self.config.max_new_tokens)
+        eps = self.config.epsilon
+        loss, kl, held = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
+                                   self.config.beta, self.chunk_size, self.config.loss_type,
+                                   self.config.max_new_tokens, batch.get("old_logps"), eps,
+                                   self.config.epsilon_high or eps)
+        if self.iterations > 1:
+            out["clip_ratio"] = held.sum()
         return {**out, "loss": (loss * batch["token_scale"][:, 0].to(loss)).sum(), "kl": kl.sum()}
 
     @classmethod

@@ -113,9 +113,12 @@ def test_the_kto_loss_and_its_kl_rows_equal_trls_kto_trainer(tmp_path):
                 losses, rewards, z = kto_loss(pol[:6], ref[:6], *kl, batch["desirable"], beta=0.3, loss=loss,
                                               undesirable_weight=1.2)
                 assert losses.mean().item() == pytest.approx(got["eval_loss"], rel=1e-5), loss
-                assert rewards[batch["desirable"]].mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5)
+                # (rewards and z are differences of summed log-probs, which TRL computes in batches padded otherwise:
+                # fp32 leaves them ~1e-6 apart whatever their size; transformers 5.25 moved them by 3e-7 and 1.3e-6)
+                assert rewards[batch["desirable"]].mean().item() == pytest.approx(got["eval_rewards/chosen"], rel=1e-5,
+                                                                                  abs=1e-5)
                 if loss == "kto":
-                    assert z.item() == pytest.approx(got["eval_kl"], abs=1e-6)
+                    assert z.item() == pytest.approx(got["eval_kl"], abs=1e-5)
                     zs.append(z.item())
     finally:
         transformers.logging.set_verbosity(verbosity)

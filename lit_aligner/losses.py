@@ -29,21 +29,24 @@ def _shift(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    squares: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """h (n, C), targets (n,) -> log p(target) (n,) in fp32; squares: also log sum_v p_v^2 (n,), without gradient."""
+                    extra: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """h (n, C), targets (n,) -> log p(target) (n,) in fp32; with `extra`, also (n,) without gradient: "squares",
+    log sum_v p_v^2 of each position's distribution; "entropy", its entropy -sum_v p_v log p_v."""
     logits = F.linear(h, weight).float()  # (n, V): the only logits alive at a time
-    if not squares:
+    if extra is None:
         return -F.cross_entropy(logits, targets, reduction="none")
     log_z = torch.logsumexp(logits, -1)  # shared by both (TRL's kernel does the same): one pass less over (n, V)
     lp = logits.gather(-1, targets[:, None])[:, 0] - log_z
-    with torch.no_grad():  # log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 log Z
-        return lp, torch.logsumexp(2 * logits, -1) - 2 * log_z
+    with torch.no_grad():
+        if extra == "squares":  # log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 log Z
+            return lp, torch.logsumexp(2 * logits, -1) - 2 * log_z
+        return lp, log_z - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - sum_v p_v z_v
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                    squares: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probs of the labelled next tokens: (lp (n,) fp32, row index (n,) of each, log sum_v p_v^2 (n,) of each
-    position's distribution when `squares`, else None) over the n scored positions."""
+                    extra: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of the labelled next tokens: (lp (n,) fp32, row index (n,) of each, `_chunk_logprobs`' `extra` (n,)
+    of each position's distribution, else None) over the n scored positions."""
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: all positions at once), got {chunk_size}")
     h, y = _shift(hidden, labels)
@@ -52,9 +55,9 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h, y = h[keep], y[keep]  # (n, C), (n,)
     if h.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty + 0.0 * hidden.sum(), rows, empty if squares else None
+        return empty + 0.0 * hidden.sum(), rows, empty if extra else None
     if chunk_size == 0:  # the plain loss: every scored position's logits at once, kept alive for the backward
-        parts = [_chunk_logprobs(h, weight, y, squares)]
+        parts = [_chunk_logprobs(h, weight, y, extra)]
     else:
         # Checkpointing only pays (and only works) when something needs a gradient.
         grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
@@ -62,10 +65,10 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
             if grad:
-                parts.append(checkpoint(_chunk_logprobs, hc, weight, yc, squares, use_reentrant=False))
+                parts.append(checkpoint(_chunk_logprobs, hc, weight, yc, extra, use_reentrant=False))
             else:
-                parts.append(_chunk_logprobs(hc, weight, yc, squares))
-    if squares:
+                parts.append(_chunk_logprobs(hc, weight, yc, extra))
+    if extra:
         return torch.cat([p[0] for p in parts]), rows, torch.cat([p[1] for p in parts])
     return torch.cat(parts), rows, None
 
@@ -104,7 +107,7 @@ def sequence_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels
     of its paper, as TRL computes it), without gradient: exp of the mean over its tokens of log p(token) - log sum_v
     p_v^2, the probability of each token against the expected probability of a token the model samples itself (sum_v
     p_v^2), so above 1 for an answer the model favours and near 0 for one it would not write."""
-    lp, rows, squares = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, wpo)
+    lp, rows, squares = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, "squares" if wpo else None)
     B = labels.shape[0]
     count = torch.bincount(rows, minlength=B)  # each row's labelled tokens
     if wpo:  # before LD-DPO's tail weighting: WPO weighs the response as the model would sample it
@@ -369,29 +372,78 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
     return lp, rows
 
 
+# TRL's GRPO loss types (GRPOConfig.loss_type) this trainer has: how per-token terms become a step's loss, and for
+# cispo and sapo the terms themselves. Per answer, "grpo" and "sapo" take the mean over its tokens, "dr_grpo" the sum
+# / max_completion_length, "dapo", "cispo" and "luspo" the sum (DAPO's and CISPO's divided by the caller by the step's
+# answer tokens, LUSPO's by its answers: each sequence-level term weighed by its answer's length).
+GRPOLossType = Literal["grpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo"]
+GRPO_LOSS_TYPES = get_args(GRPOLossType)
+TOKEN_MEAN_LOSSES = frozenset({"dapo", "cispo"})  # divided by the step's answer tokens (the caller's token_scale)
+
+
 def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
               ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
               loss_type: str = "grpo", max_completion_length: Optional[int] = None,
-              old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GRPO's loss of each completion, from per-token terms -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A)
-    + beta x KL, where c = exp(log p - log p_old) is the ratio to the policy that sampled the completion, A (B,) the
-    completion's advantage and KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the
-    reference's hidden states; None: no KL term). `old_logps`: log p_old of the scored tokens (n,), in the order of
-    `labels`' scored positions, row by row; None (one optimizer step per batch of samples): log p_old = sg(log p), so
-    c = 1, nothing is clipped and the gradient is the policy gradient -A grad log p per token. Per completion, by TRL's
-    `loss_type`: "grpo" (DeepSeekMath's) the mean over its tokens; "dr_grpo" the sum over its tokens /
-    `max_completion_length` (Dr. GRPO: no length bias); "dapo" the sum over its tokens, which the caller divides by the
-    tokens of the whole batch (DAPO's token-level mean). Returns (loss (B,), mean KL over each completion's tokens (B,)
-    and the share of its tokens whose ratio the clipping held (B,), both without gradient), fp32."""
-    lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
+              old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+              importance_sampling_level: str = "token", delta: Optional[float] = None,
+              sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
+              kept: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
+    -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
+    advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
+    states; None: no KL term) and c the importance ratio to the policy that sampled the completion: per token
+    exp(log p - log p_old) (`importance_sampling_level` "token"), or one per completion, exp of the mean of its tokens'
+    log-ratios ("sequence": GSPO's). `old_logps`: log p_old of the scored tokens (n,), in the order of `labels`'
+    scored positions, row by row; None (one optimizer step per batch of samples): log p_old = sg(log p), so c = 1,
+    nothing is clipped and the gradient is the policy gradient. `delta` (INTELLECT-2's two-sided clipping) caps c
+    in the unclipped term too.
+
+    `loss_type` (TRL's names; `GRPO_LOSS_TYPES`): "grpo" (DeepSeekMath's) the mean over the completion's tokens;
+    "dr_grpo" their sum / `max_completion_length` (Dr. GRPO: no length bias); "dapo" their sum, which the caller
+    divides by the tokens of the whole batch (DAPO's token-level mean); "cispo" (MiniMax-M1's) the per-token term
+    -sg(min(c, epsilon_high)) x A x log p, summed as dapo's (epsilon_high is the cap on the ratio itself there);
+    "sapo" (Soft Adaptive Policy Optimization) -sigmoid(tau (c - 1)) x 4 / tau x A with tau `sapo_temperatures`
+    (A > 0, A <= 0), averaged as grpo's; "luspo" (needs "sequence") the sum over the completion's tokens, which the
+    caller averages over completions. `top_entropy_quantile` rho < 1 ("Beyond the 80/20 rule") keeps in the policy
+    term only the tokens whose distribution's entropy reaches the 1 - rho quantile of the scored tokens here (of the
+    `kept` (B,) completions', when given).
+
+    Returns, each (B,) fp32, only the first with gradient: the loss, the mean KL over each completion's tokens, the
+    share of its tokens whose ratio the clipping held (TRL's clip region; cispo: c above its cap with A > 0) and their
+    mean entropy."""
+    if loss_type not in GRPO_LOSS_TYPES or (loss_type == "dr_grpo" and not max_completion_length):
+        raise ValueError(f"loss_type one of {', '.join(GRPO_LOSS_TYPES)} (dr_grpo with max_completion_length), got "
+                         f"{loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence") or (loss_type == "luspo"
+                                                                  and importance_sampling_level != "sequence"):
+        raise ValueError(f"importance_sampling_level 'token' or 'sequence' (luspo: 'sequence'), got "
+                         f"{importance_sampling_level!r}")
+    lp, rows, entropy = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, "entropy")
     B = labels.shape[0]
+    total = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x)  # noqa: E731
     count = torch.bincount(rows, minlength=B).clamp(min=1).float()
     a = advantages.to(lp)[rows]
-    ratio = torch.exp(lp - (lp.detach() if old_logps is None else old_logps.to(lp)))
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * a, clipped * a)
-    held = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))  # TRL's clip region
+    log_ratio = lp - (lp.detach() if old_logps is None else old_logps.to(lp))
+    if importance_sampling_level == "sequence":  # each completion's mean log-ratio, at every one of its tokens
+        log_ratio = (total(log_ratio) / count)[rows]
+    ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * a * lp
+        held = (ratio > epsilon_high) & (a > 0)
+    elif loss_type == "sapo":
+        tau = torch.where(a > 0, sapo_temperatures[0], sapo_temperatures[1])
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+        held = torch.zeros_like(ratio, dtype=torch.bool)  # (a soft gate: nothing is held outright)
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        held = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))  # TRL's clip region
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)
+        per_token = -torch.min(ratio * a, clipped * a)
+    if top_entropy_quantile < 1.0 and lp.numel():
+        pool = entropy if kept is None else entropy[kept.to(rows.device)[rows]]
+        if pool.numel():
+            per_token = per_token * (entropy >= torch.quantile(pool, 1.0 - top_entropy_quantile)).to(per_token)
     kl = torch.zeros_like(lp)
     if ref_hidden is not None:
         with torch.no_grad():
@@ -399,8 +451,5 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         r = ref_lp - lp
         kl = torch.exp(r) - r - 1
         per_token = per_token + beta * kl
-    total = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x)  # noqa: E731
-    if loss_type not in ("grpo", "dr_grpo", "dapo") or (loss_type == "dr_grpo" and not max_completion_length):
-        raise ValueError(f"loss_type grpo, dapo or dr_grpo (with max_completion_length), got {loss_type!r}")
-    divisor = count if loss_type == "grpo" else float(max_completion_length) if loss_type == "dr_grpo" else 1.0
-    return total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count
+    divisor = {"grpo": count, "sapo": count, "dr_grpo": float(max_completion_length or 1)}.get(loss_type, 1.0)
+    return total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count, total(entropy) / count

@@ -75,8 +75,8 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size, old):
         return lp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
 
     old_lp = (logps(hidden) + 0.4 * torch.randn(B, T - 1, generator=g)).detach() if old else None
-    loss, kl, held = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
-                               old_logps=old_lp[mask.bool()] if old else None, epsilon_low=low, epsilon_high=high)
+    loss, kl, held, _ = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
+                                  old_logps=old_lp[mask.bool()] if old else None, epsilon_low=low, epsilon_high=high)
     loss.sum().backward()
     ours = hidden.grad.clone()
     hidden.grad = None
@@ -107,6 +107,135 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size, old):
         hidden.grad = None
         (-(advantages[:, None] * logps(hidden) * mask).sum(-1) / mask.sum(-1)).sum().backward()
         assert torch.allclose(ours, hidden.grad, atol=1e-5)
+
+
+def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions, mask, advantages, old_lp,
+                       temperature):
+    """TRL's own GRPOTrainer._compute_loss (the installed trl's code, not a copy) on a stand-in trainer whose model
+    gives per-token log-probabilities and entropies of the logits hidden @ weight.T over the sampling temperature, as
+    TRL's `_get_per_token_logps_and_entropies` does. Returns (loss, its gradient on hidden, TRL's metrics)."""
+    from collections import defaultdict
+    from types import MethodType, SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    P, Tc = prompt, completions.shape[1]
+
+    def per_token(h):  # the completion's positions: logits at P-1 .. P+Tc-2 predict its tokens
+        logits = (h @ weight.T)[:, P - 1:P - 1 + Tc] / temperature
+        return selective_log_softmax(logits, completions), entropy_from_logits(logits)
+
+    ident = lambda x, **kw: x  # noqa: E731  (one process)
+    trainer = SimpleNamespace(
+        loss_type=settings["loss_type"], importance_sampling_level=settings["importance_sampling_level"],
+        epsilon_low=settings["epsilon_low"], epsilon_high=settings["epsilon_high"], beta=settings["beta"],
+        top_entropy_quantile=settings["top_entropy_quantile"], max_completion_length=settings["max_completion_length"],
+        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
+        aux_loss_enabled=False, _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
+        model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
+        args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=False, steps_per_generation=1,
+                             sapo_temperature_pos=settings["sapo_temperatures"][0],
+                             sapo_temperature_neg=settings["sapo_temperatures"][1]),
+        accelerator=SimpleNamespace(num_processes=1, gather=ident, gather_for_metrics=ident,
+                                    pad_across_processes=ident, reduce=ident))
+    trainer.get_high_entropy_mask = MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
+    trainer._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*per_token(hidden), None)
+    B = completions.shape[0]
+    inputs = {"prompt_ids": torch.zeros(B, P, dtype=torch.long), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+              "completion_ids": completions, "completion_mask": mask.long(), "advantages": advantages,
+              "num_items_in_batch": mask.sum()}
+    if old_lp is not None:
+        inputs["old_per_token_logps"] = old_lp
+    if settings["beta"]:
+        inputs["ref_per_token_logps"] = per_token(ref_hidden)[0].detach()
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    grad, = torch.autograd.grad(loss, hidden)
+    return loss.detach(), grad, {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type, level, old, extra", [
+    ("grpo", "token", True, {"beta": 0.04, "temperature": 0.7}),
+    ("grpo", "sequence", True, {"epsilon_low": 0.02, "epsilon_high": 0.03}),  # (GSPO's bounds, at this noise)
+    ("dapo", "token", True, {"delta": 1.3, "top_entropy_quantile": 0.5, "advantages": [-1.2, 0.7, -0.4, -0.9]}),
+    ("dr_grpo", "sequence", True, {"epsilon_low": 0.02, "epsilon_high": 0.03}),
+    ("cispo", "token", True, {"epsilon_high": 1.1}),
+    ("cispo", "sequence", True, {"epsilon_high": 1.0, "beta": 0.04}),
+    ("sapo", "token", True, {"beta": 0.04, "sapo_temperatures": (1.0, 1.05)}),
+    ("sapo", "sequence", False, {"sapo_temperatures": (0.5, 2.0), "temperature": 1.3}),
+    ("luspo", "sequence", True, {"epsilon_low": 0.02, "epsilon_high": 0.03}),
+    ("grpo", "token", False, {"top_entropy_quantile": 0.2}),
+])
+def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old, extra):
+    """Value, gradient, the clipped share and the entropy against the installed TRL's GRPOTrainer._compute_loss itself,
+    for each loss type (GSPO's sequence-level ratio, CISPO, SAPO, LUSPO, INTELLECT-2's delta, the top-entropy tokens,
+    the KL, a sampling temperature), with old log-probs of a policy a few steps back (--num-iterations > 1) or none."""
+    g = torch.Generator().manual_seed(3)
+    B, P, Tc, C, V = 4, 3, 6, 8, 11
+    extra = dict(extra)
+    temperature = extra.pop("temperature", 1.0)
+    advantages = extra.pop("advantages", [1.2, 0.7, 0.4, -0.9])
+    settings = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 0.2,
+                "delta": None, "sapo_temperatures": (1.0, 1.05), "top_entropy_quantile": 1.0, "beta": 0.0,
+                "max_completion_length": Tc, **extra}
+    hidden = torch.randn(B, P + Tc, C, generator=g, requires_grad=True)
+    ref_hidden = hidden.detach() + 0.3 * torch.randn(B, P + Tc, C, generator=g)  # (a reference near the policy)
+    weight = torch.randn(V, C, generator=g)
+    completions = torch.randint(0, V, (B, Tc), generator=g)
+    mask = torch.ones(B, Tc, dtype=torch.bool)
+    mask[1, 4:] = mask[3, 2:] = False  # answers of 6, 4, 6 and 2 tokens
+    advantages = torch.tensor(advantages)
+    labels = torch.full((B, P + Tc), -100)
+    labels[:, P:] = torch.where(mask, completions, -100)
+    with torch.no_grad():
+        lp = torch.log_softmax((hidden @ weight.T)[:, P - 1:-1] / temperature, -1).gather(-1, completions[..., None])
+    old_lp = (lp[..., 0] + 0.4 * torch.randn(B, Tc, generator=g)) if old else None
+
+    theirs, their_grad, metrics = _trls_compute_loss(settings, hidden, ref_hidden, weight, P, completions, mask,
+                                                     advantages, old_lp, temperature)
+    ours, kl, held, entropy = grpo_loss(hidden / temperature, weight, labels, advantages,
+                                        ref_hidden / temperature if settings["beta"] else None, chunk_size=3,
+                                        old_logps=old_lp[mask] if old else None, **settings)
+    count = mask.sum(-1).float()
+    value = {"dapo": ours.sum() / count.sum(), "cispo": ours.sum() / count.sum()}.get(loss_type, ours.mean())
+    value.backward()
+    assert float(value) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
+    assert torch.allclose(hidden.grad, their_grad, rtol=1e-4, atol=1e-6)
+    assert float(their_grad.abs().sum()) > 0
+    # the metrics: TRL's are means over every token (over answers at the sequence level), ours each answer's share
+    if level == "token":
+        per = lambda x: float((x * count).sum() / count.sum())  # noqa: E731
+    else:
+        per = lambda x: float(x.mean())  # noqa: E731
+    assert float((entropy * count).sum() / count.sum()) == pytest.approx(metrics["entropy"], abs=1e-5)
+    if loss_type == "cispo":
+        assert per(held) == pytest.approx(metrics["cispo_clip_ratio"], abs=1e-6)
+    elif loss_type != "sapo":
+        assert per(held) == pytest.approx(metrics["clip_ratio/region_mean"], abs=1e-6)
+    if old and loss_type != "sapo":
+        assert float(held.sum()) > 0  # (the noise puts some tokens, or answers, outside the bounds)
+    if settings["beta"]:
+        assert per(kl) == pytest.approx(metrics["kl"], abs=1e-5) if level == "token" else float(kl.sum()) > 0
+
+
+def test_the_top_entropy_tokens_are_drawn_from_the_answers_the_loss_keeps():
+    # --mask-truncated-completions: a left-out answer's tokens do not count for the quantile (TRL's mask zeroes them)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 10, 8, generator=g)
+    hidden[1] *= 3  # (the other answer's distributions are sharper: its tokens move the cut)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (2, 10), generator=g)
+    labels[:, :2] = -100
+    advantages = torch.tensor([1.0, -1.0])
+
+    def first_grad(h, labels, advantages, **kw):  # the gradient of the first answer's loss on its hidden states
+        h = h.clone().requires_grad_()
+        loss, _, _, _ = grpo_loss(h, weight, labels, advantages, top_entropy_quantile=0.5, **kw)
+        return torch.autograd.grad(loss[0], h)[0][0]
+
+    kept = first_grad(hidden, labels, advantages, kept=torch.tensor([True, False]))
+    assert torch.allclose(kept, first_grad(hidden[:1], labels[:1], advantages[:1]), atol=1e-6)
+    assert not torch.allclose(kept, first_grad(hidden, labels, advantages), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,14 +382,15 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
 def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(loss_type, mask_truncated):
     # the engine's way: each micro-batch's summed loss / the step's answers, accumulated; TRL's: its formula for the
-    # loss type over one batch of every answer (DAPO: a mean over every answer token of the step), with its
-    # mask_truncated_completions zeroing the loss mask of answers that end in no EOS
+    # loss type over one batch of every answer (DAPO, CISPO: a mean over every answer token of the step), with its
+    # mask_truncated_completions zeroing the loss mask of answers that end in no EOS, and the log-probabilities of
+    # the logits over the sampling temperature
     model, items = _tiny_model(), _items(3, seed=5)
     config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, loss_type=loss_type,
-                        mask_truncated_completions=mask_truncated)
+                        mask_truncated_completions=mask_truncated, sample_temperature=0.7)
     stops = range(0, 300, 7)  # (a stop token in 1 of 7 draws: answers of many lengths)
     objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=stops, seed=1, end_id=299).with_aligner(None)
     answers = [a for g in objective.rollout(None, model, items, step=0).values() for a in g]
@@ -280,15 +410,17 @@ def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(
     batch = objective.collate(answers)
     hidden = model(batch["input_ids"], return_hidden=True)
     labels = batch["labels"][:, 1:]
-    logits = hidden[:, :-1] @ model.lm_head_weight.T
+    logits = hidden[:, :-1] @ model.lm_head_weight.T / 0.7
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     mask = (labels != -100).float()
     assert mask.sum(-1).tolist() == lengths
     if mask_truncated:
         mask = mask * (~truncated).float()[:, None]
     per_token = -torch.exp(lp - lp.detach()) * batch["advantage"]
+    if loss_type == "cispo":  # (the ratio 1 under its cap of 5)
+        per_token = -batch["advantage"] * lp
     theirs = {"grpo": ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean(),
-              "dapo": (per_token * mask).sum() / mask.sum(),
+              "dapo": (per_token * mask).sum() / mask.sum(), "cispo": (per_token * mask).sum() / mask.sum(),
               "dr_grpo": (per_token * mask).sum() / (len(answers) * 6)}[loss_type]
     theirs.backward()
     assert value == pytest.approx(float(theirs.detach()), abs=1e-6)
@@ -511,14 +643,17 @@ def test_num_iterations_trains_each_batch_of_samples_for_mu_steps_with_a_clipped
     def config(out):
         cfg = _config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=6, save_interval=1,
                       eval_interval=3)
-        return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=2, epsilon=0.001))
+        # (at a sampling temperature: the kept log-probabilities must be those at it, or the first ratio is not 1)
+        return dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=2, epsilon=0.001,
+                                                                 sample_temperature=0.8))
 
     train(config(tmp_path / "once"))
     assert [s for s, _ in sampled] == [0, 2, 4] and sampled[0][1] != sampled[1][1]  # a new batch every 2 steps
     rows = [r for r in read_metrics(tmp_path / "once" / "metrics.csv") if r.get("train_loss")]
     loss, clipped = [abs(float(r["train_loss"])) for r in rows], [float(r["train_clip_ratio"]) for r in rows]
-    assert max(loss[0::2]) < 1e-5 and min(loss[1::2]) > 1e-4, loss  # ratio 1, then the policy has moved
+    assert max(loss[0::2]) < 1e-6 and min(loss[1::2]) > 1e-5, loss  # ratio 1, then the policy has moved
     assert max(clipped[0::2]) == 0 and max(clipped[1::2]) > 0, clipped
+    assert min(float(r["train_entropy"]) for r in rows) > 0  # (the policy's entropy at the answer tokens, logged)
     assert sorted(p.name for p in (tmp_path / "once" / "state").glob("step-*")) == [
         f"step-{s:06d}.pt" for s in (2, 4, 6)]
     _, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path, at=3)  # stopped after step 4
@@ -530,6 +665,26 @@ def test_num_iterations_trains_each_batch_of_samples_for_mu_steps_with_a_clipped
     with pytest.raises(TrainError, match="--max-steps 5 is not a multiple of --num-iterations 2.*give --max-steps 4"):
         config(tmp_path / "bad").__class__(grpo=GRPOConfig(num_iterations=2),
                                            train=dataclasses.replace(GRPORunConfig().train, max_steps=5)).check()
+
+
+def test_gspo_clips_whole_answers(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path):
+    """--importance-sampling-level sequence (GSPO, with its paper's bounds): one ratio per answer, so on a batch's
+    second step the clipping holds whole answers (train_clip_ratio is a count of the step's 16 answers), while the
+    token-level run from the same start holds single tokens."""
+    from lit_aligner.training import train
+
+    shares = {}
+    for level in ("sequence", "token"):
+        cfg = _config(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path / level, max_steps=4, eval_interval=4)
+        cfg.grpo = dataclasses.replace(cfg.grpo, num_iterations=2, epsilon=3e-4, epsilon_high=4e-4,
+                                       importance_sampling_level=level)
+        train(cfg)
+        rows = [r for r in read_metrics(tmp_path / level / "metrics.csv") if r.get("train_loss")]
+        shares[level] = [float(r["train_clip_ratio"]) * 16 for r in rows[1::2]]  # (the batches' second steps)
+        assert json.loads(load_aligner(tmp_path / level / "aligner.safetensors")[1]["grpo"])[
+            "importance_sampling_level"] == level
+    assert all(s > 0 and s == pytest.approx(round(s), abs=1e-4) for s in shares["sequence"]), shares
+    assert any(abs(s - round(s)) > 1e-3 for s in shares["token"]), shares
 
 
 def test_the_completions_log_holds_every_sampled_answer_and_its_scores(tiny_checkpoint_dir, rows_file, letter_reward,
@@ -616,9 +771,18 @@ def test_grpo_flags_are_checked():
         GRPOConfig(sample_temperature=-1).check()
     with pytest.raises(TrainError, match="--num-iterations must be >= 1"):
         GRPOConfig(num_iterations=0).check()
-    for bad in (dict(epsilon=1.0), dict(epsilon=0.0), dict(epsilon_high=-0.1)):
-        with pytest.raises(TrainError, match="--epsilon must be in"):
+    for bad in (dict(epsilon=1.0), dict(epsilon=0.0), dict(epsilon_high=-0.1), dict(epsilon_high=0.0)):
+        with pytest.raises(TrainError, match="--epsilon must be in"):  # (0 is a value given, not "unset")
             GRPOConfig(**bad).check()
+    assert GRPOConfig(epsilon=0.1).loss_settings()["epsilon_high"] == 0.1  # the upper bound defaults to --epsilon
+    assert GRPOConfig(loss_type="cispo").loss_settings()["epsilon_high"] == 5.0  # cispo's cap: ScaleRL's 5
+    for bad, says in ((dict(loss_type="cispo", epsilon_high=0.28), "cispo, --epsilon-high is the cap on the ratio"),
+                      (dict(loss_type="luspo"), "add --importance-sampling-level sequence"),
+                      (dict(delta=1.0), "--delta caps the ratio"), (dict(sapo_temperature_neg=0.0), "must be positive"),
+                      (dict(top_entropy_quantile=1.5), r"--top-entropy-quantile is a share of the tokens")):
+        with pytest.raises(TrainError, match=says):
+            GRPOConfig(**bad).check()
+    GRPOConfig(loss_type="luspo", importance_sampling_level="sequence", delta=4.0, top_entropy_quantile=0.2).check()
     for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
                       (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
                       (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0")):

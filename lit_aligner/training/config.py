@@ -18,7 +18,7 @@ from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
 from lit_aligner.files import UserError
 from lit_aligner.losses import (DEFAULT_CHUNK_SIZE, F_DIVERGENCE_LOSSES, LABEL_SMOOTHED, PREFERENCE_LOSSES,
-                                REFERENCE_FREE, FDivergence, KTOLossName, PreferenceLossName)
+                                REFERENCE_FREE, FDivergence, GRPOLossType, KTOLossName, PreferenceLossName)
 from lit_aligner.model import DEFAULT_PREFIX_INIT, DEFAULT_PREFIX_INIT_SCALE, PREFIX_INITS, PrefixInit
 from lit_aligner.perf import POLICIES
 from lit_aligner.quantize import QuantizeFlag, check_mode, import_bitsandbytes
@@ -780,7 +780,8 @@ class GRPOConfig(RewardConfig):
     num_generations: int = 8
     """answers sampled per prompt (the group, G); each step trains --global-batch-size prompts x G answers."""
     sample_temperature: float = 1.0
-    """sampling temperature of the training answers (validation answers are greedy)."""
+    """sampling temperature of the training answers (validation answers are greedy); the loss reads the policy's
+    log-probabilities at this temperature too (TRL's), those of the distribution the answers were drawn from."""
     # the training answers' sampling filters: generate/aligner.py's flags, the same names, meaning and check
     top_k: Optional[int] = None
     """sample the training answers from the k most likely tokens only (default: all)."""
@@ -804,11 +805,19 @@ class GRPOConfig(RewardConfig):
     beta: float = 0.0
     """weight of the KL penalty to the reference (--reference-aligner; k3 estimator, per token; TRL's default 0: no
     reference pass)."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
-    """how the answers' per-token losses are averaged (TRL's names): grpo, each answer's mean over its tokens, then
-    the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer token of the
-    step (a longer answer weighs more: TRL's default); dr_grpo, each answer's sum over its tokens / --max-new-tokens,
-    then the mean over answers (Dr. GRPO: no length bias)."""
+    loss_type: GRPOLossType = "grpo"
+    """the loss and how the answers' per-token terms are averaged (TRL's names): grpo, each answer's mean over its
+    tokens, then the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer
+    token of the step (a longer answer weighs more: TRL's default); dr_grpo, each answer's sum over its tokens /
+    --max-new-tokens, then the mean over answers (Dr. GRPO: no length bias); cispo (MiniMax-M1), the policy gradient
+    weighted by the ratio to the sampling policy capped at --epsilon-high (default 5), averaged as dapo; sapo (Soft
+    Adaptive Policy Optimization), a smooth gate on the ratio instead of clipping (--sapo-temperature-pos/-neg),
+    averaged as grpo; luspo (LUSPO, with --importance-sampling-level sequence), GSPO's term weighed by the answer's
+    length."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """the ratio to the sampling policy (TRL's names): token, one per token (PPO's, GRPO's); sequence, one per answer,
+    the geometric mean of its tokens' (GSPO: steadier, matches rewards given per answer; its paper clips it with
+    --epsilon 3e-4 --epsilon-high 4e-4)."""
     num_iterations: int = 1
     """optimizer steps on each batch of sampled answers (TRL's, DeepSeekMath's mu): with more than 1, a batch of
     prompts is answered once and trained on for this many steps, each a clipped ratio to the policy that sampled the
@@ -819,16 +828,41 @@ class GRPOConfig(RewardConfig):
     """with --num-iterations > 1: the ratio to the sampling policy is held within [1 - epsilon, 1 + epsilon-high]
     (PPO's clipping; with 1 the ratio is 1 and nothing is clipped)."""
     epsilon_high: Optional[float] = None
-    """the upper bound's epsilon (DAPO's clip-higher, e.g. 0.28; default: --epsilon)."""
+    """the upper bound's epsilon (DAPO's clip-higher, e.g. 0.28; default: --epsilon). Under --loss-type cispo, the
+    cap on the ratio itself (ScaleRL's epsilon_max; default 5: TRL's default there is --epsilon)."""
+    delta: Optional[float] = None
+    """cap the ratio at delta in the unclipped term too (INTELLECT-2's two-sided clipping; > 1 + --epsilon-high, e.g.
+    4; default: no cap)."""
+    sapo_temperature_pos: float = 1.0
+    """--loss-type sapo: the gate's temperature for answers with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """--loss-type sapo: the gate's temperature for the others (SAPO's paper: a little higher)."""
+    top_entropy_quantile: float = 1.0
+    """keep in the policy term only the tokens whose distribution's entropy is in this top share of the forward pass's
+    answer tokens ("Beyond the 80/20 rule": 0.2; 1: every token)."""
 
     def check(self) -> None:
         super().check()
         if self.num_iterations < 1:
             raise TrainError(f"--num-iterations must be >= 1 (optimizer steps per batch of samples), got "
                              f"{self.num_iterations}")
-        if not 0.0 < self.epsilon < 1.0 or not 0.0 < (self.epsilon_high or self.epsilon) < float("inf"):
+        if not 0.0 < self.epsilon < 1.0 or not 0.0 < self.upper_epsilon() < float("inf"):
             raise TrainError(f"--epsilon must be in (0, 1) and --epsilon-high positive, got {self.epsilon} and "
                              f"{self.epsilon_high}")
+        if self.loss_type == "cispo" and self.upper_epsilon() < 1.0:
+            raise TrainError(f"under --loss-type cispo, --epsilon-high is the cap on the ratio itself (ScaleRL: 5), so "
+                             f"at least 1; got {self.epsilon_high}")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise TrainError("--loss-type luspo weighs GSPO's sequence-level term by the answer's length: add "
+                             "--importance-sampling-level sequence")
+        if self.delta is not None and not 1.0 < self.delta < float("inf"):
+            raise TrainError(f"--delta caps the ratio (above 1 + --epsilon-high, e.g. 4), got {self.delta}")
+        if not (0.0 < self.sapo_temperature_pos < float("inf") and 0.0 < self.sapo_temperature_neg < float("inf")):
+            raise TrainError(f"--sapo-temperature-pos and --sapo-temperature-neg must be positive, got "
+                             f"{self.sapo_temperature_pos} and {self.sapo_temperature_neg}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise TrainError(f"--top-entropy-quantile is a share of the tokens, in [0, 1] (1: all), got "
+                             f"{self.top_entropy_quantile}")
         if self.num_generations < 2:
             raise TrainError(f"--num-generations must be at least 2 (advantages compare answers within a group), got "
                              f"{self.num_generations}")
@@ -845,6 +879,20 @@ class GRPOConfig(RewardConfig):
         except ValueError as e:
             raise TrainError(str(e)) from None
 
+    def upper_epsilon(self) -> float:
+        """--epsilon-high as given, else its default (--epsilon; cispo: 5)."""
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        return 5.0 if self.loss_type == "cispo" else self.epsilon
+
+    def loss_settings(self) -> Dict[str, Any]:
+        """`losses.grpo_loss`'s settings from these flags."""
+        return {"loss_type": self.loss_type, "max_completion_length": self.max_new_tokens,
+                "epsilon_low": self.epsilon, "epsilon_high": self.upper_epsilon(),
+                "importance_sampling_level": self.importance_sampling_level, "delta": self.delta,
+                "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
+                "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta}
+
     def sampling(self) -> Dict[str, Any]:
         """The training answers' sampling filters and penalty, as `generation.generate` takes them (None: off)."""
         from lit_aligner.generation import Penalties
@@ -859,7 +907,9 @@ class GRPOConfig(RewardConfig):
                 "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "scale_rewards": self.scale_rewards,
                 "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
                 "loss_type": self.loss_type, "num_iterations": self.num_iterations, "epsilon": self.epsilon,
-                "epsilon_high": self.epsilon_high}
+                "epsilon_high": self.epsilon_high, "importance_sampling_level": self.importance_sampling_level,
+                "delta": self.delta, "sapo_temperature_pos": self.sapo_temperature_pos,
+                "sapo_temperature_neg": self.sapo_temperature_neg, "top_entropy_quantile": self.top_entropy_quantile}
 
 
 @dataclass

@@ -6,9 +6,10 @@ less its group's mean, over the group's standard deviation (--scale-rewards). An
 (PPO's; with one optimizer step per batch of samples, TRL's default num_iterations=1, the ratio is 1 and the gradient
 the policy gradient; with --num-iterations mu the batch's samples, and their log-probabilities under the policy that
 drew them, are kept for its mu steps) plus --beta x the KL to a frozen reference through the same base
-(--reference-aligner: by default a copy of --init-aligner, else the bare base), averaged as --loss-type says; units
-are answers. No value model and no reward model: the rewards
-are functions.
+(--reference-aligner: by default a copy of --init-aligner, else the bare base), averaged as --loss-type says (which
+also names CISPO's and SAPO's terms; `losses.grpo_loss`); the ratio is per token or, with --importance-sampling-level
+sequence, per answer (GSPO), and every log-probability is the policy's at the sampling temperature. Units are
+answers. No value model and no reward model: the rewards are functions.
 
 Validation answers each held-out prompt greedily (`answer`) and reports the mean reward; its "loss" is minus that
 reward, so lower is better there too.
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from lit_aligner.data.dataset import NO_CONTEXT
-from lit_aligner.losses import DEFAULT_CHUNK_SIZE, grpo_loss, token_logprobs
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, TOKEN_MEAN_LOSSES, grpo_loss, token_logprobs
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.dpo import SyncedReference, run_reference
@@ -75,8 +76,10 @@ def keep_completions(path: Path, step: int) -> Path:
 class GRPO(SyncedReference, SFT):
     """Per answer: the GRPO loss (training) or minus its reward (validation); units are answers. Metrics: loss,
     reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the reference,
-    with --beta), zero_std (the share of answers in groups whose rewards do not differ: no signal) and truncated (the
-    share cut at --max-new-tokens or the room left: TRL's clipped_ratio)."""
+    with --beta), zero_std (the share of answers in groups whose rewards do not differ: no signal), truncated (the
+    share cut at --max-new-tokens or the room left: TRL's clipped_ratio), entropy (each answer's mean over its tokens
+    of the policy's entropy there, training only: a policy collapsing to one answer shows it falling) and, with
+    --num-iterations > 1, clip_ratio (the share of each answer's tokens whose ratio the clipping held)."""
 
     name = "grpo"
     data_kind = "sft"
@@ -93,10 +96,12 @@ class GRPO(SyncedReference, SFT):
         self.rewards = config.reward_functions()
         self.max_seq_length, self.stop_ids, self.seed, self.end_id = max_seq_length, sorted(stop_ids), seed, end_id
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
-                             "zero_std", "truncated")
+                             "zero_std", "truncated", "entropy")
         self.iterations = getattr(config, "num_iterations", 1)  # (a RewardConfig only scores: 1)
-        if self.iterations > 1:  # the share of each answer's tokens whose ratio the clipping held (TRL's clip_ratio)
-            self.metric_names += ("clip_ratio",)
+        if self.iterations > 1 and config.loss_type != "sapo":  # the share of each answer's tokens whose ratio the
+            self.metric_names += ("clip_ratio",)  # clipping held (TRL's clip_ratio; sapo's gate holds none outright)
+        # the loss reads log-probabilities at the sampling temperature (TRL's), those of the policy that sampled
+        self.temperature = getattr(config, "sample_temperature", 0.0) or 1.0
         self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
@@ -164,7 +169,7 @@ class GRPO(SyncedReference, SFT):
             for s in range(0, len(answers), n):
                 part = answers[s:s + n]
                 batch = self.collate(part)
-                hidden = model(batch["input_ids"].to(device), aligner=self.aligner, return_hidden=True)
+                hidden = self._hidden(model, batch["input_ids"].to(device), self.aligner)
                 lp, rows = token_logprobs(hidden, model.lm_head_weight, batch["labels"].to(device), self.chunk_size)
                 for r, it in enumerate(part):
                     it["old_logps"] = lp[rows == r].float().cpu()
@@ -179,12 +184,12 @@ class GRPO(SyncedReference, SFT):
         groups = self._answer_items(fabric, model, [items[k] for k in keys], self.config.num_generations,
                                     self.config.sample_temperature, None, generator, self.config.sampling())
         # each answer's loss x token_scale: 0 for an answer --mask-truncated-completions leaves out, else 1 or, under
-        # dapo, answers / kept tokens (both the whole step's, on every process), which the engine's division by the
-        # step's answers makes DAPO's mean over every kept answer token of the step
+        # dapo and cispo, answers / kept tokens (both the whole step's, on every process), which the engine's division
+        # by the step's answers makes DAPO's mean over every kept answer token of the step
         answers = [it for g in groups for it in g]
         kept = [not (self.config.mask_truncated_completions and float(it["truncated"])) for it in answers]
         scale = 1.0
-        if self.config.loss_type == "dapo":
+        if self.config.loss_type in TOKEN_MEAN_LOSSES:
             counts = torch.tensor([float(sum(len(it["response"]) for it, k in zip(answers, kept) if k)),
                                    float(len(answers))], dtype=torch.float64, device=device)
             if fabric is not None and fabric.world_size > 1:
@@ -238,23 +243,27 @@ class GRPO(SyncedReference, SFT):
         out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum(),
                "truncated": batch["truncated"].sum()}
         out.update({f"reward_{n}": batch["rewards"][:, i].sum() for i, n in enumerate(self.rewards.names)})
-        if self.iterations > 1:
+        if "clip_ratio" in self.metric_names:
             out["clip_ratio"] = torch.zeros(())
         if not model.training:  # validation: greedy answers, scored by their reward alone
-            return {**out, "loss": -out["reward"], "kl": torch.zeros(())}
-        hidden = model(batch["input_ids"], aligner=self.aligner, return_hidden=True)
+            return {**out, "loss": -out["reward"], "kl": torch.zeros(()), "entropy": torch.zeros(())}
+        hidden = self._hidden(model, batch["input_ids"], self.aligner)
         ref = None
         if self.config.beta > 0:
             with torch.no_grad():
-                ref = model(batch["input_ids"], aligner=self.reference, return_hidden=True)
-        eps = self.config.epsilon
-        loss, kl, held = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
-                                   self.config.beta, self.chunk_size, self.config.loss_type,
-                                   self.config.max_new_tokens, batch.get("old_logps"), eps,
-                                   self.config.epsilon_high or eps)
-        if self.iterations > 1:
+                ref = self._hidden(model, batch["input_ids"], self.reference)
+        scale = batch["token_scale"][:, 0]
+        loss, kl, held, entropy = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0],
+                                            ref, chunk_size=self.chunk_size, old_logps=batch.get("old_logps"),
+                                            kept=scale > 0, **self.config.loss_settings())
+        if "clip_ratio" in out:
             out["clip_ratio"] = held.sum()
-        return {**out, "loss": (loss * batch["token_scale"][:, 0].to(loss)).sum(), "kl": kl.sum()}
+        return {**out, "loss": (loss * scale.to(loss)).sum(), "kl": kl.sum(), "entropy": entropy.sum()}
+
+    def _hidden(self, model: nn.Module, input_ids: torch.Tensor, aligner: Any) -> torch.Tensor:
+        """The final hidden states over the sampling temperature: their logits are those of the sampled distribution."""
+        hidden = model(input_ids, aligner=aligner, return_hidden=True)
+        return hidden if self.temperature == 1.0 else hidden / self.temperature
 
     @classmethod
     def data_arguments(cls, cfg: Any) -> Dict[str, Any]:

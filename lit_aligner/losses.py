@@ -12,7 +12,7 @@ labels[:, 1:] (the shift happens here, callers pass unshifted labels).
 """
 
 import math
-from typing import Literal, Optional, Sequence, Tuple, Union, get_args
+from typing import Literal, NamedTuple, Optional, Sequence, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -364,14 +364,6 @@ def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     return torch.cat([p[0] for p in parts]).sum(), torch.cat([p[1] for p in parts]).sum().float()
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The log-probabilities of the labelled next tokens (n,) fp32, row by row, and each one's row (n,): the order of
-    `grpo_loss`'s `old_logps`."""
-    lp, rows, _ = _token_logprobs(hidden, lm_head_weight, labels, chunk_size)
-    return lp, rows
-
-
 # TRL's GRPO loss types (GRPOConfig.loss_type) this trainer has: how per-token terms become a step's loss, and for
 # cispo and sapo the terms themselves. Per answer, "grpo" and "sapo" take the mean over its tokens, "dr_grpo" the sum
 # / max_completion_length, "dapo", "cispo" and "luspo" the sum (DAPO's and CISPO's divided by the caller by the step's
@@ -381,13 +373,24 @@ GRPO_LOSS_TYPES = get_args(GRPOLossType)
 TOKEN_MEAN_LOSSES = frozenset({"dapo", "cispo"})  # divided by the step's answer tokens (the caller's token_scale)
 
 
+class GRPOTerms(NamedTuple):
+    """`grpo_loss`'s result, each fp32 and only `loss` with a gradient: per completion (B,) its loss, its tokens' mean
+    KL, the share of its tokens the clipping held and their mean entropy; and the scored tokens' log-probabilities
+    (n,), row by row (what a later step's `old_logps` is)."""
+    loss: torch.Tensor
+    kl: torch.Tensor
+    held: torch.Tensor
+    entropy: torch.Tensor
+    logps: torch.Tensor
+
+
 def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
               ref_hidden: Optional[torch.Tensor] = None, beta: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
               loss_type: str = "grpo", max_completion_length: Optional[int] = None,
               old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               importance_sampling_level: str = "token", delta: Optional[float] = None,
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
-              kept: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              kept: Optional[torch.Tensor] = None) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -408,9 +411,9 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     term only the tokens whose distribution's entropy reaches the 1 - rho quantile of the scored tokens here (of the
     `kept` (B,) completions', when given).
 
-    Returns, each (B,) fp32, only the first with gradient: the loss, the mean KL over each completion's tokens, the
-    share of its tokens whose ratio the clipping held (TRL's clip region; cispo: c above its cap with A > 0) and their
-    mean entropy."""
+    Returns `GRPOTerms`: per completion the loss, the mean KL over its tokens, the share of its tokens whose ratio the
+    clipping held (TRL's clip region; cispo: c above its cap with A > 0) and their mean entropy; and the tokens'
+    log-probabilities, without gradient."""
     if loss_type not in GRPO_LOSS_TYPES or (loss_type == "dr_grpo" and not max_completion_length):
         raise ValueError(f"loss_type one of {', '.join(GRPO_LOSS_TYPES)} (dr_grpo with max_completion_length), got "
                          f"{loss_type!r}")
@@ -452,4 +455,5 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         kl = torch.exp(r) - r - 1
         per_token = per_token + beta * kl
     divisor = {"grpo": count, "sapo": count, "dr_grpo": float(max_completion_length or 1)}.get(loss_type, 1.0)
-    return total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count, total(entropy) / count
+    return GRPOTerms(total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count,
+                     total(entropy) / count, lp.detach())

@@ -75,7 +75,7 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size, old):
         return lp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
 
     old_lp = (logps(hidden) + 0.4 * torch.randn(B, T - 1, generator=g)).detach() if old else None
-    loss, kl, held, _ = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
+    loss, kl, held, _, _ = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
                                   old_logps=old_lp[mask.bool()] if old else None, epsilon_low=low, epsilon_high=high)
     loss.sum().backward()
     ours = hidden.grad.clone()
@@ -193,7 +193,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
 
     theirs, their_grad, metrics = _trls_compute_loss(settings, hidden, ref_hidden, weight, P, completions, mask,
                                                      advantages, old_lp, temperature)
-    ours, kl, held, entropy = grpo_loss(hidden / temperature, weight, labels, advantages,
+    ours, kl, held, entropy, _ = grpo_loss(hidden / temperature, weight, labels, advantages,
                                         ref_hidden / temperature if settings["beta"] else None, chunk_size=3,
                                         old_logps=old_lp[mask] if old else None, **settings)
     count = mask.sum(-1).float()
@@ -230,8 +230,8 @@ def test_the_top_entropy_tokens_are_drawn_from_the_answers_the_loss_keeps():
 
     def first_grad(h, labels, advantages, **kw):  # the gradient of the first answer's loss on its hidden states
         h = h.clone().requires_grad_()
-        loss, _, _, _ = grpo_loss(h, weight, labels, advantages, top_entropy_quantile=0.5, **kw)
-        return torch.autograd.grad(loss[0], h)[0][0]
+        loss = grpo_loss(h, weight, labels, advantages, top_entropy_quantile=0.5, **kw)
+        return torch.autograd.grad(loss.loss[0], h)[0][0]
 
     kept = first_grad(hidden, labels, advantages, kept=torch.tensor([True, False]))
     assert torch.allclose(kept, first_grad(hidden[:1], labels[:1], advantages[:1]), atol=1e-6)
@@ -427,6 +427,29 @@ def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(
     for a, b in zip(ours, params):
         assert torch.allclose(a, b.grad, atol=1e-6), loss_type
     assert ours[0].abs().sum() > 0
+
+
+def test_a_batchs_first_step_keeps_the_sampling_policys_log_probs_for_its_later_steps():
+    # --num-iterations 2: the first step's own forward passes keep each answer's token log-probs (at the sampling
+    # temperature) for the second, whatever micro-batch it came in: no forward pass of their own
+    model, items = _tiny_model(), _items(3, seed=5)
+    config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, num_iterations=2,
+                        sample_temperature=0.7)
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=range(0, 300, 7), seed=1,
+                     end_id=299).with_aligner(None)
+    answers = [a for g in objective.rollout(None, model, items, step=0).values() for a in g]
+    assert not any("old_logps" in a for a in answers)
+    for micro in (answers[5:], answers[:5]):  # (out of order)
+        objective(model, objective.collate(micro))["loss"].backward()
+    for a in answers:  # an independent computation: the policy's logits / 0.7 at the answer's tokens
+        with torch.no_grad():
+            ids = torch.cat([a["prompt"], a["response"]])[None]
+            logits = model(ids)[0, len(a["prompt"]) - 1:-1] / 0.7
+            theirs = torch.log_softmax(logits, -1).gather(-1, a["response"][:, None])[:, 0]
+        assert torch.allclose(a["old_logps"], theirs, atol=1e-5)
+    assert objective.rollout(None, model, items, step=1)[0][0] is answers[0]  # the second step: the same answers
+    batch = objective.collate(answers[:4])
+    assert torch.equal(batch["old_logps"], torch.cat([a["old_logps"] for a in answers[:4]]))
 
 
 def test_dapo_divides_by_the_answer_tokens_of_every_process():

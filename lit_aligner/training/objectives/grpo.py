@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from lit_aligner.data.dataset import NO_CONTEXT
-from lit_aligner.losses import DEFAULT_CHUNK_SIZE, TOKEN_MEAN_LOSSES, grpo_loss, token_logprobs
+from lit_aligner.losses import DEFAULT_CHUNK_SIZE, TOKEN_MEAN_LOSSES, grpo_loss
 from lit_aligner.training.config import GRPOConfig, RewardConfig, TrainError
 from lit_aligner.training.objectives import Batch, register, response_end, write_responses
 from lit_aligner.training.objectives.dpo import SyncedReference, run_reference
@@ -103,6 +103,7 @@ class GRPO(SyncedReference, SFT):
         # the loss reads log-probabilities at the sampling temperature (TRL's), those of the policy that sampled
         self.temperature = getattr(config, "sample_temperature", 0.0) or 1.0
         self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
+        self._answers: List[Dict[str, torch.Tensor]] = []  # that batch's answers, in the order of their "answer"
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
         self.log_completions = False
@@ -148,31 +149,19 @@ class GRPO(SyncedReference, SFT):
                 step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
         """Every batch: each prompt's group of --num-generations sampled answers, scored; seeded by --seed, the
         batch's first step and the process (a resumed run samples the same). With --num-iterations mu the batch's
-        answers serve its mu steps, each with its tokens' log-probabilities under the policy that sampled them."""
+        answers serve its mu steps, the later ones each with its tokens' log-probabilities under the policy that
+        sampled them: those of the batch's first step, where the policy has not moved yet (kept by `__call__`, so
+        they cost no forward pass of their own)."""
         number = step // self.iterations
         if self._batch is not None and self._batch[:2] == (number, list(items)):
             return self._batch[2]
         rolled = self._sample(fabric, model, items, number * self.iterations)
         if self.iterations > 1:
-            self._old_logps(fabric, model, [it for g in rolled.values() for it in g])
             self._batch = (number, list(items), rolled)
+            self._answers = [it for g in rolled.values() for it in g]
+            for k, it in enumerate(self._answers):  # (a micro-batch's rows name their answers: see __call__)
+                it["answer"] = torch.tensor([k])
         return rolled
-
-    def _old_logps(self, fabric: Any, model: nn.Module, answers: List[Dict[str, torch.Tensor]]) -> None:
-        """Each answer's "old_logps": its scored tokens' log-probabilities under the policy now, the one that sampled
-        them (what the clipped ratio of the batch's later steps compares with), a group per forward pass."""
-        import contextlib
-
-        device = model.tok_embeddings.weight.device
-        n = self.config.num_generations
-        with torch.no_grad(), fabric.autocast() if fabric is not None else contextlib.nullcontext():
-            for s in range(0, len(answers), n):
-                part = answers[s:s + n]
-                batch = self.collate(part)
-                hidden = self._hidden(model, batch["input_ids"].to(device), self.aligner)
-                lp, rows = token_logprobs(hidden, model.lm_head_weight, batch["labels"].to(device), self.chunk_size)
-                for r, it in enumerate(part):
-                    it["old_logps"] = lp[rows == r].float().cpu()
 
     def _sample(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
@@ -234,6 +223,8 @@ class GRPO(SyncedReference, SFT):
         batch = super().collate(items, step)
         for name in SCORES + (("token_scale",) if "token_scale" in items[0] else ()):  # (training answers have it)
             batch[name] = torch.stack([it[name] for it in items])
+        if "answer" in items[0]:
+            batch["answer"] = torch.stack([it["answer"] for it in items])
         if "old_logps" in items[0]:  # every scored token's, row by row: the order of the loss's log-probabilities
             batch["old_logps"] = torch.cat([it["old_logps"] for it in items])
         return batch
@@ -253,12 +244,17 @@ class GRPO(SyncedReference, SFT):
             with torch.no_grad():
                 ref = self._hidden(model, batch["input_ids"], self.reference)
         scale = batch["token_scale"][:, 0]
-        loss, kl, held, entropy = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0],
-                                            ref, chunk_size=self.chunk_size, old_logps=batch.get("old_logps"),
-                                            kept=scale > 0, **self.config.loss_settings())
+        terms = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
+                          chunk_size=self.chunk_size, old_logps=batch.get("old_logps"), kept=scale > 0,
+                          **self.config.loss_settings())
+        if "answer" in batch and "old_logps" not in batch:  # a batch's first step: the sampling policy's log-probs,
+            rows = (batch["labels"][:, 1:] != -100).sum(-1).tolist()  # kept with each answer for the later steps
+            for k, lp in zip(batch["answer"][:, 0].tolist(), terms.logps.float().cpu().split(rows)):
+                self._answers[k]["old_logps"] = lp
         if "clip_ratio" in out:
-            out["clip_ratio"] = held.sum()
-        return {**out, "loss": (loss * scale.to(loss)).sum(), "kl": kl.sum(), "entropy": entropy.sum()}
+            out["clip_ratio"] = terms.held.sum()
+        return {**out, "loss": (terms.loss * scale.to(terms.loss)).sum(), "kl": terms.kl.sum(),
+                "entropy": terms.entropy.sum()}
 
     def _hidden(self, model: nn.Module, input_ids: torch.Tensor, aligner: Any) -> torch.Tensor:
         """The final hidden states over the sampling temperature: their logits are those of the sampled distribution."""

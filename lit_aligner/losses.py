@@ -40,7 +40,7 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     with torch.no_grad():
         if extra == "squares":  # log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 log Z
             return lp, torch.logsumexp(2 * logits, -1) - 2 * log_z
-        return lp, log_z - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - sum_v p_v z_v
+        return lp, log_z - torch.softmax(logits, -1).mul_(logits).sum(-1)  # H = log Z - sum_v p_v z_v (one n x V)
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,

@@ -103,7 +103,6 @@ class GRPO(SyncedReference, SFT):
         # the loss reads log-probabilities at the sampling temperature (TRL's), those of the policy that sampled
         self.temperature = getattr(config, "sample_temperature", 0.0) or 1.0
         self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
-        self._answers: List[Dict[str, torch.Tensor]] = []  # that batch's answers, in the order of their "answer"
         self.answers: Dict[int, str] = {}  # the last validation's greedy answers, by held-out row (the final report's)
         # --log-completions: every process gathers its answers' lines to the first, which appends them to this file
         self.log_completions = False
@@ -158,10 +157,13 @@ class GRPO(SyncedReference, SFT):
         rolled = self._sample(fabric, model, items, number * self.iterations)
         if self.iterations > 1:
             self._batch = (number, list(items), rolled)
-            self._answers = [it for g in rolled.values() for it in g]
-            for k, it in enumerate(self._answers):  # (a micro-batch's rows name their answers: see __call__)
+            for k, it in enumerate(self._batch_answers()):  # (a micro-batch's rows name their answers: __call__)
                 it["answer"] = torch.tensor([k])
         return rolled
+
+    def _batch_answers(self) -> List[Dict[str, torch.Tensor]]:
+        """The kept batch's answers, group by group: the order of their "answer" numbers."""
+        return [it for g in self._batch[2].values() for it in g] if self._batch is not None else []
 
     def _sample(self, fabric: Any, model: nn.Module, items: Dict[int, Dict[str, torch.Tensor]],
                 step: int) -> Dict[int, List[Dict[str, torch.Tensor]]]:
@@ -247,10 +249,11 @@ class GRPO(SyncedReference, SFT):
         terms = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
                           chunk_size=self.chunk_size, old_logps=batch.get("old_logps"), kept=scale > 0,
                           **self.config.loss_settings())
-        if "answer" in batch and "old_logps" not in batch:  # a batch's first step: the sampling policy's log-probs,
-            rows = (batch["labels"][:, 1:] != -100).sum(-1).tolist()  # kept with each answer for the later steps
+        if "answer" in batch and "old_logps" not in batch:
+            # a batch's first step: the sampling policy's log-probs, kept with each answer for the later steps
+            rows, answers = (batch["labels"][:, 1:] != -100).sum(-1).tolist(), self._batch_answers()
             for k, lp in zip(batch["answer"][:, 0].tolist(), terms.logps.float().cpu().split(rows)):
-                self._answers[k]["old_logps"] = lp
+                answers[k]["old_logps"] = lp
         if "clip_ratio" in out:
             out["clip_ratio"] = terms.held.sum()
         return {**out, "loss": (terms.loss * scale.to(terms.loss)).sum(), "kl": terms.kl.sum(),

@@ -390,7 +390,7 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
               old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               importance_sampling_level: str = "token", delta: Optional[float] = None,
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
-              kept: Optional[torch.Tensor] = None) -> GRPOTerms:
+              kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -399,7 +399,9 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     log-ratios ("sequence": GSPO's). `old_logps`: log p_old of the scored tokens (n,), in the order of `labels`'
     scored positions, row by row; None (one optimizer step per batch of samples): log p_old = sg(log p), so c = 1,
     nothing is clipped and the gradient is the policy gradient. `delta` (INTELLECT-2's two-sided clipping) caps c
-    in the unclipped term too.
+    in the unclipped term too. `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence mask, with `old_logps`)
+    leaves out of the policy term each completion with A < 0 whose mean over its tokens of log p_old - log p is above
+    it.
 
     `loss_type` (TRL's names; `GRPO_LOSS_TYPES`): "grpo" (DeepSeekMath's) the mean over the completion's tokens;
     "dr_grpo" their sum / `max_completion_length` (Dr. GRPO: no length bias); "dapo" their sum, which the caller
@@ -443,6 +445,9 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         if delta is not None:
             ratio = torch.clamp(ratio, max=delta)
         per_token = -torch.min(ratio * a, clipped * a)
+    if off_policy_mask_threshold is not None and old_logps is not None:
+        drift = total(old_logps.to(lp) - lp.detach()) / count  # each completion's mean KL(old || now) estimate
+        per_token = per_token * ((advantages.to(lp) >= 0) | (drift <= off_policy_mask_threshold)).to(lp)[rows]
     if top_entropy_quantile < 1.0 and lp.numel():
         pool = entropy if kept is None else entropy[kept.to(rows.device)[rows]]
         if pool.numel():

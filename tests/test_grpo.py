@@ -16,7 +16,7 @@ from lit_aligner.losses import grpo_loss
 from lit_aligner.model import AlignerConfig, LLaMA, init_weights
 from lit_aligner.rewards import RewardError, Rewards, gives_answer, reference_answer
 from lit_aligner.training import GRPOConfig, GRPORunConfig, TrainError
-from lit_aligner.training.objectives.grpo import GRPO, batch_std, group_advantages
+from lit_aligner.training.objectives.grpo import GRPO, batch_moments, decoupled_advantages, group_advantages
 from lit_aligner.training.plot import read_metrics
 
 
@@ -35,10 +35,11 @@ def test_group_advantages_are_trls():
     # scale_rewards="batch": the group's mean, the whole batch's standard deviation
     theirs = (flat - mean) / (nanstd(flat) + 1e-4)
     assert torch.allclose(group_advantages(rewards, "batch").view(-1), theirs, atol=1e-6)
-    assert torch.allclose(group_advantages(rewards, "batch", batch_std(None, rewards)).view(-1), theirs, atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, "batch", batch_moments(None, rewards)[1]).view(-1), theirs,
+                          atol=1e-6)
 
 
-def test_the_batch_standard_deviation_spans_every_process():
+def test_the_batch_mean_and_standard_deviation_span_every_process():
     # TRL gathers the rewards of every process before it scales; here the other process holds the last 3 groups
     from types import SimpleNamespace
 
@@ -48,8 +49,37 @@ def test_the_batch_standard_deviation_spans_every_process():
     theirs = rewards[2:].double().flatten()
     other = torch.stack([theirs.new_tensor(float(theirs.numel())), theirs.sum(), (theirs * theirs).sum()])
     fabric = SimpleNamespace(world_size=2, device=torch.device("cpu"), all_reduce=lambda t, reduce_op: t + other)
-    assert float(batch_std(fabric, rewards[:2])) == pytest.approx(float(nanstd(rewards.flatten())), rel=1e-6)
-    assert float(batch_std(None, rewards[:2])) == pytest.approx(float(nanstd(rewards[:2].flatten())), rel=1e-6)
+    mean, std = batch_moments(fabric, rewards[:2])
+    assert float(std) == pytest.approx(float(nanstd(rewards.flatten())), rel=1e-6)
+    assert float(mean) == pytest.approx(float(rewards.mean()), rel=1e-6)
+    mean, std = batch_moments(None, rewards[:2])
+    assert float(std) == pytest.approx(float(nanstd(rewards[:2].flatten())), rel=1e-6)
+    assert float(mean) == pytest.approx(float(rewards[:2].mean()), rel=1e-6)
+
+
+def test_decoupled_advantages_are_trls_normalize_then_sum():
+    """GDPO: TRL's computation (GRPOTrainer, multi_objective_aggregation="normalize_then_sum") on its flat batch of
+    rewards per function; two functions whose sum ties within a group still give it signal."""
+    from trl.trainer.utils import nanstd
+
+    g = torch.Generator().manual_seed(6)
+    rewards = torch.stack([torch.randint(0, 2, (5, 4), generator=g).float(),  # a 0/1 check
+                           10 * torch.rand(5, 4, generator=g)], -1)  # a wide-ranged score
+    rewards[1, :, 0] = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    rewards[1, :, 1] = 2 * (1.0 - rewards[1, :, 0])  # group 1: the two functions disagree, their weighted totals tie
+    rewards[3] = 0.5  # group 3: no function tells its answers apart
+    weights = [1.0, 0.5]
+    grouped = rewards.view(-1, 4, 2)  # TRL's lines, on rewards_per_func (B*G, K)
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, 2)
+    summed = (reward_k * torch.tensor(weights).unsqueeze(0)).nansum(dim=1)
+    theirs = (summed - torch.nanmean(summed)) / (nanstd(summed).expand_as(summed) + 1e-4)
+    ours = decoupled_advantages(None, rewards, weights)
+    assert torch.allclose(ours.view(-1), theirs, atol=1e-5)
+    plain = group_advantages((rewards * torch.tensor(weights)).sum(-1))
+    assert float(plain[1].abs().max()) == 0 and float(ours[1].abs().max()) > 0.5
+    assert float(ours[3].abs().max()) < 1e-5
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -131,7 +161,8 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
         loss_type=settings["loss_type"], importance_sampling_level=settings["importance_sampling_level"],
         epsilon_low=settings["epsilon_low"], epsilon_high=settings["epsilon_high"], beta=settings["beta"],
         top_entropy_quantile=settings["top_entropy_quantile"], max_completion_length=settings["max_completion_length"],
-        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
+        off_policy_mask_threshold=settings["off_policy_mask_threshold"], use_vllm=False,
+        vllm_importance_sampling_correction=False,
         aux_loss_enabled=False, _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
         model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
         args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=False, steps_per_generation=1,
@@ -140,6 +171,7 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
         accelerator=SimpleNamespace(num_processes=1, gather=ident, gather_for_metrics=ident,
                                     pad_across_processes=ident, reduce=ident))
     trainer.get_high_entropy_mask = MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
+    trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask  # (a static method)
     trainer._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*per_token(hidden), None)
     B = completions.shape[0]
     inputs = {"prompt_ids": torch.zeros(B, P, dtype=torch.long), "prompt_mask": torch.ones(B, P, dtype=torch.long),
@@ -165,11 +197,15 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
     ("sapo", "sequence", False, {"sapo_temperatures": (0.5, 2.0), "temperature": 1.3}),
     ("luspo", "sequence", True, {"epsilon_low": 0.02, "epsilon_high": 0.03}),
     ("grpo", "token", False, {"top_entropy_quantile": 0.2}),
+    ("grpo", "token", True, {"off_policy_mask_threshold": 0.1, "advantages": [-1.2, 0.7, -0.4, -0.9], "beta": 0.04}),
+    ("dapo", "sequence", True, {"off_policy_mask_threshold": 0.1, "advantages": [-1.2, 0.7, -0.4, -0.9],
+                                "epsilon_high": 0.1}),
 ])
 def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old, extra):
     """Value, gradient, the clipped share and the entropy against the installed TRL's GRPOTrainer._compute_loss itself,
     for each loss type (GSPO's sequence-level ratio, CISPO, SAPO, LUSPO, INTELLECT-2's delta, the top-entropy tokens,
-    the KL, a sampling temperature), with old log-probs of a policy a few steps back (--num-iterations > 1) or none."""
+    the KL, a sampling temperature, DeepSeek-V3.2's off-policy mask), with old log-probs of a policy a few steps back
+    (--num-iterations > 1) or none."""
     g = torch.Generator().manual_seed(3)
     B, P, Tc, C, V = 4, 3, 6, 8, 11
     extra = dict(extra)
@@ -177,6 +213,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     advantages = extra.pop("advantages", [1.2, 0.7, 0.4, -0.9])
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 0.2,
                 "delta": None, "sapo_temperatures": (1.0, 1.05), "top_entropy_quantile": 1.0, "beta": 0.0,
+                "off_policy_mask_threshold": None,
                 "max_completion_length": Tc, **extra}
     hidden = torch.randn(B, P + Tc, C, generator=g, requires_grad=True)
     ref_hidden = hidden.detach() + 0.3 * torch.randn(B, P + Tc, C, generator=g)  # (a reference near the policy)
@@ -199,7 +236,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     count = mask.sum(-1).float()
     value = {"dapo": ours.sum() / count.sum(), "cispo": ours.sum() / count.sum()}.get(loss_type, ours.mean())
     value.backward()
-    assert float(value) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
+    assert float(value.detach()) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
     assert torch.allclose(hidden.grad, their_grad, rtol=1e-4, atol=1e-6)
     assert float(their_grad.abs().sum()) > 0
     # the metrics: TRL's are means over every token (over answers at the sequence level), ours each answer's share
@@ -214,6 +251,13 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
         assert per(held) == pytest.approx(metrics["clip_ratio/region_mean"], abs=1e-6)
     if old and loss_type != "sapo":
         assert float(held.sum()) > 0  # (the noise puts some tokens, or answers, outside the bounds)
+    if settings["off_policy_mask_threshold"] is not None:  # the mask left some answers out, not all
+        def policy_term(threshold):
+            return grpo_loss(hidden.detach() / temperature, weight, labels, advantages, None, chunk_size=3,
+                             old_logps=old_lp[mask], **{**settings, "off_policy_mask_threshold": threshold}).loss
+
+        dropped = policy_term(settings["off_policy_mask_threshold"]) != policy_term(None)
+        assert 0 < int(dropped.sum()) < int((advantages < 0).sum()), dropped
     if settings["beta"]:
         assert per(kl) == pytest.approx(metrics["kl"], abs=1e-5) if level == "token" else float(kl.sum()) > 0
 
@@ -331,6 +375,20 @@ def _items(n=3, seed=4):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 300, (int(k),), generator=g) for k in torch.randint(3, 8, (n,), generator=g)]
     return {i: {"prompt": p, "response": torch.tensor([5, 299]), "context": NO_CONTEXT} for i, p in enumerate(prompts)}
+
+
+def test_a_gdpo_rollout_scales_each_reward_function_in_its_group_then_the_step():
+    model, items = _tiny_model(), _items()
+    config = GRPOConfig(rewards=["regex:t1\\d\\d\\b", "concise"], reward_weights=[1.0, 0.5], num_generations=4,
+                        max_new_tokens=6, multi_objective_aggregation="normalize_then_sum")
+    objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=[7], seed=3, end_id=299)
+    groups = objective.rollout(None, model, items, 0)
+    by_name = torch.stack([torch.stack([a["rewards"] for a in groups[i]]) for i in sorted(groups)])  # (3, 4, 2)
+    advantages = torch.stack([torch.cat([a["advantage"] for a in groups[i]]) for i in sorted(groups)])
+    assert torch.allclose(advantages, decoupled_advantages(None, by_name, [1.0, 0.5]), atol=1e-6)
+    assert float(advantages.abs().sum()) > 0 and float(advantages.mean()) == pytest.approx(0, abs=1e-5)
+    ties = (by_name.amax(1) == by_name.amin(1)).all(-1)
+    assert [float(groups[i][0]["zero_std"]) for i in sorted(groups)] == ties.float().tolist()
 
 
 def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
@@ -452,6 +510,37 @@ def test_a_batchs_first_step_keeps_the_sampling_policys_log_probs_for_its_later_
     assert torch.equal(batch["old_logps"], torch.cat([a["old_logps"] for a in answers[:4]]))
 
 
+def test_the_off_policy_mask_drops_drifted_answers_with_negative_advantages_on_a_later_step():
+    # --off-policy-mask-threshold through the objective: nothing drifts on a batch's first step; on its second (the
+    # policy moved) the answers with A < 0 whose mean log p_old - log p passed the threshold leave the loss
+    items, losses = _items(3, seed=5), []
+    for threshold in (None, 1e-6):
+        torch.manual_seed(0)
+        m = _tiny_model()
+        config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, num_iterations=2,
+                            off_policy_mask_threshold=threshold)
+        objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=range(0, 300, 7), seed=1,
+                         end_id=299).with_aligner(None)
+        answers = [a for g in objective.rollout(None, m, items, step=0).values() for a in g]
+        with torch.no_grad():
+            first = objective(m, objective.collate(answers))
+        with torch.no_grad():
+            m.aligner.gate.add_(0.5)  # the policy moves
+            drift = []
+            for a in answers:
+                ids = torch.cat([a["prompt"], a["response"]])[None]
+                lp = torch.log_softmax(m(ids)[0, len(a["prompt"]) - 1:-1], -1).gather(-1, a["response"][:, None])
+                drift.append(float((a["old_logps"] - lp[:, 0]).mean()))
+        second = [objective(m, objective.collate([a]))["loss"].item() for a in answers]
+        losses.append((first["loss"].item(), second))
+    advantages = [float(a["advantage"]) for a in answers]
+    dropped = [a < 0 and d > 1e-6 for a, d in zip(advantages, drift)]
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-6)  # the first step: nothing masked
+    assert 0 < sum(dropped) < len(answers)
+    for (plain, masked), drop in zip(zip(losses[0][1], losses[1][1]), dropped):
+        assert masked == (0.0 if drop else pytest.approx(plain, abs=1e-6)) and (not drop or plain != 0.0)
+
+
 def test_dapo_divides_by_the_answer_tokens_of_every_process():
     # under DDP each process samples its own groups; DAPO's mean runs over the tokens of all of them (TRL gathers the
     # count): the other process here brings 8 answers of 40 tokens in all
@@ -481,7 +570,7 @@ def test_validation_scores_the_policys_greedy_answers_by_their_reward():
         answers = {i: scorer._answer_items(None, model, [items[i]], 1, 0.0, aligner, None)[0][0] for i in items}
         mean = lambda k: sum(float(a[k].sum()) for a in answers.values()) / len(items)  # noqa: E731
         assert metrics["answers"] == 5 and metrics["reward"] == pytest.approx(mean("reward"))
-        assert metrics["loss"] == pytest.approx(-metrics["reward"]) and metrics["zero_std"] == 0
+        assert metrics["loss"] == pytest.approx(-metrics["reward"]) and "zero_std" not in metrics
         assert metrics["length"] == pytest.approx(sum(len(a["response"]) for a in answers.values()) / 5)
         assert metrics["truncated"] == pytest.approx(mean("truncated"))
 
@@ -552,6 +641,9 @@ def test_a_grpo_run_moves_its_reward_the_way_it_is_weighed(tiny_checkpoint_dir, 
         assert all(float(r["grad_norm"]) > 0 for r in rows if r.get("grad_norm"))
         val = [(float(r["val_reward"]), float(r["val_reward_e_share"])) for r in rows if r.get("val_reward")]
         assert val[-1][0] == pytest.approx(weight * val[-1][1]) and summary["val"]["reward"] == val[-1][0]
+        # the KL and entropy are measured in training only: no column of zeros for validation
+        assert all(float(r["train_entropy"]) > 0 for r in rows if r.get("train_entropy"))
+        assert not {"val_kl", "val_zero_std", "val_entropy"} & set(rows[0]) and "kl" not in summary["val"]
         shares[weight] = (val[0][1], val[-1][1])  # the held-out greedy answers' share of e's: before, after
     assert shares[1.0][0] == shares[-1.0][0]  # the same base
     assert shares[1.0][1] > shares[1.0][0] + 0.1, shares  # rewarded: more e's
@@ -802,10 +894,16 @@ def test_grpo_flags_are_checked():
     for bad, says in ((dict(loss_type="cispo", epsilon_high=0.28), "cispo, --epsilon-high is the cap on the ratio"),
                       (dict(loss_type="luspo"), "add --importance-sampling-level sequence"),
                       (dict(delta=1.0), "--delta caps the ratio"), (dict(sapo_temperature_neg=0.0), "must be positive"),
-                      (dict(top_entropy_quantile=1.5), r"--top-entropy-quantile is a share of the tokens")):
+                      (dict(top_entropy_quantile=1.5), r"--top-entropy-quantile is a share of the tokens"),
+                      (dict(off_policy_mask_threshold=0.5), "needs --num-iterations > 1"),
+                      (dict(off_policy_mask_threshold=0.0, num_iterations=2), "must be positive"),
+                      (dict(multi_objective_aggregation="normalize_then_sum", scale_rewards="none"),
+                       "applies to sum_then_normalize only")):
         with pytest.raises(TrainError, match=says):
             GRPOConfig(**bad).check()
     GRPOConfig(loss_type="luspo", importance_sampling_level="sequence", delta=4.0, top_entropy_quantile=0.2).check()
+    GRPOConfig(off_policy_mask_threshold=0.5, num_iterations=2,
+               multi_objective_aggregation="normalize_then_sum").check()
     for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
                       (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
                       (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0")):

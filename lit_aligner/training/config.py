@@ -797,6 +797,11 @@ class GRPOConfig(RewardConfig):
     """what divides each answer's reward less its group's mean (TRL's names): group, the group's standard deviation
     (GRPO's); batch, the standard deviation of the whole step's rewards, over every process (LitePPO's); none, nothing
     (Dr. GRPO's: the group's spread biases towards too easy and too hard prompts)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """how several reward functions make one advantage (TRL's names): sum_then_normalize, their weighted sum, then
+    --scale-rewards; normalize_then_sum (GDPO), each function's rewards centred and scaled within their group first,
+    then weighted and summed, and the sums centred and scaled over the whole step (so a function with a wide range
+    cannot drown another's signal, and a group whose totals tie can still learn from functions that disagree)."""
     mask_truncated_completions: bool = False
     """leave answers cut at --max-new-tokens (or at the room left under --max-seq-length) out of the loss, as
     DAPO's overlong filter: their ending is unknown, so their reward says little about their tokens. They still
@@ -837,6 +842,10 @@ class GRPOConfig(RewardConfig):
     """--loss-type sapo: the gate's temperature for answers with a positive advantage."""
     sapo_temperature_neg: float = 1.05
     """--loss-type sapo: the gate's temperature for the others (SAPO's paper: a little higher)."""
+    off_policy_mask_threshold: Optional[float] = None
+    """with --num-iterations > 1: leave out of the policy term each answer with a negative advantage whose tokens'
+    mean KL from the sampling policy to the current one (log p_old - log p) is above this (DeepSeek-V3.2's
+    off-policy sequence mask, e.g. 0.5): a stale sample pushed down further only adds noise; default: none."""
     top_entropy_quantile: float = 1.0
     """keep in the policy term only the tokens whose distribution's entropy is in this top share of the forward pass's
     answer tokens ("Beyond the 80/20 rule": 0.2; 1: every token)."""
@@ -860,6 +869,15 @@ class GRPOConfig(RewardConfig):
         if not (0.0 < self.sapo_temperature_pos < float("inf") and 0.0 < self.sapo_temperature_neg < float("inf")):
             raise TrainError(f"--sapo-temperature-pos and --sapo-temperature-neg must be positive, got "
                              f"{self.sapo_temperature_pos} and {self.sapo_temperature_neg}")
+        if self.off_policy_mask_threshold is not None and not (0.0 < self.off_policy_mask_threshold < float("inf")
+                                                               and self.num_iterations > 1):
+            raise TrainError(f"--off-policy-mask-threshold must be positive (e.g. 0.5) and needs --num-iterations > 1 "
+                             f"(with 1 every answer is trained on by the policy that sampled it), got "
+                             f"{self.off_policy_mask_threshold} with --num-iterations {self.num_iterations}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
+            raise TrainError(f"--multi-objective-aggregation normalize_then_sum scales each function's rewards by "
+                             f"their group's spread and the sums by the step's; --scale-rewards {self.scale_rewards} "
+                             f"applies to sum_then_normalize only: leave it at group")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise TrainError(f"--top-entropy-quantile is a share of the tokens, in [0, 1] (1: all), got "
                              f"{self.top_entropy_quantile}")
@@ -891,7 +909,8 @@ class GRPOConfig(RewardConfig):
                 "epsilon_low": self.epsilon, "epsilon_high": self.upper_epsilon(),
                 "importance_sampling_level": self.importance_sampling_level, "delta": self.delta,
                 "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
-                "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta}
+                "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta,
+                "off_policy_mask_threshold": self.off_policy_mask_threshold}
 
     def sampling(self) -> Dict[str, Any]:
         """The training answers' sampling filters and penalty, as `generation.generate` takes them (None: off)."""
@@ -905,11 +924,13 @@ class GRPOConfig(RewardConfig):
         return {**super().settings(), "num_generations": self.num_generations,
                 "sample_temperature": self.sample_temperature, "top_k": self.top_k, "top_p": self.top_p,
                 "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "scale_rewards": self.scale_rewards,
+                "multi_objective_aggregation": self.multi_objective_aggregation,
                 "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
                 "loss_type": self.loss_type, "num_iterations": self.num_iterations, "epsilon": self.epsilon,
                 "epsilon_high": self.epsilon_high, "importance_sampling_level": self.importance_sampling_level,
                 "delta": self.delta, "sapo_temperature_pos": self.sapo_temperature_pos,
-                "sapo_temperature_neg": self.sapo_temperature_neg, "top_entropy_quantile": self.top_entropy_quantile}
+                "sapo_temperature_neg": self.sapo_temperature_neg, "top_entropy_quantile": self.top_entropy_quantile,
+                "off_policy_mask_threshold": self.off_policy_mask_threshold}
 
 
 @dataclass

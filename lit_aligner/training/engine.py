@@ -167,7 +167,7 @@ def evaluate(module: nn.Module, objective: Objective, dataset, micro_batch_size:
     for _ in range(most - len(batches)):  # (an empty dataset: most is 0)
         module(_to(objective.collate([item(i) for i in (batches[0] if batches else [0])]), device))
     module.train(was_training)
-    names = list(objective.metric_names)
+    names = list(objective.val_metric_names)
     flat = torch.tensor([float(units)] + [0.0] * len(names), dtype=torch.float64, device=device)
     if sums is not None:
         flat[1:] = torch.stack([sums[k] for k in names])
@@ -234,7 +234,7 @@ def fit(
     gradient_accumulation_steps(config.global_batch_size, config.micro_batch_size, world)
     device = fabric.device
     t_start = time.perf_counter()
-    names = list(objective.metric_names)
+    names, val_names = list(objective.metric_names), list(objective.val_metric_names)
     tokens_seen = real_seen = 0
     speeds: Dict[str, List[float]] = {"tokens_per_sec": [], "real_tokens_per_sec": []}
     last_state: Optional[Path] = None
@@ -261,7 +261,7 @@ def fit(
     per_batch = objective.iterations  # optimizer steps on each global batch (GRPO's --num-iterations; else 1)
     if validating and start_step == 0:
         val_metrics = first_val = validate()
-        metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in names}, "lr": lr_at(0, config),
+        metrics.log({"step": 0, **{f"val_{k}": val_metrics[k] for k in val_names}, "lr": lr_at(0, config),
                      "tokens_seen": 0, "elapsed_s": 0.0})
     bar = None
     if progress and rank == 0:
@@ -333,11 +333,11 @@ def fit(
             if validating and (step % config.eval_interval == 0 or step == config.max_steps or stop_now):
                 val_metrics = validate()
                 first_val = first_val or val_metrics
-                row.update({f"val_{k}": val_metrics[k] for k in names})
+                row.update({f"val_{k}": val_metrics[k] for k in val_names})
                 if step == config.max_steps and config.final_validation and not val_whole:
                     # the curve keeps its --eval-iters rows; the figure reported and saved is the whole split's
                     val_metrics, val_whole = validate(None), True
-                    row.update({f"final_val_{k}": val_metrics[k] for k in names})
+                    row.update({f"final_val_{k}": val_metrics[k] for k in val_names})
             if step % config.log_interval == 0 or "val_loss" in row or step == config.max_steps:
                 metrics.log(row)
             if on_step is not None:

@@ -43,6 +43,8 @@ class Objective:
     data_kind: ClassVar[str] = "sft"
     unit: ClassVar[str] = "tokens"  # what `units` counts and every metric is averaged over
     metric_names: ClassVar[Tuple[str, ...]] = ("loss",)
+    # those measured in training only, left out of validation's (GRPO's KL and entropy: it scores greedy answers)
+    train_only_metrics: ClassVar[Tuple[str, ...]] = ()
     # optimizer steps each global batch trains (GRPO's --num-iterations: its samples are reused); run states are
     # written between batches only
     iterations: int = 1
@@ -52,6 +54,10 @@ class Objective:
         # the `aligner` argument of the policy's forward pass: None is the model's own (the one being trained); an
         # evaluation may set an Aligner, or False for the bare base (see `with_aligner`)
         self.aligner: Any = None
+
+    @property
+    def val_metric_names(self) -> Tuple[str, ...]:
+        return tuple(k for k in self.metric_names if k not in self.train_only_metrics)
 
     def with_aligner(self, aligner: Any) -> "Objective":
         """A copy of this objective whose policy is `aligner` (an Aligner, a stacked one, or False: the bare base)."""

@@ -1,15 +1,16 @@
 """GRPO (Group Relative Policy Optimization, DeepSeekMath; TRL's GRPOTrainer) into an Aligner: every step the student
 (the base with the Aligner being trained) samples a group of --num-generations answers to each prompt of the step
-(`rollout`), reward functions score each answer (`lit_aligner.rewards`), and each answer's advantage is its reward
-less its group's mean, over the group's standard deviation (--scale-rewards). An answer's per-token loss is
--advantage x the ratio of its token's probability to the sampling policy's, clipped to [1 - epsilon, 1 + epsilon-high]
-(PPO's; with one optimizer step per batch of samples, TRL's default num_iterations=1, the ratio is 1 and the gradient
-the policy gradient; with --num-iterations mu the batch's samples, and their log-probabilities under the policy that
-drew them, are kept for its mu steps) plus --beta x the KL to a frozen reference through the same base
-(--reference-aligner: by default a copy of --init-aligner, else the bare base), averaged as --loss-type says (which
-also names CISPO's and SAPO's terms; `losses.grpo_loss`); the ratio is per token or, with --importance-sampling-level
-sequence, per answer (GSPO), and every log-probability is the policy's at the sampling temperature. Units are
-answers. No value model and no reward model: the rewards are functions.
+(`rollout`), reward functions score each answer (`lit_aligner.rewards`), and each answer's advantage is its reward less
+its group's mean, over the group's standard deviation (--scale-rewards; with several functions, GDPO's
+--multi-objective-aggregation normalize_then_sum scales each function's within the group first). An answer's per-token
+loss is -advantage x the ratio of its token's probability to the sampling policy's, clipped to [1 - epsilon, 1 +
+epsilon-high] (PPO's; with one optimizer step per batch of samples, TRL's default num_iterations=1, the ratio is 1 and
+the gradient the policy gradient; with --num-iterations mu the batch's samples, and their log-probabilities under the
+policy that drew them, are kept for its mu steps) plus --beta x the KL to a frozen reference through the same base
+(--reference-aligner: by default a copy of --init-aligner, else the bare base), averaged as --loss-type says (which also
+names CISPO's and SAPO's terms; `losses.grpo_loss`); the ratio is per token or, with --importance-sampling-level
+sequence, per answer (GSPO), and every log-probability is the policy's at the sampling temperature. Units are answers.
+No value model and no reward model: the rewards are functions.
 
 Validation answers each held-out prompt greedily (`answer`) and reports the mean reward; its "loss" is minus that
 reward, so lower is better there too.
@@ -18,7 +19,7 @@ reward, so lower is better there too.
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,14 +47,26 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", std: Optional[
     return centred / ((rewards.std() if std is None else std) + 1e-4)
 
 
-def batch_std(fabric: Any, rewards: torch.Tensor) -> torch.Tensor:
-    """The (unbiased) standard deviation of a step's rewards over every process (each holds its own groups)."""
+def batch_moments(fabric: Any, rewards: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mean and (unbiased) standard deviation of a step's rewards over every process (each holds its own
+    groups)."""
     x = rewards.double().flatten()
     sums = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
     if fabric is not None and fabric.world_size > 1:
         sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="sum").cpu()
     n, s, ss = sums.tolist()
-    return torch.tensor(max(ss - s * s / n, 0.0) / max(n - 1, 1) if n > 1 else 0.0).sqrt().float()
+    std = torch.tensor(max(ss - s * s / n, 0.0) / max(n - 1, 1) if n > 1 else 0.0).sqrt().float()
+    return torch.tensor(s / max(n, 1)).float(), std
+
+
+def decoupled_advantages(fabric: Any, rewards: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """GDPO (TRL's multi_objective_aggregation="normalize_then_sum"): (groups, G, K) rewards of K functions ->
+    (groups, G) advantages: each function's rewards less their group's mean over its standard deviation (+1e-4),
+    weighted and summed, then the sums less the step's mean over its standard deviation (every process's)."""
+    centred = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+    sums = (centred * torch.tensor(weights, dtype=rewards.dtype)).sum(-1)
+    mean, std = batch_moments(fabric, sums)
+    return (sums - mean) / (std + 1e-4)
 
 
 def keep_completions(path: Path, step: int) -> Path:
@@ -78,12 +91,15 @@ class GRPO(SyncedReference, SFT):
     reward (the weighted sum), each reward function's (reward_<name>), length (answer tokens), kl (to the reference,
     with --beta), zero_std (the share of answers in groups whose rewards do not differ: no signal), truncated (the
     share cut at --max-new-tokens or the room left: TRL's clipped_ratio), entropy (each answer's mean over its tokens
-    of the policy's entropy there, training only: a policy collapsing to one answer shows it falling) and, with
-    --num-iterations > 1, clip_ratio (the share of each answer's tokens whose ratio the clipping held)."""
+    of the policy's entropy there: a policy collapsing to one answer shows it falling) and, with --num-iterations > 1,
+    clip_ratio (the share of each answer's tokens whose ratio the clipping held); validation has loss, the rewards,
+    length and truncated (`train_only_metrics` are not measured there)."""
 
     name = "grpo"
     data_kind = "sft"
     unit = "answers"
+    # validation scores one greedy answer per prompt by its reward alone: no group, no KL, no sampled entropy
+    train_only_metrics = ("kl", "zero_std", "entropy", "clip_ratio")
 
     def __init__(self, pad_id: int, decode, config: RewardConfig = GRPOConfig(), chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_seq_length: int = 512, stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None,
@@ -131,14 +147,18 @@ class GRPO(SyncedReference, SFT):
         references = [self._text(it["response"]) for it in items for _ in range(copies)]
         scores = self.rewards([self._text(p) for p in prompts], texts, references, [len(a) for a in answers])
         total = torch.tensor(self.rewards.total(scores), dtype=torch.float32).view(len(items), copies)
-        advantages = torch.zeros_like(total)  # (one answer: no group)
-        if copies > 1:
-            scale = self.config.scale_rewards
-            advantages = group_advantages(total, scale, batch_std(fabric, total) if scale == "batch" else None)
-        zero_std = (total.max(-1).values == total.min(-1).values).float() * (copies > 1)
-        truncated = torch.tensor([not s for s in stopped], dtype=torch.float32).view(len(items), copies)
         by_name = torch.tensor([scores[n] for n in self.rewards.names], dtype=torch.float32).T.reshape(
             len(items), copies, -1)
+        advantages = torch.zeros_like(total)  # (one answer: no group)
+        # a group without signal: its answers' totals tie (GDPO: every function's rewards do)
+        zero_std = (total.max(-1).values == total.min(-1).values).float() * (copies > 1)
+        if copies > 1 and self.config.multi_objective_aggregation == "normalize_then_sum":
+            advantages = decoupled_advantages(fabric, by_name, self.rewards.weights)
+            zero_std = (by_name.amax(1) == by_name.amin(1)).all(-1).float()
+        elif copies > 1:
+            scale = self.config.scale_rewards
+            advantages = group_advantages(total, scale, batch_moments(fabric, total)[1] if scale == "batch" else None)
+        truncated = torch.tensor([not s for s in stopped], dtype=torch.float32).view(len(items), copies)
         return [[{"prompt": it["prompt"], "response": answers[g * copies + c], "context": NO_CONTEXT,
                   "reward": total[g, c:c + 1], "rewards": by_name[g, c], "advantage": advantages[g, c:c + 1],
                   "zero_std": zero_std[g:g + 1], "truncated": truncated[g, c:c + 1]} for c in range(copies)]
@@ -233,13 +253,11 @@ class GRPO(SyncedReference, SFT):
 
     def __call__(self, model: nn.Module, batch: Batch) -> Dict[str, torch.Tensor]:
         length = (batch["labels"][:, 1:] != -100).sum().float()
-        out = {"reward": batch["reward"].sum(), "length": length, "zero_std": batch["zero_std"].sum(),
-               "truncated": batch["truncated"].sum()}
+        out = {"reward": batch["reward"].sum(), "length": length, "truncated": batch["truncated"].sum()}
         out.update({f"reward_{n}": batch["rewards"][:, i].sum() for i, n in enumerate(self.rewards.names)})
-        if "clip_ratio" in self.metric_names:
-            out["clip_ratio"] = torch.zeros(())
         if not model.training:  # validation: greedy answers, scored by their reward alone
-            return {**out, "loss": -out["reward"], "kl": torch.zeros(()), "entropy": torch.zeros(())}
+            return {**out, "loss": -out["reward"]}
+        out["zero_std"] = batch["zero_std"].sum()
         hidden = self._hidden(model, batch["input_ids"], self.aligner)
         ref = None
         if self.config.beta > 0:
@@ -254,7 +272,7 @@ class GRPO(SyncedReference, SFT):
             rows, answers = (batch["labels"][:, 1:] != -100).sum(-1).tolist(), self._batch_answers()
             for k, lp in zip(batch["answer"][:, 0].tolist(), terms.logps.float().cpu().split(rows)):
                 answers[k]["old_logps"] = lp
-        if "clip_ratio" in out:
+        if "clip_ratio" in self.metric_names:
             out["clip_ratio"] = terms.held.sum()
         return {**out, "loss": (terms.loss * scale.to(terms.loss)).sum(), "kl": terms.kl.sum(),
                 "entropy": terms.entropy.sum()}

@@ -30,13 +30,16 @@ def _shift(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, to
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     extra: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """h (n, C), targets (n,) -> log p(target) (n,) in fp32; with `extra`, also (n,) without gradient: "squares",
-    log sum_v p_v^2 of each position's distribution; "entropy", its entropy -sum_v p_v log p_v."""
+    """h (n, C), targets (n,) -> log p(target) (n,) in fp32; with `extra`, also (n,): "squares", log sum_v p_v^2 of
+    each position's distribution, and "entropy", its entropy -sum_v p_v log p_v, both without gradient;
+    "entropy_grad", the entropy with its gradient (an entropy bonus)."""
     logits = F.linear(h, weight).float()  # (n, V): the only logits alive at a time
     if extra is None:
         return -F.cross_entropy(logits, targets, reduction="none")
     log_z = torch.logsumexp(logits, -1)  # shared by both (TRL's kernel does the same): one pass less over (n, V)
     lp = logits.gather(-1, targets[:, None])[:, 0] - log_z
+    if extra == "entropy_grad":
+        return lp, log_z - (torch.softmax(logits, -1) * logits).sum(-1)
     with torch.no_grad():
         if extra == "squares":  # log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 log Z
             return lp, torch.logsumexp(2 * logits, -1) - 2 * log_z
@@ -374,14 +377,17 @@ TOKEN_MEAN_LOSSES = frozenset({"dapo", "cispo"})  # divided by the step's answer
 
 
 class GRPOTerms(NamedTuple):
-    """`grpo_loss`'s result, each fp32 and only `loss` with a gradient: per completion (B,) its loss, its tokens' mean
-    KL, the share of its tokens the clipping held and their mean entropy; and the scored tokens' log-probabilities
-    (n,), row by row (what a later step's `old_logps` is)."""
+    """`grpo_loss`'s result, each fp32 and only `loss` (and `bonus` when asked) with a gradient: per completion (B,) its
+    loss, its tokens' mean KL, the share of its tokens the clipping held and their mean entropy; the scored tokens'
+    log-probabilities (n,), row by row (what a later step's `old_logps` is); and per completion the sum of the entropy
+    over the tokens the policy term keeps (what an entropy bonus rewards) and their count."""
     loss: torch.Tensor
     kl: torch.Tensor
     held: torch.Tensor
     entropy: torch.Tensor
     logps: torch.Tensor
+    bonus: torch.Tensor
+    bonus_tokens: torch.Tensor
 
 
 def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
@@ -390,7 +396,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
               old_logps: Optional[torch.Tensor] = None, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               importance_sampling_level: str = "token", delta: Optional[float] = None,
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
-              kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None) -> GRPOTerms:
+              kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
+              entropy_grad: bool = False) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -411,7 +418,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     (A > 0, A <= 0), averaged as grpo's; "luspo" (needs "sequence") the sum over the completion's tokens, which the
     caller averages over completions. `top_entropy_quantile` rho < 1 ("Beyond the 80/20 rule") keeps in the policy
     term only the tokens whose distribution's entropy reaches the 1 - rho quantile of the scored tokens here (of the
-    `kept` (B,) completions', when given).
+    `kept` (B,) completions', when given). `entropy_grad`: `GRPOTerms.bonus` (the entropy summed over the tokens the
+    policy term keeps) has its gradient, for an entropy bonus (TRL's entropy_coef).
 
     Returns `GRPOTerms`: per completion the loss, the mean KL over its tokens, the share of its tokens whose ratio the
     clipping held (TRL's clip region; cispo: c above its cap with A > 0) and their mean entropy; and the tokens'
@@ -423,7 +431,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
                                                                   and importance_sampling_level != "sequence"):
         raise ValueError(f"importance_sampling_level 'token' or 'sequence' (luspo: 'sequence'), got "
                          f"{importance_sampling_level!r}")
-    lp, rows, entropy = _token_logprobs(hidden, lm_head_weight, labels, chunk_size, "entropy")
+    lp, rows, entropy = _token_logprobs(hidden, lm_head_weight, labels, chunk_size,
+                                        "entropy_grad" if entropy_grad else "entropy")
     B = labels.shape[0]
     total = lambda x: torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, rows, x)  # noqa: E731
     count = torch.bincount(rows, minlength=B).clamp(min=1).float()
@@ -448,10 +457,12 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     if off_policy_mask_threshold is not None and old_logps is not None:
         drift = total(old_logps.to(lp) - lp.detach()) / count  # each completion's mean KL(old || now) estimate
         per_token = per_token * ((advantages.to(lp) >= 0) | (drift <= off_policy_mask_threshold)).to(lp)[rows]
+    chosen = torch.ones_like(lp)  # the tokens the policy term keeps
     if top_entropy_quantile < 1.0 and lp.numel():
-        pool = entropy if kept is None else entropy[kept.to(rows.device)[rows]]
+        pool = (entropy if kept is None else entropy[kept.to(rows.device)[rows]]).detach()
         if pool.numel():
-            per_token = per_token * (entropy >= torch.quantile(pool, 1.0 - top_entropy_quantile)).to(per_token)
+            chosen = (entropy.detach() >= torch.quantile(pool, 1.0 - top_entropy_quantile)).to(lp)
+            per_token = per_token * chosen
     kl = torch.zeros_like(lp)
     if ref_hidden is not None:
         with torch.no_grad():
@@ -461,4 +472,4 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         per_token = per_token + beta * kl
     divisor = {"grpo": count, "sapo": count, "dr_grpo": float(max_completion_length or 1)}.get(loss_type, 1.0)
     return GRPOTerms(total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count,
-                     total(entropy) / count, lp.detach())
+                     total(entropy.detach()) / count, lp.detach(), total(entropy * chosen), total(chosen))

@@ -105,7 +105,7 @@ def test_grpo_loss_is_trls_with_its_gradient(beta, chunk_size, old):
         return lp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
 
     old_lp = (logps(hidden) + 0.4 * torch.randn(B, T - 1, generator=g)).detach() if old else None
-    loss, kl, held, _, _ = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
+    loss, kl, held, *_ = grpo_loss(hidden, weight, labels, advantages, ref_hidden if beta else None, beta, chunk_size,
                                   old_logps=old_lp[mask.bool()] if old else None, epsilon_low=low, epsilon_high=high)
     loss.sum().backward()
     ours = hidden.grad.clone()
@@ -163,12 +163,13 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
         top_entropy_quantile=settings["top_entropy_quantile"], max_completion_length=settings["max_completion_length"],
         off_policy_mask_threshold=settings["off_policy_mask_threshold"], use_vllm=False,
         vllm_importance_sampling_correction=False,
-        aux_loss_enabled=False, _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
+        aux_loss_enabled=False, _entropy_bonus_enabled=bool(settings["entropy_coef"]),
+        entropy_coef=settings["entropy_coef"], use_adaptive_entropy=False, current_gradient_accumulation_steps=1,
         model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
         args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=False, steps_per_generation=1,
                              sapo_temperature_pos=settings["sapo_temperatures"][0],
                              sapo_temperature_neg=settings["sapo_temperatures"][1]),
-        accelerator=SimpleNamespace(num_processes=1, gather=ident, gather_for_metrics=ident,
+        accelerator=SimpleNamespace(num_processes=1, gather=ident, gather_for_metrics=ident, sync_gradients=True,
                                     pad_across_processes=ident, reduce=ident))
     trainer.get_high_entropy_mask = MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
     trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask  # (a static method)
@@ -200,12 +201,14 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
     ("grpo", "token", True, {"off_policy_mask_threshold": 0.1, "advantages": [-1.2, 0.7, -0.4, -0.9], "beta": 0.04}),
     ("dapo", "sequence", True, {"off_policy_mask_threshold": 0.1, "advantages": [-1.2, 0.7, -0.4, -0.9],
                                 "epsilon_high": 0.1}),
+    ("grpo", "token", True, {"entropy_coef": 0.3, "temperature": 0.7}),
+    ("dapo", "token", False, {"entropy_coef": 0.3, "top_entropy_quantile": 0.5}),
 ])
 def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old, extra):
     """Value, gradient, the clipped share and the entropy against the installed TRL's GRPOTrainer._compute_loss itself,
     for each loss type (GSPO's sequence-level ratio, CISPO, SAPO, LUSPO, INTELLECT-2's delta, the top-entropy tokens,
-    the KL, a sampling temperature, DeepSeek-V3.2's off-policy mask), with old log-probs of a policy a few steps back
-    (--num-iterations > 1) or none."""
+    the KL, a sampling temperature, DeepSeek-V3.2's off-policy mask, the entropy bonus), with old log-probs of a
+    policy a few steps back (--num-iterations > 1) or none."""
     g = torch.Generator().manual_seed(3)
     B, P, Tc, C, V = 4, 3, 6, 8, 11
     extra = dict(extra)
@@ -213,8 +216,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     advantages = extra.pop("advantages", [1.2, 0.7, 0.4, -0.9])
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 0.2,
                 "delta": None, "sapo_temperatures": (1.0, 1.05), "top_entropy_quantile": 1.0, "beta": 0.0,
-                "off_policy_mask_threshold": None,
-                "max_completion_length": Tc, **extra}
+                "off_policy_mask_threshold": None, "entropy_coef": 0.0, "max_completion_length": Tc, **extra}
     hidden = torch.randn(B, P + Tc, C, generator=g, requires_grad=True)
     ref_hidden = hidden.detach() + 0.3 * torch.randn(B, P + Tc, C, generator=g)  # (a reference near the policy)
     weight = torch.randn(V, C, generator=g)
@@ -230,11 +232,13 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
 
     theirs, their_grad, metrics = _trls_compute_loss(settings, hidden, ref_hidden, weight, P, completions, mask,
                                                      advantages, old_lp, temperature)
-    ours, kl, held, entropy, _ = grpo_loss(hidden / temperature, weight, labels, advantages,
-                                        ref_hidden / temperature if settings["beta"] else None, chunk_size=3,
-                                        old_logps=old_lp[mask] if old else None, **settings)
+    given = {k: v for k, v in settings.items() if k != "entropy_coef"}  # (the bonus is the objective's: below)
+    ours, kl, held, entropy, _, bonus, bonus_tokens = grpo_loss(
+        hidden / temperature, weight, labels, advantages, ref_hidden / temperature if settings["beta"] else None,
+        chunk_size=3, old_logps=old_lp[mask] if old else None, entropy_grad=bool(settings["entropy_coef"]), **given)
     count = mask.sum(-1).float()
     value = {"dapo": ours.sum() / count.sum(), "cispo": ours.sum() / count.sum()}.get(loss_type, ours.mean())
+    value = value - settings["entropy_coef"] * bonus.sum() / bonus_tokens.sum()  # the mean over the tokens it keeps
     value.backward()
     assert float(value.detach()) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
     assert torch.allclose(hidden.grad, their_grad, rtol=1e-4, atol=1e-6)
@@ -254,7 +258,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     if settings["off_policy_mask_threshold"] is not None:  # the mask left some answers out, not all
         def policy_term(threshold):
             return grpo_loss(hidden.detach() / temperature, weight, labels, advantages, None, chunk_size=3,
-                             old_logps=old_lp[mask], **{**settings, "off_policy_mask_threshold": threshold}).loss
+                             old_logps=old_lp[mask], **{**given, "off_policy_mask_threshold": threshold}).loss
 
         dropped = policy_term(settings["off_policy_mask_threshold"]) != policy_term(None)
         assert 0 < int(dropped.sum()) < int((advantages < 0).sum()), dropped
@@ -541,6 +545,74 @@ def test_the_off_policy_mask_drops_drifted_answers_with_negative_advantages_on_a
         assert masked == (0.0 if drop else pytest.approx(plain, abs=1e-6)) and (not drop or plain != 0.0)
 
 
+def _mean_entropy(model, answers, temperature):
+    """The policy's mean next-token entropy over the answers' tokens, at the sampling temperature (independently)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a in answers:
+            ids = torch.cat([a["prompt"], a["response"]])[None]
+            logp = torch.log_softmax(model(ids)[0, len(a["prompt"]) - 1:-1] / temperature, -1)
+            total += float(-(logp.exp() * logp).sum())
+            count += len(a["response"])
+    return total / count
+
+
+def test_the_entropy_bonus_is_the_micro_batchs_mean_entropy_over_its_kept_answers(monkeypatch):
+    # --entropy-coef: the loss less coef x the mean entropy over the kept answers' tokens (each micro-batch's, weighed
+    # by its answers: the engine divides the sum by the step's answers); its gradient raises the entropy
+    model, items = _tiny_model(), _items(3, seed=5)
+    config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, sample_temperature=0.8,
+                        mask_truncated_completions=True)
+    plain = GRPO(0, _decode, config, max_seq_length=64, stop_ids=range(0, 300, 11), seed=1,
+                 end_id=299).with_aligner(None)
+    bonus = GRPO(0, _decode, dataclasses.replace(config, entropy_coef=0.2), max_seq_length=64,
+                 stop_ids=range(0, 300, 11), seed=1, end_id=299).with_aligner(None)
+    answers = [a for g in plain.rollout(None, model, items, step=0).values() for a in g]
+    kept = [a for a in answers if not float(a["truncated"])]
+    assert 0 < len(kept) < len(answers)  # (some answers ran to --max-new-tokens: left out, also of the bonus)
+    batch = plain.collate(answers)
+    with torch.no_grad():
+        got = bonus(model, batch)
+        assert float(got["loss"] - plain(model, batch)["loss"]) == pytest.approx(
+            -0.2 * _mean_entropy(model, kept, 0.8) * len(answers), rel=1e-4)
+        assert float(got["entropy_coef"]) == pytest.approx(0.2 * len(answers))
+    entropy = lambda: _mean_entropy(model, kept, 0.8)  # noqa: E731
+    before = entropy()
+    loss = bonus(model, batch)["loss"] - plain(model, batch)["loss"]  # the bonus alone
+    loss.backward()
+    with torch.no_grad():
+        for p in (model.aligner.prefix, model.aligner.gate):
+            p -= 0.05 * p.grad
+    assert entropy() > before
+
+
+def test_the_adaptive_entropy_coefficient_follows_the_steps_entropy():
+    # Skywork-OR1's control (TRL's): the bonus waits for a step at or below the target; after each step the
+    # coefficient moves by delta toward more bonus when that step's mean entropy (every kept token) was at or below
+    # the target, else toward less, within [min, max]; a run state keeps it
+    model, items = _tiny_model(), _items(3, seed=5)
+    for target, coefs in ((100.0, [0.0, 0.15, 0.2, 0.22]), (0.0, [0.0, 0.0, 0.0, 0.0])):
+        config = GRPOConfig(rewards=["concise"], num_generations=4, max_new_tokens=6, entropy_coef=0.1,
+                            use_adaptive_entropy=True, entropy_coef_delta=0.05, entropy_coef_max=0.22,
+                            entropy_coef_min=0.02, entropy_target=target)
+        objective = GRPO(0, _decode, config, max_seq_length=64, stop_ids=range(0, 300, 11), seed=1,
+                         end_id=299).with_aligner(None)
+        applied = []
+        for step in range(4):
+            answers = [a for g in objective.rollout(None, model, items, step=step).values() for a in g]
+            with torch.no_grad():
+                for micro in (answers[:5], answers[5:]):
+                    applied.append(float(objective(model, objective.collate(micro))["entropy_coef"]) / len(micro))
+            objective.after_step(step + 1, model.aligner)
+            assert objective.last_entropy == pytest.approx(_mean_entropy(model, answers, 1.0), rel=1e-5)
+        assert applied[0::2] == pytest.approx(coefs) and applied[1::2] == pytest.approx(coefs), applied
+        assert objective.entropy_coef == pytest.approx(0.22 if target else 0.02)
+    state = objective.state_dict()
+    fresh = GRPO(0, _decode, config, max_seq_length=64, end_id=299)
+    fresh.load_state_dict(state)
+    assert (fresh.entropy_coef, fresh.last_entropy) == (objective.entropy_coef, objective.last_entropy)
+
+
 def test_dapo_divides_by_the_answer_tokens_of_every_process():
     # under DDP each process samples its own groups; DAPO's mean runs over the tokens of all of them (TRL gathers the
     # count): the other process here brings 8 answers of 40 tokens in all
@@ -782,6 +854,23 @@ def test_num_iterations_trains_each_batch_of_samples_for_mu_steps_with_a_clipped
                                            train=dataclasses.replace(GRPORunConfig().train, max_steps=5)).check()
 
 
+def test_an_adaptive_entropy_run_resumes_with_its_coefficient(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path,
+                                                              monkeypatch):
+    def config(out):
+        cfg = _config(tiny_checkpoint_dir, rows_file, letter_reward, out, max_steps=4, save_interval=1,
+                      eval_interval=4)
+        return dataclasses.replace(cfg, grpo=dataclasses.replace(
+            cfg.grpo, entropy_coef=0.1, use_adaptive_entropy=True, entropy_coef_delta=0.05, entropy_target=100.0))
+
+    _, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path, at=2)
+    a, b = ([r for r in rows if r.get("train_loss")] for rows in (a, b))
+    assert [float(r["train_entropy_coef"]) for r in a] == pytest.approx([0.0, 0.15, 0.2, 0.25])
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # (the coefficient came back with the state)
+    meta = json.loads(load_aligner(tmp_path / "full" / "aligner.safetensors")[1]["grpo"])
+    assert meta["use_adaptive_entropy"] and meta["entropy_target"] == 100.0
+    assert "val_entropy_coef" not in a[0]
+
+
 def test_gspo_clips_whole_answers(tiny_checkpoint_dir, rows_file, letter_reward, tmp_path):
     """--importance-sampling-level sequence (GSPO, with its paper's bounds): one ratio per answer, so on a batch's
     second step the clipping holds whole answers (train_clip_ratio is a count of the step's 16 answers), while the
@@ -896,6 +985,9 @@ def test_grpo_flags_are_checked():
                       (dict(delta=1.0), "--delta caps the ratio"), (dict(sapo_temperature_neg=0.0), "must be positive"),
                       (dict(top_entropy_quantile=1.5), r"--top-entropy-quantile is a share of the tokens"),
                       (dict(off_policy_mask_threshold=0.5), "needs --num-iterations > 1"),
+                      (dict(entropy_coef=-0.1), "is a bonus's weight"),
+                      (dict(use_adaptive_entropy=True, entropy_coef=2.0), "must lie within --entropy-coef-min"),
+                      (dict(use_adaptive_entropy=True, entropy_coef_delta=0.0), "be positive"),
                       (dict(off_policy_mask_threshold=0.0, num_iterations=2), "must be positive"),
                       (dict(multi_objective_aggregation="normalize_then_sum", scale_rewards="none"),
                        "applies to sum_then_normalize only")):

@@ -842,6 +842,23 @@ class GRPOConfig(RewardConfig):
     """--loss-type sapo: the gate's temperature for answers with a positive advantage."""
     sapo_temperature_neg: float = 1.05
     """--loss-type sapo: the gate's temperature for the others (SAPO's paper: a little higher)."""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus (TRL's): the loss less this x the policy's mean next-token entropy over the step's
+    answer tokens (those the policy term keeps), against a policy collapsing onto one answer; 0: off. With
+    --use-adaptive-entropy, the starting coefficient."""
+    use_adaptive_entropy: bool = False
+    """adapt --entropy-coef each step (Skywork-OR1's control, TRL's): up by --entropy-coef-delta after a step whose mean
+    entropy was at or below --entropy-target, down otherwise, within [--entropy-coef-min, --entropy-coef-max]; the
+    bonus applies only on steps after one at or below the target."""
+    entropy_coef_min: float = 0.0
+    """--use-adaptive-entropy: the coefficient's lower bound."""
+    entropy_coef_max: float = 1.0
+    """--use-adaptive-entropy: the coefficient's upper bound."""
+    entropy_coef_delta: float = 0.005
+    """--use-adaptive-entropy: the coefficient's change per step."""
+    entropy_target: float = 0.2
+    """--use-adaptive-entropy: the mean entropy (nats) at or below which the bonus applies; set it near the
+    train_entropy of a run's first steps (TRL's default 0.2 acts on a near collapse only)."""
     off_policy_mask_threshold: Optional[float] = None
     """with --num-iterations > 1: leave out of the policy term each answer with a negative advantage whose tokens'
     mean KL from the sampling policy to the current one (log p_old - log p) is above this (DeepSeek-V3.2's
@@ -874,6 +891,14 @@ class GRPOConfig(RewardConfig):
             raise TrainError(f"--off-policy-mask-threshold must be positive (e.g. 0.5) and needs --num-iterations > 1 "
                              f"(with 1 every answer is trained on by the policy that sampled it), got "
                              f"{self.off_policy_mask_threshold} with --num-iterations {self.num_iterations}")
+        finite = lambda *xs: all(0.0 <= x < float("inf") for x in xs)  # noqa: E731
+        if not finite(self.entropy_coef, self.entropy_coef_min, self.entropy_coef_max, self.entropy_target) or (
+                self.use_adaptive_entropy and not (self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max
+                                                   and 0.0 < self.entropy_coef_delta < float("inf"))):
+            raise TrainError(f"--entropy-coef {self.entropy_coef} is a bonus's weight (>= 0; 0: off); with "
+                             f"--use-adaptive-entropy it must lie within --entropy-coef-min {self.entropy_coef_min} "
+                             f"and --entropy-coef-max {self.entropy_coef_max}, --entropy-coef-delta "
+                             f"{self.entropy_coef_delta} be positive and --entropy-target {self.entropy_target} >= 0")
         if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
             raise TrainError(f"--multi-objective-aggregation normalize_then_sum scales each function's rewards by "
                              f"their group's spread and the sums by the step's; --scale-rewards {self.scale_rewards} "
@@ -910,7 +935,12 @@ class GRPOConfig(RewardConfig):
                 "importance_sampling_level": self.importance_sampling_level, "delta": self.delta,
                 "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
                 "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta,
-                "off_policy_mask_threshold": self.off_policy_mask_threshold}
+                "off_policy_mask_threshold": self.off_policy_mask_threshold, "entropy_grad": self.entropy_bonus()}
+
+    def entropy_bonus(self) -> bool:
+        """Whether the loss has an entropy bonus (TRL's: a coefficient, or the adaptive control, which may raise one
+        from 0)."""
+        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
 
     def sampling(self) -> Dict[str, Any]:
         """The training answers' sampling filters and penalty, as `generation.generate` takes them (None: off)."""
@@ -930,7 +960,10 @@ class GRPOConfig(RewardConfig):
                 "epsilon_high": self.epsilon_high, "importance_sampling_level": self.importance_sampling_level,
                 "delta": self.delta, "sapo_temperature_pos": self.sapo_temperature_pos,
                 "sapo_temperature_neg": self.sapo_temperature_neg, "top_entropy_quantile": self.top_entropy_quantile,
-                "off_policy_mask_threshold": self.off_policy_mask_threshold}
+                "off_policy_mask_threshold": self.off_policy_mask_threshold,
+                "entropy_coef": self.entropy_coef, "use_adaptive_entropy": self.use_adaptive_entropy,
+                "entropy_coef_min": self.entropy_coef_min, "entropy_coef_max": self.entropy_coef_max,
+                "entropy_coef_delta": self.entropy_coef_delta, "entropy_target": self.entropy_target}
 
 
 @dataclass

@@ -99,7 +99,7 @@ class GRPO(SyncedReference, SFT):
     data_kind = "sft"
     unit = "answers"
     # validation scores one greedy answer per prompt by its reward alone: no group, no KL, no sampled entropy
-    train_only_metrics = ("kl", "zero_std", "entropy", "clip_ratio")
+    train_only_metrics = ("kl", "zero_std", "entropy", "clip_ratio", "entropy_coef")
 
     def __init__(self, pad_id: int, decode, config: RewardConfig = GRPOConfig(), chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_seq_length: int = 512, stop_ids: Sequence[int] = (), seed: int = 0, end_id: Optional[int] = None,
@@ -116,6 +116,15 @@ class GRPO(SyncedReference, SFT):
         self.iterations = getattr(config, "num_iterations", 1)  # (a RewardConfig only scores: 1)
         if self.iterations > 1 and config.loss_type != "sapo":  # the share of each answer's tokens whose ratio the
             self.metric_names += ("clip_ratio",)  # clipping held (TRL's clip_ratio; sapo's gate holds none outright)
+        # --entropy-coef (TRL's entropy bonus) and its adaptive control: the coefficient, the mean entropy of the last
+        # step (inf before the first: the adaptive bonus waits for one at or below the target), and this step's sums
+        # of (entropy, tokens) over the kept tokens so far
+        self.bonus = isinstance(config, GRPOConfig) and config.entropy_bonus()
+        if self.bonus:
+            self.metric_names += ("entropy_coef",)
+            self.entropy_coef, self.last_entropy = config.entropy_coef, float("inf")
+            self._window = torch.zeros(2, dtype=torch.float64)
+        self._fabric: Any = None  # the run's (rollout's): the adaptive control reduces its window over processes
         # the loss reads log-probabilities at the sampling temperature (TRL's), those of the policy that sampled
         self.temperature = getattr(config, "sample_temperature", 0.0) or 1.0
         self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
@@ -171,6 +180,7 @@ class GRPO(SyncedReference, SFT):
         answers serve its mu steps, the later ones each with its tokens' log-probabilities under the policy that
         sampled them: those of the batch's first step, where the policy has not moved yet (kept by `__call__`, so
         they cost no forward pass of their own)."""
+        self._fabric = fabric
         number = step // self.iterations
         if self._batch is not None and self._batch[:2] == (number, list(items)):
             return self._batch[2]
@@ -274,8 +284,47 @@ class GRPO(SyncedReference, SFT):
                 answers[k]["old_logps"] = lp
         if "clip_ratio" in self.metric_names:
             out["clip_ratio"] = terms.held.sum()
-        return {**out, "loss": (terms.loss * scale.to(terms.loss)).sum(), "kl": terms.kl.sum(),
-                "entropy": terms.entropy.sum()}
+        loss = (terms.loss * scale.to(terms.loss)).sum()
+        if self.bonus:
+            # TRL's bonus: less coef x the micro-batch's mean entropy over the tokens the policy term keeps (of the
+            # answers the loss keeps), weighed by its answers as the engine weighs every micro-batch's terms
+            coef = self.entropy_coef if self.last_entropy <= self.config.entropy_target or not \
+                self.config.use_adaptive_entropy else 0.0
+            keep = (scale > 0).to(terms.bonus)
+            sums = torch.stack([(terms.bonus * keep).sum(), (terms.bonus_tokens * keep).sum()])
+            loss = loss - coef * sums[0] / sums[1].clamp(min=1.0) * len(scale)
+            self._window += sums.detach().double().cpu()  # (the adaptive control's: this step's, over every token)
+            out["entropy_coef"] = torch.tensor(coef * len(scale))  # (its mean over the step's answers: coef)
+        return {**out, "loss": loss, "kl": terms.kl.sum(), "entropy": terms.entropy.sum()}
+
+    def after_step(self, step: int, aligner: nn.Module) -> None:
+        """--use-adaptive-entropy: the coefficient for the next step, from this one's mean entropy over the kept tokens
+        of every process (Skywork-OR1's control, as TRL updates it)."""
+        super().after_step(step, aligner)
+        if not self.bonus:
+            return
+        window, self._window = self._window, torch.zeros(2, dtype=torch.float64)
+        if not self.config.use_adaptive_entropy:
+            return
+        fabric = self._fabric
+        if fabric is not None and fabric.world_size > 1:
+            window = fabric.all_reduce(window.to(fabric.device), reduce_op="sum").cpu()
+        c = self.config
+        self.last_entropy = float(window[0] / window[1].clamp(min=1.0))
+        step_size = c.entropy_coef_delta if self.last_entropy <= c.entropy_target else -c.entropy_coef_delta
+        self.entropy_coef = min(max(self.entropy_coef + step_size, c.entropy_coef_min), c.entropy_coef_max)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.bonus:
+            state.update(entropy_coef=torch.tensor(self.entropy_coef, dtype=torch.float64),
+                         last_entropy=torch.tensor(self.last_entropy, dtype=torch.float64))
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if self.bonus and "entropy_coef" in state:
+            self.entropy_coef, self.last_entropy = float(state["entropy_coef"]), float(state["last_entropy"])
 
     def _hidden(self, model: nn.Module, input_ids: torch.Tensor, aligner: Any) -> torch.Tensor:
         """The final hidden states over the sampling temperature: their logits are those of the sampled distribution."""

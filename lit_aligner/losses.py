@@ -371,9 +371,10 @@ def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
 # cispo and sapo the terms themselves. Per answer, "grpo" and "sapo" take the mean over its tokens, "dr_grpo" the sum
 # / max_completion_length, "dapo", "cispo" and "luspo" the sum (DAPO's and CISPO's divided by the caller by the step's
 # answer tokens, LUSPO's by its answers: each sequence-level term weighed by its answer's length).
-GRPOLossType = Literal["grpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo"]
+GRPOLossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 GRPO_LOSS_TYPES = get_args(GRPOLossType)
-TOKEN_MEAN_LOSSES = frozenset({"dapo", "cispo"})  # divided by the step's answer tokens (the caller's token_scale)
+# divided by the step's answer tokens (the caller's token_scale); bnpo's sums by each micro-batch's (the caller's too)
+TOKEN_MEAN_LOSSES = frozenset({"dapo", "cispo", "vespo"})
 
 
 class GRPOTerms(NamedTuple):
@@ -397,7 +398,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
               importance_sampling_level: str = "token", delta: Optional[float] = None,
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
               kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
-              entropy_grad: bool = False) -> GRPOTerms:
+              entropy_grad: bool = False, vespo_params: Tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
+              ) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -411,15 +413,18 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     it.
 
     `loss_type` (TRL's names; `GRPO_LOSS_TYPES`): "grpo" (DeepSeekMath's) the mean over the completion's tokens;
-    "dr_grpo" their sum / `max_completion_length` (Dr. GRPO: no length bias); "dapo" their sum, which the caller
-    divides by the tokens of the whole batch (DAPO's token-level mean); "cispo" (MiniMax-M1's) the per-token term
-    -sg(min(c, epsilon_high)) x A x log p, summed as dapo's (epsilon_high is the cap on the ratio itself there);
-    "sapo" (Soft Adaptive Policy Optimization) -sigmoid(tau (c - 1)) x 4 / tau x A with tau `sapo_temperatures`
-    (A > 0, A <= 0), averaged as grpo's; "luspo" (needs "sequence") the sum over the completion's tokens, which the
-    caller averages over completions. `top_entropy_quantile` rho < 1 ("Beyond the 80/20 rule") keeps in the policy
-    term only the tokens whose distribution's entropy reaches the 1 - rho quantile of the scored tokens here (of the
-    `kept` (B,) completions', when given). `entropy_grad`: `GRPOTerms.bonus` (the entropy summed over the tokens the
-    policy term keeps) has its gradient, for an entropy bonus (TRL's entropy_coef).
+    "dr_grpo" their sum / `max_completion_length` (Dr. GRPO: no length bias); "dapo" their sum, which the caller divides
+    by the tokens of the whole batch (DAPO's token-level mean), "bnpo" by those of its micro-batch; "cispo"
+    (MiniMax-M1's) the per-token term -sg(min(c, epsilon_high)) x A x log p, summed as dapo's (epsilon_high is the cap
+    on the ratio itself there); "sapo" (Soft Adaptive Policy Optimization) -sigmoid(tau (c - 1)) x 4 / tau x A with tau
+    `sapo_temperatures` (A > 0, A <= 0), averaged as grpo's; "luspo" (needs "sequence") the sum over the completion's
+    tokens, which the caller averages over completions; "vespo" (VESPO, at the "token" level) -sg(phi(w)) x A x log p
+    summed as dapo's, with w the completion's ratio exp(sum of its tokens' log-ratios) and phi(w) = exp(lambda + k log w
+    - lambda w) (k, lambda: `vespo_params` (k_pos, lambda_pos, k_neg, lambda_neg) by the sign of A; phi(1) = 1), a
+    smooth weight that fades for completions far off-policy either way. `top_entropy_quantile` rho < 1 ("Beyond the
+    80/20 rule") keeps in the policy term only the tokens whose distribution's entropy reaches the 1 - rho quantile of
+    the scored tokens here (of the `kept` (B,) completions', when given). `entropy_grad`: `GRPOTerms.bonus` (the entropy
+    summed over the tokens the policy term keeps) has its gradient, for an entropy bonus (TRL's entropy_coef).
 
     Returns `GRPOTerms`: per completion the loss, the mean KL over its tokens, the share of its tokens whose ratio the
     clipping held (TRL's clip region; cispo: c above its cap with A > 0) and their mean entropy; and the tokens'
@@ -427,9 +432,9 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     if loss_type not in GRPO_LOSS_TYPES or (loss_type == "dr_grpo" and not max_completion_length):
         raise ValueError(f"loss_type one of {', '.join(GRPO_LOSS_TYPES)} (dr_grpo with max_completion_length), got "
                          f"{loss_type!r}")
-    if importance_sampling_level not in ("token", "sequence") or (loss_type == "luspo"
-                                                                  and importance_sampling_level != "sequence"):
-        raise ValueError(f"importance_sampling_level 'token' or 'sequence' (luspo: 'sequence'), got "
+    needed = {"luspo": "sequence", "vespo": "token"}.get(loss_type, importance_sampling_level)
+    if importance_sampling_level not in ("token", "sequence") or importance_sampling_level != needed:
+        raise ValueError(f"importance_sampling_level 'token' or 'sequence' (luspo: 'sequence', vespo: 'token'), got "
                          f"{importance_sampling_level!r}")
     lp, rows, entropy = _token_logprobs(hidden, lm_head_weight, labels, chunk_size,
                                         "entropy_grad" if entropy_grad else "entropy")
@@ -444,6 +449,15 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=epsilon_high).detach() * a * lp
         held = (ratio > epsilon_high) & (a > 0)
+    elif loss_type == "vespo":  # TRL's get_gamma_weights, in log space (its clamps included)
+        with torch.no_grad():
+            log_w = total(torch.clamp(log_ratio, -20.0, 20.0)).clamp(math.log(1e-8), 20.0)
+            k_pos, lambda_pos, k_neg, lambda_neg = vespo_params
+            k = torch.where(advantages.to(lp) >= 0, k_pos, k_neg)
+            lam = torch.where(advantages.to(lp) >= 0, lambda_pos, lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token = -phi[rows] * a * lp
+        held = torch.zeros_like(ratio, dtype=torch.bool)  # (a smooth weight: nothing is held outright)
     elif loss_type == "sapo":
         tau = torch.where(a > 0, sapo_temperatures[0], sapo_temperatures[1])
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a

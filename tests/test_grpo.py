@@ -168,11 +168,14 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
         model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
         args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=False, steps_per_generation=1,
                              sapo_temperature_pos=settings["sapo_temperatures"][0],
-                             sapo_temperature_neg=settings["sapo_temperatures"][1]),
+                             sapo_temperature_neg=settings["sapo_temperatures"][1],
+                             **dict(zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                                        settings["vespo_params"]))),
         accelerator=SimpleNamespace(num_processes=1, gather=ident, gather_for_metrics=ident, sync_gradients=True,
                                     pad_across_processes=ident, reduce=ident))
     trainer.get_high_entropy_mask = MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
-    trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask  # (a static method)
+    trainer.get_off_policy_mask = GRPOTrainer.get_off_policy_mask  # (static methods)
+    trainer.get_gamma_weights = GRPOTrainer.get_gamma_weights
     trainer._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*per_token(hidden), None)
     B = completions.shape[0]
     inputs = {"prompt_ids": torch.zeros(B, P, dtype=torch.long), "prompt_mask": torch.ones(B, P, dtype=torch.long),
@@ -203,6 +206,9 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
                                 "epsilon_high": 0.1}),
     ("grpo", "token", True, {"entropy_coef": 0.3, "temperature": 0.7}),
     ("dapo", "token", False, {"entropy_coef": 0.3, "top_entropy_quantile": 0.5}),
+    ("bnpo", "token", True, {"epsilon_high": 0.28}),
+    ("vespo", "token", True, {"advantages": [-1.2, 0.7, -0.4, -0.9]}),
+    ("vespo", "token", True, {"vespo_params": (1.0, 0.5, 4.0, 1.5), "beta": 0.04}),
 ])
 def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old, extra):
     """Value, gradient, the clipped share and the entropy against the installed TRL's GRPOTrainer._compute_loss itself,
@@ -216,7 +222,8 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     advantages = extra.pop("advantages", [1.2, 0.7, 0.4, -0.9])
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 0.2,
                 "delta": None, "sapo_temperatures": (1.0, 1.05), "top_entropy_quantile": 1.0, "beta": 0.0,
-                "off_policy_mask_threshold": None, "entropy_coef": 0.0, "max_completion_length": Tc, **extra}
+                "off_policy_mask_threshold": None, "entropy_coef": 0.0, "max_completion_length": Tc,
+                "vespo_params": (2.0, 3.0, 3.0, 2.0), **extra}
     hidden = torch.randn(B, P + Tc, C, generator=g, requires_grad=True)
     ref_hidden = hidden.detach() + 0.3 * torch.randn(B, P + Tc, C, generator=g)  # (a reference near the policy)
     weight = torch.randn(V, C, generator=g)
@@ -237,7 +244,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
         hidden / temperature, weight, labels, advantages, ref_hidden / temperature if settings["beta"] else None,
         chunk_size=3, old_logps=old_lp[mask] if old else None, entropy_grad=bool(settings["entropy_coef"]), **given)
     count = mask.sum(-1).float()
-    value = {"dapo": ours.sum() / count.sum(), "cispo": ours.sum() / count.sum()}.get(loss_type, ours.mean())
+    value = ours.sum() / count.sum() if loss_type in ("dapo", "bnpo", "cispo", "vespo") else ours.mean()
     value = value - settings["entropy_coef"] * bonus.sum() / bonus_tokens.sum()  # the mean over the tokens it keeps
     value.backward()
     assert float(value.detach()) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
@@ -251,9 +258,9 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     assert float((entropy * count).sum() / count.sum()) == pytest.approx(metrics["entropy"], abs=1e-5)
     if loss_type == "cispo":
         assert per(held) == pytest.approx(metrics["cispo_clip_ratio"], abs=1e-6)
-    elif loss_type != "sapo":
+    elif loss_type not in ("sapo", "vespo"):
         assert per(held) == pytest.approx(metrics["clip_ratio/region_mean"], abs=1e-6)
-    if old and loss_type != "sapo":
+    if old and loss_type not in ("sapo", "vespo"):
         assert float(held.sum()) > 0  # (the noise puts some tokens, or answers, outside the bounds)
     if settings["off_policy_mask_threshold"] is not None:  # the mask left some answers out, not all
         def policy_term(threshold):
@@ -444,10 +451,11 @@ def test_a_rollout_is_a_scored_group_of_the_students_own_samples():
 
 
 @pytest.mark.parametrize("mask_truncated", [False, True])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "vespo"])
 def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(loss_type, mask_truncated):
     # the engine's way: each micro-batch's summed loss / the step's answers, accumulated; TRL's: its formula for the
-    # loss type over one batch of every answer (DAPO, CISPO: a mean over every answer token of the step), with its
+    # loss type over one batch of every answer (DAPO, CISPO, VESPO: a mean over every answer token of the step; BNPO:
+    # each micro-batch's mean over its tokens, averaged over the two equal micro-batches), with its
     # mask_truncated_completions zeroing the loss mask of answers that end in no EOS, and the log-probabilities of
     # the logits over the sampling temperature
     model, items = _tiny_model(), _items(3, seed=5)
@@ -461,8 +469,8 @@ def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(
     truncated = torch.tensor([int(a["response"][-1]) != 299 for a in answers])
     assert 0 < int(truncated.sum()) < len(answers)  # (some cut short, some not: the mask matters)
     params = [model.aligner.prefix, model.aligner.gate]
-    value = 0.0
-    for micro in (answers[:8], answers[8:]):
+    value, cut = 0.0, 6 if loss_type == "bnpo" else 8  # (TRL's micro-batches are equal; ours too but the last)
+    for micro in (answers[:cut], answers[cut:]):
         loss = objective(model, objective.collate(micro))["loss"] / len(answers)
         loss.backward()
         value += float(loss.detach())
@@ -479,11 +487,16 @@ def test_a_steps_loss_over_micro_batches_is_trls_loss_type_over_the_whole_batch(
     if mask_truncated:
         mask = mask * (~truncated).float()[:, None]
     per_token = -torch.exp(lp - lp.detach()) * batch["advantage"]
-    if loss_type == "cispo":  # (the ratio 1 under its cap of 5)
+    if loss_type in ("cispo", "vespo"):  # (the ratio 1: under cispo's cap of 5; vespo's weight phi(1) = 1)
         per_token = -batch["advantage"] * lp
+    halves = [slice(0, cut), slice(cut, None)]
     theirs = {"grpo": ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean(),
               "dapo": (per_token * mask).sum() / mask.sum(), "cispo": (per_token * mask).sum() / mask.sum(),
-              "dr_grpo": (per_token * mask).sum() / (len(answers) * 6)}[loss_type]
+              "dr_grpo": (per_token * mask).sum() / (len(answers) * 6),
+              "vespo": (per_token * mask).sum() / mask.sum(),
+              "bnpo": sum((per_token * mask)[h].sum() / mask[h].sum() for h in halves) / 2}[loss_type]
+    if loss_type == "bnpo":  # (else a mean over all the step's tokens would do as well)
+        assert float(mask[halves[0]].sum() / cut) != float(mask[halves[1]].sum() / (len(answers) - cut))
     theirs.backward()
     assert value == pytest.approx(float(theirs.detach()), abs=1e-6)
     for a, b in zip(ours, params):
@@ -986,6 +999,8 @@ def test_grpo_flags_are_checked():
                       (dict(top_entropy_quantile=1.5), r"--top-entropy-quantile is a share of the tokens"),
                       (dict(off_policy_mask_threshold=0.5), "needs --num-iterations > 1"),
                       (dict(entropy_coef=-0.1), "is a bonus's weight"),
+                      (dict(loss_type="vespo", importance_sampling_level="sequence"), "leave --importance-sampling"),
+                      (dict(vespo_lambda_neg=-1.0), "--vespo-lambda-neg must be >= 0"),
                       (dict(use_adaptive_entropy=True, entropy_coef=2.0), "must lie within --entropy-coef-min"),
                       (dict(use_adaptive_entropy=True, entropy_coef_delta=0.0), "be positive"),
                       (dict(off_policy_mask_threshold=0.0, num_iterations=2), "must be positive"),

@@ -814,11 +814,13 @@ class GRPOConfig(RewardConfig):
     """the loss and how the answers' per-token terms are averaged (TRL's names): grpo, each answer's mean over its
     tokens, then the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer
     token of the step (a longer answer weighs more: TRL's default); dr_grpo, each answer's sum over its tokens /
-    --max-new-tokens, then the mean over answers (Dr. GRPO: no length bias); cispo (MiniMax-M1), the policy gradient
-    weighted by the ratio to the sampling policy capped at --epsilon-high (default 5), averaged as dapo; sapo (Soft
-    Adaptive Policy Optimization), a smooth gate on the ratio instead of clipping (--sapo-temperature-pos/-neg),
-    averaged as grpo; luspo (LUSPO, with --importance-sampling-level sequence), GSPO's term weighed by the answer's
-    length."""
+    --max-new-tokens, then the mean over answers (Dr. GRPO: no length bias); bnpo, the mean over each micro-batch's
+    answer tokens, then over the micro-batches (TRL's: so it depends on --micro-batch-size); cispo (MiniMax-M1), the
+    policy gradient weighted by the ratio to the sampling policy capped at --epsilon-high (default 5), averaged as dapo;
+    sapo (Soft Adaptive Policy Optimization), a smooth gate on the ratio instead of clipping
+    (--sapo-temperature-pos/-neg), averaged as grpo; luspo (LUSPO, with --importance-sampling-level sequence), GSPO's
+    term weighed by the answer's length; vespo (VESPO), the policy gradient weighted by a smooth function of the
+    answer's whole ratio to the sampling policy (--vespo-k-pos and the three others), averaged as dapo."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """the ratio to the sampling policy (TRL's names): token, one per token (PPO's, GRPO's); sequence, one per answer,
     the geometric mean of its tokens' (GSPO: steadier, matches rewards given per answer; its paper clips it with
@@ -842,6 +844,15 @@ class GRPOConfig(RewardConfig):
     """--loss-type sapo: the gate's temperature for answers with a positive advantage."""
     sapo_temperature_neg: float = 1.05
     """--loss-type sapo: the gate's temperature for the others (SAPO's paper: a little higher)."""
+    vespo_k_pos: float = 2.0
+    """--loss-type vespo: the weight's power k for answers with a non-negative advantage (how fast it fades for a
+    ratio below 1); phi(w) = exp(lambda + k log w - lambda w), 1 at w = 1."""
+    vespo_lambda_pos: float = 3.0
+    """--loss-type vespo: the weight's decay lambda for those answers (how fast it fades for a ratio above 1)."""
+    vespo_k_neg: float = 3.0
+    """--loss-type vespo: k for answers with a negative advantage."""
+    vespo_lambda_neg: float = 2.0
+    """--loss-type vespo: lambda for answers with a negative advantage."""
     entropy_coef: float = 0.0
     """weight of an entropy bonus (TRL's): the loss less this x the policy's mean next-token entropy over the step's
     answer tokens (those the policy term keeps), against a policy collapsing onto one answer; 0: off. With
@@ -881,6 +892,13 @@ class GRPOConfig(RewardConfig):
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise TrainError("--loss-type luspo weighs GSPO's sequence-level term by the answer's length: add "
                              "--importance-sampling-level sequence")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise TrainError("--loss-type vespo weighs each answer by its whole ratio itself: leave "
+                             "--importance-sampling-level at token")
+        vespo = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
+        if not all(0.0 <= x < float("inf") for x in vespo):
+            raise TrainError(f"--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0, "
+                             f"got {', '.join(f'{x:g}' for x in vespo)}")
         if self.delta is not None and not 1.0 < self.delta < float("inf"):
             raise TrainError(f"--delta caps the ratio (above 1 + --epsilon-high, e.g. 4), got {self.delta}")
         if not (0.0 < self.sapo_temperature_pos < float("inf") and 0.0 < self.sapo_temperature_neg < float("inf")):
@@ -935,7 +953,8 @@ class GRPOConfig(RewardConfig):
                 "importance_sampling_level": self.importance_sampling_level, "delta": self.delta,
                 "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
                 "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta,
-                "off_policy_mask_threshold": self.off_policy_mask_threshold, "entropy_grad": self.entropy_bonus()}
+                "off_policy_mask_threshold": self.off_policy_mask_threshold, "entropy_grad": self.entropy_bonus(),
+                "vespo_params": (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)}
 
     def entropy_bonus(self) -> bool:
         """Whether the loss has an entropy bonus (TRL's: a coefficient, or the adaptive control, which may raise one
@@ -959,7 +978,9 @@ class GRPOConfig(RewardConfig):
                 "loss_type": self.loss_type, "num_iterations": self.num_iterations, "epsilon": self.epsilon,
                 "epsilon_high": self.epsilon_high, "importance_sampling_level": self.importance_sampling_level,
                 "delta": self.delta, "sapo_temperature_pos": self.sapo_temperature_pos,
-                "sapo_temperature_neg": self.sapo_temperature_neg, "top_entropy_quantile": self.top_entropy_quantile,
+                "sapo_temperature_neg": self.sapo_temperature_neg, "vespo_k_pos": self.vespo_k_pos,
+                "vespo_lambda_pos": self.vespo_lambda_pos, "vespo_k_neg": self.vespo_k_neg,
+                "vespo_lambda_neg": self.vespo_lambda_neg, "top_entropy_quantile": self.top_entropy_quantile,
                 "off_policy_mask_threshold": self.off_policy_mask_threshold,
                 "entropy_coef": self.entropy_coef, "use_adaptive_entropy": self.use_adaptive_entropy,
                 "entropy_coef_min": self.entropy_coef_min, "entropy_coef_max": self.entropy_coef_max,

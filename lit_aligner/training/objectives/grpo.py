@@ -114,8 +114,9 @@ class GRPO(SyncedReference, SFT):
         self.metric_names = ("loss", "reward", *(f"reward_{n}" for n in self.rewards.names), "length", "kl",
                              "zero_std", "truncated", "entropy")
         self.iterations = getattr(config, "num_iterations", 1)  # (a RewardConfig only scores: 1)
-        if self.iterations > 1 and config.loss_type != "sapo":  # the share of each answer's tokens whose ratio the
-            self.metric_names += ("clip_ratio",)  # clipping held (TRL's clip_ratio; sapo's gate holds none outright)
+        if self.iterations > 1 and config.loss_type not in ("sapo", "vespo"):  # the share of each answer's tokens
+            self.metric_names += ("clip_ratio",)  # whose ratio the clipping held (TRL's clip_ratio; sapo's and vespo's
+            # smooth weights hold none outright)
         # --entropy-coef (TRL's entropy bonus) and its adaptive control: the coefficient, the mean entropy of the last
         # step (inf before the first: the adaptive bonus waits for one at or below the target), and this step's sums
         # of (entropy, tokens) over the kept tokens so far
@@ -285,6 +286,9 @@ class GRPO(SyncedReference, SFT):
         if "clip_ratio" in self.metric_names:
             out["clip_ratio"] = terms.held.sum()
         loss = (terms.loss * scale.to(terms.loss)).sum()
+        if self.config.loss_type == "bnpo":  # the mean over the micro-batch's kept answer tokens, x its answers
+            tokens = ((batch["labels"][:, 1:] != -100).sum(-1) * (scale > 0)).sum().clamp(min=1)
+            loss = loss / tokens.to(loss) * len(scale)
         if self.bonus:
             # TRL's bonus: less coef x the micro-batch's mean entropy over the tokens the policy term keeps (of the
             # answers the loss keeps), weighed by its answers as the engine weighs every micro-batch's terms

@@ -398,8 +398,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
               importance_sampling_level: str = "token", delta: Optional[float] = None,
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
               kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
-              entropy_grad: bool = False, vespo_params: Tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
-              ) -> GRPOTerms:
+              entropy_grad: bool = False, vespo_params: Tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+              use_bias_correction_kl: bool = False) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -410,7 +410,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     nothing is clipped and the gradient is the policy gradient. `delta` (INTELLECT-2's two-sided clipping) caps c
     in the unclipped term too. `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence mask, with `old_logps`)
     leaves out of the policy term each completion with A < 0 whose mean over its tokens of log p_old - log p is above
-    it.
+    it. `use_bias_correction_kl` (DeepSeek-V3.2's unbiased KL estimate) multiplies each KL term by c (with its
+    gradient, so the KL's gradient changes even where c = 1).
 
     `loss_type` (TRL's names; `GRPO_LOSS_TYPES`): "grpo" (DeepSeekMath's) the mean over the completion's tokens;
     "dr_grpo" their sum / `max_completion_length` (Dr. GRPO: no length bias); "dapo" their sum, which the caller divides
@@ -445,7 +446,7 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     log_ratio = lp - (lp.detach() if old_logps is None else old_logps.to(lp))
     if importance_sampling_level == "sequence":  # each completion's mean log-ratio, at every one of its tokens
         log_ratio = (total(log_ratio) / count)[rows]
-    ratio = torch.exp(log_ratio)
+    ratio = coef = torch.exp(log_ratio)
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=epsilon_high).detach() * a * lp
         held = (ratio > epsilon_high) & (a > 0)
@@ -483,6 +484,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
             ref_lp, _, _ = _token_logprobs(ref_hidden, lm_head_weight, labels, chunk_size)
         r = ref_lp - lp
         kl = torch.exp(r) - r - 1
+        if use_bias_correction_kl:
+            kl = kl * coef
         per_token = per_token + beta * kl
     divisor = {"grpo": count, "sapo": count, "dr_grpo": float(max_completion_length or 1)}.get(loss_type, 1.0)
     return GRPOTerms(total(per_token) / divisor, total(kl.detach()) / count, total(held.float()) / count,

@@ -166,7 +166,8 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
         aux_loss_enabled=False, _entropy_bonus_enabled=bool(settings["entropy_coef"]),
         entropy_coef=settings["entropy_coef"], use_adaptive_entropy=False, current_gradient_accumulation_steps=1,
         model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list)},
-        args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=False, steps_per_generation=1,
+        args=SimpleNamespace(delta=settings["delta"], use_bias_correction_kl=settings["use_bias_correction_kl"],
+                             steps_per_generation=1,
                              sapo_temperature_pos=settings["sapo_temperatures"][0],
                              sapo_temperature_neg=settings["sapo_temperatures"][1],
                              **dict(zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
@@ -209,6 +210,9 @@ def _trls_compute_loss(settings, hidden, ref_hidden, weight, prompt, completions
     ("bnpo", "token", True, {"epsilon_high": 0.28}),
     ("vespo", "token", True, {"advantages": [-1.2, 0.7, -0.4, -0.9]}),
     ("vespo", "token", True, {"vespo_params": (1.0, 0.5, 4.0, 1.5), "beta": 0.04}),
+    ("grpo", "token", True, {"beta": 0.3, "use_bias_correction_kl": True}),
+    ("grpo", "token", False, {"beta": 0.3, "use_bias_correction_kl": True}),  # (the ratio is 1, its gradient not)
+    ("dapo", "sequence", True, {"beta": 0.3, "use_bias_correction_kl": True, "epsilon_high": 0.1}),
 ])
 def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old, extra):
     """Value, gradient, the clipped share and the entropy against the installed TRL's GRPOTrainer._compute_loss itself,
@@ -223,7 +227,7 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
     settings = {"loss_type": loss_type, "importance_sampling_level": level, "epsilon_low": 0.2, "epsilon_high": 0.2,
                 "delta": None, "sapo_temperatures": (1.0, 1.05), "top_entropy_quantile": 1.0, "beta": 0.0,
                 "off_policy_mask_threshold": None, "entropy_coef": 0.0, "max_completion_length": Tc,
-                "vespo_params": (2.0, 3.0, 3.0, 2.0), **extra}
+                "vespo_params": (2.0, 3.0, 3.0, 2.0), "use_bias_correction_kl": False, **extra}
     hidden = torch.randn(B, P + Tc, C, generator=g, requires_grad=True)
     ref_hidden = hidden.detach() + 0.3 * torch.randn(B, P + Tc, C, generator=g)  # (a reference near the policy)
     weight = torch.randn(V, C, generator=g)
@@ -244,7 +248,8 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
         hidden / temperature, weight, labels, advantages, ref_hidden / temperature if settings["beta"] else None,
         chunk_size=3, old_logps=old_lp[mask] if old else None, entropy_grad=bool(settings["entropy_coef"]), **given)
     count = mask.sum(-1).float()
-    value = ours.sum() / count.sum() if loss_type in ("dapo", "bnpo", "cispo", "vespo") else ours.mean()
+    step_loss = lambda x: x.sum() / count.sum() if loss_type in ("dapo", "bnpo", "cispo", "vespo") else x.mean()  # noqa
+    value = step_loss(ours)
     value = value - settings["entropy_coef"] * bonus.sum() / bonus_tokens.sum()  # the mean over the tokens it keeps
     value.backward()
     assert float(value.detach()) == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
@@ -269,6 +274,12 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
 
         dropped = policy_term(settings["off_policy_mask_threshold"]) != policy_term(None)
         assert 0 < int(dropped.sum()) < int((advantages < 0).sum()), dropped
+    if settings["use_bias_correction_kl"]:  # it moves the KL's gradient, even where the ratio is 1
+        h = hidden.detach().requires_grad_()
+        plain = grpo_loss(h / temperature, weight, labels, advantages, ref_hidden / temperature, chunk_size=3,
+                          old_logps=old_lp[mask] if old else None, **{**given, "use_bias_correction_kl": False})
+        step_loss(plain.loss).backward()
+        assert not torch.allclose(h.grad, hidden.grad, atol=1e-4)
     if settings["beta"]:
         assert per(kl) == pytest.approx(metrics["kl"], abs=1e-5) if level == "token" else float(kl.sum()) > 0
 

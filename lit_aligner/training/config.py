@@ -810,6 +810,10 @@ class GRPOConfig(RewardConfig):
     beta: float = 0.0
     """weight of the KL penalty to the reference (--reference-aligner; k3 estimator, per token; TRL's default 0: no
     reference pass)."""
+    use_bias_correction_kl: bool = False
+    """multiply each token's KL term by its ratio to the sampling policy (DeepSeek-V3.2's unbiased estimate of the
+    reverse KL's gradient; TRL's flag, on by default in TRL 1.16, off up to 1.10: set it to train as a current TRL
+    does with --beta). It changes the KL's gradient even when the ratio is 1."""
     loss_type: GRPOLossType = "grpo"
     """the loss and how the answers' per-token terms are averaged (TRL's names): grpo, each answer's mean over its
     tokens, then the mean over answers (each answer weighs the same: the paper's); dapo, the mean over every answer
@@ -954,7 +958,8 @@ class GRPOConfig(RewardConfig):
                 "sapo_temperatures": (self.sapo_temperature_pos, self.sapo_temperature_neg),
                 "top_entropy_quantile": self.top_entropy_quantile, "beta": self.beta,
                 "off_policy_mask_threshold": self.off_policy_mask_threshold, "entropy_grad": self.entropy_bonus(),
-                "vespo_params": (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)}
+                "vespo_params": (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
+                "use_bias_correction_kl": self.use_bias_correction_kl}
 
     def entropy_bonus(self) -> bool:
         """Whether the loss has an entropy bonus (TRL's: a coefficient, or the adaptive control, which may raise one
@@ -975,6 +980,7 @@ class GRPOConfig(RewardConfig):
                 "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "scale_rewards": self.scale_rewards,
                 "multi_objective_aggregation": self.multi_objective_aggregation,
                 "mask_truncated_completions": self.mask_truncated_completions, "beta": self.beta,
+                "use_bias_correction_kl": self.use_bias_correction_kl,
                 "loss_type": self.loss_type, "num_iterations": self.num_iterations, "epsilon": self.epsilon,
                 "epsilon_high": self.epsilon_high, "importance_sampling_level": self.importance_sampling_level,
                 "delta": self.delta, "sapo_temperature_pos": self.sapo_temperature_pos,

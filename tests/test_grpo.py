@@ -1086,3 +1086,28 @@ def test_two_process_grpo_validates_as_one_process(tiny_checkpoint_dir, rows_fil
             assert [r["advantage"] for r in mine] == pytest.approx(expected.view(-1).tolist(), abs=1e-4), k
     _, meta = load_aligner(tmp_path / "two" / "aligner.safetensors")
     assert json.loads(meta["grpo"])["rewards"] == [letter_reward]
+
+
+@pytest.mark.slow
+def test_two_process_gdpo_and_adaptive_entropy_span_both_processes(tiny_checkpoint_dir, rows_file, letter_reward,
+                                                                   tmp_path):
+    # GDPO's step-wide mean and spread, and the adaptive entropy control's step entropy, are reduced over both
+    # processes (the control's reduction runs after every step on each: a collective that must not hang)
+    common = ["finetune/aligner_grpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", rows_file, "--accelerator",
+              "cpu", "--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "1", "--n-tokens", "4",
+              "--start-layer", "1", "--max-seq-length", "96", "--val-size", "4", "--eval-interval", "3",
+              "--rewards", letter_reward, "concise", "--reward-weights", "1", "0.5", "--num-generations", "4",
+              "--max-new-tokens", "12", "--no-progress", "--compare", "False", "--learning-rate", "0.1",
+              "--multi-objective-aggregation", "normalize_then_sum", "--entropy-coef", "0.01",
+              "--use-adaptive-entropy", "--entropy-target", "100", "--entropy-coef-delta", "0.05", "--log-completions"]
+    helpers.run_one_and_two_processes(common, tmp_path)
+    for k in ("one", "two"):
+        rows = [r for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("train_reward")]
+        assert [float(r["train_entropy_coef"]) for r in rows] == pytest.approx([0.0, 0.06, 0.11]), k
+        lines = [json.loads(line) for line in (tmp_path / k / "completions.jsonl").read_text().splitlines()]
+        for step in (1, 2, 3):
+            mine = [r for r in lines if r["step"] == step]
+            assert len(mine) == 16, k
+            by_name = torch.tensor([[r["rewards"]["e_share"], r["rewards"]["concise"]] for r in mine]).view(4, 4, 2)
+            expected = decoupled_advantages(None, by_name, [1.0, 0.5]).view(-1)
+            assert [r["advantage"] for r in mine] == pytest.approx(expected.tolist(), abs=1e-4), (k, step)

@@ -899,8 +899,9 @@ class GRPOConfig(RewardConfig):
         if self.loss_type == "vespo" and self.importance_sampling_level != "token":
             raise TrainError("--loss-type vespo weighs each answer by its whole ratio itself: leave "
                              "--importance-sampling-level at token")
+        nonnegative = lambda *xs: all(0.0 <= x < float("inf") for x in xs)  # noqa: E731
         vespo = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
-        if not all(0.0 <= x < float("inf") for x in vespo):
+        if not nonnegative(*vespo):
             raise TrainError(f"--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0, "
                              f"got {', '.join(f'{x:g}' for x in vespo)}")
         if self.delta is not None and not 1.0 < self.delta < float("inf"):
@@ -913,8 +914,7 @@ class GRPOConfig(RewardConfig):
             raise TrainError(f"--off-policy-mask-threshold must be positive (e.g. 0.5) and needs --num-iterations > 1 "
                              f"(with 1 every answer is trained on by the policy that sampled it), got "
                              f"{self.off_policy_mask_threshold} with --num-iterations {self.num_iterations}")
-        finite = lambda *xs: all(0.0 <= x < float("inf") for x in xs)  # noqa: E731
-        if not finite(self.entropy_coef, self.entropy_coef_min, self.entropy_coef_max, self.entropy_target) or (
+        if not nonnegative(self.entropy_coef, self.entropy_coef_min, self.entropy_coef_max, self.entropy_target) or (
                 self.use_adaptive_entropy and not (self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max
                                                    and 0.0 < self.entropy_coef_delta < float("inf"))):
             raise TrainError(f"--entropy-coef {self.entropy_coef} is a bonus's weight (>= 0; 0: off); with "

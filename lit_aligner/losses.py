@@ -12,7 +12,7 @@ labels[:, 1:] (the shift happens here, callers pass unshifted labels).
 """
 
 import math
-from typing import Literal, NamedTuple, Optional, Sequence, Tuple, Union, get_args
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -287,21 +287,25 @@ KTOLossName = Literal["kto", "apo_zero_unpaired"]
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, kl_logps: Optional[torch.Tensor],
              ref_kl_logps: Optional[torch.Tensor], desirable: torch.Tensor, beta: float = 0.1, loss: str = "kto",
-             desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             across: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss of unpaired completions (TRL's KTOTrainer, its `loss_type`). logps, ref_logps: (B,) summed
     completion log-probs of the policy and the reference (nats); desirable: (B,) bool labels; kl_logps, ref_kl_logps:
     (B,) the same for mismatched rows (a prompt with another row's completion), whose mean log-ratio, clamped at 0 and
     without gradient, estimates KL(pi || ref) as z. With b = beta and the log-ratio x = logps - ref_logps:
         kto                desirable: w_d (1 - sig(b (x - z)));  undesirable: w_u (1 - sig(b (z - x)))   (KTO, Eq. 7)
         apo_zero_unpaired  desirable: w_d (1 - sig(b x));        undesirable: w_u sig(b x)              (APO, no z)
-    Returns (losses (B,), rewards b x (B,) without gradient, z (0-dim))."""
+    `across`: this batch's mean mismatched log-ratio -> its mean over every process's batches (TRL gathers them
+    before z is clamped); None: this batch's alone. Returns (losses (B,), rewards b x (B,) without gradient, z
+    (0-dim))."""
     x = logps - ref_logps
     z = x.new_zeros(())
     if loss == "kto":
         if kl_logps is None or ref_kl_logps is None:
             raise ValueError("the kto loss needs the mismatched rows' log-probs (its KL estimate)")
-        z = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+        z = (kl_logps - ref_kl_logps).mean().detach()
+        z = (z if across is None else across(z)).clamp(min=0)
         good, bad = 1 - torch.sigmoid(beta * (x - z)), 1 - torch.sigmoid(beta * (z - x))
     elif loss == "apo_zero_unpaired":
         good, bad = 1 - torch.sigmoid(beta * x), torch.sigmoid(beta * x)

@@ -312,3 +312,24 @@ def test_a_short_run_learns_the_feedback_and_records_its_loss(tiny_checkpoint_di
     assert r.stderr.strip().splitlines() == ["error: KTO's KL estimate is a mean over the mismatched rows of a "
                                              "micro-batch, noise alone from one row: --micro-batch-size must be at "
                                              "least 2 (as TRL asks)"]
+
+
+@pytest.mark.slow
+def test_two_processes_average_z_over_both_as_trl(tiny_checkpoint_dir, feedback_file, tmp_path):
+    # TRL averages the KL estimate z over every process's micro-batch; with each row's partner fixed
+    # (--precompute-reference), one process with micro-batches of 4 and two with 2 each then train alike
+    def run(out, micro, *devices):
+        r = helpers.run_script(
+            "finetune/aligner_kto.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", feedback_file, "--out-dir",
+            out, "--n-tokens", "4", "--start-layer", "1", "--max-seq-length", "128", "--val-fraction", "0.1",
+            "--max-steps", "6", "--learning-rate", "0.1", "--eval-interval", "6", "--global-batch-size", "4",
+            "--micro-batch-size", str(micro), "--precompute-reference", "--accelerator", "cpu", "--no-progress",
+            *devices, timeout=600, env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, helpers.why(r)
+        return [row for row in read_metrics(out / "metrics.csv") if row.get("train_loss")]
+
+    one = run(tmp_path / "one", 4)
+    two = run(tmp_path / "two", 2, "--devices", "2", "--strategy", "ddp")
+    for name in ("train_kl", "train_loss", "train_reward"):
+        assert [float(r[name]) for r in two] == pytest.approx([float(r[name]) for r in one], abs=1e-5), name
+    assert sum(float(r["train_kl"]) > 0 for r in one) >= 3  # (0 on the first step: the policy is the reference)

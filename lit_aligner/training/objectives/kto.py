@@ -36,6 +36,7 @@ class KTO(ReferenceObjective):
     metric_names = ("loss", "kl", "reward_accuracy", "reward", "logp")
     reference_file = "reference_logprobs_kto.safetensors"
     seed = 42  # a run's --seed (`from_run`): the order --precompute-reference draws the partners from
+    fabric: Any = None  # a training run's (`from_run`): z is averaged over its processes
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
                  config: KTOLossConfig = KTOLossConfig(), reference_desc: str = "none"):
@@ -75,18 +76,26 @@ class KTO(ReferenceObjective):
         pol = response_logprobs(model, input_ids[:B], labels[:B], self.aligner, self.chunk_size)
         losses, rewards, z = kto_loss(pol, ref[:B], kl, ref[B:] if kl is not None else None,
                                       desirable.to(pol.device), c.beta, c.loss, c.desirable_weight,
-                                      c.undesirable_weight)
+                                      c.undesirable_weight, self._across_processes)
         above = rewards - c.beta * z  # KTO's reference point: beta x the KL estimate
         right = torch.where(desirable.to(pol.device), above > 0, above < 0).float()
         return {"loss": losses.float().sum(), "kl": z.float() * B,
                 "reward_accuracy": torch.where(above == 0, 0.5, right).sum(),
                 "reward": rewards.float().sum(), "logp": pol.detach().float().sum()}
 
+    def _across_processes(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of every process's z (TRL's gather): each process runs as many micro-batches, in step, the
+        engine's evaluation included."""
+        fabric = self.fabric
+        if fabric is None or fabric.world_size == 1:
+            return z
+        return fabric.all_reduce(z, reduce_op="mean")
+
     @classmethod
     def from_run(cls, cfg: Any, run: Any) -> "KTO":
         reference, desc = run_reference(cfg, run)
         objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc).follow(cfg)
-        objective.seed = cfg.train.seed
+        objective.seed, objective.fabric = cfg.train.seed, run.fabric
         return objective
 
     def prepare(self, run: Any) -> None:

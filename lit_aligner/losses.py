@@ -403,7 +403,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
               sapo_temperatures: Tuple[float, float] = (1.0, 1.05), top_entropy_quantile: float = 1.0,
               kept: Optional[torch.Tensor] = None, off_policy_mask_threshold: Optional[float] = None,
               entropy_grad: bool = False, vespo_params: Tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-              use_bias_correction_kl: bool = False) -> GRPOTerms:
+              use_bias_correction_kl: bool = False,
+              gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> GRPOTerms:
     """GRPO's loss of each completion (TRL's GRPOTrainer._compute_loss), from per-token terms
     -min(c x A, clip(c, 1 - epsilon_low, 1 + epsilon_high) x A) + beta x KL, where A (B,) is the completion's
     advantage, KL the k3 estimate exp(r) - r - 1 with r = log p_ref - log p (`ref_hidden`: the reference's hidden
@@ -428,7 +429,8 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     - lambda w) (k, lambda: `vespo_params` (k_pos, lambda_pos, k_neg, lambda_neg) by the sign of A; phi(1) = 1), a
     smooth weight that fades for completions far off-policy either way. `top_entropy_quantile` rho < 1 ("Beyond the
     80/20 rule") keeps in the policy term only the tokens whose distribution's entropy reaches the 1 - rho quantile of
-    the scored tokens here (of the `kept` (B,) completions', when given). `entropy_grad`: `GRPOTerms.bonus` (the entropy
+    the scored tokens here (of the `kept` (B,) completions', when given; `gather`: those entropies -> every process's,
+    as TRL takes the quantile over all of them). `entropy_grad`: `GRPOTerms.bonus` (the entropy
     summed over the tokens the policy term keeps) has its gradient, for an entropy bonus (TRL's entropy_coef).
 
     Returns `GRPOTerms`: per completion the loss, the mean KL over its tokens, the share of its tokens whose ratio the
@@ -477,8 +479,9 @@ def grpo_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
         drift = total(old_logps.to(lp) - lp.detach()) / count  # each completion's mean KL(old || now) estimate
         per_token = per_token * ((advantages.to(lp) >= 0) | (drift <= off_policy_mask_threshold)).to(lp)[rows]
     chosen = torch.ones_like(lp)  # the tokens the policy term keeps
-    if top_entropy_quantile < 1.0 and lp.numel():
+    if top_entropy_quantile < 1.0:  # (on every process alike: `gather` may be a collective)
         pool = (entropy if kept is None else entropy[kept.to(rows.device)[rows]]).detach()
+        pool = pool if gather is None else gather(pool)
         if pool.numel():
             chosen = (entropy.detach() >= torch.quantile(pool, 1.0 - top_entropy_quantile)).to(lp)
             per_token = per_token * chosen

@@ -284,6 +284,37 @@ def test_every_loss_type_and_ratio_level_is_trls_own_loss(loss_type, level, old,
         assert per(kl) == pytest.approx(metrics["kl"], abs=1e-5) if level == "token" else float(kl.sum()) > 0
 
 
+def test_the_top_entropy_quantile_is_taken_over_every_processs_tokens():
+    # TRL gathers the entropies of every process's forward pass before it takes the quantile: here the other process
+    # holds 5 tokens of high entropy, which raise the cut, so fewer of this process's tokens keep their gradient
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 8, 8, generator=g)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.randint(0, 11, (2, 8), generator=g)
+    labels[:, :2] = -100
+    other = torch.full((5,), 5.0)  # (above any entropy over 11 tokens: log 11 = 2.4)
+
+    def gathered(x):  # a stand-in for Fabric's all_gather over 2 processes (this one first): the sizes, the values
+        theirs = torch.tensor([len(other)]) if x.dtype == torch.long else torch.cat([other, other.new_zeros(7)])
+        return torch.stack([x, theirs])
+
+    objective = GRPO(0, _decode, GRPOConfig(rewards=["concise"]))
+    objective._fabric = SimpleNamespace(world_size=2, all_gather=gathered)
+    pool = torch.rand(12, generator=g)
+    assert torch.equal(objective._every_process(pool), torch.cat([pool, other]))
+
+    def kept_tokens(gather):
+        h = hidden.clone().requires_grad_()
+        loss = grpo_loss(h, weight, labels, torch.tensor([1.0, -1.0]), top_entropy_quantile=0.5, gather=gather)
+        loss.loss.sum().backward()
+        return int((h.grad[:, 1:-1].abs().sum(-1) > 0).sum())  # positions whose next token keeps a gradient
+
+    alone, together = kept_tokens(None), kept_tokens(objective._every_process)
+    assert alone == 6 and together == 4  # the top half of our 12 tokens; of all 17, the 9th and above: 5 theirs
+
+
 def test_the_top_entropy_tokens_are_drawn_from_the_answers_the_loss_keeps():
     # --mask-truncated-completions: a left-out answer's tokens do not count for the quantile (TRL's mask zeroes them)
     g = torch.Generator().manual_seed(4)
@@ -1091,15 +1122,16 @@ def test_two_process_grpo_validates_as_one_process(tiny_checkpoint_dir, rows_fil
 @pytest.mark.slow
 def test_two_process_gdpo_and_adaptive_entropy_span_both_processes(tiny_checkpoint_dir, rows_file, letter_reward,
                                                                    tmp_path):
-    # GDPO's step-wide mean and spread, and the adaptive entropy control's step entropy, are reduced over both
-    # processes (the control's reduction runs after every step on each: a collective that must not hang)
+    # GDPO's step-wide mean and spread, the adaptive entropy control's step entropy and the top-entropy quantile's
+    # tokens are reduced over both processes (collectives after every step and in every micro-batch: none may hang)
     common = ["finetune/aligner_grpo.py", "--checkpoint-dir", tiny_checkpoint_dir, "--data", rows_file, "--accelerator",
               "cpu", "--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "1", "--n-tokens", "4",
               "--start-layer", "1", "--max-seq-length", "96", "--val-size", "4", "--eval-interval", "3",
               "--rewards", letter_reward, "concise", "--reward-weights", "1", "0.5", "--num-generations", "4",
               "--max-new-tokens", "12", "--no-progress", "--compare", "False", "--learning-rate", "0.1",
               "--multi-objective-aggregation", "normalize_then_sum", "--entropy-coef", "0.01",
-              "--use-adaptive-entropy", "--entropy-target", "100", "--entropy-coef-delta", "0.05", "--log-completions"]
+              "--use-adaptive-entropy", "--entropy-target", "100", "--entropy-coef-delta", "0.05", "--log-completions",
+              "--top-entropy-quantile", "0.5"]  # (the quantile's pool is gathered: a collective in every micro-batch)
     helpers.run_one_and_two_processes(common, tmp_path)
     for k in ("one", "two"):
         rows = [r for r in read_metrics(tmp_path / k / "metrics.csv") if r.get("train_reward")]

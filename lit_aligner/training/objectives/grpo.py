@@ -277,7 +277,7 @@ class GRPO(SyncedReference, SFT):
         scale = batch["token_scale"][:, 0]
         terms = grpo_loss(hidden, model.lm_head_weight, batch["labels"], batch["advantage"][:, 0], ref,
                           chunk_size=self.chunk_size, old_logps=batch.get("old_logps"), kept=scale > 0,
-                          **self.config.loss_settings())
+                          gather=self._every_process, **self.config.loss_settings())
         if "answer" in batch and "old_logps" not in batch:
             # a batch's first step: the sampling policy's log-probs, kept with each answer for the later steps
             rows, answers = (batch["labels"][:, 1:] != -100).sum(-1).tolist(), self._batch_answers()
@@ -300,6 +300,17 @@ class GRPO(SyncedReference, SFT):
             self._window += sums.detach().double().cpu()  # (the adaptive control's: this step's, over every token)
             out["entropy_coef"] = torch.tensor(coef * len(scale))  # (its mean over the step's answers: coef)
         return {**out, "loss": loss, "kl": terms.kl.sum(), "entropy": terms.entropy.sum()}
+
+    def _every_process(self, x: torch.Tensor) -> torch.Tensor:
+        """This process's values (n,) -> every process's, concatenated (the top-entropy quantile's pool, which TRL
+        gathers): every process runs as many training micro-batches, in step."""
+        fabric = self._fabric
+        if fabric is None or fabric.world_size == 1:
+            return x
+        sizes = fabric.all_gather(torch.tensor([x.numel()], device=x.device)).flatten().tolist()
+        padded = torch.cat([x, x.new_zeros(max(sizes) - x.numel())])
+        gathered = fabric.all_gather(padded).view(len(sizes), -1)
+        return torch.cat([row[:n] for row, n in zip(gathered, sizes)])
 
     def after_step(self, step: int, aligner: nn.Module) -> None:
         """--use-adaptive-entropy: the coefficient for the next step, from this one's mean entropy over the kept tokens

@@ -301,7 +301,7 @@ def test_the_top_entropy_quantile_is_taken_over_every_processs_tokens():
         return torch.stack([x, theirs])
 
     objective = GRPO(0, _decode, GRPOConfig(rewards=["concise"]))
-    objective._fabric = SimpleNamespace(world_size=2, all_gather=gathered)
+    objective.fabric = SimpleNamespace(world_size=2, all_gather=gathered)
     pool = torch.rand(12, generator=g)
     assert torch.equal(objective._every_process(pool), torch.cat([pool, other]))
 

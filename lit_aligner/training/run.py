@@ -250,6 +250,7 @@ def _load(run: Run) -> None:
         new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init, cfg.prefix_init_scale)
     # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner
     run.objective = objective_cls.from_run(cfg, run)
+    run.objective.fabric = run.fabric
     if run.state is not None:
         with torch.no_grad():
             for name in ("prefix", "gate"):

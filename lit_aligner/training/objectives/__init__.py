@@ -48,6 +48,9 @@ class Objective:
     # optimizer steps each global batch trains (GRPO's --num-iterations: its samples are reused); run states are
     # written between batches only
     iterations: int = 1
+    # a training run's Fabric (set by `train`; None elsewhere): what an objective that reduces a statistic over the
+    # processes, as TRL gathers it, reduces with
+    fabric: Any = None
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.pad_id, self.chunk_size = pad_id, chunk_size

@@ -125,7 +125,6 @@ class GRPO(SyncedReference, SFT):
             self.metric_names += ("entropy_coef",)
             self.entropy_coef, self.last_entropy = config.entropy_coef, float("inf")
             self._window = torch.zeros(2, dtype=torch.float64)
-        self._fabric: Any = None  # the run's (rollout's): the adaptive control reduces its window over processes
         # the loss reads log-probabilities at the sampling temperature (TRL's), those of the policy that sampled
         self.temperature = getattr(config, "sample_temperature", 0.0) or 1.0
         self._batch: Optional[tuple] = None  # (batch number, its rows, its scored answers): reused for mu steps
@@ -181,7 +180,6 @@ class GRPO(SyncedReference, SFT):
         answers serve its mu steps, the later ones each with its tokens' log-probabilities under the policy that
         sampled them: those of the batch's first step, where the policy has not moved yet (kept by `__call__`, so
         they cost no forward pass of their own)."""
-        self._fabric = fabric
         number = step // self.iterations
         if self._batch is not None and self._batch[:2] == (number, list(items)):
             return self._batch[2]
@@ -297,14 +295,15 @@ class GRPO(SyncedReference, SFT):
             keep = (scale > 0).to(terms.bonus)
             sums = torch.stack([(terms.bonus * keep).sum(), (terms.bonus_tokens * keep).sum()])
             loss = loss - coef * sums[0] / sums[1].clamp(min=1.0) * len(scale)
-            self._window += sums.detach().double().cpu()  # (the adaptive control's: this step's, over every token)
+            if self.config.use_adaptive_entropy:  # the control's: this step's, over every token
+                self._window += sums.detach().double().cpu()
             out["entropy_coef"] = torch.tensor(coef * len(scale))  # (its mean over the step's answers: coef)
         return {**out, "loss": loss, "kl": terms.kl.sum(), "entropy": terms.entropy.sum()}
 
     def _every_process(self, x: torch.Tensor) -> torch.Tensor:
         """This process's values (n,) -> every process's, concatenated (the top-entropy quantile's pool, which TRL
         gathers): every process runs as many training micro-batches, in step."""
-        fabric = self._fabric
+        fabric = self.fabric
         if fabric is None or fabric.world_size == 1:
             return x
         sizes = fabric.all_gather(torch.tensor([x.numel()], device=x.device)).flatten().tolist()
@@ -316,12 +315,10 @@ class GRPO(SyncedReference, SFT):
         """--use-adaptive-entropy: the coefficient for the next step, from this one's mean entropy over the kept tokens
         of every process (Skywork-OR1's control, as TRL updates it)."""
         super().after_step(step, aligner)
-        if not self.bonus:
+        if not (self.bonus and self.config.use_adaptive_entropy):
             return
         window, self._window = self._window, torch.zeros(2, dtype=torch.float64)
-        if not self.config.use_adaptive_entropy:
-            return
-        fabric = self._fabric
+        fabric = self.fabric
         if fabric is not None and fabric.world_size > 1:
             window = fabric.all_reduce(window.to(fabric.device), reduce_op="sum").cpu()
         c = self.config

@@ -36,7 +36,6 @@ class KTO(ReferenceObjective):
     metric_names = ("loss", "kl", "reward_accuracy", "reward", "logp")
     reference_file = "reference_logprobs_kto.safetensors"
     seed = 42  # a run's --seed (`from_run`): the order --precompute-reference draws the partners from
-    fabric: Any = None  # a training run's (`from_run`): z is averaged over its processes
 
     def __init__(self, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE, reference: Reference = False,
                  config: KTOLossConfig = KTOLossConfig(), reference_desc: str = "none"):
@@ -95,7 +94,7 @@ class KTO(ReferenceObjective):
     def from_run(cls, cfg: Any, run: Any) -> "KTO":
         reference, desc = run_reference(cfg, run)
         objective = cls(run.tokenizer.pad_id, cfg.train.chunk_size, reference, cfg.kto, desc).follow(cfg)
-        objective.seed, objective.fabric = cfg.train.seed, run.fabric
+        objective.seed = cfg.train.seed
         return objective
 
     def prepare(self, run: Any) -> None:

@@ -5,7 +5,8 @@
   masking), --max-seq-length, a seeded held-out split of --heldout rows. Every system sees the same rows in the same
   order (`lit_aligner.training.engine.BatchOrder`, length-grouped and shuffled by batch as the trainer does
   by default; --no-shuffle-grouped-batches for the order of the files measured before that) with the
-  same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW(betas 0.9/0.95, weight decay 0.02).
+  same warm-up + cosine schedule (`lr_at`, --min-lr-ratio) and AdamW (the trainer's betas, --adam-beta1/-beta2, and
+  weight decay 0.02).
 - Aligner: trained by this project's trainer (`lit_aligner.train`), each variant of --aligners (N:init; normal = the
   paper's N(0, 1) prefix) at each learning rate of --aligner-lrs, gate ratio of --gate-lr-ratios and starting scale of
   --init-scales (by default the trainer's defaults), and with --paper each N as the paper trains it.
@@ -71,7 +72,8 @@ def train_config(common: Dict[str, Any], lr: float, gate_lr_ratio: float = 1.0):
     return TrainConfig(max_steps=common["steps"], learning_rate=lr, gate_lr_ratio=gate_lr_ratio,
                        global_batch_size=common["batch"], micro_batch_size=common["micro_batch"],
                        warmup_steps=common["warmup_steps"], min_lr_ratio=common["min_lr_ratio"],
-                       max_norm=common["max_norm"], eval_iters=0,
+                       max_norm=common["max_norm"], adam_beta1=common["adam_beta1"],
+                       adam_beta2=common["adam_beta2"], eval_iters=0,
                        save_interval=common["steps"], seed=common["seed"], group_by_length=True,
                        shuffle_grouped_batches=common["shuffle_grouped_batches"])
 
@@ -202,7 +204,8 @@ def run_peft(spec, common):
         config = peer_prefix_tuning_config(spec["n_tokens"])
     model = peft.get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.02)
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(common["adam_beta1"], common["adam_beta2"]),
+                                  weight_decay=DEFAULTS.weight_decay)
     tc = train_config(common, spec["lr"])
     # the trainer's length-grouped order (its default), the same for every system
     order = BatchOrder(len(train), tc.global_batch_size, tc.seed, train.lengths(), tc.shuffle_grouped_batches)
@@ -282,9 +285,11 @@ def earlier_runs(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     before = earlier.get("settings")
     from lit_aligner.training.run import LATER_TRAIN_SETTINGS
 
-    # a file from before --min-lr-ratio, --max-norm or the shuffled batch order: made as a run state from before them
-    # resumes (every system's cosine ended at 0, no clipping, each run of 50 batches longest to shortest)
-    old = {k: LATER_TRAIN_SETTINGS[k][0] for k in ("min_lr_ratio", "max_norm", "shuffle_grouped_batches")}
+    # a file from before --min-lr-ratio, --max-norm, the shuffled batch order or --adam-beta1/-beta2: made as a run
+    # state from before them resumes (every system's cosine ended at 0, no clipping, each run of 50 batches longest to
+    # shortest, betas 0.9 and 0.95)
+    old = {k: LATER_TRAIN_SETTINGS[k][0] for k in ("min_lr_ratio", "max_norm", "shuffle_grouped_batches",
+                                                     "adam_beta1", "adam_beta2")}
     if not isinstance(before, dict):
         raise BenchmarkError(f"--resume: {path} holds no settings; give another --out or --force to replace it")
     before = {**old, **before}
@@ -318,6 +323,8 @@ def main(
     warmup_steps: int = 5,
     min_lr_ratio: float = DEFAULTS.min_lr_ratio,
     max_norm: Optional[float] = DEFAULTS.max_norm,
+    adam_beta1: float = DEFAULTS.adam_beta1,
+    adam_beta2: float = DEFAULTS.adam_beta2,
     seed: int = 42,
     aligners: List[str] = [f"1:{DEFAULT_PREFIX_INIT}", f"10:{DEFAULT_PREFIX_INIT}"],  # noqa: B006 (tyro reads it)
     aligner_lrs: List[float] = [DEFAULTS.learning_rate],  # noqa: B006
@@ -353,6 +360,8 @@ def main(
             --min-lr-ratio), for every system.
         max_norm: clip every system's gradient norm to this before each step (the trainer's --max-norm, Hugging
             Face's max_grad_norm); None: no clipping.
+        adam_beta1: AdamW's beta1 for every system (the trainer's --adam-beta1).
+        adam_beta2: AdamW's beta2 for every system (the trainer's --adam-beta2).
         seed: data split, data order and initialisation seed.
         aligners: Aligner variants as N:init (init: normal = the paper's N(0, 1), hidden, embedding). The defaults of
             this flag and the next three are the trainer's.
@@ -388,6 +397,8 @@ def main(
         raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
     if max_norm is not None and not 0 < max_norm < float("inf"):
         raise BenchmarkError(f"--max-norm must be a positive number, got {max_norm}")
+    if not (0.0 <= adam_beta1 < 1.0 and 0.0 <= adam_beta2 < 1.0):
+        raise BenchmarkError(f"--adam-beta1 and --adam-beta2 must be in [0, 1), got {adam_beta1}, {adam_beta2}")
     if not all(r >= 1 for r in lora_ranks):
         raise BenchmarkError(f"--lora-ranks must be >= 1, got {lora_ranks}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:
@@ -409,8 +420,9 @@ def main(
     path = Path(out or REPO / "benchmarks" / "results" / f"quality-{name}-{machine_name(dev)}.json")
     settings = dict(checkpoint_dir=str(checkpoint_dir), data=str(data), template=template,
                     max_seq_length=max_seq_length, heldout=heldout, steps=steps, batch=batch, micro_batch=micro_batch,
-                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_norm=max_norm, seed=seed,
-                    shuffle_grouped_batches=shuffle_grouped_batches, machine=machine_name(dev))
+                    warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_norm=max_norm, adam_beta1=adam_beta1,
+                    adam_beta2=adam_beta2, seed=seed, shuffle_grouped_batches=shuffle_grouped_batches,
+                    machine=machine_name(dev))
     runs: List[Dict[str, Any]] = earlier_runs(path, settings) if resume and path.exists() else []
     if not runs:
         check_out(path, force, (checkpoint_dir, data))
@@ -490,7 +502,8 @@ def main(
     sanity = (f"sanity: the bare base's held-out loss is {base['heldout_loss']:.4f} in lit-aligner and "
               f"{base['heldout_loss_transformers']:.4f} in transformers ({base['relative_difference']:.3%} apart)")
     clip = f", gradients clipped to norm {max_norm:g}" if max_norm else ""
-    print(f"{name}, {steps} steps x {batch} rows ({warmup_steps} warm-up, cosine to {min_lr_ratio:g}x{clip}), max "
+    print(f"{name}, {steps} steps x {batch} rows ({warmup_steps} warm-up, cosine to {min_lr_ratio:g}x{clip}, AdamW "
+          f"betas {adam_beta1:g}, {adam_beta2:g}), max "
           f"length {max_seq_length}, template {template}, {base['heldout_rows']} held-out rows of {data}")
     print("best learning rate per system:")
     print(table)

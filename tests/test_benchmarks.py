@@ -369,7 +369,8 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     # a results file from before --min-lr-ratio (no such setting) was made with every cosine ending at 0, and from
     # before the shuffled batch order with each run of batches longest to shortest
     older = json.loads(out.read_text())
-    del older["settings"]["min_lr_ratio"], older["settings"]["max_norm"], older["settings"]["shuffle_grouped_batches"]
+    for name in ("min_lr_ratio", "max_norm", "shuffle_grouped_batches", "adam_beta1", "adam_beta2"):
+        del older["settings"][name]  # (and before --adam-beta1/-beta2: AdamW at 0.9, 0.95)
     for r in older["runs"]:
         r.pop("rank", None)  # and before --lora-ranks: LoRA was r=8
     out.write_text(json.dumps(older))
@@ -388,13 +389,15 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     assert by_label["LoRA r=2 (q, v)"]["trainable_params"] == 4 * (2 * 64 + 64 * 2 + 2 * 64 + 32 * 2)
     assert by_label["LoRA r=8 (q, v)"]["x_lora_loss"] == 1.0
     assert by_label["LoRA r=2 (q, v)"]["heldout_loss"] != lora["heldout_loss"]
-    # --max-norm clips every system's gradients alike (a bound below every norm: each trains to another loss)
-    clipped = quality.main(**{**first, "out": tmp_path / "clipped.json"}, max_norm=1e-3, aligners=["2:hidden"],
-                           aligner_lrs=[0.05], paper=False, lora_lrs=[1e-2], prefix_lrs=[])
-    assert clipped["settings"]["max_norm"] == 1e-3
-    again = {(r["label"], r.get("init")): r for r in clipped["runs"]}
-    for key in (("Aligner N=2", "hidden"), ("LoRA r=8 (q, v)", None)):
-        assert again[key]["heldout_loss"] != runs[key]["heldout_loss"], key
+    # --max-norm clips every system's gradients alike (a bound below every norm: each trains to another loss), and
+    # --adam-beta1/-beta2 set every system's AdamW
+    for name, flags in (("clipped", dict(max_norm=1e-3)), ("betas", dict(adam_beta1=0.5, adam_beta2=0.99))):
+        changed = quality.main(**{**first, "out": tmp_path / f"{name}.json"}, **flags, aligners=["2:hidden"],
+                               aligner_lrs=[0.05], paper=False, lora_lrs=[1e-2], prefix_lrs=[])
+        assert all(changed["settings"][k] == v for k, v in flags.items())
+        again = {(r["label"], r.get("init")): r for r in changed["runs"]}
+        for key in (("Aligner N=2", "hidden"), ("LoRA r=8 (q, v)", None)):
+            assert again[key]["heldout_loss"] != runs[key]["heldout_loss"], (name, key)
 
 
 def _worker_of(pid: int) -> int:

@@ -355,6 +355,29 @@ def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_di
     assert small_run(tiny_checkpoint_dir, tmp_path, max_norm=1.0).identity()["max_norm"] == 1.0
 
 
+def test_adam_betas_reach_the_optimizer_and_a_resumed_run_refuses_other_ones(tiny_checkpoint_dir, tmp_path):
+    for bad, says in [(dict(adam_beta1=1.0), "--adam-beta1 must be in \\[0, 1\\)"),
+                      (dict(adam_beta2=-0.1), "--adam-beta2 must be in"),
+                      (dict(weight_decay=-1.0), "--weight-decay must be a number >= 0")]:
+        with pytest.raises(T.TrainError, match=says):
+            T.TrainConfig(**bad).check()
+    short = dict(max_steps=4, eval_iters=0)
+    a = load_aligner(T.train(small_run(tiny_checkpoint_dir, tmp_path / "a", **short))["aligner"])[0]
+    b = load_aligner(T.train(small_run(tiny_checkpoint_dir, tmp_path / "b", adam_beta1=0.5, adam_beta2=0.99,
+                                       **short))["aligner"])[0]
+    # the optimizer the run saved is AdamW with the flags' betas (and they change where training goes)
+    state = torch.load(tmp_path / "b" / "state" / "step-000004.pt", weights_only=True)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.5, 0.99)}
+    assert not torch.allclose(a.prefix, b.prefix, atol=1e-4)
+    # a resumed run would get the saved betas back from the optimizer's state whatever the flag said: refused instead
+    for flag, says in [(dict(adam_beta1=0.9), "--adam-beta1 0.5 \\(now 0.9\\)"),
+                       (dict(adam_beta1=0.5, adam_beta2=0.99, weight_decay=0.1), "--weight-decay 0.02 \\(now 0.1\\)")]:
+        cfg = small_run(tiny_checkpoint_dir, tmp_path / "b", **{**short, "max_steps": 6, **flag})
+        cfg.resume = "auto"
+        with pytest.raises(T.TrainError, match=says):
+            T.train(cfg)
+
+
 def test_chat_template_kwargs_shape_the_rows_trained_on_and_travel_with_the_aligner(tiny_checkpoint_dir, tmp_path):
     """--chat-template-kwargs '{"enable_thinking": false}' under Qwen3's template (TRL's): the rows are rendered with
     the thinking block closed in the prompt (without the flag it is part of the answer learned), the Aligner keeps
@@ -481,6 +504,19 @@ def test_a_run_state_from_before_the_shuffled_batch_order_resumes_in_its_own_ord
     a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, no_shuffle_in_identity,
                                  {"shuffle_grouped_batches": False, "global_batch_size": 4}, {"global_batch_size": 4})
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+
+
+def test_a_run_state_from_before_the_adam_flags_resumes_with_its_betas_and_a_note(tiny_checkpoint_dir, tmp_path,
+                                                                                   capsys):
+    def no_betas(state):  # as written when AdamW's betas were fixed at 0.9, 0.95 and the decay not in the identity
+        for name in ("adam_beta1", "adam_beta2", "weight_decay"):
+            del state["identity"][name]
+        for name in ("adam_beta1", "adam_beta2"):
+            del state["train_config"][name]
+
+    a, b = resume_an_older_state(tiny_checkpoint_dir, tmp_path, no_betas, {}, {"adam_beta1": 0.5})
+    assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+    assert "predates --adam-beta1: the run continues with 0.9" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

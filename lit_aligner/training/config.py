@@ -56,6 +56,10 @@ class TrainConfig:
     before they are let into the residual stream: a lower held-out loss at equal steps (howto/evaluate.md)."""
     weight_decay: float = 0.02
     """AdamW weight decay (paper: 0.02)."""
+    adam_beta1: float = 0.9
+    """AdamW's beta1, the memory of the gradient's running mean (Hugging Face's adam_beta1 and the paper's: 0.9)."""
+    adam_beta2: float = 0.95
+    """AdamW's beta2, the memory of the squared gradient's (litgpt's and nanoGPT's 0.95; Hugging Face's 0.999)."""
     max_norm: Optional[float] = None
     """clip the gradient's total L2 norm to this before each step (None: no clipping; Hugging Face's Trainer
     clips at 1); metrics.csv logs the norm before clipping as grad_norm either way."""
@@ -119,6 +123,11 @@ class TrainConfig:
             raise TrainError(f"--gate-lr-ratio must be a positive number, got {self.gate_lr_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.weight_decay < float("inf"):
+            raise TrainError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
         if self.max_norm is not None and not 0 < self.max_norm < float("inf"):
             raise TrainError(f"--max-norm must be a positive number (leave it out for no clipping), got "
                              f"{self.max_norm}")
@@ -270,6 +279,8 @@ class RunConfig:
                 "prefix_init_scale": self.prefix_init_scale,
                 "learning_rate": self.train.learning_rate, "gate_lr_ratio": self.train.gate_lr_ratio,
                 "min_lr_ratio": self.train.min_lr_ratio, "max_norm": self.train.max_norm,
+                "weight_decay": self.train.weight_decay, "adam_beta1": self.train.adam_beta1,
+                "adam_beta2": self.train.adam_beta2,
                 "global_batch_size": self.train.global_batch_size, "seed": self.train.seed,
                 "group_by_length": self.train.group_by_length,
                 "shuffle_grouped_batches": self.train.shuffle_grouped_batches,

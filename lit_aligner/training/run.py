@@ -165,6 +165,11 @@ LATER_TRAIN_SETTINGS = {
     "gate_lr_ratio": (1.0, "predates --gate-lr-ratio: the run continues with its gates at {}x"),
     "min_lr_ratio": (0.0, "predates the default floor of the cosine: the run continues with --min-lr-ratio {}"),
     "max_norm": (None, "predates --max-norm: the run continues without gradient clipping"),
+    # the optimizer's state carries these anyway (AdamW's param groups): named so a changed flag is refused, not lost
+    "weight_decay": (0.02, "was trained with --weight-decay {} (before the run identity named it): the run "
+                           "continues with it"),
+    "adam_beta1": (0.9, "predates --adam-beta1: the run continues with {}"),
+    "adam_beta2": (0.95, "predates --adam-beta2: the run continues with {}"),
 }
 
 # identity values that took another spelling: an earlier state's -> today's (the same training either way)
@@ -307,7 +312,8 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
                 **metrics}
 
     optimizer = torch.optim.AdamW(optimizer_groups(module, cfg.train), lr=cfg.train.learning_rate,
-                                  weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
+                                  weight_decay=cfg.train.weight_decay,
+                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
     optimizer = fabric.setup_optimizers(optimizer)
     start_step = 0
     if run.state is not None:

@@ -374,11 +374,14 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
     for r in older["runs"]:
         r.pop("rank", None)  # and before --lora-ranks: LoRA was r=8
     out.write_text(json.dumps(older))
-    for bad, says in (({"min_lr_ratio": 0.5, "shuffle_grouped_batches": False}, "--min-lr-ratio 0.0 \\(now 0.5\\)"),
-                      ({"min_lr_ratio": 0.0}, "--shuffle-grouped-batches False \\(now True\\)")):
+    for bad, says in (({"min_lr_ratio": 0.5, "shuffle_grouped_batches": False, "adam_beta1": 0.9},
+                       "--min-lr-ratio 0.0 \\(now 0.5\\)"),
+                      ({"min_lr_ratio": 0.0, "adam_beta1": 0.9}, "--shuffle-grouped-batches False \\(now True\\)")):
         with pytest.raises(quality.BenchmarkError, match="other settings: " + says):
             quality.main(**common, **bad, **sweep)
-    first, common = common, dict(common, min_lr_ratio=0.0, shuffle_grouped_batches=False)
+    with pytest.raises(quality.BenchmarkError, match=f"--adam-beta1 0.9 \\(now {TrainConfig().adam_beta1}\\)"):
+        quality.main(**common, min_lr_ratio=0.0, shuffle_grouped_batches=False, **sweep)
+    first, common = common, dict(common, min_lr_ratio=0.0, shuffle_grouped_batches=False, adam_beta1=0.9)
     assert len(quality.main(**common, **sweep)["runs"]) == len(scaled["runs"])  # nothing reran
     with pytest.raises(quality.BenchmarkError, match="--min-lr-ratio must be in"):
         quality.main(**{**common, "min_lr_ratio": 2.0}, **sweep)

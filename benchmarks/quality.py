@@ -46,7 +46,7 @@ from lit_aligner.cli import run_cli  # noqa: E402
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 from lit_aligner.files import UserError, check_output, input_files  # noqa: E402
 from lit_aligner.model import DEFAULT_PREFIX_INIT  # noqa: E402
-from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig  # noqa: E402
+from lit_aligner.training.config import PAPER_RECIPE, RunConfig, TrainConfig, TrainError  # noqa: E402
 
 DEFAULTS = TrainConfig()  # the trainer's defaults: what the no-flag sweep measures
 REFERENCE_RANK = 8  # the paper's LoRA baseline: every "x LoRA's loss" is to LoRA r=8
@@ -393,12 +393,10 @@ def main(
     if not all(g > 0 for g in gate_lr_ratios + init_scales) or not all(s >= 0 for s in start_layers):
         raise BenchmarkError(f"--gate-lr-ratios and --init-scales must be positive and --start-layers >= 0, got "
                              f"{gate_lr_ratios}, {init_scales}, {start_layers}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise BenchmarkError(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
-    if max_norm is not None and not 0 < max_norm < float("inf"):
-        raise BenchmarkError(f"--max-norm must be a positive number, got {max_norm}")
-    if not (0.0 <= adam_beta1 < 1.0 and 0.0 <= adam_beta2 < 1.0):
-        raise BenchmarkError(f"--adam-beta1 and --adam-beta2 must be in [0, 1), got {adam_beta1}, {adam_beta2}")
+    try:  # the trainer's own bounds for the flags it shares with every system here
+        TrainConfig(min_lr_ratio=min_lr_ratio, max_norm=max_norm, adam_beta1=adam_beta1, adam_beta2=adam_beta2).check()
+    except TrainError as e:
+        raise BenchmarkError(str(e)) from None
     if not all(r >= 1 for r in lora_ranks):
         raise BenchmarkError(f"--lora-ranks must be >= 1, got {lora_ranks}")
     if min(steps, batch, micro_batch, heldout) < 1 or batch % micro_batch:

@@ -136,9 +136,9 @@ class TrainConfig:
 
 @dataclass
 class DPOTrainConfig(TrainConfig):
-    """Optimisation for DPO: DPO's own measured settings (howto/dpo.md). The SFT defaults' slower gates, floor under
-    the cosine and shorter AdamW memory were measured for SFT only. Build `DPORunConfig(train=DPOTrainConfig(...))`
-    from Python to keep them."""
+    """Optimisation for DPO: DPO's own measured settings (howto/dpo.md). The SFT defaults' slower gates and floor under
+    the cosine were measured for SFT only, its shorter AdamW memory for SFT, correction and distillation. Build
+    `DPORunConfig(train=DPOTrainConfig(...))` from Python to keep them."""
 
     learning_rate: float = 5e-3
     gate_lr_ratio: float = 1.0
@@ -1023,7 +1023,7 @@ class GRPOTrainConfig(TrainConfig):
     """validation micro-batches per evaluation and device (each prompt answered greedily); all: the whole split
     (--val-size sets its rows); 0: no validation."""
     adam_beta1: float = 0.9
-    """AdamW's beta1 (SFT's default, 0.6, was measured for SFT only)."""
+    """AdamW's beta1 (SFT's default, 0.6, was measured for SFT, correction and distillation, not for GRPO)."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -28,6 +29,21 @@ from lit_aligner.devices import default_precision, precision_dtype, resolve_devi
 from lit_aligner.files import UserError, atomic_write_json, check_output, input_files  # noqa: E402
 from lit_aligner.model import Aligner, AlignerConfig, LLaMA, init_weights, mark_only_aligner_as_trainable  # noqa: E402
 from lit_aligner.perf import apply_activation_checkpointing, compile_blocks, random_items  # noqa: E402
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM to a benchmark (`kill`, `timeout`, a scheduler's time limit) ends it as Ctrl-C does, so what it started
+    is stopped too (a system's training child, a server) instead of outliving it, its temporary files go, and the
+    results file keeps the finished runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class BenchmarkError(UserError):

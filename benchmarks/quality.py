@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BenchmarkError, check_out, command_line, format_table, machine_info, machine_name,  # noqa: E402
-                    peer_lora_config, peer_prefix_tuning_config, pick_device, require, write_json)
+                    peer_lora_config, peer_prefix_tuning_config, pick_device, require, sigterm_as_interrupt,
+                    write_json)
 
 import torch  # noqa: E402
 
@@ -249,7 +250,7 @@ def run_child(spec: Dict[str, Any], common: Dict[str, Any], tmp: Path) -> Dict[s
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(job)])
     try:
         status = child.wait()
-    except KeyboardInterrupt:  # the child stops at the end of its step (it may have had the SIGINT already)
+    except KeyboardInterrupt:  # (SIGINT or SIGTERM) the child stops at the end of its step (it may have had it)
         child.terminate()
         try:
             child.wait(timeout=60)
@@ -447,7 +448,7 @@ def main(
     if specs and specs[0]["system"] != "base" and not any(r["system"] == "base" for r in runs):
         specs.insert(0, {"system": "base", "label": "base (no training)"})
     runs.sort(key=lambda r: r["system"] != "base")  # the base row first
-    with tempfile.TemporaryDirectory() as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory() as tmp:
         from lit_aligner.convert.export import export_hf
 
         hf_dir = Path(tmp) / "hf"

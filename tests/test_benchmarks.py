@@ -403,11 +403,12 @@ def test_quality_benchmark_compares_aligner_lora_and_prefix_tuning_on_the_same_r
             assert again[key]["heldout_loss"] != runs[key]["heldout_loss"], (name, key)
 
 
-def _worker_of(pid: int) -> int:
-    """The pid of the quality benchmark's child (one system's run) whose parent is `pid`, or 0."""
+def _worker_of(pid: int, marker: bytes = b"--_run-one-system") -> int:
+    """The pid of a child of `pid` whose command line holds `marker` (by default the quality benchmark's child: one
+    system's run), or 0."""
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"--_run-one-system" in (proc / "cmdline").read_bytes() and \
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes() and \
                     int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 return int(proc.name)
         except OSError:  # the process ended meanwhile
@@ -427,7 +428,8 @@ def _catches(pid: int, signum: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child process through /proc")
 def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(tiny_checkpoint_dir, tmp_path):
     """A signal to one system's run (SIGTERM: the trainer stops at the end of its step) is one error line naming the
-    run; Ctrl-C on the whole benchmark says how to go on; neither prints a traceback, and the finished runs stay in the
+    run; Ctrl-C on the whole benchmark, or SIGTERM to the benchmark alone (`kill`, `timeout`), says how to go on and
+    stops the running system too (no orphan left training); none prints a traceback, and the finished runs stay in the
     results file for --resume."""
     import os
     import signal
@@ -445,7 +447,7 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
                "2:hidden", "--aligner-lrs", "0.05", "--lora-lrs", "--prefix-lrs", "--device", "cpu", "--threads", "1",
                "--out", str(out)]
 
-    def stop(signum: int, whole_benchmark: bool, resume: bool):
+    def stop(signum: int, target: str, resume: bool):
         # SIGINT as in a foreground terminal: a test run started in the background (`.ci/run &` from a script)
         # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
         bench = subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.PIPE,
@@ -459,21 +461,77 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
                 break
             time.sleep(0.2)
         assert worker, "the Aligner run did not start"
-        os.killpg(bench.pid, signum) if whole_benchmark else os.kill(worker, signum)
-        _, err = bench.communicate(timeout=120)
+        if target == "group":  # Ctrl-C in a terminal: every process of the foreground group
+            os.killpg(bench.pid, signum)
+        else:
+            os.kill(worker if target == "worker" else bench.pid, signum)
+        try:
+            _, err = bench.communicate(timeout=120)
+        finally:  # an orphaned run (of 10^6 steps) would hold the pipes open and train on after the test
+            outlived = Path(f"/proc/{worker}").exists()
+            if outlived:
+                os.kill(worker, signal.SIGKILL)
+        assert not outlived, "the system's run outlived the benchmark"
         assert "Traceback" not in err, err
         return bench.returncode, err
 
-    status, err = stop(signal.SIGTERM, whole_benchmark=False, resume=False)
+    status, err = stop(signal.SIGTERM, "worker", resume=False)
     assert status == 1
     assert "error: the Aligner N=2 run was stopped by SIGTERM after step" in err
     assert "error: the Aligner N=2 run failed (exit status 1)" in err
     assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
 
-    status, err = stop(signal.SIGINT, whole_benchmark=True, resume=True)
-    assert status == 130, err
-    assert f"interrupted during the Aligner N=2 run; the 1 finished run(s) are in {out}" in err
-    assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
+    for signum, target in ((signal.SIGINT, "group"), (signal.SIGTERM, "benchmark")):
+        status, err = stop(signum, target, resume=True)
+        assert status == 130, (target, err)
+        assert f"interrupted during the Aligner N=2 run; the 1 finished run(s) are in {out}" in err
+        assert [r["system"] for r in json.loads(out.read_text())["runs"]] == ["base"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the server process through /proc")
+def test_serve_benchmark_stopped_by_sigterm_stops_its_server(tiny_checkpoint_dir, tmp_path):
+    """SIGTERM to the serving benchmark (`kill`, `timeout`), while its server starts and while it answers, ends the
+    benchmark as Ctrl-C does: the server process stops with it and the temporary files go."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    command = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--checkpoint-dir", str(tiny_checkpoint_dir),
+               "--clients", "2", "--requests-per-client", "100000", "--max-tokens", "4", "--aligners", "2",
+               "--n-tokens", "2", "--max-batch", "2", "--device", "cpu", "--no-peer", "--long-prompt-tokens", "0",
+               "--system-prompt-tokens", "0", "--out", str(tmp_path / "serve.json")]
+    for when in ("starting", "answering"):
+        bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+        server, deadline = 0, time.monotonic() + 120
+        while not server and time.monotonic() < deadline:
+            server = _worker_of(bench.pid, b"lit_aligner.serving")
+            time.sleep(0.05)
+        assert server, "the server did not start"
+        if when == "answering":  # its /health answers: the benchmark is inside `with ServerProcess(...)`
+            argv = (Path("/proc") / str(server) / "cmdline").read_bytes().split(b"\0")
+            health = f"http://127.0.0.1:{int(argv[argv.index(b'--port') + 1])}/health"
+            while time.monotonic() < deadline:
+                try:
+                    if urllib.request.urlopen(health, timeout=2).status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
+        os.kill(bench.pid, signal.SIGTERM)
+        try:
+            _, err = bench.communicate(timeout=60)
+        finally:
+            outlived = Path(f"/proc/{server}").exists()
+            if outlived:
+                os.kill(server, signal.SIGKILL)
+        assert not outlived, f"the server outlived the benchmark stopped while {when}"
+        assert bench.returncode == 130 and "Traceback" not in err, (when, err)
+        assert list(tmp.iterdir()) == [], when  # the Aligners' folder and the server's log
 
 
 def test_on_policy_distillation_rows_beside_trls_sdft_trainer(tmp_path):

@@ -5,6 +5,7 @@ import asyncio
 import json
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,16 @@ def server(smollm2_dir, adir):
             "--max-queue", "32", "--max-seq-length", "512", "--max-loaded-aligners", "4", "--reasoning-parser", "think"]
     with ServerProcess(args, env={"LIT_ALIGNER_API_KEY": KEY}) as s:
         yield s
+
+
+def test_server_process_that_exits_while_starting_is_one_error_with_its_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where its log goes (tempfile reads TMPDIR once: reset it)
+    monkeypatch.setattr("tempfile.tempdir", None)
+    boom = [sys.executable, "-c", "import sys; print('no such checkpoint'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="the server exited with status 3:\nno such checkpoint"):
+        with ServerProcess(command=boom, timeout=60):
+            pass
+    assert list(tmp_path.iterdir()) == []  # its log went with it
 
 
 @pytest.fixture()

@@ -44,6 +44,14 @@ class ServerProcess:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([*self.command, *self.args, "--host", self.host, "--port", str(self.port)],
                                          stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        try:
+            self._wait_until_healthy()
+        except BaseException:  # (Ctrl-C while it starts too) no `with` body ran, so no __exit__ would stop it
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -51,11 +59,10 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.2)
-        self.__exit__(None, None, None)
         raise RuntimeError(f"the server did not answer within {self.timeout} s:\n{self.output(20)}")
 
     def output(self, lines: int = 50) -> str:

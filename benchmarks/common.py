@@ -36,10 +36,7 @@ def sigterm_as_interrupt():
     """SIGTERM to a benchmark (`kill`, `timeout`, a scheduler's time limit) ends it as Ctrl-C does, so what it started
     is stopped too (a system's training child, a server) instead of outliving it, its temporary files go, and the
     results file keeps the finished runs."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # (Python's SIGINT handler: KeyboardInterrupt)
     try:
         yield
     finally:

@@ -34,7 +34,6 @@ On a GPU, vLLM with `--enable-lora` is the peer a user serving many LoRAs would 
 
 import asyncio
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -344,55 +343,54 @@ def main(
         print(f"{label}, prefill budget {budget}: a {long_prompt_tokens}-token prompt stalled {stall_clients} "
               f"streams for up to {result['stall_max_gap_s']:.2f} s", file=sys.stderr)
 
-    with sigterm_as_interrupt():  # the servers stop with the benchmark
-        tmp = Path(tempfile.mkdtemp(prefix="lit-aligner-bench-"))
-        try:
-            adir = tmp / "aligners"
-            write_aligners(Path(checkpoint_dir), adir, aligners, n_tokens)
-            args = ["--checkpoint-dir", str(checkpoint_dir), "--aligners-dir", str(adir), "--max-batch", str(max_batch),
-                    "--max-queue", str(max(max(clients), 64)), "--max-loaded-aligners", str(aligners + 1),
-                    "--device", device, "--dtype", dtype]
-            different = [f"a{i:02d}" for i in range(aligners)]
-            with ServerProcess(args) as server:
-                measure(server, "lit-aligner", {"different": different, "1 shared": ["shared"], "bare base": [name]},
-                        warm_up=[different + ["shared"]])  # loads every Aligner, allocates the cache
-                stall(server, "lit-aligner", name, ServeConfig.max_prefill_tokens)
-                shared_system(server, "lit-aligner", name, "on")
-            if system_prompt_tokens:
-                with ServerProcess(args + ["--prefix-cache-tokens", "0"]) as server:
-                    shared_system(server, "lit-aligner", name, "off")
-            if long_prompt_tokens:
-                chunked = args + ["--max-prefill-tokens", str(chunk_tokens)]
-                with ServerProcess(chunked) as server:
-                    asyncio.run(run_case(server.base_url, [name] * stall_clients, 1, 2))  # warm up
-                    stall(server, "lit-aligner", name, chunk_tokens)
-            if peer:
-                from lit_aligner.convert.export import export_hf
+    # SIGTERM too: the servers stop with the benchmark and the folder goes
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="lit-aligner-bench-",
+                                                             ignore_cleanup_errors=True) as t:
+        tmp = Path(t)
+        adir = tmp / "aligners"
+        write_aligners(Path(checkpoint_dir), adir, aligners, n_tokens)
+        args = ["--checkpoint-dir", str(checkpoint_dir), "--aligners-dir", str(adir), "--max-batch", str(max_batch),
+                "--max-queue", str(max(max(clients), 64)), "--max-loaded-aligners", str(aligners + 1),
+                "--device", device, "--dtype", dtype]
+        different = [f"a{i:02d}" for i in range(aligners)]
+        with ServerProcess(args) as server:
+            measure(server, "lit-aligner", {"different": different, "1 shared": ["shared"], "bare base": [name]},
+                    warm_up=[different + ["shared"]])  # loads every Aligner, allocates the cache
+            stall(server, "lit-aligner", name, ServeConfig.max_prefill_tokens)
+            shared_system(server, "lit-aligner", name, "on")
+        if system_prompt_tokens:
+            with ServerProcess(args + ["--prefix-cache-tokens", "0"]) as server:
+                shared_system(server, "lit-aligner", name, "off")
+        if long_prompt_tokens:
+            chunked = args + ["--max-prefill-tokens", str(chunk_tokens)]
+            with ServerProcess(chunked) as server:
+                asyncio.run(run_case(server.base_url, [name] * stall_clients, 1, 2))  # warm up
+                stall(server, "lit-aligner", name, chunk_tokens)
+        if peer:
+            from lit_aligner.convert.export import export_hf
 
-                hf_dir = tmp / "hf"
-                export_hf(checkpoint_dir, hf_dir, dtype=resolve_dtype(dtype, dev))
-                # The KV-cache room and the prefill budget of ours (max_batch rows of the server's context, its
-                # --max-prefill-tokens): left to size its cache from free memory, transformers spent 15-20 s of a CPU
-                # on it at the first request.
-                def peer_command(budget: int) -> List[str]:
-                    return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
-                            "--continuous-batching", "--device", str(dev), "--dtype", "auto",
-                            "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
-                            "--cb-max-batch-tokens", str(budget)]
+            hf_dir = tmp / "hf"
+            export_hf(checkpoint_dir, hf_dir, dtype=resolve_dtype(dtype, dev))
+            # The KV-cache room and the prefill budget of ours (max_batch rows of the server's context, its
+            # --max-prefill-tokens): left to size its cache from free memory, transformers spent 15-20 s of a CPU
+            # on it at the first request.
+            def peer_command(budget: int) -> List[str]:
+                return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir),
+                        "--continuous-batching", "--device", str(dev), "--dtype", "auto",
+                        "--cb-num-blocks", str(-(-max_batch * context // PEER_PAGE_TOKENS)),
+                        "--cb-max-batch-tokens", str(budget)]
 
-                with ServerProcess(command=peer_command(ServeConfig.max_prefill_tokens), timeout=600) as server:
-                    # its first request starts the batching manager: alone, then a batch
-                    measure(server, PEER, {"bare base": [str(hf_dir)]},
-                            warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
-                    stall(server, PEER, str(hf_dir), ServeConfig.max_prefill_tokens)
-                    shared_system(server, PEER, str(hf_dir), "block sharing")
-                if long_prompt_tokens:  # the peer with our chunk budget too (its scheduler splits prompts by it)
-                    with ServerProcess(command=peer_command(chunk_tokens), timeout=600) as server:
-                        for models in ([str(hf_dir)], [str(hf_dir)] * stall_clients):
-                            asyncio.run(run_case(server.base_url, models, 1, 2, exact_length(PEER, 2)))
-                        stall(server, PEER, str(hf_dir), chunk_tokens)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with ServerProcess(command=peer_command(ServeConfig.max_prefill_tokens), timeout=600) as server:
+                # its first request starts the batching manager: alone, then a batch
+                measure(server, PEER, {"bare base": [str(hf_dir)]},
+                        warm_up=[[str(hf_dir)], [str(hf_dir)] * min(8, max(clients))])
+                stall(server, PEER, str(hf_dir), ServeConfig.max_prefill_tokens)
+                shared_system(server, PEER, str(hf_dir), "block sharing")
+            if long_prompt_tokens:  # the peer with our chunk budget too (its scheduler splits prompts by it)
+                with ServerProcess(command=peer_command(chunk_tokens), timeout=600) as server:
+                    for models in ([str(hf_dir)], [str(hf_dir)] * stall_clients):
+                        asyncio.run(run_case(server.base_url, models, 1, 2, exact_length(PEER, 2)))
+                    stall(server, PEER, str(hf_dir), chunk_tokens)
 
     def find(server: str, n: int, aligners_col: str) -> Optional[Dict[str, Any]]:
         return next((r for r in rows if (r["server"], r["clients"], r["aligners"]) == (server, n, aligners_col)), None)

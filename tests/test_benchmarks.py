@@ -416,6 +416,23 @@ def _worker_of(pid: int, marker: bytes = b"--_run-one-system") -> int:
     return 0
 
 
+def _stopped_with(bench: subprocess.Popen, child: int, timeout: float) -> str:
+    """Wait for a signalled benchmark to end; its stderr. Fails if `child` (what it started) outlived it: such an
+    orphan (a run of 10^6 steps, a server) is killed first, or it would hold the pipes open and run on after the
+    test."""
+    import os
+    import signal
+
+    try:
+        _, err = bench.communicate(timeout=timeout)
+    finally:
+        outlived = Path(f"/proc/{child}").exists()
+        if outlived:
+            os.kill(child, signal.SIGKILL)
+    assert not outlived, f"process {child} outlived the benchmark"
+    return err
+
+
 def _catches(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler for `signum` installed (Linux: SigCgt of /proc/PID/status)."""
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
@@ -465,13 +482,7 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
             os.killpg(bench.pid, signum)
         else:
             os.kill(worker if target == "worker" else bench.pid, signum)
-        try:
-            _, err = bench.communicate(timeout=120)
-        finally:  # an orphaned run (of 10^6 steps) would hold the pipes open and train on after the test
-            outlived = Path(f"/proc/{worker}").exists()
-            if outlived:
-                os.kill(worker, signal.SIGKILL)
-        assert not outlived, "the system's run outlived the benchmark"
+        err = _stopped_with(bench, worker, timeout=120)
         assert "Traceback" not in err, err
         return bench.returncode, err
 
@@ -523,13 +534,7 @@ def test_serve_benchmark_stopped_by_sigterm_stops_its_server(tiny_checkpoint_dir
                 except OSError:
                     time.sleep(0.2)
         os.kill(bench.pid, signal.SIGTERM)
-        try:
-            _, err = bench.communicate(timeout=60)
-        finally:
-            outlived = Path(f"/proc/{server}").exists()
-            if outlived:
-                os.kill(server, signal.SIGKILL)
-        assert not outlived, f"the server outlived the benchmark stopped while {when}"
+        err = _stopped_with(bench, server, timeout=60)
         assert bench.returncode == 130 and "Traceback" not in err, (when, err)
         assert list(tmp.iterdir()) == [], when  # the Aligners' folder and the server's log
 

@@ -416,7 +416,7 @@ def _worker_of(pid: int, marker: bytes = b"--_run-one-system") -> int:
     return 0
 
 
-def _stopped_with(bench: subprocess.Popen, child: int, timeout: float) -> str:
+def _stopped_with(bench: subprocess.Popen, child: int, timeout: float, case: str) -> str:
     """Wait for a signalled benchmark to end; its stderr. Fails if `child` (what it started) outlived it: such an
     orphan (a run of 10^6 steps, a server) is killed first, or it would hold the pipes open and run on after the
     test."""
@@ -429,7 +429,7 @@ def _stopped_with(bench: subprocess.Popen, child: int, timeout: float) -> str:
         outlived = Path(f"/proc/{child}").exists()
         if outlived:
             os.kill(child, signal.SIGKILL)
-    assert not outlived, f"process {child} outlived the benchmark"
+    assert not outlived, f"process {child} outlived the benchmark ({case})"
     return err
 
 
@@ -482,7 +482,7 @@ def test_quality_benchmark_stopped_by_a_signal_says_so_and_keeps_finished_runs(t
             os.killpg(bench.pid, signum)
         else:
             os.kill(worker if target == "worker" else bench.pid, signum)
-        err = _stopped_with(bench, worker, timeout=120)
+        err = _stopped_with(bench, worker, timeout=120, case=f"signal {signum} to the {target}")
         assert "Traceback" not in err, err
         return bench.returncode, err
 
@@ -534,7 +534,7 @@ def test_serve_benchmark_stopped_by_sigterm_stops_its_server(tiny_checkpoint_dir
                 except OSError:
                     time.sleep(0.2)
         os.kill(bench.pid, signal.SIGTERM)
-        err = _stopped_with(bench, server, timeout=60)
+        err = _stopped_with(bench, server, timeout=60, case=f"stopped while {when}")
         assert bench.returncode == 130 and "Traceback" not in err, (when, err)
         assert list(tmp.iterdir()) == [], when  # the Aligners' folder and the server's log
 

@@ -336,7 +336,7 @@ def main(
     paper: bool = True,
     lora_lrs: List[float] = [1e-3, 3e-3],  # noqa: B006
     lora_ranks: List[int] = [REFERENCE_RANK],  # noqa: B006
-    prefix_lrs: List[float] = [3e-2],  # noqa: B006
+    prefix_lrs: List[float] = [3e-2, 1e-1],  # noqa: B006 (1e-1 its best on SmolLM2 of 1e-2 to 3e-1)
     device: str = "auto",
     threads: Optional[int] = None,
     out: Optional[Path] = None,

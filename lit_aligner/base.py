@@ -36,6 +36,12 @@ def load_config(checkpoint_dir: PathLike) -> Config:
     return Config.from_file(path)
 
 
+def is_base_dir(path: PathLike) -> bool:
+    """Whether `path` holds a converted base model (config.json and weights): no run or data directory goes there."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() and any((path / n).is_file() for n in (WEIGHTS_NAME, INDEX_NAME))
+
+
 def weight_files(checkpoint_dir: Path) -> List[Path]:
     index = checkpoint_dir / INDEX_NAME
     if index.is_file():

@@ -7,6 +7,7 @@ model, each with a ChatML chat template, in tmp checkpoint directories read by `
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -893,6 +894,17 @@ def test_prepare_scripts_fail_with_one_error_line_on_bad_input(bpe_dir, tmp_path
     assert "Traceback" not in r.stderr
     r = run_script("prepare_default.py", "--checkpoint-dir", tmp_path / "missing", "--out-dir", tmp_path / "o")
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prepare_refuses_to_write_into_a_base_model_directory(tiny_checkpoint_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint_dir, base)
+    before = sorted(p.name for p in base.iterdir())
+    f = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi", "response": "hello"}] * 4)
+    for force in ((), ("--force",)):
+        r = run_script("prepare_json.py", "--data-file", f, "--checkpoint-dir", base, "--out-dir", base, *force)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "is a base model's directory" in r.stderr
+    assert sorted(p.name for p in base.iterdir()) == before
 
 
 @pytest.mark.slow

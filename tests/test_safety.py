@@ -150,6 +150,34 @@ def test_an_out_dir_that_is_a_file_is_refused_before_the_model_loads(tiny_checkp
     assert bad.read_text() == "not a directory"
 
 
+def test_an_out_dir_that_is_a_base_model_directory_is_refused(tiny_copy):
+    before = sorted(p.name for p in tiny_copy.iterdir())
+    one_error_line(train_cli(tiny_copy, tiny_copy), "is a base model's directory", "another --out-dir")
+    assert sorted(p.name for p in tiny_copy.iterdir()) == before  # no state/, metrics.csv or .lock among its files
+
+
+def test_an_input_among_the_out_dirs_run_files_is_refused_even_with_force(tiny_checkpoint_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli(tiny_checkpoint_dir, out).returncode == 0
+    aligner = out / "aligner.safetensors"
+    before = aligner.read_bytes()
+    # --force clears the run's files before the new run reads its inputs: this one would be gone, then overwritten
+    r = train_cli(tiny_checkpoint_dir, out, "--init-aligner", aligner, "--force")
+    one_error_line(r, "--init-aligner", "is the run's own aligner.safetensors", "Copy it out of")
+    assert aligner.read_bytes() == before and (out / "state" / "last.pt").is_file()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Say hi.", "response": "Hi."}) + "\n")
+    kept = out / "state" / "rows.jsonl"
+    shutil.copy(rows, kept)
+    one_error_line(train_cli(tiny_checkpoint_dir, out, "--data", kept, "--force"), "--data", "is inside")
+    assert kept.is_file() and aligner.read_bytes() == before
+    copy = tmp_path / "start.safetensors"  # the way out the message gives
+    shutil.copy(aligner, copy)
+    r = train_cli(tiny_checkpoint_dir, out, "--init-aligner", copy, "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert aligner.read_bytes() != before  # trained on from the copy, into the same directory
+
+
 @pytest.mark.parametrize("script, flag", [("finetune/aligner.py", "--data"), ("finetune/aligner.py", "--val-data"),
                                           ("finetune/aligner.py", "--init-aligner"),
                                           ("finetune/aligner_dpo.py", "--reference-aligner")])

@@ -85,12 +85,16 @@ class PrepareConfig:
 
 def run_prepare(cfg: PrepareConfig) -> Dict[str, Any]:
     """What every scripts/prepare_*.py does: check the output directory, load the tokenizer, prepare, report."""
-    from lit_aligner.base import load_tokenizer
+    from lit_aligner.base import is_base_dir, load_tokenizer
 
     variables = read_template_variables(cfg.chat_template_kwargs, error=DataError)
     out_dir = Path(cfg.out_dir or cfg.default_out_dir())
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out-dir {out_dir} is a file; give a directory.")
+    if is_base_dir(out_dir):
+        raise DataError(f"--out-dir {out_dir} is a base model's directory (config.json and its weights); prepared data "
+                        f"goes in a directory of its own. Choose another --out-dir (without the flag: "
+                        f"{cfg.default_out_dir()}).")
     if (out_dir / META_NAME).exists() and not cfg.force:
         raise DataError(f"--out-dir {out_dir} already holds prepared data; pass --force to replace it, or choose "
                         f"another --out-dir.")

@@ -146,7 +146,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     if eval_only and cfg.resume:
         raise TrainError("--eval-only evaluates --init-aligner; it does not take --resume")
     if not eval_only:
-        check_out_dir(out_dir)
+        check_out_dir(out_dir, cfg.input_paths())
     precision = cfg.precision or default_precision(cfg.accelerator)
     fabric = launch(cfg, precision)
     run = Run(cfg, fabric, precision, base_config, out_dir)

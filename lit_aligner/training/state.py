@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from lit_aligner.base import is_base_dir
 from lit_aligner.files import atomic_torch_save, torch_load_failure
 from lit_aligner.training.config import TrainError
 
@@ -88,10 +89,29 @@ class RunLock:
                     break
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an --out-dir that cannot hold a run (a file, or not writable) before anything is loaded."""
+def check_out_dir(out_dir: Path, inputs: Optional[Dict[str, Any]] = None) -> None:
+    """Refuse, before anything is loaded, an --out-dir that cannot hold a run (a file, not writable), that is a base
+    model's directory, or whose run files are one of the run's `inputs` (flag -> path): --force would delete that
+    input before the run reads it, and the run would overwrite it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"--out-dir {out_dir} is a file; give a directory (it is created if missing).")
+    if is_base_dir(out_dir):
+        raise TrainError(f"--out-dir {out_dir} is a base model's directory (config.json and its weights); a run "
+                         f"would write its Aligner, metrics and run state among the model's files. Choose another "
+                         f"--out-dir (without the flag: out/<objective>/<base>).")
+    for flag, path in (inputs or {}).items():
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        p = Path(path).resolve()
+        for name in RUN_FILES:
+            target = (out_dir / name).resolve()
+            if p == target or target in p.parents:
+                where = (f"is the run's own {name} in --out-dir {out_dir}" if p == target else
+                         f"is inside {out_dir / name}, which a run in --out-dir {out_dir} writes")
+                resume = f" (without {flag})" if flag == "--init-aligner" else ""
+                raise TrainError(f"{flag} {path} {where} (--force deletes it before it is read). Copy it out of "
+                                 f"{out_dir} and pass the copy, or choose another --out-dir; to continue the run that "
+                                 f"wrote it, use --resume auto{resume}.")
     parent = next((p for p in [out_dir, *out_dir.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TrainError(f"--out-dir {out_dir}: {parent} is not writable; choose a directory you can write to.")

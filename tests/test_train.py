@@ -796,6 +796,24 @@ def test_val_data_validates_on_every_row_of_that_file_and_does_not_split_the_tra
     assert len(_val_columns(tmp_path / "run")) == 3  # steps 0, 1, 2
 
 
+def test_validation_rows_that_are_also_training_rows_are_counted_in_a_note(tiny_checkpoint_dir, tmp_path, capsys):
+    from lit_aligner.data import default as default_data
+
+    rows = default_data.generate_rows(40, seed=12)
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train_file.write_text("\n".join(json.dumps(r) for r in rows[:30]) + "\n")
+    val_file.write_text("\n".join(json.dumps(r) for r in rows[27:]) + "\n")  # 3 training rows + 10 new ones
+    for name, val, expect in (("some", val_file, "note: 3 of --val-data 13 rows are also training rows"),
+                              ("same", train_file, "note: 30 of --val-data 30 rows are also training rows"),
+                              ("none", None, None)):
+        cfg = small_run(tiny_checkpoint_dir, tmp_path / name, max_steps=1, eval_iters=1)
+        cfg.data, cfg.val_data = train_file, val
+        T.train(cfg)
+        out = capsys.readouterr().out
+        assert (expect in out) if expect else "are also training rows" not in out, out
+        assert ("is --val-data the training file?" in out) == (name == "same")
+
+
 def test_eval_iters_zero_switches_validation_off_and_all_means_the_whole_split(tiny_checkpoint_dir, tmp_path):
     off = T.train(small_run(tiny_checkpoint_dir, tmp_path / "off", max_steps=2, eval_iters=0, eval_interval=1))
     assert off["val"] == {} and off["val_loss"] is None and not _val_columns(tmp_path / "off")

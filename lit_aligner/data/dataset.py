@@ -108,6 +108,17 @@ class TokenizedDataset(Dataset):
         rows = self.rows()
         return TokenizedDataset.from_rows(self.kind, [rows[i] for i in indices])
 
+    def shared_rows(self, other: "TokenizedDataset") -> int:
+        """How many of its rows are also rows of `other` (the same tokens in every field): validation rows that a run
+        also trains on."""
+        theirs = set(other.row_keys()) if other.kind == self.kind else set()
+        return sum(k in theirs for k in self.row_keys())
+
+    def row_keys(self) -> List[Tuple[bytes, ...]]:
+        """Each row's tokens as bytes, field by field: equal keys, equal rows."""
+        parts = [(r.tokens.numpy(), r.offsets.tolist()) for r in self.fields.values()]
+        return [tuple(t[o[i]:o[i + 1]].tobytes() for t, o in parts) for i in range(len(self))]
+
     def answers(self) -> int:
         """The answers (targets) its rows hold: one per row, and one more per context span of an SFT row."""
         return len(self) + (len(self.fields["context"].tokens) // 2 if self.kind == "sft" else 0)

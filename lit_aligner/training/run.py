@@ -235,6 +235,11 @@ def _load(run: Run) -> None:
                      f"over {len(run.train):,} training rows" + (f", each batch for {per} steps" if per > 1 else ""))
     if not cfg.train.validates:
         fabric.print("note: validation is off (--eval-iters 0); --eval-iters all validates on the whole split")
+    elif shared := run.val.shared_rows(run.train):  # its loss would be called held-out
+        source = "--val-data" if cfg.val_data is not None else "the validation split's"
+        fabric.print(f"note: {shared:,} of {source} {len(run.val):,} rows are also training rows (the same tokens), so "
+                     f"their validation loss is not held-out" + ("; is --val-data the training file?" if
+                                                                  shared == len(run.val) else ""))
     elif not len(run.val):
         fabric.print("note: no validation rows (--val-fraction 0, no --val-data): the run is not validated")
 

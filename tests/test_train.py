@@ -231,6 +231,27 @@ def test_resume_with_different_shape_flags_is_refused(trained, tiny_checkpoint_d
         T.train(cfg)
 
 
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_a_half_precision_run_trains_an_fp32_aligner_on_its_half_precision_base(tiny_checkpoint_dir, tmp_path,
+                                                                                 precision):
+    # In fp16 AdamW's eps (1e-8) is 0, and a fresh prefix has no gradient at the first step (zero gates): an fp16
+    # Aligner's first update was 0/0, and the run stopped at step 1 on its NaN guard.
+    out = tmp_path / "run"
+    cfg = small_run(tiny_checkpoint_dir, out, max_steps=6, eval_interval=6, eval_iters=2, save_interval=6)
+    cfg.precision, cfg.compare = precision, True  # the before/after answers: the fp32 Aligner on the half base
+    summary = T.train(cfg)
+    assert summary["val_loss"] < summary["first_val_loss"] - 0.1, summary
+    assert summary["comparison"]  # answered greedily, base and Aligner
+    from safetensors.torch import load_file
+
+    saved = load_file(summary["aligner"])
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in saved.values()) and saved["gate"].abs().max() > 0
+    state = torch.load(out / "state" / "last.pt", weights_only=True)
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}  # AdamW's state follows its parameters
+
+
 def test_micro_batch_size_and_activation_checkpointing_do_not_change_the_result(tiny_checkpoint_dir, tmp_path):
     a = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m4", max_steps=2, eval_interval=2))
     b = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m1", max_steps=2, eval_interval=2, micro_batch_size=1))

@@ -52,10 +52,32 @@ def launch(cfg: RunConfig, precision: str):
         # TF32 and cuDNN autotuning before Fabric sets up the device, which otherwise tells the user to set the
         # matmul precision that these flags set (on the CPU this changes nothing)
         perf.configure_backends(torch.device("cuda"))
+    half = precision in ("bf16-true", "16-true")
     fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=make_strategy(cfg.strategy), precision=precision)
+                      strategy=make_strategy(cfg.strategy), precision=None if half else precision,
+                      plugins=[fp32_aligner_precision(precision)] if half else None)
     fabric.launch()
     return fabric
+
+
+def fp32_aligner_precision(precision: str):
+    """Fabric's bf16-true / 16-true plugin, except that the Aligner stays in fp32 (master weights for the few numbers
+    that train, as PEFT keeps adapters of a half-precision base in fp32; the model casts them to the activations'
+    dtype). In fp16, AdamW's eps (1e-8) rounds to 0, so a fresh Aligner's first step, whose prefix has no gradient yet
+    (the gates are zero), divided 0 by 0; in bf16, an update below 1/256 of a weight rounds away."""
+    from lightning_fabric.plugins.precision import HalfPrecision
+
+    from lit_aligner.model import Aligner
+
+    class FP32Aligner(HalfPrecision):
+        def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+            module = super().convert_module(module)
+            for m in module.modules():
+                if isinstance(m, Aligner):
+                    m.float()
+            return module
+
+    return FP32Aligner(precision)
 
 
 def make_strategy(strategy: str):

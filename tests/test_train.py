@@ -177,6 +177,14 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_check
     a, _ = load_aligner(full_out / "aligner.safetensors")
     b, _ = load_aligner(out / "aligner.safetensors")
     assert torch.equal(a.prefix, b.prefix) and torch.equal(a.gate, b.gate)
+    # resumed again, finished: nothing trains and nothing is rewritten (a save would drop the file's validation loss)
+    files = {p: p.read_bytes() for p in (out / "aligner.safetensors", out / "metrics.csv")}
+    again = T.train(cfg)
+    assert again["finished"] and again["step"] == 8 and all(p.read_bytes() == b for p, b in files.items())
+    (out / "aligner.safetensors").unlink()  # stopped between the last run state and the Aligner's save: saved now
+    T.train(cfg)
+    c, meta = load_aligner(out / "aligner.safetensors")
+    assert torch.equal(a.prefix, c.prefix) and int(meta["steps"]) == 8
 
 
 def test_wandb_logs_the_metrics_rows_and_a_resumed_run_continues_the_same_wandb_run(trained, tiny_checkpoint_dir,

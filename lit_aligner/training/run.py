@@ -328,6 +328,17 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         if cfg.wandb_project and fabric.global_rank == 0:
             wandb_run = start_wandb(cfg.wandb_project, run.out_dir, plain(cfg), (run.state or {}).get("wandb_run_id"))
     _load(run)
+    aligner_file = run.out_dir / ALIGNER_NAME
+    if not eval_only and run.state is not None and int(run.state["step"]) >= cfg.train.max_steps and \
+            aligner_file.is_file():
+        # a finished run: nothing to train, and saving again would drop the file's validation figures
+        step = int(run.state["step"])
+        where = "the last" if step == cfg.train.max_steps else "past the last"
+        fabric.print(f"note: {run.resume_path} is at step {step}, {where} of --max-steps {cfg.train.max_steps}: "
+                     f"nothing to train, and {aligner_file} stays as it is. Raise --max-steps to train on.")
+        if wandb_run is not None:
+            wandb_run.finish()
+        return {"out_dir": str(run.out_dir), "step": step, "finished": True, "aligner": str(aligner_file)}
     module = _setup_module(run)
     summary: Dict[str, Any] = {"out_dir": str(run.out_dir), "template": run.template, "objective": run.objective.name,
                                "data": {k: v for k, v in run.info.items() if k != "bad_row_examples"},

@@ -222,8 +222,9 @@ def load_aligner(path: PathLike, model: Optional[LLaMA] = None, *, device: Union
 
     With `model`, the Aligner is checked against that base (`check_compatible`: one AlignerFileError naming both
     shapes, or an AlignerBaseWarning for a same-shape base of another name; `base_name` names the base in messages)
-    and moved to the model's device and dtype. Otherwise it stays on `device` (default: the CPU) in `dtype` (default:
-    the file's). Raises `AlignerFileError` for a missing, non-Aligner, damaged, inconsistent or non-finite file."""
+    and moved to the model's device and dtype (`dtype`, when given, instead: a training run's fp32 Aligner on a
+    half-precision base). Otherwise it stays on `device` (default: the CPU) in `dtype` (default: the file's). Raises
+    `AlignerFileError` for a missing, non-Aligner, damaged, inconsistent or non-finite file."""
     path = Path(path)
     _require_file(path)
     if path.suffix in PAPER_SUFFIXES or _sniff(path) in ("zip", "pickle"):
@@ -237,7 +238,7 @@ def load_aligner(path: PathLike, model: Optional[LLaMA] = None, *, device: Union
     if model is not None:
         check_compatible(aligner, model.config, path, base_name, metadata=meta)
         p = model.tok_embeddings.weight
-        device, dtype = p.device, p.dtype
+        device, dtype = p.device, dtype or p.dtype
     return aligner.to(device=device or "cpu", dtype=dtype), meta
 
 
@@ -294,26 +295,27 @@ def check_compatible(
         )
 
 
-def attach(model: LLaMA, aligner: Union[Aligner, PathLike]) -> Aligner:
+def attach(model: LLaMA, aligner: Union[Aligner, PathLike], dtype: Optional[torch.dtype] = None) -> Aligner:
     """Make an Aligner (or the Aligner file at that path, loaded and checked with `load_aligner`) the model's own
-    (`model.aligner`, used when the forward pass gets no `aligner` argument), on the model's device and dtype."""
+    (`model.aligner`, used when the forward pass gets no `aligner` argument), on the model's device and dtype (`dtype`,
+    when given, instead: the forward casts the Aligner to the activations' dtype)."""
     if not isinstance(aligner, Aligner):
-        aligner, _ = load_aligner(aligner, model)
+        aligner, _ = load_aligner(aligner, model, dtype=dtype)
     p = model.tok_embeddings.weight
-    model.aligner = aligner.to(device=p.device, dtype=p.dtype)
+    model.aligner = aligner.to(device=p.device, dtype=dtype or p.dtype)
     return model.aligner
 
 
 def new_aligner(model: LLaMA, n_tokens: int = 10, start_layer: int = 2, prefix_init: str = DEFAULT_PREFIX_INIT,
-                prefix_init_scale: float = DEFAULT_PREFIX_INIT_SCALE) -> Aligner:
+                prefix_init_scale: float = DEFAULT_PREFIX_INIT_SCALE, dtype: Optional[torch.dtype] = None) -> Aligner:
     """Give `model` a fresh, trainable Aligner (random prefix drawn as `prefix_init` and `prefix_init_scale` say, see
-    `lit_aligner.model.init_prefix`; zero gates: exactly the base) on its device and in its dtype; returns it."""
+    `lit_aligner.model.init_prefix`; zero gates: exactly the base) on its device and in its dtype (or `dtype`);
+    returns it."""
     from lit_aligner.model import init_prefix
 
-    p = model.tok_embeddings.weight
     aligner = Aligner(model.config, AlignerConfig(n_tokens, start_layer))
     init_prefix(model, aligner, prefix_init, scale=prefix_init_scale)
-    return attach(model, aligner.to(device=p.device, dtype=p.dtype))
+    return attach(model, aligner, dtype)
 
 
 # --- the paper's .pth format ------------------------------------------------------------------------------------------

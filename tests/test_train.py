@@ -260,6 +260,31 @@ def test_a_half_precision_run_trains_an_fp32_aligner_on_its_half_precision_base(
     assert moments and {t.dtype for t in moments} == {torch.float32}  # AdamW's state follows its parameters
 
 
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_a_half_precision_run_resumes_exactly_and_starts_from_an_init_aligner_unrounded(tiny_checkpoint_dir, tmp_path,
+                                                                                          monkeypatch, precision):
+    # neither the resumed state nor an --init-aligner file passes through the base's dtype on its way in
+    def config(out, init=None):
+        cfg = small_run(tiny_checkpoint_dir, out, max_steps=4, eval_interval=2, eval_iters=1, save_interval=2)
+        cfg.precision, cfg.init_aligner = precision, init
+        return cfg
+
+    full, a, b = helpers.train_whole_and_resumed(monkeypatch, config, tmp_path / "resume")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    x, _ = load_aligner(full["aligner"])
+    y, _ = load_aligner(tmp_path / "resume" / "cut" / "aligner.safetensors")
+    assert torch.equal(x.prefix, y.prefix) and torch.equal(x.gate, y.gate)
+    start = tmp_path / "start.safetensors"  # fp32 values that bf16 and fp16 round
+    with torch.no_grad():
+        x.prefix.add_(1e-4 * torch.randn_like(x.prefix))
+    save_aligner(x, start, "tiny-chat", {"template": "chat"})
+    seen = []
+    monkeypatch.setattr(run_module, "fit", lambda *args, **kw: seen.append(args[3].prefix.detach().clone()) or
+                        engine.fit(*args, **kw))
+    T.train(config(tmp_path / "init", start))
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], x.prefix)
+
+
 def test_micro_batch_size_and_activation_checkpointing_do_not_change_the_result(tiny_checkpoint_dir, tmp_path):
     a = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m4", max_steps=2, eval_interval=2))
     b = T.train(small_run(tiny_checkpoint_dir, tmp_path / "m1", max_steps=2, eval_interval=2, micro_batch_size=1))
@@ -686,8 +711,9 @@ def rank_main(rank, world, checkpoint, store_path):
     aligner = new_aligner(model, 4, 1)
     with torch.no_grad():
         aligner.gate.normal_()
-    # the reference: every tensor and the logits of the base and Aligner converted whole
+    # the reference: every tensor and the logits of the base and Aligner converted whole (the Aligner keeps fp32)
     reference = copy.deepcopy(model).to(torch.bfloat16)
+    reference.aligner = copy.deepcopy(model.aligner)
     expected_tensors = {n: t for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
     idx = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -702,7 +728,8 @@ def rank_main(rank, world, checkpoint, store_path):
     shard_model(model, init_device_mesh("cpu", (1, world), mesh_dim_names=("nodes", "devices")), torch.bfloat16)
     assert seen == [["meta"]] * (model.config.n_layer + 1), seen
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        assert t.dtype == torch.bfloat16 and t.device.type == "cpu", (name, t.dtype, t.device)
+        dtype = torch.float32 if name.startswith("aligner.") else torch.bfloat16
+        assert t.dtype == dtype and t.device.type == "cpu", (name, t.dtype, t.device)
         full = t.full_tensor() if isinstance(t, DTensor) else t  # gathered from every rank's rows
         assert torch.equal(full, expected_tensors[name]), name
     assert all(isinstance(p, DTensor) for p in model.parameters())

@@ -71,10 +71,13 @@ def fp32_aligner_precision(precision: str):
 
     class FP32Aligner(HalfPrecision):
         def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+            aligners = [m for m in module.modules() if isinstance(m, Aligner)]
+            kept = [[p.detach().clone() for p in m.parameters()] for m in aligners]  # not rounded through half
             module = super().convert_module(module)
-            for m in module.modules():
-                if isinstance(m, Aligner):
-                    m.float()
+            with torch.no_grad():
+                for m, values in zip(aligners, kept):
+                    for p, v in zip(m.float().parameters(), values):
+                        p.copy_(v)
             return module
 
     return FP32Aligner(precision)
@@ -107,7 +110,7 @@ def shard_model(module: torch.nn.Module, mesh, dtype: Optional[torch.dtype] = No
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from lit_aligner.model import Block
+    from lit_aligner.model import Aligner, Block
 
     def tensors():
         return chain(module.named_parameters(), module.named_buffers())
@@ -116,6 +119,9 @@ def shard_model(module: torch.nn.Module, mesh, dtype: Optional[torch.dtype] = No
     module.to("meta")
     if dtype is not None:
         module.to(dtype)  # floating-point tensors only; free on the meta device
+        for name, m in module.named_modules():  # the Aligner keeps its own (fp32: `fp32_aligner_precision`)
+            if isinstance(m, Aligner):
+                m.to(sources[f"{name}.prefix"].dtype)
     for block in (m for m in module.modules() if isinstance(m, Block)):
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
@@ -270,16 +276,19 @@ def _load(run: Run) -> None:
         run.model = load_model(cfg.checkpoint_dir, "cpu")
     else:
         run.model = load_model(cfg.checkpoint_dir, fabric.device, precision_dtype(run.precision), cfg.quantize)
+    # The Aligner trains in fp32 on any base (master weights: `fp32_aligner_precision`), also before the plugin
+    # converts the model, so that neither an --init-aligner file nor a resumed state is rounded to the base's dtype.
     if cfg.init_aligner is not None:
-        run.init_aligner, _ = load_aligner(cfg.init_aligner, run.model, base_name=str(cfg.checkpoint_dir))
+        run.init_aligner, _ = load_aligner(cfg.init_aligner, run.model, base_name=str(cfg.checkpoint_dir),
+                                           dtype=torch.float32)
         if (run.init_aligner.n_tokens, run.init_aligner.start_layer) != (cfg.n_tokens, cfg.start_layer):
             fabric.print(f"--init-aligner {cfg.init_aligner}: N={run.init_aligner.n_tokens}, start layer "
                          f"{run.init_aligner.start_layer} (the file's shape wins over --n-tokens/--start-layer)")
         cfg.n_tokens, cfg.start_layer = run.init_aligner.n_tokens, run.init_aligner.start_layer
-        attach(run.model, run.init_aligner)
+        attach(run.model, run.init_aligner, dtype=torch.float32)
         run.start = as_reference(run.init_aligner, fabric.device)
     else:
-        new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init, cfg.prefix_init_scale)
+        new_aligner(run.model, cfg.n_tokens, cfg.start_layer, cfg.prefix_init, cfg.prefix_init_scale, torch.float32)
     # the objective (a DPO reference copies the init Aligner) before the resumed values enter model.aligner
     run.objective = objective_cls.from_run(cfg, run)
     run.objective.fabric = run.fabric

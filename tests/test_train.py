@@ -180,7 +180,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(trained, tiny_check
     # resumed again, finished: nothing trains and nothing is rewritten (a save would drop the file's validation loss)
     files = {p: p.read_bytes() for p in (out / "aligner.safetensors", out / "metrics.csv")}
     again = T.train(cfg)
-    assert again["finished"] and again["step"] == 8 and all(p.read_bytes() == b for p, b in files.items())
+    assert again["finished"] and again["step"] == 8 and all(p.read_bytes() == data for p, data in files.items())
     (out / "aligner.safetensors").unlink()  # stopped between the last run state and the Aligner's save: saved now
     T.train(cfg)
     c, meta = load_aligner(out / "aligner.safetensors")

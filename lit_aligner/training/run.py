@@ -228,13 +228,10 @@ def _resume(run: Run) -> None:
     fabric.barrier()
 
 
-def _load(run: Run) -> None:
-    """Tokenizer, data, base model, Aligner (init, fresh or resumed) and the objective."""
-    from lit_aligner.aligner_files import attach, load_aligner, new_aligner
-    from lit_aligner.base import load_model, load_tokenizer
+def _load_data(run: Run) -> None:
+    """Tokenizer and data (and with them the steps of --epochs)."""
+    from lit_aligner.base import load_tokenizer
     from lit_aligner.data import check_template_variables_fit, load_data, report, storable_info
-    from lit_aligner.devices import precision_dtype
-    from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
 
     cfg, fabric = run.cfg, run.fabric
     objective_cls = get_objective(cfg.objective_name)
@@ -271,6 +268,16 @@ def _load(run: Run) -> None:
     elif not len(run.val):
         fabric.print("note: no validation rows (--val-fraction 0, no --val-data): the run is not validated")
 
+
+def _load_model(run: Run) -> None:
+    """Base model, Aligner (init, fresh or resumed) and the objective."""
+    from lit_aligner.aligner_files import attach, load_aligner, new_aligner
+    from lit_aligner.base import load_model
+    from lit_aligner.devices import precision_dtype
+    from lit_aligner.model import check_only_aligner_trainable, mark_only_aligner_as_trainable, num_trainable
+
+    cfg, fabric = run.cfg, run.fabric
+    objective_cls = get_objective(cfg.objective_name)
     fabric.seed_everything(cfg.train.seed)  # the same fresh prefix on every rank
     if cfg.strategy == "fsdp":  # in the file's dtype, memory-mapped: `shard_model` copies each rank its own rows
         run.model = load_model(cfg.checkpoint_dir, "cpu")
@@ -336,11 +343,12 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         _resume(run)
         if cfg.wandb_project and fabric.global_rank == 0:
             wandb_run = start_wandb(cfg.wandb_project, run.out_dir, plain(cfg), (run.state or {}).get("wandb_run_id"))
-    _load(run)
+    _load_data(run)
     aligner_file = run.out_dir / ALIGNER_NAME
     if not eval_only and run.state is not None and int(run.state["step"]) >= cfg.train.max_steps and \
             aligner_file.is_file():
-        # a finished run: nothing to train, and saving again would drop the file's validation figures
+        # a finished run (known once --epochs has its steps, before the base loads): nothing to train, and saving
+        # again would drop the file's validation figures
         step = int(run.state["step"])
         where = "the last" if step == cfg.train.max_steps else "past the last"
         fabric.print(f"note: {run.resume_path} is at step {step}, {where} of --max-steps {cfg.train.max_steps}: "
@@ -348,6 +356,7 @@ def _train(run: Run, eval_only: bool) -> Dict[str, Any]:
         if wandb_run is not None:
             wandb_run.finish()
         return {"out_dir": str(run.out_dir), "step": step, "finished": True, "aligner": str(aligner_file)}
+    _load_model(run)
     module = _setup_module(run)
     summary: Dict[str, Any] = {"out_dir": str(run.out_dir), "template": run.template, "objective": run.objective.name,
                                "data": {k: v for k, v in run.info.items() if k != "bad_row_examples"},

@@ -259,7 +259,7 @@ def answer_items(model, tokenizer, items, entries, max_new_tokens, batch_size, t
                 print(f"--- {a.entry.name} ---\n{shown(a)}")
         if sink:
             for a in row:
-                write_answer(sink, a, template)
+                write_answer(sink, a)
     sys.stdout.flush()
     new = sum(s.new_tokens for s in stats)
     decode_s = sum(s.decode_s for s in stats)
@@ -277,9 +277,10 @@ def shown(a: Answer) -> str:
                      [f"tool call: {c.name} {c.arguments}" for c in a.calls])
 
 
-def write_answer(sink, a: Answer, template: Optional[str]) -> None:
+def write_answer(sink, a: Answer) -> None:
     """One --out row: the request (its system message, earlier turns and tool turns when it has them), who answered,
-    the answer (with tools: also its calls in OpenAI's form and the text around them)."""
+    the template its prompt was rendered with, the answer (with tools: also its calls in OpenAI's form and the text
+    around them)."""
     p = a.prompt
     calls = {"content": a.content, "tool_calls": [c.openai() for c in a.calls]} if p.tools is not None else {}
     if a.reasoning is not None:
@@ -287,7 +288,7 @@ def write_answer(sink, a: Answer, template: Optional[str]) -> None:
     sink.write(json.dumps({"prompt": p.instruction, "input": p.input, **({"system": p.system} if p.system else {}),
                            **({"history": p.history} if p.history else {}), **({"after": p.after} if p.after else {}),
                            "aligner": a.entry.name if a.entry.aligner is not None else None,
-                           "template": template or a.entry.metadata.get("template"), "output": a.text,
+                           "template": a.template, "output": a.text,
                            **calls}) + "\n")
     sink.flush()
 
@@ -331,7 +332,7 @@ def chat(model, tokenizer, entries: List[AlignerEntry], system: str, template: O
             histories[j] = item.history + [{"role": "user", "content": text},
                                            {"role": "assistant", "content": a.reply}]
             if sink:
-                write_answer(sink, a, template)
+                write_answer(sink, a)
 
 
 def check_modes(entries: List[AlignerEntry], correcting: bool) -> None:

@@ -495,8 +495,9 @@ def test_cli_stop_strings_cut_the_answer_and_end_decoding(request, tmp_path):
     r = run_script(str(ROOT / "generate/aligner.py"), "--checkpoint-dir", str(ckpt), "--no-aligner", "--prompt",
                    questions[0], "--prompt", questions[1], "--max-new-tokens", "40", "--stop", "\\n", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    got = [json.loads(line)["output"] for line in out.read_text().splitlines()]
-    assert got == [f[:f.index("\n")] if "\n" in f else f for f in free]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["output"] for row in rows] == [f[:f.index("\n")] if "\n" in f else f for f in free]
+    assert {row["template"] for row in rows} == {"chat"}  # the base alone: its tokenizer's chat template
 
 
 def test_cli_reasoning_parser_reads_the_think_block_its_template_opens(request, tmp_path):
@@ -631,6 +632,7 @@ def test_cli_interactive_chat_keeps_each_columns_own_conversation(request, tmp_p
     assert [row["output"].strip() for row in rows] == [steer1, base1, steer2, base2, fresh_steer2, fresh_base2]
     assert rows[2]["history"] == turns((q1, steer1)) and rows[3]["history"] == turns((q1, base1))
     assert "history" not in rows[4] and "(new conversation)" in r.stderr
+    assert {row["template"] for row in rows} == {"alpaca"}  # the base's rows too: it answered with the Aligner's
 
     # a context with room for one exchange only: the second message is answered without the first
     room = len(encode_prompt(tok, build_prompt(tok, q2))) + 4
@@ -727,7 +729,7 @@ def test_aligner_cli_zero_gate_aligner_equals_base_and_trained_one_differs(reque
     assert len(rows) == 6
     by = {(row["prompt"], Path(row["aligner"]).stem if row["aligner"] else "base"): row for row in rows}
     for p in ("What is 2+2?", "Name a colour."):
-        assert by[(p, "zero")]["template"] == "alpaca"
+        assert by[(p, "zero")]["template"] == by[(p, "base")]["template"] == "alpaca"  # what each prompt used
         assert by[(p, "zero")]["output"] == by[(p, "base")]["output"]  # the base uses the Aligners' shared template
         assert by[(p, "steered")]["output"] != by[(p, "base")]["output"]
     assert "--- " + str(tmp_path / "steered.safetensors") in r.stdout

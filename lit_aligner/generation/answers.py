@@ -180,6 +180,7 @@ class Answer:
     calls: List["Call"] = field(default_factory=list)  # the tool calls in `text`, when the prompt gave tools
     content: Optional[str] = None  # with calls: the text around them (None when only blank); else `text`
     reasoning: Optional[str] = None  # with `reasoning`: the think block's text (None: no block); `content` follows it
+    template: Optional[str] = None  # the template the prompt was rendered with (`rendered_with`; None: the raw text)
 
     @property
     def reply(self) -> str:
@@ -200,6 +201,25 @@ def tool_template(tokenizer, e: AlignerEntry, template: Optional[str] = None,
     else the Aligner's own, else the tokenizer's chat template, else plain text (the server's rule)."""
     return (template if e.aligner is not None else base_template) or e.metadata.get("template") or \
         conversation_template(tokenizer)
+
+
+def rendered_with(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
+                  base_template: Optional[str] = None) -> Optional[str]:
+    """The name of the template `request_prompt` renders request `p` for entry `e` with (None: the raw text), which
+    is what an answer records: a bare base beside Aligners uses theirs, and no name at all means the chat template."""
+    if p.with_tools:
+        return tool_template(tokenizer, e, template, base_template)
+    if e.aligner is None:
+        name = base_template
+    elif is_correction(e.metadata) and template in (None, "correction"):
+        return "correction"
+    else:
+        name = template or e.metadata.get("template")
+    if name:
+        return name
+    if getattr(tokenizer, "has_chat_template", False):
+        return "chat"
+    return "plain" if p.history else None
 
 
 def request_prompt(tokenizer, p: PromptItem, e: AlignerEntry, template: Optional[str] = None,
@@ -305,7 +325,8 @@ def answer_prompts(
             if reasoning and grammar is None and (id(tools), styles[r]) not in grammars else (None, said)
         content, calls = split_calls(answer or "", styles[r], tools) if tools is not None and tools.choice != "none" \
             else (answer, [])
-        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content, thought)
+        answers[i][j] = Answer(prompts[i], entries[j], text, outputs[r], said, calls, content, thought,
+                               rendered_with(tokenizer, prompts[i], entries[j], template, base_template))
     return answers, all_stats
 
 

@@ -193,6 +193,17 @@ def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Ty
         sys.exit(130)
 
 
+def bare_resume_is_auto(args: Sequence[str]) -> List[str]:
+    """A training command line with `--resume` given no value (litgpt's and Lightning's habit: the last flag, or one
+    followed by another flag) continues from the newest state: `--resume auto`."""
+    out: List[str] = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            out.append("auto")
+    return out
+
+
 def run_training_cli(config_cls: Type, description: Optional[str] = None) -> None:
     """A training script: flags from `config_cls` (a `lit_aligner.training.RunConfig`), `training.train`, the summary
     as one JSON line on request (and always for an evaluation-only run), exit 130 when a signal stopped the run."""
@@ -206,4 +217,4 @@ def run_training_cli(config_cls: Type, description: Optional[str] = None) -> Non
         if summary.get("stopped"):
             sys.exit(130)
 
-    run_cli(main, config_cls, description)
+    run_cli(main, config_cls, description, args=bare_resume_is_auto(sys.argv[1:]))

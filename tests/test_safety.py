@@ -292,7 +292,7 @@ def test_kill_9_then_resume_auto_gives_the_uninterrupted_result(tiny_checkpoint_
     proc.wait()
     assert not (out / "aligner.safetensors").exists()
     r = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--out-dir", out, *args,
-                   "--resume", "auto")
+                   "--resume")  # bare: auto
     assert r.returncode == 0, r.stderr
     a, _ = load_aligner(tmp_path / "a" / "aligner.safetensors")
     b, _ = load_aligner(out / "aligner.safetensors")

@@ -974,3 +974,15 @@ def test_length_grouped_batches_go_in_a_shuffled_order_longest_first_not_longest
         assert short[-1] - short[0] > 24  # ... the short rows' batches spread over the epoch, not its last steps
     assert epoch(0, True) != epoch(1, True)
 
+
+
+def test_a_bare_resume_flag_means_auto_wherever_it_stands():
+    from lit_aligner.cli import bare_resume_is_auto, run_cli
+
+    def parse(*args):
+        return run_cli(lambda cfg: cfg, T.SFTRunConfig, args=bare_resume_is_auto(args))
+
+    assert parse("--resume", "--max-steps", "3").resume == "auto"
+    assert parse("--max-steps", "3", "--resume").resume == "auto"
+    assert parse("--resume", "state/step-000002.pt", "--max-steps", "3").resume == "state/step-000002.pt"
+    assert parse("--max-steps", "3").resume is None

@@ -192,7 +192,8 @@ class RunConfig:
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """auto, ddp, or fsdp (shards a base model that does not fit one GPU)."""
     resume: Optional[str] = None
-    """continue a stopped run: "auto" (the newest readable state in OUT/state) or a state file (.pt)."""
+    """continue a stopped run: "auto" (the newest readable state in OUT/state; a bare --resume means auto) or a state
+    file (.pt)."""
     force: bool = False
     """start over in an --out-dir that holds a run (its Aligner, metrics and state are deleted first); with --resume,
     continue even when flags differ from the run being resumed."""

@@ -130,7 +130,10 @@ def _require_file(path: Path) -> None:
         raise AlignerFileError(f"{path}: no such Aligner file. Train one (howto/finetune.md) or convert one of the "
                                f"paper's .pth checkpoints (howto/aligners.md).")
     if not path.is_file():
-        raise AlignerFileError(f"{path} is a directory, not an Aligner file: give the .safetensors file inside it.")
+        inside = [p for p in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))
+                  if not p.name.startswith("model")]  # a base model's weights are no Aligner
+        hint = f" ({', '.join(str(p) for p in inside[:3])})" if inside else " (it holds none)"
+        raise AlignerFileError(f"{path} is a directory, not an Aligner file: give the Aligner file inside it{hint}.")
 
 
 def _int_field(meta: Mapping[str, str], key: str, path: Path) -> int:

@@ -1,5 +1,6 @@
 """Aligner files: our .safetensors format, compatibility with bases, the paper's .pth checkpoints, the CLI."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -155,7 +156,13 @@ def test_truncated_or_garbage_safetensors_gives_clear_error(tmp_path):
 def test_missing_file_and_directory_give_clear_errors(tmp_path):
     with pytest.raises(AlignerFileError, match="no such Aligner file"):
         load_aligner(tmp_path / "nope.safetensors")
-    with pytest.raises(AlignerFileError, match="directory"):
+    with pytest.raises(AlignerFileError, match=r"directory, not an Aligner file: .*\(it holds none\)"):
+        load_aligner(tmp_path)
+    # a run directory: the error names the Aligner inside it (and not a base model's weights beside it)
+    save_aligner(random_aligner(Config.from_name("tiny")), tmp_path / "aligner.safetensors", "tiny")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(AlignerFileError, match=r"inside it \(" + re.escape(str(tmp_path / "aligner.safetensors")) +
+                       r"\)\.$"):
         load_aligner(tmp_path)
 
 

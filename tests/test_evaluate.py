@@ -514,6 +514,21 @@ def test_outcomes_bootstrap_and_win_rate():
     assert r["ci95"][0] < 0.7 < r["ci95"][1]
 
 
+def test_an_answers_file_is_matched_by_id_or_text_and_by_order_only_without_ids(tmp_path):
+    from lit_aligner.evaluation.judge import Question, read_answers
+
+    qs = [Question("1", "What is 2+2?", "math"), Question("2", "Name a colour.", "writing")]
+    f = tmp_path / "answers.jsonl"
+    f.write_text('{"question_id": 2, "answer": "blue"}\n{"question": "What is 2+2?", "answer": "4"}\n')
+    assert read_answers(f, qs) == [["4"], ["blue"]]
+    f.write_text('{"answer": "4"}\n{"answer": "blue"}\n')  # no ids, no questions: one answer per question, in order
+    assert read_answers(f, qs) == [["4"], ["blue"]]
+    # as many rows as questions, but keyed by ids of which one is not a question's: never another question's answer
+    f.write_text('{"question_id": 1, "answer": "4"}\n{"question_id": 3, "answer": "blue"}\n')
+    with pytest.raises(ValueError, match="answers.jsonl: no answer for question '2'"):
+        read_answers(f, qs)
+
+
 def test_judge_both_orders_categories_and_answers_files(tiny_checkpoint_dir, aligners, tmp_path):
     prompts = tmp_path / "questions.jsonl"
     qs = [{"question_id": i, "category": "math" if i % 2 else "writing", "turns": [f"Question number {i}?"]}

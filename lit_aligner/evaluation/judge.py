@@ -101,8 +101,9 @@ def read_questions(path: Path) -> List[Question]:
 
 def read_answers(path: Path, questions: Sequence[Question]) -> List[List[str]]:
     """Answers of another model to `questions`, one list of turns each, from JSON/JSONL rows keyed by
-    "question_id"/"id" (else by the question text in "prompt"/"instruction"/"question", else in file order): "answer",
-    "output", "response", "text" (one turn), or Vicuna / FastChat's {"choices": [{"turns": [...]}]} (every turn)."""
+    "question_id"/"id" (else by the question text in "prompt"/"instruction"/"question", else, in a file without ids, in
+    file order): "answer", "output", "response", "text" (one turn), or Vicuna / FastChat's {"choices": [{"turns":
+    [...]}]} (every turn)."""
     records, _ = read_records(path, "answers file (JSON or JSONL)")
     by_id, by_text, in_order = {}, {}, []
     for where, row in records:
@@ -124,6 +125,9 @@ def read_answers(path: Path, questions: Sequence[Question]) -> List[List[str]]:
     for i, q in enumerate(questions):
         a = by_id.get(q.id, by_text.get(q.text.strip()))
         if a is None:
+            if by_id:  # rows keyed by id: the answer in this place belongs to another question
+                raise UserError(f"{path}: no answer for question {q.id!r}: no row has that 'question_id'/'id' (nor its "
+                                f"question text); answer every question of the prompts file")
             if len(in_order) != len(questions):
                 raise UserError(f"{path}: no answer for question {q.id!r} (match rows by 'question_id'/'id' or the "
                                 f"question text, or give one answer per question in order)")

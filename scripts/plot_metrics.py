@@ -12,7 +12,7 @@ import tyro
 
 from lit_aligner.cli import run_cli
 from lit_aligner.files import check_output
-from lit_aligner.training.plot import plot_metrics
+from lit_aligner.training.plot import metrics_file, plot_metrics, read_metrics
 
 
 def main(metrics: tyro.conf.Positional[Path], out: Optional[Path] = None, title: Optional[str] = None,
@@ -20,12 +20,14 @@ def main(metrics: tyro.conf.Positional[Path], out: Optional[Path] = None, title:
     """Plot METRICS (a metrics.csv written by finetune/aligner.py or finetune/aligner_dpo.py).
 
     Args:
-        metrics: the metrics.csv file.
+        metrics: the metrics.csv file, or the run directory that holds it.
         out: the PNG to write (default: loss.png next to the CSV).
         title: plot title (default: the run directory's name).
         force: replace an existing --out file.
     """
-    out = check_output(out or Path(metrics).with_name("loss.png"), [metrics], force)
+    metrics = metrics_file(metrics)
+    read_metrics(metrics)  # a file that is no metrics.csv says so before anything about --out
+    out = check_output(out or metrics.with_name("loss.png"), [metrics], force)
     print(f"wrote {plot_metrics(metrics, out, title)}")
 
 

@@ -601,6 +601,11 @@ def test_plot_metrics_draws_a_png(trained, tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(data[16:20], "big") == 2 * 600  # two panels of 6 inches at 100 dpi: loss, gradient norm
+    r = run_script("scripts/plot_metrics.py", out, "--out", png, "--force")  # the run directory names its metrics
+    assert r.returncode == 0, r.stderr
+    # a binary file is one error line naming it, before anything is said of the existing --out
+    r = run_script("scripts/plot_metrics.py", out / "aligner.safetensors", "--out", png)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {out / 'aligner.safetensors'} is not a metrics.csv")
 
 
 @pytest.mark.slow

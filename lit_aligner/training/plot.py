@@ -10,12 +10,24 @@ from lit_aligner.training.config import TrainError
 PathLike = Union[str, Path]
 
 
-def read_metrics(path: PathLike) -> List[Dict[str, str]]:
+def metrics_file(path: PathLike) -> Path:
+    """A run's metrics.csv: `path` itself, or the one inside `path` when it is the run directory."""
     path = Path(path)
+    if path.is_dir() and (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
     if not path.is_file():
-        raise TrainError(f"{path}: no such metrics file; runs write OUT/metrics.csv (give that path).")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        raise TrainError(f"{path}: no such metrics file; runs write OUT/metrics.csv (give that path or OUT).")
+    return path
+
+
+def read_metrics(path: PathLike) -> List[Dict[str, str]]:
+    """The rows of a run's metrics.csv (or of OUT/metrics.csv, given the run directory OUT), as strings."""
+    path = metrics_file(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise TrainError(f"{path} is not a metrics.csv of a training run ({e}).") from None
     if not rows or "step" not in rows[0]:
         raise TrainError(f"{path} is not a metrics.csv of a training run (no `step` column or no rows).")
     return rows
@@ -31,6 +43,7 @@ def plot_metrics(path: PathLike, out: PathLike, title: Optional[str] = None) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         raise TrainError("plotting needs matplotlib: pip install matplotlib") from None
+    path = metrics_file(path)
     rows = read_metrics(path)
     panels = [("loss (nats)", ("train_loss", "val_loss"))]
     if any(r.get("val_reward_accuracy") or r.get("train_reward_accuracy") for r in rows):

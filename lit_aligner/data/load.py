@@ -319,10 +319,11 @@ def report(info: Dict[str, Any]) -> str:
     """The counts, the first skipped rows with their reasons, and where prepared data went (scripts and trainers
     print this)."""
     lines = [describe(info)]
-    for example in info.get("bad_row_examples", []):
+    examples = info.get("bad_row_examples")  # none in prepared data's counts: its bad_rows were shown when prepared
+    for example in examples or []:
         lines.append(f"  skipped {example}")
-    if info.get("bad_rows", 0) > len(info.get("bad_row_examples", [])):
-        lines.append(f"  ... {info['bad_rows'] - len(info['bad_row_examples'])} more skipped rows")
+    if examples is not None and info.get("bad_rows", 0) > len(examples):
+        lines.append(f"  ... {info['bad_rows'] - len(examples)} more skipped rows")
     if info.get("val_size") and info.get("val", 0) < info["val_size"]:
         lines.append(f"  note: --val-size {info['val_size']} held out {info['val_size']} rows, {info['val']} of them "
                      f"kept: the others were dropped as longer than --max-seq-length or skipped (the split comes "

@@ -98,6 +98,26 @@ def test_loss_equals_an_independent_cross_entropy_and_counts_rows(tiny_checkpoin
     assert "perplexity" in p.stdout and "skipped 1 malformed" in p.stdout
 
 
+def test_loss_on_prepared_data_scores_every_system_on_its_rendering_and_labels_it_so(tiny_checkpoint_dir, base,
+                                                                                     aligners, sft_file, tmp_path):
+    """A prepared directory holds rows rendered by its template: the Aligners (template plain) and the base are scored
+    on those rows, labelled with that template, with a note; the losses are those of the file under that template."""
+    from lit_aligner.data import DataOptions, prepare
+
+    _, tok = base
+    prepare("sft", sft_file, tmp_path / "prepared", tok, "alpaca", DataOptions(max_seq_length=256, val_fraction=0.0))
+    systems = ["--aligners", aligners / "zero.safetensors", aligners / "steer.safetensors"]
+    p = cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--data", tmp_path / "prepared", *systems)
+    result = last_json(p)
+    assert {r["template"] for r in result["results"]} == {"alpaca"} and list(result["data"]) == ["alpaca"]
+    assert "was prepared with the 'alpaca' template; it is used as is" in p.stderr
+    raw = last_json(cli("loss", "--checkpoint-dir", tiny_checkpoint_dir, "--data", sft_file, "--template", "alpaca",
+                        "--max-seq-length", "256", *systems))
+    assert [(r["name"], r["template"], r["tokens"]) for r in result["results"]] == \
+        [(r["name"], r["template"], r["tokens"]) for r in raw["results"]]
+    assert [r["loss"] for r in result["results"]] == pytest.approx([r["loss"] for r in raw["results"]], rel=1e-6)
+
+
 def test_loss_on_every_answer_of_conversations_equals_one_row_per_answer(tiny_checkpoint_dir, base, aligners,
                                                                          tmp_path):
     """--turns all scores every answer of a conversation in one sequence: the same per-token loss and token count as

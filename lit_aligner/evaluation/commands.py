@@ -197,11 +197,19 @@ class DataCommon(EvalCommon):
             template = own.get(name, base)
             saved = saved_variables(meta) if template == "chat" else {}
             renderings[name] = (template, json.dumps(saved, sort_keys=True) if saved else "")
-        results, data = [], {}
+        results, data, notes = [], {}, set()
         for template, variables in dict.fromkeys(renderings.values()):
             label = f"{template} {variables}".strip()
             with variables_under(tokenizer, json.loads(variables or "{}")):
-                dataset, data[label] = self.rows(kind, tokenizer, template)
+                dataset, counts = self.rows(kind, tokenizer, template)
+            if counts["info"].get("prepared"):  # rendered when it was prepared: label the rows as they are
+                prepared = counts["info"].get("template_variables")
+                label = f"{counts['template']} {json.dumps(prepared, sort_keys=True) if prepared else ''}".strip()
+                note = counts["info"].get("note")
+                if note and note not in notes:
+                    print(f"note: {note}", file=sys.stderr)
+                    notes.add(note)
+            data[label] = counts
             for name, aligner, _ in systems:
                 if renderings[name] == (template, variables):
                     results.append({"name": name, "template": label, **metrics(aligner, dataset)})

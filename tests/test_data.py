@@ -540,7 +540,7 @@ def test_prepared_data_says_when_its_turns_or_template_differ_from_the_flags(tok
     assert len(train) == 4 and info["turns"] == "all" and info["answers"] == 8 and train.answers() == 8
     assert "note: " in report(info) and "prepared with --turns all" in report(info) and "'chat' template" in \
         report(info)
-    _, _, info = sft(tmp_path / "prep", tok, "chat", 512, turns="all")
+    _, _, info = sft(tmp_path / "prep", tok, "chat", 512, turns="all", val_fraction=0.0)
     assert "note" not in info
 
 
@@ -671,10 +671,16 @@ def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
     template = "correction" if kind == "correction" else "beaver"
     fly = load(kind, f, tok, template, 512, val_fraction=0.2, seed=5)
     prepare(kind, f, tmp_path / "out", tok, template, DataOptions(val_fraction=0.2), seed=5)
-    disk = load(kind, tmp_path / "out", tok, template, 512)
+    disk = load(kind, tmp_path / "out", tok, template, 512, val_fraction=0.2, seed=5)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["kind"] == kind and meta["template"] == template and meta["seed"] == 5
-    assert disk[2]["template"] == template and disk[2]["kept"] == fly[2]["kept"]
+    assert disk[2]["template"] == template and disk[2]["kept"] == fly[2]["kept"] and "note" not in disk[2]
+    # the split is the prepared one (a note when the flags ask for another); no split asked for: every row to train
+    other = load(kind, tmp_path / "out", tok, template, 512, val_fraction=0.1)[2]
+    assert "was split when it was prepared" in other["note"] and other["val"] == disk[2]["val"] > 0
+    whole, none, _ = load(kind, tmp_path / "out", tok, template, 512, val_fraction=0.0, seed=5)
+    assert len(none) == 0 and len(whole) == len(disk[0]) + len(disk[1])
+    assert all(torch.equal(a, b) for r, s in zip(whole.rows(), disk[0].rows() + disk[1].rows()) for a, b in zip(r, s))
     for a, b in zip(fly[:2], disk[:2]):
         assert type(a) is type(b) and len(a) == len(b) > 0
         for i in range(len(a)):

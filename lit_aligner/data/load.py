@@ -247,7 +247,8 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
               prompt_only: bool = False) -> Splits:
     """Tokenized (train, val, info) of `kind` ("sft", "preference" or "correction") data.
 
-    data: None → the offline default dataset; a prepared directory → loaded as is (its template wins; rows longer than
+    data: None → the offline default dataset; a prepared directory → loaded as is (its template and split win, with a
+    note where the flags differ, and with no split asked for its held-out rows join the others; rows longer than
     options.max_seq_length follow options.truncation); a .json/.jsonl file or a list of rows → prepared now with
     `template`: Alpaca, PKU-SafeRLHF (the `preference` response), HH-RLHF (the dialogue's last answer), prompt/response,
     prompt/chosen/rejected, Q-A-C, or any of those after a field map (see `lit_aligner.data.formats`). Correction data
@@ -276,6 +277,14 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
         notes.append(f"{data} was prepared with the chat-template variables {prepared_with}; it is used as is")
     if kind == "sft" and options.turns != meta.get("turns", "last"):
         notes.append(f"{data} was prepared with --turns {meta.get('turns', 'last')}; it is used as is")
+    if options.val_fraction == 0 and options.val_size is None:
+        # no split asked for (a held-out --val-data, or every row): the rows it held out join the others
+        train, val = TokenizedDataset.from_rows(kind, train.rows() + val.rows()), val.select([])
+    elif (options.val_fraction, options.val_size, seed) != (meta.get("val_fraction"), meta.get("val_size"),
+                                                            meta.get("seed")):
+        notes.append(f"{data} was split when it was prepared (--val-fraction {meta.get('val_fraction')}, --val-size "
+                     f"{meta.get('val_size')}, --seed {meta.get('seed')}: {len(val)} validation rows); that split is "
+                     f"used as is")
     if notes:
         info["note"] = "; ".join(notes)
     if options.max_seq_length < (meta.get("max_seq_length") or 0):

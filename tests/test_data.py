@@ -731,8 +731,13 @@ def test_prepared_sft_data_of_versions_1_and_2_still_loads_and_a_newer_version_i
 
 def test_prepared_directory_checks_kind_and_tokenizer(tok, sp_dir, tmp_path):
     prepare("sft", None, tmp_path / "d", tok, "plain", DataOptions(max_seq_length=256))
-    with pytest.raises(DataError, match="holds sft data"):
+    with pytest.raises(DataError, match=r"holds sft data, but preference data is needed: .*`python "
+                                        r"scripts/prepare_default.py --kind preference`"):
         pairs(tmp_path / "d", tok, "plain", 256)
+    f = write_jsonl(tmp_path / "pku.jsonl", pku_rows() * 5)
+    prepare("preference", f, tmp_path / "p", tok, "plain", DataOptions(max_seq_length=256))
+    with pytest.raises(DataError, match=re.escape(f"`python scripts/prepare_json.py --data-file {f} --kind unpaired`")):
+        load("unpaired", tmp_path / "p", tok, "plain", 256)
     with pytest.raises(DataError, match="another tokenizer"):
         sft(tmp_path / "d", Tokenizer(sp_dir), "plain", 256)
     (tmp_path / "e").mkdir()

@@ -74,8 +74,11 @@ def load_prepared(data_dir: Union[str, Path], kind: Optional[str] = None,
     if stored_kind not in KINDS:
         raise DataError(f"{meta_path}: unknown data kind {stored_kind!r}; prepare the data again.")
     if kind is not None and stored_kind != kind:
-        raise DataError(f"{data_dir} holds {stored_kind} data, but {kind} data is needed; prepare it with the "
-                        f"matching script (see howto/data.md).")
+        source = meta.get("source") or "ROWS.jsonl"
+        command = "scripts/prepare_default.py" if source == "default" else \
+            f"scripts/prepare_json.py --data-file {source}"
+        raise DataError(f"{data_dir} holds {stored_kind} data, but {kind} data is needed: prepare its rows as {kind} "
+                        f"data (`python {command} --kind {kind}`, howto/data.md) or give the raw rows as --data.")
     if tokenizer is not None and "tokenizer" in meta and \
             meta["tokenizer"].get("fingerprint") != tokenizer_fingerprint(tokenizer):
         raise DataError(f"{data_dir} was tokenized with another tokenizer ({meta['tokenizer'].get('checkpoint_dir')}) "

@@ -4,6 +4,7 @@ the prepare scripts read. Every failure is one `HubError` line: a gated repo wit
 exist, no network (or HF_HUB_OFFLINE=1 and nothing cached)."""
 
 import fnmatch
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -23,10 +24,14 @@ class HubError(UserError):
 
 @contextmanager
 def _explained(repo_id: str, repo_type: str) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one line naming the repository and the fix."""
+    """Turn huggingface_hub's exceptions into one line naming the repository and the fix (and keep its warnings of
+    each retry off the terminal: a failure is that one line)."""
     from huggingface_hub import errors
 
     url = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         yield
     except errors.GatedRepoError:
@@ -43,9 +48,11 @@ def _explained(repo_id: str, repo_type: str) -> Iterator[None]:
                        f"instead.") from None
     except errors.HfHubHTTPError as e:
         raise HubError(f"{repo_id}: the Hub answered {str(e).splitlines()[0][:200]}") from None
-    except (OSError, ConnectionError) as e:
+    except (OSError, ConnectionError, errors.HTTPError) as e:  # HTTPError: its HTTP client's (httpx since hub 1.0)
         raise HubError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {str(e)[:200]}); check the network, "
                        f"or pass a local folder or file instead.") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _offline() -> bool:

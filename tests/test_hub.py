@@ -93,6 +93,32 @@ def test_a_gated_repo_without_a_token_is_one_line_saying_what_to_do(monkeypatch)
         download_model("meta-llama/Llama-3.2-1B")
 
 
+def test_no_network_is_one_line_and_the_hubs_retry_warnings_stay_quiet(monkeypatch, capfd):
+    """huggingface_hub >= 1.0 talks through httpx, whose connection errors are no OSError: they are one HubError
+    line too, and the warning the Hub's client logs at each retry does not reach the terminal."""
+    import importlib
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    client = importlib.import_module(errors.HTTPError.__module__.split(".")[0])  # httpx (or requests before 1.0)
+    refused = getattr(client, "ConnectError", getattr(client, "ConnectionError", None))
+
+    def unreachable(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("'refused' thrown while requesting GET /api")
+        raise refused("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    level = logging.getLogger("huggingface_hub").level
+    with pytest.raises(HubError, match=r"HuggingFaceTB/SmolLM2-135M-Instruct: cannot reach the Hub \(.*Connection "
+                                       r"refused\); check the network"):
+        download_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "thrown while requesting" not in capfd.readouterr().err
+    assert logging.getLogger("huggingface_hub").level == level  # its level is given back
+
+
 def test_prepare_scripts_read_their_hub_datasets_from_the_cache(tmp_path, tiny_checkpoint_dir):
     cache = tmp_path / "hub"
     hh = cached_repo(cache, "Anthropic/hh-rlhf", "dataset")

@@ -76,8 +76,13 @@ def read_text(path: PathLike, what: str = "file", error: Type[Exception] = UserE
         raise error(f"{path}: no such file (expected a {what}).")
     try:
         if path.suffix == ".gz":  # the HH-RLHF release ships its splits gzipped
-            with gzip.open(path, "rb") as f:
-                return f.read().decode("utf-8-sig")
+            try:
+                with gzip.open(path, "rb") as f:
+                    data = f.read()
+            except (OSError, EOFError) as e:  # not gzip at all (BadGzipFile), or cut short (EOFError)
+                raise error(f"{path}: not a whole gzip file ({e or 'it ends early'}): download it again, or give the "
+                            f"uncompressed {what}.") from None
+            return data.decode("utf-8-sig")
         return path.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError, EOFError):
         raise error(f"{path}: not a UTF-8 text file (a binary file?); expected a {what}.") from None

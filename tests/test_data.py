@@ -4,6 +4,7 @@ the HH / PKU / Q-A-C formats, prepared directories, collators, the default datas
 Tokenizers are built here, offline, in a few hundred milliseconds: a byte-level BPE (`tokenizers`) and a SentencePiece
 model, each with a ChatML chat template, in tmp checkpoint directories read by `lit_aligner.tokenizer.Tokenizer`."""
 
+import gzip
 import json
 import random
 import re
@@ -275,8 +276,13 @@ def test_files_that_are_not_json_get_one_clear_error(tok, tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n")
     (tmp_path / "b.bin").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
     (tmp_path / "c.json").write_text('[{"instruction": "x", "output": "y"},')
+    whole = gzip.compress(json.dumps({"instruction": "x", "output": "y"}).encode() * 200)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])  # a download that stopped halfway
+    (tmp_path / "plain.jsonl.gz").write_text('{"instruction": "x", "output": "y"}\n')  # named .gz, not compressed
     for name, msg in [("a.txt", "not JSON or JSONL"), ("b.bin", "not a UTF-8 text file"),
-                      ("c.json", "not valid JSON"), ("missing.json", "no such file")]:
+                      ("c.json", "not valid JSON"), ("missing.json", "no such file"),
+                      ("cut.jsonl.gz", "not a whole gzip file .*download it again"),
+                      ("plain.jsonl.gz", "not a whole gzip file")]:
         with pytest.raises(DataError, match=msg) as e:
             sft(tmp_path / name, tok, "alpaca", 512)
         assert name in str(e.value)

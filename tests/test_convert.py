@@ -511,6 +511,10 @@ def test_bad_gguf_files_are_clear_errors(untied, tmp_path):
     text.write_text("hello\n" * 10)
     with pytest.raises(ConvertError, match="notes.gguf: not a GGUF file .it does not start with the GGUF magic"):
         convert_gguf(text, tmp_path / "out")
+    whole = save_gguf(untied, tmp_path / "whole.gguf", "F32").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:len(whole) // 2])  # a download that stopped halfway
+    with pytest.raises(ConvertError, match="cut.gguf: a damaged GGUF file.*download it again"):
+        convert_gguf(tmp_path / "cut.gguf", tmp_path / "out")
     other = save_gguf(untied, tmp_path / "gpt2.gguf", "F32", arch="gpt2")
     with pytest.raises(ConvertError, match="architecture 'gpt2' is not supported"):
         convert_gguf(other, tmp_path / "out")

@@ -228,8 +228,9 @@ def gguf_source(path: PathLike, model_name: Optional[str] = None) -> Tuple[Confi
             raise ConvertError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes).")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on a non-GGUF file
-        raise ConvertError(f"{path}: not a GGUF file ({type(e).__name__}: {e}).") from None
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on a damaged file
+        raise ConvertError(f"{path}: a damaged GGUF file: it starts as one, but cannot be read ({type(e).__name__}: "
+                           f"{e}); a download cut short, most often: download it again.") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:

@@ -673,6 +673,8 @@ def test_conversational_pairs_that_differ_before_the_answer_are_bad_and_sft_conv
 
 @pytest.mark.parametrize("kind", ["sft", "preference", "correction"])
 def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
+    from lit_aligner.data import report
+
     f = write_jsonl(tmp_path / "pku.jsonl", pku_rows() * 5)
     template = "correction" if kind == "correction" else "beaver"
     fly = load(kind, f, tok, template, 512, val_fraction=0.2, seed=5)
@@ -687,13 +689,14 @@ def test_prepared_directory_round_trip_equals_on_the_fly(tok, tmp_path, kind):
     whole, none, _ = load(kind, tmp_path / "out", tok, template, 512, val_fraction=0.0, seed=5)
     assert len(none) == 0 and len(whole) == len(disk[0]) + len(disk[1])
     assert all(torch.equal(a, b) for r, s in zip(whole.rows(), disk[0].rows() + disk[1].rows()) for a, b in zip(r, s))
+    prepare(kind, f, tmp_path / "sized", tok, template, DataOptions(val_size=3), seed=5)
+    unsplit = load(kind, tmp_path / "sized", tok, template, 512, val_fraction=0.0)[2]
+    assert unsplit["val"] == 0 and "--val-size" not in report(unsplit)  # not "3 held out, 0 of them kept"
     for a, b in zip(fly[:2], disk[:2]):
         assert type(a) is type(b) and len(a) == len(b) > 0
         for i in range(len(a)):
             assert all(torch.equal(a[i][k], b[i][k]) for k in a[i])
     # a malformed row, skipped when prepared: the loaded counts say so (report() failed on them without its examples)
-    from lit_aligner.data import report
-
     g = write_jsonl(tmp_path / "one-bad.jsonl", pku_rows() * 10 + [{"prompt": "no responses"}])  # 1 in 21: < 5%
     prepare(kind, g, tmp_path / "with-bad", tok, template, DataOptions(val_fraction=0.2), seed=5)
     counts = load(kind, tmp_path / "with-bad", tok, template, 512)[2]

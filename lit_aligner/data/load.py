@@ -280,6 +280,7 @@ def load_data(kind: str, data: DataSource, tokenizer, template: str, options: Da
     if options.val_fraction == 0 and options.val_size is None:
         # no split asked for (a held-out --val-data, or every row): the rows it held out join the others
         train, val = TokenizedDataset.from_rows(kind, train.rows() + val.rows()), val.select([])
+        info.update(val_fraction=0.0, val_size=None)  # the rows as loaded: not split
     elif (options.val_fraction, options.val_size, seed) != (meta.get("val_fraction"), meta.get("val_size"),
                                                             meta.get("seed")):
         notes.append(f"{data} was split when it was prepared (--val-fraction {meta.get('val_fraction')}, --val-size "

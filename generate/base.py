@@ -47,6 +47,8 @@ def main(
         compile: torch.compile the decoding step; auto = on for CUDA when --max-new-tokens is 2,048 or more (where
             compiling, ~40 s, pays), off on the CPU (compiling takes ~30 s there) and with --quantize.
     """
+    if max_new_tokens < 1:  # before the model loads
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     fmt = decoding.check()
     model, tokenizer = load_base(checkpoint_dir, device, dtype, quantize)
     dev = model.tok_embeddings.weight.device

@@ -427,6 +427,9 @@ def test_base_cli_missing_checkpoint_says_how_to_convert(tmp_path):
     r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode == 1
     assert r.stderr.startswith("error:") and "convert" in r.stderr and "Traceback" not in r.stderr
+    # a bad flag is named as the flag, before anything loads (here: before the missing checkpoint is found)
+    r = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(tmp_path / "nope"), "--max-new-tokens", "0")
+    assert r.returncode == 1 and r.stderr == "error: --max-new-tokens must be >= 1, got 0\n"
 
 
 def test_base_cli_answers_what_is_2_plus_2(request):

@@ -23,17 +23,29 @@ class HubError(UserError):
 
 
 @contextmanager
-def _explained(repo_id: str, repo_type: str) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one line naming the repository and the fix (and keep its warnings of
-    each retry off the terminal: a failure is that one line)."""
-    from huggingface_hub import errors
+def quiet_retries() -> Iterator[None]:
+    """Keep huggingface_hub's warning at each retry of a request off the terminal while the block runs: when the
+    request fails for good, our one error line says so."""
+    import huggingface_hub.utils.logging  # noqa: F401  (its first import sets the level: before ours, not inside)
 
-    url = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)
     try:
         yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+@contextmanager
+def _explained(repo_id: str, repo_type: str) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one line naming the repository and the fix."""
+    from huggingface_hub import errors
+
+    url = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    try:
+        with quiet_retries():
+            yield
     except errors.GatedRepoError:
         raise HubError(f"{repo_id} is gated: accept its terms at {url} with your account, then pass "
                        f"--access-token (or set HF_TOKEN).") from None
@@ -51,8 +63,6 @@ def _explained(repo_id: str, repo_type: str) -> Iterator[None]:
     except (OSError, ConnectionError, errors.HTTPError) as e:  # HTTPError: its HTTP client's (httpx since hub 1.0)
         raise HubError(f"{repo_id}: cannot reach the Hub ({type(e).__name__}: {str(e)[:200]}); check the network, "
                        f"or pass a local folder or file instead.") from None
-    finally:
-        hub_logger.setLevel(level)
 
 
 def _offline() -> bool:

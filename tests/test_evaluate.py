@@ -523,6 +523,16 @@ def test_harness_generate_until_reads_gen_kwargs_as_transformers_does(base, alig
 # --- judge ------------------------------------------------------------------------------------------------------------
 
 
+def test_harness_without_a_tasks_data_is_one_line(tiny_checkpoint_dir):
+    """A registered task whose dataset is neither cached nor reachable (offline here): one error line with the fix,
+    not the datasets library's ConnectionError with the Hub client's retry warnings above it."""
+    r = helpers.run_script(REPO / "evaluate" / "aligner.py", "harness", "--checkpoint-dir", tiny_checkpoint_dir,
+                           "--tasks", "arc_easy", "--limit", "1", fresh=True,  # the Hub reads these at import
+                           env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.startswith("error: --tasks arc_easy: Couldn't reach") and \
+        "run it once where the Hub can be reached" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_outcomes_bootstrap_and_win_rate():
     from lit_aligner.evaluation.judge import bootstrap_interval, outcome, win_rate
 

@@ -6,6 +6,7 @@ file-listing call with one that raises the client's GatedRepoError."""
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -97,7 +98,6 @@ def test_no_network_is_one_line_and_the_hubs_retry_warnings_stay_quiet(monkeypat
     """huggingface_hub >= 1.0 talks through httpx, whose connection errors are no OSError: they are one HubError
     line too, and the warning the Hub's client logs at each retry does not reach the terminal."""
     import importlib
-    import logging
 
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -117,6 +117,16 @@ def test_no_network_is_one_line_and_the_hubs_retry_warnings_stay_quiet(monkeypat
         download_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "thrown while requesting" not in capfd.readouterr().err
     assert logging.getLogger("huggingface_hub").level == level  # its level is given back
+
+
+def test_quiet_retries_holds_when_the_hub_is_first_imported_inside_it():
+    """The Hub sets its logger's level when its logging module is first imported, which may happen inside the block
+    (lm_eval imports it lazily): the block's level must hold all the same."""
+    code = ("import logging\nfrom lit_aligner.hub import quiet_retries\nwith quiet_retries():\n"
+            "    import huggingface_hub.utils.logging\n"
+            "    print(logging.getLogger('huggingface_hub').getEffectiveLevel())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == str(logging.ERROR), r.stderr
 
 
 def test_prepare_scripts_read_their_hub_datasets_from_the_cache(tmp_path, tiny_checkpoint_dir):

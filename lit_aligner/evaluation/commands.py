@@ -737,13 +737,20 @@ class Harness(EvalCommon):
                        self.max_gen_toks, reasoning=self.reasoning_parser != "none")
         options = dict(apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,
                        system_instruction=self.system_instruction, gen_kwargs=self.gen_kwargs)
+        from lit_aligner.hub import quiet_retries
+
         try:
-            results = run_harness(lm, self.tasks, str(self.include_path) if self.include_path else None,
-                                  self.num_fewshot, self.limit, self.seed, self.log_samples, **options)
+            with quiet_retries():
+                results = run_harness(lm, self.tasks, str(self.include_path) if self.include_path else None,
+                                      self.num_fewshot, self.limit, self.seed, self.log_samples, **options)
         except KeyError as e:  # lm_eval's "task not found"
             said = e.args[0] if e.args else e  # its own sentence, not the KeyError's quoted repr
             raise UserError(f"--tasks {' '.join(self.tasks)}: lm_eval does not know one of them ({said}); list them "
                             f"with `lm_eval --tasks list`, or pass --include-path with your task YAML") from None
+        except ConnectionError as e:  # the datasets library: a task's data is neither cached nor downloadable
+            raise UserError(f"--tasks {' '.join(self.tasks)}: {e}; run it once where the Hub can be reached (the "
+                            f"datasets cache keeps the data), or give a task whose data is local (--include-path "
+                            f"with its YAML)") from None
         return {"command": "harness", "tasks": self.tasks, "num_fewshot": self.num_fewshot, "limit": self.limit,
                 **options,
                 "results": {k: v for k, v in results.items() if not k.startswith("_")},

@@ -592,6 +592,23 @@ def test_cli_missing_base_checkpoint_says_how_to_convert(tmp_path):
     assert r.returncode == 1 and "error: " in r.stderr and "convert" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_device_flags_this_machine_cannot_run_are_one_error_line(tiny_checkpoint_dir, tmp_path):
+    """Lightning's own errors (an accelerator that is missing, devices it cannot parse) and our checks of a multi-device
+    run (said once, before its processes start) are one line each, naming the flags."""
+    cases = [(["--precision", "bogus"], "error: --precision must be one of 32-true, "),
+             (["--devices", "abc"], "error: --accelerator auto --devices abc "),
+             (["--accelerator", "cpu", "--devices", "3", "--global-batch-size", "8", "--micro-batch-size", "3"],
+              "error: --global-batch-size 8 is not a multiple of --micro-batch-size 3 x 3 device(s) = 9")]
+    if not torch.cuda.is_available():
+        cases.append((["--accelerator", "cuda"], "error: --accelerator cuda --devices 1 "))
+    for flags, said in cases:
+        r = run_script("finetune/aligner.py", "--checkpoint-dir", tiny_checkpoint_dir, "--out-dir", tmp_path / "run",
+                       "--max-steps", "1", *flags)
+        assert r.returncode == 1 and r.stderr.startswith(said) and len(r.stderr.strip().splitlines()) == 1, \
+            (flags, r.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
 def test_plot_metrics_draws_a_png(trained, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = trained

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Optional, Tuple, Union, g
 
 from lit_aligner.data.load import DataOptions, check_template_variables_fit
 from lit_aligner.default_model import DEFAULT_CHECKPOINT_DIR, DEFAULT_MODEL_NAME
+from lit_aligner.devices import PRECISIONS
 from lit_aligner.files import UserError
 from lit_aligner.losses import (DEFAULT_CHUNK_SIZE, F_DIVERGENCE_LOSSES, LABEL_SMOOTHED, PREFERENCE_LOSSES,
                                 REFERENCE_FREE, FDivergence, GRPOLossType, KTOLossName, PreferenceLossName)
@@ -242,6 +243,13 @@ class RunConfig:
             raise TrainError(f"--prefix-init-scale must be a positive number, got {self.prefix_init_scale}")
         if self.activation_checkpointing not in POLICIES:
             raise TrainError(f"--activation-checkpointing must be one of {', '.join(POLICIES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise TrainError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.devices, int) and self.devices > 0:  # here, before the processes start: said once
+            from lit_aligner.training.engine import gradient_accumulation_steps
+
+            gradient_accumulation_steps(self.train.global_batch_size, self.train.micro_batch_size,
+                                        self.devices * self.num_nodes)
         if check_mode(self.quantize):
             if self.strategy == "fsdp":
                 raise TrainError("--quantize keeps each quantized layer whole on its device, which --strategy fsdp "

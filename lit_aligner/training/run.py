@@ -53,9 +53,13 @@ def launch(cfg: RunConfig, precision: str):
         # matmul precision that these flags set (on the CPU this changes nothing)
         perf.configure_backends(torch.device("cuda"))
     half = precision in ("bf16-true", "16-true")
-    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=make_strategy(cfg.strategy), precision=None if half else precision,
-                      plugins=[fp32_aligner_precision(precision)] if half else None)
+    try:
+        fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                          strategy=make_strategy(cfg.strategy), precision=None if half else precision,
+                          plugins=[fp32_aligner_precision(precision)] if half else None)
+    except (ValueError, TypeError, RuntimeError, ImportError) as e:  # Lightning's word on devices this machine lacks
+        raise TrainError(f"--accelerator {cfg.accelerator} --devices {cfg.devices} --strategy {cfg.strategy} "
+                         f"--precision {precision}: {e}") from None
     fabric.launch()
     return fabric
 

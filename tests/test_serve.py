@@ -1031,14 +1031,22 @@ def test_queue_bound_429_and_disconnects_free_rows(server, base_name):
 
 
 def test_cli_errors_are_one_line(smollm2_dir, tmp_path):
-    for args, expect in [(["--aligners-dir", str(tmp_path / "missing")], "no such directory"),
-                         (["--max-batch", "0"], "--max-batch must be >= 1"),
-                         (["--checkpoint-dir", str(tmp_path)], str(tmp_path))]:
-        p = helpers.run_script(REPO / "serve" / "aligner.py", "--checkpoint-dir", smollm2_dir, "--port", "1", *args,
-                               cwd=tmp_path)
-        assert p.returncode == 1, p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
+    import socket
+
+    with socket.socket() as taken:  # a port another server holds: said at once, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, expect in [(["--aligners-dir", str(tmp_path / "missing")], "no such directory"),
+                             (["--max-batch", "0"], "--max-batch must be >= 1"),
+                             (["--checkpoint-dir", str(tmp_path)], str(tmp_path)),
+                             (["--port", port], f"--host 127.0.0.1 --port {port}: cannot listen there"),
+                             (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address")]:
+            p = helpers.run_script(REPO / "serve" / "aligner.py", "--checkpoint-dir", smollm2_dir, "--port", "0",
+                                   *args, cwd=tmp_path)
+            assert p.returncode == 1, p.stderr
+            lines = p.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], p.stderr
 
 
 def browser_or_skip():

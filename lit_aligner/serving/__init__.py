@@ -3,6 +3,7 @@
 `serve/aligner.py` runs. The HTTP part needs the `serve` extra (`pip install -e .[serve]`: FastAPI and uvicorn)."""
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """address to listen on (0.0.0.0: every interface; put an --api-key on it then)."""
     port: int = 8000
-    """TCP port."""
+    """TCP port (0: any free one, printed at start)."""
     api_key: Optional[str] = None
     """require 'Authorization: Bearer KEY' on every /v1 request (default: the LIT_ALIGNER_API_KEY environment
     variable, which keeps the key out of the process list; none: no check)."""
@@ -72,8 +73,8 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_loaded_aligners", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.port < 65536:
-            raise UserError(f"--port must be in 1..65535, got {self.port}")
+        if not 0 <= self.port < 65536:
+            raise UserError(f"--port must be in 0..65535 (0: any free one), got {self.port}")
         if self.prefix_cache_tokens is not None and self.prefix_cache_tokens < 0:
             raise UserError(f"--prefix-cache-tokens must be >= 0 (0: no prefix cache), got {self.prefix_cache_tokens}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
@@ -109,20 +110,46 @@ def build_server(cfg: ServeConfig):
     return AlignerServer(engine.start(), registry, tokenizer, name, api_key, cfg.reasoning_parser != "none")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads (as vLLM binds its port first): a port in use is
+    one error line at once, not a uvicorn error after minutes of loading."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); another server may hold "
+                        f"the port: choose another --port (0: any free one)") from None
+    return sock
+
+
 def serve(cfg: ServeConfig) -> None:
     """Run the server until Ctrl-C (what serve/aligner.py does)."""
     try:
         import uvicorn
     except ImportError:
         raise UserError("serving needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
-    server = build_server(cfg)
-    n = len(server.registry.names())
-    print(f"serving {server.base_name} and {n} Aligner{'s' if n != 1 else ''} from {cfg.aligners_dir} at "
-          f"http://{cfg.host}:{cfg.port} (OpenAI API under /v1, comparison page at /)", file=sys.stderr, flush=True)
+    cfg.check()  # a bad flag before the port
+    sock = listen(cfg.host, cfg.port)
     try:
-        uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+        server = build_server(cfg)
+        n = len(server.registry.names())
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        print(f"serving {server.base_name} and {n} Aligner{'s' if n != 1 else ''} from {cfg.aligners_dir} at "
+              f"http://{host}:{sock.getsockname()[1]} (OpenAI API under /v1, comparison page at /)", file=sys.stderr,
+              flush=True)
+        try:
+            config = uvicorn.Config(server.app, log_level="info", timeout_graceful_shutdown=5)
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            server.engine.stop()
     finally:
-        server.engine.stop()
+        sock.close()
 
 
 __all__ = ["ServeConfig", "build_server", "serve"]

@@ -5,6 +5,7 @@ Every file written for a user goes through `atomic_write` (a temporary file in t
 crash or a full disk never leaves a half-written file under the final name.
 """
 
+import errno
 import gzip
 import json
 import os
@@ -29,16 +30,30 @@ def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
     """`write(tmp_path)` into a temporary file next to `path`, then rename it onto `path`: a crash never leaves a half
     file under the final name. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path, e) from None
     os.close(fd)
     try:
         write(tmp)
         _publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors' own I/O error
+            raise _unwritable(path, e) from None
         raise
     return path
+
+
+def _unwritable(path: Path, e: BaseException) -> UserError:
+    """A file that cannot be written (a full disk, a read-only folder) as one line naming it, not the traceback of
+    whichever library was writing."""
+    reason = getattr(e, "strerror", None) or str(e)
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in reason
+    fix = "free some space there, or write it elsewhere" if full else "check that the folder is writable and has room"
+    return UserError(f"{path}: cannot write it ({reason}); {fix}. Nothing was written under that name.")
 
 
 def _publish(tmp: str, path: Path) -> None:
@@ -59,7 +74,13 @@ def atomic_write_json(path: PathLike, value: Any) -> Path:
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: str) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk, too) as a RuntimeError
+            raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0][:200]}") from None
+
+    return atomic_write(path, save)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -462,3 +462,42 @@ def test_a_bad_command_line_is_one_error_line_not_a_box(script, args, parts):
         assert part in lines[0], (part, lines[0])
     helped = run_script(script, "--help")
     assert helped.returncode == 0 and "usage:" in helped.stdout
+
+
+WRITE_EVERY_WAY = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from lit_aligner.files import UserError, atomic_torch_save, atomic_write, atomic_write_text
+
+out, big = Path(sys.argv[1]), torch.zeros(100_000)
+for name, write in [("a.safetensors", lambda p: atomic_write(p, lambda tmp: save_file({"x": big}, tmp))),
+                    ("state.pt", lambda p: atomic_torch_save({"x": big}, p)),
+                    ("meta.json", lambda p: atomic_write_text(p, "x" * 100_000))]:
+    try:
+        write(out / name)
+        print(name, "written")
+    except UserError as e:
+        print(e)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_write_that_fails_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+    """Real writes by safetensors, torch.save and Python that fail (here: a file-size limit, as a full disk fails them)
+    are one UserError naming the file and the fix, never the writing library's traceback, and leave no file behind."""
+    import resource
+    import signal
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    r = subprocess.run([sys.executable, "-c", WRITE_EVERY_WAY, str(tmp_path)], cwd=helpers.ROOT, capture_output=True,
+                       text=True, preexec_fn=small_files, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3, r.stdout
+    for line, name in zip(lines, ["a.safetensors", "state.pt", "meta.json"]):
+        assert line.startswith(f"{tmp_path / name}: cannot write it (") and "Nothing was written" in line, line
+    assert list(tmp_path.iterdir()) == []  # no file under the name, no temporary file

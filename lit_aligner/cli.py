@@ -184,6 +184,9 @@ def run_cli(main: Callable[..., Any], config_cls: Union[None, Type, Dict[str, Ty
             cfg = _parse(lambda: tyro.cli(config_cls, description=description, args=_argv(args),
                                           config=(tyro.conf.OmitArgPrefixes,)))
         return main(cfg)
+    except BrokenPipeError:  # the reader of our output has gone (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit either
+        sys.exit(141)  # 128 + SIGPIPE, a shell's status for a command that a closed pipe stopped
     except (ValueError, OSError) as e:
         if os.environ.get("LIT_ALIGNER_DEBUG"):
             raise

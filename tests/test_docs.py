@@ -8,6 +8,7 @@ import io
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -249,3 +250,13 @@ def test_an_argument_help_longer_than_one_source_line_reads_as_one_paragraph_in_
     assert "A function-signature CLI whose description spans two lines." in lines
     assert lines.index("python cli.py --steps 2") == lines.index("python cli.py --steps 1") + 1  # code keeps its lines
     assert run_cli(main, args=["--steps", "5"]) == (5, "x")
+
+
+def test_a_reader_that_closes_the_pipe_stops_a_cli_quietly():
+    """`python SCRIPT ... | head`: when the reader has gone, the script stops with the shell's SIGPIPE status and says
+    nothing (it printed "error: [Errno 32] Broken pipe")."""
+    proc = subprocess.Popen([sys.executable, "evaluate/aligner.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the script writes: its first write finds no reader
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b""

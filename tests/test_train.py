@@ -406,6 +406,11 @@ def test_epochs_set_the_steps_from_the_training_rows(tiny_checkpoint_dir, tmp_pa
 def test_max_norm_must_be_positive_and_joins_the_run_identity(tiny_checkpoint_dir, tmp_path):
     with pytest.raises(T.TrainError, match="--max-norm must be a positive number"):
         T.TrainConfig(max_norm=0.0).check()
+    # the other numeric flags that only a check stops: each named alone (numpy's own words for a seed said no flag)
+    for bad, says in [(dict(seed=-1), r"--seed must be in 0\.\.4294967295, got -1"),
+                      (dict(warmup_steps=-1), "--warmup-steps must be >= 0, got -1")]:
+        with pytest.raises(T.TrainError, match=says):
+            T.TrainConfig(**bad).check()
     assert small_run(tiny_checkpoint_dir, tmp_path, max_norm=1.0).identity()["max_norm"] == 1.0
 
 

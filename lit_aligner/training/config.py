@@ -113,8 +113,11 @@ class TrainConfig:
                 raise TrainError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.epochs is not None and not 0 < self.epochs < float("inf"):
             raise TrainError(f"--epochs must be a positive number of passes over the data, got {self.epochs}")
-        if self.warmup_steps < 0 or self.chunk_size < 0:
-            raise TrainError("--warmup-steps and --chunk-size must be >= 0")
+        for name in ("warmup_steps", "chunk_size"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds (Lightning seeds it too)
+            raise TrainError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if self.eval_iters != "all" and (isinstance(self.eval_iters, bool) or not isinstance(self.eval_iters, int)
                                          or self.eval_iters < 0):
             raise TrainError(f"--eval-iters must be a number of micro-batches >= 0 (0: no validation) or 'all', got "

@@ -458,7 +458,8 @@ def test_base_cli_penalty_flags_reach_the_decoder(request):
               for p in (Penalties(repetition=1.3, frequency=0.2), Penalties())}
     assert r.stdout.strip() == answer[Penalties(repetition=1.3, frequency=0.2)] != answer[Penalties()]
     bad = run_script(str(ROOT / "generate/base.py"), "--checkpoint-dir", str(ckpt), "--repetition-penalty", "-1")
-    assert bad.returncode == 1 and bad.stderr.startswith("error: repetition_penalty") and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --repetition-penalty must") and \
+        "Traceback" not in bad.stderr
 
 
 def test_text_streamer_ends_before_a_stop_string_split_over_tokens():

@@ -1053,9 +1053,9 @@ def test_grpo_flags_are_checked():
     GRPOConfig(loss_type="luspo", importance_sampling_level="sequence", delta=4.0, top_entropy_quantile=0.2).check()
     GRPOConfig(off_policy_mask_threshold=0.5, num_iterations=2,
                multi_objective_aggregation="normalize_then_sum").check()
-    for bad, says in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-                      (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
-                      (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0")):
+    for bad, says in ((dict(top_k=0), "^--top-k must be >= 1"), (dict(top_p=0.0), r"^--top-p must be in \(0, 1\]"),
+                      (dict(min_p=1.5), r"^--min-p must be in \[0, 1\]"),
+                      (dict(repetition_penalty=0.0), "^--repetition-penalty must be a finite number > 0")):
         with pytest.raises(TrainError, match=says):
             GRPOConfig(**bad).check()
     with pytest.raises(TrainError, match="--turns all is SFT's"):

@@ -162,6 +162,12 @@ class Penalties:
 NO_PENALTIES = Penalties()
 
 
+def as_flag(message: str) -> str:
+    """A `check_sampling` / `check_penalties` message as a CLI says it: "min_p must be ..." (the API's field name)
+    -> "--min-p must be ..." (the flag)."""
+    return re.sub(r"^(\w+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", message)
+
+
 def check_penalties(p: Penalties, vocab: Optional[int] = None) -> None:
     """ValueError naming the parameter for a non-finite penalty, a repetition penalty <= 0, or a logit bias on a token
     outside the vocabulary (checked when `vocab` is given) or not finite."""
@@ -315,8 +321,11 @@ class DecodingArgs:
     def check(self) -> Optional[OutputFormat]:
         """ValueError naming the first bad flag (a structured-output format is compiled here, before any model);
         returns the structured-output format (its schema or grammar file read once, here), None for free text."""
-        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
-        check_penalties(self.penalties)
+        try:
+            check_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+            check_penalties(self.penalties)
+        except ValueError as e:
+            raise ValueError(as_flag(str(e))) from None
         if "" in self.stop:
             raise ValueError("--stop takes a non-empty text")
         fmt = self.output_format()

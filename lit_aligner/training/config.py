@@ -961,14 +961,14 @@ class GRPOConfig(RewardConfig):
             raise TrainError(f"--sample-temperature must be 0 (greedy) or positive, got {self.sample_temperature}")
         if not 0.0 <= self.beta < float("inf"):
             raise TrainError(f"--beta must be >= 0 (0: no KL penalty), got {self.beta}")
-        from lit_aligner.generation.engine import check_penalties, check_sampling
+        from lit_aligner.generation.engine import as_flag, check_penalties, check_sampling
 
         sampling = self.sampling()
         try:
             check_penalties(sampling.pop("penalties"))
             check_sampling(self.sample_temperature, **sampling)
         except ValueError as e:
-            raise TrainError(str(e)) from None
+            raise TrainError(as_flag(str(e))) from None
 
     def upper_epsilon(self) -> float:
         """--epsilon-high as given, else its default (--epsilon; cispo: 5)."""

@@ -523,6 +523,19 @@ def test_harness_generate_until_reads_gen_kwargs_as_transformers_does(base, alig
 # --- judge ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flags, says", [(dict(limit=0.0), "--limit is a number of documents"),
+                                         (dict(limit=2.5), "--limit is a number of documents"),
+                                         (dict(num_fewshot=-1), "--num-fewshot must be >= 0"),
+                                         (dict(max_length=0), "--max-length must be >= 2"),
+                                         (dict(max_gen_toks=0), "--max-gen-toks must be >= 1")])
+def test_harness_flags_are_checked_before_anything_loads(tmp_path, flags, says):
+    pytest.importorskip("lm_eval")
+    from lit_aligner.evaluation.commands import Harness
+
+    with pytest.raises(ValueError, match=says):  # the base does not exist: nothing was loaded
+        Harness(tasks=["arc_easy"], checkpoint_dir=tmp_path / "no-base", **flags).run()
+
+
 def test_harness_without_a_tasks_data_is_one_line(tiny_checkpoint_dir):
     """A registered task whose dataset is neither cached nor reachable (offline here): one error line with the fix,
     not the datasets library's ConnectionError with the Hub client's retry warnings above it."""

@@ -704,6 +704,13 @@ class Harness(EvalCommon):
             raise UserError("the harness subcommand needs lm-evaluation-harness: pip install -e '.[eval]'") from None
         from lit_aligner.evaluation.harness import AlignerLM, run_harness
 
+        for flag, value, low in (("--num-fewshot", self.num_fewshot, 0), ("--max-length", self.max_length, 2),
+                                 ("--max-gen-toks", self.max_gen_toks, 1)):
+            if value is not None and value < low:  # before the tasks' data is fetched
+                raise UserError(f"{flag} must be >= {low}, got {value}")
+        if self.limit is not None and not (0 < self.limit < 1 or (self.limit >= 1 and self.limit == int(self.limit))):
+            raise UserError(f"--limit is a number of documents per task (1, 2, ...) or a share of them in (0, 1), got "
+                            f"{self.limit:g}")
         if self.gen_kwargs:
             from lm_eval.utils import simple_parse_args_string
 

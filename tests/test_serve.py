@@ -1041,7 +1041,8 @@ def test_cli_errors_are_one_line(smollm2_dir, tmp_path):
                              (["--max-batch", "0"], "--max-batch must be >= 1"),
                              (["--checkpoint-dir", str(tmp_path)], str(tmp_path)),
                              (["--port", port], f"--host 127.0.0.1 --port {port}: cannot listen there"),
-                             (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address")]:
+                             (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address"),
+                             (["--api-key", ""], "--api-key is empty")]:  # `--api-key "$KEY"`, KEY unset
             p = helpers.run_script(REPO / "serve" / "aligner.py", "--checkpoint-dir", smollm2_dir, "--port", "0",
                                    *args, cwd=tmp_path)
             assert p.returncode == 1, p.stderr

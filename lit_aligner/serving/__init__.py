@@ -70,6 +70,9 @@ class ServeConfig:
 
     def check(self) -> None:
         self.template_variables()
+        if self.api_key is not None and not self.api_key.strip():  # --api-key "$KEY", KEY unset: no open server
+            raise UserError("--api-key is empty (an unset variable?): give the key, or leave the flag out to serve "
+                            "without one")
         for name in ("max_batch", "max_queue", "max_loaded_aligners", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -1042,6 +1042,7 @@ def test_cli_errors_are_one_line(smollm2_dir, tmp_path):
                              (["--checkpoint-dir", str(tmp_path)], str(tmp_path)),
                              (["--port", port], f"--host 127.0.0.1 --port {port}: cannot listen there"),
                              (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address"),
+                             (["--host", "192.0.2.1"], "; give an address of this machine"),  # TEST-NET-1: not ours
                              (["--api-key", ""], "--api-key is empty")]:  # `--api-key "$KEY"`, KEY unset
             p = helpers.run_script(REPO / "serve" / "aligner.py", "--checkpoint-dir", smollm2_dir, "--port", "0",
                                    *args, cwd=tmp_path)

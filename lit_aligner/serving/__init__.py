@@ -2,6 +2,7 @@
 (`registry`), the OpenAI-compatible HTTP API and comparison page (`app`), and `ServeConfig` / `serve`, what
 `serve/aligner.py` runs. The HTTP part needs the `serve` extra (`pip install -e .[serve]`: FastAPI and uvicorn)."""
 
+import errno
 import os
 import socket
 import sys
@@ -116,18 +117,18 @@ def build_server(cfg: ServeConfig):
 def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound before the model loads (as vLLM binds its port first): a port in use is
     one error line at once, not a uvicorn error after minutes of loading."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # uvicorn's rule for --host
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
     except OSError as e:
         sock.close()
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); another server may hold "
-                        f"the port: choose another --port (0: any free one)") from None
+        fix = "another server holds the port: choose another --port (0: any free one)" if e.errno == errno.EADDRINUSE \
+            else "give an address of this machine (127.0.0.1, 0.0.0.0: every interface) or a port you may open"
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); {fix}") from None
     return sock
 
 
